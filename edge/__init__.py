@@ -1,0 +1,1 @@
+"""The fake Cloudflare edge (trio): tunnel listeners, eyeball listeners, management API."""

@@ -1,0 +1,1 @@
+"""The lab's shared infrastructure (state directory, PKI, tunnel store) and the `tunnel-lab` command."""

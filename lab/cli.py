@@ -1,0 +1,53 @@
+"""The `tunnel-lab` command: a thin dispatcher to each part's own command line.
+
+Each subcommand lives with the package that owns it and is imported only when used, so that
+`tunnel-lab tunnel list` does not pay for importing the edge or the scenario runner.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# subcommand -> (module, function, one-line help). Each function takes argv (without the
+# subcommand) and returns the process exit code.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("lab.runner.cli", "main", "run scenarios end to end (default: the bundled library)"),
+    "edge": ("edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
+    "connector": ("connector.cli", "main", "run our connector (cloudflared's command line)"),
+    "access": ("connector.access", "main", "cloudflared access tcp: a local listener through the tunnel"),
+    "tunnel": ("lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
+    "pki": ("lab.admin", "pki_main", "show the lab CA and issue certificates"),
+    "origin": ("origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),
+    "bench": ("bench.cli", "main", "benchmark the tunnel against direct-to-origin"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: tunnel-lab COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, _, text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `tunnel-lab COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tunnel-lab` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"tunnel-lab: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = SUBCOMMANDS[name]
+    func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return func(rest)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

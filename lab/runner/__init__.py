@@ -1,0 +1,1 @@
+"""The scenario engine behind `tunnel-lab run`."""

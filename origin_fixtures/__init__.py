@@ -1,0 +1,1 @@
+"""Origins for scenarios and tests: real servers on loopback."""
