@@ -1,0 +1,121 @@
+"""The connector's resolved settings: what the command line, config file and environment decided.
+
+`connector.cli` builds a `TunnelSettings` (flags > environment > config file > defaults, as cloudflared
+does) and hands it to `connector.runtime.run_tunnel`. Everything here is plain data, free of I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from wire.credentials import Credentials
+
+VERSION = "2026.8.2-lab"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OriginRequestConfig:
+    """cloudflared's `originRequest` block; durations in seconds (PROTOCOL.md §3.2 defaults)."""
+
+    connect_timeout: float = 30.0
+    tls_timeout: float = 10.0
+    tcp_keep_alive: float = 30.0
+    keep_alive_connections: int = 100
+    keep_alive_timeout: float = 90.0
+    http_host_header: str | None = None
+    origin_server_name: str | None = None
+    match_sni_to_host: bool = False
+    ca_pool: str | None = None
+    no_tls_verify: bool = False
+    disable_chunked_encoding: bool = False
+    http2_origin: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class HTTPService:
+    """`http://`, `https://`, `ws://`, `wss://` origins (ws maps to http, wss to https)."""
+
+    scheme: str  # "http" or "https" after the ws mapping
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusService:
+    """`http_status:NNN`: answer every request with that status and no body."""
+
+    status: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class HelloWorldService:
+    """`hello_world`: the connector's own HTTPS test origin."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamService:
+    """`tcp://`, `ssh://`, `rdp://`, `smb://`: the connector terminates the WebSocket and pipes raw TCP."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+Service = HTTPService | StatusService | HelloWorldService | StreamService
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngressRule:
+    """One ingress rule; `hostname` None matches any host, `path` is a regex source or None."""
+
+    index: int
+    hostname: str | None
+    path: str | None
+    service: Service
+    service_text: str
+    origin_request: OriginRequestConfig = field(default_factory=OriginRequestConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarpRoutingConfig:
+    connect_timeout: float = 5.0
+    max_active_flows: int | None = None
+    tcp_keep_alive: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunnelSettings:
+    """Everything `run_tunnel` needs. `ingress_rules` is never empty: with no rules at all it holds one
+    catch-all `StatusService(503)` (cloudflared's behaviour, PROTOCOL.md §3.4)."""
+
+    credentials: Credentials
+    edge_addrs: tuple[str, ...]  # "host:port", in the order given
+    ca_cert: str | None = None  # --cacert: the only roots for the edge when set
+    ha_connections: int = 4
+    metrics: str | None = None  # "host:port"
+    grace_period: float = 30.0
+    retries: int = 5
+    rpc_timeout: float = 5.0
+    max_edge_addr_retries: int = 8
+    edge_bind_address: str | None = None
+    loglevel: str = "info"
+    ingress_rules: tuple[IngressRule, ...]
+    warp_routing: WarpRoutingConfig = field(default_factory=WarpRoutingConfig)
+    connector_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    features: tuple[str, ...] = (
+        "allow_remote_config",
+        "serialized_headers",
+        "support_datagram_v2",
+        "support_quic_eof",
+        "management_logs",
+    )
+    version: str = VERSION
+    arch: str = "linux_amd64"
+    tags: tuple[tuple[str, str], ...] = ()
+    local_config_json: bytes = b"{}"  # pushed with updateLocalConfiguration on connIndex 0
+    post_quantum: bool = False
