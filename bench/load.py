@@ -94,7 +94,7 @@ def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
 
 
 def _worker(address: tuple[str, int], request: bytes, deadline: float, connections: int,
-            queue: mp.Queue) -> None:  # type: ignore[type-arg]
+            queue: mp.Queue) -> None:
     """One worker process: `connections` sockets served round-robin, each strictly request/response."""
     import selectors
 
@@ -167,7 +167,7 @@ def run_requests(address: tuple[str, int], request: bytes, *, concurrency: int, 
     per_worker = [concurrency // processes + (1 if i < concurrency % processes else 0)
                   for i in range(processes)]
     ctx = mp.get_context("fork")
-    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    queue: mp.Queue = ctx.Queue()
     started = time.perf_counter()
     deadline = started + seconds
     workers = [ctx.Process(target=_worker, args=(address, request, deadline, n, queue))

@@ -100,13 +100,13 @@ class Component:
         self._log.close()
 
 
-def wait_ready_file(component: Component, path: Path, timeout: float = 30.0) -> dict:  # type: ignore[type-arg]
+def wait_ready_file(component: Component, path: Path, timeout: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         component.check_alive()
         if path.exists():
             with contextlib.suppress(ValueError):
-                return json.loads(path.read_text())  # type: ignore[no-any-return]
+                return json.loads(path.read_text())
         time.sleep(0.02)
     raise BenchSetupError(f"{component.name} did not become ready in {timeout:.0f}s; "
                           f"last log lines:\n{component.log_tail()}")
