@@ -337,7 +337,7 @@ class StructReader:
         v = self._uint(byte_offset, 8)
         return v - (1 << 64) if v & (1 << 63) else v
 
-    def bool(self, bit: int, default: bool = False) -> bool:
+    def flag(self, bit: int, default: bool = False) -> bool:
         """A Bool at bit offset `bit`; stored XOR its default (so default-true bools are inverted)."""
         byte = self._uint(bit // 8, 1)
         return bool((byte >> (bit % 8)) & 1) != default
@@ -362,7 +362,7 @@ class StructReader:
             return None
         return self._msg._struct_at(self._seg, idx, what, self._depth)
 
-    def list(self, index: int, what: str) -> ListReader | None:
+    def list_at(self, index: int, what: str) -> ListReader | None:
         """The list at pointer `index`, or None if null."""
         idx = self._ptr_word(index)
         if idx is None:
@@ -371,28 +371,28 @@ class StructReader:
 
     def data(self, index: int, what: str) -> bytes:
         """A Data field (byte list); null reads as b""."""
-        lst = self.list(index, what)
+        lst = self.list_at(index, what)
         if lst is None:
             return b""
         return lst.as_bytes(what)
 
     def text(self, index: int, what: str) -> str:
         """A Text field (NUL-terminated byte list); null reads as "". Bad UTF-8 is replaced, not fatal."""
-        lst = self.list(index, what)
+        lst = self.list_at(index, what)
         if lst is None:
             return ""
         return _decode_text(lst.as_bytes(what), what)
 
     def text_list(self, index: int, what: str) -> list[str]:
         """A List(Text); null reads as []."""
-        lst = self.list(index, what)
+        lst = self.list_at(index, what)
         if lst is None:
             return []
         return [lst.text(i, f"{what}[{i}]") for i in range(len(lst))]
 
     def struct_list(self, index: int, what: str) -> list[StructReader]:
         """A List(struct); null reads as []."""
-        lst = self.list(index, what)
+        lst = self.list_at(index, what)
         if lst is None:
             return []
         return [lst.struct(i, f"{what}[{i}]") for i in range(len(lst))]
@@ -543,7 +543,8 @@ class StructBuilder:
 
     __slots__ = ("_data", "_msg", "_ptrs", "data_words", "pointer_count")
 
-    def __init__(self, msg: MessageBuilder, data: int, data_words: int, ptrs: int, pointer_count: int) -> None:
+    def __init__(self, msg: MessageBuilder, data: int, data_words: int, ptrs: int,
+                 pointer_count: int) -> None:
         self._msg = msg
         self._data = data
         self.data_words = data_words
@@ -619,6 +620,10 @@ class StructBuilder:
 
     def set_capability(self, index: int, cap_index: int) -> None:
         self._msg._put_word(self._ptr(index), 3 | (cap_index << 32))
+
+    def copy_struct(self, index: int, source: StructReader, what: str) -> None:
+        """Deep-copy the struct `source` (with everything it points to) into pointer `index`."""
+        _copy_struct(self._msg, self._ptr(index), source, what)
 
     def copy_pointer(self, index: int, source: StructReader, source_index: int, what: str) -> None:
         """Deep-copy pointer `source_index` of `source` (any kind) into pointer `index`."""

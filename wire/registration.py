@@ -65,7 +65,8 @@ class TunnelAuth:
         _check_bytes("tunnel_secret", self.tunnel_secret)
 
     def __repr__(self) -> str:  # the secret never reaches a log line
-        return f"TunnelAuth(account_tag={self.account_tag!r}, tunnel_secret=<{len(self.tunnel_secret)} bytes>)"
+        return (f"TunnelAuth(account_tag={self.account_tag!r}, "
+                f"tunnel_secret=<{len(self.tunnel_secret)} bytes>)")
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def write_connection_options(parent: StructBuilder, index: int, value: Connectio
 def read_connection_options(r: StructReader, what: str = "ConnectionOptions") -> ConnectionOptions:
     return ConnectionOptions(client=read_client_info(r.struct(0, f"{what}.client"), f"{what}.client"),
                              origin_local_ip=r.data(1, f"{what}.originLocalIp"),
-                             replace_existing=r.bool(0),
+                             replace_existing=r.flag(0),
                              compression_quality=r.u8(1),
                              num_previous_attempts=r.u8(2))
 
@@ -212,7 +213,8 @@ def write_register_params(parent: StructBuilder, index: int, value: RegisterConn
     write_connection_options(sb, 2, value.options)
 
 
-def read_register_params(r: StructReader, what: str = "registerConnection.params") -> RegisterConnectionParams:
+def read_register_params(r: StructReader,
+                         what: str = "registerConnection.params") -> RegisterConnectionParams:
     raw_id = r.data(1, f"{what}.tunnelId")
     if len(raw_id) != 16:
         raise CapnpError(f"{what}.tunnelId: {len(raw_id)} bytes, a tunnel id is a 16-byte UUID")
@@ -235,7 +237,7 @@ def read_connection_details(r: StructReader, what: str = "ConnectionDetails") ->
     if len(raw) != 16:
         raise CapnpError(f"{what}.uuid: {len(raw)} bytes, must be exactly 16")
     return ConnectionDetails(uuid=uuid.UUID(bytes=raw), location_name=r.text(1, f"{what}.locationName"),
-                             tunnel_is_remotely_managed=r.bool(0))
+                             tunnel_is_remotely_managed=r.flag(0))
 
 
 def write_registration_error(parent: StructBuilder, index: int, value: RegistrationError) -> None:
@@ -247,7 +249,7 @@ def write_registration_error(parent: StructBuilder, index: int, value: Registrat
 
 def read_registration_error(r: StructReader, what: str = "ConnectionError") -> RegistrationError:
     return RegistrationError(cause=r.text(0, f"{what}.cause"), retry_after_ns=r.i64(0),
-                             should_retry=r.bool(64))
+                             should_retry=r.flag(64))
 
 
 def write_connection_response(parent: StructBuilder, index: int, value: RegistrationResult) -> None:
