@@ -1,0 +1,10 @@
+"""`python -m connector ...` is `tunnel-lab connector ...` (cloudflared's command line)."""
+
+from __future__ import annotations
+
+import sys
+
+from connector.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
