@@ -1,0 +1,567 @@
+"""Running one scenario: set up its lab, drive the steps in order, check expectations, tear down always."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lab.runner import client
+from lab.runner.checks import Mismatch, check_history, check_response, count_ok, describe_count, metric_value
+from lab.runner.lab import Lab, RunOptions, scenario_dirs
+from lab.runner.loader import Scenario, Step, parse_duration
+from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
+from lab.runner.report import Recorder
+
+DEFAULT_STEP_TIMEOUT = 10.0
+
+# What each connector can do; a scenario whose `requires` is not covered is skipped with the reason.
+CONNECTOR_FEATURES: dict[str, set[str]] = {
+    "builtin": {"lab-connector", "access-tcp", "warp-routing", "hello-world", "remote-config"},
+    "cloudflared": {"access-tcp", "warp-routing", "hello-world", "remote-config"},
+}
+
+
+class StepFailure(Exception):
+    """A step did not do what the scenario expected."""
+
+    def __init__(self, step: Step, message: str, mismatches: list[Mismatch] | None = None) -> None:
+        super().__init__(f"{step.title}: {message}")
+        self.step = step
+        self.message = message
+        self.mismatches = mismatches or []
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    source: str
+    status: str  # passed, failed, skipped, error
+    duration: float = 0.0
+    message: str = ""
+    step: str = ""
+    mismatches: list[str] = field(default_factory=list)
+    logs: dict[str, list[str]] = field(default_factory=dict)
+    results_dir: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "status": self.status,
+            "duration": round(self.duration, 3),
+            "message": self.message,
+            "step": self.step,
+            "mismatches": self.mismatches,
+            "logs": self.logs,
+            "results_dir": self.results_dir,
+        }
+
+
+def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
+    missing = [f for f in sc.requires if f not in CONNECTOR_FEATURES.get(options.connector, set())]
+    if missing:
+        return f"the {options.connector} connector does not support: {', '.join(missing)}"
+    return None
+
+
+async def run_scenario(
+    sc: Scenario, options: RunOptions, *, on_step: Callable[[str, str], None] | None = None
+) -> ScenarioResult:
+    """Run one scenario end to end; never raises for scenario failures (they are in the result)."""
+    started = time.monotonic()
+    reason = skip_reason(sc, options)
+    if reason:
+        return ScenarioResult(sc.name, sc.source, "skipped", message=reason)
+    state, logs = scenario_dirs(options.results, sc.name)
+    recorder = Recorder(logs / "operations.jsonl", sc.name)
+    lab = Lab(sc, options, state, logs, recorder)
+    runner = _Runner(lab, on_step or (lambda _n, _s: None))
+    result = ScenarioResult(sc.name, sc.source, "passed", results_dir=str(logs))
+    recorder.op("scenario-start", source=sc.source, connector=options.connector)
+    try:
+        with trio.move_on_after(sc.timeout) as scope:
+            runner.note("set-up")
+            try:
+                await lab.setup()
+            except (ComponentError, client.ClientError, OSError) as exc:
+                result.status, result.step, result.message = "error", "set-up", str(exc)
+            else:
+                await runner.run_steps(sc.steps)
+        if scope.cancelled_caught:
+            result.status = "failed"
+            result.step = runner.current
+            result.message = f"the scenario did not finish within its timeout of {sc.timeout:g}s"
+    except StepFailure as exc:
+        result.status, result.step, result.message = "failed", exc.step.title, exc.message
+        result.mismatches = [str(m) for m in exc.mismatches]
+    except (ComponentError, client.ClientError) as exc:
+        result.status, result.step, result.message = "failed", runner.current, str(exc)
+    finally:
+        await lab.teardown()
+        result.duration = time.monotonic() - started
+        if result.status != "passed":
+            result.logs = lab.log_tails()
+        recorder.op(
+            "scenario-end",
+            status=result.status,
+            message=result.message,
+            step=result.step,
+            duration=round(result.duration, 3),
+        )
+        recorder.close()
+        if not options.keep_state:
+            shutil.rmtree(state, ignore_errors=True)
+    return result
+
+
+class _Runner:
+    def __init__(self, lab: Lab, on_step: Callable[[str, str], None]) -> None:
+        self.lab = lab
+        self.on_step = on_step
+        self.current = "set-up"
+        self.fault_ids: dict[str, str] = {}
+        self.access_ports: dict[str, int] = {}
+
+    def note(self, what: str) -> None:
+        self.current = what
+        self.on_step(self.lab.scenario.name, what)
+
+    async def run_steps(self, steps: tuple[Step, ...]) -> None:
+        for step in steps:
+            await self.run_step(step)
+
+    async def run_step(self, step: Step) -> None:
+        if step.after:
+            await trio.sleep(step.after)
+        self.note(step.title)
+        handler = getattr(self, f"do_{step.action}")
+        spec = self.lab.subst(step.spec) if step.action != "parallel" else step.spec
+        self.lab.recorder.op("step", step=step.index, action=step.action, line=step.line, spec=spec)
+        try:
+            await handler(step, spec)
+        except (ComponentError, client.ClientError) as exc:
+            raise StepFailure(step, str(exc)) from exc
+
+    # --- traffic ------------------------------------------------------------------------------------------
+    def _default_host(self) -> str:
+        for t in self.lab.scenario.tunnels:
+            if t.dns:
+                return t.dns[0].replace("*.", "any.")
+        return "localhost"
+
+    async def do_request(self, step: Step, spec: dict[str, Any]) -> None:
+        await self._repeat(step, spec, self._one_request)
+
+    async def _repeat(
+        self, step: Step, spec: dict[str, Any], one: Callable[[Step, dict[str, Any], int], Any]
+    ) -> None:
+        if step.repeat == 1:
+            await one(step, spec, 0)
+            return
+        failures: list[StepFailure] = []
+        limiter = trio.CapacityLimiter(step.concurrency)
+
+        async def worker(i: int) -> None:
+            async with limiter:
+                try:
+                    await one(step, spec, i)
+                except StepFailure as exc:
+                    failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(step.repeat):
+                nursery.start_soon(worker, i)
+        if failures:
+            first = failures[0]
+            raise StepFailure(
+                step, f"{len(failures)} of {step.repeat} failed; first: {first.message}", first.mismatches
+            )
+
+    async def _one_request(self, step: Step, spec: dict[str, Any], i: int) -> None:
+        lab = self.lab
+        http2 = str(spec.get("http", "1.1")) == "2"
+        scheme = spec.get("scheme", "https" if http2 else "http")
+        address = lab.edge_ready.get("https" if scheme == "https" else "http")
+        if not address:
+            raise StepFailure(step, f"the edge has no {scheme} eyeball listener (topology.edge.https?)")
+        host = spec.get("host") or self._default_host()
+        headers = _header_pairs(spec.get("headers", []))
+        body: Any = None
+        length: int | None = None
+        if "body" in spec:
+            body = spec["body"].encode("utf-8")
+            length = len(body)
+        elif "body_generated" in spec:
+            gen = spec["body_generated"]
+            body = client.generated_body(gen["bytes"], gen.get("seed", 0))
+            length = gen["bytes"]
+        method = spec.get("method", "POST" if body is not None else "GET")
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        expect = spec.get("expect", {"status": 200})
+        with trio.move_on_after(timeout) as scope:
+            resp = await client.http_request(
+                str(address),
+                method=method,
+                host=host,
+                path=spec.get("path", "/"),
+                headers=headers,
+                body=body,
+                body_length=None if spec.get("chunked") else length,
+                chunked=bool(spec.get("chunked")),
+                tls=scheme == "https",
+                ca_path=str(lab.edge_ready.get("ca")),
+                http2=http2,
+            )
+        if scope.cancelled_caught:
+            resp = client.Response(error=f"timed out after {timeout:g}s")
+            resp.elapsed = timeout
+        lab.recorder.op(
+            "request",
+            step=step.index,
+            n=i,
+            method=method,
+            host=host,
+            path=spec.get("path", "/"),
+            http=("2" if http2 else "1.1"),
+            scheme=scheme,
+            status=resp.status,
+            error=resp.error,
+            body_length=resp.body_length,
+            ms=round(resp.elapsed * 1000, 1),
+            cf_ray=resp.header("cf-ray"),
+        )
+        problems = check_response(expect, resp, sent_sha256=resp.sent_sha256)
+        if problems:
+            raise StepFailure(
+                step, f"{method} {scheme}://{host}{spec.get('path', '/')} did not meet expectations", problems
+            )
+
+    async def do_websocket(self, step: Step, spec: dict[str, Any]) -> None:
+        await self._repeat(step, spec, self._one_websocket)
+
+    async def _one_websocket(self, step: Step, spec: dict[str, Any], i: int) -> None:
+        lab = self.lab
+        host = spec.get("host") or self._default_host()
+        messages: list[str | bytes] = list(spec.get("messages", ["hello"]))
+        if spec.get("binary_bytes"):
+            messages.append(
+                bytes(range(256)) * (spec["binary_bytes"] // 256) + bytes(spec["binary_bytes"] % 256)
+            )
+        expect = spec.get("expect", {})
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        with trio.move_on_after(timeout) as scope:
+            result = await client.websocket_exchange(
+                str(lab.edge_ready.get("http")),
+                host=host,
+                path=spec.get("path", "/"),
+                messages=messages,
+                headers=_header_pairs(spec.get("headers", [])),
+            )
+        if scope.cancelled_caught:
+            result = client.WebSocketResult(error=f"timed out after {timeout:g}s")
+        lab.recorder.op(
+            "websocket",
+            step=step.index,
+            n=i,
+            host=host,
+            status=result.status,
+            error=result.error,
+            messages=len(result.received),
+        )
+        problems: list[Mismatch] = []
+        if expect.get("error"):
+            if result.error is None and result.status == 101:
+                problems.append(Mismatch("websocket", "a failure", "an open WebSocket"))
+        else:
+            want_status = expect.get("status", 101)
+            if result.status != want_status:
+                problems.append(Mismatch("websocket handshake status", want_status, result.status))
+            elif result.error is not None:
+                problems.append(Mismatch("websocket", "an echo of every message", result.error))
+            elif expect.get("echo", True) and result.received != messages:
+                problems.append(
+                    Mismatch(
+                        "websocket echo", [_short(m) for m in messages], [_short(m) for m in result.received]
+                    )
+                )
+        if problems:
+            raise StepFailure(step, f"WebSocket to {host}{spec.get('path', '/')}", problems)
+
+    async def do_tcp(self, step: Step, spec: dict[str, Any]) -> None:
+        await self._repeat(step, spec, self._one_tcp)
+
+    async def _one_tcp(self, step: Step, spec: dict[str, Any], i: int) -> None:
+        payload = spec.get("send", "hello over tcp\n").encode()
+        if spec.get("send_bytes"):
+            payload = bytes(i % 251 for i in range(spec["send_bytes"]))
+        expect = spec.get("expect", {})
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        problems: list[Mismatch] = []
+        error: str | None = None
+        got = b""
+        status = 0
+        with trio.move_on_after(timeout) as scope:
+            try:
+                stream: trio.abc.Stream | None
+                if spec["via"] == "access":
+                    port = await self._access_listener(spec["host"])
+                    stream = await client.open_stream(f"127.0.0.1:{port}")
+                    status = 200
+                else:
+                    status, maybe, _line = await client.connect_via_proxy(
+                        str(self.lab.edge_ready.get("warp")), spec["target"]
+                    )
+                    stream = None if maybe is None else maybe
+                if stream is not None:
+                    async with stream:
+                        got = await client.tcp_echo_roundtrip(stream, payload)
+            except client.ClientError as exc:
+                error = str(exc)
+        if scope.cancelled_caught:
+            error = f"timed out after {timeout:g}s ({len(got)} bytes back)"
+        self.lab.recorder.op(
+            "tcp",
+            step=step.index,
+            n=i,
+            via=spec["via"],
+            status=status,
+            error=error,
+            sent=len(payload),
+            received=len(got),
+        )
+        if expect.get("error"):
+            if error is None and got == payload:
+                problems.append(Mismatch("tcp", "a failure", "a working echo"))
+        else:
+            want_status = expect.get("status", 200)
+            if spec["via"] == "warp" and status != want_status:
+                problems.append(Mismatch("CONNECT status", want_status, status))
+            elif error is not None:
+                problems.append(Mismatch("tcp", "an echo", error))
+            elif expect.get("echo", True) and got != payload:
+                problems.append(
+                    Mismatch(
+                        "tcp echo",
+                        f"{len(payload)} bytes back unchanged",
+                        f"{len(got)} bytes, {'equal' if got == payload else 'different'}",
+                    )
+                )
+        if problems:
+            raise StepFailure(step, f"TCP via {spec['via']}", problems)
+
+    async def _access_listener(self, hostname: str) -> int:
+        """Start `tunnel-lab access tcp` for `hostname` once; return its local port."""
+        if hostname in self.access_ports:
+            return self.access_ports[hostname]
+        port = free_port()
+        lab = self.lab
+        argv = [
+            *TUNNEL_LAB,
+            "access",
+            "tcp",
+            "--hostname",
+            hostname,
+            "--url",
+            f"127.0.0.1:{port}",
+            "--edge-eyeball",
+            str(lab.edge_ready.get("http")),
+        ]
+        comp = Component(f"access:{hostname}", argv, lab.logs / f"access-{hostname}.log", env=lab.env())
+        lab.components[comp.name] = comp
+        lab.recorder.op("start", component=comp.name, argv=argv)
+        await comp.start()
+        with trio.move_on_after(10):
+            while True:
+                if comp.process is not None and comp.process.returncode is not None:
+                    raise ComponentError(
+                        f"`tunnel-lab access tcp` exited with code {comp.process.returncode}"
+                    )
+                try:
+                    probe = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await probe.aclose()
+                self.access_ports[hostname] = port
+                return port
+        raise ComponentError(f"`tunnel-lab access tcp` did not listen on 127.0.0.1:{port} within 10s")
+
+    # --- concurrency ---------------------------------------------------------------------------------------
+    async def do_parallel(self, step: Step, spec: Any) -> None:
+        failures: list[StepFailure] = []
+
+        async def branch(child: Step) -> None:
+            try:
+                await self.run_step(child)
+            except StepFailure as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for child in step.children:
+                nursery.start_soon(branch, child)
+        self.note(step.title)
+        if failures:
+            first = failures[0]
+            extra = f" (and {len(failures) - 1} more branch(es) failed)" if len(failures) > 1 else ""
+            raise StepFailure(first.step, first.message + extra, first.mismatches)
+
+    async def do_sleep(self, step: Step, spec: Any) -> None:
+        await trio.sleep(parse_duration(spec))
+
+    # --- waits -------------------------------------------------------------------------------------------
+    async def do_wait(self, step: Step, spec: dict[str, Any]) -> None:
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        lab = self.lab
+        if "ready" in spec:
+            await lab.wait_ready(spec["ready"], timeout)
+            return
+        if "exit" in spec:
+            comp = lab.components["connector"]
+            code = await comp.wait_exit(timeout)
+            if code is None:
+                raise StepFailure(step, f"the connector was still running after {timeout:g}s")
+            want = spec["exit"].get("code")
+            if want is not None and code != want:
+                raise StepFailure(step, "the connector's exit code", [Mismatch("exit code", want, code)])
+            return
+        last: Any = None
+        with trio.move_on_after(timeout):
+            while True:
+                ok, last = await self._probe(spec)
+                if ok:
+                    return
+                await trio.sleep(0.05)
+        what = next(k for k in ("connections", "log", "metric") if k in spec)
+        raise StepFailure(
+            step,
+            f"wait for {what} timed out after {timeout:g}s",
+            [Mismatch(what, _wait_expected(spec), last)],
+        )
+
+    async def _probe(self, spec: dict[str, Any]) -> tuple[bool, Any]:
+        lab = self.lab
+        if "connections" in spec:
+            sel = spec["connections"]
+            conns = await lab.api("GET", "/connections")
+            if isinstance(conns, dict):
+                conns = conns.get("connections", [])
+            chosen = [c for c in conns if all(c.get(k) == sel[k] for k in ("location", "state") if k in sel)]
+            return count_ok(sel["count"], len(chosen)), len(chosen)
+        if "log" in spec:
+            sel = spec["log"]
+            text = lab.log_text(sel.get("component", "connector"))
+            n = len(re.findall(sel["regex"], text, re.MULTILINE))
+            want = sel.get("count", {"min": 1})
+            return count_ok(want, n), f"{n} matching line(s)"
+        sel = spec["metric"]
+        if sel.get("component", "edge") == "edge":
+            text = await lab.api("GET", "/metrics")
+        else:
+            text = await lab.connector_metrics()
+        value = metric_value(str(text), sel["name"], sel.get("labels"))
+        if value is None:
+            return False, "no such sample"
+        return sel.get("min", float("-inf")) <= value <= sel.get("max", float("inf")), value
+
+    # --- faults and components ------------------------------------------------------------------------------
+    async def do_fault(self, step: Step, spec: dict[str, Any]) -> None:
+        answer = await self.lab.api("POST", "/faults", spec)
+        fid = answer.get("id") if isinstance(answer, dict) else None
+        self.lab.recorder.op("fault", step=step.index, body=spec, answer=answer)
+        if step.name and fid:
+            self.fault_ids[step.name] = str(fid)
+
+    async def do_clear_faults(self, step: Step, spec: Any) -> None:
+        if spec is True:
+            await self.lab.api("DELETE", "/faults")
+        elif isinstance(spec, str):
+            await self.lab.api("DELETE", f"/faults/{self.fault_ids.get(spec, spec)}")
+
+    async def do_origin(self, step: Step, spec: dict[str, Any]) -> None:
+        name, action = spec["name"], spec["action"]
+        comp = self.lab.components[f"origin:{name}"]
+        self.lab.recorder.op("origin", name=name, action=action)
+        if action in ("stop", "restart"):
+            await comp.stop(grace=1.0)
+        if action in ("start", "restart"):
+            await self.lab.start_origin(name)
+
+    async def do_connector(self, step: Step, spec: dict[str, Any]) -> None:
+        lab = self.lab
+        comp = lab.components["connector"]
+        action = spec["action"]
+        assert lab.scenario.connector is not None
+        ready = spec.get("wait_ready", lab.scenario.connector.wait_ready)
+        lab.recorder.op("connector", action=action)
+        if action == "sigterm":
+            comp.send_signal(signal.SIGTERM)
+        elif action == "sigint":
+            comp.send_signal(signal.SIGINT)
+        elif action == "sigkill":
+            comp.kill_group()
+            await comp.wait_exit(5)
+        elif action == "restart":
+            await comp.stop(grace=lab.scenario.connector.grace_period + 2)
+            await lab.start_connector(wait_ready=ready)
+        elif action == "start":
+            if comp.running:
+                raise StepFailure(step, "the connector is already running")
+            await lab.start_connector(wait_ready=ready)
+
+    async def do_edge(self, step: Step, spec: dict[str, Any]) -> None:
+        lab = self.lab
+        action = spec["action"]
+        lab.recorder.op("edge", action=action)
+        if action == "restart":
+            await lab.restart_edge()
+        elif action == "stop":
+            await lab.components["edge"].stop()
+        else:
+            lab._edge_component(fixed_ports=True)
+            await lab.start_edge()
+
+    async def do_history(self, step: Step, spec: dict[str, Any]) -> None:
+        records = await self.lab.api("GET", "/history")
+        if isinstance(records, dict):
+            records = records.get("history", records.get("records", []))
+        if not isinstance(records, list):
+            raise StepFailure(step, f"/history did not answer a list: {str(records)[:200]}")
+        problems = check_history(spec, records)
+        if problems:
+            raise StepFailure(step, f"history assertion ({len(records)} records in all)", problems)
+
+
+def _header_pairs(raw: Any) -> list[tuple[str, str]]:
+    if isinstance(raw, dict):
+        out: list[tuple[str, str]] = []
+        for name, value in raw.items():
+            for v in value if isinstance(value, list) else [value]:
+                out.append((str(name), str(v)))
+        return out
+    return [(str(n), str(v)) for n, v in raw]
+
+
+def _short(value: str | bytes) -> str:
+    text = value if isinstance(value, str) else f"<{len(value)} bytes>"
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _wait_expected(spec: dict[str, Any]) -> str:
+    if "connections" in spec:
+        sel = spec["connections"]
+        return f"{describe_count(sel['count'])} connection(s) " + json.dumps(
+            {k: v for k, v in sel.items() if k != "count"}
+        )
+    if "log" in spec:
+        want = describe_count(spec["log"].get("count", {"min": 1}))
+        return f"{want} line(s) matching {spec['log']['regex']!r}"
+    sel = spec["metric"]
+    return f"{sel['name']} in [{sel.get('min', '-inf')}, {sel.get('max', 'inf')}]"

@@ -1,0 +1,134 @@
+"""A private network namespace for the whole run: only `lo` exists, DNS answers NXDOMAIN.
+
+Used for `--connector cloudflared` (always) and `--isolate`. The runner re-executes itself as
+`unshare --net --mount --pid --fork --mount-proc PYTHON -m lab.runner.cli ARGS` with a marker in the
+environment; inside, `enter_inside()` brings `lo` up, bind-mounts a resolv.conf naming 127.0.0.1, and serves
+a DNS stub on 127.0.0.1:53 that answers every query with NXDOMAIN (a real cloudflared looks up public names
+at start-up whatever its flags; PROTOCOL.md §5.5). The PID namespace ends every process with the runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+
+MARKER = "TUNNEL_LAB_NETNS_INSIDE"
+
+
+class NetnsError(Exception):
+    """The namespace could not be created or set up."""
+
+
+def inside() -> bool:
+    return os.environ.get(MARKER) == "1"
+
+
+def available() -> tuple[bool, str]:
+    """Can this machine give us a private network namespace? (ok, reason)."""
+    if sys.platform != "linux":
+        return False, "network namespaces need Linux"
+    if shutil.which("unshare") is None:
+        return False, "`unshare` (util-linux) is not installed"
+    probe = subprocess.run(
+        ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return (
+            False,
+            f"unshare failed: {probe.stderr.strip() or probe.returncode} (needs root or CAP_SYS_ADMIN)",
+        )
+    return True, ""
+
+
+def reexec(argv: Sequence[str]) -> int:
+    """Run `python -m lab.runner.cli ARGV` inside a fresh namespace; returns its exit code."""
+    env = dict(os.environ)
+    env[MARKER] = "1"
+    cmd = [
+        "unshare",
+        "--net",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        sys.executable,
+        "-m",
+        "lab.runner.cli",
+        *argv,
+    ]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def enter_inside() -> None:
+    """Set up the namespace from the inside: lo up, resolv.conf, DNS stub. Idempotent per process."""
+    _lo_up()
+    tmp = tempfile.mkdtemp(prefix="tunnel-lab-netns-")
+    resolv = os.path.join(tmp, "resolv.conf")
+    with open(resolv, "w", encoding="ascii") as f:
+        f.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    if os.path.exists("/etc/resolv.conf"):
+        rc = subprocess.run(
+            ["mount", "--bind", resolv, "/etc/resolv.conf"], capture_output=True, text=True, check=False
+        )
+        if rc.returncode != 0:
+            raise NetnsError(f"cannot bind-mount resolv.conf: {rc.stderr.strip()}")
+    start_dns_stub()
+
+
+def _lo_up() -> None:
+    if shutil.which("ip"):
+        rc = subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True, text=True, check=False)
+        if rc.returncode == 0:
+            return
+    # No iproute2: SIOCSIFFLAGS on lo with IFF_UP | IFF_LOOPBACK | IFF_RUNNING.
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14s", b"lo", 0x1 | 0x8 | 0x40, b"\x00" * 14)
+        try:
+            fcntl.ioctl(s.fileno(), 0x8914, ifreq)  # SIOCSIFFLAGS
+        except OSError as exc:
+            raise NetnsError(f"cannot bring lo up: {exc}") from exc
+
+
+def nxdomain_answer(query: bytes) -> bytes | None:
+    """The NXDOMAIN answer to a DNS query (same id and question; QR, RA, RCODE=3), None for junk."""
+    if len(query) < 12:
+        return None
+    flags = 0x8000 | (int.from_bytes(query[2:4], "big") & 0x0100) | 0x0080 | 0x0003
+    return query[:2] + flags.to_bytes(2, "big") + query[4:6] + bytes(6) + query[12:]
+
+
+def start_dns_stub(address: tuple[str, int] = ("127.0.0.1", 53)) -> socket.socket:
+    """Serve `nxdomain_answer` on UDP `address` in a daemon thread; returns the bound socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(address)
+
+    def serve() -> None:
+        while True:
+            try:
+                query, peer = sock.recvfrom(4096)
+            except OSError:
+                return
+            answer = nxdomain_answer(query)
+            if answer is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(answer, peer)
+
+    threading.Thread(target=serve, name="dns-stub", daemon=True).start()
+    return sock

@@ -1,0 +1,195 @@
+"""Components as real processes: start with output captured to a log file, wait for a ready file, signal,
+stop, and always clean up (own session so the whole process group can be killed; the kernel kills the
+child if the runner dies, via PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+# `tunnel-lab` as this very interpreter runs it: the same venv, the same checkout.
+TUNNEL_LAB: tuple[str, ...] = (sys.executable, "-m", "lab.cli")
+
+
+class ComponentError(Exception):
+    """A component did not start, exited early, or did not become ready."""
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for components that cannot report theirs, like a metrics port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(extra: Mapping[str, str] | None = None, *, home: str | None = None) -> dict[str, str]:
+    """A clean environment: no TUNNEL_* variables (they act as connector flags), no proxies."""
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "SYSTEMROOT", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if home:
+        env["HOME"] = home
+    if extra:
+        env.update(extra)
+    return env
+
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    """The last `lines` lines of a log file (empty if missing)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+class Component:
+    """One process of the lab: `name` (edge, connector, origin:app, access:...), its command line and log."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str],
+        ready_file: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = dict(env)
+        self.ready_file = ready_file
+        self.process: trio.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.starts = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        if self.running:
+            raise ComponentError(f"{self.name} is already running")
+        if self.ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.ready_file.unlink()
+        self.starts += 1
+        with self.log_path.open("ab") as logf:
+            logf.write(f"--- start #{self.starts}: {' '.join(self.argv)}\n".encode())
+            logf.flush()
+            self.process = await trio.lowlevel.open_process(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,
+            )
+        log.debug("started component=%s pid=%s", self.name, self.process.pid)
+
+    async def wait_ready_file(self, timeout: float) -> dict[str, Any]:
+        """Wait until the ready file is written; fail fast if the process exits first."""
+        assert self.ready_file is not None
+        with trio.move_on_after(timeout):
+            while True:
+                if self.process is not None and self.process.returncode is not None:
+                    raise ComponentError(
+                        f"{self.name} exited with code {self.process.returncode} before it was ready"
+                    )
+                if self.ready_file.exists():
+                    try:
+                        self.ready = json.loads(self.ready_file.read_text())
+                        return self.ready
+                    except (json.JSONDecodeError, OSError):
+                        pass  # written atomically by contract, but be lenient with a half-written file
+                await trio.sleep(0.02)
+        raise ComponentError(
+            f"{self.name} did not write its ready file {self.ready_file} within {timeout:g}s"
+        )
+
+    def send_signal(self, sig: int) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, sig)
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        if self.process is None:
+            return None
+        with trio.move_on_after(timeout):
+            return await self.process.wait()
+        return None
+
+    async def stop(self, grace: float = 3.0) -> int | None:
+        """SIGTERM, wait `grace`, then SIGKILL the whole process group. Safe to call repeatedly."""
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            self.send_signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await self.process.wait()
+        self.kill_group()
+        with trio.move_on_after(2):
+            await self.process.wait()
+        return self.process.returncode
+
+    def kill_group(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+async def run_command(
+    argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, timeout: float = 30
+) -> str:
+    """Run a short command (an admin step), log its output to `log_path`, return stdout; raise on failure."""
+    with trio.fail_after(timeout):
+        result = await trio.run_process(
+            list(argv),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+        )
+    out = result.stdout.decode("utf-8", "replace")
+    err = result.stderr.decode("utf-8", "replace")
+    with log_path.open("a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(argv)}\n{out}{err}[exit {result.returncode}]\n")
+    if result.returncode != 0:
+        shown = ["tunnel-lab", *argv[3:]] if list(argv[:3]) == list(TUNNEL_LAB) else list(argv)
+        last = [line for line in (err or out).strip().splitlines() if line.strip()][-3:]
+        raise ComponentError(f"`{' '.join(shown)}` failed (exit {result.returncode}): {' / '.join(last)}")
+    return out

@@ -1,0 +1,119 @@
+"""Run a list of scenarios with live progress (rich), `--jobs` at a time, and write the reports."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from lab.runner.engine import ScenarioResult, run_scenario
+from lab.runner.lab import RunOptions
+from lab.runner.loader import Scenario
+from lab.runner.report import merge_histories, print_failure, write_json, write_junit
+
+_MARK = {
+    "passed": "[green]✓ PASS[/green]",
+    "failed": "[red]✗ FAIL[/red]",
+    "error": "[red]! ERROR[/red]",
+    "skipped": "[yellow]- SKIP[/yellow]",
+}
+
+
+def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
+    """Run `selected`; print progress, failures and a summary; write reports; return the exit code."""
+    results_dir = Path(args.results).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    options = RunOptions(
+        connector=args.connector,
+        cloudflared=args.cloudflared,
+        results=results_dir,
+        keep_state=args.keep_state,
+        loglevel=args.loglevel,
+    )
+    console = Console(highlight=False)
+    started = time.monotonic()
+    results: list[ScenarioResult] = []
+    try:
+        trio.run(_run, selected, options, args.jobs, args.exitfirst, console, results)
+    finally:
+        duration = time.monotonic() - started
+        order = {s.name: i for i, s in enumerate(selected)}
+        results.sort(key=lambda r: order.get(r.name, 0))
+        merge_histories(results_dir, [r.name for r in results], results_dir / "operations.jsonl")
+        if args.junit:
+            write_junit(Path(args.junit), results, connector=args.connector, duration=duration)
+        if args.json:
+            write_json(Path(args.json), results, connector=args.connector, duration=duration)
+    bad = [r for r in results if r.status in ("failed", "error")]
+    for r in bad:
+        print_failure(console, r)
+    counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "error", "skipped")}
+    not_run = len(selected) - len(results)
+    summary = (
+        f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
+        f"{counts['skipped']} skipped"
+        + (f", {not_run} not run" if not_run else "")
+        + f" in {duration:.1f}s ({args.connector} connector); results in {results_dir}"
+    )
+    console.print(("[red]" if bad or not_run else "[green]") + summary)
+    return 1 if bad or not_run else 0
+
+
+async def _run(
+    selected: list[Scenario],
+    options: RunOptions,
+    jobs: int,
+    exitfirst: bool,
+    console: Console,
+    results: list[ScenarioResult],
+) -> None:
+    running: dict[str, str] = {}
+    limiter = trio.CapacityLimiter(jobs)
+    stop = trio.Event()
+
+    def on_step(name: str, step: str) -> None:
+        running[name] = step
+
+    def render() -> Table:
+        table = Table.grid(padding=(0, 1))
+        done = len(results)
+        table.add_row(f"[bold]{done}/{len(selected)}[/bold] done", "")
+        for name, step in list(running.items()):
+            table.add_row(f"[cyan]▶ {name}[/cyan]", f"[dim]{step}[/dim]")
+        return table
+
+    async def one(sc: Scenario) -> None:
+        async with limiter:
+            if stop.is_set():
+                return
+            running[sc.name] = "starting"
+            try:
+                result = await run_scenario(sc, options, on_step=on_step)
+            finally:
+                running.pop(sc.name, None)
+            results.append(result)
+            extra = f" [dim]{result.message}[/dim]" if result.status == "skipped" else ""
+            if result.status in ("failed", "error"):
+                extra = f" [dim]{result.step}: {result.message[:150]}[/dim]"
+                if exitfirst:
+                    stop.set()
+            live.console.print(f"{_MARK[result.status]} {sc.name} [dim]({result.duration:.1f}s)[/dim]{extra}")
+
+    with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
+        async with trio.open_nursery() as nursery:
+
+            async def refresher() -> None:
+                while True:
+                    live.update(render())
+                    await trio.sleep(0.125)
+
+            nursery.start_soon(refresher)
+            async with trio.open_nursery() as workers:
+                for sc in selected:
+                    workers.start_soon(one, sc)
+            nursery.cancel_scope.cancel()
