@@ -346,6 +346,11 @@ class StructReader:
     def _ptr_word(self, index: int) -> int | None:
         return self._ptrs + index if index < self.pointer_count else None
 
+    def pointer_word(self, index: int) -> int:
+        """The raw 64-bit pointer word `index` (0 if outside the pointer section)."""
+        idx = self._ptr_word(index)
+        return 0 if idx is None else self._msg._word(self._seg, idx)
+
     def has(self, index: int) -> bool:
         """Whether pointer `index` is non-null."""
         idx = self._ptr_word(index)
