@@ -1,0 +1,802 @@
+"""One connection to the edge: TLS dial, HTTP/2 (we are the server), the control stream and its RPC.
+
+Roles: the connector dials the edge and is the **TLS client**, but on that connection it is the **HTTP/2
+server** (`client_side=False`); the edge sends the preface and opens every stream. On the control stream the
+connector is the Cap'n Proto **RPC client** (`wire.rpc.RpcClient`).
+
+Tasks per connection: a reader (socket -> h2 -> per-stream inboxes), a writer (h2 -> socket, woken by
+`flush`), the control task (registration, local config, unregister) and one task per eyeball stream. A
+stream's failure becomes a RST_STREAM; only socket errors and protocol violations end the connection, and
+`run` then raises an `EdgeConnectionError` whose class tells the supervisor how to retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from connector.settings import TunnelSettings
+from wire import registration as reg
+from wire.errors import TLSSetupError, TunnelLabError
+from wire.headers import StreamType, classify_stream
+from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
+
+if TYPE_CHECKING:
+    from connector.streams import Proxy
+
+log = logging.getLogger(__name__)
+
+EDGE_SNI = "h2.cftunnel.com"
+DIAL_TIMEOUT = 15.0
+PREFACE_TIMEOUT = 10.0
+RECEIVE_SIZE = 65536
+MAX_READ = 256 * 1024  # most request-body bytes one receive_some returns
+WINDOW = 1 << 20  # INITIAL_WINDOW_SIZE and the connection window, as Go's server sets them
+MAX_FRAME = 1 << 20
+MAX_HEADER_LIST = 1048896
+NO_RFC7540_PRIORITIES = 0x9
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: the class tells the supervisor what to do next
+
+
+class EdgeConnectionError(TunnelLabError):
+    """A connection to the edge ended badly. `rotate_address`: take another edge address;
+    `retry_initial`: retried even before any connection ever registered (cloudflared's "network" errors)."""
+
+    rotate_address = False
+    retry_initial = False
+
+
+class EdgeDialError(EdgeConnectionError):
+    """TCP connect or TLS handshake with the edge failed."""
+
+    rotate_address = True
+    retry_initial = True
+
+
+class DuplicateConnectionError(EdgeConnectionError):
+    """The edge said EDUPCONN: this connector already has a connection there."""
+
+    rotate_address = True
+    retry_initial = True
+
+
+class UnauthorizedError(EdgeConnectionError):
+    """The edge refused the registration with an `Unauthorized` cause (assumed propagation lag)."""
+
+    retry_initial = True
+
+
+class ControlStreamError(EdgeConnectionError):
+    """The control stream broke before registration finished."""
+
+    retry_initial = True
+
+
+class RegistrationRefusedError(EdgeConnectionError):
+    """A permanent registration error (any other cause, an RPC exception, a timeout)."""
+
+
+class ConnectionLostError(EdgeConnectionError):
+    """The edge closed the connection, or broke the HTTP/2 protocol."""
+
+
+class StreamGone(TunnelLabError):
+    """The stream was reset by the edge or its connection is gone; stop working on it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS
+
+
+def edge_ssl_context(ca_cert: str | None) -> ssl.SSLContext:
+    """The TLS client context for the edge: `ca_cert` as the only roots when given, else the system pool.
+
+    Like cloudflared, a `--cacert` file without any certificate falls back to the system pool (which then
+    fails verification against a lab edge with a clear message)."""
+    if ca_cert is None:
+        return ssl.create_default_context()
+    try:
+        with open(ca_cert, encoding="latin-1") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise TLSSetupError(f"cannot read --cacert file {ca_cert}: {exc.strerror or exc}") from exc
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checks and verification on
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        log.warning("--cacert file %s holds no certificate; using the system certificate pool", ca_cert)
+        return ssl.create_default_context()
+    try:
+        ctx.load_verify_locations(cadata=text)
+    except ssl.SSLError as exc:
+        raise TLSSetupError(f"--cacert file {ca_cert} is not a valid PEM certificate bundle: {exc}") from exc
+    return ctx
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise TLSSetupError(f"edge address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | None = None,
+                    timeout: float = DIAL_TIMEOUT) -> trio.SSLStream[trio.SocketStream]:
+    """TCP + TLS to one edge address within `timeout` (raises `EdgeDialError`)."""
+    host, port = split_host_port(address)
+    tcp: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, port, local_address=bind_address)
+            stream = trio.SSLStream(tcp, ctx, server_hostname=EDGE_SNI)
+            await stream.do_handshake()
+            return stream
+    except trio.TooSlowError:
+        if tcp is not None:
+            await tcp.aclose()
+        raise EdgeDialError(f"DialContext error: dial tcp {address}: i/o timeout") from None
+    except trio.BrokenResourceError as exc:
+        if tcp is not None:
+            await tcp.aclose()
+        inner = exc.__cause__
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            why = inner.verify_message or inner.reason
+            raise EdgeDialError(f"TLS handshake with edge error: tls: failed to verify certificate of "
+                                f"{address} for {EDGE_SNI}: {why}") from exc
+        raise EdgeDialError(f"TLS handshake with edge error: {inner or exc}") from exc
+    except OSError as exc:
+        if tcp is not None:
+            await tcp.aclose()
+        raise EdgeDialError(f"DialContext error: dial tcp {address}: {_oserror_text(exc)}") from exc
+
+
+def _oserror_text(exc: OSError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"connect: {cause.strerror.lower()}"
+    if exc.strerror:
+        return f"connect: {exc.strerror.lower()}"
+    return str(exc)
+
+
+def http_date() -> bytes:
+    return formatdate(time.time(), usegmt=True).encode()
+
+
+# --------------------------------------------------------------------------------------------------
+# Streams
+
+
+class TunnelStream:
+    """One edge-opened HTTP/2 stream as the stream handlers see it.
+
+    Request body bytes are acknowledged (WINDOW_UPDATE) only when the handler comes back for more, i.e.
+    after it handed the previous chunk on: backpressure reaches the edge through flow control."""
+
+    def __init__(self, conn: EdgeConnection, stream_id: int, headers: list[tuple[bytes, bytes]],
+                 end_stream: bool) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.headers = headers
+        self.end_stream_on_headers = end_stream
+        self.remote_ended = end_stream
+        self.reset_received = False
+        self.local_ended = False
+        self.headers_sent = False
+        self.status: int | None = None  # the :status we answered
+        self.failed = False  # the connector could not serve it (502 of its own, or a reset)
+        self.cancel_scope = trio.CancelScope()
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._to_ack = 0  # flow-controlled bytes handed out, not yet acknowledged
+        self._wakeup = trio.Event()
+
+    @property
+    def label(self) -> str:
+        return f"{self.conn.label} stream={self.stream_id}"
+
+    # -- fed by the connection's reader
+    def _push(self, data: bytes, flow_len: int) -> None:
+        self._chunks.append((data, flow_len))
+        self._wakeup.set()
+
+    def _ended(self) -> None:
+        self.remote_ended = True
+        self._wakeup.set()
+
+    def _reset(self) -> None:
+        self.reset_received = True
+        self.remote_ended = True
+        self._wakeup.set()
+        self.cancel_scope.cancel()
+
+    # -- request body
+    async def receive_some(self) -> bytes:
+        """The next chunk of the request body; b"" once the edge ended (or reset) its side."""
+        await self._ack()
+        while True:
+            # Everything already buffered goes out as one piece, like Go's body reads (D07b).
+            parts: list[bytes] = []
+            size = 0
+            while self._chunks and size < MAX_READ:
+                data, flow_len = self._chunks.popleft()
+                self._to_ack += flow_len
+                parts.append(data)
+                size += len(data)
+            if size:
+                return b"".join(parts)
+            if self.remote_ended:
+                await self._ack()
+                return b""
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    def push_back(self, data: bytes) -> None:
+        """Return unconsumed bytes to the front of the inbox (already counted for flow control)."""
+        if data:
+            self._chunks.appendleft((data, 0))
+
+    def has_buffered(self) -> bool:
+        return any(data for data, _ in self._chunks)
+
+    async def _ack(self) -> None:
+        if self._to_ack:
+            n, self._to_ack = self._to_ack, 0
+            self.conn.acknowledge(self.stream_id, n)
+            await self.conn.flush()
+
+    def _release_window(self) -> None:
+        """Give back connection-level credit for everything this stream never consumed."""
+        n = self._to_ack + sum(flow_len for _, flow_len in self._chunks)
+        self._to_ack = 0
+        self._chunks.clear()
+        if n:
+            self.conn.acknowledge(self.stream_id, n)
+
+    # -- response
+    async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
+        if not any(name == b"date" for name, _ in headers):
+            headers = [*headers, (b"date", http_date())]
+        self._check()
+        try:
+            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            raise StreamGone(f"{self.label}: cannot send headers: {exc}") from exc
+        self.headers_sent = True
+        for name, value in headers:
+            if name == b":status" and value.isdigit():
+                self.status = int(value)
+        if end_stream:
+            self.local_ended = True
+        await self.conn.flush()
+
+    async def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._check()
+        try:
+            self.conn.h2.send_headers(self.stream_id, headers, end_stream=True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            raise StreamGone(f"{self.label}: cannot send trailers: {exc}") from exc
+        self.local_ended = True
+        await self.conn.flush()
+
+    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""
+        view = memoryview(data)
+        while True:
+            self._check()
+            h2c = self.conn.h2
+            try:
+                window = h2c.local_flow_control_window(self.stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+                raise StreamGone(f"{self.label}: stream closed: {exc}") from exc
+            size = min(window, h2c.max_outbound_frame_size, len(view))
+            if len(view) and size <= 0:
+                await self.conn.wait_for_window()
+                continue
+            chunk, view = view[:size], view[size:]
+            last = end_stream and not len(view)
+            try:
+                h2c.send_data(self.stream_id, bytes(chunk), end_stream=last)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+                raise StreamGone(f"{self.label}: cannot send data: {exc}") from exc
+            if last:
+                self.local_ended = True
+            await self.conn.flush()
+            if not len(view):
+                return
+
+    async def end(self) -> None:
+        if not self.local_ended:
+            await self.send_data(b"", end_stream=True)
+
+    async def reset(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
+        if self.reset_received:
+            return
+        if code != h2.errors.ErrorCodes.NO_ERROR:
+            self.failed = True
+        self.reset_received = True
+        self.local_ended = True
+        try:
+            self.conn.h2.reset_stream(self.stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        await self.conn.flush()
+
+    def _check(self) -> None:
+        if self.reset_received:
+            raise StreamGone(f"{self.label}: reset by the edge")
+        if self.conn.dead:
+            raise StreamGone(f"{self.label}: connection with edge closed")
+
+
+# --------------------------------------------------------------------------------------------------
+# The connection
+
+
+def _server_settings() -> dict[h2.settings.SettingCodes | int, int]:
+    codes = h2.settings.SettingCodes
+    return {
+        codes.MAX_FRAME_SIZE: MAX_FRAME,
+        codes.MAX_CONCURRENT_STREAMS: 2**32 - 1,
+        codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        codes.HEADER_TABLE_SIZE: 4096,
+        codes.INITIAL_WINDOW_SIZE: WINDOW,
+        NO_RFC7540_PRIORITIES: 1,
+    }
+
+
+class EdgeConnection:
+    """One HA connection (connIndex) over one dialled address, from dial to close."""
+
+    def __init__(self, settings: TunnelSettings, proxy: Proxy, *, conn_index: int, address: str,
+                 ssl_context: ssl.SSLContext, num_previous_attempts: int = 0,
+                 on_registered: Callable[[EdgeConnection], None] | None = None,
+                 on_unregistered: Callable[[EdgeConnection], None] | None = None) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.conn_index = conn_index
+        self.address = address
+        self.ssl_context = ssl_context
+        self.num_previous_attempts = num_previous_attempts
+        self._on_registered = on_registered
+        self._on_unregistered = on_unregistered
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_inbound_headers=False)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values=_server_settings())  # type: ignore[arg-type]
+        self.stream: trio.SSLStream[trio.SocketStream] | None = None
+        self.streams: dict[int, TunnelStream] = {}
+        self.details: reg.ConnectionDetails | None = None
+        self.registered = False
+        self.dead = False
+        self.edge_ip = split_host_port(address)[0]
+        self._failure: EdgeConnectionError | None = None
+        self._nursery: trio.Nursery | None = None
+        self._want = 0
+        self._written = 0
+        self._wake_writer = trio.Event()
+        self._written_event = trio.Event()
+        self._window_event = trio.Event()
+        self._settings_seen = trio.Event()
+        self._control_arrived = trio.Event()
+        self._closed_event = trio.Event()
+        self._streams_idle = trio.Event()
+        self._streams_idle.set()
+        self._control: TunnelStream | None = None
+        self._rpc = RpcClient()
+        self._rpc_results: dict[int, object] = {}
+        self._rpc_event = trio.Event()
+        self._rpc_closed: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"tunnel={self.settings.credentials.tunnel_id} connIndex={self.conn_index}"
+
+    # -- plumbing used by streams
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        if self.dead:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.acknowledge_received_data(n, stream_id)
+
+    async def flush(self) -> None:
+        """Have the writer send everything h2 has queued; returns once it was written."""
+        if self.dead:
+            raise StreamGone(f"{self.label}: connection with edge closed")
+        self._want += 1
+        target = self._want
+        self._wake_writer.set()
+        while self._written < target:
+            if self.dead:
+                raise StreamGone(f"{self.label}: connection with edge closed")
+            await self._written_event.wait()
+
+    async def wait_for_window(self) -> None:
+        await self._window_event.wait()
+
+    def _wake_window(self) -> None:
+        self._window_event.set()
+        self._window_event = trio.Event()
+
+    # -- lifecycle
+    async def run(self, shutdown: trio.Event) -> None:
+        """Dial, register, serve until `shutdown` is set (then unregister and drain) or the connection dies.
+
+        Returns normally only after a graceful shutdown; raises an `EdgeConnectionError` otherwise."""
+        self.stream = await dial_edge(self.address, self.ssl_context,
+                                      bind_address=self.settings.edge_bind_address)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                try:
+                    await self._main(shutdown)
+                except EdgeConnectionError as exc:
+                    self._fail(exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.dead = True
+            self._written_event.set()
+            self._wake_window()
+            if self.registered:
+                self.registered = False
+                if self._on_unregistered:
+                    self._on_unregistered(self)
+            with (trio.CancelScope(shield=True), trio.move_on_after(1),
+                  contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                await self.stream.aclose()
+        if self._failure is not None:
+            raise self._failure
+
+    def _fail(self, exc: EdgeConnectionError) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self.dead = True
+        self._closed_event.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _writer(self) -> None:
+        assert self.stream is not None
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            target = self._want
+            data = self.h2.data_to_send()
+            if data:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._fail(ConnectionLostError(f"connection with edge closed: {exc.__cause__ or exc}"))
+                    return
+            self._written = target
+            self._written_event.set()
+            self._written_event = trio.Event()
+
+    async def _reader(self) -> None:
+        assert self.stream is not None
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(ConnectionLostError(f"connection with edge closed: {exc.__cause__ or exc}"))
+                return
+            if not data:
+                self._fail(ConnectionLostError("connection with edge closed"))
+                return
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.warning("Malformed HTTP/2 from the edge, dropping the connection %s error=%r",
+                            self.label, str(exc))
+                with trio.move_on_after(1):
+                    await self.flush()  # the GOAWAY h2 queued
+                self._fail(ConnectionLostError(f"HTTP/2 protocol error from the edge: {exc}"))
+                return
+            for event in events:
+                self._dispatch(event)
+            # never wait for the writer here: reading must go on while our writes are blocked
+            self._wake_writer.set()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._new_stream(event)
+        elif isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None
+            ts = self.streams.get(event.stream_id)
+            flow_len = event.flow_controlled_length or 0
+            if ts is not None and not ts.reset_received:
+                ts._push(event.data or b"", flow_len)
+            elif flow_len:
+                self.acknowledge(event.stream_id, flow_len)
+        elif isinstance(event, h2.events.StreamEnded):
+            ts = self.streams.get(event.stream_id or 0)
+            if ts is not None:
+                ts._ended()
+        elif isinstance(event, h2.events.StreamReset):
+            ts = self.streams.get(event.stream_id or 0)
+            if ts is not None:
+                log.debug("Incoming request ended abruptly %s error_code=%s", ts.label, event.error_code)
+                ts._reset()
+                self._wake_window()
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                self._settings_seen.set()
+            self._wake_window()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            # Go answers a GOAWAY with its own and keeps serving the open streams (the control stream
+            # included). h2 refuses to send after a GOAWAY, so its state machine is put back to open.
+            log.info("Received GOAWAY from the edge %s error_code=%s last_stream_id=%s", self.label,
+                     event.error_code, event.last_stream_id)
+            self.h2.close_connection(last_stream_id=max(self.streams, default=0))
+            self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+
+    def _new_stream(self, event: h2.events.RequestReceived) -> None:
+        assert event.stream_id is not None
+        headers = [(bytes(n), bytes(v)) for n, v in (event.headers or [])]
+        ts = TunnelStream(self, event.stream_id, headers, end_stream=event.stream_ended is not None)
+        kind = classify_stream(headers)
+        if kind is StreamType.CONTROL and self._control is None:
+            self._control = ts
+            self.streams[ts.stream_id] = ts
+            self._control_arrived.set()
+            return
+        self.streams[ts.stream_id] = ts
+        self._streams_idle = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_stream, ts, kind)
+
+    async def _serve_stream(self, ts: TunnelStream, kind: StreamType) -> None:
+        try:
+            with ts.cancel_scope:
+                try:
+                    await self.proxy.handle_stream(ts, kind)
+                except StreamGone:
+                    raise
+                except Exception:  # a stream's failure never kills its connection
+                    log.exception("Stream handler failed %s", ts.label)
+            if not ts.reset_received and not self.dead:
+                if not ts.local_ended:
+                    await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                elif not ts.remote_ended:
+                    # Go's server stops an unread request body this way once the handler returned
+                    await ts.reset(h2.errors.ErrorCodes.NO_ERROR)
+        except StreamGone:
+            pass
+        finally:
+            ts._release_window()
+            self.streams.pop(ts.stream_id, None)
+            if not any(s is not self._control for s in self.streams.values()):
+                self._streams_idle.set()
+            if not self.dead:
+                self._wake_writer.set()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(1 for s in self.streams.values() if s is not self._control)
+
+    # -- control stream and registration
+    async def _main(self, shutdown: trio.Event) -> None:
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(WINDOW - 65535)
+        await self.flush()
+        with trio.move_on_after(PREFACE_TIMEOUT) as scope:
+            await self._settings_seen.wait()
+        if scope.cancelled_caught:
+            raise ConnectionLostError("timeout waiting for the edge's HTTP/2 client preface")
+        await _first(self._control_arrived.wait, shutdown.wait)
+        ctrl = self._control
+        if ctrl is None:
+            return  # shut down before the edge opened a control stream
+        await ctrl.send_headers([(b":status", b"200"), (b"content-type", b"application/octet-stream")])
+        self._nursery_start(self._rpc_reader, ctrl)
+        await self._register()
+        if not shutdown.is_set():
+            await _first(shutdown.wait, self._rpc_closed_wait)
+            if not shutdown.is_set():
+                raise ConnectionLostError(f"control stream ended: {self._rpc_closed}")
+        await self._graceful_shutdown(ctrl)
+
+    def _nursery_start(self, fn: Callable[[TunnelStream], Awaitable[None]], arg: TunnelStream) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, arg)
+
+    async def _rpc_closed_wait(self) -> None:
+        while self._rpc_closed is None:
+            await self._rpc_event.wait()
+
+    async def _rpc_reader(self, ctrl: TunnelStream) -> None:
+        while True:
+            try:
+                data = await ctrl.receive_some()
+            except StreamGone:
+                data = b""
+            if not data:
+                self._rpc_closed = "reset by the edge" if ctrl.reset_received else "EOF"
+                self._notify_rpc()
+                return
+            try:
+                events = self._rpc.receive_data(data)
+            except TunnelLabError as exc:
+                log.warning("Malformed RPC message from the edge %s error=%r", self.label, str(exc))
+                self._rpc_closed = f"malformed RPC: {exc}"
+                self._notify_rpc()
+                return
+            for ev in events:
+                if isinstance(ev, RegistrationAnswered | CallReturned | CallFailed):
+                    self._rpc_results[ev.question_id] = ev
+                elif isinstance(ev, RpcAborted):
+                    self._rpc_closed = f"rpc aborted by the edge: {ev.reason}"
+            self._notify_rpc()
+            await self._send_rpc(ctrl)
+
+    def _notify_rpc(self) -> None:
+        self._rpc_event.set()
+        self._rpc_event = trio.Event()
+
+    async def _send_rpc(self, ctrl: TunnelStream) -> None:
+        data = self._rpc.data_to_send()
+        if data and not ctrl.local_ended:
+            with contextlib.suppress(StreamGone):
+                await ctrl.send_data(data)
+
+    async def _await_answer(self, question_id: int) -> object:
+        while question_id not in self._rpc_results:
+            if self._rpc_closed is not None:
+                raise ControlStreamError(f"control stream ended before the answer: {self._rpc_closed}")
+            await self._rpc_event.wait()
+        return self._rpc_results.pop(question_id)
+
+    async def _register(self) -> None:
+        ctrl = self._control
+        assert ctrl is not None and self.stream is not None
+        local_ip = self.stream.transport_stream.socket.getsockname()[0]
+        creds = self.settings.credentials
+        params = reg.RegisterConnectionParams(
+            auth=reg.TunnelAuth(creds.account_tag, creds.tunnel_secret),
+            tunnel_id=creds.tunnel_id,
+            conn_index=self.conn_index,
+            options=reg.ConnectionOptions(
+                client=reg.ClientInfo(self.settings.connector_id.bytes, tuple(self.settings.features),
+                                      self.settings.version, self.settings.arch),
+                origin_local_ip=reg.origin_local_ip_bytes(local_ip),
+                num_previous_attempts=min(self.num_previous_attempts, 255),
+            ),
+        )
+        log.debug("Registering tunnel connection connIndex=%d event=0 ip=%s", self.conn_index, self.edge_ip)
+        qid = self._rpc.register_connection(params)
+        await self._send_rpc(ctrl)
+        try:
+            with trio.fail_after(self.settings.rpc_timeout):
+                answer = await self._await_answer(qid)
+        except trio.TooSlowError:
+            await self._abort_rpc(ctrl)
+            raise RegistrationRefusedError("register tunnel connection: context deadline exceeded") from None
+        if isinstance(answer, CallFailed):
+            await self._abort_rpc(ctrl)
+            raise RegistrationRefusedError(
+                f"tunnelrpc/proto/tunnelrpc.capnp:RegistrationServer.registerConnection: rpc exception: "
+                f"{answer.reason}")
+        assert isinstance(answer, RegistrationAnswered)
+        result = answer.result
+        if isinstance(result, reg.RegistrationError):
+            await self._abort_rpc(ctrl)
+            log.error("Register tunnel error from server side connIndex=%d error=%r event=0 ip=%s",
+                      self.conn_index, result.cause, self.edge_ip)
+            if "EDUPCONN" in result.cause:
+                raise DuplicateConnectionError(
+                    f"{result.cause}: already connected to this server, trying another address")
+            if "Unauthorized" in result.cause:
+                raise UnauthorizedError(result.cause)
+            raise RegistrationRefusedError(result.cause)
+        self.details = result
+        self.registered = True
+        log.info("Registered tunnel connection connIndex=%d connection=%s event=0 ip=%s location=%s "
+                 "protocol=http2", self.conn_index, result.uuid, self.edge_ip, result.location_name)
+        if self._on_registered:
+            self._on_registered(self)
+        if self.conn_index == 0 and not result.tunnel_is_remotely_managed:
+            self._nursery_start(self._push_local_config, ctrl)
+
+    async def _push_local_config(self, ctrl: TunnelStream) -> None:
+        qid = self._rpc.update_local_configuration(self.settings.local_config_json)
+        await self._send_rpc(ctrl)
+        try:
+            with trio.fail_after(self.settings.rpc_timeout):
+                answer = await self._await_answer(qid)
+        except (trio.TooSlowError, ControlStreamError) as exc:
+            log.error("unable to send local configuration %s error=%r", self.label, str(exc) or "timeout")
+            return
+        if isinstance(answer, CallFailed):
+            log.error("unable to send local configuration %s error=%r", self.label, answer.reason)
+        else:
+            log.debug("Sent local configuration to the edge %s", self.label)
+
+    async def _abort_rpc(self, ctrl: TunnelStream) -> None:
+        """Abort the RPC session and end the control stream the way Go does (END_STREAM, RST NO_ERROR)."""
+        with contextlib.suppress(TunnelLabError):
+            self._rpc.abort("rpc: shutdown")
+        await self._send_rpc(ctrl)
+        try:
+            await ctrl.end()
+            if not ctrl.remote_ended:
+                await ctrl.reset(h2.errors.ErrorCodes.NO_ERROR)
+        except StreamGone:
+            pass
+
+    async def _graceful_shutdown(self, ctrl: TunnelStream) -> None:
+        """Unregister, then keep serving in-flight streams until they end, the edge closes, or the grace
+        period expires."""
+        deadline = trio.current_time() + self.settings.grace_period
+        if self.registered and self._rpc_closed is None:
+            qid = self._rpc.unregister_connection()
+            await self._send_rpc(ctrl)
+            with trio.move_on_at(deadline):
+                try:
+                    answer = await self._await_answer(qid)
+                except ControlStreamError:
+                    answer = None
+                if isinstance(answer, CallReturned):
+                    log.info("Unregistered tunnel connection connIndex=%d event=0 ip=%s", self.conn_index,
+                             self.edge_ip)
+                else:
+                    log.error("Error shutting down control stream connIndex=%d error=%r", self.conn_index,
+                              getattr(answer, "reason", "control stream closed"))
+        if self.registered:
+            self.registered = False
+            if self._on_unregistered:
+                self._on_unregistered(self)
+        if self._rpc_closed is None and not ctrl.local_ended:
+            await self._abort_rpc(ctrl)
+        with trio.move_on_at(deadline):
+            await _first(self._streams_idle.wait, self._closed_event.wait)
+        n = self.active_streams
+        if n:
+            log.info("Grace period over, closing the connection with %d streams in flight %s", n, self.label)
+
+
+async def _first(*waits: Callable[[], Awaitable[object]]) -> bool:
+    """Run the waits concurrently; return True once the first finishes (the others are cancelled)."""
+    done = False
+    async with trio.open_nursery() as nursery:
+        async def one(fn: Callable[[], Awaitable[object]]) -> None:
+            nonlocal done
+            await fn()
+            done = True
+            nursery.cancel_scope.cancel()
+
+        for fn in waits:
+            nursery.start_soon(one, fn)
+    return done
+
+
+__all__ = [
+    "ConnectionLostError",
+    "ControlStreamError",
+    "DuplicateConnectionError",
+    "EdgeConnection",
+    "EdgeConnectionError",
+    "EdgeDialError",
+    "RegistrationRefusedError",
+    "StreamGone",
+    "TunnelStream",
+    "UnauthorizedError",
+    "dial_edge",
+    "edge_ssl_context",
+]

@@ -1,0 +1,305 @@
+"""The connector's HTTP/1.1 origin client: dialling, TLS, and a keep-alive pool per origin.
+
+What goes on the wire (the request head, body framing) is decided by `wire.origin`; this module only moves
+bytes. Responses are parsed with h11. Every failure to reach an origin becomes an `OriginError` whose text
+names the cause the way Go's transport does (`dial tcp 127.0.0.1:8089: connect: connection refused`,
+`tls: failed to verify certificate: ...`), so that the stream handler can log it and answer 502.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import ssl
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from connector.settings import OriginRequestConfig
+from wire.errors import OriginError
+
+log = logging.getLogger(__name__)
+
+# Largest origin response head we accept (Go's transport allows 10 MB, but serialized response headers that
+# large would not fit any edge's header list; D13 shows a 62 KB head going through).
+MAX_ORIGIN_HEAD = 256 * 1024
+RECEIVE_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class OriginTarget:
+    """Where to connect and how to check the origin's certificate (https only)."""
+
+    scheme: str  # "http" or "https"
+    host: str
+    port: int
+    server_name: str | None = None  # TLS server name (SNI and verification); None: `host`
+    verify: bool = True
+    ca_pool: str | None = None  # PEM file added to the system roots
+    extra_ca_pem: str | None = None  # PEM text added to the roots (the hello-world origin's CA)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _format_name(name: object) -> str:
+    """An x509 name from `ssl.getpeercert()` as `CN=a,O=b`."""
+    parts = []
+    if isinstance(name, tuple):
+        for rdn in name:
+            for key, value in rdn:
+                short = {"commonName": "CN", "organizationName": "O", "countryName": "C",
+                         "organizationalUnitName": "OU"}.get(key, key)
+                parts.append(f"{short}={value}")
+    return ",".join(parts)
+
+
+class OriginConnection:
+    """One HTTP/1.1 connection to an origin; h11 parses what the origin answers.
+
+    The request head and body are written raw (`send_all`) because `wire.origin` already produced Go's
+    exact bytes; h11 is told about a stand-in request only so that its state machine expects a response.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, target: OriginTarget, sock_fd: int | None) -> None:
+        self.stream = stream
+        self.target = target
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ORIGIN_HEAD)
+        self.idle_since = 0.0
+        self.reused = False
+        self._fd = sock_fd
+        self.closed = False
+
+    def start_request(self, method: str, *, websocket: bool) -> None:
+        headers: list[tuple[bytes, bytes]] = [(b"host", b"origin")]
+        if websocket:
+            headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+        try:
+            self.h11.send(h11.Request(method=method.encode("latin-1"), target=b"/", headers=headers))
+            self.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise OriginError(f"cannot send a {method!r} request over HTTP/1.1: {exc}") from exc
+
+    async def send_all(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise OriginError(f"write to origin {self.target.address}: {_cause(exc)}") from exc
+
+    async def next_event(self) -> object:
+        """The next h11 event from the origin (Response, Data, EndOfMessage, InformationalResponse...)."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise OriginError(f"malformed HTTP response from origin {self.target.address}: {exc}") \
+                    from exc
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise OriginError(f"read from origin {self.target.address}: {_cause(exc)}") from exc
+            try:
+                self.h11.receive_data(data)
+            except h11.RemoteProtocolError as exc:
+                raise OriginError(f"malformed HTTP response from origin {self.target.address}: {exc}") \
+                    from exc
+
+    async def receive_raw(self) -> bytes:
+        """Raw bytes after a protocol switch (101); b"" at EOF."""
+        try:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    @property
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def stale(self) -> bool:
+        """True when an idle connection was closed by the origin (readable while idle means EOF or junk)."""
+        if self._fd is None:
+            return False
+        try:
+            readable, _, _ = select.select([self._fd], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self.stream.aclose()
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    if isinstance(inner, OSError) and inner.errno is not None:
+        return _errno_text(inner)
+    return str(exc) or type(exc).__name__
+
+
+def _errno_text(exc: OSError) -> str:
+    texts = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset by peer",
+             errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network is unreachable",
+             errno.EPIPE: "broken pipe", errno.ETIMEDOUT: "i/o timeout"}
+    if exc.errno in texts:
+        return texts[exc.errno]
+    return exc.strerror or str(exc)
+
+
+class OriginPool:
+    """Keep-alive pool: idle connections per origin target, up to `keep_alive_connections` each, dropped after
+    `keep_alive_timeout` seconds idle."""
+
+    def __init__(self) -> None:
+        self._idle: dict[OriginTarget, deque[OriginConnection]] = defaultdict(deque)
+        self._contexts: dict[tuple[str | None, bool, str | None], ssl.SSLContext] = {}
+
+    def ssl_context(self, target: OriginTarget) -> ssl.SSLContext:
+        key = (target.ca_pool, target.verify, target.extra_ca_pem)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if target.ca_pool:
+                try:
+                    ctx.load_verify_locations(cafile=target.ca_pool)
+                except (OSError, ssl.SSLError) as exc:
+                    raise OriginError(f"cannot load origin CA pool {target.ca_pool}: {exc}") from exc
+            if target.extra_ca_pem:
+                ctx.load_verify_locations(cadata=target.extra_ca_pem)
+            if not target.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._contexts[key] = ctx
+        return ctx
+
+    async def acquire(self, target: OriginTarget, cfg: OriginRequestConfig) -> OriginConnection:
+        """An idle connection to `target`, or a new one (raises `OriginError`)."""
+        idle = self._idle.get(target)
+        now = trio.current_time()
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since > cfg.keep_alive_timeout or conn.stale():
+                await conn.aclose()
+                continue
+            conn.reused = True
+            return conn
+        return await self._dial(target, cfg)
+
+    async def release(self, conn: OriginConnection, cfg: OriginRequestConfig, *, reusable: bool) -> None:
+        """Give a connection back after a response; it is kept only if HTTP/1.1 allows reuse."""
+        if not reusable or conn.closed or not conn.reusable:
+            await conn.aclose()
+            return
+        try:
+            conn.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            await conn.aclose()
+            return
+        idle = self._idle[conn.target]
+        if len(idle) >= max(cfg.keep_alive_connections, 0):
+            await conn.aclose()
+            return
+        conn.idle_since = trio.current_time()
+        idle.append(conn)
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                await idle.pop().aclose()
+
+    async def _dial(self, target: OriginTarget, cfg: OriginRequestConfig) -> OriginConnection:
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                tcp = await trio.open_tcp_stream(target.host, target.port)
+        except trio.TooSlowError:
+            raise OriginError(f"dial tcp {target.address}: i/o timeout") from None
+        except OSError as exc:
+            if isinstance(exc, OSError) and exc.errno is None and "resolve" not in str(exc).lower():
+                # trio raises a plain OSError summarising every address it tried
+                inner = exc.__cause__ or (exc.args[0] if exc.args else exc)
+                text = _errno_text(inner) if isinstance(inner, OSError) else str(exc)
+            else:
+                text = _errno_text(exc)
+            raise OriginError(f"dial tcp {target.address}: connect: {text}") from exc
+        fd = tcp.socket.fileno()
+        if not target.tls:
+            return OriginConnection(tcp, target, fd)
+        ctx = self.ssl_context(target)
+        server_name = target.server_name or target.host
+        stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
+        try:
+            with trio.fail_after(cfg.tls_timeout):
+                await stream.do_handshake()
+        except trio.TooSlowError:
+            await tcp.aclose()
+            raise OriginError(f"TLS handshake with origin {target.address}: "
+                              "net/http: TLS handshake timeout") from None
+        except trio.BrokenResourceError as exc:
+            await tcp.aclose()
+            inner = exc.__cause__
+            if isinstance(inner, ssl.SSLCertVerificationError):
+                detail = await self._describe_certificate(target, cfg, server_name)
+                raise OriginError(
+                    f"tls: failed to verify certificate of origin {target.address}: "
+                    f"{inner.verify_message or inner.reason} (server name {server_name!r}{detail})") from exc
+            raise OriginError(f"TLS handshake with origin {target.address} (server name {server_name!r}) "
+                              f"failed: {inner or exc}") from exc
+        return OriginConnection(stream, target, fd)
+
+    async def _describe_certificate(self, target: OriginTarget, cfg: OriginRequestConfig,
+                                    server_name: str) -> str:
+        """Which certificate the origin presented (subject, SANs, validity), fetched without verification,
+        for the log line of a verification failure."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            with trio.fail_after(min(cfg.tls_timeout, 5)):
+                tcp = await trio.open_tcp_stream(target.host, target.port)
+                stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
+                try:
+                    await stream.do_handshake()
+                    der = stream.getpeercert(binary_form=True)
+                finally:
+                    await tcp.aclose()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+            return ""
+        if not der:
+            return ""
+        try:
+            from cryptography import x509
+
+            cert = x509.load_der_x509_certificate(der)
+            subject = cert.subject.rfc4514_string()
+            issuer = cert.issuer.rfc4514_string()
+            try:
+                ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                sans = [str(v) for v in ext.get_values_for_type(x509.DNSName)]
+                sans += [str(v) for v in ext.get_values_for_type(x509.IPAddress)]
+            except x509.ExtensionNotFound:
+                sans = []
+            start = f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+            end = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+            return (f", certificate subject {subject!r} issued by {issuer!r}, SANs {sans}, "
+                    f"valid {start} to {end}")
+        except Exception:  # a certificate we cannot even parse: the verify message says enough
+            return ""

@@ -1,0 +1,118 @@
+"""`run_tunnel`: the connector process once its settings are resolved (our `cloudflared tunnel run`).
+
+One nursery holds the metrics server, the signal watcher, the supervisor (HA edge connections, see
+`connector.supervisor`) and whatever the stream handlers start (the hello-world origin). SIGTERM/SIGINT
+start a graceful shutdown (unregister every connection, let in-flight streams finish within
+`--grace-period`, exit 0); a second signal ends the process at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import trio
+
+from connector.settings import StatusService, TunnelSettings
+from connector.state import ConnectorState
+from connector.streams import Proxy
+from connector.supervisor import Supervisor
+from wire.errors import TunnelLabError
+
+log = logging.getLogger(__name__)
+
+_SIGNAL_NAMES: dict[int, str] = {signal.SIGTERM: "terminated", signal.SIGINT: "interrupt"}
+
+
+def _make_state(settings: TunnelSettings) -> ConnectorState:
+    """The metrics server's view, with the local configuration installed as version -1."""
+    state = ConnectorState(connector_id=settings.connector_id, tunnel_id=settings.credentials.tunnel_id,
+                           version=settings.version)
+    try:
+        local = json.loads(settings.local_config_json or b"{}")
+    except ValueError:
+        local = {}
+    if isinstance(local, dict):
+        state.set_config(-1, {k: v for k, v in local.items() if k != "__configuration_flags"})
+    return state
+
+
+class TunnelHandle:
+    """What `run_tunnel` hands to `task_status.started`: lets tests and embedders watch and stop it."""
+
+    def __init__(self, supervisor: Supervisor, proxy: Proxy, state: ConnectorState,
+                 metrics_address: str | None) -> None:
+        self.supervisor = supervisor
+        self.proxy = proxy
+        self.state = state
+        self.metrics_address = metrics_address
+
+    @property
+    def ready_connections(self) -> int:
+        return self.supervisor.ready_connections
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown, as the first SIGTERM does."""
+        self.supervisor.shutdown.set()
+
+    def kill(self, code: int = 1) -> None:
+        """Stop at once, as a second signal does."""
+        self.supervisor.fail(code)
+
+
+async def _watch_signals(supervisor: Supervisor) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = _SIGNAL_NAMES.get(signum, str(signum))
+            if not supervisor.shutdown.is_set():
+                log.info("Initiating graceful shutdown due to signal %s ...", name)
+                supervisor.shutdown.set()
+            else:
+                log.warning("Received signal %s again, exiting now", name)
+                supervisor.fail(128 + int(signum))
+                return
+
+
+async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED,
+                     handle_signals: bool = True) -> int:
+    """Run the connector until shutdown; returns the process exit code (0 graceful, 1 fatal error)."""
+    state = _make_state(settings)
+    log.info("Starting tunnel tunnelID=%s", settings.credentials.tunnel_id)
+    code = 0
+    proxy: Proxy | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(settings, nursery, state)
+            try:
+                supervisor = Supervisor(settings, proxy, state)
+            except TunnelLabError as exc:
+                log.error("%s", exc)
+                code = 1
+                nursery.cancel_scope.cancel()
+                return code
+            metrics_address = None
+            if settings.metrics:
+                from connector.metrics import serve_metrics
+
+                bound = await nursery.start(serve_metrics, settings.metrics, state)
+                metrics_address = bound if isinstance(bound, str) else settings.metrics
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                nursery.start_soon(_watch_signals, supervisor)
+            task_status.started(TunnelHandle(supervisor, proxy, state, metrics_address))
+            rules = settings.ingress_rules
+            if (len(rules) == 1 and isinstance(rules[0].service, StatusService)
+                    and rules[0].service.status == 503):
+                log.warning("No ingress rules were defined in provided config (if any) nor from the cli, "
+                            "cloudflared will return 503 for all incoming HTTP requests")
+            code = await supervisor.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        if proxy is not None:
+            with trio.CancelScope(shield=True):
+                await proxy.pool.aclose()
+    if code == 0:
+        log.info("Tunnel server stopped")
+    return code

@@ -1,0 +1,527 @@
+"""What the connector does with each stream the edge opens (PROTOCOL.md §2.2, §3).
+
+`Proxy.handle_stream` is called in its own task for every non-control stream. HTTP and WebSocket streams
+go through the ingress rules to an origin (`wire.origin` decides the bytes, `connector.origin_client`
+moves them); TCP streams are dialled to `IP:port`; update-configuration streams replace the ingress rules.
+Any failure before the response headers becomes a 502 with meta `{"src":"cloudflared"}` and a log line
+naming the cause; a failure after them resets the stream (INTERNAL_ERROR). Nothing here ends a connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import h2.errors
+import h11
+import trio
+
+from connector import ingress
+from connector.origin_client import OriginConnection, OriginPool, OriginTarget
+from connector.settings import (
+    HelloWorldService,
+    HTTPService,
+    IngressRule,
+    StatusService,
+    StreamService,
+    TunnelSettings,
+    WarpRoutingConfig,
+)
+from connector.state import ConnectorState
+from connector.websocket import WebSocketBridge, accept_headers
+from wire import origin as wo
+from wire.errors import ConfigError, OriginError, StreamConversionError, TunnelLabError
+from wire.headers import META_ORIGIN, RESPONSE_HEADERS, RESPONSE_META, StreamType, first_value
+
+if TYPE_CHECKING:
+    from connector.edge_conn import TunnelStream
+
+log = logging.getLogger(__name__)
+
+PROBE_WAIT = 0.2  # Go's transport waits this long for the first body byte of a GET/HEAD/DELETE/OPTIONS
+BODY_WRITE_GRACE = 0.05  # after the response, Go waits this long for an unfinished request body write
+MAX_CONFIG_BODY = 4 * 1024 * 1024
+UNREACHABLE = ("Unable to reach the origin service. The service may be down or it may not be responding "
+               "to traffic from cloudflared")
+
+def parse_ip_port(authority: str) -> tuple[str, int] | None:
+    """`IP:port` / `[v6]:port` -> (ip, port); None for anything else (hostnames included)."""
+    host, sep, port = authority.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host, int(port)
+
+
+class Proxy:
+    """Shared by every edge connection of one connector: ingress rules (replaceable by remote config),
+    the origin pool, the lazily started hello-world origin."""
+
+    def __init__(self, settings: TunnelSettings, nursery: trio.Nursery,
+                 state: ConnectorState | None = None) -> None:
+        self.settings = settings
+        self.rules: tuple[IngressRule, ...] = settings.ingress_rules
+        self.warp: WarpRoutingConfig = settings.warp_routing
+        self.config_version = -1
+        self.pool = OriginPool()
+        self.state = state if state is not None else ConnectorState(connector_id=settings.connector_id)
+        self._nursery = nursery
+        self._hello: tuple[str, int, str] | None = None
+        self._hello_lock = trio.Lock()
+
+    # -- entry point
+    async def handle_stream(self, ts: TunnelStream, kind: StreamType) -> None:
+        bad = wo.forbidden_request_header(ts.headers)
+        if bad is not None:
+            await self._go_bad_request(ts, bad)
+            return
+        state = self.state
+        if kind is StreamType.TCP:
+            state.tcp_session_started()
+        else:
+            state.request_started()
+        try:
+            if kind is StreamType.CONFIGURATION:
+                await self._update_configuration(ts)
+            elif kind is StreamType.TCP:
+                await self._tcp_stream(ts)
+            elif kind is StreamType.CONTROL:
+                log.warning("A second control stream was opened, refusing it %s", ts.label)
+                await ts.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            else:
+                await self._http_stream(ts, websocket=kind is StreamType.WEBSOCKET)
+        finally:
+            if kind is StreamType.TCP:
+                state.tcp_session_finished()
+            else:
+                state.request_finished(ts.status, error=ts.failed)
+
+    # -- answers the connector makes itself
+    async def _go_bad_request(self, ts: TunnelStream, text: str) -> None:
+        headers, body = wo.bad_request_response(text)
+        await ts.send_headers(headers)
+        await ts.send_data(body, end_stream=True)
+
+    async def _bad_gateway(self, ts: TunnelStream, cause: str) -> None:
+        log.error("%s: %s %s", UNREACHABLE, cause, ts.label)
+        ts.failed = True
+        if ts.headers_sent:
+            await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        await ts.send_headers(wo.error_response_headers(), end_stream=True)
+
+    # -- HTTP and WebSocket streams
+    async def _http_stream(self, ts: TunnelStream, *, websocket: bool) -> None:
+        try:
+            req = wo.TunnelRequest.from_h2_headers(ts.headers, ts.end_stream_on_headers)
+        except StreamConversionError as exc:
+            log.warning("Malformed request from the edge %s error=%r", ts.label, str(exc))
+            await ts.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        path = req.path.split("?", 1)[0]
+        rule = ingress.match_rule(self.rules, req.authority, path)
+        service = rule.service
+        log.debug("Request %s %s%s matched rule #%d service=%s %s", req.method, req.authority, req.path,
+                  rule.index, rule.service_text, ts.label)
+        if isinstance(service, StatusService):
+            await ts.send_headers(wo.tunnel_response_headers(service.status, []), end_stream=True)
+            return
+        if isinstance(service, StreamService):
+            if websocket:
+                await self._websocket_to_tcp(ts, rule, service)
+            else:
+                await self._bad_gateway(ts, f"ingress rule #{rule.index} service {rule.service_text} needs "
+                                            f"a WebSocket (cloudflared access) client")
+            return
+        try:
+            target = await self._target(rule, req.authority)
+        except (OriginError, TunnelLabError) as exc:
+            await self._bad_gateway(ts, str(exc))
+            return
+        await self._proxy_http(ts, req, rule, target, websocket=websocket)
+
+    async def _target(self, rule: IngressRule, authority: str) -> OriginTarget:
+        cfg = rule.origin_request
+        service = rule.service
+        if isinstance(service, HelloWorldService):
+            host, port, ca_pem = await self._hello_world()
+            return OriginTarget("https", host, port, server_name="localhost", extra_ca_pem=ca_pem)
+        assert isinstance(service, HTTPService)
+        server_name = None
+        if service.tls:
+            if cfg.origin_server_name:
+                server_name = cfg.origin_server_name
+            elif cfg.match_sni_to_host:
+                server_name = ingress.strip_port(authority)
+        return OriginTarget(service.scheme, service.host, service.port, server_name=server_name,
+                            verify=not cfg.no_tls_verify, ca_pool=cfg.ca_pool)
+
+    async def _hello_world(self) -> tuple[str, int, str]:
+        async with self._hello_lock:
+            if self._hello is None:
+                import trustme
+
+                from connector import hello
+
+                ca = trustme.CA()
+                cert = ca.issue_cert("localhost", "127.0.0.1")
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                cert.configure_cert(ctx)
+                bound = await self._nursery.start(
+                    lambda task_status: hello.serve_hello_world("127.0.0.1", 0, ssl_context=ctx,
+                                                                task_status=task_status))
+                port = bound[1] if isinstance(bound, tuple) else int(bound)
+                self._hello = ("127.0.0.1", port, ca.cert_pem.bytes().decode())
+                log.info("Starting Hello World server at https://127.0.0.1:%d", port)
+            return self._hello
+
+    def _origin_options(self, rule: IngressRule) -> wo.OriginOptions:
+        cfg = rule.origin_request
+        return wo.OriginOptions(connector_id=str(self.settings.connector_id),
+                                http_host_header=cfg.http_host_header,
+                                disable_chunked_encoding=cfg.disable_chunked_encoding,
+                                tags=self.settings.tags)
+
+    async def _probe(self, ts: TunnelStream) -> bytes | None:
+        """Go's 1-byte body probe: b"" for EOF at once, the first byte, or None after 200 ms of silence."""
+        with trio.move_on_after(PROBE_WAIT):
+            data = await ts.receive_some()
+            if data:
+                ts.push_back(data[1:])
+                return data[:1]
+            return b""
+        return None
+
+    async def _proxy_http(self, ts: TunnelStream, req: wo.TunnelRequest, rule: IngressRule,
+                          target: OriginTarget, *, websocket: bool) -> None:
+        opts = self._origin_options(rule)
+        probe: bytes | None = None
+        if not websocket and wo.needs_body_probe(req, opts):
+            probe = await self._probe(ts)
+        try:
+            oreq = wo.build_origin_request(req, opts, websocket=websocket, probe=probe)
+        except StreamConversionError as exc:
+            await self._bad_gateway(ts, str(exc))
+            return
+        cfg = rule.origin_request
+        try:
+            conn = await self.pool.acquire(target, cfg)
+        except OriginError as exc:
+            await self._bad_gateway(ts, str(exc))
+            return
+        reusable = False
+        try:
+            reusable = await self._exchange(ts, req, oreq, conn, probe, websocket=websocket)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.pool.release(conn, cfg, reusable=reusable)
+
+    async def _exchange(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any, conn: OriginConnection,
+                        probe: bytes | None, *, websocket: bool) -> bool:
+        """One request/response on `conn`; returns whether the connection may be reused."""
+        body_done = trio.Event()
+        body_error: list[str] = []
+        framing = oreq.framing
+        reusable_body = not (framing is wo.Framing.RAW and oreq.content_length is None)
+
+        async def send_body() -> None:
+            try:
+                if framing is wo.Framing.NONE or websocket:
+                    return
+                remaining = oreq.content_length if framing is wo.Framing.CONTENT_LENGTH else None
+                encoder = wo.BodyEncoder(framing, remaining)
+                if probe:
+                    await conn.send_all(encoder.encode(probe))
+                    if remaining is not None:
+                        remaining -= len(probe)
+                while remaining is None or remaining > 0:
+                    data = await ts.receive_some()
+                    if not data:
+                        break
+                    if remaining is not None:
+                        data = data[:remaining]
+                        remaining -= len(data)
+                    await conn.send_all(encoder.encode(data))
+                await conn.send_all(encoder.end())
+            except (OriginError, StreamConversionError) as exc:
+                body_error.append(str(exc))
+            finally:
+                body_done.set()
+
+        try:
+            conn.start_request(oreq.method, websocket=websocket)
+            await conn.send_all(oreq.head_bytes())
+        except OriginError as exc:
+            await self._bad_gateway(ts, str(exc))
+            return False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            try:
+                complete = await self._relay_response(ts, req, oreq, conn, websocket=websocket,
+                                                      body_error=body_error)
+            except OriginError as exc:
+                if ts.headers_sent:
+                    log.error("Origin response failed after the headers were sent, resetting the stream "
+                              "%s error=%r", ts.label, str(exc))
+                    await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                else:
+                    cause = str(exc)
+                    if body_error:
+                        cause = f"{cause} (writing the request body: {body_error[0]})"
+                    await self._bad_gateway(ts, cause)
+                complete = False
+            if complete and not body_done.is_set():
+                with trio.move_on_after(BODY_WRITE_GRACE):
+                    await body_done.wait()
+            body_finished = body_done.is_set() and not body_error
+            nursery.cancel_scope.cancel()
+        return complete and body_finished and reusable_body
+
+    async def _relay_response(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any,
+                              conn: OriginConnection, *, websocket: bool, body_error: list[str]) -> bool:
+        """Origin response -> tunnel stream. Returns True when the HTTP exchange completed normally."""
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101 and websocket:
+                    await self._websocket_pipe(ts, conn, list(event.headers.raw_items()))
+                    return False
+                continue  # 100 Continue, 103 Early Hints: Go's transport swallows them
+            if isinstance(event, h11.ConnectionClosed):
+                raise OriginError(f"origin {conn.target.address} closed the connection before answering")
+            break
+        assert isinstance(event, h11.Response)
+        head = req.method == "HEAD"
+        headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
+        gunzip = None
+        if wo.should_gunzip(oreq.added_accept_encoding, event.status_code, headers, head=head):
+            headers = wo.strip_gzip_headers(headers)
+            gunzip = wo.Gunzipper()
+        h2_headers = wo.tunnel_response_headers(event.status_code, headers, head=head)
+        if head:
+            await ts.send_headers(h2_headers, end_stream=True)
+            while not isinstance(await conn.next_event(), h11.EndOfMessage):
+                pass
+            return True
+        known_length = gunzip is None and first_value(headers, b"content-length") is not None
+        pending: Any = None
+        if known_length:
+            # like Go's buffered writer: an empty body ends on the HEADERS frame
+            pending = await conn.next_event()
+            if isinstance(pending, h11.EndOfMessage) and not pending.headers:
+                await ts.send_headers(h2_headers, end_stream=True)
+                return True
+        await ts.send_headers(h2_headers)
+        while True:
+            ev = pending if pending is not None else await conn.next_event()
+            pending = None
+            if isinstance(ev, h11.Data):
+                data = bytes(ev.data)
+                if gunzip is not None:
+                    data = gunzip.feed(data)
+                if data:
+                    await ts.send_data(data)
+            elif isinstance(ev, h11.EndOfMessage):
+                if gunzip is not None:
+                    tail = gunzip.finish()
+                    if tail:
+                        await ts.send_data(tail)
+                trailers = wo.tunnel_trailers([(bytes(n), bytes(v)) for n, v in ev.headers.raw_items()])
+                if trailers:
+                    await ts.send_trailers(trailers)
+                else:
+                    await ts.end()
+                return True
+            elif isinstance(ev, h11.ConnectionClosed):
+                raise OriginError(f"origin {conn.target.address} closed the connection mid-body")
+
+    async def _websocket_pipe(self, ts: TunnelStream, conn: OriginConnection,
+                              headers: list[tuple[bytes, bytes]]) -> None:
+        await ts.send_headers(wo.tunnel_response_headers(101, headers))
+        leftover, _closed = conn.h11.trailing_data
+
+        async def write(data: bytes) -> None:
+            await conn.send_all(data)
+
+        await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw, write_origin=write)
+
+    # -- tcp:// ssh:// rdp:// services: terminate the WebSocket here
+    async def _websocket_to_tcp(self, ts: TunnelStream, rule: IngressRule, service: StreamService) -> None:
+        try:
+            with trio.fail_after(rule.origin_request.connect_timeout):
+                tcp = await trio.open_tcp_stream(service.host, service.port)
+        except (OSError, trio.TooSlowError) as exc:
+            await self._bad_gateway(ts, f"dial tcp {service.host}:{service.port}: {_dial_text(exc)}")
+            return
+        async with tcp:
+            key = first_value(ts.headers, b"sec-websocket-key")
+            await ts.send_headers(wo.tunnel_response_headers(101, accept_headers(key)))
+            bridge = WebSocketBridge()
+            closing = trio.Event()
+
+            async def read_tcp() -> bytes:
+                if closing.is_set():
+                    return b""
+                try:
+                    data = await tcp.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    return bridge.close()  # then b"" on the next call ends the stream
+                return bridge.to_edge(data)
+
+            async def write_tcp(data: bytes) -> None:
+                to_service, to_edge, closed = bridge.from_edge(data)
+                if to_edge:
+                    await ts.send_data(to_edge)
+                if to_service:
+                    try:
+                        await tcp.send_all(to_service)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise OriginError(f"write to {service.host}:{service.port}: {exc}") from exc
+                if closed:
+                    closing.set()
+                    raise _PipeDone
+
+            await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
+
+    # -- TCP streams (private network routing)
+    async def _tcp_stream(self, ts: TunnelStream) -> None:
+        authority = (first_value(ts.headers, b":authority") or b"").decode("latin-1")
+        dest = parse_ip_port(authority)
+        if dest is None:
+            await self._bad_gateway(ts, f"TCP stream destination {authority!r} is not IP:port")
+            return
+        host, port = dest
+        try:
+            with trio.fail_after(self.warp.connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            await self._bad_gateway(ts, f"dial tcp {authority}: {_dial_text(exc)}")
+            return
+        async with tcp:
+            key = first_value(ts.headers, b"sec-websocket-key")
+            extra = accept_headers(key) if key is not None else []
+            await ts.send_headers([(b":status", b"200"),
+                                   (RESPONSE_HEADERS, _serialize(extra)),
+                                   (RESPONSE_META, META_ORIGIN)])
+            log.debug("Proxying TCP stream to %s event=2 %s", authority, ts.label)
+
+            async def read_tcp() -> bytes:
+                try:
+                    return await tcp.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return b""
+
+            async def write_tcp(data: bytes) -> None:
+                try:
+                    await tcp.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise OriginError(f"write to {authority}: {exc}") from exc
+
+            await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
+
+    # -- update-configuration streams
+    async def _update_configuration(self, ts: TunnelStream) -> None:
+        body = bytearray()
+        while True:
+            data = await ts.receive_some()
+            if not data:
+                break
+            body += data
+            if len(body) > MAX_CONFIG_BODY:
+                await self._bad_gateway(ts, f"update-configuration body larger than {MAX_CONFIG_BODY} bytes")
+                return
+        try:
+            version, _config = ingress.remote_config_version(bytes(body))
+        except StreamConversionError as exc:
+            await self._bad_gateway(ts, f"failed to decode configuration update: {exc}")
+            return
+        err: object = None
+        if version > self.config_version:
+            try:
+                _, rules, warp = ingress.parse_remote_config(bytes(body))
+            except (ConfigError, StreamConversionError) as exc:
+                log.error("Failed to update configuration version=%d error=%r %s", version, str(exc),
+                          ts.label)
+                err = {}
+            else:
+                self.rules = rules
+                self.warp = warp
+                self.config_version = version
+                config_text = json.dumps(_config, separators=(",", ":"))
+                log.info("Updated to new configuration config=%s version=%d", config_text, version)
+                self._set_state_config(version, _config)
+        else:
+            log.debug("Ignoring configuration version=%d, current version=%d %s", version,
+                      self.config_version, ts.label)
+        answer = json.dumps({"lastAppliedVersion": self.config_version, "err": err},
+                            separators=(",", ":")).encode()
+        await ts.send_headers([(b":status", b"200"), (b"content-type", b"text/plain; charset=utf-8"),
+                               (b"content-length", str(len(answer)).encode())])
+        await ts.send_data(answer, end_stream=True)
+
+    def _set_state_config(self, version: int, config: Any) -> None:
+        self.state.set_config(version, config if isinstance(config, dict) else {})
+
+
+class _PipeDone(Exception):
+    """Raised by a pipe writer when its side has finished (e.g. a WebSocket close)."""
+
+
+def _serialize(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    from wire.headers import serialize_response_headers
+
+    return serialize_response_headers(pairs)
+
+
+def _dial_text(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "i/o timeout"
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"connect: {cause.strerror.lower()}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"connect: {exc.strerror.lower()}"
+    return str(exc)
+
+
+async def pipe(ts: TunnelStream, *, read_origin: Callable[[], Awaitable[bytes]],
+               write_origin: Callable[[bytes], Awaitable[None]], initial: bytes = b"") -> None:
+    """Copy bytes both ways until either side ends; then end our side of the stream.
+
+    The edge's END_STREAM or the origin's EOF finishes the whole exchange, as cloudflared does (A11, A12);
+    the stream task's wrap-up then resets an edge side that is still open (NO_ERROR)."""
+    async with trio.open_nursery() as nursery:
+        async def upstream() -> None:
+            try:
+                while True:
+                    data = await ts.receive_some()
+                    if not data:
+                        break
+                    await write_origin(data)
+            except (OriginError, _PipeDone):
+                pass
+            nursery.cancel_scope.cancel()
+
+        async def downstream() -> None:
+            if initial:
+                await ts.send_data(initial)
+            while True:
+                data = await read_origin()
+                if not data:
+                    break
+                await ts.send_data(data)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(upstream)
+        nursery.start_soon(downstream)
+    await ts.end()

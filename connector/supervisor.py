@@ -1,0 +1,233 @@
+"""HA connections: which address each connIndex uses, when it (re)connects, and when the process gives up.
+
+cloudflared's rules (PROTOCOL.md §4.1, §4.3, §4.4):
+- connIndex 0 starts first; once it registered, connIndex 1..N-1 start one per second (the first at once);
+- each connIndex holds its own address; dial/TLS errors and EDUPCONN move it to a free address;
+- per-connIndex backoff: a random wait in [0, 2^k * base) with k = 1..retries, then capped; reset when the
+  connection registers;
+- a dropped connection that had registered also waits the supervisor backoff (base 10 s, same doubling);
+- before the very first registration, only "network" errors and `Unauthorized` are retried; anything else
+  ends the process with exit code 1 (`initial tunnel connection failed`).
+Unlike cloudflared, every retry waits: there is no busy loop even with a single edge address.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import trio
+
+from connector.edge_conn import (
+    DuplicateConnectionError,
+    EdgeConnection,
+    EdgeConnectionError,
+    RegistrationRefusedError,
+    UnauthorizedError,
+    edge_ssl_context,
+)
+from connector.settings import TunnelSettings
+from connector.state import ConnectorState
+from connector.streams import Proxy
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 1.0  # seconds; tests lower it
+SUPERVISOR_BACKOFF_BASE = 10.0
+MIN_WAIT_FRACTION = 0.1  # never retry sooner than this fraction of the base: no busy loop
+HA_START_INTERVAL = 1.0
+RegistrationErrors = (DuplicateConnectionError, RegistrationRefusedError, UnauthorizedError)
+
+
+class Backoff:
+    """Jittered exponential backoff: attempt k (1-based, capped at `retries`) waits up to 2^k * base."""
+
+    def __init__(self, base: float, retries: int, rng: random.Random | None = None) -> None:
+        self.base = base
+        self.retries = max(retries, 1)
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def next_bound(self) -> float:
+        k = min(self.attempts + 1, self.retries)
+        return self.base * (2**k)
+
+    def next_wait(self) -> tuple[float, float]:
+        """(wait, bound): the random wait for the next retry and the bound the log line states."""
+        bound = self.next_bound()
+        self.attempts += 1
+        wait = max(self._rng.uniform(0, bound), self.base * MIN_WAIT_FRACTION)
+        return wait, bound
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+def _duration(seconds: float) -> str:
+    """Go's Duration.String() for whole seconds and minutes (4s, 1m4s); fractions for tiny test values."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if float(seconds).is_integer():
+        s = int(seconds)
+        return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+    return f"{seconds:g}s"
+
+
+class AddressPool:
+    """Edge addresses; each connIndex holds one, two connections never share one."""
+
+    def __init__(self, addresses: tuple[str, ...], rng: random.Random | None = None) -> None:
+        self.addresses = list(addresses)
+        self.held: dict[int, str] = {}
+        self._rng = rng or random.Random()
+
+    def _free(self) -> list[str]:
+        used = set(self.held.values())
+        return [a for a in self.addresses if a not in used]
+
+    def take(self, conn_index: int) -> str:
+        if conn_index in self.held:
+            return self.held[conn_index]
+        free = self._free()
+        # connIndex i prefers the i-th address so that a fresh start is predictable
+        choice = self.addresses[conn_index] if self.addresses[conn_index] in free else self._rng.choice(free)
+        self.held[conn_index] = choice
+        return choice
+
+    def rotate(self, conn_index: int) -> str:
+        """Give the held address back and take another free one (the same one if none is free)."""
+        old = self.held.pop(conn_index, None)
+        free = [a for a in self._free() if a != old]
+        new = self._rng.choice(free) if free else old
+        assert new is not None
+        self.held[conn_index] = new
+        return new
+
+
+class Supervisor:
+    """Runs the HA connections until shutdown; `run` returns the process exit code."""
+
+    def __init__(self, settings: TunnelSettings, proxy: Proxy, state: ConnectorState | None = None) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.ha = max(1, min(settings.ha_connections, len(settings.edge_addrs)))
+        if settings.ha_connections > len(settings.edge_addrs):
+            log.warning("You requested %d HA connections but I can give you at most %d.",
+                        settings.ha_connections, len(settings.edge_addrs))
+        self.addresses = AddressPool(settings.edge_addrs)
+        self.shutdown = trio.Event()
+        self.connections: dict[int, EdgeConnection] = {}
+        self.ever_registered = False
+        self._first_registered = trio.Event()
+        self.state = state
+        self._ready = 0
+        self._exit_code = 0
+        self._supervisor_backoff = Backoff(SUPERVISOR_BACKOFF_BASE, settings.retries)
+        self._ssl_context = edge_ssl_context(settings.ca_cert)
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def ready_connections(self) -> int:
+        return self._ready
+
+    def _registered(self, conn: EdgeConnection) -> None:
+        self.ever_registered = True
+        self._first_registered.set()
+        self._ready += 1
+        if self._ready >= self.ha:
+            self._supervisor_backoff.reset()
+        if self.state is not None and conn.details is not None:
+            details = conn.details
+            self.state.connection_registered(conn.conn_index, str(details.uuid), details.location_name,
+                                             conn.edge_ip)
+
+    def _unregistered(self, conn: EdgeConnection) -> None:
+        self._ready = max(0, self._ready - 1)
+        if self.state is not None:
+            self.state.connection_unregistered(conn.conn_index)
+
+    async def run(self) -> int:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._serve_index, 0)
+            nursery.start_soon(self._start_others)
+        return self._exit_code
+
+    async def _start_others(self) -> None:
+        if self.ha <= 1:
+            return
+        await _first_of(self._first_registered.wait, self.shutdown.wait)
+        if self.shutdown.is_set() or not self._first_registered.is_set():
+            return
+        assert self._nursery is not None
+        for index in range(1, self.ha):
+            if self.shutdown.is_set():
+                return
+            self._nursery.start_soon(self._serve_index, index)
+            if index < self.ha - 1:
+                await trio.sleep(HA_START_INTERVAL)
+
+    def fail(self, code: int) -> None:
+        """End every connection at once (fatal error or a second signal)."""
+        self._exit_code = code
+        self.shutdown.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _serve_index(self, index: int) -> None:
+        backoff = Backoff(BACKOFF_BASE, self.settings.retries)
+        address = self.addresses.take(index)
+        while not self.shutdown.is_set():
+            conn = EdgeConnection(self.settings, self.proxy, conn_index=index, address=address,
+                                  ssl_context=self._ssl_context, num_previous_attempts=backoff.attempts,
+                                  on_registered=self._registered, on_unregistered=self._unregistered)
+            self.connections[index] = conn
+            try:
+                await conn.run(self.shutdown)
+                return  # graceful shutdown
+            except EdgeConnectionError as exc:
+                error = exc
+            finally:
+                self.connections.pop(index, None)
+            if self.shutdown.is_set():
+                return
+            was_registered = conn.details is not None
+            if was_registered:
+                backoff.reset()
+                log.error("Lost connection with the edge connIndex=%d", index)
+            log.error("Serve tunnel error connIndex=%d error=%r event=0 ip=%s", index, str(error),
+                      conn.edge_ip)
+            if self.state is not None and isinstance(error, RegistrationErrors):
+                self.state.registration_failed(str(error))
+            if not self.ever_registered and not error.retry_initial:
+                log.error("initial tunnel connection failed connIndex=%d error=%r", index, str(error))
+                log.info("Initiating shutdown error=%r", str(error))
+                self.fail(1)
+                return
+            if error.rotate_address:
+                new = self.addresses.rotate(index)
+                if new != address:
+                    log.info("Switching to another edge address connIndex=%d ip=%s", index, new)
+                address = new
+            wait, bound = backoff.next_wait()
+            log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(bound), index,
+                     address)
+            with trio.move_on_after(wait):
+                await self.shutdown.wait()
+            if was_registered and not self.shutdown.is_set():
+                wait, _ = self._supervisor_backoff.next_wait()
+                log.info("Connection terminated connIndex=%d error=%r, reconnecting in %.1fs", index,
+                         str(error), wait)
+                with trio.move_on_after(wait):
+                    await self.shutdown.wait()
+
+
+async def _first_of(*waits: Callable[[], object]) -> None:
+    async with trio.open_nursery() as nursery:
+        async def one(fn: Callable[[], object]) -> None:
+            await fn()  # type: ignore[misc]
+            nursery.cancel_scope.cancel()
+
+        for fn in waits:
+            nursery.start_soon(one, fn)
