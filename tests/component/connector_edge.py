@@ -139,12 +139,18 @@ class EdgeSide:
     async def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
         view = memoryview(data)
         while True:
-            window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+            try:
+                window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+            except h2.exceptions.ProtocolError:
+                return
             if len(view) and window <= 0:
                 await self._window.wait()
                 continue
             chunk, view = view[:window], view[window:]
-            self.h2.send_data(stream_id, bytes(chunk), end_stream=end_stream and not len(view))
+            try:
+                self.h2.send_data(stream_id, bytes(chunk), end_stream=end_stream and not len(view))
+            except h2.exceptions.ProtocolError:  # the connector closed or reset it meanwhile
+                return
             await self.flush()
             if not len(view):
                 return
@@ -484,3 +490,9 @@ def make_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
     path = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return ca, path
+
+
+async def wait_ready(running: Running, n: int = 1) -> None:
+    """Until the connector itself counts `n` registered connections."""
+    while running.handle.ready_connections != n:  # type: ignore[attr-defined]
+        await trio.sleep(0.005)

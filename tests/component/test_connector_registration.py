@@ -16,6 +16,7 @@ from tests.component.connector_edge import (
     make_settings,
     start_connector,
     status_rule,
+    wait_ready,
 )
 from wire.registration import ConnectionDetails, RegistrationError
 
@@ -53,7 +54,7 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
             # the local configuration follows on connIndex 0
             await edge.wait_for(lambda: side.local_config is not None)
             assert side.local_config == b'{"ingress":[]}'
-            assert run.handle.ready_connections == 1
+            await wait_ready(run)
             assert run.handle.state.ready_connections == 1
             # an HTTP request through the http_status rule
             resp = await side.request([(b":method", b"GET"), (b":scheme", b"https"),
@@ -71,3 +72,180 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
     assert "Registered tunnel connection connIndex=0 connection=" in text
     assert "event=0 ip=127.0.0.1 location=LAB1 protocol=http2" in text
     assert "Unregistered tunnel connection connIndex=0" in text
+
+
+async def test_unauthorized_is_retried_with_backoff(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+
+    def decide(params, attempt):
+        if attempt < 2:
+            return RegistrationError("Unauthorized: Invalid tunnel secret")
+        return ConnectionDetails(uuid=uuid.uuid4(), location_name="LAB1")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca, decide=decide)
+            addr = await nursery.start(edge.serve)
+            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),)))
+            await edge.wait_for(lambda: len(edge.registered) == 1)
+            assert [p.options.num_previous_attempts for p in edge.attempts] == [0, 1, 2]
+            await wait_ready(run)
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            nursery.cancel_scope.cancel()
+    assert caplog.text.count("Retrying connection in up to") == 2
+    assert "Unauthorized: Invalid tunnel secret" in caplog.text
+
+
+async def test_permanent_error_on_first_connection_exits_1(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca, decide=lambda p, a: RegistrationError("tunnel deleted", should_retry=True))
+            addr = await nursery.start(edge.serve)
+            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),)))
+            assert await run.exit_code() == 1
+            nursery.cancel_scope.cancel()
+    assert len(edge.attempts) == 1
+    assert "initial tunnel connection failed" in caplog.text
+    assert "tunnel deleted" in caplog.text
+
+
+async def test_edupconn_moves_to_another_address(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            dup = FakeEdge(ca, decide=lambda p, a: RegistrationError("EDUPCONN", should_retry=True))
+            good = FakeEdge(ca)
+            addr_dup = await nursery.start(dup.serve, "127.0.0.1")
+            addr_good = await nursery.start(good.serve, "127.0.0.2")
+            run = await start_connector(nursery, make_settings(ca_path, [addr_dup, addr_good], (status_rule(),),
+                                                               ha_connections=1))
+            await good.wait_for(lambda: len(good.registered) == 1)
+            assert len(dup.attempts) == 1
+            assert good.attempts[0].options.num_previous_attempts == 1
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_busy_loop_with_one_untrusted_edge(tmp_path, caplog):
+    """cloudflared retries TLS failures on a single address ~2300 times a second; we back off."""
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    other_ca, _ = make_ca(tmp_path / "x") if (tmp_path / "x").mkdir() is None else (None, None)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(other_ca)  # a certificate our CA did not sign
+            addr = await nursery.start(edge.serve)
+            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),), retries=2))
+            await trio.sleep(1.0)
+            assert not run.done.is_set()  # dial/TLS errors are retried even before the first registration
+            assert 3 <= edge.accepted <= 40
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            nursery.cancel_scope.cancel()
+    assert "failed to verify certificate" in caplog.text
+
+
+async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            e1, e2, e3 = FakeEdge(ca), FakeEdge(ca), FakeEdge(ca)
+            a1 = await nursery.start(e1.serve, "127.0.0.1")
+            a2 = await nursery.start(e2.serve, "127.0.0.2")
+            a3 = await nursery.start(e3.serve, "127.0.0.3")
+            run = await start_connector(nursery, make_settings(ca_path, [a1, a2, a3], (status_rule(),),
+                                                               ha_connections=2))
+            edges = (e1, e2, e3)
+
+            def registered() -> list:
+                return [s for e in edges for s in e.registered if not s.closed.is_set()]
+
+            while len(registered()) < 2:
+                await trio.sleep(0.01)
+            indexes = sorted(s.params.conn_index for s in registered())
+            assert indexes == [0, 1]
+            assert len({id(s.edge) for s in registered()}) == 2
+            assert e1.registered and e1.registered[0].params.conn_index == 0
+            assert run.handle.state.ready_connections == 2
+            # the edge drops connIndex 1: it comes back (a lost connection is retried)
+            victim = next(s for s in registered() if s.params.conn_index == 1)
+            await victim.close()
+            while run.handle.ready_connections == 2:
+                await trio.sleep(0.01)
+            while len(registered()) < 2:
+                await trio.sleep(0.01)
+            assert run.handle.ready_connections == 2
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            nursery.cancel_scope.cancel()
+    assert "Lost connection with the edge connIndex=1" in caplog.text
+
+
+async def test_malformed_frame_drops_only_that_connection(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca)
+            addr = await nursery.start(edge.serve)
+            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),)))
+            await edge.wait_for(lambda: len(edge.registered) == 1)
+            first = edge.registered[0]
+            # a WINDOW_UPDATE frame with a 3-byte payload: FRAME_SIZE_ERROR, a connection error
+            async with first._lock:
+                await first.stream.send_all(b"\x00\x00\x03\x08\x00\x00\x00\x00\x00abc")
+            await edge.wait_for(lambda: len(edge.registered) == 2)
+            await first.closed.wait()
+            assert first.goaway is not None
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            nursery.cancel_scope.cancel()
+    assert "Malformed HTTP/2 from the edge" in caplog.text
+
+
+async def test_shutdown_without_unregister_answer_waits_grace_period(tmp_path):
+    ca, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca)
+            addr = await nursery.start(edge.serve)
+            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),),
+                                                               grace_period=0.3))
+            await edge.wait_for(lambda: len(edge.registered) == 1)
+            side = edge.registered[0]
+            side.answer_unregister = False
+            start = trio.current_time()
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            elapsed = trio.current_time() - start
+            assert 0.25 <= elapsed < 2
+            assert side.unregistered.is_set()
+            nursery.cancel_scope.cancel()
+
+
+def test_backoff_bounds_double_and_cap():
+    b = supervisor.Backoff(1.0, 3)
+    bounds = [b.next_wait()[1] for _ in range(5)]
+    assert bounds == [2, 4, 8, 8, 8]
+    b.reset()
+    wait, bound = b.next_wait()
+    assert bound == 2 and 0.1 <= wait < 2
+    assert supervisor._duration(64) == "1m4s" and supervisor._duration(4) == "4s"
+
+
+def test_local_config_json_is_shown_as_version_minus_one(tmp_path):
+    from connector.runtime import _make_state
+
+    ca, ca_path = make_ca(tmp_path)
+    settings = make_settings(ca_path, ["127.0.0.1:1"], (status_rule(),),
+                             local_config_json=b'{"__configuration_flags":{"a":"b"},"ingress":[{"service":"x"}]}')
+    state = _make_state(settings)
+    assert state.versioned_config() == {"version": -1, "config": {"ingress": [{"service": "x"}]}}
+    assert json.loads(settings.local_config_json)["ingress"]
