@@ -1,0 +1,231 @@
+"""The management API (`--api-listen`): JSON over HTTP/1.1, bearer token from STATE/api-token.
+
+Routes are the table in docs/architecture.md ("Management API"); docs/edge.md shows examples.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+from h2.errors import ErrorCodes
+
+from edge.state import parse_fault
+from wire.errors import ConfigError, TunnelLabError
+
+if TYPE_CHECKING:
+    from edge.server import Edge
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+
+
+class ApiError(Exception):
+    """An API answer other than 200."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def connection_json(conn: Any) -> dict[str, Any]:
+    """`GET /connections` entry."""
+    reg = conn.registration
+    return {
+        "id": conn.id,
+        "tunnel_id": str(reg.tunnel_id) if reg else None,
+        "tunnel_name": reg.tunnel_name if reg else None,
+        "location": conn.location,
+        "conn_index": reg.conn_index if reg else None,
+        "connector_id": str(reg.connector_id) if reg else None,
+        "client_version": reg.client_version if reg else None,
+        "arch": reg.arch if reg else None,
+        "features": list(reg.features) if reg else [],
+        "state": conn.state,
+        "remote": conn.remote,
+        "streams": conn.active_streams,
+        "registered_at": reg.registered_at if reg else None,
+    }
+
+
+async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
+    """Validate and apply a POST /faults body; returns the answer."""
+    kind, params = parse_fault(body)
+    edge.metrics.faults.inc(kind=kind)
+    selector: dict[str, Any] = {k: params[k] for k in ("connection", "tunnel_id", "conn_index", "location") if k in params}
+    if kind in ("drop-connection", "goaway", "reset-streams"):
+        if not selector:
+            raise ConfigError(f"fault {kind} needs a selector: connection, tunnel_id (+conn_index) or "
+                              "location", source="POST /faults")
+        conns = edge.registry.select(selector)
+        fault_id = edge.faults.new_id()
+        affected = 0
+        for conn in conns:
+            if kind == "drop-connection":
+                log.warning("fault drop-connection: id=%s closing TCP %s", fault_id, conn.ident())
+                conn.abort("dropped by a fault")
+                affected += 1
+            elif kind == "goaway":
+                code = int(params.get("error_code", ErrorCodes.NO_ERROR))
+                log.warning("fault goaway: id=%s error_code=%d %s", fault_id, code, conn.ident())
+                await conn.send_goaway(code)
+                affected += 1
+            else:
+                n = await conn.reset_all_streams()
+                log.warning("fault reset-streams: id=%s reset %d streams %s", fault_id, n, conn.ident())
+                affected += n
+        return {"id": fault_id, "kind": kind, "connections": [c.id for c in conns], "affected": affected}
+    if kind in ("dc-down", "dc-up", "swap-cert"):
+        location = params["location"]
+        if location not in edge.listeners:
+            raise ApiError(404, f"no data centre {location!r}; known: {', '.join(edge.listeners)}")
+    if kind == "dc-down":
+        for old in edge.faults.of_kind("dc-down"):
+            if old.params.get("location") == location:
+                return {**old.to_json(), "closed": 0}
+        closed = await edge.dc_down(location)
+        fault = edge.faults.add("dc-down", {"location": location})
+        return {**fault.to_json(), "closed": closed}
+    if kind == "dc-up":
+        for old in edge.faults.of_kind("dc-down"):
+            if old.params.get("location") == location:
+                edge.faults.remove(old.id)
+        await edge.dc_up(location)
+        return {"id": edge.faults.new_id(), "kind": kind, "location": location}
+    if kind == "swap-cert":
+        for old in edge.faults.of_kind("swap-cert"):
+            if old.params.get("location") == location:
+                edge.faults.remove(old.id)
+        edge.swap_cert(location, params["cert"])
+        if params["cert"] == "valid":
+            log.warning("fault swap-cert: location=%s serves the valid edge certificate again", location)
+            return {"id": edge.faults.new_id(), "kind": kind, **params}
+        return edge.faults.add("swap-cert", params).to_json()
+    count = params.pop("count", None)
+    return edge.faults.add(kind, params, remaining=count).to_json()
+
+
+async def clear_fault(edge: Edge, fault_id: str | None) -> list[str]:
+    """DELETE /faults[/ID]: undo what the faults did (listeners up, valid certificates)."""
+    targets = list(edge.faults.active.values()) if fault_id is None else (
+        [edge.faults.active[fault_id]] if fault_id in edge.faults.active else [])
+    if fault_id is not None and not targets:
+        raise ApiError(404, f"no active fault {fault_id!r}")
+    for fault in targets:
+        edge.faults.remove(fault.id)
+        if fault.kind == "dc-down":
+            await edge.dc_up(fault.params["location"])
+        elif fault.kind == "swap-cert":
+            edge.swap_cert(fault.params["location"], "valid")
+    return [f.id for f in targets]
+
+
+async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int, str, bytes]:
+    """Dispatch one authenticated request: (status, content type, body)."""
+    url = urllib.parse.urlsplit(target)
+    path = url.path.rstrip("/") or "/"
+    query = urllib.parse.parse_qs(url.query)
+
+    def ok(value: Any, status: int = 200) -> tuple[int, str, bytes]:
+        return status, "application/json", (json.dumps(value, indent=1) + "\n").encode()
+
+    if method == "GET":
+        if path == "/ca":
+            return 200, "application/x-pem-file", edge.pki.ca_pem_path.read_bytes()
+        if path == "/tunnels":
+            return ok([t.as_dict() for t in edge.tunnels.store.list_tunnels()])
+        if path == "/routes":
+            return ok([r.as_dict() for r in edge.tunnels.store.list_routes()])
+        if path == "/connections":
+            return ok([connection_json(c) for c in edge.registry.listed()])
+        if path.startswith("/config/"):
+            tunnel_id = path[len("/config/"):]
+            config = edge.pushed_configs.get(tunnel_id)
+            if config is None:
+                raise ApiError(404, f"no configuration pushed for tunnel {tunnel_id}")
+            return 200, "application/json", config
+        if path == "/history":
+            try:
+                since = int(query.get("since", ["0"])[0])
+            except ValueError:
+                raise ApiError(400, "since must be an integer") from None
+            return ok(edge.history.since(since))
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4", edge.metrics.render(edge.registry).encode()
+        if path == "/faults":
+            return ok([f.to_json() for f in edge.faults.active.values()])
+    elif method == "POST" and path == "/faults":
+        try:
+            payload = json.loads(body or b"null")
+        except ValueError as exc:
+            raise ApiError(400, f"body is not JSON: {exc}") from None
+        return ok(await apply_fault(edge, payload))
+    elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
+        fault_id = path[len("/faults/"):] if path.startswith("/faults/") else None
+        return ok({"cleared": await clear_fault(edge, fault_id)})
+    raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, f"no route {method} {path}")
+
+
+async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+    """Serve management API requests on one connection (keep-alive)."""
+    conn = h11.Connection(h11.SERVER)
+    expected = f"Bearer {edge.api_token}".encode()
+    try:
+        while True:
+            request: h11.Request | None = None
+            body = bytearray()
+            with trio.move_on_after(60) as idle:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        conn.receive_data(data)
+                        continue
+                    if isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                        if len(body) > MAX_BODY:
+                            raise ApiError(413, "body too large")
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        break
+            if idle.cancelled_caught or request is None:
+                return
+            method = request.method.decode()
+            target = request.target.decode("latin-1")
+            auth = dict(request.headers).get(b"authorization", b"")
+            try:
+                if target.split("?")[0] == "/healthz" and method == "GET":
+                    status, ctype, payload = 200, "application/json", b'{"status":"ok"}\n'
+                elif not hmac.compare_digest(bytes(auth), expected):
+                    raise ApiError(401, "missing or wrong bearer token (see STATE/api-token)")
+                else:
+                    status, ctype, payload = await route(edge, method, target, bytes(body))
+            except ApiError as exc:
+                status, ctype = exc.status, "application/json"
+                payload = (json.dumps({"error": exc.message}) + "\n").encode()
+            except (ConfigError, TunnelLabError, KeyError, ValueError) as exc:
+                status, ctype = 400, "application/json"
+                payload = (json.dumps({"error": str(exc)}) + "\n").encode()
+            log.debug("api %s %s -> %d remote=%s:%d", method, target, status, *peer)
+            headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode())]
+            if status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="tunnel-lab"'))
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=payload)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, ApiError) as exc:
+        log.debug("api connection ended: %s", exc)
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()

@@ -1,0 +1,138 @@
+"""`tunnel-lab edge` / `python -m edge`: run the fake edge in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from edge.config import EdgeConfig, parse_address, parse_tunnel_listen
+from wire.errors import TunnelLabError
+
+log = logging.getLogger("edge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/architecture.md, "Processes"; docs/edge.md)."""
+    p = argparse.ArgumentParser(
+        prog="tunnel-lab edge",
+        description="Run the fake Cloudflare edge: tunnel listeners for connectors (one per data "
+                    "centre), eyeball listeners, and the management API.")
+    p.add_argument("--state", metavar="DIR", help="state directory (env TUNNEL_LAB_STATE)")
+    p.add_argument("--tunnel-listen", metavar="[LOC=]ADDR:PORT", action="append", default=[],
+                   help="a TLS listener for connectors, one per data centre (repeatable; "
+                        "default LAB1=127.0.0.1:7844)")
+    p.add_argument("--http-listen", metavar="ADDR:PORT", help="HTTP/1.1 eyeball listener")
+    p.add_argument("--https-listen", metavar="ADDR:PORT",
+                   help="HTTPS eyeball listener (certificate per host by SNI; h2 and http/1.1)")
+    p.add_argument("--warp-listen", metavar="ADDR:PORT",
+                   help="HTTP CONNECT proxy to private networks (`tunnel route ip`)")
+    p.add_argument("--api-listen", metavar="ADDR:PORT", default="127.0.0.1:0",
+                   help="management API listener (default 127.0.0.1:0)")
+    p.add_argument("--origin-timeout", metavar="SECONDS", type=float, default=100.0,
+                   help="answer 524 when no response headers came within this time (default 100)")
+    p.add_argument("--max-response-headers", metavar="BYTES", type=int, default=256 * 1024,
+                   help="the lab's limit on a response header block; over it the request gets 502 "
+                        "(default 262144)")
+    p.add_argument("--shutdown-timeout", metavar="SECONDS", type=float, default=10.0,
+                   help="on SIGINT/SIGTERM, how long in-flight streams may finish (default 10)")
+    p.add_argument("--drain-timeout", metavar="SECONDS", type=float, default=30.0,
+                   help="after unregisterConnection, how long in-flight streams may finish (default 30)")
+    p.add_argument("--ready-file", metavar="PATH", help="write the bound addresses here as JSON")
+    p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log level (default info)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    """Turn parsed flags into an EdgeConfig (ConfigError on bad values)."""
+    from lab import paths
+
+    specs = args.tunnel_listen or ["LAB1=127.0.0.1:7844"]
+    tunnel_listens = tuple(parse_tunnel_listen(text, i + 1) for i, text in enumerate(specs))
+    locations = [t.location for t in tunnel_listens]
+    if len(set(locations)) != len(locations):
+        from wire.errors import ConfigError
+
+        raise ConfigError("two tunnel listeners share a location name", source="--tunnel-listen")
+
+    def addr(value: str | None, flag: str) -> object:
+        return parse_address(value, source=flag) if value else None
+
+    return EdgeConfig(
+        state_dir=paths.state_dir(args.state),
+        tunnel_listens=tunnel_listens,
+        http_listen=addr(args.http_listen, "--http-listen"),  # type: ignore[arg-type]
+        https_listen=addr(args.https_listen, "--https-listen"),  # type: ignore[arg-type]
+        warp_listen=addr(args.warp_listen, "--warp-listen"),  # type: ignore[arg-type]
+        api_listen=addr(args.api_listen, "--api-listen"),  # type: ignore[arg-type]
+        ready_file=Path(args.ready_file).absolute() if args.ready_file else None,
+        origin_timeout=args.origin_timeout,
+        max_response_headers=args.max_response_headers,
+        shutdown_timeout=args.shutdown_timeout,
+        drain_timeout=args.drain_timeout,
+    )
+
+
+async def run_edge(config: EdgeConfig) -> None:
+    """Run until SIGINT/SIGTERM (graceful), a second signal stops at once."""
+    from edge.server import Edge
+
+    edge = Edge(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            await nursery.start(edge.serve)
+
+            async def watch() -> None:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    if count == 1:
+                        log.info("received %s: graceful shutdown (again to stop at once)",
+                                 signal.Signals(signum).name)
+                        edge.request_shutdown()
+                    else:
+                        log.warning("second signal: stopping now")
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await edge.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `tunnel-lab edge`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.loglevel.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+    for noisy in ("hpack", "h2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args)
+        trio.run(run_edge, config)
+    except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
+        error = _first_error(exc)
+        if error is None:
+            raise
+        prefix = "cannot start the edge: " if isinstance(error, OSError) else ""
+        print(f"tunnel-lab: {prefix}{error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_error(exc: BaseException) -> BaseException | None:
+    """The user-facing error inside (possibly nested) exception groups, else None."""
+    if isinstance(exc, TunnelLabError | OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,78 @@
+"""The edge's settings (a frozen dataclass built by the command line or by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from wire.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port to listen on (port 0: any free port)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TunnelListen:
+    """A tunnel listener: one "data centre" with its location name."""
+
+    location: str
+    address: Address
+
+
+def parse_address(text: str, *, source: str) -> Address:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"bad address {text!r}", source=source, hint="use HOST:PORT, e.g. 127.0.0.1:0")
+    return Address(host or "127.0.0.1", int(port))
+
+
+def parse_tunnel_listen(text: str, index: int) -> TunnelListen:
+    """`LOC=HOST:PORT` or `HOST:PORT` (location `LAB<index>`)."""
+    location, sep, rest = text.partition("=")
+    if not sep:
+        location, rest = f"LAB{index}", text
+    location = location.strip()
+    if not location or not location.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"bad location name {location!r}", source="--tunnel-listen",
+                          hint="letters, digits, - and _ only, e.g. LAB1=127.0.0.1:7844")
+    return TunnelListen(location, parse_address(rest, source="--tunnel-listen"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeConfig:
+    """Everything the edge needs to run; timeouts in seconds, sizes in bytes."""
+
+    state_dir: Path
+    tunnel_listens: tuple[TunnelListen, ...] = ()
+    http_listen: Address | None = None
+    https_listen: Address | None = None
+    warp_listen: Address | None = None
+    api_listen: Address | None = None
+    ready_file: Path | None = None
+    origin_timeout: float = 100.0  # 524 after this (Cloudflare's default is 100 s)
+    max_response_headers: int = 256 * 1024  # the lab's per-stream limit (502 above it)
+    max_request_headers: int = 32 * 1024  # eyeball request head limit (431 above it)
+    stream_window: int = 1024 * 1024  # our INITIAL_WINDOW_SIZE on tunnel connections
+    connection_window: int = 16 * 1024 * 1024
+    registration_timeout: float = 30.0
+    refusal_close_delay: float = 0.3
+    drain_timeout: float = 30.0  # after unregisterConnection
+    shutdown_timeout: float = 10.0  # graceful shutdown: in-flight streams get this long
+    stream_queue_limit: int = 256
+    stream_queue_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    eyeball_header_timeout: float = 15.0
+    eyeball_idle_timeout: float = 60.0

@@ -1,0 +1,240 @@
+"""The HTTP/1.1 eyeball server (h11): keep-alive, timeouts, WebSocket upgrades.
+
+Used for `--http-listen` and for `--https-listen` connections that did not negotiate h2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+
+from edge import pages
+from edge.proxy import EyeballGone, proxy_request
+
+if TYPE_CHECKING:
+    from edge.server import Edge
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+READ_SIZE = 65536
+
+
+class _Conn:
+    """h11 plus the transport, with the read/send plumbing."""
+
+    def __init__(self, edge: Edge, stream: trio.abc.Stream, client: str) -> None:
+        self.edge = edge
+        self.stream = stream
+        self.client = client
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.config.max_request_headers)
+        self.closed = False
+
+    async def next_event(self, timeout: float) -> Any:
+        """The next h11 event; raises EyeballGone on timeout or a broken transport."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+            if scope.cancelled_caught:
+                raise TimeoutError
+            self.h11.receive_data(bytes(data))
+
+    async def send(self, event: Any) -> None:
+        """Send an h11 event."""
+        data = self.h11.send(event)
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the transport."""
+        if not self.closed:
+            self.closed = True
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self.stream.aclose()
+
+
+class _RawChannel:
+    def __init__(self, conn: _Conn, leftover: bytes) -> None:
+        self.conn = conn
+        self.leftover = leftover
+
+    async def receive_some(self) -> bytes:
+        if self.leftover:
+            data, self.leftover = self.leftover, b""
+            return data
+        try:
+            return bytes(await self.conn.stream.receive_some(READ_SIZE))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise EyeballGone(str(exc)) from exc
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self.conn.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise EyeballGone(str(exc)) from exc
+
+
+class H1Exchange:
+    """One HTTP/1.1 request/response for `proxy_request`."""
+
+    def __init__(self, conn: _Conn, request: Any, has_body: bool, websocket: bool) -> None:
+        self.conn = conn
+        self.request = request
+        self.has_body = has_body
+        self.websocket = websocket
+        self.response_started = False
+        self.request_trailers: Headers | None = None
+        self.switched = False
+        self.aborted = False
+        self.body_done = not has_body
+
+    async def read_body(self) -> bytes | None:
+        if self.body_done:
+            return None
+        try:
+            event = await self.conn.next_event(self.conn.edge.config.eyeball_idle_timeout)
+        except TimeoutError:
+            raise EyeballGone("eyeball stopped sending the request body") from None
+        except h11.RemoteProtocolError as exc:
+            raise EyeballGone(f"malformed request body: {exc}") from exc
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            self.body_done = True
+            self.request_trailers = [(bytes(n), bytes(v)) for n, v in event.headers] or None
+            return None
+        raise EyeballGone("eyeball closed during the request body")
+
+    async def start_response(self, status: int, headers: Headers) -> None:
+        self.response_started = True
+        try:
+            await self.conn.send(h11.Response(status_code=status, headers=headers))
+        except h11.LocalProtocolError as exc:
+            log.warning("response head not valid HTTP/1.1 (%s); aborting", exc)
+            await self.abort()
+            raise EyeballGone(str(exc)) from exc
+
+    async def send_body(self, data: bytes) -> None:
+        try:
+            await self.conn.send(h11.Data(data=data))
+        except h11.LocalProtocolError as exc:  # e.g. more bytes than Content-Length
+            await self.abort()
+            raise EyeballGone(str(exc)) from exc
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        try:
+            await self.conn.send(h11.EndOfMessage(headers=trailers or []))
+        except h11.LocalProtocolError:
+            try:
+                await self.conn.send(h11.EndOfMessage())
+            except h11.LocalProtocolError as exc:  # fewer bytes than Content-Length
+                await self.abort()
+                raise EyeballGone(str(exc)) from exc
+
+    async def abort(self) -> None:
+        self.aborted = True
+        await self.conn.close()
+
+    async def upgrade(self, status: int, headers: Headers) -> _RawChannel:
+        await self.conn.send(h11.InformationalResponse(status_code=status, headers=headers))
+        self.switched = True
+        leftover, _ = self.conn.h11.trailing_data
+        return _RawChannel(self.conn, bytes(leftover))
+
+
+def _has_body(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            try:
+                return int(value) > 0
+            except ValueError:
+                return True
+    return False
+
+
+async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: str, client: str,
+                              client_ip: str) -> None:
+    """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
+    from wire.eyeball import EyeballRequest, is_websocket_request
+
+    conn = _Conn(edge, stream, client)
+    cfg = edge.config
+    try:
+        while True:
+            first = conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]
+            try:
+                # The whole head must arrive within the deadline: a trickling client times out.
+                with trio.fail_after(cfg.eyeball_idle_timeout if first else cfg.eyeball_header_timeout):
+                    event = await conn.next_event(math.inf)
+            except (TimeoutError, trio.TooSlowError):
+                if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
+                    log.debug("eyeball idle, closing client=%s", client)
+                else:
+                    log.info("eyeball too slow sending its request head; 408 client=%s", client)
+                    await _simple_error(conn, 408, "The request head did not arrive in time.")
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+                log.info("malformed eyeball request (%s); %d client=%s", exc, status, client)
+                await _simple_error(conn, status, f"The request could not be parsed: {exc}")
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):
+                return
+            headers = [(bytes(n), bytes(v)) for n, v in event.headers]
+            host = next((v.decode("latin-1") for n, v in headers if n == b"host"), "")
+            if not host:
+                await _simple_error(conn, 400, "The request has no Host header.")
+                return
+            target = event.target.decode("latin-1")
+            req = EyeballRequest(method=event.method.decode("latin-1"), target=target, headers=tuple(headers),
+                                 scheme=scheme, client_ip=client_ip, host=host)
+            websocket = is_websocket_request(headers)
+            ex = H1Exchange(conn, req, _has_body(headers), websocket)
+            try:
+                await proxy_request(edge, ex)
+            except EyeballGone:
+                return
+            if ex.switched or ex.aborted or conn.closed:
+                return
+            if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is not h11.DONE:
+                return
+            if conn.h11.our_state is not h11.DONE:
+                return
+            conn.h11.start_next_cycle()
+    except EyeballGone as exc:
+        log.debug("eyeball connection ended: %s client=%s", exc, client)
+    except Exception:
+        log.exception("eyeball connection failed client=%s", client)
+    finally:
+        await conn.close()
+
+
+async def _simple_error(conn: _Conn, status: int, detail: str) -> None:
+    if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    headers, body = pages.error_page(status, detail)
+    try:
+        await conn.send(h11.Response(status_code=status, headers=[*headers, (b"connection", b"close")]))
+        await conn.send(h11.Data(data=body))
+        await conn.send(h11.EndOfMessage())
+    except (EyeballGone, h11.LocalProtocolError):
+        pass

@@ -1,0 +1,247 @@
+"""The HTTP/2 eyeball server (h2, server side), for HTTPS eyeballs that negotiated h2 by ALPN.
+
+Each request stream runs `proxy_request` in its own task. Request DATA is acknowledged only after
+it was forwarded into the tunnel; responses honour the eyeball's windows. WebSockets over HTTP/2
+(extended CONNECT) are out of scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import h2.events
+import h2.exceptions
+import trio
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
+
+from edge.proxy import EyeballGone, proxy_request
+
+if TYPE_CHECKING:
+    from edge.server import Edge
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+
+
+class _H2Server:
+    def __init__(self, edge: Edge, transport: trio.abc.Stream, client: str, client_ip: str) -> None:
+        self.edge = edge
+        self.transport = transport
+        self.client = client
+        self.client_ip = client_ip
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+            SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,
+            SettingCodes.MAX_HEADER_LIST_SIZE: edge.config.max_request_headers,
+        })
+        self.lock = trio.Lock()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.exchanges: dict[int, H2Exchange] = {}
+
+    async def flush(self) -> None:
+        async with self.lock:
+            data = self.h2.data_to_send()
+            if data:
+                try:
+                    await self.transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        await self.flush()
+        async with trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_after(self.edge.config.eyeball_idle_timeout) as idle:
+                    try:
+                        data = await self.transport.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                if idle.cancelled_caught and not self.exchanges:
+                    self.h2.close_connection()
+                    await self.flush()
+                    break
+                if idle.cancelled_caught:
+                    continue
+                if not data:
+                    break
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    log.info("eyeball HTTP/2 protocol error (%s) client=%s", exc, self.client)
+                    await self.flush()
+                    break
+                for event in events:
+                    self.dispatch(event, nursery)
+                await self.flush()
+            nursery.cancel_scope.cancel()
+
+    def dispatch(self, event: Any, nursery: trio.Nursery) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            new = H2Exchange(self, event.stream_id, list(event.headers), ended=event.stream_ended is not None)
+            self.exchanges[event.stream_id] = new
+            nursery.start_soon(self.handle, new)
+            return
+        ex = self.exchanges.get(getattr(event, "stream_id", 0))
+        if isinstance(event, h2.events.DataReceived):
+            if ex is None:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                ex.chunks.append((event.data, event.flow_controlled_length))
+                ex.lot.unpark_all()
+        elif isinstance(event, h2.events.TrailersReceived):
+            if ex is not None:
+                ex.request_trailers = list(event.headers)
+        elif isinstance(event, h2.events.StreamEnded):
+            if ex is not None:
+                ex.ended = True
+                ex.lot.unpark_all()
+        elif isinstance(event, h2.events.StreamReset):
+            if ex is not None:
+                ex.reset = True
+                ex.lot.unpark_all()
+                ex.scope.cancel()
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self.lot.unpark_all()
+
+    async def handle(self, ex: H2Exchange) -> None:
+        try:
+            with ex.scope:
+                if ex.request is None:
+                    self.h2.reset_stream(ex.stream_id, ErrorCodes.PROTOCOL_ERROR)
+                    await self.flush()
+                    return
+                await proxy_request(self.edge, ex)
+        except EyeballGone as exc:
+            log.debug("eyeball stream ended: %s stream=%d client=%s", exc, ex.stream_id, self.client)
+        except Exception:
+            log.exception("eyeball HTTP/2 stream failed stream=%d client=%s", ex.stream_id, self.client)
+            await ex.abort()
+        finally:
+            self.exchanges.pop(ex.stream_id, None)
+            unread = sum(n for _, n in ex.chunks)
+            if unread:
+                self.h2.acknowledge_received_data(unread, ex.stream_id)
+            with contextlib.suppress(EyeballGone):
+                await self.flush()
+
+
+class H2Exchange:
+    """One HTTP/2 eyeball stream for `proxy_request`."""
+
+    def __init__(self, server: _H2Server, stream_id: int, headers: Headers, *, ended: bool) -> None:
+        from wire.eyeball import EyeballRequest
+
+        self.server = server
+        self.stream_id = stream_id
+        self.ended = ended
+        self.reset = False
+        self.chunks: deque[tuple[bytes, int]] = deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.scope = trio.CancelScope()
+        self.pending_ack = 0
+        self.has_body = not ended
+        self.websocket = False
+        self.response_started = False
+        self.request_trailers: Headers | None = None
+        pseudo = {n: v for n, v in headers if n.startswith(b":")}
+        regular = [(n, v) for n, v in headers if not n.startswith(b":")]
+        self.request: Any = None
+        if b":method" in pseudo and (b":authority" in pseudo or any(n == b"host" for n, _ in regular)):
+            host = pseudo.get(b":authority") or next(v for n, v in regular if n == b"host")
+            self.request = EyeballRequest(
+                method=pseudo[b":method"].decode("latin-1"),
+                target=pseudo.get(b":path", b"/").decode("latin-1"),
+                headers=tuple(regular), scheme="https", client_ip=server.client_ip,
+                host=host.decode("latin-1"))
+
+    async def read_body(self) -> bytes | None:
+        if self.pending_ack:
+            self.server.h2.acknowledge_received_data(self.pending_ack, self.stream_id)
+            self.pending_ack = 0
+            await self.server.flush()
+        while not self.chunks:
+            if self.reset:
+                raise EyeballGone("eyeball reset the stream")
+            if self.ended:
+                return None
+            await self.lot.park()
+        data, length = self.chunks.popleft()
+        self.pending_ack = length
+        return data
+
+    async def start_response(self, status: int, headers: Headers) -> None:
+        self.response_started = True
+        fields = [(b":status", str(status).encode())]
+        for name, value in headers:
+            name = name.lower()
+            if name in CONNECTION_SPECIFIC or name == b"te":
+                continue
+            fields.append((name, value))
+        try:
+            self.server.h2.send_headers(self.stream_id, fields)
+        except h2.exceptions.ProtocolError as exc:
+            raise EyeballGone(f"cannot send response headers: {exc}") from exc
+        await self.server.flush()
+
+    async def send_body(self, data: bytes) -> None:
+        view = memoryview(data)
+        h2c = self.server.h2
+        while view:
+            if self.reset:
+                raise EyeballGone("eyeball reset the stream")
+            try:
+                window = min(h2c.local_flow_control_window(self.stream_id), h2c.max_outbound_frame_size)
+            except h2.exceptions.StreamClosedError as exc:
+                raise EyeballGone("eyeball stream closed") from exc
+            if window <= 0:
+                await self.server.lot.park()
+                continue
+            chunk, view = view[:window], view[window:]
+            h2c.send_data(self.stream_id, bytes(chunk))
+            await self.server.flush()
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        try:
+            if trailers:
+                self.server.h2.send_headers(self.stream_id, [(n.lower(), v) for n, v in trailers],
+                                            end_stream=True)
+            else:
+                self.server.h2.end_stream(self.stream_id)
+        except h2.exceptions.ProtocolError as exc:
+            raise EyeballGone(f"cannot end the stream: {exc}") from exc
+        await self.server.flush()
+
+    async def abort(self) -> None:
+        try:
+            self.server.h2.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            await self.server.flush()
+        except (h2.exceptions.ProtocolError, EyeballGone):
+            pass
+
+    async def upgrade(self, status: int, headers: Headers) -> Any:
+        raise EyeballGone("WebSockets over HTTP/2 eyeballs are not supported")
+
+
+async def serve_h2_connection(edge: Edge, transport: trio.abc.Stream, *, client: str, client_ip: str) -> None:
+    """Serve one HTTP/2 eyeball connection until it closes (never raises but Cancelled)."""
+    server = _H2Server(edge, transport, client, client_ip)
+    try:
+        await server.run()
+    except EyeballGone as exc:
+        log.debug("eyeball HTTP/2 connection ended: %s client=%s", exc, client)
+    except Exception:
+        log.exception("eyeball HTTP/2 connection failed client=%s", client)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await transport.aclose()

@@ -1,0 +1,66 @@
+"""The HTTPS eyeball listener: a lab-CA certificate per hostname chosen by SNI; h2 or HTTP/1.1 by ALPN."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from edge.server import Edge
+
+log = logging.getLogger(__name__)
+
+ALPN = ["h2", "http/1.1"]
+
+
+def _context(edge: Edge, name: str) -> ssl.SSLContext:
+    ctx = edge.host_contexts.get(name)
+    if ctx is None:
+        ctx = edge.pki.server_ssl_context(name)
+        ctx.set_alpn_protocols(ALPN)
+        edge.host_contexts[name] = ctx
+    return ctx
+
+
+def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
+    """The listener's context: `localhost` by default, switched by SNI to the requested host's leaf."""
+    base = _context(edge, "localhost")
+
+    def choose(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        if not server_name:
+            return
+        try:
+            sslobj.context = _context(edge, server_name.lower())
+        except Exception as exc:
+            log.info("no certificate for SNI %r: %s", server_name, exc)
+
+    base.sni_callback = choose
+    return base
+
+
+async def serve_tls_connection(edge: Edge, tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
+    """TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN."""
+    from edge.eyeball_h1 import serve_h1_connection
+    from edge.eyeball_h2 import serve_h2_connection
+
+    ctx = edge.eyeball_ctx
+    if ctx is None:
+        ctx = edge.eyeball_ctx = eyeball_ssl_context(edge)
+    tls = trio.SSLStream(tcp, ctx, server_side=True)
+    client = f"{peer[0]}:{peer[1]}"
+    try:
+        with trio.fail_after(edge.config.handshake_timeout):
+            await tls.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError) as exc:
+        log.info("eyeball TLS handshake failed: %s client=%s", exc.__cause__ or exc, client)
+        with trio.CancelScope(shield=True):
+            await tcp.aclose()
+        return
+    proto: Any = tls.selected_alpn_protocol()
+    if proto == "h2":
+        await serve_h2_connection(edge, tls, client=client, client_ip=peer[0])
+    else:
+        await serve_h1_connection(edge, tls, scheme="https", client=client, client_ip=peer[0])

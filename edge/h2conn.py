@@ -1,0 +1,109 @@
+"""h2 state machines tuned for the edge's side of a tunnel connection.
+
+h2 moves the whole connection to CLOSED as soon as a GOAWAY is sent or received, after which it
+refuses to send or receive anything, even on streams that are still in flight. RFC 9113 §6.8 lets
+both peers finish the streams that were already open, and cloudflared relies on it: it answers our
+GOAWAY with its own and keeps serving open streams (PROTOCOL.md §4.3). `EdgeH2Connection` keeps the
+connection usable after a GOAWAY in either direction; the edge's own bookkeeping stops opening new
+streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import ConnectionTerminated
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+# Our HPACK decoder accepts header blocks this large; the lab's own, smaller, per-stream limit is
+# enforced by the edge afterwards so that an oversized block costs one stream, not the connection.
+DECODER_HEADER_LIST_LIMIT = 64 * 1024 * 1024
+
+# What we advertise as SETTINGS_MAX_HEADER_LIST_SIZE (the same value cloudflared advertises).
+ADVERTISED_HEADER_LIST_SIZE = 1048896
+
+
+class EdgeH2Connection(H2Connection):
+    """An h2 connection that survives GOAWAY for the streams already open."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        # Unlike h2's own handler: no state change, no clearing of data we still have to send.
+        event = ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_goaway(self, error_code: int = 0, last_stream_id: int = 0, debug: bytes = b"") -> None:
+        """Queue a GOAWAY frame without closing h2's state machine (in-flight streams go on)."""
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=int(error_code),
+                            additional_data=debug)
+        self._data_to_send += frame.serialize()
+
+    def lift_header_list_limit(self) -> None:
+        """Keep the HPACK decoder's limit above the advertised one (h2 resets it on SETTINGS ACK)."""
+        self.decoder.max_header_list_size = DECODER_HEADER_LIST_LIMIT
+
+
+def new_tunnel_h2(*, initial_window: int, max_frame_size: int = 16384) -> EdgeH2Connection:
+    """The edge's HTTP/2 client state machine for one tunnel connection (preface not yet sent)."""
+    config = H2Configuration(client_side=True, header_encoding=None)
+    conn = EdgeH2Connection(config=config)
+    # Replaced before the preface is sent, so these are the values of our first SETTINGS frame.
+    conn.local_settings = Settings(client=True, initial_values={
+        SettingCodes.ENABLE_PUSH: 0,
+        SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+        SettingCodes.MAX_HEADER_LIST_SIZE: ADVERTISED_HEADER_LIST_SIZE,
+        SettingCodes.INITIAL_WINDOW_SIZE: initial_window,
+        SettingCodes.MAX_FRAME_SIZE: max_frame_size,
+    })
+    conn.max_inbound_frame_size = max_frame_size
+    conn.lift_header_list_limit()
+    return conn
+
+
+class FrameGuard:
+    """Checks frame headers as bytes arrive, before h2 buffers them.
+
+    h2 waits for a whole frame before checking its length, so a peer sending text (or a 16 MiB length)
+    would make it buffer instead of failing. The guard fails at once when the first frame is not
+    SETTINGS (RFC 9113 §3.4) or a frame is longer than our SETTINGS_MAX_FRAME_SIZE.
+    """
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._header = b""
+        self._skip = 0
+        self._first = True
+
+    def feed(self, data: bytes) -> None:
+        """Account for `data`; raises wire.errors.ProtocolError on a bad frame header."""
+        from wire.errors import ProtocolError
+
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                step = min(self._skip, n - i)
+                self._skip -= step
+                i += step
+                continue
+            take = data[i:i + 9 - len(self._header)]
+            self._header += take
+            i += len(take)
+            if len(self._header) < 9:
+                return
+            length = int.from_bytes(self._header[:3], "big")
+            frame_type = self._header[3]
+            if self._first and frame_type != 0x4:
+                raise ProtocolError(
+                    f"the connector's first bytes are not an HTTP/2 SETTINGS frame "
+                    f"({bytes(self._header)!r}); is it speaking HTTP/2?")
+            if length > self.max_frame_size:
+                raise ProtocolError(f"frame of {length} bytes exceeds our MAX_FRAME_SIZE "
+                                    f"{self.max_frame_size}")
+            self._first = False
+            self._header = b""
+            self._skip = length

@@ -1,0 +1,352 @@
+"""Forward one eyeball request through a tunnel: routing, the stream, bodies, errors, history.
+
+Independent of the eyeball's HTTP version: the HTTP/1.1 and HTTP/2 eyeball servers both hand an
+`Exchange` to `proxy_request`. Bodies are streamed both ways; tunnel DATA is acknowledged only after
+it was handed to the eyeball (backpressure), never buffered whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+from h2.errors import ErrorCodes
+
+from edge import pages
+from edge.tunnel import (
+    NoCapacityError,
+    OversizedHeadersError,
+    TunnelConnection,
+    TunnelStream,
+    TunnelStreamError,
+)
+from wire.errors import TunnelLabError
+
+if TYPE_CHECKING:
+    from edge.server import Edge
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class EyeballGone(TunnelLabError):
+    """The eyeball closed or broke its connection."""
+
+
+class RawChannel(Protocol):
+    """A byte pipe to the eyeball after a protocol switch (WebSocket)."""
+
+    async def receive_some(self) -> bytes:
+        """Bytes from the eyeball; b"" at EOF."""
+
+    async def send_all(self, data: bytes) -> None:
+        """Bytes to the eyeball."""
+
+
+class Exchange(Protocol):
+    """One eyeball request/response, whatever the eyeball's HTTP version."""
+
+    request: Any  # wire.eyeball.EyeballRequest
+    has_body: bool
+    websocket: bool
+    response_started: bool
+    request_trailers: Headers | None
+
+    async def read_body(self) -> bytes | None:
+        """Next request-body chunk; None at the end (then `request_trailers` is set)."""
+
+    async def start_response(self, status: int, headers: Headers) -> None:
+        """Send the response head."""
+
+    async def send_body(self, data: bytes) -> None:
+        """Send response-body bytes (returns once handed to the eyeball's transport)."""
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        """End the response."""
+
+    async def abort(self) -> None:
+        """Abort the response mid-way: the eyeball must see a failure, not a short success."""
+
+    async def upgrade(self, status: int, headers: Headers) -> RawChannel:
+        """Send a 101 and switch to raw bytes (HTTP/1.1 only)."""
+
+
+def _host_only(host: str) -> str:
+    host = host.strip()
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    if host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.lower().rstrip(".")
+
+
+async def send_page(ex: Exchange, status: int, headers: Headers, body: bytes) -> None:
+    """Answer with a complete small response (an error page)."""
+    method = str(getattr(ex.request, "method", "GET")).upper()
+    await ex.start_response(status, headers)
+    if body and method != "HEAD":
+        await ex.send_body(body)
+    await ex.finish()
+
+
+class _Outcome:
+    def __init__(self) -> None:
+        self.status = 0
+        self.outcome = "ok"
+        self.conn: TunnelConnection | None = None
+
+
+async def proxy_request(edge: Edge, ex: Exchange) -> None:
+    """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
+    from wire.eyeball import new_ray_id
+
+    started = time.monotonic()
+    req = ex.request
+    host = _host_only(str(req.host or ""))
+    result = _Outcome()
+    tunnel: Any = None
+    location = edge.default_location
+    ray = new_ray_id(location, os.urandom(8))
+    try:
+        latency = edge.faults.latency()
+        if latency:
+            await trio.sleep(latency)
+        tunnel = edge.tunnels.resolve_hostname(host) if host else None
+        if tunnel is None:
+            result.status, result.outcome = 404, "no-route"
+            log.info("no route for host=%r ray=%s", host, ray)
+            await send_page(ex, 404, *pages.no_route_page(host, ray))
+            return
+        conn = edge.registry.pick(tunnel.id)
+        if conn is None:
+            result.status, result.outcome = 530, "no-connection"
+            log.info("no healthy connection tunnel=%s host=%r ray=%s", tunnel.id, host, ray)
+            await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), ray))
+            return
+        ray = new_ray_id(conn.location, os.urandom(8))
+        await _forward(edge, ex, tunnel, conn, ray, result)
+    except EyeballGone:
+        result.outcome = "eyeball-closed"
+        log.info("eyeball went away host=%r ray=%s", host, ray)
+        raise
+    finally:
+        duration = time.monotonic() - started
+        conn = result.conn
+        edge.history.record(
+            ray=ray, host=host, method=str(req.method), path=str(req.target), status=result.status,
+            tunnel_id=str(tunnel.id) if tunnel is not None else None,
+            connection=conn.id if conn is not None else None,
+            location=conn.location if conn is not None else None,
+            outcome=result.outcome, duration_ms=round(duration * 1000, 3))
+        edge.metrics.requests.inc(status=result.status, outcome=result.outcome)
+        edge.metrics.request_seconds.inc(duration)
+
+
+async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection, ray: str,
+                   result: _Outcome) -> None:
+    from wire.eyeball import tunnel_request_headers
+
+    req = ex.request
+    headers = list(tunnel_request_headers(req, ray=ray, websocket=ex.websocket))
+    if not any(n == b":method" for n, _ in headers):
+        # Older wire.eyeball returning regular fields only: add the request line ourselves.
+        headers = [(b":method", str(req.method).encode()), (b":scheme", str(req.scheme).encode()),
+                   (b":authority", str(req.host).encode()), (b":path", str(req.target).encode()),
+                   *headers]
+    end_stream = not ex.has_body and not ex.websocket
+    retry_ok = str(req.method).upper() in IDEMPOTENT and not ex.has_body and not ex.websocket
+    tried: list[TunnelConnection] = []
+    while True:
+        result.conn = conn
+        tried.append(conn)
+        ident = f"tunnel={tunnel.id} {conn.ident()} ray={ray}"
+        try:
+            stream = await conn.open_stream(headers, end_stream=end_stream)
+        except TunnelStreamError as exc:
+            if isinstance(exc, NoCapacityError):
+                log.warning("no stream slot: %s %s", exc, ident)
+            nxt = edge.registry.pick(tunnel.id, exclude=tried) if (exc.retryable and len(tried) < 2) else None
+            if nxt is not None:
+                log.info("retrying on another connection after %s %s", exc, ident)
+                conn = nxt
+                continue
+            result.status, result.outcome = 530 if exc.retryable else 502, "no-connection"
+            page = (pages.no_connection_page(req.host, str(tunnel.id), ray) if exc.retryable
+                    else pages.error_page(502, f"The edge could not open a stream: {exc}", ray=ray))
+            await send_page(ex, result.status, *page)
+            return
+        log.debug("forwarding %s %s on stream=%d %s", req.method, req.target, stream.id, ident)
+        try:
+            retry = await _run_stream(edge, ex, stream, ray, result, ident, retry_ok and len(tried) < 2)
+        finally:
+            await stream.release()
+        if not retry:
+            return
+        nxt = edge.registry.pick(tunnel.id, exclude=tried)
+        if nxt is None:
+            result.status, result.outcome = 502, "connection-lost"
+            await send_page(ex, 502, *pages.error_page(
+                502, "The tunnel connection was lost before the connector answered, and no other "
+                     "connection could take the request.", ray=ray))
+            return
+        log.info("connection lost before the response; retrying once on another connection %s", ident)
+        conn = nxt
+
+
+async def _upload(ex: Exchange, stream: TunnelStream, failed: list[BaseException]) -> None:
+    try:
+        while True:
+            chunk = await ex.read_body()
+            if chunk is None:
+                await stream.end(ex.request_trailers or None)
+                return
+            if chunk:
+                await stream.send(chunk)
+    except TunnelStreamError:
+        return  # the response side reports it
+    except EyeballGone as exc:
+        failed.append(exc)
+        await stream.reset(ErrorCodes.CANCEL)
+
+
+async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome,
+                      ident: str, may_retry: bool) -> bool:
+    """Drive one tunnel stream. Returns True when the request should be retried elsewhere."""
+    from wire.eyeball import eyeball_response_headers, tunnel_response
+
+    upload_failed: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        if ex.has_body:
+            nursery.start_soon(_upload, ex, stream, upload_failed)
+        try:
+            with trio.move_on_after(edge.config.origin_timeout) as waited:
+                raw_headers = await stream.response_headers()
+        except OversizedHeadersError as exc:
+            nursery.cancel_scope.cancel()
+            result.status, result.outcome = 502, "oversized-headers"
+            await send_page(ex, 502, *pages.error_page(502, f"The origin's {exc}.", ray=ray))
+            return False
+        except TunnelStreamError as exc:
+            nursery.cancel_scope.cancel()
+            if upload_failed:
+                raise EyeballGone("eyeball closed during the upload") from None
+            if exc.retryable and may_retry:
+                return True
+            log.info("stream failed before the response: %s %s", exc, ident)
+            result.status, result.outcome = 502, "stream-failed"
+            await send_page(ex, 502, *pages.error_page(
+                502, f"The tunnel stream failed before the connector answered: {exc}", ray=ray))
+            return False
+        if waited.cancelled_caught:
+            nursery.cancel_scope.cancel()
+            await stream.reset(ErrorCodes.CANCEL)
+            result.status, result.outcome = 524, "timeout"
+            log.warning("no response within %gs; 524 %s", edge.config.origin_timeout, ident)
+            await send_page(ex, 524, *pages.error_page(
+                524, f"The origin did not answer within {edge.config.origin_timeout:g} seconds.",
+                ray=ray, hint="make the origin answer faster or raise the edge's --origin-timeout"))
+            return False
+        try:
+            resp = tunnel_response(raw_headers, request_was_websocket=ex.websocket)
+            out_headers = list(eyeball_response_headers(resp))
+        except TunnelLabError as exc:
+            nursery.cancel_scope.cancel()
+            log.warning("bad response headers from the connector: %s %s", exc, ident)
+            result.status, result.outcome = 502, "bad-response"
+            await send_page(ex, 502, *pages.error_page(502, f"The connector sent a bad response: {exc}",
+                                                        ray=ray))
+            return False
+        result.status = int(resp.status)
+        if ex.websocket and resp.websocket_upgrade:
+            result.status, result.outcome = 101, "websocket"
+            await _websocket(ex, stream, out_headers, ident)
+            nursery.cancel_scope.cancel()
+            return False
+        if ex.websocket:
+            # Not an upgrade: an ordinary response; our request side carries no body.
+            with contextlib.suppress(TunnelStreamError):
+                await stream.end()
+        if resp.src == "cloudflared" and result.status >= 500:
+            result.outcome = "connector-error"
+            log.info("connector answered %d (src=cloudflared) %s", result.status, ident)
+            await _drain_quietly(stream)
+            await send_page(ex, result.status, *pages.error_page(
+                result.status, "The connector could not reach the origin service (it answered "
+                f"{result.status} with src=cloudflared); its log names the cause.", ray=ray,
+                hint="check that the origin named by the ingress rule is up and reachable"))
+            return False
+        await ex.start_response(result.status, out_headers)
+        try:
+            await _relay_body(edge, ex, stream)
+        except TunnelStreamError as exc:
+            result.outcome = "aborted"
+            log.warning("stream failed mid-response; aborting the eyeball response: %s %s", exc, ident)
+            nursery.cancel_scope.cancel()
+            await ex.abort()
+            return False
+        nursery.cancel_scope.cancel()
+        return False
+
+
+async def _drain_quietly(stream: TunnelStream) -> None:
+    with trio.move_on_after(1):
+        try:
+            while (item := await stream.receive()) is not None:
+                await stream.ack(item[1])
+        except TunnelStreamError:
+            pass
+
+
+async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream) -> None:
+    total = 0
+    while True:
+        item = await stream.receive()
+        if item is None:
+            break
+        data, length = item
+        if data:
+            await ex.send_body(data)
+            total += len(data)
+        await stream.ack(length)
+    edge.metrics.bytes.inc(total, direction="response")
+    await ex.finish(stream.trailers or None)
+
+
+async def _websocket(ex: Exchange, stream: TunnelStream, headers: Headers, ident: str) -> None:
+    raw = await ex.upgrade(101, headers)
+    log.info("websocket upgraded %s", ident)
+
+    async def eyeball_to_tunnel() -> None:
+        try:
+            while True:
+                data = await raw.receive_some()
+                if not data:
+                    await stream.end()
+                    return
+                await stream.send(data)
+        except (TunnelStreamError, EyeballGone):
+            pass
+
+    async def tunnel_to_eyeball(done: trio.CancelScope) -> None:
+        try:
+            while True:
+                item = await stream.receive()
+                if item is None:
+                    break
+                if item[0]:
+                    await raw.send_all(item[0])
+                await stream.ack(item[1])
+        except (TunnelStreamError, EyeballGone):
+            pass
+        done.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(eyeball_to_tunnel)
+        nursery.start_soon(tunnel_to_eyeball, nursery.cancel_scope)
+    log.info("websocket closed %s", ident)

@@ -1,0 +1,313 @@
+"""The edge process: listeners, the connection nursery, faults that act on listeners, shutdown.
+
+Structure (hypercorn-style graceful shutdown): every connection handler runs in `handlers`, a nursery
+that outlives the listeners. Shutdown stops the listeners, lets in-flight tunnel streams finish
+within `shutdown_timeout`, sends GOAWAY, closes, then cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from edge.config import Address, EdgeConfig, TunnelListen
+from edge.state import Faults, History, Metrics, Registry, TunnelsView
+from edge.tunnel import TunnelConnection
+
+log = logging.getLogger(__name__)
+
+
+class TunnelListener:
+    """One data centre: a TLS listener for connectors, stoppable and restartable (dc-down/dc-up)."""
+
+    def __init__(self, spec: TunnelListen) -> None:
+        self.location = spec.location
+        self.host = spec.address.host
+        self.port = spec.address.port
+        self.cert_kind = "valid"
+        self.ssl_context: ssl.SSLContext | None = None
+        self.scope: trio.CancelScope | None = None
+        self.up = False
+
+    @property
+    def address(self) -> str:
+        return str(Address(self.host, self.port))
+
+
+class Edge:
+    """The running edge: shared state plus the nurseries everything runs in."""
+
+    def __init__(self, config: EdgeConfig) -> None:
+        from lab import paths
+        from lab.pki import LabPKI
+
+        self.config = config
+        self.state_dir = paths.state_dir(config.state_dir)
+        self.pki = LabPKI(self.state_dir)
+        self.tunnels = TunnelsView(self.state_dir)
+        self.registry = Registry()
+        self.faults = Faults()
+        self.history = History()
+        self.metrics = Metrics()
+        self.pushed_configs: dict[str, bytes] = {}
+        self.listeners = {spec.location: TunnelListener(spec) for spec in config.tunnel_listens}
+        self.default_location = config.tunnel_listens[0].location if config.tunnel_listens else "LAB"
+        self.api_token = paths.api_token(self.state_dir)
+        self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
+        self._handlers: trio.Nursery | None = None
+        self._listener_nursery: trio.Nursery | None = None
+        self._shutdown = trio.Event()
+        self.host_contexts: dict[str, ssl.SSLContext] = {}
+        self.eyeball_ctx: ssl.SSLContext | None = None
+        self.stopped = trio.Event()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a task in the handler nursery (outlives listeners)."""
+        assert self._handlers is not None
+        self._handlers.start_soon(fn, *args)
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown."""
+        self._shutdown.set()
+
+    def edge_ssl_context(self, cert_kind: str) -> ssl.SSLContext:
+        """The tunnel listeners' context: the edge certificate or a broken one (swap-cert)."""
+        return self.pki.server_ssl_context("edge", broken=None if cert_kind == "valid" else cert_kind)
+
+    # ---- main --------------------------------------------------------------------------------
+    async def serve(self, *, task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `request_shutdown`; then drain and return."""
+
+        try:
+            await self._serve(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[Edge]) -> None:
+        from edge import api, eyeball_tls, warp
+        from edge.eyeball_h1 import serve_h1_connection
+
+        cfg = self.config
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            async with trio.open_nursery() as listeners:
+                self._listener_nursery = listeners
+                for lst in self.listeners.values():
+                    await listeners.start(self._serve_tunnel_listener, lst)
+                if cfg.http_listen is not None:
+                    self.bound["http"] = await listeners.start(
+                        self._serve_tcp, cfg.http_listen, "http",
+                        lambda s, peer: serve_h1_connection(self, s, scheme="http", client=_fmt(peer),
+                                                            client_ip=peer[0]))
+                if cfg.https_listen is not None:
+                    self.bound["https"] = await listeners.start(
+                        self._serve_tcp, cfg.https_listen, "https",
+                        lambda s, peer: eyeball_tls.serve_tls_connection(self, s, peer))
+                if cfg.warp_listen is not None:
+                    self.bound["warp"] = await listeners.start(
+                        self._serve_tcp, cfg.warp_listen, "warp",
+                        lambda s, peer: warp.serve_warp_connection(self, s, peer))
+                if cfg.api_listen is not None:
+                    self.bound["api"] = await listeners.start(
+                        self._serve_tcp, cfg.api_listen, "api",
+                        lambda s, peer: api.serve_api_connection(self, s, peer))
+                self._write_ready()
+                self._log_startup()
+                task_status.started(self)
+                await self._shutdown.wait()
+                log.info("shutting down: listeners closed, draining %d tunnel connections",
+                         len(self.registry.all()))
+                listeners.cancel_scope.cancel()
+            await self._drain_all()
+            handlers.cancel_scope.cancel()
+        log.info("edge stopped")
+
+    async def _drain_all(self) -> None:
+        conns = self.registry.all()
+        if not conns:
+            return
+        with trio.move_on_after(self.config.shutdown_timeout + 3):
+            async with trio.open_nursery() as nursery:
+                for conn in conns:
+                    conn.state = "draining" if conn.state == "registered" else conn.state
+                    nursery.start_soon(conn.drain_and_close, self.config.shutdown_timeout,
+                                       "edge shutting down")
+        self.registry.changed()
+
+    # ---- listeners ---------------------------------------------------------------------------
+    async def _serve_tcp(self, address: Address, what: str,
+                         handler: Callable[[trio.SocketStream, Any], Awaitable[None]],
+                         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        sock = listeners[0].socket
+        host, port = sock.getsockname()[:2]
+        bound = str(Address(host, port))
+        try:
+            task_status.started(bound)
+            while True:
+                stream = await listeners[0].accept()
+                self.spawn(_guard, handler, stream, _peer(stream), what)
+        finally:
+            for lst in listeners:
+                with trio.CancelScope(shield=True):
+                    await lst.aclose()
+
+    async def _serve_tunnel_listener(self, lst: TunnelListener,
+                                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        lst.ssl_context = self.edge_ssl_context(lst.cert_kind)
+        listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
+        lst.port = listeners[0].socket.getsockname()[1]
+        lst.up = True
+        try:
+            with trio.CancelScope() as scope:
+                lst.scope = scope
+                task_status.started()
+                while True:
+                    stream = await listeners[0].accept()
+                    self.spawn(self._handle_tunnel, stream, lst)
+        finally:
+            lst.up = False
+            for sock_listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await sock_listener.aclose()
+
+    async def _handle_tunnel(self, tcp: trio.SocketStream, lst: TunnelListener) -> None:
+        peer = _fmt(_peer(tcp))
+        assert lst.ssl_context is not None
+        tls = trio.SSLStream(tcp, lst.ssl_context, server_side=True)
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            log.info("TLS handshake with a connector failed: %s location=%s remote=%s", cause or
+                     type(exc).__name__, lst.location, peer)
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            return
+        conn = TunnelConnection(self, tls, location=lst.location, remote=peer)
+        log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
+        self.registry.add(conn)
+        await conn.serve()
+
+    # ---- faults acting on listeners ---------------------------------------------------------
+    async def dc_down(self, location: str) -> int:
+        """Stop a data centre's listener and close its connections. Returns connections closed."""
+        lst = self.listeners[location]
+        if lst.scope is not None:
+            lst.scope.cancel()
+            lst.scope = None
+        # Let the listener's finally close the socket before we report success.
+        for _ in range(50):
+            if not lst.up:
+                break
+            await trio.sleep(0.01)
+        closed = 0
+        for conn in self.registry.all():
+            if conn.location == location:
+                conn.abort(f"data centre {location} taken down")
+                closed += 1
+        log.warning("fault dc-down: location=%s listener %s stopped, %d connections closed",
+                    location, lst.address, closed)
+        return closed
+
+    async def dc_up(self, location: str) -> None:
+        """Start a data centre's listener again, on the same address."""
+        lst = self.listeners[location]
+        if lst.up:
+            return
+        assert self._listener_nursery is not None
+        await self._listener_nursery.start(self._serve_tunnel_listener, lst)
+        log.warning("fault dc-up: location=%s listening again on %s", location, lst.address)
+
+    def swap_cert(self, location: str, kind: str) -> None:
+        """Serve a (broken) certificate on a data centre's listener from the next handshake on."""
+        lst = self.listeners[location]
+        lst.cert_kind = kind
+        lst.ssl_context = self.edge_ssl_context(kind)
+
+    # ---- ready file and start-up lines --------------------------------------------------------
+    def ready_info(self) -> dict[str, Any]:
+        """What the ready file and STATE/edge.json hold."""
+        return {
+            "pid": os.getpid(),
+            "tunnel_listeners": [{"location": lst.location, "address": lst.address}
+                                 for lst in self.listeners.values()],
+            "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
+            "api": self.bound["api"], "api_token": self.api_token,
+            "ca": str(self.pki.ca_pem_path),
+        }
+
+    def _write_ready(self) -> None:
+        from lab import paths
+
+        info = json.dumps(self.ready_info(), indent=2) + "\n"
+        targets = [paths.edge_json_path(self.state_dir)]
+        if self.config.ready_file is not None:
+            targets.append(Path(self.config.ready_file))
+        for target in targets:
+            _write_atomic(target, info)
+
+    def _log_startup(self) -> None:
+        for lst in self.listeners.values():
+            log.info("tunnel listener location=%s address=%s (TLS, SNI h2.cftunnel.com)", lst.location,
+                     lst.address)
+        for what in ("http", "https", "warp", "api"):
+            if self.bound[what]:
+                log.info("%s listener address=%s", what, self.bound[what])
+        log.info("lab CA: %s (fingerprint %s)", self.pki.ca_pem_path, self.pki.ca_fingerprint())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ready-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _peer(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        addr = stream.socket.getpeername()
+        return str(addr[0]), int(addr[1])
+    except OSError:
+        return "0.0.0.0", 0
+
+
+def _fmt(peer: tuple[str, int]) -> str:
+    return str(Address(peer[0], peer[1]))
+
+
+async def _guard(handler: Callable[[trio.SocketStream, Any], Awaitable[None]], stream: trio.SocketStream,
+                 peer: Any, what: str) -> None:
+    """A connection handler's failure never reaches the server."""
+    try:
+        await handler(stream, peer)
+    except trio.Cancelled:
+        raise
+    except Exception:
+        log.exception("%s connection handler failed remote=%s", what, _fmt(peer))
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def serve_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Build and run an edge (for tests: `edge = await nursery.start(serve_edge, config)`)."""
+    edge = Edge(config)
+    await edge.serve(task_status=task_status)

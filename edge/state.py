@@ -1,0 +1,319 @@
+"""The edge's in-memory state: live connections, faults, request history, metrics, store view.
+
+Plain objects with explicit arguments (no globals), so tests can build an edge piece by piece.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from wire.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edge.tunnel import TunnelConnection
+
+log = logging.getLogger(__name__)
+
+
+# ---- live connections ---------------------------------------------------------------------------
+class Registry:
+    """Every live tunnel connection; picks a connection for a tunnel (round robin)."""
+
+    def __init__(self) -> None:
+        self._conns: dict[int, TunnelConnection] = {}
+        self._rr: dict[uuid.UUID, int] = {}
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def add(self, conn: TunnelConnection) -> None:
+        """A connection was accepted."""
+        self._conns[conn.serial] = conn
+        self.changed()
+
+    def remove(self, conn: TunnelConnection) -> None:
+        """A connection closed."""
+        self._conns.pop(conn.serial, None)
+        self.changed()
+
+    def changed(self) -> None:
+        """Something about routability changed: wake whoever waits on it."""
+        self._lot.unpark_all()
+
+    async def wait_changed(self) -> None:
+        """Wait for the next change (tests and shutdown use it)."""
+        await self._lot.park()
+
+    def all(self) -> list[TunnelConnection]:
+        """Every live connection, registered or not, oldest first."""
+        return list(self._conns.values())
+
+    def listed(self) -> list[TunnelConnection]:
+        """Connections the API lists: registered or draining."""
+        return [c for c in self._conns.values()
+                if c.registration is not None and c.state in ("registered", "draining")]
+
+    def routable(self, tunnel_id: uuid.UUID) -> list[TunnelConnection]:
+        """Registered, non-draining connections of a tunnel."""
+        return [c for c in self._conns.values()
+                if c.routable and c.registration is not None and c.registration.tunnel_id == tunnel_id]
+
+    def pick(self, tunnel_id: uuid.UUID, exclude: Iterable[TunnelConnection] = ()) -> TunnelConnection | None:
+        """Round robin over the tunnel's routable connections (across data centres)."""
+        skip = set(id(c) for c in exclude)
+        candidates = [c for c in self.routable(tunnel_id) if id(c) not in skip]
+        if not candidates:
+            return None
+        # Interleave locations so consecutive picks alternate data centres.
+        candidates.sort(key=lambda c: (c.registration.conn_index if c.registration else 0, c.location))
+        n = self._rr.get(tunnel_id, 0)
+        self._rr[tunnel_id] = n + 1
+        return candidates[n % len(candidates)]
+
+    def find_duplicate(self, tunnel_id: uuid.UUID, connector_id: uuid.UUID, conn_index: int,
+                       location: str) -> TunnelConnection | None:
+        """EDUPCONN: the same connector's connIndex already registered at this data centre."""
+        for c in self._conns.values():
+            reg = c.registration
+            if (reg is not None and c.state == "registered" and reg.tunnel_id == tunnel_id
+                    and reg.connector_id == connector_id and reg.conn_index == conn_index
+                    and c.location == location):
+                return c
+        return None
+
+    def select(self, spec: dict[str, Any]) -> list[TunnelConnection]:
+        """Connections chosen by an API selector: `connection`, `tunnel_id`(+`conn_index`), `location`."""
+        conns = self.listed()
+        if "connection" in spec:
+            conns = [c for c in conns if c.id == str(spec["connection"])]
+        if "tunnel_id" in spec:
+            conns = [c for c in conns if c.registration and str(c.registration.tunnel_id) == str(spec["tunnel_id"])]
+        if "conn_index" in spec:
+            conns = [c for c in conns if c.registration and c.registration.conn_index == int(spec["conn_index"])]
+        if "location" in spec:
+            conns = [c for c in conns if c.location == str(spec["location"])]
+        return conns
+
+
+# ---- faults ------------------------------------------------------------------------------------
+FAULT_KINDS = ("drop-connection", "goaway", "reset-streams", "dc-down", "dc-up", "refuse-registrations",
+               "delay-registrations", "swap-cert", "latency")
+BROKEN_CERT_KINDS = ("expired", "not-yet-valid", "wrong-san", "unknown-ca", "self-signed")
+
+
+@dataclass
+class Fault:
+    """An active fault (one-shot actions are not kept)."""
+
+    id: str
+    kind: str
+    params: dict[str, Any]
+    created: float = field(default_factory=time.time)
+    remaining: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's view."""
+        out = {"id": self.id, "kind": self.kind, **self.params, "created": self.created}
+        if self.remaining is not None:
+            out["remaining"] = self.remaining
+        return out
+
+
+class Faults:
+    """Fault injection knobs; every active one is logged at WARNING when set and when used."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.active: dict[str, Fault] = {}
+
+    def new_id(self) -> str:
+        """A fresh fault id (`f1`, `f2`, ...)."""
+        return f"f{next(self._ids)}"
+
+    def add(self, kind: str, params: dict[str, Any], remaining: int | None = None) -> Fault:
+        """Keep a persistent fault."""
+        fault = Fault(id=self.new_id(), kind=kind, params=params, remaining=remaining)
+        self.active[fault.id] = fault
+        log.warning("fault active: id=%s kind=%s %s", fault.id, kind,
+                    " ".join(f"{k}={v}" for k, v in params.items()))
+        return fault
+
+    def remove(self, fault_id: str) -> Fault | None:
+        """Clear one fault."""
+        fault = self.active.pop(fault_id, None)
+        if fault is not None:
+            log.warning("fault cleared: id=%s kind=%s", fault.id, fault.kind)
+        return fault
+
+    def of_kind(self, kind: str) -> list[Fault]:
+        """Active faults of a kind, oldest first."""
+        return [f for f in self.active.values() if f.kind == kind]
+
+    def _take(self, kind: str) -> Fault | None:
+        for fault in self.of_kind(kind):
+            if fault.remaining is None:
+                return fault
+            if fault.remaining > 0:
+                fault.remaining -= 1
+                if fault.remaining == 0:
+                    self.active.pop(fault.id, None)
+                    log.warning("fault used up: id=%s kind=%s", fault.id, kind)
+                return fault
+        return None
+
+    def take_registration_refusal(self) -> tuple[str, bool] | None:
+        """(cause, should_retry) when the next registration must be refused."""
+        fault = self._take("refuse-registrations")
+        if fault is None:
+            return None
+        return str(fault.params.get("cause", "Unauthorized: Invalid tunnel secret")), bool(
+            fault.params.get("should_retry", False))
+
+    def take_registration_delay(self) -> float:
+        """Seconds to hold the next registration's answer."""
+        fault = self._take("delay-registrations")
+        return float(fault.params.get("seconds", 0)) if fault else 0.0
+
+    def latency(self) -> float:
+        """Seconds of added latency per eyeball request."""
+        return sum(float(f.params.get("ms", 0)) for f in self.of_kind("latency")) / 1000.0
+
+
+def parse_fault(body: Any) -> tuple[str, dict[str, Any]]:
+    """Validate a POST /faults body; raises ConfigError naming the problem."""
+    if not isinstance(body, dict):
+        raise ConfigError("fault must be a JSON object", source="POST /faults")
+    kind = body.get("kind")
+    if kind not in FAULT_KINDS:
+        raise ConfigError(f"unknown fault kind {kind!r}", source="POST /faults",
+                          hint="one of " + ", ".join(FAULT_KINDS))
+    params = {k: v for k, v in body.items() if k != "kind"}
+
+    def need(name: str, types: type | tuple[type, ...]) -> None:
+        value = params.get(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, types):
+            raise ConfigError(f"fault {kind} needs {name!r}", source="POST /faults")
+
+    if kind in ("dc-down", "dc-up"):
+        need("location", str)
+    elif kind == "swap-cert":
+        need("location", str)
+        need("cert", str)
+        if params["cert"] not in (*BROKEN_CERT_KINDS, "valid"):
+            raise ConfigError(f"unknown cert kind {params['cert']!r}", source="POST /faults",
+                              hint="one of valid, " + ", ".join(BROKEN_CERT_KINDS))
+    elif kind == "refuse-registrations":
+        params.setdefault("cause", "Unauthorized: Invalid tunnel secret")
+        params.setdefault("should_retry", False)
+        if not isinstance(params["cause"], str):
+            raise ConfigError("refuse-registrations: cause must be a string", source="POST /faults")
+    elif kind == "delay-registrations":
+        need("seconds", (int, float))
+    elif kind == "latency":
+        need("ms", (int, float))
+    for name in ("count",):
+        if name in params and (not isinstance(params[name], int) or params[name] < 1):
+            raise ConfigError(f"{name} must be a positive integer", source="POST /faults")
+    return kind, params
+
+
+# ---- history and metrics ------------------------------------------------------------------------
+class History:
+    """The request history the API serves (bounded)."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        self._seq = itertools.count(1)
+        self.entries: deque[dict[str, Any]] = deque(maxlen=limit)
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """Append one request's outcome."""
+        entry = {"seq": next(self._seq), "time": time.time(), **fields}
+        self.entries.append(entry)
+        return entry
+
+    def since(self, seq: int) -> list[dict[str, Any]]:
+        """Entries after `seq`."""
+        return [e for e in self.entries if e["seq"] > seq]
+
+
+class Counter:
+    """A labelled Prometheus counter."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def inc(self, amount: float = 1, **labels: Any) -> None:
+        """Add to the series named by the labels."""
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        self.values[key] = self.values.get(key, 0) + amount
+
+    def render(self, kind: str = "counter") -> list[str]:
+        """Prometheus text lines."""
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {kind}"]
+        for key, value in sorted(self.values.items()):
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
+            lines.append(f"{self.name}{{{labels}}} {value:g}" if labels else f"{self.name} {value:g}")
+        return lines
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """The edge's Prometheus metrics."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("tunnel_lab_edge_requests_total", "Eyeball requests by outcome.")
+        self.registrations = Counter("tunnel_lab_edge_registrations_total", "registerConnection calls.")
+        self.request_seconds = Counter("tunnel_lab_edge_request_duration_seconds_sum",
+                                       "Total time spent on eyeball requests.")
+        self.bytes = Counter("tunnel_lab_edge_body_bytes_total", "Body bytes relayed by direction.")
+        self.faults = Counter("tunnel_lab_edge_faults_total", "Faults injected through the API.")
+
+    def render(self, registry: Registry) -> str:
+        """Prometheus exposition text."""
+        lines: list[str] = []
+        for counter in (self.requests, self.registrations, self.request_seconds, self.bytes, self.faults):
+            lines += counter.render()
+        gauge = Counter("tunnel_lab_edge_connections", "Live tunnel connections by state.")
+        streams = Counter("tunnel_lab_edge_streams", "Eyeball streams in flight.")
+        for conn in registry.all():
+            gauge.inc(location=conn.location, state=conn.state)
+            streams.inc(conn.active_streams, location=conn.location)
+        lines += gauge.render("gauge") + streams.render("gauge")
+        return "\n".join(lines) + "\n"
+
+
+# ---- the tunnel store, read live ----------------------------------------------------------------
+class TunnelsView:
+    """Live reads of lab.store. The store keeps a snapshot keyed by its write counter, so a tunnel
+    created or a route added by an admin command while the edge runs is seen on the next request."""
+
+    def __init__(self, state_dir: Path) -> None:
+        from lab import paths
+        from lab.store import Store
+
+        self.store = Store(paths.db_path(state_dir))
+
+    def resolve_hostname(self, host: str) -> Any:
+        """The tunnel routed for a Host value (exact beats wildcard), or None."""
+        return self.store.resolve_hostname(host)
+
+    def by_id(self, tunnel_id: uuid.UUID) -> Any:
+        """The tunnel with this id, or None."""
+        return self.store.tunnel_by_id(tunnel_id)
+
+    def resolve_ip(self, ip: str) -> Any:
+        """The tunnel whose `route ip` CIDR holds this address (most specific), or None."""
+        return self.store.resolve_ip(ip)

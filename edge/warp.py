@@ -1,0 +1,193 @@
+"""`--warp-listen`: an HTTP CONNECT proxy into private networks (PROTOCOL.md §3.6, §9.3).
+
+`CONNECT 10.1.2.3:22` opens a private-network stream (`cf-cloudflared-proxy-src`, `:authority`
+IP:port) to the tunnel whose `tunnel route ip` CIDR holds 10.1.2.3; after the connector's 200 the
+proxy answers `200 Connection established` and pipes raw bytes both ways. This stands in for a WARP
+client, so `curl -x` and `ssh -o ProxyCommand='nc -X connect -x ...'` work through the lab.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+from h2.errors import ErrorCodes
+
+from edge import pages
+from edge.tunnel import TunnelStream, TunnelStreamError
+
+if TYPE_CHECKING:
+    from edge.server import Edge
+
+log = logging.getLogger(__name__)
+
+
+async def _reply(stream: trio.abc.Stream, conn: h11.Connection, status: int, detail: str, ray: str) -> None:
+    headers, body = pages.error_page(status, detail, ray=ray)
+    try:
+        await stream.send_all(conn.send(h11.Response(status_code=status,
+                                                     headers=[*headers, (b"connection", b"close")])))
+        await stream.send_all(conn.send(h11.Data(data=body)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+
+
+def parse_destination(target: str) -> tuple[str, int]:
+    """`IP:PORT` or `[IPv6]:PORT` -> (ip, port); ValueError otherwise (no hostnames, as in §3.6)."""
+    if target.startswith("["):
+        host, _, port = target[1:].partition("]:")
+    else:
+        host, _, port = target.rpartition(":")
+    ip = ipaddress.ip_address(host)
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError("port out of range")
+    return str(ip), number
+
+
+async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+    """One CONNECT request, then a raw pipe."""
+    from wire.eyeball import new_ray_id
+
+    started = time.monotonic()
+    client = f"{peer[0]}:{peer[1]}"
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.config.max_request_headers)
+    ray = new_ray_id(edge.default_location, os.urandom(8))
+    record: dict[str, Any] = {"host": "", "method": "CONNECT", "path": "", "status": 0, "tunnel_id": None,
+                              "connection": None, "location": None, "outcome": "error"}
+    try:
+        try:
+            with trio.fail_after(edge.config.eyeball_header_timeout):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                        continue
+                    break
+        except (trio.TooSlowError, h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+            log.info("warp: bad or slow CONNECT request (%s) client=%s", exc, client)
+            if conn.our_state is h11.SEND_RESPONSE or conn.our_state is h11.IDLE:
+                await _reply(stream, conn, 400, "Malformed or slow CONNECT request.", ray)
+            return
+        if not isinstance(event, h11.Request):
+            return
+        target = event.target.decode("latin-1")
+        record.update(path=target, host=target)
+        if event.method != b"CONNECT":
+            record["status"] = 405
+            await _reply(stream, conn, 405, "This listener is a CONNECT proxy (curl -x / ProxyCommand).", ray)
+            return
+        try:
+            ip, port = parse_destination(target)
+        except ValueError:
+            record["status"] = 400
+            await _reply(stream, conn, 400, f"{target!r} is not IP:PORT; private-network routes take "
+                                            "IP addresses, not hostnames.", ray)
+            return
+        tunnel = edge.tunnels.resolve_ip(ip)
+        if tunnel is None:
+            record.update(status=404, outcome="no-route")
+            await _reply(stream, conn, 404, f"No private network route holds {ip}; add one with "
+                                            f"`tunnel-lab tunnel route ip CIDR TUNNEL`.", ray)
+            return
+        record["tunnel_id"] = str(tunnel.id)
+        tconn = edge.registry.pick(tunnel.id)
+        if tconn is None:
+            record.update(status=530, outcome="no-connection")
+            await _reply(stream, conn, 530, f"Error 1033: tunnel {tunnel.id} has no healthy connection.", ray)
+            return
+        ray = new_ray_id(tconn.location, os.urandom(8))
+        record.update(connection=tconn.id, location=tconn.location)
+        authority = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        headers = [(b":method", b"CONNECT"), (b":authority", authority.encode()),
+                   (b"cf-cloudflared-proxy-src", f"tcp://{client}".encode()), (b"cf-ray", ray.encode())]
+        ident = f"tunnel={tunnel.id} {tconn.ident()} ray={ray} dest={authority}"
+        try:
+            tstream = await tconn.open_stream(headers, end_stream=False)
+        except TunnelStreamError as exc:
+            record.update(status=502, outcome="stream-failed")
+            await _reply(stream, conn, 502, f"Could not open a stream: {exc}", ray)
+            return
+        try:
+            with trio.move_on_after(edge.config.origin_timeout) as waited:
+                try:
+                    response = await tstream.response_headers()
+                except TunnelStreamError as exc:
+                    record.update(status=502, outcome="stream-failed")
+                    await _reply(stream, conn, 502, f"The tunnel stream failed: {exc}", ray)
+                    return
+            if waited.cancelled_caught:
+                record.update(status=524, outcome="timeout")
+                await _reply(stream, conn, 524, "The connector did not answer in time.", ray)
+                return
+            status = int(dict(response).get(b":status", b"0"))
+            if status != 200:
+                record.update(status=502, outcome="connector-error")
+                log.info("warp: connector could not reach %s (status %d) %s", authority, status, ident)
+                await _reply(stream, conn, 502, f"The connector could not reach {authority}.", ray)
+                return
+            record.update(status=200, outcome="tcp")
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[],
+                                                         reason=b"Connection established")))
+            log.info("warp: CONNECT established %s", ident)
+            leftover = bytes(conn.trailing_data[0])
+            await pipe_tcp(stream, tstream, leftover)
+            log.info("warp: CONNECT closed %s", ident)
+        finally:
+            await tstream.release()
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("warp: client went away (%s) client=%s", exc, client)
+    finally:
+        edge.history.record(ray=ray, duration_ms=round((time.monotonic() - started) * 1000, 3), **record)
+        edge.metrics.requests.inc(status=record["status"], outcome=record["outcome"])
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def pipe_tcp(sock: trio.abc.Stream, tstream: TunnelStream, leftover: bytes = b"") -> None:
+    """Raw bytes both ways with half-close: each side's EOF becomes the other's end of stream."""
+
+    async def up() -> None:
+        try:
+            if leftover:
+                await tstream.send(leftover)
+            while True:
+                data = await sock.receive_some(65536)
+                if not data:
+                    await tstream.end()
+                    return
+                await tstream.send(bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await tstream.reset(ErrorCodes.CANCEL)
+        except TunnelStreamError:
+            pass
+
+    async def down(scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                item = await tstream.receive()
+                if item is None:
+                    break
+                if item[0]:
+                    await sock.send_all(item[0])
+                await tstream.ack(item[1])
+            send_eof = getattr(sock, "send_eof", None)
+            if send_eof is not None:
+                await send_eof()
+            # Give the client a moment to finish its side, then close.
+            with trio.move_on_after(5):
+                while not tstream.local_closed and tstream.error is None:
+                    await trio.sleep(0.05)
+        except (TunnelStreamError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(up)
+        nursery.start_soon(down, nursery.cancel_scope)
