@@ -263,7 +263,8 @@ def go_request_uri(path: str) -> str:
     decoded = _unescape_path(raw_path)
     if not all(b in _VALID_ENCODED for b in raw_path):
         raw_path = b"".join(bytes([b]) if b in _PATH_OK else b"%%%02X" % b for b in decoded)
-    return (raw_path + sep + query).decode("ascii")
+    # The query goes out verbatim, raw bytes included (Go only refuses control bytes).
+    return (raw_path + sep + query).decode("utf-8", "surrogateescape")
 
 
 _VALID_HOST = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!$%&()*+,-.:;=['[]_~")
