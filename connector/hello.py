@@ -66,7 +66,7 @@ def _page(request: h11.Request, body: bytes, remote: str, server_name: str) -> b
             continue
         headers.setdefault(name.decode("latin-1").title(), []).append(value.decode("latin-1"))
     rows += [f"Host: {host}", f"Remote address: {remote}", f"Request URI: {request.target.decode('latin-1')}"]
-    rows += [f"Header: {k}, Value: {v}" for k, v in sorted(headers.items())]
+    rows += [f"Header: {k}, Value: [{' '.join(v)}]" for k, v in sorted(headers.items())]
     rows.append(f"Body: {body.decode('utf-8', 'replace')}")
     items = "\n".join(f'        <dd>{html.escape(r)}</dd>' for r in rows)
     return f"""<!DOCTYPE html>
