@@ -6,6 +6,8 @@ Used for `--http-listen` and for `--https-listen` connections that did not negot
 from __future__ import annotations
 
 import contextlib
+import contextlib
+import http
 import logging
 import math
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,15 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 READ_SIZE = 65536
+EXTRA_REASONS = {520: "Unknown Error", 524: "A Timeout Occurred", 530: "Origin DNS Error"}
+
+
+def reason(status: int) -> bytes:
+    """The reason phrase for a status line."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return EXTRA_REASONS.get(status, "").encode()
 
 
 class _Conn:
@@ -102,6 +113,7 @@ class H1Exchange:
         self.switched = False
         self.aborted = False
         self.body_done = not has_body
+        self.chunked = False
 
     async def read_body(self) -> bytes | None:
         if self.body_done:
@@ -122,8 +134,10 @@ class H1Exchange:
 
     async def start_response(self, status: int, headers: Headers) -> None:
         self.response_started = True
+        self.chunked = (self.conn.h11.their_http_version == b"1.1"
+                        and not any(n.lower() == b"content-length" for n, _ in headers))
         try:
-            await self.conn.send(h11.Response(status_code=status, headers=headers))
+            await self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
         except h11.LocalProtocolError as exc:
             log.warning("response head not valid HTTP/1.1 (%s); aborting", exc)
             await self.abort()
@@ -137,21 +151,22 @@ class H1Exchange:
             raise EyeballGone(str(exc)) from exc
 
     async def finish(self, trailers: Headers | None = None) -> None:
+        if self.conn.h11.our_state is not h11.SEND_BODY:
+            return
+        if not self.chunked:
+            trailers = None  # only chunked framing can carry trailers
         try:
             await self.conn.send(h11.EndOfMessage(headers=trailers or []))
-        except h11.LocalProtocolError:
-            try:
-                await self.conn.send(h11.EndOfMessage())
-            except h11.LocalProtocolError as exc:  # fewer bytes than Content-Length
-                await self.abort()
-                raise EyeballGone(str(exc)) from exc
+        except h11.LocalProtocolError as exc:  # fewer bytes than Content-Length
+            await self.abort()
+            raise EyeballGone(str(exc)) from exc
 
     async def abort(self) -> None:
         self.aborted = True
         await self.conn.close()
 
     async def upgrade(self, status: int, headers: Headers) -> _RawChannel:
-        await self.conn.send(h11.InformationalResponse(status_code=status, headers=headers))
+        await self.conn.send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason(status)))
         self.switched = True
         leftover, _ = self.conn.h11.trailing_data
         return _RawChannel(self.conn, bytes(leftover))
@@ -200,6 +215,13 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
             if not isinstance(event, h11.Request):
                 return
             headers = [(bytes(n), bytes(v)) for n, v in event.headers]
+            head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
+            if head_size > cfg.max_request_headers:
+                # h11 only bounds a head that arrives in pieces; a complete one is checked here.
+                log.info("eyeball request head of %d bytes over %d; 431 client=%s", head_size,
+                         cfg.max_request_headers, client)
+                await _simple_error(conn, 431, "The request's header fields are too large.")
+                return
             host = next((v.decode("latin-1") for n, v in headers if n == b"host"), "")
             if not host:
                 await _simple_error(conn, 400, "The request has no Host header.")
@@ -215,6 +237,10 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
                 return
             if ex.switched or ex.aborted or conn.closed:
                 return
+            if conn.h11.their_state is h11.SEND_BODY and not ex.has_body:
+                # A bodiless request's EndOfMessage is already buffered in h11: take it.
+                with contextlib.suppress(h11.RemoteProtocolError):
+                    conn.h11.next_event()
             if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is not h11.DONE:
                 return
             if conn.h11.our_state is not h11.DONE:
@@ -233,7 +259,8 @@ async def _simple_error(conn: _Conn, status: int, detail: str) -> None:
         return
     headers, body = pages.error_page(status, detail)
     try:
-        await conn.send(h11.Response(status_code=status, headers=[*headers, (b"connection", b"close")]))
+        await conn.send(h11.Response(status_code=status, headers=[*headers, (b"connection", b"close")],
+                                    reason=reason(status)))
         await conn.send(h11.Data(data=body))
         await conn.send(h11.EndOfMessage())
     except (EyeballGone, h11.LocalProtocolError):

@@ -165,7 +165,7 @@ async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection
     while True:
         result.conn = conn
         tried.append(conn)
-        ident = f"tunnel={tunnel.id} {conn.ident()} ray={ray}"
+        ident = f"{conn.ident()} ray={ray}"
         try:
             stream = await conn.open_stream(headers, end_stream=end_stream)
         except TunnelStreamError as exc:
@@ -199,7 +199,13 @@ async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection
         conn = nxt
 
 
-async def _upload(ex: Exchange, stream: TunnelStream, failed: list[BaseException]) -> None:
+async def _upload(ex: Exchange, stream: TunnelStream, failed: list[BaseException],
+                  scope: trio.CancelScope) -> None:
+    with scope:
+        await _upload_body(ex, stream, failed)
+
+
+async def _upload_body(ex: Exchange, stream: TunnelStream, failed: list[BaseException]) -> None:
     try:
         while True:
             chunk = await ex.read_body()
@@ -221,19 +227,20 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
     from wire.eyeball import eyeball_response_headers, tunnel_response
 
     upload_failed: list[BaseException] = []
+    upload = trio.CancelScope()  # cancelled once the response no longer needs the request body
     async with trio.open_nursery() as nursery:
         if ex.has_body:
-            nursery.start_soon(_upload, ex, stream, upload_failed)
+            nursery.start_soon(_upload, ex, stream, upload_failed, upload)
         try:
             with trio.move_on_after(edge.config.origin_timeout) as waited:
                 raw_headers = await stream.response_headers()
         except OversizedHeadersError as exc:
-            nursery.cancel_scope.cancel()
+            upload.cancel()
             result.status, result.outcome = 502, "oversized-headers"
             await send_page(ex, 502, *pages.error_page(502, f"The origin's {exc}.", ray=ray))
             return False
         except TunnelStreamError as exc:
-            nursery.cancel_scope.cancel()
+            upload.cancel()
             if upload_failed:
                 raise EyeballGone("eyeball closed during the upload") from None
             if exc.retryable and may_retry:
@@ -244,7 +251,7 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
                 502, f"The tunnel stream failed before the connector answered: {exc}", ray=ray))
             return False
         if waited.cancelled_caught:
-            nursery.cancel_scope.cancel()
+            upload.cancel()
             await stream.reset(ErrorCodes.CANCEL)
             result.status, result.outcome = 524, "timeout"
             log.warning("no response within %gs; 524 %s", edge.config.origin_timeout, ident)
@@ -256,7 +263,7 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
             resp = tunnel_response(raw_headers, request_was_websocket=ex.websocket)
             out_headers = list(eyeball_response_headers(resp))
         except TunnelLabError as exc:
-            nursery.cancel_scope.cancel()
+            upload.cancel()
             log.warning("bad response headers from the connector: %s %s", exc, ident)
             result.status, result.outcome = 502, "bad-response"
             await send_page(ex, 502, *pages.error_page(502, f"The connector sent a bad response: {exc}",
@@ -266,7 +273,7 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
         if ex.websocket and resp.websocket_upgrade:
             result.status, result.outcome = 101, "websocket"
             await _websocket(ex, stream, out_headers, ident)
-            nursery.cancel_scope.cancel()
+            upload.cancel()
             return False
         if ex.websocket:
             # Not an upgrade: an ordinary response; our request side carries no body.
@@ -287,10 +294,10 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
         except TunnelStreamError as exc:
             result.outcome = "aborted"
             log.warning("stream failed mid-response; aborting the eyeball response: %s %s", exc, ident)
-            nursery.cancel_scope.cancel()
+            upload.cancel()
             await ex.abort()
             return False
-        nursery.cancel_scope.cancel()
+        upload.cancel()
         return False
 
 

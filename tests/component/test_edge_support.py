@@ -399,7 +399,10 @@ async def http_request(address: str, method: str, path: str, *, host: str, heade
         await stream.send_all(conn.send(h11.EndOfMessage()))
         status, rheaders, out = 0, [], bytearray()
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                return Reply(status, rheaders, bytes(out), complete=False)
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(65536)
                 if not data:
@@ -433,3 +436,11 @@ async def echo_handler(s: ServerStream) -> None:
     await s.respond(200, [(b"Content-Type", b"application/json"), (b"X-Origin", b"echo"),
                           (b"Content-Length", str(len(payload)).encode())])
     await s.send(payload, end=True)
+
+
+async def wait_history(edge: Edge, count: int) -> list[dict[str, Any]]:
+    """The history once it holds `count` entries (records are written just after the response)."""
+    with trio.fail_after(5):
+        while len(edge.history.since(0)) < count:
+            await trio.sleep(0.01)
+    return edge.history.since(0)
