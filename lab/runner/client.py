@@ -33,6 +33,38 @@ class ClientError(Exception):
     """The exchange failed at the transport or protocol level (refused, reset, closed mid-body, timeout)."""
 
 
+_PEER_ERRORS = (
+    ClientError,
+    h11.RemoteProtocolError,
+    h2.exceptions.ProtocolError,
+    wsproto.utilities.RemoteProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ssl.SSLError,
+    OSError,
+)
+
+
+def as_client_error(exc: BaseException) -> ClientError | None:
+    """The peer-caused failure inside `exc` (unwrapping trio's exception groups), or None if it is a bug."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [as_client_error(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaves) else None
+    if isinstance(exc, ClientError):
+        return exc
+    if isinstance(exc, h11.RemoteProtocolError):
+        return ClientError(f"incomplete or malformed response: {exc}")
+    if isinstance(exc, h2.exceptions.ProtocolError):
+        return ClientError(f"HTTP/2 protocol error: {exc}")
+    if isinstance(exc, wsproto.utilities.RemoteProtocolError):
+        return ClientError(f"WebSocket protocol error: {exc}")
+    if isinstance(exc, _PEER_ERRORS):
+        return ClientError(f"connection failed: {exc!r}")
+    return None
+
+
 @dataclass
 class Response:
     status: int = 0
@@ -200,8 +232,11 @@ async def http_request(
                 sent,
                 start,
             )
-    except ClientError as exc:
-        resp.error = str(exc)
+    except (Exception, BaseExceptionGroup) as exc:
+        err = as_client_error(exc) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        resp.error = str(err)
     resp.elapsed = time.monotonic() - start
     resp.sent_sha256 = sent.hexdigest()
     return resp
@@ -482,10 +517,11 @@ async def websocket_exchange(
                 result.received.append("".join(buf) if isinstance(message, str) else b"".join(buf))  # type: ignore[arg-type]
             with contextlib.suppress(trio.BrokenResourceError, wsproto.utilities.LocalProtocolError):
                 await stream.send_all(ws.send(wsproto.events.CloseConnection(code=1000)))
-    except ClientError as exc:
-        result.error = str(exc)
-    except wsproto.utilities.RemoteProtocolError as exc:
-        result.error = f"WebSocket protocol error: {exc}"
+    except (Exception, BaseExceptionGroup) as exc:
+        err = as_client_error(exc) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        result.error = str(err)
     return result
 
 
@@ -553,6 +589,9 @@ async def tcp_echo_roundtrip(stream: trio.abc.Stream, payload: bytes) -> bytes:
                 if not data:
                     break
                 got += data
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise ClientError(f"TCP connection reset after {len(got)} bytes: {exc}") from exc
+    except (Exception, BaseExceptionGroup) as exc:
+        err = as_client_error(exc) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        raise ClientError(f"TCP connection failed after {len(got)} bytes back: {err}") from exc
     return bytes(got)

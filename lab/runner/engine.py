@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,17 @@ async def run_scenario(
         result.mismatches = [str(m) for m in exc.mismatches]
     except (ComponentError, client.ClientError) as exc:
         result.status, result.step, result.message = "failed", runner.current, str(exc)
+    except (Exception, BaseExceptionGroup) as exc:
+        if not isinstance(exc, Exception):
+            raise  # a group holding Cancelled or KeyboardInterrupt: not ours to swallow
+        peer = client.as_client_error(exc)
+        if peer is not None:
+            result.status, result.step, result.message = "failed", runner.current, str(peer)
+        else:
+            result.status, result.step = "error", runner.current
+            where = logs / "runner-error.txt"
+            result.message = f"internal error in the runner: {exc!r} (traceback in {where})"
+            (logs / "runner-error.txt").write_text("".join(traceback.format_exception(exc)))
     finally:
         await lab.teardown()
         result.duration = time.monotonic() - started

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -402,6 +403,7 @@ class Lab:
 def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:
     """(state dir, logs dir) for one scenario run: logs under the results, state in a fresh tempdir."""
     logs = results / name
+    shutil.rmtree(logs, ignore_errors=True)  # a re-run replaces the previous run's logs
     logs.mkdir(parents=True, exist_ok=True)
     # A fresh state directory in /tmp (short paths, private keys never land in a results artefact).
     state = Path(tempfile.mkdtemp(prefix=f"tunnel-lab-{name[:40]}-"))

@@ -35,7 +35,7 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
         keep_state=args.keep_state,
         loglevel=args.loglevel,
     )
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     started = time.monotonic()
     results: list[ScenarioResult] = []
     try:
