@@ -19,7 +19,7 @@ the shell should drop the connection. A well-formed call the server cannot serve
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from wire.capnp import (
@@ -486,19 +486,15 @@ class _Conversation:
         self._out.clear()
         return out
 
-    def _messages(self, data: bytes) -> list[tuple[RpcMessage, StructReader]]:
-        """Every complete message now available; stops at Abort."""
+    def _messages(self, data: bytes) -> Iterator[tuple[RpcMessage, StructReader]]:
+        """Each complete message now available, parsed one at a time so that the caller handles it
+        before the next is read; stops after Abort (what follows it is never read)."""
         if self._aborted:
-            return []
+            return
         self._reader.feed(data)
-        found = []
-        while (segments := self._reader.next_message()) is not None:
+        while not self._aborted and (segments := self._reader.next_message()) is not None:
             root = Message(segments).root()
-            message = parse_rpc_message(root)
-            found.append((message, root))
-            if isinstance(message, AbortMessage):
-                break
-        return found
+            yield parse_rpc_message(root), root
 
 
 # --------------------------------------------------------------------------------------------------
