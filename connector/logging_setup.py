@@ -66,7 +66,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, separators=(",", ":"))
     text = str(value)
-    if text == "" or any(c in text for c in ' \\"=\t\r\n') or not text.isprintable():
+    if text == "" or any(c in text for c in ' \\"=\t\r\n') or not text.isprintable() or text[0] in "[{":
         return json.dumps(text)
     return text
 
@@ -86,7 +86,7 @@ def split_fields(message: str) -> tuple[str, dict[str, Any]]:
                 value = json.loads(raw)
             except ValueError:
                 value = raw
-        elif re.fullmatch(r"-?\d+", raw):
+        elif re.fullmatch(r"-?[0-9]+", raw):
             value = int(raw)
         elif raw in ("true", "false"):
             value = raw == "true"
@@ -138,6 +138,21 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, separators=(",", ":"), default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (test captures replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def setup_logging(level: str = "info", *, output: str = "default", logfile: str | None = None,
                   stream: TextIO | None = None) -> list[str]:
     """Install the connector's handlers on the root logger; returns warnings to log once ready.
@@ -154,7 +169,7 @@ def setup_logging(level: str = "info", *, output: str = "default", logfile: str 
         if getattr(handler, _HANDLER_TAG, False):
             root.removeHandler(handler)
             handler.close()
-    console = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    console: logging.Handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     console.setFormatter(JSONFormatter() if output == "json" else ConsoleFormatter())
     setattr(console, _HANDLER_TAG, True)
     root.addHandler(console)

@@ -41,6 +41,18 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Any:
+    """`main` installs the connector's log handlers on the root logger; put it back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def settings_for(argv: list[str], env: dict[str, str] | None = None) -> tuple[TunnelSettings, list[str]]:
     command = cli.parse_command(argv)
     settings, _res, notes = cli.prepare_run(command, env or {})

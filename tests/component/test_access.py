@@ -1,0 +1,175 @@
+"""`access tcp` against a local fake edge that speaks WebSocket (wsproto) on loopback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from connector.access import EdgeTarget, main, open_websocket, serve_access_tcp
+from wire.errors import ConfigError, OriginError
+
+TIMEOUT = 10
+
+
+@dataclass
+class FakeEdge:
+    """Accepts WebSocket upgrades for `routed` hostnames and echoes binary messages reversed per message."""
+
+    routed: str = "tcp.example.test"
+    hosts: list[str] = field(default_factory=list)
+    received: bytearray = field(default_factory=bytearray)
+    closes: int = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        self.hosts.append(event.host)
+                        if event.host != self.routed:
+                            await stream.send_all(
+                                ws.send(
+                                    RejectConnection(
+                                        status_code=404, headers=[(b"content-length", b"9")], has_body=True
+                                    )
+                                )
+                            )
+                            await stream.send_all(ws.send(RejectData(data=b"no route\n")))
+                            return
+                        await stream.send_all(ws.send(AcceptConnection()))
+                    elif isinstance(event, BytesMessage):
+                        self.received += event.data
+                        await stream.send_all(ws.send(BytesMessage(data=bytes(event.data)[::-1])))
+                    elif isinstance(event, TextMessage):
+                        await stream.send_all(ws.send(TextMessage(data=event.data)))
+                    elif isinstance(event, CloseConnection):
+                        self.closes += 1
+                        await stream.send_all(ws.send(event.response()))
+                        return
+        except trio.BrokenResourceError:
+            return
+        finally:
+            await stream.aclose()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[:2])
+        await trio.serve_listeners(self.handle, listeners)
+
+
+async def recv_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+async def test_tcp_bytes_travel_as_binary_messages() -> None:
+    edge = FakeEdge()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            edge_addr = await nursery.start(edge.serve)
+            target = EdgeTarget("tcp.example.test", f"127.0.0.1:{edge_addr[1]}")
+            listen = await nursery.start(serve_access_tcp, "127.0.0.1:0", target)
+            clients = [await trio.open_tcp_stream(*listen) for _ in range(2)]
+            for i, client in enumerate(clients):
+                await client.send_all(b"hello %d" % i)
+            for i, client in enumerate(clients):
+                assert await recv_exactly(client, 7) == (b"hello %d" % i)[::-1]
+            await clients[0].send_all(b"\x00\xff")
+            assert await recv_exactly(clients[0], 2) == b"\xff\x00"
+            for client in clients:
+                await client.aclose()
+            assert edge.hosts == ["tcp.example.test", "tcp.example.test"]
+            assert bytes(edge.received).count(b"hello") == 2
+            while edge.closes < 2:  # closing the local socket sends a WebSocket close
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+async def test_rejected_hostname_closes_the_local_connection(caplog: pytest.LogCaptureFixture) -> None:
+    edge = FakeEdge(routed="other.test")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            edge_addr = await nursery.start(edge.serve)
+            target = EdgeTarget("tcp.example.test", f"http://127.0.0.1:{edge_addr[1]}")
+            listen = await nursery.start(serve_access_tcp, "127.0.0.1:0", target)
+            client = await trio.open_tcp_stream(*listen)
+            assert await client.receive_some(10) == b""
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert any("HTTP 404" in r.getMessage() and "no route" in r.getMessage() for r in caplog.records)
+
+
+async def test_open_websocket_errors_name_the_edge() -> None:
+    with trio.fail_after(TIMEOUT):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        await listener.aclose()  # nothing listens there any more
+        with pytest.raises(OriginError, match=f"127.0.0.1:{port}"):
+            await open_websocket(EdgeTarget("a.test", f"127.0.0.1:{port}"))
+
+
+def test_edge_target_parsing() -> None:
+    t = EdgeTarget("h.test", None)
+    assert (t.host, t.port, t.tls) == ("h.test", 80, False)
+    t = EdgeTarget("h.test", "https://[::1]:8443/")
+    assert (t.host, t.port, t.tls) == ("::1", 8443, True)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        EdgeTarget("h.test", "nonsense")
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        (["tcp", "--url", "127.0.0.1:0"], 1, "--hostname is required"),
+        (["tcp", "--hostname", "h", "--url", "127.0.0.1:0", "--edge-eyeball", "bad"], 1, "HOST:PORT"),
+        (["tcp", "--hostname", "h", "--url", "nope", "--edge-eyeball", "127.0.0.1:1"], 1, "not HOST:PORT"),
+        (["frobnicate"], 2, "unknown subcommand"),
+    ],
+)
+def test_main_errors(
+    argv: list[str],
+    code: int,
+    needle: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TUNNEL_SERVICE_HOSTNAME", raising=False)
+    monkeypatch.delenv("TUNNEL_LAB_EYEBALL", raising=False)
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> object:
+    """`main` installs the connector's log handlers on the root logger; put it back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
