@@ -49,7 +49,9 @@ def _text_bytes(text: str) -> bytes:
 
 def _is_origin_exchange(v: Vector) -> bool:
     return bool(v.data.get("origin_request_raw")) and classify_stream(v.edge_headers()) in (
-        StreamType.HTTP, StreamType.WEBSOCKET)
+        StreamType.HTTP,
+        StreamType.WEBSOCKET,
+    )
 
 
 def _body_reads(v: Vector) -> list[bytes]:
@@ -73,8 +75,9 @@ def rebuild(v: Vector) -> tuple[OriginRequest, bytes, bytes]:
     head_text = v.data["origin_requests"][0]["request_head_text"]
     match = re.search(r"Cf-Warp-Tag-Id: (\S+)\r\n", head_text)
     assert match, f"{v.name}: no Cf-Warp-Tag-Id in the captured head"
-    opts = OriginOptions(connector_id=match.group(1),
-                         disable_chunked_encoding="--no-chunked-encoding" in v.argv)
+    opts = OriginOptions(
+        connector_id=match.group(1), disable_chunked_encoding="--no-chunked-encoding" in v.argv
+    )
     websocket = classify_stream(v.edge_headers()) is StreamType.WEBSOCKET
     req = TunnelRequest.from_h2_headers(v.edge_headers(), v.edge_end_stream_on_headers())
     assert forbidden_request_header(req.headers) is None
@@ -131,17 +134,25 @@ def test_origin_request_body_matches(v: Vector) -> None:
 def test_the_tricky_exchanges_are_covered() -> None:
     require_vectors()
     names = {p.id for p in vector_params(_is_origin_exchange)}
-    assert {"D04b-delete-with-body-no-content-length", "D07-post-three-data-frames-no-content-length",
-            "D07b-post-three-data-frames-back-to-back-no-content-length", "D09-post-no-content-length-"
-            "no-chunked-encoding", "D09c-get-after-d09b-same-origin-connection", "A11-websocket",
-            "D10a-get-authority-non-ascii", "A04-post-100k"} <= names
+    assert {
+        "D04b-delete-with-body-no-content-length",
+        "D07-post-three-data-frames-no-content-length",
+        "D07b-post-three-data-frames-back-to-back-no-content-length",
+        "D09-post-no-content-length-no-chunked-encoding",
+        "D09c-get-after-d09b-same-origin-connection",
+        "A11-websocket",
+        "D10a-get-authority-non-ascii",
+        "A04-post-100k",
+    } <= names
 
 
 # --- responses ---------------------------------------------------------------------------------------
 
+
 def _has_serialized(v: Vector) -> bool:
     return "response_user_headers_deserialized" in v.data and any(
-        k == "cf-cloudflared-response-headers" for k, _ in v.data.get("response_headers") or [])
+        k == "cf-cloudflared-response-headers" for k, _ in v.data.get("response_headers") or []
+    )
 
 
 @pytest.mark.parametrize("v", vector_params(_has_serialized))
@@ -226,6 +237,7 @@ def test_trailers_like_the_capture(v: Vector) -> None:
 
 
 # --- Go's own 400 (D11) --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("v", vector_params(lambda v: v.name.startswith("D11")))
 def test_forbidden_headers_get_gos_400(v: Vector) -> None:
