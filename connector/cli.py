@@ -710,8 +710,10 @@ def _run_command(command: Command) -> int:
     for note in setup_logging(str(res.get("loglevel")), output=str(res.get("output")), logfile=logfile):
         log.error("%s", note)
     settings = build_settings(res, command.args, notes)
-    log.info("Starting tunnel tunnelID=%s", settings.credentials.tunnel_id)
+    # "Starting tunnel" and the no-ingress-rules warning are the runtime's lines (connector.runtime).
     for note in notes:
+        if note == ingress.NO_RULES_WARNING:
+            continue
         if note.startswith("INFO:"):
             log.info("%s", note[5:])
         elif note.startswith(("Cannot determine default configuration path", "You requested",

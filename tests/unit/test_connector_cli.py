@@ -820,7 +820,7 @@ def test_run_hands_settings_to_the_runtime(
     assert code == 0
     assert len(seen) == 1 and seen[0].loglevel == "debug"
     err = capsys.readouterr().err
-    assert f"INF Starting tunnel tunnelID={TUNNEL_ID}" in err
+    assert "INF Settings: map[credentials-file:creds.json edge:[127.0.0.1:1] loglevel:debug" in err
     assert f"INF Generated Connector ID: {seen[0].connector_id}" in err
     assert "Initial protocol http2" in err
 
