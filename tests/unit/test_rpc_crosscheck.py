@@ -31,18 +31,35 @@ U32 = st.integers(min_value=0, max_value=(1 << 32) - 1)
 UUIDS = st.builds(uuid.UUID, bytes=st.binary(min_size=16, max_size=16))
 register_params = st.builds(
     reg.RegisterConnectionParams,
-    auth=st.builds(reg.TunnelAuth, account_tag=TEXT, tunnel_secret=DATA), tunnel_id=UUIDS, conn_index=U8,
-    options=st.builds(reg.ConnectionOptions,
-                      client=st.builds(reg.ClientInfo, client_id=DATA,
-                                       features=st.lists(TEXT, max_size=6).map(tuple), version=TEXT,
-                                       arch=TEXT),
-                      origin_local_ip=DATA, replace_existing=st.booleans(), compression_quality=U8,
-                      num_previous_attempts=U8))
+    auth=st.builds(reg.TunnelAuth, account_tag=TEXT, tunnel_secret=DATA),
+    tunnel_id=UUIDS,
+    conn_index=U8,
+    options=st.builds(
+        reg.ConnectionOptions,
+        client=st.builds(
+            reg.ClientInfo,
+            client_id=DATA,
+            features=st.lists(TEXT, max_size=6).map(tuple),
+            version=TEXT,
+            arch=TEXT,
+        ),
+        origin_local_ip=DATA,
+        replace_existing=st.booleans(),
+        compression_quality=U8,
+        num_previous_attempts=U8,
+    ),
+)
 results = st.one_of(
-    st.builds(reg.ConnectionDetails, uuid=UUIDS, location_name=TEXT,
-              tunnel_is_remotely_managed=st.booleans()),
-    st.builds(reg.RegistrationError, cause=TEXT, retry_after_ns=st.integers(min_value=0, max_value=1 << 62),
-              should_retry=st.booleans()))
+    st.builds(
+        reg.ConnectionDetails, uuid=UUIDS, location_name=TEXT, tunnel_is_remotely_managed=st.booleans()
+    ),
+    st.builds(
+        reg.RegistrationError,
+        cause=TEXT,
+        retry_after_ns=st.integers(min_value=0, max_value=1 << 62),
+        should_retry=st.booleans(),
+    ),
+)
 TRANSFORMS = st.lists(st.integers(0, 65535), max_size=3).map(tuple)
 targets = st.one_of(st.builds(rpc.ImportedCap, U32), st.builds(rpc.PromisedAnswer, U32, TRANSFORMS))
 
@@ -70,8 +87,9 @@ def test_bootstrap_and_bootstrap_return(q: int) -> None:
 
 @given(U32, targets, register_params)
 def test_call_register_connection(q: int, target: rpc.Target, p: reg.RegisterConnectionParams) -> None:
-    data = rpc.encode_call(q, target, reg.REGISTRATION_SERVER_ID, 0,
-                           lambda b, i: reg.write_register_params(b, i, p))
+    data = rpc.encode_call(
+        q, target, reg.REGISTRATION_SERVER_ID, 0, lambda b, i: reg.write_register_params(b, i, p)
+    )
     with _pycapnp(data) as m:
         call = m.call
         assert (call.questionId, call.interfaceId, call.methodId) == (q, reg.REGISTRATION_SERVER_ID, 0)
@@ -112,11 +130,17 @@ def test_return_register_results(q: int, result: reg.RegistrationResult) -> None
         if isinstance(result, reg.ConnectionDetails):
             d = response.connectionDetails
             assert (uuid.UUID(bytes=d.uuid), d.locationName, d.tunnelIsRemotelyManaged) == (
-                result.uuid, result.location_name, result.tunnel_is_remotely_managed)
+                result.uuid,
+                result.location_name,
+                result.tunnel_is_remotely_managed,
+            )
         else:
             e = response.error
-            assert (e.cause, e.retryAfter, e.shouldRetry) == (result.cause, result.retry_after_ns,
-                                                              result.should_retry)
+            assert (e.cause, e.retryAfter, e.shouldRetry) == (
+                result.cause,
+                result.retry_after_ns,
+                result.should_retry,
+            )
 
 
 @given(U32, TEXT, st.sampled_from(list(rpc.ExceptionType)))
@@ -149,9 +173,22 @@ def _framed(message: Any) -> bytes:
     return bytes(message.to_bytes())
 
 
-def _call(q: int, method: int, target: rpc.Target | None = None) -> tuple[Any, Any]:
-    m = rpc_schema.Message.new_message()
-    call = m.init("call")
+class _Fragmented:
+    """A pycapnp message whose segments are one word at first: far pointers everywhere."""
+
+    def __init__(self) -> None:
+        self.builder = capnp._MallocMessageBuilder(1)
+        self.root = self.builder.init_root(rpc_schema.Message)
+
+    def to_bytes(self) -> bytes:
+        from wire.capnp import frame_message
+
+        return frame_message([bytes(s) for s in self.builder.get_segments_for_output()])
+
+
+def _call(q: int, method: int, target: rpc.Target | None = None, fragmented: bool = False) -> tuple[Any, Any]:
+    m: Any = _Fragmented() if fragmented else rpc_schema.Message.new_message()
+    call = (m.root if fragmented else m).init("call")
     call.questionId = q
     call.interfaceId = reg.REGISTRATION_SERVER_ID
     call.methodId = method
@@ -181,17 +218,18 @@ def _fill_params(builder: Any, p: reg.RegisterConnectionParams) -> None:
     builder.options.numPreviousAttempts = o.num_previous_attempts
 
 
-@given(register_params, DATA, st.booleans())
-def test_pycapnp_conversation_into_rpc_server(p: reg.RegisterConnectionParams, config: bytes,
-                                             pipelined: bool) -> None:
+@given(register_params, DATA, st.booleans(), st.booleans())
+def test_pycapnp_conversation_into_rpc_server(
+    p: reg.RegisterConnectionParams, config: bytes, pipelined: bool, fragmented: bool
+) -> None:
     server = rpc.RpcServer()
     boot = rpc_schema.Message.new_message()
     boot.init("bootstrap").questionId = 0
     assert server.receive_data(_framed(boot)) == []
-    m, call = _call(1, 0, rpc.PromisedAnswer(0) if pipelined else rpc.ImportedCap(0))
+    m, call = _call(1, 0, rpc.PromisedAnswer(0) if pipelined else rpc.ImportedCap(0), fragmented)
     _fill_params(call.params.content.as_struct(PARAMS), p)
     assert server.receive_data(_framed(m)) == [rpc.RegisterConnectionCalled(1, p)]
-    m, call = _call(2, 2)
+    m, call = _call(2, 2, fragmented=fragmented)
     call.params.content.as_struct(UPDATE).config = config
     assert server.receive_data(_framed(m)) == [rpc.UpdateLocalConfigurationCalled(2, config)]
     m, call = _call(3, 1)
@@ -205,15 +243,19 @@ def test_pycapnp_conversation_into_rpc_server(p: reg.RegisterConnectionParams, c
     abort = rpc_schema.Message.new_message()
     abort.init("abort").reason = "rpc: shutdown"
     assert server.receive_data(_framed(finish) + _framed(release) + _framed(abort)) == [
-        rpc.RpcAborted("rpc: shutdown")]
+        rpc.RpcAborted("rpc: shutdown")
+    ]
 
 
 @given(results, st.booleans())
 def test_pycapnp_returns_into_rpc_client(result: reg.RegistrationResult, fragmented: bool) -> None:
     client = rpc.RpcClient()
     params = reg.RegisterConnectionParams(
-        reg.TunnelAuth("tag", b"s"), uuid.UUID(int=1), 0,
-        reg.ConnectionOptions(reg.ClientInfo(b"c" * 16, ("serialized_headers",), "v", "a"), bytes(16)))
+        reg.TunnelAuth("tag", b"s"),
+        uuid.UUID(int=1),
+        0,
+        reg.ConnectionOptions(reg.ClientInfo(b"c" * 16, ("serialized_headers",), "v", "a"), bytes(16)),
+    )
     assert client.register_connection(params) == 1
     client.data_to_send()
     # pycapnp cannot write a capability pointer without an RPC system: the bootstrap answer is ours
