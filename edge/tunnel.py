@@ -571,7 +571,7 @@ class TunnelConnection:
             raise TunnelStreamError(f"cannot send request headers: {exc}") from exc
         stream.local_closed = end_stream
         log.debug("opened stream=%d %s", stream_id, self.ident())
-        await self.flush()
+        await self._stream_flush()
         return stream
 
     def _slots_full(self) -> bool:
@@ -594,7 +594,7 @@ class TunnelConnection:
                 self.h2.send_data(stream.id, chunk, end_stream=end and not view)
             except h2.exceptions.ProtocolError as exc:
                 raise TunnelStreamError(f"stream closed while sending: {exc}") from exc
-            await self.flush()
+            await self._stream_flush()
         if end:
             if not data:
                 await self.end_stream(stream, None)
@@ -614,7 +614,7 @@ class TunnelConnection:
         except h2.exceptions.ProtocolError as exc:
             raise TunnelStreamError(f"stream closed while ending: {exc}") from exc
         stream.local_closed = True
-        await self.flush()
+        await self._stream_flush()
 
     def _reset_now(self, stream_id: int, code: int) -> None:
         try:
@@ -626,14 +626,15 @@ class TunnelConnection:
         """RST_STREAM from the edge."""
         self._reset_now(stream.id, code)
         stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
-        await self.flush()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.flush()  # best effort: a reset on a dead connection is moot
 
     async def acknowledge(self, stream_id: int, length: int) -> None:
         """Return flow-control window for bytes the eyeball side consumed."""
         if self.closed.is_set():
             return
         self.h2.acknowledge_received_data(length, stream_id)
-        await self.flush()
+        await self._stream_flush()
 
     async def release_stream(self, stream: TunnelStream) -> None:
         """Forget a stream: reset it if still open, hand back window of unread data."""
@@ -660,6 +661,15 @@ class TunnelConnection:
             data = self.h2.data_to_send()
             if data:
                 await self.transport.send_all(data)
+
+    async def _stream_flush(self) -> None:
+        """`flush` for stream handlers: a dead transport becomes a TunnelStreamError and ends the
+        connection, so the eyeball side fails cleanly (or retries) instead of crashing."""
+        try:
+            await self.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(f"connection lost while sending: {exc or type(exc).__name__}")
+            raise TunnelStreamError("tunnel connection lost while sending", retryable=True) from exc
 
     async def send_goaway(self, error_code: int = 0, debug: bytes = b"") -> None:
         """GOAWAY without closing: no new streams from us; in-flight ones go on."""
