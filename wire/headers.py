@@ -142,7 +142,7 @@ def _b64_decode_raw(part: bytes, what: str) -> bytes:
             f"cf-cloudflared-response-headers: bad base64 in {what}: {exc}") from exc
 
 
-def deserialize_response_headers(value: bytes) -> list[tuple[bytes, bytes]]:
+def deserialize_response_headers(value: bytes | str) -> list[tuple[bytes, bytes]]:
     """Decode `cf-cloudflared-response-headers` like upstream's edge side does.
 
     Split on `;`, skip empty parts, each part must be exactly `name:value` in unpadded base64.
@@ -165,7 +165,7 @@ def deserialize_response_headers(value: bytes) -> list[tuple[bytes, bytes]]:
 
 # --- meta ------------------------------------------------------------------------------------------
 
-def parse_meta(value: bytes) -> dict[str, Any]:
+def parse_meta(value: bytes | str) -> dict[str, Any]:
     """Parse `cf-cloudflared-response-meta` (a JSON object such as `{"src":"origin"}`)."""
     try:
         parsed = json.loads(as_bytes(value))

@@ -241,7 +241,7 @@ def test_only_allowed_connection_fields_reach_the_origin(
         return
     req = TunnelRequest.from_h2_headers(headers, end_stream)
     out = build_origin_request(req, OriginOptions(connector_id="c"), websocket=websocket)
-    got = {}
+    got: dict[bytes, list[bytes]] = {}
     for k, v in out.headers:
         got.setdefault(k, []).append(v)
     if websocket:
