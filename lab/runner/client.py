@@ -109,9 +109,10 @@ class _BodySink:
         room = KEEP_BYTES - len(r.body_prefix)
         if room > 0:
             r.body_prefix += data[:room]
-        text = self._sse_tail + data
-        r.sse_events += text.replace(b"\r\n", b"\n").count(b"\n\n")
-        self._sse_tail = text[-3:]
+        # Count blank lines ending an event, also when "\n\n" straddles two reads.
+        text = (self._sse_tail + data).replace(b"\r\n", b"\n")
+        r.sse_events += text.count(b"\n\n") - self._sse_tail.count(b"\n\n")
+        self._sse_tail = text[-1:]
 
     def done(self) -> None:
         self.resp.body_sha256 = self.digest.hexdigest()

@@ -541,14 +541,24 @@ class _Runner:
             await lab.start_edge()
 
     async def do_history(self, step: Step, spec: dict[str, Any]) -> None:
-        records = await self.lab.api("GET", "/history")
-        if isinstance(records, dict):
-            records = records.get("history", records.get("records", []))
-        if not isinstance(records, list):
-            raise StepFailure(step, f"/history did not answer a list: {str(records)[:200]}")
-        problems = check_history(spec, records)
-        if problems:
-            raise StepFailure(step, f"history assertion ({len(records)} records in all)", problems)
+        # The edge writes a record when an exchange ends, which can be a moment after the eyeball saw
+        # the response: poll until the assertion holds or `timeout` passes, then report what was there.
+        timeout = parse_duration(spec.get("timeout", 3))
+        problems: list[Mismatch] = []
+        records: list[Any] = []
+        with trio.move_on_after(timeout):
+            while True:
+                answer = await self.lab.api("GET", "/history")
+                if isinstance(answer, dict):
+                    answer = answer.get("history", answer.get("records", []))
+                if not isinstance(answer, list):
+                    raise StepFailure(step, f"/history did not answer a list: {str(answer)[:200]}")
+                records = answer
+                problems = check_history(spec, records)
+                if not problems:
+                    return
+                await trio.sleep(0.1)
+        raise StepFailure(step, f"history assertion ({len(records)} records in all)", problems)
 
 
 def _header_pairs(raw: Any) -> list[tuple[str, str]]:

@@ -395,9 +395,11 @@ class Lab:
         if comp is None:
             raise ComponentError(f"no component {component!r} (have: {', '.join(self.components)})")
         try:
-            return comp.log_path.read_text(encoding="utf-8", errors="replace")
+            text = comp.log_path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+        # The runner's own "--- start #N: argv" lines are not the component's output.
+        return "\n".join(line for line in text.splitlines() if not line.startswith("--- start #"))
 
 
 def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:
@@ -406,6 +408,7 @@ def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:
     shutil.rmtree(logs, ignore_errors=True)  # a re-run replaces the previous run's logs
     logs.mkdir(parents=True, exist_ok=True)
     # A fresh state directory in /tmp (short paths, private keys never land in a results artefact).
-    state = Path(tempfile.mkdtemp(prefix=f"tunnel-lab-{name[:40]}-"))
+    # The name stays out of the path: log waits must never match a scenario's own name in a logged path.
+    state = Path(tempfile.mkdtemp(prefix="tunnel-lab-"))
     os.chmod(state, 0o700)
     return state, logs

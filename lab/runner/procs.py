@@ -1,12 +1,11 @@
 """Components as real processes: start with output captured to a log file, wait for a ready file, signal,
-stop, and always clean up (own session so the whole process group can be killed; the kernel kills the
-child if the runner dies, via PR_SET_PDEATHSIG).
+stop, and always clean up (own session so the whole process group can be killed). No PR_SET_PDEATHSIG:
+trio starts processes from worker threads, and the kernel would kill the child when that thread retires.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -29,14 +28,6 @@ TUNNEL_LAB: tuple[str, ...] = (sys.executable, "-m", "lab.cli")
 
 class ComponentError(Exception):
     """A component did not start, exited early, or did not become ready."""
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -115,7 +106,6 @@ class Component:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=_pdeathsig,
             )
         log.debug("started component=%s pid=%s", self.name, self.process.pid)
 
