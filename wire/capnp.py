@@ -20,7 +20,7 @@ segment id; capability pointer = 3, cap table index.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from wire.errors import CapnpError
@@ -482,9 +482,6 @@ class ListReader:
         if lst is None:
             return ""
         return _decode_text(lst.as_bytes(what), what)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.count))
 
 
 # --------------------------------------------------------------------------------------------------
