@@ -42,6 +42,7 @@ from wire.errors import ConfigError, OriginError, TunnelLabError
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 15.0
+LINGER = 1.0
 
 
 class EdgeTarget:
@@ -137,6 +138,9 @@ async def pipe_websocket(stream: trio.abc.Stream, ws: WSConnection, local_receiv
                          local_send: trio.abc.SendStream) -> None:
     """Copy raw bytes local -> binary messages and messages -> raw bytes, until either side ends."""
     send_lock = trio.Lock()
+    # WebSocket has no half-close: after local EOF, keep relaying the edge's bytes until it has been
+    # quiet for LINGER seconds, then close (so `printf x | access tcp` still prints the answer).
+    activity = [trio.Event()]
 
     async def ws_send(data: bytes) -> None:
         async with send_lock:
@@ -149,6 +153,12 @@ async def pipe_websocket(stream: trio.abc.Stream, ws: WSConnection, local_receiv
                 if not data:
                     break
                 await ws_send(ws.send(BytesMessage(data=data)))
+            while True:
+                with trio.move_on_after(LINGER) as quiet:
+                    await activity[0].wait()
+                if quiet.cancelled_caught:
+                    break
+                activity[0] = trio.Event()
             await ws_send(ws.send(CloseConnection(code=1000)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             cancel.cancel()
@@ -160,6 +170,7 @@ async def pipe_websocket(stream: trio.abc.Stream, ws: WSConnection, local_receiv
                 if not data:
                     break
                 ws.receive_data(bytes(data))
+                activity[0].set()
                 for event in ws.events():
                     if isinstance(event, (BytesMessage, TextMessage)):
                         raw = event.data
