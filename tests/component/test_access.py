@@ -17,7 +17,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from connector.access import EdgeTarget, main, open_websocket, serve_access_tcp
+from connector.access import EdgeTarget, main, open_websocket, pipe_websocket, serve_access_tcp
 from wire.errors import ConfigError, OriginError
 
 TIMEOUT = 10
@@ -129,6 +129,25 @@ async def test_open_websocket_errors_name_the_edge() -> None:
         await listener.aclose()  # nothing listens there any more
         with pytest.raises(OriginError, match=f"127.0.0.1:{port}"):
             await open_websocket(EdgeTarget("a.test", f"127.0.0.1:{port}"))
+
+
+async def test_answer_after_local_eof_still_arrives() -> None:
+    """stdin/stdout mode: `printf x | access tcp` closes its input first, then reads the answer."""
+    import trio.testing
+
+    edge = FakeEdge()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            edge_addr = await nursery.start(edge.serve)
+            stream, ws = await open_websocket(EdgeTarget("tcp.example.test", f"127.0.0.1:{edge_addr[1]}"))
+            to_pipe_send, to_pipe_recv = trio.testing.memory_stream_one_way_pair()
+            from_pipe_send, from_pipe_recv = trio.testing.memory_stream_one_way_pair()
+            await to_pipe_send.send_all(b"abc")
+            await to_pipe_send.aclose()  # EOF before any answer came back
+            await pipe_websocket(stream, ws, to_pipe_recv, from_pipe_send)
+            assert await from_pipe_recv.receive_some(10) == b"cba"
+            assert edge.closes == 1
+            nursery.cancel_scope.cancel()
 
 
 def test_edge_target_parsing() -> None:
