@@ -144,7 +144,8 @@ async def test_answer_after_local_eof_still_arrives() -> None:
             from_pipe_send, from_pipe_recv = trio.testing.memory_stream_one_way_pair()
             await to_pipe_send.send_all(b"abc")
             await to_pipe_send.aclose()  # EOF before any answer came back
-            await pipe_websocket(stream, ws, to_pipe_recv, from_pipe_send)
+            async with stream:
+                await pipe_websocket(stream, ws, to_pipe_recv, from_pipe_send)
             assert await from_pipe_recv.receive_some(10) == b"cba"
             assert edge.closes == 1
             nursery.cancel_scope.cancel()
