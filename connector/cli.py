@@ -409,7 +409,7 @@ class Command:
 
 
 TUNNEL_SUBCOMMANDS_ELSEWHERE = ("create", "list", "route", "delete", "login", "token", "info", "cleanup",
-                                "vnet", "diag", "ready")
+                                "vnet", "diag")
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -462,6 +462,8 @@ def _parse_command(argv: Sequence[str]) -> Command:
         if run.help:
             return Command(path=("tunnel", "run", "help"), tunnel=tun, run=run)
         return Command(path=("tunnel", "run"), tunnel=tun, run=run, args=run.args)
+    if sub == "ready":
+        return Command(path=("tunnel", "ready"), tunnel=tun, args=rest)
     if sub == "ingress":
         if not rest or rest[0] in ("-h", "--help", "help"):
             return Command(path=("tunnel", "ingress", "help"), tunnel=tun)
@@ -598,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tunnel_without_subcommand(command)
         if path[:2] == ("tunnel", "ingress"):
             return _ingress_command(command)
+        if path == ("tunnel", "ready"):
+            return _ready_command(command)
         return _run_command(command)
     except UsageError as exc:
         print(f"{exc.message}\nSee '{PROG} tunnel {'run ' if exc.help_for == 'run' else ''}--help'.",
@@ -619,6 +623,31 @@ def _tunnel_without_subcommand(command: Command) -> int:
                          help_for="tunnel")
     raise UsageError("You did not specify any valid additional argument to the tunnel command. "
                      f"Use `{PROG} tunnel [flags] run [flags] TUNNEL`.", help_for="tunnel")
+
+
+def _ready_command(command: Command) -> int:
+    """`tunnel --metrics ADDR ready`: exit 0 when the running connector's /ready says 200."""
+    import urllib.error
+    import urllib.request
+
+    notes: list[str] = []
+    res = resolve({}, command.tunnel.values, os.environ, load_config_for(command.tunnel.values, notes))
+    if not res.is_set("metrics"):
+        raise UsageError("--metrics has to be provided", help_for="tunnel")
+    url = f"http://{res.get('metrics')}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - a loopback address we were given
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}", source="--metrics",
+                          hint="is the connector running with this --metrics address?") from None
+    if status != 200:
+        print(f"{url} endpoint returned status code {status}\n{body.decode('utf-8', 'replace')}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _ingress_command(command: Command) -> int:

@@ -29,6 +29,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from connector.origin_client import dial_error_text
 from connector.settings import TunnelSettings
 from wire import registration as reg
 from wire.errors import TLSSetupError, TunnelLabError
@@ -162,16 +163,7 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
     except OSError as exc:
         if tcp is not None:
             await tcp.aclose()
-        raise EdgeDialError(f"DialContext error: dial tcp {address}: {_oserror_text(exc)}") from exc
-
-
-def _oserror_text(exc: OSError) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.strerror:
-        return f"connect: {cause.strerror.lower()}"
-    if exc.strerror:
-        return f"connect: {exc.strerror.lower()}"
-    return str(exc)
+        raise EdgeDialError(f"DialContext error: dial tcp {address}: {dial_error_text(exc)}") from exc
 
 
 def http_date() -> bytes:
@@ -374,11 +366,15 @@ class EdgeConnection:
         self.num_previous_attempts = num_previous_attempts
         self._on_registered = on_registered
         self._on_unregistered = on_unregistered
+        # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=False)
+                                           validate_inbound_headers=False, normalize_inbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=False, initial_values=_server_settings())  # type: ignore[arg-type]
+        # Settings given as initial values count as in force at once: mirror them where h2 copied defaults.
+        self.h2.max_inbound_frame_size = MAX_FRAME
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST
         self.stream: trio.SSLStream[trio.SocketStream] | None = None
         self.streams: dict[int, TunnelStream] = {}
         self.details: reg.ConnectionDetails | None = None

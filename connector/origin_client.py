@@ -25,8 +25,9 @@ from wire.errors import OriginError
 log = logging.getLogger(__name__)
 
 # Largest origin response head we accept (Go's transport allows 10 MB, but serialized response headers that
-# large would not fit any edge's header list; D13 shows a 62 KB head going through).
-MAX_ORIGIN_HEAD = 256 * 1024
+# large would not fit an edge's header list and would cost the whole connection; D13 shows a 62 KB head
+# going through). A larger head is a 502 for that request only.
+MAX_ORIGIN_HEAD = 128 * 1024
 RECEIVE_SIZE = 65536
 
 
@@ -156,6 +157,23 @@ def _cause(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def dial_error_text(exc: BaseException) -> str:
+    """Go's wording for a failed dial: `connect: connection refused`, `i/o timeout`, `lookup x: ...`."""
+    if isinstance(exc, trio.TooSlowError):
+        return "i/o timeout"
+    # trio summarises every address it tried; the causes are in an ExceptionGroup
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        last = cause.exceptions[-1]
+        if isinstance(last, OSError):
+            return f"connect: {_errno_text(last)}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"connect: {_errno_text(exc)}"
+    if "resolve" in str(exc).lower() or "name" in str(exc).lower():
+        return f"lookup: {exc}"
+    return str(exc)
+
+
 def _errno_text(exc: OSError) -> str:
     texts = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset by peer",
              errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network is unreachable",
@@ -233,13 +251,7 @@ class OriginPool:
         except trio.TooSlowError:
             raise OriginError(f"dial tcp {target.address}: i/o timeout") from None
         except OSError as exc:
-            if isinstance(exc, OSError) and exc.errno is None and "resolve" not in str(exc).lower():
-                # trio raises a plain OSError summarising every address it tried
-                inner = exc.__cause__ or (exc.args[0] if exc.args else exc)
-                text = _errno_text(inner) if isinstance(inner, OSError) else str(exc)
-            else:
-                text = _errno_text(exc)
-            raise OriginError(f"dial tcp {target.address}: connect: {text}") from exc
+            raise OriginError(f"dial tcp {target.address}: {dial_error_text(exc)}") from exc
         fd = tcp.socket.fileno()
         if not target.tls:
             return OriginConnection(tcp, target, fd)

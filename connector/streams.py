@@ -21,7 +21,7 @@ import h11
 import trio
 
 from connector import ingress
-from connector.origin_client import OriginConnection, OriginPool, OriginTarget
+from connector.origin_client import OriginConnection, OriginPool, OriginTarget, dial_error_text
 from connector.settings import (
     HelloWorldService,
     HTTPService,
@@ -359,7 +359,7 @@ class Proxy:
             with trio.fail_after(rule.origin_request.connect_timeout):
                 tcp = await trio.open_tcp_stream(service.host, service.port)
         except (OSError, trio.TooSlowError) as exc:
-            await self._bad_gateway(ts, f"dial tcp {service.host}:{service.port}: {_dial_text(exc)}")
+            await self._bad_gateway(ts, f"dial tcp {service.host}:{service.port}: {dial_error_text(exc)}")
             return
         async with tcp:
             key = first_value(ts.headers, b"sec-websocket-key")
@@ -405,7 +405,7 @@ class Proxy:
             with trio.fail_after(self.warp.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            await self._bad_gateway(ts, f"dial tcp {authority}: {_dial_text(exc)}")
+            await self._bad_gateway(ts, f"dial tcp {authority}: {dial_error_text(exc)}")
             return
         async with tcp:
             key = first_value(ts.headers, b"sec-websocket-key")
@@ -481,17 +481,6 @@ def _serialize(pairs: list[tuple[bytes, bytes]]) -> bytes:
     from wire.headers import serialize_response_headers
 
     return serialize_response_headers(pairs)
-
-
-def _dial_text(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "i/o timeout"
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.strerror:
-        return f"connect: {cause.strerror.lower()}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"connect: {exc.strerror.lower()}"
-    return str(exc)
 
 
 async def pipe(ts: TunnelStream, *, read_origin: Callable[[], Awaitable[bytes]],

@@ -8,6 +8,7 @@ bytes it receives, and helpers to build `TunnelSettings`.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import h11
 import trio
 import trustme
@@ -41,8 +43,9 @@ from wire.rpc import (
 )
 
 TUNNEL_ID = uuid.UUID("6ff42ae2-765d-4adf-8112-31c55c1551ef")
-CREDS = Credentials(account_tag="0123456789abcdef0123456789abcdef", tunnel_secret=bytes(range(32)),
-                    tunnel_id=TUNNEL_ID)
+CREDS = Credentials(
+    account_tag="0123456789abcdef0123456789abcdef", tunnel_secret=bytes(range(32)), tunnel_id=TUNNEL_ID
+)
 
 Decision = Callable[[RegisterConnectionParams, int], ConnectionDetails | RegistrationError]
 
@@ -108,7 +111,23 @@ class EdgeSide:
         self.edge = edge
         self.stream = stream
         self.index = index
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        # like the lab edge: room for large serialized response headers (D13)
+        self.h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 1 << 20,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.h2.decoder.max_header_list_size = 1 << 20
         self.rpc = RpcServer()
         self.streams: dict[int, EdgeStream] = {}
         self.registered = trio.Event()
@@ -131,10 +150,8 @@ class EdgeSide:
         async with self._lock:
             data = self.h2.data_to_send()
             if data:
-                try:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
 
     async def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
         view = memoryview(data)
@@ -177,9 +194,16 @@ class EdgeSide:
         await self.flush()
         ctrl = self.h2.get_next_available_stream_id()
         self.control_id = ctrl
-        self.h2.send_headers(ctrl, [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"cftunnel.com"),
-                                    (b":path", b"/"), (b"cf-cloudflared-proxy-connection-upgrade",
-                                                       b"control-stream")])
+        self.h2.send_headers(
+            ctrl,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", b"cftunnel.com"),
+                (b":path", b"/"),
+                (b"cf-cloudflared-proxy-connection-upgrade", b"control-stream"),
+            ],
+        )
         await self.flush()
         try:
             while True:
@@ -328,8 +352,9 @@ class FakeEdge:
         while not predicate():
             await self.changed.wait()
 
-    async def serve(self, host: str = "127.0.0.1", *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(
+        self, host: str = "127.0.0.1", *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         listeners = await trio.open_tcp_listeners(0, host=host)
         port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
@@ -370,7 +395,9 @@ class RawOrigin:
     def __init__(self, respond: Callable[[OriginRequestRecord], bytes] | None = None) -> None:
         self.requests: list[OriginRequestRecord] = []
         self.connections = 0
-        self.respond = respond or (lambda rec: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Origin: raw\r\n\r\nok")
+        self.respond = respond or (
+            lambda rec: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Origin: raw\r\n\r\nok"
+        )
         self.changed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -425,32 +452,58 @@ class RawOrigin:
 # Settings
 
 
-def rule(service: Service, text: str, *, index: int = 0, hostname: str | None = None, path: str | None = None,
-         **origin_request: object) -> IngressRule:
-    return IngressRule(index=index, hostname=hostname, path=path, service=service, service_text=text,
-                       origin_request=OriginRequestConfig(**origin_request))  # type: ignore[arg-type]
+def rule(
+    service: Service,
+    text: str,
+    *,
+    index: int = 0,
+    hostname: str | None = None,
+    path: str | None = None,
+    **origin_request: object,
+) -> IngressRule:
+    return IngressRule(
+        index=index,
+        hostname=hostname,
+        path=path,
+        service=service,
+        service_text=text,
+        origin_request=OriginRequestConfig(**origin_request),
+    )  # type: ignore[arg-type]
 
 
 def http_rule(port: int, **origin_request: object) -> IngressRule:
-    return rule(HTTPService(scheme="http", host="127.0.0.1", port=port), f"http://127.0.0.1:{port}",
-                **origin_request)
+    return rule(
+        HTTPService(scheme="http", host="127.0.0.1", port=port), f"http://127.0.0.1:{port}", **origin_request
+    )
 
 
 def status_rule(status: int = 503) -> IngressRule:
     return rule(StatusService(status=status), f"http_status:{status}")
 
 
-def make_settings(ca_path: Path, edges: list[str], rules: tuple[IngressRule, ...], **kw: object) -> TunnelSettings:
+def make_settings(
+    ca_path: Path, edges: list[str], rules: tuple[IngressRule, ...], **kw: object
+) -> TunnelSettings:
     opts: dict[str, object] = {"grace_period": 2.0, "retries": 3, "rpc_timeout": 2.0}
     opts.update(kw)
-    return TunnelSettings(credentials=CREDS, edge_addrs=tuple(edges), ca_cert=str(ca_path),
-                          ingress_rules=rules, **opts)  # type: ignore[arg-type]
+    return TunnelSettings(
+        credentials=CREDS, edge_addrs=tuple(edges), ca_cert=str(ca_path), ingress_rules=rules, **opts
+    )  # type: ignore[arg-type]
 
 
-def get(path: str = "/", authority: str = "app.example.test", method: str = "GET",
-        extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
-    return [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()),
-            (b":path", path.encode()), *(extra or [])]
+def get(
+    path: str = "/",
+    authority: str = "app.example.test",
+    method: str = "GET",
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", method.encode()),
+        (b":scheme", b"https"),
+        (b":authority", authority.encode()),
+        (b":path", path.encode()),
+        *(extra or []),
+    ]
 
 
 # -------------------------------------------------------------------------------------------------

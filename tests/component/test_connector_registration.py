@@ -35,8 +35,9 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
         async with trio.open_nursery() as nursery:
             edge = FakeEdge(ca)
             addr = await nursery.start(edge.serve)
-            settings = make_settings(ca_path, [addr], (status_rule(404),), ha_connections=1,
-                                     local_config_json=b'{"ingress":[]}')
+            settings = make_settings(
+                ca_path, [addr], (status_rule(404),), ha_connections=1, local_config_json=b'{"ingress":[]}'
+            )
             run = await start_connector(nursery, settings)
             await edge.wait_for(lambda: len(edge.registered) == 1)
             side = edge.registered[0]
@@ -57,8 +58,9 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
             await wait_ready(run)
             assert run.handle.state.ready_connections == 1
             # an HTTP request through the http_status rule
-            resp = await side.request([(b":method", b"GET"), (b":scheme", b"https"),
-                                       (b":authority", b"a.test"), (b":path", b"/")])
+            resp = await side.request(
+                [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/")]
+            )
             assert resp.status == 404
             assert resp.header(b"cf-cloudflared-response-meta") == b'{"src":"origin"}'
             assert resp.header(b"cf-cloudflared-response-headers") == b""
@@ -122,8 +124,9 @@ async def test_edupconn_moves_to_another_address(tmp_path, caplog):
             good = FakeEdge(ca)
             addr_dup = await nursery.start(dup.serve, "127.0.0.1")
             addr_good = await nursery.start(good.serve, "127.0.0.2")
-            run = await start_connector(nursery, make_settings(ca_path, [addr_dup, addr_good], (status_rule(),),
-                                                               ha_connections=1))
+            run = await start_connector(
+                nursery, make_settings(ca_path, [addr_dup, addr_good], (status_rule(),), ha_connections=1)
+            )
             await good.wait_for(lambda: len(good.registered) == 1)
             assert len(dup.attempts) == 1
             assert good.attempts[0].options.num_previous_attempts == 1
@@ -135,7 +138,7 @@ async def test_edupconn_moves_to_another_address(tmp_path, caplog):
 async def test_no_busy_loop_with_one_untrusted_edge(tmp_path, caplog):
     """cloudflared retries TLS failures on a single address ~2300 times a second; we back off."""
     caplog.set_level("INFO", logger="connector")
-    ca, ca_path = make_ca(tmp_path)
+    _ca, ca_path = make_ca(tmp_path)
     other_ca, _ = make_ca(tmp_path / "x") if (tmp_path / "x").mkdir() is None else (None, None)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -160,8 +163,9 @@ async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, cap
             a1 = await nursery.start(e1.serve, "127.0.0.1")
             a2 = await nursery.start(e2.serve, "127.0.0.2")
             a3 = await nursery.start(e3.serve, "127.0.0.3")
-            run = await start_connector(nursery, make_settings(ca_path, [a1, a2, a3], (status_rule(),),
-                                                               ha_connections=2))
+            run = await start_connector(
+                nursery, make_settings(ca_path, [a1, a2, a3], (status_rule(),), ha_connections=2)
+            )
             edges = (e1, e2, e3)
 
             def registered() -> list:
@@ -216,8 +220,9 @@ async def test_shutdown_without_unregister_answer_waits_grace_period(tmp_path):
         async with trio.open_nursery() as nursery:
             edge = FakeEdge(ca)
             addr = await nursery.start(edge.serve)
-            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),),
-                                                               grace_period=0.3))
+            run = await start_connector(
+                nursery, make_settings(ca_path, [addr], (status_rule(),), grace_period=0.3)
+            )
             await edge.wait_for(lambda: len(edge.registered) == 1)
             side = edge.registered[0]
             side.answer_unregister = False
@@ -243,9 +248,13 @@ def test_backoff_bounds_double_and_cap():
 def test_local_config_json_is_shown_as_version_minus_one(tmp_path):
     from connector.runtime import _make_state
 
-    ca, ca_path = make_ca(tmp_path)
-    settings = make_settings(ca_path, ["127.0.0.1:1"], (status_rule(),),
-                             local_config_json=b'{"__configuration_flags":{"a":"b"},"ingress":[{"service":"x"}]}')
+    _ca, ca_path = make_ca(tmp_path)
+    settings = make_settings(
+        ca_path,
+        ["127.0.0.1:1"],
+        (status_rule(),),
+        local_config_json=b'{"__configuration_flags":{"a":"b"},"ingress":[{"service":"x"}]}',
+    )
     state = _make_state(settings)
     assert state.versioned_config() == {"version": -1, "config": {"ingress": [{"service": "x"}]}}
     assert json.loads(settings.local_config_json)["ingress"]

@@ -1,0 +1,424 @@
+"""Streams through the connector: a scripted edge in front, real origin fixtures behind (loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import ssl
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trustme
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from connector import supervisor
+from connector.settings import HTTPService, StreamService
+from origin_fixtures import OriginConfig, serve_origin
+from tests.component.connector_edge import (
+    FakeEdge,
+    get,
+    http_rule,
+    make_ca,
+    make_settings,
+    rule,
+    start_connector,
+    status_rule,
+    wait_ready,
+)
+from wire.headers import deserialize_response_headers
+
+pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
+    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
+
+
+@asynccontextmanager
+async def tunnel(tmp_path, rules, **kw):
+    """Edge + connector, registered; yields (side, running, nursery)."""
+    ca, ca_path = make_ca(tmp_path)
+    async with trio.open_nursery() as nursery:
+        edge = FakeEdge(ca)
+        addr = await nursery.start(edge.serve)
+        run = await start_connector(nursery, make_settings(ca_path, [addr], tuple(rules), **kw))
+        await edge.wait_for(lambda: len(edge.registered) == 1)
+        await wait_ready(run)
+        yield edge.registered[0], run, nursery
+        run.handle.shutdown()
+        assert await run.exit_code() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def origin(nursery, kind, ssl_context=None):
+    _host, port = await nursery.start(
+        serve_origin, kind, "127.0.0.1", 0, OriginConfig(ssl_context=ssl_context)
+    )
+    return port
+
+
+def user_headers(resp) -> dict[bytes, list[bytes]]:
+    out: dict[bytes, list[bytes]] = {}
+    for k, v in deserialize_response_headers(resp.header(b"cf-cloudflared-response-headers")):
+        out.setdefault(k, []).append(v)
+    return out
+
+
+async def test_get_post_and_large_bodies_through_echo(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "echo")
+            async with tunnel(tmp_path, [http_rule(port)]) as (side, run, _):
+                resp = await side.request(
+                    get(
+                        "/hello?x=1",
+                        extra=[(b"user-agent", b"t/1"), (b"x-custom", b"a"), (b"x-custom", b"b")],
+                    )
+                )
+                assert resp.status == 200
+                assert resp.header(b"cf-cloudflared-response-meta") == b'{"src":"origin"}'
+                headers = user_headers(resp)
+                assert headers[b"X-Origin"] == [b"echo"]
+                doc = json.loads(resp.body)
+                assert doc["method"] == "GET" and doc["target"] == "/hello?x=1"
+                sent = [tuple(h) for h in doc["headers"]]
+                assert ("Host", "app.example.test") in sent
+                assert ("Cf-Warp-Tag-Id", str(run.handle.supervisor.settings.connector_id)) in sent
+                assert ("Connection", "keep-alive") in sent
+                assert [v for k, v in sent if k == "X-Custom"] == ["a", "b"]
+                # a 1.5 MB upload: more than the 1 MiB windows, so WINDOW_UPDATEs must flow
+                body = os.urandom(1_500_000)
+                resp = await side.request(
+                    get("/up", method="POST", extra=[(b"content-length", b"1500000")]), body
+                )
+                doc = json.loads(resp.body)
+                assert doc["framing"] == "content-length"
+                assert doc["body_length"] == len(body)
+                assert doc["body_sha256"] == hashlib.sha256(body).hexdigest()
+                # without content-length: chunked to the origin
+                resp = await side.request(get("/up2", method="POST"), b"x" * 100_000)
+                doc = json.loads(resp.body)
+                assert doc["framing"] == "chunked" and doc["body_length"] == 100_000
+            on.cancel_scope.cancel()
+
+
+async def test_large_download_and_backpressure(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "stream")
+            async with tunnel(tmp_path, [http_rule(port)]) as (side, _run, _):
+                es = await side.open(get("/large?bytes=3000000&seed=7"), end_stream=True)
+                es.auto_ack = False
+                resp = await es.headers()
+                assert resp.status == 200
+                # the edge gives no credit: the connector stops within the edge's windows (65535)
+                await es.wait_body(60000)
+                stalled = len(resp.body)
+                await trio.sleep(0.2)
+                assert len(resp.body) == stalled <= 65535
+                assert not resp.ended
+                es.auto_ack = True
+                side.h2.acknowledge_received_data(len(resp.body), es.stream_id)
+                await side.flush()
+                resp = await es.finished()
+                assert len(resp.body) == 3_000_000
+                assert (
+                    hashlib.sha256(resp.body).hexdigest().encode() == user_headers(resp)[b"X-Body-Sha256"][0]
+                )
+                assert resp.header(b"content-length") == b"3000000"
+            on.cancel_scope.cancel()
+
+
+async def test_sse_flushes_every_event_and_trailers_and_gzip(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "stream")
+            async with tunnel(tmp_path, [http_rule(port)]) as (side, _run, _):
+                es = await side.open(get("/sse?n=3&interval=0.3"), end_stream=True)
+                resp = await es.headers()
+                assert resp.status == 200
+                assert user_headers(resp)[b"Content-Type"] == [b"text/event-stream"]
+                first = await es.wait_body(1)
+                assert first.startswith(b"id: 0") and not resp.ended  # before the next event exists
+                resp = await es.finished()
+                assert resp.body.count(b"data: event") == 3
+                # trailers become HTTP/2 trailers
+                resp = await side.request(get("/trailers"))
+                assert resp.body == b"trailers part 0\ntrailers part 1\ntrailers part 2\n"
+                trailers = dict(resp.trailers)
+                assert trailers[b"x-body-sha256"] == hashlib.sha256(bytes(resp.body)).hexdigest().encode()
+                assert b"x-trailer-note" in trailers
+                # we added Accept-Encoding: gzip, so we gunzip transparently
+                resp = await side.request(get("/gzip"))
+                headers = user_headers(resp)
+                assert b"Content-Encoding" not in headers
+                assert resp.status == 200 and b"gzip" not in bytes(resp.body)[:2]
+                # the eyeball asked for gzip itself: passed through untouched
+                resp = await side.request(get("/gzip", extra=[(b"accept-encoding", b"gzip")]))
+                assert user_headers(resp)[b"Content-Encoding"] == [b"gzip"]
+                assert bytes(resp.body)[:2] == b"\x1f\x8b"
+            on.cancel_scope.cancel()
+
+
+async def test_origin_errors_give_502_and_spare_other_streams(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            bad = await origin(on, "misbehave")
+            good = await origin(on, "echo")
+            # a port nobody listens on
+            sock = trio.socket.socket()
+            await sock.bind(("127.0.0.1", 0))
+            closed_port = sock.getsockname()[1]
+            sock.close()
+            rules = [
+                rule(
+                    HTTPService(scheme="http", host="127.0.0.1", port=bad),
+                    "bad",
+                    index=0,
+                    hostname="bad.test",
+                ),
+                rule(
+                    HTTPService(scheme="http", host="127.0.0.1", port=closed_port),
+                    "down",
+                    index=1,
+                    hostname="down.test",
+                ),
+                http_rule(good),
+            ]
+            async with tunnel(tmp_path, rules) as (side, _run, _):
+                slow = await side.open(get("/sse"), end_stream=True)  # unrelated, stays fine
+                resp = await side.request(get("/", authority="down.test"))
+                assert resp.status == 502
+                assert resp.header(b"cf-cloudflared-response-meta") == b'{"src":"cloudflared"}'
+                assert resp.header(b"content-length") == b"0"
+                assert resp.header(b"cf-cloudflared-response-headers") is None
+                for path in ("/malformed-status", "/garbage", "/huge-headers", "/reset"):
+                    resp = await side.request(get(path, authority="bad.test"))
+                    assert resp.status == 502, path
+                resp = await side.request(get("/close-mid-body", authority="bad.test"))
+                assert resp.status == 200 and resp.reset == 2  # INTERNAL_ERROR after the headers
+                assert (await slow.finished()).status == 200
+                resp = await side.request(get("/still-fine"))
+                assert resp.status == 200
+            on.cancel_scope.cancel()
+    assert "Unable to reach the origin service" in caplog.text
+    assert "connection refused" in caplog.text
+
+
+async def test_origin_tls_verification(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    origin_ca = trustme.CA()
+    cert = origin_ca.issue_cert("origin.test")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    pool = tmp_path / "origin-ca.pem"
+    origin_ca.cert_pem.write_to_path(str(pool))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "echo", ctx)
+            svc = HTTPService(scheme="https", host="127.0.0.1", port=port)
+            rules = [
+                rule(svc, "untrusted", index=0, hostname="untrusted.test"),
+                rule(svc, "wrong-name", index=1, hostname="wrong.test", ca_pool=str(pool)),
+                rule(
+                    svc,
+                    "pinned",
+                    index=2,
+                    hostname="ok.test",
+                    ca_pool=str(pool),
+                    origin_server_name="origin.test",
+                ),
+                rule(svc, "sni", index=3, hostname="origin.test", ca_pool=str(pool), match_sni_to_host=True),
+                rule(svc, "insecure", index=4, no_tls_verify=True),
+            ]
+            async with tunnel(tmp_path, rules) as (side, _run, _):
+                assert (await side.request(get("/", authority="untrusted.test"))).status == 502
+                assert (await side.request(get("/", authority="wrong.test"))).status == 502
+                assert (await side.request(get("/", authority="ok.test"))).status == 200
+                assert (await side.request(get("/", authority="origin.test:443"))).status == 200
+                assert (await side.request(get("/", authority="any.test"))).status == 200
+            on.cancel_scope.cancel()
+    text = caplog.text
+    assert "certificate verify failed" in text or "failed to verify certificate" in text
+    assert "origin.test" in text  # the certificate's name is in the log line
+    assert "server name '127.0.0.1'" in text
+
+
+async def test_websocket_to_http_origin_and_to_tcp_rule(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            ws_port = await origin(on, "ws-echo")
+            tcp_port = await origin(on, "tcp-echo")
+            rules = [
+                rule(
+                    StreamService(scheme="tcp", host="127.0.0.1", port=tcp_port),
+                    f"tcp://127.0.0.1:{tcp_port}",
+                    index=0,
+                    hostname="tcp.test",
+                ),
+                rule(HTTPService(scheme="http", host="127.0.0.1", port=ws_port), "ws", index=1),
+            ]
+            async with tunnel(tmp_path, rules) as (side, _run, _):
+                ws_headers = [
+                    (b"cf-cloudflared-proxy-connection-upgrade", b"websocket"),
+                    (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+                    (b"sec-websocket-version", b"13"),
+                ]
+                for authority in ("ws.test", "tcp.test"):
+                    es = await side.open(get("/ws", authority=authority, extra=ws_headers))
+                    resp = await es.headers()
+                    assert resp.status == 200, authority
+                    uh = user_headers(resp)
+                    assert uh[b"Sec-Websocket-Accept"] == [b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="]
+                    client = FrameProtocol(client=True, extensions=[])
+                    await es.send(client.send_data(b"hello through the tunnel", fin=True))
+                    got = b""
+                    while True:
+                        data = await es.wait_body(len(got) + 1)
+                        client.receive_bytes(data[len(got) :])
+                        got = data
+                        frames = list(client.received_frames())
+                        payload = b"".join(
+                            f.payload for f in frames if f.opcode in (Opcode.BINARY, Opcode.TEXT)
+                        )
+                        if payload:
+                            break
+                    if isinstance(payload, str):
+                        payload = payload.encode()
+                    assert payload == b"hello through the tunnel", authority
+                    await es.send(b"", end_stream=True)
+                    resp = await es.finished()
+                    assert resp.ended or resp.reset == 0
+            on.cancel_scope.cancel()
+
+
+async def test_tcp_streams(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "tcp-echo")
+            async with tunnel(tmp_path, [status_rule()]) as (side, _run, _):
+                es = await side.open(
+                    [
+                        (b":method", b"CONNECT"),
+                        (b":authority", f"127.0.0.1:{port}".encode()),
+                        (b"cf-cloudflared-proxy-src", b"tcp://198.51.100.7:40000"),
+                    ]
+                )
+                resp = await es.headers()
+                assert resp.status == 200
+                assert resp.header(b"cf-cloudflared-response-headers") == b""
+                assert resp.header(b"cf-cloudflared-response-meta") == b'{"src":"origin"}'
+                await es.send(b"ping\n")
+                assert await es.wait_body(5) == b"ping\n"
+                await es.send(b"", end_stream=True)
+                resp = await es.finished()
+                assert resp.ended
+                # not IP:port -> 502 from cloudflared
+                resp = await side.request(
+                    get("/", authority="example.com:22", extra=[(b"cf-cloudflared-proxy-src", b"x")])
+                )
+                assert resp.status == 502
+                assert resp.header(b"cf-cloudflared-response-meta") == b'{"src":"cloudflared"}'
+            on.cancel_scope.cancel()
+
+
+async def test_go_400_for_connection_specific_headers(tmp_path):
+    with trio.fail_after(10):
+        async with tunnel(tmp_path, [status_rule(200)]) as (side, _run, _):
+            resp = await side.request(get("/", extra=[(b"te", b"gzip")]))
+            assert resp.status == 400
+            assert bytes(resp.body) == b'request header "TE" may only be "trailers" in HTTP/2\n'
+            assert resp.header(b"cf-cloudflared-response-meta") is None
+            resp = await side.request(get("/", extra=[(b"connection", b"close")]))
+            assert bytes(resp.body) == b'request header "Connection" is not valid in HTTP/2\n'
+            resp = await side.request(get("/", extra=[(b"te", b"trailers")]))
+            assert resp.status == 200
+
+
+async def test_update_configuration_streams(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+
+    async def update(side, body: bytes):
+        return await side.request(
+            [
+                (b":method", b"PUT"),
+                (b":scheme", b"https"),
+                (b":authority", b"cftunnel.com"),
+                (b":path", b"/"),
+                (b"cf-cloudflared-proxy-connection-upgrade", b"update-configuration"),
+            ],
+            body,
+        )
+
+    with trio.fail_after(10):
+        async with tunnel(tmp_path, [status_rule(404)]) as (side, run, _):
+            config = {
+                "ingress": [
+                    {"hostname": "tea.test", "service": "http_status:418"},
+                    {"service": "http_status:204"},
+                ]
+            }
+            resp = await update(side, json.dumps({"version": 3, "config": config}).encode())
+            assert resp.status == 200
+            assert bytes(resp.body) == b'{"lastAppliedVersion":3,"err":null}'
+            assert (await side.request(get("/", authority="tea.test"))).status == 418
+            assert (await side.request(get("/", authority="x.test"))).status == 204
+            assert run.handle.state.versioned_config()["version"] == 3
+            # an older or equal version is not applied
+            resp = await update(side, json.dumps({"version": 3, "config": {"ingress": []}}).encode())
+            assert bytes(resp.body) == b'{"lastAppliedVersion":3,"err":null}'
+            assert (await side.request(get("/", authority="x.test"))).status == 204
+            # an invalid config: the error is an empty object
+            bad = {"ingress": [{"hostname": "a.test", "service": "http_status:200"}]}
+            resp = await update(side, json.dumps({"version": 4, "config": bad}).encode())
+            assert bytes(resp.body) == b'{"lastAppliedVersion":3,"err":{}}'
+            # not JSON at all: 502 from cloudflared
+            resp = await update(side, b"not json")
+            assert resp.status == 502
+    assert "Updated to new configuration" in caplog.text
+
+
+async def test_graceful_shutdown_keeps_serving_in_flight_streams(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "stream")
+            ca, ca_path = make_ca(tmp_path)
+            async with trio.open_nursery() as nursery:
+                edge = FakeEdge(ca)
+                addr = await nursery.start(edge.serve)
+                run = await start_connector(
+                    nursery, make_settings(ca_path, [addr], (http_rule(port),), grace_period=5)
+                )
+                await edge.wait_for(lambda: len(edge.registered) == 1)
+                await wait_ready(run)
+                side = edge.registered[0]
+                es = await side.open(get("/sse?n=4&interval=0.2"), end_stream=True)
+                await es.wait_body(1)
+                start = trio.current_time()
+                run.handle.shutdown()
+                await side.unregistered.wait()
+                resp = await es.finished()  # the in-flight stream completes after the unregister
+                assert resp.ended and resp.body.count(b"data: event") == 4
+                assert await run.exit_code() == 0
+                assert trio.current_time() - start < 3  # no waiting for the whole grace period
+                nursery.cancel_scope.cancel()
+            on.cancel_scope.cancel()
+
+
+async def test_edge_reset_cancels_the_origin_request(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "stream")
+            async with tunnel(tmp_path, [http_rule(port)]) as (side, _run, _):
+                es = await side.open(get("/sse?n=0&interval=0.05"), end_stream=True)
+                await es.wait_body(1)
+                side.h2.reset_stream(es.stream_id, 8)
+                await side.flush()
+                await trio.sleep(0.1)
+                assert (await side.request(get("/status/201"))).status == 201
+            on.cancel_scope.cancel()
