@@ -635,11 +635,13 @@ def _ready_command(command: Command) -> int:
     if not res.is_set("metrics"):
         raise UsageError("--metrics has to be provided", help_for="tunnel")
     url = f"http://{res.get('metrics')}/ready"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP(S)_PROXY
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - a loopback address we were given
+        with opener.open(url, timeout=5) as resp:
             status, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
+        with exc:
+            status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         raise ConfigError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}", source="--metrics",
                           hint="is the connector running with this --metrics address?") from None

@@ -157,3 +157,17 @@ def test_prometheus_label_escaping() -> None:
     state.registration_failed('Unauthorized: "bad" secret')
     text = prometheus_text(state).decode()
     assert 'error="Unauthorized: \\"bad\\" secret"' in text
+
+
+async def test_tunnel_ready_command_reads_ready() -> None:
+    from connector import cli
+
+    state = ConnectorState(connector_id=CONNECTOR_ID)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_metrics, "127.0.0.1:0", state)
+            argv = ["tunnel", "--config", "/dev/null", "--metrics", f"{host}:{port}", "ready"]
+            assert await trio.to_thread.run_sync(cli.main, argv) == 1
+            state.connection_registered(0, "c", "LAB1", "127.0.0.1")
+            assert await trio.to_thread.run_sync(cli.main, argv) == 0
+            nursery.cancel_scope.cancel()
