@@ -829,3 +829,79 @@ def test_python_dash_m_connector_is_the_same_entry_point() -> None:
     import connector.__main__ as entry
 
     assert entry.main is cli.main
+
+
+# --- tunnel ingress validate / rule ------------------------------------------------------------------
+
+INGRESS_YML = """\
+ingress:
+  - hostname: app.example.test
+    path: ^/api/
+    service: http://127.0.0.1:8001
+  - hostname: "*.example.test"
+    service: https://127.0.0.1:8443
+  - service: http_status:404
+"""
+
+
+def test_ingress_validate_ok(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (lab / "i.yml").write_text(INGRESS_YML)
+    assert cli.main(["tunnel", "--config", "i.yml", "ingress", "validate"]) == 0
+    assert capsys.readouterr().out == "Validating rules from i.yml\nOK\n"
+
+
+def test_ingress_validate_failure_and_unused_keys(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (lab / "bad.yml").write_text("ingress:\n  - hostname: a.test\n    service: http://127.0.0.1:1\n")
+    assert cli.main(["tunnel", "--config", "bad.yml", "ingress", "validate"]) == 1
+    captured = capsys.readouterr()
+    assert "Validating rules from bad.yml" in captured.out
+    assert "Validation failed: bad.yml:2: The last ingress rule must match all URLs" in captured.err
+    (lab / "extra.yml").write_text(INGRESS_YML + "frobnicate: 1\n")
+    assert cli.main(["tunnel", "--config", "extra.yml", "ingress", "validate"]) == 0
+    out = capsys.readouterr().out
+    assert "Warning: unused keys detected in your config file" in out and "frobnicate" in out
+    (lab / "empty.yml").write_text("loglevel: info\n")
+    assert cli.main(["tunnel", "--config", "empty.yml", "ingress", "validate"]) == 1
+    assert "doesn't contain any ingress rules" in capsys.readouterr().err
+
+
+def test_ingress_validate_json_and_url_conflict(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = json.dumps(
+        {"ingress": [{"hostname": "a.test", "service": "http://x:1"}, {"service": "http_status:404"}]}
+    )
+    assert cli.main(["tunnel", "ingress", "validate", "--json", rules]) == 0
+    assert capsys.readouterr().out == "Validating rules from cmdline flag --json\nOK\n"
+    (lab / "i.yml").write_text(INGRESS_YML)
+    assert cli.main(["tunnel", "--config", "i.yml", "--url", "http://x:1", "ingress", "validate"]) == 1
+    assert "can't set the --url flag" in capsys.readouterr().err
+
+
+def test_ingress_validate_without_any_config(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["tunnel", "ingress", "validate"]) == 1
+    assert "No configuration file was found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "index", "service"),
+    [
+        ("https://app.example.test/api/users", 0, "http://127.0.0.1:8001"),
+        ("https://app.example.test:8443/web", 1, "https://127.0.0.1:8443"),
+        ("http://other.test/", 2, "http_status:404"),
+    ],
+)
+def test_ingress_rule(
+    lab: Path, capsys: pytest.CaptureFixture[str], url: str, index: int, service: str
+) -> None:
+    (lab / "i.yml").write_text(INGRESS_YML)
+    assert cli.main(["tunnel", "--config", "i.yml", "ingress", "rule", url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Using rules from i.yml\nMatched rule #{index}\n")
+    assert f"\tservice: {service}" in out
+
+
+def test_ingress_rule_needs_a_url_with_a_host(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (lab / "i.yml").write_text(INGRESS_YML)
+    assert cli.main(["tunnel", "--config", "i.yml", "ingress", "rule"]) == 1
+    assert "expects a single argument" in capsys.readouterr().err
+    assert cli.main(["tunnel", "--config", "i.yml", "ingress", "rule", "just/a/path"]) == 1
+    assert "doesn't have a hostname" in capsys.readouterr().err
