@@ -245,8 +245,10 @@ def _credentials(res: Resolved, args: Sequence[str]) -> Any:
     from wire import credentials as wc  # the wire core's parser (credentials file and token)
 
     if len(args) > 1:
-        raise UsageError('"tunnel run" accepts only one argument, the ID or name of the tunnel to run.',
-                         help_for="run")
+        late = next((a for a in args[1:] if a.startswith("-")), None)
+        hint = f" (flags such as {late} must come before the tunnel argument)" if late else ""
+        raise UsageError('"tunnel run" accepts only one argument, the ID or name of the tunnel to run.'
+                         + hint, help_for="run")
     token = res.get("token")
     if not token and res.is_set("token-file"):
         path = res.get("token-file")
@@ -344,7 +346,8 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
             continue
         if flag.support == "refuse":
             raise ConfigError(f"--{flag.name} {flag.note}", source=f"--{flag.name}")
-        if flag.support == "warn" and not (flag.kind == "bool" and res.get(flag.name) == flag.default):
+        value = res.get(flag.name)
+        if flag.support == "warn" and not (flag.kind == "bool" and bool(value) == bool(flag.default)):
             notes.append(f"--{flag.name} {flag.note or _no_effect()}")
     _protocol(res, notes)
     creds = _credentials(res, args)

@@ -14,7 +14,7 @@ import pytest
 
 from connector import cli
 from connector.config import format_go_duration, parse_go_duration
-from connector.flags import UsageError
+from connector.flags import FLAGS, Flag, UsageError, parse_level
 from connector.settings import HelloWorldService, HTTPService, StatusService, StreamService, TunnelSettings
 from tests.conftest import VECTORS, VECTORS_GO126
 from wire.credentials import credentials_json, make_token, parse_credentials_file
@@ -905,3 +905,49 @@ def test_ingress_rule_needs_a_url_with_a_host(lab: Path, capsys: pytest.CaptureF
     assert "expects a single argument" in capsys.readouterr().err
     assert cli.main(["tunnel", "--config", "i.yml", "ingress", "rule", "just/a/path"]) == 1
     assert "doesn't have a hostname" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.name)
+def test_every_flag_is_accepted_exactly_on_its_levels(flag: Flag) -> None:
+    value = {"bool": [], "dur": ["5s"], "int": ["3"], "uint": ["3"]}.get(flag.kind, ["v"])
+    for level in ("T", "R"):
+        for name in flag.names:
+            argv = [("--" if len(name) > 1 else "-") + name, *value]
+            if level in flag.levels:
+                assert parse_level(argv, level).args == []
+            else:
+                with pytest.raises(UsageError, match=f"flag provided but not defined: -{name}$"):
+                    parse_level(argv, level)
+
+
+def test_flag_after_the_tunnel_argument_is_explained(lab: Path) -> None:
+    with pytest.raises(UsageError, match="must come before the tunnel argument"):
+        settings_for(
+            [
+                "tunnel",
+                "--edge",
+                "127.0.0.1:1",
+                "run",
+                "--credentials-file",
+                "creds.json",
+                TUNNEL_ID,
+                "--url",
+                "http://x:1",
+            ]
+        )
+
+
+def test_false_booleans_do_not_warn(lab: Path) -> None:
+    _, notes = settings_for(
+        [
+            "tunnel",
+            "--edge",
+            "127.0.0.1:1",
+            "--post-quantum=false",
+            "run",
+            "--credentials-file",
+            "creds.json",
+            TUNNEL_ID,
+        ]
+    )
+    assert not any("post-quantum" in n for n in notes)
