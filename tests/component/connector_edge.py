@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -459,7 +460,7 @@ def rule(
     index: int = 0,
     hostname: str | None = None,
     path: str | None = None,
-    **origin_request: object,
+    **origin_request: Any,
 ) -> IngressRule:
     return IngressRule(
         index=index,
@@ -468,10 +469,10 @@ def rule(
         service=service,
         service_text=text,
         origin_request=OriginRequestConfig(**origin_request),
-    )  # type: ignore[arg-type]
+    )
 
 
-def http_rule(port: int, **origin_request: object) -> IngressRule:
+def http_rule(port: int, **origin_request: Any) -> IngressRule:
     return rule(
         HTTPService(scheme="http", host="127.0.0.1", port=port), f"http://127.0.0.1:{port}", **origin_request
     )
@@ -482,13 +483,13 @@ def status_rule(status: int = 503) -> IngressRule:
 
 
 def make_settings(
-    ca_path: Path, edges: list[str], rules: tuple[IngressRule, ...], **kw: object
+    ca_path: Path, edges: list[str], rules: tuple[IngressRule, ...], **kw: Any
 ) -> TunnelSettings:
-    opts: dict[str, object] = {"grace_period": 2.0, "retries": 3, "rpc_timeout": 2.0}
+    opts: dict[str, Any] = {"grace_period": 2.0, "retries": 3, "rpc_timeout": 2.0}
     opts.update(kw)
     return TunnelSettings(
         credentials=CREDS, edge_addrs=tuple(edges), ca_cert=str(ca_path), ingress_rules=rules, **opts
-    )  # type: ignore[arg-type]
+    )
 
 
 def get(
