@@ -181,6 +181,14 @@ class Edge:
                     await sock_listener.aclose()
 
     async def _handle_tunnel(self, tcp: trio.SocketStream, lst: TunnelListener) -> None:
+        try:
+            await self._tunnel_connection(tcp, lst)
+        finally:
+            # Whatever happened (even cancellation at shutdown), the socket is closed.
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+
+    async def _tunnel_connection(self, tcp: trio.SocketStream, lst: TunnelListener) -> None:
         peer = _fmt(_peer(tcp))
         assert lst.ssl_context is not None
         tls = trio.SSLStream(tcp, lst.ssl_context, server_side=True)
@@ -189,10 +197,8 @@ class Edge:
                 await tls.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__ or exc
-            log.info("TLS handshake with a connector failed: %s location=%s remote=%s", cause or
-                     type(exc).__name__, lst.location, peer)
-            with trio.CancelScope(shield=True):
-                await tcp.aclose()
+            log.info("TLS handshake with a connector failed: %s location=%s remote=%s",
+                     cause or type(exc).__name__, lst.location, peer)
             return
         conn = TunnelConnection(self, tls, location=lst.location, remote=peer)
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
@@ -295,13 +301,12 @@ def _fmt(peer: tuple[str, int]) -> str:
 
 async def _guard(handler: Callable[[trio.SocketStream, Any], Awaitable[None]], stream: trio.SocketStream,
                  peer: Any, what: str) -> None:
-    """A connection handler's failure never reaches the server."""
+    """A connection handler's failure never reaches the server; the socket is always closed."""
     try:
         await handler(stream, peer)
-    except trio.Cancelled:
-        raise
     except Exception:
         log.exception("%s connection handler failed remote=%s", what, _fmt(peer))
+    finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
 

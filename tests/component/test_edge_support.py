@@ -319,7 +319,11 @@ async def dial_edge(edge: Edge, location: str = "LAB1", *, server_name: str = "h
     lst = edge.listeners[location]
     tcp = await trio.open_tcp_stream(lst.host, lst.port)
     tls = trio.SSLStream(tcp, edge.pki.client_ssl_context(), server_hostname=server_name)
-    await tls.do_handshake()
+    try:
+        await tls.do_handshake()
+    except BaseException:
+        await tcp.aclose()
+        raise
     return tls
 
 
