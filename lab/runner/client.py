@@ -363,9 +363,13 @@ async def _h2_request(
     window_open = trio.Event()
     done = trio.Event()
 
+    send_lock = trio.Lock()  # the body sender and the reader (acks, window updates) both write
+
     async def flush() -> None:
-        data = conn.data_to_send()
-        if data:
+        async with send_lock:
+            data = conn.data_to_send()
+            if not data:
+                return
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
