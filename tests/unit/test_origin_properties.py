@@ -378,3 +378,33 @@ def test_chunked_encoder_is_decoded_by_h11(chunks: list[bytes]) -> None:
     enc = BodyEncoder(Framing.CHUNKED)
     _, body, rest = parse_with_h11(head + b"".join(enc.encode(c) for c in chunks) + enc.end())
     assert body == b"".join(chunks) and rest == b""
+
+
+@given(st.lists(st.binary(max_size=20), max_size=5), st.integers(0, 80))
+def test_content_length_encoder_enforces_the_declared_length(chunks: list[bytes], declared: int) -> None:
+    enc = BodyEncoder(Framing.CONTENT_LENGTH, declared)
+    sent = b""
+    try:
+        for chunk in chunks:
+            sent += enc.encode(chunk)
+        sent += enc.end()
+    except StreamConversionError:
+        assert len(b"".join(chunks)) != declared
+        return
+    assert sent == b"".join(chunks) and len(sent) == declared
+
+
+@given(methods, st.sampled_from([None, "0"]), fields)
+def test_probe_result_decides_the_framing(
+    method: str, length: str | None, extra: list[tuple[str, str]]
+) -> None:
+    headers = h2_headers(method, "a.test", "/", extra + ([("content-length", length)] if length else []))
+    req = TunnelRequest.from_h2_headers(headers, end_stream=False)
+    opts = OriginOptions(connector_id="c")
+    if not needs_body_probe(req, opts):
+        assert method not in ("GET", "HEAD", "DELETE", "OPTIONS", "PROPFIND", "SEARCH")
+        assert build_origin_request(req, opts).framing is Framing.CHUNKED
+        return
+    assert build_origin_request(req, opts, probe=b"").framing is Framing.NONE
+    assert build_origin_request(req, opts, probe=b"x").framing is Framing.CHUNKED
+    assert build_origin_request(req, opts, probe=None).framing is Framing.CHUNKED  # the probe timed out
