@@ -60,7 +60,7 @@ async def request(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
             continue
         if isinstance(event, h11.Response):
             response = event
@@ -154,7 +154,7 @@ async def test_websocket_echo(ca: trustme.CA) -> None:
             async def pump() -> None:
                 data = await stream.receive_some(65536)
                 assert data
-                ws.receive_data(data)
+                ws.receive_data(bytes(data))
                 got.extend(ws.events())
 
             while not any(isinstance(e, AcceptConnection) for e in got):
