@@ -445,6 +445,8 @@ class EdgeConnection:
                     await self._main(shutdown)
                 except EdgeConnectionError as exc:
                     self._fail(exc)
+                except TunnelLabError as exc:  # StreamGone, RpcError: the connection broke under us
+                    self._fail(ConnectionLostError(f"connection with edge closed: {exc}"))
                 nursery.cancel_scope.cancel()
         finally:
             self.dead = True
@@ -711,7 +713,11 @@ class EdgeConnection:
             self._nursery_start(self._push_local_config, ctrl)
 
     async def _push_local_config(self, ctrl: TunnelStream) -> None:
-        qid = self._rpc.update_local_configuration(self.settings.local_config_json)
+        try:
+            qid = self._rpc.update_local_configuration(self.settings.local_config_json)
+        except TunnelLabError as exc:
+            log.error("unable to send local configuration %s error=%r", self.label, str(exc))
+            return
         await self._send_rpc(ctrl)
         try:
             with trio.fail_after(self.settings.rpc_timeout):
@@ -740,7 +746,7 @@ class EdgeConnection:
         """Unregister, then keep serving in-flight streams until they end, the edge closes, or the grace
         period expires."""
         deadline = trio.current_time() + self.settings.grace_period
-        if self.registered and self._rpc_closed is None:
+        if self.registered and self._rpc_closed is None and not self._rpc.aborted:
             qid = self._rpc.unregister_connection()
             await self._send_rpc(ctrl)
             with trio.move_on_at(deadline):

@@ -97,8 +97,8 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
             if settings.metrics:
                 from connector.metrics import serve_metrics
 
-                bound = await nursery.start(serve_metrics, settings.metrics, state)
-                metrics_address = bound if isinstance(bound, str) else settings.metrics
+                host, port = await nursery.start(serve_metrics, settings.metrics, state)
+                metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if handle_signals and threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_watch_signals, supervisor)
             task_status.started(TunnelHandle(supervisor, proxy, state, metrics_address))

@@ -9,6 +9,7 @@ naming the cause; a failure after them resets the stream (INTERNAL_ERROR). Nothi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -175,10 +176,8 @@ class Proxy:
                 cert = ca.issue_cert("localhost", "127.0.0.1")
                 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 cert.configure_cert(ctx)
-                bound = await self._nursery.start(
-                    lambda task_status: hello.serve_hello_world("127.0.0.1", 0, ssl_context=ctx,
-                                                                task_status=task_status))
-                port = bound[1] if isinstance(bound, tuple) else int(bound)
+                _, port = await self._nursery.start(
+                    functools.partial(hello.serve_hello_world, "127.0.0.1", 0, ssl_context=ctx))
                 self._hello = ("127.0.0.1", port, ca.cert_pem.bytes().decode())
                 log.info("Starting Hello World server at https://127.0.0.1:%d", port)
             return self._hello

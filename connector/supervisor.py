@@ -20,6 +20,7 @@ from collections.abc import Callable
 import trio
 
 from connector.edge_conn import (
+    ConnectionLostError,
     DuplicateConnectionError,
     EdgeConnection,
     EdgeConnectionError,
@@ -30,6 +31,7 @@ from connector.edge_conn import (
 from connector.settings import TunnelSettings
 from connector.state import ConnectorState
 from connector.streams import Proxy
+from wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,11 @@ class Supervisor:
                 return  # graceful shutdown
             except EdgeConnectionError as exc:
                 error = exc
+            except TunnelLabError as exc:  # e.g. a bad edge address: retried like a lost connection
+                error = ConnectionLostError(str(exc))
+            except Exception as exc:  # a bug must not take the other connections down with it
+                log.exception("Connection crashed connIndex=%d", index)
+                error = ConnectionLostError(f"internal error: {exc!r}")
             finally:
                 self.connections.pop(index, None)
             if self.shutdown.is_set():

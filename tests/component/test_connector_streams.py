@@ -422,3 +422,16 @@ async def test_edge_reset_cancels_the_origin_request(tmp_path):
                 await trio.sleep(0.1)
                 assert (await side.request(get("/status/201"))).status == 201
             on.cancel_scope.cancel()
+
+
+async def test_hello_world_service_started_on_demand(tmp_path):
+    from connector.settings import HelloWorldService
+
+    with trio.fail_after(20):
+        async with tunnel(tmp_path, [rule(HelloWorldService(), "hello_world")]) as (side, run, _):
+            resp = await side.request(get("/_health"))
+            assert resp.status == 200 and bytes(resp.body) == b"ok"
+            resp = await side.request(get("/"))
+            assert resp.status == 200
+            assert user_headers(resp)[b"Content-Type"] == [b"text/html; charset=utf-8"]
+            assert run.handle.proxy._hello is not None
