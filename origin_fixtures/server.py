@@ -91,7 +91,9 @@ async def _serve_hello(host: str, port: int, options: OriginConfig, *,
     except ImportError as exc:
         raise ConfigError("origin kind 'hello' needs connector.hello, which is not available",
                           hint="use kind echo or stream") from exc
-    await serve_hello_world(host, port, ssl_context=options.ssl_context, task_status=task_status)
+    # Plain HTTP unless the fixture was given TLS (cloudflared's own defaults to a self-made cert).
+    await serve_hello_world(host, port, ssl_context=options.ssl_context,
+                            tls=options.ssl_context is not None, task_status=task_status)
 
 
 _SNI_ATTR = "tunnel_lab_sni"

@@ -465,6 +465,22 @@ async def test_misbehave_huge_headers(nursery: trio.Nursery) -> None:
     assert sum(len(v) for v in huge) == 300000 and resp.body == b"huge\n"
 
 
+# --- hello ------------------------------------------------------------------------------------------
+
+
+async def test_hello_is_the_connectors_hello_world_over_plain_http(nursery: trio.Nursery) -> None:
+    pytest.importorskip("connector.hello", reason="kind hello serves connector.hello (not available)")
+    with trio.fail_after(TIMEOUT):
+        addr, _ = await start(nursery, "hello")
+        stream = await trio.open_tcp_stream(*addr)
+        async with stream:
+            client = Client(stream)
+            health = await client.request("GET", "/_health")
+            uptime = await client.request("GET", "/uptime")
+    assert (health.status, health.body) == (200, b"ok")
+    assert "startTime" in uptime.json()
+
+
 # --- history ----------------------------------------------------------------------------------------
 
 
