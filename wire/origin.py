@@ -140,6 +140,8 @@ class TunnelRequest:
                 raise StreamConversionError(f"request :path {path[:80]!r} is not origin-form")
             if any(b < 0x21 or b == 0x7F for b in path):
                 raise StreamConversionError(f"request :path {path[:80]!r} holds a control byte or space")
+            # Go's server parses :path with url.ParseRequestURI: a bad escape is a stream error there.
+            go_request_uri(path.decode("utf-8", "surrogateescape"))
         if not authority:
             authority = first_value(regular, b"host") or b""
         return cls(method=method.decode("latin-1"), scheme=scheme.decode("latin-1"),

@@ -79,6 +79,7 @@ def test_authority_falls_back_to_host_header() -> None:
     [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b"x", b"a\x00b")],
     [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b":path", b"/")],
     [(b":method", b"CONNECT")],
+    [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a%zz")],
 ])
 def test_from_h2_headers_rejects_what_go_resets(headers: list[tuple[bytes, bytes]]) -> None:
     with pytest.raises(StreamConversionError):
