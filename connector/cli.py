@@ -779,6 +779,34 @@ def _run_command(command: Command) -> int:
         return int(trio.run(runtime.run_tunnel, settings))
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # A nursery may wrap the runtime's error: report the first project error, never a traceback.
+        leaf = _first_leaf(group, (TunnelLabError, OSError))
+        if leaf is None:
+            raise
+        raise _as_lab_error(leaf) from None
+    except OSError as exc:
+        raise _as_lab_error(exc) from None
+
+
+def _first_leaf(group: BaseExceptionGroup, types_: tuple[type[BaseException], ...]) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_leaf(exc, types_)
+            if found is not None:
+                return found
+        elif isinstance(exc, types_):
+            return exc
+    return None
+
+
+def _as_lab_error(exc: BaseException) -> TunnelLabError:
+    if isinstance(exc, TunnelLabError):
+        return exc
+    if isinstance(exc, OSError):
+        return ConfigError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+                           hint="check the addresses and files given on the command line")
+    return ConfigError(str(exc))
 
 
 def _settings_map(res: Resolved) -> str:

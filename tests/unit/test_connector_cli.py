@@ -951,3 +951,28 @@ def test_false_booleans_do_not_warn(lab: Path) -> None:
         ]
     )
     assert not any("post-quantum" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ExceptionGroup("nursery", [ConfigError("metrics address taken", source="--metrics")]),
+        OSError(98, "Address already in use"),
+        ExceptionGroup("outer", [ExceptionGroup("inner", [OSError(13, "Permission denied", "ca.pem")])]),
+    ],
+)
+def test_runtime_errors_become_one_line(
+    lab: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: BaseException
+) -> None:
+    async def run_tunnel(settings: TunnelSettings) -> int:
+        raise error
+
+    fake = types.ModuleType("connector.runtime")
+    fake.run_tunnel = run_tunnel  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "connector.runtime", fake)
+    monkeypatch.setattr("connector.runtime", fake, raising=False)
+    code = cli.main(["tunnel", "--edge", "127.0.0.1:1", "run", "--credentials-file", "creds.json", TUNNEL_ID])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tunnel-lab: ")
