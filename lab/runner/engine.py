@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from lab.runner import client
+from lab.runner import client, netns
 from lab.runner.checks import Mismatch, check_history, check_response, count_ok, describe_count, metric_value
 from lab.runner.lab import Lab, RunOptions, scenario_dirs
 from lab.runner.loader import Scenario, Step, parse_duration
@@ -86,7 +86,7 @@ async def run_scenario(
     lab = Lab(sc, options, state, logs, recorder)
     runner = _Runner(lab, on_step or (lambda _n, _s: None))
     result = ScenarioResult(sc.name, sc.source, "passed", results_dir=str(logs))
-    recorder.op("scenario-start", source=sc.source, connector=options.connector)
+    recorder.op("scenario-start", source=sc.source, connector=options.connector, isolated=netns.inside())
     try:
         with trio.move_on_after(sc.timeout) as scope:
             runner.note("set-up")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from lab.runner import netns
 from lab.runner.engine import ScenarioResult, run_scenario
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
@@ -36,6 +37,8 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
         loglevel=args.loglevel,
     )
     console = Console(highlight=False, emoji=False)
+    if netns.inside():
+        console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
     results: list[ScenarioResult] = []
     try:

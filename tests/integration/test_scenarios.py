@@ -1,0 +1,127 @@
+"""`tunnel-lab run` as a user runs it: a real subprocess driving the edge, the connector and the origins
+as real processes. A representative subset of the library, a deliberately failing scenario (the failure
+report must say what and where), a malformed file (refused before anything starts), and an isolated run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.runner import netns
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One or two per family of the library: requests, ingress, websocket, tcp, certificates, failover,
+# registration. Each runs in a few seconds.
+SUBSET = [
+    "http-get-echo",
+    "http-post-framing",
+    "ingress-paths",
+    "websocket-echo",
+    "tcp-access",
+    "origin-cert-expired",
+    "connector-sigterm-drain",
+    "registration-unauthorized",
+]
+
+
+def run_lab(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lab.cli", "run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={"PATH": "/usr/bin:/bin", "COLUMNS": "160",
+                                                           "PYTHONPATH": str(ROOT)})
+
+
+def report(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@pytest.mark.slow
+def test_representative_subset_passes(tmp_path: Path) -> None:
+    pattern = " or ".join(SUBSET)
+    proc = run_lab("-k", pattern, "--jobs", "2", "--results", str(tmp_path / "results"),
+                   "--json", str(tmp_path / "report.json"), "--junit", str(tmp_path / "junit.xml"))
+    data = report(tmp_path / "report.json")
+    statuses = {s["name"]: s["status"] for s in data["scenarios"]}
+    failures = {s["name"]: f"{s['step']}: {s['message']} {s['mismatches']}" for s in data["scenarios"]
+                if s["status"] != "passed"}
+    assert failures == {}, proc.stdout[-4000:]
+    assert proc.returncode == 0
+    assert sorted(statuses) == sorted(SUBSET)
+    # the reports and the operation history are there and agree
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == str(len(SUBSET)) and suite.get("failures") == "0"
+    ops = [json.loads(line) for line in (tmp_path / "results" / "operations.jsonl").read_text().splitlines()]
+    assert {op["scenario"] for op in ops} == set(SUBSET)
+    assert any(op["op"] == "request" and op["status"] == 200 for op in ops)
+    assert "8 passed, 0 failed" in proc.stdout
+
+
+FAILING = textwrap.dedent("""\
+    name: deliberately-wrong
+    description: expects 201 where the echo origin answers 200
+    topology:
+      origins:
+        app: {kind: echo}
+      tunnels:
+        main: {dns: [app.lab.test]}
+      connector:
+        tunnel: main
+        url: ${origins.app.url}
+    steps:
+      - request: {host: app.lab.test, path: /ok}
+      - name: the wrong expectation
+        request:
+          host: app.lab.test
+          path: /x
+          expect: {status: 201, origin_saw: {target: /y}}
+    """)
+
+
+def test_failure_report_names_step_expected_and_actual(tmp_path: Path) -> None:
+    (tmp_path / "wrong.yaml").write_text(FAILING)
+    proc = run_lab(str(tmp_path / "wrong.yaml"), "--results", str(tmp_path / "results"),
+                   "--json", str(tmp_path / "report.json"), "--junit", str(tmp_path / "junit.xml"), timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [result] = report(tmp_path / "report.json")["scenarios"]
+    assert result["status"] == "failed"
+    assert result["step"] == "step 2 (the wrong expectation, line 13)"
+    assert "status: expected 201, got 200" in result["mismatches"]
+    assert "origin saw target: expected '/y', got '/x'" in result["mismatches"]
+    assert {"edge", "connector", "origin:app"} <= set(result["logs"])
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "FAILED: deliberately-wrong" in proc.stdout
+    failure = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite/testcase/failure")
+    assert failure is not None and "line 13" in failure.get("message", "")
+    # teardown happened: no component of this run is still alive
+    starts = [json.loads(line) for line in
+              (tmp_path / "results" / "deliberately-wrong" / "operations.jsonl").read_text().splitlines()]
+    assert [op["op"] for op in starts][-1] == "scenario-end"
+
+
+def test_malformed_file_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(FAILING.replace("kind: echo", "kind: echoo"))
+    proc = run_lab(str(tmp_path / "bad.yaml"), "--results", str(tmp_path / "results"), timeout=30)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'bad.yaml'}:5: topology.origins.app.kind" in proc.stderr
+    assert "expected one of: echo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(not netns.available()[0], reason=f"no private network namespace: {netns.available()[1]}")
+def test_isolated_run(tmp_path: Path) -> None:
+    proc = run_lab("--isolate", "-k", "http-get-echo", "--results", str(tmp_path / "results"),
+                   "--json", str(tmp_path / "report.json"), timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "private network namespace" in proc.stdout
+    ops = (tmp_path / "results" / "operations.jsonl").read_text()
+    assert '"isolated": true' in ops
