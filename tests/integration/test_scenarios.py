@@ -34,9 +34,14 @@ SUBSET = [
 
 
 def run_lab(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lab.cli", "run", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={"PATH": "/usr/bin:/bin", "COLUMNS": "160",
-                                                           "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "lab.cli", "run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "160", "PYTHONPATH": str(ROOT)},
+    )
 
 
 def report(path: Path) -> dict[str, Any]:
@@ -47,12 +52,25 @@ def report(path: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_representative_subset_passes(tmp_path: Path) -> None:
     pattern = " or ".join(SUBSET)
-    proc = run_lab("-k", pattern, "--jobs", "2", "--results", str(tmp_path / "results"),
-                   "--json", str(tmp_path / "report.json"), "--junit", str(tmp_path / "junit.xml"))
+    proc = run_lab(
+        "-k",
+        pattern,
+        "--jobs",
+        "2",
+        "--results",
+        str(tmp_path / "results"),
+        "--json",
+        str(tmp_path / "report.json"),
+        "--junit",
+        str(tmp_path / "junit.xml"),
+    )
     data = report(tmp_path / "report.json")
     statuses = {s["name"]: s["status"] for s in data["scenarios"]}
-    failures = {s["name"]: f"{s['step']}: {s['message']} {s['mismatches']}" for s in data["scenarios"]
-                if s["status"] != "passed"}
+    failures = {
+        s["name"]: f"{s['step']}: {s['message']} {s['mismatches']}"
+        for s in data["scenarios"]
+        if s["status"] != "passed"
+    }
     assert failures == {}, proc.stdout[-4000:]
     assert proc.returncode == 0
     assert sorted(statuses) == sorted(SUBSET)
@@ -88,8 +106,16 @@ FAILING = textwrap.dedent("""\
 
 def test_failure_report_names_step_expected_and_actual(tmp_path: Path) -> None:
     (tmp_path / "wrong.yaml").write_text(FAILING)
-    proc = run_lab(str(tmp_path / "wrong.yaml"), "--results", str(tmp_path / "results"),
-                   "--json", str(tmp_path / "report.json"), "--junit", str(tmp_path / "junit.xml"), timeout=60)
+    proc = run_lab(
+        str(tmp_path / "wrong.yaml"),
+        "--results",
+        str(tmp_path / "results"),
+        "--json",
+        str(tmp_path / "report.json"),
+        "--junit",
+        str(tmp_path / "junit.xml"),
+        timeout=60,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     [result] = report(tmp_path / "report.json")["scenarios"]
     assert result["status"] == "failed"
@@ -102,8 +128,12 @@ def test_failure_report_names_step_expected_and_actual(tmp_path: Path) -> None:
     failure = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite/testcase/failure")
     assert failure is not None and "line 13" in failure.get("message", "")
     # teardown happened: no component of this run is still alive
-    starts = [json.loads(line) for line in
-              (tmp_path / "results" / "deliberately-wrong" / "operations.jsonl").read_text().splitlines()]
+    starts = [
+        json.loads(line)
+        for line in (tmp_path / "results" / "deliberately-wrong" / "operations.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert [op["op"] for op in starts][-1] == "scenario-end"
 
 
@@ -119,8 +149,16 @@ def test_malformed_file_is_refused_before_anything_starts(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(not netns.available()[0], reason=f"no private network namespace: {netns.available()[1]}")
 def test_isolated_run(tmp_path: Path) -> None:
-    proc = run_lab("--isolate", "-k", "http-get-echo", "--results", str(tmp_path / "results"),
-                   "--json", str(tmp_path / "report.json"), timeout=60)
+    proc = run_lab(
+        "--isolate",
+        "-k",
+        "http-get-echo",
+        "--results",
+        str(tmp_path / "results"),
+        "--json",
+        str(tmp_path / "report.json"),
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "private network namespace" in proc.stdout
     ops = (tmp_path / "results" / "operations.jsonl").read_text()
