@@ -325,6 +325,10 @@ def _parse_rules(res: Resolved, warnings: list[str]) -> tuple[tuple[Any, ...], W
                                                 keys=("originRequest",), warnings=warnings)
         rules = ingress.parse_ingress(cfg.data["ingress"], source=cfg.source, defaults=defaults,
                                       line_of=cfg.line, warnings=warnings)
+        for name in ("url", "hello-world"):
+            if res.is_set(name) and res.get(name):
+                warnings.append(f"--{name} is ignored: the ingress rules of {cfg.source} take precedence "
+                                "(as in cloudflared)")
     else:
         defaults = origin_defaults_from_flags(res)
         no_rules: list[str] = []

@@ -243,6 +243,15 @@ def test_config_file_sets_tunnel_credentials_edge_and_ingress(lab: Path) -> None
     assert doc["warp-routing"] == {"connectTimeout": 2}
 
 
+def test_url_is_ignored_with_config_ingress(lab: Path) -> None:
+    argv = argv_of(VECTORS / "B01-control-stream-register-ingress-config.json")
+    argv.insert(argv.index("run") + 1, "--url")
+    argv.insert(argv.index("--url") + 1, "http://127.0.0.1:9999")
+    settings, notes = settings_for(argv)
+    assert [r.service_text for r in settings.ingress_rules][-1] == "http://127.0.0.1:8080"
+    assert any(n.startswith("--url is ignored") for n in notes)
+
+
 def test_default_config_search_path(lab: Path) -> None:
     cfdir = lab / "home" / ".cloudflared"
     cfdir.mkdir()
