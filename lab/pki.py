@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import trustme
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -247,7 +248,11 @@ class LabPKI:
             cert = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError):
             return False
-        return cert.issuer == self.ca_certificate().subject
+        try:
+            cert.verify_directly_issued_by(self.ca_certificate())
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     def _ensure(self, paths: CertPaths, make: Callable[[], tuple[bytes, bytes]], *,
                 check_issuer: bool) -> CertPaths:
