@@ -348,7 +348,7 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
     for flag in FLAGS:
         if not res.is_set(flag.name):
             continue
-        if flag.support == "refuse":
+        if flag.support == "refuse" and not (flag.kind == "bool" and not res.get(flag.name)):
             raise ConfigError(f"--{flag.name} {flag.note}", source=f"--{flag.name}")
         value = res.get(flag.name)
         if flag.support == "warn" and not (flag.kind == "bool" and bool(value) == bool(flag.default)):
@@ -761,7 +761,8 @@ def _run_command(command: Command) -> int:
             log.warning("%s", note)
     log.info("Version %s (tunnel-lab connector, protocol http2)", VERSION)
     log.info("Settings: %s", _settings_map(res))
-    env_echo = {k: ("*****" if "TOKEN" in k or "CONTENTS" in k else v) for k, v in sorted(os.environ.items())
+    secret_env = {e for name in SECRET_FLAGS for e in BY_NAME[name].env}
+    env_echo = {k: ("*****" if k in secret_env else v) for k, v in sorted(os.environ.items())
                 if any(k in f.env for f in FLAGS)}
     if env_echo:
         log.info("Environmental variables map[%s]", " ".join(f"{k}:{v}" for k, v in env_echo.items()))

@@ -258,7 +258,9 @@ for _flag in FLAGS:
 CONFIG_FLAGS = ("autoupdate-freq", "no-autoupdate", "retries", "protocol", "loglevel", "transport-loglevel",
                 "origincert", "metrics", "metrics-update-freq", "edge-ip-version", "edge-bind-address",
                 "max-active-flows")
-SECRET_FLAGS = ("credentials-contents", "token")
+# Never printed (Settings line, environment echo): values are masked as cloudflared does.
+SECRET_FLAGS = ("credentials-contents", "token", "secret-id", "access-key-id", "session-token", "api-key",
+                "api-ca-key")
 
 
 def flags_for(level: str) -> dict[str, Flag]:

@@ -985,3 +985,40 @@ def test_runtime_errors_become_one_line(
     assert code == 1
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("tunnel-lab: ")
+
+
+def test_secrets_are_never_logged(
+    lab: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def run_tunnel(settings: TunnelSettings) -> int:
+        return 0
+
+    fake = types.ModuleType("connector.runtime")
+    fake.run_tunnel = run_tunnel  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "connector.runtime", fake)
+    monkeypatch.setattr("connector.runtime", fake, raising=False)
+    creds_text = (lab / "creds.json").read_text()
+    token = make_token(parse_credentials_file(creds_text, "creds.json"))
+    monkeypatch.setenv("TUNNEL_TOKEN", token)
+    monkeypatch.setenv("SECRET_ID", "s3cr3t-value")
+    assert (
+        cli.main(
+            [
+                "tunnel",
+                "--edge",
+                "127.0.0.1:1",
+                "--bastion=false",
+                "run",
+                "--credentials-contents",
+                creds_text,
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert (
+        token not in err
+        and "s3cr3t-value" not in err
+        and "WSQ+2zDXQRqrBJbySwGBr3k2pMDsoESAn0NG82nH9dA=" not in err
+    )
+    assert "TUNNEL_TOKEN:*****" in err and "token:*****" in err
