@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from connector.config import parse_go_duration
 from connector.settings import (
@@ -387,8 +387,13 @@ def rule_matches(rule: IngressRule, host: str, path: str) -> bool:
 
 
 def match_rule(rules: Sequence[IngressRule], host: str, path: str) -> IngressRule:
-    """The first rule matching `host` (port ignored) and `path`; the last rule when none does."""
+    """The first rule matching `host` (port ignored) and `path`; the last rule when none does.
+
+    `path` is the request path as on the wire, without the query; like Go's `URL.Path` it is matched
+    percent-decoded (`/a%20b` is matched as `/a b`).
+    """
     bare = strip_port(host)
+    path = unquote(path)
     for rule in rules:
         if rule_matches(rule, bare, path):
             return rule

@@ -81,6 +81,12 @@ def test_path_rule_on_a_host() -> None:
     assert ingress.match_rule(rs, "b.test", "/x").index == 3
 
 
+def test_path_is_matched_percent_decoded_like_go() -> None:
+    rs = rules([{"path": "^/a b$", "service": "http://127.0.0.1:1"}, {"service": "http_status:404"}])
+    assert ingress.match_rule(rs, "x.test", "/a%20b").index == 0
+    assert ingress.match_rule(rs, "x.test", "/a%2Xb").index == 1
+
+
 def test_services_parsed() -> None:
     rs = rules(
         [
