@@ -272,6 +272,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="CA file to verify an https:// edge eyeball listener [$TUNNEL_CACERT]")
     p.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE",
                    help="extra request header for the WebSocket handshake (repeatable)")
+    # cloudflared's Access options: accepted, with a warning (the lab edge has no Cloudflare Access).
+    p.add_argument("--service-token-id", "--id", default=os.environ.get("TUNNEL_SERVICE_TOKEN_ID"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--service-token-secret", "--secret",
+                   default=os.environ.get("TUNNEL_SERVICE_TOKEN_SECRET"), help=argparse.SUPPRESS)
+    p.add_argument("--destination", default=os.environ.get("TUNNEL_SERVICE_DESTINATION"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--loglevel", "--log-level", default=os.environ.get("TUNNEL_LOGLEVEL", "info"))
     p.add_argument("--logfile", default=os.environ.get("TUNNEL_LOGFILE"))
     return p
@@ -290,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(args[1:])
     for note in setup_logging(ns.loglevel, logfile=ns.logfile):
         log.error("%s", note)
+    for option in ("service_token_id", "service_token_secret", "destination"):
+        if getattr(ns, option):
+            log.warning("--%s is accepted for compatibility with cloudflared but has no effect: the lab edge "
+                        "has no Cloudflare Access", option.replace("_", "-"))
     try:
         if not ns.hostname:
             raise ConfigError("--hostname is required", source="--hostname",
