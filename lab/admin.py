@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lab.paths import credentials_dir, credentials_path, db_path, ensure_private_dir, state_dir
-from lab.store import Store, Tunnel
+from lab.store import Store, Tunnel, format_time
 from wire.credentials import credentials_json, make_token
 from wire.errors import ConfigError, TunnelLabError
 
@@ -73,7 +73,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _when(tunnel_or_route: Any) -> str:
-    return str(tunnel_or_route.created_at.isoformat().replace("+00:00", "Z"))
+    return format_time(tunnel_or_route.created_at)
 
 
 # -- credentials files ----------------------------------------------------------------------------

@@ -168,7 +168,13 @@ def _check_name(name: str) -> str:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    # Full precision keeps creation order for tunnels made within one second.
+    return datetime.datetime.now(datetime.UTC)
+
+
+def format_time(when: datetime.datetime) -> str:
+    """`2026-11-25T09:10:01Z`: how cloudflared prints times."""
+    return when.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ class Tunnel:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able description (no secret)."""
         return {"id": str(self.id), "name": self.name, "account_tag": self.account_tag,
-                "created_at": self.created_at.isoformat().replace("+00:00", "Z")}
+                "created_at": format_time(self.created_at)}
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,7 @@ class Route:
         """JSON-able description."""
         return {"kind": self.kind, "target": self.target, "tunnel_id": str(self.tunnel_id),
                 "tunnel_name": self.tunnel_name,
-                "created_at": self.created_at.isoformat().replace("+00:00", "Z")}
+                "created_at": format_time(self.created_at)}
 
 
 @dataclass
