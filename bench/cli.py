@@ -1,8 +1,9 @@
 """`tunnel-lab bench`: what the tunnel costs, as ratios against direct-to-origin measured in the same run.
 
 Each workload runs on every path in one invocation: `direct` (the origin itself), `lab` (our edge and our
-connector) and, with `--cloudflared PATH`, `cloudflared` (our edge and a real cloudflared, inside a private
-network namespace). For every run the CPU seconds and peak RSS of each process are read from /proc.
+connector) and, with `--cloudflared PATH`, `cloudflared` (our edge and a real cloudflared; the whole bench
+then runs inside a private network namespace). For every run the CPU seconds and peak RSS of each process
+are read from /proc. See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from bench.procs import (
     parse_address,
     ready_connections,
     reset_peak_rss,
+    usage_of,
     wait_ready_file,
 )
 
@@ -37,12 +42,15 @@ WS_HOST = "ws.bench.lab.test"
 LOCATIONS = ("LAB1", "LAB2", "LAB3", "LAB4", "LAB5")
 HA_CONNECTIONS = 4
 MIB = 1 << 20
+PATHS = ("direct", "lab", "cloudflared")
+GET_CONCURRENCY = (1, 32, 128)
 
 
 @dataclass(frozen=True)
 class Profile:
     """How long and how big each workload is."""
 
+    name: str
     seconds: float
     bulk_bytes: int
     post_bytes: int
@@ -51,50 +59,71 @@ class Profile:
     @classmethod
     def named(cls, quick: bool, tiny: bool = False) -> Profile:
         if tiny:
-            return cls(seconds=0.5, bulk_bytes=2 * MIB, post_bytes=64 * 1024, ws_messages=20)
+            return cls("tiny", seconds=0.5, bulk_bytes=4 * MIB, post_bytes=MIB, ws_messages=50)
         if quick:
-            return cls(seconds=2.0, bulk_bytes=64 * MIB, post_bytes=MIB, ws_messages=200)
-        return cls(seconds=8.0, bulk_bytes=1024 * MIB, post_bytes=MIB, ws_messages=2000)
+            return cls("quick", seconds=2.0, bulk_bytes=64 * MIB, post_bytes=MIB, ws_messages=300)
+        return cls("default", seconds=8.0, bulk_bytes=1024 * MIB, post_bytes=MIB, ws_messages=2000)
 
 
 @dataclass
 class Run:
-    """One workload on one path."""
+    """One workload on one path: its figures and what each process cost during it."""
 
     workload: str
     path: str
     figures: dict[str, float] = field(default_factory=dict)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
-    client: str = "tunnel-lab"
+    client: str | None = None
     errors: int = 0
+    failure: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"workload": self.workload, "path": self.path, **self.figures, "errors": self.errors,
-                "client": self.client, "components": self.components}
+        doc: dict[str, Any] = {"workload": self.workload, "path": self.path, **self.figures,
+                               "errors": self.errors}
+        if self.client:
+            doc["client"] = self.client
+        if self.components:
+            doc["components"] = self.components
+        if self.failure:
+            doc["failure"] = self.failure
+        return doc
 
 
 class Target:
-    """Where a path's requests go, and the processes whose cost is counted for it."""
+    """Where a path's requests go (HTTP and WebSocket), and the processes whose cost is counted for it."""
 
-    def __init__(self, path: str, address: tuple[str, int], counted: dict[str, Component]) -> None:
+    def __init__(self, path: str, http: tuple[str, int], ws: tuple[str, int],
+                 counted: dict[str, Component]) -> None:
         self.path = path
-        self.address = address
+        self.http = http
+        self.ws = ws
         self.counted = counted
 
     def measure(self, workload: str, body: Callable[[], load.LoadResult],
                 figures: Callable[[load.LoadResult], dict[str, float]]) -> Run:
+        """Run `body` once, with every counted process's CPU and peak RSS read around it."""
         before = {name: comp.usage() for name, comp in self.counted.items()}
         for comp in self.counted.values():
             reset_peak_rss(comp.pid)
-        result = body()
-        run = Run(workload, self.path, figures(result), client=result.client, errors=result.errors)
+        reset_peak_rss(os.getpid())  # bulk and WebSocket clients run in this process
+        own_cpu = time.process_time()
+        run = Run(workload, self.path)
+        try:
+            result = body()
+        except (OSError, load.HTTPClientError, BenchSetupError) as exc:
+            run.failure = f"{type(exc).__name__}: {exc}"
+            run.errors = 1
+            return run
+        run.figures = figures(result)
+        run.client, run.errors = result.client, result.errors
         for name, comp in self.counted.items():
             after = comp.usage()
             run.components[name] = {"cpu_s": round(after.cpu_s - before[name].cpu_s, 3),
                                     "peak_rss_mb": round(after.peak_rss_mb, 1),
                                     "rss_growth_mb": round(after.peak_rss_mb - before[name].rss_mb, 1)}
-        run.components["client"] = {"cpu_s": round(result.client_cpu_s, 3),
-                                    "peak_rss_mb": round(result.client_peak_rss_mb, 1)}
+        own_peak = usage_of(os.getpid()).peak_rss_mb
+        run.components["client"] = {"cpu_s": round(result.client_cpu_s + time.process_time() - own_cpu, 3),
+                                    "peak_rss_mb": round(max(result.client_peak_rss_mb, own_peak), 1)}
         return run
 
 
@@ -108,35 +137,48 @@ def _bulk_figures(result: load.LoadResult) -> dict[str, float]:
 
 
 def _ws_figures(result: load.LoadResult) -> dict[str, float]:
-    return {"messages_per_s": round(result.requests_per_s, 1), "p50_ms": round(result.percentile_ms(50), 3)}
+    return {"messages_per_s": round(result.requests_per_s, 1), "p50_ms": round(result.percentile_ms(50), 3),
+            "p99_ms": round(result.percentile_ms(99), 3)}
 
 
-def traffic_workloads(target: Target, profile: Profile, host: str, ws_host: str) -> list[Run]:
+def warm_up(target: Target, profile: Profile) -> None:
+    """Open the paths once (and let the origin compute the bulk body's digest) before anything is timed."""
+    load.run_requests(target.http, load.get_request(HOST, "/status/200"), concurrency=4, seconds=0.2)
+    with socket.create_connection(target.http, timeout=120) as sock:
+        sock.settimeout(120)
+        sock.sendall(f"HEAD /large?bytes={profile.bulk_bytes}&seed=1 HTTP/1.1\r\nHost: {HOST}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        while sock.recv(65536):
+            pass
+
+
+def traffic_workloads(target: Target, profile: Profile) -> list[Run]:
     """The request workloads, identical on every path."""
-    addr = target.address
+    warm_up(target, profile)
     runs: list[Run] = []
-    for concurrency in (1, 32, 128):
+    for concurrency in GET_CONCURRENCY:
         def small_get(c: int = concurrency) -> load.LoadResult:
             if load.pick_client() == "wrk":
-                return load.run_wrk(f"http://{addr[0]}:{addr[1]}/status/200", host=host, concurrency=c,
+                host, port = target.http
+                return load.run_wrk(f"http://{host}:{port}/status/200", host=HOST, concurrency=c,
                                     seconds=profile.seconds)
-            return load.run_requests(addr, load.get_request(host, "/status/200"), concurrency=c,
+            return load.run_requests(target.http, load.get_request(HOST, "/status/200"), concurrency=c,
                                      seconds=profile.seconds)
         runs.append(target.measure(f"get-c{concurrency}", small_get, _rate_figures))
     body = os.urandom(profile.post_bytes)
     runs.append(target.measure(
         "post-1mib-c8",
-        lambda: load.run_requests(addr, load.post_request(host, "/upload", body), concurrency=8,
+        lambda: load.run_requests(target.http, load.post_request(HOST, "/upload", body), concurrency=8,
                                   seconds=profile.seconds),
         _rate_figures))
     size = profile.bulk_bytes
-    download = f"/large?bytes={size}&seed=1"
-    runs.append(target.measure("download", lambda: load.bulk_download(addr, host, download, size),
-                               _bulk_figures))
-    runs.append(target.measure("upload", lambda: load.bulk_upload(addr, host, "/upload", size),
+    runs.append(target.measure(
+        "download", lambda: load.bulk_download(target.http, HOST, f"/large?bytes={size}&seed=1", size),
+        _bulk_figures))
+    runs.append(target.measure("upload", lambda: load.bulk_upload(target.http, HOST, "/upload", size),
                                _bulk_figures))
     runs.append(target.measure(
-        "websocket-echo", lambda: load.websocket_echo(addr, ws_host, "/", messages=profile.ws_messages),
+        "websocket-echo", lambda: load.websocket_echo(target.ws, WS_HOST, "/", messages=profile.ws_messages),
         _ws_figures))
     return runs
 
@@ -145,12 +187,16 @@ class Lab:
     """The lab for one bench invocation: a state dir, origins, the edge; connectors come and go."""
 
     def __init__(self, workdir: Path) -> None:
+        from lab.runner.procs import child_env
+
         self.workdir = workdir
         self.state = workdir / "state"
+        (self.state / "home").mkdir(parents=True, exist_ok=True)
+        self.env = child_env({"TUNNEL_LAB_STATE": str(self.state)}, home=str(self.state / "home"))
         self.components: list[Component] = []
 
     def start(self, name: str, argv: list[str]) -> Component:
-        component = Component(name, argv, self.workdir)
+        component = Component(name, argv, self.workdir, self.env)
         self.components.append(component)
         return component
 
@@ -159,49 +205,49 @@ class Lab:
             component.stop()
 
     def admin(self, *args: str) -> str:
-        import subprocess
-
-        proc = subprocess.run(lab_command(*args), capture_output=True, text=True, check=False)
+        argv = lab_command("tunnel", "--state", str(self.state), *args)
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=self.env,
+                              stdin=subprocess.DEVNULL, timeout=60)
         if proc.returncode != 0:
-            raise BenchSetupError(f"`tunnel-lab {' '.join(args)}` failed: {proc.stderr.strip()}")
+            raise BenchSetupError(f"`tunnel-lab tunnel {' '.join(args)}` failed: "
+                                  f"{(proc.stderr or proc.stdout).strip()}")
         return proc.stdout
 
-    def start_origin(self, kind: str) -> tuple[Component, str]:
+    def start_origin(self, kind: str) -> tuple[Component, tuple[str, int]]:
         ready = self.workdir / f"origin-{kind}.json"
         argv = lab_command("origin", kind, "--listen", "127.0.0.1:0", "--state", str(self.state),
-                           "--ready-file", str(ready))
+                           "--ready-file", str(ready), "--loglevel", "warning")
         comp = self.start(f"origin-{kind}", argv)
-        return comp, str(wait_ready_file(comp, ready)["url"])
+        return comp, parse_address(str(wait_ready_file(comp, ready)["address"]))
 
     def start_edge(self) -> tuple[Component, dict[str, Any]]:
         ready = self.workdir / "edge.json"
         argv = lab_command("edge", "--state", str(self.state), "--http-listen", "127.0.0.1:0",
-                           "--api-listen", "127.0.0.1:0", "--ready-file", str(ready))
+                           "--api-listen", "127.0.0.1:0", "--ready-file", str(ready), "--loglevel", "warning")
         for index, location in enumerate(LOCATIONS, start=1):
             argv += ["--tunnel-listen", f"{location}=127.0.0.{index}:0"]
         comp = self.start("edge", argv)
         return comp, wait_ready_file(comp, ready)
 
     def create_tunnel(self) -> tuple[str, Path]:
-        self.admin("tunnel", "--state", str(self.state), "create", "bench")
-        self.admin("tunnel", "--state", str(self.state), "route", "dns", "bench", HOST)
-        self.admin("tunnel", "--state", str(self.state), "route", "dns", "bench", WS_HOST)
-        info = json.loads(self.admin("tunnel", "--state", str(self.state), "list", "--output", "json"))
-        tunnel = next(t for t in info if t["name"] == "bench")
-        creds = self.state / "credentials" / f"{tunnel['id']}.json"
-        return str(tunnel["id"]), creds
+        created = json.loads(self.admin("create", "--output", "json", "bench"))
+        self.admin("route", "dns", "bench", HOST)
+        self.admin("route", "dns", "bench", WS_HOST)
+        creds = Path(created.get("credentials_file") or self.state / "credentials" / f"{created['id']}.json")
+        return str(created["id"]), creds
 
     def connector_argv(self, binary: list[str], edge: dict[str, Any], tunnel_id: str, creds: Path,
-                       metrics: str, http_url: str, ws_url: str) -> list[str]:
+                       metrics: str, urls: dict[str, str]) -> list[str]:
         config = self.workdir / "connector.yml"
-        config.write_text(json.dumps({"ingress": [{"hostname": WS_HOST, "service": ws_url},
-                                                  {"service": http_url}]}))
+        config.write_text(json.dumps({"ingress": [{"hostname": WS_HOST, "service": urls["ws"]},
+                                                  {"hostname": HOST, "service": urls["http"]},
+                                                  {"service": "http_status:404"}]}))
         edges: list[str] = []
         for listener in edge["tunnel_listeners"]:
             edges += ["--edge", listener["address"]]
         return [*binary, "tunnel", "--config", str(config), "--no-autoupdate", "--no-prechecks", *edges,
                 "--ha-connections", str(HA_CONNECTIONS), "--cacert", edge["ca"], "--metrics", metrics,
-                "--grace-period", "2s", "--loglevel", "info", "run", "--protocol", "http2",
+                "--grace-period", "1s", "--loglevel", "info", "run", "--protocol", "http2",
                 "--credentials-file", str(creds), "--dns-resolver-addrs", "127.0.0.1:53", tunnel_id]
 
 
@@ -210,173 +256,329 @@ def api(edge: dict[str, Any], method: str, path: str, body: dict[str, Any] | Non
     request = urllib.request.Request(f"http://{edge['api']}{path}", data=data, method=method,
                                      headers={"Authorization": f"Bearer {edge['api_token']}",
                                               "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        return json.load(resp)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return json.load(resp)
+    except (OSError, ValueError) as exc:
+        detail = exc.read().decode(errors="replace")[:200] if isinstance(exc, urllib.error.HTTPError) else ""
+        raise BenchSetupError(f"edge API {method} {path} failed: {exc} {detail}".rstrip()) from exc
 
 
 def wait_ready(connector: Component, metrics: str, count: int, timeout: float) -> float:
-    started = time.perf_counter()
+    """Seconds from the connector's start until its /ready reports `count` connections."""
     while ready_connections(metrics) < count:
         connector.check_alive()
-        if time.perf_counter() - started > timeout:
+        if time.perf_counter() - connector.started_at > timeout:
             raise BenchSetupError(f"{connector.name}: fewer than {count} connections ready after "
-                                  f"{timeout:.0f}s; last log lines:\n{connector.log_tail()}")
-        time.sleep(0.005)
-    return time.perf_counter() - started
+                                  f"{timeout:.0f}s; last lines of {connector.log_path}:\n"
+                                  f"{connector.log_tail()}")
+        time.sleep(0.002)
+    return time.perf_counter() - connector.started_at
 
 
-def measure_failover(edge: dict[str, Any], address: tuple[str, int], streak: int = 20,
-                     timeout: float = 60.0) -> float:
-    """Seconds from taking LAB1 down until `streak` requests in a row succeed again."""
-    import socket
+def _one_get(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.settimeout(5)
+            sock.sendall(load.get_request(HOST, "/status/200"))
+            status, _, _ = load._read_response(sock, bytearray())
+    except (OSError, load.HTTPClientError):
+        return False
+    return status == 200
 
-    api(edge, "POST", "/faults", {"kind": "dc-down", "location": "LAB1"})
+
+def measure_failover(edge: dict[str, Any], address: tuple[str, int], *, streak: int = 50,
+                     timeout: float = 60.0) -> tuple[str, float]:
+    """Take down the data centre of connection 0; seconds until `streak` requests in a row succeed again.
+
+    The figure is the time of the first success of that unbroken streak (new TCP connection per request,
+    so the edge picks a tunnel connection for each one).
+    """
+    connections = api(edge, "GET", "/connections")
+    live = [c for c in connections if c.get("state", "registered") == "registered"]
+    location = min(live, key=lambda c: c.get("conn_index", 0))["location"] if live else LOCATIONS[0]
+    api(edge, "POST", "/faults", {"kind": "dc-down", "location": location})
     started = time.perf_counter()
     ok_since: float | None = None
     ok = 0
-    while ok < streak:
-        if time.perf_counter() - started > timeout:
-            raise BenchSetupError("requests did not recover after the data centre went down")
-        try:
-            with socket.create_connection(address, timeout=5) as sock:
-                sock.sendall(load.get_request(HOST, "/status/200"))
-                status, _ = load._read_response(sock, bytearray())
-            success = status == 200
-        except (OSError, load.HTTPClientError):
-            success = False
-        if success:
-            ok_since = ok_since or time.perf_counter()
-            ok += 1
-        else:
-            ok, ok_since = 0, None
-            time.sleep(0.01)
-    api(edge, "POST", "/faults", {"kind": "dc-up", "location": "LAB1"})
-    return (ok_since or time.perf_counter()) - started
+    try:
+        while ok < streak:
+            if time.perf_counter() - started > timeout:
+                raise BenchSetupError(f"requests did not recover within {timeout:.0f}s after {location} "
+                                      "went down")
+            if _one_get(address):
+                ok_since = ok_since or time.perf_counter()
+                ok += 1
+            else:
+                ok, ok_since = 0, None
+                time.sleep(0.005)
+    finally:
+        api(edge, "POST", "/faults", {"kind": "dc-up", "location": location})  # also clears the dc-down
+    return location, (ok_since or time.perf_counter()) - started
 
 
 def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Component,
                          edge: dict[str, Any], origins: dict[str, Component], urls: dict[str, str],
                          tunnel: tuple[str, Path], profile: Profile) -> list[Run]:
     metrics = f"127.0.0.1:{free_port()}"
-    argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls["http"], urls["ws"])
+    argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls)
     connector = lab.start(f"connector-{path}", argv)
-    ready_s = wait_ready(connector, metrics, HA_CONNECTIONS, timeout=60)
-    runs = [Run("ready", path, {"seconds": round(ready_s, 3)})]
-    target = Target(path, parse_address(edge["http"]),
-                    {"edge": edge_comp, "connector": connector, **origins})
-    runs += traffic_workloads(target, profile, HOST, WS_HOST)
-    runs.append(Run("failover", path, {"seconds": round(measure_failover(edge, target.address), 3)}))
-    connector.stop()
-    return runs
+    try:
+        ready_s = wait_ready(connector, metrics, HA_CONNECTIONS, timeout=60)
+        runs = [Run("ready", path, {"seconds": round(ready_s, 3)},
+                    components={"connector": {"cpu_s": round(connector.usage().cpu_s, 3),
+                                              "peak_rss_mb": round(connector.usage().peak_rss_mb, 1)}})]
+        edge_http = parse_address(edge["http"])
+        target = Target(path, edge_http, edge_http, {"edge": edge_comp, "connector": connector, **origins})
+        runs += traffic_workloads(target, profile)
+        failover = Run("failover", path)
+        try:
+            location, seconds = measure_failover(edge, edge_http)
+            failover.figures = {"seconds": round(seconds, 3)}
+            failover.client = f"dc-down {location}"
+        except BenchSetupError as exc:
+            failover.failure, failover.errors = str(exc), 1
+        runs.append(failover)
+        connector.check_alive()
+        return runs
+    finally:
+        connector.stop()
 
 
-def run_bench(profile: Profile, workdir: Path, cloudflared: str | None) -> list[Run]:
+def run_bench(profile: Profile, workdir: Path, cloudflared: str | None,
+              progress: Callable[[str], None] = lambda _: None) -> list[Run]:
     lab = Lab(workdir)
     try:
-        http_origin, http_url = lab.start_origin("stream")
-        ws_origin, ws_url = lab.start_origin("ws-echo")
+        http_origin, http_addr = lab.start_origin("stream")
+        ws_origin, ws_addr = lab.start_origin("ws-echo")
         origins = {"origin": http_origin, "ws-origin": ws_origin}
-        urls = {"http": http_url, "ws": ws_url}
-        runs: list[Run] = []
-        direct = Target("direct", parse_address(http_url.split("//", 1)[1]), origins)
-        ws_direct = parse_address(ws_url.split("//", 1)[1])
-        direct_runs = traffic_workloads(direct, profile, HOST, WS_HOST)
-        # The direct WebSocket run must go to the WebSocket origin, not the HTTP one.
-        direct_runs[-1] = Target("direct", ws_direct, origins).measure(
-            "websocket-echo", lambda: load.websocket_echo(ws_direct, WS_HOST, "/",
-                                                          messages=profile.ws_messages), _ws_figures)
-        runs += direct_runs
+        urls = {"http": f"http://{http_addr[0]}:{http_addr[1]}", "ws": f"http://{ws_addr[0]}:{ws_addr[1]}"}
+        progress("direct")
+        runs = traffic_workloads(Target("direct", http_addr, ws_addr, origins), profile)
         tunnel = lab.create_tunnel()
         edge_comp, edge = lab.start_edge()
+        progress("lab")
         runs += bench_connector_path(lab, "lab", lab_command("connector"), edge_comp, edge, origins, urls,
                                      tunnel, profile)
         if cloudflared:
+            progress("cloudflared")
             runs += bench_connector_path(lab, "cloudflared", [cloudflared], edge_comp, edge, origins, urls,
                                          tunnel, profile)
+        for comp in (http_origin, ws_origin, edge_comp):
+            comp.check_alive()
         return runs
     finally:
         lab.stop_all()
 
 
-RATIO_FIGURES = ("requests_per_s", "mb_per_s", "messages_per_s")
+# --- report -------------------------------------------------------------------------------------------
 
 
-def render_table(runs: list[Run]) -> str:
-    """A plain-text table: one row per workload, one column group per path, ratios against direct."""
+def _fig(runs: list[Run], workload: str, path: str, name: str) -> float | None:
+    for run in runs:
+        if run.workload == workload and run.path == path and name in run.figures:
+            return run.figures[name]
+    return None
+
+
+def targets(runs: list[Run]) -> list[dict[str, Any]]:
+    """The goals of issue #6, checked on this run's figures (reported, never enforced)."""
+    out: list[dict[str, Any]] = []
+    for path in PATHS[1:]:
+        if not any(r.path == path for r in runs):
+            continue
+
+        def add(goal: str, value: float | None, ok: Callable[[float], bool], unit: str,
+                path: str = path) -> None:
+            out.append({"path": path, "goal": goal, "value": None if value is None else round(value, 3),
+                        "unit": unit, "met": None if value is None else ok(value)})
+
+        direct, tunnel = _fig(runs, "get-c32", "direct", "requests_per_s"), _fig(runs, "get-c32", path,
+                                                                                  "requests_per_s")
+        add("GET c=32 req/s >= 40% of direct", tunnel / direct if direct and tunnel is not None else None,
+            lambda v: v >= 0.40, "ratio")
+        direct, tunnel = _fig(runs, "get-c1", "direct", "p50_ms"), _fig(runs, "get-c1", path, "p50_ms")
+        add("added p50 at c=1 < 1 ms", tunnel - direct if direct is not None and tunnel is not None else None,
+            lambda v: v < 1.0, "ms")
+        for workload in ("download", "upload"):
+            direct = _fig(runs, workload, "direct", "mb_per_s")
+            tunnel = _fig(runs, workload, path, "mb_per_s")
+            add(f"bulk {workload} MB/s >= 50% of direct",
+                tunnel / direct if direct and tunnel is not None else None, lambda v: v >= 0.50, "ratio")
+            run = next((r for r in runs if r.workload == workload and r.path == path), None)
+            for comp in ("edge", "connector"):
+                growth = run.components.get(comp, {}).get("rss_growth_mb") if run else None
+                add(f"{comp} RSS growth over the {workload} < 50 MB", growth, lambda v: v < 50, "MB")
+        add("ready with 4 HA connections < 1 s", _fig(runs, "ready", path, "seconds"), lambda v: v < 1.0, "s")
+    return out
+
+
+def render_table(runs: list[Run], goals: list[dict[str, Any]]) -> str:
+    """Plain-text tables: figures per workload and path, ratios against direct, CPU, and the goals."""
     from rich.console import Console
     from rich.table import Table
 
-    paths = [p for p in ("direct", "lab", "cloudflared") if any(r.path == p for r in runs)]
-    table = Table(title="tunnel-lab bench (ratios against direct, same run)")
-    table.add_column("workload")
-    for path in paths:
-        table.add_column(path, justify="right")
-    for path in paths[1:]:
-        table.add_column(f"{path}/direct", justify="right")
-    table.add_column("cpu s (edge / connector / client)", justify="right")
+    paths = [p for p in PATHS if any(r.path == p for r in runs)]
     by_key = {(r.workload, r.path): r for r in runs}
     workloads = list(dict.fromkeys(r.workload for r in runs))
+    figures = Table(title="tunnel-lab bench: figures (ratio = tunnel / direct, same run)")
+    figures.add_column("workload")
+    for path in paths:
+        figures.add_column(path, justify="right")
+    for path in paths[1:]:
+        figures.add_column(f"{path}/direct", justify="right")
     for workload in workloads:
         cells = [workload]
-        for path in paths:
-            run = by_key.get((workload, path))
-            cells.append(_describe(run) if run else "-")
-        for path in paths[1:]:
-            cells.append(_ratio(by_key.get((workload, "direct")), by_key.get((workload, path))))
-        lab_run = by_key.get((workload, "lab"))
-        cells.append(" / ".join(f"{lab_run.components.get(c, {}).get('cpu_s', 0):.2f}"
-                                for c in ("edge", "connector", "client")) if lab_run else "-")
-        table.add_row(*cells)
-    console = Console(record=True, width=160)
-    with console.capture():
-        console.print(table)
-    return console.export_text()
+        cells += [_describe(by_key.get((workload, path))) for path in paths]
+        base = by_key.get((workload, "direct"))
+        cells += [_ratio(base, by_key.get((workload, path))) for path in paths[1:]]
+        figures.add_row(*cells)
+
+    cost = Table(title="cost per run: CPU s / peak RSS MB")
+    cost.add_column("workload")
+    cost.add_column("path")
+    names = ["edge", "connector", "origin", "ws-origin", "client"]
+    for name in names:
+        cost.add_column(name, justify="right")
+    for run in runs:
+        if run.components:
+            cost.add_row(run.workload, run.path, *[_cost(run.components.get(n)) for n in names])
+
+    goal_table = Table(title="goals (reported, not enforced)")
+    for column in ("path", "goal", "value", "met"):
+        goal_table.add_column(column)
+    for goal in goals:
+        value = "-" if goal["value"] is None else (f"{goal['value']:.0%}" if goal["unit"] == "ratio"
+                                                   else f"{goal['value']:.3f} {goal['unit']}")
+        met = {True: "yes", False: "NO", None: "-"}[goal["met"]]
+        goal_table.add_row(goal["path"], goal["goal"], value, met)
+
+    console = Console(width=170, color_system=None, emoji=False)
+    with console.capture() as capture:
+        for table in (figures, cost, goal_table):
+            console.print(table)
+    failures = [f"{r.workload} on {r.path}: {r.failure}" for r in runs if r.failure]
+    text = capture.get()
+    if failures:
+        text += "failures:\n" + "\n".join(f"  {line}" for line in failures) + "\n"
+    return text
 
 
-def _describe(run: Run) -> str:
+def _cost(usage: dict[str, float] | None) -> str:
+    if not usage:
+        return "-"
+    return f"{usage.get('cpu_s', 0):.2f} / {usage.get('peak_rss_mb', 0):.0f}"
+
+
+def _describe(run: Run | None) -> str:
+    if run is None:
+        return "-"
+    if run.failure:
+        return "FAILED"
     f = run.figures
+    errors = f" ({run.errors} err)" if run.errors else ""
     if "requests_per_s" in f:
-        return f"{f['requests_per_s']:.0f} req/s p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms"
+        return f"{f['requests_per_s']:.0f} req/s p50 {f['p50_ms']:.2f} p99 {f['p99_ms']:.2f} ms{errors}"
     if "mb_per_s" in f:
-        return f"{f['mb_per_s']:.1f} MB/s"
+        return f"{f['mb_per_s']:.1f} MB/s in {f['seconds']:.2f} s{errors}"
     if "messages_per_s" in f:
-        return f"{f['messages_per_s']:.0f} msg/s p50 {f['p50_ms']:.2f} ms"
+        return f"{f['messages_per_s']:.0f} msg/s p50 {f['p50_ms']:.2f} ms{errors}"
     return f"{f.get('seconds', 0):.3f} s"
+
+
+RATIO_FIGURES = ("requests_per_s", "mb_per_s", "messages_per_s")
 
 
 def _ratio(base: Run | None, other: Run | None) -> str:
     if not base or not other:
         return "-"
     for name in RATIO_FIGURES:
-        if base.figures.get(name):
-            return f"{other.figures.get(name, 0) / base.figures[name]:.0%}"
+        if base.figures.get(name) and name in other.figures:
+            return f"{other.figures[name] / base.figures[name]:.0%}"
     return "-"
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def _reexec_in_netns(argv: list[str]) -> int:
+    """Run `tunnel-lab bench ARGV` again inside a private network namespace (the runner's set-up)."""
+    from lab.runner import netns
+
+    ok, why = netns.available()
+    if not ok:
+        print(f"tunnel-lab: --cloudflared needs a private network namespace: {why}", file=sys.stderr)
+        return 1
+    env = {**os.environ, netns.MARKER: "1"}
+    cmd = ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child",
+           *lab_command("bench", *argv)]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
 
 
 def main(argv: list[str]) -> int:
     """Entry point of `tunnel-lab bench`."""
-    parser = argparse.ArgumentParser(prog="tunnel-lab bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs and 64 MiB bulk transfers")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: every figure, almost no load")
+    parser = argparse.ArgumentParser(prog="tunnel-lab bench", description=(__doc__ or "").splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2 s runs and 64 MiB bulk transfers")
+    size.add_argument("--tiny", action="store_true", help="smoke run: every figure, almost no load")
     parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
-    parser.add_argument("--cloudflared", metavar="PATH", help="also bench a real cloudflared (netns)")
-    parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here")
+    parser.add_argument("--cloudflared", metavar="PATH",
+                        help="also bench a real cloudflared (the bench then runs in a private netns)")
+    parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
     args = parser.parse_args(argv)
-    if args.cloudflared and not Path(args.cloudflared).exists() and not shutil.which(args.cloudflared):
-        print(f"tunnel-lab bench: no cloudflared at {args.cloudflared}", file=sys.stderr)
-        return 2
+    if args.cloudflared:
+        found = shutil.which(args.cloudflared)
+        if not found:
+            print(f"tunnel-lab: --cloudflared {args.cloudflared}: no such executable", file=sys.stderr)
+            return 2
+        args.cloudflared = os.path.abspath(found)
+        from lab.runner import netns
+
+        if not netns.inside():
+            fixed = [*_without_option(argv, "--cloudflared"), "--cloudflared", args.cloudflared]
+            if args.json:
+                fixed = [*_without_option(fixed, "--json"), "--json", os.path.abspath(args.json)]
+            return _reexec_in_netns(fixed)
+        netns.enter_inside()
     profile = Profile.named(args.quick, args.tiny)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunnel-lab-bench-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunnel-lab-bench-")).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    client = load.pick_client()
+    print(f"tunnel-lab bench: profile {profile.name}, load client {client}, {os.cpu_count()} cores, "
+          f"logs in {workdir}", file=sys.stderr)
+    started = time.perf_counter()
     try:
-        runs = run_bench(profile, workdir, args.cloudflared)
+        runs = run_bench(profile, workdir, args.cloudflared,
+                         progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True))
     except BenchSetupError as exc:
-        print(f"tunnel-lab bench: {exc}\n(logs in {workdir})", file=sys.stderr)
+        print(f"tunnel-lab: bench: {exc}\n(logs in {workdir})", file=sys.stderr)
         return 1
-    print(render_table(runs))
-    print(f"load client: {load.pick_client()}; cores: {os.cpu_count()}; logs: {workdir}")
+    except KeyboardInterrupt:
+        return 130
+    goals = targets(runs)
+    print(render_table(runs, goals))
+    print(f"load client: {client} for GET c=1/32/128, tunnel-lab for the rest; cores: {os.cpu_count()}; "
+          f"profile: {profile.name}; {time.perf_counter() - started:.0f} s; logs: {workdir}")
     if args.json:
-        document = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
-                    "client": load.pick_client(), "runs": [r.as_json() for r in runs]}
-        Path(args.json).write_text(json.dumps(document, indent=2))
-    return 0
+        document = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(),
+                    "profile": profile.name, "bulk_bytes": profile.bulk_bytes, "client": client,
+                    "runs": [r.as_json() for r in runs], "goals": goals}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 1 if any(r.failure for r in runs) else 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `NAME VALUE` or `NAME=VALUE`."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out

@@ -56,8 +56,8 @@ class HTTPClientError(Exception):
     """The server's answer was not the HTTP/1.1 response the bench expects."""
 
 
-def _read_response(sock: socket.socket, buf: bytearray, *, sink: bool = True) -> tuple[int, int]:
-    """Read one response with a Content-Length from `sock`; returns (status, body length)."""
+def _read_response(sock: socket.socket, buf: bytearray, *, keep: int = 0) -> tuple[int, int, bytes]:
+    """Read one response with a Content-Length from `sock`: (status, body length, first `keep` body bytes)."""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
@@ -66,25 +66,30 @@ def _read_response(sock: socket.socket, buf: bytearray, *, sink: bool = True) ->
     head_end = buf.index(b"\r\n\r\n") + 4
     head = bytes(buf[:head_end])
     del buf[:head_end]
-    status = int(head[9:12])
-    length = 0
+    try:
+        status = int(head[9:12])
+    except ValueError:
+        raise HTTPClientError(f"bad status line {head[:40]!r}") from None
     for line in head.split(b"\r\n")[1:]:
         if line[:15].lower() == b"content-length:":
             length = int(line[15:])
             break
     else:
-        raise HTTPClientError("response without Content-Length")
+        raise HTTPClientError(f"status {status} response without Content-Length")
+    kept = bytearray(buf[:min(keep, length)])
     remaining = length - len(buf)
     if remaining <= 0:
         del buf[:length]
-        return status, length
+        return status, length, bytes(kept)
     buf.clear()
     while remaining > 0:
         chunk = sock.recv(min(remaining, 1 << 20))
         if not chunk:
-            raise HTTPClientError("connection closed mid-body")
+            raise HTTPClientError(f"connection closed with {remaining} body bytes to go")
+        if len(kept) < keep:
+            kept += chunk[: keep - len(kept)]
         remaining -= len(chunk)
-    return status, length
+    return status, length, bytes(kept)
 
 
 def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -206,11 +211,12 @@ def bulk_download(address: tuple[str, int], host: str, path: str, expected: int)
     with _connect(address, 30) as sock:
         sock.settimeout(120)
         sock.sendall(get_request(host, path))
-        status, length = _read_response(sock, bytearray())
+        status, length, _ = _read_response(sock, bytearray())
     result.seconds = time.perf_counter() - started
+    if status != 200 or length != expected:
+        raise HTTPClientError(f"download: status {status}, {length} bytes (wanted 200, {expected})")
     result.bytes = length
     result.requests = 1
-    result.errors = int(status != 200 or length != expected)
     result.latencies = [result.seconds]
     return result
 
@@ -231,11 +237,12 @@ def bulk_upload(address: tuple[str, int], host: str, path: str, size: int) -> Lo
             piece = view[: min(len(block), size - sent)]
             sock.sendall(piece)
             sent += len(piece)
-        status, _ = _read_response(sock, bytearray())
+        status, _, answer = _read_response(sock, bytearray(), keep=4096)
     result.seconds = time.perf_counter() - started
+    if status != 200 or f'"body_length": {size},'.encode() not in answer:
+        raise HTTPClientError(f"upload: status {status}, answer {answer[:200]!r} (wanted all {size} bytes)")
     result.bytes = size
     result.requests = 1
-    result.errors = int(status != 200)
     result.latencies = [result.seconds]
     return result
 
@@ -293,18 +300,31 @@ def run_wrk(url: str, *, host: str, concurrency: int, seconds: float) -> LoadRes
     cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
            "-H", f"Host: {host}", url]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     result = LoadResult(client="wrk", seconds=time.perf_counter() - started)
+    result.client_cpu_s = rusage.ru_utime + rusage.ru_stime
+    result.client_peak_rss_mb = rusage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise HTTPClientError(f"wrk exited with {proc.returncode}: {output.strip()[-300:]}")
     percentiles: dict[str, float] = {}
-    for line in proc.stdout.splitlines():
+    rate = None
+    for line in output.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0].endswith("%"):
             percentiles[parts[0]] = _wrk_duration(parts[1])
         elif line.strip().startswith("Requests/sec:"):
             rate = float(parts[1])
-            result.requests = round(rate * result.seconds)
+        elif "requests in" in line:
+            result.requests = int(parts[0])
+            result.seconds = _wrk_duration(parts[3].rstrip(","))
         elif "Non-2xx" in line or "Socket errors" in line:
             result.errors += sum(int(p.rstrip(",")) for p in parts if p.rstrip(",").isdigit())
+    if rate is None or not result.requests:
+        raise HTTPClientError(f"wrk printed no request rate: {output.strip()[-300:]}")
     result.reported_percentiles_ms = {float(k.rstrip("%")): v * 1000 for k, v in percentiles.items()}
     return result
 

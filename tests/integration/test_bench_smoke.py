@@ -1,0 +1,83 @@
+"""`tunnel-lab bench --tiny` as a real process: every figure is there for direct and lab, not their values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TIMEOUT = 60
+
+RATE = {"requests_per_s", "p50_ms", "p90_ms", "p99_ms"}
+BULK = {"mb_per_s", "seconds"}
+EXPECTED: dict[str, set[str]] = {
+    "get-c1": RATE, "get-c32": RATE, "get-c128": RATE, "post-1mib-c8": RATE,
+    "download": BULK, "upload": BULK, "websocket-echo": {"messages_per_s", "p50_ms", "p99_ms"},
+}
+CONNECTOR_ONLY: dict[str, set[str]] = {"ready": {"seconds"}, "failover": {"seconds"}}
+
+
+def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--tiny", "--json", str(out),
+                           "--workdir", str(tmp_path / "work"), *args],
+                          capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+                          check=False)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc, json.loads(out.read_text())
+
+
+def check_path(doc: dict[str, Any], path: str, expected: dict[str, set[str]], counted: set[str]) -> None:
+    runs = {r["workload"]: r for r in doc["runs"] if r["path"] == path}
+    assert set(expected) <= set(runs), f"{path}: missing workloads {set(expected) - set(runs)}"
+    for workload, figures in expected.items():
+        run = runs[workload]
+        assert "failure" not in run, f"{workload} on {path}: {run['failure']}"
+        missing = {f for f in figures if not isinstance(run.get(f), int | float)}
+        assert not missing, f"{workload} on {path}: no {missing} in {run}"
+        if workload in EXPECTED:
+            assert run["errors"] == 0, f"{workload} on {path}: {run['errors']} errors"
+            for component in counted | {"client"}:
+                usage = run["components"].get(component)
+                assert usage is not None, f"{workload} on {path}: no cost for {component}"
+                assert {"peak_rss_mb", "cpu_s"} <= set(usage), usage
+
+
+def test_tiny_bench_produces_every_figure_for_direct_and_lab(tmp_path: Path) -> None:
+    proc, doc = bench(tmp_path)
+    assert doc["profile"] == "tiny"
+    assert doc["client"] in ("tunnel-lab", "wrk", "h2load")
+    check_path(doc, "direct", EXPECTED, {"origin", "ws-origin"})
+    check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, {"edge", "connector", "origin", "ws-origin"})
+    assert not [r for r in doc["runs"] if r["path"] == "cloudflared"]
+    paths_with_goals = {g["path"] for g in doc["goals"]}
+    assert paths_with_goals == {"lab"}
+    assert all(g["value"] is not None for g in doc["goals"]), doc["goals"]
+    # The terminal table names every workload and says which load client ran.
+    for workload in [*EXPECTED, *CONNECTOR_ONLY]:
+        assert workload in proc.stdout
+    assert f"load client: {doc['client']}" in proc.stdout
+
+
+def test_missing_cloudflared_binary_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--tiny", "--cloudflared",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)
+    assert proc.returncode == 2
+    assert "no such executable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.cloudflared
+@pytest.mark.skipif(not os.environ.get("TUNNEL_LAB_CLOUDFLARED"),
+                    reason="set TUNNEL_LAB_CLOUDFLARED=PATH to a real cloudflared binary to bench it")
+def test_tiny_bench_with_a_real_cloudflared(tmp_path: Path) -> None:
+    _, doc = bench(tmp_path, "--cloudflared", os.environ["TUNNEL_LAB_CLOUDFLARED"])
+    tunnel = {"edge", "connector", "origin", "ws-origin"}
+    check_path(doc, "cloudflared", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
+    check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
