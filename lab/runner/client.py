@@ -97,7 +97,7 @@ class _BodySink:
     def __init__(self, resp: Response) -> None:
         self.resp = resp
         self.digest = hashlib.sha256()
-        self._sse_tail = b""
+        self._sse_pending = False
 
     def feed(self, data: bytes) -> None:
         if not data:
@@ -109,10 +109,12 @@ class _BodySink:
         room = KEEP_BYTES - len(r.body_prefix)
         if room > 0:
             r.body_prefix += data[:room]
-        # Count blank lines ending an event, also when "\n\n" straddles two reads.
-        text = (self._sse_tail + data).replace(b"\r\n", b"\n")
-        r.sse_events += text.count(b"\n\n") - self._sse_tail.count(b"\n\n")
-        self._sse_tail = text[-1:]
+        # Count blank lines ending an event ("\n\n", CRs ignored), also when they straddle two reads:
+        # carry an unpaired trailing "\n" into the next read, so a run of k newlines counts k // 2.
+        text = (b"\n" if self._sse_pending else b"") + data.replace(b"\r", b"")
+        r.sse_events += text.count(b"\n\n")
+        run = len(text) - len(text.rstrip(b"\n"))
+        self._sse_pending = run % 2 == 1
 
     def done(self) -> None:
         self.resp.body_sha256 = self.digest.hexdigest()
