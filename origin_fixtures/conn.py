@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import trio
@@ -21,6 +22,8 @@ from origin_fixtures.http1 import (
     last_chunk,
     response_head,
 )
+
+log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
 ECHO_BODY_PREFIX = 4096
@@ -114,6 +117,10 @@ class Conn:
 
     def note(self, text: str) -> None:
         """Add a remark to the current record (what the fixture did beyond the status)."""
+        # Misbehaviour is a test knob: say so at INFO, so a log shows why a client saw what it saw.
+        level = logging.INFO if self.kind == "misbehave" else logging.DEBUG
+        target = self.record.target if self.record is not None else "-"
+        log.log(level, "origin kind=%s peer=%s target=%s: %s", self.kind, self.peer, target, text)
         if self.record is not None:
             self.record.note = f"{self.record.note}; {text}" if self.record.note else text
 

@@ -62,6 +62,12 @@ async def serve_origin(kind: str, host: str, port: int, options: OriginConfig | 
         await _serve_hello(host, port, options, task_status=task_status)
         raise AssertionError("unreachable")  # pragma: no cover
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0 and len(listeners) > 1:
+        # A name like `localhost` gives one listener per address family, each on its own random port;
+        # keep the first so that the one reported address is the whole truth.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
     sockname = listeners[0].socket.getsockname()
     bound: tuple[str, int] = (sockname[0], sockname[1])
     wrapped: list[trio.abc.Listener[trio.abc.Stream]] = []
