@@ -563,12 +563,7 @@ class EdgeConnection:
     async def _serve_stream(self, ts: TunnelStream, kind: StreamType) -> None:
         try:
             with ts.cancel_scope:
-                try:
-                    await self.proxy.handle_stream(ts, kind)
-                except StreamGone:
-                    raise
-                except Exception:  # a stream's failure never kills its connection
-                    log.exception("Stream handler failed %s", ts.label)
+                await self._call_handler(ts, kind)
             if not ts.reset_received and not self.dead:
                 if not ts.local_ended:
                     await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -584,6 +579,22 @@ class EdgeConnection:
                 self._streams_idle.set()
             if not self.dead:
                 self._wake_writer.set()
+
+    async def _call_handler(self, ts: TunnelStream, kind: StreamType) -> None:
+        """Run the stream handler; its failures end the stream (RST_STREAM), never the connection."""
+        try:
+            await self.proxy.handle_stream(ts, kind)
+        except StreamGone:
+            pass
+        except BaseExceptionGroup as group:
+            _, rest = group.split(StreamGone)
+            if rest is None:
+                return
+            if not isinstance(rest, ExceptionGroup):  # Cancelled or KeyboardInterrupt inside: not ours
+                raise rest from None
+            log.error("Stream handler failed %s", ts.label, exc_info=rest)
+        except Exception:
+            log.exception("Stream handler failed %s", ts.label)
 
     @property
     def active_streams(self) -> int:
@@ -684,6 +695,7 @@ class EdgeConnection:
             with trio.fail_after(self.settings.rpc_timeout):
                 answer = await self._await_answer(qid)
         except trio.TooSlowError:
+            self._rpc.cancel(qid)  # Finish(releaseResultCaps=true), as Go does for an abandoned call
             await self._abort_rpc(ctrl)
             raise RegistrationRefusedError("register tunnel connection: context deadline exceeded") from None
         if isinstance(answer, CallFailed):
@@ -749,17 +761,21 @@ class EdgeConnection:
         if self.registered and self._rpc_closed is None and not self._rpc.aborted:
             qid = self._rpc.unregister_connection()
             await self._send_rpc(ctrl)
+            answer: object = None
             with trio.move_on_at(deadline):
                 try:
                     answer = await self._await_answer(qid)
-                except ControlStreamError:
-                    answer = None
-                if isinstance(answer, CallReturned):
-                    log.info("Unregistered tunnel connection connIndex=%d event=0 ip=%s", self.conn_index,
-                             self.edge_ip)
-                else:
-                    log.error("Error shutting down control stream connIndex=%d error=%r", self.conn_index,
-                              getattr(answer, "reason", "control stream closed"))
+                except ControlStreamError as exc:
+                    answer = exc
+            if isinstance(answer, CallReturned):
+                log.info("Unregistered tunnel connection connIndex=%d event=0 ip=%s", self.conn_index,
+                         self.edge_ip)
+            else:
+                if answer is None and not self._rpc.aborted:
+                    self._rpc.cancel(qid)  # gave up: Finish(releaseResultCaps=true), as Go does
+                reason = ("context deadline exceeded" if answer is None
+                          else getattr(answer, "reason", None) or str(answer))
+                log.error("Error shutting down control stream connIndex=%d error=%r", self.conn_index, reason)
         if self.registered:
             self.registered = False
             if self._on_unregistered:

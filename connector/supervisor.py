@@ -55,12 +55,18 @@ class Backoff:
         k = min(self.attempts + 1, self.retries)
         return self.base * (2**k)
 
-    def next_wait(self) -> tuple[float, float]:
-        """(wait, bound): the random wait for the next retry and the bound the log line states."""
+    def next_wait(self, *, after_reset: bool = False) -> tuple[float, float]:
+        """(wait, shown): the random wait for the next retry and the bound cloudflared's log line states.
+
+        cloudflared's line is off in two places, kept for log readers: right after a reset (a connection
+        that had registered) it says `base` (the real bound is 2 * base), and once capped it says twice the
+        real bound (1m4s for 32 s)."""
+        capped = self.attempts >= self.retries
         bound = self.next_bound()
         self.attempts += 1
         wait = max(self._rng.uniform(0, bound), self.base * MIN_WAIT_FRACTION)
-        return wait, bound
+        shown = self.base if after_reset else (2 * bound if capped else bound)
+        return wait, shown
 
     def reset(self) -> None:
         self.attempts = 0
@@ -217,8 +223,8 @@ class Supervisor:
                 if new != address:
                     log.info("Switching to another edge address connIndex=%d ip=%s", index, new)
                 address = new
-            wait, bound = backoff.next_wait()
-            log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(bound), index,
+            wait, shown = backoff.next_wait(after_reset=was_registered)
+            log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(shown), index,
                      address)
             with trio.move_on_after(wait):
                 await self.shutdown.wait()

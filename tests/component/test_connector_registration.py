@@ -237,11 +237,12 @@ async def test_shutdown_without_unregister_answer_waits_grace_period(tmp_path):
 
 def test_backoff_bounds_double_and_cap():
     b = supervisor.Backoff(1.0, 3)
-    bounds = [b.next_wait()[1] for _ in range(5)]
-    assert bounds == [2, 4, 8, 8, 8]
+    shown = [b.next_wait()[1] for _ in range(5)]
+    assert shown == [2, 4, 8, 16, 16]  # capped at 8 s, stated as 16 s like cloudflared
+    assert b.next_bound() == 8
     b.reset()
-    wait, bound = b.next_wait()
-    assert bound == 2 and 0.1 <= wait < 2
+    wait, bound = b.next_wait(after_reset=True)
+    assert bound == 1 and 0.1 <= wait < 2
     assert supervisor._duration(64) == "1m4s" and supervisor._duration(4) == "4s"
 
 
