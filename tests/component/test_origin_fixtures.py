@@ -6,6 +6,7 @@ import errno
 import gzip
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -231,6 +232,35 @@ async def test_echo_rejects_unframeable_requests_with_400(nursery: trio.Nursery,
         data = await raw_exchange(addr, raw, idle=3)
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"Connection: close" in data
+
+
+async def test_a_failing_connection_never_takes_the_origin_down(nursery: trio.Nursery,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(TIMEOUT):
+        addr, config = await start(nursery, "stream")
+        assert (await raw_exchange(addr, b"\x16\x03\x01 not http\r\n\r\n", idle=3)).startswith(
+            b"HTTP/1.1 400 ")
+        # A client that goes away in the middle of an endless event stream.
+        stream = await trio.open_tcp_stream(*addr)
+        await stream.send_all(b"GET /sse?n=0&interval=1ms HTTP/1.1\r\nHost: h\r\n\r\n")
+        await stream.receive_some(65536)
+        await stream.aclose()
+        await trio.sleep(0.1)  # let the event stream hit the closed socket
+        resp = await fetch(addr, "GET", "/status/200")
+    assert resp.status == 200
+    assert [r.status for r in config.history.records] == [200, 200]  # no head, no record
+    # A client going away is routine: nothing above WARNING (the 400 is the one warning).
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == ["WARNING"]
+
+
+async def test_http10_request_gets_an_answer_and_a_close(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        addr, _ = await start(nursery, "echo")
+        data = await raw_exchange(addr, b"GET /old HTTP/1.0\r\n\r\nGET /ignored HTTP/1.0\r\n\r\n", idle=3)
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Connection: close" in head.split(b"\r\n")
+    doc = json.loads(body)
+    assert (doc["target"], doc["http_version"], doc["headers"]) == ("/old", "1.0", [])
 
 
 async def test_unknown_kind_is_a_config_error() -> None:

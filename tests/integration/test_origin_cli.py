@@ -54,8 +54,12 @@ def test_echo_ready_file_request_history_and_sigterm(tmp_path: Path) -> None:
         doc = json.loads(resp.read())
         conn.close()
         assert resp.status == 200 and doc["target"] == "/cli?q=1" and ["X-Test", "yes"] in doc["headers"]
+        # A connection still open at shutdown does not hold the process up.
+        idle = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        idle.connect()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 0
+        idle.close()
     [record] = [json.loads(x) for x in history.read_text().splitlines()]
     assert (record["method"], record["target"], record["status"], record["body_length"]) == (
         "POST", "/cli?q=1", 200, 3)
