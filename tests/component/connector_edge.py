@@ -393,7 +393,13 @@ class OriginRequestRecord:
 class RawOrigin:
     """Records the exact bytes of every request; answers with `respond(record) -> bytes` (raw response)."""
 
-    def __init__(self, respond: Callable[[OriginRequestRecord], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        respond: Callable[[OriginRequestRecord], bytes] | None = None,
+        *,
+        close_after_response: bool = False,
+    ) -> None:
+        self.close_after_response = close_after_response
         self.requests: list[OriginRequestRecord] = []
         self.connections = 0
         self.respond = respond or (
@@ -437,6 +443,9 @@ class RawOrigin:
                     self.changed.set()
                     self.changed = trio.Event()
                     await stream.send_all(self.respond(rec))
+                    if self.close_after_response:
+                        await stream.aclose()
+                        return
                     # hand the raw bytes over to a fresh parser (we write responses ourselves)
                     conn = h11.Connection(h11.SERVER)
                     pending = bytes(raw)
