@@ -13,7 +13,7 @@ import hashlib
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import h2.config
@@ -494,36 +494,36 @@ async def websocket_exchange(
                     )
                 )
             )
-            events = _ws_events(stream, ws)
-            async for ev in events:
-                if isinstance(ev, wsproto.events.AcceptConnection):
-                    result.status = 101
-                    break
-                if isinstance(ev, wsproto.events.RejectConnection):
-                    result.status = ev.status_code
-                    return result
-            for message in messages:
-                out_ev: wsproto.events.Event = (
-                    wsproto.events.TextMessage(data=message)
-                    if isinstance(message, str)
-                    else wsproto.events.BytesMessage(data=message)
-                )
-                await stream.send_all(ws.send(out_ev))
-                buf: list[str | bytes] = []
+            async with contextlib.aclosing(_ws_events(stream, ws)) as events:
                 async for ev in events:
-                    if isinstance(ev, wsproto.events.Message):
-                        buf.append(ev.data)
-                        if ev.message_finished:
-                            break
-                    elif isinstance(ev, wsproto.events.CloseConnection):
-                        raise ClientError(f"the server closed the WebSocket ({ev.code} {ev.reason})")
-                    elif isinstance(ev, wsproto.events.Ping):
-                        await stream.send_all(ws.send(ev.response()))
-                else:
-                    raise ClientError("the connection ended before the echo arrived")
-                result.received.append("".join(buf) if isinstance(message, str) else b"".join(buf))  # type: ignore[arg-type]
-            with contextlib.suppress(trio.BrokenResourceError, wsproto.utilities.LocalProtocolError):
-                await stream.send_all(ws.send(wsproto.events.CloseConnection(code=1000)))
+                    if isinstance(ev, wsproto.events.AcceptConnection):
+                        result.status = 101
+                        break
+                    if isinstance(ev, wsproto.events.RejectConnection):
+                        result.status = ev.status_code
+                        return result
+                for message in messages:
+                    out_ev: wsproto.events.Event = (
+                        wsproto.events.TextMessage(data=message)
+                        if isinstance(message, str)
+                        else wsproto.events.BytesMessage(data=message)
+                    )
+                    await stream.send_all(ws.send(out_ev))
+                    buf: list[str | bytes] = []
+                    async for ev in events:
+                        if isinstance(ev, wsproto.events.Message):
+                            buf.append(ev.data)
+                            if ev.message_finished:
+                                break
+                        elif isinstance(ev, wsproto.events.CloseConnection):
+                            raise ClientError(f"the server closed the WebSocket ({ev.code} {ev.reason})")
+                        elif isinstance(ev, wsproto.events.Ping):
+                            await stream.send_all(ws.send(ev.response()))
+                    else:
+                        raise ClientError("the connection ended before the echo arrived")
+                    result.received.append("".join(buf) if isinstance(message, str) else b"".join(buf))  # type: ignore[arg-type]
+                with contextlib.suppress(trio.BrokenResourceError, wsproto.utilities.LocalProtocolError):
+                    await stream.send_all(ws.send(wsproto.events.CloseConnection(code=1000)))
     except (Exception, BaseExceptionGroup) as exc:
         err = as_client_error(exc) if isinstance(exc, Exception) else None
         if err is None:
@@ -534,7 +534,7 @@ async def websocket_exchange(
 
 async def _ws_events(
     stream: trio.abc.Stream, ws: wsproto.WSConnection
-) -> AsyncIterator[wsproto.events.Event]:
+) -> AsyncGenerator[wsproto.events.Event, None]:
     while True:
         for ev in ws.events():
             yield ev
