@@ -525,10 +525,16 @@ def main(argv: list[str]) -> int:
     size.add_argument("--quick", action="store_true", help="2 s runs and 64 MiB bulk transfers")
     size.add_argument("--tiny", action="store_true", help="smoke run: every figure, almost no load")
     parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
+    parser.add_argument("--client", choices=load.CLIENTS, default="auto",
+                        help="load client for the small GETs (auto: wrk when installed, else our own)")
     parser.add_argument("--cloudflared", metavar="PATH",
                         help="also bench a real cloudflared (the bench then runs in a private netns)")
     parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
     args = parser.parse_args(argv)
+    if args.client == "wrk" and not shutil.which("wrk"):
+        print("tunnel-lab: --client wrk: wrk is not installed", file=sys.stderr)
+        return 2
+    load.choose_client(args.client)
     if args.cloudflared:
         found = shutil.which(args.cloudflared)
         if not found:

@@ -289,9 +289,23 @@ def websocket_echo(address: tuple[str, int], host: str, path: str, *, messages: 
     return result
 
 
+CLIENTS = ("auto", "wrk", "tunnel-lab")
+_chosen = "auto"
+
+
+def choose_client(name: str) -> None:
+    """`auto` (wrk when installed), `wrk` or `tunnel-lab` (our own multi-process client)."""
+    global _chosen
+    if name not in CLIENTS:
+        raise ValueError(f"unknown load client {name!r}")
+    _chosen = name
+
+
 def pick_client() -> str:
-    """Name the load client that `run_requests` stands for: an installed wrk, else our own."""
-    return "wrk" if shutil.which("wrk") else "tunnel-lab"
+    """Name the load client that the small-GET workloads use."""
+    if _chosen == "auto":
+        return "wrk" if shutil.which("wrk") else "tunnel-lab"
+    return _chosen
 
 
 def run_wrk(url: str, *, host: str, concurrency: int, seconds: float) -> LoadResult:
