@@ -85,6 +85,8 @@ def _check_writable_target(path: Path) -> Path:
     if path.resolve() == real or real in path.resolve().parents:
         raise ConfigError(f"refusing to write under {real}: that directory belongs to a real cloudflared",
                           source=str(path), hint="choose a path outside ~/.cloudflared")
+    if path.is_dir():
+        raise ConfigError("is a directory", source=str(path), hint="give a file path")
     if path.exists():
         raise ConfigError("file already exists", source=str(path),
                           hint="remove it or choose another path")

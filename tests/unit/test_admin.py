@@ -113,6 +113,7 @@ def test_create_errors_leave_nothing_behind(lab: Lab, tmp_path: Path) -> None:
                                                    str(not_a_dir / "x.json"))
     # The directory exists but the file cannot be created: the tunnel is rolled back.
     assert "was not created" in lab.fails("create", "x", "--credentials-file", "/proc/tunnel-lab-x.json")
+    assert "is a directory" in lab.fails("create", "x", "--credentials-file", str(tmp_path))
     assert "invalid tunnel name" in lab.fails("create", "a b")
     with lab.store() as store:
         assert [t.name for t in store.list_tunnels()] == ["web"]

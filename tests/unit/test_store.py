@@ -335,3 +335,28 @@ def test_concurrent_processes_write_safely(tmp_path: Path) -> None:
         assert len(s.list_routes("dns")) == 75
         assert s.resolve_hostname("p2-24.example.com") == s.get_tunnel("p2-24")
         assert s.account_tag in tags
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=80))
+def test_resolution_never_raises_on_hostile_input(tmp_path_factory: pytest.TempPathFactory,
+                                                  host: str) -> None:
+    with Store(tmp_path_factory.getbasetemp() / "fuzz.db") as s:
+        if s.get_tunnel("t") is None:
+            s.route_dns(s.create_tunnel("t"), "*.example.com")
+            s.route_ip("0.0.0.0/0", "t")
+        assert s.resolve_hostname(host) in (None, s.get_tunnel("t"))
+        assert s.resolve_ip(host) in (None, s.get_tunnel("t"))
+        assert s.resolve_hostname(host + ".example.com") in (None, s.get_tunnel("t"))
+
+
+def test_usable_from_another_thread(store: Store) -> None:
+    import threading
+
+    t = store.create_tunnel("t")
+    store.route_dns(t, "a.example.com")
+    seen: list[object] = []
+    worker = threading.Thread(target=lambda: seen.append(store.resolve_hostname("a.example.com")))
+    worker.start()
+    worker.join(timeout=10)
+    assert seen == [t]
