@@ -88,6 +88,12 @@ class Conn:
             websocket=head.is_websocket_upgrade))
         return self.record
 
+    def end_exchange(self) -> None:
+        """The response is complete: forget the request and read the next one on this connection."""
+        self.record = None
+        self.head_sent = False
+        self.reader.start_next_request()
+
     async def read_body(self, head: RequestHead) -> BodyInfo:
         """Consume the request body (de-chunked), digesting it without keeping more than a prefix."""
         expect = (head.get(b"expect") or b"").lower()

@@ -163,7 +163,7 @@ async def _trailers(conn: Conn, head: RequestHead, params: dict[str, str]) -> bo
 async def _large(conn: Conn, head: RequestHead, params: dict[str, str]) -> bool:
     nbytes = _int(params, "bytes", 1 << 20)
     seed = _int(params, "seed", 0, -(1 << 63), 1 << 63)
-    chunked = _flag(params, "chunked") if "chunked" in params else False
+    chunked = _flag(params, "chunked")
     if nbytes > THREAD_DIGEST_BYTES:
         digest = await trio.to_thread.run_sync(generated_sha256, nbytes, seed)
     else:
@@ -228,7 +228,7 @@ async def _slow(conn: Conn, head: RequestHead, params: dict[str, str]) -> bool:
 async def _trickle(conn: Conn, head: RequestHead, params: dict[str, str]) -> bool:
     nbytes = _int(params, "bytes", 10, 0, 1 << 20)
     interval = _secs(params, "interval", 0.1)
-    chunked = _flag(params, "chunked") if "chunked" in params else False
+    chunked = _flag(params, "chunked")
     framing: list[tuple[str | bytes, str | bytes | int]] = (
         [("Transfer-Encoding", "chunked")] if chunked else [("Content-Length", nbytes)])
     await conn.send_head(head, 200, [("Content-Type", "text/plain"), *framing])
@@ -329,7 +329,7 @@ async def handle_misbehave(conn: Conn, head: RequestHead, body: BodyInfo) -> boo
         if path == "/close-mid-body":
             total = _int(params, "bytes", 1000, 1)
             sent = _int(params, "sent", min(100, total - 1), 0, total - 1)
-            if _flag(params, "chunked") if "chunked" in params else False:
+            if _flag(params, "chunked"):
                 await conn.send_head(head, 200, [("Content-Type", "text/plain"),
                                                  ("Transfer-Encoding", "chunked")], keep_alive=False)
                 await conn.send_chunk(_pattern("partial.", total)[:sent])

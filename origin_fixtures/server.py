@@ -183,7 +183,7 @@ async def _serve_http(conn: Conn, handler: Handler, *, websocket: bool) -> None:
             conn.history.finish(record)
         if not keep:
             return
-        conn.reader.start_next_request()
+        conn.end_exchange()
 
 
 async def _bad_request(conn: Conn, exc: Exception) -> None:

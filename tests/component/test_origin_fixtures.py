@@ -219,6 +219,15 @@ async def test_echo_answers_100_continue(nursery: trio.Nursery) -> None:
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
+async def test_a_bad_second_request_on_a_kept_connection_gets_400(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        addr, config = await start(nursery, "echo")
+        data = await raw_exchange(addr, b"GET /ok HTTP/1.1\r\nHost: h\r\n\r\nBAD\r\n\r\n", idle=3)
+    first, second = data.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 OK") and second.startswith(b"400 Bad Request")
+    assert [r.status for r in config.history.records] == [200]
+
+
 @pytest.mark.parametrize("raw", [
     b"NONSENSE\r\n\r\n",
     b"GET / HTTP/2.0\r\nHost: h\r\n\r\n",
