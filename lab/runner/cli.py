@@ -129,6 +129,12 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("tunnel-lab: interrupted; every component was stopped", file=sys.stderr)
         return 130
+    except BaseExceptionGroup as group:  # trio delivers Ctrl-C inside nurseries as a group
+        interrupted, rest = group.split(KeyboardInterrupt)
+        if interrupted is None or rest is not None:
+            raise
+        print("tunnel-lab: interrupted; every component was stopped", file=sys.stderr)
+        return 130
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:

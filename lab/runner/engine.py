@@ -388,8 +388,8 @@ class _Runner:
         ]
         comp = Component(f"access:{hostname}", argv, lab.logs / f"access-{hostname}.log", env=lab.env())
         lab.components[comp.name] = comp
-        lab.recorder.op("start", component=comp.name, argv=argv)
         await comp.start()
+        lab.recorder.op("start", component=comp.name, argv=argv, pid=comp.pid)
         with trio.move_on_after(10):
             while True:
                 if comp.process is not None and comp.process.returncode is not None:

@@ -170,8 +170,8 @@ class Lab:
 
     async def start_origin(self, name: str) -> None:
         comp = self.components[f"origin:{name}"]
-        self.recorder.op("start", component=comp.name, argv=comp.argv)
         await comp.start()
+        self.recorder.op("start", component=comp.name, argv=comp.argv, pid=comp.pid)
         ready = await comp.wait_ready_file(START_TIMEOUT)
         # Restarts reuse the port, so ingress rules and ${...} values stay valid.
         port = str(ready.get("address", "")).rpartition(":")[2]
@@ -212,8 +212,8 @@ class Lab:
 
     async def start_edge(self) -> None:
         comp = self.components["edge"]
-        self.recorder.op("start", component="edge", argv=comp.argv)
         await comp.start()
+        self.recorder.op("start", component="edge", argv=comp.argv, pid=comp.pid)
         self.edge_ready = await comp.wait_ready_file(START_TIMEOUT)
         self.api_token = str(self.edge_ready.get("api_token") or "")
         if not self.api_token:
@@ -308,8 +308,8 @@ class Lab:
         if comp.starts:  # rebuild: the edge may have moved (it never does with a same-port restart)
             comp = self._connector_component()
         shown = ["<token>" if i and comp.argv[i - 1] == "--token" else a for i, a in enumerate(comp.argv)]
-        self.recorder.op("start", component="connector", argv=shown)
         await comp.start()
+        self.recorder.op("start", component="connector", argv=shown, pid=comp.pid)
         if wait_ready:
             await self.wait_ready(wait_ready, START_TIMEOUT)
 

@@ -67,9 +67,16 @@ def reexec(argv: Sequence[str]) -> int:
         "lab.runner.cli",
         *argv,
     ]
+    child = subprocess.Popen(cmd, env=env)
     try:
-        return subprocess.call(cmd, env=env)
+        return child.wait()
     except KeyboardInterrupt:
+        # Ctrl-C reached the runner inside too (same process group): let it tear down; if it cannot,
+        # unshare's --kill-child and the PID namespace end every process of the lab.
+        try:
+            child.wait(timeout=15)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            child.kill()
         return 130
 
 

@@ -86,6 +86,10 @@ class Component:
         self.starts = 0
 
     @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
 

@@ -5,10 +5,14 @@ report must say what and where), a malformed file (refused before anything start
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -163,3 +167,69 @@ def test_isolated_run(tmp_path: Path) -> None:
     assert "private network namespace" in proc.stdout
     ops = (tmp_path / "results" / "operations.jsonl").read_text()
     assert '"isolated": true' in ops
+
+
+SLOW = textwrap.dedent("""\
+    name: interrupted
+    description: a long step, interrupted by Ctrl-C
+    topology:
+      origins:
+        files: {kind: stream}
+      tunnels:
+        main: {dns: [files.lab.test]}
+      connector:
+        tunnel: main
+        url: ${origins.files.url}
+    steps:
+      - request: {host: files.lab.test, path: "/slow?delay=30", timeout: 40}
+    """)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie whose parent has not reaped it yet counts as gone
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
+    (tmp_path / "slow.yaml").write_text(SLOW)
+    ops_file = tmp_path / "results" / "interrupted" / "operations.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lab.cli",
+            "run",
+            str(tmp_path / "slow.yaml"),
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while '"action": "request"' not in (ops_file.read_text() if ops_file.exists() else ""):
+            assert time.monotonic() < deadline, "the scenario never reached its request step"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    pids = [json.loads(line)["pid"] for line in ops_file.read_text().splitlines() if '"op": "start"' in line]
+    assert len(pids) == 3  # origin, edge, connector
+    assert [p for p in pids if _alive(p)] == []
