@@ -193,17 +193,26 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
     cfg = edge.config
     try:
         while True:
-            first = conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]
+            idle = conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]
+            if idle:
+                # Between requests: wait up to the idle timeout for the next request's first byte.
+                with trio.move_on_after(cfg.eyeball_idle_timeout) as waiting:
+                    try:
+                        data = await stream.receive_some(READ_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                if waiting.cancelled_caught:
+                    log.debug("eyeball idle, closing client=%s", client)
+                    return
+                conn.h11.receive_data(bytes(data))
             try:
-                # The whole head must arrive within the deadline: a trickling client times out.
-                with trio.fail_after(cfg.eyeball_idle_timeout if first else cfg.eyeball_header_timeout):
+                # From the first byte on, the whole head must arrive in time: a trickling client
+                # gets 408.
+                with trio.fail_after(cfg.eyeball_header_timeout):
                     event = await conn.next_event(math.inf)
             except (TimeoutError, trio.TooSlowError):
-                if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
-                    log.debug("eyeball idle, closing client=%s", client)
-                else:
-                    log.info("eyeball too slow sending its request head; 408 client=%s", client)
-                    await _simple_error(conn, 408, "The request head did not arrive in time.")
+                log.info("eyeball too slow sending its request head; 408 client=%s", client)
+                await _simple_error(conn, 408, "The request head did not arrive in time.")
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400

@@ -295,3 +295,33 @@ async def test_trickling_client_times_out(tmp_path):
                     while chunk := await stream.receive_some(65536):
                         out += chunk
                 assert out.startswith(b"HTTP/1.1 408")
+
+
+async def test_connector_stream_limit_is_honoured_by_queueing(tmp_path):
+    """With SETTINGS_MAX_CONCURRENT_STREAMS 2 (control stream + 1), requests queue instead of failing."""
+    active = 0
+    peak = 0
+
+    async def handler(s):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await trio.sleep(0.05)
+        active -= 1
+        await s.respond(200, [(b"Content-Length", b"2")])
+        await s.send(b"ok", end=True)
+
+    with trio.fail_after(10):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            await registered(nursery, edge, t, handler, max_concurrent_streams=2)
+            statuses = []
+
+            async def one():
+                statuses.append((await http_request(edge.bound["http"], "GET", "/", host="app.test")).status)
+
+            async with trio.open_nursery() as inner:
+                for _ in range(5):
+                    inner.start_soon(one)
+            assert statuses == [200] * 5
+            assert peak == 1
