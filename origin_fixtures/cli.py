@@ -130,7 +130,8 @@ def main(argv: list[str]) -> int:
 
             ssl_context = origin_ssl_context(state_dir(args.state), args.tls, args.hostname)
         elif args.hostname:
-            raise ConfigError("--hostname only makes sense with --tls", source="--hostname")
+            # Harmless: a runner may name the host for every origin, TLS or not.
+            log.info("origin kind=%s --hostname %s ignored without --tls", args.kind, args.hostname)
         options = OriginConfig(ssl_context=ssl_context, history=History(args.history))
         try:
             return trio.run(_run, args, host, port, options)

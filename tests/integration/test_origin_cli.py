@@ -86,7 +86,8 @@ def test_tls_origin_with_a_broken_certificate(tmp_path: Path) -> None:
     (["nope"], 2, "invalid choice: 'nope'"),
     (["echo", "--listen", "192.0.2.1:0"], 1, "loopback only"),
     (["echo", "--listen", "127.0.0.1"], 1, "want HOST:PORT"),
-    (["echo", "--hostname", "a.test"], 1, "--hostname only makes sense with --tls"),
+    (["echo", "--tls", "valid", "--hostname", "bad name!", "--state", "/dev/null/x"], 1,
+     "tunnel-lab: --state: cannot create state directory"),
 ])
 def test_bad_command_lines_exit_without_traceback(args: list[str], code: int, message: str) -> None:
     proc = subprocess.run(origin_command(*args), capture_output=True, text=True, timeout=TIMEOUT, check=False)
