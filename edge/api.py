@@ -59,7 +59,8 @@ async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
     """Validate and apply a POST /faults body; returns the answer."""
     kind, params = parse_fault(body)
     edge.metrics.faults.inc(kind=kind)
-    selector: dict[str, Any] = {k: params[k] for k in ("connection", "tunnel_id", "conn_index", "location") if k in params}
+    selector: dict[str, Any] = {k: params[k] for k in ("connection", "tunnel_id", "conn_index", "location")
+                                if k in params}
     if kind in ("drop-connection", "goaway", "reset-streams"):
         if not selector:
             raise ConfigError(f"fault {kind} needs a selector: connection, tunnel_id (+conn_index) or "

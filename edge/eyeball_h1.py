@@ -6,7 +6,6 @@ Used for `--http-listen` and for `--https-listen` connections that did not negot
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import http
 import logging
 import math
@@ -74,9 +73,9 @@ class _Conn:
         """Close the transport."""
         if not self.closed:
             self.closed = True
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    await self.stream.aclose()
+            with (trio.CancelScope(shield=True), trio.move_on_after(1),
+                  contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                await self.stream.aclose()
 
 
 class _RawChannel:
@@ -166,7 +165,8 @@ class H1Exchange:
         await self.conn.close()
 
     async def upgrade(self, status: int, headers: Headers) -> _RawChannel:
-        await self.conn.send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason(status)))
+        await self.conn.send(h11.InformationalResponse(status_code=status, headers=headers,
+                                                       reason=reason(status)))
         self.switched = True
         leftover, _ = self.conn.h11.trailing_data
         return _RawChannel(self.conn, bytes(leftover))

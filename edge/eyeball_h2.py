@@ -242,6 +242,6 @@ async def serve_h2_connection(edge: Edge, transport: trio.abc.Stream, *, client:
     except Exception:
         log.exception("eyeball HTTP/2 connection failed client=%s", client)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await transport.aclose()
+        with (trio.CancelScope(shield=True), trio.move_on_after(1),
+              contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+            await transport.aclose()

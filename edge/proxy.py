@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 from h2.errors import ErrorCodes
@@ -96,56 +96,87 @@ async def send_page(ex: Exchange, status: int, headers: Headers, body: bytes) ->
 
 
 class _Outcome:
-    def __init__(self) -> None:
+    """What happened to one request; recorded in the history exactly once."""
+
+    def __init__(self, edge: Edge, req: Any, host: str, ray: str) -> None:
+        self.edge = edge
+        self.req = req
+        self.host = host
+        self.ray = ray
+        self.started = time.monotonic()
         self.status = 0
         self.outcome = "ok"
+        self.tunnel: Any = None
         self.conn: TunnelConnection | None = None
+        self.recorded = False
+
+    def record(self) -> None:
+        """Write the history entry and metrics (before the last byte goes out, so a client that
+        reads the history right after its response finds its entry)."""
+        if self.recorded:
+            return
+        self.recorded = True
+        duration = time.monotonic() - self.started
+        conn = self.conn
+        self.edge.history.record(
+            ray=self.ray, host=self.host, method=str(self.req.method), path=str(self.req.target),
+            status=self.status, tunnel_id=str(self.tunnel.id) if self.tunnel is not None else None,
+            connection=conn.id if conn is not None else None,
+            location=conn.location if conn is not None else None,
+            outcome=self.outcome, duration_ms=round(duration * 1000, 3))
+        self.edge.metrics.requests.inc(status=self.status, outcome=self.outcome)
+        self.edge.metrics.request_seconds.inc(duration)
+
+
+class _Recording:
+    """Wraps an Exchange so the history entry is written just before the response ends."""
+
+    def __init__(self, ex: Exchange, result: _Outcome) -> None:
+        self._ex = ex
+        self._result = result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ex, name)
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        self._result.record()
+        await self._ex.finish(trailers)
 
 
 async def proxy_request(edge: Edge, ex: Exchange) -> None:
     """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
     from wire.eyeball import new_ray_id
 
-    started = time.monotonic()
     req = ex.request
     host = _host_only(str(req.host or ""))
-    result = _Outcome()
-    tunnel: Any = None
-    location = edge.default_location
-    ray = new_ray_id(location, os.urandom(8))
+    result = _Outcome(edge, req, host, new_ray_id(edge.default_location, os.urandom(8)))
+    ex = cast(Exchange, _Recording(ex, result))
     try:
         latency = edge.faults.latency()
         if latency:
             await trio.sleep(latency)
         tunnel = edge.tunnels.resolve_hostname(host) if host else None
+        result.tunnel = tunnel
         if tunnel is None:
             result.status, result.outcome = 404, "no-route"
-            log.info("no route for host=%r ray=%s", host, ray)
-            await send_page(ex, 404, *pages.no_route_page(host, ray))
+            log.info("no route for host=%r ray=%s", host, result.ray)
+            await send_page(ex, 404, *pages.no_route_page(host, result.ray))
             return
         conn = edge.registry.pick(tunnel.id)
         if conn is None:
             result.status, result.outcome = 530, "no-connection"
-            log.info("no healthy connection tunnel=%s host=%r ray=%s", tunnel.id, host, ray)
-            await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), ray))
+            log.info("no healthy connection tunnel=%s host=%r ray=%s", tunnel.id, host, result.ray)
+            await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), result.ray))
             return
-        ray = new_ray_id(conn.location, os.urandom(8))
-        await _forward(edge, ex, tunnel, conn, ray, result)
+        result.ray = new_ray_id(conn.location, os.urandom(8))
+        await _forward(edge, ex, tunnel, conn, result.ray, result)
     except EyeballGone:
-        result.outcome = "eyeball-closed"
-        log.info("eyeball went away host=%r ray=%s", host, ray)
+        if not result.recorded:
+            result.outcome = "eyeball-closed"
+        log.info("eyeball went away host=%r ray=%s", host, result.ray)
         raise
     finally:
-        duration = time.monotonic() - started
-        conn = result.conn
-        edge.history.record(
-            ray=ray, host=host, method=str(req.method), path=str(req.target), status=result.status,
-            tunnel_id=str(tunnel.id) if tunnel is not None else None,
-            connection=conn.id if conn is not None else None,
-            location=conn.location if conn is not None else None,
-            outcome=result.outcome, duration_ms=round(duration * 1000, 3))
-        edge.metrics.requests.inc(status=result.status, outcome=result.outcome)
-        edge.metrics.request_seconds.inc(duration)
+        result.record()
 
 
 async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection, ray: str,

@@ -92,12 +92,16 @@ class Registry:
     def select(self, spec: dict[str, Any]) -> list[TunnelConnection]:
         """Connections chosen by an API selector: `connection`, `tunnel_id`(+`conn_index`), `location`."""
         conns = self.listed()
+
+        def reg(c: TunnelConnection) -> Any:
+            return c.registration
+
         if "connection" in spec:
             conns = [c for c in conns if c.id == str(spec["connection"])]
         if "tunnel_id" in spec:
-            conns = [c for c in conns if c.registration and str(c.registration.tunnel_id) == str(spec["tunnel_id"])]
+            conns = [c for c in conns if str(reg(c).tunnel_id) == str(spec["tunnel_id"])]
         if "conn_index" in spec:
-            conns = [c for c in conns if c.registration and c.registration.conn_index == int(spec["conn_index"])]
+            conns = [c for c in conns if reg(c).conn_index == int(spec["conn_index"])]
         if "location" in spec:
             conns = [c for c in conns if c.location == str(spec["location"])]
         return conns

@@ -283,7 +283,7 @@ class TunnelConnection:
                     log.info("connector closed the tunnel connection %s", self.ident())
                 return
             first = False
-            self._guard.feed(data)
+            self._guard.feed(bytes(data))
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
@@ -617,10 +617,8 @@ class TunnelConnection:
         await self._stream_flush()
 
     def _reset_now(self, stream_id: int, code: int) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed
             self.h2.reset_stream(stream_id, code)
-        except h2.exceptions.ProtocolError:
-            pass  # already closed
 
     async def reset_stream(self, stream: TunnelStream, code: int) -> None:
         """RST_STREAM from the edge."""

@@ -107,20 +107,20 @@ async def test_drop_goaway_and_reset_streams(tmp_path):
             with trio.fail_after(5):
                 while not a.opened:
                     await trio.sleep(0.01)
-            status, out = await api(edge, "POST", "/faults", {"kind": "reset-streams", "location": "LAB1"})
+            _, out = await api(edge, "POST", "/faults", {"kind": "reset-streams", "location": "LAB1"})
             assert out["affected"] == 1
             with trio.fail_after(5):
                 while not replies:
                     await trio.sleep(0.01)
             assert replies[0].status == 200 and not replies[0].complete
-            status, out = await api(edge, "POST", "/faults", {"kind": "goaway", "tunnel_id": str(t.id),
+            _, out = await api(edge, "POST", "/faults", {"kind": "goaway", "tunnel_id": str(t.id),
                                                               "conn_index": 1, "error_code": 0})
             assert out["affected"] == 1
             with trio.fail_after(5):
                 while b.goaway is None:
                     await trio.sleep(0.01)
             assert [c.location for c in edge.registry.routable(t.id)] == ["LAB1"]
-            status, out = await api(edge, "POST", "/faults", {"kind": "drop-connection", "location": "LAB1"})
+            _status, out = await api(edge, "POST", "/faults", {"kind": "drop-connection", "location": "LAB1"})
             assert out["affected"] == 1
             await a.closed.wait()
             r = await http_request(edge.bound["http"], "GET", "/", host="app.test")
@@ -171,7 +171,7 @@ async def test_latency_fault(tmp_path):
         async with running_edge(tmp_path) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, echo_handler)
-            status, fault = await api(edge, "POST", "/faults", {"kind": "latency", "ms": 300})
+            _status, fault = await api(edge, "POST", "/faults", {"kind": "latency", "ms": 300})
             start = trio.current_time()
             r = await http_request(edge.bound["http"], "GET", "/", host="app.test")
             assert r.status == 200 and trio.current_time() - start >= 0.3

@@ -44,8 +44,9 @@ async def h2_get(tls: trio.SSLStream, authority: str, paths: list[str], body: by
         sid = conn.get_next_available_stream_id()
         ids[sid] = path
         method = b"POST" if body is not None else b"GET"
-        conn.send_headers(sid, [(b":method", method), (b":scheme", b"https"), (b":authority", authority.encode()),
-                                (b":path", path.encode())], end_stream=body is None)
+        conn.send_headers(sid, [(b":method", method), (b":scheme", b"https"),
+                                (b":authority", authority.encode()), (b":path", path.encode())],
+                          end_stream=body is None)
         if body is not None:
             for i in range(0, len(body), 16384):
                 conn.send_data(sid, body[i:i + 16384], end_stream=i + 16384 >= len(body))
@@ -146,7 +147,8 @@ async def test_connect_proxy_to_private_network(tmp_path):
             host, port = split(edge.bound["warp"])
             stream = await trio.open_tcp_stream(host, port)
             async with stream:
-                await stream.send_all(b"CONNECT 10.1.2.3:22 HTTP/1.1\r\nHost: 10.1.2.3:22\r\n\r\nSSH-2.0-x\r\n")
+                await stream.send_all(b"CONNECT 10.1.2.3:22 HTTP/1.1\r\nHost: 10.1.2.3:22\r\n\r\n"
+                                      b"SSH-2.0-x\r\n")
                 raw = b""
                 while b"SSH-2.0-x" not in raw:
                     raw += await stream.receive_some(65536)

@@ -46,7 +46,7 @@ async def test_get_is_routed_with_edge_headers(tmp_path):
 
 async def test_unknown_host_404_and_no_connection_530(tmp_path):
     with trio.fail_after(10):
-        async with running_edge(tmp_path) as (edge, nursery):
+        async with running_edge(tmp_path) as (edge, _nursery):
             r = await http_request(edge.bound["http"], "GET", "/", host="nowhere.test")
             assert r.status == 404 and b"nowhere.test" in r.body and b"route dns" in r.body
             make_tunnel(edge, "t1", "*.apps.test")  # a route added while the edge runs
@@ -189,7 +189,8 @@ async def test_round_robin_and_retry_on_another_connection(tmp_path):
             assert "dying" in seen
             # a POST is not retried
             await registered(nursery, edge, t, handler_for("dying"), location="LAB2", conn_index=3)
-            results = [(await http_request(edge.bound["http"], "POST", "/", host="app.test", body=b"x")).status
+            addr = edge.bound["http"]
+            results = [(await http_request(addr, "POST", "/", host="app.test", body=b"x")).status
                        for _ in range(3)]
             assert 502 in results
 
@@ -212,7 +213,8 @@ async def test_websocket_upgrade_and_bytes_both_ways(tmp_path):
             stream = await trio.open_tcp_stream(host, port)
             async with stream:
                 await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\n"
-                                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                      b"Connection: Upgrade\r\n"
+                                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                                       b"Sec-WebSocket-Version: 13\r\n\r\nhello")
                 raw = b""
                 while b"HELLO" not in raw:

@@ -12,7 +12,7 @@ import json
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,13 @@ from h2.settings import SettingCodes, Settings
 from edge.config import Address, EdgeConfig, TunnelListen
 from edge.server import Edge, serve_edge
 from wire import rpc
-from wire.headers import META_CLOUDFLARED, META_ORIGIN, RESPONSE_HEADERS, RESPONSE_META, serialize_response_headers
+from wire.headers import (
+    META_CLOUDFLARED,
+    META_ORIGIN,
+    RESPONSE_HEADERS,
+    RESPONSE_META,
+    serialize_response_headers,
+)
 from wire.registration import ClientInfo, ConnectionOptions, RegisterConnectionParams, TunnelAuth
 
 Headers = list[tuple[bytes, bytes]]
@@ -120,15 +126,17 @@ class ServerStream:
         await self.conn.flush()
 
     async def respond_error(self, status: int = 502) -> None:
-        self.conn.h2.send_headers(self.id, [(b":status", str(status).encode()), (RESPONSE_META, META_CLOUDFLARED),
-                                            (b"content-length", b"0")], end_stream=True)
+        fields = [(b":status", str(status).encode()), (RESPONSE_META, META_CLOUDFLARED),
+                  (b"content-length", b"0")]
+        self.conn.h2.send_headers(self.id, fields, end_stream=True)
         await self.conn.flush()
 
     async def send(self, data: bytes, *, end: bool = False) -> None:
         """Send DATA honouring the edge's windows."""
         view = memoryview(data)
         while view:
-            window = min(self.conn.h2.local_flow_control_window(self.id), self.conn.h2.max_outbound_frame_size)
+            h2c = self.conn.h2
+            window = min(h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
             if window <= 0:
                 await self.conn.window_lot.park()
                 continue
@@ -180,10 +188,8 @@ class ScriptedConnector:
         async with self.lock:
             data = self.h2.data_to_send()
             if data:
-                try:
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.h2.initiate_connection()
@@ -255,10 +261,8 @@ class ScriptedConnector:
 
     async def _run_handler(self, s: ServerStream) -> None:
         assert self.handler is not None
-        try:
+        with suppress(ConnectionResetError, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             await self.handler(s)
-        except (ConnectionResetError, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
 
     async def _send_rpc(self) -> None:
         out = self.rpc.data_to_send()

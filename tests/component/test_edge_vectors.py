@@ -23,7 +23,8 @@ from tests.component.test_edge_support import ScriptedConnector, dial_edge, runn
 from tests.conftest import VECTORS, VECTORS_GO126
 from wire.capnp import MessageReader, frame_message
 
-CASES = [VECTORS / "A01-control-stream-register.json", VECTORS / "B01-control-stream-register-ingress-config.json",
+CASES = [VECTORS / "A01-control-stream-register.json",
+         VECTORS / "B01-control-stream-register-ingress-config.json",
          VECTORS_GO126 / "D12b-control-stream-register.json"]
 C2E, E2C = "cloudflared->edge", "edge->cloudflared"
 
