@@ -233,3 +233,75 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     pids = [json.loads(line)["pid"] for line in ops_file.read_text().splitlines() if '"op": "start"' in line]
     assert len(pids) == 3  # origin, edge, connector
     assert [p for p in pids if _alive(p)] == []
+
+
+@pytest.mark.skipif(not netns.available()[0], reason=f"no private network namespace: {netns.available()[1]}")
+def test_cloudflared_mode_with_a_stand_in_binary(tmp_path: Path) -> None:
+    """`--connector cloudflared` with a stand-in that logs its argv and runs our connector: the run moves into
+    the namespace, the binary gets cloudflared's offline command line, and `requires` skips what it lacks."""
+    fake = tmp_path / "cloudflared"
+    argv_log = tmp_path / "argv.txt"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {argv_log}\nexec {sys.executable} -m lab.cli connector "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "lab-only.yaml").write_text(
+        FAILING.replace("deliberately-wrong", "lab-only").replace(
+            "description:", "requires: [lab-connector]\ndescription:"
+        )
+    )
+    proc = run_lab(
+        "--connector",
+        "cloudflared",
+        "--cloudflared",
+        str(fake),
+        "-k",
+        "http-get-echo",
+        str(ROOT / "scenarios" / "http-get-echo.yaml"),
+        str(tmp_path / "lab-only.yaml"),
+        "--results",
+        str(tmp_path / "results"),
+        "--json",
+        str(tmp_path / "report.json"),
+        timeout=60,
+    )
+    data = report(tmp_path / "report.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert data["connector"] == "cloudflared"
+    assert {s["name"]: s["status"] for s in data["scenarios"]} == {"http-get-echo": "passed"}
+    args = argv_log.read_text().split()
+    assert args[:5] == ["tunnel", "--config", args[2], "--no-autoupdate", "--no-prechecks"]
+    assert args.count("--edge") == 2 and args[args.index("--ha-connections") + 1] == "1"
+    run = args.index("run")
+    assert args[run : run + 3] == ["run", "--protocol", "http2"]
+    assert "--dns-resolver-addrs" in args[run:] and "--cacert" in args[:run]
+    ops = (tmp_path / "results" / "operations.jsonl").read_text()
+    assert '"isolated": true' in ops
+
+
+def test_requires_skips_with_the_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "cloudflared"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    (tmp_path / "lab-only.yaml").write_text(
+        FAILING.replace("deliberately-wrong", "lab-only").replace(
+            "description:", "requires: [lab-connector]\ndescription:"
+        )
+    )
+    proc = run_lab(
+        "--connector",
+        "cloudflared",
+        "--cloudflared",
+        str(fake),
+        str(tmp_path / "lab-only.yaml"),
+        "--results",
+        str(tmp_path / "results"),
+        "--json",
+        str(tmp_path / "report.json"),
+        timeout=60,
+    )
+    if not netns.available()[0]:
+        assert proc.returncode == 2 and "cannot isolate cloudflared" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [result] = report(tmp_path / "report.json")["scenarios"]
+    assert result["status"] == "skipped"
+    assert result["message"] == "the cloudflared connector does not support: lab-connector"
