@@ -60,30 +60,36 @@ class _H2Server:
         self.h2.initiate_connection()
         await self.flush()
         async with trio.open_nursery() as nursery:
-            while True:
-                with trio.move_on_after(self.edge.config.eyeball_idle_timeout) as idle:
-                    try:
-                        data = await self.transport.receive_some(65536)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                if idle.cancelled_caught and not self.exchanges:
-                    self.h2.close_connection()
-                    await self.flush()
-                    break
-                if idle.cancelled_caught:
-                    continue
-                if not data:
-                    break
-                try:
-                    events = self.h2.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    log.info("eyeball HTTP/2 protocol error (%s) client=%s", exc, self.client)
-                    await self.flush()
-                    break
-                for event in events:
-                    self.dispatch(event, nursery)
-                await self.flush()
+            try:
+                await self._read_loop(nursery)
+            except EyeballGone as exc:  # handled here, not inside the nursery's exception group
+                log.debug("eyeball HTTP/2 connection ended: %s client=%s", exc, self.client)
             nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            with trio.move_on_after(self.edge.config.eyeball_idle_timeout) as idle:
+                try:
+                    data = await self.transport.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if idle.cancelled_caught and not self.exchanges:
+                self.h2.close_connection()
+                await self.flush()
+                break
+            if idle.cancelled_caught:
+                continue
+            if not data:
+                break
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.info("eyeball HTTP/2 protocol error (%s) client=%s", exc, self.client)
+                await self.flush()
+                break
+            for event in events:
+                self.dispatch(event, nursery)
+            await self.flush()
 
     def dispatch(self, event: Any, nursery: trio.Nursery) -> None:
         if isinstance(event, h2.events.RequestReceived):

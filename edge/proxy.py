@@ -255,81 +255,95 @@ async def _upload_body(ex: Exchange, stream: TunnelStream, failed: list[BaseExce
 async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome,
                       ident: str, may_retry: bool) -> bool:
     """Drive one tunnel stream. Returns True when the request should be retried elsewhere."""
-    from wire.eyeball import eyeball_response_headers, tunnel_response
-
     upload_failed: list[BaseException] = []
     upload = trio.CancelScope()  # cancelled once the response no longer needs the request body
+    gone: EyeballGone | None = None
     async with trio.open_nursery() as nursery:
         if ex.has_body:
             nursery.start_soon(_upload, ex, stream, upload_failed, upload)
         try:
-            with trio.move_on_after(edge.config.origin_timeout) as waited:
-                raw_headers = await stream.response_headers()
-        except OversizedHeadersError as exc:
+            return await _respond(edge, ex, stream, ray, result, ident, may_retry, upload, upload_failed)
+        except EyeballGone as exc:
+            # Kept out of the nursery's exception group: the caller handles a plain EyeballGone.
+            gone = exc
+        finally:
             upload.cancel()
-            result.status, result.outcome = 502, "oversized-headers"
-            await send_page(ex, 502, *pages.error_page(502, f"The origin's {exc}.", ray=ray))
-            return False
-        except TunnelStreamError as exc:
-            upload.cancel()
-            if upload_failed:
-                raise EyeballGone("eyeball closed during the upload") from None
-            if exc.retryable and may_retry:
-                return True
-            log.info("stream failed before the response: %s %s", exc, ident)
-            result.status, result.outcome = 502, "stream-failed"
-            await send_page(ex, 502, *pages.error_page(
-                502, f"The tunnel stream failed before the connector answered: {exc}", ray=ray))
-            return False
-        if waited.cancelled_caught:
-            upload.cancel()
-            await stream.reset(ErrorCodes.CANCEL)
-            result.status, result.outcome = 524, "timeout"
-            log.warning("no response within %gs; 524 %s", edge.config.origin_timeout, ident)
-            await send_page(ex, 524, *pages.error_page(
-                524, f"The origin did not answer within {edge.config.origin_timeout:g} seconds.",
-                ray=ray, hint="make the origin answer faster or raise the edge's --origin-timeout"))
-            return False
-        try:
-            resp = tunnel_response(raw_headers, request_was_websocket=ex.websocket)
-            out_headers = list(eyeball_response_headers(resp))
-        except TunnelLabError as exc:
-            upload.cancel()
-            log.warning("bad response headers from the connector: %s %s", exc, ident)
-            result.status, result.outcome = 502, "bad-response"
-            await send_page(ex, 502, *pages.error_page(502, f"The connector sent a bad response: {exc}",
-                                                        ray=ray))
-            return False
-        result.status = int(resp.status)
-        if ex.websocket and resp.websocket_upgrade:
-            result.status, result.outcome = 101, "websocket"
-            await _websocket(ex, stream, out_headers, ident)
-            upload.cancel()
-            return False
-        if ex.websocket:
-            # Not an upgrade: an ordinary response; our request side carries no body.
-            with contextlib.suppress(TunnelStreamError):
-                await stream.end()
-        if resp.src == "cloudflared" and result.status >= 500:
-            result.outcome = "connector-error"
-            log.info("connector answered %d (src=cloudflared) %s", result.status, ident)
-            await _drain_quietly(stream)
-            await send_page(ex, result.status, *pages.error_page(
-                result.status, "The connector could not reach the origin service (it answered "
-                f"{result.status} with src=cloudflared); its log names the cause.", ray=ray,
-                hint="check that the origin named by the ingress rule is up and reachable"))
-            return False
-        await ex.start_response(result.status, out_headers)
-        try:
-            await _relay_body(edge, ex, stream)
-        except TunnelStreamError as exc:
-            result.outcome = "aborted"
-            log.warning("stream failed mid-response; aborting the eyeball response: %s %s", exc, ident)
-            upload.cancel()
-            await ex.abort()
-            return False
+    assert gone is not None
+    raise gone
+
+
+async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome, ident: str,
+                   may_retry: bool, upload: trio.CancelScope, upload_failed: list[BaseException]) -> bool:
+    from wire.eyeball import eyeball_response_headers, tunnel_response
+
+    try:
+        with trio.move_on_after(edge.config.origin_timeout) as waited:
+            raw_headers = await stream.response_headers()
+    except OversizedHeadersError as exc:
+        upload.cancel()
+        result.status, result.outcome = 502, "oversized-headers"
+        await send_page(ex, 502, *pages.error_page(502, f"The origin's {exc}.", ray=ray))
+        return False
+    except TunnelStreamError as exc:
+        upload.cancel()
+        if upload_failed:
+            raise EyeballGone("eyeball closed during the upload") from None
+        if exc.retryable and may_retry:
+            return True
+        log.info("stream failed before the response: %s %s", exc, ident)
+        result.status, result.outcome = 502, "stream-failed"
+        await send_page(ex, 502, *pages.error_page(
+            502, f"The tunnel stream failed before the connector answered: {exc}", ray=ray))
+        return False
+    if waited.cancelled_caught:
+        upload.cancel()
+        await stream.reset(ErrorCodes.CANCEL)
+        result.status, result.outcome = 524, "timeout"
+        log.warning("no response within %gs; 524 %s", edge.config.origin_timeout, ident)
+        await send_page(ex, 524, *pages.error_page(
+            524, f"The origin did not answer within {edge.config.origin_timeout:g} seconds.",
+            ray=ray, hint="make the origin answer faster or raise the edge's --origin-timeout"))
+        return False
+    try:
+        resp = tunnel_response(raw_headers, request_was_websocket=ex.websocket)
+        out_headers = list(eyeball_response_headers(resp))
+    except TunnelLabError as exc:
+        upload.cancel()
+        log.warning("bad response headers from the connector: %s %s", exc, ident)
+        result.status, result.outcome = 502, "bad-response"
+        await send_page(ex, 502, *pages.error_page(502, f"The connector sent a bad response: {exc}",
+                                                    ray=ray))
+        return False
+    result.status = int(resp.status)
+    if ex.websocket and resp.websocket_upgrade:
+        result.status, result.outcome = 101, "websocket"
+        await _websocket(ex, stream, out_headers, ident)
         upload.cancel()
         return False
+    if ex.websocket:
+        # Not an upgrade: an ordinary response; our request side carries no body.
+        with contextlib.suppress(TunnelStreamError):
+            await stream.end()
+    if resp.src == "cloudflared" and result.status >= 500:
+        result.outcome = "connector-error"
+        log.info("connector answered %d (src=cloudflared) %s", result.status, ident)
+        await _drain_quietly(stream)
+        await send_page(ex, result.status, *pages.error_page(
+            result.status, "The connector could not reach the origin service (it answered "
+            f"{result.status} with src=cloudflared); its log names the cause.", ray=ray,
+            hint="check that the origin named by the ingress rule is up and reachable"))
+        return False
+    await ex.start_response(result.status, out_headers)
+    try:
+        await _relay_body(edge, ex, stream)
+    except TunnelStreamError as exc:
+        result.outcome = "aborted"
+        log.warning("stream failed mid-response; aborting the eyeball response: %s %s", exc, ident)
+        upload.cancel()
+        await ex.abort()
+        return False
+    upload.cancel()
+    return False
 
 
 async def _drain_quietly(stream: TunnelStream) -> None:

@@ -225,16 +225,17 @@ class TunnelConnection:
             with trio.CancelScope() as scope:
                 self._cancel_scope = scope
                 await self._run()
-        except trio.Cancelled:
-            raise
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._note_close(f"connection lost: {exc or type(exc).__name__}")
-        except TunnelLabError as exc:
+        # The connection's tasks run in a nursery, so errors arrive in exception groups;
+        # trio.Cancelled is not matched here and propagates.
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            self._note_close(f"connection lost: {group.exceptions[0] or 'closed'}")
+        except* TunnelLabError as group:
+            exc = group.exceptions[0]
             self._note_close(str(exc))
             log.warning("closing tunnel connection: %s %s", exc, self.ident())
-        except Exception as exc:
-            self._note_close(f"internal error: {exc!r}")
-            log.exception("tunnel connection failed %s", self.ident())
+        except* Exception as group:
+            self._note_close(f"internal error: {group.exceptions[0]!r}")
+            log.error("tunnel connection failed %s", self.ident(), exc_info=group)
         finally:
             await self._cleanup()
 
@@ -441,6 +442,12 @@ class TunnelConnection:
                 log.info("connector ended the RPC session (%s) %s", ev.reason, self.ident())
                 if self.state == "connecting":
                     raise ProtocolError(f"RPC aborted before registration: {ev.reason}")
+                if self.state == "registered":
+                    # Without unregistering first: cloudflared gave up on the RPC (e.g. its
+                    # --rpc-timeout passed) and now waits for us to close (PROTOCOL.md §2.4).
+                    self.state = "draining"
+                    self.edge.registry.changed()
+                    self._spawn_drain()
                 continue
             else:  # pragma: no cover - future events
                 log.debug("ignoring RPC event %r %s", ev, self.ident())

@@ -9,6 +9,7 @@ No tests live here.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -357,8 +358,31 @@ async def registered(nursery: trio.Nursery, edge: Edge, tunnel: LabTunnel, handl
     return conn
 
 
+class _Errors(logging.Handler):
+    """Collects ERROR records of the edge's loggers: an internal error fails the test."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @asynccontextmanager
 async def running_edge(tmp_path: Path, **overrides: Any) -> Any:
+    errors = _Errors()
+    logging.getLogger("edge").addHandler(errors)
+    try:
+        async with _running_edge(tmp_path, **overrides) as pair:
+            yield pair
+    finally:
+        logging.getLogger("edge").removeHandler(errors)
+    assert not errors.records, [r.getMessage() for r in errors.records]
+
+
+@asynccontextmanager
+async def _running_edge(tmp_path: Path, **overrides: Any) -> Any:
     async with trio.open_nursery() as nursery:
         edge: Edge = await nursery.start(serve_edge, edge_config(tmp_path / "state", **overrides))
         try:
