@@ -447,7 +447,10 @@ class _Runner:
         last: Any = None
         with trio.move_on_after(timeout):
             while True:
-                ok, last = await self._probe(spec)
+                try:
+                    ok, last = await self._probe(spec)
+                except ComponentError as exc:  # e.g. the API of an edge that is restarting
+                    ok, last = False, str(exc)
                 if ok:
                     return
                 await trio.sleep(0.05)

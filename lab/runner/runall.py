@@ -15,7 +15,7 @@ from lab.runner import netns
 from lab.runner.engine import ScenarioResult, run_scenario
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
-from lab.runner.report import merge_histories, print_failure, write_json, write_junit
+from lab.runner.report import failure_text, merge_histories, print_failure, write_json, write_junit
 
 _MARK = {
     "passed": "[green]✓ PASS[/green]",
@@ -54,7 +54,10 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
             write_json(Path(args.json), results, connector=args.connector, duration=duration)
     bad = [r for r in results if r.status in ("failed", "error")]
     for r in bad:
-        print_failure(console, r)
+        if console.is_terminal:
+            print_failure(console, r)
+        else:  # CI logs: plain text, no box wrapped at 80 columns
+            print(failure_text(r), flush=True)
     counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "error", "skipped")}
     not_run = len(selected) - len(results)
     summary = (

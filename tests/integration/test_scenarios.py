@@ -128,7 +128,10 @@ def test_failure_report_names_step_expected_and_actual(tmp_path: Path) -> None:
     assert "origin saw target: expected '/y', got '/x'" in result["mismatches"]
     assert {"edge", "connector", "origin:app"} <= set(result["logs"])
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "FAILED: deliberately-wrong" in proc.stdout
+    # not a terminal: the failure report is plain text
+    assert "deliberately-wrong (" in proc.stdout and ": FAILED" in proc.stdout
+    assert "    - status: expected 201, got 200" in proc.stdout
+    assert "  last lines of connector:" in proc.stdout
     failure = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite/testcase/failure")
     assert failure is not None and "line 13" in failure.get("message", "")
     # teardown happened: no component of this run is still alive
