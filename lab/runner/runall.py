@@ -36,7 +36,7 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
         keep_state=args.keep_state,
         loglevel=args.loglevel,
     )
-    console = Console(highlight=False, emoji=False)
+    console = Console(highlight=False, emoji=False, soft_wrap=True)
     if netns.inside():
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
