@@ -152,8 +152,15 @@ async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tup
 
 async def pipe_tcp(sock: trio.abc.Stream, tstream: TunnelStream, leftover: bytes = b"") -> None:
     """Raw bytes both ways with half-close: each side's EOF becomes the other's end of stream."""
+    up_done = trio.Event()
 
     async def up() -> None:
+        try:
+            await _up()
+        finally:
+            up_done.set()
+
+    async def _up() -> None:
         try:
             if leftover:
                 await tstream.send(leftover)
@@ -182,8 +189,7 @@ async def pipe_tcp(sock: trio.abc.Stream, tstream: TunnelStream, leftover: bytes
                 await send_eof()
             # Give the client a moment to finish its side, then close.
             with trio.move_on_after(5):
-                while not tstream.local_closed and tstream.error is None:
-                    await trio.sleep(0.05)
+                await up_done.wait()
         except (TunnelStreamError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()

@@ -175,3 +175,45 @@ async def test_control_stream_headers_and_settings(tmp_path):
             pseudo = [n for n, _ in conn.control_headers if n.startswith(b":")]
             assert pseudo == [b":method", b":scheme", b":authority", b":path"]
             await tls.aclose()
+
+
+async def test_graceful_shutdown_drains_in_flight_streams(tmp_path):
+    from tests.component.test_edge_support import _running_edge, http_request
+
+    release = trio.Event()
+
+    async def slow(s):
+        await release.wait()
+        await s.respond(200, [(b"Content-Length", b"4")])
+        await s.send(b"done", end=True)
+
+    with trio.fail_after(10):
+        async with _running_edge(tmp_path, shutdown_timeout=5) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            conn = await registered(nursery, edge, t, slow)
+            replies = []
+
+            async def request():
+                replies.append(await http_request(edge.bound["http"], "GET", "/", host="app.test"))
+
+            nursery.start_soon(request)
+            with trio.fail_after(5):
+                while not conn.opened:
+                    await trio.sleep(0.01)
+            port = edge.listeners["LAB1"].port
+            edge.request_shutdown()
+            with trio.fail_after(5):
+                while edge.listeners["LAB1"].up:
+                    await trio.sleep(0.01)
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+            except OSError:
+                pass
+            else:
+                raise AssertionError("the tunnel listener still accepts during shutdown")
+            assert not edge.stopped.is_set()
+            release.set()
+            await edge.stopped.wait()
+            assert replies and replies[0].status == 200 and replies[0].body == b"done"
+            assert conn.goaway is not None
+            await conn.closed.wait()
