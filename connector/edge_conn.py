@@ -288,6 +288,7 @@ class TunnelStream:
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""
         view = memoryview(data)
+        unflushed = False
         while True:
             self._check()
             h2c = self.conn.h2
@@ -297,7 +298,11 @@ class TunnelStream:
                 raise StreamGone(f"{self.label}: stream closed: {exc}") from exc
             size = min(window, h2c.max_outbound_frame_size, len(view))
             if len(view) and size <= 0:
-                await self.conn.wait_for_window()
+                if unflushed:  # what fitted goes out before we wait for credit; then look again
+                    unflushed = False
+                    await self.conn.flush()
+                    continue
+                await self.conn.wait_for_window()  # no checkpoint since the window was read
                 continue
             chunk, view = view[:size], view[size:]
             last = end_stream and not len(view)
@@ -305,10 +310,11 @@ class TunnelStream:
                 h2c.send_data(self.stream_id, bytes(chunk), end_stream=last)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
                 raise StreamGone(f"{self.label}: cannot send data: {exc}") from exc
+            unflushed = True
             if last:
                 self.local_ended = True
-            await self.conn.flush()
             if not len(view):
+                await self.conn.flush()  # every write is flushed: SSE and chunked responses stream
                 return
 
     async def end(self) -> None:
@@ -436,6 +442,8 @@ class EdgeConnection:
         Returns normally only after a graceful shutdown; raises an `EdgeConnectionError` otherwise."""
         self.stream = await dial_edge(self.address, self.ssl_context,
                                       bind_address=self.settings.edge_bind_address)
+        with contextlib.suppress(OSError):
+            self.edge_ip = self.stream.transport_stream.socket.getpeername()[0]
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -173,6 +173,7 @@ async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, cap
 
             while len(registered()) < 2:
                 await trio.sleep(0.01)
+            await wait_ready(run, 2)
             indexes = sorted(s.params.conn_index for s in registered())
             assert indexes == [0, 1]
             assert len({id(s.edge) for s in registered()}) == 2
@@ -180,12 +181,13 @@ async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, cap
             assert run.handle.state.ready_connections == 2
             # the edge drops connIndex 1: it comes back (a lost connection is retried)
             victim = next(s for s in registered() if s.params.conn_index == 1)
+            total = sum(len(e.registered) for e in edges)
             await victim.close()
-            while run.handle.ready_connections == 2:
+            while sum(len(e.registered) for e in edges) == total:  # a new registration comes
                 await trio.sleep(0.01)
-            while len(registered()) < 2:
-                await trio.sleep(0.01)
-            assert run.handle.ready_connections == 2
+            await wait_ready(run, 2)
+            assert len(registered()) == 2
+            assert sorted(s.params.conn_index for s in registered()) == [0, 1]
             run.handle.shutdown()
             assert await run.exit_code() == 0
             nursery.cancel_scope.cancel()

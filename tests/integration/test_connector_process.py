@@ -126,6 +126,7 @@ async def test_process_registers_serves_and_stops_on_sigterm(tmp_path):
                 assert ready["readyConnections"] == 1
                 side = edge.registered[0]
                 assert ready["connectorId"] == str(uuid.UUID(bytes=side.params.options.client.client_id))
+                await edge.wait_for(lambda: side.local_config is not None)
                 local = json.loads(side.local_config or b"{}")
                 assert local["ingress"][0]["service"] == f"http://127.0.0.1:{port}"
                 resp = await side.request(get("/through-the-process"))
