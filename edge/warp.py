@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -19,6 +20,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from edge import pages
+from edge.eyeball_h1 import reason
 from edge.tunnel import TunnelStream, TunnelStreamError
 
 if TYPE_CHECKING:
@@ -30,12 +32,27 @@ log = logging.getLogger(__name__)
 async def _reply(stream: trio.abc.Stream, conn: h11.Connection, status: int, detail: str, ray: str) -> None:
     headers, body = pages.error_page(status, detail, ray=ray)
     try:
-        await stream.send_all(conn.send(h11.Response(status_code=status,
+        await stream.send_all(conn.send(h11.Response(status_code=status, reason=reason(status),
                                                      headers=[*headers, (b"connection", b"close")])))
         await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+
+
+def forward_request_head(request: h11.Request) -> tuple[str, int, bytes]:
+    """`GET http://IP[:PORT]/path` -> (ip, port, the origin-form head to send, with Connection: close)."""
+    url = urllib.parse.urlsplit(request.target.decode("latin-1"))
+    host = url.hostname or ""
+    ip = str(ipaddress.ip_address(host))
+    port = url.port or 80
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    lines = [request.method + b" " + path.encode("latin-1") + b" HTTP/1.1"]
+    for name, value in request.headers:
+        if name.lower() not in (b"connection", b"proxy-connection", b"keep-alive", b"proxy-authorization"):
+            lines.append(bytes(name) + b": " + bytes(value))
+    lines.append(b"Connection: close")
+    return ip, port, b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def parse_destination(target: str) -> tuple[str, int]:
@@ -78,13 +95,20 @@ async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tup
         if not isinstance(event, h11.Request):
             return
         target = event.target.decode("latin-1")
-        record.update(path=target, host=target)
-        if event.method != b"CONNECT":
-            record["status"] = 405
-            await _reply(stream, conn, 405, "This listener is a CONNECT proxy (curl -x / ProxyCommand).", ray)
-            return
+        record.update(path=target, host=target, method=event.method.decode("latin-1"))
+        forward_head: bytes | None = None
         try:
-            ip, port = parse_destination(target)
+            if event.method == b"CONNECT":
+                ip, port = parse_destination(target)
+            elif target.lower().startswith("http://"):
+                # A plain-HTTP proxy request (what `curl -x` sends for http:// URLs): forward it over
+                # a private-network stream as an origin-form request with Connection: close.
+                ip, port, forward_head = forward_request_head(event)
+            else:
+                record["status"] = 405
+                await _reply(stream, conn, 405, "This listener is an HTTP proxy: CONNECT IP:PORT, or an "
+                                                "absolute http://IP:PORT/ URL.", ray)
+                return
         except ValueError:
             record["status"] = 400
             await _reply(stream, conn, 400, f"{target!r} is not IP:PORT; private-network routes take "
@@ -107,7 +131,7 @@ async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tup
         authority = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         headers = [(b":method", b"CONNECT"), (b":authority", authority.encode()),
                    (b"cf-cloudflared-proxy-src", f"tcp://{client}".encode()), (b"cf-ray", ray.encode())]
-        ident = f"tunnel={tunnel.id} {tconn.ident()} ray={ray} dest={authority}"
+        ident = f"{tconn.ident()} ray={ray} dest={authority}"
         try:
             tstream = await tconn.open_stream(headers, end_stream=False)
         except TunnelStreamError as exc:
@@ -133,12 +157,15 @@ async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tup
                 await _reply(stream, conn, 502, f"The connector could not reach {authority}.", ray)
                 return
             record.update(status=200, outcome="tcp")
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[],
-                                                         reason=b"Connection established")))
-            log.info("warp: CONNECT established %s", ident)
             leftover = bytes(conn.trailing_data[0])
+            if forward_head is None:
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[],
+                                                             reason=b"Connection established")))
+            else:
+                leftover = forward_head + leftover  # the origin's answer goes back raw
+            log.info("warp: %s established %s", record["method"], ident)
             await pipe_tcp(stream, tstream, leftover)
-            log.info("warp: CONNECT closed %s", ident)
+            log.info("warp: %s closed %s", record["method"], ident)
         finally:
             await tstream.release()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -166,3 +166,34 @@ async def test_connect_proxy_to_private_network(tmp_path):
                         raw += chunk
                     assert raw.startswith(b"HTTP/1.1 " + status), raw[:40]
             assert ipaddress.ip_address("10.1.2.3") in ipaddress.ip_network("10.1.0.0/16")
+
+
+async def test_plain_http_proxy_request_is_forwarded_over_a_tcp_stream(tmp_path):
+    """`curl -x PROXY http://10.1.2.3:8080/x`: absolute-form GET, sent origin-form over the stream."""
+    seen = []
+
+    async def tcp_origin(s):
+        assert s.header(b":authority") == b"10.1.2.3:8080"
+        await s.respond(200, [])
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await s.read() or b""
+        seen.append(head)
+        await s.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi", end=True)
+
+    with trio.fail_after(10):
+        async with running_edge(tmp_path, warp_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+            t = make_tunnel(edge, "t1")
+            edge.tunnels.store.route_ip("10.1.0.0/16", t.id)
+            await registered(nursery, edge, t, tcp_origin)
+            host, port = split(edge.bound["warp"])
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(b"GET http://10.1.2.3:8080/x?y=1 HTTP/1.1\r\nHost: 10.1.2.3:8080\r\n"
+                                      b"Proxy-Connection: keep-alive\r\n\r\n")
+                raw = b""
+                while chunk := await stream.receive_some(65536):
+                    raw += chunk
+            assert raw.endswith(b"\r\n\r\nhi") and raw.startswith(b"HTTP/1.1 200 OK")
+            assert seen[0].startswith(b"GET /x?y=1 HTTP/1.1\r\n")
+            assert b"Connection: close" in seen[0] and b"Proxy-Connection" not in seen[0]
