@@ -117,6 +117,9 @@ class H1Exchange:
     async def read_body(self) -> bytes | None:
         if self.body_done:
             return None
+        if self.conn.h11.they_are_waiting_for_100_continue and not self.response_started:
+            await self.conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                           reason=b"Continue"))
         try:
             event = await self.conn.next_event(self.conn.edge.config.eyeball_idle_timeout)
         except TimeoutError:

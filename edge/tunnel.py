@@ -300,7 +300,18 @@ class TunnelConnection:
     # ---- h2 events ---------------------------------------------------------------------------
     def _dispatch(self, event: h2.events.Event) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("h2 event %s %s", type(event).__name__, self.ident())
+            # Names, stream ids and sizes only: header values may carry eyeball cookies.
+            detail = ""
+            if isinstance(event, h2.events.DataReceived):
+                detail = f" length={len(event.data or b'')}"
+            elif isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                detail = f" fields={len(event.headers or [])}"
+            elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                detail = f" error_code={_code_name(event.error_code)}"
+            elif isinstance(event, h2.events.WindowUpdated):
+                detail = f" delta={event.delta}"
+            log.debug("h2 %s stream=%s%s %s", type(event).__name__, getattr(event, "stream_id", 0),
+                      detail, self.ident())
         if isinstance(event, h2.events.SettingsAcknowledged):
             self.h2.lift_header_list_limit()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
