@@ -29,6 +29,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from connector.logging_setup import format_value as q
 from connector.origin_client import dial_error_text
 from connector.settings import TunnelSettings
 from wire import registration as reg
@@ -509,8 +510,8 @@ class EdgeConnection:
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
-                log.warning("Malformed HTTP/2 from the edge, dropping the connection %s error=%r",
-                            self.label, str(exc))
+                log.warning("Malformed HTTP/2 from the edge, dropping the connection error=%s connIndex=%d "
+                            "event=0 ip=%s", q(str(exc)), self.conn_index, self.edge_ip)
                 with trio.move_on_after(1):
                     await self.flush()  # the GOAWAY h2 queued
                 self._fail(ConnectionLostError(f"HTTP/2 protocol error from the edge: {exc}"))
@@ -538,7 +539,7 @@ class EdgeConnection:
         elif isinstance(event, h2.events.StreamReset):
             ts = self.streams.get(event.stream_id or 0)
             if ts is not None:
-                log.debug("Incoming request ended abruptly %s error_code=%s", ts.label, event.error_code)
+                log.debug("Incoming request ended abruptly error_code=%s %s", event.error_code, ts.label)
                 ts._reset()
                 self._wake_window()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -548,8 +549,9 @@ class EdgeConnection:
         elif isinstance(event, h2.events.ConnectionTerminated):
             # Go answers a GOAWAY with its own and keeps serving the open streams (the control stream
             # included). h2 refuses to send after a GOAWAY, so its state machine is put back to open.
-            log.info("Received GOAWAY from the edge %s error_code=%s last_stream_id=%s", self.label,
-                     event.error_code, event.last_stream_id)
+            log.info("Received GOAWAY from the edge connIndex=%d error_code=%s event=0 ip=%s "
+                     "last_stream_id=%s", self.conn_index, event.error_code, self.edge_ip,
+                     event.last_stream_id)
             self.h2.close_connection(last_stream_id=max(self.streams, default=0))
             self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
 
@@ -651,7 +653,8 @@ class EdgeConnection:
             try:
                 events = self._rpc.receive_data(data)
             except TunnelLabError as exc:
-                log.warning("Malformed RPC message from the edge %s error=%r", self.label, str(exc))
+                log.warning("Malformed RPC message from the edge error=%s connIndex=%d event=0 ip=%s",
+                            q(str(exc)), self.conn_index, self.edge_ip)
                 self._rpc_closed = f"malformed RPC: {exc}"
                 self._notify_rpc()
                 return
@@ -715,8 +718,8 @@ class EdgeConnection:
         result = answer.result
         if isinstance(result, reg.RegistrationError):
             await self._abort_rpc(ctrl)
-            log.error("Register tunnel error from server side connIndex=%d error=%r event=0 ip=%s",
-                      self.conn_index, result.cause, self.edge_ip)
+            log.error("Register tunnel error from server side error=%s connIndex=%d event=0 ip=%s",
+                      q(result.cause), self.conn_index, self.edge_ip)
             if "EDUPCONN" in result.cause:
                 raise DuplicateConnectionError(
                     f"{result.cause}: already connected to this server, trying another address")
@@ -736,19 +739,22 @@ class EdgeConnection:
         try:
             qid = self._rpc.update_local_configuration(self.settings.local_config_json)
         except TunnelLabError as exc:
-            log.error("unable to send local configuration %s error=%r", self.label, str(exc))
+            log.error("unable to send local configuration error=%s connIndex=%d", q(str(exc)),
+                      self.conn_index)
             return
         await self._send_rpc(ctrl)
         try:
             with trio.fail_after(self.settings.rpc_timeout):
                 answer = await self._await_answer(qid)
         except (trio.TooSlowError, ControlStreamError) as exc:
-            log.error("unable to send local configuration %s error=%r", self.label, str(exc) or "timeout")
+            log.error("unable to send local configuration error=%s connIndex=%d",
+                      q(str(exc) or "context deadline exceeded"), self.conn_index)
             return
         if isinstance(answer, CallFailed):
-            log.error("unable to send local configuration %s error=%r", self.label, answer.reason)
+            log.error("unable to send local configuration error=%s connIndex=%d", q(answer.reason),
+                      self.conn_index)
         else:
-            log.debug("Sent local configuration to the edge %s", self.label)
+            log.debug("Sent local configuration to the edge connIndex=%d", self.conn_index)
 
     async def _abort_rpc(self, ctrl: TunnelStream) -> None:
         """Abort the RPC session and end the control stream the way Go does (END_STREAM, RST NO_ERROR)."""
@@ -783,7 +789,8 @@ class EdgeConnection:
                     self._rpc.cancel(qid)  # gave up: Finish(releaseResultCaps=true), as Go does
                 reason = ("context deadline exceeded" if answer is None
                           else getattr(answer, "reason", None) or str(answer))
-                log.error("Error shutting down control stream connIndex=%d error=%r", self.conn_index, reason)
+                log.error("failed to serve incoming request error=%s connIndex=%d",
+                          q(f"Error shutting down control stream: {reason}"), self.conn_index)
         if self.registered:
             self.registered = False
             if self._on_unregistered:
@@ -794,7 +801,8 @@ class EdgeConnection:
             await _first(self._streams_idle.wait, self._closed_event.wait)
         n = self.active_streams
         if n:
-            log.info("Grace period over, closing the connection with %d streams in flight %s", n, self.label)
+            log.info("Grace period over, closing the connection with %d streams in flight connIndex=%d", n,
+                     self.conn_index)
 
 
 async def _first(*waits: Callable[[], Awaitable[object]]) -> bool:

@@ -22,6 +22,7 @@ import h11
 import trio
 
 from connector import ingress
+from connector.logging_setup import format_value as q
 from connector.origin_client import OriginConnection, OriginPool, OriginTarget, dial_error_text
 from connector.settings import (
     HelloWorldService,
@@ -111,8 +112,28 @@ class Proxy:
         await ts.send_headers(headers)
         await ts.send_data(body, end_stream=True)
 
-    async def _bad_gateway(self, ts: TunnelStream, cause: str) -> None:
-        log.error("%s: %s %s", UNREACHABLE, cause, ts.label)
+    async def _bad_gateway(self, ts: TunnelStream, cause: str, *, rule: IngressRule | None = None) -> None:
+        """502 with meta cloudflared, logged in cloudflared's words with the cause."""
+        error = f"{UNREACHABLE}: {cause}"
+        if rule is not None:
+            log.error(" error=%s connIndex=%d event=1 ingressRule=%d originService=%s stream=%d", q(error),
+                      ts.conn.conn_index, rule.index, q(rule.service_text), ts.stream_id)
+        else:
+            log.error(" error=%s connIndex=%d event=1 stream=%d", q(error), ts.conn.conn_index, ts.stream_id)
+        log.error("failed to serve incoming request error=%s", q(f"Failed to proxy HTTP: {error}"))
+        await self._answer_502(ts)
+
+    async def _tcp_unreachable(self, ts: TunnelStream, authority: str, cause: str) -> None:
+        error = f"unable to dial tcp to origin {authority}: {cause}"
+        log.error(" error=%s connIndex=%d destAddr=%s event=2 flowID= originService=warp-routing stream=%d",
+                  q(error), ts.conn.conn_index, q(authority), ts.stream_id)
+        await self._failed(ts, error)
+
+    async def _failed(self, ts: TunnelStream, error: str) -> None:
+        log.error("failed to serve incoming request error=%s", q(error))
+        await self._answer_502(ts)
+
+    async def _answer_502(self, ts: TunnelStream) -> None:
         ts.failed = True
         if ts.headers_sent:
             await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -124,7 +145,7 @@ class Proxy:
         try:
             req = wo.TunnelRequest.from_h2_headers(ts.headers, ts.end_stream_on_headers)
         except StreamConversionError as exc:
-            log.warning("Malformed request from the edge %s error=%r", ts.label, str(exc))
+            log.warning("Malformed request from the edge error=%s %s", q(str(exc)), ts.label)
             await ts.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
         path = req.path.split("?", 1)[0]
@@ -140,12 +161,12 @@ class Proxy:
                 await self._websocket_to_tcp(ts, rule, service)
             else:
                 await self._bad_gateway(ts, f"ingress rule #{rule.index} service {rule.service_text} needs "
-                                            f"a WebSocket (cloudflared access) client")
+                                            f"a WebSocket (cloudflared access) client", rule=rule)
             return
         try:
             target = await self._target(rule, req.authority)
         except (OriginError, TunnelLabError) as exc:
-            await self._bad_gateway(ts, str(exc))
+            await self._bad_gateway(ts, str(exc), rule=rule)
             return
         await self._proxy_http(ts, req, rule, target, websocket=websocket)
 
@@ -179,7 +200,7 @@ class Proxy:
                 _, port = await self._nursery.start(
                     functools.partial(hello.serve_hello_world, "127.0.0.1", 0, ssl_context=ctx))
                 self._hello = ("127.0.0.1", port, ca.cert_pem.bytes().decode())
-                log.info("Starting Hello World server at https://127.0.0.1:%d", port)
+                log.info("Starting Hello World server at 127.0.0.1:%d", port)
             return self._hello
 
     def _origin_options(self, rule: IngressRule) -> wo.OriginOptions:
@@ -208,23 +229,23 @@ class Proxy:
         try:
             oreq = wo.build_origin_request(req, opts, websocket=websocket, probe=probe)
         except StreamConversionError as exc:
-            await self._bad_gateway(ts, str(exc))
+            await self._bad_gateway(ts, str(exc), rule=rule)
             return
         cfg = rule.origin_request
         try:
             conn = await self.pool.acquire(target, cfg)
         except OriginError as exc:
-            await self._bad_gateway(ts, str(exc))
+            await self._bad_gateway(ts, str(exc), rule=rule)
             return
         reusable = False
         try:
-            reusable = await self._exchange(ts, req, oreq, conn, probe, websocket=websocket)
+            reusable = await self._exchange(ts, req, oreq, conn, probe, rule, websocket=websocket)
         finally:
             with trio.CancelScope(shield=True):
                 await self.pool.release(conn, cfg, reusable=reusable)
 
     async def _exchange(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any, conn: OriginConnection,
-                        probe: bytes | None, *, websocket: bool) -> bool:
+                        probe: bytes | None, rule: IngressRule, *, websocket: bool) -> bool:
         """One request/response on `conn`; returns whether the connection may be reused."""
         body_done = trio.Event()
         body_error: list[str] = []
@@ -259,7 +280,7 @@ class Proxy:
             conn.start_request(oreq.method, websocket=websocket)
             await conn.send_all(oreq.head_bytes())
         except OriginError as exc:
-            await self._bad_gateway(ts, str(exc))
+            await self._bad_gateway(ts, str(exc), rule=rule)
             return False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_body)
@@ -269,13 +290,13 @@ class Proxy:
             except OriginError as exc:
                 if ts.headers_sent:
                     log.error("Origin response failed after the headers were sent, resetting the stream "
-                              "%s error=%r", ts.label, str(exc))
+                              "error=%s %s", q(str(exc)), ts.label)
                     await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
                 else:
                     cause = str(exc)
                     if body_error:
                         cause = f"{cause} (writing the request body: {body_error[0]})"
-                    await self._bad_gateway(ts, cause)
+                    await self._bad_gateway(ts, cause, rule=rule)
                 complete = False
             if complete and not body_done.is_set():
                 with trio.move_on_after(BODY_WRITE_GRACE):
@@ -358,7 +379,8 @@ class Proxy:
             with trio.fail_after(rule.origin_request.connect_timeout):
                 tcp = await trio.open_tcp_stream(service.host, service.port)
         except (OSError, trio.TooSlowError) as exc:
-            await self._bad_gateway(ts, f"dial tcp {service.host}:{service.port}: {dial_error_text(exc)}")
+            await self._bad_gateway(ts, f"dial tcp {service.host}:{service.port}: {dial_error_text(exc)}",
+                                    rule=rule)
             return
         async with tcp:
             key = first_value(ts.headers, b"sec-websocket-key")
@@ -397,14 +419,14 @@ class Proxy:
         authority = (first_value(ts.headers, b":authority") or b"").decode("latin-1")
         dest = parse_ip_port(authority)
         if dest is None:
-            await self._bad_gateway(ts, f"TCP stream destination {authority!r} is not IP:port")
+            await self._tcp_unreachable(ts, authority, f"destination {authority!r} is not IP:port")
             return
         host, port = dest
         try:
             with trio.fail_after(self.warp.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            await self._bad_gateway(ts, f"dial tcp {authority}: {dial_error_text(exc)}")
+            await self._tcp_unreachable(ts, authority, f"dial tcp {authority}: {dial_error_text(exc)}")
             return
         async with tcp:
             key = first_value(ts.headers, b"sec-websocket-key")
@@ -437,27 +459,26 @@ class Proxy:
                 break
             body += data
             if len(body) > MAX_CONFIG_BODY:
-                await self._bad_gateway(ts, f"update-configuration body larger than {MAX_CONFIG_BODY} bytes")
+                await self._failed(ts, f"update-configuration body larger than {MAX_CONFIG_BODY} bytes")
                 return
         try:
             version, _config = ingress.remote_config_version(bytes(body))
         except StreamConversionError as exc:
-            await self._bad_gateway(ts, f"failed to decode configuration update: {exc}")
+            await self._failed(ts, f"failed to decode configuration update: {exc}")
             return
         err: object = None
         if version > self.config_version:
             try:
                 _, rules, warp = ingress.parse_remote_config(bytes(body))
             except (ConfigError, StreamConversionError) as exc:
-                log.error("Failed to update configuration version=%d error=%r %s", version, str(exc),
-                          ts.label)
+                log.error("Failed to update configuration error=%s version=%d", q(str(exc)), version)
                 err = {}
             else:
                 self.rules = rules
                 self.warp = warp
                 self.config_version = version
                 config_text = json.dumps(_config, separators=(",", ":"))
-                log.info("Updated to new configuration config=%s version=%d", config_text, version)
+                log.info("Updated to new configuration config=%s version=%d", q(config_text), version)
                 self._set_state_config(version, _config)
         else:
             log.debug("Ignoring configuration version=%d, current version=%d %s", version,

@@ -24,10 +24,13 @@ from connector.edge_conn import (
     DuplicateConnectionError,
     EdgeConnection,
     EdgeConnectionError,
+    EdgeDialError,
     RegistrationRefusedError,
     UnauthorizedError,
     edge_ssl_context,
+    split_host_port,
 )
+from connector.logging_setup import format_value as q
 from connector.settings import TunnelSettings
 from connector.state import ConnectorState
 from connector.streams import Proxy
@@ -160,6 +163,8 @@ class Supervisor:
             self._nursery = nursery
             nursery.start_soon(self._serve_index, 0)
             nursery.start_soon(self._start_others)
+        if self._exit_code == 0:
+            log.info("no more connections active and exiting")
         return self._exit_code
 
     async def _start_others(self) -> None:
@@ -193,29 +198,34 @@ class Supervisor:
             self.connections[index] = conn
             try:
                 await conn.run(self.shutdown)
+                log.info("Connection terminated connIndex=%d", index)
                 return  # graceful shutdown
             except EdgeConnectionError as exc:
                 error = exc
             except TunnelLabError as exc:  # e.g. a bad edge address: retried like a lost connection
                 error = ConnectionLostError(str(exc))
             except Exception as exc:  # a bug must not take the other connections down with it
-                log.exception("Connection crashed connIndex=%d", index)
+                log.exception("Connection crashed connIndex=%d", index)  # a bug: the traceback helps
                 error = ConnectionLostError(f"internal error: {exc!r}")
             finally:
                 self.connections.pop(index, None)
             if self.shutdown.is_set():
                 return
             was_registered = conn.details is not None
+            level = logging.ERROR if index == 0 else logging.WARNING
             if was_registered:
                 backoff.reset()
-                log.error("Lost connection with the edge connIndex=%d", index)
-            log.error("Serve tunnel error connIndex=%d error=%r event=0 ip=%s", index, str(error),
-                      conn.edge_ip)
+                log.info("Lost connection with the edge connIndex=%d", index)
+            log.log(level, "Serve tunnel error error=%s connIndex=%d event=0 ip=%s", q(str(error)), index,
+                    conn.edge_ip)
+            if isinstance(error, EdgeDialError):
+                log.log(level, "Unable to establish connection with Cloudflare edge error=%s connIndex=%d "
+                        "event=0 ip=%s", q(str(error)), index, conn.edge_ip)
             if self.state is not None and isinstance(error, RegistrationErrors):
                 self.state.registration_failed(str(error))
             if not self.ever_registered and not error.retry_initial:
-                log.error("initial tunnel connection failed connIndex=%d error=%r", index, str(error))
-                log.info("Initiating shutdown error=%r", str(error))
+                log.error("Initiating shutdown error=%s", q(str(error)))
+                log.error("initial tunnel connection failed error=%s", q(str(error)))
                 self.fail(1)
                 return
             if error.rotate_address:
@@ -225,13 +235,13 @@ class Supervisor:
                 address = new
             wait, shown = backoff.next_wait(after_reset=was_registered)
             log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(shown), index,
-                     address)
+                     split_host_port(address)[0])
             with trio.move_on_after(wait):
                 await self.shutdown.wait()
             if was_registered and not self.shutdown.is_set():
                 wait, _ = self._supervisor_backoff.next_wait()
-                log.info("Connection terminated connIndex=%d error=%r, reconnecting in %.1fs", index,
-                         str(error), wait)
+                log.error("Connection terminated error=%s connIndex=%d", q(str(error)), index)
+                log.debug("Supervisor backoff: reconnecting in %.1fs connIndex=%d", wait, index)
                 with trio.move_on_after(wait):
                     await self.shutdown.wait()
 
