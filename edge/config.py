@@ -70,6 +70,7 @@ class EdgeConfig:
     registration_timeout: float = 30.0
     refusal_close_delay: float = 0.3
     drain_timeout: float = 30.0  # after unregisterConnection
+    rpc_close_grace: float = 0.5  # after draining: wait this long for the connector's Abort
     shutdown_timeout: float = 10.0  # graceful shutdown: in-flight streams get this long
     stream_queue_limit: int = 256
     stream_queue_timeout: float = 10.0

@@ -185,6 +185,7 @@ class TunnelConnection:
         self._nursery: trio.Nursery | None = None
         self._control_backlog = b""
         self._drain_started = False
+        self._rpc_over = trio.Event()  # the connector aborted the RPC or ended the control stream
         self._rpc: Any = None
         self._rpc_send, self._rpc_receive = trio.open_memory_channel[Any](32)
         self.goaway_sent = False
@@ -398,6 +399,7 @@ class TunnelConnection:
         self.edge.registry.changed()
 
     def _control_ended(self, why: str) -> None:
+        self._rpc_over.set()
         if self.state == "registered":
             log.info("%s; draining %s", why, self.ident())
             self.state = "draining"
@@ -450,6 +452,7 @@ class TunnelConnection:
             elif isinstance(ev, rpc.UnregisterConnectionCalled):
                 self._on_unregister(ev.question_id)
             elif isinstance(ev, rpc.RpcAborted):
+                self._rpc_over.set()
                 log.info("connector ended the RPC session (%s) %s", ev.reason, self.ident())
                 if self.state == "connecting":
                     raise ProtocolError(f"RPC aborted before registration: {ev.reason}")
@@ -712,6 +715,10 @@ class TunnelConnection:
         if self.streams:
             log.warning("drain deadline passed with %d streams in flight %s", len(self.streams),
                         self.ident())
+        # Let the connector finish its side of the RPC (Finish, Abort, end of the control stream)
+        # before the connection goes; cloudflared does that right after unregisterConnection.
+        with trio.move_on_after(self.edge.config.rpc_close_grace):
+            await self._rpc_over.wait()
         await self.goaway_and_close(ErrorCodes.NO_ERROR, why)
 
     async def goaway_and_close(self, error_code: int, why: str) -> None:

@@ -23,9 +23,11 @@ from tests.component.test_edge_support import ScriptedConnector, dial_edge, runn
 from tests.conftest import VECTORS, VECTORS_GO126
 from wire.capnp import MessageReader, frame_message
 
-CASES = [VECTORS / "A01-control-stream-register.json",
-         VECTORS / "B01-control-stream-register-ingress-config.json",
-         VECTORS_GO126 / "D12b-control-stream-register.json"]
+# (registration capture, shutdown capture on the same connection or None)
+CASES = [(VECTORS / "A01-control-stream-register.json", VECTORS / "A13-sigterm-unregister-answered.json"),
+         (VECTORS / "B01-control-stream-register-ingress-config.json",
+          VECTORS / "B06-sigterm-unregister-not-answered.json"),
+         (VECTORS_GO126 / "D12b-control-stream-register.json", None)]
 C2E, E2C = "cloudflared->edge", "edge->cloudflared"
 
 
@@ -51,8 +53,8 @@ def _messages(data: bytes) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("path", CASES, ids=lambda p: p.name)
-async def test_edge_answers_the_captured_control_stream(tmp_path, path):
+@pytest.mark.parametrize(("path", "shutdown"), CASES, ids=lambda p: p.name if p else "-")
+async def test_edge_answers_the_captured_control_stream(tmp_path, path, shutdown):
     if not path.exists():
         pytest.skip(f"golden vectors not found: {path} (set TUNNEL_LAB_SHARED)")
     vector = json.loads(path.read_text())
@@ -99,4 +101,27 @@ async def test_edge_answers_the_captured_control_stream(tmp_path, path):
             assert [a.hex() for a in answers] == [e.hex() for e in expected]
             assert registered[0].registration.client_version == "2026.8.2"
             assert json.loads(edge.pushed_configs[str(registered[0].registration.tunnel_id)])["ingress"]
+            if shutdown is not None:
+                # cloudflared's SIGTERM sequence: unregister (+ Finish, maybe Release, Abort), then
+                # END_STREAM and RST_STREAM(NO_ERROR) on the control stream. The edge answers what
+                # worked (A13), then drains, sends GOAWAY and closes; cloudflared sends no GOAWAY.
+                before = len(answers)
+                tail = json.loads(shutdown.read_text())["capnp"]
+                want = [bytes.fromhex(e["hex"]) for e in tail if e["direction"] == E2C]
+                calls = [bytes.fromhex(e["hex"]) for e in tail if e["direction"] == C2E]
+                if want:  # A13: the unregister call, its Return, then the rest (as cloudflared did)
+                    conn.h2.send_data(1, calls.pop(0))
+                    await conn.flush()
+                    while len(_messages(bytes(raw_answers))) < before + len(want):
+                        await arrived.park()
+                # The rest in one write: the test's h2 (unlike Go's) cannot send after a GOAWAY.
+                conn.h2.send_data(1, b"".join(calls))
+                conn.h2.end_stream(1)
+                conn.h2.reset_stream(1, 0)
+                await conn.flush()
+                await conn.closed.wait()
+                assert conn.goaway is not None and conn.goaway.error_code == 0
+                got = _messages(bytes(raw_answers))[before:]
+                assert [g.hex() for g in got] == [w.hex() for w in want]  # A13's Return, byte for byte
+                assert edge.registry.listed() == []
             await tls.aclose()
