@@ -102,7 +102,7 @@ def _connector_id(vector: dict) -> uuid.UUID:
     return uuid.UUID(m.group(1)) if m else uuid.uuid4()
 
 
-async def _replay(tmp_path: Path, vector: dict, respond):
+async def _replay(tmp_path: Path, vector: dict, respond, *, headers_only: bool = False):
     headers, end_on_headers, frames = _request(vector)
     no_chunked = "--no-chunked-encoding" in vector["cloudflared_argv"]
     origin = RawOrigin(respond)
@@ -127,7 +127,7 @@ async def _replay(tmp_path: Path, vector: dict, respond):
             await trio.sleep(min(max(t - last, 0.0), 0.2))
             last = t
             await es.send(data, end_stream=end)
-        resp = await es.finished()
+        resp = await (es.headers() if headers_only else es.finished())
         run.handle.shutdown()
         await run.exit_code()
         nursery.cancel_scope.cancel()
@@ -210,3 +210,34 @@ async def test_connection_specific_headers_get_gos_400(tmp_path, path):
     names = {k for k, _ in resp.headers}
     assert b"cf-cloudflared-response-meta" not in names and b"cf-cloudflared-response-headers" not in names
     assert resp.header(b"x-content-type-options") == b"nosniff"
+
+
+@needs_vectors
+@pytest.mark.parametrize(
+    "path",
+    [
+        VECTORS / "A11-websocket.json",
+        VECTORS_GO126 / "D13-response-60k-headers-edge-max-header-list-1MiB.json",
+    ],
+    ids=["A11", "D13"],
+)
+async def test_websocket_and_big_header_answers_as_captured(tmp_path, path):
+    vector = json.loads(path.read_text())
+    captured = vector["origin_requests"][0]
+    body = _decode(vector["response_body"].get("text", "")) if vector["response_body"] else b""
+    websocket = path.stem.startswith("A11")
+
+    def respond(rec: OriginRequestRecord) -> bytes:
+        return _decode(captured["origin_response_head_text"]) + body
+
+    with trio.fail_after(15):
+        resp, requests = await _replay(tmp_path, vector, respond, headers_only=websocket)
+    assert [r.raw for r in requests] == [_decode(vector["origin_request_raw"])]
+    assert resp.status == int(vector["response_status"])
+    ours = Counter(deserialize_response_headers(resp.header(b"cf-cloudflared-response-headers")))
+    theirs = Counter(
+        (h["name"].encode(), h["value"].encode()) for h in vector["response_user_headers_deserialized"]
+    )
+    assert ours == theirs
+    if not websocket:
+        assert bytes(resp.body) == body
