@@ -48,7 +48,7 @@ class EdgeH2Connection(H2Connection):
         self.decoder.max_header_list_size = DECODER_HEADER_LIST_LIMIT
 
 
-def new_tunnel_h2(*, initial_window: int, max_frame_size: int = 16384) -> EdgeH2Connection:
+def new_tunnel_h2(*, initial_window: int, max_frame_size: int = 65536) -> EdgeH2Connection:
     """The edge's HTTP/2 client state machine for one tunnel connection (preface not yet sent)."""
     config = H2Configuration(client_side=True, header_encoding=None)
     conn = EdgeH2Connection(config=config)

@@ -207,9 +207,17 @@ async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection
                 log.info("retrying on another connection after %s %s", exc, ident)
                 conn = nxt
                 continue
-            result.status, result.outcome = 530 if exc.retryable else 502, "no-connection"
-            page = (pages.no_connection_page(req.host, str(tunnel.id), ray) if exc.retryable
-                    else pages.error_page(502, f"The edge could not open a stream: {exc}", ray=ray))
+            # No stream was opened, so nothing reached the connector.
+            if isinstance(exc, NoCapacityError):
+                result.status, result.outcome = 503, "overloaded"
+                page = pages.error_page(503, f"The tunnel's connections are at their stream limit: {exc}",
+                                        ray=ray)
+            elif exc.retryable:
+                result.status, result.outcome = 530, "no-connection"
+                page = pages.no_connection_page(req.host, str(tunnel.id), ray)
+            else:
+                result.status, result.outcome = 502, "stream-failed"
+                page = pages.error_page(502, f"The edge could not open a stream: {exc}", ray=ray)
             await send_page(ex, result.status, *page)
             return
         log.debug("forwarding %s %s on stream=%d %s", req.method, req.target, stream.id, ident)

@@ -570,14 +570,14 @@ class TunnelConnection:
             raise TunnelStreamError("connection is not accepting new streams", retryable=True)
         if self._slots_full():
             if self._waiting_for_slot >= cfg.stream_queue_limit:
-                raise NoCapacityError("too many requests queued for this connection")
+                raise NoCapacityError("too many requests queued for this connection", retryable=True)
             self._waiting_for_slot += 1
             try:
                 with trio.move_on_after(cfg.stream_queue_timeout):
                     while self._slots_full():
                         await self._slot_lot.park()
                 if self._slots_full():
-                    raise NoCapacityError("no free stream slot on the connection in time")
+                    raise NoCapacityError("no free stream slot on the connection in time", retryable=True)
             finally:
                 self._waiting_for_slot -= 1
             if not self.routable:
