@@ -553,8 +553,11 @@ def main(argv: list[str]) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunnel-lab-bench-")).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     client = load.pick_client()
+    load_before = os.getloadavg()[0]
     print(f"tunnel-lab bench: profile {profile.name}, load client {client}, {os.cpu_count()} cores, "
-          f"logs in {workdir}", file=sys.stderr)
+          f"load average {load_before:.2f}, logs in {workdir}", file=sys.stderr)
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        print("tunnel-lab bench: warning: the machine is busy; figures will be noisy", file=sys.stderr)
     started = time.perf_counter()
     try:
         runs = run_bench(profile, workdir, args.cloudflared,
@@ -566,10 +569,13 @@ def main(argv: list[str]) -> int:
         return 130
     goals = targets(runs)
     print(render_table(runs, goals))
+    load_after = os.getloadavg()[0]
     print(f"load client: {client} for GET c=1/32/128, tunnel-lab for the rest; cores: {os.cpu_count()}; "
-          f"profile: {profile.name}; {time.perf_counter() - started:.0f} s; logs: {workdir}")
+          f"load average before/after: {load_before:.2f}/{load_after:.2f}; profile: {profile.name}; "
+          f"{time.perf_counter() - started:.0f} s; logs: {workdir}")
     if args.json:
         document = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(),
+                    "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
                     "profile": profile.name, "bulk_bytes": profile.bulk_bytes, "client": client,
                     "runs": [r.as_json() for r in runs], "goals": goals}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")

@@ -73,6 +73,29 @@ def test_missing_cloudflared_binary_is_a_usage_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def _netns_ok() -> tuple[bool, str]:
+    from lab.runner import netns
+
+    return netns.available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _netns_ok()[0], reason=f"no private network namespace here: {_netns_ok()[1]}")
+def test_cloudflared_path_runs_in_a_netns_with_a_stand_in(tmp_path: Path) -> None:
+    """The `--cloudflared` path (re-exec inside a private netns) with our connector posing as cloudflared;
+    also runs our own load client instead of wrk."""
+    fake = tmp_path / "cloudflared"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -m lab.cli connector \"$@\"\n")
+    fake.chmod(0o755)
+    _, doc = bench(tmp_path, "--cloudflared", str(fake), "--client", "tunnel-lab")
+    assert doc["client"] == "tunnel-lab"
+    tunnel = {"edge", "connector", "origin", "ws-origin"}
+    check_path(doc, "direct", EXPECTED, {"origin", "ws-origin"})
+    check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
+    check_path(doc, "cloudflared", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
+    assert {g["path"] for g in doc["goals"]} == {"lab", "cloudflared"}
+
+
 @pytest.mark.cloudflared
 @pytest.mark.skipif(not os.environ.get("TUNNEL_LAB_CLOUDFLARED"),
                     reason="set TUNNEL_LAB_CLOUDFLARED=PATH to a real cloudflared binary to bench it")
