@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import select
+import socket
 import ssl
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -157,6 +158,17 @@ def _cause(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def set_keepalive(stream: trio.SocketStream, seconds: float) -> None:
+    """TCP keepalive probes after `seconds` idle (cloudflared's `tcpKeepAlive`, Go's KeepAlive dialer)."""
+    if seconds <= 0:
+        return
+    idle = max(1, int(seconds))
+    with contextlib.suppress(OSError, AttributeError):
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+
+
 def dial_error_text(exc: BaseException) -> str:
     """Go's wording for a failed dial: `connect: connection refused`, `i/o timeout`, `lookup x: ...`."""
     if isinstance(exc, trio.TooSlowError):
@@ -252,6 +264,7 @@ class OriginPool:
             raise OriginError(f"dial tcp {target.address}: i/o timeout") from None
         except OSError as exc:
             raise OriginError(f"dial tcp {target.address}: {dial_error_text(exc)}") from exc
+        set_keepalive(tcp, cfg.tcp_keep_alive)
         fd = tcp.socket.fileno()
         if not target.tls:
             return OriginConnection(tcp, target, fd)

@@ -81,6 +81,9 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
     """Run the connector until shutdown; returns the process exit code (0 graceful, 1 fatal error)."""
     state = _make_state(settings)
     log.info("Starting tunnel tunnelID=%s", settings.credentials.tunnel_id)
+    if settings.post_quantum:
+        log.warning("--post-quantum: this connector's TLS stack offers no X25519MLKEM768 key exchange; "
+                    "using the default groups")
     code = 0
     proxy: Proxy | None = None
     try:

@@ -23,7 +23,13 @@ import trio
 
 from connector import ingress
 from connector.logging_setup import format_value as q
-from connector.origin_client import OriginConnection, OriginPool, OriginTarget, dial_error_text
+from connector.origin_client import (
+    OriginConnection,
+    OriginPool,
+    OriginTarget,
+    dial_error_text,
+    set_keepalive,
+)
 from connector.settings import (
     HelloWorldService,
     HTTPService,
@@ -37,7 +43,14 @@ from connector.state import ConnectorState
 from connector.websocket import WebSocketBridge, accept_headers
 from wire import origin as wo
 from wire.errors import ConfigError, OriginError, StreamConversionError, TunnelLabError
-from wire.headers import META_ORIGIN, RESPONSE_HEADERS, RESPONSE_META, StreamType, first_value
+from wire.headers import (
+    META_FLOW_LIMITED,
+    META_ORIGIN,
+    RESPONSE_HEADERS,
+    RESPONSE_META,
+    StreamType,
+    first_value,
+)
 
 if TYPE_CHECKING:
     from connector.edge_conn import TunnelStream
@@ -378,6 +391,7 @@ class Proxy:
         try:
             with trio.fail_after(rule.origin_request.connect_timeout):
                 tcp = await trio.open_tcp_stream(service.host, service.port)
+            set_keepalive(tcp, rule.origin_request.tcp_keep_alive)
         except (OSError, trio.TooSlowError) as exc:
             await self._bad_gateway(ts, f"dial tcp {service.host}:{service.port}: {dial_error_text(exc)}",
                                     rule=rule)
@@ -422,9 +436,18 @@ class Proxy:
             await self._tcp_unreachable(ts, authority, f"destination {authority!r} is not IP:port")
             return
         host, port = dest
+        limit = self.warp.max_active_flows
+        if limit and self.state.tcp_active_sessions > limit:  # this stream is already counted
+            log.error(" error=%s connIndex=%d destAddr=%s event=2 originService=warp-routing stream=%d",
+                      q(f"too many active flows (max-active-flows {limit})"), ts.conn.conn_index,
+                      q(authority), ts.stream_id)
+            ts.failed = True
+            await ts.send_headers(wo.error_response_headers(META_FLOW_LIMITED), end_stream=True)
+            return
         try:
             with trio.fail_after(self.warp.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
+            set_keepalive(tcp, self.warp.tcp_keep_alive)
         except (OSError, trio.TooSlowError) as exc:
             await self._tcp_unreachable(ts, authority, f"dial tcp {authority}: {dial_error_text(exc)}")
             return

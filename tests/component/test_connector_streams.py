@@ -435,3 +435,35 @@ async def test_hello_world_service_started_on_demand(tmp_path):
             assert resp.status == 200
             assert user_headers(resp)[b"Content-Type"] == [b"text/html; charset=utf-8"]
             assert run.handle.proxy._hello is not None
+
+
+async def test_tcp_flow_limit_and_edge_goaway(tmp_path):
+    from connector.settings import WarpRoutingConfig
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "tcp-echo")
+            warp = WarpRoutingConfig(max_active_flows=1)
+            async with tunnel(tmp_path, [status_rule()], warp_routing=warp) as (side, run, _):
+                connect = [
+                    (b":method", b"CONNECT"),
+                    (b":authority", f"127.0.0.1:{port}".encode()),
+                    (b"cf-cloudflared-proxy-src", b"tcp://198.51.100.7:40000"),
+                ]
+                first = await side.open(connect)
+                assert (await first.headers()).status == 200
+                second = await side.open(connect)
+                resp = await second.headers()
+                assert resp.status == 502
+                assert resp.header(b"cf-cloudflared-response-meta") == (
+                    b'{"src":"cloudflared","flow_rate_limited":true}'
+                )
+                await first.send(b"", end_stream=True)
+                await first.finished()
+                # a GOAWAY from the edge: the connector answers with its own and stays registered
+                side.h2.close_connection()
+                await side.flush()
+                await trio.sleep(0.2)
+                assert side.goaway == 0
+                assert run.handle.ready_connections == 1
+            on.cancel_scope.cancel()
