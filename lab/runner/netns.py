@@ -93,6 +93,8 @@ def enter_inside() -> None:
         )
         if rc.returncode != 0:
             raise NetnsError(f"cannot bind-mount resolv.conf: {rc.stderr.strip()}")
+    # The mount holds the file's inode; the directory entry is no longer needed.
+    shutil.rmtree(tmp, ignore_errors=True)
     start_dns_stub()
 
 
