@@ -405,6 +405,8 @@ class EdgeConnection:
         self._rpc_results: dict[int, object] = {}
         self._rpc_event = trio.Event()
         self._rpc_closed: str | None = None
+        self._register_qid: int | None = None
+        self._registration_failure: EdgeConnectionError | None = None
 
     @property
     def label(self) -> str:
@@ -490,7 +492,9 @@ class EdgeConnection:
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._fail(ConnectionLostError(f"connection with edge closed: {exc.__cause__ or exc}"))
+                    log.debug("Writing to the edge failed connIndex=%d error=%s", self.conn_index,
+                              q(str(exc.__cause__ or exc)))
+                    self._fail(self._lost())
                     return
             self._written = target
             self._written_event.set()
@@ -502,10 +506,12 @@ class EdgeConnection:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._fail(ConnectionLostError(f"connection with edge closed: {exc.__cause__ or exc}"))
+                log.debug("Reading from the edge failed connIndex=%d error=%s", self.conn_index,
+                          q(str(exc.__cause__ or exc)))
+                self._fail(self._lost())
                 return
             if not data:
-                self._fail(ConnectionLostError("connection with edge closed"))
+                self._fail(self._lost())
                 return
             try:
                 events = self.h2.receive_data(data)
@@ -701,6 +707,7 @@ class EdgeConnection:
         )
         log.debug("Registering tunnel connection connIndex=%d event=0 ip=%s", self.conn_index, self.edge_ip)
         qid = self._rpc.register_connection(params)
+        self._register_qid = qid
         await self._send_rpc(ctrl)
         try:
             with trio.fail_after(self.settings.rpc_timeout):
@@ -709,23 +716,14 @@ class EdgeConnection:
             self._rpc.cancel(qid)  # Finish(releaseResultCaps=true), as Go does for an abandoned call
             await self._abort_rpc(ctrl)
             raise RegistrationRefusedError("register tunnel connection: context deadline exceeded") from None
-        if isinstance(answer, CallFailed):
+        error = self._registration_error(answer)
+        if error is not None:
+            self._registration_failure = error  # wins over the close the edge sends right behind it
             await self._abort_rpc(ctrl)
-            raise RegistrationRefusedError(
-                f"tunnelrpc/proto/tunnelrpc.capnp:RegistrationServer.registerConnection: rpc exception: "
-                f"{answer.reason}")
+            raise error
         assert isinstance(answer, RegistrationAnswered)
         result = answer.result
-        if isinstance(result, reg.RegistrationError):
-            await self._abort_rpc(ctrl)
-            log.error("Register tunnel error from server side error=%s connIndex=%d event=0 ip=%s",
-                      q(result.cause), self.conn_index, self.edge_ip)
-            if "EDUPCONN" in result.cause:
-                raise DuplicateConnectionError(
-                    f"{result.cause}: already connected to this server, trying another address")
-            if "Unauthorized" in result.cause:
-                raise UnauthorizedError(result.cause)
-            raise RegistrationRefusedError(result.cause)
+        assert isinstance(result, reg.ConnectionDetails)
         self.details = result
         self.registered = True
         log.info("Registered tunnel connection connIndex=%d connection=%s event=0 ip=%s location=%s "
@@ -734,6 +732,48 @@ class EdgeConnection:
             self._on_registered(self)
         if self.conn_index == 0 and not result.tunnel_is_remotely_managed:
             self._nursery_start(self._push_local_config, ctrl)
+
+    def _registration_error(self, answer: object) -> EdgeConnectionError | None:
+        """The error a registration answer means (logged), or None when it registered."""
+        if isinstance(answer, CallFailed):
+            return RegistrationRefusedError(
+                f"tunnelrpc/proto/tunnelrpc.capnp:RegistrationServer.registerConnection: rpc exception: "
+                f"{answer.reason}")
+        if not isinstance(answer, RegistrationAnswered):
+            return RegistrationRefusedError(f"unexpected answer to registerConnection: {answer!r}")
+        result = answer.result
+        if not isinstance(result, reg.RegistrationError):
+            return None
+        log.error("Register tunnel error from server side error=%s connIndex=%d event=0 ip=%s",
+                  q(result.cause), self.conn_index, self.edge_ip)
+        if "EDUPCONN" in result.cause:
+            return DuplicateConnectionError(
+                f"{result.cause}: already connected to this server, trying another address")
+        if "Unauthorized" in result.cause:
+            return UnauthorizedError(result.cause)
+        return RegistrationRefusedError(result.cause)
+
+    def _lost(self) -> EdgeConnectionError:
+        """Why the connection ended when the edge closed it. An edge that refuses a registration closes the
+        connection right after its answer: if that answer is still unread, it decides how we retry."""
+        if self._registration_failure is not None:
+            return self._registration_failure
+        ctrl = self._control
+        qid = self._register_qid
+        if ctrl is not None and qid is not None and not self.registered and qid not in self._rpc_results:
+            try:
+                for data, _ in ctrl._chunks:
+                    for ev in self._rpc.receive_data(data):
+                        if isinstance(ev, RegistrationAnswered | CallReturned | CallFailed):
+                            self._rpc_results[ev.question_id] = ev
+            except TunnelLabError:
+                pass
+            ctrl._chunks.clear()
+            if qid in self._rpc_results:
+                error = self._registration_error(self._rpc_results[qid])
+                if error is not None:
+                    return error
+        return ConnectionLostError("connection with edge closed")
 
     async def _push_local_config(self, ctrl: TunnelStream) -> None:
         try:

@@ -322,10 +322,13 @@ class EdgeSide:
             self.rpc_aborted.set()
 
     async def _close_soon(self) -> None:
-        await trio.sleep(0.05)
-        self.h2.close_connection()
+        if self.edge.close_delay:
+            await trio.sleep(self.edge.close_delay)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection()
         await self.flush()
-        await self.stream.aclose()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.aclose()
 
 
 class FakeEdge:
@@ -339,6 +342,7 @@ class FakeEdge:
         self.attempts: list[RegisterConnectionParams] = []
         self.accepted = 0
         self.refused = 0
+        self.close_delay = 0.05  # after a refused registration
         self.changed = trio.Event()
         cert = ca.issue_cert("h2.cftunnel.com", "cftunnel.com")
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -76,7 +76,8 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
     assert "Unregistered tunnel connection connIndex=0" in text
 
 
-async def test_unauthorized_is_retried_with_backoff(tmp_path, caplog):
+@pytest.mark.parametrize("close_delay", [0.05, 0.0])
+async def test_unauthorized_is_retried_with_backoff(tmp_path, caplog, close_delay):
     caplog.set_level("INFO", logger="connector")
     ca, ca_path = make_ca(tmp_path)
 
@@ -88,6 +89,7 @@ async def test_unauthorized_is_retried_with_backoff(tmp_path, caplog):
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             edge = FakeEdge(ca, decide=decide)
+            edge.close_delay = close_delay  # 0: the edge closes right behind its answer
             addr = await nursery.start(edge.serve)
             run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),)))
             await edge.wait_for(lambda: len(edge.registered) == 1)
