@@ -263,3 +263,31 @@ def test_local_config_json_is_shown_as_version_minus_one(tmp_path):
     state = _make_state(settings)
     assert state.versioned_config() == {"version": -1, "config": {"ingress": [{"service": "x"}]}}
     assert json.loads(settings.local_config_json)["ingress"]
+
+
+def test_address_pool_rotation_never_shares_an_address():
+    pool = supervisor.AddressPool(("a:1", "b:1", "c:1"))
+    assert pool.take(0) == "a:1" and pool.take(1) == "b:1"
+    for _ in range(20):
+        new = pool.rotate(0)
+        assert new in ("a:1", "c:1") and new != pool.held[1]
+    single = supervisor.AddressPool(("only:1",))
+    assert single.take(0) == "only:1"
+    assert single.rotate(0) == "only:1"  # nothing free: keep it (and back off, no busy loop)
+
+
+def test_ip_port_destinations_and_websocket_accept():
+    from connector.streams import parse_ip_port
+    from connector.websocket import WebSocketBridge, websocket_accept
+
+    assert parse_ip_port("127.0.0.1:22") == ("127.0.0.1", 22)
+    assert parse_ip_port("[::1]:443") == ("::1", 443)
+    for bad in ("example.com:22", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999", "[::1]", ""):
+        assert parse_ip_port(bad) is None, bad
+    # RFC 6455's example
+    assert websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    bridge = WebSocketBridge()
+    frame = bridge.to_edge(b"abc")
+    assert frame == b"\x82\x03abc"  # unmasked binary frame from the server side
+    assert bridge.close().startswith(b"\x88")
+    assert bridge.to_edge(b"late") == b""
