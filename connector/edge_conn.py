@@ -191,6 +191,7 @@ class TunnelStream:
         self.reset_received = False
         self.local_ended = False
         self.headers_sent = False
+        self.trailers: list[tuple[bytes, bytes]] = []  # request trailers the edge sent, if any
         self.status: int | None = None  # the :status we answered
         self.failed = False  # the connector could not serve it (502 of its own, or a reset)
         self.cancel_scope = trio.CancelScope()
@@ -538,6 +539,10 @@ class EdgeConnection:
                 ts._push(event.data or b"", flow_len)
             elif flow_len:
                 self.acknowledge(event.stream_id, flow_len)
+        elif isinstance(event, h2.events.TrailersReceived):
+            ts = self.streams.get(event.stream_id or 0)
+            if ts is not None:
+                ts.trailers = [(bytes(n), bytes(v)) for n, v in (event.headers or [])]
         elif isinstance(event, h2.events.StreamEnded):
             ts = self.streams.get(event.stream_id or 0)
             if ts is not None:

@@ -283,7 +283,10 @@ class Proxy:
                         data = data[:remaining]
                         remaining -= len(data)
                     await conn.send_all(encoder.encode(data))
-                await conn.send_all(encoder.end())
+                # request trailers travel only when the request declared them (Go's Request.Trailer)
+                declared = {name.lower() for name in oreq.trailer_names}
+                trailers = [(k, v) for k, v in ts.trailers if k.lower() in declared]
+                await conn.send_all(encoder.end(trailers))
             except (OriginError, StreamConversionError) as exc:
                 body_error.append(str(exc))
             finally:

@@ -467,3 +467,26 @@ async def test_tcp_flow_limit_and_edge_goaway(tmp_path):
                 assert side.goaway == 0
                 assert run.handle.ready_connections == 1
             on.cancel_scope.cancel()
+
+
+async def test_request_trailers_reach_the_origin_when_declared(tmp_path):
+    from tests.component.connector_edge import RawOrigin
+
+    origin = RawOrigin()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await on.start(origin.serve)
+            async with tunnel(tmp_path, [http_rule(port)]) as (side, _run, _):
+                es = await side.open(
+                    get("/t", method="POST", extra=[(b"trailer", b"x-sum"), (b"te", b"trailers")])
+                )
+                await es.send(b"body")
+                side.h2.send_headers(
+                    es.stream_id, [(b"x-sum", b"42"), (b"x-undeclared", b"no")], end_stream=True
+                )
+                await side.flush()
+                assert (await es.finished()).status == 200
+            on.cancel_scope.cancel()
+    raw = origin.requests[0].raw
+    assert b"Trailer: X-Sum\r\n" in raw
+    assert raw.endswith(b"4\r\nbody\r\n0\r\nX-Sum: 42\r\n\r\n")
