@@ -1,0 +1,89 @@
+"""The bench's pure parts: goals from figures, the table, percentiles, argv rewriting (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import load
+from bench.cli import Run, _without_option, render_table, targets
+
+
+def _runs(direct_rps: float, lab_rps: float, direct_p50: float, lab_p50: float) -> list[Run]:
+    return [
+        Run("get-c32", "direct", {"requests_per_s": direct_rps, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0}),
+        Run("get-c32", "lab", {"requests_per_s": lab_rps, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0}),
+        Run("get-c1", "direct", {"requests_per_s": 1.0, "p50_ms": direct_p50, "p90_ms": 1.0, "p99_ms": 1.0}),
+        Run("get-c1", "lab", {"requests_per_s": 1.0, "p50_ms": lab_p50, "p90_ms": 1.0, "p99_ms": 1.0}),
+        Run("download", "direct", {"mb_per_s": 200.0, "seconds": 5.0}),
+        Run("download", "lab", {"mb_per_s": 50.0, "seconds": 20.0},
+            components={"edge": {"cpu_s": 1.0, "peak_rss_mb": 80.0, "rss_growth_mb": 60.0},
+                        "connector": {"cpu_s": 1.0, "peak_rss_mb": 40.0, "rss_growth_mb": 1.0}}),
+        Run("ready", "lab", {"seconds": 3.1, "first_connection_s": 0.4}),
+    ]
+
+
+def _goal(goals: list[dict[str, object]], text: str) -> dict[str, object]:
+    return next(g for g in goals if g["goal"] == text)
+
+
+def test_goals_are_ratios_and_differences_against_direct() -> None:
+    goals = targets(_runs(1000.0, 450.0, 0.1, 0.9))
+    assert _goal(goals, "GET c=32 req/s >= 40% of direct") == {
+        "path": "lab", "goal": "GET c=32 req/s >= 40% of direct", "value": 0.45, "unit": "ratio", "met": True}
+    assert _goal(goals, "added p50 at c=1 < 1 ms")["value"] == pytest.approx(0.8)
+    assert _goal(goals, "added p50 at c=1 < 1 ms")["met"] is True
+    assert _goal(goals, "bulk download MB/s >= 50% of direct")["met"] is False
+    assert _goal(goals, "edge RSS growth over the download < 50 MB")["met"] is False
+    assert _goal(goals, "connector RSS growth over the download < 50 MB")["met"] is True
+    assert _goal(goals, "ready with 4 HA connections < 1 s")["met"] is False
+    assert _goal(goals, "first connection ready < 1 s")["met"] is True
+    # No upload runs: those goals are unknown, not failed.
+    upload = _goal(goals, "bulk upload MB/s >= 50% of direct")
+    assert (upload["value"], upload["met"]) == (None, None)
+
+
+def test_goals_missed_when_the_tunnel_is_slow() -> None:
+    goals = targets(_runs(1000.0, 399.0, 0.1, 1.2))
+    assert _goal(goals, "GET c=32 req/s >= 40% of direct")["met"] is False
+    assert _goal(goals, "added p50 at c=1 < 1 ms")["met"] is False
+
+
+def test_no_goals_without_a_tunnel_path() -> None:
+    assert targets([r for r in _runs(1.0, 1.0, 1.0, 1.0) if r.path == "direct"]) == []
+
+
+def test_table_shows_ratios_costs_goals_and_failures() -> None:
+    failed = Run("upload", "lab", failure="TimeoutError: timed out", errors=1)
+    runs = [*_runs(1000.0, 450.0, 0.1, 0.9), failed]
+    text = render_table(runs, targets(runs))
+    assert "45%" in text  # get-c32 lab/direct
+    assert "25%" in text  # download lab/direct
+    assert "FAILED" in text
+    assert "upload on lab: TimeoutError: timed out" in text
+    assert "first connection 0.400 s" in text
+    assert "1.00 / 80" in text  # edge CPU s / peak RSS MB during the download
+
+
+def test_failed_run_json_has_no_figures() -> None:
+    doc = Run("download", "lab", failure="boom", errors=1).as_json()
+    assert doc == {"workload": "download", "path": "lab", "errors": 1, "failure": "boom"}
+
+
+def test_percentiles_nearest_rank() -> None:
+    result = load.LoadResult(latencies=[i / 1000 for i in range(1, 101)])
+    assert result.percentile_ms(50) == pytest.approx(50.0)
+    assert result.percentile_ms(99) == pytest.approx(99.0)
+    assert load.LoadResult().percentile_ms(50) == 0.0
+    reported = load.LoadResult(reported_percentiles_ms={50.0: 1.5})
+    assert reported.percentile_ms(50) == 1.5
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("12.5us", 12.5e-6), ("3.2ms", 3.2e-3), ("1.01s", 1.01),
+                                                ("2m", 120.0)])
+def test_wrk_durations(text: str, seconds: float) -> None:
+    assert load._wrk_duration(text) == pytest.approx(seconds)
+
+
+def test_without_option_drops_both_spellings() -> None:
+    argv = ["--tiny", "--json", "a.json", "--cloudflared=/x", "--json=b.json", "--workdir", "w"]
+    assert _without_option(_without_option(argv, "--json"), "--cloudflared") == ["--tiny", "--workdir", "w"]
