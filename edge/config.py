@@ -75,5 +75,6 @@ class EdgeConfig:
     stream_queue_limit: int = 256
     stream_queue_timeout: float = 10.0
     handshake_timeout: float = 10.0
+    write_timeout: float = 30.0  # a peer that does not read for this long is disconnected
     eyeball_header_timeout: float = 15.0
     eyeball_idle_timeout: float = 60.0

@@ -48,13 +48,19 @@ class _H2Server:
         self.exchanges: dict[int, H2Exchange] = {}
 
     async def flush(self) -> None:
+        # Shielded like the tunnel side's flush: bytes taken from h2 must go out whole.
         async with self.lock:
             data = self.h2.data_to_send()
-            if data:
-                try:
-                    await self.transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+            if not data:
+                return
+            try:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(self.edge.config.write_timeout) as stalled:
+                        await self.transport.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+            if stalled.cancelled_caught:
+                raise EyeballGone("eyeball did not read in time")
 
     async def run(self) -> None:
         self.h2.initiate_connection()

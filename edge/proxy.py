@@ -341,9 +341,13 @@ async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, res
             f"{result.status} with src=cloudflared); its log names the cause.", ray=ray,
             hint="check that the origin named by the ingress rule is up and reachable"))
         return False
+    bodiless = (str(ex.request.method).upper() == "HEAD" or result.status in (204, 304)
+                or resp.content_length == 0)
+    if bodiless:
+        result.record()  # the head is the whole response for the eyeball
     await ex.start_response(result.status, out_headers)
     try:
-        await _relay_body(edge, ex, stream)
+        await _relay_body(edge, ex, stream, result, None if bodiless else resp.content_length)
     except TunnelStreamError as exc:
         result.outcome = "aborted"
         log.warning("stream failed mid-response; aborting the eyeball response: %s %s", exc, ident)
@@ -363,13 +367,16 @@ async def _drain_quietly(stream: TunnelStream) -> None:
             pass
 
 
-async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream) -> None:
+async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream, result: _Outcome,
+                      content_length: int | None) -> None:
     total = 0
     while True:
         item = await stream.receive()
         if item is None:
             break
         data, length = item
+        if stream.fully_received or (content_length is not None and total + len(data) >= content_length):
+            result.record()  # the last bytes: record before the eyeball can see the end
         if data:
             await ex.send_body(data)
             total += len(data)

@@ -88,6 +88,11 @@ class TunnelStream:
         self.local_closed = False
         self.opened_at = time.monotonic()
 
+    @property
+    def fully_received(self) -> bool:
+        """END_STREAM arrived and every buffered chunk was taken."""
+        return self.ended and not self._chunks
+
     # called by the connection's reader (sync)
     def _wake(self) -> None:
         self._lot.unpark_all()
@@ -245,10 +250,8 @@ class TunnelConnection:
             self.close_reason = reason
 
     async def _run(self) -> None:
-        try:
-            from wire.rpc import RpcServer
-        except ImportError as exc:  # pragma: no cover - only while the wire core is missing
-            raise ProtocolError(f"wire.rpc unavailable: {exc}") from exc
+        from wire.rpc import RpcServer
+
         self._rpc = RpcServer()
         self.h2.initiate_connection()
         # Our connection window: large, so many streams can stream at once.
@@ -675,11 +678,22 @@ class TunnelConnection:
 
     # ---- sending, closing --------------------------------------------------------------------
     async def flush(self) -> None:
-        """Send whatever h2 has queued (one writer at a time)."""
+        """Send whatever h2 has queued (one writer at a time).
+
+        Once taken from h2 the bytes must reach the socket whole, or the HTTP/2 framing breaks for
+        every stream; so the write is shielded from the caller's cancellation (a stream handler
+        being cancelled) and bounded by its own timeout instead.
+        """
         async with self._send_lock:
             data = self.h2.data_to_send()
-            if data:
-                await self.transport.send_all(data)
+            if not data:
+                return
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.edge.config.write_timeout) as stalled:
+                    await self.transport.send_all(data)
+            if stalled.cancelled_caught:
+                self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
+                raise trio.BrokenResourceError("write to the connector timed out")
 
     async def _stream_flush(self) -> None:
         """`flush` for stream handlers: a dead transport becomes a TunnelStreamError and ends the

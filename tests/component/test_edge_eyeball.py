@@ -197,3 +197,26 @@ async def test_plain_http_proxy_request_is_forwarded_over_a_tcp_stream(tmp_path)
             assert raw.endswith(b"\r\n\r\nhi") and raw.startswith(b"HTTP/1.1 200 OK")
             assert seen[0].startswith(b"GET /x?y=1 HTTP/1.1\r\n")
             assert b"Connection: close" in seen[0] and b"Proxy-Connection" not in seen[0]
+
+
+async def test_http2_eyeball_stream_reset_when_the_tunnel_stream_fails(tmp_path):
+    async def handler(s):
+        if s.header(b":path") == b"/fail":
+            await s.respond(200, [])
+            await s.send(b"partial")
+            await s.reset(2)
+        else:
+            await s.respond(200, [(b"Content-Length", b"2")])
+            await s.send(b"ok", end=True)
+
+    with trio.fail_after(10):
+        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            await registered(nursery, edge, t, handler)
+            tls = await tls_to(edge, "app.test", ["h2"])
+            async with tls:
+                results = await h2_get(tls, "app.test", ["/fail", "/fine"])
+            assert results["/fine"][2] == b"ok"
+            assert results["/fail"][0] == 200 and results["/fail"][2] == b"partial"
+            outcomes = sorted(e["outcome"] for e in edge.history.since(0))
+            assert outcomes == ["aborted", "ok"]

@@ -327,3 +327,32 @@ async def test_connector_stream_limit_is_honoured_by_queueing(tmp_path):
                     inner.start_soon(one)
             assert statuses == [200] * 5
             assert peak == 1
+
+
+async def test_eyeball_gone_mid_upload_resets_the_stream(tmp_path):
+    resets = []
+
+    async def handler(s):
+        try:
+            while await s.read() is not None:
+                pass
+        except ConnectionResetError:
+            resets.append(s.id)
+
+    with trio.fail_after(10):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            conn = await registered(nursery, edge, t, handler)
+            host, port = split(edge.bound["http"])
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100000\r\n\r\n"
+                                  + b"x" * 1000)
+            with trio.fail_after(5):
+                while not conn.opened:
+                    await trio.sleep(0.01)
+            await stream.aclose()
+            with trio.fail_after(5):
+                while not resets:
+                    await trio.sleep(0.01)
+            assert (await wait_history(edge, 1))[0]["outcome"] == "eyeball-closed"
+            assert len(edge.registry.routable(t.id)) == 1
