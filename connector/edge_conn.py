@@ -781,23 +781,23 @@ class EdgeConnection:
         return ConnectionLostError("connection with edge closed")
 
     async def _push_local_config(self, ctrl: TunnelStream) -> None:
+        state = self.proxy.state
+        state.local_config_pushes += 1
+        error: str | None = None
         try:
             qid = self._rpc.update_local_configuration(self.settings.local_config_json)
-        except TunnelLabError as exc:
-            log.error("unable to send local configuration error=%s connIndex=%d", q(str(exc)),
-                      self.conn_index)
-            return
-        await self._send_rpc(ctrl)
-        try:
+            await self._send_rpc(ctrl)
             with trio.fail_after(self.settings.rpc_timeout):
                 answer = await self._await_answer(qid)
-        except (trio.TooSlowError, ControlStreamError) as exc:
-            log.error("unable to send local configuration error=%s connIndex=%d",
-                      q(str(exc) or "context deadline exceeded"), self.conn_index)
-            return
-        if isinstance(answer, CallFailed):
-            log.error("unable to send local configuration error=%s connIndex=%d", q(answer.reason),
-                      self.conn_index)
+            if isinstance(answer, CallFailed):
+                error = answer.reason
+        except trio.TooSlowError:
+            error = "context deadline exceeded"
+        except TunnelLabError as exc:
+            error = str(exc)
+        if error is not None:
+            state.local_config_push_errors += 1
+            log.error("unable to send local configuration error=%s connIndex=%d", q(error), self.conn_index)
         else:
             log.debug("Sent local configuration to the edge connIndex=%d", self.conn_index)
 

@@ -56,6 +56,8 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
             await edge.wait_for(lambda: side.local_config is not None)
             assert side.local_config == b'{"ingress":[]}'
             await wait_ready(run)
+            assert run.handle.state.local_config_pushes == 1
+            assert run.handle.state.local_config_push_errors == 0
             assert run.handle.state.ready_connections == 1
             # an HTTP request through the http_status rule
             resp = await side.request(
