@@ -334,7 +334,8 @@ class Proxy:
             if isinstance(event, h11.ConnectionClosed):
                 raise OriginError(f"origin {conn.target.address} closed the connection before answering")
             break
-        assert isinstance(event, h11.Response)
+        if not isinstance(event, h11.Response):
+            raise OriginError(f"unexpected answer from origin {conn.target.address}: {event!r}")
         head = req.method == "HEAD"
         headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
         gunzip = None
@@ -344,9 +345,12 @@ class Proxy:
         h2_headers = wo.tunnel_response_headers(event.status_code, headers, head=head)
         if head:
             await ts.send_headers(h2_headers, end_stream=True)
-            while not isinstance(await conn.next_event(), h11.EndOfMessage):
-                pass
-            return True
+            while True:
+                ev = await conn.next_event()
+                if isinstance(ev, h11.EndOfMessage):
+                    return True
+                if isinstance(ev, h11.ConnectionClosed):
+                    return False
         known_length = gunzip is None and first_value(headers, b"content-length") is not None
         pending: Any = None
         if known_length:
