@@ -30,7 +30,7 @@ import h2.settings
 import trio
 
 from connector.logging_setup import format_value as q
-from connector.origin_client import dial_error_text
+from connector.origin_client import describe_peer_certificate, dial_error_text
 from connector.settings import TunnelSettings
 from wire import registration as reg
 from wire.errors import TLSSetupError, TunnelLabError
@@ -51,6 +51,7 @@ WINDOW = 1 << 20  # INITIAL_WINDOW_SIZE and the connection window, as Go's serve
 MAX_FRAME = 1 << 20
 MAX_HEADER_LIST = 1048896
 NO_RFC7540_PRIORITIES = 0x9
+_CERT_DETAILS: dict[tuple[str, str], str] = {}  # (edge address, verify error) -> what the edge presented
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,8 +159,12 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
         inner = exc.__cause__
         if isinstance(inner, ssl.SSLCertVerificationError):
             why = inner.verify_message or inner.reason
+            key = (address, str(why))
+            if key not in _CERT_DETAILS:  # one extra handshake per address and failure, not per retry
+                _CERT_DETAILS[key] = await describe_peer_certificate(host, port, EDGE_SNI)
+            detail = f" ({_CERT_DETAILS[key]})" if _CERT_DETAILS[key] else ""
             raise EdgeDialError(f"TLS handshake with edge error: tls: failed to verify certificate of "
-                                f"{address} for {EDGE_SNI}: {why}") from exc
+                                f"{address} for {EDGE_SNI}: {why}{detail}") from exc
         raise EdgeDialError(f"TLS handshake with edge error: {inner or exc}") from exc
     except OSError as exc:
         if tcp is not None:

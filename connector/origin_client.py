@@ -282,7 +282,9 @@ class OriginPool:
             await tcp.aclose()
             inner = exc.__cause__
             if isinstance(inner, ssl.SSLCertVerificationError):
-                detail = await self._describe_certificate(target, cfg, server_name)
+                detail = await describe_peer_certificate(target.host, target.port, server_name,
+                                                         min(cfg.tls_timeout, 5))
+                detail = f", {detail}" if detail else ""
                 raise OriginError(
                     f"tls: failed to verify certificate of origin {target.address}: "
                     f"{inner.verify_message or inner.reason} (server name {server_name!r}{detail})") from exc
@@ -290,41 +292,41 @@ class OriginPool:
                               f"failed: {inner or exc}") from exc
         return OriginConnection(stream, target, fd)
 
-    async def _describe_certificate(self, target: OriginTarget, cfg: OriginRequestConfig,
-                                    server_name: str) -> str:
-        """Which certificate the origin presented (subject, SANs, validity), fetched without verification,
-        for the log line of a verification failure."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        try:
-            with trio.fail_after(min(cfg.tls_timeout, 5)):
-                tcp = await trio.open_tcp_stream(target.host, target.port)
-                stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
-                try:
-                    await stream.do_handshake()
-                    der = stream.getpeercert(binary_form=True)
-                finally:
-                    await tcp.aclose()
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
-            return ""
-        if not der:
-            return ""
-        try:
-            from cryptography import x509
 
-            cert = x509.load_der_x509_certificate(der)
-            subject = cert.subject.rfc4514_string()
-            issuer = cert.issuer.rfc4514_string()
+async def describe_peer_certificate(host: str, port: int, server_name: str, timeout: float = 5.0) -> str:
+    """Which certificate a TLS server presents (subject, issuer, SANs, validity), fetched without
+    verification, for the log line of a verification failure; "" when it cannot be fetched."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
             try:
-                ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                sans = [str(v) for v in ext.get_values_for_type(x509.DNSName)]
-                sans += [str(v) for v in ext.get_values_for_type(x509.IPAddress)]
-            except x509.ExtensionNotFound:
-                sans = []
-            start = f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
-            end = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
-            return (f", certificate subject {subject!r} issued by {issuer!r}, SANs {sans}, "
-                    f"valid {start} to {end}")
-        except Exception:  # a certificate we cannot even parse: the verify message says enough
-            return ""
+                await stream.do_handshake()
+                der = stream.getpeercert(binary_form=True)
+            finally:
+                await tcp.aclose()
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+        return ""
+    if not der:
+        return ""
+    try:
+        from cryptography import x509
+
+        cert = x509.load_der_x509_certificate(der)
+        subject = cert.subject.rfc4514_string()
+        issuer = cert.issuer.rfc4514_string()
+        try:
+            ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            sans = [str(v) for v in ext.get_values_for_type(x509.DNSName)]
+            sans += [str(v) for v in ext.get_values_for_type(x509.IPAddress)]
+        except x509.ExtensionNotFound:
+            sans = []
+        start = f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+        end = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        return (f"certificate subject {subject!r} issued by {issuer!r}, SANs {sans}, "
+                f"valid {start} to {end}")
+    except Exception:  # a certificate we cannot even parse: the verify message says enough
+        return ""

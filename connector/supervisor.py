@@ -28,7 +28,6 @@ from connector.edge_conn import (
     RegistrationRefusedError,
     UnauthorizedError,
     edge_ssl_context,
-    split_host_port,
 )
 from connector.logging_setup import format_value as q
 from connector.settings import TunnelSettings
@@ -235,7 +234,7 @@ class Supervisor:
                 address = new
             wait, shown = backoff.next_wait(after_reset=was_registered)
             log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(shown), index,
-                     split_host_port(address)[0])
+                     conn.edge_ip)
             with trio.move_on_after(wait):
                 await self.shutdown.wait()
             if was_registered and not self.shutdown.is_set():
