@@ -156,6 +156,7 @@ async def test_no_busy_loop_with_one_untrusted_edge(tmp_path, caplog):
             assert await run.exit_code() == 0
             nursery.cancel_scope.cancel()
     assert "failed to verify certificate" in caplog.text
+    assert "certificate subject" in caplog.text  # which certificate the edge presented
 
 
 async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, caplog):
