@@ -140,7 +140,8 @@ class _H2Server:
             await ex.abort()
         finally:
             self.exchanges.pop(ex.stream_id, None)
-            unread = sum(n for _, n in ex.chunks)
+            unread = sum(n for _, n in ex.chunks) + ex.pending_ack
+            ex.pending_ack = 0
             if unread:
                 self.h2.acknowledge_received_data(unread, ex.stream_id)
             with contextlib.suppress(EyeballGone):
