@@ -128,7 +128,8 @@ class Target:
 
 
 def _rate_figures(result: load.LoadResult) -> dict[str, float]:
-    return {"requests_per_s": round(result.requests_per_s, 1), "p50_ms": round(result.percentile_ms(50), 3),
+    return {"requests": result.requests, "requests_per_s": round(result.requests_per_s, 1),
+            "p50_ms": round(result.percentile_ms(50), 3),
             "p90_ms": round(result.percentile_ms(90), 3), "p99_ms": round(result.percentile_ms(99), 3)}
 
 
