@@ -47,6 +47,9 @@ CONTROL_HEADERS: Headers = [
     (b"cf-cloudflared-proxy-connection-upgrade", b"control-stream"),
 ]
 UNAUTHORIZED = "Unauthorized: Invalid tunnel secret"
+# cloudflared sends no PINGs and one SETTINGS; a peer sending thousands is hostile.
+CONTROL_FLOOD_LIMIT = 1000
+CONTROL_FLOOD_WINDOW = 10.0
 DUPLICATE = "EDUPCONN"
 
 
@@ -190,7 +193,9 @@ class TunnelConnection:
         self._nursery: trio.Nursery | None = None
         self._control_backlog = b""
         self._drain_started = False
-        self._rpc_over = trio.Event()  # the connector aborted the RPC or ended the control stream
+        self._rpc_over = trio.Event()
+        self._flood_window_start = trio.current_time()
+        self._flood_count = 0  # the connector aborted the RPC or ended the control stream
         self._rpc: Any = None
         self._rpc_send, self._rpc_receive = trio.open_memory_channel[Any](32)
         self.goaway_sent = False
@@ -319,8 +324,11 @@ class TunnelConnection:
         if isinstance(event, h2.events.SettingsAcknowledged):
             self.h2.lift_header_list_limit()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._count_control_frame()
             self._window_lot.unpark_all()
             self._slot_lot.unpark_all()
+        elif isinstance(event, h2.events.PingReceived):
+            self._count_control_frame()  # h2 answers it; we only watch for floods
         elif isinstance(event, h2.events.ResponseReceived):
             self._on_response(event.stream_id, list(event.headers))
         elif isinstance(event, h2.events.DataReceived):
@@ -354,6 +362,15 @@ class TunnelConnection:
         elif isinstance(event, h2.events.InformationalResponseReceived):
             pass
         self._slot_lot.unpark_all()
+
+    def _count_control_frame(self) -> None:
+        now = trio.current_time()
+        if now - self._flood_window_start > CONTROL_FLOOD_WINDOW:
+            self._flood_window_start, self._flood_count = now, 0
+        self._flood_count += 1
+        if self._flood_count > CONTROL_FLOOD_LIMIT:
+            raise ProtocolError(f"control-frame flood: more than {CONTROL_FLOOD_LIMIT} PING/SETTINGS "
+                                f"frames within {CONTROL_FLOOD_WINDOW:g}s")
 
     def _on_response(self, stream_id: int, headers: Headers) -> None:
         if stream_id == CONTROL_STREAM_ID:

@@ -217,3 +217,16 @@ async def test_graceful_shutdown_drains_in_flight_streams(tmp_path):
             assert replies and replies[0].status == 200 and replies[0].body == b"done"
             assert conn.goaway is not None
             await conn.closed.wait()
+
+
+async def test_ping_flood_disconnects_that_connection_only(tmp_path):
+    with trio.fail_after(10):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1")
+            good = await registered(nursery, edge, t, noop)
+            async with connector(nursery, edge) as bad:
+                for i in range(1100):
+                    bad.h2.ping(i.to_bytes(8, "big"))
+                await bad.flush()
+                await bad.closed.wait()
+            assert not good.closed.is_set() and len(edge.registry.listed()) == 1
