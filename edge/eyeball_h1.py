@@ -44,6 +44,7 @@ class _Conn:
         self.client = client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.config.max_request_headers)
         self.closed = False
+        self.send_lock = trio.Lock()
 
     async def next_event(self, timeout: float) -> Any:
         """The next h11 event; raises EyeballGone on timeout or a broken transport."""
@@ -61,13 +62,14 @@ class _Conn:
             self.h11.receive_data(bytes(data))
 
     async def send(self, event: Any) -> None:
-        """Send an h11 event."""
-        data = self.h11.send(event)
-        if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+        """Send an h11 event (the upload task's 100 Continue and the response may race: a lock)."""
+        async with self.send_lock:
+            data = self.h11.send(event)
+            if data:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise EyeballGone(f"eyeball connection broke: {exc}") from exc
 
     async def close(self) -> None:
         """Close the transport."""

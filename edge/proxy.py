@@ -185,11 +185,6 @@ async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection
 
     req = ex.request
     headers = list(tunnel_request_headers(req, ray=ray, websocket=ex.websocket))
-    if not any(n == b":method" for n, _ in headers):
-        # Older wire.eyeball returning regular fields only: add the request line ourselves.
-        headers = [(b":method", str(req.method).encode()), (b":scheme", str(req.scheme).encode()),
-                   (b":authority", str(req.host).encode()), (b":path", str(req.target).encode()),
-                   *headers]
     end_stream = not ex.has_body and not ex.websocket
     retry_ok = str(req.method).upper() in IDEMPOTENT and not ex.has_body and not ex.websocket
     tried: list[TunnelConnection] = []

@@ -356,3 +356,25 @@ async def test_eyeball_gone_mid_upload_resets_the_stream(tmp_path):
                     await trio.sleep(0.01)
             assert (await wait_history(edge, 1))[0]["outcome"] == "eyeball-closed"
             assert len(edge.registry.routable(t.id)) == 1
+
+
+async def test_expect_100_continue(tmp_path):
+    with trio.fail_after(10):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            await registered(nursery, edge, t, echo_handler)
+            host, port = split(edge.bound["http"])
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n"
+                                      b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+                interim = b""
+                while b"\r\n\r\n" not in interim:
+                    interim += await stream.receive_some(65536)
+                assert interim.startswith(b"HTTP/1.1 100 ")
+                await stream.send_all(b"hello")
+                raw = interim.split(b"\r\n\r\n", 1)[1]
+                while chunk := await stream.receive_some(65536):
+                    raw += chunk
+            assert raw.startswith(b"HTTP/1.1 200 ")
+            assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["body"] == "hello"
