@@ -50,6 +50,7 @@ from wire.headers import (
     RESPONSE_META,
     StreamType,
     first_value,
+    serialize_response_headers,
 )
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ BODY_WRITE_GRACE = 0.05  # after the response, Go waits this long for an unfinis
 MAX_CONFIG_BODY = 4 * 1024 * 1024
 UNREACHABLE = ("Unable to reach the origin service. The service may be down or it may not be responding "
                "to traffic from cloudflared")
+
 
 def parse_ip_port(authority: str) -> tuple[str, int] | None:
     """`IP:port` / `[v6]:port` -> (ip, port); None for anything else (hostnames included)."""
@@ -462,7 +464,7 @@ class Proxy:
             key = first_value(ts.headers, b"sec-websocket-key")
             extra = accept_headers(key) if key is not None else []
             await ts.send_headers([(b":status", b"200"),
-                                   (RESPONSE_HEADERS, _serialize(extra)),
+                                   (RESPONSE_HEADERS, serialize_response_headers(extra)),
                                    (RESPONSE_META, META_ORIGIN)])
             log.debug("Proxying TCP stream to %s event=2 %s", authority, ts.label)
 
@@ -525,12 +527,6 @@ class Proxy:
 
 class _PipeDone(Exception):
     """Raised by a pipe writer when its side has finished (e.g. a WebSocket close)."""
-
-
-def _serialize(pairs: list[tuple[bytes, bytes]]) -> bytes:
-    from wire.headers import serialize_response_headers
-
-    return serialize_response_headers(pairs)
 
 
 async def pipe(ts: TunnelStream, *, read_origin: Callable[[], Awaitable[bytes]],
