@@ -294,3 +294,23 @@ def test_ip_port_destinations_and_websocket_accept():
     assert frame == b"\x82\x03abc"  # unmasked binary frame from the server side
     assert bridge.close().startswith(b"\x88")
     assert bridge.to_edge(b"late") == b""
+
+
+async def test_garbage_on_the_control_stream_reconnects(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca)
+            addr = await nursery.start(edge.serve)
+            run = await start_connector(nursery, make_settings(ca_path, [addr], (status_rule(),)))
+            await edge.wait_for(lambda: len(edge.registered) == 1)
+            first = edge.registered[0]
+            # a segment table claiming 2^31 segments: not Cap'n Proto
+            await first.send_data(first.control_id, b"\xff\xff\xff\x7f" + b"\x00" * 60)
+            await edge.wait_for(lambda: len(edge.registered) == 2)
+            await wait_ready(run)
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            nursery.cancel_scope.cancel()
+    assert "Malformed RPC message from the edge" in caplog.text
