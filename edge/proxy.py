@@ -336,6 +336,8 @@ async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, res
             f"{result.status} with src=cloudflared); its log names the cause.", ray=ray,
             hint="check that the origin named by the ingress rule is up and reachable"))
         return False
+    # Like Cloudflare's edge: every proxied response names its ray (the same as in the history).
+    out_headers = [(n, v) for n, v in out_headers if n.lower() != b"cf-ray"] + [(b"cf-ray", ray.encode())]
     bodiless = (str(ex.request.method).upper() == "HEAD" or result.status in (204, 304)
                 or resp.content_length == 0)
     if bodiless:

@@ -37,6 +37,7 @@ async def test_get_is_routed_with_edge_headers(tmp_path):
             assert d["cf-connecting-ip"] == "127.0.0.1"
             assert d["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
             assert d["cf-ray"].endswith("-LAB1") and len(d["cf-ray"].split("-")[0]) == 16
+            assert r.header(b"cf-ray") == d["cf-ray"].encode()
             for banned in ("connection", "keep-alive", "te", "host", "transfer-encoding", "upgrade"):
                 assert banned not in names
             history = await wait_history(edge, 1)
