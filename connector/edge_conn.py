@@ -143,19 +143,17 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
     """TCP + TLS to one edge address within `timeout` (raises `EdgeDialError`)."""
     host, port = split_host_port(address)
     tcp: trio.SocketStream | None = None
+    done = False
     try:
         with trio.fail_after(timeout):
             tcp = await trio.open_tcp_stream(host, port, local_address=bind_address)
             stream = trio.SSLStream(tcp, ctx, server_hostname=EDGE_SNI)
             await stream.do_handshake()
+            done = True
             return stream
     except trio.TooSlowError:
-        if tcp is not None:
-            await tcp.aclose()
         raise EdgeDialError(f"DialContext error: dial tcp {address}: i/o timeout") from None
     except trio.BrokenResourceError as exc:
-        if tcp is not None:
-            await tcp.aclose()
         inner = exc.__cause__
         if isinstance(inner, ssl.SSLCertVerificationError):
             why = inner.verify_message or inner.reason
@@ -167,9 +165,10 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
                                 f"{address} for {EDGE_SNI}: {why}{detail}") from exc
         raise EdgeDialError(f"TLS handshake with edge error: {inner or exc}") from exc
     except OSError as exc:
-        if tcp is not None:
-            await tcp.aclose()
         raise EdgeDialError(f"DialContext error: dial tcp {address}: {dial_error_text(exc)}") from exc
+    finally:
+        if tcp is not None and not done:  # also when cancelled mid-handshake
+            tcp.socket.close()
 
 
 def http_date() -> bytes:
@@ -449,8 +448,23 @@ class EdgeConnection:
         """Dial, register, serve until `shutdown` is set (then unregister and drain) or the connection dies.
 
         Returns normally only after a graceful shutdown; raises an `EdgeConnectionError` otherwise."""
-        self.stream = await dial_edge(self.address, self.ssl_context,
-                                      bind_address=self.settings.edge_bind_address)
+        async with trio.open_nursery() as dialling:  # a shutdown abandons a dial in progress
+            async def abandon() -> None:
+                await shutdown.wait()
+                dialling.cancel_scope.cancel()
+
+            dialling.start_soon(abandon)
+            dial_error: TunnelLabError | None = None
+            try:
+                self.stream = await dial_edge(self.address, self.ssl_context,
+                                              bind_address=self.settings.edge_bind_address)
+            except TunnelLabError as exc:  # raised out of here, not out of the nursery (no group)
+                dial_error = exc
+            dialling.cancel_scope.cancel()
+        if dial_error is not None:
+            raise dial_error
+        if self.stream is None:
+            return
         with contextlib.suppress(OSError):
             self.edge_ip = self.stream.transport_stream.socket.getpeername()[0]
         try:

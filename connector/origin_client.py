@@ -271,15 +271,16 @@ class OriginPool:
         ctx = self.ssl_context(target)
         server_name = target.server_name or target.host
         stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
+        done = False
         try:
             with trio.fail_after(cfg.tls_timeout):
                 await stream.do_handshake()
+            done = True
         except trio.TooSlowError:
-            await tcp.aclose()
             raise OriginError(f"TLS handshake with origin {target.address}: "
                               "net/http: TLS handshake timeout") from None
         except trio.BrokenResourceError as exc:
-            await tcp.aclose()
+            tcp.socket.close()
             inner = exc.__cause__
             if isinstance(inner, ssl.SSLCertVerificationError):
                 detail = await describe_peer_certificate(target.host, target.port, server_name,
@@ -290,6 +291,9 @@ class OriginPool:
                     f"{inner.verify_message or inner.reason} (server name {server_name!r}{detail})") from exc
             raise OriginError(f"TLS handshake with origin {target.address} (server name {server_name!r}) "
                               f"failed: {inner or exc}") from exc
+        finally:
+            if not done:  # also when cancelled mid-handshake
+                tcp.socket.close()
         return OriginConnection(stream, target, fd)
 
 

@@ -314,3 +314,26 @@ async def test_garbage_on_the_control_stream_reconnects(tmp_path, caplog):
             assert await run.exit_code() == 0
             nursery.cancel_scope.cancel()
     assert "Malformed RPC message from the edge" in caplog.text
+
+
+async def test_shutdown_during_a_hanging_dial_is_prompt(tmp_path):
+    """An edge that accepts TCP but never finishes TLS must not hold a shutdown for the 15 s dial timeout."""
+    _, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+
+            async def silent(stream: trio.SocketStream) -> None:
+                await trio.sleep_forever()
+
+            nursery.start_soon(trio.serve_listeners, silent, listeners)
+            run = await start_connector(
+                nursery, make_settings(ca_path, [f"127.0.0.1:{port}"], (status_rule(),))
+            )
+            await trio.sleep(0.2)
+            start = trio.current_time()
+            run.handle.shutdown()
+            assert await run.exit_code() == 0
+            assert trio.current_time() - start < 1
+            nursery.cancel_scope.cancel()
