@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from connector.logging_setup import format_value as q
 from connector.settings import StatusService, TunnelSettings
 from connector.state import ConnectorState
 from connector.streams import Proxy
@@ -100,7 +101,12 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
             if settings.metrics:
                 from connector.metrics import serve_metrics
 
-                host, port = await nursery.start(serve_metrics, settings.metrics, state)
+                try:
+                    host, port = await nursery.start(serve_metrics, settings.metrics, state)
+                except (OSError, TunnelLabError) as exc:
+                    log.error("Error opening metrics server listener error=%s", q(str(exc)))
+                    nursery.cancel_scope.cancel()
+                    return 1
                 metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if handle_signals and threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_watch_signals, supervisor)

@@ -337,3 +337,20 @@ async def test_shutdown_during_a_hanging_dial_is_prompt(tmp_path):
             assert await run.exit_code() == 0
             assert trio.current_time() - start < 1
             nursery.cancel_scope.cancel()
+
+
+async def test_metrics_address_in_use_exits_1(tmp_path, caplog):
+    from connector.runtime import run_tunnel
+
+    caplog.set_level("INFO", logger="connector")
+    _, ca_path = make_ca(tmp_path)
+    with trio.fail_after(10):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        settings = make_settings(ca_path, ["127.0.0.1:1"], (status_rule(),), metrics=f"127.0.0.1:{port}")
+        try:
+            assert await run_tunnel(settings, handle_signals=False) == 1
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+    assert "Error opening metrics server listener" in caplog.text
