@@ -490,3 +490,54 @@ async def test_request_trailers_reach_the_origin_when_declared(tmp_path):
     raw = origin.requests[0].raw
     assert b"Trailer: X-Sum\r\n" in raw
     assert raw.endswith(b"4\r\nbody\r\n0\r\nX-Sum: 42\r\n\r\n")
+
+
+async def test_upload_backpressure_reaches_the_edge(tmp_path):
+    """An origin that stops reading stalls the edge's upload (window not returned), then it resumes."""
+    total = 24 * 1024 * 1024
+    reading = trio.Event()
+    received = 0
+
+    async def slow_origin(stream: trio.SocketStream) -> None:
+        nonlocal received
+        await reading.wait()
+        while received < total:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                return
+            received += len(data)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as on:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            on.start_soon(trio.serve_listeners, slow_origin, listeners)
+            async with tunnel(tmp_path, [http_rule(port)]) as (side, _run, _):
+                es = await side.open(
+                    get("/up", method="POST", extra=[(b"content-length", str(total).encode())])
+                )
+                sent = 0
+                done = trio.Event()
+
+                async def upload() -> None:
+                    nonlocal sent
+                    chunk = b"u" * (1 << 16)
+                    for i in range(total // len(chunk)):
+                        await es.send(chunk, end_stream=i == total // len(chunk) - 1)
+                        sent += len(chunk)
+                    done.set()
+
+                on.start_soon(upload)
+                last = -1
+                while sent != last:  # until the edge makes no progress
+                    last = sent
+                    await trio.sleep(0.3)
+                # what the edge got rid of: the windows (1 MiB) plus what the sockets hold, not 24 MiB
+                assert not done.is_set() and 0 < sent < 4 * 1024 * 1024, sent
+                reading.set()
+                await done.wait()
+                assert (await es.finished()).status == 200
+            on.cancel_scope.cancel()
+    assert received >= total
