@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -301,21 +302,55 @@ class Metrics:
 
 # ---- the tunnel store, read live ----------------------------------------------------------------
 class TunnelsView:
-    """Live reads of lab.store. The store keeps a snapshot keyed by its write counter, so a tunnel
-    created or a route added by an admin command while the edge runs is seen on the next request."""
+    """Live reads of lab.store, so a tunnel created or a route added by an admin command while the
+    edge runs is honoured on the next request.
+
+    The store detects changes with a query per read; on the request path we first look at the
+    database files (SQLite in WAL mode: every write changes `state.db-wal` or `state.db`) and
+    answer from a small cache while they are unchanged.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         from lab import paths
         from lab.store import Store
 
-        self.store = Store(paths.db_path(state_dir))
+        self.db = paths.db_path(state_dir)
+        self.store = Store(self.db)
+        self._stamp: tuple[Any, ...] | None = None
+        self._hosts: dict[str, Any] = {}
+        self._checked = 0.0
+
+    def _files_stamp(self) -> tuple[Any, ...]:
+        stamp: list[Any] = []
+        for suffix in ("", "-wal"):
+            try:
+                st = os.stat(f"{self.db}{suffix}")
+            except FileNotFoundError:
+                stamp.append(None)
+            else:
+                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamp)
 
     def resolve_hostname(self, host: str) -> Any:
         """The tunnel routed for a Host value (exact beats wildcard), or None."""
-        return self.store.resolve_hostname(host)
+        stamp = self._files_stamp()
+        now = time.monotonic()
+        # File times can be coarse (a few ms): also forget the cache at least once a second.
+        if stamp != self._stamp or now - self._checked > 1.0:
+            self._stamp, self._checked = stamp, now
+            self._hosts.clear()
+        try:
+            return self._hosts[host]
+        except KeyError:
+            pass
+        tunnel = self.store.resolve_hostname(host)
+        if len(self._hosts) > 4096:
+            self._hosts.clear()
+        self._hosts[host] = tunnel
+        return tunnel
 
     def by_id(self, tunnel_id: uuid.UUID) -> Any:
-        """The tunnel with this id, or None."""
+        """The tunnel with this id, or None (registration is rare: always asks the store)."""
         return self.store.tunnel_by_id(tunnel_id)
 
     def resolve_ip(self, ip: str) -> Any:
