@@ -36,6 +36,7 @@ class TunnelListener:
         self.ssl_context: ssl.SSLContext | None = None
         self.scope: trio.CancelScope | None = None
         self.up = False
+        self.closed = trio.Event()  # set when the listening socket is closed (re-armed on start)
 
     @property
     def address(self) -> str:
@@ -167,6 +168,7 @@ class Edge:
         listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
         lst.port = listeners[0].socket.getsockname()[1]
         lst.up = True
+        lst.closed = trio.Event()
         try:
             with trio.CancelScope() as scope:
                 lst.scope = scope
@@ -175,10 +177,11 @@ class Edge:
                     stream = await listeners[0].accept()
                     self.spawn(self._handle_tunnel, stream, lst)
         finally:
-            lst.up = False
             for sock_listener in listeners:
                 with trio.CancelScope(shield=True):
                     await sock_listener.aclose()
+            lst.up = False
+            lst.closed.set()
 
     async def _handle_tunnel(self, tcp: trio.SocketStream, lst: TunnelListener) -> None:
         try:
@@ -213,10 +216,9 @@ class Edge:
             lst.scope.cancel()
             lst.scope = None
         # Let the listener's finally close the socket before we report success.
-        for _ in range(50):
-            if not lst.up:
-                break
-            await trio.sleep(0.01)
+        if lst.up:
+            with trio.move_on_after(2):
+                await lst.closed.wait()
         closed = 0
         for conn in self.registry.all():
             if conn.location == location:
