@@ -193,6 +193,7 @@ class TunnelConnection:
         self._nursery: trio.Nursery | None = None
         self._control_backlog = b""
         self._drain_started = False
+        self._unregistered = False
         self._rpc_over = trio.Event()
         self._flood_window_start = trio.current_time()
         self._flood_count = 0  # the connector aborted the RPC or ended the control stream
@@ -564,6 +565,7 @@ class TunnelConnection:
             self._queue_control(out)
 
     def _on_unregister(self, question_id: int) -> None:
+        self._unregistered = True
         self._rpc.answer_empty(question_id)
         out = self._rpc.data_to_send()
         if out:
@@ -746,10 +748,11 @@ class TunnelConnection:
         if self.streams:
             log.warning("drain deadline passed with %d streams in flight %s", len(self.streams),
                         self.ident())
-        # Let the connector finish its side of the RPC (Finish, Abort, end of the control stream)
-        # before the connection goes; cloudflared does that right after unregisterConnection.
-        with trio.move_on_after(self.edge.config.rpc_close_grace):
-            await self._rpc_over.wait()
+        if self._unregistered:
+            # Let the connector finish its side of the RPC (Finish, Abort, end of the control
+            # stream) before the connection goes; cloudflared does that right after unregistering.
+            with trio.move_on_after(self.edge.config.rpc_close_grace):
+                await self._rpc_over.wait()
         await self.goaway_and_close(ErrorCodes.NO_ERROR, why)
 
     async def goaway_and_close(self, error_code: int, why: str) -> None:
