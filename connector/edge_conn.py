@@ -596,7 +596,8 @@ class EdgeConnection:
             self._control_arrived.set()
             return
         self.streams[ts.stream_id] = ts
-        self._streams_idle = trio.Event()
+        if self._streams_idle.is_set():  # a waiter holds the unset one: never swap that
+            self._streams_idle = trio.Event()
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_stream, ts, kind)
 

@@ -541,3 +541,31 @@ async def test_upload_backpressure_reaches_the_edge(tmp_path):
                 assert (await es.finished()).status == 200
             on.cancel_scope.cancel()
     assert received >= total
+
+
+async def test_drain_ends_when_the_last_stream_ends_even_if_more_arrived(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            port = await origin(on, "stream")
+            ca, ca_path = make_ca(tmp_path)
+            async with trio.open_nursery() as nursery:
+                edge = FakeEdge(ca)
+                addr = await nursery.start(edge.serve)
+                settings = make_settings(ca_path, [addr], (http_rule(port),), grace_period=10)
+                run = await start_connector(nursery, settings)
+                await edge.wait_for(lambda: len(edge.registered) == 1)
+                await wait_ready(run)
+                side = edge.registered[0]
+                first = await side.open(get("/sse?n=3&interval=0.1"), end_stream=True)
+                await first.wait_body(1)
+                start = trio.current_time()
+                run.handle.shutdown()
+                await side.rpc_aborted.wait()  # the connector is draining now
+                await trio.sleep(0.05)
+                second = await side.open(get("/sse?n=5&interval=0.1"), end_stream=True)  # during the drain
+                assert (await second.finished()).ended
+                assert (await first.finished()).ended
+                assert await run.exit_code() == 0
+                assert trio.current_time() - start < 3  # not the 10 s grace period
+                nursery.cancel_scope.cancel()
+            on.cancel_scope.cancel()
