@@ -1,4 +1,5 @@
-"""The HTTPS eyeball listener: a lab-CA certificate per hostname chosen by SNI; h2 or HTTP/1.1 by ALPN."""
+"""The HTTPS eyeball listener: a lab-CA certificate per routed hostname chosen by SNI (others get the
+`localhost` certificate); h2 or HTTP/1.1 by ALPN."""
 
 from __future__ import annotations
 
@@ -33,7 +34,13 @@ def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
         if not server_name:
             return
         try:
-            sslobj.context = _context(edge, server_name.lower())
+            name = server_name.lower()
+            # Only routed hostnames get a certificate (like Cloudflare: an unknown name fails TLS),
+            # so random names cannot fill the state directory with leaves.
+            if edge.tunnels.resolve_hostname(name) is None:
+                log.info("TLS for an unrouted hostname %r: serving the default certificate", name)
+                return
+            sslobj.context = _context(edge, name)
         except Exception as exc:
             log.info("no certificate for SNI %r: %s", server_name, exc)
 

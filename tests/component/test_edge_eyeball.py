@@ -85,11 +85,19 @@ async def test_https_sni_certificate_and_http11(tmp_path):
             assert raw.startswith(b"HTTP/1.1 200")
             seen = dict(json.loads(raw.split(b"\r\n\r\n", 1)[1])["headers"])
             assert seen[":scheme"] == "https" and seen["x-forwarded-proto"] == "https"
-            # another SNI name gets its own lab-CA leaf (verified against that name)
+            # another routed name gets its own lab-CA leaf (verified against that name) ...
+            edge.tunnels.store.route_dns(t.id, "other.test")
             other = await tls_to(edge, "other.test", ["http/1.1"])
             sans = [v for _, v in other.getpeercert()["subjectAltName"]]
             await other.aclose()
             assert "other.test" in sans and "app.test" not in sans
+            # ... an unrouted name does not: the handshake fails verification (like Cloudflare's)
+            try:
+                await tls_to(edge, "unrouted.test", ["http/1.1"])
+            except trio.BrokenResourceError as exc:
+                assert "unrouted.test" in str(exc.__cause__)
+            else:
+                raise AssertionError("a certificate was issued for an unrouted name")
 
 
 async def test_https_http2_eyeball_concurrent_streams(tmp_path):
