@@ -47,6 +47,7 @@ DIAL_TIMEOUT = 15.0
 PREFACE_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
 MAX_READ = 256 * 1024  # most request-body bytes one receive_some returns
+CREDIT_BATCH = 32 * 1024  # WINDOW_UPDATEs go out in steps of this size (cloudflared's ~32 KiB)
 WINDOW = 1 << 20  # INITIAL_WINDOW_SIZE and the connection window, as Go's server sets them
 MAX_FRAME = 1 << 20
 MAX_HEADER_LIST = 1048896
@@ -182,8 +183,10 @@ def http_date() -> bytes:
 class TunnelStream:
     """One edge-opened HTTP/2 stream as the stream handlers see it.
 
-    Request body bytes are acknowledged (WINDOW_UPDATE) only when the handler comes back for more, i.e.
-    after it handed the previous chunk on: backpressure reaches the edge through flow control."""
+    Flow control as Go's server does it: connection-level credit goes back as DATA arrives (each stream's
+    buffer is bounded by its own window, so one slow stream never starves the others); stream-level credit
+    goes back only when the handler comes back for more, i.e. after it handed the previous chunk on:
+    backpressure reaches the edge per stream."""
 
     def __init__(self, conn: EdgeConnection, stream_id: int, headers: list[tuple[bytes, bytes]],
                  end_stream: bool) -> None:
@@ -201,6 +204,7 @@ class TunnelStream:
         self.cancel_scope = trio.CancelScope()
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._to_ack = 0  # flow-controlled bytes handed out, not yet acknowledged
+        self._credit = 0  # stream-level credit owed to the edge, sent in batches
         self._wakeup = trio.Event()
 
     @property
@@ -253,17 +257,18 @@ class TunnelStream:
 
     async def _ack(self) -> None:
         if self._to_ack:
-            n, self._to_ack = self._to_ack, 0
-            self.conn.acknowledge(self.stream_id, n)
-            await self.conn.flush()
+            self._credit += self._to_ack
+            self._to_ack = 0
+            if self._credit >= CREDIT_BATCH and not self.remote_ended:
+                n, self._credit = self._credit, 0
+                self.conn.open_window(n, self.stream_id)
+                await self.conn.flush()
 
     def _release_window(self) -> None:
-        """Give back connection-level credit for everything this stream never consumed."""
-        n = self._to_ack + sum(flow_len for _, flow_len in self._chunks)
+        """Forget what this stream never consumed (its connection-level credit went back on arrival)."""
         self._to_ack = 0
+        self._credit = 0
         self._chunks.clear()
-        if n:
-            self.conn.acknowledge(self.stream_id, n)
 
     # -- response
     async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
@@ -395,6 +400,7 @@ class EdgeConnection:
         self.edge_ip = split_host_port(address)[0]
         self._failure: EdgeConnectionError | None = None
         self._nursery: trio.Nursery | None = None
+        self._conn_credit = 0
         self._want = 0
         self._written = 0
         self._wake_writer = trio.Event()
@@ -418,11 +424,18 @@ class EdgeConnection:
         return f"tunnel={self.settings.credentials.tunnel_id} connIndex={self.conn_index}"
 
     # -- plumbing used by streams
-    def acknowledge(self, stream_id: int, n: int) -> None:
-        if self.dead:
+    def open_window(self, n: int, stream_id: int | None = None) -> None:
+        """Return `n` bytes of flow-control credit (a WINDOW_UPDATE) for a stream or the connection."""
+        if self.dead or n <= 0:
             return
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.acknowledge_received_data(n, stream_id)
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # a stream closed meanwhile
+            self.h2.increment_flow_control_window(n, stream_id)
+
+    def _connection_credit(self, n: int) -> None:
+        self._conn_credit += n
+        if self._conn_credit >= CREDIT_BATCH:
+            credit, self._conn_credit = self._conn_credit, 0
+            self.open_window(credit)
 
     async def flush(self) -> None:
         """Have the writer send everything h2 has queued; returns once it was written."""
@@ -554,10 +567,9 @@ class EdgeConnection:
             assert event.stream_id is not None
             ts = self.streams.get(event.stream_id)
             flow_len = event.flow_controlled_length or 0
+            self._connection_credit(flow_len)
             if ts is not None and not ts.reset_received:
                 ts._push(event.data or b"", flow_len)
-            elif flow_len:
-                self.acknowledge(event.stream_id, flow_len)
         elif isinstance(event, h2.events.TrailersReceived):
             ts = self.streams.get(event.stream_id or 0)
             if ts is not None:

@@ -569,3 +569,39 @@ async def test_drain_ends_when_the_last_stream_ends_even_if_more_arrived(tmp_pat
                 assert trio.current_time() - start < 3  # not the 10 s grace period
                 nursery.cancel_scope.cancel()
             on.cancel_scope.cancel()
+
+
+async def test_a_stalled_upload_does_not_block_other_streams(tmp_path):
+    """Connection-level credit returns on arrival: one stream stuck at its window leaves room for others."""
+    stuck = trio.Event()
+
+    async def never_reads(stream: trio.SocketStream) -> None:
+        await stuck.wait()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as on:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            slow_port = listeners[0].socket.getsockname()[1]
+            on.start_soon(trio.serve_listeners, never_reads, listeners)
+            echo_port = await origin(on, "echo")
+            rules = [
+                rule(
+                    HTTPService(scheme="http", host="127.0.0.1", port=slow_port), "slow", hostname="slow.test"
+                ),
+                rule(HTTPService(scheme="http", host="127.0.0.1", port=echo_port), "echo", index=1),
+            ]
+            async with tunnel(tmp_path, rules) as (side, _run, _):
+                blocked = await side.open(get("/", authority="slow.test", method="POST"))
+
+                async def push() -> None:
+                    await blocked.send(b"s" * (4 << 20))
+
+                on.start_soon(push)
+                await trio.sleep(0.5)  # the slow stream has used its whole 1 MiB window by now
+                body = b"e" * (3 << 20)
+                resp = await side.request(get("/other", method="POST"), body)
+                assert resp.status == 200
+                assert json.loads(resp.body)["body_length"] == len(body)
+                side.h2.reset_stream(blocked.stream_id, 8)
+                await side.flush()
+            on.cancel_scope.cancel()
