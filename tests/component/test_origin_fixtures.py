@@ -508,7 +508,6 @@ async def test_misbehave_huge_headers(nursery: trio.Nursery) -> None:
 
 
 async def test_hello_is_the_connectors_hello_world_over_plain_http(nursery: trio.Nursery) -> None:
-    pytest.importorskip("connector.hello", reason="kind hello serves connector.hello (not available)")
     with trio.fail_after(TIMEOUT):
         addr, _ = await start(nursery, "hello")
         stream = await trio.open_tcp_stream(*addr)

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import trio
 
+import lab.pki as pki_module
 from origin_fixtures import OriginConfig, serve_origin
 from origin_fixtures.tls import CERT_KINDS, origin_ssl_context
 from tests.component.test_origin_fixtures import TIMEOUT, Client
-
-pki_module = pytest.importorskip("lab.pki", reason="lab.pki (the lab PKI) is not available")
 
 
 @pytest.fixture(scope="module")
