@@ -9,6 +9,7 @@ are read from /proc. See docs/bench.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
+from bench import profile as profiling
 from bench.procs import (
     BenchSetupError,
     Component,
@@ -93,11 +95,20 @@ class Target:
     """Where a path's requests go (HTTP and WebSocket), and the processes whose cost is counted for it."""
 
     def __init__(self, path: str, http: tuple[str, int], ws: tuple[str, int],
-                 counted: dict[str, Component]) -> None:
+                 counted: dict[str, Component], profile_dir: Path | None = None) -> None:
         self.path = path
         self.http = http
         self.ws = ws
         self.counted = counted
+        self.profile_dir = profile_dir
+
+    def _recording(self, workload: str) -> contextlib.AbstractContextManager[None]:
+        if self.profile_dir is None or workload not in profiling.PROFILED_WORKLOADS:
+            return contextlib.nullcontext()
+        pids = {name: comp.pid for name, comp in self.counted.items() if name in profiling.PROFILED_PROCESSES}
+        if not pids:
+            return contextlib.nullcontext()
+        return profiling.recording(self.profile_dir, f"{workload}-{self.path}", pids)
 
     def measure(self, workload: str, body: Callable[[], load.LoadResult],
                 figures: Callable[[load.LoadResult], dict[str, float]]) -> Run:
@@ -109,7 +120,8 @@ class Target:
         own_cpu = time.process_time()
         run = Run(workload, self.path)
         try:
-            result = body()
+            with self._recording(workload):
+                result = body()
         except (OSError, load.HTTPClientError, BenchSetupError) as exc:
             run.failure = f"{type(exc).__name__}: {exc}"
             run.errors = 1
@@ -324,7 +336,8 @@ def measure_failover(edge: dict[str, Any], address: tuple[str, int], *, streak: 
 
 def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Component,
                          edge: dict[str, Any], origins: dict[str, Component], urls: dict[str, str],
-                         tunnel: tuple[str, Path], profile: Profile) -> list[Run]:
+                         tunnel: tuple[str, Path], profile: Profile,
+                         profile_dir: Path | None = None) -> list[Run]:
     metrics = f"127.0.0.1:{free_port()}"
     argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls)
     connector = lab.start(f"connector-{path}", argv)
@@ -334,7 +347,8 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
                     components={"connector": {"cpu_s": round(connector.usage().cpu_s, 3),
                                               "peak_rss_mb": round(connector.usage().peak_rss_mb, 1)}})]
         edge_http = parse_address(edge["http"])
-        target = Target(path, edge_http, edge_http, {"edge": edge_comp, "connector": connector, **origins})
+        target = Target(path, edge_http, edge_http, {"edge": edge_comp, "connector": connector, **origins},
+                        profile_dir)
         runs += traffic_workloads(target, profile)
         failover = Run("failover", path)
         try:
@@ -351,7 +365,7 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
 
 
 def run_bench(profile: Profile, workdir: Path, cloudflared: str | None,
-              progress: Callable[[str], None] = lambda _: None) -> list[Run]:
+              progress: Callable[[str], None] = lambda _: None, profile_dir: Path | None = None) -> list[Run]:
     lab = Lab(workdir)
     try:
         http_origin, http_addr = lab.start_origin("stream")
@@ -364,11 +378,11 @@ def run_bench(profile: Profile, workdir: Path, cloudflared: str | None,
         edge_comp, edge = lab.start_edge()
         progress("lab")
         runs += bench_connector_path(lab, "lab", lab_command("connector"), edge_comp, edge, origins, urls,
-                                     tunnel, profile)
+                                     tunnel, profile, profile_dir)
         if cloudflared:
             progress("cloudflared")
             runs += bench_connector_path(lab, "cloudflared", [cloudflared], edge_comp, edge, origins, urls,
-                                         tunnel, profile)
+                                         tunnel, profile, profile_dir)
         for comp in (http_origin, ws_origin, edge_comp):
             comp.check_alive()
         return runs
@@ -539,7 +553,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cloudflared", metavar="PATH",
                         help="also bench a real cloudflared (the bench then runs in a private netns)")
     parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
+    parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
+                        help="sample edge and connector with py-spy during get-c32, download and upload; "
+                             "stacks and summaries go to DIR (figures of such a run are not comparable)")
     args = parser.parse_args(argv)
+    if args.py_spy and profiling.available() is None:
+        print("tunnel-lab: --py-spy: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return 2
     if args.client == "wrk" and not shutil.which("wrk"):
         print("tunnel-lab: --client wrk: wrk is not installed", file=sys.stderr)
         return 2
@@ -554,8 +574,10 @@ def main(argv: list[str]) -> int:
 
         if not netns.inside():
             fixed = [*_without_option(argv, "--cloudflared"), "--cloudflared", args.cloudflared]
-            if args.json:
-                fixed = [*_without_option(fixed, "--json"), "--json", os.path.abspath(args.json)]
+            for option in ("--json", "--py-spy", "--workdir"):
+                value = getattr(args, option[2:].replace("-", "_"))
+                if value:
+                    fixed = [*_without_option(fixed, option), option, os.path.abspath(value)]
             return _reexec_in_netns(fixed)
         netns.enter_inside()
     profile = Profile.named(args.quick, args.tiny)
@@ -570,7 +592,8 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     try:
         runs = run_bench(profile, workdir, args.cloudflared,
-                         progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True))
+                         progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True),
+                         profile_dir=Path(args.py_spy).absolute() if args.py_spy else None)
     except BenchSetupError as exc:
         print(f"tunnel-lab: bench: {exc}\n(logs in {workdir})", file=sys.stderr)
         return 1

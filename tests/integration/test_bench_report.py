@@ -87,3 +87,22 @@ def test_wrk_durations(text: str, seconds: float) -> None:
 def test_without_option_drops_both_spellings() -> None:
     argv = ["--tiny", "--json", "a.json", "--cloudflared=/x", "--json=b.json", "--workdir", "w"]
     assert _without_option(_without_option(argv, "--json"), "--cloudflared") == ["--tiny", "--workdir", "w"]
+
+
+def test_profile_summary_self_time_and_project_lines() -> None:
+    from bench.profile import summarize
+
+    collapsed = "\n".join([
+        "main (/work/x/edge/cli.py:10);_reader (/work/x/edge/tunnel.py:290);"
+        "receive_data (/v/lib/python3.11/site-packages/h2/connection.py:1520) 3",
+        "main (/work/x/edge/cli.py:10);flush (/work/x/edge/tunnel.py:682);"
+        "send (/v/lib/python3.11/site-packages/trio/_socket.py:40) 1",
+        "garbage line",
+    ])
+    text = summarize(collapsed)
+    assert text.startswith("4 samples")
+    assert "75.0%  receive_data (h2/connection.py)" in text
+    assert "25.0%  send (trio/_socket.py)" in text
+    assert "100.0%  edge/cli.py:10 main" in text
+    assert "75.0%  edge/tunnel.py:290 _reader" in text
+    assert summarize("") == "no samples\n"
