@@ -45,6 +45,7 @@ class _Conn:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.config.max_request_headers)
         self.closed = False
         self.send_lock = trio.Lock()
+        self._out: list[bytes] = []  # serialized but not yet written (a deferred response head)
 
     async def next_event(self, timeout: float) -> Any:
         """The next h11 event; raises EyeballGone on timeout or a broken transport."""
@@ -61,22 +62,45 @@ class _Conn:
                 raise TimeoutError
             self.h11.receive_data(bytes(data))
 
-    async def send(self, event: Any) -> None:
-        """Send an h11 event (the upload task's 100 Continue and the response may race: a lock)."""
+    async def send(self, event: Any, *, defer: bool = False) -> None:
+        """Send an h11 event (the upload task's 100 Continue and the response may race: a lock).
+
+        `defer` keeps the bytes for the next write (a response head goes out with the first body
+        bytes: one write instead of two); `flush` writes them without an event.
+        """
         async with self.send_lock:
             data = self.h11.send(event)
             if data:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+                self._out.append(data)
+            if not defer:
+                await self._write_out()
+
+    async def flush(self) -> None:
+        """Write deferred bytes now."""
+        if self._out:
+            async with self.send_lock:
+                await self._write_out()
+
+    async def _write_out(self) -> None:
+        # under send_lock
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise EyeballGone(f"eyeball connection broke: {exc}") from exc
 
     async def close(self) -> None:
-        """Close the transport."""
+        """Close the transport (deferred bytes are written first, best effort)."""
         if not self.closed:
             self.closed = True
             with (trio.CancelScope(shield=True), trio.move_on_after(1),
                   contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                if self._out:
+                    data, self._out = b"".join(self._out), []
+                    await self.stream.send_all(data)
                 await self.stream.aclose()
 
 
@@ -141,7 +165,9 @@ class H1Exchange:
         self.chunked = (self.conn.h11.their_http_version == b"1.1"
                         and not any(n.lower() == b"content-length" for n, _ in headers))
         try:
-            await self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
+            # Deferred: written with the first body bytes, or by `flush` before the proxy waits.
+            await self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)),
+                                 defer=True)
         except h11.LocalProtocolError as exc:
             log.warning("response head not valid HTTP/1.1 (%s); aborting", exc)
             await self.abort()
@@ -164,6 +190,9 @@ class H1Exchange:
         except h11.LocalProtocolError as exc:  # fewer bytes than Content-Length
             await self.abort()
             raise EyeballGone(str(exc)) from exc
+
+    async def flush(self) -> None:
+        await self.conn.flush()
 
     async def abort(self) -> None:
         self.aborted = True

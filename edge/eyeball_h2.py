@@ -234,6 +234,9 @@ class H2Exchange:
             raise EyeballGone(f"cannot end the stream: {exc}") from exc
         await self.server.flush()
 
+    async def flush(self) -> None:
+        pass  # every call above already flushed
+
     async def abort(self) -> None:
         try:
             self.server.h2.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)

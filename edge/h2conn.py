@@ -71,6 +71,10 @@ class EdgeH2Connection(H2Connection):
                             additional_data=debug)
         self._data_to_send += frame.serialize()
 
+    def has_data_to_send(self) -> bool:
+        """Is anything queued for `data_to_send()` (without taking it)?"""
+        return bool(self._data_to_send)
+
     def lift_header_list_limit(self) -> None:
         """Keep the HPACK decoder's limit above the advertised one (h2 resets it on SETTINGS ACK)."""
         self.decoder.max_header_list_size = DECODER_HEADER_LIST_LIMIT

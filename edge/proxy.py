@@ -8,6 +8,7 @@ it was handed to the eyeball (backpressure), never buffered whole.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -73,8 +74,18 @@ class Exchange(Protocol):
     async def abort(self) -> None:
         """Abort the response mid-way: the eyeball must see a failure, not a short success."""
 
+    async def flush(self) -> None:
+        """Hand the eyeball what was sent so far (the proxy calls it before it waits for the connector:
+        an exchange may hold a response head back to send it with the first body bytes)."""
+
     async def upgrade(self, status: int, headers: Headers) -> RawChannel:
         """Send a 101 and switch to raw bytes (HTTP/1.1 only)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _uuid_text(value: Any) -> str:
+    """`str(uuid)`, formatted once per tunnel rather than once per request."""
+    return str(value)
 
 
 def _host_only(host: str) -> str:
@@ -120,7 +131,7 @@ class _Outcome:
         conn = self.conn
         self.edge.history.record(
             ray=self.ray, host=self.host, method=str(self.req.method), path=str(self.req.target),
-            status=self.status, tunnel_id=str(self.tunnel.id) if self.tunnel is not None else None,
+            status=self.status, tunnel_id=_uuid_text(self.tunnel.id) if self.tunnel is not None else None,
             connection=conn.id if conn is not None else None,
             location=conn.location if conn is not None else None,
             outcome=self.outcome, duration_ms=round(duration * 1000, 3))
@@ -260,10 +271,11 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
     """Drive one tunnel stream. Returns True when the request should be retried elsewhere."""
     upload_failed: list[BaseException] = []
     upload = trio.CancelScope()  # cancelled once the response no longer needs the request body
+    if not ex.has_body:  # nothing to upload: no nursery, no task
+        return await _respond(edge, ex, stream, ray, result, ident, may_retry, upload, upload_failed)
     gone: EyeballGone | None = None
     async with trio.open_nursery() as nursery:
-        if ex.has_body:
-            nursery.start_soon(_upload, ex, stream, upload_failed, upload)
+        nursery.start_soon(_upload, ex, stream, upload_failed, upload)
         try:
             return await _respond(edge, ex, stream, ray, result, ident, may_retry, upload, upload_failed)
         except EyeballGone as exc:
@@ -368,6 +380,8 @@ async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream, result: _O
                       content_length: int | None) -> None:
     total = 0
     while True:
+        if not stream.ready:
+            await ex.flush()  # about to wait for the connector: the eyeball gets what we have
         item = await stream.receive()
         if item is None:
             break

@@ -92,6 +92,11 @@ class TunnelStream:
         self.opened_at = time.monotonic()
 
     @property
+    def ready(self) -> bool:
+        """Would `receive` return (or raise) without waiting?"""
+        return bool(self._chunks) or self.ended or self.error is not None
+
+    @property
     def fully_received(self) -> bool:
         """END_STREAM arrived and every buffered chunk was taken."""
         return self.ended and not self._chunks
@@ -203,22 +208,32 @@ class TunnelConnection:
         self.goaway_received = False
         self.closed = trio.Event()
         self.close_reason = ""
+        self._id_for: Registration | None = None
+        self._id = ""
+        self._ident_for: Registration | None = None
+        self._ident = ""
 
     # ---- identity ----------------------------------------------------------------------------
     @property
     def id(self) -> str:
         """The connection id the API shows: the connection uuid once registered."""
-        if self.registration is not None:
-            return str(self.registration.conn_uuid)
-        return f"pending-{self.serial}"
+        reg = self.registration
+        if reg is None:
+            return f"pending-{self.serial}"
+        if self._id_for is not reg:  # formatted once per registration, not per request
+            self._id_for, self._id = reg, str(reg.conn_uuid)
+        return self._id
 
     def ident(self) -> str:
         """Identity fields for log lines."""
         reg = self.registration
         if reg is None:
             return f"conn=#{self.serial} location={self.location} remote={self.remote}"
-        return (f"tunnel={reg.tunnel_id} conn={reg.conn_uuid} connIndex={reg.conn_index} "
-                f"location={self.location}")
+        if self._ident_for is not reg:
+            self._ident_for = reg
+            self._ident = (f"tunnel={reg.tunnel_id} conn={reg.conn_uuid} connIndex={reg.conn_index} "
+                           f"location={self.location}")
+        return self._ident
 
     @property
     def routable(self) -> bool:
@@ -703,6 +718,10 @@ class TunnelConnection:
         every stream; so the write is shielded from the caller's cancellation (a stream handler
         being cancelled) and bounded by its own timeout instead.
         """
+        if not self.h2.has_data_to_send():
+            # Nothing queued (e.g. an acknowledgement h2 batched): no lock, no write. Bytes another
+            # task already took are that task's to deliver.
+            return
         async with self._send_lock:
             data = self.h2.data_to_send()
             if not data:
