@@ -5,7 +5,7 @@ server** (`client_side=False`); the edge sends the preface and opens every strea
 connector is the Cap'n Proto **RPC client** (`wire.rpc.RpcClient`).
 
 Tasks per connection: a reader (socket -> h2 -> per-stream inboxes), a writer (h2 -> socket, woken by
-`flush`), the control task (registration, local config, unregister) and one task per eyeball stream. A
+`flush`/`push`), the control task (registration, local config, unregister) and one task per eyeball stream. A
 stream's failure becomes a RST_STREAM; only socket errors and protocol violations end the connection, and
 `run` then raises an `EdgeConnectionError` whose class tells the supervisor how to retry.
 """
@@ -50,6 +50,9 @@ MAX_READ = 256 * 1024  # most request-body bytes one receive_some returns
 CREDIT_BATCH = 32 * 1024  # WINDOW_UPDATEs go out in steps of this size (cloudflared's ~32 KiB)
 WINDOW = 1 << 20  # INITIAL_WINDOW_SIZE and the connection window, as Go's server sets them
 MAX_FRAME = 1 << 20
+# A stream's writes only wake the writer (HEADERS, DATA and END_STREAM written back to back leave in one TLS
+# write); a stream waits for the socket only once this much is queued (backpressure on bulk bodies).
+PUSH_WAIT = 64 * 1024
 MAX_HEADER_LIST = 1048896
 NO_RFC7540_PRIORITIES = 0x9
 _CERT_DETAILS: dict[tuple[str, str], str] = {}  # (edge address, verify error) -> what the edge presented
@@ -262,7 +265,7 @@ class TunnelStream:
             if self._credit >= CREDIT_BATCH and not self.remote_ended:
                 n, self._credit = self._credit, 0
                 self.conn.open_window(n, self.stream_id)
-                await self.conn.flush()
+                await self.conn.push()
 
     def _release_window(self) -> None:
         """Forget what this stream never consumed (its connection-level credit went back on arrival)."""
@@ -285,7 +288,7 @@ class TunnelStream:
                 self.status = int(value)
         if end_stream:
             self.local_ended = True
-        await self.conn.flush()
+        await self.conn.push()
 
     async def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         self._check()
@@ -294,7 +297,7 @@ class TunnelStream:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             raise StreamGone(f"{self.label}: cannot send trailers: {exc}") from exc
         self.local_ended = True
-        await self.conn.flush()
+        await self.conn.push()
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""
@@ -321,11 +324,12 @@ class TunnelStream:
                 h2c.send_data(self.stream_id, bytes(chunk), end_stream=last)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
                 raise StreamGone(f"{self.label}: cannot send data: {exc}") from exc
+            self.conn.queued += size
             unflushed = True
             if last:
                 self.local_ended = True
             if not len(view):
-                await self.conn.flush()  # every write is flushed: SSE and chunked responses stream
+                await self.conn.push()  # every write goes out at once: SSE and chunked responses stream
                 return
 
     async def end(self) -> None:
@@ -403,6 +407,8 @@ class EdgeConnection:
         self._conn_credit = 0
         self._want = 0
         self._written = 0
+        self._writer_ok = True  # False once a write to the edge failed or was cut short
+        self.queued = 0  # DATA payload bytes h2 holds that the writer has not taken yet
         self._wake_writer = trio.Event()
         self._written_event = trio.Event()
         self._window_event = trio.Event()
@@ -448,6 +454,17 @@ class EdgeConnection:
             if self.dead:
                 raise StreamGone(f"{self.label}: connection with edge closed")
             await self._written_event.wait()
+
+    async def push(self) -> None:
+        """Have the writer send everything h2 has queued at its next wakeup, without waiting for it unless
+        `PUSH_WAIT` bytes are queued. Writes made before the writer runs leave in one TLS write."""
+        if self.queued >= PUSH_WAIT:
+            await self.flush()
+            return
+        if self.dead:
+            raise StreamGone(f"{self.label}: connection with edge closed")
+        self._wake_writer.set()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def wait_for_window(self) -> None:
         await self._window_event.wait()
@@ -500,9 +517,15 @@ class EdgeConnection:
                 self.registered = False
                 if self._on_unregistered:
                     self._on_unregistered(self)
-            with (trio.CancelScope(shield=True), trio.move_on_after(1),
-                  contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-                await self.stream.aclose()
+            with trio.CancelScope(shield=True):
+                pending = self.h2.data_to_send() if self._writer_ok else b""
+                if pending:  # what streams queued last (their writes do not wait) still goes out
+                    with (trio.move_on_after(1),
+                          contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                        await self.stream.send_all(pending)
+                with (trio.move_on_after(1),
+                      contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                    await self.stream.aclose()
         if self._failure is not None:
             raise self._failure
 
@@ -521,9 +544,12 @@ class EdgeConnection:
             self._wake_writer = trio.Event()
             target = self._want
             data = self.h2.data_to_send()
+            self.queued = 0
             if data:
+                self._writer_ok = False  # until send_all returns (a cancelled send leaves a partial write)
                 try:
                     await self.stream.send_all(data)
+                    self._writer_ok = True
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.debug("Writing to the edge failed connIndex=%d error=%s", self.conn_index,
                               q(str(exc.__cause__ or exc)))
@@ -718,6 +744,7 @@ class EdgeConnection:
         if data and not ctrl.local_ended:
             with contextlib.suppress(StreamGone):
                 await ctrl.send_data(data)
+                await self.flush()  # RPC messages are on the wire before we wait for their answers
 
     async def _await_answer(self, question_id: int) -> object:
         while question_id not in self._rpc_results:
@@ -842,6 +869,7 @@ class EdgeConnection:
             await ctrl.end()
             if not ctrl.remote_ended:
                 await ctrl.reset(h2.errors.ErrorCodes.NO_ERROR)
+            await self.flush()
         except StreamGone:
             pass
 
