@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,11 @@ class RequestRecord:
 
 
 class History:
-    """An append-only list of `RequestRecord`, optionally mirrored to a JSON-lines file."""
+    """The most recent `RequestRecord`s (at most `limit` kept in memory, so a long benchmark does not
+    grow the origin), optionally mirrored in full to a JSON-lines file."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.records: list[RequestRecord] = []
+    def __init__(self, path: str | Path | None = None, *, limit: int = 10_000) -> None:
+        self.records: deque[RequestRecord] = deque(maxlen=limit)
         self.path = Path(path) if path is not None else None
         self._seq = 0
 
