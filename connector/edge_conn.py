@@ -58,6 +58,7 @@ NO_RFC7540_PRIORITIES = 0x9
 _CERT_DETAILS: dict[tuple[str, str], str] = {}  # (edge address, verify error) -> what the edge presented
 
 
+
 # --------------------------------------------------------------------------------------------------
 # Errors: the class tells the supervisor what to do next
 
@@ -175,8 +176,16 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
             tcp.socket.close()
 
 
+_DATE: list[tuple[int, bytes]] = [(0, b"")]  # (second, Date header value) of the last response
+
+
 def http_date() -> bytes:
-    return formatdate(time.time(), usegmt=True).encode()
+    now = int(time.time())
+    second, value = _DATE[0]
+    if second != now:  # formatted once per second, not per response
+        value = formatdate(now, usegmt=True).encode()
+        _DATE[0] = (now, value)
+    return value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,6 +66,10 @@ def _format_name(name: object) -> str:
     return ",".join(parts)
 
 
+_STAND_IN: dict[tuple[str, bool], h11.Request] = {}  # h11 events are immutable: shared by every connection
+_END = h11.EndOfMessage()
+
+
 class OriginConnection:
     """One HTTP/1.1 connection to an origin; h11 parses what the origin answers.
 
@@ -83,12 +87,17 @@ class OriginConnection:
         self.closed = False
 
     def start_request(self, method: str, *, websocket: bool) -> None:
-        headers: list[tuple[bytes, bytes]] = [(b"host", b"origin")]
-        if websocket:
-            headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
         try:
-            self.h11.send(h11.Request(method=method.encode("latin-1"), target=b"/", headers=headers))
-            self.h11.send(h11.EndOfMessage())
+            request = _STAND_IN.get((method, websocket))
+            if request is None:
+                headers: list[tuple[bytes, bytes]] = [(b"host", b"origin")]
+                if websocket:
+                    headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+                request = h11.Request(method=method.encode("latin-1"), target=b"/", headers=headers)
+                if len(_STAND_IN) < 64:  # built (and validated) once per method
+                    _STAND_IN[(method, websocket)] = request
+            self.h11.send(request)
+            self.h11.send(_END)
         except h11.LocalProtocolError as exc:
             raise OriginError(f"cannot send a {method!r} request over HTTP/1.1: {exc}") from exc
 
@@ -236,20 +245,24 @@ class OriginPool:
 
     async def release(self, conn: OriginConnection, cfg: OriginRequestConfig, *, reusable: bool) -> None:
         """Give a connection back after a response; it is kept only if HTTP/1.1 allows reuse."""
-        if not reusable or conn.closed or not conn.reusable:
+        if not self.keep(conn, cfg, reusable=reusable):
             await conn.aclose()
-            return
+
+    def keep(self, conn: OriginConnection, cfg: OriginRequestConfig, *, reusable: bool) -> bool:
+        """`release` without the close: True when the connection went back to the idle list; otherwise the
+        caller closes it."""
+        if not reusable or conn.closed or not conn.reusable:
+            return False
         try:
             conn.h11.start_next_cycle()
         except h11.LocalProtocolError:
-            await conn.aclose()
-            return
+            return False
         idle = self._idle[conn.target]
         if len(idle) >= max(cfg.keep_alive_connections, 0):
-            await conn.aclose()
-            return
+            return False
         conn.idle_since = trio.current_time()
         idle.append(conn)
+        return True
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -256,8 +256,9 @@ class Proxy:
         try:
             reusable = await self._exchange(ts, req, oreq, conn, probe, rule, websocket=websocket)
         finally:
-            with trio.CancelScope(shield=True):
-                await self.pool.release(conn, cfg, reusable=reusable)
+            if not self.pool.keep(conn, cfg, reusable=reusable):
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
 
     async def _exchange(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any, conn: OriginConnection,
                         probe: bytes | None, rule: IngressRule, *, websocket: bool) -> bool:
@@ -269,8 +270,6 @@ class Proxy:
 
         async def send_body() -> None:
             try:
-                if framing is wo.Framing.NONE or websocket:
-                    return
                 remaining = oreq.content_length if framing is wo.Framing.CONTENT_LENGTH else None
                 encoder = wo.BodyEncoder(framing, remaining)
                 if probe:
@@ -294,17 +293,10 @@ class Proxy:
             finally:
                 body_done.set()
 
-        try:
-            conn.start_request(oreq.method, websocket=websocket)
-            await conn.send_all(oreq.head_bytes())
-        except OriginError as exc:
-            await self._bad_gateway(ts, str(exc), rule=rule)
-            return False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_body)
+        async def relay() -> bool:
             try:
-                complete = await self._relay_response(ts, req, oreq, conn, websocket=websocket,
-                                                      body_error=body_error)
+                return await self._relay_response(ts, req, oreq, conn, websocket=websocket,
+                                                  body_error=body_error)
             except OriginError as exc:
                 if ts.headers_sent:
                     log.error("Origin response failed after the headers were sent, resetting the stream "
@@ -315,7 +307,19 @@ class Proxy:
                     if body_error:
                         cause = f"{cause} (writing the request body: {body_error[0]})"
                     await self._bad_gateway(ts, cause, rule=rule)
-                complete = False
+                return False
+
+        try:
+            conn.start_request(oreq.method, websocket=websocket)
+            await conn.send_all(oreq.head_bytes())
+        except OriginError as exc:
+            await self._bad_gateway(ts, str(exc), rule=rule)
+            return False
+        if framing is wo.Framing.NONE or websocket:  # no request body to send: no task for it
+            return await relay() and reusable_body
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            complete = await relay()
             if complete and not body_done.is_set():
                 with trio.move_on_after(BODY_WRITE_GRACE):
                     await body_done.wait()
