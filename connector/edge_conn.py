@@ -58,6 +58,25 @@ NO_RFC7540_PRIORITIES = 0x9
 _CERT_DETAILS: dict[tuple[str, str], str] = {}  # (edge address, verify error) -> what the edge presented
 
 
+class _LazyRepr:
+    """`repr(obj)`, computed only when a log record is formatted."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return repr(self.obj)
+
+    __repr__ = __str__
+
+
+# h2 passes `repr(frame)` to a trace log call for every frame it receives, also when nothing logs it: for a
+# DATA frame that hex-dumps the whole payload (~10% of the connector's CPU on an upload). h2.connection calls
+# `repr` nowhere else; this makes that one lazy (a logger that does format it gets the same text).
+setattr(h2.connection, "repr", _LazyRepr)  # noqa: B010
+
 
 # --------------------------------------------------------------------------------------------------
 # Errors: the class tells the supervisor what to do next
