@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
+RELAY_BATCH = 256 * 1024  # response DATA already received is relayed in one write up to this size
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -382,7 +383,7 @@ async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream, result: _O
     while True:
         if not stream.ready:
             await ex.flush()  # about to wait for the connector: the eyeball gets what we have
-        item = await stream.receive()
+        item = await stream.receive_many(RELAY_BATCH)
         if item is None:
             break
         data, length = item

@@ -132,6 +132,21 @@ class TunnelStream:
                 raise self.error
             await self._lot.park()
 
+    async def receive_many(self, max_bytes: int) -> tuple[bytes, int] | None:
+        """Like `receive`, but with every chunk already queued (up to about `max_bytes`) joined into
+        one: a bulk response goes to the eyeball in fewer, larger writes and fewer acknowledgements."""
+        item = await self.receive()
+        if item is None or not self._chunks:
+            return item
+        data, length = item
+        parts, size = [data], len(data)
+        while self._chunks and size < max_bytes:
+            more, more_length = self._chunks.popleft()
+            parts.append(more)
+            size += len(more)
+            length += more_length
+        return b"".join(parts), length
+
     async def ack(self, flow_controlled_length: int) -> None:
         """Give the window back for bytes that were handed on (backpressure point)."""
         if flow_controlled_length:
@@ -644,15 +659,17 @@ class TunnelConnection:
                 raise stream.error
             window = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
             if window <= 0:
+                await self._stream_flush()  # frames queued so far go out before we wait
                 await self._window_lot.park()
                 continue
-            chunk = bytes(view[:window])
+            chunk = view[:window]
             view = view[window:]
             try:
                 self.h2.send_data(stream.id, chunk, end_stream=end and not view)
             except h2.exceptions.ProtocolError as exc:
                 raise TunnelStreamError(f"stream closed while sending: {exc}") from exc
-            await self._stream_flush()
+        # Every frame the windows allowed, in one write.
+        await self._stream_flush()
         if end:
             if not data:
                 await self.end_stream(stream, None)
