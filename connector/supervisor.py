@@ -1,7 +1,8 @@
 """HA connections: which address each connIndex uses, when it (re)connects, and when the process gives up.
 
 cloudflared's rules (PROTOCOL.md §4.1, §4.3, §4.4):
-- connIndex 0 starts first; once it registered, connIndex 1..N-1 start one per second (the first at once);
+- connIndex 0 starts first; once it registered, connIndex 1..N-1 start (cloudflared: one per second, the
+  first at once; we start them all at once, `HA_START_INTERVAL` = 0, so that all N are ready within a second);
 - each connIndex holds its own address; dial/TLS errors and EDUPCONN move it to a free address;
 - per-connIndex backoff: a random wait in [0, 2^k * base) with k = 1..retries, then capped; reset when the
   connection registers;
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 1.0  # seconds; tests lower it
 SUPERVISOR_BACKOFF_BASE = 10.0
 MIN_WAIT_FRACTION = 0.1  # never retry sooner than this fraction of the base: no busy loop
-HA_START_INTERVAL = 1.0
+HA_START_INTERVAL = 0.0  # seconds between starting connIndex 1..N-1 (cloudflared: 1.0)
 RegistrationErrors = (DuplicateConnectionError, RegistrationRefusedError, UnauthorizedError)
 
 
