@@ -436,6 +436,7 @@ class EdgeConnection:
         self._want = 0
         self._written = 0
         self._writer_ok = True  # False once a write to the edge failed or was cut short
+        self._outbuf = bytearray()  # bytes taken from h2 for the writer (before anything h2 still holds)
         self.queued = 0  # DATA payload bytes h2 holds that the writer has not taken yet
         self._wake_writer = trio.Event()
         self._written_event = trio.Event()
@@ -546,7 +547,7 @@ class EdgeConnection:
                 if self._on_unregistered:
                     self._on_unregistered(self)
             with trio.CancelScope(shield=True):
-                pending = self.h2.data_to_send() if self._writer_ok else b""
+                pending = self._take_output() if self._writer_ok else b""
                 if pending:  # what streams queued last (their writes do not wait) still goes out
                     with (trio.move_on_after(1),
                           contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
@@ -565,13 +566,27 @@ class EdgeConnection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _stash_output(self) -> bool:
+        """Move what h2 queued to `_outbuf` (kept in order); True when the writer has something to send."""
+        data = self.h2.data_to_send()
+        if data:
+            self._outbuf += data
+        return bool(self._outbuf)
+
+    def _take_output(self) -> bytes:
+        data = self.h2.data_to_send()
+        if self._outbuf:
+            data = bytes(self._outbuf) + data
+            self._outbuf.clear()
+        return data
+
     async def _writer(self) -> None:
         assert self.stream is not None
         while True:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
             target = self._want
-            data = self.h2.data_to_send()
+            data = self._take_output()
             self.queued = 0
             if data:
                 self._writer_ok = False  # until send_all returns (a cancelled send leaves a partial write)
@@ -612,7 +627,8 @@ class EdgeConnection:
             for event in events:
                 self._dispatch(event)
             # never wait for the writer here: reading must go on while our writes are blocked
-            self._wake_writer.set()
+            if self._stash_output():  # ACKs, WINDOW_UPDATEs, RST_STREAMs h2 queued
+                self._wake_writer.set()
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -684,7 +700,7 @@ class EdgeConnection:
             self.streams.pop(ts.stream_id, None)
             if not any(s is not self._control for s in self.streams.values()):
                 self._streams_idle.set()
-            if not self.dead:
+            if not self.dead and self._stash_output():
                 self._wake_writer.set()
 
     async def _call_handler(self, ts: TunnelStream, kind: StreamType) -> None:
