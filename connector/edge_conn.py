@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h2.config
 import h2.connection
@@ -46,6 +46,7 @@ EDGE_SNI = "h2.cftunnel.com"
 DIAL_TIMEOUT = 15.0
 PREFACE_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
+TLS_RECEIVE_SIZE = 256 * 1024  # most bytes one socket read of the edge connection takes
 MAX_READ = 256 * 1024  # most request-body bytes one receive_some returns
 WINDOW = 1 << 20  # INITIAL_WINDOW_SIZE and the connection window, as Go's server sets them
 # WINDOW_UPDATEs go out once a quarter of the window was used (cloudflared: about every 32 KiB; 8x fewer
@@ -164,8 +165,98 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class EdgeTLSStream:
+    """TLS to the edge over a trio socket, with the ssl module's memory BIOs.
+
+    trio's `SSLStream` returns one TLS record (at most 16 KiB) per `receive_some`, with a scheduler round
+    trip each: here one receive decrypts every complete record the socket had, so h2 parses a whole batch
+    of frames at once. Errors are trio's: `trio.BrokenResourceError` (the `ssl` or `OSError` as its cause),
+    `trio.ClosedResourceError`. Reading and writing may run in different tasks (one of each)."""
+
+    def __init__(self, transport_stream: trio.SocketStream, ctx: ssl.SSLContext,
+                 server_hostname: str) -> None:
+        self.transport_stream = transport_stream
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
+        self._eof = False
+
+    async def _send_pending(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            await self.transport_stream.send_all(data)
+
+    async def _refill(self) -> None:
+        data = await self.transport_stream.receive_some(TLS_RECEIVE_SIZE)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    async def do_handshake(self) -> None:
+        while True:
+            try:
+                self._ssl.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._send_pending()  # the alert, as trio's SSLStream sends it
+                raise trio.BrokenResourceError(str(exc)) from exc
+            await self._send_pending()
+            if done:
+                return
+            await self._refill()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Everything decryptable so far (b"" once the edge closed the TLS session)."""
+        while True:
+            parts: list[bytes] = []
+            try:
+                while True:
+                    chunk = self._ssl.read(TLS_RECEIVE_SIZE)
+                    if not chunk:  # the edge's close_notify
+                        self._eof = True
+                        break
+                    parts.append(chunk)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                self._eof = True
+            except ssl.SSLError as exc:
+                if not parts:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+            if parts:
+                return b"".join(parts)
+            if self._eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            await self._refill()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        await self._send_pending()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._ssl.getpeercert(binary_form)
+
+    async def aclose(self) -> None:
+        """Send close_notify (without waiting for the edge's), then close the socket."""
+        try:
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._send_pending()
+        finally:
+            await self.transport_stream.aclose()
+
+
 async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | None = None,
-                    timeout: float = DIAL_TIMEOUT) -> trio.SSLStream[trio.SocketStream]:
+                    timeout: float = DIAL_TIMEOUT) -> EdgeTLSStream:
     """TCP + TLS to one edge address within `timeout` (raises `EdgeDialError`)."""
     host, port = split_host_port(address)
     tcp: trio.SocketStream | None = None
@@ -173,7 +264,7 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
     try:
         with trio.fail_after(timeout):
             tcp = await trio.open_tcp_stream(host, port, local_address=bind_address)
-            stream = trio.SSLStream(tcp, ctx, server_hostname=EDGE_SNI)
+            stream = EdgeTLSStream(tcp, ctx, server_hostname=EDGE_SNI)
             await stream.do_handshake()
             done = True
             return stream
@@ -426,7 +517,7 @@ class EdgeConnection:
         # Settings given as initial values count as in force at once: mirror them where h2 copied defaults.
         self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.decoder.max_header_list_size = MAX_HEADER_LIST
-        self.stream: trio.SSLStream[trio.SocketStream] | None = None
+        self.stream: EdgeTLSStream | None = None
         self.streams: dict[int, TunnelStream] = {}
         self.details: reg.ConnectionDetails | None = None
         self.registered = False
