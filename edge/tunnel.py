@@ -659,7 +659,11 @@ class TunnelConnection:
                 raise stream.error
             window = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
             if window <= 0:
-                await self._stream_flush()  # frames queued so far go out before we wait
+                if self.h2.has_data_to_send():
+                    # Frames queued so far go out before we wait; the window may grow meanwhile,
+                    # so look again before parking (no await between that look and the park).
+                    await self._stream_flush()
+                    continue
                 await self._window_lot.park()
                 continue
             chunk = view[:window]
