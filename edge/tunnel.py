@@ -749,9 +749,10 @@ class TunnelConnection:
             data = self.h2.data_to_send()
             if not data:
                 return
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(self.edge.config.write_timeout) as stalled:
-                    await self.transport.send_all(data)
+            # One scope: shielded from the caller's cancellation, cancelled by its own deadline.
+            deadline = trio.current_time() + self.edge.config.write_timeout
+            with trio.CancelScope(shield=True, deadline=deadline) as stalled:
+                await self.transport.send_all(data)
             if stalled.cancelled_caught:
                 self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
                 raise trio.BrokenResourceError("write to the connector timed out")
