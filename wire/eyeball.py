@@ -21,7 +21,6 @@ from wire.headers import (
     UPGRADE_WEBSOCKET,
     as_bytes,
     deserialize_response_headers,
-    first_value,
     is_token,
     parse_meta,
 )
@@ -50,8 +49,14 @@ def _tokens(values: Iterable[bytes]) -> set[bytes]:
     return {t.strip(b" \t").lower() for v in values for t in v.split(b",") if t.strip(b" \t")}
 
 
+_VALUE_BYTES = bytes(b for b in range(256) if (b >= 0x20 and b != 0x7F) or b == 0x09)
+
+
 def _valid_value(value: bytes) -> bool:
-    return all((b >= 0x20 and b != 0x7F) or b == 0x09 for b in value)
+    if not isinstance(value, bytes | bytearray):
+        value = bytes(value)
+    # translate(None, delete) keeps the bytes a field value may not hold: none means valid.
+    return not value.translate(None, _VALUE_BYTES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,16 +174,19 @@ def tunnel_response(h2_headers: Sequence[tuple[bytes, bytes]], *,
     Raises `StreamConversionError` or `HeaderSerializationError` for a malformed answer.
     """
     pairs = [(as_bytes(k).lower(), as_bytes(v)) for k, v in h2_headers]
-    status_raw = first_value(pairs, b":status")
+    first: dict[bytes, bytes] = {}  # first value per (lower-case) name, as first_value would find
+    for k, v in pairs:
+        first.setdefault(k, v)
+    status_raw = first.get(b":status")
     if status_raw is None or len(status_raw) != 3 or not status_raw.isdigit():
         raise StreamConversionError(f"tunnel response :status {status_raw!r} is not a 3-digit status")
     status = int(status_raw)
-    meta_raw = first_value(pairs, RESPONSE_META)
+    meta_raw = first.get(RESPONSE_META)
     meta = parse_meta(meta_raw) if meta_raw is not None else {}
     src = meta.get("src") if meta_raw is not None else None
     if src is not None and not isinstance(src, str):
         raise StreamConversionError(f"cf-cloudflared-response-meta src {src!r} is not a string")
-    serialized = first_value(pairs, RESPONSE_HEADERS)
+    serialized = first.get(RESPONSE_HEADERS)
     if serialized is not None:
         headers = deserialize_response_headers(serialized)
     elif src is None:
@@ -186,7 +194,7 @@ def tunnel_response(h2_headers: Sequence[tuple[bytes, bytes]], *,
                    if not k.startswith((b":", b"cf-")) and k not in (b"date", b"content-length")]
     else:
         headers = []
-    length_raw = first_value(pairs, b"content-length")
+    length_raw = first.get(b"content-length")
     content_length = int(length_raw) if length_raw is not None and length_raw.isdigit() else None
     upgrade = False
     if request_was_websocket and status == 200:

@@ -51,9 +51,17 @@ def as_bytes(value: bytes | str) -> bytes:
     return bytes(value)
 
 
+_TOKEN_BYTES = bytes(sorted(_TOKEN))
+
+
 def is_token(name: bytes) -> bool:
     """True when `name` is a non-empty RFC 9110 token (a valid header field name)."""
-    return bool(name) and all(b in _TOKEN for b in name)
+    if not isinstance(name, bytes | bytearray):
+        if isinstance(name, str):
+            return False  # as before: a str's characters are never token *bytes*
+        name = bytes(name)
+    # translate(None, delete) keeps what is *not* a token byte: empty means all are (C speed).
+    return bool(name) and not name.translate(None, _TOKEN_BYTES)
 
 
 def canonical_header_name(name: bytes) -> bytes:
@@ -120,14 +128,15 @@ def serialize_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b";".join(_b64(name) + b":" + _b64(value) for name, values in grouped.items() for value in values)
 
 
-_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_B64_ALPHABET_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def _b64_decode_raw(part: bytes, what: str) -> bytes:
     # Go's RawStdEncoding: no padding, CR/LF skipped, trailing bits not checked.
     part = part.replace(b"\r", b"").replace(b"\n", b"")
-    bad = next((b for b in part if b not in _B64_ALPHABET), None)
-    if bad is not None:
+    outside = part.translate(None, _B64_ALPHABET_BYTES)  # the bytes not in the alphabet, in order
+    if outside:
+        bad = outside[0]
         raise HeaderSerializationError(
             f"cf-cloudflared-response-headers: {what} {part[:40]!r} holds {bytes([bad])!r}, "
             "not in the unpadded base64 alphabet")
@@ -136,10 +145,16 @@ def _b64_decode_raw(part: bytes, what: str) -> bytes:
             f"cf-cloudflared-response-headers: {what} {part[:40]!r} "
             f"has an impossible base64 length {len(part)}")
     try:
-        return base64.b64decode(part + b"=" * (-len(part) % 4))
+        return binascii.a2b_base64(part + b"=" * (-len(part) % 4))  # what b64decode does, less a layer
     except (binascii.Error, ValueError) as exc:  # pragma: no cover - excluded by the checks above
         raise HeaderSerializationError(
             f"cf-cloudflared-response-headers: bad base64 in {what}: {exc}") from exc
+
+
+# Decoded values of recently seen serialized fields: an origin answers many requests with the
+# same header block (it changes at most with its Date, once a second). Bounded; cleared when full.
+_DECODED: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
+_DECODED_LIMIT = 512
 
 
 def deserialize_response_headers(value: bytes | str) -> list[tuple[bytes, bytes]]:
@@ -149,6 +164,17 @@ def deserialize_response_headers(value: bytes | str) -> list[tuple[bytes, bytes]
     Raises `HeaderSerializationError` naming the offending pair.
     """
     value = as_bytes(value)
+    cached = _DECODED.get(value)
+    if cached is not None:
+        return list(cached)
+    out = _deserialize(value)
+    if len(_DECODED) >= _DECODED_LIMIT:
+        _DECODED.clear()
+    _DECODED[value] = tuple(out)
+    return out
+
+
+def _deserialize(value: bytes) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     for index, pair in enumerate(value.split(b";")):
         if not pair:
@@ -165,8 +191,14 @@ def deserialize_response_headers(value: bytes | str) -> list[tuple[bytes, bytes]
 
 # --- meta ------------------------------------------------------------------------------------------
 
+_KNOWN_META: dict[bytes, dict[str, Any]] = {}  # filled below with the three values cloudflared sends
+
+
 def parse_meta(value: bytes | str) -> dict[str, Any]:
     """Parse `cf-cloudflared-response-meta` (a JSON object such as `{"src":"origin"}`)."""
+    known = _KNOWN_META.get(value) if isinstance(value, bytes) else None
+    if known is not None:
+        return dict(known)  # a fresh dict: callers may change theirs
     try:
         parsed = json.loads(as_bytes(value))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -176,6 +208,11 @@ def parse_meta(value: bytes | str) -> dict[str, Any]:
         raise HeaderSerializationError(
             f"cf-cloudflared-response-meta {as_bytes(value)[:80]!r} is not a JSON object")
     return parsed
+
+
+for _meta in (META_ORIGIN, META_CLOUDFLARED, META_FLOW_LIMITED):
+    _KNOWN_META[_meta] = json.loads(_meta)
+del _meta
 
 
 # --- classification --------------------------------------------------------------------------------
