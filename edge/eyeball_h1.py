@@ -16,6 +16,7 @@ import trio
 
 from edge import pages
 from edge.proxy import EyeballGone, proxy_request
+from edge.tunnel import acquire_fast
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -68,18 +69,24 @@ class _Conn:
         `defer` keeps the bytes for the next write (a response head goes out with the first body
         bytes: one write instead of two); `flush` writes them without an event.
         """
-        async with self.send_lock:
+        await acquire_fast(self.send_lock)
+        try:
             data = self.h11.send(event)
             if data:
                 self._out.append(data)
             if not defer:
                 await self._write_out()
+        finally:
+            self.send_lock.release()
 
     async def flush(self) -> None:
         """Write deferred bytes now."""
         if self._out:
-            async with self.send_lock:
+            await acquire_fast(self.send_lock)
+            try:
                 await self._write_out()
+            finally:
+                self.send_lock.release()
 
     async def _write_out(self) -> None:
         # under send_lock

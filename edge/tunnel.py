@@ -71,6 +71,20 @@ class OversizedHeadersError(TunnelStreamError):
     """The connector's response header block is over the lab's per-stream limit."""
 
 
+async def acquire_fast(lock: trio.Lock) -> None:
+    """`await lock.acquire()` without its scheduler pass when the lock is free.
+
+    trio's `acquire` always yields once, even uncontended; on the request path that is several
+    extra scheduler passes (each an epoll_wait) per request. Cancellation is still checked first,
+    as `acquire` does; a held lock is waited for as before (FIFO).
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 def header_list_size(headers: Sequence[tuple[bytes, bytes]]) -> int:
     """RFC 9113 §6.5.2 size: name + value + 32 per field."""
     return sum(len(n) + len(v) + 32 for n, v in headers)
@@ -745,7 +759,8 @@ class TunnelConnection:
             # Nothing queued (e.g. an acknowledgement h2 batched): no lock, no write. Bytes another
             # task already took are that task's to deliver.
             return
-        async with self._send_lock:
+        await acquire_fast(self._send_lock)
+        try:
             data = self.h2.data_to_send()
             if not data:
                 return
@@ -756,6 +771,8 @@ class TunnelConnection:
             if stalled.cancelled_caught:
                 self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
                 raise trio.BrokenResourceError("write to the connector timed out")
+        finally:
+            self._send_lock.release()
 
     async def _stream_flush(self) -> None:
         """`flush` for stream handlers: a dead transport becomes a TunnelStreamError and ends the
