@@ -530,7 +530,7 @@ async def test_history_file_gets_one_json_line_per_request(nursery: trio.Nursery
         await fetch(addr, "POST", "/upload", body=b"12345")
         # The line is written when the server has finished the exchange, which can be just after
         # the client has read the whole response.
-        while len(path.read_text().splitlines()) < 2:
+        while not path.exists() or len(path.read_text().splitlines()) < 2:
             await trio.sleep(0.01)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(d["seq"], d["method"], d["target"], d["status"], d["body_length"]) for d in lines] == [
