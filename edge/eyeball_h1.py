@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 READ_SIZE = 65536
+BODY_READ_SIZE = 256 * 1024  # request-body reads: fewer h11 events, DATA frames and tunnel writes per MB
 EXTRA_REASONS = {520: "Unknown Error", 524: "A Timeout Occurred", 530: "Origin DNS Error"}
 
 
@@ -48,7 +49,7 @@ class _Conn:
         self.send_lock = trio.Lock()
         self._out: list[bytes] = []  # serialized but not yet written (a deferred response head)
 
-    async def next_event(self, timeout: float) -> Any:
+    async def next_event(self, timeout: float, read_size: int = READ_SIZE) -> Any:
         """The next h11 event; raises EyeballGone on timeout or a broken transport."""
         while True:
             event = self.h11.next_event()
@@ -56,7 +57,7 @@ class _Conn:
                 return event
             with trio.move_on_after(timeout) as scope:
                 try:
-                    data = await self.stream.receive_some(READ_SIZE)
+                    data = await self.stream.receive_some(read_size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise EyeballGone(f"eyeball connection broke: {exc}") from exc
             if scope.cancelled_caught:
@@ -154,7 +155,7 @@ class H1Exchange:
             await self.conn.send(h11.InformationalResponse(status_code=100, headers=[],
                                                            reason=b"Continue"))
         try:
-            event = await self.conn.next_event(self.conn.edge.config.eyeball_idle_timeout)
+            event = await self.conn.next_event(self.conn.edge.config.eyeball_idle_timeout, BODY_READ_SIZE)
         except TimeoutError:
             raise EyeballGone("eyeball stopped sending the request body") from None
         except h11.RemoteProtocolError as exc:
