@@ -30,7 +30,6 @@ from bench import profile as profiling
 from bench.procs import (
     BenchSetupError,
     Component,
-    free_port,
     lab_command,
     parse_address,
     ready_connections,
@@ -38,6 +37,7 @@ from bench.procs import (
     usage_of,
     wait_ready_file,
 )
+from lab.runner.procs import free_port
 
 HOST = "bench.lab.test"
 WS_HOST = "ws.bench.lab.test"

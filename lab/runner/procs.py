@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,11 +31,38 @@ class ComponentError(Exception):
     """A component did not start, exited early, or did not become ready."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for components that cannot report theirs, like a metrics port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A free port for components that cannot report theirs (a metrics port, an access listener).
+
+    It is chosen *below* the kernel's ephemeral range, so no other component binding port 0 (or
+    dialling out) can take it between now and the moment the component binds it, and never the same
+    one twice in this process, so parallel scenarios do not collide either.
+    """
+    low, high = _ephemeral_range()
+    bottom, top = (20_000, low - 1) if low > 20_000 else (high + 1, 65_535)
+    for _ in range(200):
+        port = random.randint(bottom, top)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise ComponentError(f"no free port on {host} between {bottom} and {top}")
 
 
 def child_env(extra: Mapping[str, str] | None = None, *, home: str | None = None) -> dict[str, str]:
