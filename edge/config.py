@@ -78,3 +78,4 @@ class EdgeConfig:
     write_timeout: float = 30.0  # a peer that does not read for this long is disconnected
     eyeball_header_timeout: float = 15.0
     eyeball_idle_timeout: float = 60.0
+    store_check_interval: float = 0.5  # store version reads: a deleted tunnel's connections close

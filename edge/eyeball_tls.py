@@ -1,5 +1,6 @@
-"""The HTTPS eyeball listener: a lab-CA certificate per routed hostname chosen by SNI (others get the
-`localhost` certificate); h2 or HTTP/1.1 by ALPN."""
+"""The HTTPS eyeball listener: a lab-CA certificate per SNI hostname (issued on demand for any valid
+name, routed or not; no SNI gets the `localhost` certificate, an invalid name is refused); h2 or
+HTTP/1.1 by ALPN."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from lab.store import normalize_hostname
+from wire.errors import ConfigError
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -22,6 +26,8 @@ def _context(edge: Edge, name: str) -> ssl.SSLContext:
     if ctx is None:
         ctx = edge.pki.server_ssl_context(name)
         ctx.set_alpn_protocols(ALPN)
+        if len(edge.host_contexts) >= 4096:  # many names: contexts are rebuilt from the leaf files
+            edge.host_contexts.clear()
         edge.host_contexts[name] = ctx
     return ctx
 
@@ -30,19 +36,21 @@ def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
     """The listener's context: `localhost` by default, switched by SNI to the requested host's leaf."""
     base = _context(edge, "localhost")
 
-    def choose(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    def choose(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         if not server_name:
-            return
+            return None
         try:
-            name = server_name.lower()
-            # Only routed hostnames get a certificate (like Cloudflare: an unknown name fails TLS),
-            # so random names cannot fill the state directory with leaves.
-            if edge.tunnels.resolve_hostname(name) is None:
-                log.info("TLS for an unrouted hostname %r: serving the default certificate", name)
-                return
+            name = normalize_hostname(server_name)
+        except ConfigError as exc:
+            log.info("TLS refused for an invalid SNI name: %s", exc)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        try:
+            # Any valid name gets a lab-CA leaf (issued once, then cached), so an unrouted host
+            # reaches the edge's 404 page over verified TLS instead of failing the handshake.
             sslobj.context = _context(edge, name)
         except Exception as exc:
             log.info("no certificate for SNI %r: %s", server_name, exc)
+        return None
 
     base.sni_callback = choose
     return base

@@ -121,6 +121,7 @@ class Edge:
                     self.bound["api"] = await listeners.start(
                         self._serve_tcp, cfg.api_listen, "api",
                         lambda s, peer: api.serve_api_connection(self, s, peer))
+                listeners.start_soon(self._watch_store)
                 self._write_ready()
                 self._log_startup()
                 task_status.started(self)
@@ -131,6 +132,40 @@ class Edge:
             await self._drain_all()
             handlers.cancel_scope.cancel()
         log.info("edge stopped")
+
+    async def _watch_store(self) -> None:
+        """Close the live connections of tunnels deleted from the store while the edge runs.
+
+        One cheap query (the store's version counter) per interval; the tunnels are looked up only
+        after a change.
+        """
+        store = self.tunnels.store
+        seen: int | None = None
+        while True:
+            try:
+                version = store.version()
+                if version != seen:
+                    seen = version
+                    self.close_deleted_tunnels()
+            except Exception as exc:  # a locked or broken database must not stop the edge
+                log.warning("store check failed: %s", exc)
+            await trio.sleep(self.config.store_check_interval)
+
+    def close_deleted_tunnels(self) -> int:
+        """Drop every registered connection whose tunnel is no longer in the store."""
+        known: dict[Any, bool] = {}
+        closed = 0
+        for conn in self.registry.all():
+            reg = conn.registration
+            if reg is None or conn.closed.is_set():
+                continue
+            if reg.tunnel_id not in known:
+                known[reg.tunnel_id] = self.tunnels.by_id(reg.tunnel_id) is not None
+            if not known[reg.tunnel_id]:
+                log.info("tunnel deleted from the store: closing the connection %s", conn.ident())
+                conn.abort("tunnel deleted")
+                closed += 1
+        return closed
 
     async def _drain_all(self) -> None:
         conns = self.registry.all()

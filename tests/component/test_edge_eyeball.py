@@ -91,13 +91,15 @@ async def test_https_sni_certificate_and_http11(tmp_path):
             sans = [v for _, v in other.getpeercert()["subjectAltName"]]
             await other.aclose()
             assert "other.test" in sans and "app.test" not in sans
-            # ... an unrouted name does not: the handshake fails verification (like Cloudflare's)
-            try:
-                await tls_to(edge, "unrouted.test", ["http/1.1"])
-            except trio.BrokenResourceError as exc:
-                assert "unrouted.test" in str(exc.__cause__)
-            else:
-                raise AssertionError("a certificate was issued for an unrouted name")
+            # ... and so does an unrouted name (issued on demand): the edge's 404 page, verified TLS
+            unrouted = await tls_to(edge, "unrouted.test", ["http/1.1"])
+            async with unrouted:
+                assert "unrouted.test" in [v for _, v in unrouted.getpeercert()["subjectAltName"]]
+                await unrouted.send_all(b"GET / HTTP/1.1\r\nHost: unrouted.test\r\nConnection: close\r\n\r\n")
+                raw = b""
+                while chunk := await unrouted.receive_some(65536):
+                    raw += chunk
+            assert raw.startswith(b"HTTP/1.1 404") and b"unrouted.test" in raw
 
 
 async def test_https_http2_eyeball_concurrent_streams(tmp_path):
