@@ -395,6 +395,7 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
         tags=_tags(res),
         local_config_json=ingress.local_config_json(config_flags(res), rules, warp),
         post_quantum=bool(res.get("post-quantum")),
+        stdin_control=bool(res.get("stdin-control")),
     )
 
 

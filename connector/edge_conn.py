@@ -127,6 +127,18 @@ class ConnectionLostError(EdgeConnectionError):
     """The edge closed the connection, or broke the HTTP/2 protocol."""
 
 
+class ReconnectSignal(EdgeConnectionError):
+    """`--stdin-control`'s `reconnect [DURATION]` dropped this connection.
+
+    The supervisor reconnects it after `delay`, without backoff."""
+
+    retry_initial = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"reconnect signal (delay {delay:g}s)")
+        self.delay = delay
+
+
 class StreamGone(TunnelLabError):
     """The stream was reset by the edge or its connection is gone; stop working on it."""
 
@@ -650,6 +662,13 @@ class EdgeConnection:
                     await self.stream.aclose()
         if self._failure is not None:
             raise self._failure
+
+    def drop(self, exc: EdgeConnectionError) -> bool:
+        """End this connection from outside (`run` raises `exc`); False if not serving yet or dead."""
+        if self.dead or self._nursery is None:
+            return False
+        self._fail(exc)
+        return True
 
     def _fail(self, exc: EdgeConnectionError) -> None:
         if self._failure is None:

@@ -147,9 +147,9 @@ FLAGS: tuple[Flag, ...] = (
     _f("use-reconnect-token", "bool", "T", "TUNNEL_USE_RECONNECT_TOKEN", default=True, support="noop",
        show=False),
     _f("dial-edge-timeout", "dur", "T", "DIAL_EDGE_TIMEOUT", default=15.0, support="noop", show=False),
-    _f("stdin-control", "bool", "T", "STDIN_CONTROL", support="refuse", show=False,
-       note="(reconnect commands on stdin) is not implemented by tunnel-lab's connector; use the edge's "
-            "fault API (POST /faults drop-connection) instead"),
+    _f("stdin-control", "bool", "T", "STDIN_CONTROL", default=False, show=False,
+       usage="Control the process using commands sent through stdin: `reconnect [DURATION]` drops one "
+             "edge connection and reconnects it after DURATION (default 0s) without backoff."),
     _f("name", "str", "T", "TUNNEL_NAME", aliases=("n",), support="refuse", show=False,
        note="creates and routes a tunnel through Cloudflare's API; with the lab use `tunnel-lab tunnel "
             "create` and `tunnel-lab tunnel route dns`, then `run`"),

@@ -78,8 +78,10 @@ async def _watch_signals(supervisor: Supervisor) -> None:
 
 
 async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED,
-                     handle_signals: bool = True) -> int:
-    """Run the connector until shutdown; returns the process exit code (0 graceful, 1 fatal error)."""
+                     handle_signals: bool = True, stdin: trio.abc.ReceiveStream | None = None) -> int:
+    """Run the connector until shutdown; returns the process exit code (0 graceful, 1 fatal error).
+
+    With `settings.stdin_control`, commands are read from `stdin` (default: the process's stdin)."""
     state = _make_state(settings)
     log.info("Starting tunnel tunnelID=%s", settings.credentials.tunnel_id)
     if settings.post_quantum:
@@ -110,6 +112,10 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
                 metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if handle_signals and threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_watch_signals, supervisor)
+            if settings.stdin_control:
+                from connector.stdin_control import stdin_control
+
+                nursery.start_soon(stdin_control, supervisor, stdin)
             task_status.started(TunnelHandle(supervisor, proxy, state, metrics_address))
             rules = settings.ingress_rules
             if (len(rules) == 1 and isinstance(rules[0].service, StatusService)

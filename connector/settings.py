@@ -119,3 +119,4 @@ class TunnelSettings:
     tags: tuple[tuple[str, str], ...] = ()
     local_config_json: bytes = b"{}"  # pushed with updateLocalConfiguration on connIndex 0
     post_quantum: bool = False
+    stdin_control: bool = False  # --stdin-control: `reconnect [DURATION]` lines on stdin

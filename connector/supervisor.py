@@ -26,6 +26,7 @@ from connector.edge_conn import (
     EdgeConnection,
     EdgeConnectionError,
     EdgeDialError,
+    ReconnectSignal,
     RegistrationRefusedError,
     UnauthorizedError,
     edge_ssl_context,
@@ -181,6 +182,15 @@ class Supervisor:
             if index < self.ha - 1:
                 await trio.sleep(HA_START_INTERVAL)
 
+    def reconnect(self, delay: float) -> int | None:
+        """`--stdin-control`'s `reconnect DURATION`: drop one registered connection (the lowest connIndex);
+        it reconnects after `delay` without backoff. Returns the connIndex dropped (None: none serving)."""
+        for index in sorted(self.connections):
+            conn = self.connections[index]
+            if conn.registered and conn.drop(ReconnectSignal(delay)):
+                return index
+        return None
+
     def fail(self, code: int) -> None:
         """End every connection at once (fatal error or a second signal)."""
         self._exit_code = code
@@ -211,6 +221,12 @@ class Supervisor:
                 self.connections.pop(index, None)
             if self.shutdown.is_set():
                 return
+            if isinstance(error, ReconnectSignal):  # no backoff, same address, attempts unchanged
+                log.info("Restarting connection connIndex=%d due to reconnect signal in %s", index,
+                         _duration(error.delay) if error.delay else "0s")
+                with trio.move_on_after(error.delay):
+                    await self.shutdown.wait()
+                continue
             was_registered = conn.details is not None
             level = logging.ERROR if index == 0 else logging.WARNING
             if was_registered:

@@ -692,11 +692,11 @@ def test_unknown_config_keys_are_warned_with_lines(lab: Path) -> None:
 
 
 def test_refused_and_warned_flags(lab: Path) -> None:
-    with pytest.raises(ConfigError, match="stdin-control"):
+    with pytest.raises(ConfigError, match="socks5"):
         settings_for(
             [
                 "tunnel",
-                "--stdin-control",
+                "--socks5",
                 "--edge",
                 "127.0.0.1:1",
                 "run",

@@ -1,0 +1,87 @@
+"""`--stdin-control`: `reconnect 0s` on a fake stdin drops one connection; it registers again at once."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from connector import supervisor
+from connector.runtime import run_tunnel
+from tests.component.connector_edge import FakeEdge, make_ca, make_settings, status_rule
+
+
+@pytest.fixture(autouse=True)
+def slow_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    # any backoff would outlast the test's deadline: the reconnect must not wait for one
+    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 60.0)
+    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 60.0)
+
+
+async def _start(nursery: trio.Nursery, settings, stdin) -> tuple[object, list[int], trio.Event]:
+    code: list[int] = []
+    done = trio.Event()
+
+    async def runner(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            code.append(await run_tunnel(settings, task_status=task_status, handle_signals=False,
+                                         stdin=stdin))
+        finally:
+            done.set()
+
+    handle = await nursery.start(runner)
+    return handle, code, done
+
+
+async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, caplog):
+    caplog.set_level("INFO", logger="connector")
+    ca, ca_path = make_ca(tmp_path)
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca)
+            addr = await nursery.start(edge.serve)
+            settings = make_settings(ca_path, [addr], (status_rule(404),), ha_connections=1,
+                                     stdin_control=True)
+            handle, code, done = await _start(nursery, settings, receive)
+            await edge.wait_for(lambda: len(edge.registered) == 1)
+            first = edge.registered[0]
+            await send.send_all(b"bogus command\n\nreconnect 0s\n")
+            await edge.wait_for(lambda: len(edge.registered) == 2)
+            second = edge.registered[1]
+            assert second is not first
+            assert second.params is not None and second.params.conn_index == 0
+            # no backoff: the retry counter is untouched
+            assert second.params.options.num_previous_attempts == 0
+            while handle.ready_connections != 1:  # type: ignore[attr-defined]
+                await trio.sleep(0.005)
+            resp = await second.request(
+                [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/")]
+            )
+            assert resp.status == 404
+            handle.shutdown()  # type: ignore[attr-defined]
+            await done.wait()
+            assert code == [0]
+            nursery.cancel_scope.cancel()
+    text = caplog.text
+    assert "Unknown command command=" in text and "bogus command" in text
+    assert "Restarting connection connIndex=0 due to reconnect signal in 0s" in text
+    assert "Retrying connection in up to" not in text
+
+
+async def test_stdin_ignored_without_the_flag(tmp_path):
+    ca, ca_path = make_ca(tmp_path)
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            edge = FakeEdge(ca)
+            addr = await nursery.start(edge.serve)
+            settings = make_settings(ca_path, [addr], (status_rule(404),), ha_connections=1)
+            handle, _code, done = await _start(nursery, settings, receive)
+            await edge.wait_for(lambda: len(edge.registered) == 1)
+            await send.send_all(b"reconnect 0s\n")
+            await trio.sleep(0.3)
+            assert len(edge.registered) == 1 and len(edge.attempts) == 1
+            handle.shutdown()  # type: ignore[attr-defined]
+            await done.wait()
+            nursery.cancel_scope.cancel()
