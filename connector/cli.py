@@ -332,9 +332,14 @@ def _parse_rules(res: Resolved, warnings: list[str]) -> tuple[tuple[Any, ...], W
     else:
         defaults = origin_defaults_from_flags(res)
         no_rules: list[str] = []
+        unix_socket = res.get("unix-socket") if res.is_set("unix-socket") else None
+        if unix_socket and res.is_set("url"):
+            raise ConfigError("--unix-socket must be used exclusively.", source="--unix-socket",
+                              hint="give either --url or --unix-socket")
         rules = ingress.parse_ingress(None, source="", defaults=defaults,
                                       url=res.get("url") if res.is_set("url") else None,
-                                      hello_world=bool(res.get("hello-world")), warnings=no_rules)
+                                      hello_world=bool(res.get("hello-world")), warnings=no_rules,
+                                      unix_socket=unix_socket or None)
         if not res.is_set("token"):
             warnings.extend(no_rules)
     if cfg is None:

@@ -194,7 +194,14 @@ def parse_service(text: Any, *, source: str, where: str, line: int | None = None
         return StatusService(status=code)
     if text in ("hello_world", "hello-world"):
         return HelloWorldService()
-    if text.startswith(("unix:", "unix+tls:")) or text in ("bastion", "socks-proxy"):
+    if text.startswith(("unix:", "unix+tls:")):
+        tls = text.startswith("unix+tls:")
+        path = text[len("unix+tls:"):] if tls else text[len("unix:"):]
+        if not path:
+            raise ConfigError(f"{where}: service {text!r} has no socket path", source=source, line=line,
+                              hint="e.g. unix:/run/app.sock")
+        return HTTPService(scheme="https" if tls else "http", host="", port=0, unix_path=path)
+    if text in ("bastion", "socks-proxy"):
         raise ConfigError(f"{where}: service {text!r} is valid for cloudflared but not supported by "
                           "tunnel-lab's connector", source=source, line=line,
                           hint="use an http(s):// or tcp:// service")
@@ -243,8 +250,8 @@ def normalize_url(url: str) -> str:
 
 def parse_ingress(raw: Sequence[Any] | None, *, source: str, defaults: OriginRequestConfig,
                   url: str | None = None, hello_world: bool = False, line_of: LineOf = _no_line,
-                  json_durations: bool = False, warnings: list[str] | None = None
-                  ) -> tuple[IngressRule, ...]:
+                  json_durations: bool = False, warnings: list[str] | None = None,
+                  unix_socket: str | None = None) -> tuple[IngressRule, ...]:
     """Validate ingress rules like cloudflared and return them (never empty).
 
     With rules in `raw`, those win (`--url` is ignored, as in cloudflared). Without, `hello_world` or
@@ -267,6 +274,10 @@ def parse_ingress(raw: Sequence[Any] | None, *, source: str, defaults: OriginReq
         shown = text[:-1] if text.endswith("/") and urlsplit(text).path == "/" else text
         return (IngressRule(index=0, hostname=None, path=None, service=service,
                             service_text=service_text(service, shown), origin_request=defaults),)
+    if unix_socket:
+        unix_service = HTTPService(scheme="http", host="", port=0, unix_path=unix_socket)
+        return (IngressRule(index=0, hostname=None, path=None, service=unix_service,
+                            service_text=f"unix:{unix_socket}", origin_request=defaults),)
     if warnings is not None:
         warnings.append(NO_RULES_WARNING)
     return default_rules(defaults)

@@ -50,6 +50,7 @@ class OriginTarget:
     verify: bool = True
     ca_pool: str | None = None  # PEM file added to the system roots
     extra_ca_pem: str | None = None  # PEM text added to the roots (the hello-world origin's CA)
+    unix_path: str | None = None  # dial this Unix socket instead of host:port
 
     @property
     def tls(self) -> bool:
@@ -57,6 +58,8 @@ class OriginTarget:
 
     @property
     def address(self) -> str:
+        if self.unix_path is not None:
+            return self.unix_path
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -291,14 +294,19 @@ class OriginPool:
                 await idle.pop().aclose()
 
     async def _dial(self, target: OriginTarget, cfg: OriginRequestConfig) -> OriginConnection:
+        net = "unix" if target.unix_path is not None else "tcp"
         try:
             with trio.fail_after(cfg.connect_timeout):
-                tcp = await trio.open_tcp_stream(target.host, target.port)
+                if target.unix_path is not None:
+                    tcp = await trio.open_unix_socket(target.unix_path)
+                else:
+                    tcp = await trio.open_tcp_stream(target.host, target.port)
         except trio.TooSlowError:
-            raise OriginError(f"dial tcp {target.address}: i/o timeout") from None
+            raise OriginError(f"dial {net} {target.address}: i/o timeout") from None
         except OSError as exc:
-            raise OriginError(f"dial tcp {target.address}: {dial_error_text(exc)}") from exc
-        set_keepalive(tcp, cfg.tcp_keep_alive)
+            raise OriginError(f"dial {net} {target.address}: {dial_error_text(exc)}") from exc
+        if target.unix_path is None:
+            set_keepalive(tcp, cfg.tcp_keep_alive)
         fd = tcp.socket.fileno()
         if not target.tls:
             return OriginConnection(tcp, target, fd)
@@ -317,8 +325,8 @@ class OriginPool:
             tcp.socket.close()
             inner = exc.__cause__
             if isinstance(inner, ssl.SSLCertVerificationError):
-                detail = await describe_peer_certificate(target.host, target.port, server_name,
-                                                         min(cfg.tls_timeout, 5))
+                detail = "" if target.unix_path is not None else await describe_peer_certificate(
+                    target.host, target.port, server_name, min(cfg.tls_timeout, 5))
                 detail = f", {detail}" if detail else ""
                 raise OriginError(
                     f"tls: failed to verify certificate of origin {target.address}: "

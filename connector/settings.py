@@ -39,6 +39,7 @@ class HTTPService:
     scheme: str  # "http" or "https" after the ws mapping
     host: str
     port: int
+    unix_path: str | None = None  # `unix:PATH` / `unix+tls:PATH` (scheme http / https; host "", port 0)
 
     @property
     def tls(self) -> bool:

@@ -196,10 +196,12 @@ class Proxy:
         if service.tls:
             if cfg.origin_server_name:
                 server_name = cfg.origin_server_name
-            elif cfg.match_sni_to_host:
+            elif cfg.match_sni_to_host or service.unix_path is not None:
+                # unix+tls: Go's transport verifies the request URL's host, which cloudflared leaves as
+                # the eyeball's host
                 server_name = ingress.strip_port(authority)
         return OriginTarget(service.scheme, service.host, service.port, server_name=server_name,
-                            verify=not cfg.no_tls_verify, ca_pool=cfg.ca_pool)
+                            verify=not cfg.no_tls_verify, ca_pool=cfg.ca_pool, unix_path=service.unix_path)
 
     async def _hello_world(self) -> tuple[str, int, str]:
         async with self._hello_lock:

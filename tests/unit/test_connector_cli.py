@@ -477,6 +477,8 @@ def test_run_usage_errors(lab: Path, argv: list[str], expected: str) -> None:
                 "--edge",
                 "127.0.0.1:1",
                 "run",
+                "--url",
+                "http://127.0.0.1:1",
                 "--unix-socket",
                 "/tmp/s",
                 "--credentials-file",

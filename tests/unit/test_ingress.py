@@ -123,7 +123,6 @@ def test_services_parsed() -> None:
         ([{"service": "127.0.0.1:8080"}], "scheme and a hostname"),
         ([{"service": "http_status:99"}], "invalid HTTP status code: 99"),
         ([{"service": "http_status:abc"}], "invalid HTTP status code"),
-        ([{"service": "unix:/tmp/sock"}], "not supported by tunnel-lab's connector"),
         ([{"service": "bastion"}], "not supported by tunnel-lab's connector"),
         (
             [{"hostname": "a:1", "service": "http://x:1"}, {"service": "http_status:404"}],
