@@ -37,7 +37,7 @@ from bench.procs import (
     usage_of,
     wait_ready_file,
 )
-from lab.runner.procs import free_port
+from lab.runner.procs import child_env, free_port
 
 HOST = "bench.lab.test"
 WS_HOST = "ws.bench.lab.test"
@@ -200,8 +200,6 @@ class Lab:
     """The lab for one bench invocation: a state dir, origins, the edge; connectors come and go."""
 
     def __init__(self, workdir: Path) -> None:
-        from lab.runner.procs import child_env
-
         self.workdir = workdir
         self.state = workdir / "state"
         (self.state / "home").mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lab.runner.procs import TUNNEL_LAB, tail
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -63,7 +64,7 @@ def reset_peak_rss(pid: int) -> bool:
 
 def lab_command(*args: str) -> list[str]:
     """`tunnel-lab ARGS` as this very interpreter runs it (same venv, same checkout)."""
-    return [sys.executable, "-m", "lab.cli", *args]
+    return [*TUNNEL_LAB, *args]
 
 
 class Component:
@@ -92,11 +93,7 @@ class Component:
             return Usage(0.0, 0.0, 0.0)
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(tail(self.log_path, lines))
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
