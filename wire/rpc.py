@@ -726,7 +726,9 @@ class RpcClient(_Conversation):
         return events
 
     def _free_id(self, q: int) -> None:
-        del self._questions[q]
+        """Forget an answered (or echoed) question: its id is reused next; a bootstrap is asked again."""
+        if self._questions.pop(q).method == "bootstrap":
+            self._bootstrap_question = None
         self._free.append(q)
 
     def _handle(self, message: RpcMessage, root: StructReader) -> ClientEvent | None:
@@ -756,8 +758,6 @@ class RpcClient(_Conversation):
                 question = self._questions.get(q)
                 if question is not None:
                     self._free_id(q)
-                    if question.method == "bootstrap":
-                        self._bootstrap_question = None
                     if not question.canceled:
                         return CallFailed(q, question.method, "rpc: the edge does not implement this call")
             return None
@@ -772,8 +772,6 @@ class RpcClient(_Conversation):
         if not question.canceled and not ret.no_finish_needed:
             self._out += encode_finish(q, release_result_caps=False)
         self._free_id(q)
-        if question.method == "bootstrap":
-            self._bootstrap_question = None
         if question.canceled:
             return None
         if ret.kind == "exception":
