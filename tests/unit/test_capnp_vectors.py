@@ -358,8 +358,8 @@ def test_rpc_client_speaks_like_cloudflared(path: Path) -> None:
                           rpc.CallReturned(1, "updateLocalConfiguration")]
 
 
-def test_rpc_client_unregister_and_shutdown_like_cloudflared() -> None:
-    """A13 + B06: unregister on importedCap 0 with the reused id 1, Finish, Release, Abort."""
+def _registered_client() -> rpc.RpcClient:
+    """A client that has sent A01's Bootstrap and registerConnection and taken the edge's answers."""
     client = rpc.RpcClient()
     setup = _load(VECTORS / "A01-control-stream-register.json")
     register_call = rpc.parse_rpc_message(_root(setup[2]["hex"]))
@@ -369,7 +369,12 @@ def test_rpc_client_unregister_and_shutdown_like_cloudflared() -> None:
         if entry["direction"] != C2E:
             client.receive_data(bytes.fromhex(entry["hex"]))
     client.data_to_send()
+    return client
 
+
+def test_rpc_client_unregister_and_shutdown_like_cloudflared() -> None:
+    """A13 + B06: unregister on importedCap 0 with the reused id 1, Finish, Release, Abort."""
+    client = _registered_client()
     a13 = _load(VECTORS / "A13-sigterm-unregister-answered.json")
     q = client.unregister_connection()
     assert q == 1
@@ -383,15 +388,7 @@ def test_rpc_client_unregister_and_shutdown_like_cloudflared() -> None:
 
 
 def test_rpc_client_gives_up_like_b06() -> None:
-    client = rpc.RpcClient()
-    setup = _load(VECTORS / "A01-control-stream-register.json")
-    register_call = rpc.parse_rpc_message(_root(setup[2]["hex"]))
-    assert isinstance(register_call, rpc.CallMessage)
-    client.register_connection(read_register_params(register_call.params.struct("params")))
-    for entry in setup[:4]:
-        if entry["direction"] != C2E:
-            client.receive_data(bytes.fromhex(entry["hex"]))
-    client.data_to_send()
+    client = _registered_client()
     b06 = _load(VECTORS / "B06-sigterm-unregister-not-answered.json")
     q = client.unregister_connection()
     assert client.data_to_send().hex() == b06[0]["hex"]
