@@ -486,16 +486,17 @@ class TunnelConnection:
                 self._rpc_send.send_nowait(ev)
             except trio.WouldBlock:
                 raise ProtocolError("too many RPC calls queued on the control stream") from None
-        out = self._rpc.data_to_send()
-        if out:
-            self._queue_control(out)
+        self._queue_rpc_output()
 
-    def _queue_control(self, data: bytes) -> None:
+    def _queue_rpc_output(self) -> None:
+        """Queue whatever the RPC server has to send on the control stream."""
         # Control messages are tiny; Go gives the stream a 1 MiB window, so this never blocks in
         # practice. If it ever did, the bytes wait in h2 state for the next flush after a window
         # update (see _pump_control).
-        self._control_backlog += data
-        self._pump_control()
+        out = self._rpc.data_to_send()
+        if out:
+            self._control_backlog += out
+            self._pump_control()
 
     def _pump_control(self) -> None:
         backlog = self._control_backlog
@@ -580,10 +581,7 @@ class TunnelConnection:
                 result = ConnectionDetails(uuid=conn_uuid, location_name=self.location,
                                            tunnel_is_remotely_managed=False)
         self._rpc.answer_registration(question_id, result)
-        out = self._rpc.data_to_send()
-        if out:
-            self._queue_control(out)
-        self._pump_control()
+        self._queue_rpc_output()
         await self.flush()
         if isinstance(result, ConnectionDetails):
             edge.metrics.registrations.inc(result="ok", location=self.location)
@@ -606,16 +604,12 @@ class TunnelConnection:
             log.info("updateLocalConfiguration: %d bytes of configuration kept %s", len(config),
                      self.ident())
             self._rpc.answer_empty(question_id)
-        out = self._rpc.data_to_send()
-        if out:
-            self._queue_control(out)
+        self._queue_rpc_output()
 
     def _on_unregister(self, question_id: int) -> None:
         self._unregistered = True
         self._rpc.answer_empty(question_id)
-        out = self._rpc.data_to_send()
-        if out:
-            self._queue_control(out)
+        self._queue_rpc_output()
         if self.state == "registered":
             log.info("unregisterConnection: draining %d in-flight streams %s", self.active_streams,
                      self.ident())
