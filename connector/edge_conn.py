@@ -388,9 +388,6 @@ class TunnelStream:
         if data:
             self._chunks.appendleft((data, 0))
 
-    def has_buffered(self) -> bool:
-        return any(data for data, _ in self._chunks)
-
     async def _ack(self) -> None:
         if self._to_ack:
             self._credit += self._to_ack

@@ -50,7 +50,6 @@ def _f(name: str, kind: str, levels: str, *env: str, **kw: Any) -> Flag:
 
 
 _LEGACY = " Only takes effect with --url (no ingress rules); prefer originRequest in the config file."
-_NO_EFFECT = "is accepted for compatibility with cloudflared but has no effect in tunnel-lab's connector"
 
 FLAGS: tuple[Flag, ...] = (
     # --- tunnel level: cloudflared's configureCloudflaredFlags

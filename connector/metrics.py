@@ -112,9 +112,6 @@ def prometheus_text(state: ConnectorState) -> bytes:
     metric("cloudflared_tcp_total_sessions", "counter",
            "Total count of TCP sessions that have been proxied to any origin",
            [("", state.tcp_total_sessions)])
-    for name, n in sorted(state.counters.items()):
-        safe = "".join(c if c.isalnum() else "_" for c in name)
-        metric(f"tunnel_lab_connector_{safe}_total", "counter", f"Count of {name}", [("", n)])
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -64,18 +64,6 @@ class OriginTarget:
         return f"{host}:{self.port}"
 
 
-def _format_name(name: object) -> str:
-    """An x509 name from `ssl.getpeercert()` as `CN=a,O=b`."""
-    parts = []
-    if isinstance(name, tuple):
-        for rdn in name:
-            for key, value in rdn:
-                short = {"commonName": "CN", "organizationName": "O", "countryName": "C",
-                         "organizationalUnitName": "OU"}.get(key, key)
-                parts.append(f"{short}={value}")
-    return ",".join(parts)
-
-
 _STAND_IN: dict[tuple[str, bool], h11.Request] = {}  # h11 events are immutable: shared by every connection
 _END = h11.EndOfMessage()
 

@@ -46,7 +46,6 @@ class ConnectorState:
     config_version: int = -1
     # The /config body's "config": {"ingress": [...], "warp-routing": {...}, "originRequest": {...}}
     config: dict[str, Any] = field(default_factory=dict)
-    counters: Counter[str] = field(default_factory=Counter)  # anything else the runtime counts by name
 
     # --- connections
     @property
@@ -86,21 +85,6 @@ class ConnectorState:
 
     def tcp_session_finished(self) -> None:
         self.tcp_active_sessions = max(0, self.tcp_active_sessions - 1)
-
-    # Duck-typed hooks: `count("requests")`, `count_errors()`, ...
-    def count(self, what: str, n: int = 1) -> None:
-        if what == "requests":
-            self.total_requests += n
-        elif what == "errors":
-            self.request_errors += n
-        else:
-            self.counters[what] += n
-
-    def count_requests(self) -> None:
-        self.count("requests")
-
-    def count_errors(self) -> None:
-        self.count("errors")
 
     # --- configuration
     def set_config(self, version: int, config: Any) -> None:
