@@ -227,7 +227,6 @@ class TunnelConnection:
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._control_backlog = b""
-        self._drain_started = False
         self._unregistered = False
         self._rpc_over = trio.Event()
         self._flood_window_start = trio.current_time()
@@ -469,9 +468,7 @@ class TunnelConnection:
         self._rpc_over.set()
         if self.state == "registered":
             log.info("%s; draining %s", why, self.ident())
-            self.state = "draining"
-            self.edge.registry.changed()
-            self._spawn_drain()
+            self._start_draining()
         elif self.state == "connecting":
             raise ProtocolError(why)
 
@@ -527,9 +524,7 @@ class TunnelConnection:
                 if self.state == "registered":
                     # Without unregistering first: cloudflared gave up on the RPC (e.g. its
                     # --rpc-timeout passed) and now waits for us to close (PROTOCOL.md §2.4).
-                    self.state = "draining"
-                    self.edge.registry.changed()
-                    self._spawn_drain()
+                    self._start_draining()
                 continue
             else:  # pragma: no cover - future events
                 log.debug("ignoring RPC event %r %s", ev, self.ident())
@@ -613,14 +608,13 @@ class TunnelConnection:
         if self.state == "registered":
             log.info("unregisterConnection: draining %d in-flight streams %s", self.active_streams,
                      self.ident())
-            self.state = "draining"
-            self.edge.registry.changed()
-            self._spawn_drain()
+            self._start_draining()
 
-    def _spawn_drain(self) -> None:
-        if self._drain_started:
-            return
-        self._drain_started = True
+    def _start_draining(self) -> None:
+        """registered -> draining (callers check the state): no new streams; in-flight ones finish,
+        then GOAWAY and close."""
+        self.state = "draining"
+        self.edge.registry.changed()
         assert self._nursery is not None
         self._nursery.start_soon(self.drain_and_close, self.edge.config.drain_timeout, "drained")
 
