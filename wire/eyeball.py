@@ -22,6 +22,7 @@ from wire.headers import (
     as_bytes,
     deserialize_response_headers,
     is_token,
+    is_valid_value,
     parse_meta,
 )
 
@@ -47,16 +48,6 @@ _INTERNAL_PREFIXES = (b"cf-cloudflared-", b"cf-int-", b":")
 
 def _tokens(values: Iterable[bytes]) -> set[bytes]:
     return {t.strip(b" \t").lower() for v in values for t in v.split(b",") if t.strip(b" \t")}
-
-
-_VALUE_BYTES = bytes(b for b in range(256) if (b >= 0x20 and b != 0x7F) or b == 0x09)
-
-
-def _valid_value(value: bytes) -> bool:
-    if not isinstance(value, bytes | bytearray):
-        value = bytes(value)
-    # translate(None, delete) keeps the bytes a field value may not hold: none means valid.
-    return not value.translate(None, _VALUE_BYTES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +101,7 @@ def tunnel_request_headers(req: EyeballRequest, *, ray: str, websocket: bool = F
     for name, value in lowered:
         if name in named or name.startswith(_INTERNAL_PREFIXES) or name in _EDGE_OWNED:
             continue
-        if not is_token(name) or not _valid_value(value):
+        if not is_token(name) or not is_valid_value(value):
             continue
         if name == b"te":
             if value == b"trailers" and not te_kept:
@@ -211,7 +202,7 @@ def eyeball_response_headers(resp: TunnelResponse) -> list[tuple[bytes, bytes]]:
     Hop-by-hop fields are stripped, except that an upgrade (status 101, see `eyeball_status`) keeps
     `Connection`, `Upgrade` and `Sec-WebSocket-Accept`. Fields h11 could not send are dropped.
     """
-    pairs = [(k, v) for k, v in resp.headers if is_token(k) and _valid_value(v)]
+    pairs = [(k, v) for k, v in resp.headers if is_token(k) and is_valid_value(v)]
     if resp.websocket_upgrade:
         drop = {b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
                 b"content-length"}

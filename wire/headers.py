@@ -64,6 +64,18 @@ def is_token(name: bytes) -> bool:
     return bool(name) and not name.translate(None, _TOKEN_BYTES)
 
 
+# httpguts.ValidHeaderFieldValue: any byte but a CTL, except HTAB (bytes >= 0x80 are fine).
+_VALUE_BYTES = bytes(b for b in range(256) if (b >= 0x20 and b != 0x7F) or b == 0x09)
+
+
+def is_valid_value(value: bytes) -> bool:
+    """True when `value` may be a header field value (no control byte but HTAB, as Go's httpguts)."""
+    if not isinstance(value, bytes | bytearray):
+        value = bytes(value)
+    # translate(None, delete) keeps only the forbidden bytes: none left means valid (C speed).
+    return not value.translate(None, _VALUE_BYTES)
+
+
 def canonical_header_name(name: bytes) -> bytes:
     """Go's `CanonicalMIMEHeaderKey`: `x-custom` -> `X-Custom`, `cf-connecting-ip` -> `Cf-Connecting-Ip`.
 

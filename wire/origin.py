@@ -33,6 +33,7 @@ from wire.headers import (
     canonical_header_name,
     first_value,
     is_token,
+    is_valid_value,
     serialize_response_headers,
 )
 
@@ -71,17 +72,6 @@ _BAD_TRAILERS = frozenset({
     b"Proxy-Authenticate", b"Proxy-Authorization", b"Proxy-Connection", b"Range", b"Realm", b"Te",
     b"Trailer", b"Transfer-Encoding", b"Www-Authenticate",
 })
-
-
-_VALUE_BYTES = bytes(b for b in range(256) if (b >= 0x20 and b != 0x7F) or b == 0x09)
-
-
-def _is_valid_value(value: bytes) -> bool:
-    # httpguts.ValidHeaderFieldValue: no CTL except HTAB (bytes >= 0x80 are fine). translate(None,
-    # delete) keeps only the forbidden bytes: none left means valid (C speed, not a loop per byte).
-    if not isinstance(value, bytes | bytearray):
-        value = bytes(value)
-    return not value.translate(None, _VALUE_BYTES)
 
 
 def _go_trim(value: bytes) -> bytes:
@@ -125,7 +115,7 @@ class TunnelRequest:
                 continue
             if not is_token(name) or name.lower() != name:
                 raise StreamConversionError(f"invalid request header name {name!r}")
-            if not _is_valid_value(value):
+            if not is_valid_value(value):
                 raise StreamConversionError(f"invalid value for request header {name.decode()!r}")
             regular.append((name, value))
         method = pseudo.get(b":method", b"")
@@ -393,7 +383,7 @@ def build_origin_request(req: TunnelRequest, opts: OriginOptions, *, websocket: 
     for tag_name, tag_value in (*opts.tags, ("ID", opts.connector_id)):
         key = canonical_header_name(b"Cf-Warp-Tag-" + tag_name.encode("utf-8", "surrogateescape"))
         value = tag_value.encode("utf-8", "surrogateescape")
-        if not is_token(key) or not _is_valid_value(value):
+        if not is_token(key) or not is_valid_value(value):
             raise StreamConversionError(f"tag {tag_name!r}={tag_value!r} makes an invalid header")
         header.setdefault(key, []).append(value)
 
@@ -587,7 +577,7 @@ def tunnel_trailers(trailers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes
     out = []
     for k, v in trailers:
         name, value = canonical_header_name(as_bytes(k)), _go_trim(as_bytes(v))
-        if not is_token(name) or name in _BAD_TRAILERS or not _is_valid_value(value):
+        if not is_token(name) or name in _BAD_TRAILERS or not is_valid_value(value):
             continue
         out.append((name.lower(), value))
     return sorted(out, key=lambda kv: kv[0])
