@@ -7,10 +7,8 @@ Routes: `/` (an HTML page describing the request), `/uptime` (JSON `startTime`, 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime
-import hashlib
 import html
 import json
 import logging
@@ -28,16 +26,11 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 
 from connector.config import format_go_duration, parse_go_duration
 from connector.http1 import ClientGone, ServerConnection
+from connector.websocket import websocket_accept
 
 log = logging.getLogger(__name__)
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 DEFAULT_SSE_FREQ = 10.0
-
-
-def websocket_accept(key: bytes) -> bytes:
-    """`Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.strip() + WS_GUID).digest())
 
 
 def self_signed_context() -> ssl.SSLContext:
