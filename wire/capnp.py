@@ -221,14 +221,22 @@ class Message:
             raise CapnpError(f"capnp pointer {what}: double-far tag is not a struct or list pointer")
         return _Target(obj_seg, (pad_raw & 0xFFFFFFFF) >> 3, tag)
 
-    def _struct_at(self, seg: int, idx: int, what: str, depth: int) -> StructReader | None:
+    def _resolve_kind(self, seg: int, idx: int, what: str, depth: int, kind: int) -> _Target | None:
+        """`_resolve`, then check the pointer is of `kind` (_STRUCT or _LIST) and nesting is left."""
         target = self._resolve(seg, idx, what)
         if target is None:
             return None
-        if target.raw & 3 != _STRUCT:
-            raise CapnpError(f"capnp pointer {what}: expected a struct pointer, got {_kind_name(target.raw)}")
+        if target.raw & 3 != kind:
+            raise CapnpError(f"capnp pointer {what}: expected {_kind_name(kind)}, "
+                             f"got {_kind_name(target.raw)}")
         if depth <= 0:
             raise CapnpError(f"capnp pointer {what}: nesting limit exceeded")
+        return target
+
+    def _struct_at(self, seg: int, idx: int, what: str, depth: int) -> StructReader | None:
+        target = self._resolve_kind(seg, idx, what, depth, _STRUCT)
+        if target is None:
+            return None
         dw = (target.raw >> 32) & 0xFFFF
         pc = target.raw >> 48
         self._check_range(target.seg, target.word, dw + pc, what)
@@ -236,13 +244,9 @@ class Message:
         return StructReader(self, target.seg, target.word, dw, target.word + dw, pc, depth - 1)
 
     def _list_at(self, seg: int, idx: int, what: str, depth: int) -> ListReader | None:
-        target = self._resolve(seg, idx, what)
+        target = self._resolve_kind(seg, idx, what, depth, _LIST)
         if target is None:
             return None
-        if target.raw & 3 != _LIST:
-            raise CapnpError(f"capnp pointer {what}: expected a list pointer, got {_kind_name(target.raw)}")
-        if depth <= 0:
-            raise CapnpError(f"capnp pointer {what}: nesting limit exceeded")
         size = (target.raw >> 32) & 7
         count = target.raw >> 35
         if size == COMPOSITE:
