@@ -177,7 +177,6 @@ class Edge:
                     conn.state = "draining" if conn.state == "registered" else conn.state
                     nursery.start_soon(conn.drain_and_close, self.config.shutdown_timeout,
                                        "edge shutting down")
-        self.registry.changed()
 
     # ---- listeners ---------------------------------------------------------------------------
     async def _serve_tcp(self, address: Address, what: str,

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from wire.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,25 +31,14 @@ class Registry:
     def __init__(self) -> None:
         self._conns: dict[int, TunnelConnection] = {}
         self._rr: dict[uuid.UUID, int] = {}
-        self._lot = trio.lowlevel.ParkingLot()
 
     def add(self, conn: TunnelConnection) -> None:
         """A connection was accepted."""
         self._conns[conn.serial] = conn
-        self.changed()
 
     def remove(self, conn: TunnelConnection) -> None:
         """A connection closed."""
         self._conns.pop(conn.serial, None)
-        self.changed()
-
-    def changed(self) -> None:
-        """Something about routability changed: wake whoever waits on it."""
-        self._lot.unpark_all()
-
-    async def wait_changed(self) -> None:
-        """Wait for the next change (tests and shutdown use it)."""
-        await self._lot.park()
 
     def all(self) -> list[TunnelConnection]:
         """Every live connection, registered or not, oldest first."""

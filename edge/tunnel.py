@@ -104,7 +104,6 @@ class TunnelStream:
         self._lot = trio.lowlevel.ParkingLot()
         self.released = False
         self.local_closed = False
-        self.opened_at = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -462,7 +461,6 @@ class TunnelConnection:
             if sid > last and stream.response is None:
                 stream._fail(TunnelStreamError("connector sent GOAWAY before processing the stream",
                                                retryable=True))
-        self.edge.registry.changed()
 
     def _control_ended(self, why: str) -> None:
         self._rpc_over.set()
@@ -580,7 +578,6 @@ class TunnelConnection:
         await self.flush()
         if isinstance(result, ConnectionDetails):
             edge.metrics.registrations.inc(result="ok", location=self.location)
-            edge.registry.changed()
             log.info("Registered tunnel connection %s connector=%s version=%s", self.ident(),
                      connector_id, client.version)
         else:
@@ -614,7 +611,6 @@ class TunnelConnection:
         """registered -> draining (callers check the state): no new streams; in-flight ones finish,
         then GOAWAY and close."""
         self.state = "draining"
-        self.edge.registry.changed()
         assert self._nursery is not None
         self._nursery.start_soon(self.drain_and_close, self.edge.config.drain_timeout, "drained")
 
@@ -775,7 +771,6 @@ class TunnelConnection:
         """GOAWAY without closing: no new streams from us; in-flight ones go on."""
         self.goaway_sent = True
         self.h2.send_goaway(error_code, 0, debug)
-        self.edge.registry.changed()
         await self.flush()
 
     async def reset_all_streams(self, code: int = ErrorCodes.INTERNAL_ERROR) -> int:
