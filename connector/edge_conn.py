@@ -841,7 +841,7 @@ class EdgeConnection:
             await self._settings_seen.wait()
         if scope.cancelled_caught:
             raise ConnectionLostError("timeout waiting for the edge's HTTP/2 client preface")
-        await _first(self._control_arrived.wait, shutdown.wait)
+        await first_of(self._control_arrived.wait, shutdown.wait)
         ctrl = self._control
         if ctrl is None:
             return  # shut down before the edge opened a control stream
@@ -849,7 +849,7 @@ class EdgeConnection:
         self._nursery_start(self._rpc_reader, ctrl)
         await self._register()
         if not shutdown.is_set():
-            await _first(shutdown.wait, self._rpc_closed_wait)
+            await first_of(shutdown.wait, self._rpc_closed_wait)
             if not shutdown.is_set():
                 raise ConnectionLostError(f"control stream ended: {self._rpc_closed}")
         await self._graceful_shutdown(ctrl)
@@ -1056,14 +1056,14 @@ class EdgeConnection:
         if self._rpc_closed is None and not ctrl.local_ended:
             await self._abort_rpc(ctrl)
         with trio.move_on_at(deadline):
-            await _first(self._streams_idle.wait, self._closed_event.wait)
+            await first_of(self._streams_idle.wait, self._closed_event.wait)
         n = self.active_streams
         if n:
             log.info("Grace period over, closing the connection with %d streams in flight connIndex=%d", n,
                      self.conn_index)
 
 
-async def _first(*waits: Callable[[], Awaitable[object]]) -> bool:
+async def first_of(*waits: Callable[[], Awaitable[object]]) -> bool:
     """Run the waits concurrently; return True once the first finishes (the others are cancelled)."""
     done = False
     async with trio.open_nursery() as nursery:
@@ -1091,4 +1091,5 @@ __all__ = [
     "UnauthorizedError",
     "dial_edge",
     "edge_ssl_context",
+    "first_of",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
 
 import trio
 
@@ -30,6 +29,7 @@ from connector.edge_conn import (
     RegistrationRefusedError,
     UnauthorizedError,
     edge_ssl_context,
+    first_of,
 )
 from connector.logging_setup import format_value as q
 from connector.settings import TunnelSettings
@@ -171,7 +171,7 @@ class Supervisor:
     async def _start_others(self) -> None:
         if self.ha <= 1:
             return
-        await _first_of(self._first_registered.wait, self.shutdown.wait)
+        await first_of(self._first_registered.wait, self.shutdown.wait)
         if self.shutdown.is_set() or not self._first_registered.is_set():
             return
         assert self._nursery is not None
@@ -260,13 +260,3 @@ class Supervisor:
                 log.debug("Supervisor backoff: reconnecting in %.1fs connIndex=%d", wait, index)
                 with trio.move_on_after(wait):
                     await self.shutdown.wait()
-
-
-async def _first_of(*waits: Callable[[], object]) -> None:
-    async with trio.open_nursery() as nursery:
-        async def one(fn: Callable[[], object]) -> None:
-            await fn()  # type: ignore[misc]
-            nursery.cancel_scope.cancel()
-
-        for fn in waits:
-            nursery.start_soon(one, fn)
