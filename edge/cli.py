@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from edge.config import EdgeConfig, parse_address, parse_tunnel_listen
+from edge.config import Address, EdgeConfig, parse_address, parse_tunnel_listen
 from wire.errors import TunnelLabError
 
 log = logging.getLogger("edge")
@@ -60,16 +60,16 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
 
         raise ConfigError("two tunnel listeners share a location name", source="--tunnel-listen")
 
-    def addr(value: str | None, flag: str) -> object:
+    def addr(value: str | None, flag: str) -> Address | None:
         return parse_address(value, source=flag) if value else None
 
     return EdgeConfig(
         state_dir=paths.state_dir(args.state),
         tunnel_listens=tunnel_listens,
-        http_listen=addr(args.http_listen, "--http-listen"),  # type: ignore[arg-type]
-        https_listen=addr(args.https_listen, "--https-listen"),  # type: ignore[arg-type]
-        warp_listen=addr(args.warp_listen, "--warp-listen"),  # type: ignore[arg-type]
-        api_listen=addr(args.api_listen, "--api-listen"),  # type: ignore[arg-type]
+        http_listen=addr(args.http_listen, "--http-listen"),
+        https_listen=addr(args.https_listen, "--https-listen"),
+        warp_listen=addr(args.warp_listen, "--warp-listen"),
+        api_listen=addr(args.api_listen, "--api-listen"),
         ready_file=Path(args.ready_file).absolute() if args.ready_file else None,
         origin_timeout=args.origin_timeout,
         max_response_headers=args.max_response_headers,
