@@ -33,15 +33,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SSE_FREQ = 10.0
 
 
-def self_signed_context() -> ssl.SSLContext:
-    """A server context with a fresh certificate for localhost / 127.0.0.1 (trustme)."""
+def self_signed_context() -> tuple[ssl.SSLContext, str]:
+    """A server context with a fresh certificate for localhost, 127.0.0.1, ::1; and its CA's PEM (trustme)."""
     import trustme
 
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
-    return ctx
+    return ctx, ca.cert_pem.bytes().decode()
 
 
 def _go_time(ts: float) -> str:
@@ -183,7 +183,7 @@ async def serve_hello_world(host: str, port: int, *, ssl_context: ssl.SSLContext
     TLS with `ssl_context`, or with a self-made certificate when it is None and `tls` is true.
     """
     if ssl_context is None and tls:
-        ssl_context = self_signed_context()
+        ssl_context, _ = self_signed_context()
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])

@@ -13,7 +13,6 @@ import functools
 import ipaddress
 import json
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -206,17 +205,12 @@ class Proxy:
     async def _hello_world(self) -> tuple[str, int, str]:
         async with self._hello_lock:
             if self._hello is None:
-                import trustme
-
                 from connector import hello
 
-                ca = trustme.CA()
-                cert = ca.issue_cert("localhost", "127.0.0.1")
-                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                cert.configure_cert(ctx)
+                ctx, ca_pem = hello.self_signed_context()
                 _, port = await self._nursery.start(
                     functools.partial(hello.serve_hello_world, "127.0.0.1", 0, ssl_context=ctx))
-                self._hello = ("127.0.0.1", port, ca.cert_pem.bytes().decode())
+                self._hello = ("127.0.0.1", port, ca_pem)
                 log.info("Starting Hello World server at 127.0.0.1:%d", port)
             return self._hello
 
