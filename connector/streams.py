@@ -291,8 +291,7 @@ class Proxy:
 
         async def relay() -> bool:
             try:
-                return await self._relay_response(ts, req, oreq, conn, websocket=websocket,
-                                                  body_error=body_error)
+                return await self._relay_response(ts, req, oreq, conn, websocket=websocket)
             except OriginError as exc:
                 if ts.headers_sent:
                     log.error("Origin response failed after the headers were sent, resetting the stream "
@@ -324,7 +323,7 @@ class Proxy:
         return complete and body_finished and reusable_body
 
     async def _relay_response(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any,
-                              conn: OriginConnection, *, websocket: bool, body_error: list[str]) -> bool:
+                              conn: OriginConnection, *, websocket: bool) -> bool:
         """Origin response -> tunnel stream. Returns True when the HTTP exchange completed normally."""
         while True:
             event = await conn.next_event()
