@@ -357,7 +357,7 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
             raise ConfigError(f"--{flag.name} {flag.note}", source=f"--{flag.name}")
         value = res.get(flag.name)
         if flag.support == "warn" and not (flag.kind == "bool" and bool(value) == bool(flag.default)):
-            notes.append(f"--{flag.name} {flag.note or _no_effect()}")
+            notes.append(f"--{flag.name} {flag.note or _NO_EFFECT}")
     _protocol(res, notes)
     creds = _credentials(res, args)
     edge_addrs = _edge_addrs(res)
@@ -404,8 +404,7 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
     )
 
 
-def _no_effect() -> str:
-    return "is accepted for compatibility with cloudflared but has no effect in tunnel-lab's connector"
+_NO_EFFECT = "is accepted for compatibility with cloudflared but has no effect in tunnel-lab's connector"
 
 
 # --- command structure ------------------------------------------------------------------------------
