@@ -388,11 +388,7 @@ class Proxy:
                               headers: list[tuple[bytes, bytes]]) -> None:
         await ts.send_headers(wo.tunnel_response_headers(101, headers))
         leftover, _closed = conn.h11.trailing_data
-
-        async def write(data: bytes) -> None:
-            await conn.send_all(data)
-
-        await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw, write_origin=write)
+        await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw, write_origin=conn.send_all)
 
     # -- tcp:// ssh:// rdp:// services: terminate the WebSocket here
     async def _websocket_to_tcp(self, ts: TunnelStream, rule: IngressRule, service: StreamService) -> None:
