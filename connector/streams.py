@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_WAIT = 0.2  # Go's transport waits this long for the first body byte of a GET/HEAD/DELETE/OPTIONS
 BODY_WRITE_GRACE = 0.05  # after the response, Go waits this long for an unfinished request body write
 MAX_CONFIG_BODY = 4 * 1024 * 1024
 UNREACHABLE = ("Unable to reach the origin service. The service may be down or it may not be responding "
@@ -223,7 +222,7 @@ class Proxy:
 
     async def _probe(self, ts: TunnelStream) -> bytes | None:
         """Go's 1-byte body probe: b"" for EOF at once, the first byte, or None after 200 ms of silence."""
-        with trio.move_on_after(PROBE_WAIT):
+        with trio.move_on_after(wo.PROBE_TIMEOUT):
             data = await ts.receive_some()
             if data:
                 ts.push_back(data[1:])
