@@ -13,6 +13,7 @@ stream's failure becomes a RST_STREAM; only socket errors and protocol violation
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import ssl
 import time
@@ -30,8 +31,9 @@ import h2.settings
 import trio
 
 from connector.logging_setup import format_value as q
-from connector.origin_client import describe_peer_certificate, dial_error_text
+from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from connector.settings import TunnelSettings
+from connector.x509_text import go_tls_verify_error
 from wire import registration as reg
 from wire.errors import TLSSetupError, TunnelLabError
 from wire.headers import StreamType, classify_stream
@@ -58,7 +60,7 @@ MAX_FRAME = 1 << 20
 PUSH_WAIT = 64 * 1024
 MAX_HEADER_LIST = 1048896
 NO_RFC7540_PRIORITIES = 0x9
-_CERT_DETAILS: dict[tuple[str, str], str] = {}  # (edge address, verify error) -> what the edge presented
+_EDGE_CERTS: dict[tuple[str, str], bytes | None] = {}  # (edge address, verify error) -> the leaf it presented
 
 
 class _LazyRepr:
@@ -91,6 +93,8 @@ class EdgeConnectionError(TunnelLabError):
 
     rotate_address = False
     retry_initial = False
+    # the supervisor's log line for it, as cloudflared's supervisor/tunnel.go words it per error type
+    log_message = "Serve tunnel error"
 
 
 class EdgeDialError(EdgeConnectionError):
@@ -105,12 +109,14 @@ class DuplicateConnectionError(EdgeConnectionError):
 
     rotate_address = True
     retry_initial = True
+    log_message = "Unable to establish connection."
 
 
 class UnauthorizedError(EdgeConnectionError):
     """The edge refused the registration with an `Unauthorized` cause (assumed propagation lag)."""
 
     retry_initial = True
+    log_message = "Register tunnel error from server side"
 
 
 class ControlStreamError(EdgeConnectionError):
@@ -121,6 +127,12 @@ class ControlStreamError(EdgeConnectionError):
 
 class RegistrationRefusedError(EdgeConnectionError):
     """A permanent registration error (any other cause, an RPC exception, a timeout)."""
+
+
+class ServerRefusedError(RegistrationRefusedError):
+    """The edge answered the registration with an error and any cause but EDUPCONN and Unauthorized."""
+
+    log_message = "Register tunnel error from server side"
 
 
 class ConnectionLostError(EdgeConnectionError):
@@ -285,13 +297,13 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
     except trio.BrokenResourceError as exc:
         inner = exc.__cause__
         if isinstance(inner, ssl.SSLCertVerificationError):
-            why = inner.verify_message or inner.reason
-            key = (address, str(why))
-            if key not in _CERT_DETAILS:  # one extra handshake per address and failure, not per retry
-                _CERT_DETAILS[key] = await describe_peer_certificate(host, port, EDGE_SNI)
-            detail = f" ({_CERT_DETAILS[key]})" if _CERT_DETAILS[key] else ""
-            raise EdgeDialError(f"TLS handshake with edge error: tls: failed to verify certificate of "
-                                f"{address} for {EDGE_SNI}: {why}{detail}") from exc
+            key = (address, str(inner.verify_message or inner.reason))
+            if key not in _EDGE_CERTS:  # one extra handshake per address and failure, not per retry
+                _EDGE_CERTS[key] = await fetch_peer_certificate(host, port, EDGE_SNI)
+                log.debug("edge %s presented %s: %s", address, describe_certificate(_EDGE_CERTS[key]), key[1])
+            text = go_tls_verify_error(inner, der=_EDGE_CERTS[key], server_name=EDGE_SNI,
+                                       now=datetime.datetime.now().astimezone())
+            raise EdgeDialError(f"TLS handshake with edge error: {text}") from exc
         raise EdgeDialError(f"TLS handshake with edge error: {inner or exc}") from exc
     except OSError as exc:
         raise EdgeDialError(f"DialContext error: dial tcp {address}: {dial_error_text(exc)}") from exc
@@ -961,14 +973,16 @@ class EdgeConnection:
         result = answer.result
         if not isinstance(result, reg.RegistrationError):
             return None
-        log.error("Register tunnel error from server side error=%s connIndex=%d event=0 ip=%s",
-                  q(result.cause), self.conn_index, self.edge_ip)
+        error: EdgeConnectionError
         if "EDUPCONN" in result.cause:
-            return DuplicateConnectionError(
-                f"{result.cause}: already connected to this server, trying another address")
-        if "Unauthorized" in result.cause:
-            return UnauthorizedError(result.cause)
-        return RegistrationRefusedError(result.cause)
+            error = DuplicateConnectionError("already connected to this server, trying another address")
+        elif "Unauthorized" in result.cause:
+            error = UnauthorizedError(result.cause)
+        else:
+            error = ServerRefusedError(result.cause)
+        # cloudflared's HTTP/2 handler logs the control stream's failure first, without connection fields
+        log.error("failed to serve incoming request error=%s", q(str(error)))
+        return error
 
     def _lost(self) -> EdgeConnectionError:
         """Why the connection ended when the edge closed it. An edge that refuses a registration closes the

@@ -3,12 +3,14 @@
 What goes on the wire (the request head, body framing) is decided by `wire.origin`; this module only moves
 bytes. Responses are parsed with h11. Every failure to reach an origin becomes an `OriginError` whose text
 names the cause the way Go's transport does (`dial tcp 127.0.0.1:8089: connect: connection refused`,
-`tls: failed to verify certificate: ...`), so that the stream handler can log it and answer 502.
+`tls: failed to verify certificate: x509: ...`, see connector.x509_text), so that the stream handler
+can log it and answer 502.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import logging
 import select
@@ -28,6 +30,7 @@ except (ImportError, AttributeError):  # pragma: no cover - another h11 layout: 
     _ContentLengthReader = None
 
 from connector.settings import OriginRequestConfig
+from connector.x509_text import go_tls_verify_error
 from wire.errors import OriginError
 
 log = logging.getLogger(__name__)
@@ -313,12 +316,13 @@ class OriginPool:
             tcp.socket.close()
             inner = exc.__cause__
             if isinstance(inner, ssl.SSLCertVerificationError):
-                detail = "" if target.unix_path is not None else await describe_peer_certificate(
+                der = None if target.unix_path is not None else await fetch_peer_certificate(
                     target.host, target.port, server_name, min(cfg.tls_timeout, 5))
-                detail = f", {detail}" if detail else ""
-                raise OriginError(
-                    f"tls: failed to verify certificate of origin {target.address}: "
-                    f"{inner.verify_message or inner.reason} (server name {server_name!r}{detail})") from exc
+                log.debug("origin %s (server name %r) presented %s: %s", target.address, server_name,
+                          describe_certificate(der), inner.verify_message or inner.reason)
+                text = go_tls_verify_error(inner, der=der, server_name=server_name,
+                                           now=datetime.datetime.now().astimezone())
+                raise OriginError(text) from exc
             raise OriginError(f"TLS handshake with origin {target.address} (server name {server_name!r}) "
                               f"failed: {inner or exc}") from exc
         finally:
@@ -327,9 +331,10 @@ class OriginPool:
         return OriginConnection(stream, target, fd)
 
 
-async def describe_peer_certificate(host: str, port: int, server_name: str, timeout: float = 5.0) -> str:
-    """Which certificate a TLS server presents (subject, issuer, SANs, validity), fetched without
-    verification, for the log line of a verification failure; "" when it cannot be fetched."""
+async def fetch_peer_certificate(host: str, port: int, server_name: str,
+                                 timeout: float = 5.0) -> bytes | None:
+    """The leaf certificate a TLS server presents (DER), fetched without verification, so that a failed
+    verification can be worded as Go words it; None when it cannot be fetched."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -339,13 +344,17 @@ async def describe_peer_certificate(host: str, port: int, server_name: str, time
             stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
             try:
                 await stream.do_handshake()
-                der = stream.getpeercert(binary_form=True)
+                return stream.getpeercert(binary_form=True)
             finally:
                 await tcp.aclose()
     except (OSError, trio.TooSlowError, trio.BrokenResourceError):
-        return ""
+        return None
+
+
+def describe_certificate(der: bytes | None) -> str:
+    """Subject, issuer, SANs and validity of a certificate, for a DEBUG line beside Go's error text."""
     if not der:
-        return ""
+        return "no certificate could be fetched"
     try:
         from cryptography import x509
 
@@ -362,5 +371,5 @@ async def describe_peer_certificate(host: str, port: int, server_name: str, time
         end = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
         return (f"certificate subject {subject!r} issued by {issuer!r}, SANs {sans}, "
                 f"valid {start} to {end}")
-    except Exception:  # a certificate we cannot even parse: the verify message says enough
-        return ""
+    except ValueError:
+        return "the certificate does not parse"

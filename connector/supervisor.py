@@ -232,11 +232,11 @@ class Supervisor:
             if was_registered:
                 backoff.reset()
                 log.info("Lost connection with the edge connIndex=%d", index)
-            log.log(level, "Serve tunnel error error=%s connIndex=%d event=0 ip=%s", q(str(error)), index,
-                    conn.edge_ip)
-            if isinstance(error, EdgeDialError):
+            if isinstance(error, EdgeDialError):  # cloudflared logs the dial failure, then the generic line
                 log.log(level, "Unable to establish connection with Cloudflare edge error=%s connIndex=%d "
                         "event=0 ip=%s", q(str(error)), index, conn.edge_ip)
+            log.log(level, "%s error=%s connIndex=%d event=0 ip=%s", error.log_message, q(str(error)), index,
+                    conn.edge_ip)
             if self.state is not None and isinstance(error, RegistrationErrors):
                 self.state.registration_failed(str(error))
             if not self.ever_registered and not error.retry_initial:
