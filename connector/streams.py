@@ -57,6 +57,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class ResponseBodyError(OriginError):
+    """The origin's response body failed after its head was read (cloudflared aborts the stream)."""
+
+
+def _go_body_error(text: str) -> str:
+    """Go's words for a response body cut short (its readers say `unexpected EOF`); other causes as read."""
+    if "without sending complete message body" in text or "closed the connection" in text:
+        return "unexpected EOF"
+    return text
+
 BODY_WRITE_GRACE = 0.05  # after the response, Go waits this long for an unfinished request body write
 MAX_CONFIG_BODY = 4 * 1024 * 1024
 UNREACHABLE = ("Unable to reach the origin service. The service may be down or it may not be responding "
@@ -127,14 +138,18 @@ class Proxy:
 
     async def _bad_gateway(self, ts: TunnelStream, cause: str, *, rule: IngressRule | None = None) -> None:
         """502 with meta cloudflared, logged in cloudflared's words with the cause."""
-        error = f"{UNREACHABLE}: {cause}"
+        self._log_proxy_error(ts, f"{UNREACHABLE}: {cause}", rule)
+        await self._answer_502(ts)
+
+    @staticmethod
+    def _log_proxy_error(ts: TunnelStream, error: str, rule: IngressRule | None) -> None:
+        """cloudflared's two lines for a failed HTTP proxy: the origin logger's, then the handler's."""
         if rule is not None:
             log.error(" error=%s connIndex=%d event=1 ingressRule=%d originService=%s stream=%d", q(error),
                       ts.conn.conn_index, rule.index, q(rule.service_text), ts.stream_id)
         else:
             log.error(" error=%s connIndex=%d event=1 stream=%d", q(error), ts.conn.conn_index, ts.stream_id)
         log.error("failed to serve incoming request error=%s", q(f"Failed to proxy HTTP: {error}"))
-        await self._answer_502(ts)
 
     async def _tcp_unreachable(self, ts: TunnelStream, authority: str, cause: str) -> None:
         error = f"unable to dial tcp to origin {authority}: {cause}"
@@ -291,6 +306,14 @@ class Proxy:
         async def relay() -> bool:
             try:
                 return await self._relay_response(ts, req, oreq, conn, websocket=websocket)
+            except ResponseBodyError as exc:
+                # cloudflared's handler panics (http.ErrAbortHandler) once the status was written: RST_STREAM,
+                # and whatever Go still buffered, HEADERS included, never leaves, so the edge may see a
+                # reset before any answer (and answers 502 itself).
+                self._log_proxy_error(ts, str(exc), rule)
+                ts.failed = True
+                await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                return False
             except OriginError as exc:
                 if ts.headers_sent:
                     log.error("Origin response failed after the headers were sent, resetting the stream "
@@ -351,37 +374,44 @@ class Proxy:
                     return True
                 if isinstance(ev, h11.ConnectionClosed):
                     return False
-        known_length = gunzip is None and first_value(headers, b"content-length") is not None
-        pending: Any = None
-        if known_length:
-            # like Go's buffered writer: an empty body ends on the HEADERS frame
-            pending = await conn.next_event()
-            if isinstance(pending, h11.EndOfMessage) and not pending.headers:
-                await ts.send_headers(h2_headers, end_stream=True)
+        buffer = wo.ResponseBuffer(streamed=wo.streams_response(headers))
+        if not buffer.headers_held:
+            await ts.send_headers(h2_headers)
+        try:
+            while True:
+                ev = await conn.next_event()
+                if isinstance(ev, h11.Data):
+                    data = bytes(ev.data)
+                    if gunzip is not None:
+                        data = gunzip.feed(data)
+                    out = buffer.write(data) if data else b""
+                    if out:
+                        if not ts.headers_sent:
+                            await ts.send_headers(h2_headers)
+                        await ts.send_data(out)
+                elif isinstance(ev, h11.EndOfMessage):
+                    if gunzip is not None:
+                        buffer.write(gunzip.finish())
+                    break
+                elif isinstance(ev, h11.ConnectionClosed):
+                    raise ResponseBodyError("unexpected EOF")
+        except ResponseBodyError:
+            raise
+        except OriginError as exc:
+            raise ResponseBodyError(_go_body_error(str(exc))) from exc
+        tail = buffer.finish()
+        trailers = wo.tunnel_trailers([(bytes(n), bytes(v)) for n, v in ev.headers.raw_items()])
+        if not ts.headers_sent:  # like Go's handlerDone: HEADERS end the stream when nothing follows
+            await ts.send_headers(h2_headers, end_stream=not tail and not trailers)
+            if not tail and not trailers:
                 return True
-        await ts.send_headers(h2_headers)
-        while True:
-            ev = pending if pending is not None else await conn.next_event()
-            pending = None
-            if isinstance(ev, h11.Data):
-                data = bytes(ev.data)
-                if gunzip is not None:
-                    data = gunzip.feed(data)
-                if data:
-                    await ts.send_data(data)
-            elif isinstance(ev, h11.EndOfMessage):
-                if gunzip is not None:
-                    tail = gunzip.finish()
-                    if tail:
-                        await ts.send_data(tail)
-                trailers = wo.tunnel_trailers([(bytes(n), bytes(v)) for n, v in ev.headers.raw_items()])
-                if trailers:
-                    await ts.send_trailers(trailers)
-                else:
-                    await ts.end()
-                return True
-            elif isinstance(ev, h11.ConnectionClosed):
-                raise OriginError(f"origin {conn.target.address} closed the connection mid-body")
+        if tail:
+            await ts.send_data(tail, end_stream=not trailers)
+        if trailers:
+            await ts.send_trailers(trailers)
+        elif not tail:
+            await ts.end()
+        return True
 
     async def _websocket_pipe(self, ts: TunnelStream, conn: OriginConnection,
                               headers: list[tuple[bytes, bytes]]) -> None:

@@ -635,3 +635,71 @@ class Gunzipper:
         if self._member_started:
             raise OriginError("gzip response body from the origin ended early (unexpected EOF)")
         return b""
+
+
+# --- when response bytes leave: Go's buffered response writer and cloudflared's flush rule ---------------
+
+HANDLER_BUFFER_SIZE = 4096  # Go's http2 server: handlerChunkWriteSize, the bufio.Writer before each stream
+_STREAMED_CONTENT_TYPES = (b"text/event-stream", b"application/grpc", b"application/x-ndjson")
+
+
+def streams_response(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """cloudflared's `shouldFlush(header)` (connection/connection.go): a response without Content-Length, a
+    chunked one, or one whose Content-Type is SSE, gRPC or NDJSON is flushed on every write; any other is
+    left to Go's buffered response writer. `headers` are the origin's, after Go's transport (no
+    Content-Length once it gunzipped)."""
+    if first_value(headers, b"content-length") is None:
+        return True
+    encoding = first_value(headers, b"transfer-encoding")
+    if encoding is not None and b"chunked" in encoding.lower():
+        return True
+    ctype = first_value(headers, b"content-type")
+    return ctype is not None and ctype.lower().startswith(_STREAMED_CONTENT_TYPES)
+
+
+class ResponseBuffer:
+    """The body bytes of one response on their way to the edge, held as Go's HTTP/2 server holds them.
+
+    cloudflared writes an origin's response into Go's `http2.responseWriter`, which keeps a 4 KiB
+    `bufio.Writer` in front of the stream: HEADERS leave only with the first bytes that leave the buffer
+    (or when the handler ends), and small writes wait until 4 KiB have gathered. For the response kinds
+    it streams (`streams_response`) cloudflared flushes after the headers and after every write. So a
+    slowly trickled Content-Length body reaches the eyeball in one piece at the end, and an origin that
+    fails before 4 KiB left costs a reset before any HEADERS (the edge answers 502).
+
+    `write(data)` returns what leaves now (b"" when it all stays), `finish()` what is left at the end.
+    `headers_held` is True until something leaves or the response is streamed.
+    """
+
+    def __init__(self, *, streamed: bool, size: int = HANDLER_BUFFER_SIZE) -> None:
+        self.streamed = streamed
+        self.size = size
+        self.headers_held = not streamed  # streamed: WriteRespHeaders flushes the HEADERS at once
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> bytes:
+        """bufio.Writer.Write: fill the buffer, pass it on when full; a big write into an empty buffer
+        passes straight through."""
+        if self.streamed:
+            return data
+        if len(data) <= self.size - len(self._buf):
+            self._buf += data
+            return b""
+        out = b""
+        if self._buf:
+            room = self.size - len(self._buf)
+            self._buf += data[:room]
+            out, data = bytes(self._buf), data[room:]
+            self._buf.clear()
+        if len(data) > self.size:
+            out, data = out + data, b""
+        self._buf += data
+        if out:
+            self.headers_held = False
+        return out
+
+    def finish(self) -> bytes:
+        """The handler ended: whatever is still buffered."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
