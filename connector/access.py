@@ -37,6 +37,7 @@ from wsproto.events import (
 )
 
 from connector.logging_setup import setup_logging
+from connector.websocket import MESSAGE_SIZE
 from wire.errors import ConfigError, OriginError, TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ async def pipe_websocket(stream: trio.abc.Stream, ws: WSConnection, local_receiv
     async def local_to_edge(cancel: trio.CancelScope) -> None:
         try:
             while True:
-                data = await local_receive.receive_some(65536)
+                data = await local_receive.receive_some(MESSAGE_SIZE)  # as the real client sends
                 if not data:
                     break
                 await ws_send(ws.send(BytesMessage(data=data)))

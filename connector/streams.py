@@ -39,7 +39,7 @@ from connector.settings import (
     WarpRoutingConfig,
 )
 from connector.state import ConnectorState
-from connector.websocket import WebSocketBridge, accept_headers
+from connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
 from wire import origin as wo
 from wire.errors import ConfigError, OriginError, StreamConversionError, TunnelLabError
 from wire.headers import (
@@ -439,7 +439,7 @@ class Proxy:
                 if closing.is_set():
                     return b""
                 try:
-                    data = await tcp.receive_some(65536)
+                    data = await tcp.receive_some(MESSAGE_SIZE)  # one read, one message, as cloudflared
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:

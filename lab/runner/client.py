@@ -480,8 +480,10 @@ async def websocket_exchange(
     headers: Sequence[tuple[str, str]] = (),
     tls: bool = False,
     ca_path: str | None = None,
+    byte_stream: bool = False,
 ) -> WebSocketResult:
-    """Open a WebSocket, send each message and read one message back after each."""
+    """Open a WebSocket, send each message and read one message back after each. `byte_stream`: the peer
+    echoes bytes, not messages (a tcp:// service), so read until as many bytes came back as were sent."""
     result = WebSocketResult()
     try:
         stream = await open_stream(address, tls=tls, server_hostname=host, ca_path=ca_path)
@@ -510,10 +512,14 @@ async def websocket_exchange(
                     )
                     await stream.send_all(ws.send(out_ev))
                     buf: list[str | bytes] = []
+                    want = len(message.encode() if isinstance(message, str) else message)
                     async for ev in events:
                         if isinstance(ev, wsproto.events.Message):
                             buf.append(ev.data)
-                            if ev.message_finished:
+                            if byte_stream:
+                                if sum(len(b) for b in buf) >= want and ev.message_finished:
+                                    break
+                            elif ev.message_finished:
                                 break
                         elif isinstance(ev, wsproto.events.CloseConnection):
                             raise ClientError(f"the server closed the WebSocket ({ev.code} {ev.reason})")

@@ -30,6 +30,7 @@ class FakeEdge:
     routed: str = "tcp.example.test"
     hosts: list[str] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)
+    message_sizes: list[int] = field(default_factory=list)
     closes: int = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -56,6 +57,8 @@ class FakeEdge:
                         await stream.send_all(ws.send(AcceptConnection()))
                     elif isinstance(event, BytesMessage):
                         self.received += event.data
+                        if event.message_finished:
+                            self.message_sizes.append(len(event.data))
                         await stream.send_all(ws.send(BytesMessage(data=bytes(event.data)[::-1])))
                     elif isinstance(event, TextMessage):
                         await stream.send_all(ws.send(TextMessage(data=event.data)))
@@ -105,6 +108,26 @@ async def test_tcp_bytes_travel_as_binary_messages() -> None:
             assert bytes(edge.received).count(b"hello") == 2
             while edge.closes < 2:  # closing the local socket sends a WebSocket close
                 await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+async def test_messages_are_at_most_16_kib_as_the_real_client_sends() -> None:
+    """cloudflared reads a WebSocket message into 16 KiB and drops the rest: the real `access tcp` sends
+    no more than that per message, and neither may ours."""
+    edge = FakeEdge()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            edge_addr = await nursery.start(edge.serve)
+            target = EdgeTarget("tcp.example.test", f"127.0.0.1:{edge_addr[1]}")
+            listen = await nursery.start(serve_access_tcp, "127.0.0.1:0", target)
+            client = await trio.open_tcp_stream(*listen)
+            nursery.start_soon(client.send_all, payload)
+            back = await recv_exactly(client, len(payload))
+            assert len(back) == len(payload)
+            assert bytes(edge.received) == payload
+            assert edge.message_sizes and max(edge.message_sizes) <= 16 * 1024
+            await client.aclose()
             nursery.cancel_scope.cancel()
 
 
