@@ -29,7 +29,7 @@ from tests.component.connector_edge import (
     start_connector,
     wait_ready,
 )
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire.headers import deserialize_response_headers
 
 ECHO_VECTORS = [
@@ -70,11 +70,6 @@ GO_400_VECTORS = [
         ("g", "post-transfer-encoding-chunked"),
     )
 ]
-
-needs_vectors = pytest.mark.skipif(
-    not VECTORS.is_dir(), reason="the shared vectors are not beside the checkout"
-)
-
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +136,6 @@ def _decode(text: str) -> bytes:
         return text.encode("utf-8")
 
 
-@needs_vectors
 @pytest.mark.parametrize("path", ECHO_VECTORS, ids=lambda p: p.stem.split("-")[0])
 async def test_replayed_request_reaches_origin_as_captured(tmp_path, path):
     vector = json.loads(path.read_text())
@@ -196,7 +190,6 @@ def _dechunk(raw: bytes) -> tuple[bytes, bytes]:
     return head, bytes(out)
 
 
-@needs_vectors
 @pytest.mark.parametrize("path", GO_400_VECTORS, ids=lambda p: p.stem.split("-")[0])
 async def test_connection_specific_headers_get_gos_400(tmp_path, path):
     vector = json.loads(path.read_text())
@@ -212,7 +205,6 @@ async def test_connection_specific_headers_get_gos_400(tmp_path, path):
     assert resp.header(b"x-content-type-options") == b"nosniff"
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     "path",
     [

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire import rpc
 from wire.capnp import Message, MessageReader, StructReader, frame_message, unframe
 from wire.registration import (
@@ -37,7 +37,7 @@ def _load(path: Path) -> list[dict[str, Any]]:
 
 
 def test_vector_files_are_present() -> None:
-    # Six conversation files: if the shared folder moved, fail loudly rather than test nothing.
+    # Six conversation files: if tests/vectors lost one, fail loudly rather than test nothing.
     assert len(CAPNP_FILES) == 6, CAPNP_FILES
     assert EDGE_RETURNS.exists()
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire.credentials import (
     NIL_UUID,
     Credentials,
