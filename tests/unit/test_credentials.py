@@ -1,4 +1,5 @@
-"""wire.credentials: credentials files and tunnel tokens as cloudflared reads them (PROTOCOL.md §5.1-§5.2)."""
+"""wire.credentials: credentials files and tunnel tokens as cloudflared reads them
+(docs/protocol.md §10.1)."""
 
 from __future__ import annotations
 
