@@ -155,7 +155,7 @@ async def test_replayed_request_reaches_origin_as_captured(tmp_path, path):
     # the head byte for byte, the whole request by length and digest (bodies over 4 KiB are not stored)
     assert raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" == _decode(captured["request_head_text"])
     if path.stem.startswith("D07-") or path.stem.startswith("D07b"):
-        # chunk boundaries follow timing (README: "Read boundaries depend on timing"); compare the content
+        # chunk boundaries follow timing (tests/vectors/README.md, "what not"); compare the content
         assert _dechunk(raw) == _dechunk(_decode(expected["text"]))
     else:
         assert len(raw) == expected["length"]
