@@ -1,6 +1,6 @@
 """cloudflared's `tunnel` and `tunnel run` flags: names, aliases, levels, environment variables.
 
-Pure data plus a Go-`flag`-style parser. Levels (PROTOCOL.md §5.3): `T` = `tunnel` (and the root),
+Pure data plus a Go-`flag`-style parser. Levels (docs/protocol.md §10.3): `T` = `tunnel` (and the root),
 `R` = `run`, `TR` = both. `support` says what this connector does with a flag:
 
 - `yes`: implemented;
@@ -252,7 +252,8 @@ for _flag in FLAGS:
     for _n in _flag.names:
         BY_NAME[_n] = _flag
 
-# cloudflared's configFlags: what __configuration_flags of updateLocalConfiguration may hold (§2.6).
+# cloudflared's configFlags: what __configuration_flags of updateLocalConfiguration may hold
+# (docs/protocol.md §3.8).
 CONFIG_FLAGS = ("autoupdate-freq", "no-autoupdate", "retries", "protocol", "loglevel", "transport-loglevel",
                 "origincert", "metrics", "metrics-update-freq", "edge-ip-version", "edge-bind-address",
                 "max-active-flows")

@@ -1,4 +1,4 @@
-"""The hello-world origin, like cloudflared's `hello_world` service (PROTOCOL.md §3.9).
+"""The hello-world origin, like cloudflared's `hello_world` service (docs/protocol.md §4.3).
 
 Routes: `/` (an HTML page describing the request), `/uptime` (JSON `startTime`, `uptime`), `/ws`
 (WebSocket echo), `/sse?freq=1s` (a counter as server-sent events, default every 10 s), `/_health`

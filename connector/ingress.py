@@ -1,4 +1,4 @@
-"""Ingress rules as cloudflared parses, validates and matches them (PROTOCOL.md §3.9, §3.7, §2.6).
+"""Ingress rules as cloudflared parses, validates and matches them (docs/protocol.md §4.3, §8, §3.8).
 
 Pure: no I/O, no logging. Errors are `ConfigError`s naming the source, the rule number and, for YAML
 files, the line. Warnings (keys we accept but do not act on) are collected in a list the caller logs.
@@ -433,7 +433,7 @@ def remote_config_version(body: bytes) -> tuple[int, Any]:
 
 
 def parse_remote_config(body: bytes) -> tuple[int, tuple[IngressRule, ...], WarpRoutingConfig]:
-    """An update-configuration body -> `(version, rules, warp)` (PROTOCOL.md §3.7).
+    """An update-configuration body -> `(version, rules, warp)` (docs/protocol.md §8).
 
     `StreamConversionError` for an undecodable envelope (answer 502); `ConfigError` for a config that
     decodes but is invalid (answer `{"lastAppliedVersion": current, "err": {}}`). The version rules
@@ -518,7 +518,7 @@ def go_json(obj: Any) -> bytes:
 
 def local_config_json(flags: Mapping[str, str], rules: Sequence[IngressRule],
                       warp: WarpRoutingConfig) -> bytes:
-    """The `updateLocalConfiguration` payload (PROTOCOL.md §2.6)."""
+    """The `updateLocalConfiguration` payload (docs/protocol.md §3.8)."""
     doc: dict[str, Any] = {}
     if flags:
         doc["__configuration_flags"] = dict(sorted(flags.items()))
@@ -539,7 +539,7 @@ def describe_rule(rule: IngressRule) -> str:
 
 
 def is_ip_port(authority: str) -> bool:
-    """True when `authority` is `IP:port` (a TCP stream destination, PROTOCOL.md §3.6)."""
+    """True when `authority` is `IP:port` (a TCP stream destination, docs/protocol.md §7)."""
     host = strip_port(authority)
     if host == authority:
         return False

@@ -1,4 +1,4 @@
-"""The connector's metrics server (PROTOCOL.md §5.6): `/ready`, `/healthcheck`, `/metrics`, `/config`.
+"""The connector's metrics server (docs/protocol.md §10.5): `/ready`, `/healthcheck`, `/metrics`, `/config`.
 
 `/ready` is the lab's readiness probe: 200 `{"status":200,"readyConnections":N,"connectorId":"..."}`,
 or 503 with `readyConnections` 0. `/metrics` is Prometheus text with cloudflared's metric names.

@@ -16,7 +16,7 @@ VERSION = "2026.8.2-lab"
 
 @dataclass(frozen=True, kw_only=True)
 class OriginRequestConfig:
-    """cloudflared's `originRequest` block; durations in seconds (PROTOCOL.md §3.2 defaults)."""
+    """cloudflared's `originRequest` block; durations in seconds (defaults: docs/protocol.md §5.8)."""
 
     connect_timeout: float = 30.0
     tls_timeout: float = 10.0
@@ -92,7 +92,7 @@ class WarpRoutingConfig:
 @dataclass(frozen=True, kw_only=True)
 class TunnelSettings:
     """Everything `run_tunnel` needs. `ingress_rules` is never empty: with no rules at all it holds one
-    catch-all `StatusService(503)` (cloudflared's behaviour, PROTOCOL.md §3.4)."""
+    catch-all `StatusService(503)` (cloudflared's behaviour, docs/protocol.md §5.7)."""
 
     credentials: Credentials
     edge_addrs: tuple[str, ...]  # "host:port", in the order given

@@ -1,4 +1,4 @@
-"""`--stdin-control` (PROTOCOL.md §4.3): commands read line by line from stdin.
+"""`--stdin-control` (docs/protocol.md §9.7): commands read line by line from stdin.
 
 `reconnect [DURATION]` drops one edge connection, which reconnects after DURATION (a Go duration, default 0)
 without any backoff; an empty line is ignored; anything else is logged as a warning with the list of

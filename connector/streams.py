@@ -1,4 +1,4 @@
-"""What the connector does with each stream the edge opens (PROTOCOL.md §2.2, §3).
+"""What the connector does with each stream the edge opens (docs/protocol.md §4.1, §5-§8).
 
 `Proxy.handle_stream` is called in its own task for every non-control stream. HTTP and WebSocket streams
 go through the ingress rules to an origin (`wire.origin` decides the bytes, `connector.origin_client`

@@ -1,6 +1,6 @@
 """HA connections: which address each connIndex uses, when it (re)connects, and when the process gives up.
 
-cloudflared's rules (PROTOCOL.md §4.1, §4.3, §4.4):
+cloudflared's rules (docs/protocol.md §9.1, §9.4-§9.6):
 - connIndex 0 starts first; once it registered, connIndex 1..N-1 start (cloudflared: one per second, the
   first at once; we start them all at once, `HA_START_INTERVAL` = 0, so that all N are ready within a second);
 - each connIndex holds its own address; dial/TLS errors and EDUPCONN move it to a free address;

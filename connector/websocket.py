@@ -1,6 +1,6 @@
 """Terminating a WebSocket on a tunnel stream, for `tcp://`, `ssh://`, `rdp://`, `smb://` services.
 
-cloudflared answers such a WebSocket stream itself (PROTOCOL.md §3.5, vector B04): 200 with the serialized
+cloudflared answers such a WebSocket itself (docs/protocol.md §6.2, vector B04): 200 with the serialized
 101 headers, then WebSocket frames on the stream (the edge's masked, ours unmasked) and raw TCP to the
 service. wsproto does the framing; it is driven in its OPEN state after a stand-in handshake, because the
 real handshake already happened between the eyeball and the edge.

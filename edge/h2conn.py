@@ -3,7 +3,7 @@
 h2 moves the whole connection to CLOSED as soon as a GOAWAY is sent or received, after which it
 refuses to send or receive anything, even on streams that are still in flight. RFC 9113 §6.8 lets
 both peers finish the streams that were already open, and cloudflared relies on it: it answers our
-GOAWAY with its own and keeps serving open streams (PROTOCOL.md §4.3). `EdgeH2Connection` keeps the
+GOAWAY with its own and keeps serving open streams (docs/protocol.md §9.3). `EdgeH2Connection` keeps the
 connection usable after a GOAWAY in either direction; the edge's own bookkeeping stops opening new
 streams.
 """

@@ -1,4 +1,4 @@
-"""Error pages the edge serves to eyeballs, with the real edge's status codes (PROTOCOL.md §9.3)."""
+"""Error pages the edge serves to eyeballs, with the real edge's status codes (docs/protocol.md §11.3)."""
 
 from __future__ import annotations
 

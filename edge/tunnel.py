@@ -521,7 +521,7 @@ class TunnelConnection:
                     raise ProtocolError(f"RPC aborted before registration: {ev.reason}")
                 if self.state == "registered":
                     # Without unregistering first: cloudflared gave up on the RPC (e.g. its
-                    # --rpc-timeout passed) and now waits for us to close (PROTOCOL.md §2.4).
+                    # --rpc-timeout passed) and now waits for us to close (docs/protocol.md §3.7).
                     self._start_draining()
                 continue
             else:  # pragma: no cover - future events
@@ -583,7 +583,7 @@ class TunnelConnection:
         else:
             edge.metrics.registrations.inc(result="refused", location=self.location)
             self.state = "refused"
-            # cloudflared waits for the edge to close after a refusal (PROTOCOL.md §2.6).
+            # cloudflared waits for the edge to close after a refusal (docs/protocol.md §3.7).
             await trio.sleep(self.edge.config.refusal_close_delay)
             await self.goaway_and_close(ErrorCodes.NO_ERROR, f"registration refused: {result.cause}")
 

@@ -1,4 +1,4 @@
-"""`--warp-listen`: an HTTP CONNECT proxy into private networks (PROTOCOL.md §3.6, §9.3).
+"""`--warp-listen`: an HTTP CONNECT proxy into private networks (docs/protocol.md §7, §11.3).
 
 `CONNECT 10.1.2.3:22` opens a private-network stream (`cf-cloudflared-proxy-src`, `:authority`
 IP:port) to the tunnel whose `tunnel route ip` CIDR holds 10.1.2.3; after the connector's 200 the
@@ -56,7 +56,7 @@ def forward_request_head(request: h11.Request) -> tuple[str, int, bytes]:
 
 
 def parse_destination(target: str) -> tuple[str, int]:
-    """`IP:PORT` or `[IPv6]:PORT` -> (ip, port); ValueError otherwise (no hostnames, as in §3.6)."""
+    """`IP:PORT` or `[IPv6]:PORT` -> (ip, port); ValueError otherwise (no hostnames, docs/protocol.md §7)."""
     if target.startswith("["):
         host, _, port = target[1:].partition("]:")
     else:

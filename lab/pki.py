@@ -4,7 +4,8 @@ Files live under `STATE/pki/` (docs/architecture.md, "State directory"):
 
 - `ca.pem`, `ca.key`: the lab root CA (created on first use, reloaded afterwards; key 0600);
 - `edge.pem`, `edge.key`: the edge certificate, SANs `h2.cftunnel.com`, `quic.cftunnel.com`,
-  `probe.cftunnel.com`, `cftunnel.com`, `*.cftunnel.com` (cloudflared checks the SNI name, §1.2);
+  `probe.cftunnel.com`, `cftunnel.com`, `*.cftunnel.com` (cloudflared checks the SNI name,
+  docs/protocol.md §2.3);
 - `hosts/<name>.pem|.key`: leaf certificates for routed hostnames and origins, made on demand;
 - `broken/<kind>.pem|.key` (origin default names) and `broken/<kind>/<name>.pem|.key`: deliberately
   broken certificates for failure scenarios (`BROKEN_KINDS`).

@@ -1,9 +1,8 @@
-"""Test-wide settings: hypothesis profiles and paths to the shared ground truth."""
+"""Test-wide settings: hypothesis profiles (the golden vectors' paths are in `tests/golden.py`)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -12,9 +11,3 @@ settings.register_profile("ci", derandomize=True, max_examples=100, deadline=Non
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-ROOT = Path(__file__).resolve().parent.parent
-# ../shared sits beside the checkout (also in CI, as a read-only copy).
-SHARED = Path(os.environ.get("TUNNEL_LAB_SHARED", ROOT.parent / "shared"))
-VECTORS = SHARED / "vectors" / "cloudflared-2026.8.2"
-VECTORS_GO126 = SHARED / "vectors" / "cloudflared-2026.8.2-go1.26"

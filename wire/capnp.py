@@ -12,7 +12,7 @@ Only what the control stream needs, and nothing that trusts the peer:
 - `MessageBuilder` writes single-segment messages, allocating objects in the order they are set
   (depth first), which is how the captured edge messages were laid out.
 
-Wire layout notes (PROTOCOL.md §2.4): struct pointer = offset<<2 | 0, data words, pointer count;
+Wire layout notes (docs/protocol.md §3.2): struct pointer = offset<<2 | 0, data words, pointer count;
 list pointer = offset<<2 | 1, element size (3 bits) | count<<3; far pointer = offset<<3 | double<<2 | 2,
 segment id; capability pointer = 3, cap table index.
 """

@@ -1,4 +1,4 @@
-"""Tunnel credentials: the credentials file and the tunnel token (PROTOCOL.md §5.1-§5.2).
+"""Tunnel credentials: the credentials file and the tunnel token (docs/protocol.md §10.1).
 
 Decoding follows Go's `encoding/json` as cloudflared uses it: keys match case-insensitively (an exact
 match wins), unknown keys are ignored, `null` leaves a field at its zero value, a repeated key's last

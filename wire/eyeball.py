@@ -1,9 +1,9 @@
 """Edge side of an HTTP tunnel stream: eyeball HTTP/1.1 request -> tunnel stream, and back.
 
 The edge is the HTTP/2 client on the tunnel connection. What it may put on a stream is constrained by
-Go's HTTP/2 server in cloudflared (PROTOCOL.md §9.1): no connection-specific fields ever (Go answers
+Go's HTTP/2 server in cloudflared (docs/protocol.md §11.1): no connection-specific fields ever (Go answers
 400), a WebSocket is signalled only by `cf-cloudflared-proxy-connection-upgrade: websocket`. What it adds
-is the lab's choice, modelled on Cloudflare's documented origin headers (§9.2).
+is the lab's choice, modelled on Cloudflare's documented origin headers (docs/protocol.md §11.2).
 
 Pure functions and small value objects; the edge shell does the I/O.
 """
@@ -80,7 +80,7 @@ def _origin_form(target: str) -> str:
 
 def tunnel_request_headers(req: EyeballRequest, *, ray: str, websocket: bool = False,
                            extra: Iterable[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:
-    """The HTTP/2 request fields the edge sends on a new tunnel stream (PROTOCOL.md §9.1-§9.2).
+    """The HTTP/2 request fields the edge sends on a new tunnel stream (docs/protocol.md §11.1-§11.2).
 
     Pseudo-headers from the request line and Host; the eyeball's fields lower-cased in their order,
     minus hop-by-hop ones (`Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`,
@@ -157,7 +157,7 @@ class TunnelResponse:
 
 def tunnel_response(h2_headers: Sequence[tuple[bytes, bytes]], *,
                     request_was_websocket: bool) -> TunnelResponse:
-    """Decode the response HEADERS of a tunnel stream (PROTOCOL.md §3.3, §9.1).
+    """Decode the response HEADERS of a tunnel stream (docs/protocol.md §5.4, §11.1).
 
     Only the serialized field holds origin headers; HTTP/2-level `date`, `content-type` and
     `content-length` are Go's. Without meta the whole answer is Go's own (its 400 for forbidden

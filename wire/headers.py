@@ -1,4 +1,4 @@
-"""Header rules shared by both ends of a tunnel stream (PROTOCOL.md §2.2, §3.3).
+"""Header rules shared by both ends of a tunnel stream (docs/protocol.md §4.1, §5.5).
 
 - Go's header-name canonicalisation (`CanonicalMIMEHeaderKey`), which decides every name the origin sees.
 - The `cf-cloudflared-response-headers` serialization: the only place an origin's response headers travel
@@ -112,7 +112,8 @@ def all_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[byte
 # --- cf-cloudflared-response-headers ---------------------------------------------------------------
 
 def is_serialized_response_header(name: bytes) -> bool:
-    """Whether cloudflared puts a response header with this name into the serialized field (§3.3)."""
+    """Whether cloudflared puts a response header with this name into the serialized field
+    (docs/protocol.md §5.5)."""
     low = name.lower()
     if low in _ALWAYS_SERIALIZED:
         return True
@@ -124,7 +125,7 @@ def _b64(data: bytes) -> bytes:
 
 
 def serialize_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Serialize response headers the way cloudflared does (PROTOCOL.md §3.3).
+    """Serialize response headers the way cloudflared does (docs/protocol.md §5.5).
 
     One `base64(name):base64(value)` pair per value, joined by `;`. Excluded names (`:*`, `cf-int-*`,
     `cf-cloudflared-*`, `cf-proxy-*`, except `connection`, `upgrade`, `sec-websocket-accept`) are dropped.
@@ -230,7 +231,7 @@ del _meta
 # --- classification --------------------------------------------------------------------------------
 
 class StreamType(enum.Enum):
-    """What a stream the edge opened carries (PROTOCOL.md §2.2)."""
+    """What a stream the edge opened carries (docs/protocol.md §4.1)."""
 
     HTTP = "http"
     WEBSOCKET = "websocket"
@@ -240,7 +241,7 @@ class StreamType(enum.Enum):
 
 
 def classify_stream(headers: Sequence[tuple[bytes, bytes]]) -> StreamType:
-    """Classify a stream from its request headers, in cloudflared's order (§2.2).
+    """Classify a stream from its request headers, in cloudflared's order (docs/protocol.md §4.1).
 
     Values are compared exactly and only the first value of a repeated header counts (Go's `Header.Get`).
     """

@@ -1,8 +1,8 @@
 """Connector side of an HTTP tunnel stream: HTTP/2 request -> HTTP/1.1 origin request, and back.
 
 cloudflared hands the request Go's HTTP/2 server parsed straight to Go's HTTP/1.1 client, so every rule
-here is one of those two Go components' rules (PROTOCOL.md §3.2-§3.5, and "Rules established" in
-vectors/cloudflared-2026.8.2-go1.26/README.md, which wins over §3.2 for body framing and header order):
+here is one of those two Go components' rules (docs/protocol.md §5.2-§6; body framing and header order
+as captured from the released go1.26 build, docs/protocol.md §5.3):
 
 - names are Go-canonical, several `cookie` fields become one `Cookie` joined by `; `;
 - the head is: request line, `Host`, `User-Agent` (only if the edge sent a non-empty one), the framing
@@ -544,7 +544,7 @@ def _go_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], he
 
 def tunnel_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], *, head: bool = False
                             ) -> list[tuple[bytes, bytes]]:
-    """The HTTP/2 response fields cloudflared sends for an origin response (PROTOCOL.md §3.3).
+    """The HTTP/2 response fields cloudflared sends for an origin response (docs/protocol.md §5.4).
 
     `headers` are the origin's response header pairs as read (any case). 101 becomes 200; every origin
     header goes into `cf-cloudflared-response-headers` (exclusion rules applied), meta is origin,
@@ -567,13 +567,14 @@ def tunnel_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]],
 
 
 def error_response_headers(meta: bytes = META_CLOUDFLARED, status: int = 502) -> list[tuple[bytes, bytes]]:
-    """cloudflared's own error answer: status, meta, `content-length: 0`, no serialized headers (§3.4)."""
+    """cloudflared's own error answer: status, meta, `content-length: 0`, no serialized headers
+    (docs/protocol.md §5.7)."""
     return [(b":status", b"%d" % status), (RESPONSE_META, meta), (b"content-length", b"0")]
 
 
 def tunnel_trailers(trailers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Origin trailers as the HTTP/2 trailers Go's server sends: lower-case, sorted by name (repeats keep
-    their order), names Go forbids as trailers and invalid fields dropped (§3.3)."""
+    their order), names Go forbids as trailers and invalid fields dropped (docs/protocol.md §5.6)."""
     out = []
     for k, v in trailers:
         name, value = canonical_header_name(as_bytes(k)), _go_trim(as_bytes(v))

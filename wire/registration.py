@@ -1,6 +1,6 @@
 """The tunnelrpc registration structs as frozen dataclasses, and their Cap'n Proto encoding.
 
-Layouts, ids and ordinals are those of PROTOCOL.md §2.5 (and `wire/tunnelrpc.capnp`). Each struct has:
+Layouts, ids and ordinals are those of docs/protocol.md §3.5 (and `wire/tunnelrpc.capnp`). Each struct has:
 
 - `write_<struct>(parent, index, value)`: build it at pointer `index` of a `StructBuilder`;
 - `read_<struct>(reader, what)`: read it from a `StructReader` (`what` names it in errors);
@@ -21,7 +21,7 @@ from typing import TypeVar
 from wire.capnp import Message, MessageBuilder, StructBuilder, StructReader
 from wire.errors import CapnpError
 
-#: Interface ids and method ordinals (PROTOCOL.md §2.5).
+#: Interface ids and method ordinals (docs/protocol.md §3.5).
 FILE_ID = 0xDB8274F9144ABC7E
 REGISTRATION_SERVER_ID = 0xF71695EC7FE85497
 TUNNEL_SERVER_ID = 0xEA58385C65416035  # deprecated; extends RegistrationServer

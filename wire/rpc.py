@@ -3,7 +3,7 @@
 On the control stream the connector is the RPC *client*: it sends `Bootstrap`, then calls
 `RegistrationServer` methods on the capability the edge hands out; the edge is the RPC *server* and
 exports exactly one capability (export id 0). Both sides speak the subset of the two-party protocol
-that cloudflared's Go library uses (PROTOCOL.md §2.3-§2.4):
+that cloudflared's Go library uses (docs/protocol.md §3.2-§3.4):
 
     c->e Bootstrap q0; Call q1 registerConnection on promisedAnswer(q0)   (pipelined)
     e->c Return a0 (cap #0 = senderHosted 0); Return a1 (ConnectionResponse)

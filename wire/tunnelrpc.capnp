@@ -1,6 +1,6 @@
 # tunnel-lab's description of the registration RPC that cloudflared 2026.8.2 speaks on the control stream.
 #
-# Written for this project from PROTOCOL.md §2.5 (ids, ordinals and wire layouts as observed); only the
+# Written for this project from docs/protocol.md §3.5 (ids, ordinals and wire layouts as observed); only the
 # parts the http2 transport uses, plus the QUIC-side interfaces for reference. The runtime never loads
 # this file: wire/capnp.py and wire/registration.py encode by hand. The tests load it with pycapnp to
 # cross-check the hand-written codec, so ids, ordinals and field types must stay exactly as the wire has

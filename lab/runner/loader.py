@@ -425,7 +425,7 @@ def _build(doc: Document) -> Scenario:
             raise doc.error(
                 ("topology", "connector", "ha_connections"),
                 f"ha_connections {ha} needs at least {ha + 1} data centres, there are {len(dcs)}",
-                "give the connector more --edge addresses than HA connections (PROTOCOL.md §4.3)",
+                "give the connector more --edge addresses than HA connections (docs/protocol.md §9.4)",
             )
         if "url" in c and "ingress" in c:
             raise doc.error(

@@ -4,7 +4,7 @@ Used for `--connector cloudflared` (always) and `--isolate`. The runner re-execu
 `unshare --net --mount --pid --fork --mount-proc PYTHON -m lab.runner.cli ARGS` with a marker in the
 environment; inside, `enter_inside()` brings `lo` up, bind-mounts a resolv.conf naming 127.0.0.1, and serves
 a DNS stub on 127.0.0.1:53 that answers every query with NXDOMAIN (a real cloudflared looks up public names
-at start-up whatever its flags; PROTOCOL.md §5.5). The PID namespace ends every process with the runner.
+at start-up whatever its flags; docs/protocol.md §10.4). The PID namespace ends every process with the runner.
 """
 
 from __future__ import annotations

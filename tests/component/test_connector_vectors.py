@@ -29,7 +29,7 @@ from tests.component.connector_edge import (
     start_connector,
     wait_ready,
 )
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire.headers import deserialize_response_headers
 
 ECHO_VECTORS = [
@@ -70,11 +70,6 @@ GO_400_VECTORS = [
         ("g", "post-transfer-encoding-chunked"),
     )
 ]
-
-needs_vectors = pytest.mark.skipif(
-    not VECTORS.is_dir(), reason="the shared vectors are not beside the checkout"
-)
-
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +136,6 @@ def _decode(text: str) -> bytes:
         return text.encode("utf-8")
 
 
-@needs_vectors
 @pytest.mark.parametrize("path", ECHO_VECTORS, ids=lambda p: p.stem.split("-")[0])
 async def test_replayed_request_reaches_origin_as_captured(tmp_path, path):
     vector = json.loads(path.read_text())
@@ -161,7 +155,7 @@ async def test_replayed_request_reaches_origin_as_captured(tmp_path, path):
     # the head byte for byte, the whole request by length and digest (bodies over 4 KiB are not stored)
     assert raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" == _decode(captured["request_head_text"])
     if path.stem.startswith("D07-") or path.stem.startswith("D07b"):
-        # chunk boundaries follow timing (README: "Read boundaries depend on timing"); compare the content
+        # chunk boundaries follow timing (tests/vectors/README.md, "what not"); compare the content
         assert _dechunk(raw) == _dechunk(_decode(expected["text"]))
     else:
         assert len(raw) == expected["length"]
@@ -196,7 +190,6 @@ def _dechunk(raw: bytes) -> tuple[bytes, bytes]:
     return head, bytes(out)
 
 
-@needs_vectors
 @pytest.mark.parametrize("path", GO_400_VECTORS, ids=lambda p: p.stem.split("-")[0])
 async def test_connection_specific_headers_get_gos_400(tmp_path, path):
     vector = json.loads(path.read_text())
@@ -212,7 +205,6 @@ async def test_connection_specific_headers_get_gos_400(tmp_path, path):
     assert resp.header(b"x-content-type-options") == b"nosniff"
 
 
-@needs_vectors
 @pytest.mark.parametrize(
     "path",
     [

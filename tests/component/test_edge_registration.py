@@ -31,7 +31,7 @@ async def test_register_ok_and_connection_listed(tmp_path):
                 assert result.location_name == "LAB2"
                 assert len(result.uuid.bytes) == 16
                 assert result.tunnel_is_remotely_managed is False
-                # the control stream as PROTOCOL.md §2.3 describes it
+                # the control stream as docs/protocol.md §3.4 describes it
                 headers = dict(conn.control_headers)
                 assert headers[b"cf-cloudflared-proxy-connection-upgrade"] == b"control-stream"
                 assert conn.h2.streams[1].state_machine.state.name != "HALF_CLOSED_REMOTE"

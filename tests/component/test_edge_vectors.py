@@ -20,7 +20,7 @@ from edge.config import Address, TunnelListen
 from lab import paths
 from lab.store import Store
 from tests.component.test_edge_support import ScriptedConnector, dial_edge, running_edge
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire.capnp import MessageReader, frame_message
 
 # (registration capture, shutdown capture on the same connection or None)
@@ -55,8 +55,6 @@ def _messages(data: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize(("path", "shutdown"), CASES, ids=lambda p: p.name if p else "-")
 async def test_edge_answers_the_captured_control_stream(tmp_path, path, shutdown):
-    if not path.exists():
-        pytest.skip(f"golden vectors not found: {path} (set TUNNEL_LAB_SHARED)")
     vector = json.loads(path.read_text())
     captured_uuid = uuid.UUID(vector["connection_uuid_sent_by_edge"])
     _seed_store(tmp_path / "state", path.parent / "creds.json")

@@ -1,4 +1,5 @@
-"""The connector's metrics server over loopback: /ready, /healthcheck, /metrics, /config (§5.6)."""
+"""The connector's metrics server over loopback: /ready, /healthcheck, /metrics, /config
+(docs/protocol.md §10.5)."""
 
 from __future__ import annotations
 

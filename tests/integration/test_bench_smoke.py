@@ -100,7 +100,7 @@ def test_cloudflared_path_runs_in_a_netns_with_a_stand_in(tmp_path: Path) -> Non
 
 @pytest.mark.cloudflared
 @pytest.mark.skipif(not os.environ.get("TUNNEL_LAB_CLOUDFLARED"),
-                    reason="set TUNNEL_LAB_CLOUDFLARED=PATH to a real cloudflared binary to bench it")
+                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
 def test_tiny_bench_with_a_real_cloudflared(tmp_path: Path) -> None:
     _, doc = bench(tmp_path, "--cloudflared", os.environ["TUNNEL_LAB_CLOUDFLARED"])
     tunnel = {"edge", "connector", "origin", "ws-origin"}

@@ -1,5 +1,5 @@
-"""Our connector and our edge as real processes (PROTOCOL.md §5.4 command line), an echo origin in-process:
-an eyeball request travels edge -> connector -> origin; SIGTERM unregisters and exits 0."""
+"""Our connector and our edge as real processes (docs/protocol.md §10.2 command line), an echo origin
+in-process: an eyeball request travels edge -> connector -> origin; SIGTERM unregisters and exits 0."""
 
 from __future__ import annotations
 

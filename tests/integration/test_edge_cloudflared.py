@@ -1,10 +1,11 @@
-"""Conformance: a connector started with PROTOCOL.md §5.4's command line, in a private network
-namespace, registers its HA connections with our edge, serves HTTP and a large POST, and drains on
-SIGTERM.
+"""Conformance: a connector started with the lab's offline command line (docs/protocol.md §10.2), in a
+private network namespace, registers its HA connections with our edge, serves HTTP and a large POST, and
+drains on SIGTERM.
 
 The real cloudflared runs when TUNNEL_LAB_CLOUDFLARED names its binary; our connector runs the same
 command line (with `tunnel-lab connector` in place of `cloudflared`) so the harness itself is tested.
-Everything (edge, origin, connector) runs inside `../shared/tools/netns-run` (loopback only).
+Everything (edge, origin, connector) runs inside a namespace made by `unshare` and set up by
+`lab.runner.netns` (only `lo`, a DNS stub answering NXDOMAIN), as `tunnel-lab run` does for cloudflared.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED
+from lab.runner import netns
 
-NETNS_RUN = SHARED / "tools" / "netns-run"
+# The runner's own namespace recipe (lab.runner.netns.reexec); the driver sets it up from the inside.
+UNSHARE = ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child"]
 
 DRIVER = r'''
 import hashlib, json, os, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
+
+from lab.runner import netns
+
+netns.enter_inside()  # lo up, resolv.conf naming 127.0.0.1, the NXDOMAIN stub
 
 work = Path(sys.argv[1]); connector = json.loads(sys.argv[2]); py = sys.executable
 state = work / "state"
@@ -119,23 +125,22 @@ def _connectors() -> list:
         pytest.param(ours, id="builtin"),
         pytest.param([real] if real else None, id="cloudflared", marks=[
             pytest.mark.cloudflared,
-            pytest.mark.skipif(not real,
-                               reason="set TUNNEL_LAB_CLOUDFLARED=PATH to a real cloudflared 2026.8.2"),
+            pytest.mark.skipif(
+                not real, reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared"
+            ),
         ]),
     ]
 
 
 @pytest.mark.parametrize("connector", _connectors())
 def test_connector_in_a_private_namespace_through_our_edge(tmp_path: Path, connector: list[str]) -> None:
-    if not NETNS_RUN.exists():
-        pytest.skip(f"{NETNS_RUN} not found (set TUNNEL_LAB_SHARED)")
-    probe = subprocess.run([str(NETNS_RUN), "true"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode()[-200:]}")
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"cannot create a private network namespace here: {why}")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([str(NETNS_RUN), sys.executable, str(driver), str(tmp_path), json.dumps(connector)],
+    run = subprocess.run([*UNSHARE, sys.executable, str(driver), str(tmp_path), json.dumps(connector)],
                          capture_output=True, text=True, timeout=120, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)})
     logs = {name: (tmp_path / name).read_text()[-3000:] for name in ("edge.log", "connector.log")

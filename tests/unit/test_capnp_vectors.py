@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire import rpc
 from wire.capnp import Message, MessageReader, StructReader, frame_message, unframe
 from wire.registration import (
@@ -37,7 +37,7 @@ def _load(path: Path) -> list[dict[str, Any]]:
 
 
 def test_vector_files_are_present() -> None:
-    # Six conversation files: if the shared folder moved, fail loudly rather than test nothing.
+    # Six conversation files: if tests/vectors lost one, fail loudly rather than test nothing.
     assert len(CAPNP_FILES) == 6, CAPNP_FILES
     assert EDGE_RETURNS.exists()
 
@@ -198,7 +198,7 @@ def test_edge_returns_decode_and_reencode_byte_exact(entry: dict[str, Any]) -> N
 
 
 def test_edge_return_encoders_match_appendix_a() -> None:
-    # PROTOCOL.md Appendix A: the Go 1.26 capture's registerConnection answer (another uuid).
+    # A registerConnection answer from a separate go1.26 capture (another uuid), kept inline as captured.
     appendix = ("0000000012000000000000000100010003000000000000000000000002000100010000000100000000000000"
                 "0000000000000000000002000400000000000100250000000700000000000000010001000100000000000000"
                 "0000000001000200000000000000000005000000820000000900000022000000fa4352748d764f788d3ccb67"

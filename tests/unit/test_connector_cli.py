@@ -16,7 +16,7 @@ from connector import cli
 from connector.config import format_go_duration, parse_go_duration
 from connector.flags import FLAGS, Flag, UsageError, parse_level
 from connector.settings import HelloWorldService, HTTPService, StatusService, StreamService, TunnelSettings
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire.credentials import credentials_json, make_token, parse_credentials_file
 from wire.errors import ConfigError
 

@@ -1,4 +1,5 @@
-"""wire.credentials: credentials files and tunnel tokens as cloudflared reads them (PROTOCOL.md §5.1-§5.2)."""
+"""wire.credentials: credentials files and tunnel tokens as cloudflared reads them
+(docs/protocol.md §10.1)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import VECTORS, VECTORS_GO126
+from tests.golden import VECTORS, VECTORS_GO126
 from wire.credentials import (
     NIL_UUID,
     Credentials,

@@ -15,7 +15,7 @@ from collections import Counter
 import h11
 import pytest
 
-from tests.vectors import Vector, require_vectors, vector_params
+from tests.golden import Vector, vector_params
 from wire.eyeball import eyeball_response_headers, tunnel_response
 from wire.headers import StreamType, classify_stream, deserialize_response_headers
 from wire.origin import (
@@ -132,7 +132,6 @@ def test_origin_request_body_matches(v: Vector) -> None:
 
 
 def test_the_tricky_exchanges_are_covered() -> None:
-    require_vectors()
     names = {p.id for p in vector_params(_is_origin_exchange)}
     assert {
         "D04b-delete-with-body-no-content-length",

@@ -1,4 +1,4 @@
-"""Ingress rules: validation, matching, remote configuration, JSON views (PROTOCOL.md §3.7, §3.9, §2.6)."""
+"""Ingress rules: validation, matching, remote configuration, JSON views (docs/protocol.md §8, §4.3, §3.8)."""
 
 from __future__ import annotations
 

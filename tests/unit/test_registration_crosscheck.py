@@ -48,7 +48,7 @@ results = st.one_of(details, errors)
 
 
 # ------------------------------------------------------------------------------------------------
-# The schema file says what PROTOCOL.md §2.5 says
+# The schema file says what docs/protocol.md §3.5 says
 
 
 def _node_id(struct_module: Any) -> int:

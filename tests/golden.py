@@ -1,4 +1,5 @@
-"""Loading the golden wire vectors (../shared/vectors); tests skip with a reason when they are absent."""
+"""The golden wire vectors in `tests/vectors/` (see its README.md): paths and a loader for the
+per-exchange files. They are part of the repository, so golden tests always run."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import VECTORS, VECTORS_GO126
-
+VECTORS_ROOT = Path(__file__).resolve().parent / "vectors"
+#: Captured from a go1.27.3 build of cloudflared 2026.8.2 (runs A, B, C).
+VECTORS = VECTORS_ROOT / "cloudflared-2026.8.2"
+#: Captured from the released go1.26.4 build (runs D, E, F, G).
+VECTORS_GO126 = VECTORS_ROOT / "cloudflared-2026.8.2-go1.26"
 FOLDERS = (VECTORS, VECTORS_GO126)
 
 
@@ -74,19 +78,10 @@ def _value_bytes(value: str) -> bytes:
         return value.encode("utf-8")
 
 
-def require_vectors() -> None:
-    """Skip the calling test when the shared vectors are not beside the checkout."""
-    missing = [str(p) for p in FOLDERS if not p.is_dir()]
-    if missing:
-        pytest.skip(f"golden vectors not found: {', '.join(missing)} (set TUNNEL_LAB_SHARED)")
-
-
 def load_exchange_vectors() -> list[Vector]:
     """Every per-exchange vector file (those with `edge_request_headers`) of both folders, sorted."""
     out = []
     for folder in FOLDERS:
-        if not folder.is_dir():
-            continue
         for path in sorted(folder.glob("*.json")):
             if "transcript" in path.name:
                 continue
@@ -97,10 +92,9 @@ def load_exchange_vectors() -> list[Vector]:
 
 
 def vector_params(predicate: Any = None) -> list[Any]:
-    """pytest params (id = file stem) of the exchange vectors matching `predicate`; a single skipped
-    param when the vectors are absent, so collection never fails."""
+    """pytest params (id = file stem) of the exchange vectors matching `predicate`."""
     vectors = [v for v in load_exchange_vectors() if predicate is None or predicate(v)]
     if not vectors:
-        reason = "golden vectors not found (../shared/vectors; set TUNNEL_LAB_SHARED)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+        # An empty parameter set would only skip: a missing vectors folder must fail instead.
+        raise FileNotFoundError(f"no golden exchange vectors under {VECTORS_ROOT}")
     return [pytest.param(v, id=v.name) for v in vectors]
