@@ -28,7 +28,7 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # cloudflared copies every stream through a 16 KiB buffer (cfio.Copy; stream.Pipe hides the sockets'
 # ReadFrom/WriteTo): each read of a socket becomes one binary message of at most this size, and on the
 # receiving side a message longer than this is cut to it and the rest silently dropped (websocket/
-# connection.go, Conn.Read: docs/protocol.md, known deviations). Both of our ends send messages this size.
+# connection.go, Conn.Read: docs/protocol.md §12.2). Both of our ends send messages of this size.
 MESSAGE_SIZE = 16 * 1024
 
 
