@@ -245,6 +245,16 @@ class Proxy:
             return b""
         return None
 
+    @staticmethod
+    async def _whole_body(ts: TunnelStream) -> bytes | None:
+        """The rest of the request body, or None once it grows past MAX_BUFFERED_BODY (the memory bound)."""
+        body = bytearray()
+        while data := await ts.receive_some():
+            body += data
+            if len(body) > wo.MAX_BUFFERED_BODY:
+                return None
+        return bytes(body)
+
     async def _proxy_http(self, ts: TunnelStream, req: wo.TunnelRequest, rule: IngressRule,
                           target: OriginTarget, *, websocket: bool) -> None:
         opts = self._origin_options(rule)
@@ -256,6 +266,15 @@ class Proxy:
         except StreamConversionError as exc:
             await self._bad_gateway(ts, str(exc), rule=rule)
             return
+        if oreq.framing is wo.Framing.BUFFERED:
+            body = await self._whole_body(ts)
+            if body is None:
+                await self._bad_gateway(ts, f"the request body is over {wo.MAX_BUFFERED_BODY} bytes: too "
+                                        "large to send without chunked encoding or a Content-Length",
+                                        rule=rule)
+                return
+            oreq = oreq.with_body_length(len(body))
+            ts.push_back(body)
         cfg = rule.origin_request
         try:
             conn = await self.pool.acquire(target, cfg)

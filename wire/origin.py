@@ -19,7 +19,7 @@ import enum
 import re
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from wire.errors import OriginError, StreamConversionError
 from wire.headers import (
@@ -174,7 +174,16 @@ class Framing(enum.Enum):
     NONE = "none"  # no framing header, no body bytes
     CONTENT_LENGTH = "content-length"
     CHUNKED = "chunked"
-    RAW = "raw"  # no framing header, body copied raw (--no-chunked-encoding without a length)
+    RAW = "raw"  # no framing header, body copied raw (CONNECT)
+    # --no-chunked-encoding and no usable length: read the whole body first, then send it with a
+    # Content-Length (`OriginRequest.with_body_length`). cloudflared copies such a body raw after a head
+    # with no framing header, so the origin never sees it and it desynchronises the connection
+    # (docs/protocol.md §12.1); this is the lab connector's deliberate, correct departure from it.
+    BUFFERED = "buffered"
+
+
+# --no-chunked-encoding bodies without a length are read whole before the head is sent: a bound on that.
+MAX_BUFFERED_BODY = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +198,18 @@ class OriginRequest:
     added_accept_encoding: bool
     host: bytes = b""
     trailer_names: tuple[bytes, ...] = field(default=())
+
+    def with_body_length(self, length: int) -> OriginRequest:
+        """A BUFFERED request once its whole body is known: framed by Content-Length, as Go frames a body
+        of known length (none at all for an empty body, as with `--no-chunked-encoding` in D08b)."""
+        if self.framing is not Framing.BUFFERED:
+            raise ValueError(f"with_body_length needs a BUFFERED request, not {self.framing.name}")
+        if length <= 0:
+            return replace(self, framing=Framing.NONE, content_length=None)
+        # Go's order: Host, User-Agent, then the framing header
+        at = 2 if len(self.headers) > 1 and self.headers[1][0] == b"User-Agent" else 1
+        headers = [*self.headers[:at], (b"Content-Length", b"%d" % length), *self.headers[at:]]
+        return replace(self, headers=headers, framing=Framing.CONTENT_LENGTH, content_length=length)
 
     def head_bytes(self) -> bytes:
         """Request line, header lines and the blank line, exactly as Go writes them."""
@@ -435,6 +456,8 @@ def build_origin_request(req: TunnelRequest, opts: OriginOptions, *, websocket: 
                 f"http: ContentLength={outgoing} with Body length 0 (the stream ended on its HEADERS)")
     elif body_nil or outgoing == 0 or req.end_stream:
         framing, framing_header, length = Framing.NONE, [], None
+    elif opts.disable_chunked_encoding and method != "CONNECT":
+        framing, framing_header, length = Framing.BUFFERED, [], None
     else:
         framing, framing_header, length = Framing.RAW, [], None
 
@@ -470,6 +493,8 @@ class BodyEncoder:
     """
 
     def __init__(self, framing: Framing, content_length: int | None = None) -> None:
+        if framing is Framing.BUFFERED:
+            raise ValueError("frame a BUFFERED request with OriginRequest.with_body_length first")
         self.framing = framing
         self.content_length = content_length
         self.sent = 0

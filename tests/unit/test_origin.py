@@ -287,13 +287,32 @@ CHUNKED_HDR = [(b"Transfer-Encoding", b"chunked")]
     ("D08b", dict(method="POST", end_stream=True, cl=b"0", opts=NOCHUNK), (Framing.NONE, None, [])),
     ("D08c", dict(method="POST", end_stream=True, opts=NOCHUNK), (Framing.NONE, None, [])),
     ("D08d", dict(method="GET", end_stream=True, opts=NOCHUNK), (Framing.NONE, None, [])),
-    ("D09", dict(method="POST", end_stream=False, opts=NOCHUNK), (Framing.RAW, None, [])),
-    ("no-chunk GET open", dict(method="GET", end_stream=False, opts=NOCHUNK), (Framing.RAW, None, [])),
+    # cloudflared writes these bodies raw after an unframed head (docs/protocol.md §12.1); we buffer them
+    ("D09", dict(method="POST", end_stream=False, opts=NOCHUNK), (Framing.BUFFERED, None, [])),
+    ("no-chunk GET open", dict(method="GET", end_stream=False, opts=NOCHUNK), (Framing.BUFFERED, None, [])),
     ("no-chunk negative", dict(method="POST", end_stream=False, cl=b"-3", opts=NOCHUNK),
-     (Framing.RAW, None, [])),
+     (Framing.BUFFERED, None, [])),
 ])
 def test_framing_table(case: str, args: dict, expected: tuple) -> None:
     assert framing_of(**args) == expected, case
+
+
+def test_a_buffered_body_is_sent_with_its_length_where_go_writes_the_framing_header() -> None:
+    out = build_origin_request(request("POST", end_stream=False, extra=[(b"user-agent", b"t/1")]), NOCHUNK)
+    assert out.framing is Framing.BUFFERED
+    framed = out.with_body_length(11)
+    names = [name for name, _ in framed.headers]
+    assert names[:3] == [b"Host", b"User-Agent", b"Content-Length"]
+    assert (framed.framing, framed.content_length) == (Framing.CONTENT_LENGTH, 11)
+    assert framed.head_bytes().replace(b"Content-Length: 11\r\n", b"") == out.head_bytes()
+    no_agent = build_origin_request(request("POST", end_stream=False), NOCHUNK).with_body_length(2)
+    assert [name for name, _ in no_agent.headers][:2] == [b"Host", b"Content-Length"]
+    empty = out.with_body_length(0)
+    assert (empty.framing, empty.content_length, empty.headers) == (Framing.NONE, None, out.headers)
+    with pytest.raises(ValueError, match="BUFFERED"):
+        framed.with_body_length(3)
+    with pytest.raises(ValueError, match="with_body_length"):
+        BodyEncoder(Framing.BUFFERED)
 
 
 def test_no_chunked_with_length_but_no_body_fails_like_go() -> None:
