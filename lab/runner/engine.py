@@ -16,6 +16,7 @@ import trio
 
 from lab.runner import client, netns
 from lab.runner.checks import Mismatch, check_history, check_response, count_ok, describe_count, metric_value
+from lab.runner.cloudflared import RELEASE_TABLE
 from lab.runner.lab import Lab, RunOptions, scenario_dirs
 from lab.runner.loader import Scenario, Step, parse_duration
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
@@ -67,9 +68,20 @@ class ScenarioResult:
 
 
 def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
-    missing = [f for f in sc.requires if f not in CONNECTOR_FEATURES.get(options.connector, set())]
+    caps = options.capabilities
+    have = CONNECTOR_FEATURES.get(options.connector, set())
+    # Release-gated features (lab/runner/cloudflared.py) are judged by the probed binary, the rest by kind.
+    missing = [f for f in sc.requires if f not in have and f not in RELEASE_TABLE]
     if missing:
         return f"the {options.connector} connector does not support: {', '.join(missing)}"
+    gated = [f for f in sc.requires if f in RELEASE_TABLE]
+    if options.connector == "builtin":
+        missing = [f for f in gated if f not in have]
+        return f"the builtin connector does not support: {', '.join(missing)}" if missing else None
+    spec = sc.connector
+    gaps = caps.gaps(gated, [*spec.flags, *spec.run_flags] if spec else [])
+    if gaps:
+        return f"needs {'; '.join(gaps)}"
     return None
 
 

@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from lab.runner import netns
+from lab.runner.cloudflared import BUILTIN, Capabilities
 from lab.runner.engine import ScenarioResult, run_scenario
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
@@ -25,7 +26,9 @@ _MARK = {
 }
 
 
-def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
+def run_all(
+    selected: list[Scenario], args: argparse.Namespace, capabilities: Capabilities = BUILTIN
+) -> int:
     """Run `selected`; print progress, failures and a summary; write reports; return the exit code."""
     results_dir = Path(args.results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -35,6 +38,7 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
         results=results_dir,
         keep_state=args.keep_state,
         loglevel=args.loglevel,
+        capabilities=capabilities,
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     if netns.inside():
