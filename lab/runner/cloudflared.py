@@ -265,15 +265,15 @@ class Capabilities:
         if self.everything:
             return f"{self.binary}: every flag and feature"
         release = str(self.release) if self.release else "a development build"
-        lacking = [k.replace("=", " ") for k in RELEASE_TABLE if not self.supports(k)]
         dropped = [f for f in OPTIONAL_FLAGS if not self.supports(f)]
+        lacking = [k.replace("=", " ") for k in RELEASE_TABLE if k not in dropped and not self.supports(k)]
         text = f"{self.binary}: cloudflared {release}"
+        if not dropped and not lacking:
+            return text + "; has every flag and feature in the release table"
         if dropped:
             text += f"; left out: {', '.join(dropped)}"
         if lacking:
-            text += f"; lacks: {', '.join(lacking)}"
-        else:
-            text += "; has every flag and feature in the release table"
+            text += f"; scenarios that need {', '.join(lacking)} are skipped"
         return text
 
 
@@ -320,6 +320,8 @@ def _run(argv: Sequence[str], what: str, binary: str, timeout: float) -> tuple[i
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
     if timed_out:
         raise BinaryError(binary, f"did not answer `{what}` within {timeout:g}s (is it cloudflared?)")
     return proc.returncode if proc.returncode is not None else -1, out.decode("utf-8", "replace")
