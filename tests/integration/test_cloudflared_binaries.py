@@ -176,3 +176,49 @@ def test_a_2025_release_runs_without_the_flags_it_lacks(tmp_path: Path) -> None:
     assert argv[:4] == ["tunnel", "--config", argv[2], "--no-autoupdate"]
     assert "--no-prechecks" not in argv and "--dns-resolver-addrs" not in argv
     assert argv[argv.index("run") : argv.index("run") + 3] == ["run", "--protocol", "http2"]
+
+
+REAL = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
+needs_real = pytest.mark.skipif(
+    not REAL, reason="set TUNNEL_LAB_CLOUDFLARED=PATH to a real cloudflared binary"
+)
+
+
+@pytest.mark.cloudflared
+@needs_real
+@needs_netns
+def test_the_real_binary_is_probed_and_runs_a_marked_scenario(tmp_path: Path) -> None:
+    assert REAL is not None
+    proc = _run_lab(
+        "run", "--connector", "cloudflared", "--cloudflared", REAL,
+        str(ROOT / "tests" / "scenarios" / "known-deviation-other-connector.yaml"),
+        "--results", str(tmp_path / "results"), "--json", str(tmp_path / "report.json"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [probed] = [line for line in proc.stderr.splitlines() if "cloudflared 20" in line]
+    assert probed.endswith("; has every flag and feature in the release table"), probed
+    [result] = json.loads((tmp_path / "report.json").read_text())["scenarios"]
+    assert result["status"] == "deviation"
+
+
+@pytest.mark.cloudflared
+@needs_real
+@needs_netns
+def test_the_real_binary_refusing_a_flag_is_caught_before_any_scenario(tmp_path: Path) -> None:
+    """The probe's dry run reads cloudflared's own `Incorrect Usage` text (a wrapper adds a flag no release
+    has to every `tunnel` command line)."""
+    wrapper = _script(
+        "#!/bin/sh\n"
+        'if [ "$1" = tunnel ] && [ "$2" != --help ] && [ "$2" != run ]; then\n'
+        f'  shift; exec {REAL} tunnel --no-such-flag "$@"\nfi\n'
+        f'exec {REAL} "$@"\n'
+    )(tmp_path)
+    proc = _run_lab("run", "--connector", "cloudflared", "--cloudflared", str(wrapper),
+                    str(ROOT / "scenarios" / "http-get-echo.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.endswith(
+        "refuses the lab's minimal command line: flag provided but not defined: -no-such-flag"
+    )
+    assert _leftovers(str(tmp_path)) == []
