@@ -18,6 +18,7 @@ the binary is unusable is a `BinaryError` (a `ConfigError`, exit 2) naming the b
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -374,8 +375,15 @@ def minimal_argv(binary: str, caps: Capabilities, scratch: str) -> list[str]:
 def probe(path: str, *, timeout: float = PROBE_TIMEOUT) -> Capabilities:
     """Find out what the cloudflared at `path` supports; raise `BinaryError` when the lab cannot use it.
 
-    Runs the binary: call it only inside the private network namespace."""
+    Runs the binary: call it only inside the private network namespace. The answer is kept for the rest of
+    the process (a run, a bench) while the file is unchanged; refusals are not kept."""
     binary = check_path(path)
+    st = os.stat(binary)
+    return _probe_once(path, binary, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), timeout)
+
+
+@functools.cache
+def _probe_once(path: str, binary: str, _identity: tuple[int, ...], timeout: float) -> Capabilities:
     _code, out = _run([binary, "--version"], "--version", path, timeout)
     parsed = parse_version(out)
     if parsed is None:

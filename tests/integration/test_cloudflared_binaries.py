@@ -113,6 +113,19 @@ def test_probe_classifies_releases(tmp_path: Path, release: str, prechecks: bool
     assert caps.version_line == f"cloudflared version {release} (built 2025-01-01-0000 UTC)"
 
 
+def test_the_probe_runs_once_per_binary_until_the_file_changes(tmp_path: Path) -> None:
+    real = write_standin(tmp_path / "standin", "2025.7.0")
+    calls = tmp_path / "calls"
+    wrapper = _script(f'#!/bin/sh\necho "$1" >> {calls}\nexec {real} "$@"\n')(tmp_path)
+    first = cloudflared.probe(str(wrapper))
+    assert cloudflared.probe(str(wrapper)) is first
+    assert calls.read_text().split() == ["--version", "tunnel", "tunnel", "tunnel"]
+    wrapper.write_text(wrapper.read_text() + "# changed\n")
+    os.utime(wrapper, ns=(0, 0))
+    assert cloudflared.probe(str(wrapper)) == first
+    assert len(calls.read_text().split()) == 8
+
+
 def _run_lab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lab.cli", *args],
