@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -159,6 +160,7 @@ REQUIRED_FLAGS = (
 )
 # Flags the lab passes when the binary has them and leaves out otherwise.
 OPTIONAL_FLAGS = ("--no-prechecks", "--dns-resolver-addrs")
+# Release-gated features a scenario can name in `requires:` (schema.json lists them too).
 FEATURES = tuple(k for k in RELEASE_TABLE if not k.startswith("-"))
 
 
@@ -285,8 +287,6 @@ def check_path(path: str) -> str:
     """The absolute path of an executable file, or a `BinaryError` saying what is wrong with `path`.
 
     Only looks at the file system (no process starts), so it can run before the namespace exists."""
-    import shutil
-
     found = path if os.sep in path else (shutil.which(path) or path)
     if not os.path.exists(found):
         raise BinaryError(path, "no such file")

@@ -206,3 +206,10 @@ def test_release_table_rows_are_well_formed() -> None:
             assert gate.what, name
     for flag in (*REQUIRED_FLAGS, *OPTIONAL_FLAGS):
         assert flag in RELEASE_TABLE, flag
+
+
+def test_every_release_gated_feature_can_be_required_by_a_scenario() -> None:
+    from lab.runner.loader import schema
+
+    assert cloudflared.FEATURES == ("post-quantum-http2",)
+    assert set(cloudflared.FEATURES) <= set(schema()["$defs"]["feature"]["enum"])
