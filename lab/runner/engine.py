@@ -72,21 +72,15 @@ class ScenarioResult:
 
 
 def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
-    caps = options.capabilities
     have = CONNECTOR_FEATURES.get(options.connector, set())
-    # Release-gated features (lab/runner/cloudflared.py) are judged by the probed binary, the rest by kind.
-    missing = [f for f in sc.requires if f not in have and f not in RELEASE_TABLE]
+    # Features gated by cloudflared's release are judged by the probed binary (lab/runner/cloudflared.py).
+    by_release = options.connector == "cloudflared"
+    missing = [f for f in sc.requires if f not in have and not (by_release and f in RELEASE_TABLE)]
     if missing:
         return f"the {options.connector} connector does not support: {', '.join(missing)}"
-    gated = [f for f in sc.requires if f in RELEASE_TABLE]
-    if options.connector == "builtin":
-        missing = [f for f in gated if f not in have]
-        return f"the builtin connector does not support: {', '.join(missing)}" if missing else None
     spec = sc.connector
-    gaps = caps.gaps(gated, [*spec.flags, *spec.run_flags] if spec else [])
-    if gaps:
-        return f"needs {'; '.join(gaps)}"
-    return None
+    gaps = options.capabilities.gaps(sc.requires, [*spec.flags, *spec.run_flags] if spec else [])
+    return f"needs {'; '.join(gaps)}" if gaps else None
 
 
 async def run_scenario(

@@ -3,6 +3,8 @@ passes or skips for several releases (no processes: the probe itself is tested i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +21,9 @@ from lab.runner.cloudflared import (
     parse_help,
     parse_version,
 )
+from lab.runner.engine import skip_reason
+from lab.runner.lab import RunOptions
+from lab.runner.loader import parse_scenario, schema
 
 # A trimmed `cloudflared tunnel run --help` of 2026.8.2 in urfave/cli's layout: aliases after ", ",
 # placeholders (`--url URL`, `--socks5 --url`) that are not flags, and a wrapped description line.
@@ -209,7 +214,34 @@ def test_release_table_rows_are_well_formed() -> None:
 
 
 def test_every_release_gated_feature_can_be_required_by_a_scenario() -> None:
-    from lab.runner.loader import schema
-
     assert cloudflared.FEATURES == ("post-quantum-http2",)
     assert set(cloudflared.FEATURES) <= set(schema()["$defs"]["feature"]["enum"])
+
+
+@pytest.mark.parametrize(
+    ("connector", "release", "reason"),
+    [
+        ("builtin", None, "the builtin connector does not support: post-quantum-http2"),
+        (
+            "cloudflared",
+            "2025.1.0",
+            "needs post-quantum-http2, which arrived in cloudflared 2026.5.0 (this binary is 2025.1.0); "
+            "--max-active-flows, which arrived in cloudflared 2025.2.0 (this binary is 2025.1.0)",
+        ),
+        (
+            "cloudflared",
+            "2025.4.0",
+            "needs post-quantum-http2, which arrived in cloudflared 2026.5.0 (this binary is 2025.4.0)",
+        ),
+        ("cloudflared", "2026.5.0", None),
+    ],
+)
+def test_scenarios_are_skipped_for_what_the_binary_lacks(
+    connector: str, release: str | None, reason: str | None
+) -> None:
+    text = (Path(__file__).resolve().parents[2] / "scenarios" / "http-get-echo.yaml").read_text()
+    text = text.replace("timeout:", "requires: [post-quantum-http2]\ntimeout:", 1)
+    flows = "    tunnel: main\n    run_flags: [--max-active-flows, '9']\n"
+    text = text.replace("    tunnel: main\n", flows, 1)
+    options = RunOptions(connector=connector, capabilities=caps(release) if release else BUILTIN)
+    assert skip_reason(parse_scenario(text, "x.yaml"), options) == reason
