@@ -123,8 +123,18 @@ RELEASE_TABLE: dict[str, Gate] = {
     "--edge-bind-address": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/cmd.go (tunnelFlags)"),
     "--management-diagnostics": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/cmd.go (tunnelFlags)"),
     "--label": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/cmd.go (connectorLabelFlag)"),
+    # The origin flags of configureProxyFlags (cmd/cloudflared/tunnel/cmd.go), names in ingress/config.go,
+    # ingress/origin_service.go and tlsconfig/certreloader.go.
     "--http-host-header": Gate(OLDEST_SUPPORTED, "ingress/config.go (HTTPHostHeaderFlag), tunnel/cmd.go"),
     "--origin-ca-pool": Gate(OLDEST_SUPPORTED, "tlsconfig/certreloader.go (OriginCAPoolFlag), tunnel/cmd.go"),
+    "--origin-server-name": Gate(OLDEST_SUPPORTED, "ingress/config.go (OriginServerNameFlag), tunnel/cmd.go"),
+    "--no-tls-verify": Gate(OLDEST_SUPPORTED, "ingress/config.go (NoTLSVerifyFlag), tunnel/cmd.go"),
+    "--no-chunked-encoding": Gate(
+        OLDEST_SUPPORTED, "ingress/config.go (NoChunkedEncodingFlag), tunnel/cmd.go"
+    ),
+    "--http2-origin": Gate(OLDEST_SUPPORTED, "ingress/config.go (Http2OriginFlag), tunnel/cmd.go"),
+    "--hello-world": Gate(OLDEST_SUPPORTED, "ingress/origin_service.go (HelloWorldFlag), tunnel/cmd.go"),
+    "--unix-socket": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/cmd.go (configureProxyFlags)"),
     "--max-active-flows": Gate(
         Release(2025, 2, 0),
         "cmd/cloudflared/tunnel/subcommands.go (maxActiveFlowsFlag in buildRunCommand)",
