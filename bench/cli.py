@@ -37,6 +37,7 @@ from bench.procs import (
     usage_of,
     wait_ready_file,
 )
+from lab.runner.cloudflared import BUILTIN, BinaryError, Capabilities, check_path, probe
 from lab.runner.procs import child_env, free_port
 
 HOST = "bench.lab.test"
@@ -248,7 +249,7 @@ class Lab:
         return str(created["id"]), creds
 
     def connector_argv(self, binary: list[str], edge: dict[str, Any], tunnel_id: str, creds: Path,
-                       metrics: str, urls: dict[str, str]) -> list[str]:
+                       metrics: str, urls: dict[str, str], caps: Capabilities = BUILTIN) -> list[str]:
         config = self.workdir / "connector.yml"
         config.write_text(json.dumps({"ingress": [{"hostname": WS_HOST, "service": urls["ws"]},
                                                   {"hostname": HOST, "service": urls["http"]},
@@ -256,10 +257,13 @@ class Lab:
         edges: list[str] = []
         for listener in edge["tunnel_listeners"]:
             edges += ["--edge", listener["address"]]
-        return [*binary, "tunnel", "--config", str(config), "--no-autoupdate", "--no-prechecks", *edges,
-                "--ha-connections", str(HA_CONNECTIONS), "--cacert", edge["ca"], "--metrics", metrics,
+        # Flags older cloudflared releases lack are left out (lab/runner/cloudflared.py).
+        return [*binary, "tunnel", "--config", str(config), "--no-autoupdate",
+                *caps.optional("--no-prechecks"), *edges, "--ha-connections", str(HA_CONNECTIONS),
+                "--cacert", edge["ca"], "--metrics", metrics,
                 "--grace-period", "1s", "--loglevel", "info", "run", "--protocol", "http2",
-                "--credentials-file", str(creds), "--dns-resolver-addrs", "127.0.0.1:53", tunnel_id]
+                "--credentials-file", str(creds), *caps.optional("--dns-resolver-addrs", "127.0.0.1:53"),
+                tunnel_id]
 
 
 def api(edge: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -335,9 +339,9 @@ def measure_failover(edge: dict[str, Any], address: tuple[str, int], *, streak: 
 def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Component,
                          edge: dict[str, Any], origins: dict[str, Component], urls: dict[str, str],
                          tunnel: tuple[str, Path], profile: Profile,
-                         profile_dir: Path | None = None) -> list[Run]:
+                         profile_dir: Path | None = None, caps: Capabilities = BUILTIN) -> list[Run]:
     metrics = f"127.0.0.1:{free_port()}"
-    argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls)
+    argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls, caps)
     connector = lab.start(f"connector-{path}", argv)
     try:
         first_s, ready_s = wait_ready(connector, metrics, HA_CONNECTIONS, timeout=60)
@@ -362,7 +366,7 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
         connector.stop()
 
 
-def run_bench(profile: Profile, workdir: Path, cloudflared: str | None,
+def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
               progress: Callable[[str], None] = lambda _: None, profile_dir: Path | None = None) -> list[Run]:
     lab = Lab(workdir)
     try:
@@ -379,8 +383,8 @@ def run_bench(profile: Profile, workdir: Path, cloudflared: str | None,
                                      tunnel, profile, profile_dir)
         if cloudflared:
             progress("cloudflared")
-            runs += bench_connector_path(lab, "cloudflared", [cloudflared], edge_comp, edge, origins, urls,
-                                         tunnel, profile, profile_dir)
+            runs += bench_connector_path(lab, "cloudflared", [cloudflared.binary], edge_comp, edge, origins,
+                                         urls, tunnel, profile, profile_dir, cloudflared)
         for comp in (http_origin, ws_origin, edge_comp):
             comp.check_alive()
         return runs
@@ -562,22 +566,25 @@ def main(argv: list[str]) -> int:
         print("tunnel-lab: --client wrk: wrk is not installed", file=sys.stderr)
         return 2
     load.choose_client(args.client)
+    caps: Capabilities | None = None
     if args.cloudflared:
-        found = shutil.which(args.cloudflared)
-        if not found:
-            print(f"tunnel-lab: --cloudflared {args.cloudflared}: no such executable", file=sys.stderr)
-            return 2
-        args.cloudflared = os.path.abspath(found)
         from lab.runner import netns
 
-        if not netns.inside():
-            fixed = [*_without_option(argv, "--cloudflared"), "--cloudflared", args.cloudflared]
-            for option in ("--json", "--py-spy", "--workdir"):
-                value = getattr(args, option[2:].replace("-", "_"))
-                if value:
-                    fixed = [*_without_option(fixed, option), option, os.path.abspath(value)]
-            return _reexec_in_netns(fixed)
-        netns.enter_inside()
+        try:
+            args.cloudflared = check_path(args.cloudflared)
+            if not netns.inside():
+                fixed = [*_without_option(argv, "--cloudflared"), "--cloudflared", args.cloudflared]
+                for option in ("--json", "--py-spy", "--workdir"):
+                    value = getattr(args, option[2:].replace("-", "_"))
+                    if value:
+                        fixed = [*_without_option(fixed, option), option, os.path.abspath(value)]
+                return _reexec_in_netns(fixed)
+            netns.enter_inside()
+            caps = probe(args.cloudflared)  # inside the namespace now: the binary may run
+        except BinaryError as exc:
+            print(f"tunnel-lab: {exc}", file=sys.stderr)
+            return 2
+        print(f"tunnel-lab bench: {caps.summary()}", file=sys.stderr)
     profile = Profile.named(args.quick, args.tiny)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunnel-lab-bench-")).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -589,7 +596,7 @@ def main(argv: list[str]) -> int:
         print("tunnel-lab bench: warning: the machine is busy; figures will be noisy", file=sys.stderr)
     started = time.perf_counter()
     try:
-        runs = run_bench(profile, workdir, args.cloudflared,
+        runs = run_bench(profile, workdir, caps,
                          progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True),
                          profile_dir=Path(args.py_spy).absolute() if args.py_spy else None)
     except BenchSetupError as exc:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab.runner import netns
+from lab.runner import cloudflared, netns
 from lab.runner.loader import Scenario, load_scenario, matches, parse_shard, shard
 from wire.errors import ConfigError
 
@@ -168,10 +167,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                 source="--cloudflared",
                 hint="or set TUNNEL_LAB_CLOUDFLARED",
             )
-        exe = shutil.which(args.cloudflared) or args.cloudflared
-        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
-            raise ConfigError(f"{args.cloudflared} is not an executable file", source="--cloudflared")
-        args.cloudflared = os.path.abspath(exe)
+        args.cloudflared = cloudflared.check_path(args.cloudflared)
     needs_netns = args.connector == "cloudflared" or args.isolate
     if needs_netns and not netns.inside():
         ok, why = netns.available()
@@ -188,9 +184,14 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         return netns.reexec(fixed)
     if netns.inside():
         netns.enter_inside()
+    capabilities = cloudflared.BUILTIN
+    if args.connector == "cloudflared":
+        # Inside the namespace now: the binary may run. What it lacks is left out or skipped per scenario.
+        capabilities = cloudflared.probe(args.cloudflared)
+        print(f"tunnel-lab: {capabilities.summary()}", file=sys.stderr)
     from lab.runner.runall import run_all
 
-    return run_all(selected, args)
+    return run_all(selected, args, capabilities)
 
 
 def _absolute_args(argv: list[str], args: argparse.Namespace) -> list[str]:

@@ -23,6 +23,7 @@ import trio
 import yaml
 
 from lab.runner import client
+from lab.runner.cloudflared import BUILTIN, Capabilities
 from lab.runner.loader import Scenario
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
 
@@ -39,6 +40,7 @@ class RunOptions:
     results: Path = Path("tunnel-lab-results")
     keep_state: bool = False
     loglevel: str = "info"
+    capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
 
 
 @dataclass
@@ -262,7 +264,9 @@ class Lab:
             if self.options.connector == "cloudflared"
             else [*TUNNEL_LAB, "connector"]
         )
-        argv = [*exe, "tunnel", "--config", str(cfg_path), "--no-autoupdate", "--no-prechecks"]
+        caps = self.options.capabilities
+        argv = [*exe, "tunnel", "--config", str(cfg_path), "--no-autoupdate"]
+        argv += caps.optional("--no-prechecks")
         for lst in self.edge_ready.get("tunnel_listeners", []):
             argv += ["--edge", str(lst["address"])]
         argv += [
@@ -290,7 +294,7 @@ class Lab:
             argv += ["--token", base64.b64encode(json.dumps(token).encode()).decode()]
         else:
             argv += ["--credentials-file", str(creds)]
-        argv += ["--dns-resolver-addrs", "127.0.0.1:53"]
+        argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
         if spec.url:
             argv += ["--url", self.subst(spec.url)]
         argv += self.subst(list(spec.run_flags))

@@ -9,23 +9,28 @@ from pathlib import Path
 import trio
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from lab.runner import netns
+from lab.runner.cloudflared import BUILTIN, Capabilities
 from lab.runner.engine import ScenarioResult, run_scenario
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
-from lab.runner.report import failure_text, merge_histories, print_failure, write_json, write_junit
+from lab.runner.report import STATUSES, failure_text, merge_histories, print_failure, write_json, write_junit
 
 _MARK = {
     "passed": "[green]✓ PASS[/green]",
     "failed": "[red]✗ FAIL[/red]",
     "error": "[red]! ERROR[/red]",
     "skipped": "[yellow]- SKIP[/yellow]",
+    "deviation": "[magenta]≈ KNOWN DEVIATION[/magenta]",
 }
 
 
-def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
+def run_all(
+    selected: list[Scenario], args: argparse.Namespace, capabilities: Capabilities = BUILTIN
+) -> int:
     """Run `selected`; print progress, failures and a summary; write reports; return the exit code."""
     results_dir = Path(args.results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -35,6 +40,7 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
         results=results_dir,
         keep_state=args.keep_state,
         loglevel=args.loglevel,
+        capabilities=capabilities,
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     if netns.inside():
@@ -58,11 +64,12 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
             print_failure(console, r)
         else:  # CI logs: plain text, no box wrapped at 80 columns
             print(failure_text(r), flush=True)
-    counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "error", "skipped")}
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     not_run = len(selected) - len(results)
     summary = (
         f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
         f"{counts['skipped']} skipped"
+        + (f", {counts['deviation']} known deviation(s)" if counts["deviation"] else "")
         + (f", {not_run} not run" if not_run else "")
         + f" in {duration:.1f}s ({args.connector} connector); results in {results_dir}"
     )
@@ -103,7 +110,14 @@ async def _run(
             finally:
                 running.pop(sc.name, None)
             results.append(result)
-            extra = f" [dim]{result.message}[/dim]" if result.status == "skipped" else ""
+            extra = f" [dim]{escape(result.message)}[/dim]" if result.status == "skipped" else ""
+            if result.status == "deviation":
+                extra = (
+                    f" [dim]{escape(result.deviation)} (failed at {escape(result.step)}: "
+                    f"{escape(result.message[:150])})[/dim]"
+                )
+            elif result.note:
+                extra = f" [magenta]{escape(result.note)}[/magenta]"
             if result.status in ("failed", "error"):
                 extra = f" [dim]{result.step}: {result.message[:150]}[/dim]"
                 if exitfirst:

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.standin import write_standin
+
 TIMEOUT = 60
 
 RATE = {"requests", "requests_per_s", "p50_ms", "p90_ms", "p99_ms"}
@@ -71,7 +73,7 @@ def test_missing_cloudflared_binary_is_a_usage_error(tmp_path: Path) -> None:
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=TIMEOUT,
                           check=False)
     assert proc.returncode == 2
-    assert "no such executable" in proc.stderr
+    assert proc.stderr == f"tunnel-lab: --cloudflared {tmp_path / 'nope'}: no such file\n"
     assert "Traceback" not in proc.stderr
 
 
@@ -86,9 +88,7 @@ def _netns_ok() -> tuple[bool, str]:
 def test_cloudflared_path_runs_in_a_netns_with_a_stand_in(tmp_path: Path) -> None:
     """The `--cloudflared` path (re-exec inside a private netns) with our connector posing as cloudflared;
     also runs our own load client instead of wrk."""
-    fake = tmp_path / "cloudflared"
-    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -m lab.cli connector \"$@\"\n")
-    fake.chmod(0o755)
+    fake = write_standin(tmp_path / "cloudflared", "2026.8.2", run_connector=True)
     _, doc = bench(tmp_path, "--cloudflared", str(fake), "--client", "tunnel-lab")
     assert doc["client"] == "tunnel-lab"
     tunnel = {"edge", "connector", "origin", "ws-origin"}

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from lab.runner import netns
+from tests.standin import logged_argvs, write_standin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -244,8 +245,7 @@ def test_cloudflared_mode_with_a_stand_in_binary(tmp_path: Path) -> None:
     the namespace, the binary gets cloudflared's offline command line, and `requires` skips what it lacks."""
     fake = tmp_path / "cloudflared"
     argv_log = tmp_path / "argv.txt"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {argv_log}\nexec {sys.executable} -m lab.cli connector "$@"\n')
-    fake.chmod(0o755)
+    write_standin(fake, "2026.8.2", argv_log=argv_log, run_connector=True)
     (tmp_path / "lab-only.yaml").write_text(
         FAILING.replace("deliberately-wrong", "lab-only").replace(
             "description:", "requires: [lab-connector]\ndescription:"
@@ -270,7 +270,7 @@ def test_cloudflared_mode_with_a_stand_in_binary(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert data["connector"] == "cloudflared"
     assert {s["name"]: s["status"] for s in data["scenarios"]} == {"http-get-echo": "passed"}
-    args = argv_log.read_text().split()
+    [args] = logged_argvs(argv_log)
     assert args[:5] == ["tunnel", "--config", args[2], "--no-autoupdate", "--no-prechecks"]
     assert args.count("--edge") == 2 and args[args.index("--ha-connections") + 1] == "1"
     run = args.index("run")
@@ -281,9 +281,7 @@ def test_cloudflared_mode_with_a_stand_in_binary(tmp_path: Path) -> None:
 
 
 def test_requires_skips_with_the_reason(tmp_path: Path) -> None:
-    fake = tmp_path / "cloudflared"
-    fake.write_text("#!/bin/sh\nexit 3\n")
-    fake.chmod(0o755)
+    fake = write_standin(tmp_path / "cloudflared", "2026.8.2")
     (tmp_path / "lab-only.yaml").write_text(
         FAILING.replace("deliberately-wrong", "lab-only").replace(
             "description:", "requires: [lab-connector]\ndescription:"

@@ -287,5 +287,5 @@ def test_reports(tmp_path: Path) -> None:
     )
     write_json(tmp_path / "r.json", results, connector="builtin", duration=3.0)
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["summary"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 1}
+    assert data["summary"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 1, "deviation": 0}
     assert data["scenarios"][1]["mismatches"] == ["status: expected 200, got 502"]

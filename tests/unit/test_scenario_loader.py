@@ -274,4 +274,4 @@ def test_cli_cloudflared_needs_a_binary(
     assert main(["--connector", "cloudflared", str(tmp_path)]) == 2
     assert "needs --cloudflared PATH" in capsys.readouterr().err
     assert main(["--connector", "cloudflared", "--cloudflared", str(tmp_path / "nope"), str(tmp_path)]) == 2
-    assert "not an executable file" in capsys.readouterr().err
+    assert f"--cloudflared {tmp_path / 'nope'}: no such file" in capsys.readouterr().err
