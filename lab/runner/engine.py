@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from lab.runner import client, netns
+from lab.runner import client, compare, netns
 from lab.runner.checks import Mismatch, check_history, check_response, count_ok, describe_count, metric_value
 from lab.runner.lab import Lab, RunOptions, scenario_dirs
 from lab.runner.loader import Scenario, Step, parse_duration
@@ -51,6 +51,7 @@ class ScenarioResult:
     mismatches: list[str] = field(default_factory=list)
     logs: dict[str, list[str]] = field(default_factory=dict)
     results_dir: str = ""
+    exchanges: list[compare.Exchange] = field(default_factory=list)  # for `run --compare`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +120,7 @@ async def run_scenario(
     finally:
         await lab.teardown()
         result.duration = time.monotonic() - started
+        result.exchanges = runner.exchanges
         if result.status != "passed":
             result.logs = lab.log_tails()
         recorder.op(
@@ -141,6 +143,7 @@ class _Runner:
         self.current = "set-up"
         self.fault_ids: dict[str, str] = {}
         self.access_ports: dict[str, int] = {}
+        self.exchanges: list[compare.Exchange] = []  # what the eyeball got, for `run --compare`
 
     def note(self, what: str) -> None:
         self.current = what
@@ -218,6 +221,7 @@ class _Runner:
         method = spec.get("method", "POST" if body is not None else "GET")
         timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
         expect = spec.get("expect", {"status": 200})
+        wall = time.time()
         with trio.move_on_after(timeout) as scope:
             resp = await client.http_request(
                 str(address),
@@ -235,6 +239,8 @@ class _Runner:
         if scope.cancelled_caught:
             resp = client.Response(error=f"timed out after {timeout:g}s")
             resp.elapsed = timeout
+        path = spec.get("path", "/")
+        self.exchanges.append(compare.observe_http(step.index, step.title, i, path, resp, wall, time.time()))
         lab.recorder.op(
             "request",
             step=step.index,
@@ -269,6 +275,7 @@ class _Runner:
             )
         expect = spec.get("expect", {})
         timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        wall = time.time()
         with trio.move_on_after(timeout) as scope:
             result = await client.websocket_exchange(
                 str(lab.edge_ready.get("http")),
@@ -279,6 +286,10 @@ class _Runner:
             )
         if scope.cancelled_caught:
             result = client.WebSocketResult(error=f"timed out after {timeout:g}s")
+        path = spec.get("path", "/")
+        self.exchanges.append(
+            compare.observe_websocket(step.index, step.title, i, path, result, wall, time.time())
+        )
         lab.recorder.op(
             "websocket",
             step=step.index,
@@ -320,6 +331,7 @@ class _Runner:
         error: str | None = None
         got = b""
         status = 0
+        wall = time.time()
         with trio.move_on_after(timeout) as scope:
             try:
                 stream: trio.abc.Stream | None
@@ -339,6 +351,9 @@ class _Runner:
                 error = str(exc)
         if scope.cancelled_caught:
             error = f"timed out after {timeout:g}s ({len(got)} bytes back)"
+        self.exchanges.append(
+            compare.observe_tcp(step.index, step.title, i, status, error, got, wall, time.time())
+        )
         self.lab.recorder.op(
             "tcp",
             step=step.index,
