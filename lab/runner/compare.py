@@ -90,6 +90,12 @@ RULES: tuple[Rule, ...] = (
         "ISO timestamps in bodies and log-derived messages are the wall clock",
     ),
     Rule(
+        "uptime",
+        re.compile(r'("uptime"\s*:\s*)"[^"]*"'),
+        r'\1"<uptime>"',
+        "the hello_world origin's /uptime answers the time since the connector started",
+    ),
+    Rule(
         "loopback port",
         re.compile(r"\b(127(?:\.\d{1,3}){3}|localhost|\[::1\]):\d{1,5}\b"),
         r"\1:<port>",
@@ -191,16 +197,21 @@ def observe_tcp(
     n: int,
     status: int,
     error: str | None,
+    sent: bytes,
     received: bytes,
     started: float,
     ended: float,
 ) -> Exchange:
-    """The `Exchange` for one TCP step: CONNECT status (or 200 via access), failure, bytes back."""
+    """The `Exchange` for one TCP step: CONNECT status (or 200 via access), failure, bytes back.
+
+    The runner reads until as many bytes came back as it sent, so how much more arrived in the last read
+    is down to timing: only the first len(sent) bytes back are compared."""
+    back = received[: len(sent)]
     fields = {
         "status": status,
         "error": error,
-        "received": len(received),
-        "received_sha256": hashlib.sha256(received).hexdigest(),
+        "received": len(back),
+        "received_sha256": hashlib.sha256(back).hexdigest(),
     }
     return Exchange(
         step=step, title=title, n=n, kind="tcp", target=None, started=started, ended=ended, fields=fields

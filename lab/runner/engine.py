@@ -352,7 +352,7 @@ class _Runner:
         if scope.cancelled_caught:
             error = f"timed out after {timeout:g}s ({len(got)} bytes back)"
         self.exchanges.append(
-            compare.observe_tcp(step.index, step.title, i, status, error, got, wall, time.time())
+            compare.observe_tcp(step.index, step.title, i, status, error, payload, got, wall, time.time())
         )
         self.lab.recorder.op(
             "tcp",
