@@ -97,7 +97,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "loopback port",
-        re.compile(r"\b(127(?:\.\d{1,3}){3}|localhost|\[::1\]):\d{1,5}\b"),
+        re.compile(r"(?<![\w.])(127(?:\.\d{1,3}){3}|localhost|\[::1\]):\d{1,5}\b"),
         r"\1:<port>",
         "every component binds port 0, so addresses such as 127.0.0.1:41234 change per run",
     ),
