@@ -268,6 +268,20 @@ def test_header_name_spelling_and_order() -> None:
     ]
 
 
+def test_response_header_order_is_not_compared() -> None:
+    a = run(http("1", response(headers=[("X-A", "1"), ("Content-Length", "2")])))
+    b = run(http("1", response(headers=[("Content-Length", "2"), ("X-A", "1")])))
+    assert compare_runs(a, b) == []
+
+
+def test_origin_request_header_order_is_compared() -> None:
+    a = run(http("1", response()), origin=(record(headers=[["Host", "h"], ["Accept", "*/*"]]),))
+    b = run(http("1", response()), origin=(record(headers=[["Accept", "*/*"], ["Host", "h"]]),))
+    assert [(d.field, d.a, d.b) for d in compare_runs(a, b)] == [
+        ("origin header order", "host, accept", "accept, host")
+    ]
+
+
 def test_repeated_header_values_are_compared_in_order() -> None:
     a = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
     b = [("Set-Cookie", "a=1")]
