@@ -278,6 +278,7 @@ def eyeball_fields(ex: Exchange) -> dict[str, Any]:
             f["headers"] = [
                 (n, str(len(raw)) if n.lower() == "content-length" else v) for n, v in f["headers"]
             ]
+        f["body_text"] = clean
     return f
 
 
@@ -390,9 +391,28 @@ def compare_fields(
         if key in ("headers", "trailers"):
             what = f"{prefix}header" if key == "headers" else f"{prefix}trailer"
             out += compare_headers(va or [], vb or [], what, order=header_order)
+        elif key == "body_text":
+            # Where two kept bodies part ways, so a reader sees what differs, not only two digests.
+            if isinstance(va, str) and isinstance(vb, str) and va != vb:
+                out.append(("body", *body_excerpts(va, vb)))
         elif va != vb:
             out.append((f"{prefix}{key}", show(va), show(vb)))
     return out
+
+
+EXCERPT = 160
+
+
+def body_excerpts(a: str, b: str) -> tuple[str, str]:
+    """The two bodies from a little before their first difference, control characters escaped."""
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    start = max(0, first - 40)
+
+    def cut(text: str) -> str:
+        part = json.dumps(text[start : start + EXCERPT], ensure_ascii=False)[1:-1]
+        return ("..." if start else "") + part + ("..." if len(text) > start + EXCERPT else "")
+
+    return cut(a), cut(b)
 
 
 def outcome(run: RunObservation) -> str:

@@ -254,9 +254,19 @@ def test_status_body_and_timing_differences() -> None:
         "body_length",
         "body_sha256",
         "timing",
+        "body",
     ]
-    timing = diffs[-1]
+    timing, body = diffs[-2:]
     assert (timing.step, timing.n, timing.a, timing.b) == ("2", 0, "streamed", "buffered")
+    assert (body.a, body.b) == ("trickle.", "bad gateway")
+
+
+def test_body_excerpts_start_near_the_first_difference() -> None:
+    a = "x" * 100 + "\nsame until here: A" + "y" * 300
+    b = "x" * 100 + "\nsame until here: B"
+    ea, eb = compare.body_excerpts(a, b)
+    assert eb == "..." + "x" * 22 + "\\nsame until here: B"
+    assert ea == "..." + "x" * 22 + "\\nsame until here: A" + "y" * 119 + "..."
 
 
 def test_header_name_spelling_and_order() -> None:
