@@ -41,6 +41,7 @@ EXAMPLES = {
     "HTTP date": ("Date: Fri, 04 Dec 2026 15:05:15 GMT", "Date: <date>"),
     "timestamp": ('{"startTime": "2026-12-04T15:05:15.123456Z"}', '{"startTime": "<time>"}'),
     "uptime": ('{"uptime": "1m2.5s"}', '{"uptime": "<uptime>"}'),
+    "bytes back": ("timed out after 10s (4096 bytes back)", "timed out after 10s (<n> bytes back)"),
     "loopback port": (
         "dial tcp 127.0.0.1:41234: refused; [::1]:80",
         "dial tcp 127.0.0.1:<port>: refused; [::1]:<port>",
@@ -267,6 +268,18 @@ def test_body_excerpts_start_near_the_first_difference() -> None:
     ea, eb = compare.body_excerpts(a, b)
     assert eb == "..." + "x" * 22 + "\\nsame until here: B"
     assert ea == "..." + "x" * 22 + "\\nsame until here: A" + "y" * 119 + "..."
+
+
+def test_bodies_cut_short_on_both_sides_are_not_compared() -> None:
+    a = run(http("1", response(body=b"data: 1\n\n", error="stream reset by the server (error code 2)")))
+    b = run(
+        http("1", response(body=b"data: 1\n\ndata: 2\n\n", error="stream reset by the server (error code 2)"))
+    )
+    diffs = compare_runs(a, b)
+    # Only the Content-Length the test's helper derives from each body remains.
+    assert [d.field for d in diffs] == ["header Content-Length"]
+    c = run(http("1", response(body=b"data: 1\n\nmore")))
+    assert "body_length" in [d.field for d in compare_runs(a, c)]
 
 
 def test_header_name_spelling_and_order() -> None:
