@@ -457,14 +457,14 @@ def compare_runs(a: RunObservation, b: RunObservation) -> list[Difference]:
         if xa is None or xb is None:
             found = [("exchange", "done" if xa else NOT_REACHED, "done" if xb else NOT_REACHED)]
         else:
-            # Not the order of response headers: cloudflared copies them out of a Go map, whose
-            # iteration order changes from one response to the next.
             fa, fb = eyeball_fields(xa), eyeball_fields(xb)
             if fa.get("error") and fb.get("error"):
                 # Both aborted: how much arrived before the abort is down to timing.
-                for key in CUT_SHORT:
-                    fa.pop(key, None)
-                    fb.pop(key, None)
+                for name in CUT_SHORT:
+                    fa.pop(name, None)
+                    fb.pop(name, None)
+            # Not the order of response headers: cloudflared copies them out of a Go map, whose
+            # iteration order changes from one response to the next.
             found = compare_fields(fa, fb, header_order=False)
         diffs += [
             Difference(step=step, title=titles[step], n=index, field=f, a=va, b=vb) for f, va, vb in found

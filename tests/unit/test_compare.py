@@ -8,6 +8,7 @@ import json
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -488,3 +489,28 @@ def test_compare_refuses_connector_flags(capsys: pytest.CaptureFixture[str]) -> 
         cli.main(["--compare", "builtin,builtin", "--connector", "cloudflared", "-k", "http-get-echo"]) == 2
     )
     assert "--compare names both connectors" in capsys.readouterr().err
+
+
+def test_known_deviation_and_skip_in_the_reports(tmp_path: Path) -> None:
+    # `known_deviations` is read with getattr: the loader field may not exist on every branch.
+    sc: Any = SimpleNamespace(name="marked", source="marked.yaml", known_deviations={"cloudflared": "16 KiB"})
+    sides = (comparerun.Side("A", "builtin"), comparerun.Side("B", "cloudflared", "/bin/cf"))
+    runs = {
+        "A": ScenarioResult("marked", "marked.yaml", "passed", exchanges=[http("1", response(status=200))]),
+        "B": ScenarioResult("marked", "marked.yaml", "passed", exchanges=[http("1", response(status=502))]),
+    }
+    known = comparerun.judge(sc, sides, runs)
+    assert (known.verdict.status, known.verdict.reason) == ("known-deviation", "cloudflared: 16 KiB")
+    assert (
+        comparerun.compared_lines(known)[0] == "marked: 1 difference, known deviation (cloudflared: 16 KiB)"
+    )
+    plain: Any = SimpleNamespace(name="plain", source="plain.yaml")
+    skip = comparerun.judge(
+        plain, sides, {"A": ScenarioResult("plain", "plain.yaml", "skipped", message="no")}
+    )
+    assert (skip.verdict.status, skip.verdict.reason) == ("skipped", "A: no")
+    comparerun.write_junit(tmp_path / "r.xml", [known, skip], sides, 1.0)
+    cases = ET.parse(tmp_path / "r.xml").getroot().findall("testsuite/testcase")
+    assert [c.find("failure") for c in cases] == [None, None]
+    assert "16 KiB" in (cases[0].findtext("system-out") or "")
+    assert cases[1].find("skipped") is not None
