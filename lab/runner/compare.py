@@ -498,7 +498,9 @@ def _by_request(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str
     out: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         fields = origin_fields(rec)
-        key = f"{fields['method']} {rec.get('target', '')}".strip()
+        # With the origin's name when known: a request that reached another origin is a difference.
+        where = f" at origin {rec['origin']}" if rec.get("origin") else ""
+        key = f"{fields['method']} {rec.get('target', '')}".strip() + where
         out.setdefault(key, []).append(fields)
     for group in out.values():
         group.sort(key=lambda f: json.dumps(f, sort_keys=True, default=str))

@@ -342,6 +342,15 @@ def test_origin_request_missing_on_one_side() -> None:
     assert [(d.field, d.a, d.b) for d in compare_runs(a, b)] == [("origin requests GET /", "1", "0")]
 
 
+def test_a_request_that_reached_another_origin() -> None:
+    a = run(http("1", response()), origin=(record(origin="app"),))
+    b = run(http("1", response()), origin=(record(origin="other"),))
+    assert [(d.field, d.a, d.b) for d in compare_runs(a, b)] == [
+        ("origin requests GET / at origin app", "1", "0"),
+        ("origin requests GET / at origin other", "0", "1"),
+    ]
+
+
 def test_origin_path_and_query_are_split() -> None:
     fields = compare.origin_fields(record("/a/b?x=1&y=2"))
     assert (fields["path"], fields["query"]) == ("/a/b", "x=1&y=2")
