@@ -27,6 +27,7 @@ from lab.runner import compare, netns
 from lab.runner.engine import ScenarioResult, run_scenario, skip_reason
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
+from lab.runner.report import merge_histories
 from wire.errors import ConfigError
 
 VALUE_WIDTH = 300  # terminal only; the JSON report has every value whole
@@ -191,6 +192,9 @@ def compare_all(selected: list[Scenario], args: argparse.Namespace, sides: tuple
         duration = time.monotonic() - started
         order = {s.name: i for i, s in enumerate(selected)}
         done.sort(key=lambda c: order.get(c.scenario.name, 0))
+        for s in sides:
+            folder = results_dir / s.folder
+            merge_histories(folder, [c.scenario.name for c in done], folder / "operations.jsonl")
         if args.json:
             write_json(Path(args.json), done, sides, duration)
         if args.junit:
