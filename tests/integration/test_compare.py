@@ -4,6 +4,7 @@ that changes what the origin receives is caught, in the terminal, the JSON and t
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
@@ -106,3 +107,33 @@ def test_a_different_connector_is_caught(tmp_path: Path) -> None:
     assert "A: app.lab.test" in proc.stdout and "B: other.lab.test" in proc.stdout
     case = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite/testcase")
     assert case is not None and case.find("failure") is not None
+
+
+# Scenarios where the real cloudflared 2026.8.2 and our connector agree on every compared field.
+AGREED = ["http-get-echo", "http-post-framing", "websocket-echo"]
+
+
+@pytest.mark.slow
+@pytest.mark.cloudflared
+@pytest.mark.skipif(
+    not os.environ.get("TUNNEL_LAB_CLOUDFLARED"),
+    reason="set TUNNEL_LAB_CLOUDFLARED=PATH to a real cloudflared to compare our connector with it",
+)
+@pytest.mark.skipif(not netns.available()[0], reason=f"no private network namespace: {netns.available()[1]}")
+def test_builtin_against_the_real_cloudflared(tmp_path: Path) -> None:
+    proc = run_lab(
+        "--compare",
+        f"builtin,{os.environ['TUNNEL_LAB_CLOUDFLARED']}",
+        "-k",
+        " or ".join(AGREED),
+        "--jobs",
+        "2",
+        "--results",
+        str(tmp_path / "results"),
+        "--json",
+        str(tmp_path / "report.json"),
+    )
+    data = json.loads((tmp_path / "report.json").read_text())
+    verdicts = {s["name"]: (s["status"], s["differences"]) for s in data["scenarios"]}
+    assert verdicts == {name: ("same", []) for name in AGREED}, proc.stdout[-4000:]
+    assert proc.returncode == 0
