@@ -152,13 +152,21 @@ class Exchange:
     n: int
     kind: str  # "http", "websocket" or "tcp"
     target: str | None  # the request target sent (None for TCP)
+    method: str | None = None  # the request method sent (None for TCP)
     started: float  # wall-clock seconds: origin records in [started, ended] belong to this exchange
     ended: float
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 def observe_http(
-    step: str, title: str, n: int, target: str, resp: Response, started: float, ended: float
+    step: str,
+    title: str,
+    n: int,
+    method: str,
+    target: str,
+    resp: Response,
+    started: float,
+    ended: float,
 ) -> Exchange:
     """The `Exchange` for one HTTP request as the runner's client saw it."""
     whole = resp.body_length == len(resp.body_prefix) and resp.body_length <= BODY_TEXT_LIMIT
@@ -174,7 +182,15 @@ def observe_http(
         "timing": timing_class(resp.body_length, resp.body_first, resp.body_last, resp.body_pauses),
     }
     return Exchange(
-        step=step, title=title, n=n, kind="http", target=target, started=started, ended=ended, fields=fields
+        step=step,
+        title=title,
+        n=n,
+        kind="http",
+        method=method,
+        target=target,
+        started=started,
+        ended=ended,
+        fields=fields,
     )
 
 
@@ -192,8 +208,8 @@ def observe_websocket(
         "messages_sha256": digest.hexdigest(),
     }
     return Exchange(
-        step=step, title=title, n=n, kind="websocket", target=target, started=started, ended=ended,
-        fields=fields,
+        step=step, title=title, n=n, kind="websocket", method="GET", target=target, started=started,
+        ended=ended, fields=fields,
     )  # fmt: skip
 
 
@@ -326,8 +342,8 @@ def attribute(
 ) -> dict[str, list[Mapping[str, Any]]]:
     """Group origin records by the step that caused them.
 
-    A record belongs to the exchanges whose wall-clock window holds its time and whose target it has (any
-    TCP exchange for a raw TCP record). Records of several steps running at once (a parallel block)
+    A record belongs to the exchanges whose wall-clock window holds its time and whose method and target it
+    has (any TCP exchange for a raw TCP record). Records of several steps running at once (a parallel block)
     go to the parallel step; a record outside every window (an origin that read a request after the
     eyeball gave up) goes to the latest matching exchange started before it, else to "".
     """
@@ -346,7 +362,7 @@ def attribute(
 def _same_target(ex: Exchange, rec: Mapping[str, Any]) -> bool:
     if ex.kind == "tcp":
         return rec.get("method") == "TCP"
-    return rec.get("target") == ex.target
+    return rec.get("target") == ex.target and rec.get("method") == ex.method
 
 
 def _common_step(steps: set[str]) -> str:

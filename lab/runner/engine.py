@@ -240,7 +240,9 @@ class _Runner:
             resp = client.Response(error=f"timed out after {timeout:g}s")
             resp.elapsed = timeout
         path = spec.get("path", "/")
-        self.exchanges.append(compare.observe_http(step.index, step.title, i, path, resp, wall, time.time()))
+        self.exchanges.append(
+            compare.observe_http(step.index, step.title, i, method, path, resp, wall, time.time())
+        )
         lab.recorder.op(
             "request",
             step=step.index,

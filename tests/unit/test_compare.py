@@ -163,8 +163,10 @@ def response(
     return r
 
 
-def http(step: str, resp: Response, *, target: str = "/", n: int = 0, t: float = 0.0) -> Exchange:
-    return observe_http(step, f"step {step}", n, target, resp, 100.0 + t, 101.0 + t)
+def http(
+    step: str, resp: Response, *, target: str = "/", n: int = 0, t: float = 0.0, method: str = "GET"
+) -> Exchange:
+    return observe_http(step, f"step {step}", n, method, target, resp, 100.0 + t, 101.0 + t)
 
 
 def record(target: str = "/", *, t: float = 100.5, **fields: Any) -> dict[str, Any]:
@@ -377,6 +379,15 @@ def test_attribution_by_window_and_target() -> None:
         "2": ["/b", "/b"],
         "": ["/z"],
     }
+
+
+def test_attribution_tells_methods_apart() -> None:
+    ex = [
+        http("4.1", response(), target="/item/1", method="PUT"),
+        http("4.2", response(), target="/item/1", method="DELETE"),
+    ]
+    got = attribute(ex, [record("/item/1", method="DELETE"), record("/item/1", method="PUT")])
+    assert {k: [r["method"] for r in v] for k, v in got.items()} == {"4.2": ["DELETE"], "4.1": ["PUT"]}
 
 
 def test_attribution_of_concurrent_branches_goes_to_the_parallel_step() -> None:
