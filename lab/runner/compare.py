@@ -466,31 +466,36 @@ def compare_runs(a: RunObservation, b: RunObservation) -> list[Difference]:
     ea = {(ex.step, ex.n): ex for ex in a.exchanges}
     eb = {(ex.step, ex.n): ex for ex in b.exchanges}
     titles = {ex.step: ex.title for ex in [*b.exchanges, *a.exchanges]}
-    for key in sorted(set(ea) | set(eb), key=lambda k: (step_key(k[0]), k[1])):
-        xa, xb = ea.get(key), eb.get(key)
+    for key in sorted(set(ea) & set(eb), key=lambda k: (step_key(k[0]), k[1])):
+        fa, fb = eyeball_fields(ea[key]), eyeball_fields(eb[key])
+        if fa.get("error") and fb.get("error"):
+            # Both aborted: how much arrived before the abort is down to timing.
+            for name in CUT_SHORT:
+                fa.pop(name, None)
+                fb.pop(name, None)
+        # Not the order of response headers: cloudflared copies them out of a Go map, whose iteration
+        # order changes from one response to the next.
         step, index = key
-        found: list[tuple[str, str, str]]
-        if xa is None or xb is None:
-            found = [("exchange", "done" if xa else NOT_REACHED, "done" if xb else NOT_REACHED)]
-        else:
-            fa, fb = eyeball_fields(xa), eyeball_fields(xb)
-            if fa.get("error") and fb.get("error"):
-                # Both aborted: how much arrived before the abort is down to timing.
-                for name in CUT_SHORT:
-                    fa.pop(name, None)
-                    fb.pop(name, None)
-            # Not the order of response headers: cloudflared copies them out of a Go map, whose
-            # iteration order changes from one response to the next.
-            found = compare_fields(fa, fb, header_order=False)
         diffs += [
-            Difference(step=step, title=titles[step], n=index, field=f, a=va, b=vb) for f, va, vb in found
+            Difference(step=step, title=titles[step], n=index, field=f, a=va, b=vb)
+            for f, va, vb in compare_fields(fa, fb, header_order=False)
         ]
+    # Exchanges only one run made (the other had stopped at a failing step): one line per step.
+    for step in sorted({k[0] for k in set(ea) ^ set(eb)}, key=step_key):
+        na, nb = sum(k[0] == step for k in ea), sum(k[0] == step for k in eb)
+        diffs.append(
+            Difference(step=step, title=titles[step], n=None, field="exchanges", a=_done(na), b=_done(nb))
+        )
     oa, ob = attribute(a.exchanges, a.origin), attribute(b.exchanges, b.origin)
     for step in sorted(set(oa) | set(ob), key=step_key):
         title = titles.get(step, "outside any request step" if not step else f"steps {step}")
         for n, f, va, vb in _compare_origin(oa.get(step, []), ob.get(step, [])):
             diffs.append(Difference(step=step, title=title, n=n, field=f, a=va, b=vb))
     return sorted(diffs, key=lambda d: (step_key(d.step), d.n or 0))
+
+
+def _done(count: int) -> str:
+    return f"{count} done" if count else NOT_REACHED
 
 
 def _compare_origin(

@@ -21,7 +21,9 @@ from typing import Any
 
 import trio
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
+from rich.table import Table
 
 from lab.runner import compare, netns
 from lab.runner.engine import ScenarioResult, run_scenario, skip_reason
@@ -208,6 +210,14 @@ def compare_all(selected: list[Scenario], args: argparse.Namespace, sides: tuple
         + f" in {duration:.1f}s (A = {sides[0].name}, B = {sides[1].name})"
     )
     bad = counts["different"] or not_run
+    # A closing recap, so a long run's verdicts need no scrolling back.
+    for status, label in (("different", "different"), ("known-deviation", "known deviation")):
+        for c in done:
+            if c.verdict.status == status:
+                extra = f" ({c.verdict.reason})" if c.verdict.reason else ""
+                console.print(
+                    escape(f"{label}: {c.scenario.name}, {len(c.differences)} difference(s){extra}")
+                )
     console.print(("[red]" if bad else "[green]") + escape(summary))
     return 1 if bad else 0
 
@@ -223,31 +233,58 @@ async def _run(
 ) -> None:
     limiter = trio.CapacityLimiter(jobs)
     stop = trio.Event()
+    running: dict[str, str] = {}
+
+    def render() -> Table:
+        table = Table.grid(padding=(0, 1))
+        table.add_row(f"[bold]{len(done)}/{len(selected)}[/bold] done", "")
+        for name, step in list(running.items()):
+            table.add_row(f"[cyan]▶ {escape(name)}[/cyan]", f"[dim]{escape(step)}[/dim]")
+        return table
 
     async def one(sc: Scenario) -> None:
         async with limiter:
             if stop.is_set():
                 return
-            runs: dict[str, ScenarioResult] = {}
-            for s in sides:
-                reason = skip_reason(sc, options[s.letter])
-                if reason:
-                    runs[s.letter] = ScenarioResult(sc.name, sc.source, "skipped", message=reason)
-                    break
-            else:
-                for s in sides:
-                    runs[s.letter] = await run_scenario(sc, options[s.letter])
-                    if runs[s.letter].status == "skipped":
-                        break
-            result = judge(sc, sides, runs)
+            try:
+                result = await compare_one(sc)
+            finally:
+                running.pop(sc.name, None)
             done.append(result)
-            print_compared(console, result)
+            print_compared(live.console, result)
             if exitfirst and result.verdict.status == "different":
                 stop.set()
 
-    async with trio.open_nursery() as nursery:
-        for sc in selected:
-            nursery.start_soon(one, sc)
+    async def compare_one(sc: Scenario) -> Compared:
+        runs: dict[str, ScenarioResult] = {}
+        for s in sides:
+            reason = skip_reason(sc, options[s.letter])
+            if reason:
+                runs[s.letter] = ScenarioResult(sc.name, sc.source, "skipped", message=reason)
+                return judge(sc, sides, runs)
+        for s in sides:
+
+            def on_step(name: str, step: str, letter: str = s.letter) -> None:
+                running[name] = f"{letter}: {step}"
+
+            runs[s.letter] = await run_scenario(sc, options[s.letter], on_step=on_step)
+            if runs[s.letter].status == "skipped":
+                break
+        return judge(sc, sides, runs)
+
+    with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
+        async with trio.open_nursery() as nursery:
+
+            async def refresher() -> None:
+                while True:
+                    live.update(render())
+                    await trio.sleep(0.125)
+
+            nursery.start_soon(refresher)
+            async with trio.open_nursery() as workers:
+                for sc in selected:
+                    workers.start_soon(one, sc)
+            nursery.cancel_scope.cancel()
 
 
 _MARK = {

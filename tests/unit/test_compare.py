@@ -325,7 +325,7 @@ def test_outcome_and_steps_not_reached() -> None:
     diffs = compare_runs(a, b)
     assert [(d.step, d.field, d.a, d.b) for d in diffs] == [
         ("", "outcome", "passed", "failed at step 2 (request, line 9): timed out"),
-        ("2", "exchange", "done", "(not reached)"),
+        ("2", "exchanges", "1 done", "(not reached)"),
     ]
 
 
