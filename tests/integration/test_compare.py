@@ -63,11 +63,14 @@ ONE_REQUEST = textwrap.dedent("""\
     """)
 
 # A connector that is ours with one difference: it sends every request to the origin with another Host.
+# Only `tunnel ...` command lines get the flag, so `--version` and help answers stay our connector's.
 STAND_IN = textwrap.dedent("""\
     #!/bin/sh
-    first=$1
-    shift
-    exec {python} -m lab.cli connector "$first" --http-host-header other.lab.test "$@"
+    if [ "$1" = tunnel ]; then
+        shift
+        set -- tunnel --http-host-header other.lab.test "$@"
+    fi
+    exec {python} -m lab.cli connector "$@"
     """)
 
 
