@@ -343,9 +343,9 @@ def attribute(
     """Group origin records by the step that caused them.
 
     A record belongs to the exchanges whose wall-clock window holds its time and whose method and target it
-    has (any TCP exchange for a raw TCP record). Records of several steps running at once (a parallel block)
-    go to the parallel step; a record outside every window (an origin that read a request after the
-    eyeball gave up) goes to the latest matching exchange started before it, else to "".
+    has (any TCP or WebSocket exchange for a raw TCP record). Records of several steps running at once (a
+    parallel block) go to the parallel step; a record outside every window (an origin that read a request
+    after the eyeball gave up) goes to the latest matching exchange started before it, else to "".
     """
     out: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
@@ -360,9 +360,10 @@ def attribute(
 
 
 def _same_target(ex: Exchange, rec: Mapping[str, Any]) -> bool:
-    if ex.kind == "tcp":
-        return rec.get("method") == "TCP"
-    return rec.get("target") == ex.target and rec.get("method") == ex.method
+    if rec.get("method") == "TCP":
+        # A raw TCP origin is reached by TCP steps, and by WebSockets to a tcp:// ingress service.
+        return ex.kind in ("tcp", "websocket")
+    return ex.kind != "tcp" and rec.get("target") == ex.target and rec.get("method") == ex.method
 
 
 def _common_step(steps: set[str]) -> str:

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lab.runner import compare, comparerun
-from lab.runner.client import Response
+from lab.runner.client import Response, WebSocketResult
 from lab.runner.compare import (
     Exchange,
     RunObservation,
@@ -379,6 +379,12 @@ def test_attribution_by_window_and_target() -> None:
         "2": ["/b", "/b"],
         "": ["/z"],
     }
+
+
+def test_a_raw_tcp_record_belongs_to_a_websocket_step_too() -> None:
+    ws = compare.observe_websocket("2", "s", 0, "/", WebSocketResult(status=101), 100.0, 101.0)
+    got = attribute([http("1", response(), t=-5), ws], [record("", method="TCP", t=100.5)])
+    assert list(got) == ["2"]
 
 
 def test_attribution_tells_methods_apart() -> None:
