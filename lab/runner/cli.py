@@ -2,10 +2,12 @@
 
     tunnel-lab run [PATH...] [-k PATTERN] [--jobs N] [--shard I/N] [--list]
                    [--connector builtin|cloudflared] [--cloudflared PATH] [--isolate]
-                   [--junit FILE] [--json FILE] [--results DIR]
+                   [--compare A,B] [--junit FILE] [--json FILE] [--results DIR]
 
 Every scenario file is validated before anything starts; a malformed one is reported with file:line and
 the run does not begin (exit 2). Exit 0 only when every selected scenario passed (skips are fine).
+With `--compare A,B` each scenario runs with both connectors and the exit code says whether any
+difference was found (lab/runner/comparerun.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=os.environ.get("TUNNEL_LAB_CLOUDFLARED"),
         help="the cloudflared binary for --connector cloudflared (env TUNNEL_LAB_CLOUDFLARED)",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        metavar="A,B",
+        help="differential conformance: run each scenario with connectors A and B (each `builtin` or a "
+        "cloudflared binary; `--compare A --compare B` also works) and report every difference in what "
+        "the eyeball and the origin received; exit 1 if any (known deviations excepted)",
     )
     p.add_argument(
         "--isolate",
@@ -160,6 +170,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if not selected:
         print("tunnel-lab: no scenario matches the selection", file=sys.stderr)
         return 2 if args.pattern else 0
+    if args.compare:
+        return _compare(selected, args, argv)
     if args.connector == "cloudflared":
         if not args.cloudflared:
             raise ConfigError(
@@ -192,6 +204,31 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     from lab.runner.runall import run_all
 
     return run_all(selected, args, capabilities)
+
+
+def _compare(selected: list[Scenario], args: argparse.Namespace, argv: list[str]) -> int:
+    from lab.runner import comparerun
+
+    if args.connector != "builtin" or "--cloudflared" in argv:
+        raise ConfigError(
+            "--compare names both connectors; --connector and --cloudflared do not apply",
+            source="--compare",
+            hint="e.g. --compare builtin,/path/to/cloudflared",
+        )
+    sides = comparerun.parse_sides(args.compare)
+    binary = any(s.binary for s in sides)
+    if (binary or args.isolate) and not netns.inside():
+        ok, why = netns.available()
+        if not ok:
+            raise ConfigError(
+                f"cannot isolate the run: {why}",
+                source="--compare",
+                hint="a cloudflared binary must run in a private network namespace",
+            )
+        return netns.reexec(comparerun.compare_argv(_absolute_args(argv, args), sides))
+    if netns.inside():
+        netns.enter_inside()
+    return comparerun.compare_all(selected, args, sides)
 
 
 def _absolute_args(argv: list[str], args: argparse.Namespace) -> list[str]:

@@ -27,6 +27,10 @@ import wsproto.events
 
 KEEP_BYTES = 1 << 20  # body prefix kept for body/json checks
 CHUNK = 64 * 1024
+# Pauses between body reads at least this long are kept (at most MAX_PAUSES of them), so a comparison
+# can tell a paced (streamed) body from one that arrived in one burst (lab.runner.compare.timing_class).
+PAUSE_FLOOR = 0.02
+MAX_PAUSES = 1000
 
 
 class ClientError(Exception):
@@ -78,6 +82,9 @@ class Response:
     sse_events: int = 0
     elapsed: float = 0.0
     ttfb: float = 0.0
+    body_first: float = 0.0  # seconds after the request started: the first body read
+    body_last: float = 0.0  # ... and the last one
+    body_pauses: list[float] = field(default_factory=list)  # gaps >= PAUSE_FLOOR between body reads
     error: str | None = None
     sent_sha256: str = ""
     sent_length: int = 0
@@ -94,8 +101,9 @@ class Response:
 class _BodySink:
     """Digest, count and keep a prefix of a body as it arrives; count SSE events on the fly."""
 
-    def __init__(self, resp: Response) -> None:
+    def __init__(self, resp: Response, start: float | None = None) -> None:
         self.resp = resp
+        self.start = time.monotonic() if start is None else start
         self.digest = hashlib.sha256()
         self._sse_pending = False
 
@@ -103,6 +111,12 @@ class _BodySink:
         if not data:
             return
         r = self.resp
+        now = time.monotonic() - self.start
+        if r.chunks == 0:
+            r.body_first = now
+        elif now - r.body_last >= PAUSE_FLOOR and len(r.body_pauses) < MAX_PAUSES:
+            r.body_pauses.append(now - r.body_last)
+        r.body_last = now
         r.chunks += 1
         r.body_length += len(data)
         self.digest.update(data)
@@ -269,7 +283,7 @@ async def _h11_request(
             hdrs.append(("Transfer-Encoding", "chunked"))
         else:
             hdrs.append(("Content-Length", str(body_length)))
-    sink = _BodySink(resp)
+    sink = _BodySink(resp, start)
     try:
         async with stream:
             await stream.send_all(conn.send(h11.Request(method=method, target=path, headers=hdrs)))
@@ -361,7 +375,7 @@ async def _h2_request(
     if body is not None and body_length is not None:
         hdrs.append(("content-length", str(body_length)))
     conn.send_headers(sid, hdrs, end_stream=body is None)
-    sink = _BodySink(resp)
+    sink = _BodySink(resp, start)
     window_open = trio.Event()
     done = trio.Event()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from lab.runner import client, netns
+from lab.runner import client, compare, netns
 from lab.runner.checks import Mismatch, check_history, check_response, count_ok, describe_count, metric_value
 from lab.runner.cloudflared import RELEASE_TABLE
 from lab.runner.lab import Lab, RunOptions, scenario_dirs
@@ -54,6 +54,7 @@ class ScenarioResult:
     results_dir: str = ""
     deviation: str = ""  # the scenario's known_deviations reason for this connector, when it applies
     note: str = ""  # e.g. a known deviation that did not show (the marker may be stale)
+    exchanges: list[compare.Exchange] = field(default_factory=list)  # for `run --compare`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,6 +131,7 @@ async def run_scenario(
         await lab.teardown()
         result.duration = time.monotonic() - started
         apply_known_deviation(sc, options.connector, result)
+        result.exchanges = runner.exchanges
         if result.status != "passed":
             result.logs = lab.log_tails()
         recorder.op(
@@ -166,6 +168,7 @@ class _Runner:
         self.current = "set-up"
         self.fault_ids: dict[str, str] = {}
         self.access_ports: dict[str, int] = {}
+        self.exchanges: list[compare.Exchange] = []  # what the eyeball got, for `run --compare`
 
     def note(self, what: str) -> None:
         self.current = what
@@ -243,6 +246,7 @@ class _Runner:
         method = spec.get("method", "POST" if body is not None else "GET")
         timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
         expect = spec.get("expect", {"status": 200})
+        wall = time.time()
         with trio.move_on_after(timeout) as scope:
             resp = await client.http_request(
                 str(address),
@@ -260,6 +264,10 @@ class _Runner:
         if scope.cancelled_caught:
             resp = client.Response(error=f"timed out after {timeout:g}s")
             resp.elapsed = timeout
+        path = spec.get("path", "/")
+        self.exchanges.append(
+            compare.observe_http(step.index, step.title, i, method, path, resp, wall, time.time())
+        )
         lab.recorder.op(
             "request",
             step=step.index,
@@ -296,6 +304,7 @@ class _Runner:
             messages.append((bytes(range(256)) * (size // 256 + 1))[:size])
         expect = spec.get("expect", {})
         timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        wall = time.time()
         with trio.move_on_after(timeout) as scope:
             result = await client.websocket_exchange(
                 str(lab.edge_ready.get("http")),
@@ -307,6 +316,10 @@ class _Runner:
             )
         if scope.cancelled_caught:
             result = client.WebSocketResult(error=f"timed out after {timeout:g}s")
+        path = spec.get("path", "/")
+        self.exchanges.append(
+            compare.observe_websocket(step.index, step.title, i, path, result, wall, time.time())
+        )
         lab.recorder.op(
             "websocket",
             step=step.index,
@@ -355,6 +368,7 @@ class _Runner:
         error: str | None = None
         got = b""
         status = 0
+        wall = time.time()
         with trio.move_on_after(timeout) as scope:
             try:
                 stream: trio.abc.Stream | None
@@ -374,6 +388,9 @@ class _Runner:
                 error = str(exc)
         if scope.cancelled_caught:
             error = f"timed out after {timeout:g}s ({len(got)} bytes back)"
+        self.exchanges.append(
+            compare.observe_tcp(step.index, step.title, i, status, error, payload, got, wall, time.time())
+        )
         self.lab.recorder.op(
             "tcp",
             step=step.index,

@@ -156,6 +156,9 @@ class Lab:
             str(self.state),
             "--ready-file",
             str(ready),
+            # What the origin received, one JSON line per request (`run --compare` compares them).
+            "--history",
+            str(self.logs / f"origin-{name}.history.jsonl"),
         ]
         if spec.tls:
             argv += ["--tls", spec.tls]
