@@ -37,6 +37,7 @@ from connector.x509_text import go_tls_verify_error
 from wire import registration as reg
 from wire.errors import TLSSetupError, TunnelLabError
 from wire.headers import StreamType, classify_stream
+from wire.hpack_encoder import LongValueEncoder
 from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 if TYPE_CHECKING:
@@ -533,6 +534,7 @@ class EdgeConnection:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=False, normalize_inbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = LongValueEncoder()  # a huge origin response head must not stall the connection
         self.h2.local_settings = h2.settings.Settings(
             client=False, initial_values=_server_settings())  # type: ignore[arg-type]
         # Settings given as initial values count as in force at once: mirror them where h2 copied defaults.

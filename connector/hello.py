@@ -144,7 +144,7 @@ async def _sse(conn: ServerConnection, query: dict[str, list[str]]) -> None:
 
 
 async def _handle(stream: trio.abc.Stream, remote: str, started: float, server_name: str) -> None:
-    conn = ServerConnection(stream, server_name=b"tunnel-lab-hello")
+    conn = ServerConnection(stream)
     try:
         while True:
             got = await conn.next_request()

@@ -1,7 +1,9 @@
 """A small HTTP/1.1 server connection on h11, for the connector's own little servers.
 
 Used by the metrics server and the hello-world origin: read one request (with a bounded body), answer
-it (whole or streamed), then start the next keep-alive cycle.
+it (whole or streamed), then start the next keep-alive cycle. Both are Go `net/http` servers in
+cloudflared, and they answer as one does: a `Date` header, no `Server` header, and a whole body sent with
+`Content-Length` only when it fits Go's 2 KiB pre-chunking buffer (chunked otherwise).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from collections.abc import Sequence
 import h11
 import trio
 
+from connector.edge_conn import http_date
+
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 * 1024
+GO_CHUNKING_BUFFER = 2048  # net/http's bufferBeforeChunkingSize
 
 
 class ClientGone(Exception):
@@ -23,10 +28,9 @@ class ClientGone(Exception):
 class ServerConnection:
     """One accepted connection: `next_request()`, then `respond()` or `start()`/`send()`/`end()`."""
 
-    def __init__(self, stream: trio.abc.Stream, *, server_name: bytes = b"tunnel-lab") -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.server_name = server_name
         self.method = b"GET"
 
     async def _send(self, event: h11.Event) -> None:
@@ -78,15 +82,18 @@ class ServerConnection:
         return event, bytes(body)
 
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes = b"") -> None:
-        """A whole response with Content-Length."""
-        await self.start(status, [*headers, ("Content-Length", str(len(body)))])
+        """A whole response: with Content-Length up to Go's 2 KiB buffer, chunked beyond it (as net/http
+        frames a handler's body that set no length)."""
+        framing = [("Content-Length", str(len(body)))] if len(body) <= GO_CHUNKING_BUFFER else []
+        await self.start(status, [*headers, *framing])
         if body and self.method != b"HEAD":
             await self.send(body)
         await self.end()
 
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
-        await self._send(h11.Response(status_code=status, headers=[("Server", self.server_name.decode()),
-                                                                   *headers]))
+        """The response head; h11 frames a body without Content-Length as chunked (HTTP/1.1)."""
+        date = http_date().decode()
+        await self._send(h11.Response(status_code=status, headers=[*headers, ("Date", date)]))
 
     async def send(self, data: bytes) -> None:
         await self._send(h11.Data(data=data))

@@ -116,7 +116,7 @@ def prometheus_text(state: ConnectorState) -> bytes:
 
 
 async def _handle(stream: trio.SocketStream, state: ConnectorState) -> None:
-    conn = ServerConnection(stream, server_name=b"tunnel-lab-connector")
+    conn = ServerConnection(stream)
     try:
         while True:
             got = await conn.next_request()

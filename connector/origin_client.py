@@ -35,10 +35,10 @@ from wire.errors import OriginError
 
 log = logging.getLogger(__name__)
 
-# Largest origin response head we accept (Go's transport allows 10 MB, but serialized response headers that
-# large would not fit an edge's header list and would cost the whole connection; D13 shows a 62 KB head
-# going through). A larger head is a 502 for that request only.
-MAX_ORIGIN_HEAD = 128 * 1024
+# Largest origin response head we accept: Go's transport default (MaxResponseHeaderBytes, which cloudflared
+# leaves unset). A larger head is a 502 for that request only. A head the edge finds too big is the edge's
+# to refuse, as it is with cloudflared (it ignores the edge's MAX_HEADER_LIST_SIZE: docs/protocol.md §12.3).
+MAX_ORIGIN_HEAD = 10 * 1024 * 1024
 RECEIVE_SIZE = 65536
 
 

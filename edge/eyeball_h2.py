@@ -21,6 +21,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
 from edge.proxy import EyeballGone, proxy_request
+from wire.hpack_encoder import LongValueEncoder
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -38,6 +39,7 @@ class _H2Server:
         self.client = client
         self.client_ip = client_ip
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2.encoder = LongValueEncoder()  # an origin's huge response head must not stall the eyeball
         self.h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: 100,
             SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,

@@ -21,6 +21,8 @@ from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
+from wire.hpack_encoder import LongValueEncoder
+
 # Our HPACK decoder accepts header blocks this large; the lab's own, smaller, per-stream limit is
 # enforced by the edge afterwards so that an oversized block costs one stream, not the connection.
 DECODER_HEADER_LIST_LIMIT = 64 * 1024 * 1024
@@ -114,6 +116,7 @@ def new_tunnel_h2(*, initial_window: int, max_frame_size: int = 65536) -> EdgeH2
     """The edge's HTTP/2 client state machine for one tunnel connection (preface not yet sent)."""
     config = H2Configuration(client_side=True, header_encoding=None)
     conn = EdgeH2Connection(config=config)
+    conn.encoder = LongValueEncoder()  # an eyeball's huge request head must not stall the connection
     # Replaced before the preface is sent, so these are the values of our first SETTINGS frame.
     conn.local_settings = Settings(client=True, initial_values={
         SettingCodes.ENABLE_PUSH: 0,

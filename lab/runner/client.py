@@ -25,6 +25,8 @@ import trio
 import wsproto
 import wsproto.events
 
+from wire.hpack_encoder import LongValueEncoder
+
 KEEP_BYTES = 1 << 20  # body prefix kept for body/json checks
 CHUNK = 64 * 1024
 # Pauses between body reads at least this long are kept (at most MAX_PAUSES of them), so a comparison
@@ -363,6 +365,7 @@ async def _h2_request(
         await stream.aclose()
         raise ClientError(f"the server did not negotiate h2 (ALPN {stream.selected_alpn_protocol()!r})")
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.encoder = LongValueEncoder()
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
     hdrs = [

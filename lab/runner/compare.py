@@ -156,6 +156,8 @@ class Exchange:
     started: float  # wall-clock seconds: origin records in [started, ended] belong to this exchange
     ended: float
     fields: Mapping[str, Any] = field(default_factory=dict)
+    # the step's `compare_ignore`: "body" and "header:NAME" entries that are each connector's own
+    ignore: tuple[str, ...] = ()
 
 
 def observe_http(
@@ -167,6 +169,8 @@ def observe_http(
     resp: Response,
     started: float,
     ended: float,
+    *,
+    ignore: tuple[str, ...] = (),
 ) -> Exchange:
     """The `Exchange` for one HTTP request as the runner's client saw it."""
     whole = resp.body_length == len(resp.body_prefix) and resp.body_length <= BODY_TEXT_LIMIT
@@ -191,6 +195,7 @@ def observe_http(
         started=started,
         ended=ended,
         fields=fields,
+        ignore=ignore,
     )
 
 
@@ -313,6 +318,12 @@ def eyeball_fields(ex: Exchange) -> dict[str, Any]:
                 (n, str(len(raw)) if n.lower() == "content-length" else v) for n, v in f["headers"]
             ]
         f["body_text"] = clean
+    if "body" in ex.ignore:
+        for key in ("body_length", "body_sha256", "body_text", "timing"):
+            f.pop(key, None)
+    names = {entry.removeprefix("header:").lower() for entry in ex.ignore if entry.startswith("header:")}
+    if names and "headers" in f:
+        f["headers"] = [(n, v) for n, v in f["headers"] if n.lower() not in names]
     return f
 
 

@@ -266,7 +266,8 @@ class _Runner:
             resp.elapsed = timeout
         path = spec.get("path", "/")
         self.exchanges.append(
-            compare.observe_http(step.index, step.title, i, method, path, resp, wall, time.time())
+            compare.observe_http(step.index, step.title, i, method, path, resp, wall, time.time(),
+                                 ignore=tuple(spec.get("compare_ignore", ())))
         )
         lab.recorder.op(
             "request",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 
@@ -99,6 +100,10 @@ async def test_pages(ca: trustme.CA, use_tls: bool) -> None:
             # keep-alive: more requests on the same connection
             resp, body = await request(stream, "/_health")
             assert (resp.status_code, body) == (200, b"ok")
+            # a Go net/http server: Date, no Server, a small whole body with its length
+            names = [name for name, _ in resp.headers]
+            assert b"date" in names and b"server" not in names
+            assert dict(resp.headers)[b"content-length"] == b"2"
             resp, body = await request(stream, "/uptime")
             doc = json.loads(body)
             assert dict(resp.headers)[b"content-type"] == b"application/json"
@@ -181,6 +186,31 @@ async def test_ws_without_upgrade_is_400() -> None:
             stream = await connect(addr, None)
             resp, _ = await request(stream, "/ws")
             assert resp.status_code == 400
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_bodies_over_go_s_2_kib_buffer_are_chunked() -> None:
+    """net/http sends a handler's body with Content-Length only when it ended within 2 KiB."""
+    from connector.http1 import ServerConnection
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = ServerConnection(stream)
+        while (got := await conn.next_request()) is not None:
+            size = int(got[0].target.decode().lstrip("/"))
+            await conn.respond(200, [("Content-Type", "text/plain")], b"x" * size)
+        await conn.aclose()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+            stream = await trio.open_tcp_stream(*listeners[0].socket.getsockname()[:2])
+            resp, body = await request(stream, "/2048")
+            assert dict(resp.headers).get(b"content-length") == b"2048" and len(body) == 2048
+            resp, body = await request(stream, "/2049")
+            headers = dict(resp.headers)
+            assert b"content-length" not in headers and headers[b"transfer-encoding"] == b"chunked"
+            assert len(body) == 2049
             await stream.aclose()
             nursery.cancel_scope.cancel()
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -236,6 +237,19 @@ def test_normalised_body_stands_in_for_content_length() -> None:
     assert fields["body_length"] == len(b'{"ray": "<ray>"}')
     assert fields["headers"] == [("Content-Length", str(len(b'{"ray": "<ray>"}')))]
     assert fields["body_sha256"].endswith("(normalised)")
+
+
+def test_compare_ignore_leaves_out_the_body_and_named_headers() -> None:
+    page_a = response(headers=[("Content-Length", "5"), ("X-Same", "1")], body=b"ours.")
+    page_b = response(headers=[("Transfer-Encoding", "chunked"), ("X-Same", "1")], body=b"theirs" * 400)
+    plain = {d.field for d in compare_runs(run(http("1", page_a)), run(http("1", page_b)))}
+    assert {"body", "header Content-Length", "header Transfer-Encoding"} <= plain
+    ignore = ("body", "header:content-length", "header:Transfer-Encoding")
+    a = run(replace(http("1", page_a), ignore=ignore))
+    b = run(replace(http("1", page_b), ignore=ignore))
+    assert compare_runs(a, b) == []
+    c = run(replace(http("1", response(headers=[("X-Same", "2")], body=b"x")), ignore=ignore))
+    assert [d.field for d in compare_runs(a, c)] == ["header X-Same"]  # other headers still count
 
 
 def test_a_real_content_length_difference_is_reported() -> None:
