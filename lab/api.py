@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -283,6 +284,8 @@ class Lab:
         *,
         url: str | None = None,
         ingress: Sequence[dict[str, Any]] | None = None,
+        origin_request: dict[str, Any] | None = None,
+        warp_routing: bool = False,
         ha_connections: int = 1,
         cloudflared: str | None = None,
         name: str = "connector",
@@ -313,6 +316,10 @@ class Lab:
             exe = [*TUNNEL_LAB, "connector"]
             caps = _builtin()
         config: dict[str, Any] = {"ingress": list(ingress)} if ingress is not None else {}
+        if origin_request:
+            config["originRequest"] = dict(origin_request)
+        if warp_routing:
+            config["warp-routing"] = {"enabled": True}
         cfg_path = self.state / f"{name}.yml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         metrics = f"127.0.0.1:{free_port()}"
@@ -345,6 +352,47 @@ class Lab:
         if wait_ready:
             await connector.wait_ready(ha_connections, timeout)
         return connector
+
+    def variables(self) -> dict[str, str]:
+        """The values a scenario's `${...}` names (docs/scenarios.md), for what runs in this lab."""
+        out = {"state": str(self.state)}
+        for origin in self.origins.values():
+            host, _, port = origin.address.rpartition(":")
+            prefix = f"origins.{origin.name}"
+            out |= {f"{prefix}.url": origin.url, f"{prefix}.address": origin.address}
+            out |= {f"{prefix}.host": host, f"{prefix}.port": port}
+        if self._edge is not None:
+            edge = self._edge
+            for key, value in (
+                ("http", edge.http),
+                ("https", edge.https),
+                ("warp", edge.warp),
+                ("api", edge.api),
+            ):
+                if value:
+                    out[f"edge.{key}"] = value
+            out["edge.ca"] = str(edge.ca)
+            out |= {f"datacenters.{loc}.address": address for loc, address in edge.datacentres.items()}
+        for t in self.tunnels.values():
+            out |= {f"tunnels.{t.name}.id": t.id, f"tunnels.{t.name}.name": t.name}
+        return out
+
+    def subst(self, value: Any) -> Any:
+        """`value` with every `${...}` in its strings replaced (recursively); unknown names: `LabError`."""
+        if isinstance(value, str):
+            known = self.variables()
+
+            def repl(m: re.Match[str]) -> str:
+                if m.group(1) not in known:
+                    raise LabError(f"${{{m.group(1)}}} has no value (is that component running?)")
+                return known[m.group(1)]
+
+            return re.sub(r"\$\{([^}]*)\}", repl, value)
+        if isinstance(value, dict):
+            return {k: self.subst(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.subst(v) for v in value]
+        return value
 
     # --- eyeballs and the management API ------------------------------------------------------------------
     async def request(
