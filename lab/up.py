@@ -210,7 +210,7 @@ def banner(info: dict[str, Any], enter: str = "") -> str:
         lines += [
             "",
             "The lab runs in a private network namespace (a real cloudflared must not reach the internet):",
-            f"run clients, and your own server, with `{enter}` in front.",
+            f"run clients, and your own server, with `{enter.strip()}` in front.",
         ]
     lines += ["", "Try it:"]
     for host in hosts[:3]:
