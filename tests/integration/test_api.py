@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from lab.api import LabError, open_lab, start_lab
+from lab.runner import netns
 
 TIMEOUT = 60
 
@@ -59,3 +60,16 @@ def test_sync_lab_and_its_errors(tmp_path: Path) -> None:
         with pytest.raises(LabError, match="answered 400"):
             lab.fault("no-such-fault")
     assert (tmp_path / "state" / "state.db").exists()  # a named state directory is kept
+
+
+@pytest.mark.skipif(netns.isolated(), reason="this process is already in a private namespace")
+async def test_a_real_cloudflared_is_refused_outside_a_namespace(tmp_path: Path) -> None:
+    binary = tmp_path / "cloudflared"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    with trio.fail_after(TIMEOUT):
+        async with open_lab() as lab:
+            tunnel = await lab.create_tunnel("app", hostnames=["app.lab.test"])
+            with pytest.raises(LabError, match=r"only inside a private network namespace.*tunnel-lab netns"):
+                await lab.start_connector(tunnel, url="http://127.0.0.1:9", cloudflared=str(binary))
+            assert lab.connectors == {}  # nothing was started

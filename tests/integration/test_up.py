@@ -141,3 +141,37 @@ def test_up_refuses_bad_arguments_before_starting_anything(tmp_path: Path) -> No
         result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT)
         assert result.returncode == 2, (args, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
+
+
+@pytest.mark.slow
+@pytest.mark.cloudflared
+@pytest.mark.skipif(
+    not CLOUDFLARED, reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared"
+)
+def test_up_with_cloudflared_runs_in_a_namespace_the_printed_nsenter_line_reaches(tmp_path: Path) -> None:
+    from lab.runner import netns
+
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"no private network namespaces here: {why}")
+    state = tmp_path / "state"
+    with up("--cloudflared", str(CLOUDFLARED), "--state", str(state)) as (proc, banner):
+        line = next(x.strip() for x in banner if x.strip().startswith("nsenter") and "curl -H 'Host:" in x)
+        http = line.split(" curl ", 1)[1].rsplit(" ", 1)[1]  # the edge's eyeball address, only inside
+        direct = subprocess.run(
+            ["curl", "-sS", "--max-time", "5", http], capture_output=True, text=True, timeout=TIMEOUT
+        )
+        assert direct.returncode != 0  # the lab is not reachable from outside the namespace
+        argv = shlex.split(line)
+        result = subprocess.run(
+            [*argv, "-sS", "--max-time", "20"], capture_output=True, text=True, timeout=TIMEOUT
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["target"] == "/"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=TIMEOUT) == 0
+    assert processes_mentioning(str(state)) == []
+    assert "Registered tunnel connection" in (state / "logs" / "connector.log").read_text()
