@@ -427,30 +427,10 @@ class Lab:
 
     async def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the edge's management API (docs/edge.md); returns the parsed JSON answer."""
-        data = json.dumps(body).encode() if body is not None else None
-        headers = [("Authorization", f"Bearer {self.edge.api_token}")]
-        if data is not None:
-            headers.append(("Content-Type", "application/json"))
-        resp = await client.http_request(
-            self.edge.api,
-            method=method,
-            host=self.edge.api,
-            path=path,
-            headers=headers,
-            body=data,
-            body_length=len(data) if data is not None else None,
-        )
-        if resp.error is not None:
-            raise LabError(
-                f"management API {method} {path}: {resp.error}", {"edge": tail(self.logs / "edge.log")}
-            )
-        text = bytes(resp.body_prefix).decode("utf-8", "replace")
-        if resp.status >= 400:
-            raise LabError(f"management API {method} {path} answered {resp.status}: {text[:300]}")
         try:
-            return json.loads(text)
-        except ValueError:
-            return text
+            return await management_call(self.edge.api, self.edge.api_token, method, path, body)
+        except LabError as exc:
+            raise LabError(str(exc), {"edge": tail(self.logs / "edge.log")}) from exc
 
     async def fault(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Inject a fault: `drop-connection`, `goaway`, `dc-down`, `dc-up`, ... (docs/edge.md)."""
@@ -484,6 +464,33 @@ class Lab:
                     await comp.stop(grace=2.0)
                 except OSError:
                     comp.kill_group()
+
+
+async def management_call(address: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    """One call to the management API at `address` with the bearer `token`: parsed JSON (or the text of a
+    non-JSON answer). Transport failures and statuses >= 400 raise `LabError`. The runner uses it too."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = [("Authorization", f"Bearer {token}")]
+    if data is not None:
+        headers.append(("Content-Type", "application/json"))
+    resp = await client.http_request(
+        address,
+        method=method,
+        host=address,
+        path=path,
+        headers=headers,
+        body=data,
+        body_length=len(data) if data is not None else None,
+    )
+    if resp.error is not None:
+        raise LabError(f"management API {method} {path}: {resp.error}")
+    text = bytes(resp.body_prefix).decode("utf-8", "replace")
+    if resp.status >= 400:
+        raise LabError(f"management API {method} {path} answered {resp.status}: {text[:300]}")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def cloudflared_path(path: str) -> str:
