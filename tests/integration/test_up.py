@@ -175,3 +175,30 @@ def test_up_with_cloudflared_runs_in_a_namespace_the_printed_nsenter_line_reache
         assert proc.wait(timeout=TIMEOUT) == 0
     assert processes_mentioning(str(state)) == []
     assert "Registered tunnel connection" in (state / "logs" / "connector.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_documented_topology_comes_up_and_routes_both_hostnames(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "up.md").read_text()
+    topology = tmp_path / "my-lab.yaml"
+    topology.write_text(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
+    with up("--topology", str(topology)) as (proc, banner):
+        lines = [x.strip() for x in banner if x.strip().startswith("curl -H 'Host: ")]
+        api = next(x for x in lines if "api.lab.test" in x)
+        files = next(x for x in lines if "files.lab.test" in x)
+        assert run_curl(api)["target"] == "/"  # the echo origin
+        assert files.endswith("/")
+        argv = [
+            *shlex.split(files + "status/201"),
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ]
+        status = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+        assert status.stdout == "201"  # the stream origin's /status/NNN
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0
