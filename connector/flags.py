@@ -242,8 +242,9 @@ FLAGS: tuple[Flag, ...] = (
     _f("max-active-flows", "uint", "R", "TUNNEL_MAX_ACTIVE_FLOWS",
        usage="Overrides the remote configuration for max active private network flows (TCP/UDP) that this "
              "connector supports"),
-    _f("dns-resolver-addrs", "slice", "R", "TUNNEL_DNS_RESOLVER_ADDRS", support="warn",
-       note="has no effect: this connector has no virtual DNS resolver service",
+    # Silent: it is part of the lab's offline cloudflared command line (cloudflared then logs no "Failed to
+    # initialize DNS local resolver"), which must work unchanged with this connector (docs/connector.md).
+    _f("dns-resolver-addrs", "slice", "R", "TUNNEL_DNS_RESOLVER_ADDRS", support="noop",
        usage="Overrides the dynamic DNS resolver resolution to use these address:port's instead."),
 )
 

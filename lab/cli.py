@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "pki": ("lab.admin", "pki_main", "show the lab CA and issue certificates"),
     "origin": ("origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),
     "bench": ("bench.cli", "main", "benchmark the tunnel against direct-to-origin"),
+    "up": ("lab.up", "main", "bring up a lab to play with (edge, tunnel, connector, origin) until Ctrl-C"),
+    "netns": ("lab.runner.netns", "main", "run a command in the lab's private network namespace"),
 }
 
 

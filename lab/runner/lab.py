@@ -350,29 +350,12 @@ class Lab:
     # --- talking to the edge -------------------------------------------------------------------------------
     async def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the management API; returns parsed JSON (or text for non-JSON answers)."""
-        addr = str(self.edge_ready.get("api"))
-        data = json.dumps(body).encode() if body is not None else None
-        headers = [("Authorization", f"Bearer {self.api_token}")]
-        if data is not None:
-            headers.append(("Content-Type", "application/json"))
-        resp = await client.http_request(
-            addr,
-            method=method,
-            host=addr,
-            path=path,
-            headers=headers,
-            body=data,
-            body_length=len(data) if data is not None else None,
-        )
-        if resp.error is not None:
-            raise ComponentError(f"management API {method} {path}: {resp.error}")
-        text = bytes(resp.body_prefix).decode("utf-8", "replace")
-        if resp.status >= 400:
-            raise ComponentError(f"management API {method} {path} answered {resp.status}: {text[:300]}")
+        from lab.api import LabError, management_call
+
         try:
-            return json.loads(text)
-        except ValueError:
-            return text
+            return await management_call(str(self.edge_ready.get("api")), self.api_token, method, path, body)
+        except LabError as exc:
+            raise ComponentError(str(exc)) from exc
 
     async def connector_metrics(self) -> str:
         resp = await client.http_request(self.metrics_addr, host=self.metrics_addr, path="/metrics")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 MARKER = "TUNNEL_LAB_NETNS_INSIDE"
 
@@ -141,3 +143,155 @@ def start_dns_stub(address: tuple[str, int] = ("127.0.0.1", 53)) -> socket.socke
 
     threading.Thread(target=serve, name="dns-stub", daemon=True).start()
     return sock
+
+
+# --- `tunnel-lab netns -- COMMAND`: the namespace as a command ---------------------------------------------
+
+NETNS_MODULE = "lab.runner.netns"
+
+
+def isolated() -> bool:
+    """Is this process in a network namespace whose only interface is `lo` (what `tunnel-lab netns` makes)?"""
+    if sys.platform != "linux":
+        return False
+    try:
+        return {name for _, name in socket.if_nameindex()} == {"lo"}
+    except OSError:
+        return False
+
+
+def _exit_status(code: int) -> int:
+    # Popen reports death by signal N as -N; a shell reports 128+N, which is what callers can read.
+    return 128 - code if code < 0 else code
+
+
+def _signal_children(pid: int, sig: int) -> None:
+    """Send `sig` to the children of `pid` (unshare's one child is the namespace's first process)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(child), sig)
+
+
+def namespace_pid(unshare_pid: int) -> int | None:
+    """The host PID of the namespace's first process (for `nsenter --target PID --net`), once it exists."""
+    try:
+        children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def start_isolated(command: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `command` in a fresh namespace (lo up, DNS stub) and return the `unshare` process.
+
+    The first process inside is `python -m lab.runner.netns -- COMMAND`: it sets the namespace up, runs
+    COMMAND, passes SIGTERM/SIGHUP on to it and exits with its status; being PID 1 of its own PID
+    namespace, its exit ends every process COMMAND left behind. `--kill-child` ends it if unshare dies.
+    """
+    cmd = [
+        "unshare",
+        "--net",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        sys.executable,
+        "-m",
+        NETNS_MODULE,
+        "--",
+        *command,
+    ]
+    child_env = dict(os.environ if env is None else env)
+    child_env[MARKER] = "1"
+    return subprocess.Popen(cmd, env=child_env)
+
+
+def run_isolated(
+    command: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    forward: dict[int, int] | None = None,
+) -> int:
+    """Run `command` in a fresh namespace until it exits; return its exit status (128+N for signal N).
+
+    `forward` maps a signal this process receives to the one COMMAND gets (default: SIGTERM and SIGHUP
+    as themselves). SIGINT is not forwarded by default: Ctrl-C reaches every process of the terminal's
+    foreground group, COMMAND included, and a second copy would look like a second Ctrl-C to it.
+    """
+    forward = dict(forward or {signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGHUP})
+    child = start_isolated(command, env=env)
+
+    def handler(sig: int, _frame: object) -> None:
+        _signal_children(child.pid, forward[sig])
+
+    previous = {sig: signal.signal(sig, handler) for sig in forward}
+    if signal.SIGINT not in forward:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda _sig, _frame: None)
+    try:
+        return _exit_status(child.wait())
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _inside(command: Sequence[str]) -> int:
+    """The namespace's first process: set up, run COMMAND, pass signals on, return its status."""
+    try:
+        enter_inside()
+    except (NetnsError, OSError) as exc:
+        print(f"tunnel-lab netns: cannot set the namespace up: {exc}", file=sys.stderr)
+        return 2
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    # A Python handler (not SIG_IGN, which a child would inherit) keeps Ctrl-C from ending this process
+    # before COMMAND, which got the same Ctrl-C and decides for itself.
+    signal.signal(signal.SIGINT, lambda _sig, _frame: None)
+    try:
+        child = subprocess.Popen(list(command), env=env)
+    except OSError as exc:
+        print(f"tunnel-lab netns: cannot run {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, _frame: child.send_signal(s))
+    return _exit_status(child.wait())
+
+
+def main(argv: Sequence[str]) -> int:
+    """`tunnel-lab netns [--] COMMAND [ARGS...]`: run COMMAND in the lab's private network namespace."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="tunnel-lab netns",
+        usage="tunnel-lab netns [-h] -- COMMAND [ARGS...]",
+        description="Run COMMAND in a private network namespace: only lo (127.0.0.0/8, ::1) exists and "
+        "DNS answers NXDOMAIN to every name. Every process COMMAND started ends when it exits; the exit "
+        "status is COMMAND's. Needs Linux, util-linux's unshare, and root or CAP_SYS_ADMIN.",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
+    args = list(argv)
+    if args and args[0] == "--":
+        command = args[1:]
+    else:
+        command = parser.parse_args(args).command
+        if command and command[0] == "--":
+            command = command[1:]
+    if not command:
+        parser.print_usage(sys.stderr)
+        print("tunnel-lab netns: error: name the COMMAND to run", file=sys.stderr)
+        return 2
+    ok, why = available()
+    if not ok:
+        print(f"tunnel-lab netns: cannot create a private network namespace: {why}", file=sys.stderr)
+        return 2
+    return run_isolated(command)
+
+
+if __name__ == "__main__":
+    if not inside():
+        sys.exit(main(sys.argv[1:]))
+    arguments = sys.argv[1:]
+    sys.exit(_inside(arguments[1:] if arguments[:1] == ["--"] else arguments))
