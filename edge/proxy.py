@@ -187,6 +187,12 @@ async def proxy_request(edge: Edge, ex: Exchange) -> None:
             result.outcome = "eyeball-closed"
         log.info("eyeball went away host=%r ray=%s", host, result.ray)
         raise
+    except trio.Cancelled:
+        # An HTTP/2 eyeball reset the stream (or its connection, or the edge, is going away):
+        # never recorded as `ok` with no status.
+        if not result.recorded:
+            result.outcome = "eyeball-reset" if getattr(ex, "reset", False) else "cancelled"
+        raise
     finally:
         result.record()
 
