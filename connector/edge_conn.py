@@ -1032,9 +1032,11 @@ class EdgeConnection:
         deadline = trio.current_time() + self.settings.grace_period
         if self.registered and self._rpc_closed is None and not self._rpc.aborted:
             qid = self._rpc.unregister_connection()
-            await self._send_rpc(ctrl)
             answer: object = None
+            # Sending is bounded too: an edge that grants no flow-control window (a wedged tunnel)
+            # must not hold the connector past its grace period.
             with trio.move_on_at(deadline):
+                await self._send_rpc(ctrl)
                 try:
                     answer = await self._await_answer(qid)
                 except ControlStreamError as exc:
@@ -1053,9 +1055,9 @@ class EdgeConnection:
             self.registered = False
             if self._on_unregistered:
                 self._on_unregistered(self)
-        if self._rpc_closed is None and not ctrl.local_ended:
-            await self._abort_rpc(ctrl)
         with trio.move_on_at(deadline):
+            if self._rpc_closed is None and not ctrl.local_ended:
+                await self._abort_rpc(ctrl)
             await first_of(self._streams_idle.wait, self._closed_event.wait)
         n = self.active_streams
         if n:
