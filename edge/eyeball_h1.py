@@ -21,7 +21,7 @@ except (ImportError, AttributeError):  # pragma: no cover - another h11 layout: 
     _ContentLengthReader = None
 
 from edge import pages
-from edge.proxy import EyeballGone, proxy_request
+from edge.proxy import BadRequestBody, EyeballGone, proxy_request
 from edge.tunnel import acquire_fast
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class H1Exchange:
         except TimeoutError:
             raise EyeballGone("eyeball stopped sending the request body") from None
         except h11.RemoteProtocolError as exc:
-            raise EyeballGone(f"malformed request body: {exc}") from exc
+            raise BadRequestBody(f"malformed request body: {exc}") from exc
         if isinstance(event, h11.Data):
             return bytes(event.data)
         if isinstance(event, h11.EndOfMessage):
@@ -258,7 +258,7 @@ def _has_body(headers: Headers) -> bool:
 async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: str, client: str,
                               client_ip: str) -> None:
     """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
-    from wire.eyeball import EyeballRequest, is_websocket_request
+    from wire.eyeball import EyeballRequest, is_websocket_request, request_head_error
 
     conn = _Conn(edge, stream, client)
     cfg = edge.config
@@ -295,6 +295,12 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
             if not isinstance(event, h11.Request):
                 return
             headers = [(bytes(n), bytes(v)) for n, v in event.headers]
+            refused = request_head_error(bytes(event.http_version), headers)
+            if refused is not None:
+                # Before anything is forwarded: a smuggling attempt never reaches a tunnel stream.
+                log.warning("eyeball request refused with %d: %s client=%s", refused[0], refused[1], client)
+                await _simple_error(conn, *refused)
+                return
             head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
             if head_size > cfg.max_request_headers:
                 # h11 only bounds a head that arrives in pieces; a complete one is checked here.

@@ -41,6 +41,10 @@ class EyeballGone(TunnelLabError):
     """The eyeball closed or broke its connection."""
 
 
+class BadRequestBody(EyeballGone):
+    """The eyeball's request body is malformed (a bad chunk size, fewer bytes than it announced)."""
+
+
 class RawChannel(Protocol):
     """A byte pipe to the eyeball after a protocol switch (WebSocket)."""
 
@@ -308,6 +312,14 @@ async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, res
         return False
     except TunnelStreamError as exc:
         upload.cancel()
+        bad = next((e for e in upload_failed if isinstance(e, BadRequestBody)), None)
+        if bad is not None and not ex.response_started:
+            # The connector's stream was reset; the eyeball gets a 400 where its connection allows.
+            log.info("malformed request body (%s); 400 %s", bad, ident)
+            result.status, result.outcome = 400, "bad-request"
+            await send_page(ex, 400, *pages.error_page(400, f"The request body could not be read: {bad}",
+                                                        ray=ray))
+            return False
         if upload_failed:
             raise EyeballGone("eyeball closed during the upload") from None
         if exc.retryable and may_retry:
