@@ -29,6 +29,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from connector.h2conn import ConnectorH2Connection, StreamProtocolError
 from connector.logging_setup import format_value as q
 from connector.origin_client import describe_peer_certificate, dial_error_text
 from connector.settings import TunnelSettings
@@ -520,7 +521,7 @@ class EdgeConnection:
         # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=False, normalize_inbound_headers=False)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = ConnectorH2Connection(config=config)  # a malformed stream costs only that stream
         self.h2.local_settings = h2.settings.Settings(
             client=False, initial_values=_server_settings())  # type: ignore[arg-type]
         # Settings given as initial values count as in force at once: mirror them where h2 copied defaults.
@@ -759,8 +760,12 @@ class EdgeConnection:
                 ts._ended()
         elif isinstance(event, h2.events.StreamReset):
             ts = self.streams.get(event.stream_id or 0)
-            if ts is not None:
+            if isinstance(event, StreamProtocolError):
+                log.warning("Malformed request stream from the edge, resetting the stream error=%s %s",
+                            q(event.reason), ts.label if ts is not None else self.label)
+            elif ts is not None:
                 log.debug("Incoming request ended abruptly error_code=%s %s", event.error_code, ts.label)
+            if ts is not None:
                 ts._reset()
                 self._wake_window()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):

@@ -1,0 +1,60 @@
+"""The connector's h2 state machine, with Go's stream-level errors kept at stream level.
+
+h2 treats a request body longer or shorter than its `content-length`, and an unparsable or conflicting
+`content-length`, as a *connection* error: it queues GOAWAY and refuses everything afterwards, so one
+hostile request would drop every stream on the tunnel connection. Go's HTTP/2 server (cloudflared's)
+resets only that stream with PROTOCOL_ERROR (x/net/http2 server.go: `processData` "send_too_much",
+`newWriterAndRequest` "bad_content_length"). `ConnectorH2Connection` does the same and reports the
+reset as a `StreamProtocolError` event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import StreamReset
+from h2.exceptions import InvalidBodyLengthError, ProtocolError
+from hyperframe.frame import DataFrame, HeadersFrame
+
+# h2's messages for a bad content-length field (h2/stream.py `_initialize_content_length`); the test
+# tests/unit/test_connector_h2conn.py fails if h2 changes them.
+_BAD_CONTENT_LENGTH = ("Invalid content-length header", "Conflicting content-length headers")
+
+
+class StreamProtocolError(StreamReset):
+    """We reset a stream the edge sent malformed (`reason` says how); remote_reset is False."""
+
+    reason: str = ""
+
+
+class ConnectorH2Connection(H2Connection):
+    """An h2 server connection where a malformed request costs only its stream."""
+
+    def _receive_data_frame(self, frame: DataFrame) -> tuple[list[Any], list[Any]]:
+        try:
+            return super()._receive_data_frame(frame)
+        except InvalidBodyLengthError as exc:
+            # h2 already counted the frame against the connection window: give that back.
+            return self._stream_error(frame.stream_id, str(exc), frame.flow_controlled_length)
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Any], list[Any]]:
+        try:
+            return super()._receive_headers_frame(frame)
+        except InvalidBodyLengthError as exc:
+            return self._stream_error(frame.stream_id, str(exc), 0)
+        except ProtocolError as exc:
+            if not str(exc).startswith(_BAD_CONTENT_LENGTH):
+                raise
+            return self._stream_error(frame.stream_id, str(exc), 0)
+
+    def _stream_error(self, stream_id: int, reason: str,
+                      flow_controlled_length: int) -> tuple[list[Any], list[Any]]:
+        self.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        if flow_controlled_length:  # as the connector credits DATA: the connection window, at once
+            self.increment_flow_control_window(flow_controlled_length)
+        event = StreamProtocolError(stream_id=stream_id, error_code=ErrorCodes.PROTOCOL_ERROR,
+                                    remote_reset=False)
+        event.reason = reason
+        return [], [event]
