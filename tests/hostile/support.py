@@ -166,7 +166,8 @@ async def running_lab(tmp_path: Path, *, edge_nofile: int | None = None,
                     [sys.executable, "-m", "lab.cli", "edge", "--state", str(state),
                      "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
                      "--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0",
-                     "--api-listen", "127.0.0.1:0", "--ready-file", str(ready_file), "--origin-timeout", "20"],
+                     "--api-listen", "127.0.0.1:0", "--ready-file", str(ready_file),
+                     "--origin-timeout", "20"],
                     stdout=subprocess.DEVNULL, stderr=out,
                     preexec_fn=_limit_fds(edge_nofile) if edge_nofile else None)
             procs.append(edge)

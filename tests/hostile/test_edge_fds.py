@@ -22,7 +22,8 @@ async def test_out_of_file_descriptors_the_edge_serves_on_and_recovers(tmp_path)
                 for _ in range(NOFILE + 40):  # far more than the edge can accept
                     idle.append(await trio.open_tcp_stream(host, port))
                 async with keep:
-                    await keep.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+                    head = f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+                    await keep.send_all(head.encode())
                     assert parse_reply(await read_all(keep)).status == 200
                 while "cannot accept: EMFILE" not in lab.edge_log.read_text():
                     await trio.sleep(0.05)
