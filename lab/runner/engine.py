@@ -19,6 +19,7 @@ from lab.runner.checks import Mismatch, check_history, check_response, count_ok,
 from lab.runner.lab import Lab, RunOptions, scenario_dirs
 from lab.runner.loader import Scenario, Step, parse_duration
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
+from lab.runner.reaper import REAPER
 from lab.runner.report import Recorder
 
 DEFAULT_STEP_TIMEOUT = 10.0
@@ -82,6 +83,8 @@ async def run_scenario(
     if reason:
         return ScenarioResult(sc.name, sc.source, "skipped", message=reason)
     state, logs = scenario_dirs(options.results, sc.name)
+    if not options.keep_state:
+        REAPER.watch_path(state)  # removed even if the runner is killed hard
     recorder = Recorder(logs / "operations.jsonl", sc.name)
     lab = Lab(sc, options, state, logs, recorder)
     runner = _Runner(lab, on_step or (lambda _n, _s: None))
@@ -131,6 +134,7 @@ async def run_scenario(
         recorder.close()
         if not options.keep_state:
             shutil.rmtree(state, ignore_errors=True)
+            REAPER.forget_path(state)
     return result
 
 

@@ -1,6 +1,7 @@
 """Components as real processes: start with output captured to a log file, wait for a ready file, signal,
 stop, and always clean up (own session so the whole process group can be killed). No PR_SET_PDEATHSIG:
-trio starts processes from worker threads, and the kernel would kill the child when that thread retires.
+trio starts processes from worker threads, and the kernel would kill the child when that thread retires;
+the runner's reaper (`lab.runner.reaper`) kills the groups instead when the runner is killed hard.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from lab.runner.reaper import REAPER
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,7 @@ class Component:
                 env=self.env,
                 start_new_session=True,
             )
+        REAPER.watch_group(self.process.pid)  # its own session: pgid == pid
         log.debug("started component=%s pid=%s", self.name, self.process.pid)
 
     async def wait_ready_file(self, timeout: float) -> dict[str, Any]:
@@ -191,6 +195,7 @@ class Component:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        REAPER.forget_group(self.process.pid)
 
 
 async def run_command(

@@ -194,12 +194,13 @@ async def running_lab(tmp_path: Path, *, edge_nofile: int | None = None,
             yield lab
             assert "Traceback" not in lab.log_text()
         finally:
-            for proc in reversed(procs):
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
+            with trio.CancelScope(shield=True):  # also when the test timed out: no process outlives it
+                for proc in reversed(procs):
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGTERM)
+                        with trio.move_on_after(10):
+                            await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
                         await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
             nursery.cancel_scope.cancel()
