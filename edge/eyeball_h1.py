@@ -52,6 +52,7 @@ class _Conn:
         self.client = client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.config.max_request_headers)
         self.closed = False
+        self.peer_eof = False  # the eyeball closed its sending side
         self.send_lock = trio.Lock()
         self._out: list[bytes] = []  # serialized but not yet written (a deferred response head)
 
@@ -72,6 +73,7 @@ class _Conn:
                 raise EyeballGone(f"eyeball connection broke: {exc}") from exc
         if scope.cancelled_caught:
             raise TimeoutError
+        self.peer_eof = not data
         return bytes(data)
 
     def body_bytes_left(self) -> int:
@@ -188,7 +190,7 @@ class H1Exchange:
         except TimeoutError:
             raise EyeballGone("eyeball stopped sending the request body") from None
         except h11.RemoteProtocolError as exc:
-            raise BadRequestBody(f"malformed request body: {exc}") from exc
+            raise BadRequestBody(f"malformed request body: {exc}", eof=self.conn.peer_eof) from exc
         if isinstance(event, h11.Data):
             return bytes(event.data)
         if isinstance(event, h11.EndOfMessage):

@@ -42,7 +42,12 @@ class EyeballGone(TunnelLabError):
 
 
 class BadRequestBody(EyeballGone):
-    """The eyeball's request body is malformed (a bad chunk size, fewer bytes than it announced)."""
+    """The eyeball's request body is malformed (a bad chunk size), or ended early (`eof`: it closed its
+    side before sending all it announced)."""
+
+    def __init__(self, message: str, *, eof: bool = False) -> None:
+        super().__init__(message)
+        self.eof = eof
 
 
 class RawChannel(Protocol):
@@ -316,7 +321,7 @@ async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, res
         if bad is not None and not ex.response_started:
             # The connector's stream was reset; the eyeball gets a 400 where its connection allows.
             log.info("malformed request body (%s); 400 %s", bad, ident)
-            result.status, result.outcome = 400, "bad-request"
+            result.status, result.outcome = 400, "eyeball-closed" if bad.eof else "bad-request"
             await send_page(ex, 400, *pages.error_page(400, f"The request body could not be read: {bad}",
                                                         ray=ray))
             return False
