@@ -21,6 +21,7 @@ from lab.runner.loader import Scenario, Step, parse_duration
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
 from lab.runner.reaper import REAPER
 from lab.runner.report import Recorder
+from wire.redact import Redactor
 
 DEFAULT_STEP_TIMEOUT = 10.0
 
@@ -85,8 +86,9 @@ async def run_scenario(
     state, logs = scenario_dirs(options.results, sc.name)
     if not options.keep_state:
         REAPER.watch_path(state)  # removed even if the runner is killed hard
-    recorder = Recorder(logs / "operations.jsonl", sc.name)
-    lab = Lab(sc, options, state, logs, recorder)
+    redactor = Redactor()  # one rule for the logs, the history and the result of this run
+    recorder = Recorder(logs / "operations.jsonl", sc.name, redactor)
+    lab = Lab(sc, options, state, logs, recorder, redactor=redactor)
     runner = _Runner(lab, on_step or (lambda _n, _s: None))
     result = ScenarioResult(sc.name, sc.source, "passed", results_dir=str(logs))
     recorder.op("scenario-start", source=sc.source, connector=options.connector, isolated=netns.inside())
@@ -118,9 +120,12 @@ async def run_scenario(
             result.status, result.step = "error", runner.current
             where = logs / "runner-error.txt"
             result.message = f"internal error in the runner: {exc!r} (traceback in {where})"
-            (logs / "runner-error.txt").write_text("".join(traceback.format_exception(exc)))
+            (logs / "runner-error.txt").write_text(redactor.text("".join(traceback.format_exception(exc))))
     finally:
         await lab.teardown()
+        lab.scrub_logs()
+        result.message = redactor.text(result.message)
+        result.mismatches = [redactor.text(m) for m in result.mismatches]
         result.duration = time.monotonic() - started
         if result.status != "passed":
             result.logs = lab.log_tails()
