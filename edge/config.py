@@ -83,4 +83,5 @@ class EdgeConfig:
     eyeball_max_streams: int = 100  # concurrent requests per HTTP/2 eyeball connection (incl. reset ones)
     eyeball_reset_limit: int = 200  # stream resets from one HTTP/2 eyeball per window: more -> GOAWAY
     eyeball_reset_window: float = 10.0
+    max_on_demand_certs: int = 256  # unrouted SNI names that get a certificate of their own (per run)
     accept_retry_delay: float = 0.1  # out of file descriptors: accept again after this long
