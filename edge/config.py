@@ -84,4 +84,5 @@ class EdgeConfig:
     eyeball_reset_limit: int = 200  # stream resets from one HTTP/2 eyeball per window: more -> GOAWAY
     eyeball_reset_window: float = 10.0
     max_on_demand_certs: int = 256  # unrouted SNI names that get a certificate of their own (per run)
+    api_max_body: int = 1024 * 1024  # management API request bodies; over it: 413
     accept_retry_delay: float = 0.1  # out of file descriptors: accept again after this long

@@ -786,8 +786,8 @@ class TunnelConnection:
 
     async def send_goaway(self, error_code: int = 0, debug: bytes = b"") -> None:
         """GOAWAY without closing: no new streams from us; in-flight ones go on."""
+        self.h2.send_goaway(error_code, 0, debug)  # first: a bad code raises before anything changed
         self.goaway_sent = True
-        self.h2.send_goaway(error_code, 0, debug)
         await self.flush()
 
     async def reset_all_streams(self, code: int = ErrorCodes.INTERNAL_ERROR) -> int:
