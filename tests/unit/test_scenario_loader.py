@@ -275,3 +275,15 @@ def test_cli_cloudflared_needs_a_binary(
     assert "needs --cloudflared PATH" in capsys.readouterr().err
     assert main(["--connector", "cloudflared", "--cloudflared", str(tmp_path / "nope"), str(tmp_path)]) == 2
     assert "not an executable file" in capsys.readouterr().err
+
+
+def test_a_scenario_over_the_size_limit_is_refused_before_parsing(tmp_path: Path) -> None:
+    big = tmp_path / "huge.yaml"
+    literal = "x" * (loader.MAX_SCENARIO_BYTES + 1)
+    big.write_text(GOOD + f"\n# {literal}\n")
+    with pytest.raises(ConfigError) as caught:
+        loader.load_scenario(big)
+    text = str(caught.value)
+    assert "huge.yaml" in text and "over the limit" in text and "body_generated" in text
+    with pytest.raises(ConfigError, match="over the limit"):
+        parse_scenario(GOOD + f"\n# {literal}\n", "inline")
