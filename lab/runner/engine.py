@@ -265,6 +265,37 @@ class _Runner:
                 step, f"{method} {scheme}://{host}{spec.get('path', '/')} did not meet expectations", problems
             )
 
+    async def do_raw(self, step: Step, spec: dict[str, Any]) -> None:
+        """Bytes no well-behaved client sends (lab/runner/raw.py), to the plain or TLS eyeball listener."""
+        from lab.runner.raw import run_raw
+
+        lab = self.lab
+        listener = spec.get("listener", "https" if "h2_rapid_reset" in spec else "http")
+        address = lab.edge_ready.get(listener)
+        if not address:
+            raise StepFailure(step, f"the edge has no {listener} eyeball listener (topology.edge.https?)")
+        host = spec.get("host") or self._default_host()
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        result = await run_raw(str(address), tls=listener == "https", host=host,
+                               ca_path=str(lab.edge_ready["ca"]),
+                               send=spec["send"].encode("latin-1") if "send" in spec else None,
+                               rapid=spec.get("h2_rapid_reset"), timeout=timeout)
+        lab.recorder.op("raw", step=step.index, listener=listener, host=host, status=result.status,
+                        response=result.response[:200].decode("latin-1"), closed=result.closed,
+                        error=result.error)
+        expect = spec.get("expect", {})
+        problems: list[Mismatch] = []
+        if "response" in expect and not result.response.startswith(expect["response"].encode("latin-1")):
+            problems.append(Mismatch("answer starts with", expect["response"],
+                                     result.response[:80].decode("latin-1") or result.error or "nothing"))
+        if "status" in expect and result.status != expect["status"]:
+            problems.append(Mismatch("status of the request after the attack", expect["status"],
+                                     result.status if result.status is not None else result.error))
+        if "closed" in expect and result.closed != expect["closed"]:
+            problems.append(Mismatch("the edge closed the connection", expect["closed"], result.closed))
+        if problems:
+            raise StepFailure(step, f"raw exchange with the {listener} listener", problems)
+
     async def do_websocket(self, step: Step, spec: dict[str, Any]) -> None:
         await self._repeat(step, spec, self._one_websocket)
 

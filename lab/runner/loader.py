@@ -27,6 +27,7 @@ ACTIONS = (
     "request",
     "websocket",
     "tcp",
+    "raw",
     "parallel",
     "wait",
     "fault",
@@ -600,6 +601,12 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                         source=sc.source,
                         line=step.line,
                     )
+            if step.action == "raw" and ("send" in spec) == ("h2_rapid_reset" in spec):
+                raise ConfigError(
+                    f"{step.title}: raw needs exactly one of send, h2_rapid_reset",
+                    source=sc.source,
+                    line=step.line,
+                )
             if step.action == "request" and "body" in spec and "body_generated" in spec:
                 raise ConfigError(
                     f"{step.title}: body and body_generated exclude each other",

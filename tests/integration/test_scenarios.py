@@ -34,6 +34,8 @@ SUBSET = [
     "origin-cert-expired",
     "connector-sigterm-drain",
     "registration-unauthorized",
+    "hostile-rapid-reset",
+    "hostile-cl-te",
 ]
 
 
