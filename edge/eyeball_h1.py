@@ -289,7 +289,11 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
-                log.info("malformed eyeball request (%s); %d client=%s", exc, status, client)
+                if status == 431:
+                    log.warning("eyeball request head over %d bytes; 431 (limit max_request_headers) "
+                                "client=%s", cfg.max_request_headers, client)
+                else:
+                    log.info("malformed eyeball request (%s); %d client=%s", exc, status, client)
                 await _simple_error(conn, status, f"The request could not be parsed: {exc}")
                 return
             if isinstance(event, h11.ConnectionClosed):
@@ -306,8 +310,8 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
             head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
             if head_size > cfg.max_request_headers:
                 # h11 only bounds a head that arrives in pieces; a complete one is checked here.
-                log.info("eyeball request head of %d bytes over %d; 431 client=%s", head_size,
-                         cfg.max_request_headers, client)
+                log.warning("eyeball request head of %d bytes over %d; 431 (limit max_request_headers) "
+                            "client=%s", head_size, cfg.max_request_headers, client)
                 await _simple_error(conn, 431, "The request's header fields are too large.")
                 return
             host = next((v.decode("latin-1") for n, v in headers if n == b"host"), "")

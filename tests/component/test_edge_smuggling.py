@@ -57,3 +57,15 @@ async def test_malformed_requests_are_answered_by_the_edge(tmp_path, case):
             assert r.status == 200
             [conn] = edge.registry.all()
             assert conn.active_streams == 0
+
+
+async def test_an_oversized_head_gets_431_and_a_warning_naming_the_limit(tmp_path, caplog):
+    with trio.fail_after(15):
+        async with running_edge(tmp_path, max_request_headers=4096) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            await registered(nursery, edge, t, echo_handler)
+            for big in (b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n",
+                        b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"):
+                assert (await raw_exchange(edge.bound["http"], big)).startswith(b"HTTP/1.1 431")
+            assert caplog.text.count("limit max_request_headers") == 2
+            assert all(r.levelname == "WARNING" for r in caplog.records if "max_request_headers" in r.message)
