@@ -30,7 +30,8 @@ _PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----EN
                           re.S)
 _BEARER = re.compile(r"(?i)\b(bearer[ \t]+)[^\s\"',;]+")
 _SECRET_FIELD = re.compile(
-    r"""(?ix)(["']?(?:tunnel_?secret|secret|api_?token|token|private_?key|password)["']?\s*[:=]\s*["']?)"""
+    r"""(?ix)(?<![a-z0-9_-])(["']?(?:tunnel_?secret|secret|api_?token|token|private_?key|password)["']?"""
+    r"""\s*[:=]\s*["']?)"""
     r"""([^\s"',}]+)""")
 _SECRET_KEY = re.compile(r"(?i)tunnel_?secret|secret|api_?token|token|private_?key|password")
 # base64 (standard or URL-safe) of a JSON object: starts with `{"` = "eyJ"

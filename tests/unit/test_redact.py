@@ -55,3 +55,8 @@ def test_json_like_values() -> None:
        st.text(max_size=40))
 def test_a_registered_secret_never_survives(secret: str, before: str, after: str) -> None:
     assert secret not in Redactor([secret]).text(before + secret + after).replace(REDACTED, "\0")
+
+
+def test_secret_like_words_inside_other_names_are_not_fields() -> None:
+    text = "mytoken=abc tokens: 5 nosecret: x"
+    assert redact_text(text) == text
