@@ -1,4 +1,8 @@
-"""A watchdog that cleans up after a runner killed hard (SIGKILL, the OOM killer).
+"""Stopping the runner from outside: SIGTERM handled like Ctrl-C, and a watchdog that cleans up after a
+runner killed hard (SIGKILL, the OOM killer).
+
+SIGTERM (how CI systems stop a job): `until_sigterm` cancels the run, so every scenario is torn down as
+for Ctrl-C (the teardown is shielded), then raises `Terminated`; the runner exits `EXIT_SIGTERM`.
 
 A runner that gets SIGINT or SIGTERM tears its labs down itself. One that is killed cannot, and a
 parent-death signal does not help: trio starts processes from worker threads, and the kernel sends
@@ -18,9 +22,38 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import IO
 
+import trio
+
 GRACE = 2.0  # seconds between SIGTERM and SIGKILL for orphaned components
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class Terminated(Exception):
+    """SIGTERM arrived; every component was stopped and every state directory removed, as for Ctrl-C."""
+
+
+async def until_sigterm(fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    """Run `fn`; a SIGTERM (how CI stops a job) cancels it, which tears each scenario down as Ctrl-C
+    does (the teardown is shielded), then raises Terminated."""
+    terminated = False
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal terminated
+                async for _ in signals:
+                    terminated = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            await fn(*args)
+            nursery.cancel_scope.cancel()
+    if terminated:
+        raise Terminated
 
 
 class Reaper:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -18,7 +16,6 @@ from lab.runner import netns
 from lab.runner.engine import ScenarioResult, run_scenario
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
-from lab.runner.reaper import REAPER
 from lab.runner.report import failure_text, merge_histories, print_failure, write_json, write_junit
 
 _MARK = {
@@ -27,31 +24,6 @@ _MARK = {
     "error": "[red]! ERROR[/red]",
     "skipped": "[yellow]- SKIP[/yellow]",
 }
-
-
-class Terminated(Exception):
-    """SIGTERM arrived; every component was stopped and every state directory removed, as for Ctrl-C."""
-
-
-async def _until_sigterm(fn: Callable[..., Awaitable[None]], *args: object) -> None:
-    """Run `fn`; a SIGTERM (how CI stops a job) cancels it, which tears each scenario down as Ctrl-C
-    does (the teardown is shielded), then raises Terminated."""
-    terminated = False
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                nonlocal terminated
-                async for _ in signals:
-                    terminated = True
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(watch)
-            await fn(*args)
-            nursery.cancel_scope.cancel()
-    if terminated:
-        raise Terminated
 
 
 def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
@@ -70,10 +42,12 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
     results: list[ScenarioResult] = []
+    from lab.runner.reaper import EXIT_SIGTERM, REAPER, Terminated, until_sigterm
+
     terminated = False
-    REAPER.start()
+    REAPER.start()  # cleans up should this process be killed hard
     try:
-        trio.run(_until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results)
+        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results)
     except Terminated:
         terminated = True
     finally:
@@ -103,7 +77,7 @@ def run_all(selected: list[Scenario], args: argparse.Namespace) -> int:
     console.print(("[red]" if bad or not_run else "[green]") + summary)
     if terminated:
         print("tunnel-lab: terminated (SIGTERM); every component was stopped", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return EXIT_SIGTERM
     return 1 if bad or not_run else 0
 
 
