@@ -97,9 +97,10 @@ class _H2Server:
                 break
             for event in events:
                 self.dispatch(event, nursery)
-            await self.flush()
             if self._reset_flood():
+                await self.flush()  # the GOAWAY
                 break
+            await self.flush()
 
     def _reset_flood(self) -> bool:
         """More RST_STREAMs than `eyeball_reset_limit` within the window (rapid reset): GOAWAY and close."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -93,6 +95,43 @@ async def test_rapid_reset_leaks_nothing_and_the_tunnel_serves_at_once(tmp_path)
             # the connector ended the origin requests of the reset streams (keep-alive pool aside)
             assert origin_sockets(lab) <= 8
             assert fd_count(lab.edge.pid) <= edge_fds + 8
+
+
+async def test_a_rapid_reset_flood_is_cut_off_and_leaves_nothing_behind(tmp_path):
+    """The issue's 20,000-pair variant, scaled down: past eyeball_reset_limit the edge sends GOAWAY
+    ENHANCE_YOUR_CALM; the handlers it started are bounded by eyeball_max_streams and all unwind."""
+    with trio.fail_after(90):
+        async with running_lab(tmp_path) as lab:
+            edge_fds, edge_rss = fd_count(lab.edge.pid), rss(lab.edge.pid)
+            conn = client()
+            for _ in range(2000):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, request_headers("/large?bytes=2097152"), end_stream=True)
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            tls = await h2_tls(lab)
+            async with tls:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await tls.send_all(conn.data_to_send())
+                codes = []
+                with contextlib.suppress(trio.BrokenResourceError, h2.exceptions.ProtocolError):
+                    while data := await tls.receive_some(65536):
+                        codes += [int(ev.error_code) for ev in conn.receive_data(data)
+                                  if isinstance(ev, h2.events.ConnectionTerminated)]
+            assert codes == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+            await lab.assert_healthy()
+            _, history = await lab.api("GET", "/history")
+            assert len(history) <= 1 + 200  # the honest request, and at most eyeball_reset_limit handlers
+            assert origin_sockets(lab) <= 8
+            assert fd_count(lab.edge.pid) <= edge_fds + 8
+            assert rss(lab.edge.pid) <= edge_rss + 64 * 1024 * 1024
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 async def test_settings_and_ping_floods(tmp_path):
