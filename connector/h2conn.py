@@ -2,10 +2,15 @@
 
 h2 treats a request body longer or shorter than its `content-length`, and an unparsable or conflicting
 `content-length`, as a *connection* error: it queues GOAWAY and refuses everything afterwards, so one
-hostile request would drop every stream on the tunnel connection. Go's HTTP/2 server (cloudflared's)
-resets only that stream with PROTOCOL_ERROR (x/net/http2 server.go: `processData` "send_too_much",
-`newWriterAndRequest` "bad_content_length"). `ConnectorH2Connection` does the same and reports the
-reset as a `StreamProtocolError` event.
+hostile request would drop every stream on the tunnel connection. Go's HTTP/2 server (cloudflared's,
+x/net/http2 server.go as vendored in 2026.8.2) never lets such a request cost more than its stream:
+a body longer than declared is `processData`'s "send_too_much", RST_STREAM PROTOCOL_ERROR.
+`ConnectorH2Connection` resets the stream with PROTOCOL_ERROR in every one of these cases and reports
+it as a `StreamProtocolError` event. Known differences, reachable only by an edge that sends malformed
+requests (the lab edge refuses them before forwarding): for a body *shorter* than declared, Go does not
+reset the stream but fails the handler's body read ("request declared a Content-Length of N but only
+wrote M bytes"), so cloudflared answers the request itself; an unparsable `content-length` counts as 0
+there and conflicting ones as the first value, where h2 refuses the header block.
 """
 
 from __future__ import annotations
