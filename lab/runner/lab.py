@@ -402,16 +402,18 @@ class Lab:
             self.redactor.add(str(json.loads(creds.read_text()).get("TunnelSecret") or ""))
 
     def scrub_logs(self) -> None:
-        """Rewrite every component log through the redaction rule (what a component printed, the real
-        cloudflared included, is scrubbed too); call once the components stopped."""
-        for comp in self.components.values():
-            try:
-                text = comp.log_path.read_text(encoding="utf-8", errors="surrogateescape")
-            except OSError:
+        """Rewrite every file the components wrote into the scenario's results (their logs, and whatever
+        else they record there) through the redaction rule, owner-only; call once they stopped. The
+        runner's own operations.jsonl is redacted as it is written."""
+        for path in sorted(self.logs.iterdir()):
+            if not path.is_file() or path.name == "operations.jsonl":
                 continue
-            clean = self.redactor.text(text)
-            if clean != text:
-                comp.log_path.write_text(clean, encoding="utf-8", errors="surrogateescape")
+            with contextlib.suppress(OSError):
+                path.chmod(0o600)
+                text = path.read_text(encoding="utf-8", errors="surrogateescape")
+                clean = self.redactor.text(text)
+                if clean != text:
+                    path.write_text(clean, encoding="utf-8", errors="surrogateescape")
 
     def log_tails(self, lines: int = 15) -> dict[str, list[str]]:
         return {c.name: tail(c.log_path, lines) for c in self.components.values()}
