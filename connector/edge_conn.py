@@ -30,6 +30,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from connector.h2conn import ConnectorH2Connection, StreamProtocolError
 from connector.logging_setup import format_value as q
 from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from connector.settings import TunnelSettings
@@ -533,7 +534,7 @@ class EdgeConnection:
         # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=False, normalize_inbound_headers=False)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = ConnectorH2Connection(config=config)  # a malformed stream costs only that stream
         self.h2.encoder = LongValueEncoder()  # a huge origin response head must not stall the connection
         self.h2.local_settings = h2.settings.Settings(
             client=False, initial_values=_server_settings())  # type: ignore[arg-type]
@@ -773,8 +774,12 @@ class EdgeConnection:
                 ts._ended()
         elif isinstance(event, h2.events.StreamReset):
             ts = self.streams.get(event.stream_id or 0)
-            if ts is not None:
+            if isinstance(event, StreamProtocolError):
+                log.warning("Malformed request stream from the edge, resetting the stream error=%s %s",
+                            q(event.reason), ts.label if ts is not None else self.label)
+            elif ts is not None:
                 log.debug("Incoming request ended abruptly error_code=%s %s", event.error_code, ts.label)
+            if ts is not None:
                 ts._reset()
                 self._wake_window()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -1048,9 +1053,11 @@ class EdgeConnection:
         deadline = trio.current_time() + self.settings.grace_period
         if self.registered and self._rpc_closed is None and not self._rpc.aborted:
             qid = self._rpc.unregister_connection()
-            await self._send_rpc(ctrl)
             answer: object = None
+            # Sending is bounded too: an edge that grants no flow-control window (a wedged tunnel)
+            # must not hold the connector past its grace period.
             with trio.move_on_at(deadline):
+                await self._send_rpc(ctrl)
                 try:
                     answer = await self._await_answer(qid)
                 except ControlStreamError as exc:
@@ -1069,9 +1076,9 @@ class EdgeConnection:
             self.registered = False
             if self._on_unregistered:
                 self._on_unregistered(self)
-        if self._rpc_closed is None and not ctrl.local_ended:
-            await self._abort_rpc(ctrl)
         with trio.move_on_at(deadline):
+            if self._rpc_closed is None and not ctrl.local_ended:
+                await self._abort_rpc(ctrl)
             await first_of(self._streams_idle.wait, self._closed_event.wait)
         n = self.active_streams
         if n:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1024 * 1024
+MAX_JSON_DEPTH = 32  # a fault body is one object deep; anything far deeper is an attack on the parser
 
 
 class ApiError(Exception):
@@ -53,6 +53,33 @@ def connection_json(conn: Any) -> dict[str, Any]:
         "streams": conn.active_streams,
         "registered_at": reg.registered_at if reg else None,
     }
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON: 400 for bad JSON, nesting deeper than MAX_JSON_DEPTH, NaN or infinities."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:  # nesting is checked before the parser recurses into it
+        if in_string:
+            escaped = not escaped and byte == 0x5C
+            in_string = escaped or byte != 0x22
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body is nested {deepest} deep; at most {MAX_JSON_DEPTH} levels")
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(body or b"null", parse_constant=no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"body is not JSON: {exc}") from None
 
 
 async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
@@ -163,21 +190,35 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
     elif method == "POST" and path == "/faults":
-        try:
-            payload = json.loads(body or b"null")
-        except ValueError as exc:
-            raise ApiError(400, f"body is not JSON: {exc}") from None
-        return ok(await apply_fault(edge, payload))
+        return ok(await apply_fault(edge, parse_json(body)))
     elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
         fault_id = path[len("/faults/"):] if path.startswith("/faults/") else None
         return ok({"cleared": await clear_fault(edge, fault_id)})
     raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, f"no route {method} {path}")
 
 
+def _declared_length(request: h11.Request) -> int:
+    value = dict(request.headers).get(b"content-length", b"0")
+    return int(value) if value.isdigit() else 0
+
+
+async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, ctype: str, payload: bytes,
+                  *, close: bool = False) -> None:
+    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="tunnel-lab"'))
+    if close:
+        headers.append((b"connection", b"close"))
+    await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+    await stream.send_all(conn.send(h11.Data(data=payload)))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
 async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
     """Serve management API requests on one connection (keep-alive)."""
     conn = h11.Connection(h11.SERVER)
     expected = f"Bearer {edge.api_token}".encode()
+    limit = edge.config.api_max_body
     try:
         while True:
             request: h11.Request | None = None
@@ -193,11 +234,19 @@ async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tupl
                         request = event
                     elif isinstance(event, h11.Data):
                         body += event.data
-                        if len(body) > MAX_BODY:
-                            raise ApiError(413, "body too large")
+                        if len(body) > limit:
+                            break  # answered 413 below, then the connection is closed
                     elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                         break
+                    if request is not None and _declared_length(request) > limit:
+                        break  # no need to read what will not be accepted
             if idle.cancelled_caught or request is None:
+                return
+            if len(body) > limit or _declared_length(request) > limit:
+                log.warning("api request body over %d bytes: 413 (limit api_max_body) remote=%s:%d", limit,
+                            *peer)
+                await _answer(stream, conn, 413, "application/json",
+                              (json.dumps({"error": f"body over {limit} bytes"}) + "\n").encode(), close=True)
                 return
             method = request.method.decode()
             target = request.target.decode("latin-1")
@@ -215,13 +264,12 @@ async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tupl
             except (ConfigError, TunnelLabError, KeyError, ValueError) as exc:
                 status, ctype = 400, "application/json"
                 payload = (json.dumps({"error": str(exc)}) + "\n").encode()
+            except Exception as exc:  # a bug: still an answer, and the connection stays usable
+                log.exception("api %s %s failed remote=%s:%d", method, target, *peer)
+                status, ctype = 500, "application/json"
+                payload = (json.dumps({"error": f"internal error: {exc!r}"}) + "\n").encode()
             log.debug("api %s %s -> %d remote=%s:%d", method, target, status, *peer)
-            headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode())]
-            if status == 401:
-                headers.append((b"www-authenticate", b'Bearer realm="tunnel-lab"'))
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-            await stream.send_all(conn.send(h11.Data(data=payload)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await _answer(stream, conn, status, ctype, payload)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()

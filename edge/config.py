@@ -79,3 +79,10 @@ class EdgeConfig:
     eyeball_header_timeout: float = 15.0
     eyeball_idle_timeout: float = 60.0
     store_check_interval: float = 0.5  # store version reads: a deleted tunnel's connections close
+    # Limits against hostile eyeballs (docs/edge.md, "Limits"); each is logged at WARNING when it trips.
+    eyeball_max_streams: int = 100  # concurrent requests per HTTP/2 eyeball connection (incl. reset ones)
+    eyeball_reset_limit: int = 200  # stream resets from one HTTP/2 eyeball per window: more -> GOAWAY
+    eyeball_reset_window: float = 10.0
+    max_on_demand_certs: int = 256  # unrouted SNI names that get a certificate of their own (per run)
+    api_max_body: int = 1024 * 1024  # management API request bodies; over it: 413
+    accept_retry_delay: float = 0.1  # out of file descriptors: accept again after this long

@@ -21,7 +21,7 @@ except (ImportError, AttributeError):  # pragma: no cover - another h11 layout: 
     _ContentLengthReader = None
 
 from edge import pages
-from edge.proxy import EyeballGone, proxy_request
+from edge.proxy import BadRequestBody, EyeballGone, proxy_request
 from edge.tunnel import acquire_fast
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class _Conn:
         self.client = client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.config.max_request_headers)
         self.closed = False
+        self.peer_eof = False  # the eyeball closed its sending side
         self.send_lock = trio.Lock()
         self._out: list[bytes] = []  # serialized but not yet written (a deferred response head)
 
@@ -72,6 +73,7 @@ class _Conn:
                 raise EyeballGone(f"eyeball connection broke: {exc}") from exc
         if scope.cancelled_caught:
             raise TimeoutError
+        self.peer_eof = not data
         return bytes(data)
 
     def body_bytes_left(self) -> int:
@@ -188,7 +190,7 @@ class H1Exchange:
         except TimeoutError:
             raise EyeballGone("eyeball stopped sending the request body") from None
         except h11.RemoteProtocolError as exc:
-            raise EyeballGone(f"malformed request body: {exc}") from exc
+            raise BadRequestBody(f"malformed request body: {exc}", eof=self.conn.peer_eof) from exc
         if isinstance(event, h11.Data):
             return bytes(event.data)
         if isinstance(event, h11.EndOfMessage):
@@ -258,7 +260,7 @@ def _has_body(headers: Headers) -> bool:
 async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: str, client: str,
                               client_ip: str) -> None:
     """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
-    from wire.eyeball import EyeballRequest, is_websocket_request
+    from wire.eyeball import EyeballRequest, is_websocket_request, request_head_error
 
     conn = _Conn(edge, stream, client)
     cfg = edge.config
@@ -287,7 +289,11 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
-                log.info("malformed eyeball request (%s); %d client=%s", exc, status, client)
+                if status == 431:
+                    log.warning("eyeball request head over %d bytes; 431 (limit max_request_headers) "
+                                "client=%s", cfg.max_request_headers, client)
+                else:
+                    log.info("malformed eyeball request (%s); %d client=%s", exc, status, client)
                 await _simple_error(conn, status, f"The request could not be parsed: {exc}")
                 return
             if isinstance(event, h11.ConnectionClosed):
@@ -295,11 +301,17 @@ async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: st
             if not isinstance(event, h11.Request):
                 return
             headers = [(bytes(n), bytes(v)) for n, v in event.headers]
+            refused = request_head_error(bytes(event.http_version), headers)
+            if refused is not None:
+                # Before anything is forwarded: a smuggling attempt never reaches a tunnel stream.
+                log.warning("eyeball request refused with %d: %s client=%s", refused[0], refused[1], client)
+                await _simple_error(conn, *refused)
+                return
             head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
             if head_size > cfg.max_request_headers:
                 # h11 only bounds a head that arrives in pieces; a complete one is checked here.
-                log.info("eyeball request head of %d bytes over %d; 431 client=%s", head_size,
-                         cfg.max_request_headers, client)
+                log.warning("eyeball request head of %d bytes over %d; 431 (limit max_request_headers) "
+                            "client=%s", head_size, cfg.max_request_headers, client)
                 await _simple_error(conn, 431, "The request's header fields are too large.")
                 return
             host = next((v.decode("latin-1") for n, v in headers if n == b"host"), "")

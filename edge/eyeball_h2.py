@@ -41,13 +41,15 @@ class _H2Server:
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         self.h2.encoder = LongValueEncoder()  # an origin's huge response head must not stall the eyeball
         self.h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+            SettingCodes.MAX_CONCURRENT_STREAMS: edge.config.eyeball_max_streams,
             SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,
             SettingCodes.MAX_HEADER_LIST_SIZE: edge.config.max_request_headers,
         })
         self.lock = trio.Lock()
         self.lot = trio.lowlevel.ParkingLot()
         self.exchanges: dict[int, H2Exchange] = {}
+        self._resets: deque[float] = deque()  # times of the eyeball's recent RST_STREAMs
+        self._refused_logged = False
 
     async def flush(self) -> None:
         # Shielded like the tunnel side's flush: bytes taken from h2 must go out whole.
@@ -97,9 +99,38 @@ class _H2Server:
                 break
             for event in events:
                 self.dispatch(event, nursery)
+            if self._reset_flood():
+                await self.flush()  # the GOAWAY
+                break
             await self.flush()
 
+    def _reset_flood(self) -> bool:
+        """More RST_STREAMs than `eyeball_reset_limit` within the window (rapid reset): GOAWAY and close."""
+        cfg = self.edge.config
+        horizon = trio.current_time() - cfg.eyeball_reset_window
+        while self._resets and self._resets[0] < horizon:
+            self._resets.popleft()
+        if len(self._resets) <= cfg.eyeball_reset_limit:
+            return False
+        log.warning("eyeball reset more than %d streams within %gs (rapid reset?): GOAWAY and close "
+                    "(limit eyeball_reset_limit) client=%s", cfg.eyeball_reset_limit,
+                    cfg.eyeball_reset_window, self.client)
+        self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        return True
+
     def dispatch(self, event: Any, nursery: trio.Nursery) -> None:
+        limit = self.edge.config.eyeball_max_streams
+        if isinstance(event, h2.events.RequestReceived) and len(self.exchanges) >= limit:
+            # Streams the eyeball already reset still hold a handler until it has unwound: those count
+            # too, so HEADERS + RST_STREAM pairs cannot run more handlers than the advertised limit.
+            if not self._refused_logged:
+                self._refused_logged = True
+                log.warning("eyeball opened more than %d concurrent streams: refusing the excess "
+                            "(limit eyeball_max_streams) client=%s", self.edge.config.eyeball_max_streams,
+                            self.client)
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # already reset by the eyeball
+                self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         if isinstance(event, h2.events.RequestReceived):
             new = H2Exchange(self, event.stream_id, list(event.headers), ended=event.stream_ended is not None)
             self.exchanges[event.stream_id] = new
@@ -120,6 +151,8 @@ class _H2Server:
                 ex.ended = True
                 ex.lot.unpark_all()
         elif isinstance(event, h2.events.StreamReset):
+            if event.remote_reset:
+                self._resets.append(trio.current_time())
             if ex is not None:
                 ex.reset = True
                 ex.lot.unpark_all()

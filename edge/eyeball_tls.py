@@ -1,9 +1,10 @@
 """The HTTPS eyeball listener: a lab-CA certificate per SNI hostname (issued on demand for any valid
-name, routed or not; no SNI gets the `localhost` certificate, an invalid name is refused); h2 or
-HTTP/1.1 by ALPN."""
+name, routed or not, up to `max_on_demand_certs` unrouted names; no SNI gets the `localhost` certificate,
+an invalid name is refused with `unrecognized_name`); h2 or HTTP/1.1 by ALPN."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ def _context(edge: Edge, name: str) -> ssl.SSLContext:
 def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
     """The listener's context: `localhost` by default, switched by SNI to the requested host's leaf."""
     base = _context(edge, "localhost")
+    limit = edge.config.max_on_demand_certs
+    on_demand: set[str] = set()  # unrouted names this edge issued a certificate for
 
     def choose(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         if not server_name:
@@ -44,6 +47,16 @@ def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
         except ConfigError as exc:
             log.info("TLS refused for an invalid SNI name: %s", exc)
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        if name not in on_demand and edge.tunnels.resolve_hostname(name) is None:
+            # Every unrouted name costs a key pair and two files: a client inventing names must not
+            # fill the disk. Past the limit, unrouted names get the default (localhost) certificate.
+            if len(on_demand) >= limit:
+                if len(on_demand) == limit:
+                    on_demand.add("")  # logged once
+                    log.warning("issued %d on-demand certificates for unrouted names; further unrouted "
+                                "names get the default certificate (limit max_on_demand_certs)", limit)
+                return None
+            on_demand.add(name)
         try:
             # Any valid name gets a lab-CA leaf (issued once, then cached), so an unrouted host
             # reaches the edge's 404 page over verified TLS instead of failing the handshake.
@@ -54,6 +67,23 @@ def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
 
     base.sni_callback = choose
     return base
+
+
+async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream], tcp: trio.SocketStream) -> None:
+    """Send the TLS alert OpenSSL queued for a failed handshake (`unrecognized_name` from our SNI callback).
+
+    trio's SSLStream marks itself broken on an SSLError without writing what OpenSSL left in its outgoing
+    memory BIO, so the client would see a bare EOF instead of the alert. The BIO is trio's private
+    `_outgoing`; tests/component/test_edge_tls_alerts.py fails if that changes.
+    """
+    outgoing = getattr(tls, "_outgoing", None)
+    if not isinstance(outgoing, ssl.MemoryBIO):
+        return
+    pending = outgoing.read()
+    if pending:
+        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                                        OSError):
+            await tcp.send_all(pending)
 
 
 async def serve_tls_connection(edge: Edge, tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
@@ -72,6 +102,7 @@ async def serve_tls_connection(edge: Edge, tcp: trio.SocketStream, peer: tuple[s
     except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError) as exc:
         log.info("eyeball TLS handshake failed: %s client=%s", exc.__cause__ or exc, client)
         with trio.CancelScope(shield=True):
+            await _send_pending_alert(tls, tcp)
             await tcp.aclose()
         return
     proto: Any = tls.selected_alpn_protocol()

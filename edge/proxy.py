@@ -41,6 +41,15 @@ class EyeballGone(TunnelLabError):
     """The eyeball closed or broke its connection."""
 
 
+class BadRequestBody(EyeballGone):
+    """The eyeball's request body is malformed (a bad chunk size), or ended early (`eof`: it closed its
+    side before sending all it announced)."""
+
+    def __init__(self, message: str, *, eof: bool = False) -> None:
+        super().__init__(message)
+        self.eof = eof
+
+
 class RawChannel(Protocol):
     """A byte pipe to the eyeball after a protocol switch (WebSocket)."""
 
@@ -187,6 +196,12 @@ async def proxy_request(edge: Edge, ex: Exchange) -> None:
             result.outcome = "eyeball-closed"
         log.info("eyeball went away host=%r ray=%s", host, result.ray)
         raise
+    except trio.Cancelled:
+        # An HTTP/2 eyeball reset the stream (or its connection, or the edge, is going away):
+        # never recorded as `ok` with no status.
+        if not result.recorded:
+            result.outcome = "eyeball-reset" if getattr(ex, "reset", False) else "cancelled"
+        raise
     finally:
         result.record()
 
@@ -302,6 +317,14 @@ async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, res
         return False
     except TunnelStreamError as exc:
         upload.cancel()
+        bad = next((e for e in upload_failed if isinstance(e, BadRequestBody)), None)
+        if bad is not None and not ex.response_started:
+            # The connector's stream was reset; the eyeball gets a 400 where its connection allows.
+            log.info("malformed request body (%s); 400 %s", bad, ident)
+            result.status, result.outcome = 400, "eyeball-closed" if bad.eof else "bad-request"
+            await send_page(ex, 400, *pages.error_page(400, f"The request body could not be read: {bad}",
+                                                        ray=ray))
+            return False
         if upload_failed:
             raise EyeballGone("eyeball closed during the upload") from None
         if exc.retryable and may_retry:

@@ -7,6 +7,7 @@ within `shutdown_timeout`, sends GOAWAY, closes, then cancels whatever is left.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,33 @@ from edge.state import Faults, History, Metrics, Registry, TunnelsView
 from edge.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
+
+
+# accept(2) errors that mean "out of descriptors or memory for now" (trio.serve_listeners' list): the
+# listener backs off and tries again instead of ending the edge.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def accept_or_wait(listener: trio.SocketListener, what: str, retry_delay: float) -> trio.SocketStream:
+    """The next connection; when the process is out of file descriptors (or memory), log once at WARNING,
+    wait `retry_delay` between tries (connections already open go on being served), and log the recovery."""
+    refused = 0
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                raise
+            if not refused:
+                log.warning("%s listener cannot accept: %s (%s); open connections are served, new ones wait "
+                            "(retrying every %gs)", what, errno.errorcode[exc.errno], os.strerror(exc.errno),
+                            retry_delay)
+            refused += 1
+            await trio.sleep(retry_delay)
+            continue
+        if refused:
+            log.warning("%s listener accepting again after %d failed accepts", what, refused)
+        return stream
 
 
 class TunnelListener:
@@ -189,7 +217,7 @@ class Edge:
         try:
             task_status.started(bound)
             while True:
-                stream = await listeners[0].accept()
+                stream = await accept_or_wait(listeners[0], what, self.config.accept_retry_delay)
                 self.spawn(_guard, handler, stream, _peer(stream), what)
         finally:
             for lst in listeners:
@@ -208,7 +236,8 @@ class Edge:
                 lst.scope = scope
                 task_status.started()
                 while True:
-                    stream = await listeners[0].accept()
+                    stream = await accept_or_wait(listeners[0], f"tunnel {lst.location}",
+                                                  self.config.accept_retry_delay)
                     self.spawn(self._handle_tunnel, stream, lst)
         finally:
             for sock_listener in listeners:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
 import uuid
@@ -99,6 +100,10 @@ class Registry:
 FAULT_KINDS = ("drop-connection", "goaway", "reset-streams", "dc-down", "dc-up", "refuse-registrations",
                "delay-registrations", "swap-cert", "latency")
 BROKEN_CERT_KINDS = ("expired", "not-yet-valid", "wrong-san", "unknown-ca", "self-signed")
+# Bounds on fault parameters: a value outside them is a 400, never a hung edge or a half-applied fault.
+MAX_LATENCY_MS = 600_000  # ten minutes per request
+MAX_DELAY_SECONDS = 3600.0
+MAX_ERROR_CODE = 2**32 - 1  # HTTP/2 error codes are 32-bit
 
 
 @dataclass
@@ -194,6 +199,17 @@ def parse_fault(body: Any) -> tuple[str, dict[str, Any]]:
         if value is None or isinstance(value, bool) or not isinstance(value, types):
             raise ConfigError(f"fault {kind} needs {name!r}", source="POST /faults")
 
+    def number(name: str, low: float, high: float, *, integer: bool = False) -> None:
+        """An optional number within [low, high] (finite; an int when `integer`)."""
+        value = params.get(name)
+        if value is None:
+            return
+        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not low <= value <= high:
+            what = "an integer" if integer else "a number"
+            raise ConfigError(f"fault {kind}: {name} must be {what} from {low:g} to {high:g}, got {value!r}",
+                              source="POST /faults")
+
     if kind in ("dc-down", "dc-up"):
         need("location", str)
     elif kind == "swap-cert":
@@ -209,10 +225,20 @@ def parse_fault(body: Any) -> tuple[str, dict[str, Any]]:
             raise ConfigError("refuse-registrations: cause must be a string", source="POST /faults")
     elif kind == "delay-registrations":
         need("seconds", (int, float))
+        number("seconds", 0, MAX_DELAY_SECONDS)
     elif kind == "latency":
         need("ms", (int, float))
+        number("ms", 0, MAX_LATENCY_MS)
+    elif kind == "goaway":
+        number("error_code", 0, MAX_ERROR_CODE, integer=True)
+    for name in ("conn_index",):
+        number(name, 0, 2**31 - 1, integer=True)
+    for name in ("connection", "tunnel_id", "location"):
+        if name in params and not isinstance(params[name], str):
+            raise ConfigError(f"fault {kind}: {name} must be a string", source="POST /faults")
     for name in ("count",):
-        if name in params and (not isinstance(params[name], int) or params[name] < 1):
+        if name in params and (not isinstance(params[name], int) or isinstance(params[name], bool)
+                               or params[name] < 1):
             raise ConfigError(f"{name} must be a positive integer", source="POST /faults")
     return kind, params
 

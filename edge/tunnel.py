@@ -644,7 +644,14 @@ class TunnelConnection:
             raise TunnelStreamError(f"cannot send request headers: {exc}") from exc
         stream.local_closed = end_stream
         log.debug("opened stream=%d %s", stream_id, self.ident())
-        await self._stream_flush()
+        try:
+            await self._stream_flush()
+        except BaseException:
+            # The caller never got the stream (cancelled by an eyeball reset that came in the same
+            # read as the request, or the write failed): it is ours to free, or it leaks forever.
+            stream.released = True
+            self._forget(stream)
+            raise
         return stream
 
     def _slots_full(self) -> bool:
@@ -714,7 +721,19 @@ class TunnelConnection:
         await self._stream_flush()
 
     async def release_stream(self, stream: TunnelStream) -> None:
-        """Forget a stream: reset it if still open, hand back window of unread data."""
+        """Forget a stream: reset it if still open, hand back window of unread data.
+
+        Runs to the end even when the handler was cancelled (an eyeball reset): the RST_STREAM and the
+        window must reach the connector now, not with some later stream's write."""
+        self._forget(stream)
+        if self.closed.is_set():
+            return
+        with (trio.CancelScope(shield=True),
+              contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):
+            await self.flush()  # bounded by write_timeout
+
+    def _forget(self, stream: TunnelStream) -> None:
+        """The synchronous part of releasing a stream (frames are queued, not sent)."""
         self.streams.pop(stream.id, None)
         if self.closed.is_set():
             return
@@ -728,8 +747,6 @@ class TunnelConnection:
         self._slot_lot.unpark_all()
         if not self.streams:
             self._idle_lot.unpark_all()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.flush()
 
     # ---- sending, closing --------------------------------------------------------------------
     async def flush(self) -> None:
@@ -769,8 +786,8 @@ class TunnelConnection:
 
     async def send_goaway(self, error_code: int = 0, debug: bytes = b"") -> None:
         """GOAWAY without closing: no new streams from us; in-flight ones go on."""
+        self.h2.send_goaway(error_code, 0, debug)  # first: a bad code raises before anything changed
         self.goaway_sent = True
-        self.h2.send_goaway(error_code, 0, debug)
         await self.flush()
 
     async def reset_all_streams(self, code: int = ErrorCodes.INTERNAL_ERROR) -> int:

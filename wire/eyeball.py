@@ -32,6 +32,7 @@ __all__ = [
     "eyeball_response_headers",
     "is_websocket_request",
     "new_ray_id",
+    "request_head_error",
     "tunnel_request_headers",
     "tunnel_response",
 ]
@@ -129,6 +130,23 @@ def tunnel_request_headers(req: EyeballRequest, *, ray: str, websocket: bool = F
         fields.append((PROXY_UPGRADE, UPGRADE_WEBSOCKET))
     fields += [(as_bytes(k).lower(), as_bytes(v)) for k, v in extra]
     return fields
+
+
+def request_head_error(http_version: bytes, headers: Sequence[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    """Why the edge refuses an HTTP/1.x request head before forwarding anything: (status, reason), or None.
+
+    - a major version other than 1 (`HTTP/9.9`, `HTTP/2.0` in text): 505;
+    - both `Content-Length` and `Transfer-Encoding` (either order): 400. RFC 9112 §6.1 lets a server
+      reject such a request (the request-smuggling pattern) instead of ignoring the length; the
+      connection is closed after the answer either way.
+    """
+    major = http_version.split(b".", 1)[0]
+    if major != b"1":
+        return 505, f"HTTP version {http_version.decode('latin-1')!r} is not supported (HTTP/1.x only)"
+    names = {name.lower() for name, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, "The request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1)"
+    return None
 
 
 def is_websocket_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:

@@ -20,7 +20,9 @@ from lab.runner.cloudflared import RELEASE_TABLE
 from lab.runner.lab import Lab, RunOptions, scenario_dirs
 from lab.runner.loader import Scenario, Step, parse_duration
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
+from lab.runner.reaper import REAPER
 from lab.runner.report import Recorder
+from wire.redact import Redactor
 
 DEFAULT_STEP_TIMEOUT = 10.0
 
@@ -93,8 +95,11 @@ async def run_scenario(
     if reason:
         return ScenarioResult(sc.name, sc.source, "skipped", message=reason)
     state, logs = scenario_dirs(options.results, sc.name)
-    recorder = Recorder(logs / "operations.jsonl", sc.name)
-    lab = Lab(sc, options, state, logs, recorder)
+    if not options.keep_state:
+        REAPER.watch_path(state)  # removed even if the runner is killed hard
+    redactor = Redactor()  # one rule for the logs, the history and the result of this run
+    recorder = Recorder(logs / "operations.jsonl", sc.name, redactor)
+    lab = Lab(sc, options, state, logs, recorder, redactor=redactor)
     runner = _Runner(lab, on_step or (lambda _n, _s: None))
     result = ScenarioResult(sc.name, sc.source, "passed", results_dir=str(logs))
     recorder.op("scenario-start", source=sc.source, connector=options.connector, isolated=netns.inside())
@@ -126,9 +131,12 @@ async def run_scenario(
             result.status, result.step = "error", runner.current
             where = logs / "runner-error.txt"
             result.message = f"internal error in the runner: {exc!r} (traceback in {where})"
-            (logs / "runner-error.txt").write_text("".join(traceback.format_exception(exc)))
+            (logs / "runner-error.txt").write_text(redactor.text("".join(traceback.format_exception(exc))))
     finally:
         await lab.teardown()
+        lab.scrub_logs()
+        result.message = redactor.text(result.message)
+        result.mismatches = [redactor.text(m) for m in result.mismatches]
         result.duration = time.monotonic() - started
         apply_known_deviation(sc, options.connector, result)
         result.exchanges = runner.exchanges
@@ -144,6 +152,7 @@ async def run_scenario(
         recorder.close()
         if not options.keep_state:
             shutil.rmtree(state, ignore_errors=True)
+            REAPER.forget_path(state)
     return result
 
 
@@ -289,6 +298,37 @@ class _Runner:
             raise StepFailure(
                 step, f"{method} {scheme}://{host}{spec.get('path', '/')} did not meet expectations", problems
             )
+
+    async def do_raw(self, step: Step, spec: dict[str, Any]) -> None:
+        """Bytes no well-behaved client sends (lab/runner/raw.py), to the plain or TLS eyeball listener."""
+        from lab.runner.raw import run_raw
+
+        lab = self.lab
+        listener = spec.get("listener", "https" if "h2_rapid_reset" in spec else "http")
+        address = lab.edge_ready.get(listener)
+        if not address:
+            raise StepFailure(step, f"the edge has no {listener} eyeball listener (topology.edge.https?)")
+        host = spec.get("host") or self._default_host()
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        result = await run_raw(str(address), tls=listener == "https", host=host,
+                               ca_path=str(lab.edge_ready["ca"]),
+                               send=spec["send"].encode("latin-1") if "send" in spec else None,
+                               rapid=spec.get("h2_rapid_reset"), timeout=timeout)
+        lab.recorder.op("raw", step=step.index, listener=listener, host=host, status=result.status,
+                        response=result.response[:200].decode("latin-1"), closed=result.closed,
+                        error=result.error)
+        expect = spec.get("expect", {})
+        problems: list[Mismatch] = []
+        if "response" in expect and not result.response.startswith(expect["response"].encode("latin-1")):
+            problems.append(Mismatch("answer starts with", expect["response"],
+                                     result.response[:80].decode("latin-1") or result.error or "nothing"))
+        if "status" in expect and result.status != expect["status"]:
+            problems.append(Mismatch("status of the request after the attack", expect["status"],
+                                     result.status if result.status is not None else result.error))
+        if "closed" in expect and result.closed != expect["closed"]:
+            problems.append(Mismatch("the edge closed the connection", expect["closed"], result.closed))
+        if problems:
+            raise StepFailure(step, f"raw exchange with the {listener} listener", problems)
 
     async def do_websocket(self, step: Step, spec: dict[str, Any]) -> None:
         await self._repeat(step, spec, self._one_websocket)

@@ -8,6 +8,7 @@ server, and how to tear everything down (always, also on failure and Ctrl-C).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from lab.runner import client
 from lab.runner.cloudflared import BUILTIN, Capabilities
 from lab.runner.loader import Scenario
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
+from wire.redact import Redactor
 
 START_TIMEOUT = 20.0
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -62,6 +64,8 @@ class Lab:
     edge_ready: dict[str, Any] = field(default_factory=dict)
     metrics_addr: str = ""
     api_token: str = ""
+    # Every secret this run creates is registered here; whatever the lab writes goes through it.
+    redactor: Redactor = field(default_factory=Redactor)
 
     # --- variables ------------------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
@@ -112,7 +116,8 @@ class Lab:
     async def admin(self, *args: str) -> str:
         argv = [*TUNNEL_LAB, "tunnel", "--state", str(self.state), *args]
         self.recorder.op("admin", argv=["tunnel-lab", *argv[3:]])
-        return await run_command(argv, env=self.env(), log_path=self.logs / "admin.log")
+        return await run_command(argv, env=self.env(), log_path=self.logs / "admin.log",
+                                 redact=self.redactor.text)
 
     async def setup(self) -> None:
         (self.state / "home").mkdir(parents=True, exist_ok=True)
@@ -127,6 +132,7 @@ class Lab:
             if path_m and Path(path_m.group(1)).exists():
                 creds = Path(path_m.group(1))
             self.tunnels[t.name] = TunnelInfo(t.name, m.group(0), creds)
+            self._register_secret(creds)
             for host in t.dns:
                 await self.admin("route", "dns", t.name, host)
             for cidr in t.ip:
@@ -225,6 +231,7 @@ class Lab:
             token_file = self.state / "api-token"
             if token_file.exists():
                 self.api_token = token_file.read_text().strip()
+        self.redactor.add(self.api_token)
 
     async def restart_edge(self) -> None:
         comp = self.components["edge"]
@@ -246,6 +253,7 @@ class Lab:
         path = self.state / f"credentials-{kind}.json"
         path.write_text(json.dumps(data))
         path.chmod(0o400)
+        self._register_secret(path)
         return path, str(data["TunnelID"])
 
     def _connector_component(self) -> Component:
@@ -295,6 +303,7 @@ class Lab:
             lower = {k.lower(): v for k, v in data.items()}
             token = {"a": lower["accounttag"], "t": lower["tunnelid"], "s": lower["tunnelsecret"]}
             argv += ["--token", base64.b64encode(json.dumps(token).encode()).decode()]
+            self.redactor.add(argv[-1])
         else:
             argv += ["--credentials-file", str(creds)]
         argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
@@ -314,7 +323,7 @@ class Lab:
         comp = self.components["connector"]
         if comp.starts:  # rebuild: the edge may have moved (it never does with a same-port restart)
             comp = self._connector_component()
-        shown = ["<token>" if i and comp.argv[i - 1] == "--token" else a for i, a in enumerate(comp.argv)]
+        shown = self.redactor.argv(comp.argv)
         await comp.start()
         self.recorder.op("start", component="connector", argv=shown, pid=comp.pid)
         if wait_ready:
@@ -377,6 +386,25 @@ class Lab:
                 except OSError:
                     comp.kill_group()
 
+    def _register_secret(self, creds: Path) -> None:
+        # not a credentials file we can read: nothing to register
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.redactor.add(str(json.loads(creds.read_text()).get("TunnelSecret") or ""))
+
+    def scrub_logs(self) -> None:
+        """Rewrite every file the components wrote into the scenario's results (their logs, and whatever
+        else they record there) through the redaction rule, owner-only; call once they stopped. The
+        runner's own operations.jsonl is redacted as it is written."""
+        for path in sorted(self.logs.iterdir()):
+            if not path.is_file() or path.name == "operations.jsonl":
+                continue
+            with contextlib.suppress(OSError):
+                path.chmod(0o600)
+                text = path.read_text(encoding="utf-8", errors="surrogateescape")
+                clean = self.redactor.text(text)
+                if clean != text:
+                    path.write_text(clean, encoding="utf-8", errors="surrogateescape")
+
     def log_tails(self, lines: int = 15) -> dict[str, list[str]]:
         return {c.name: tail(c.log_path, lines) for c in self.components.values()}
 
@@ -397,6 +425,7 @@ def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:
     logs = results / name
     shutil.rmtree(logs, ignore_errors=True)  # a re-run replaces the previous run's logs
     logs.mkdir(parents=True, exist_ok=True)
+    os.chmod(logs, 0o700)  # logs can hold what components printed: the owner's only
     # A fresh state directory in /tmp (short paths, private keys never land in a results artefact).
     # The name stays out of the path: log waits must never match a scenario's own name in a logged path.
     state = Path(tempfile.mkdtemp(prefix="tunnel-lab-"))

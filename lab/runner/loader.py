@@ -27,6 +27,7 @@ ACTIONS = (
     "request",
     "websocket",
     "tcp",
+    "raw",
     "parallel",
     "wait",
     "fault",
@@ -369,10 +370,20 @@ def parse_duration(value: Any) -> float:
     return {"ms": number / 1000, "s": number, "m": number * 60, None: number}[m.group(2)]
 
 
+# A scenario is a test plan, not a data file: bodies that big belong in `body_generated`/`body_sha256`.
+# Bigger files are refused before the YAML parser spends minutes and memory on them.
+MAX_SCENARIO_BYTES = 1024 * 1024
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read, validate and build one scenario file; any problem is a `ConfigError` with file:line."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SCENARIO_BYTES:
+            raise ConfigError(f"the scenario file is {size} bytes, over the limit of {MAX_SCENARIO_BYTES}",
+                              source=str(path),
+                              hint="describe large bodies with body_generated / a digest, not literally")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the scenario: {exc}", source=str(path)) from exc
@@ -381,6 +392,9 @@ def load_scenario(path: str | Path) -> Scenario:
 
 def parse_scenario(text: str, source: str) -> Scenario:
     """Validate and build a scenario from YAML text (`source` names it in errors)."""
+    if len(text) > MAX_SCENARIO_BYTES:
+        raise ConfigError(f"the scenario is {len(text)} characters, over the limit of {MAX_SCENARIO_BYTES}",
+                          source=source, hint="describe large bodies with body_generated / a digest")
     doc = parse_yaml(text, source)
     validate(doc)
     return _build(doc)
@@ -592,6 +606,12 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                         source=sc.source,
                         line=step.line,
                     )
+            if step.action == "raw" and ("send" in spec) == ("h2_rapid_reset" in spec):
+                raise ConfigError(
+                    f"{step.title}: raw needs exactly one of send, h2_rapid_reset",
+                    source=sc.source,
+                    line=step.line,
+                )
             if step.action == "request" and "body" in spec and "body_generated" in spec:
                 raise ConfigError(
                     f"{step.title}: body and body_generated exclude each other",

@@ -70,6 +70,8 @@ def reexec(argv: Sequence[str]) -> int:
         *argv,
     ]
     child = subprocess.Popen(cmd, env=env)
+    # unshare blocks SIGTERM while it waits: hand a SIGTERM to the runner inside, which tears down.
+    previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: _terminate_children(child.pid))
     try:
         return child.wait()
     except KeyboardInterrupt:
@@ -80,6 +82,19 @@ def reexec(argv: Sequence[str]) -> int:
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             child.kill()
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_children(pid: int) -> None:
+    """SIGTERM to the children of `pid` (Linux /proc)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(child), signal.SIGTERM)
 
 
 def enter_inside() -> None:

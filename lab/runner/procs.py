@@ -1,6 +1,7 @@
 """Components as real processes: start with output captured to a log file, wait for a ready file, signal,
 stop, and always clean up (own session so the whole process group can be killed). No PR_SET_PDEATHSIG:
-trio starts processes from worker threads, and the kernel would kill the child when that thread retires.
+trio starts processes from worker threads, and the kernel would kill the child when that thread retires;
+the runner's reaper (`lab.runner.reaper`) kills the groups instead when the runner is killed hard.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
+
+from lab.runner.reaper import REAPER
+from wire.redact import redact_argv, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +132,9 @@ class Component:
             with contextlib.suppress(FileNotFoundError):
                 self.ready_file.unlink()
         self.starts += 1
-        with self.log_path.open("ab") as logf:
-            logf.write(f"--- start #{self.starts}: {' '.join(self.argv)}\n".encode())
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as logf:
+            logf.write(f"--- start #{self.starts}: {' '.join(redact_argv(self.argv))}\n".encode())
             logf.flush()
             self.process = await trio.lowlevel.open_process(
                 self.argv,
@@ -139,6 +144,7 @@ class Component:
                 env=self.env,
                 start_new_session=True,
             )
+        REAPER.watch_group(self.process.pid)  # its own session: pgid == pid
         log.debug("started component=%s pid=%s", self.name, self.process.pid)
 
     async def wait_ready_file(self, timeout: float) -> dict[str, Any]:
@@ -191,10 +197,12 @@ class Component:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        REAPER.forget_group(self.process.pid)
 
 
 async def run_command(
-    argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, timeout: float = 30
+    argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, timeout: float = 30,
+    redact: Callable[[str], str] = redact_text,
 ) -> str:
     """Run a short command (an admin step), log its output to `log_path`, return stdout; raise on failure."""
     with trio.fail_after(timeout):
@@ -208,8 +216,9 @@ async def run_command(
         )
     out = result.stdout.decode("utf-8", "replace")
     err = result.stderr.decode("utf-8", "replace")
-    with log_path.open("a", encoding="utf-8") as f:
-        f.write(f"$ {' '.join(argv)}\n{out}{err}[exit {result.returncode}]\n")
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(redact(f"$ {' '.join(redact_argv(argv))}\n{out}{err}[exit {result.returncode}]\n"))
     if result.returncode != 0:
         shown = ["tunnel-lab", *argv[3:]] if list(argv[:3]) == list(TUNNEL_LAB) else list(argv)
         last = [line for line in (err or out).strip().splitlines() if line.strip()][-3:]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+from wire.redact import Redactor
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -18,15 +21,18 @@ if TYPE_CHECKING:
 class Recorder:
     """Appends one JSON object per operation (start, request, fault, ...) to a JSONL file."""
 
-    def __init__(self, path: Path, scenario: str) -> None:
+    def __init__(self, path: Path, scenario: str, redactor: Redactor | None = None) -> None:
         self.path = path
         self.scenario = scenario
-        self._file: IO[str] | None = path.open("a", encoding="utf-8")
+        self.redactor = redactor or Redactor()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
 
     def op(self, kind: str, **fields: Any) -> None:
         if self._file is None:
             return
-        record = {"time": round(time.time(), 3), "scenario": self.scenario, "op": kind, **fields}
+        record = {"time": round(time.time(), 3), "scenario": self.scenario, "op": kind,
+                  **self.redactor.value(fields)}
         self._file.write(json.dumps(record, default=str) + "\n")
         self._file.flush()
 
@@ -38,7 +44,8 @@ class Recorder:
 
 def merge_histories(results: Path, names: Sequence[str], out: Path) -> None:
     """Concatenate the per-scenario operation logs into one JSONL file, in run order."""
-    with out.open("w", encoding="utf-8") as dst:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as dst:
         for name in names:
             src = results / name / "operations.jsonl"
             if src.exists():

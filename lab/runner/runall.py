@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -47,9 +48,16 @@ def run_all(
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
     results: list[ScenarioResult] = []
+    from lab.runner.reaper import EXIT_SIGTERM, REAPER, Terminated, until_sigterm
+
+    terminated = False
+    REAPER.start()  # cleans up should this process be killed hard
     try:
-        trio.run(_run, selected, options, args.jobs, args.exitfirst, console, results)
+        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results)
+    except Terminated:
+        terminated = True
     finally:
+        REAPER.stop()
         duration = time.monotonic() - started
         order = {s.name: i for i, s in enumerate(selected)}
         results.sort(key=lambda r: order.get(r.name, 0))
@@ -74,6 +82,9 @@ def run_all(
         + f" in {duration:.1f}s ({args.connector} connector); results in {results_dir}"
     )
     console.print(("[red]" if bad or not_run else "[green]") + summary)
+    if terminated:
+        print("tunnel-lab: terminated (SIGTERM); every component was stopped", file=sys.stderr)
+        return EXIT_SIGTERM
     return 1 if bad or not_run else 0
 
 

@@ -16,6 +16,7 @@ from wire.eyeball import (
     eyeball_response_headers,
     is_websocket_request,
     new_ray_id,
+    request_head_error,
     tunnel_request_headers,
     tunnel_response,
 )
@@ -412,3 +413,18 @@ def test_tunnel_response_is_frozen() -> None:
     resp = TunnelResponse(200, [], "origin", False, None)
     with pytest.raises(AttributeError):
         resp.status = 201  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("version", "headers", "status"), [
+    (b"1.1", [(b"Host", b"a"), (b"Content-Length", b"6"), (b"Transfer-Encoding", b"chunked")], 400),
+    (b"1.1", [(b"transfer-encoding", b"chunked"), (b"content-length", b"6")], 400),
+    (b"1.0", [(b"Content-Length", b"6"), (b"Transfer-Encoding", b"identity")], 400),
+    (b"9.9", [(b"Host", b"a")], 505),
+    (b"2.0", [(b"Host", b"a")], 505),
+    (b"1.1", [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], None),
+    (b"1.1", [(b"Host", b"a"), (b"Content-Length", b"6")], None),
+    (b"1.0", [(b"Host", b"a")], None),
+])
+def test_request_head_error(version: bytes, headers: list[tuple[bytes, bytes]], status: int | None) -> None:
+    refused = request_head_error(version, headers)
+    assert (refused[0] if refused else None) == status

@@ -1,0 +1,71 @@
+"""No secret a `tunnel-lab run` creates appears in any file it writes (issue 11, defect 5): tunnel secrets
+(in any base64 wrapping, e.g. a `--token`), the API token, private keys. Results are the owner's only."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from lab.runner.procs import PROJECT_ROOT
+
+SCENARIOS = "connector-token or https-eyeball or registration-unauthorized or http-get-echo"
+BASE64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
+
+
+def secrets_in(state: Path) -> dict[str, str]:
+    """Every secret a scenario's state directory holds, named by where it came from."""
+    found: dict[str, str] = {}
+    if (state / "api-token").exists():
+        found["api-token"] = (state / "api-token").read_text().strip()
+    for creds in [*state.glob("credentials/*.json"), *state.glob("credentials-*.json")]:
+        found[f"TunnelSecret of {creds.name}"] = json.loads(creds.read_text())["TunnelSecret"]
+    for key in state.glob("pki/*.key"):
+        for i, line in enumerate(key.read_text().splitlines()):
+            if not line.startswith("-----") and len(line) >= 24:
+                found[f"{key.name} line {i}"] = line
+    return found
+
+
+def leaks(data: bytes, secrets: dict[str, str]) -> list[str]:
+    """Names of the secrets found in `data`, literally or inside a base64 run (a token)."""
+    found = [name for name, value in secrets.items() if value.encode() in data]
+    for m in BASE64_RUN.finditer(data):
+        raw = m.group(0).replace(b"-", b"+").replace(b"_", b"/")
+        try:
+            decoded = base64.b64decode(raw + b"=" * (-len(raw) % 4))
+        except (binascii.Error, ValueError):
+            continue
+        found += [f"{name} (base64)" for name, value in secrets.items() if value.encode() in decoded]
+    return found
+
+
+def test_no_secret_in_any_file_a_run_writes(tmp_path):
+    tmp, results = tmp_path / "tmp", tmp_path / "results"
+    tmp.mkdir()
+    reports = [tmp_path / "junit.xml", tmp_path / "report.json"]
+    run = subprocess.run(
+        [sys.executable, "-m", "lab.cli", "run", "-k", SCENARIOS, "--keep-state", "--results", str(results),
+         "--junit", str(reports[0]), "--json", str(reports[1]), str(PROJECT_ROOT / "scenarios")],
+        env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout.decode()[-2000:] + run.stderr.decode()[-2000:]
+    states = sorted(tmp.glob("tunnel-lab-*"))
+    secrets: dict[str, str] = {}
+    for state in states:
+        secrets.update({f"{state.name}: {k}": v for k, v in secrets_in(state).items()})
+    assert len(states) == 4 and sum("TunnelSecret" in k for k in secrets) >= 5  # incl. a wrong secret
+    written = [p for p in results.rglob("*") if p.is_file()] + reports
+    assert len(written) > 15
+    for path in written:
+        assert leaks(path.read_bytes(), secrets) == [], path
+    assert leaks(run.stdout + run.stderr, secrets) == []
+    for scenario_dir in (p for p in results.iterdir() if p.is_dir()):
+        assert stat.S_IMODE(scenario_dir.stat().st_mode) == 0o700, scenario_dir
+        for log in scenario_dir.iterdir():
+            assert stat.S_IMODE(log.stat().st_mode) & 0o077 == 0, log
