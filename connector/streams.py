@@ -384,7 +384,8 @@ class Proxy:
         if wo.should_gunzip(oreq.added_accept_encoding, event.status_code, headers, head=head):
             headers = wo.strip_gzip_headers(headers)
             gunzip = wo.Gunzipper()
-        h2_headers = wo.tunnel_response_headers(event.status_code, headers, head=head)
+        h2_headers = wo.tunnel_response_headers(event.status_code, headers, head=head,
+                                                http10=event.http_version == b"1.0")
         if head:
             await ts.send_headers(h2_headers, end_stream=True)
             while True:
@@ -405,8 +406,8 @@ class Proxy:
                         data = gunzip.feed(data)
                     out = buffer.write(data) if data else b""
                     if out:
-                        if not ts.headers_sent:
-                            await ts.send_headers(h2_headers)
+                        if not ts.headers_sent:  # Go sniffs a content-type from what leaves with them
+                            await ts.send_headers(wo.with_sniffed_type(h2_headers, out))
                         await ts.send_data(out)
                 elif isinstance(ev, h11.EndOfMessage):
                     if gunzip is not None:
@@ -421,7 +422,8 @@ class Proxy:
         tail = buffer.finish()
         trailers = wo.tunnel_trailers([(bytes(n), bytes(v)) for n, v in ev.headers.raw_items()])
         if not ts.headers_sent:  # like Go's handlerDone: HEADERS end the stream when nothing follows
-            await ts.send_headers(h2_headers, end_stream=not tail and not trailers)
+            await ts.send_headers(wo.with_sniffed_type(h2_headers, tail),
+                                  end_stream=not tail and not trailers)
             if not tail and not trailers:
                 return True
         if tail:

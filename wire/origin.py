@@ -36,6 +36,7 @@ from wire.headers import (
     is_valid_value,
     serialize_response_headers,
 )
+from wire.sniff import sniff_content_type
 
 __all__ = [
     "BodyEncoder",
@@ -538,11 +539,14 @@ def _no_body_status(status: int) -> bool:
     return 100 <= status < 200 or status in (204, 304)
 
 
-def _go_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], head: bool
-                         ) -> list[tuple[bytes, bytes]]:
+def _go_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], head: bool,
+                         http10: bool = False) -> list[tuple[bytes, bytes]]:
     """Go's client view of an origin response head: canonical names, Transfer-Encoding and Trailer
-    moved out, Content-Length dropped when chunked and de-duplicated."""
+    moved out, Content-Length dropped when chunked and de-duplicated, and on HTTP/1.1 a `Connection`
+    that says `close` taken out (Go's shouldClose records it on the response instead)."""
     pairs = [(canonical_header_name(as_bytes(k)), _go_trim(as_bytes(v))) for k, v in headers]
+    if not http10 and any(b"close" in _tokens(v) for k, v in pairs if k == b"Connection"):
+        pairs = [(k, v) for k, v in pairs if k != b"Connection"]
     te = [v for k, v in pairs if k == b"Transfer-Encoding"]
     chunked = False
     if te:
@@ -567,8 +571,13 @@ def _go_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], he
     return out
 
 
-def tunnel_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], *, head: bool = False
-                            ) -> list[tuple[bytes, bytes]]:
+def _tokens(value: bytes) -> list[bytes]:
+    """The comma-separated tokens of a header value, trimmed and lower-cased."""
+    return [token.strip(b" \t").lower() for token in value.split(b",")]
+
+
+def tunnel_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], *, head: bool = False,
+                            http10: bool = False) -> list[tuple[bytes, bytes]]:
     """The HTTP/2 response fields cloudflared sends for an origin response (docs/protocol.md §5.4).
 
     `headers` are the origin's response header pairs as read (any case). 101 becomes 200; every origin
@@ -579,7 +588,7 @@ def tunnel_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]],
     """
     if not 100 <= status <= 999:
         raise OriginError(f"origin response status {status} is out of range")
-    go_headers = _go_response_headers(status, headers, head)
+    go_headers = _go_response_headers(status, headers, head, http10)
     tracing = [v for k, v in go_headers if k.lower() == TRACING]
     fields: list[tuple[bytes, bytes]] = [
         (b":status", b"200" if status == 101 else b"%d" % status),
@@ -589,6 +598,17 @@ def tunnel_response_headers(status: int, headers: Sequence[tuple[bytes, bytes]],
     fields += [(TRACING, v) for v in tracing]
     fields += [(b"content-length", v) for k, v in go_headers if k == b"Content-Length"]
     return fields
+
+
+def with_sniffed_type(fields: Sequence[tuple[bytes, bytes]], first_bytes: bytes) -> list[tuple[bytes, bytes]]:
+    """`fields` plus the `content-type` Go's server sniffs when the HEADERS leave together with the first
+    body bytes (wire.sniff; not for streamed responses, whose HEADERS leave before any body, nor for an
+    empty body). It goes before `content-length`, where Go writes it."""
+    if not first_bytes:
+        return list(fields)
+    ctype = (b"content-type", sniff_content_type(first_bytes).encode())
+    at = next((i for i, (name, _) in enumerate(fields) if name == b"content-length"), len(fields))
+    return [*fields[:at], ctype, *fields[at:]]
 
 
 def error_response_headers(meta: bytes = META_CLOUDFLARED, status: int = 502) -> list[tuple[bytes, bytes]]:
