@@ -310,10 +310,12 @@ class _Runner:
             raise StepFailure(step, f"the edge has no {listener} eyeball listener (topology.edge.https?)")
         host = spec.get("host") or self._default_host()
         timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        wall = time.time()
         result = await run_raw(str(address), tls=listener == "https", host=host,
                                ca_path=str(lab.edge_ready["ca"]),
                                send=spec["send"].encode("latin-1") if "send" in spec else None,
                                rapid=spec.get("h2_rapid_reset"), timeout=timeout)
+        self.exchanges.append(compare.observe_raw(step.index, step.title, wall, time.time()))
         lab.recorder.op("raw", step=step.index, listener=listener, host=host, status=result.status,
                         response=result.response[:200].decode("latin-1"), closed=result.closed,
                         error=result.error)

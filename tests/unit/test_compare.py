@@ -252,6 +252,18 @@ def test_compare_ignore_leaves_out_the_body_and_named_headers() -> None:
     assert [d.field for d in compare_runs(a, c)] == ["header X-Same"]  # other headers still count
 
 
+def test_what_a_raw_step_lets_through_to_the_origin_is_not_compared() -> None:
+    """A reset racing its HEADERS reaches the origin or not depending on the connector's speed."""
+    raw = compare.observe_raw("1", "rapid reset", 100.0, 101.0)
+    after = http("2", response(), target="/after", t=2.0)
+    a = run(raw, after, origin=(record("/large", t=100.2), record("/after", t=102.5)))
+    b = run(raw, after, origin=(*(record("/large", t=100.2 + i / 100) for i in range(30)),
+                                record("/large", t=101.5), record("/after", t=102.5)))
+    assert compare_runs(a, b) == []
+    c = run(raw, after, origin=(record("/large", t=100.2),))  # the next request did not reach the origin
+    assert [d.field for d in compare_runs(a, c)] == ["origin requests GET /after"]
+
+
 def test_a_real_content_length_difference_is_reported() -> None:
     a = run(http("1", response(headers=[("Content-Length", "2")], body=b"ok")))
     b = run(http("1", response(headers=[("Transfer-Encoding", "chunked")], body=b"ok")))
