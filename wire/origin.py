@@ -686,6 +686,7 @@ class Gunzipper:
 # --- when response bytes leave: Go's buffered response writer and cloudflared's flush rule ---------------
 
 HANDLER_BUFFER_SIZE = 4096  # Go's http2 server: handlerChunkWriteSize, the bufio.Writer before each stream
+COPY_BUFFER_SIZE = 16 * 1024  # cloudflared's cfio.Copy: the body is read and written 16 KiB at a time
 _STREAMED_CONTENT_TYPES = (b"text/event-stream", b"application/grpc", b"application/x-ndjson")
 
 
@@ -713,21 +714,33 @@ class ResponseBuffer:
     slowly trickled Content-Length body reaches the eyeball in one piece at the end, and an origin that
     fails before 4 KiB left costs a reset before any HEADERS (the edge answers 502).
 
+    cloudflared copies the origin's body with a 16 KiB buffer, so each write it makes is at most 16 KiB:
+    `write` takes the origin's bytes in such pieces. (Of 20000 bytes read before the origin failed, 16384
+    leave and 3616 stay in the buffer, never sent.)
+
     `write(data)` returns what leaves now (b"" when it all stays), `finish()` what is left at the end.
     `headers_held` is True until something leaves or the response is streamed.
     """
 
-    def __init__(self, *, streamed: bool, size: int = HANDLER_BUFFER_SIZE) -> None:
+    def __init__(self, *, streamed: bool, size: int = HANDLER_BUFFER_SIZE,
+                 copy_size: int = COPY_BUFFER_SIZE) -> None:
         self.streamed = streamed
         self.size = size
+        self.copy_size = copy_size
         self.headers_held = not streamed  # streamed: WriteRespHeaders flushes the HEADERS at once
         self._buf = bytearray()
 
     def write(self, data: bytes) -> bytes:
-        """bufio.Writer.Write: fill the buffer, pass it on when full; a big write into an empty buffer
-        passes straight through."""
+        """The origin's bytes, written in copy-buffer pieces; what leaves now."""
         if self.streamed:
             return data
+        if len(data) <= self.copy_size:
+            return self._write(data)
+        return b"".join(self._write(data[i:i + self.copy_size]) for i in range(0, len(data), self.copy_size))
+
+    def _write(self, data: bytes) -> bytes:
+        """bufio.Writer.Write: fill the buffer, pass it on when full; a big write into an empty buffer
+        passes straight through."""
         if len(data) <= self.size - len(self._buf):
             self._buf += data
             return b""

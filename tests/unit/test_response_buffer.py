@@ -52,6 +52,13 @@ def test_a_big_write_into_an_empty_buffer_passes_straight_through() -> None:
     assert buffer.finish() == b""
 
 
+def test_origin_reads_are_written_16_kib_at_a_time_as_cfio_copy_does() -> None:
+    buffer = ResponseBuffer(streamed=False)
+    data = bytes(range(256)) * 80  # 20480 bytes in one origin read
+    assert buffer.write(data) == data[:16384]  # the rest is a 4096-byte write: it fits the buffer
+    assert buffer.finish() == data[16384:]
+
+
 def test_exactly_one_buffer_stays_until_the_next_write() -> None:
     buffer = ResponseBuffer(streamed=False)
     assert buffer.write(b"a" * HANDLER_BUFFER_SIZE) == b""  # bufio: fits the buffer, so it is buffered
@@ -87,20 +94,37 @@ def bufio_model(writes: list[bytes], size: int) -> list[bytes]:
     return out
 
 
-@given(writes=st.lists(st.binary(max_size=300), max_size=40), size=st.integers(1, 256))
-def test_the_buffer_behaves_as_bufio_and_loses_nothing(writes: list[bytes], size: int) -> None:
-    buffer = ResponseBuffer(streamed=False, size=size)
-    got = [buffer.write(w) for w in writes] + [buffer.finish()]
-    expected_per_call: list[bytes] = []
-    pieces = bufio_model(writes, size)
+def slices(data: bytes, copy_size: int) -> list[bytes]:
+    """cfio.Copy's writes for one origin read: at most copy_size bytes each (an empty read, one empty)."""
+    return [data[i:i + copy_size] for i in range(0, len(data), copy_size)] or [b""]
+
+
+def expected(writes: list[bytes], size: int, copy_size: int) -> list[bytes]:
+    """What the model says leaves per origin read, then at the end."""
+    calls = [piece for w in writes for piece in slices(w, copy_size)]
+    flat = bufio_model(calls, size)
+    per_call: list[bytes] = []
     current = b""
-    for piece in pieces[:-1]:
+    for piece in flat[:-1]:
         if piece == b"":
-            expected_per_call.append(current)
+            per_call.append(current)
             current = b""
         else:
             current += piece
-    expected_per_call.append(pieces[-1])
-    assert got == expected_per_call
+    out, i = [], 0
+    for w in writes:
+        n = len(slices(w, copy_size))
+        out.append(b"".join(per_call[i:i + n]))
+        i += n
+    return [*out, flat[-1]]
+
+
+@given(writes=st.lists(st.binary(max_size=300), max_size=40), size=st.integers(1, 256),
+       copy_size=st.integers(1, 400))
+def test_the_buffer_behaves_as_bufio_and_loses_nothing(writes: list[bytes], size: int,
+                                                       copy_size: int) -> None:
+    buffer = ResponseBuffer(streamed=False, size=size, copy_size=copy_size)
+    got = [buffer.write(w) for w in writes] + [buffer.finish()]
+    assert got == expected(writes, size, copy_size)
     assert b"".join(got) == b"".join(writes)
     assert buffer.headers_held == (not any(got[:-1]))
