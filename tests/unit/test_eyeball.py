@@ -6,10 +6,10 @@ import re
 
 import h11
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from wire.errors import StreamConversionError, TunnelLabError
+from wire.errors import HeaderSerializationError, StreamConversionError, TunnelLabError
 from wire.eyeball import (
     EyeballRequest,
     TunnelResponse,
@@ -19,7 +19,13 @@ from wire.eyeball import (
     tunnel_request_headers,
     tunnel_response,
 )
-from wire.headers import StreamType, classify_stream
+from wire.headers import (
+    StreamType,
+    classify_stream,
+    is_token,
+    is_valid_value,
+    serialize_response_headers,
+)
 from wire.origin import (
     OriginOptions,
     TunnelRequest,
@@ -338,19 +344,104 @@ def test_cloudflared_error_and_flow_limit() -> None:
 
 
 @pytest.mark.parametrize(
-    "fields",
+    ("fields", "error", "match"),
     [
-        [],
-        [(b":status", b"20")],
-        [(b":status", b"abc")],
-        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b"{")],
-        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":1}')],
-        [(b":status", b"200"), (b"cf-cloudflared-response-headers", b"QQ")],
+        ([], StreamConversionError, r":status None is not a 3-digit status"),
+        ([(b":status", b"20")], StreamConversionError, r":status b'20' is not a 3-digit status"),
+        ([(b":status", b"abc")], StreamConversionError, r":status b'abc' is not a 3-digit status"),
+        (
+            [(b":status", b"200"), (b"cf-cloudflared-response-meta", b"{")],
+            HeaderSerializationError,
+            r"cf-cloudflared-response-meta b'\{' is not JSON",
+        ),
+        (
+            [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":1}')],
+            StreamConversionError,
+            r"cf-cloudflared-response-meta src 1 is not a string",
+        ),
+        (
+            [(b":status", b"200"), (b"cf-cloudflared-response-headers", b"QQ")],
+            HeaderSerializationError,
+            r"pair 0 b'QQ' does not have the form name:value",
+        ),
     ],
 )
-def test_malformed_tunnel_responses(fields: list[tuple[bytes, bytes]]) -> None:
-    with pytest.raises(TunnelLabError):
+def test_malformed_tunnel_responses(
+    fields: list[tuple[bytes, bytes]], error: type[TunnelLabError], match: str
+) -> None:
+    with pytest.raises(error, match=match):
         tunnel_response(fields, request_was_websocket=False)
+
+
+# Well-formed tunnel responses whose origin headers hold any bytes: what reaches the eyeball must
+# still be a valid HTTP/1.1 field (token name, no CR/LF/NUL in the value).
+any_origin_headers = st.lists(
+    st.tuples(
+        st.one_of(
+            st.sampled_from([b"Connection", b"Upgrade", b"Trailer", b"Sec-WebSocket-Accept", b"X-A"]),
+            st.text(TOKEN, min_size=1, max_size=8).map(str.encode),
+            st.binary(max_size=8),
+        ),
+        st.one_of(
+            st.sampled_from([b"x-a", b"close", b"websocket", b"a\r\nb", b"\x00"]),
+            st.text("".join(chr(c) for c in range(0x20, 0x7F)), max_size=10).map(str.encode),
+            st.binary(max_size=12),
+        ),
+    ),
+    min_size=1,
+    max_size=8,
+)
+metas = st.one_of(
+    st.none(),
+    st.sampled_from([b'{"src":"origin"}', b'{"src":"cloudflared"}', b'{"flow_rate_limited":true}']),
+)
+
+
+def _tunnel_fields(status: int, meta: bytes | None, headers: list[tuple[bytes, bytes]], raw: bool
+                   ) -> list[tuple[bytes, bytes]]:
+    """The response HEADERS: the origin's fields serialized, or (Go's own answer, no meta) plain fields."""
+    fields = [(b":status", str(status).encode())]
+    if raw and meta is None:
+        return fields + [(k, v) for k, v in headers if k]
+    if meta is not None:
+        fields.append((b"cf-cloudflared-response-meta", meta))
+    return [*fields, (b"cf-cloudflared-response-headers", serialize_response_headers(headers))]
+
+
+valid_tunnel_responses = st.builds(_tunnel_fields, st.integers(100, 999), metas, any_origin_headers,
+                                   st.booleans())
+
+
+@given(valid_tunnel_responses, st.booleans())
+def test_well_formed_tunnel_responses_give_valid_eyeball_fields(
+    fields: list[tuple[bytes, bytes]], websocket: bool
+) -> None:
+    resp = tunnel_response(fields, request_was_websocket=websocket)  # well-formed: never raises
+    assert resp.status == int(fields[0][1])
+    out = eyeball_response_headers(resp)
+    event(f"eyeball fields: {min(len(out), 3)}+" if out else "eyeball fields: none")
+    for name, value in out:
+        assert is_token(name) and is_valid_value(value)
+        assert b"\r" not in value and b"\n" not in value
+    kept = {k.lower() for k, _ in out}
+    if not resp.websocket_upgrade:
+        assert not kept & {b"connection", b"upgrade", b"trailer", b"transfer-encoding", b"te"}
+        named = {t.strip(b" \t").lower() for k, v in resp.headers if k.lower() == b"connection"
+                 and is_valid_value(v) for t in v.split(b",")}
+        assert not kept & named
+
+
+def test_eyeball_response_drops_trailer_and_the_fields_connection_names() -> None:
+    """`Trailer` is hop-by-hop, and so is every field that `Connection` lists."""
+    origin = [(b"Trailer", b"X-Sum"), (b"Connection", b"x-private, close"), (b"X-Private", b"1"),
+              (b"X-Kept", b"2")]
+    resp = tunnel_response(
+        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":"origin"}'),
+         (b"cf-cloudflared-response-headers", serialize_response_headers(origin))],
+        request_was_websocket=False,
+    )
+    assert resp.headers == origin
+    assert eyeball_response_headers(resp) == [(b"X-Kept", b"2")]
 
 
 response_names = st.one_of(
@@ -370,11 +461,28 @@ def test_tunnel_response_arbitrary_fields_raise_only_project_errors(
 ) -> None:
     try:
         resp = tunnel_response(fields, request_was_websocket=websocket)
-    except TunnelLabError:
+    except (StreamConversionError, HeaderSerializationError) as exc:
+        event(f"rejected: {type(exc).__name__}")
         return
+    event("accepted")
     assert 0 <= resp.status <= 999
     for name, value in eyeball_response_headers(resp):
         assert name and b"\r" not in value and b"\n" not in value
+
+
+def test_the_well_formed_property_reaches_its_assertions() -> None:
+    """Counting check: the property above is not vacuous (every example decodes; most give fields)."""
+    seen: list[int] = []
+
+    @settings(max_examples=200, derandomize=True, database=None)
+    @given(valid_tunnel_responses, st.booleans())
+    def count(fields: list[tuple[bytes, bytes]], websocket: bool) -> None:
+        resp = tunnel_response(fields, request_was_websocket=websocket)
+        seen.append(len(eyeball_response_headers(resp)))
+
+    count()
+    assert len(seen) >= 100
+    assert sum(1 for n in seen if n) >= len(seen) // 2, seen
 
 
 origin_headers = st.lists(
