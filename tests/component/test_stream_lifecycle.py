@@ -129,8 +129,10 @@ async def h1_start_download(edge: Any) -> tuple[trio.SocketStream, bytes]:
 
 
 async def assert_cleaned_up(edge: Any, run: Running, origin: EndlessOrigin) -> None:
-    await origin.closed.wait()  # the connector cancelled the origin request
-    await wait_until(lambda: edge_streams(edge) == 0 and connector_streams(run) == 0)
+    # Once nothing moves any more, the clean-up is over (or stuck, which fails at once, not at fail_after).
+    await trio.testing.wait_all_tasks_blocked(0.1)
+    assert (edge_streams(edge), connector_streams(run)) == (0, 0)
+    assert origin.closed.is_set()  # the connector cancelled the origin request
     assert len(edge.registry.listed()) == 1  # the tunnel connection itself lives on
 
 
@@ -180,7 +182,16 @@ async def test_eyeball_close_mid_download_cleans_up_both_sides(tmp_path):
             on.cancel_scope.cancel()
 
 
-async def test_eyeball_h2_rst_stream_mid_download_cleans_up_both_sides(tmp_path):
+EDGE_RST_DEFECT = (
+    "edge defect (h-hardening, stream lifecycle on reset): after an HTTP/2 eyeball RST_STREAM on a download "
+    "that has filled the tunnel stream's window, the edge forgets its tunnel stream (its count is 0) but the "
+    "RST_STREAM never reaches the connector, whose stream and origin request stay open; likely "
+    "TunnelConnection.release_stream queues the reset and its flush is cancelled at the send lock"
+)
+
+
+async def h2_download_then_reset(tmp_path: Any, read_before_reset: int) -> None:
+    """An HTTP/2 eyeball reads `read_before_reset` bytes of an endless download, then RST_STREAM(CANCEL)."""
     origin = EndlessOrigin()
     with trio.fail_after(30):
         async with trio.open_nursery() as on:
@@ -191,34 +202,46 @@ async def test_eyeball_h2_rst_stream_mid_download_cleans_up_both_sides(tmp_path)
                 ctx.set_alpn_protocols(["h2"])
                 tls = trio.SSLStream(await trio.open_tcp_stream(host, https_port), ctx,
                                      server_hostname="app.test")
-                conn = h2.connection.H2Connection(
-                    h2.config.H2Configuration(client_side=True, header_encoding=None))
-                conn.initiate_connection()
-                request = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"app.test"),
-                           (b":path", b"/download")]
-                conn.send_headers(1, request, end_stream=True)
-                await tls.send_all(conn.data_to_send())
-                received = 0
-                while received < 100:
-                    for ev in conn.receive_data(await tls.receive_some(65536)):
-                        if isinstance(ev, h2.events.DataReceived):
-                            received += len(ev.data)
-                            conn.acknowledge_received_data(ev.flow_controlled_length, 1)
-                        assert not isinstance(ev, h2.events.StreamReset | h2.events.StreamEnded), ev
+                try:
+                    conn = h2.connection.H2Connection(
+                        h2.config.H2Configuration(client_side=True, header_encoding=None))
+                    conn.initiate_connection()
+                    request = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"app.test"),
+                               (b":path", b"/download")]
+                    conn.send_headers(1, request, end_stream=True)
                     await tls.send_all(conn.data_to_send())
-                assert edge_streams(edge) == 1 and connector_streams(run) == 1
-                conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
-                await tls.send_all(conn.data_to_send())
-                await assert_cleaned_up(edge, run, origin)
-                # the eyeball's connection itself stays usable
-                conn.ping(b"12345678")
-                await tls.send_all(conn.data_to_send())
-                acked = False
-                while not acked:
-                    events = conn.receive_data(await tls.receive_some(65536))
-                    acked = any(isinstance(ev, h2.events.PingAckReceived) for ev in events)
-                await tls.aclose()
+                    received = 0
+                    while received < read_before_reset:
+                        for ev in conn.receive_data(await tls.receive_some(65536)):
+                            if isinstance(ev, h2.events.DataReceived):
+                                received += len(ev.data)
+                                conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                            assert not isinstance(ev, h2.events.StreamReset | h2.events.StreamEnded), ev
+                        await tls.send_all(conn.data_to_send())
+                    assert edge_streams(edge) == 1 and connector_streams(run) == 1
+                    conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+                    await tls.send_all(conn.data_to_send())
+                    await assert_cleaned_up(edge, run, origin)
+                    # the eyeball's connection itself stays usable
+                    conn.ping(b"12345678")
+                    await tls.send_all(conn.data_to_send())
+                    acked = False
+                    while not acked:
+                        events = conn.receive_data(await tls.receive_some(65536))
+                        acked = any(isinstance(ev, h2.events.PingAckReceived) for ev in events)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await tls.aclose()
             on.cancel_scope.cancel()
+
+
+async def test_eyeball_h2_rst_stream_early_in_a_download_cleans_up_both_sides(tmp_path):
+    await h2_download_then_reset(tmp_path, 100)
+
+
+@pytest.mark.xfail(strict=True, reason=EDGE_RST_DEFECT)
+async def test_eyeball_h2_rst_stream_mid_download_cleans_up_both_sides(tmp_path):
+    await h2_download_then_reset(tmp_path, 2 * 1024 * 1024)
 
 
 @pytest.mark.xfail(
