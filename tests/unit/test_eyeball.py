@@ -520,3 +520,102 @@ def test_tunnel_response_is_frozen() -> None:
     resp = TunnelResponse(200, [], "origin", False, None)
     with pytest.raises(AttributeError):
         resp.status = 201  # type: ignore[misc]
+
+
+# --- pinned by mutation testing (docs/mutation-report.md) --------------------------------------------
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        ("http://a.test:80/p?q", "/p?q"),
+        ("http://a.test?x=1/y", "/?x=1/y"),  # the query starts before any slash
+        ("http://a.test", "/"),
+        ("HTTPS://a/b", "/b"),
+        ("http:///x", "/x"),  # empty authority: the path starts at once
+        ("http://?a/b", "/?a/b"),
+        ("http://?a", "/?a"),
+        ("http://a/b://c", "/b://c"),
+        ("http://a/b/c", "/b/c"),
+        ("http://a?x?y/z", "/?x?y/z"),
+    ],
+)
+def test_absolute_form_targets_become_origin_form(target: str, path: str) -> None:
+    fields = dict(tunnel_request_headers(eyeball([], target=target), ray=RAY))
+    assert fields[b":path"] == path.encode()
+
+
+def test_targets_that_cannot_become_a_path_say_so() -> None:
+    long_target = "ftp://" + "a" * 100
+    with pytest.raises(StreamConversionError) as exc:
+        tunnel_request_headers(eyeball([], target=long_target), ray=RAY)
+    assert str(exc.value) == f"request target {long_target[:80]!r} cannot become an HTTP/2 :path"
+    with pytest.raises(StreamConversionError, match="request target 'http' cannot"):
+        tunnel_request_headers(eyeball([], target="http"), ray=RAY)
+
+
+def test_eyeball_request_headers_become_bytes_and_odd_bytes_survive() -> None:
+    req = EyeballRequest(method="GET", target="/\udcfe", headers=(("X-A", "1"),), scheme="https",
+                         client_ip="203.0.113.9", host="a\udcff.test")
+    assert req.headers == ((b"X-A", b"1"),)
+    fields = dict(tunnel_request_headers(req, ray=RAY))
+    assert fields[b":authority"] == b"a\xff.test" and fields[b":path"] == b"/\xfe"
+
+
+def test_invalid_fields_are_dropped_one_by_one_and_te_trailers_kept_once() -> None:
+    fields = tunnel_request_headers(
+        eyeball([(b"x a", b"bad name"), (b"x-b", b"bad\x00value"), (b"x-c", b"trailing control\x0b"),
+                 (b"te", b"trailers"), (b"TE", b"trailers"), (b"x-d", b"kept")]),
+        ray=RAY,
+    )
+    regular = [(k, v) for k, v in fields[4:] if not k.startswith((b"cf-", b"x-forwarded", b"cdn-"))]
+    assert regular == [(b"te", b"trailers"), (b"x-d", b"kept")]
+
+
+def test_connection_tokens_are_matched_case_insensitively() -> None:
+    fields = tunnel_request_headers(eyeball([(b"Connection", b"X"), (b"x", b"1"), (b"y", b"2")]), ray=RAY)
+    names = [k for k, _ in fields]
+    assert b"x" not in names and b"y" in names
+
+
+def test_go_own_answer_keeps_only_its_regular_fields() -> None:
+    """No meta and no serialized field: Go's own 400; its HTTP/2 date and content-length are not the
+    origin's, nor are pseudo or cf- fields."""
+    resp = tunnel_response(
+        [(b":status", b"400"), (b"content-type", b"text/plain; charset=utf-8"), (b"date", b"x"),
+         (b"content-length", b"12"), (b"cf-ray", b"r"), (b"x-content-type-options", b"nosniff")],
+        request_was_websocket=False,
+    )
+    assert resp.src is None and resp.content_length == 12
+    assert resp.headers == [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"x-content-type-options", b"nosniff")]
+
+
+def _upgrade_answer(headers: list[tuple[bytes, bytes]]) -> TunnelResponse:
+    return tunnel_response(
+        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":"origin"}'),
+         (b"cf-cloudflared-response-headers", serialize_response_headers(headers))],
+        request_was_websocket=True,
+    )
+
+
+def test_websocket_upgrade_needs_both_upgrade_and_accept() -> None:
+    accept = (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    assert _upgrade_answer([(b"Upgrade", b"websocket"), accept]).websocket_upgrade
+    assert not _upgrade_answer([(b"Upgrade", b"websocket")]).websocket_upgrade
+    assert not _upgrade_answer([(b"Upgrade", b"h2c"), accept]).websocket_upgrade
+
+
+def test_upgrade_response_drops_the_other_hop_by_hop_fields() -> None:
+    kept = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
+            (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), (b"X-A", b"1")]
+    dropped = [(b"Keep-Alive", b"timeout=5"), (b"Proxy-Connection", b"x"), (b"Transfer-Encoding", b"chunked"),
+               (b"TE", b"trailers"), (b"Trailer", b"X-Sum"), (b"Content-Length", b"0")]
+    resp = _upgrade_answer(kept + dropped)
+    assert resp.websocket_upgrade and resp.eyeball_status == 101
+    assert eyeball_response_headers(resp) == kept
+
+
+def test_new_ray_id_needs_eight_bytes() -> None:
+    assert new_ray_id("LAB1", bytes(range(9))) == "0001020304050607-LAB1"
+    with pytest.raises(ValueError, match=r"^new_ray_id needs 8 random bytes, got 7$"):
+        new_ray_id("LAB1", bytes(7))

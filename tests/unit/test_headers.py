@@ -19,6 +19,7 @@ from wire.headers import (
     PROXY_SRC,
     PROXY_UPGRADE,
     StreamType,
+    all_values,
     as_bytes,
     canonical_header_name,
     classify_stream,
@@ -297,3 +298,9 @@ def test_parse_meta_beyond_the_known_values_and_its_messages() -> None:
     with pytest.raises(HeaderSerializationError) as not_object:
         parse_meta(long_list)
     assert str(not_object.value) == f"cf-cloudflared-response-meta {long_list[:80]!r} is not a JSON object"
+
+
+def test_all_values_in_order_any_case_bytes_or_str() -> None:
+    headers = [(b"Set-Cookie", b"a=1"), ("x-other", "0"), ("set-cookie", "b=2"), (b"SET-COOKIE", b"c=3")]
+    assert all_values(headers, b"Set-Cookie") == [b"a=1", b"b=2", b"c=3"]
+    assert all_values(headers, b"missing") == []
