@@ -16,6 +16,7 @@ from wire.origin import (
     Gunzipper,
     OriginOptions,
     OriginRequest,
+    TunnelRequest,
     build_origin_request,
     go_host_header,
     needs_body_probe,
@@ -40,7 +41,7 @@ def test_h2_content_length_bounds() -> None:
 
 def test_no_chunked_encoding_takes_content_length_within_int64() -> None:
     for value, expect in ((str(MAX_I64), MAX_I64), (str(2**63), None), ("-9223372036854775808", None),
-                          ("+5", 5)):
+                          ("+5", 5), ("+200", 200)):
         req = request("POST", end_stream=False, extra=[(b"content-length", value.encode())])
         out = build_origin_request(req, NOCHUNK)
         if expect is None:
@@ -94,6 +95,9 @@ def test_odd_bytes_survive_in_target_tags_and_forwarded_host() -> None:
     assert out.head_bytes().startswith(b"GET /%E9 HTTP/1.1\r\n")
     headers = dict(out.headers)
     assert headers[b"X-Forwarded-Host"] == b"\xe9.test"
+    raw_query = request(path="/?q")
+    object.__setattr__(raw_query, "path", "/?\udce9")  # the query goes out verbatim, raw byte included
+    assert build_origin_request(raw_query, OPTS).head_bytes().startswith(b"GET /?\xe9 HTTP/1.1\r\n")
     assert headers[b"Cf-Warp-Tag-N"] == b"v\xe9"
     # an undecodable byte in a tag's name makes it no token: refused as such, not a UnicodeError
     with pytest.raises(StreamConversionError, match="makes an invalid header"):
@@ -103,7 +107,7 @@ def test_odd_bytes_survive_in_target_tags_and_forwarded_host() -> None:
 def test_declared_trailers_skip_framing_names() -> None:
     out = build_origin_request(
         request("POST", end_stream=False,
-                extra=[(b"trailer", b" transfer-encoding ,trailer,\tcontent-length, x-b ,x-a\t"),
+                extra=[(b"trailer", b" transfer-encoding ,trailer,\tcontent-length, x-b ,X-A\t"),
                        (b"te", b"trailers")]),
         OPTS)
     assert out.trailer_names == (b"X-A", b"X-B")
@@ -114,6 +118,26 @@ def test_request_trailers_sorted_by_name_repeats_in_order() -> None:
     enc = BodyEncoder(Framing.CHUNKED)
     assert enc.end([(b"x-b", b"2"), (b"x-a", b"1"), (b"X-B", b"1")]) == (
         b"0\r\nX-A: 1\r\nX-B: 2\r\nX-B: 1\r\n\r\n")
+    # Go's Header.write: CR and LF inside a value become spaces, then the value is trimmed
+    assert BodyEncoder(Framing.CHUNKED).end([(b"x-a", b" a\rb\nc\t")]) == b"0\r\nX-A: a b c\r\n\r\n"
+
+
+def test_origin_request_records_the_host_it_wrote() -> None:
+    out = build_origin_request(request(authority="app.example.test"), OPTS)
+    assert out.host == b"app.example.test" == dict(out.headers)[b"Host"]
+
+
+def test_from_h2_headers_refusals_say_what() -> None:
+    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/")]
+    cases = [
+        ([*base, (b":protocol", b"x")], r"^unknown request pseudo-header b':protocol'$"),
+        ([*base, (b":path", b"/x")], r"^pseudo-header b':path' repeated$"),
+        ([*base, (b"X-A", b"1")], r"^invalid request header name b'X-A'$"),
+        ([base[0], (b"x-a", b"1"), *base[1:]], r"^pseudo-header b':scheme' after a regular header$"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(StreamConversionError, match=message):
+            TunnelRequest.from_h2_headers(fields, True)
 
 
 def test_go_host_header_punycode_and_ports() -> None:
@@ -130,6 +154,15 @@ def test_go_host_header_punycode_and_ports() -> None:
         "\udcff.test": b"xn--zn7c.test",  # an undecodable byte becomes U+FFFD, then punycode
         ":80ü": b"",
         "ü:": b"xn--tda",
+        "[a]:1%]": b"[a]:1]",  # a zone is cut from the last "%" before the last "]"
+        "[ü:]:%": b"[xn--:-dha]:%",
+        "[%[": b"[%[",
+        "[%%]": b"[%]",
+        "[": b"[",
+        "[ü]]:": b"xn--[]]:-0ra",  # SplitHostPort fails: the whole value is one name
+        "[[ü]:": b"xn--[[]:-1ra",
+        "]ü:": b"xn--]:-xka",
+        "ü[:": b"xn--[:-wka",
     }
     assert {host: go_host_header(host) for host in cases} == cases
 
@@ -168,6 +201,8 @@ def test_gunzipper_takes_gzip_only() -> None:
         Gunzipper().feed(zlib.compress(b"hi"))  # zlib framing is not gzip
     two = Gunzipper()
     assert two.feed(gzip.compress(b"a") + gzip.compress(b"b")) == b"ab"
+    with pytest.raises(OriginError, match="corrupt"):
+        Gunzipper().feed(gzip.compress(b"a") + zlib.compress(b"b"))  # nor after a first gzip member
     assert two.finish() == b""
     cut = Gunzipper()
     cut.feed(gzip.compress(b"abc")[:5])
