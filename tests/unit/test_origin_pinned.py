@@ -4,6 +4,7 @@ at 0 and 1 byte, exact error messages, trailer order, gzip decisions at their ed
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
 
 import pytest
@@ -135,9 +136,36 @@ def test_from_h2_headers_refusals_say_what() -> None:
         ([*base, (b"X-A", b"1")], r"^invalid request header name b'X-A'$"),
         ([base[0], (b"x-a", b"1"), *base[1:]], r"^pseudo-header b':scheme' after a regular header$"),
     ]
-    for fields, message in cases:
+    long_path = b"/" + b"a" * 100
+    more = [
+        ([*base, (b"x-a", b"a\x00")], r"^invalid value for request header 'x-a'$"),
+        ([(b":scheme", b"https"), (b":path", b"/")], r"^request without :method$"),
+        ([(b":method", b"CONNECT"), (b":authority", b"a:1"), (b":path", b"/")],
+         r"^CONNECT request needs :authority and no :path or :scheme$"),
+        ([(b":method", b"GET"), (b":scheme", b"ftp"), (b":path", b"/")],
+         r"^request :scheme b'ftp' is not http or https$"),
+        ([(b":method", b"GET"), (b":scheme", b"https")], r"^request without :path$"),
+        ([(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"a" + long_path)],
+         "^" + re.escape(f"request :path {(b'a' + long_path)[:80]!r} is not origin-form") + "$"),
+        ([(b":method", b"GET"), (b":scheme", b"https"), (b":path", long_path + b"\x7f")],
+         "^" + re.escape(f"request :path {long_path[:80]!r} holds a control byte or space") + "$"),
+    ]
+    for fields, message in cases + more:
         with pytest.raises(StreamConversionError, match=message):
             TunnelRequest.from_h2_headers(fields, True)
+
+
+def test_from_h2_headers_keeps_odd_bytes_and_falls_back_to_host() -> None:
+    odd = TunnelRequest.from_h2_headers(
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"\xff.test"), (b":path", b"/\xfe")],
+        True)
+    assert (odd.authority, odd.path) == ("\udcff.test", "/\udcfe")
+    star = TunnelRequest.from_h2_headers([(b":method", b"OPTIONS"), (b":scheme", b"https"), (b":path", b"*")],
+                                         True)
+    assert star.path == "*" and star.authority == ""
+    hosted = TunnelRequest.from_h2_headers(
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b"host", b"h.test")], True)
+    assert hosted.authority == "h.test"
 
 
 def test_go_host_header_punycode_and_ports() -> None:
