@@ -213,3 +213,19 @@ def test_zero_sized_struct_is_written_with_offset_minus_one() -> None:
     with pytest.raises(IndexError):
         empty.set_text(0, "x")
     assert msg.segments() == [words(0xFFFFFFFC)]  # nothing was written past the pointer
+
+
+def test_copy_pointer_copies_one_pointer_of_any_kind() -> None:
+    src = Message([words(struct_ptr(0, 0, 3), list_ptr(2, BYTE, 3), 0, 3 | (5 << 32),
+                         int.from_bytes(b"hi\0", "little"))]).root()
+    out = MessageBuilder()
+    root = out.init_root(0, 4)
+    root.copy_pointer(0, src, 0, "t")
+    root.copy_pointer(1, src, 1, "null")
+    root.copy_pointer(2, src, 2, "cap")
+    root.copy_pointer(3, src, 9, "outside")  # beyond the source's pointers: left null
+    back = Message(out.segments()).root()
+    assert back.text(0, "t") == "hi" and not back.has(1) and back.capability(2, "cap") == 5
+    assert not back.has(3)
+    with pytest.raises(IndexError, match=r"^pointer 4 outside a struct with 4 pointers$"):
+        root.copy_pointer(4, src, 0, "t")
