@@ -90,8 +90,12 @@ def test_traversal_limit_names_the_field_and_charges_words_not_bytes() -> None:
     # root (1 word) + a 64-byte list (8 words) = 9 words exactly
     seg = words(struct_ptr(0, 0, 1), list_ptr(0, BYTE, 64), *([0] * 8))
     assert Message([seg], traversal_limit_words=9).root().data(0, "d") == bytes(64)
-    with pytest.raises(CapnpError, match=r"^capnp message: traversal limit exceeded at d "):
+    with pytest.raises(CapnpError, match=r"^capnp message: traversal limit exceeded at d "
+                                         r"\(a pointer loop or amplification\)$"):
         Message([seg], traversal_limit_words=8).root().data(0, "d")
+    composite = words(struct_ptr(0, 0, 1), list_ptr(0, COMPOSITE, 2), struct_ptr(2, 1, 0), 0, 0)
+    with pytest.raises(CapnpError, match=r"^capnp message: traversal limit exceeded at caps "):
+        Message([composite], traversal_limit_words=2).root().struct_list(0, "caps")
 
 
 def test_composite_and_pointer_lists_use_one_nesting_level() -> None:
@@ -178,6 +182,7 @@ def test_builder_writes_exactly_the_field_bytes() -> None:
     root = msg.init_root(1, 0)
     root.set_u8(2, 7)
     root.set_u16(0, 0xFFFF)
+    assert Message(msg.segments()).root().u8(2) == 7  # a u16 writes two bytes, not three
     root.set_u8(6, 9)
     root.set_i32(2, -1)
     back = Message(msg.segments()).root()
@@ -229,3 +234,47 @@ def test_copy_pointer_copies_one_pointer_of_any_kind() -> None:
     assert not back.has(3)
     with pytest.raises(IndexError, match=r"^pointer 4 outside a struct with 4 pointers$"):
         root.copy_pointer(4, src, 0, "t")
+
+
+def test_pointer_kind_errors_name_the_field() -> None:
+    with pytest.raises(CapnpError, match=r"^capnp pointer p: far pointer to segment 4, message has 1$"):
+        Message([words(struct_ptr(0, 0, 1), 2 | (4 << 32))]).root().pointer_kind(0, "p")
+
+
+def test_copy_errors_name_the_path_to_the_bad_pointer() -> None:
+    def copy(*source_words: int) -> None:
+        MessageBuilder().init_root(0, 1).copy_struct(0, Message([words(*source_words)]).root(), "copy")
+
+    # root -> struct -> an unknown 'other' pointer
+    with pytest.raises(CapnpError, match=r"^capnp pointer copy\.p0\.p0: unknown 'other' pointer$"):
+        copy(struct_ptr(0, 0, 1), struct_ptr(0, 0, 1), 7)
+    # root -> List(struct) -> element 1 -> bad pointer
+    with pytest.raises(CapnpError, match=r"^capnp pointer copy\.p0\[1\]\.p0: unknown 'other' pointer$"):
+        copy(struct_ptr(0, 0, 1), list_ptr(0, COMPOSITE, 2), struct_ptr(2, 0, 1), 0, 7)
+    # root -> List(pointer) -> element 1 bad
+    with pytest.raises(CapnpError, match=r"^capnp pointer copy\.p0\[1\]: unknown 'other' pointer$"):
+        copy(struct_ptr(0, 0, 1), list_ptr(0, POINTER, 2), 0, 7)
+    with pytest.raises(CapnpError, match=r"^capnp pointer copy\.p0: far pointer to segment 4"):
+        copy(struct_ptr(0, 0, 1), 2 | (4 << 32))
+    with pytest.raises(CapnpError, match=r"^capnp pointer copy\.p0: points outside segment 0"):
+        copy(struct_ptr(0, 0, 1), struct_ptr(0, 5, 0))
+    with pytest.raises(CapnpError, match=r"^capnp pointer copy\.p0: points outside segment 0"):
+        copy(struct_ptr(0, 0, 1), list_ptr(0, BYTE, 100))
+
+
+def test_copied_data_lists_keep_their_exact_size() -> None:
+    eight = bytes(range(8))
+    sixty_five = bytes(range(65))
+    padded = sixty_five + bytes(7)
+    source = Message([words(struct_ptr(0, 0, 3), list_ptr(2, BYTE, 8), list_ptr(2, BYTE, 65),
+                            list_ptr(10, BIT, 65),
+                            int.from_bytes(eight, "little"),
+                            *(int.from_bytes(padded[i:i + 8], "little") for i in range(0, 72, 8)),
+                            2**64 - 1, 1)]).root()
+    out = MessageBuilder()
+    out.init_root(0, 1).copy_struct(0, source, "copy")
+    copied = Message(out.segments()).root().struct(0, "copy")
+    assert copied.data(0, "a") == eight and copied.data(1, "b") == sixty_five
+    bits = copied.list_at(2, "c")
+    assert bits is not None and len(bits) == 65
+    assert len(out.segments()[0]) == 8 * (1 + 1 + 3 + 1 + 9 + 2)  # root, struct, data: nothing more
