@@ -20,6 +20,7 @@ from wire.origin import (
     TunnelRequest,
     build_origin_request,
     go_host_header,
+    go_request_uri,
     needs_body_probe,
     should_gunzip,
     tunnel_response_headers,
@@ -237,3 +238,14 @@ def test_gunzipper_takes_gzip_only() -> None:
     early = r"^gzip response body from the origin ended early \(unexpected EOF\)$"
     with pytest.raises(OriginError, match=early):
         cut.finish()
+
+
+def test_go_request_uri_escapes() -> None:
+    assert go_request_uri("/a%41b/c") == "/a%41b/c"  # validly encoded: kept as sent
+    assert go_request_uri("/é?q=é") == "/%C3%A9?q=é"  # the path re-escaped, the query verbatim
+    assert go_request_uri("/a b%20c") == "/a%20b%20c"
+    assert go_request_uri("*") == "*"
+    bad = "/" + "a" * 90 + "%zz"
+    with pytest.raises(StreamConversionError) as exc:
+        go_request_uri(bad)
+    assert str(exc.value) == f"request path {bad.encode()[:80]!r} has a bad % escape"
