@@ -10,4 +10,9 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=500, deadline=None)
+# explore (scripts/hypothesis-explore.sh): a fresh seed per round (--hypothesis-seed, printed so a failure
+# can be replayed), many more examples, no example database (every round starts from nothing).
+settings.register_profile("explore", max_examples=int(os.environ.get("HYPOTHESIS_EXPLORE_EXAMPLES", "2000")),
+                          deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -287,6 +287,7 @@ class EdgeSide:
             self._wake()
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.goaway = int(ev.error_code or 0)
+            self.edge._notify()
 
     def _wake(self) -> None:
         self._window.set()
@@ -557,6 +558,24 @@ def make_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
     path = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return ca, path
+
+
+def open_request_streams(side: EdgeSide) -> int:
+    """Request streams the edge's HTTP/2 state machine still holds open (the control stream not counted)."""
+    return sum(1 for sid, st in list(side.h2.streams.items()) if sid != side.control_id and st.open)
+
+
+def connector_streams(running: Running, index: int = 0) -> int:
+    """The connector's own count of active request streams on connection `index` (0 when it is gone)."""
+    conn = running.handle.supervisor.connections.get(index)  # type: ignore[attr-defined]
+    return 0 if conn is None else conn.active_streams
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """For state that has no event to wait on: re-check after every scheduler pass (callers bound it
+    with `fail_after`). `trio.testing.wait_all_tasks_blocked` stands in for "nothing more happens"."""
+    while not predicate():
+        await trio.sleep(0.005)
 
 
 async def wait_ready(running: Running, n: int = 1) -> None:

@@ -237,8 +237,9 @@ async def test_shutdown_without_unregister_answer_waits_grace_period(tmp_path):
             start = trio.current_time()
             run.handle.shutdown()
             assert await run.exit_code() == 0
-            elapsed = trio.current_time() - start
-            assert 0.25 <= elapsed < 2
+            # It waited for the unanswered unregister until the grace period ran out (a lower bound only:
+            # a busy machine can make it later, never earlier; the fail_after catches a hang).
+            assert trio.current_time() - start >= 0.3
             assert side.unregistered.is_set()
             nursery.cancel_scope.cancel()
 
@@ -325,18 +326,20 @@ async def test_shutdown_during_a_hanging_dial_is_prompt(tmp_path):
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             port = listeners[0].socket.getsockname()[1]
 
+            dialled = trio.Event()
+
             async def silent(stream: trio.SocketStream) -> None:
+                dialled.set()
                 await trio.sleep_forever()
 
             nursery.start_soon(trio.serve_listeners, silent, listeners)
             run = await start_connector(
                 nursery, make_settings(ca_path, [f"127.0.0.1:{port}"], (status_rule(),))
             )
-            await trio.sleep(0.2)
-            start = trio.current_time()
+            await dialled.wait()  # the connector is inside its TLS handshake now
             run.handle.shutdown()
+            # the test's fail_after (10 s) is shorter than the dial timeout (15 s): waiting it out fails
             assert await run.exit_code() == 0
-            assert trio.current_time() - start < 1
             nursery.cancel_scope.cancel()
 
 

@@ -17,10 +17,15 @@ SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"
 
 def test_frame_guard_accepts_settings_then_frames_in_any_pieces():
     data = SETTINGS + b"\x00\x00\x04\x00\x00\x00\x00\x00\x03" + b"abcd"
+    # A header claiming 16385 bytes: caught only if the guard kept track of where each frame ends.
+    oversized = b"\x00\x40\x01\x00\x00\x00\x00\x00\x05"
     for step in (1, 2, 5, len(data)):
         guard = FrameGuard(16384)
         for i in range(0, len(data), step):
             guard.feed(data[i:i + step])
+        guard.feed(oversized[:4])  # an incomplete header is only buffered
+        with pytest.raises(ProtocolError, match="frame of 16385 bytes exceeds our MAX_FRAME_SIZE 16384"):
+            guard.feed(oversized[4:])
 
 
 def test_frame_guard_rejects_text_and_oversized_frames():

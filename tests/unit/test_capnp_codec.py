@@ -228,6 +228,32 @@ def test_composite_list_checks() -> None:
         not_composite.root().struct_list(0, "capTable")
 
 
+def test_composite_list_range_counts_the_tag_word() -> None:
+    """A composite list's words plus its tag must fit: one word short is an error (not a 0 element)."""
+    # root: 1 pointer -> list at word 2: tag + 2 elements of 1 data word = words 2..4
+    fits = Message([words(struct_ptr(0, 0, 1), list_ptr(0, COMPOSITE, 2), struct_ptr(2, 1, 0), 7, 8)])
+    assert [e.u64(0) for e in fits.root().struct_list(0, "capTable")] == [7, 8]
+    short = Message([words(struct_ptr(0, 0, 1), list_ptr(0, COMPOSITE, 2), struct_ptr(2, 1, 0), 7)])
+    outside = r"capTable: points outside segment 0 \(words 2\.\.5, segment has 4\)"
+    with pytest.raises(CapnpError, match=outside):
+        short.root().struct_list(0, "capTable")
+
+
+def test_check_range_bounds_exactly() -> None:
+    """An object may end exactly at the segment end; one word more, or a negative start, is outside."""
+    exact = Message([words(struct_ptr(0, 2, 0), 1, 2)])
+    assert (exact.root().u64(0), exact.root().u64(8)) == (1, 2)
+    with pytest.raises(CapnpError, match=r"root: points outside segment 0 \(words 1\.\.4, segment has 3\)"):
+        Message([words(struct_ptr(0, 3, 0), 1, 2)]).root()
+    with pytest.raises(CapnpError, match=r"root: points outside segment 0 \(words -1\.\.0, segment has 2\)"):
+        Message([words(struct_ptr(-2, 1, 0), 5)]).root()
+    # a list ending exactly at the segment end, and one byte beyond it
+    assert Message([words(struct_ptr(0, 0, 1), list_ptr(0, 2, 8), 0x0706050403020100)]).root().data(
+        0, "d") == bytes(range(8))
+    with pytest.raises(CapnpError, match=r"d: points outside segment 0 \(words 2\.\.4, segment has 3\)"):
+        Message([words(struct_ptr(0, 0, 1), list_ptr(0, 2, 9), 0)]).root().data(0, "d")
+
+
 def test_single_far_pointer() -> None:
     seg0 = words(far_ptr(1, 0))
     seg1 = words(struct_ptr(0, 1, 0), 42)

@@ -6,10 +6,10 @@ import re
 
 import h11
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from wire.errors import StreamConversionError, TunnelLabError
+from wire.errors import HeaderSerializationError, StreamConversionError, TunnelLabError
 from wire.eyeball import (
     EyeballRequest,
     TunnelResponse,
@@ -20,7 +20,13 @@ from wire.eyeball import (
     tunnel_request_headers,
     tunnel_response,
 )
-from wire.headers import StreamType, classify_stream
+from wire.headers import (
+    StreamType,
+    classify_stream,
+    is_token,
+    is_valid_value,
+    serialize_response_headers,
+)
 from wire.origin import (
     OriginOptions,
     TunnelRequest,
@@ -339,19 +345,104 @@ def test_cloudflared_error_and_flow_limit() -> None:
 
 
 @pytest.mark.parametrize(
-    "fields",
+    ("fields", "error", "match"),
     [
-        [],
-        [(b":status", b"20")],
-        [(b":status", b"abc")],
-        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b"{")],
-        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":1}')],
-        [(b":status", b"200"), (b"cf-cloudflared-response-headers", b"QQ")],
+        ([], StreamConversionError, r":status None is not a 3-digit status"),
+        ([(b":status", b"20")], StreamConversionError, r":status b'20' is not a 3-digit status"),
+        ([(b":status", b"abc")], StreamConversionError, r":status b'abc' is not a 3-digit status"),
+        (
+            [(b":status", b"200"), (b"cf-cloudflared-response-meta", b"{")],
+            HeaderSerializationError,
+            r"cf-cloudflared-response-meta b'\{' is not JSON",
+        ),
+        (
+            [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":1}')],
+            StreamConversionError,
+            r"cf-cloudflared-response-meta src 1 is not a string",
+        ),
+        (
+            [(b":status", b"200"), (b"cf-cloudflared-response-headers", b"QQ")],
+            HeaderSerializationError,
+            r"pair 0 b'QQ' does not have the form name:value",
+        ),
     ],
 )
-def test_malformed_tunnel_responses(fields: list[tuple[bytes, bytes]]) -> None:
-    with pytest.raises(TunnelLabError):
+def test_malformed_tunnel_responses(
+    fields: list[tuple[bytes, bytes]], error: type[TunnelLabError], match: str
+) -> None:
+    with pytest.raises(error, match=match):
         tunnel_response(fields, request_was_websocket=False)
+
+
+# Well-formed tunnel responses whose origin headers hold any bytes: what reaches the eyeball must
+# still be a valid HTTP/1.1 field (token name, no CR/LF/NUL in the value).
+any_origin_headers = st.lists(
+    st.tuples(
+        st.one_of(
+            st.sampled_from([b"Connection", b"Upgrade", b"Trailer", b"Sec-WebSocket-Accept", b"X-A"]),
+            st.text(TOKEN, min_size=1, max_size=8).map(str.encode),
+            st.binary(max_size=8),
+        ),
+        st.one_of(
+            st.sampled_from([b"x-a", b"close", b"websocket", b"a\r\nb", b"\x00"]),
+            st.text("".join(chr(c) for c in range(0x20, 0x7F)), max_size=10).map(str.encode),
+            st.binary(max_size=12),
+        ),
+    ),
+    min_size=1,
+    max_size=8,
+)
+metas = st.one_of(
+    st.none(),
+    st.sampled_from([b'{"src":"origin"}', b'{"src":"cloudflared"}', b'{"flow_rate_limited":true}']),
+)
+
+
+def _tunnel_fields(status: int, meta: bytes | None, headers: list[tuple[bytes, bytes]], raw: bool
+                   ) -> list[tuple[bytes, bytes]]:
+    """The response HEADERS: the origin's fields serialized, or (Go's own answer, no meta) plain fields."""
+    fields = [(b":status", str(status).encode())]
+    if raw and meta is None:
+        return fields + [(k, v) for k, v in headers if k]
+    if meta is not None:
+        fields.append((b"cf-cloudflared-response-meta", meta))
+    return [*fields, (b"cf-cloudflared-response-headers", serialize_response_headers(headers))]
+
+
+valid_tunnel_responses = st.builds(_tunnel_fields, st.integers(100, 999), metas, any_origin_headers,
+                                   st.booleans())
+
+
+@given(valid_tunnel_responses, st.booleans())
+def test_well_formed_tunnel_responses_give_valid_eyeball_fields(
+    fields: list[tuple[bytes, bytes]], websocket: bool
+) -> None:
+    resp = tunnel_response(fields, request_was_websocket=websocket)  # well-formed: never raises
+    assert resp.status == int(fields[0][1])
+    out = eyeball_response_headers(resp)
+    event(f"eyeball fields: {min(len(out), 3)}+" if out else "eyeball fields: none")
+    for name, value in out:
+        assert is_token(name) and is_valid_value(value)
+        assert b"\r" not in value and b"\n" not in value
+    kept = {k.lower() for k, _ in out}
+    if not resp.websocket_upgrade:
+        assert not kept & {b"connection", b"upgrade", b"trailer", b"transfer-encoding", b"te"}
+        named = {t.strip(b" \t").lower() for k, v in resp.headers if k.lower() == b"connection"
+                 and is_valid_value(v) for t in v.split(b",")}
+        assert not kept & named
+
+
+def test_eyeball_response_drops_trailer_and_the_fields_connection_names() -> None:
+    """`Trailer` is hop-by-hop, and so is every field that `Connection` lists."""
+    origin = [(b"Trailer", b"X-Sum"), (b"Connection", b"x-private, close"), (b"X-Private", b"1"),
+              (b"X-Kept", b"2")]
+    resp = tunnel_response(
+        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":"origin"}'),
+         (b"cf-cloudflared-response-headers", serialize_response_headers(origin))],
+        request_was_websocket=False,
+    )
+    assert resp.headers == origin
+    assert eyeball_response_headers(resp) == [(b"X-Kept", b"2")]
 
 
 response_names = st.one_of(
@@ -371,11 +462,28 @@ def test_tunnel_response_arbitrary_fields_raise_only_project_errors(
 ) -> None:
     try:
         resp = tunnel_response(fields, request_was_websocket=websocket)
-    except TunnelLabError:
+    except (StreamConversionError, HeaderSerializationError) as exc:
+        event(f"rejected: {type(exc).__name__}")
         return
+    event("accepted")
     assert 0 <= resp.status <= 999
     for name, value in eyeball_response_headers(resp):
         assert name and b"\r" not in value and b"\n" not in value
+
+
+def test_the_well_formed_property_reaches_its_assertions() -> None:
+    """Counting check: the property above is not vacuous (every example decodes; most give fields)."""
+    seen: list[int] = []
+
+    @settings(max_examples=200, derandomize=True, database=None)
+    @given(valid_tunnel_responses, st.booleans())
+    def count(fields: list[tuple[bytes, bytes]], websocket: bool) -> None:
+        resp = tunnel_response(fields, request_was_websocket=websocket)
+        seen.append(len(eyeball_response_headers(resp)))
+
+    count()
+    assert len(seen) >= 100
+    assert sum(1 for n in seen if n) >= len(seen) // 2, seen
 
 
 origin_headers = st.lists(
@@ -428,3 +536,102 @@ def test_tunnel_response_is_frozen() -> None:
 def test_request_head_error(version: bytes, headers: list[tuple[bytes, bytes]], status: int | None) -> None:
     refused = request_head_error(version, headers)
     assert (refused[0] if refused else None) == status
+
+
+# --- pinned by mutation testing (docs/mutation-report.md) --------------------------------------------
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        ("http://a.test:80/p?q", "/p?q"),
+        ("http://a.test?x=1/y", "/?x=1/y"),  # the query starts before any slash
+        ("http://a.test", "/"),
+        ("HTTPS://a/b", "/b"),
+        ("http:///x", "/x"),  # empty authority: the path starts at once
+        ("http://?a/b", "/?a/b"),
+        ("http://?a", "/?a"),
+        ("http://a/b://c", "/b://c"),
+        ("http://a/b/c", "/b/c"),
+        ("http://a?x?y/z", "/?x?y/z"),
+    ],
+)
+def test_absolute_form_targets_become_origin_form(target: str, path: str) -> None:
+    fields = dict(tunnel_request_headers(eyeball([], target=target), ray=RAY))
+    assert fields[b":path"] == path.encode()
+
+
+def test_targets_that_cannot_become_a_path_say_so() -> None:
+    long_target = "ftp://" + "a" * 100
+    with pytest.raises(StreamConversionError) as exc:
+        tunnel_request_headers(eyeball([], target=long_target), ray=RAY)
+    assert str(exc.value) == f"request target {long_target[:80]!r} cannot become an HTTP/2 :path"
+    with pytest.raises(StreamConversionError, match="request target 'http' cannot"):
+        tunnel_request_headers(eyeball([], target="http"), ray=RAY)
+
+
+def test_eyeball_request_headers_become_bytes_and_odd_bytes_survive() -> None:
+    req = EyeballRequest(method="GET", target="/\udcfe", headers=(("X-A", "1"),), scheme="https",
+                         client_ip="203.0.113.9", host="a\udcff.test")
+    assert req.headers == ((b"X-A", b"1"),)
+    fields = dict(tunnel_request_headers(req, ray=RAY))
+    assert fields[b":authority"] == b"a\xff.test" and fields[b":path"] == b"/\xfe"
+
+
+def test_invalid_fields_are_dropped_one_by_one_and_te_trailers_kept_once() -> None:
+    fields = tunnel_request_headers(
+        eyeball([(b"x a", b"bad name"), (b"x-b", b"bad\x00value"), (b"x-c", b"trailing control\x0b"),
+                 (b"te", b"trailers"), (b"TE", b"trailers"), (b"x-d", b"kept")]),
+        ray=RAY,
+    )
+    regular = [(k, v) for k, v in fields[4:] if not k.startswith((b"cf-", b"x-forwarded", b"cdn-"))]
+    assert regular == [(b"te", b"trailers"), (b"x-d", b"kept")]
+
+
+def test_connection_tokens_are_matched_case_insensitively() -> None:
+    fields = tunnel_request_headers(eyeball([(b"Connection", b"X"), (b"x", b"1"), (b"y", b"2")]), ray=RAY)
+    names = [k for k, _ in fields]
+    assert b"x" not in names and b"y" in names
+
+
+def test_go_own_answer_keeps_only_its_regular_fields() -> None:
+    """No meta and no serialized field: Go's own 400; its HTTP/2 date and content-length are not the
+    origin's, nor are pseudo or cf- fields."""
+    resp = tunnel_response(
+        [(b":status", b"400"), (b"content-type", b"text/plain; charset=utf-8"), (b"date", b"x"),
+         (b"content-length", b"12"), (b"cf-ray", b"r"), (b"x-content-type-options", b"nosniff")],
+        request_was_websocket=False,
+    )
+    assert resp.src is None and resp.content_length == 12
+    assert resp.headers == [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"x-content-type-options", b"nosniff")]
+
+
+def _upgrade_answer(headers: list[tuple[bytes, bytes]]) -> TunnelResponse:
+    return tunnel_response(
+        [(b":status", b"200"), (b"cf-cloudflared-response-meta", b'{"src":"origin"}'),
+         (b"cf-cloudflared-response-headers", serialize_response_headers(headers))],
+        request_was_websocket=True,
+    )
+
+
+def test_websocket_upgrade_needs_both_upgrade_and_accept() -> None:
+    accept = (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    assert _upgrade_answer([(b"Upgrade", b"websocket"), accept]).websocket_upgrade
+    assert not _upgrade_answer([(b"Upgrade", b"websocket")]).websocket_upgrade
+    assert not _upgrade_answer([(b"Upgrade", b"h2c"), accept]).websocket_upgrade
+
+
+def test_upgrade_response_drops_the_other_hop_by_hop_fields() -> None:
+    kept = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
+            (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), (b"X-A", b"1")]
+    dropped = [(b"Keep-Alive", b"timeout=5"), (b"Proxy-Connection", b"x"), (b"Transfer-Encoding", b"chunked"),
+               (b"TE", b"trailers"), (b"Trailer", b"X-Sum"), (b"Content-Length", b"0")]
+    resp = _upgrade_answer(kept + dropped)
+    assert resp.websocket_upgrade and resp.eyeball_status == 101
+    assert eyeball_response_headers(resp) == kept
+
+
+def test_new_ray_id_needs_eight_bytes() -> None:
+    assert new_ray_id("LAB1", bytes(range(9))) == "0001020304050607-LAB1"
+    with pytest.raises(ValueError, match=r"^new_ray_id needs 8 random bytes, got 7$"):
+        new_ray_id("LAB1", bytes(7))

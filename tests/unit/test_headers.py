@@ -19,10 +19,14 @@ from wire.headers import (
     PROXY_SRC,
     PROXY_UPGRADE,
     StreamType,
+    all_values,
+    as_bytes,
     canonical_header_name,
     classify_stream,
     deserialize_response_headers,
     is_serialized_response_header,
+    is_token,
+    is_valid_value,
     parse_meta,
     serialize_response_headers,
 )
@@ -234,3 +238,69 @@ def test_classify_precedence_uses_first_values_only(fields: list[tuple[bytes, by
     if upgrade is not None and src is not None:
         later = [(PROXY_UPGRADE, b"websocket"), (PROXY_SRC, b"y"), (PROXY_UPGRADE, b"update-configuration")]
         assert classify_stream(BASE + fields + later) is expected
+
+
+# --- pinned by mutation testing (docs/mutation-report.md) --------------------------------------------
+
+def test_as_bytes_keeps_undecodable_bytes_of_a_str() -> None:
+    assert as_bytes("a\udcff") == b"a\xff"  # h2 decodes with surrogateescape; we must give the byte back
+
+
+def test_token_and_value_checks_take_any_bytes_like() -> None:
+    assert is_token(memoryview(b"x-a")) and not is_token(memoryview(b"x a"))
+    assert not is_token("x-a")  # a str is never token *bytes*
+    assert is_valid_value(memoryview(b"a\tb")) and not is_valid_value(memoryview(b"a\x00b"))
+    assert is_valid_value(bytearray(b"ok")) and not is_valid_value(bytearray(b"\r\n"))
+
+
+def test_canonical_name_upper_cases_z_after_a_dash() -> None:
+    assert canonical_header_name(b"z-zz") == b"Z-Zz"
+    assert canonical_header_name(b"A-ZZ") == b"A-Zz"
+
+
+def test_serialized_value_ending_in_x_keeps_it() -> None:
+    # base64 of \x00\x00\x17 is AAAX: only padding may be stripped, not a trailing X
+    assert serialize_response_headers([(b"A", b"\x00\x00\x17")]) == b"QQ:AAAX"
+    assert deserialize_response_headers(b"QQ:AAAX") == [(b"A", b"\x00\x00\x17")]
+
+
+def test_deserialize_error_messages_name_the_pair_and_cut_long_parts() -> None:
+    value = b"A" * 45 + b"-"
+    with pytest.raises(HeaderSerializationError) as bad_byte:
+        deserialize_response_headers(b"QQ:Yg;QQ:" + value)
+    assert str(bad_byte.value) == (f"cf-cloudflared-response-headers: value of pair 1 {value[:40]!r} holds "
+                                   "b'-', not in the unpadded base64 alphabet")
+    with pytest.raises(HeaderSerializationError) as bad_name:
+        deserialize_response_headers(b"Q-:Yg")
+    assert str(bad_name.value).startswith("cf-cloudflared-response-headers: name of pair 0 b'Q-' holds b'-'")
+    with pytest.raises(HeaderSerializationError) as bad_length:
+        deserialize_response_headers(b"QQ:" + b"A" * 45)
+    assert str(bad_length.value) == (f"cf-cloudflared-response-headers: value of pair 0 {b'A' * 40!r} "
+                                     "has an impossible base64 length 45")
+    with pytest.raises(HeaderSerializationError) as bad_name_length:
+        deserialize_response_headers(b"QUFBQ:Yg")
+    assert "name of pair 0 b'QUFBQ' has an impossible base64 length 5" in str(bad_name_length.value)
+    pair = b"Q" * 70
+    with pytest.raises(HeaderSerializationError) as no_colon:
+        deserialize_response_headers(b";" + pair)
+    assert str(no_colon.value) == (f"cf-cloudflared-response-headers: pair 1 {pair[:60]!r} "
+                                   "does not have the form name:value")
+
+
+def test_parse_meta_beyond_the_known_values_and_its_messages() -> None:
+    assert parse_meta(b'{"src": "origin"}') == {"src": "origin"}  # not byte-equal to a known value
+    assert parse_meta('{"src":"origin"}') == {"src": "origin"}
+    long_text = b"{" + b"x" * 90
+    with pytest.raises(HeaderSerializationError) as not_json:
+        parse_meta(long_text)
+    assert str(not_json.value).startswith(f"cf-cloudflared-response-meta {long_text[:80]!r} is not JSON: ")
+    long_list = b"[" + b"1," * 50 + b"1]"
+    with pytest.raises(HeaderSerializationError) as not_object:
+        parse_meta(long_list)
+    assert str(not_object.value) == f"cf-cloudflared-response-meta {long_list[:80]!r} is not a JSON object"
+
+
+def test_all_values_in_order_any_case_bytes_or_str() -> None:
+    headers = [(b"Set-Cookie", b"a=1"), ("x-other", "0"), ("set-cookie", "b=2"), (b"SET-COOKIE", b"c=3")]
+    assert all_values(headers, b"Set-Cookie") == [b"a=1", b"b=2", b"c=3"]
+    assert all_values(headers, b"missing") == []

@@ -354,6 +354,26 @@ def test_body_encoder() -> None:
         over.encode(b"ab")
 
 
+def test_body_encoder_overflow_check_counts_every_chunk() -> None:
+    """Go's length check: the bytes so far may reach Content-Length exactly, never pass it, over any
+    number of chunks; the error says both numbers."""
+    enc = BodyEncoder(Framing.CONTENT_LENGTH, 3)
+    assert enc.encode(b"ab") == b"ab" and enc.encode(b"c") == b"c" and enc.sent == 3
+    with pytest.raises(StreamConversionError, match=r"^http: ContentLength=3 with Body length 4$"):
+        enc.encode(b"d")
+    exact = BodyEncoder(Framing.CONTENT_LENGTH, 3)
+    assert exact.encode(b"abc") == b"abc" and exact.end() == b""
+    with pytest.raises(StreamConversionError, match=r"^http: ContentLength=1 with Body length 2$"):
+        BodyEncoder(Framing.CONTENT_LENGTH, 1).encode(b"ab")
+    no_body = r"^2 request body bytes, but the origin request has no body$"
+    with pytest.raises(StreamConversionError, match=no_body):
+        BodyEncoder(Framing.NONE).encode(b"xy")
+    ended = BodyEncoder(Framing.RAW)
+    ended.end()
+    with pytest.raises(StreamConversionError, match=r"^request body data after its end$"):
+        ended.encode(b"x")
+
+
 # --- the response ------------------------------------------------------------------------------------
 
 def decoded(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
