@@ -182,12 +182,6 @@ async def test_eyeball_close_mid_download_cleans_up_both_sides(tmp_path):
             on.cancel_scope.cancel()
 
 
-EDGE_RST_DEFECT = (
-    "edge defect (h-hardening, stream lifecycle on reset): after an HTTP/2 eyeball RST_STREAM on a download "
-    "that has filled the tunnel stream's window, the edge forgets its tunnel stream (its count is 0) but the "
-    "RST_STREAM never reaches the connector, whose stream and origin request stay open; likely "
-    "TunnelConnection.release_stream queues the reset and its flush is cancelled at the send lock"
-)
 
 
 async def h2_download_then_reset(tmp_path: Any, read_before_reset: int) -> None:
@@ -239,17 +233,10 @@ async def test_eyeball_h2_rst_stream_early_in_a_download_cleans_up_both_sides(tm
     await h2_download_then_reset(tmp_path, 100)
 
 
-@pytest.mark.xfail(strict=True, reason=EDGE_RST_DEFECT)
 async def test_eyeball_h2_rst_stream_mid_download_cleans_up_both_sides(tmp_path):
     await h2_download_then_reset(tmp_path, 2 * 1024 * 1024)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connector defect: h2's InvalidBodyLengthError on DATA beyond content-length drops the whole "
-    "tunnel connection (connector/edge_conn.py treats it as a connection error); Go's HTTP/2 server "
-    "(x/net http2 processData, 'send_too_much') resets only that stream with PROTOCOL_ERROR",
-)
 async def test_more_data_than_content_length_resets_the_stream(tmp_path):
     """The connector's HTTP/2 stack (h2, as Go's server) refuses DATA beyond `content-length`: the stream
     is reset with PROTOCOL_ERROR, the origin never sees the extra bytes, the connection lives on."""

@@ -2,7 +2,7 @@
 its HTTP/1.1 connection, or resets its HTTP/2 stream, in the middle of a download leaves no active stream
 on the edge (its API) nor in the connector (its `cloudflared_tunnel_concurrent_requests_per_tunnel`).
 
-Everything (edge, origin, connector, eyeball) runs inside `../shared/tools/netns-run` (loopback only),
+Everything (edge, origin, connector, eyeball) runs in a private namespace (lab.runner.netns; loopback only),
 like test_edge_cloudflared.py. The in-process variants, which also check flow control, are in
 tests/component/test_stream_lifecycle.py.
 """
@@ -17,13 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.component.test_stream_lifecycle import EDGE_RST_DEFECT
-from tests.integration.test_edge_cloudflared import NETNS_RUN, _connectors
+from lab.runner import netns
+from tests.integration.test_edge_cloudflared import UNSHARE, _connectors
 
 DRIVER = r'''
 import json, os, re, signal, socket, ssl, subprocess, sys, time, urllib.request
 from pathlib import Path
 import h2.config, h2.connection, h2.errors, h2.events
+
+from lab.runner import netns
+
+netns.enter_inside()  # lo up, resolv.conf naming 127.0.0.1, the NXDOMAIN stub
 
 work = Path(sys.argv[1]); connector = json.loads(sys.argv[2]); mode = sys.argv[3]; py = sys.executable
 state = work / "state"
@@ -156,16 +160,14 @@ finally:
 
 
 def run_driver(tmp_path: Path, connector: list[str], mode: str) -> dict:
-    if not NETNS_RUN.exists():
-        pytest.skip(f"{NETNS_RUN} not found (set TUNNEL_LAB_SHARED)")
-    probe = subprocess.run([str(NETNS_RUN), "true"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode()[-200:]}")
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"cannot create a private network namespace here: {why}")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([str(NETNS_RUN), sys.executable, str(driver), str(tmp_path), json.dumps(connector),
-                          mode], capture_output=True, text=True, timeout=120, cwd=root,
+    run = subprocess.run([*UNSHARE, sys.executable, str(driver), str(tmp_path), json.dumps(connector), mode],
+                         capture_output=True, text=True, timeout=120, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)})
     logs = {name: (tmp_path / name).read_text()[-3000:] for name in ("edge.log", "connector.log")
             if (tmp_path / name).exists()}
@@ -182,10 +184,6 @@ def test_eyeball_h1_close_mid_download_leaves_no_stream_on_either_side(tmp_path:
     assert step["during"] == [1, 1] and step["after"] == [0, 0]
 
 
-# Not strict: across processes the lost reset is sometimes carried out by another write on the tunnel
-# connection (the edge acknowledging DATA still in flight), so this can pass by luck. The strict pin
-# of the defect is the in-process test_eyeball_h2_rst_stream_mid_download_cleans_up_both_sides.
-@pytest.mark.xfail(strict=False, reason=EDGE_RST_DEFECT)
 @pytest.mark.parametrize("connector", _connectors())
 def test_eyeball_h2_reset_mid_download_leaves_no_stream_on_either_side(tmp_path: Path,
                                                                        connector: list[str]) -> None:
