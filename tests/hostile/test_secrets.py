@@ -3,49 +3,15 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
-import re
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
+from lab.runner.leaks import leaks, secrets_in
 from lab.runner.procs import PROJECT_ROOT
 
 SCENARIOS = "connector-token or https-eyeball or registration-unauthorized or http-get-echo"
-BASE64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
-
-
-def secrets_in(state: Path) -> dict[str, str]:
-    """Every secret a scenario's state directory holds, named by where it came from."""
-    found: dict[str, str] = {}
-    if (state / "api-token").exists():
-        found["api-token"] = (state / "api-token").read_text().strip()
-    for creds in [*state.glob("credentials/*.json"), *state.glob("credentials-*.json")]:
-        found[f"TunnelSecret of {creds.name}"] = json.loads(creds.read_text())["TunnelSecret"]
-    for key in state.glob("pki/*.key"):
-        for i, line in enumerate(key.read_text().splitlines()):
-            if not line.startswith("-----") and len(line) >= 24:
-                found[f"{key.name} line {i}"] = line
-    return found
-
-
-def leaks(data: bytes, secrets: dict[str, str]) -> list[str]:
-    """Names of the secrets found in `data`, literally or inside a base64 run (a token)."""
-    found = [name for name, value in secrets.items() if value.encode() in data]
-    for m in BASE64_RUN.finditer(data):
-        raw = m.group(0).replace(b"-", b"+").replace(b"_", b"/")
-        try:
-            decoded = base64.b64decode(raw + b"=" * (-len(raw) % 4))
-        except (binascii.Error, ValueError):
-            continue
-        found += [f"{name} (base64)" for name, value in secrets.items() if value.encode() in decoded]
-    return found
-
-
 def test_no_secret_in_any_file_a_run_writes(tmp_path):
     tmp, results = tmp_path / "tmp", tmp_path / "results"
     tmp.mkdir()
