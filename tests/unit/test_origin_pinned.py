@@ -50,12 +50,13 @@ def test_no_chunked_encoding_takes_content_length_within_int64() -> None:
             assert out.framing is not Framing.CONTENT_LENGTH or out.content_length != 2**63, value
         else:
             assert framing_of(out) == (Framing.CONTENT_LENGTH, [(b"Content-Length", str(expect).encode())])
-    # -2^63 parses (Go's int64 minimum) and, being negative, means "unknown": no length sent
+    # -2^63 parses (Go's int64 minimum) and, being negative, means "unknown": no length sent (our connector
+    # then reads the body first to learn it: docs/protocol.md §12.1)
     low = build_origin_request(request("POST", end_stream=False,
                                        extra=[(b"content-length", b"-9223372036854775808")]), NOCHUNK)
     lower = build_origin_request(request("POST", end_stream=False,
                                          extra=[(b"content-length", b"-9223372036854775809")]), NOCHUNK)
-    assert low.framing is Framing.RAW and lower.framing is Framing.RAW
+    assert low.framing is Framing.BUFFERED and lower.framing is Framing.BUFFERED
 
 
 def test_probe_only_without_a_usable_length() -> None:
