@@ -52,18 +52,16 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+# A new network, mount and PID namespace; the child is PID 1 there, and dies with unshare.
+UNSHARE = ("unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child")
+
+
 def reexec(argv: Sequence[str]) -> int:
     """Run `python -m lab.runner.cli ARGV` inside a fresh namespace; returns its exit code."""
     env = dict(os.environ)
     env[MARKER] = "1"
     cmd = [
-        "unshare",
-        "--net",
-        "--mount",
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child",
+        *UNSHARE,
         sys.executable,
         "-m",
         "lab.runner.cli",
@@ -208,13 +206,7 @@ def start_isolated(command: Sequence[str], *, env: dict[str, str] | None = None)
     namespace, its exit ends every process COMMAND left behind. `--kill-child` ends it if unshare dies.
     """
     cmd = [
-        "unshare",
-        "--net",
-        "--mount",
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child",
+        *UNSHARE,
         sys.executable,
         "-m",
         NETNS_MODULE,
