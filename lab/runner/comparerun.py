@@ -20,7 +20,6 @@ from typing import Any
 
 import trio
 from rich.console import Console
-from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,6 +28,7 @@ from lab.runner.engine import ScenarioResult, run_scenario, skip_reason
 from lab.runner.lab import RunOptions
 from lab.runner.loader import Scenario
 from lab.runner.report import merge_histories
+from lab.runner.runall import run_with_progress
 from wire.errors import ConfigError
 
 VALUE_WIDTH = 300  # terminal only; the JSON report has every value whole
@@ -237,7 +237,7 @@ async def _run(
             table.add_row(f"[cyan]▶ {escape(name)}[/cyan]", f"[dim]{escape(step)}[/dim]")
         return table
 
-    async def one(sc: Scenario) -> None:
+    async def one(sc: Scenario, out: Console) -> None:
         async with limiter:
             if stop.is_set():
                 return
@@ -246,7 +246,7 @@ async def _run(
             finally:
                 running.pop(sc.name, None)
             done.append(result)
-            print_compared(live.console, result)
+            print_compared(out, result)
             if exitfirst and result.verdict.status == "different":
                 stop.set()
 
@@ -267,19 +267,7 @@ async def _run(
                 break
         return judge(sc, sides, runs)
 
-    with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
-        async with trio.open_nursery() as nursery:
-
-            async def refresher() -> None:
-                while True:
-                    live.update(render())
-                    await trio.sleep(0.125)
-
-            nursery.start_soon(refresher)
-            async with trio.open_nursery() as workers:
-                for sc in selected:
-                    workers.start_soon(one, sc)
-            nursery.cancel_scope.cancel()
+    await run_with_progress(console, render, selected, one)
 
 
 _MARK = {

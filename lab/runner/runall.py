@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -111,7 +112,7 @@ async def _run(
             table.add_row(f"[cyan]▶ {name}[/cyan]", f"[dim]{step}[/dim]")
         return table
 
-    async def one(sc: Scenario) -> None:
+    async def one(sc: Scenario, out: Console) -> None:
         async with limiter:
             if stop.is_set():
                 return
@@ -133,8 +134,15 @@ async def _run(
                 extra = f" [dim]{result.step}: {result.message[:150]}[/dim]"
                 if exitfirst:
                     stop.set()
-            live.console.print(f"{_MARK[result.status]} {sc.name} [dim]({result.duration:.1f}s)[/dim]{extra}")
+            out.print(f"{_MARK[result.status]} {sc.name} [dim]({result.duration:.1f}s)[/dim]{extra}")
 
+    await run_with_progress(console, render, selected, one)
+
+
+async def run_with_progress(console: Console, render: Callable[[], Table], selected: list[Scenario],
+                            one: Callable[[Scenario, Console], Awaitable[None]]) -> None:
+    """`one(scenario, out)` for every scenario at once (each limits itself) under a live progress view
+    refreshed from `render()`; `out` is the console to print a finished scenario on."""
     with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
         async with trio.open_nursery() as nursery:
 
@@ -146,5 +154,5 @@ async def _run(
             nursery.start_soon(refresher)
             async with trio.open_nursery() as workers:
                 for sc in selected:
-                    workers.start_soon(one, sc)
+                    workers.start_soon(one, sc, live.console)
             nursery.cancel_scope.cancel()

@@ -7,7 +7,6 @@ import h2.errors
 import pytest
 import trio
 
-from connector import supervisor
 from tests.component.connector_edge import (
     FakeEdge,
     RawOrigin,
@@ -19,13 +18,9 @@ from tests.component.connector_edge import (
     wait_ready,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
+              pytest.mark.usefixtures("fast_backoff")]
 
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
 
 
 BAD = {

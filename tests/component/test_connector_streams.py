@@ -14,7 +14,6 @@ import trio.testing
 import trustme
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from connector import supervisor
 from connector.settings import HTTPService, StreamService
 from origin_fixtures import OriginConfig, serve_origin
 from tests.component.connector_edge import (
@@ -33,13 +32,9 @@ from tests.component.connector_edge import (
 )
 from wire.headers import deserialize_response_headers
 
-pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
+              pytest.mark.usefixtures("fast_backoff")]
 
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
 
 
 @asynccontextmanager

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from connector import supervisor
 from tests.component.connector_edge import (
     FakeEdge,
     OriginRequestRecord,
@@ -71,9 +70,7 @@ GO_400_VECTORS = [
     )
 ]
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
+pytestmark = pytest.mark.usefixtures("fast_backoff")
 
 
 def _request(vector: dict) -> tuple[list[tuple[bytes, bytes]], bool, list[tuple[float, bytes, bool]]]:

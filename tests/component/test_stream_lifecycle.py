@@ -18,7 +18,6 @@ import pytest
 import trio
 import trio.testing
 
-from connector import supervisor
 from connector.settings import TunnelSettings
 from edge.config import Address
 from tests.component.connector_edge import (
@@ -37,15 +36,11 @@ from tests.component.connector_edge import (
 from tests.component.test_edge_support import make_tunnel, running_edge, split
 from wire.credentials import Credentials
 
-pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
+              pytest.mark.usefixtures("fast_backoff")]
 
 CHUNK = 64 * 1024
 
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
 
 
 class EndlessOrigin:
