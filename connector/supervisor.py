@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import trio
 
@@ -32,6 +33,7 @@ from connector.edge_conn import (
     first_of,
 )
 from connector.logging_setup import format_value as q
+from connector.protocol import HTTP2, QUIC, QUIC_BROKEN_WARNING, ProtocolChoice, should_fall_back
 from connector.settings import TunnelSettings
 from connector.state import ConnectorState
 from connector.streams import Proxy
@@ -131,6 +133,7 @@ class Supervisor:
         self.shutdown = trio.Event()
         self.connections: dict[int, EdgeConnection] = {}
         self.ever_registered = False
+        self.connected_with_quic = False  # some connection registered over QUIC: no fallback any more
         self._first_registered = trio.Event()
         self.state = state
         self._ready = 0
@@ -143,7 +146,24 @@ class Supervisor:
     def ready_connections(self) -> int:
         return self._ready
 
+    def _next_protocol(self, protocol: str, error: EdgeConnectionError, backoff: Backoff, index: int) -> str:
+        """cloudflared's selectNextProtocol: QUIC falls back to http2 (docs/connector.md, "Protocols")."""
+        from connector.quic_conn import QuicIdleTimeoutError
+
+        broken = isinstance(error, QuicIdleTimeoutError)
+        choice = ProtocolChoice(self.settings.protocol, self.settings.protocol_can_fall_back)
+        if not should_fall_back(choice, protocol, attempts=backoff.attempts, retries=backoff.retries,
+                                quic_broken=broken, connected_with_quic=self.connected_with_quic):
+            return protocol
+        if broken:
+            log.warning("%s connIndex=%d", QUIC_BROKEN_WARNING, index)
+        log.info("Switching to fallback protocol %s connIndex=%d", HTTP2, index)
+        backoff.reset()
+        return HTTP2
+
     def _registered(self, conn: EdgeConnection) -> None:
+        if getattr(conn, "protocol", HTTP2) == QUIC:
+            self.connected_with_quic = True
         self.ever_registered = True
         self._first_registered.set()
         self._ready += 1
@@ -201,8 +221,9 @@ class Supervisor:
     async def _serve_index(self, index: int) -> None:
         backoff = Backoff(BACKOFF_BASE, self.settings.retries)
         address = self.addresses.take(index)
+        protocol = self.settings.protocol
         while not self.shutdown.is_set():
-            conn = EdgeConnection(self.settings, self.proxy, conn_index=index, address=address,
+            conn = new_connection(protocol, self.settings, self.proxy, conn_index=index, address=address,
                                   ssl_context=self._ssl_context, num_previous_attempts=backoff.attempts,
                                   on_registered=self._registered, on_unregistered=self._unregistered)
             self.connections[index] = conn
@@ -254,9 +275,19 @@ class Supervisor:
                      conn.edge_ip)
             with trio.move_on_after(wait):
                 await self.shutdown.wait()
+            protocol = self._next_protocol(protocol, error, backoff, index)
             if was_registered and not self.shutdown.is_set():
                 wait, _ = self._supervisor_backoff.next_wait()
                 log.error("Connection terminated error=%s connIndex=%d", q(str(error)), index)
                 log.debug("Supervisor backoff: reconnecting in %.1fs connIndex=%d", wait, index)
                 with trio.move_on_after(wait):
                     await self.shutdown.wait()
+
+
+def new_connection(protocol: str, settings: TunnelSettings, proxy: Proxy, **kwargs: Any) -> EdgeConnection:
+    """An edge connection over `protocol` ("http2" or "quic"); both have the same interface."""
+    if protocol == QUIC:
+        from connector.quic_conn import QuicEdgeConnection
+
+        return QuicEdgeConnection(settings, proxy, **kwargs)  # type: ignore[return-value]
+    return EdgeConnection(settings, proxy, **kwargs)
