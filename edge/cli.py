@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGINT/SIGTERM, how long in-flight streams may finish (default 10)")
     p.add_argument("--drain-timeout", metavar="SECONDS", type=float, default=30.0,
                    help="after unregisterConnection, how long in-flight streams may finish (default 30)")
+    p.add_argument("--no-quic", action="store_true",
+                   help="no QUIC (UDP) listeners beside the tunnel listeners: connectors get http2 only")
     p.add_argument("--ready-file", metavar="PATH", help="write the bound addresses here as JSON")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default info)")
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         max_response_headers=args.max_response_headers,
         shutdown_timeout=args.shutdown_timeout,
         drain_timeout=args.drain_timeout,
+        quic=not args.no_quic,
     )
 
 

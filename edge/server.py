@@ -65,6 +65,7 @@ class TunnelListener:
         self.scope: trio.CancelScope | None = None
         self.up = False
         self.closed = trio.Event()  # set when the listening socket is closed (re-armed on start)
+        self.quic_address = ""  # the UDP QUIC listener beside it ("" when there is none)
 
     @property
     def address(self) -> str:
@@ -132,6 +133,10 @@ class Edge:
                 self._listener_nursery = listeners
                 for lst in self.listeners.values():
                     await listeners.start(self._serve_tunnel_listener, lst)
+                    if cfg.quic:
+                        from edge.quic import serve_quic_endpoint
+
+                        lst.quic_address = await listeners.start(serve_quic_endpoint, self, lst)
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
@@ -311,8 +316,8 @@ class Edge:
         """What the ready file and STATE/edge.json hold."""
         return {
             "pid": os.getpid(),
-            "tunnel_listeners": [{"location": lst.location, "address": lst.address}
-                                 for lst in self.listeners.values()],
+            "tunnel_listeners": [{"location": lst.location, "address": lst.address,
+                                  "quic": lst.quic_address} for lst in self.listeners.values()],
             "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
             "api": self.bound["api"], "api_token": self.api_token,
             "ca": str(self.pki.ca_pem_path),

@@ -43,6 +43,7 @@ class RunOptions:
     keep_state: bool = False
     loglevel: str = "info"
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
+    protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
 
 
 @dataclass
@@ -296,7 +297,7 @@ class Lab:
             *self.subst(list(spec.flags)),
             "run",
             "--protocol",
-            "http2",
+            self.options.protocol,
         ]
         if spec.token:
             data = json.loads(creds.read_text())

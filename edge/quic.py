@@ -1,0 +1,592 @@
+"""The edge's QUIC transport: one UDP endpoint per data centre and a QUIC tunnel connection.
+
+cloudflared's default transport. Roles: the connector dials (QUIC client, ALPN `argotunnel`, SNI
+`quic.cftunnel.com`) and opens the first bidirectional stream, the control stream, where it calls
+registerConnection at once (wire.rpc.RpcServer answers, exactly as over http2). For each eyeball request
+the edge opens a bidirectional stream and writes a data-stream head (wire.quic_stream: signature, version,
+ConnectRequest) then the body; the connector answers with its head (ConnectResponse) then the body.
+
+The QUIC state machine is qh3's (sans-I/O, an aioquic fork that has the X25519MLKEM768 key exchange
+cloudflared insists on; docs/edge.md says why). This module is its thin trio shell:
+
+- `serve_quic_endpoint`: one UDP socket beside a data centre's TCP listener (same host and port). It
+  reads datagrams in batches (one wake-up, up to `RECEIVE_BATCH` reads), routes them by destination
+  connection id, starts a connection for a new Initial packet, and drops garbage with a WARNING.
+- `QuicTunnelConnection`: the same interface as the http2 `TunnelConnection` (it is one: registration,
+  faults, draining and the registry are shared code), with its streams behind the same `TunnelStream`
+  interface, so edge/proxy.py and edge/warp.py do not know which transport carries a request.
+
+Concurrency: datagrams are fed to qh3 synchronously by the endpoint task; each connection has one
+task that runs qh3's timers and the connection's lifetime, and stream handlers write under no lock
+(qh3 calls never await). Datagrams go out with non-blocking `sendto` (a full socket buffer drops them;
+QUIC retransmits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from h2.errors import ErrorCodes
+from qh3._hazmat import pull_quic_header
+from qh3.quic import events as qevents
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
+
+from edge.tunnel import (
+    OversizedHeadersError,
+    TunnelConnection,
+    TunnelStream,
+    TunnelStreamError,
+    header_list_size,
+)
+from wire.errors import TunnelLabError
+from wire.quic_stream import (
+    ConnectionType,
+    ConnectResponse,
+    QuicStreamError,
+    StreamHeadReader,
+    connect_request_from_headers,
+    encode_connect_request,
+    headers_from_connect_response,
+)
+
+if TYPE_CHECKING:
+    from edge.server import Edge, TunnelListener
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+
+ALPN = "argotunnel"
+CONTROL_STREAM_ID = 0  # the connector's first bidirectional stream
+RECEIVE_BATCH = 64  # datagrams read per wake-up of the endpoint
+SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
+MAX_DATAGRAM = 65535
+MIN_INITIAL_SIZE = 1200  # RFC 9000 §14.1: a client's Initial datagram is padded to at least this
+SEND_BUFFER_LIMIT = 1024 * 1024  # a stream writer waits while more than this is queued and unsent
+MAX_CONNECTIONS = 1024  # per endpoint; more Initial packets are dropped (a connection flood)
+WARN_INTERVAL = 5.0  # at most one WARNING per kind of dropped datagram per endpoint per interval
+IDLE_TIMEOUT = 30.0  # ours; cloudflared asks for 5 s and keeps the connection alive every second
+APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
+
+
+@dataclass
+class _Drops:
+    """Rate-limited WARNINGs for datagrams the endpoint drops (counted, logged now and then)."""
+
+    where: str
+    counts: dict[str, int] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+
+    def drop(self, kind: str, detail: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self.last.get(kind, -math.inf) >= WARN_INTERVAL:
+            self.last[kind] = now
+            log.warning("QUIC %s: dropped a datagram: %s (%d so far) %s", kind, detail, self.counts[kind],
+                        self.where)
+
+
+class QuicTunnelStream(TunnelStream):
+    """A request stream on a QUIC connection: the response head is a ConnectResponse."""
+
+    def __init__(self, conn: QuicTunnelConnection, stream_id: int, kind: ConnectionType,
+                 max_head_bytes: int) -> None:
+        super().__init__(conn, stream_id)
+        self.kind = kind
+        self.head = StreamHeadReader(expect="response", max_head_bytes=max_head_bytes)
+        self.written = 0  # bytes given to qh3 for this stream (head included)
+
+
+class _QuicCloser:
+    """What the shared connection code closes at the end: the QUIC connection."""
+
+    def __init__(self, conn: QuicTunnelConnection) -> None:
+        self._conn = conn
+
+    async def aclose(self) -> None:
+        self._conn.close_quic()
+
+
+class QuicTunnelConnection(TunnelConnection):
+    """The edge side of one QUIC tunnel connection, from the first Initial packet to close.
+
+    Shares registration, draining, faults and identity with the http2 connection; the stream
+    operations and the transport are QUIC's.
+    """
+
+    def __init__(self, edge: Edge, endpoint: QuicEndpoint, quic: QuicConnection, *, location: str,
+                 remote: tuple[Any, ...]) -> None:
+        super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
+        self.endpoint = endpoint
+        self.quic = quic
+        self.peer = remote
+        self.handshake_done = False
+        self._wake = trio.lowlevel.ParkingLot()  # the connection's task: timers, a fatal error, the end
+        self._sent_lot = trio.lowlevel.ParkingLot()  # writers waiting for qh3 to send what they queued
+        self._fatal: TunnelLabError | None = None
+        self._terminated = False
+        self._quic_closed = False
+        # Datagrams are fed from the first Initial on, before `serve` runs: the RPC server exists already.
+        from wire.rpc import RpcServer
+
+        self._rpc = RpcServer()
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._control_loop)
+            nursery.start_soon(self._registration_deadline)
+            nursery.start_soon(self._handshake_deadline)
+            await self._drive()
+            nursery.cancel_scope.cancel()
+
+    async def _handshake_deadline(self) -> None:
+        await trio.sleep(self.edge.config.handshake_timeout)
+        if not self.handshake_done:
+            self._note_close("QUIC handshake did not complete in time")
+            log.info("QUIC handshake with a connector did not complete within %gs %s",
+                     self.edge.config.handshake_timeout, self.ident())
+            self.abort("QUIC handshake timeout")
+
+    async def _drive(self) -> None:
+        """qh3's timers, and the end of the connection (closed by the peer, idle, or a fatal error)."""
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            if self._terminated:
+                return
+            timer = self.quic.get_timer()
+            with trio.move_on_at(timer if timer is not None else math.inf):
+                await self._wake.park()
+            now = trio.current_time()
+            if timer is not None and now >= timer:
+                self.quic.handle_timer(now)
+                self._after_input()
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Feed one datagram (called by the endpoint; never raises)."""
+        self.quic.receive_datagram(data, addr, now=trio.current_time())
+        self._after_input()
+
+    def _after_input(self) -> None:
+        try:
+            self._process_events()
+        except TunnelLabError as exc:
+            if self._fatal is None:
+                self._fatal = exc
+            self._wake.unpark_all()
+        self.transmit()
+        self._sent_lot.unpark_all()
+
+    def transmit(self) -> None:
+        """Send every datagram qh3 has ready; wake the timer task (the timer may have moved)."""
+        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
+            self.endpoint.send(data, addr)
+        self._wake.unpark_all()
+
+    def close_quic(self) -> None:
+        """CONNECTION_CLOSE (once) and forget the connection ids."""
+        if not self._quic_closed:
+            self._quic_closed = True
+            code = 0 if self.close_reason in ("", "drained") or self.state == "closed" else APPLICATION_ERROR
+            self.quic.close(error_code=code, reason_phrase=self.close_reason[:100])
+            self.transmit()
+        self.endpoint.forget(self)
+
+    # ---- qh3 events --------------------------------------------------------------------------
+    def _process_events(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, qevents.StreamDataReceived):
+                self._on_stream_data(event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, qevents.StreamReset):
+                self._on_stream_reset(event.stream_id, event.error_code)
+            elif isinstance(event, qevents.StopSendingReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and not stream.local_closed:
+                    stream._fail(TunnelStreamError(
+                        f"connector stopped reading the stream ({event.error_code})",
+                        reset_code=int(event.error_code)))
+            elif isinstance(event, qevents.HandshakeCompleted):
+                self.handshake_done = True
+                log.info("connector connected over QUIC location=%s remote=%s conn=#%d alpn=%s",
+                         self.location, self.remote, self.serial, event.alpn_protocol)
+                self.edge.registry.add(self)
+            elif isinstance(event, qevents.ConnectionIdIssued):
+                self.endpoint.route(event.connection_id, self)
+            elif isinstance(event, qevents.ConnectionIdRetired):
+                self.endpoint.unroute(event.connection_id)
+            elif isinstance(event, qevents.ConnectionTerminated):
+                self._on_terminated(event)
+            elif isinstance(event, qevents.DatagramFrameReceived):
+                log.debug("QUIC datagram of %d bytes ignored (UDP sessions are not served) %s",
+                          len(event.data), self.ident())
+
+    def _on_terminated(self, event: qevents.ConnectionTerminated) -> None:
+        self._terminated = True
+        self._wake.unpark_all()
+        reason = event.reason_phrase or ""
+        if not self.handshake_done:
+            # qh3 closes with a TLS alert (CRYPTO_ERROR 0x1xx) when, e.g., no ALPN or key share matches.
+            self._note_close(f"QUIC handshake failed: error 0x{event.error_code:x} {reason}".rstrip())
+            log.warning("QUIC handshake with a connector failed (error 0x%x%s) location=%s remote=%s",
+                        event.error_code, f": {reason}" if reason else "", self.location, self.remote)
+            return
+        detail = f": {reason}" if reason else ""
+        self._note_close(f"connection closed (QUIC error 0x{event.error_code:x}{detail})")
+        log.info("QUIC connection closed by the connector or idle (error 0x%x %s) %s", event.error_code,
+                 reason, self.ident())
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        if stream_id == CONTROL_STREAM_ID:
+            if data:
+                self._feed_rpc(data)
+            if end:
+                self._control_ended("the connector ended the control stream")
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id % 2 == 0:  # client-initiated: cloudflared opens only the control stream
+                log.warning("connector opened an unexpected QUIC stream=%d; resetting it %s", stream_id,
+                            self.ident())
+                self._stop(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        assert isinstance(stream, QuicTunnelStream)
+        if stream.released or stream.error is not None:
+            return
+        if stream.response is None:
+            try:
+                head = stream.head.feed(data)
+            except QuicStreamError as exc:
+                self._bad_head(stream, str(exc))
+                return
+            if head is None:
+                if end:
+                    self._bad_head(stream, "stream ended before its ConnectResponse was whole")
+                return
+            assert isinstance(head.message, ConnectResponse)
+            if not self._on_response_head(stream, head.message):
+                return
+            data = head.rest
+        if data:
+            stream._chunks.append((data, len(data)))
+        if end:
+            stream.ended = True
+        stream._wake()
+
+    def _on_response_head(self, stream: QuicTunnelStream, response: ConnectResponse) -> bool:
+        try:
+            headers = headers_from_connect_response(response, request_type=stream.kind)
+        except QuicStreamError as exc:
+            self._bad_head(stream, str(exc))
+            return False
+        if response.error:
+            log.info("connector answered stream=%d with an error: %s %s", stream.id, response.error[:200],
+                     self.ident())
+        limit = self.edge.config.max_response_headers
+        size = header_list_size(headers)
+        if size > limit:
+            log.warning("response headers of %d bytes over the lab limit of %d; stream=%d %s",
+                        size, limit, stream.id, self.ident())
+            stream._fail(OversizedHeadersError(
+                f"response headers of {size} bytes exceed the lab's limit of {limit} bytes"))
+            self._stop(stream.id, ErrorCodes.CANCEL)
+            return False
+        stream.response = headers
+        return True
+
+    def _bad_head(self, stream: QuicTunnelStream, why: str) -> None:
+        log.warning("bad ConnectResponse on stream=%d: %s %s", stream.id, why, self.ident())
+        stream._fail(TunnelStreamError(f"the connector's answer is malformed: {why}"))
+        self._stop(stream.id, ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> None:
+        if stream_id == CONTROL_STREAM_ID:
+            self._control_ended(f"the connector reset the control stream ({code})")
+            return
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._fail(TunnelStreamError(f"connector reset the stream (error {code})",
+                                           retryable=False, reset_code=int(code)))
+
+    def _stop(self, stream_id: int, code: int) -> None:
+        """Abandon a stream both ways (RESET_STREAM and STOP_SENDING); already closed is fine."""
+        with contextlib.suppress(ValueError, AssertionError):
+            self.quic.reset_stream(stream_id, int(code))
+        with contextlib.suppress(ValueError, AssertionError):
+            self.quic.stop_stream(stream_id, int(code))
+
+    # ---- the control stream ------------------------------------------------------------------
+    def _pump_control(self) -> None:
+        backlog, self._control_backlog = self._control_backlog, b""
+        if backlog:
+            self.quic.send_stream_data(CONTROL_STREAM_ID, backlog)
+
+    async def flush(self) -> None:
+        """Send what qh3 has queued (writes never block: a full socket buffer drops datagrams)."""
+        await trio.lowlevel.checkpoint()
+        if self.closed.is_set():
+            return
+        self.transmit()
+
+    # ---- stream API (used by the eyeball side) -----------------------------------------------
+    async def open_stream(self, headers: Headers, *, end_stream: bool) -> TunnelStream:
+        """Open a request stream: the ConnectRequest for `headers`, FIN at once when `end_stream`."""
+        if not self.routable:
+            raise TunnelStreamError("connection is not accepting new streams", retryable=True)
+        try:
+            request = connect_request_from_headers(headers, has_body=not end_stream)
+        except QuicStreamError as exc:
+            raise TunnelStreamError(f"cannot express the request over QUIC: {exc}") from exc
+        stream_id = self.quic.get_next_available_stream_id()
+        stream = QuicTunnelStream(self, stream_id, request.type, self.edge.config.max_response_headers)
+        self.streams[stream_id] = stream
+        head = encode_connect_request(request)
+        self.quic.send_stream_data(stream_id, head, end_stream=end_stream)
+        stream.written = len(head)
+        stream.local_closed = end_stream
+        log.debug("opened QUIC stream=%d type=%s %s", stream_id, request.type.name.lower(), self.ident())
+        try:
+            await self._stream_flush()
+        except BaseException:
+            stream.released = True
+            self._forget(stream)
+            raise
+        return stream
+
+    def _unsent(self, stream: QuicTunnelStream) -> int:
+        state = self.quic._streams.get(stream.id)  # qh3 has no public accessor for a stream's sender
+        if state is None:
+            return 0
+        return max(0, stream.written - int(state.sender.next_offset))
+
+    async def send_stream_data(self, stream: TunnelStream, data: bytes, *, end: bool) -> None:
+        """Queue body bytes; waits while the stream has more than SEND_BUFFER_LIMIT unsent."""
+        assert isinstance(stream, QuicTunnelStream)
+        if stream.error is not None:
+            raise stream.error
+        if stream.local_closed:
+            raise TunnelStreamError("stream already ended by the edge")
+        try:
+            self.quic.send_stream_data(stream.id, bytes(data), end_stream=end)
+        except (ValueError, AssertionError) as exc:
+            raise TunnelStreamError(f"stream closed while sending: {exc}") from exc
+        stream.written += len(data)
+        if end:
+            stream.local_closed = True
+        await self._stream_flush()
+        while self._unsent(stream) > SEND_BUFFER_LIMIT:
+            if stream.error is not None:
+                raise stream.error
+            if self.closed.is_set():
+                raise TunnelStreamError("tunnel connection closed while sending", retryable=False)
+            await self._sent_lot.park()
+
+    async def end_stream(self, stream: TunnelStream, trailers: Headers | None) -> None:
+        """FIN on our side. QUIC data streams carry no trailers: they are dropped (logged)."""
+        if stream.local_closed:
+            return
+        if stream.error is not None:
+            raise stream.error
+        if trailers:
+            log.debug("request trailers dropped on QUIC stream=%d (the protocol has none) %s", stream.id,
+                      self.ident())
+        await self.send_stream_data(stream, b"", end=True)
+
+    async def reset_stream(self, stream: TunnelStream, code: int) -> None:
+        """Abandon a stream from the edge."""
+        self._stop(stream.id, code)
+        stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
+        await self.flush()
+
+    async def acknowledge(self, stream_id: int, length: int) -> None:
+        """Nothing to do: qh3 extends its receive windows itself (docs/edge.md, QUIC limits)."""
+
+    async def release_stream(self, stream: TunnelStream) -> None:
+        """Forget a stream: abandon it if still open, send that now."""
+        self._forget(stream)
+        if not self.closed.is_set():
+            self.transmit()
+        await trio.lowlevel.checkpoint()
+
+    def _forget(self, stream: TunnelStream) -> None:
+        self.streams.pop(stream.id, None)
+        stream._chunks.clear()
+        if self.closed.is_set():
+            return
+        if not (stream.local_closed and stream.ended) or stream.error is not None:
+            self._stop(stream.id, ErrorCodes.CANCEL)
+        self._slot_lot.unpark_all()
+        if not self.streams:
+            self._idle_lot.unpark_all()
+
+    async def _stream_flush(self) -> None:
+        if self.closed.is_set() or self._terminated:
+            raise TunnelStreamError("tunnel connection closed", retryable=True)
+        await self.flush()
+
+    # ---- faults and closing ------------------------------------------------------------------
+    async def send_goaway(self, error_code: int = 0, debug: bytes = b"") -> None:
+        """No new streams from the edge (cloudflared's QUIC protocol has no GOAWAY frame)."""
+        ErrorCodes(error_code)  # a bad code raises before anything changed, as over http2
+        self.goaway_sent = True
+        await trio.lowlevel.checkpoint()
+
+    async def reset_all_streams(self, code: int = ErrorCodes.INTERNAL_ERROR) -> int:
+        """Reset every eyeball stream in flight (fault injection). Returns how many."""
+        count = 0
+        for stream in list(self.streams.values()):
+            self._stop(stream.id, code)
+            stream._fail(TunnelStreamError("stream reset by a fault", reset_code=int(code)))
+            count += 1
+        await self.flush()
+        return count
+
+
+def _fmt(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class QuicEndpoint:
+    """One UDP socket of a data centre: routes datagrams to connections, starts new ones."""
+
+    def __init__(self, edge: Edge, lst: TunnelListener, sock: socket.socket) -> None:
+        self.edge = edge
+        self.lst = lst
+        self.sock = sock
+        self.connections: dict[bytes, QuicTunnelConnection] = {}
+        self.live: set[QuicTunnelConnection] = set()
+        self.drops = _Drops(f"location={lst.location} address={lst.host}:{lst.port}")
+        self._configs: dict[str, QuicConfiguration] = {}
+
+    def configuration(self) -> QuicConfiguration:
+        """The server configuration for a new connection (the certificate follows swap-cert faults)."""
+        kind = self.lst.cert_kind
+        config = self._configs.get(kind)
+        if config is None:
+            pki = self.edge.pki
+            paths = pki.edge_cert_paths() if kind == "valid" else pki.broken_cert_paths(kind, "edge")
+            config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT,
+                                       max_datagram_frame_size=65535)
+            config.load_cert_chain(str(paths.cert), str(paths.key))
+            self._configs[kind] = config
+        return config
+
+    def send(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            pass  # the socket buffer is full: QUIC's loss recovery sends it again
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                log.debug("QUIC sendto %s failed: %s", addr, exc)
+
+    def route(self, cid: bytes, conn: QuicTunnelConnection) -> None:
+        self.connections[cid] = conn
+
+    def unroute(self, cid: bytes) -> None:
+        self.connections.pop(cid, None)
+
+    def forget(self, conn: QuicTunnelConnection) -> None:
+        for cid in [c for c, v in self.connections.items() if v is conn]:
+            del self.connections[cid]
+        self.live.discard(conn)
+
+    def handle(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """One datagram: to its connection, a new connection, a version negotiation, or dropped."""
+        try:
+            header = pull_quic_header(data, 0, 8)
+        except ValueError as exc:
+            self.drops.drop("garbage", f"not a QUIC packet from {_fmt(addr)} ({exc})")
+            return
+        version, packet_type, _, dcid, scid = header[0], header[1], header[2], header[3], header[4]
+        conn = self.connections.get(dcid)
+        if conn is not None:
+            self._feed(conn, data, addr)
+            return
+        if version is None or packet_type != QuicPacketType.INITIAL:
+            self.drops.drop("unknown-connection", f"a packet for no known connection from {_fmt(addr)}")
+            return
+        config = self.configuration()
+        if version not in config.supported_versions:
+            self.send(encode_quic_version_negotiation(source_cid=dcid, destination_cid=scid,
+                                                      supported_versions=config.supported_versions), addr)
+            return
+        if len(data) < MIN_INITIAL_SIZE:
+            self.drops.drop("short-initial", f"an Initial of {len(data)} bytes from {_fmt(addr)}")
+            return
+        if not self.lst.up:
+            return  # the data centre is down (dc-down): its UDP port is a black hole too
+        if len(self.live) >= MAX_CONNECTIONS:
+            self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
+            return
+        quic = QuicConnection(configuration=config, original_destination_connection_id=dcid)
+        conn = QuicTunnelConnection(self.edge, self, quic, location=self.lst.location, remote=addr)
+        self.live.add(conn)
+        self.route(dcid, conn)
+        self.route(quic.host_cid, conn)
+        self.edge.spawn(conn.serve)
+        self._feed(conn, data, addr)
+
+    def _feed(self, conn: QuicTunnelConnection, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            conn.datagram_received(data, addr)
+        except (ValueError, AssertionError, KeyError, IndexError) as exc:
+            # qh3 rejects some malformed packets by raising: the datagram goes, the connection stays.
+            self.drops.drop("malformed", f"from {_fmt(addr)}: {exc!r} {conn.ident()}")
+        except Exception as exc:
+            # A bug of ours must not end the endpoint (and every other connection on it): only this one.
+            log.error("QUIC connection failed on a datagram %s", conn.ident(), exc_info=exc)
+            conn.abort(f"internal error: {exc!r}")
+
+
+async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,
+                              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen for QUIC on the data centre's TCP address (UDP, same host and port) until cancelled."""
+    family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.setblocking(False)
+        sock.bind((lst.host, lst.port))
+    except OSError as exc:
+        sock.close()
+        log.warning("QUIC listener for location=%s cannot bind UDP %s:%d (%s); this data centre serves "
+                    "http2 only", lst.location, lst.host, lst.port, exc)
+        task_status.started("")
+        return
+    host, port = sock.getsockname()[:2]
+    endpoint = QuicEndpoint(edge, lst, sock)
+    bound = _fmt((host, port))
+    log.info("QUIC listener location=%s address=%s alpn=%s", lst.location, bound, ALPN)
+    try:
+        task_status.started(bound)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(RECEIVE_BATCH):
+                try:
+                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. an ICMP error reported on the socket
+                    log.debug("QUIC recvfrom: %s", exc)
+                    continue
+                endpoint.handle(data, addr)
+    finally:
+        for conn in list(endpoint.live):
+            conn.abort("the QUIC listener closed")
+        sock.close()
+
