@@ -203,13 +203,17 @@ def request_fields(request: qs.ConnectRequest) -> tuple[StreamType, list[tuple[b
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     headers = [(b":method", fields.method.encode()), (b":scheme", (url.scheme or "http").encode()),
                (b":authority", (fields.host or url.netloc).encode()), (b":path", path.encode())]
-    headers += [(name.lower(), value) for name, value in fields.headers]
+    # Transfer-Encoding only says whether there is a body (cloudflared moves it to req.TransferEncoding);
+    # as a field it is what an http2 request may not carry, and the origin request frames the body itself.
+    chunked = any(name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
+                  for name, value in fields.headers)
+    headers += [(name.lower(), value) for name, value in fields.headers
+                if name.lower() != b"transfer-encoding"]
     if fields.websocket:
         headers.append((PROXY_UPGRADE, b"websocket"))
         return StreamType.WEBSOCKET, headers, False
     # cloudflared's request has a body only with a Content-Length or a chunked Transfer-Encoding
-    no_body = first_value(headers, b"content-length") in (None, b"0") and \
-        b"chunked" not in (first_value(headers, b"transfer-encoding") or b"").lower()
+    no_body = first_value(headers, b"content-length") in (None, b"0") and not chunked
     return StreamType.HTTP, headers, no_body
 
 
