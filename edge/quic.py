@@ -320,11 +320,21 @@ class QuicTunnelConnection(TunnelConnection):
                                            retryable=False, reset_code=int(code)))
 
     def _stop(self, stream_id: int, code: int) -> None:
-        """Abandon a stream both ways (RESET_STREAM and STOP_SENDING); already closed is fine."""
-        with contextlib.suppress(ValueError, AssertionError):
-            self.quic.reset_stream(stream_id, int(code))
-        with contextlib.suppress(ValueError, AssertionError):
-            self.quic.stop_stream(stream_id, int(code))
+        """Abandon what is still open of a stream: RESET_STREAM our side, STOP_SENDING theirs.
+
+        qh3 forgets a stream once both sides finished, and its reset_stream/stop_stream would then
+        create a fresh one and announce a final size of 0, which the peer rightly treats as a
+        connection error (FINAL_SIZE_ERROR): so only streams qh3 still holds are touched.
+        """
+        state = self.quic._streams.get(stream_id)  # qh3 has no public accessor for a stream's state
+        if state is None:
+            return
+        if not state.sender.is_finished:
+            with contextlib.suppress(ValueError, AssertionError):
+                self.quic.reset_stream(stream_id, int(code))
+        if not state.receiver.is_finished:
+            with contextlib.suppress(ValueError, AssertionError):
+                self.quic.stop_stream(stream_id, int(code))
 
     # ---- the control stream ------------------------------------------------------------------
     def _pump_control(self) -> None:
