@@ -30,6 +30,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ from wire.quic_stream import (
     connect_request_from_headers,
     encode_connect_request,
     headers_from_connect_response,
+    rpc_stream_preamble,
 )
 
 if TYPE_CHECKING:
@@ -97,14 +99,18 @@ class _Drops:
 
 
 class QuicTunnelStream(TunnelStream):
-    """A request stream on a QUIC connection: the response head is a ConnectResponse."""
+    """A stream on a QUIC connection. A request stream's response head is a ConnectResponse; a `raw`
+    stream (an RPC stream, either side's) hands every byte after its signature to the reader."""
 
     def __init__(self, conn: QuicTunnelConnection, stream_id: int, kind: ConnectionType,
-                 max_head_bytes: int) -> None:
+                 max_head_bytes: int, *, raw: bool = False) -> None:
         super().__init__(conn, stream_id)
         self.kind = kind
+        self.raw = raw
         self.head = StreamHeadReader(expect="response", max_head_bytes=max_head_bytes)
         self.written = 0  # bytes given to qh3 for this stream (head included)
+        if raw:
+            self.response = []
 
 
 class _QuicCloser:
@@ -133,6 +139,11 @@ class QuicTunnelConnection(TunnelConnection):
         self.handshake_done = False
         self._wake = trio.lowlevel.ParkingLot()  # the connection's task: timers, a fatal error, the end
         self._sent_lot = trio.lowlevel.ParkingLot()  # writers waiting for qh3 to send what they queued
+        # Hooks for the UDP side (edge/udp*.py): datagrams in, RPC streams the connector opens.
+        self.datagram_handler: Callable[[bytes], None] | None = None
+        self.rpc_stream_handler: Callable[[QuicTunnelStream], None] | None = None
+        self.raw_streams: dict[int, QuicTunnelStream] = {}  # RPC streams: not eyeball streams
+        self._incoming: dict[int, StreamHeadReader] = {}  # connector-opened streams, head not yet read
         self._fatal: TunnelLabError | None = None
         self._terminated = False
         self._quic_closed = False
@@ -229,8 +240,11 @@ class QuicTunnelConnection(TunnelConnection):
             elif isinstance(event, qevents.ConnectionTerminated):
                 self._on_terminated(event)
             elif isinstance(event, qevents.DatagramFrameReceived):
-                log.debug("QUIC datagram of %d bytes ignored (UDP sessions are not served) %s",
-                          len(event.data), self.ident())
+                if self.datagram_handler is not None:
+                    self.datagram_handler(event.data)
+                else:
+                    log.debug("QUIC datagram of %d bytes ignored (no UDP sessions here) %s",
+                              len(event.data), self.ident())
 
     def _on_terminated(self, event: qevents.ConnectionTerminated) -> None:
         self._terminated = True
@@ -254,12 +268,10 @@ class QuicTunnelConnection(TunnelConnection):
             if end:
                 self._control_ended("the connector ended the control stream")
             return
-        stream = self.streams.get(stream_id)
+        stream = self.streams.get(stream_id) or self.raw_streams.get(stream_id)
         if stream is None:
-            if stream_id % 2 == 0:  # client-initiated: cloudflared opens only the control stream
-                log.warning("connector opened an unexpected QUIC stream=%d; resetting it %s", stream_id,
-                            self.ident())
-                self._stop(stream_id, ErrorCodes.REFUSED_STREAM)
+            if stream_id % 2 == 0:  # client-initiated: an RPC stream, or a stream we do not serve
+                self._on_incoming(stream_id, data, end)
             return
         assert isinstance(stream, QuicTunnelStream)
         if stream.released or stream.error is not None:
@@ -283,6 +295,62 @@ class QuicTunnelConnection(TunnelConnection):
         if end:
             stream.ended = True
         stream._wake()
+
+    def _on_incoming(self, stream_id: int, data: bytes, end: bool) -> None:
+        """A stream the connector opened (not the control stream): only RPC streams are accepted."""
+        reader = self._incoming.get(stream_id)
+        if reader is None:
+            if self.rpc_stream_handler is None:
+                log.warning("connector opened QUIC stream=%d, which this edge does not serve; resetting it "
+                            "%s", stream_id, self.ident())
+                self._stop(stream_id, ErrorCodes.REFUSED_STREAM)
+                return
+            reader = self._incoming[stream_id] = StreamHeadReader(expect="request", allow_rpc=True)
+        try:
+            head = reader.feed(data)
+            if head is not None and head.message is not None:
+                raise QuicStreamError("a data stream opened by the connector (only the edge opens those)")
+        except QuicStreamError as exc:
+            del self._incoming[stream_id]
+            log.warning("bad stream=%d opened by the connector: %s %s", stream_id, exc, self.ident())
+            self._stop(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        if head is None:
+            if end:
+                del self._incoming[stream_id]
+            return
+        del self._incoming[stream_id]
+        stream = QuicTunnelStream(self, stream_id, ConnectionType.TCP, 0, raw=True)
+        self.raw_streams[stream_id] = stream
+        if head.rest:
+            stream._chunks.append((head.rest, len(head.rest)))
+        stream.ended = end
+        assert self.rpc_stream_handler is not None
+        self.rpc_stream_handler(stream)
+
+    def open_rpc_stream(self) -> QuicTunnelStream:
+        """Open an RPC stream (the RPC signature is queued); read and write it like any stream, then
+        `release` it. For the configuration push and UDP session calls."""
+        stream_id = self.quic.get_next_available_stream_id()
+        stream = QuicTunnelStream(self, stream_id, ConnectionType.TCP, 0, raw=True)
+        self.raw_streams[stream_id] = stream
+        self.quic.send_stream_data(stream_id, rpc_stream_preamble())
+        stream.written = len(rpc_stream_preamble())
+        self.transmit()
+        return stream
+
+    def send_datagram(self, data: bytes) -> None:
+        """Send one QUIC DATAGRAM frame now (unreliable; dropped if the connection is gone)."""
+        if self.closed.is_set() or self._terminated:
+            return
+        self.quic.send_datagram_frame(data)
+        self.transmit()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a task that lives as long as this connection (cancelled when it closes)."""
+        if self._nursery is None:
+            raise TunnelStreamError("the connection is not running", retryable=True)
+        self._nursery.start_soon(fn, *args)
 
     def _on_response_head(self, stream: QuicTunnelStream, response: ConnectResponse) -> bool:
         try:
@@ -320,11 +388,21 @@ class QuicTunnelConnection(TunnelConnection):
                                            retryable=False, reset_code=int(code)))
 
     def _stop(self, stream_id: int, code: int) -> None:
-        """Abandon a stream both ways (RESET_STREAM and STOP_SENDING); already closed is fine."""
-        with contextlib.suppress(ValueError, AssertionError):
-            self.quic.reset_stream(stream_id, int(code))
-        with contextlib.suppress(ValueError, AssertionError):
-            self.quic.stop_stream(stream_id, int(code))
+        """Abandon what is still open of a stream: RESET_STREAM our side, STOP_SENDING theirs.
+
+        qh3 forgets a stream once both sides finished, and its reset_stream/stop_stream would then
+        create a fresh one and announce a final size of 0, which the peer rightly treats as a
+        connection error (FINAL_SIZE_ERROR): so only streams qh3 still holds are touched.
+        """
+        state = self.quic._streams.get(stream_id)  # qh3 has no public accessor for a stream's state
+        if state is None:
+            return
+        if not state.sender.is_finished:
+            with contextlib.suppress(ValueError, AssertionError):
+                self.quic.reset_stream(stream_id, int(code))
+        if not state.receiver.is_finished:
+            with contextlib.suppress(ValueError, AssertionError):
+                self.quic.stop_stream(stream_id, int(code))
 
     # ---- the control stream ------------------------------------------------------------------
     def _pump_control(self) -> None:
@@ -421,6 +499,7 @@ class QuicTunnelConnection(TunnelConnection):
 
     def _forget(self, stream: TunnelStream) -> None:
         self.streams.pop(stream.id, None)
+        self.raw_streams.pop(stream.id, None)
         stream._chunks.clear()
         if self.closed.is_set():
             return
@@ -436,6 +515,11 @@ class QuicTunnelConnection(TunnelConnection):
         await self.flush()
 
     # ---- faults and closing ------------------------------------------------------------------
+    async def _cleanup(self) -> None:
+        for stream in list(self.raw_streams.values()):
+            stream._fail(TunnelStreamError(f"tunnel connection closed: {self.close_reason or 'closed'}"))
+        await super()._cleanup()
+
     async def send_goaway(self, error_code: int = 0, debug: bytes = b"") -> None:
         """No new streams from the edge (cloudflared's QUIC protocol has no GOAWAY frame)."""
         ErrorCodes(error_code)  # a bad code raises before anything changed, as over http2

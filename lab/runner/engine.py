@@ -75,6 +75,8 @@ class ScenarioResult:
 
 
 def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
+    if options.protocol != "http2" and sc.http2_only:
+        return f"http2 only: {sc.http2_only}"
     have = CONNECTOR_FEATURES.get(options.connector, set())
     # Features gated by cloudflared's release are judged by the probed binary (lab/runner/cloudflared.py).
     by_release = options.connector == "cloudflared"
@@ -138,7 +140,7 @@ async def run_scenario(
         result.message = redactor.text(result.message)
         result.mismatches = [redactor.text(m) for m in result.mismatches]
         result.duration = time.monotonic() - started
-        apply_known_deviation(sc, options.connector, result)
+        apply_known_deviation(sc, options.connector, result, protocol=options.protocol)
         result.exchanges = runner.exchanges
         if result.status != "passed":
             result.logs = lab.log_tails()
@@ -156,10 +158,14 @@ async def run_scenario(
     return result
 
 
-def apply_known_deviation(sc: Scenario, connector: str, result: ScenarioResult) -> None:
+def apply_known_deviation(sc: Scenario, connector: str, result: ScenarioResult, *,
+                          protocol: str = "http2") -> None:
     """A failure the scenario marks as a known deviation of this connector is reported as such (it does
-    not fail the run); a pass despite the marker gets a note, so stale markers are noticed."""
+    not fail the run); a pass despite the marker gets a note, so stale markers are noticed. Over QUIC a
+    `CONNECTOR-quic` entry, when there is one, replaces the connector's own."""
     reason = sc.known_deviations.get(connector)
+    if protocol != "http2":
+        reason = sc.known_deviations.get(f"{connector}-{protocol}", reason)
     if not reason:
         return
     # A failed step, or a set-up that failed on the components (not an internal error of the runner).
@@ -188,6 +194,11 @@ class _Runner:
             await self.run_step(step)
 
     async def run_step(self, step: Step) -> None:
+        if step.http2_only and self.lab.options.protocol != "http2":
+            self.note(f"{step.title}: not run over {self.lab.options.protocol}")
+            self.lab.recorder.op("step-skipped", step=step.index, line=step.line,
+                                 reason=f"http2 only: {step.http2_only}")
+            return
         if step.after:
             await trio.sleep(step.after)
         self.note(step.title)

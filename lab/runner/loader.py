@@ -328,6 +328,7 @@ class Step:
     repeat: int = 1
     concurrency: int = 1
     children: tuple[Step, ...] = ()
+    http2_only: str = ""  # why the step holds only over http2 (not run under `run --protocol quic`)
 
     @property
     def title(self) -> str:
@@ -353,6 +354,7 @@ class Scenario:
     steps: tuple[Step, ...]
     # connector ("builtin" | "cloudflared") -> why it is known to fail this scenario (docs/scenarios.md)
     known_deviations: dict[str, str] = field(default_factory=dict)
+    http2_only: str = ""  # why the whole scenario holds only over http2 (skipped under --protocol quic)
 
     def origin(self, name: str) -> OriginSpec:
         return next(o for o in self.origins if o.name == name)
@@ -480,6 +482,7 @@ def _build(doc: Document) -> Scenario:
         connector=connector,
         steps=steps,
         known_deviations={k: v.strip() for k, v in data.get("known_deviations", {}).items()},
+        http2_only=str(data.get("http2_only", "")).strip(),
     )
     _check_semantics(doc, scenario)
     return scenario
@@ -519,6 +522,7 @@ def _build_step(doc: Document, raw: dict[str, Any], path: Path_, index: str) -> 
         repeat=raw.get("repeat", 1),
         concurrency=raw.get("concurrency", 1),
         children=children,
+        http2_only=str(raw.get("http2_only", "")).strip(),
     )
 
 
