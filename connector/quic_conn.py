@@ -85,6 +85,11 @@ class EdgeQuicDialError(EdgeConnectionError):
     retry_initial = True
     log_message = "Failed to dial a quic connection"
 
+    def __init__(self, message: str, *, quic_broken: bool = False) -> None:
+        super().__init__(message)
+        # quic-go reports a silent handshake as an idle timeout: cloudflared's isQuicBroken
+        self.quic_broken = quic_broken
+
 
 class QuicIdleTimeoutError(ConnectionLostError):
     """The connection went silent past the idle timeout: the sign that UDP is blocked (`isQuicBroken`)."""
@@ -326,7 +331,8 @@ class QuicEdgeConnection:
         if shutdown.is_set() and not transport.handshake_done.is_set():
             return
         if scope.cancelled_caught:
-            raise EdgeQuicDialError("failed to dial to edge with quic: timeout: no recent network activity")
+            raise EdgeQuicDialError("failed to dial to edge with quic: timeout: no recent network activity",
+                                    quic_broken=True)
         if not transport.handshake_done.is_set():
             raise EdgeQuicDialError(f"failed to dial to edge with quic: {transport.close_reason}")
         if self.settings.ca_cert is None:

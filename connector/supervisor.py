@@ -150,7 +150,7 @@ class Supervisor:
         """cloudflared's selectNextProtocol: QUIC falls back to http2 (docs/connector.md, "Protocols")."""
         from connector.quic_conn import QuicIdleTimeoutError
 
-        broken = isinstance(error, QuicIdleTimeoutError)
+        broken = isinstance(error, QuicIdleTimeoutError) or getattr(error, "quic_broken", False)
         choice = ProtocolChoice(self.settings.protocol, self.settings.protocol_can_fall_back)
         if not should_fall_back(choice, protocol, attempts=backoff.attempts, retries=backoff.retries,
                                 quic_broken=broken, connected_with_quic=self.connected_with_quic):
