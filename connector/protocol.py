@@ -46,9 +46,25 @@ def choose_protocol(flag: str, *, token_given: bool) -> ProtocolChoice:
     return ProtocolChoice(HTTP2, False)
 
 
-def should_fall_back(choice: ProtocolChoice, current: str, *, attempts: int, retries: int,
-                     quic_broken: bool, connected_with_quic: bool) -> bool:
-    """After a failed attempt: switch this connection to http2 now?"""
-    if not choice.can_fall_back or current != QUIC or connected_with_quic:
-        return False
-    return quic_broken or attempts >= retries
+@dataclass(frozen=True)
+class FallbackDecision:
+    """After a failed attempt: log the "UDP may be blocked" warning, and switch this connection to http2."""
+
+    warn_quic_broken: bool
+    switch: bool
+
+
+def after_failure(choice: ProtocolChoice, current: str, *, may_fall_back: bool, attempts: int, retries: int,
+                  quic_broken: bool, connected_with_quic: bool) -> FallbackDecision:
+    """cloudflared's EdgeTunnelServer.Serve tail and selectNextProtocol, once the backoff wait is over.
+
+    `may_fall_back` is Serve's shouldFallbackProtocol: for dial errors, whether this connection used up
+    `--max-edge-addr-retries` addresses; `attempts` is the backoff's retry count (ReachedMaxRetries compares
+    it with `--retries`); `quic_broken` is isQuicBroken (the QUIC connection or handshake went idle).
+    """
+    if not may_fall_back or (current == QUIC and connected_with_quic):
+        return FallbackDecision(False, False)
+    has_fallback = choice.can_fall_back and current == QUIC
+    if not (attempts >= retries or (has_fallback and quic_broken)):
+        return FallbackDecision(False, False)
+    return FallbackDecision(quic_broken, has_fallback)
