@@ -109,6 +109,7 @@ class QuicTunnelStream(TunnelStream):
         self.raw = raw
         self.head = StreamHeadReader(expect="response", max_head_bytes=max_head_bytes)
         self.written = 0  # bytes given to qh3 for this stream (head included)
+        self.send_stopped: int | None = None  # the connector's STOP_SENDING code, once it sent one
         if raw:
             self.response = []
 
@@ -191,19 +192,25 @@ class QuicTunnelConnection(TunnelConnection):
         self._after_input()
 
     def _after_input(self) -> None:
+        self._handle_events()
+        self.transmit()
+        self._sent_lot.unpark_all()
+
+    def _handle_events(self) -> None:
         try:
             self._process_events()
         except TunnelLabError as exc:
             if self._fatal is None:
                 self._fatal = exc
             self._wake.unpark_all()
-        self.transmit()
-        self._sent_lot.unpark_all()
 
     def transmit(self) -> None:
         """Send every datagram qh3 has ready; wake the timer task (the timer may have moved)."""
         for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
             self.endpoint.send(data, addr)
+        # Building those datagrams may have issued connection ids (NEW_CONNECTION_ID): route them before
+        # the peer can use one, or its next packets would find no connection.
+        self._handle_events()
         self._wake.unpark_all()
 
     def close_quic(self) -> None:
@@ -223,11 +230,13 @@ class QuicTunnelConnection(TunnelConnection):
             elif isinstance(event, qevents.StreamReset):
                 self._on_stream_reset(event.stream_id, event.error_code)
             elif isinstance(event, qevents.StopSendingReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and not stream.local_closed:
-                    stream._fail(TunnelStreamError(
-                        f"connector stopped reading the stream ({event.error_code})",
-                        reset_code=int(event.error_code)))
+                # Only our sending side ends (qh3 resets it): the answer may still come, e.g. an
+                # http_status rule answers without reading the request body.
+                stream = self.streams.get(event.stream_id) or self.raw_streams.get(event.stream_id)
+                if isinstance(stream, QuicTunnelStream):
+                    stream.send_stopped = event.error_code
+                    stream.local_closed = True
+                    self._sent_lot.unpark_all()
             elif isinstance(event, qevents.HandshakeCompleted):
                 self.handshake_done = True
                 log.info("connector connected over QUIC location=%s remote=%s conn=#%d alpn=%s",
@@ -453,6 +462,8 @@ class QuicTunnelConnection(TunnelConnection):
         assert isinstance(stream, QuicTunnelStream)
         if stream.error is not None:
             raise stream.error
+        if stream.send_stopped is not None:
+            raise TunnelStreamError(f"the connector stopped reading the stream ({stream.send_stopped})")
         if stream.local_closed:
             raise TunnelStreamError("stream already ended by the edge")
         try:
@@ -466,6 +477,8 @@ class QuicTunnelConnection(TunnelConnection):
         while self._unsent(stream) > SEND_BUFFER_LIMIT:
             if stream.error is not None:
                 raise stream.error
+            if stream.send_stopped is not None:
+                raise TunnelStreamError(f"the connector stopped reading the stream ({stream.send_stopped})")
             if self.closed.is_set():
                 raise TunnelStreamError("tunnel connection closed while sending", retryable=False)
             await self._sent_lot.park()
@@ -553,6 +566,35 @@ class QuicEndpoint:
         self.live: set[QuicTunnelConnection] = set()
         self.drops = _Drops(f"location={lst.location} address={lst.host}:{lst.port}")
         self._configs: dict[str, QuicConfiguration] = {}
+        self.accepting = True
+        self._scope = trio.CancelScope()
+
+    async def serve_datagrams(self) -> None:
+        """Read datagrams in batches and dispatch them, until stopped and idle; then close the socket."""
+        sock = self.sock
+        try:
+            with self._scope:
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    for _ in range(RECEIVE_BATCH):
+                        try:
+                            data, addr = sock.recvfrom(MAX_DATAGRAM)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:  # e.g. an ICMP error reported on the socket
+                            log.debug("QUIC recvfrom: %s", exc)
+                            continue
+                        self.handle(data, addr)
+        finally:
+            for conn in list(self.live):
+                conn.abort("the QUIC listener closed")
+            sock.close()
+
+    def stop_accepting(self) -> None:
+        """No new connections; the socket stays open while connections drain (edge shutdown)."""
+        self.accepting = False
+        if not self.live:
+            self._scope.cancel()
 
     def configuration(self) -> QuicConfiguration:
         """The server configuration for a new connection (the certificate follows swap-cert faults)."""
@@ -588,6 +630,8 @@ class QuicEndpoint:
         for cid in [c for c, v in self.connections.items() if v is conn]:
             del self.connections[cid]
         self.live.discard(conn)
+        if not self.accepting and not self.live:
+            self._scope.cancel()
 
     def handle(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """One datagram: to its connection, a new connection, a version negotiation, or dropped."""
@@ -612,8 +656,8 @@ class QuicEndpoint:
         if len(data) < MIN_INITIAL_SIZE:
             self.drops.drop("short-initial", f"an Initial of {len(data)} bytes from {_fmt(addr)}")
             return
-        if not self.lst.up:
-            return  # the data centre is down (dc-down): its UDP port is a black hole too
+        if not self.lst.up or not self.accepting:
+            return  # the data centre is down (dc-down) or the edge shuts down: a black hole
         if len(self.live) >= MAX_CONNECTIONS:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
             return
@@ -658,21 +702,12 @@ async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,
     endpoint = QuicEndpoint(edge, lst, sock)
     bound = _fmt((host, port))
     log.info("QUIC listener location=%s address=%s alpn=%s", lst.location, bound, ALPN)
+    # The socket carries the connections too, so it must outlive this listener task (which the edge
+    # cancels first on shutdown): the receive loop runs in the handler nursery and ends once the
+    # listener stopped and the last connection is gone.
+    edge.spawn(endpoint.serve_datagrams)
     try:
         task_status.started(bound)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(RECEIVE_BATCH):
-                try:
-                    data, addr = sock.recvfrom(MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:  # e.g. an ICMP error reported on the socket
-                    log.debug("QUIC recvfrom: %s", exc)
-                    continue
-                endpoint.handle(data, addr)
+        await trio.sleep_forever()
     finally:
-        for conn in list(endpoint.live):
-            conn.abort("the QUIC listener closed")
-        sock.close()
-
+        endpoint.stop_accepting()
