@@ -91,6 +91,7 @@ class QuicStream:
         transport.quic.send_stream_data(self.stream_id, bytes(data), end_stream=end_stream)
         if end_stream:
             self.local_ended = True
+            transport._ended.add(self.stream_id)
         transport.transmit()
         while transport.unsent(self.stream_id) > SEND_HIGH_WATER:
             await transport.wait_progress()
@@ -132,12 +133,14 @@ class QuicTransport:
         self.bind_address = bind_address
         self.closed = False
         self.close_reason = ""
+        self.close_code: int | None = None  # the CONNECTION_CLOSE error code (0x1XX: a TLS alert)
         self.handshake_done = trio.Event()
         self.terminated = trio.Event()
         self.local_address: tuple[str, int] | None = None
         self._sock: socket.socket | None = None
         self._progress = trio.Event()
         self._timer_changed = trio.Event()
+        self._ended: set[int] = set()  # streams we sent FIN on, until the peer acknowledged it
 
     # -- used by streams and the connection
     def check_open(self) -> None:
@@ -168,6 +171,8 @@ class QuicTransport:
 
     def forget(self, stream: QuicStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        if len(self._ended) > 1024:  # FINs still unacknowledged: bounded by pruning the acknowledged
+            self._prune_ended()
 
     def send_datagram(self, data: bytes) -> None:
         """Queue one DATAGRAM frame and send it (dropped silently once closed: datagrams are unreliable)."""
@@ -175,6 +180,21 @@ class QuicTransport:
             return
         self.quic.send_datagram_frame(data)
         self.transmit()
+
+    def delivered(self) -> bool:
+        """Every stream we ended has had its data and FIN acknowledged by the peer."""
+        self._prune_ended()
+        return not self._ended
+
+    def _prune_ended(self) -> None:
+        streams = self.quic._streams
+        self._ended = {sid for sid in self._ended
+                       if (state := streams.get(sid)) is not None and not state.sender.is_finished}
+
+    async def drain(self) -> None:
+        """Until `delivered()` (callers bound it): closing earlier would lose the responses' last bytes."""
+        while not self.closed and not self.delivered():
+            await self.wait_progress()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         if not self.closed:
@@ -291,6 +311,7 @@ class QuicTransport:
             elif isinstance(event, qe.HandshakeCompleted):
                 self.handshake_done.set()
             elif isinstance(event, qe.ConnectionTerminated):
+                self.close_code = event.error_code
                 reason = event.reason_phrase or f"error code {event.error_code:#x}"
                 self._mark_closed(reason)
 
