@@ -125,6 +125,7 @@ class QuicTunnelStream:
         self.failed = False
         self.headers_sent = False
         self.cancel_scope = trio.CancelScope()
+        stream.on_reset = self.cancel_scope.cancel  # as over http2: a reset stream's handler stops
 
     @property
     def label(self) -> str:
