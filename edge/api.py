@@ -298,9 +298,12 @@ async def _udp_forward(edge: Edge, body: Any) -> dict[str, str]:
         bind, dest = parse_forward(f"{listen}={body['destination']}")
     except ValueError as exc:
         raise ApiError(400, f"bad udp forward: {exc}") from None
+    drop_every = body.get("drop_every", 0)
+    if not isinstance(drop_every, int) or isinstance(drop_every, bool) or not 0 <= drop_every <= 1_000_000:
+        raise ApiError(400, "drop_every must be an integer 0..1000000 (0: no loss)")
     if len(edge.udp_forwards) >= MAX_UDP_FORWARDS:
         raise ApiError(409, f"at most {MAX_UDP_FORWARDS} UDP forwards")
     try:
-        return await edge.start_udp_forward(bind, dest)
+        return await edge.start_udp_forward(bind, dest, drop_every=drop_every)
     except OSError as exc:
         raise ApiError(409, f"cannot listen on {listen}: {exc.strerror or exc}") from None
