@@ -108,6 +108,16 @@ class UdpSessions:
         self.dropped = 0
         conn.datagram_handler = self._datagram
         conn.rpc_stream_handler = self._connector_rpc_stream
+        with contextlib.suppress(TunnelLabError):  # not running (yet): nothing to watch
+            conn.start_soon(self._watch_connection)
+
+    async def _watch_connection(self) -> None:
+        """Lives as long as the connection: when it ends, so do its sessions (their flows start over on
+        another connection with the eyeball's next datagram)."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.close_all("the tunnel connection closed")
 
     @classmethod
     def of(cls, conn: QuicTunnelConnection) -> UdpSessions:
