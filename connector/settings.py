@@ -121,3 +121,5 @@ class TunnelSettings:
     local_config_json: bytes = b"{}"  # pushed with updateLocalConfiguration on connIndex 0
     post_quantum: bool = False
     stdin_control: bool = False  # --stdin-control: `reconnect [DURATION]` lines on stdin
+    protocol: str = "http2"  # the transport to start with: "http2" or "quic" (connector/protocol.py)
+    protocol_can_fall_back: bool = False  # QUIC may fall back to http2 (`--protocol auto` with a token)

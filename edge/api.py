@@ -189,6 +189,8 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
             return 200, "text/plain; version=0.0.4", edge.metrics.render(edge.registry).encode()
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
+    elif method == "POST" and path == "/udp-forwards":
+        return ok(await _udp_forward(edge, parse_json(body)), 201)
     elif method == "POST" and path == "/faults":
         return ok(await apply_fault(edge, parse_json(body)))
     elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
@@ -278,3 +280,27 @@ async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tupl
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+MAX_UDP_FORWARDS = 64
+
+
+async def _udp_forward(edge: Edge, body: Any) -> dict[str, str]:
+    """`POST /udp-forwards {"destination": "IP:PORT", "listen": "127.0.0.1:0"}`: a new UDP port."""
+    from edge.udp import parse_forward
+
+    if not isinstance(body, dict) or not isinstance(body.get("destination"), str):
+        raise ApiError(400, 'body must be {"destination": "IP:PORT"} (and optionally "listen")')
+    listen = body.get("listen", "127.0.0.1:0")
+    if not isinstance(listen, str):
+        raise ApiError(400, "listen must be a string IP:PORT")
+    try:
+        bind, dest = parse_forward(f"{listen}={body['destination']}")
+    except ValueError as exc:
+        raise ApiError(400, f"bad udp forward: {exc}") from None
+    if len(edge.udp_forwards) >= MAX_UDP_FORWARDS:
+        raise ApiError(409, f"at most {MAX_UDP_FORWARDS} UDP forwards")
+    try:
+        return await edge.start_udp_forward(bind, dest)
+    except OSError as exc:
+        raise ApiError(409, f"cannot listen on {listen}: {exc.strerror or exc}") from None

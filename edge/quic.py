@@ -603,8 +603,10 @@ class QuicEndpoint:
         if config is None:
             pki = self.edge.pki
             paths = pki.edge_cert_paths() if kind == "valid" else pki.broken_cert_paths(kind, "edge")
+            # max_datagram_size: quic-go's packets grow to 1452 bytes; qh3's server stays at 1280 (only
+            # its client probes), too small for a DATAGRAM with a full 1280-byte UDP payload (edge/udp.py)
             config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT,
-                                       max_datagram_frame_size=65535)
+                                       max_datagram_frame_size=65535, max_datagram_size=1452)
             config.load_cert_chain(str(paths.cert), str(paths.key))
             self._configs[kind] = config
         return config

@@ -91,6 +91,7 @@ class Edge:
         self.listeners = {spec.location: TunnelListener(spec) for spec in config.tunnel_listens}
         self.default_location = config.tunnel_listens[0].location if config.tunnel_listens else "LAB"
         self.api_token = paths.api_token(self.state_dir)
+        self.udp_forwards: list[dict[str, str]] = []  # `--udp-forward` and API-made UDP ports
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
         self._handlers: trio.Nursery | None = None
         self._listener_nursery: trio.Nursery | None = None
@@ -150,6 +151,8 @@ class Edge:
                     self.bound["warp"] = await listeners.start(
                         self._serve_tcp, cfg.warp_listen, "warp",
                         lambda s, peer: warp.serve_warp_connection(self, s, peer))
+                for listen, dest in cfg.udp_forwards:
+                    await self.start_udp_forward(listen, dest)
                 if cfg.api_listen is not None:
                     self.bound["api"] = await listeners.start(
                         self._serve_tcp, cfg.api_listen, "api",
@@ -312,6 +315,16 @@ class Edge:
         lst.ssl_context = self.edge_ssl_context(kind)
 
     # ---- ready file and start-up lines --------------------------------------------------------
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int]) -> dict[str, str]:
+        """A UDP port forwarding into the tunnel routed to `dest` (edge/udp.py); lives with the listeners."""
+        from edge.udp import serve_udp_forward
+
+        assert self._listener_nursery is not None
+        bound = await self._listener_nursery.start(serve_udp_forward, self, listen, dest)
+        forward = {"listen": bound, "destination": f"{dest[0]}:{dest[1]}"}
+        self.udp_forwards.append(forward)
+        return forward
+
     def ready_info(self) -> dict[str, Any]:
         """What the ready file and STATE/edge.json hold."""
         return {
@@ -319,6 +332,7 @@ class Edge:
             "tunnel_listeners": [{"location": lst.location, "address": lst.address,
                                   "quic": lst.quic_address} for lst in self.listeners.values()],
             "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
+            "udp_forwards": self.udp_forwards,
             "api": self.bound["api"], "api_token": self.api_token,
             "ca": str(self.pki.ca_pem_path),
         }

@@ -475,6 +475,57 @@ class _Runner:
         if problems:
             raise StepFailure(step, f"TCP via {spec['via']}", problems)
 
+    async def do_udp(self, step: Step, spec: dict[str, Any]) -> None:
+        """Datagrams through an edge UDP forward port to `target` (edge/udp.py), one at a time."""
+        from origin_fixtures import dns
+
+        forward = await self.lab.api("POST", "/udp-forwards", {"destination": spec["target"]})
+        host, _, port = str(forward["listen"]).rpartition(":")
+        query = spec.get("dns")
+        if query is not None:
+            payload = dns.build_query(query["name"], query.get("type", "A"))
+        elif spec.get("send_bytes") is not None:
+            payload = bytes(i % 251 for i in range(spec["send_bytes"]))
+        else:
+            payload = spec.get("send", "hello over udp").encode()
+        expect = spec.get("expect", {})
+        count = int(spec.get("count", 1))
+        timeout = parse_duration(spec.get("timeout", "3s"))
+        answered, problems = 0, []
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("127.0.0.1", 0))
+            for i in range(count):
+                await sock.sendto(payload, (host.strip("[]"), int(port)))
+                reply: bytes | None = None
+                with trio.move_on_after(timeout):
+                    reply, _ = await sock.recvfrom(65536)
+                self.lab.recorder.op("udp", step=step.index, n=i, target=spec["target"], sent=len(payload),
+                                     received=None if reply is None else len(reply))
+                if reply is None:
+                    continue
+                answered += 1
+                if query is not None:
+                    try:
+                        _id, rcode, records = dns.parse_answer(reply)
+                    except ValueError as exc:
+                        problems.append(Mismatch("dns answer", "a DNS response", f"undecodable: {exc}"))
+                        continue
+                    want = expect.get("answers")
+                    if rcode != 0 or (want is not None and records != want):
+                        problems.append(Mismatch("dns answer", {"rcode": 0, "answers": want},
+                                                 {"rcode": rcode, "answers": records}))
+                elif expect.get("echo", True) and reply != payload:
+                    problems.append(Mismatch("udp echo", _short(payload), _short(reply)))
+        if expect.get("no_answer"):
+            if answered:
+                problems.append(Mismatch("udp", "no answer", f"{answered} answers"))
+        elif answered < int(expect.get("min_answered", count)):
+            problems.append(Mismatch("udp answers", f"{expect.get('min_answered', count)} of {count}",
+                                     f"{answered} (no answer within {timeout:g}s)"))
+        if problems:
+            raise StepFailure(step, f"UDP to {spec['target']} via {forward['listen']}", problems[:5])
+
     async def _access_listener(self, hostname: str) -> int:
         """Start `tunnel-lab access tcp` for `hostname` once; return its local port."""
         if hostname in self.access_ports:

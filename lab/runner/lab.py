@@ -297,7 +297,7 @@ class Lab:
             *self.subst(list(spec.flags)),
             "run",
             "--protocol",
-            self.options.protocol,
+            spec.protocol or self.options.protocol,
         ]
         if spec.token:
             data = json.loads(creds.read_text())

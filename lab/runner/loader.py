@@ -27,6 +27,7 @@ ACTIONS = (
     "request",
     "websocket",
     "tcp",
+    "udp",
     "raw",
     "parallel",
     "wait",
@@ -313,6 +314,7 @@ class ConnectorSpec:
     token: bool = False
     start: bool = True
     wait_ready: int = 1
+    protocol: str | None = None  # the scenario's own transport (UDP needs quic), over `run --protocol`
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,7 @@ def _build(doc: Document) -> Scenario:
             ingress=tuple(c["ingress"]) if "ingress" in c else None,
             origin_request=c.get("originRequest"),
             warp_routing=c.get("warp_routing", False),
+            protocol=c.get("protocol"),
             flags=tuple(c.get("flags", [])),
             run_flags=tuple(c.get("run_flags", [])),
             credentials=c.get("credentials", "valid"),
