@@ -189,6 +189,9 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
             return 200, "text/plain; version=0.0.4", edge.metrics.render(edge.registry).encode()
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
+    elif method == "POST" and path.startswith("/tunnels/") and path.endswith("/configuration"):
+        return ok(await _push_configuration(edge, path[len("/tunnels/"):-len("/configuration")],
+                                            parse_json(body)))
     elif method == "POST" and path == "/udp-forwards":
         return ok(await _udp_forward(edge, parse_json(body)), 201)
     elif method == "POST" and path == "/faults":
@@ -304,3 +307,28 @@ async def _udp_forward(edge: Edge, body: Any) -> dict[str, str]:
         return await edge.start_udp_forward(bind, dest)
     except OSError as exc:
         raise ApiError(409, f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+async def _push_configuration(edge: Edge, tunnel_id: str, body: Any) -> dict[str, Any]:
+    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: updateConfiguration on one of the
+    tunnel's QUIC connections (connIndex 0 first), as Cloudflare pushes a remotely managed configuration.
+    The lab pushes over QUIC only (docs/edge.md)."""
+    from edge.quic import QuicTunnelConnection
+    from edge.tunnel import TunnelStreamError
+
+    if not isinstance(body, dict) or not isinstance(body.get("version"), int) or "config" not in body:
+        raise ApiError(400, 'body must be {"version": N, "config": {...}}')
+    conns = [c for c in edge.registry.listed()
+             if isinstance(c, QuicTunnelConnection) and c.routable and c.registration is not None
+             and str(c.registration.tunnel_id) == tunnel_id]
+    if not conns:
+        raise ApiError(409, f"tunnel {tunnel_id} has no registered QUIC connection; the lab pushes "
+                            "configuration over QUIC only")
+    conn = min(conns, key=lambda c: c.registration.conn_index if c.registration is not None else 0)
+    try:
+        latest, error = await conn.push_configuration(body["version"],
+                                                      json.dumps(body["config"]).encode())
+    except (TunnelStreamError, trio.TooSlowError) as exc:
+        raise ApiError(502, f"updateConfiguration failed: {exc or 'no answer in time'}") from None
+    return {"connection": conn.id, "lastAppliedVersion": latest, "err": error or None}
+

@@ -78,6 +78,7 @@ SEND_BUFFER_LIMIT = 1024 * 1024  # a stream writer waits while more than this is
 MAX_CONNECTIONS = 1024  # per endpoint; more Initial packets are dropped (a connection flood)
 WARN_INTERVAL = 5.0  # at most one WARNING per kind of dropped datagram per endpoint per interval
 IDLE_TIMEOUT = 30.0  # ours; cloudflared asks for 5 s and keeps the connection alive every second
+MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred bytes
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
 
 
@@ -347,6 +348,51 @@ class QuicTunnelConnection(TunnelConnection):
         stream.written = len(rpc_stream_preamble())
         self.transmit()
         return stream
+
+    async def rpc_call(self, client: Any, question_id: int, *, max_bytes: int = MAX_RPC_ANSWER) -> Any:
+        """One call on a fresh RPC stream: send what `client` (a wire.session_rpc.SessionRpcClient with
+        the call queued) has, feed it the answer, return the event for `question_id` (CallFailed for an
+        exception). Raises TunnelStreamError if the stream ends first or the answer is over `max_bytes`."""
+        stream = self.open_rpc_stream()
+        try:
+            await stream.send(client.data_to_send())
+            received = 0
+            while True:
+                item = await stream.receive()
+                if item is None:
+                    raise TunnelStreamError("the connector ended the RPC stream without an answer")
+                received += len(item[0])
+                if received > max_bytes:
+                    raise TunnelStreamError(f"the connector's RPC answer is over {max_bytes} bytes")
+                try:
+                    events = client.receive_data(item[0])
+                except TunnelLabError as exc:
+                    raise TunnelStreamError(f"bad Cap'n Proto on an RPC stream: {exc}") from exc
+                for event in events:
+                    if getattr(event, "question_id", None) == question_id:
+                        client.abort()
+                        await stream.send(client.data_to_send(), end=True)
+                        return event
+                out = client.data_to_send()
+                if out:
+                    await stream.send(out)
+        finally:
+            await stream.release()
+
+    async def push_configuration(self, version: int, config: bytes) -> tuple[int, str]:
+        """updateConfiguration on an RPC stream (docs/protocol.md §13.5): the version the connector now
+        runs and its error text ("" when it applied or kept it). Raises TunnelStreamError."""
+        from wire import session_rpc
+
+        client = session_rpc.SessionRpcClient()
+        question = client.update_configuration(version, config)
+        with trio.fail_after(self.edge.config.origin_timeout):
+            event = await self.rpc_call(client, question)
+        if not isinstance(event, session_rpc.ConfigurationUpdated):
+            raise TunnelStreamError(f"updateConfiguration failed: {getattr(event, 'reason', event)!r}")
+        log.info("updateConfiguration version=%d: the connector runs version %d%s %s", version,
+                 event.latest_version, f" (error: {event.error})" if event.error else "", self.ident())
+        return event.latest_version, event.error
 
     def send_datagram(self, data: bytes) -> None:
         """Send one QUIC DATAGRAM frame now (unreliable; dropped if the connection is gone)."""
