@@ -188,8 +188,11 @@ class QuicTunnelConnection(TunnelConnection):
                 self._after_input()
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """Feed one datagram (called by the endpoint; never raises)."""
+        """Feed one datagram (the endpoint calls `after_input` once per batch)."""
         self.quic.receive_datagram(data, addr, now=trio.current_time())
+
+    def after_input(self) -> None:
+        """Handle what a batch of datagrams produced: events, then one round of sending."""
         self._after_input()
 
     def _after_input(self) -> None:
@@ -622,6 +625,7 @@ class QuicEndpoint:
             with self._scope:
                 while True:
                     await trio.lowlevel.wait_readable(sock)
+                    fed: dict[QuicTunnelConnection, None] = {}  # in order, once each
                     for _ in range(RECEIVE_BATCH):
                         try:
                             data, addr = sock.recvfrom(MAX_DATAGRAM)
@@ -630,7 +634,13 @@ class QuicEndpoint:
                         except OSError as exc:  # e.g. an ICMP error reported on the socket
                             log.debug("QUIC recvfrom: %s", exc)
                             continue
-                        self.handle(data, addr)
+                        conn = self.handle(data, addr)
+                        if conn is not None:
+                            fed[conn] = None
+                    # One round of events and sending per connection and batch, not per datagram: a
+                    # download's ACKs and an upload's packets go out together.
+                    for conn in fed:
+                        self._guarded(conn, conn.after_input)
         finally:
             for conn in list(self.live):
                 conn.abort("the QUIC listener closed")
@@ -679,52 +689,55 @@ class QuicEndpoint:
         if not self.accepting and not self.live:
             self._scope.cancel()
 
-    def handle(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """One datagram: to its connection, a new connection, a version negotiation, or dropped."""
+    def handle(self, data: bytes, addr: tuple[Any, ...]) -> QuicTunnelConnection | None:
+        """One datagram: to its connection (returned, to be told `after_input`), a new connection, a
+        version negotiation, or dropped."""
         try:
             header = pull_quic_header(data, 0, 8)
         except ValueError as exc:
             self.drops.drop("garbage", f"not a QUIC packet from {_fmt(addr)} ({exc})")
-            return
+            return None
         version, packet_type, _, dcid, scid = header[0], header[1], header[2], header[3], header[4]
         conn = self.connections.get(dcid)
         if conn is not None:
-            self._feed(conn, data, addr)
-            return
+            return self._guarded(conn, conn.datagram_received, data, addr)
         if version is None or packet_type != QuicPacketType.INITIAL:
             self.drops.drop("unknown-connection", f"a packet for no known connection from {_fmt(addr)}")
-            return
+            return None
         config = self.configuration()
         if version not in config.supported_versions:
             self.send(encode_quic_version_negotiation(source_cid=dcid, destination_cid=scid,
                                                       supported_versions=config.supported_versions), addr)
-            return
+            return None
         if len(data) < MIN_INITIAL_SIZE:
             self.drops.drop("short-initial", f"an Initial of {len(data)} bytes from {_fmt(addr)}")
-            return
+            return None
         if not self.lst.up or not self.accepting:
-            return  # the data centre is down (dc-down) or the edge shuts down: a black hole
+            return None  # the data centre is down (dc-down) or the edge shuts down: a black hole
         if len(self.live) >= MAX_CONNECTIONS:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
-            return
+            return None
         quic = QuicConnection(configuration=config, original_destination_connection_id=dcid)
         conn = QuicTunnelConnection(self.edge, self, quic, location=self.lst.location, remote=addr)
         self.live.add(conn)
         self.route(dcid, conn)
         self.route(quic.host_cid, conn)
         self.edge.spawn(conn.serve)
-        self._feed(conn, data, addr)
+        return self._guarded(conn, conn.datagram_received, data, addr)
 
-    def _feed(self, conn: QuicTunnelConnection, data: bytes, addr: tuple[Any, ...]) -> None:
+    def _guarded(self, conn: QuicTunnelConnection, fn: Callable[..., None],
+                 *args: Any) -> QuicTunnelConnection | None:
+        """Run `fn(*args)` for `conn`; what it raises stays with that connection. Returns `conn`."""
         try:
-            conn.datagram_received(data, addr)
+            fn(*args)
         except (ValueError, AssertionError, KeyError, IndexError) as exc:
             # qh3 rejects some malformed packets by raising: the datagram goes, the connection stays.
-            self.drops.drop("malformed", f"from {_fmt(addr)}: {exc!r} {conn.ident()}")
+            self.drops.drop("malformed", f"{exc!r} {conn.ident()}")
         except Exception as exc:
             # A bug of ours must not end the endpoint (and every other connection on it): only this one.
             log.error("QUIC connection failed on a datagram %s", conn.ident(), exc_info=exc)
             conn.abort(f"internal error: {exc!r}")
+        return conn
 
 
 async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,

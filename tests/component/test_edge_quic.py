@@ -79,6 +79,7 @@ class QuicConnector:
         self.requests: list[ConnectRequest] = []
         self.resets: list[tuple[int, int]] = []
         self.configs: list[tuple[int, bytes]] = []
+        self.stopped: set[int] = set()
         self._wake = trio.lowlevel.ParkingLot()
         self._streams: dict[int, _Incoming] = {}
         self._nursery: trio.Nursery | None = None
@@ -118,7 +119,14 @@ class QuicConnector:
             nursery.cancel_scope.cancel()
 
     def _events(self) -> None:
+        events = []
         while (event := self.quic.next_event()) is not None:
+            events.append(event)
+            if isinstance(event, qevents.StopSendingReceived):
+                # qh3 resets our side; like quic-go, write nothing more there (data past the final size
+                # would be a connection error at the edge), even for data events of the same batch
+                self.stopped.add(event.stream_id)
+        for event in events:
             if isinstance(event, qevents.HandshakeCompleted):
                 self.connected.set()
             elif isinstance(event, qevents.ConnectionTerminated):
@@ -128,6 +136,7 @@ class QuicConnector:
             elif isinstance(event, qevents.StreamReset):
                 self.resets.append((event.stream_id, event.error_code))
                 self._wake.unpark_all()
+
             elif isinstance(event, qevents.StreamDataReceived):
                 if event.stream_id == 0:
                     self.rpc_events += self.rpc.receive_data(event.data)
@@ -164,11 +173,13 @@ class QuicConnector:
                 latest = event.version if not error else -1
                 server.answer_update_configuration(event.question_id, latest, error)
         out = server.data_to_send()
-        if out:
+        if out and stream_id not in self.stopped:
             self.quic.send_stream_data(stream_id, out)
 
     async def _answer(self, stream_id: int, request: ConnectRequest, body: bytes) -> None:
         answer = await self.handler(request, body)
+        if stream_id in self.stopped:
+            return
         self.quic.send_stream_data(stream_id, answer, end_stream=True)
         self.transmit()
 
