@@ -137,7 +137,6 @@ class QuicTunnelConnection(TunnelConnection):
         super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.quic = quic
-        self.peer = remote
         self.handshake_done = False
         self._wake = trio.lowlevel.ParkingLot()  # the connection's task: timers, a fatal error, the end
         self._sent_lot = trio.lowlevel.ParkingLot()  # writers waiting for qh3 to send what they queued
