@@ -8,7 +8,7 @@ cloudflared's rules (connection/protocol.go NewProtocolSelector, supervisor/tunn
   without an answer);
 - a connection falls back once its backoff reached `--retries`, or at once when QUIC looks broken (the
   connection went idle: UDP to the edge is dropped), unless some connection already registered over QUIC.
-docs/connector.md, "Protocols".
+docs/protocol.md §13.8; docs/connector.md, "Protocols".
 """
 
 from __future__ import annotations

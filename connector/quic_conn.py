@@ -16,6 +16,7 @@ details, edge_ip, conn_index), and raises the same `EdgeConnectionError` familie
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import ssl
@@ -44,6 +45,7 @@ from connector.logging_setup import format_value as q
 from connector.quic_transport import QuicClosedError, QuicStream, QuicTransport
 from connector.quic_udp import UdpSessionManager
 from connector.settings import TunnelSettings
+from connector.x509_text import TLS_PREFIX, go_verify_error
 from wire import quic_stream as qs
 from wire import registration as reg
 from wire import session_rpc as srpc
@@ -70,6 +72,7 @@ ALPN = "argotunnel"
 HANDSHAKE_TIMEOUT = 5.0  # quic/constants.go HandshakeIdleTimeout
 IDLE_TIMEOUT = 5.0  # MaxIdleTimeout; keep-alives every second (MaxIdlePingPeriod)
 MAX_DATAGRAM_FRAME = 16383  # what cloudflared advertises (measured)
+DRAIN_TIMEOUT = 2.0  # after a graceful shutdown: for the last stream bytes to be acknowledged
 MAX_RPC_BYTES = 1 << 20  # one RPC stream's call: far more than any real one
 RPC_STREAM_TIMEOUT = 5.0  # cloudflared's server-side timeout for a whole RPC stream
 DATAGRAM_V3_FEATURE = "support_datagram_v3_2"
@@ -122,6 +125,7 @@ class QuicTunnelStream:
         self.failed = False
         self.headers_sent = False
         self.cancel_scope = trio.CancelScope()
+        stream.on_reset = self.cancel_scope.cancel  # as over http2: a reset stream's handler stops
 
     @property
     def label(self) -> str:
@@ -288,10 +292,14 @@ class QuicEdgeConnection:
                     max_active_flows=self.proxy.warp.max_active_flows or 0)
                 try:
                     await self._main(shutdown)
+                    # what the in-flight streams wrote must reach the edge before CONNECTION_CLOSE
+                    with trio.move_on_after(DRAIN_TIMEOUT):
+                        await transport.drain()
                 except EdgeConnectionError as exc:
                     self._fail(exc)
                 except TunnelLabError as exc:  # StreamGone, RpcError, QuicClosedError
                     self._fail(self._lost(str(exc)))
+                transport.close(0, "")  # while the socket is still open
                 nursery.cancel_scope.cancel()
         finally:
             self.dead = True
@@ -315,6 +323,8 @@ class QuicEdgeConnection:
         if self._failure is None:
             self._failure = exc
         self.dead = True
+        if self.transport is not None:
+            self.transport.close(0, "")  # CONNECTION_CLOSE while the socket is still open
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -334,7 +344,7 @@ class QuicEdgeConnection:
             raise EdgeQuicDialError("failed to dial to edge with quic: timeout: no recent network activity",
                                     quic_broken=True)
         if not transport.handshake_done.is_set():
-            raise EdgeQuicDialError(f"failed to dial to edge with quic: {transport.close_reason}")
+            raise EdgeQuicDialError(f"failed to dial to edge with quic: {_handshake_failure(transport)}")
         if self.settings.ca_cert is None:
             pass  # qh3 verified the edge against the system roots
         assert self._nursery is not None
@@ -687,3 +697,22 @@ def _registration_error(answer: object) -> EdgeConnectionError | None:
         error = ServerRefusedError(result.cause)
     log.error("failed to serve incoming request error=%s", q(str(error)))
     return error
+
+
+BAD_CERTIFICATE = 0x100 + 42  # CRYPTO_ERROR carrying TLS alert bad_certificate
+UNKNOWN_AUTHORITY = 20  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: left once validity and name are fine
+
+
+def _handshake_failure(transport: QuicTransport) -> str:
+    """quic-go's words for a failed handshake: `CRYPTO_ERROR 0x12a (local): tls: failed to verify
+    certificate: x509: ...` when the edge's certificate did not verify (Go's x509 text, as over http2)."""
+    code = transport.close_code
+    peer = getattr(getattr(transport.quic, "tls", None), "_peer_certificate", None)
+    if code == BAD_CERTIFICATE and peer is not None:
+        text = go_verify_error(der=peer.public_bytes(), server_name=EDGE_QUIC_SNI,
+                               now=datetime.datetime.now().astimezone(), verify_code=UNKNOWN_AUTHORITY,
+                               verify_message=transport.close_reason)
+        return f"CRYPTO_ERROR {code:#x} (local): {TLS_PREFIX}{text}"
+    if code is not None and 0x100 <= code < 0x200:
+        return f"CRYPTO_ERROR {code:#x} (remote): {transport.close_reason}"
+    return transport.close_reason

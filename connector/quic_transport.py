@@ -28,8 +28,14 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 65536
 SEND_HIGH_WATER = 256 * 1024
+# qh3 widens a stream's flow-control window as data arrives, not as it is read: a stream whose reader
+# stalls (a slow origin) would buffer without limit, so past this many unread bytes it is reset.
+STREAM_BUFFER_LIMIT = 32 << 20
 SOCKET_BUFFER = 4 << 20  # bursts of datagrams from the edge must not overflow the kernel's queue
 MAX_BUFFERED_DATAGRAMS = 1024  # received datagrams not yet taken by the session manager
+
+
+STREAM_OVERFLOW = 0x2  # the reset code for an overflowing stream
 
 
 class QuicClosedError(TunnelLabError):
@@ -47,11 +53,24 @@ class QuicStream:
         self.reset_received: int | None = None  # the peer's RESET_STREAM error code
         self.stop_sending_received: int | None = None
         self.local_ended = False
+        self.overflowed = False
+        self.on_reset: Callable[[], None] | None = None  # e.g. cancel the handler of the stream
+        self._buffered = 0
         self._wakeup = trio.Event()
 
     def _push(self, data: bytes, end: bool) -> None:
+        if self.overflowed:
+            return
         if data:
             self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > STREAM_BUFFER_LIMIT:
+                log.warning("The edge sent more than %d unread bytes on stream=%d; resetting it",
+                            STREAM_BUFFER_LIMIT, self.stream_id)
+                self.overflowed = True
+                self.reset(STREAM_OVERFLOW)
+                self._reset(STREAM_OVERFLOW)
+                return
         if end:
             self.remote_ended = True
         self._wakeup.set()
@@ -60,11 +79,14 @@ class QuicStream:
         self.reset_received = code
         self.remote_ended = True
         self._wakeup.set()
+        if self.on_reset is not None:
+            self.on_reset()
 
     def push_back(self, data: bytes) -> None:
         """Return unconsumed bytes to the front of the receive buffer."""
         if data:
             self._chunks.appendleft(data)
+            self._buffered += len(data)
 
     async def receive_some(self) -> bytes:
         """The bytes received so far (b"" at the end of the stream or after a reset)."""
@@ -72,6 +94,7 @@ class QuicStream:
             if self._chunks:
                 data = b"".join(self._chunks)
                 self._chunks.clear()
+                self._buffered = 0
                 return data
             if self.remote_ended or self.transport.closed:
                 await trio.lowlevel.checkpoint()
@@ -91,6 +114,7 @@ class QuicStream:
         transport.quic.send_stream_data(self.stream_id, bytes(data), end_stream=end_stream)
         if end_stream:
             self.local_ended = True
+            transport._ended.add(self.stream_id)
         transport.transmit()
         while transport.unsent(self.stream_id) > SEND_HIGH_WATER:
             await transport.wait_progress()
@@ -132,12 +156,15 @@ class QuicTransport:
         self.bind_address = bind_address
         self.closed = False
         self.close_reason = ""
+        self.close_code: int | None = None  # the CONNECTION_CLOSE error code (0x1XX: a TLS alert)
         self.handshake_done = trio.Event()
         self.terminated = trio.Event()
         self.local_address: tuple[str, int] | None = None
         self._sock: socket.socket | None = None
         self._progress = trio.Event()
         self._timer_changed = trio.Event()
+        self._ended: set[int] = set()
+        self._last_peer_stream = -1  # streams we sent FIN on, until the peer acknowledged it
 
     # -- used by streams and the connection
     def check_open(self) -> None:
@@ -168,6 +195,8 @@ class QuicTransport:
 
     def forget(self, stream: QuicStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        if len(self._ended) > 1024:  # FINs still unacknowledged: bounded by pruning the acknowledged
+            self._prune_ended()
 
     def send_datagram(self, data: bytes) -> None:
         """Queue one DATAGRAM frame and send it (dropped silently once closed: datagrams are unreliable)."""
@@ -175,6 +204,21 @@ class QuicTransport:
             return
         self.quic.send_datagram_frame(data)
         self.transmit()
+
+    def delivered(self) -> bool:
+        """Every stream we ended has had its data and FIN acknowledged by the peer."""
+        self._prune_ended()
+        return not self._ended
+
+    def _prune_ended(self) -> None:
+        streams = self.quic._streams
+        self._ended = {sid for sid in self._ended
+                       if (state := streams.get(sid)) is not None and not state.sender.is_finished}
+
+    async def drain(self) -> None:
+        """Until `delivered()` (callers bound it): closing earlier would lose the responses' last bytes."""
+        while not self.closed and not self.delivered():
+            await self.wait_progress()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         if not self.closed:
@@ -267,8 +311,11 @@ class QuicTransport:
             if isinstance(event, qe.StreamDataReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is None:
-                    if event.stream_id % 4 != 1:  # not a new server-initiated bidirectional stream: stale
+                    # only a server-initiated bidirectional stream beyond every one seen is new; data for
+                    # one we are done with (late, after our reset) is dropped
+                    if event.stream_id % 4 != 1 or event.stream_id <= self._last_peer_stream:
                         continue
+                    self._last_peer_stream = event.stream_id
                     stream = QuicStream(self, event.stream_id)
                     self.streams[event.stream_id] = stream
                     stream._push(event.data, event.end_stream)
@@ -291,6 +338,7 @@ class QuicTransport:
             elif isinstance(event, qe.HandshakeCompleted):
                 self.handshake_done.set()
             elif isinstance(event, qe.ConnectionTerminated):
+                self.close_code = event.error_code
                 reason = event.reason_phrase or f"error code {event.error_code:#x}"
                 self._mark_closed(reason)
 

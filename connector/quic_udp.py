@@ -1,4 +1,4 @@
-"""UDP sessions to origins over one QUIC edge connection: datagrams v2 and v3 (docs/protocol.md §13).
+"""UDP sessions to origins over one QUIC edge connection: datagrams v2 and v3 (docs/protocol.md §13.6-§13.7).
 
 v2 (the default): the edge registers a session with the `registerUdpSession` RPC (connector/quic_conn.py
 calls `register_v2`), then datagrams carry `payload | session id | 0`. The session ends when the edge

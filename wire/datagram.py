@@ -1,4 +1,4 @@
-"""Sans-I/O codecs for cloudflared's QUIC datagrams, versions 2 and 3 (docs/protocol.md §13).
+"""Sans-I/O codecs for cloudflared's QUIC datagrams, versions 2 and 3 (docs/protocol.md §13.6).
 
 Version 2 (the default) puts its metadata at the *end* of a datagram: a UDP session datagram is
 `payload | session id (16-byte UUID) | type 0`; the other types (a raw IP packet, an IP packet with a

@@ -1,4 +1,4 @@
-"""Sans-I/O Cap'n Proto RPC on QUIC RPC streams: UDP sessions, configuration push (docs/protocol.md §13).
+"""Sans-I/O Cap'n Proto RPC on QUIC RPC streams: UDP sessions, config push (docs/protocol.md §13.7).
 
 Over QUIC the edge opens a fresh bidirectional stream for every call it makes to the connector (after the
 RPC stream signature, wire/quic_stream.py); the connector serves `CloudflaredServer` there, which extends

@@ -169,3 +169,64 @@ async def test_a_stream_with_a_bad_signature_is_reset_and_the_connection_carries
             running.handle.shutdown()  # type: ignore[attr-defined]
             assert await running.exit_code() == 0  # type: ignore[attr-defined]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_malformed_rpc_stream_is_reset_with_a_warning(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            peer, running = await _start(nursery, tmp_path)
+            bad = peer.open_stream(qs.rpc_stream_preamble() + b"\x00\x00\x00\x00\xff\xff\xff\x7f" + bytes(8))
+            await peer.wait(lambda: bad in peer.resets)
+            assert "Malformed RPC stream from the edge" in caplog.text
+            # a well-formed call on the next stream is served
+            client = srpc.SessionRpcClient()
+            qid = client.update_configuration(1, b'{"ingress":[{"service":"http_status:421"}]}')
+            answer = await _rpc_call(peer, client, qid)
+            assert answer == srpc.ConfigurationUpdated(question_id=qid, latest_version=1, error="")
+            conn = running.handle.supervisor.connections[0]  # type: ignore[attr-defined]
+            assert conn.proxy.config_version == 1
+            running.handle.shutdown()  # type: ignore[attr-defined]
+            assert await running.exit_code() == 0  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()
+
+
+async def test_late_data_for_a_finished_stream_starts_nothing(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            peer, running = await _start(nursery, tmp_path)
+            conn = running.handle.supervisor.connections[0]  # type: ignore[attr-defined]
+            request = qs.ConnectRequest(dest="http://a.test/", type=qs.ConnectionType.HTTP,
+                                        metadata=(("HttpMethod", "GET"), ("HttpHost", "a.test")))
+            first = peer.open_stream(qs.encode_connect_request(request))  # no FIN: more could follow
+            await peer.wait(lambda: first in peer.ended)
+            peer.send(first, b"late bytes", end=True)
+            second = peer.open_stream(qs.encode_connect_request(request), end=True)
+            await peer.wait(lambda: second in peer.ended)
+            assert "Malformed stream" not in caplog.text
+            assert set(conn.transport.streams) <= {0}
+            running.handle.shutdown()  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()
+
+
+def test_a_stream_whose_reader_stalls_is_reset_past_its_buffer_limit(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qh3.quic.configuration import QuicConfiguration
+
+    from connector import quic_transport as qt
+
+    monkeypatch.setattr(qt, "STREAM_BUFFER_LIMIT", 64 * 1024)
+    transport = qt.QuicTransport(QuicConfiguration(is_client=True), ("127.0.0.1", 9))
+    stream = qt.QuicStream(transport, 1)
+    resets: list[bool] = []
+    stream.on_reset = lambda: resets.append(True)
+    for _ in range(4):
+        stream._push(bytes(16 * 1024), False)
+    assert not stream.overflowed
+    stream._push(b"x", False)
+    assert stream.overflowed and stream.reset_received == qt.STREAM_OVERFLOW and resets == [True]
+    assert not stream._chunks  # what it held is freed
+    stream._push(bytes(1000), False)
+    assert not stream._chunks
+    assert "more than 65536 unread bytes on stream=1" in caplog.text
