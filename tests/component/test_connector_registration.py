@@ -21,13 +21,6 @@ from tests.component.connector_edge import (
 from wire.registration import ConnectionDetails, RegistrationError
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "HA_START_INTERVAL", 0.05)
-
-
 async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
     caplog.set_level("DEBUG", logger="connector")
     ca, ca_path = make_ca(tmp_path)

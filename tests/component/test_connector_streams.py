@@ -32,8 +32,7 @@ from tests.component.connector_edge import (
 )
 from wire.headers import deserialize_response_headers
 
-pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
-              pytest.mark.usefixtures("fast_backoff")]
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 
 
 

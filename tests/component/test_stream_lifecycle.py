@@ -21,6 +21,7 @@ import trio.testing
 from connector.settings import TunnelSettings
 from edge.config import Address
 from tests.component.connector_edge import (
+    FAST_KNOBS,
     FakeEdge,
     Running,
     connector_streams,
@@ -36,8 +37,7 @@ from tests.component.connector_edge import (
 from tests.component.test_edge_support import make_tunnel, running_edge, split
 from wire.credentials import Credentials
 
-pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
-              pytest.mark.usefixtures("fast_backoff")]
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 
 CHUNK = 64 * 1024
 
@@ -101,7 +101,7 @@ async def lab(tmp_path: Any, origin_port: int) -> Any:
             credentials=Credentials(account_tag=t.account_tag, tunnel_secret=t.secret, tunnel_id=t.id),
             edge_addrs=(f"{lst.host}:{lst.port}",), ca_cert=str(edge.pki.ca_pem_path),
             ingress_rules=(http_rule(origin_port),), ha_connections=1, grace_period=2.0, retries=3,
-            rpc_timeout=2.0)
+            rpc_timeout=2.0, **FAST_KNOBS)
         run = await start_connector(nursery, settings)
         await wait_ready(run)
         await wait_until(lambda: len(edge.registry.listed()) == 1)
