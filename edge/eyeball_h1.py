@@ -9,7 +9,7 @@ import contextlib
 import http
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
@@ -22,10 +22,8 @@ except (ImportError, AttributeError):  # pragma: no cover - another h11 layout: 
 
 from edge import pages
 from edge.proxy import BadRequestBody, EyeballGone, proxy_request
-from edge.tunnel import acquire_fast
-
-if TYPE_CHECKING:
-    from edge.server import Edge
+from edge.state import EdgeState
+from edge.tunnel import TunnelConnection, acquire_fast
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ def reason(status: int) -> bytes:
 class _Conn:
     """h11 plus the transport, with the read/send plumbing."""
 
-    def __init__(self, edge: Edge, stream: trio.abc.Stream, client: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], stream: trio.abc.Stream, client: str) -> None:
         self.edge = edge
         self.stream = stream
         self.client = client
@@ -257,8 +255,8 @@ def _has_body(headers: Headers) -> bool:
     return False
 
 
-async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: str, client: str,
-                              client_ip: str) -> None:
+async def serve_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.abc.Stream, *, scheme: str,
+                              client: str, client_ip: str) -> None:
     """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
     from wire.eyeball import EyeballRequest, is_websocket_request, request_head_error
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h2.events
 import h2.exceptions
@@ -21,10 +21,9 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
 from edge.proxy import EyeballGone, proxy_request
+from edge.state import EdgeState
+from edge.tunnel import TunnelConnection
 from wire.hpack_encoder import LongValueEncoder
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"tran
 
 
 class _H2Server:
-    def __init__(self, edge: Edge, transport: trio.abc.Stream, client: str, client_ip: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, client: str,
+                 client_ip: str) -> None:
         self.edge = edge
         self.transport = transport
         self.client = client
@@ -283,7 +283,8 @@ class H2Exchange:
         raise EyeballGone("WebSockets over HTTP/2 eyeballs are not supported")
 
 
-async def serve_h2_connection(edge: Edge, transport: trio.abc.Stream, *, client: str, client_ip: str) -> None:
+async def serve_h2_connection(edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, *, client: str,
+                              client_ip: str) -> None:
     """Serve one HTTP/2 eyeball connection until it closes (never raises but Cancelled)."""
     server = _H2Server(edge, transport, client, client_ip)
     try:

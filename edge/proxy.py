@@ -12,12 +12,13 @@ import functools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import trio
 from h2.errors import ErrorCodes
 
 from edge import pages
+from edge.state import EdgeState
 from edge.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
@@ -26,9 +27,6 @@ from edge.tunnel import (
     TunnelStreamError,
 )
 from wire.errors import TunnelLabError
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +117,7 @@ async def send_page(ex: Exchange, status: int, headers: Headers, body: bytes) ->
 class _Outcome:
     """What happened to one request; recorded in the history exactly once."""
 
-    def __init__(self, edge: Edge, req: Any, host: str, ray: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], req: Any, host: str, ray: str) -> None:
         self.edge = edge
         self.req = req
         self.host = host
@@ -164,7 +162,7 @@ class _Recording:
         await self._ex.finish(trailers)
 
 
-async def proxy_request(edge: Edge, ex: Exchange) -> None:
+async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None:
     """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
     from wire.eyeball import new_ray_id
 
@@ -206,8 +204,8 @@ async def proxy_request(edge: Edge, ex: Exchange) -> None:
         result.record()
 
 
-async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection, ray: str,
-                   result: _Outcome) -> None:
+async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any, conn: TunnelConnection,
+                   ray: str, result: _Outcome) -> None:
     from wire.eyeball import tunnel_request_headers
 
     req = ex.request
@@ -282,8 +280,8 @@ async def _upload_body(ex: Exchange, stream: TunnelStream, failed: list[BaseExce
         await stream.reset(ErrorCodes.CANCEL)
 
 
-async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome,
-                      ident: str, may_retry: bool) -> bool:
+async def _run_stream(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, ray: str,
+                      result: _Outcome, ident: str, may_retry: bool) -> bool:
     """Drive one tunnel stream. Returns True when the request should be retried elsewhere."""
     upload_failed: list[BaseException] = []
     upload = trio.CancelScope()  # cancelled once the response no longer needs the request body
@@ -303,8 +301,9 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
     raise gone
 
 
-async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome, ident: str,
-                   may_retry: bool, upload: trio.CancelScope, upload_failed: list[BaseException]) -> bool:
+async def _respond(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, ray: str,
+                   result: _Outcome, ident: str, may_retry: bool, upload: trio.CancelScope,
+                   upload_failed: list[BaseException]) -> bool:
     from wire.eyeball import eyeball_response_headers, tunnel_response
 
     try:
@@ -400,7 +399,7 @@ async def _drain_quietly(stream: TunnelStream) -> None:
             pass
 
 
-async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream, result: _Outcome,
+async def _relay_body(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, result: _Outcome,
                       content_length: int | None) -> None:
     total = 0
     while True:

@@ -3,6 +3,9 @@
 Structure (hypercorn-style graceful shutdown): every connection handler runs in `handlers`, a nursery
 that outlives the listeners. Shutdown stops the listeners, lets in-flight tunnel streams finish
 within `shutdown_timeout`, sends GOAWAY, closes, then cancels whatever is left.
+
+`Edge` owns the process-wide parts (listeners, PKI, nurseries); the handlers get only what they use:
+the shared `EdgeState`, plus the eyeball certificates (HTTPS) or the `EdgeControl` interface (API).
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ from typing import Any
 
 import trio
 
+from edge import api, warp
 from edge.config import Address, EdgeConfig, TunnelListen
-from edge.state import Faults, History, Metrics, Registry, TunnelsView
+from edge.eyeball_h1 import serve_h1_connection
+from edge.eyeball_tls import EyeballCertificates, serve_tls_connection
+from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
 from edge.tunnel import TunnelConnection
+from lab import paths
+from lab.pki import LabPKI
 
 log = logging.getLogger(__name__)
 
@@ -72,31 +80,63 @@ class TunnelListener:
 
 
 class Edge:
-    """The running edge: shared state plus the nurseries everything runs in."""
+    """The running edge: the listeners, the PKI and the nurseries everything runs in; `state` is what the
+    handlers share. Implements `edge.api.EdgeControl` for the management API."""
 
     def __init__(self, config: EdgeConfig) -> None:
-        from lab import paths
-        from lab.pki import LabPKI
-
         self.config = config
         self.state_dir = paths.state_dir(config.state_dir)
         self.pki = LabPKI(self.state_dir)
-        self.tunnels = TunnelsView(self.state_dir)
-        self.registry = Registry()
-        self.faults = Faults()
-        self.history = History()
-        self.metrics = Metrics()
-        self.pushed_configs: dict[str, bytes] = {}
+        self.state: EdgeState[TunnelConnection] = EdgeState(
+            config=config, tunnels=TunnelsView(self.state_dir),
+            default_location=config.tunnel_listens[0].location if config.tunnel_listens else "LAB")
+        self.eyeball_certs = EyeballCertificates(self.pki, self.state.tunnels,
+                                                 max_on_demand=config.max_on_demand_certs)
         self.listeners = {spec.location: TunnelListener(spec) for spec in config.tunnel_listens}
-        self.default_location = config.tunnel_listens[0].location if config.tunnel_listens else "LAB"
-        self.api_token = paths.api_token(self.state_dir)
+        self._api_token = paths.api_token(self.state_dir)
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
         self._handlers: trio.Nursery | None = None
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
-        self.host_contexts: dict[str, ssl.SSLContext] = {}
-        self.eyeball_ctx: ssl.SSLContext | None = None
         self.stopped = trio.Event()
+
+    # ---- the shared state, for tests and embedders ----------------------------------------------
+    @property
+    def registry(self) -> Registry[TunnelConnection]:
+        return self.state.registry
+
+    @property
+    def tunnels(self) -> TunnelsView:
+        return self.state.tunnels
+
+    @property
+    def faults(self) -> Faults:
+        return self.state.faults
+
+    @property
+    def history(self) -> History:
+        return self.state.history
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.state.metrics
+
+    @property
+    def pushed_configs(self) -> dict[str, bytes]:
+        return self.state.pushed_configs
+
+    # ---- EdgeControl (the management API) --------------------------------------------------------
+    @property
+    def api_token(self) -> str:
+        return self._api_token
+
+    @property
+    def ca_pem_path(self) -> Path:
+        return self.pki.ca_pem_path
+
+    def locations(self) -> list[str]:
+        """The data centres' location names."""
+        return list(self.listeners)
 
     # ---- helpers -----------------------------------------------------------------------------
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -122,10 +162,8 @@ class Edge:
             self.stopped.set()
 
     async def _serve(self, task_status: trio.TaskStatus[Edge]) -> None:
-        from edge import api, eyeball_tls, warp
-        from edge.eyeball_h1 import serve_h1_connection
-
         cfg = self.config
+        state = self.state
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
             async with trio.open_nursery() as listeners:
@@ -135,20 +173,20 @@ class Edge:
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
-                        lambda s, peer: serve_h1_connection(self, s, scheme="http", client=_fmt(peer),
+                        lambda s, peer: serve_h1_connection(state, s, scheme="http", client=_fmt(peer),
                                                             client_ip=peer[0]))
                 if cfg.https_listen is not None:
                     self.bound["https"] = await listeners.start(
                         self._serve_tcp, cfg.https_listen, "https",
-                        lambda s, peer: eyeball_tls.serve_tls_connection(self, s, peer))
+                        lambda s, peer: serve_tls_connection(state, self.eyeball_certs, s, peer))
                 if cfg.warp_listen is not None:
                     self.bound["warp"] = await listeners.start(
                         self._serve_tcp, cfg.warp_listen, "warp",
-                        lambda s, peer: warp.serve_warp_connection(self, s, peer))
+                        lambda s, peer: warp.serve_warp_connection(state, s, peer))
                 if cfg.api_listen is not None:
                     self.bound["api"] = await listeners.start(
                         self._serve_tcp, cfg.api_listen, "api",
-                        lambda s, peer: api.serve_api_connection(self, s, peer))
+                        lambda s, peer: api.serve_api_connection(state, self, s, peer))
                 listeners.start_soon(self._watch_store)
                 self._write_ready()
                 self._log_startup()
@@ -266,7 +304,7 @@ class Edge:
             log.info("TLS handshake with a connector failed: %s location=%s remote=%s",
                      cause or type(exc).__name__, lst.location, peer)
             return
-        conn = TunnelConnection(self, tls, location=lst.location, remote=peer)
+        conn = TunnelConnection(self.state, tls, location=lst.location, remote=peer)
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
         await conn.serve()
@@ -319,8 +357,6 @@ class Edge:
         }
 
     def _write_ready(self) -> None:
-        from lab import paths
-
         info = json.dumps(self.ready_info(), indent=2) + "\n"
         targets = [paths.edge_json_path(self.state_dir)]
         if self.config.ready_file is not None:

@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h2.events
 import h2.exceptions
@@ -30,10 +30,8 @@ import trio
 from h2.errors import ErrorCodes
 
 from edge.h2conn import EdgeH2Connection, FrameGuard, new_tunnel_h2
+from edge.state import EdgeState
 from wire.errors import ProtocolError, TunnelLabError
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +204,8 @@ class TunnelConnection:
 
     _counter = 0
 
-    def __init__(self, edge: Edge, transport: trio.abc.Stream, *, location: str, remote: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, *, location: str,
+                 remote: str) -> None:
         TunnelConnection._counter += 1
         self.serial = TunnelConnection._counter
         self.edge = edge

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
@@ -21,10 +21,8 @@ from h2.errors import ErrorCodes
 
 from edge import pages
 from edge.eyeball_h1 import reason
-from edge.tunnel import TunnelStream, TunnelStreamError
-
-if TYPE_CHECKING:
-    from edge.server import Edge
+from edge.state import EdgeState
+from edge.tunnel import TunnelConnection, TunnelStream, TunnelStreamError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,8 @@ def parse_destination(target: str) -> tuple[str, int]:
     return str(ip), number
 
 
-async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+async def serve_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
+                                peer: tuple[str, int]) -> None:
     """One CONNECT request, then a raw pipe."""
     from wire.eyeball import new_ray_id
 
