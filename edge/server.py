@@ -39,26 +39,40 @@ log = logging.getLogger(__name__)
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-async def accept_or_wait(listener: trio.SocketListener, what: str, retry_delay: float) -> trio.SocketStream:
-    """The next connection; when the process is out of file descriptors (or memory), log once at WARNING,
-    wait `retry_delay` between tries (connections already open go on being served), and log the recovery."""
-    refused = 0
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                raise
-            if not refused:
-                log.warning("%s listener cannot accept: %s (%s); open connections are served, new ones wait "
-                            "(retrying every %gs)", what, errno.errorcode[exc.errno], os.strerror(exc.errno),
-                            retry_delay)
-            refused += 1
-            await trio.sleep(retry_delay)
-            continue
-        if refused:
-            log.warning("%s listener accepting again after %d failed accepts", what, refused)
-        return stream
+class PatientListener(trio.abc.Listener[trio.SocketStream]):
+    """A socket listener for `trio.serve_listeners` that waits out a lack of descriptors or memory itself.
+
+    serve_listeners would retry too, but logs a traceback at ERROR every 100 ms; this logs once at
+    WARNING, waits `retry_delay` between tries (connections already open go on being served), and logs
+    the recovery.
+    """
+
+    def __init__(self, listener: trio.SocketListener, what: str, retry_delay: float) -> None:
+        self.listener = listener
+        self.what = what
+        self.retry_delay = retry_delay
+
+    async def accept(self) -> trio.SocketStream:
+        refused = 0
+        while True:
+            try:
+                stream = await self.listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                if not refused:
+                    log.warning("%s listener cannot accept: %s (%s); open connections are served, new ones "
+                                "wait (retrying every %gs)", self.what, errno.errorcode[exc.errno],
+                                os.strerror(exc.errno), self.retry_delay)
+                refused += 1
+                await trio.sleep(self.retry_delay)
+                continue
+            if refused:
+                log.warning("%s listener accepting again after %d failed accepts", self.what, refused)
+            return stream
+
+    async def aclose(self) -> None:
+        await self.listener.aclose()
 
 
 class TunnelListener:
@@ -139,11 +153,6 @@ class Edge:
         return list(self.listeners)
 
     # ---- helpers -----------------------------------------------------------------------------
-    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Run a task in the handler nursery (outlives listeners)."""
-        assert self._handlers is not None
-        self._handlers.start_soon(fn, *args)
-
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown."""
         self._shutdown.set()
@@ -245,42 +254,52 @@ class Edge:
                                        "edge shutting down")
 
     # ---- listeners ---------------------------------------------------------------------------
+    async def _open(self, host: str, port: int, what: str) -> list[PatientListener]:
+        sockets = await trio.open_tcp_listeners(port, host=host)
+        return [PatientListener(sock, what, self.config.accept_retry_delay) for sock in sockets]
+
+    async def _serve_listeners(self, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                               listeners: list[PatientListener]) -> None:
+        """Accept on every socket until cancelled; handlers run in the handler nursery, which outlives
+        the listeners (graceful shutdown)."""
+        assert self._handlers is not None
+        accepting: list[trio.abc.Listener[trio.SocketStream]] = list(listeners)
+        try:
+            await trio.serve_listeners(handler, accepting, handler_nursery=self._handlers)
+        finally:
+            for lst in listeners:  # already closed unless cancelled before serve_listeners took them
+                with trio.CancelScope(shield=True):
+                    await lst.aclose()
+
     async def _serve_tcp(self, address: Address, what: str,
                          handler: Callable[[trio.SocketStream, Any], Awaitable[None]],
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-        sock = listeners[0].socket
-        host, port = sock.getsockname()[:2]
-        bound = str(Address(host, port))
-        try:
-            task_status.started(bound)
-            while True:
-                stream = await accept_or_wait(listeners[0], what, self.config.accept_retry_delay)
-                self.spawn(_guard, handler, stream, _peer(stream), what)
-        finally:
-            for lst in listeners:
-                with trio.CancelScope(shield=True):
-                    await lst.aclose()
+        listeners = await self._open(address.host, address.port, what)
+        host, port = listeners[0].listener.socket.getsockname()[:2]
+
+        async def guarded(stream: trio.SocketStream) -> None:
+            await _guard(handler, stream, _peer(stream), what)
+
+        task_status.started(str(Address(host, port)))  # the sockets listen already: connections queue
+        await self._serve_listeners(guarded, listeners)
 
     async def _serve_tunnel_listener(self, lst: TunnelListener,
                                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         lst.ssl_context = self.edge_ssl_context(lst.cert_kind)
-        listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
-        lst.port = listeners[0].socket.getsockname()[1]
+        listeners = await self._open(lst.host, lst.port, f"tunnel {lst.location}")
+        lst.port = listeners[0].listener.socket.getsockname()[1]
         lst.up = True
         lst.closed = trio.Event()
+
+        async def handle(tcp: trio.SocketStream) -> None:
+            await self._handle_tunnel(tcp, lst)
+
         try:
             with trio.CancelScope() as scope:
                 lst.scope = scope
                 task_status.started()
-                while True:
-                    stream = await accept_or_wait(listeners[0], f"tunnel {lst.location}",
-                                                  self.config.accept_retry_delay)
-                    self.spawn(self._handle_tunnel, stream, lst)
+                await self._serve_listeners(handle, listeners)
         finally:
-            for sock_listener in listeners:
-                with trio.CancelScope(shield=True):
-                    await sock_listener.aclose()
             lst.up = False
             lst.closed.set()
 
@@ -402,14 +421,11 @@ def _fmt(peer: tuple[str, int]) -> str:
 
 async def _guard(handler: Callable[[trio.SocketStream, Any], Awaitable[None]], stream: trio.SocketStream,
                  peer: Any, what: str) -> None:
-    """A connection handler's failure never reaches the server; the socket is always closed."""
+    """A connection handler's failure never reaches the server (serve_listeners closes the socket)."""
     try:
         await handler(stream, peer)
     except Exception:
         log.exception("%s connection handler failed remote=%s", what, _fmt(peer))
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
 
 
 async def serve_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED
