@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import h2.config
 import h2.connection
@@ -34,6 +34,7 @@ from connector.h2conn import ConnectorH2Connection, StreamProtocolError
 from connector.logging_setup import format_value as q
 from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from connector.settings import TunnelSettings
+from connector.state import ConnectorState
 from connector.x509_text import go_tls_verify_error
 from wire import registration as reg
 from wire.errors import TLSSetupError, TunnelLabError
@@ -41,10 +42,16 @@ from wire.headers import StreamType, classify_stream
 from wire.hpack_encoder import LongValueEncoder
 from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
-if TYPE_CHECKING:
-    from connector.streams import Proxy
-
 log = logging.getLogger(__name__)
+
+
+class StreamHandler(Protocol):
+    """What an edge connection hands its streams to (`connector.streams.Proxy`)."""
+
+    @property
+    def state(self) -> ConnectorState: ...
+    async def handle_stream(self, ts: TunnelStream, kind: StreamType) -> None: ...
+
 
 EDGE_SNI = "h2.cftunnel.com"
 DIAL_TIMEOUT = 15.0
@@ -519,7 +526,7 @@ def _server_settings() -> dict[h2.settings.SettingCodes | int, int]:
 class EdgeConnection:
     """One HA connection (connIndex) over one dialled address, from dial to close."""
 
-    def __init__(self, settings: TunnelSettings, proxy: Proxy, *, conn_index: int, address: str,
+    def __init__(self, settings: TunnelSettings, proxy: StreamHandler, *, conn_index: int, address: str,
                  ssl_context: ssl.SSLContext, num_previous_attempts: int = 0,
                  on_registered: Callable[[EdgeConnection], None] | None = None,
                  on_unregistered: Callable[[EdgeConnection], None] | None = None) -> None:
