@@ -78,7 +78,7 @@ class EdgeTarget:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
-async def open_websocket(target: EdgeTarget) -> tuple[trio.abc.Stream, WSConnection]:
+async def connect_websocket(target: EdgeTarget) -> tuple[trio.abc.Stream, WSConnection]:
     """Dial the edge and complete the WebSocket handshake for `target.hostname`.
 
     Raises `OriginError` naming the edge and the reason (refused, rejected with a status, timeout).
@@ -194,11 +194,11 @@ async def pipe_websocket(stream: trio.abc.Stream, ws: WSConnection, local_receiv
         nursery.start_soon(edge_to_local, nursery.cancel_scope)
 
 
-async def _serve_one(local: trio.SocketStream, target: EdgeTarget) -> None:
+async def _handle_local(local: trio.SocketStream, target: EdgeTarget) -> None:
     peer = local.socket.getpeername()
     who = f"{peer[0]}:{peer[1]}"
     try:
-        stream, ws = await open_websocket(target)
+        stream, ws = await connect_websocket(target)
     except OriginError as exc:
         log.error("failed to connect to origin error=%r hostname=%s client=%s", str(exc), target.hostname,
                   who)
@@ -235,7 +235,7 @@ async def serve_access_tcp(listen: str, target: EdgeTarget, *,
 
     async def handler(local: trio.SocketStream) -> None:
         try:
-            await _serve_one(local, target)
+            await _handle_local(local, target)
         except Exception:  # one connection's failure never stops the listener
             log.exception("access connection failed hostname=%s", target.hostname)
 
@@ -245,7 +245,7 @@ async def serve_access_tcp(listen: str, target: EdgeTarget, *,
 
 async def run_stdio(target: EdgeTarget) -> int:
     """ProxyCommand mode: stdin/stdout <-> one WebSocket."""
-    stream, ws = await open_websocket(target)
+    stream, ws = await connect_websocket(target)
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
     async with stdin, stdout:

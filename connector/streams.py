@@ -570,7 +570,7 @@ class Proxy:
         self.state.set_config(version, config if isinstance(config, dict) else {})
 
 
-class _PipeDone(Exception):
+class _PipeDone(TunnelLabError):
     """Raised by a pipe writer when its side has finished (e.g. a WebSocket close)."""
 
 

@@ -172,7 +172,7 @@ class Supervisor:
     async def run(self) -> int:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._serve_index, 0)
+            nursery.start_soon(self._run_index, 0)
             nursery.start_soon(self._start_others)
         if self._exit_code == 0:
             log.info("no more connections active and exiting")
@@ -188,7 +188,7 @@ class Supervisor:
         for index in range(1, self.ha):
             if self.shutdown.is_set():
                 return
-            self._nursery.start_soon(self._serve_index, index)
+            self._nursery.start_soon(self._run_index, index)
             if index < self.ha - 1:
                 await trio.sleep(self.settings.ha_start_interval)
 
@@ -208,7 +208,7 @@ class Supervisor:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _serve_index(self, index: int) -> None:
+    async def _run_index(self, index: int) -> None:
         backoff = Backoff(self.settings.backoff_base, self.settings.retries)
         address = self.addresses.take(index)
         while not self.shutdown.is_set():

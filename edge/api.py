@@ -39,7 +39,7 @@ class EdgeControl(Protocol):
     def swap_cert(self, location: str, kind: str) -> None: ...
 
 
-class ApiError(Exception):
+class ApiError(TunnelLabError):
     """An API answer other than 200."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -229,7 +229,7 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, 
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
-async def serve_api_connection(edge: EdgeState[TunnelConnection], control: EdgeControl,
+async def handle_api_connection(edge: EdgeState[TunnelConnection], control: EdgeControl,
                                stream: trio.SocketStream, peer: tuple[str, int]) -> None:
     """Serve management API requests on one connection (keep-alive)."""
     conn = h11.Connection(h11.SERVER)

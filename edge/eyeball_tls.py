@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from edge.eyeball_h1 import serve_h1_connection
-from edge.eyeball_h2 import serve_h2_connection
+from edge.eyeball_h1 import handle_h1_connection
+from edge.eyeball_h2 import handle_h2_connection
 from edge.state import EdgeState, TunnelsView
 from edge.tunnel import TunnelConnection
 from lab.store import normalize_hostname
@@ -105,7 +105,7 @@ async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream], tcp: trio.
             await tcp.send_all(pending)
 
 
-async def serve_tls_connection(edge: EdgeState[TunnelConnection], certs: EyeballCertificates,
+async def handle_tls_connection(edge: EdgeState[TunnelConnection], certs: EyeballCertificates,
                                tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
     """TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN."""
     tls = trio.SSLStream(tcp, certs.listener_context(), server_side=True)
@@ -121,6 +121,6 @@ async def serve_tls_connection(edge: EdgeState[TunnelConnection], certs: Eyeball
         return
     proto: Any = tls.selected_alpn_protocol()
     if proto == "h2":
-        await serve_h2_connection(edge, tls, client=client, client_ip=peer[0])
+        await handle_h2_connection(edge, tls, client=client, client_ip=peer[0])
     else:
-        await serve_h1_connection(edge, tls, scheme="https", client=client, client_ip=peer[0])
+        await handle_h1_connection(edge, tls, scheme="https", client=client, client_ip=peer[0])

@@ -24,8 +24,8 @@ import trio
 
 from edge import api, warp
 from edge.config import Address, EdgeConfig, TunnelListen
-from edge.eyeball_h1 import serve_h1_connection
-from edge.eyeball_tls import EyeballCertificates, serve_tls_connection
+from edge.eyeball_h1 import handle_h1_connection
+from edge.eyeball_tls import EyeballCertificates, handle_tls_connection
 from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
 from edge.tunnel import TunnelConnection
 from lab import paths
@@ -182,20 +182,20 @@ class Edge:
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
-                        lambda s, peer: serve_h1_connection(state, s, scheme="http", client=_fmt(peer),
+                        lambda s, peer: handle_h1_connection(state, s, scheme="http", client=_fmt(peer),
                                                             client_ip=peer[0]))
                 if cfg.https_listen is not None:
                     self.bound["https"] = await listeners.start(
                         self._serve_tcp, cfg.https_listen, "https",
-                        lambda s, peer: serve_tls_connection(state, self.eyeball_certs, s, peer))
+                        lambda s, peer: handle_tls_connection(state, self.eyeball_certs, s, peer))
                 if cfg.warp_listen is not None:
                     self.bound["warp"] = await listeners.start(
                         self._serve_tcp, cfg.warp_listen, "warp",
-                        lambda s, peer: warp.serve_warp_connection(state, s, peer))
+                        lambda s, peer: warp.handle_warp_connection(state, s, peer))
                 if cfg.api_listen is not None:
                     self.bound["api"] = await listeners.start(
                         self._serve_tcp, cfg.api_listen, "api",
-                        lambda s, peer: api.serve_api_connection(state, self, s, peer))
+                        lambda s, peer: api.handle_api_connection(state, self, s, peer))
                 listeners.start_soon(self._watch_store)
                 self._write_ready()
                 self._log_startup()
@@ -326,7 +326,7 @@ class Edge:
         conn = TunnelConnection(self.state, tls, location=lst.location, remote=peer)
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
-        await conn.serve()
+        await conn.run()
 
     # ---- faults acting on listeners ---------------------------------------------------------
     async def dc_down(self, location: str) -> int:

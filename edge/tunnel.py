@@ -273,7 +273,7 @@ class TunnelConnection:
         return len(self.streams)
 
     # ---- main --------------------------------------------------------------------------------
-    async def serve(self) -> None:
+    async def run(self) -> None:
         """Run the connection until it closes. Never raises except Cancelled."""
         try:
             with trio.CancelScope() as scope:

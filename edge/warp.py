@@ -66,7 +66,7 @@ def parse_destination(target: str) -> tuple[str, int]:
     return str(ip), number
 
 
-async def serve_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
+async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
                                 peer: tuple[str, int]) -> None:
     """One CONNECT request, then a raw pipe."""
     from wire.eyeball import new_ray_id

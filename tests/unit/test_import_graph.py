@@ -71,7 +71,8 @@ def import_graph(root: Path = ROOT) -> dict[str, dict[str, int]]:
     graph: dict[str, dict[str, int]] = {}
     for module, path in modules.items():
         edges: dict[str, int] = {}
-        for target, line in imports_of(module, path.read_text(), modules, is_package=path.name == "__init__.py"):
+        source = path.read_text()
+        for target, line in imports_of(module, source, modules, is_package=path.name == "__init__.py"):
             if target != module:
                 edges.setdefault(target, line)
         graph[module] = edges
@@ -135,11 +136,8 @@ def package_table(text: str) -> dict[str, tuple[str, ...]]:
 
 def row_of(module: str, rules: dict[str, tuple[str, ...]]) -> str | None:
     """The most specific row a module belongs to."""
-    best = None
-    for prefix in rules:
-        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
-            best = prefix
-    return best
+    inside = [prefix for prefix in rules if module == prefix or module.startswith(prefix + ".")]
+    return max(inside, key=len, default=None)
 
 
 def violations(graph: dict[str, dict[str, int]], rules: dict[str, tuple[str, ...]],
