@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from edge import api, warp
-from edge.config import Address, EdgeConfig, TunnelListen
+from edge.config import Address, EdgeConfig, TunnelListen, changed_knobs
 from edge.eyeball_h1 import handle_h1_connection
 from edge.eyeball_tls import EyeballCertificates, handle_tls_connection
 from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
@@ -391,6 +391,8 @@ class Edge:
             if self.bound[what]:
                 log.info("%s listener address=%s", what, self.bound[what])
         log.info("lab CA: %s (fingerprint %s)", self.pki.ca_pem_path, self.pki.ca_fingerprint())
+        for name, value, default in changed_knobs(self.config):
+            log.info("knob %s=%s (default %s)", name, value, default)
 
 
 def _write_atomic(path: Path, text: str) -> None:
