@@ -564,7 +564,7 @@ def make_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
     return ca, path
 
 
-def open_request_streams(side: EdgeSide) -> int:
+def count_request_streams(side: EdgeSide) -> int:
     """Request streams the edge's HTTP/2 state machine still holds open (the control stream not counted)."""
     return sum(1 for sid, st in list(side.h2.streams.items()) if sid != side.control_id and st.open)
 

@@ -25,11 +25,11 @@ from tests.component.connector_edge import (
     FakeEdge,
     Running,
     connector_streams,
+    count_request_streams,
     get,
     http_rule,
     make_ca,
     make_settings,
-    open_request_streams,
     start_connector,
     wait_ready,
     wait_until,
@@ -254,7 +254,7 @@ async def test_more_data_than_content_length_resets_the_stream(tmp_path):
             resp = await es.wait(lambda r: r.ended or r.reset is not None or side.closed.is_set())
             assert not side.closed.is_set(), "the connector dropped the whole tunnel connection"
             assert resp.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR, resp
-            await wait_until(lambda: connector_streams(run) == 0 and open_request_streams(side) == 0)
+            await wait_until(lambda: connector_streams(run) == 0 and count_request_streams(side) == 0)
             assert all(len(r.body) <= 5 for r in origin.requests)
             ok = await side.request(get("/after"))
             assert ok.status == 200 and bytes(ok.body) == b"ok"
