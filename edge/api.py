@@ -230,7 +230,7 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, 
 
 
 async def handle_api_connection(edge: EdgeState[TunnelConnection], control: EdgeControl,
-                               stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+                                stream: trio.SocketStream, peer: tuple[str, int]) -> None:
     """Serve management API requests on one connection (keep-alive)."""
     conn = h11.Connection(h11.SERVER)
     expected = f"Bearer {control.api_token}".encode()

@@ -256,7 +256,7 @@ def _has_body(headers: Headers) -> bool:
 
 
 async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.abc.Stream, *, scheme: str,
-                              client: str, client_ip: str) -> None:
+                               client: str, client_ip: str) -> None:
     """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
     from wire.eyeball import EyeballRequest, is_websocket_request, request_head_error
 

@@ -284,7 +284,7 @@ class H2Exchange:
 
 
 async def handle_h2_connection(edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, *, client: str,
-                              client_ip: str) -> None:
+                               client_ip: str) -> None:
     """Serve one HTTP/2 eyeball connection until it closes (never raises but Cancelled)."""
     server = _H2Server(edge, transport, client, client_ip)
     try:

@@ -106,7 +106,7 @@ async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream], tcp: trio.
 
 
 async def handle_tls_connection(edge: EdgeState[TunnelConnection], certs: EyeballCertificates,
-                               tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
+                                tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
     """TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN."""
     tls = trio.SSLStream(tcp, certs.listener_context(), server_side=True)
     client = f"{peer[0]}:{peer[1]}"

@@ -183,7 +183,7 @@ class Edge:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
                         lambda s, peer: handle_h1_connection(state, s, scheme="http", client=_fmt(peer),
-                                                            client_ip=peer[0]))
+                                                             client_ip=peer[0]))
                 if cfg.https_listen is not None:
                     self.bound["https"] = await listeners.start(
                         self._serve_tcp, cfg.https_listen, "https",

@@ -67,7 +67,7 @@ def parse_destination(target: str) -> tuple[str, int]:
 
 
 async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
-                                peer: tuple[str, int]) -> None:
+                                 peer: tuple[str, int]) -> None:
     """One CONNECT request, then a raw pipe."""
     from wire.eyeball import new_ray_id
 
