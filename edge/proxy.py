@@ -18,7 +18,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from edge import pages
-from edge.tunnel import (
+from transport.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
     TunnelConnection,

@@ -21,7 +21,7 @@ import trio
 
 from edge.config import Address, EdgeConfig, TunnelListen
 from edge.state import Faults, History, Metrics, Registry, TunnelsView
-from edge.tunnel import TunnelConnection
+from edge.tunnel import H2TunnelConnection
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Edge:
             log.info("TLS handshake with a connector failed: %s location=%s remote=%s",
                      cause or type(exc).__name__, lst.location, peer)
             return
-        conn = TunnelConnection(self, tls, location=lst.location, remote=peer)
+        conn = H2TunnelConnection(self, tls, location=lst.location, remote=peer)
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
         await conn.serve()

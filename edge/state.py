@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wire.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edge.tunnel import TunnelConnection
+    from transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from edge.h2conn import EdgeH2Connection, FrameGuard, new_tunnel_h2
+from transport.tunnel import NoCapacityError, OversizedHeadersError, TunnelStreamError
 from wire.errors import ProtocolError, TunnelLabError
 
 if TYPE_CHECKING:
@@ -54,23 +55,6 @@ CONTROL_FLOOD_WINDOW = 10.0
 DUPLICATE = "EDUPCONN"
 
 
-class TunnelStreamError(ProtocolError):
-    """A tunnel stream failed. `retryable` is True when the connector cannot have processed it."""
-
-    def __init__(self, message: str, *, retryable: bool = False, reset_code: int | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.reset_code = reset_code
-
-
-class NoCapacityError(TunnelStreamError):
-    """The connection has no free stream slot (SETTINGS_MAX_CONCURRENT_STREAMS) within the wait."""
-
-
-class OversizedHeadersError(TunnelStreamError):
-    """The connector's response header block is over the lab's per-stream limit."""
-
-
 async def acquire_fast(lock: trio.Lock) -> None:
     """`await lock.acquire()` without its scheduler pass when the lock is free.
 
@@ -90,10 +74,10 @@ def header_list_size(headers: Sequence[tuple[bytes, bytes]]) -> int:
     return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
-class TunnelStream:
+class H2TunnelStream:
     """A stream the edge opened on a tunnel connection (request out, response in)."""
 
-    def __init__(self, conn: TunnelConnection, stream_id: int) -> None:
+    def __init__(self, conn: H2TunnelConnection, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
         self.response: Headers | None = None
@@ -201,14 +185,14 @@ class Registration:
     registered_at: float = field(default_factory=time.time)
 
 
-class TunnelConnection:
+class H2TunnelConnection:
     """The edge side of one tunnel connection, from TLS handshake to close."""
 
     _counter = 0
 
     def __init__(self, edge: Edge, transport: trio.abc.Stream, *, location: str, remote: str) -> None:
-        TunnelConnection._counter += 1
-        self.serial = TunnelConnection._counter
+        H2TunnelConnection._counter += 1
+        self.serial = H2TunnelConnection._counter
         self.edge = edge
         self.transport = transport
         self.location = location
@@ -217,7 +201,7 @@ class TunnelConnection:
         self._guard = FrameGuard(self.h2.max_inbound_frame_size)
         self.registration: Registration | None = None
         self.state = "connecting"  # connecting -> registered -> draining -> closed
-        self.streams: dict[int, TunnelStream] = {}
+        self.streams: dict[int, H2TunnelStream] = {}
         self._send_lock = trio.Lock()
         self._window_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
@@ -615,7 +599,7 @@ class TunnelConnection:
         self._nursery.start_soon(self.drain_and_close, self.edge.config.drain_timeout, "drained")
 
     # ---- stream API (used by the eyeball side) ---------------------------------------------
-    async def open_stream(self, headers: Headers, *, end_stream: bool) -> TunnelStream:
+    async def open_stream(self, headers: Headers, *, end_stream: bool) -> H2TunnelStream:
         """Open a request stream; waits (bounded) for a slot under the connector's stream limit."""
         cfg = self.edge.config
         if not self.routable:
@@ -635,7 +619,7 @@ class TunnelConnection:
             if not self.routable:
                 raise TunnelStreamError("connection stopped accepting streams", retryable=True)
         stream_id = self.h2.get_next_available_stream_id()
-        stream = TunnelStream(self, stream_id)
+        stream = H2TunnelStream(self, stream_id)
         self.streams[stream_id] = stream
         try:
             self.h2.send_headers(stream_id, headers, end_stream=end_stream)
@@ -658,7 +642,7 @@ class TunnelConnection:
         limit = self.h2.remote_settings.max_concurrent_streams
         return self.h2.open_outbound_streams >= limit
 
-    async def send_stream_data(self, stream: TunnelStream, data: bytes, *, end: bool) -> None:
+    async def send_stream_data(self, stream: H2TunnelStream, data: bytes, *, end: bool) -> None:
         """Send DATA on a stream within the peer's windows; waits for WINDOW_UPDATEs."""
         view = memoryview(data)
         while view:
@@ -686,7 +670,7 @@ class TunnelConnection:
                 await self.end_stream(stream, None)
             stream.local_closed = True
 
-    async def end_stream(self, stream: TunnelStream, trailers: Headers | None) -> None:
+    async def end_stream(self, stream: H2TunnelStream, trailers: Headers | None) -> None:
         """END_STREAM on our side, with trailers when given."""
         if stream.local_closed:
             return
@@ -706,7 +690,7 @@ class TunnelConnection:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed
             self.h2.reset_stream(stream_id, code)
 
-    async def reset_stream(self, stream: TunnelStream, code: int) -> None:
+    async def reset_stream(self, stream: H2TunnelStream, code: int) -> None:
         """RST_STREAM from the edge."""
         self._reset_now(stream.id, code)
         stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
@@ -720,7 +704,7 @@ class TunnelConnection:
         self.h2.acknowledge_received_data(length, stream_id)
         await self._stream_flush()
 
-    async def release_stream(self, stream: TunnelStream) -> None:
+    async def release_stream(self, stream: H2TunnelStream) -> None:
         """Forget a stream: reset it if still open, hand back window of unread data.
 
         Runs to the end even when the handler was cancelled (an eyeball reset): the RST_STREAM and the
@@ -732,7 +716,7 @@ class TunnelConnection:
               contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):
             await self.flush()  # bounded by write_timeout
 
-    def _forget(self, stream: TunnelStream) -> None:
+    def _forget(self, stream: H2TunnelStream) -> None:
         """The synchronous part of releasing a stream (frames are queued, not sent)."""
         self.streams.pop(stream.id, None)
         if self.closed.is_set():

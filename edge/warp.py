@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 
 from edge import pages
 from edge.eyeball_h1 import reason
-from edge.tunnel import TunnelStream, TunnelStreamError
+from transport.tunnel import TunnelStream, TunnelStreamError
 
 if TYPE_CHECKING:
     from edge.server import Edge
