@@ -23,22 +23,20 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 import trio
 
-from connector.h2conn import ConnectorH2Connection, StreamProtocolError
 from connector.logging_setup import format_value as q
 from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from connector.settings import TunnelSettings
 from connector.x509_text import go_tls_verify_error
+from transport.h2 import StreamProtocolError, TunnelH2Connection
 from wire import registration as reg
 from wire.errors import TLSSetupError, TunnelLabError
 from wire.headers import StreamType, classify_stream
-from wire.hpack_encoder import LongValueEncoder
 from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 if TYPE_CHECKING:
@@ -63,26 +61,6 @@ PUSH_WAIT = 64 * 1024
 MAX_HEADER_LIST = 1048896
 NO_RFC7540_PRIORITIES = 0x9
 _EDGE_CERTS: dict[tuple[str, str], bytes | None] = {}  # (edge address, verify error) -> the leaf it presented
-
-
-class _LazyRepr:
-    """`repr(obj)`, computed only when a log record is formatted."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: object) -> None:
-        self.obj = obj
-
-    def __str__(self) -> str:
-        return repr(self.obj)
-
-    __repr__ = __str__
-
-
-# h2 passes `repr(frame)` to a trace log call for every frame it receives, also when nothing logs it: for a
-# DATA frame that hex-dumps the whole payload (~10% of the connector's CPU on an upload). h2.connection calls
-# `repr` nowhere else; this makes that one lazy (a logger that does format it gets the same text).
-setattr(h2.connection, "repr", _LazyRepr)  # noqa: B010
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,13 +512,10 @@ class EdgeConnection:
         # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=False, normalize_inbound_headers=False)
-        self.h2 = ConnectorH2Connection(config=config)  # a malformed stream costs only that stream
-        self.h2.encoder = LongValueEncoder()  # a huge origin response head must not stall the connection
-        self.h2.local_settings = h2.settings.Settings(
-            client=False, initial_values=_server_settings())  # type: ignore[arg-type]
-        # Settings given as initial values count as in force at once: mirror them where h2 copied defaults.
-        self.h2.max_inbound_frame_size = MAX_FRAME
-        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST
+        # A malformed stream costs only that stream; a GOAWAY leaves the open streams (and the control
+        # stream) running, as Go's server does.
+        self.h2 = TunnelH2Connection(config, local_settings=_server_settings(),
+                                     keep_streams_after_goaway=True, body_errors_reset_stream=True)
         self.stream: EdgeTLSStream | None = None
         self.streams: dict[int, TunnelStream] = {}
         self.details: reg.ConnectionDetails | None = None
@@ -788,12 +763,11 @@ class EdgeConnection:
             self._wake_window()
         elif isinstance(event, h2.events.ConnectionTerminated):
             # Go answers a GOAWAY with its own and keeps serving the open streams (the control stream
-            # included). h2 refuses to send after a GOAWAY, so its state machine is put back to open.
+            # included).
             log.info("Received GOAWAY from the edge connIndex=%d error_code=%s event=0 ip=%s "
                      "last_stream_id=%s", self.conn_index, event.error_code, self.edge_ip,
                      event.last_stream_id)
-            self.h2.close_connection(last_stream_id=max(self.streams, default=0))
-            self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+            self.h2.send_goaway(0, last_stream_id=max(self.streams, default=0))
 
     def _new_stream(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None

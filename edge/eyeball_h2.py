@@ -16,12 +16,11 @@ import h2.events
 import h2.exceptions
 import trio
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
 from edge.proxy import EyeballGone, proxy_request
-from wire.hpack_encoder import LongValueEncoder
+from transport.h2 import TunnelH2Connection
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -38,8 +37,9 @@ class _H2Server:
         self.transport = transport
         self.client = client
         self.client_ip = client_ip
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        self.h2.encoder = LongValueEncoder()  # an origin's huge response head must not stall the eyeball
+        # transport's h2: no eager repr of every frame, the DATA fast path, the long-value HPACK encoder
+        # (an origin's huge response head must not stall the eyeball); h2's own GOAWAY handling.
+        self.h2 = TunnelH2Connection(H2Configuration(client_side=False, header_encoding=None))
         self.h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: edge.config.eyeball_max_streams,
             SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,

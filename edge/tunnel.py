@@ -29,7 +29,8 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from edge.h2conn import EdgeH2Connection, FrameGuard, new_tunnel_h2
+from edge.h2conn import FrameGuard, new_tunnel_h2
+from transport.h2 import TunnelH2Connection
 from transport.tunnel import NoCapacityError, OversizedHeadersError, TunnelStreamError
 from wire.errors import ProtocolError, TunnelLabError
 
@@ -197,7 +198,7 @@ class H2TunnelConnection:
         self.transport = transport
         self.location = location
         self.remote = remote
-        self.h2: EdgeH2Connection = new_tunnel_h2(initial_window=edge.config.stream_window)
+        self.h2: TunnelH2Connection = new_tunnel_h2(initial_window=edge.config.stream_window)
         self._guard = FrameGuard(self.h2.max_inbound_frame_size)
         self.registration: Registration | None = None
         self.state = "connecting"  # connecting -> registered -> draining -> closed
