@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import ssl
 import time
 import uuid
 from collections import deque
@@ -31,6 +30,7 @@ from h2.errors import ErrorCodes
 
 from edge.h2conn import FrameGuard, new_tunnel_h2
 from transport.h2 import TunnelH2Connection
+from transport.tls import take_buffered_tls
 from transport.tunnel import NoCapacityError, OversizedHeadersError, TunnelStreamError
 from wire.errors import ProtocolError, TunnelLabError
 
@@ -322,7 +322,7 @@ class H2TunnelConnection:
                     log.info("connector closed the tunnel connection %s", self.ident())
                 return
             first = False
-            data = _take_buffered_tls(self.transport, data)
+            data = take_buffered_tls(self.transport, data)
             self._guard.feed(bytes(data))
             try:
                 events = self.h2.receive_data(data)
@@ -839,37 +839,6 @@ class H2TunnelConnection:
             log.info("Unregistered tunnel connection (%s) %s", self.close_reason, self.ident())
         else:
             log.debug("tunnel connection closed (%s) %s", self.close_reason, self.ident())
-
-
-TLS_BATCH = 256 * 1024  # the reader takes up to this much already-received TLS data per pass
-
-
-def _take_buffered_tls(transport: Any, data: bytes | bytearray) -> bytes | bytearray:
-    """`data` plus every further TLS record already received and buffered, decrypted now.
-
-    trio's `SSLStream.receive_some` returns one TLS record (at most 16 KiB) per call, with a
-    scheduler pass in between; a 64 KiB DATA frame then costs four reader passes (h2 buffering,
-    frame guard, flush check each time). Records that are already whole in the stream's incoming
-    buffer are read here without waiting. Anything unusual (an incomplete record, close_notify, a
-    TLS error) is left in place for the next `receive_some`, which handles it as before. Not a trio
-    `SSLStream` (tests' memory streams): `data` unchanged.
-    """
-    ssl_object = getattr(transport, "_ssl_object", None)
-    incoming = getattr(transport, "_incoming", None)
-    if ssl_object is None or incoming is None or not incoming.pending:
-        return data
-    parts = [data]
-    size = len(data)
-    while size < TLS_BATCH and (incoming.pending or ssl_object.pending()):
-        try:
-            more = ssl_object.read(TLS_BATCH - size)
-        except ssl.SSLError:  # incl. SSLWantReadError: a partial record; trio reads the rest
-            break
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _credentials_match(tunnel: Any, auth: Any) -> bool:
