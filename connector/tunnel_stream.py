@@ -12,6 +12,7 @@ import h2.exceptions
 import trio
 
 from connector.edge_errors import StreamGone
+from transport.h2 import send_within_window
 
 if TYPE_CHECKING:
     from connector.edge_conn import EdgeConnection
@@ -150,36 +151,13 @@ class IncomingStream:
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""
-        view = memoryview(data)
-        unflushed = False
-        while True:
-            self._check()
-            h2c = self.conn.h2
-            try:
-                window = h2c.local_flow_control_window(self.stream_id)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                raise StreamGone(f"{self.label}: stream closed: {exc}") from exc
-            size = min(window, h2c.max_outbound_frame_size, len(view))
-            if len(view) and size <= 0:
-                if unflushed:  # what fitted goes out before we wait for credit; then look again
-                    unflushed = False
-                    await self.conn.flush()
-                    continue
-                await self.conn.wait_for_window()  # no checkpoint since the window was read
-                continue
-            chunk, view = view[:size], view[size:]
-            last = end_stream and not len(view)
-            try:
-                h2c.send_data(self.stream_id, bytes(chunk), end_stream=last)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                raise StreamGone(f"{self.label}: cannot send data: {exc}") from exc
-            self.conn.queued += size
-            unflushed = True
-            if last:
-                self.local_ended = True
-            if not len(view):
-                await self.conn.push()  # every write goes out at once: SSE and chunked responses stream
-                return
+        self.conn.queued += await send_within_window(
+            self.conn.h2, self.stream_id, data, end_stream=end_stream, flush=self.conn.flush,
+            wait_for_window=self.conn.wait_for_window, check=self._check,
+            closed=lambda exc: StreamGone(f"{self.label}: stream closed: {exc}"))
+        if end_stream:
+            self.local_ended = True
+        await self.conn.push()  # every write goes out at once: SSE and chunked responses stream
 
     async def end(self) -> None:
         if not self.local_ended:

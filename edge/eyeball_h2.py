@@ -20,7 +20,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
 from edge.proxy import EyeballGone, proxy_request
-from transport.h2 import TunnelH2Connection
+from transport.h2 import TunnelH2Connection, send_within_window
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -242,21 +242,17 @@ class H2Exchange:
         await self.server.flush()
 
     async def send_body(self, data: bytes) -> None:
-        view = memoryview(data)
-        h2c = self.server.h2
-        while view:
+        if not data:
+            return
+
+        def check() -> None:
             if self.reset:
                 raise EyeballGone("eyeball reset the stream")
-            try:
-                window = min(h2c.local_flow_control_window(self.stream_id), h2c.max_outbound_frame_size)
-            except h2.exceptions.StreamClosedError as exc:
-                raise EyeballGone("eyeball stream closed") from exc
-            if window <= 0:
-                await self.server.lot.park()
-                continue
-            chunk, view = view[:window], view[window:]
-            h2c.send_data(self.stream_id, bytes(chunk))
-            await self.server.flush()
+
+        await send_within_window(self.server.h2, self.stream_id, data, end_stream=False,
+                                 flush=self.server.flush, wait_for_window=self.server.lot.park, check=check,
+                                 closed=lambda exc: EyeballGone(f"eyeball stream closed: {exc}"))
+        await self.server.flush()
 
     async def finish(self, trailers: Headers | None = None) -> None:
         try:

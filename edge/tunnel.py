@@ -29,7 +29,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from edge.h2conn import FrameGuard, new_tunnel_h2
-from transport.h2 import TunnelH2Connection
+from transport.h2 import TunnelH2Connection, send_within_window
 from transport.tls import take_buffered_tls
 from transport.tunnel import NoCapacityError, OversizedHeadersError, TunnelStreamError
 from wire.errors import ProtocolError, TunnelLabError
@@ -645,25 +645,15 @@ class H2TunnelConnection:
 
     async def send_stream_data(self, stream: H2TunnelStream, data: bytes, *, end: bool) -> None:
         """Send DATA on a stream within the peer's windows; waits for WINDOW_UPDATEs."""
-        view = memoryview(data)
-        while view:
-            if stream.error is not None:
-                raise stream.error
-            window = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
-            if window <= 0:
-                if self.h2.has_data_to_send():
-                    # Frames queued so far go out before we wait; the window may grow meanwhile,
-                    # so look again before parking (no await between that look and the park).
-                    await self._stream_flush()
-                    continue
-                await self._window_lot.park()
-                continue
-            chunk = view[:window]
-            view = view[window:]
-            try:
-                self.h2.send_data(stream.id, chunk, end_stream=end and not view)
-            except h2.exceptions.ProtocolError as exc:
-                raise TunnelStreamError(f"stream closed while sending: {exc}") from exc
+        if data:
+            def check() -> None:
+                if stream.error is not None:
+                    raise stream.error
+
+            await send_within_window(
+                self.h2, stream.id, data, end_stream=end, flush=self._stream_flush,
+                wait_for_window=self._window_lot.park, check=check,
+                closed=lambda exc: TunnelStreamError(f"stream closed while sending: {exc}"))
         # Every frame the windows allowed, in one write.
         await self._stream_flush()
         if end:

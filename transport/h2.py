@@ -29,6 +29,7 @@ fails there first. pyproject.toml bounds h2 and hyperframe below their next majo
 from __future__ import annotations
 
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from h2.config import H2Configuration
@@ -191,3 +192,48 @@ def _error_code(code: int) -> ErrorCodes | int:
         return ErrorCodes(code)
     except ValueError:
         return code
+
+
+async def send_within_window(conn: TunnelH2Connection, stream_id: int, data: bytes | memoryview, *,
+                             end_stream: bool,
+                             flush: Callable[[], Awaitable[None]],
+                             wait_for_window: Callable[[], Awaitable[None]],
+                             closed: Callable[[Exception], Exception],
+                             check: Callable[[], None] | None = None) -> int:
+    """Queue `data` as DATA frames within the peer's windows and MAX_FRAME_SIZE (END_STREAM on the last
+    when `end_stream`; an empty `data` with `end_stream` is one empty DATA frame).
+
+    The one flow-control wait of the project: with no window left, what is queued goes out first
+    (`flush`), then `wait_for_window()` parks until a WINDOW_UPDATE or SETTINGS (the caller's reader
+    wakes it; there is no await between reading the window and parking, or a wakeup could be lost).
+    `check()` runs before each frame (raise to stop: a reset stream); an h2 error because the stream
+    closed becomes `closed(exc)`. The frames are queued, not flushed: the caller writes them its way.
+    Returns the DATA bytes queued since the last `flush` this call made.
+    """
+    view = memoryview(data)
+    unflushed = 0
+    while True:
+        if check is not None:
+            check()
+        try:
+            window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+        except (StreamClosedError, ProtocolError) as exc:
+            raise closed(exc) from exc
+        if view and window <= 0:
+            if unflushed or conn.has_data_to_send():
+                # Frames queued so far go out before we wait; the window may grow meanwhile, so look
+                # again before parking.
+                unflushed = 0
+                await flush()
+                continue
+            await wait_for_window()
+            continue
+        chunk, view = view[:window], view[window:]
+        try:
+            conn.send_data(stream_id, chunk, end_stream=end_stream and not view)
+        except (StreamClosedError, ProtocolError) as exc:
+            raise closed(exc) from exc
+        unflushed += len(chunk)
+        if not view:
+            return unflushed
+
