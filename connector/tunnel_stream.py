@@ -127,27 +127,25 @@ class IncomingStream:
     async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
         if not any(name == b"date" for name, _ in headers):
             headers = [*headers, (b"date", http_date())]
-        self._check()
-        try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            raise StreamGone(f"{self.label}: cannot send headers: {exc}") from exc
+        self._queue_headers(headers, end_stream, "headers")
         self.headers_sent = True
         for name, value in headers:
             if name == b":status" and value.isdigit():
                 self.status = int(value)
-        if end_stream:
-            self.local_ended = True
         await self.conn.push()
 
     async def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._queue_headers(headers, True, "trailers")
+        await self.conn.push()
+
+    def _queue_headers(self, headers: list[tuple[bytes, bytes]], end_stream: bool, what: str) -> None:
         self._check()
         try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=True)
+            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            raise StreamGone(f"{self.label}: cannot send trailers: {exc}") from exc
-        self.local_ended = True
-        await self.conn.push()
+            raise StreamGone(f"{self.label}: cannot send {what}: {exc}") from exc
+        if end_stream:
+            self.local_ended = True
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""

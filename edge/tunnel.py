@@ -16,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import h2.events
@@ -31,7 +29,7 @@ from h2.errors import ErrorCodes
 from edge.h2conn import FrameGuard, new_tunnel_h2
 from transport.h2 import TunnelH2Connection, send_within_window
 from transport.tls import take_buffered_tls
-from transport.tunnel import NoCapacityError, OversizedHeadersError, TunnelStreamError
+from transport.tunnel import NoCapacityError, OversizedHeadersError, Registration, TunnelStreamError
 from wire.errors import ProtocolError, TunnelLabError
 
 if TYPE_CHECKING:
@@ -169,21 +167,6 @@ class H2TunnelStream:
             return
         self.released = True
         await self.conn.release_stream(self)
-
-
-@dataclass
-class Registration:
-    """What a successful registerConnection told us."""
-
-    tunnel_id: uuid.UUID
-    tunnel_name: str
-    conn_index: int
-    connector_id: uuid.UUID
-    client_version: str
-    arch: str
-    features: tuple[str, ...]
-    conn_uuid: uuid.UUID
-    registered_at: float = field(default_factory=time.time)
 
 
 class H2TunnelConnection:

@@ -166,12 +166,9 @@ class TunnelH2Connection(H2Connection):
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Any], list[Any]]:
         try:
             return super()._receive_headers_frame(frame)
-        except InvalidBodyLengthError as exc:
-            if not self.body_errors_reset_stream:
-                raise
-            return self._stream_error(frame.stream_id, str(exc), 0)
-        except ProtocolError as exc:
-            if not self.body_errors_reset_stream or not str(exc).startswith(BAD_CONTENT_LENGTH):
+        except ProtocolError as exc:  # InvalidBodyLengthError too: END_STREAM short of content-length
+            body_error = isinstance(exc, InvalidBodyLengthError) or str(exc).startswith(BAD_CONTENT_LENGTH)
+            if not (self.body_errors_reset_stream and body_error):
                 raise
             return self._stream_error(frame.stream_id, str(exc), 0)
 

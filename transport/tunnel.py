@@ -3,12 +3,15 @@
 `edge/proxy.py`, `edge/warp.py`, the registry (`edge/state.py`) and the management API (`edge/api.py`)
 talk to a tunnel connection only through these two protocols, so an HTTP/2 connection
 (`edge.tunnel.H2TunnelConnection`) and a QUIC one plug in behind them alike. The errors are the
-transport-neutral ones every implementation raises.
+transport-neutral ones every implementation raises; `Registration` is what every implementation
+records of a successful registerConnection.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -35,8 +38,9 @@ class OversizedHeadersError(TunnelStreamError):
     """The connector's response header block is over the lab's per-stream limit."""
 
 
-class Registration(Protocol):
-    """What a successful registerConnection told the edge (edge.tunnel.Registration)."""
+@dataclass
+class Registration:
+    """What a successful registerConnection told us."""
 
     tunnel_id: uuid.UUID
     tunnel_name: str
@@ -46,7 +50,7 @@ class Registration(Protocol):
     arch: str
     features: tuple[str, ...]
     conn_uuid: uuid.UUID
-    registered_at: float
+    registered_at: float = field(default_factory=time.time)
 
 
 class TunnelStream(Protocol):
