@@ -16,8 +16,8 @@ import trio
 
 from edge import pages
 from edge.proxy import BadRequestBody, EyeballGone, proxy_request
-from edge.tunnel import acquire_fast
 from transport.h11body import body_bytes_left, skip_body_bytes
+from transport.writer import acquire_fast
 
 if TYPE_CHECKING:
     from edge.server import Edge

@@ -21,6 +21,7 @@ from h2.settings import SettingCodes, Settings
 
 from edge.proxy import EyeballGone, proxy_request
 from transport.h2 import TunnelH2Connection, send_within_window
+from transport.writer import H2Writer, WriteStalled
 
 if TYPE_CHECKING:
     from edge.server import Edge
@@ -45,26 +46,20 @@ class _H2Server:
             SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,
             SettingCodes.MAX_HEADER_LIST_SIZE: edge.config.max_request_headers,
         })
-        self.lock = trio.Lock()
+        self.writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
         self.lot = trio.lowlevel.ParkingLot()
         self.exchanges: dict[int, H2Exchange] = {}
         self._resets: deque[float] = deque()  # times of the eyeball's recent RST_STREAMs
         self._refused_logged = False
 
     async def flush(self) -> None:
-        # Shielded like the tunnel side's flush: bytes taken from h2 must go out whole.
-        async with self.lock:
-            data = self.h2.data_to_send()
-            if not data:
-                return
-            try:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(self.edge.config.write_timeout) as stalled:
-                        await self.transport.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise EyeballGone(f"eyeball connection broke: {exc}") from exc
-            if stalled.cancelled_caught:
-                raise EyeballGone("eyeball did not read in time")
+        # Shielded and bounded like the tunnel side's: bytes taken from h2 must go out whole.
+        try:
+            await self.writer.flush()
+        except WriteStalled:
+            raise EyeballGone("eyeball did not read in time") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise EyeballGone(f"eyeball connection broke: {exc}") from exc
 
     async def run(self) -> None:
         self.h2.initiate_connection()

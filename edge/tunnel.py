@@ -7,8 +7,8 @@ the `RegistrationServer` (wire.rpc.RpcServer does the bytes; this module does th
 decisions: credentials, EDUPCONN, faults).
 
 Concurrency: one reader task feeds h2 and dispatches events synchronously; every task that changes
-h2 state flushes `data_to_send()` under one send lock. A stream id is allocated and its HEADERS
-queued without an await in between, so ids go out strictly increasing.
+h2 state flushes `data_to_send()` through one `transport.writer.H2Writer`. A stream id is allocated and
+its HEADERS queued without an await in between, so ids go out strictly increasing.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from edge.h2conn import FrameGuard, new_tunnel_h2
 from transport.h2 import TunnelH2Connection, send_within_window
 from transport.tls import take_buffered_tls
 from transport.tunnel import NoCapacityError, OversizedHeadersError, Registration, TunnelStreamError
+from transport.writer import H2Writer, WriteStalled
 from wire.errors import ProtocolError, TunnelLabError
 
 if TYPE_CHECKING:
@@ -52,20 +53,6 @@ UNAUTHORIZED = "Unauthorized: Invalid tunnel secret"
 CONTROL_FLOOD_LIMIT = 1000
 CONTROL_FLOOD_WINDOW = 10.0
 DUPLICATE = "EDUPCONN"
-
-
-async def acquire_fast(lock: trio.Lock) -> None:
-    """`await lock.acquire()` without its scheduler pass when the lock is free.
-
-    trio's `acquire` always yields once, even uncontended; on the request path that is several
-    extra scheduler passes (each an epoll_wait) per request. Cancellation is still checked first,
-    as `acquire` does; a held lock is waited for as before (FIFO).
-    """
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
 
 
 def header_list_size(headers: Sequence[tuple[bytes, bytes]]) -> int:
@@ -186,7 +173,7 @@ class H2TunnelConnection:
         self.registration: Registration | None = None
         self.state = "connecting"  # connecting -> registered -> draining -> closed
         self.streams: dict[int, H2TunnelStream] = {}
-        self._send_lock = trio.Lock()
+        self._writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
         self._window_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
         self._idle_lot = trio.lowlevel.ParkingLot()
@@ -708,30 +695,12 @@ class H2TunnelConnection:
 
     # ---- sending, closing --------------------------------------------------------------------
     async def flush(self) -> None:
-        """Send whatever h2 has queued (one writer at a time).
-
-        Once taken from h2 the bytes must reach the socket whole, or the HTTP/2 framing breaks for
-        every stream; so the write is shielded from the caller's cancellation (a stream handler
-        being cancelled) and bounded by its own timeout instead.
-        """
-        if not self.h2.has_data_to_send():
-            # Nothing queued (e.g. an acknowledgement h2 batched): no lock, no write. Bytes another
-            # task already took are that task's to deliver.
-            return
-        await acquire_fast(self._send_lock)
+        """Send whatever h2 has queued (one writer at a time, shielded, bounded by write_timeout)."""
         try:
-            data = self.h2.data_to_send()
-            if not data:
-                return
-            # One scope: shielded from the caller's cancellation, cancelled by its own deadline.
-            deadline = trio.current_time() + self.edge.config.write_timeout
-            with trio.CancelScope(shield=True, deadline=deadline) as stalled:
-                await self.transport.send_all(data)
-            if stalled.cancelled_caught:
-                self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
-                raise trio.BrokenResourceError("write to the connector timed out")
-        finally:
-            self._send_lock.release()
+            await self._writer.flush()
+        except WriteStalled:
+            self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
+            raise trio.BrokenResourceError("write to the connector timed out") from None
 
     async def _stream_flush(self) -> None:
         """`flush` for stream handlers: a dead transport becomes a TunnelStreamError and ends the
