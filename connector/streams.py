@@ -40,6 +40,8 @@ from connector.settings import (
 )
 from connector.state import ConnectorState
 from connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
+from transport.pipe import PipeDone, Way, prepend
+from transport.pipe import pipe as transport_pipe
 from wire import origin as wo
 from wire.errors import ConfigError, OriginError, StreamConversionError, TunnelLabError
 from wire.headers import (
@@ -478,7 +480,7 @@ class Proxy:
                         raise OriginError(f"write to {service.host}:{service.port}: {exc}") from exc
                 if closed:
                     closing.set()
-                    raise _PipeDone
+                    raise PipeDone
 
             await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
 
@@ -570,38 +572,12 @@ class Proxy:
         self.state.set_config(version, config if isinstance(config, dict) else {})
 
 
-class _PipeDone(Exception):
-    """Raised by a pipe writer when its side has finished (e.g. a WebSocket close)."""
-
-
 async def pipe(ts: IncomingStream, *, read_origin: Callable[[], Awaitable[bytes]],
                write_origin: Callable[[bytes], Awaitable[None]], initial: bytes = b"") -> None:
     """Copy bytes both ways until either side ends; then end our side of the stream.
 
     The edge's END_STREAM or the origin's EOF finishes the whole exchange, as cloudflared does (A11, A12);
     the stream task's wrap-up then resets an edge side that is still open (NO_ERROR)."""
-    async with trio.open_nursery() as nursery:
-        async def upstream() -> None:
-            try:
-                while True:
-                    data = await ts.receive_some()
-                    if not data:
-                        break
-                    await write_origin(data)
-            except (OriginError, _PipeDone):
-                pass
-            nursery.cancel_scope.cancel()
-
-        async def downstream() -> None:
-            if initial:
-                await ts.send_data(initial)
-            while True:
-                data = await read_origin()
-                if not data:
-                    break
-                await ts.send_data(data)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(upstream)
-        nursery.start_soon(downstream)
+    await transport_pipe(Way(ts.receive_some, write_origin, quiet=(OriginError,)),
+                         Way(prepend(initial, read_origin), ts.send_data))
     await ts.end()
