@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from connector.edge_errors import ConnectionLostError
 from connector.settings import StreamService, WarpRoutingConfig
@@ -52,7 +53,7 @@ async def _serve(nursery: trio.Nursery, handler) -> int:  # type: ignore[no-unty
 
 async def test_registration(tmp_path: Path) -> None:
     with trio.fail_after(20):
-        async with open_tunnel_pair(tmp_path, (http_rule(9),)) as pair:
+        async with open_tunnel_pair(tmp_path, (http_rule(9),), local_config_json=b'{"ingress":[]}') as pair:
             registration = pair.edge_conn.registration
             details = pair.connector_conn.details
             assert registration is not None and details is not None
@@ -62,6 +63,11 @@ async def test_registration(tmp_path: Path) -> None:
             assert registration.conn_index == 0
             assert [c.id for c in pair.edge.registry.routable(registration.tunnel_id)] == [pair.edge_conn.id]
             assert pair.connector_conn.registered
+            # connIndex 0 pushes its local configuration; the edge keeps it per tunnel
+            await trio.testing.wait_all_tasks_blocked()  # only memory streams here: nothing left to move
+            assert pair.edge.pushed_configs[str(registration.tunnel_id)] == b'{"ingress":[]}'
+            state = pair.proxy.state
+            assert state.local_config_pushes == 1 and state.local_config_push_errors == 0
 
 
 async def test_http_request_with_a_body(tmp_path: Path) -> None:
