@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import h11
 import trio
 
-from connector.edge_conn import http_date
+from connector.tunnel_stream import http_date
 from wire.errors import TunnelLabError
 
 MAX_BODY = 1 << 20

@@ -21,17 +21,16 @@ import random
 
 import trio
 
-from connector.edge_conn import (
+from connector.edge_conn import EdgeConnection, first_of
+from connector.edge_dial import edge_ssl_context
+from connector.edge_errors import (
     ConnectionLostError,
     DuplicateConnectionError,
-    EdgeConnection,
     EdgeConnectionError,
     EdgeDialError,
     ReconnectSignal,
     RegistrationRefusedError,
     UnauthorizedError,
-    edge_ssl_context,
-    first_of,
 )
 from connector.logging_setup import format_value as q
 from connector.settings import TunnelSettings

@@ -19,7 +19,8 @@ from h2.errors import ErrorCodes
 
 from edge import pages
 from edge.state import EdgeState
-from edge.tunnel import (
+from transport.pipe import Way, pipe, receive_acked
+from transport.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
     TunnelConnection,
@@ -423,31 +424,9 @@ async def _websocket(ex: Exchange, stream: TunnelStream, headers: Headers, ident
     raw = await ex.upgrade(101, headers)
     log.info("websocket upgraded %s", ident)
 
-    async def eyeball_to_tunnel() -> None:
-        try:
-            while True:
-                data = await raw.receive_some()
-                if not data:
-                    await stream.end()
-                    return
-                await stream.send(data)
-        except (TunnelStreamError, EyeballGone):
-            pass
-
-    async def tunnel_to_eyeball(done: trio.CancelScope) -> None:
-        try:
-            while True:
-                item = await stream.receive()
-                if item is None:
-                    break
-                if item[0]:
-                    await raw.send_all(item[0])
-                await stream.ack(item[1])
-        except (TunnelStreamError, EyeballGone):
-            pass
-        done.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(eyeball_to_tunnel)
-        nursery.start_soon(tunnel_to_eyeball, nursery.cancel_scope)
+    quiet = (TunnelStreamError, EyeballGone)
+    # The eyeball's EOF ends our side of the stream; the connector's end of the stream ends the relay.
+    await pipe(Way(raw.receive_some, stream.send, at_eof=stream.end, quiet=quiet, ends_pipe=False,
+                   error_ends_pipe=False),
+               Way(receive_acked(stream), raw.send_all, quiet=quiet))
     log.info("websocket closed %s", ident)

@@ -27,9 +27,10 @@ from edge.config import Address, EdgeConfig, TunnelListen, changed_knobs
 from edge.eyeball_h1 import handle_h1_connection
 from edge.eyeball_tls import EyeballCertificates, handle_tls_connection
 from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
-from edge.tunnel import TunnelConnection
+from edge.tunnel import H2TunnelConnection
 from lab import paths
 from lab.pki import LabPKI
+from transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ class Edge:
             log.info("TLS handshake with a connector failed: %s location=%s remote=%s",
                      cause or type(exc).__name__, lst.location, peer)
             return
-        conn = TunnelConnection(self.state, tls, location=lst.location, remote=peer)
+        conn = H2TunnelConnection(self.state, tls, location=lst.location, remote=peer)
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
         await conn.run()
