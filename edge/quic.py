@@ -32,7 +32,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from h2.errors import ErrorCodes
@@ -42,13 +42,8 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
-from edge.tunnel import (
-    OversizedHeadersError,
-    TunnelConnection,
-    TunnelStream,
-    TunnelStreamError,
-    header_list_size,
-)
+from edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
+from transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from wire.errors import TunnelLabError
 from wire.quic_stream import (
     ConnectionType,
@@ -62,7 +57,8 @@ from wire.quic_stream import (
 )
 
 if TYPE_CHECKING:
-    from edge.server import Edge, TunnelListener
+    from edge.state import EdgeState
+    from lab.pki import LabPKI
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +95,17 @@ class _Drops:
                         self.where)
 
 
-class QuicTunnelStream(TunnelStream):
+class DataCentre(Protocol):
+    """What the endpoint reads of its data centre's tunnel listener (edge.server.TunnelListener)."""
+
+    location: str
+    host: str
+    port: int
+    cert_kind: str  # "valid" or a broken kind (the swap-cert fault)
+    up: bool  # False while the data centre is down (dc-down)
+
+
+class QuicTunnelStream(H2TunnelStream):
     """A stream on a QUIC connection. A request stream's response head is a ConnectResponse; a `raw`
     stream (an RPC stream, either side's) hands every byte after its signature to the reader."""
 
@@ -125,15 +131,15 @@ class _QuicCloser:
         self._conn.close_quic()
 
 
-class QuicTunnelConnection(TunnelConnection):
+class QuicTunnelConnection(H2TunnelConnection):
     """The edge side of one QUIC tunnel connection, from the first Initial packet to close.
 
     Shares registration, draining, faults and identity with the http2 connection; the stream
     operations and the transport are QUIC's.
     """
 
-    def __init__(self, edge: Edge, endpoint: QuicEndpoint, quic: QuicConnection, *, location: str,
-                 remote: tuple[Any, ...]) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], endpoint: QuicEndpoint, quic: QuicConnection, *,
+                 location: str, remote: tuple[Any, ...]) -> None:
         super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.quic = quic
@@ -148,7 +154,7 @@ class QuicTunnelConnection(TunnelConnection):
         self._fatal: TunnelLabError | None = None
         self._terminated = False
         self._quic_closed = False
-        # Datagrams are fed from the first Initial on, before `serve` runs: the RPC server exists already.
+        # Datagrams are fed from the first Initial on, before `run` runs: the RPC server exists already.
         from wire.rpc import RpcServer
 
         self._rpc = RpcServer()
@@ -475,7 +481,7 @@ class QuicTunnelConnection(TunnelConnection):
         self.transmit()
 
     # ---- stream API (used by the eyeball side) -----------------------------------------------
-    async def open_stream(self, headers: Headers, *, end_stream: bool) -> TunnelStream:
+    async def open_stream(self, headers: Headers, *, end_stream: bool) -> QuicTunnelStream:
         """Open a request stream: the ConnectRequest for `headers`, FIN at once when `end_stream`."""
         if not self.routable:
             raise TunnelStreamError("connection is not accepting new streams", retryable=True)
@@ -505,7 +511,7 @@ class QuicTunnelConnection(TunnelConnection):
             return 0
         return max(0, stream.written - int(state.sender.next_offset))
 
-    async def send_stream_data(self, stream: TunnelStream, data: bytes, *, end: bool) -> None:
+    async def send_stream_data(self, stream: H2TunnelStream, data: bytes, *, end: bool) -> None:
         """Queue body bytes; waits while the stream has more than SEND_BUFFER_LIMIT unsent."""
         assert isinstance(stream, QuicTunnelStream)
         if stream.error is not None:
@@ -531,7 +537,7 @@ class QuicTunnelConnection(TunnelConnection):
                 raise TunnelStreamError("tunnel connection closed while sending", retryable=False)
             await self._sent_lot.park()
 
-    async def end_stream(self, stream: TunnelStream, trailers: Headers | None) -> None:
+    async def end_stream(self, stream: H2TunnelStream, trailers: Headers | None) -> None:
         """FIN on our side. QUIC data streams carry no trailers: they are dropped (logged)."""
         if stream.local_closed:
             return
@@ -542,7 +548,7 @@ class QuicTunnelConnection(TunnelConnection):
                       self.ident())
         await self.send_stream_data(stream, b"", end=True)
 
-    async def reset_stream(self, stream: TunnelStream, code: int) -> None:
+    async def reset_stream(self, stream: H2TunnelStream, code: int) -> None:
         """Abandon a stream from the edge."""
         self._stop(stream.id, code)
         stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
@@ -551,14 +557,14 @@ class QuicTunnelConnection(TunnelConnection):
     async def acknowledge(self, stream_id: int, length: int) -> None:
         """Nothing to do: qh3 extends its receive windows itself (docs/edge.md, QUIC limits)."""
 
-    async def release_stream(self, stream: TunnelStream) -> None:
+    async def release_stream(self, stream: H2TunnelStream) -> None:
         """Forget a stream: abandon it if still open, send that now."""
         self._forget(stream)
         if not self.closed.is_set():
             self.transmit()
         await trio.lowlevel.checkpoint()
 
-    def _forget(self, stream: TunnelStream) -> None:
+    def _forget(self, stream: H2TunnelStream) -> None:
         self.streams.pop(stream.id, None)
         self.raw_streams.pop(stream.id, None)
         stream._chunks.clear()
@@ -606,10 +612,13 @@ def _fmt(addr: tuple[Any, ...]) -> str:
 class QuicEndpoint:
     """One UDP socket of a data centre: routes datagrams to connections, starts new ones."""
 
-    def __init__(self, edge: Edge, lst: TunnelListener, sock: socket.socket) -> None:
-        self.edge = edge
+    def __init__(self, state: EdgeState[TunnelConnection], pki: LabPKI, lst: DataCentre, sock: socket.socket,
+                 spawn: Callable[..., None]) -> None:
+        self.state = state
+        self.pki = pki
         self.lst = lst
         self.sock = sock
+        self.spawn = spawn  # starts a task in the edge's handler nursery (outlives the listeners)
         self.connections: dict[bytes, QuicTunnelConnection] = {}
         self.live: set[QuicTunnelConnection] = set()
         self.drops = _Drops(f"location={lst.location} address={lst.host}:{lst.port}")
@@ -656,7 +665,7 @@ class QuicEndpoint:
         kind = self.lst.cert_kind
         config = self._configs.get(kind)
         if config is None:
-            pki = self.edge.pki
+            pki = self.pki
             paths = pki.edge_cert_paths() if kind == "valid" else pki.broken_cert_paths(kind, "edge")
             # max_datagram_size: quic-go's packets grow to 1452 bytes; qh3's server stays at 1280 (only
             # its client probes), too small for a DATAGRAM with a full 1280-byte UDP payload (edge/udp.py)
@@ -717,11 +726,11 @@ class QuicEndpoint:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
             return None
         quic = QuicConnection(configuration=config, original_destination_connection_id=dcid)
-        conn = QuicTunnelConnection(self.edge, self, quic, location=self.lst.location, remote=addr)
+        conn = QuicTunnelConnection(self.state, self, quic, location=self.lst.location, remote=addr)
         self.live.add(conn)
         self.route(dcid, conn)
         self.route(quic.host_cid, conn)
-        self.edge.spawn(conn.serve)
+        self.spawn(conn.run)
         return self._guarded(conn, conn.datagram_received, data, addr)
 
     def _guarded(self, conn: QuicTunnelConnection, fn: Callable[..., None],
@@ -739,7 +748,8 @@ class QuicEndpoint:
         return conn
 
 
-async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,
+async def serve_quic_endpoint(state: EdgeState[TunnelConnection], pki: LabPKI, lst: DataCentre,
+                              spawn: Callable[..., None],
                               task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen for QUIC on the data centre's TCP address (UDP, same host and port) until cancelled."""
     family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
@@ -757,13 +767,13 @@ async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,
         task_status.started("")
         return
     host, port = sock.getsockname()[:2]
-    endpoint = QuicEndpoint(edge, lst, sock)
+    endpoint = QuicEndpoint(state, pki, lst, sock, spawn)
     bound = _fmt((host, port))
     log.info("QUIC listener location=%s address=%s alpn=%s", lst.location, bound, ALPN)
     # The socket carries the connections too, so it must outlive this listener task (which the edge
     # cancels first on shutdown): the receive loop runs in the handler nursery and ends once the
     # listener stopped and the last connection is gone.
-    edge.spawn(endpoint.serve_datagrams)
+    spawn(endpoint.serve_datagrams)
     try:
         task_status.started(bound)
         await trio.sleep_forever()
