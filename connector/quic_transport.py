@@ -64,9 +64,10 @@ class QuicStream:
         if data:
             self._chunks.append(data)
             self._buffered += len(data)
-            if self._buffered > STREAM_BUFFER_LIMIT:
+            limit = self.transport.stream_buffer_limit
+            if self._buffered > limit:
                 log.warning("The edge sent more than %d unread bytes on stream=%d; resetting it",
-                            STREAM_BUFFER_LIMIT, self.stream_id)
+                            limit, self.stream_id)
                 self.overflowed = True
                 self.reset(STREAM_OVERFLOW)
                 self._reset(STREAM_OVERFLOW)
@@ -147,8 +148,9 @@ class QuicTransport:
     def __init__(self, configuration: QuicConfiguration, address: tuple[str, int], *,
                  on_stream: Callable[[QuicStream], None] | None = None,
                  on_datagram: Callable[[bytes], None] | None = None,
-                 bind_address: str | None = None) -> None:
+                 bind_address: str | None = None, stream_buffer_limit: int = STREAM_BUFFER_LIMIT) -> None:
         self.quic = QuicConnection(configuration=configuration)
+        self.stream_buffer_limit = stream_buffer_limit  # unread bytes per stream before it is reset
         self.address = address
         self.streams: dict[int, QuicStream] = {}
         self.on_stream = on_stream

@@ -9,24 +9,41 @@ import hmac
 import json
 import logging
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Protocol
 
 import h11
 import trio
 from h2.errors import ErrorCodes
 
-from edge.state import parse_fault
+from edge.state import EdgeState, parse_fault
+from edge.tunnel import TunnelConnection
 from wire.errors import ConfigError, TunnelLabError
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_DEPTH = 32  # a fault body is one object deep; anything far deeper is an attack on the parser
 
 
-class ApiError(Exception):
+class EdgeControl(Protocol):
+    """What the management API may do to the running edge beyond its shared state (`edge.server.Edge`)."""
+
+    @property
+    def api_token(self) -> str: ...
+    @property
+    def ca_pem_path(self) -> Path: ...
+    def locations(self) -> Collection[str]: ...
+    async def dc_down(self, location: str) -> int: ...
+    async def dc_up(self, location: str) -> None: ...
+    def swap_cert(self, location: str, kind: str) -> None: ...
+    @property
+    def udp_forwards(self) -> list[dict[str, str]]: ...
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
+                                drop_every: int = 0) -> dict[str, str]: ...
+
+
+class ApiError(TunnelLabError):
     """An API answer other than 200."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -82,7 +99,7 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, f"body is not JSON: {exc}") from None
 
 
-async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
+async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, body: Any) -> dict[str, Any]:
     """Validate and apply a POST /faults body; returns the answer."""
     kind, params = parse_fault(body)
     edge.metrics.faults.inc(kind=kind)
@@ -112,26 +129,26 @@ async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
         return {"id": fault_id, "kind": kind, "connections": [c.id for c in conns], "affected": affected}
     if kind in ("dc-down", "dc-up", "swap-cert"):
         location = params["location"]
-        if location not in edge.listeners:
-            raise ApiError(404, f"no data centre {location!r}; known: {', '.join(edge.listeners)}")
+        if location not in control.locations():
+            raise ApiError(404, f"no data centre {location!r}; known: {', '.join(control.locations())}")
     if kind == "dc-down":
         for old in edge.faults.of_kind("dc-down"):
             if old.params.get("location") == location:
                 return {**old.to_json(), "closed": 0}
-        closed = await edge.dc_down(location)
+        closed = await control.dc_down(location)
         fault = edge.faults.add("dc-down", {"location": location})
         return {**fault.to_json(), "closed": closed}
     if kind == "dc-up":
         for old in edge.faults.of_kind("dc-down"):
             if old.params.get("location") == location:
                 edge.faults.remove(old.id)
-        await edge.dc_up(location)
+        await control.dc_up(location)
         return {"id": edge.faults.new_id(), "kind": kind, "location": location}
     if kind == "swap-cert":
         for old in edge.faults.of_kind("swap-cert"):
             if old.params.get("location") == location:
                 edge.faults.remove(old.id)
-        edge.swap_cert(location, params["cert"])
+        control.swap_cert(location, params["cert"])
         if params["cert"] == "valid":
             log.warning("fault swap-cert: location=%s serves the valid edge certificate again", location)
             return {"id": edge.faults.new_id(), "kind": kind, **params}
@@ -140,7 +157,8 @@ async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
     return edge.faults.add(kind, params, remaining=count).to_json()
 
 
-async def clear_fault(edge: Edge, fault_id: str | None) -> list[str]:
+async def clear_fault(edge: EdgeState[TunnelConnection], control: EdgeControl,
+                      fault_id: str | None) -> list[str]:
     """DELETE /faults[/ID]: undo what the faults did (listeners up, valid certificates)."""
     targets = list(edge.faults.active.values()) if fault_id is None else (
         [edge.faults.active[fault_id]] if fault_id in edge.faults.active else [])
@@ -149,13 +167,14 @@ async def clear_fault(edge: Edge, fault_id: str | None) -> list[str]:
     for fault in targets:
         edge.faults.remove(fault.id)
         if fault.kind == "dc-down":
-            await edge.dc_up(fault.params["location"])
+            await control.dc_up(fault.params["location"])
         elif fault.kind == "swap-cert":
-            edge.swap_cert(fault.params["location"], "valid")
+            control.swap_cert(fault.params["location"], "valid")
     return [f.id for f in targets]
 
 
-async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int, str, bytes]:
+async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method: str, target: str,
+                body: bytes) -> tuple[int, str, bytes]:
     """Dispatch one authenticated request: (status, content type, body)."""
     url = urllib.parse.urlsplit(target)
     path = url.path.rstrip("/") or "/"
@@ -166,7 +185,7 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
 
     if method == "GET":
         if path == "/ca":
-            return 200, "application/x-pem-file", edge.pki.ca_pem_path.read_bytes()
+            return 200, "application/x-pem-file", control.ca_pem_path.read_bytes()
         if path == "/tunnels":
             return ok([t.as_dict() for t in edge.tunnels.store.list_tunnels()])
         if path == "/routes":
@@ -189,13 +208,16 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
             return 200, "text/plain; version=0.0.4", edge.metrics.render(edge.registry).encode()
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
+    elif method == "POST" and path.startswith("/tunnels/") and path.endswith("/configuration"):
+        return ok(await _push_configuration(edge, path[len("/tunnels/"):-len("/configuration")],
+                                            parse_json(body)))
     elif method == "POST" and path == "/udp-forwards":
-        return ok(await _udp_forward(edge, parse_json(body)), 201)
+        return ok(await _udp_forward(control, parse_json(body)), 201)
     elif method == "POST" and path == "/faults":
-        return ok(await apply_fault(edge, parse_json(body)))
+        return ok(await apply_fault(edge, control, parse_json(body)))
     elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
         fault_id = path[len("/faults/"):] if path.startswith("/faults/") else None
-        return ok({"cleared": await clear_fault(edge, fault_id)})
+        return ok({"cleared": await clear_fault(edge, control, fault_id)})
     raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, f"no route {method} {path}")
 
 
@@ -216,10 +238,11 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, 
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
-async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+async def handle_api_connection(edge: EdgeState[TunnelConnection], control: EdgeControl,
+                                stream: trio.SocketStream, peer: tuple[str, int]) -> None:
     """Serve management API requests on one connection (keep-alive)."""
     conn = h11.Connection(h11.SERVER)
-    expected = f"Bearer {edge.api_token}".encode()
+    expected = f"Bearer {control.api_token}".encode()
     limit = edge.config.api_max_body
     try:
         while True:
@@ -259,7 +282,7 @@ async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tupl
                 elif not hmac.compare_digest(bytes(auth), expected):
                     raise ApiError(401, "missing or wrong bearer token (see STATE/api-token)")
                 else:
-                    status, ctype, payload = await route(edge, method, target, bytes(body))
+                    status, ctype, payload = await route(edge, control, method, target, bytes(body))
             except ApiError as exc:
                 status, ctype = exc.status, "application/json"
                 payload = (json.dumps({"error": exc.message}) + "\n").encode()
@@ -285,7 +308,7 @@ async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tupl
 MAX_UDP_FORWARDS = 64
 
 
-async def _udp_forward(edge: Edge, body: Any) -> dict[str, str]:
+async def _udp_forward(edge: EdgeControl, body: Any) -> dict[str, str]:
     """`POST /udp-forwards {"destination": "IP:PORT", "listen": "127.0.0.1:0"}`: a new UDP port."""
     from edge.udp import parse_forward
 
@@ -307,3 +330,29 @@ async def _udp_forward(edge: Edge, body: Any) -> dict[str, str]:
         return await edge.start_udp_forward(bind, dest, drop_every=drop_every)
     except OSError as exc:
         raise ApiError(409, f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+async def _push_configuration(edge: EdgeState[TunnelConnection], tunnel_id: str,
+                              body: Any) -> dict[str, Any]:
+    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: updateConfiguration on one of the
+    tunnel's QUIC connections (connIndex 0 first), as Cloudflare pushes a remotely managed configuration.
+    The lab pushes over QUIC only (docs/edge.md)."""
+    from edge.quic import QuicTunnelConnection
+    from transport.tunnel import TunnelStreamError
+
+    if not isinstance(body, dict) or not isinstance(body.get("version"), int) or "config" not in body:
+        raise ApiError(400, 'body must be {"version": N, "config": {...}}')
+    conns = [c for c in edge.registry.listed()
+             if isinstance(c, QuicTunnelConnection) and c.routable and c.registration is not None
+             and str(c.registration.tunnel_id) == tunnel_id]
+    if not conns:
+        raise ApiError(409, f"tunnel {tunnel_id} has no registered QUIC connection; the lab pushes "
+                            "configuration over QUIC only")
+    conn = min(conns, key=lambda c: c.registration.conn_index if c.registration is not None else 0)
+    try:
+        latest, error = await conn.push_configuration(body["version"],
+                                                      json.dumps(body["config"]).encode())
+    except (TunnelStreamError, trio.TooSlowError) as exc:
+        raise ApiError(502, f"updateConfiguration failed: {exc or 'no answer in time'}") from None
+    return {"connection": conn.id, "lastAppliedVersion": latest, "err": error or None}
+

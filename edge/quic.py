@@ -32,7 +32,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from h2.errors import ErrorCodes
@@ -42,13 +42,8 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
-from edge.tunnel import (
-    OversizedHeadersError,
-    TunnelConnection,
-    TunnelStream,
-    TunnelStreamError,
-    header_list_size,
-)
+from edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
+from transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from wire.errors import TunnelLabError
 from wire.quic_stream import (
     ConnectionType,
@@ -62,7 +57,8 @@ from wire.quic_stream import (
 )
 
 if TYPE_CHECKING:
-    from edge.server import Edge, TunnelListener
+    from edge.state import EdgeState
+    from lab.pki import LabPKI
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +74,7 @@ SEND_BUFFER_LIMIT = 1024 * 1024  # a stream writer waits while more than this is
 MAX_CONNECTIONS = 1024  # per endpoint; more Initial packets are dropped (a connection flood)
 WARN_INTERVAL = 5.0  # at most one WARNING per kind of dropped datagram per endpoint per interval
 IDLE_TIMEOUT = 30.0  # ours; cloudflared asks for 5 s and keeps the connection alive every second
+MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred bytes
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
 
 
@@ -98,7 +95,17 @@ class _Drops:
                         self.where)
 
 
-class QuicTunnelStream(TunnelStream):
+class DataCentre(Protocol):
+    """What the endpoint reads of its data centre's tunnel listener (edge.server.TunnelListener)."""
+
+    location: str
+    host: str
+    port: int
+    cert_kind: str  # "valid" or a broken kind (the swap-cert fault)
+    up: bool  # False while the data centre is down (dc-down)
+
+
+class QuicTunnelStream(H2TunnelStream):
     """A stream on a QUIC connection. A request stream's response head is a ConnectResponse; a `raw`
     stream (an RPC stream, either side's) hands every byte after its signature to the reader."""
 
@@ -124,19 +131,18 @@ class _QuicCloser:
         self._conn.close_quic()
 
 
-class QuicTunnelConnection(TunnelConnection):
+class QuicTunnelConnection(H2TunnelConnection):
     """The edge side of one QUIC tunnel connection, from the first Initial packet to close.
 
     Shares registration, draining, faults and identity with the http2 connection; the stream
     operations and the transport are QUIC's.
     """
 
-    def __init__(self, edge: Edge, endpoint: QuicEndpoint, quic: QuicConnection, *, location: str,
-                 remote: tuple[Any, ...]) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], endpoint: QuicEndpoint, quic: QuicConnection, *,
+                 location: str, remote: tuple[Any, ...]) -> None:
         super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.quic = quic
-        self.peer = remote
         self.handshake_done = False
         self._wake = trio.lowlevel.ParkingLot()  # the connection's task: timers, a fatal error, the end
         self._sent_lot = trio.lowlevel.ParkingLot()  # writers waiting for qh3 to send what they queued
@@ -148,7 +154,7 @@ class QuicTunnelConnection(TunnelConnection):
         self._fatal: TunnelLabError | None = None
         self._terminated = False
         self._quic_closed = False
-        # Datagrams are fed from the first Initial on, before `serve` runs: the RPC server exists already.
+        # Datagrams are fed from the first Initial on, before `run` runs: the RPC server exists already.
         from wire.rpc import RpcServer
 
         self._rpc = RpcServer()
@@ -187,8 +193,11 @@ class QuicTunnelConnection(TunnelConnection):
                 self._after_input()
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """Feed one datagram (called by the endpoint; never raises)."""
+        """Feed one datagram (the endpoint calls `after_input` once per batch)."""
         self.quic.receive_datagram(data, addr, now=trio.current_time())
+
+    def after_input(self) -> None:
+        """Handle what a batch of datagrams produced: events, then one round of sending."""
         self._after_input()
 
     def _after_input(self) -> None:
@@ -348,6 +357,51 @@ class QuicTunnelConnection(TunnelConnection):
         self.transmit()
         return stream
 
+    async def rpc_call(self, client: Any, question_id: int, *, max_bytes: int = MAX_RPC_ANSWER) -> Any:
+        """One call on a fresh RPC stream: send what `client` (a wire.session_rpc.SessionRpcClient with
+        the call queued) has, feed it the answer, return the event for `question_id` (CallFailed for an
+        exception). Raises TunnelStreamError if the stream ends first or the answer is over `max_bytes`."""
+        stream = self.open_rpc_stream()
+        try:
+            await stream.send(client.data_to_send())
+            received = 0
+            while True:
+                item = await stream.receive()
+                if item is None:
+                    raise TunnelStreamError("the connector ended the RPC stream without an answer")
+                received += len(item[0])
+                if received > max_bytes:
+                    raise TunnelStreamError(f"the connector's RPC answer is over {max_bytes} bytes")
+                try:
+                    events = client.receive_data(item[0])
+                except TunnelLabError as exc:
+                    raise TunnelStreamError(f"bad Cap'n Proto on an RPC stream: {exc}") from exc
+                for event in events:
+                    if getattr(event, "question_id", None) == question_id:
+                        client.abort()
+                        await stream.send(client.data_to_send(), end=True)
+                        return event
+                out = client.data_to_send()
+                if out:
+                    await stream.send(out)
+        finally:
+            await stream.release()
+
+    async def push_configuration(self, version: int, config: bytes) -> tuple[int, str]:
+        """updateConfiguration on an RPC stream (docs/protocol.md §13.5): the version the connector now
+        runs and its error text ("" when it applied or kept it). Raises TunnelStreamError."""
+        from wire import session_rpc
+
+        client = session_rpc.SessionRpcClient()
+        question = client.update_configuration(version, config)
+        with trio.fail_after(self.edge.config.origin_timeout):
+            event = await self.rpc_call(client, question)
+        if not isinstance(event, session_rpc.ConfigurationUpdated):
+            raise TunnelStreamError(f"updateConfiguration failed: {getattr(event, 'reason', event)!r}")
+        log.info("updateConfiguration version=%d: the connector runs version %d%s %s", version,
+                 event.latest_version, f" (error: {event.error})" if event.error else "", self.ident())
+        return event.latest_version, event.error
+
     def send_datagram(self, data: bytes) -> None:
         """Send one QUIC DATAGRAM frame now (unreliable; dropped if the connection is gone)."""
         if self.closed.is_set() or self._terminated:
@@ -427,7 +481,7 @@ class QuicTunnelConnection(TunnelConnection):
         self.transmit()
 
     # ---- stream API (used by the eyeball side) -----------------------------------------------
-    async def open_stream(self, headers: Headers, *, end_stream: bool) -> TunnelStream:
+    async def open_stream(self, headers: Headers, *, end_stream: bool) -> QuicTunnelStream:
         """Open a request stream: the ConnectRequest for `headers`, FIN at once when `end_stream`."""
         if not self.routable:
             raise TunnelStreamError("connection is not accepting new streams", retryable=True)
@@ -457,7 +511,7 @@ class QuicTunnelConnection(TunnelConnection):
             return 0
         return max(0, stream.written - int(state.sender.next_offset))
 
-    async def send_stream_data(self, stream: TunnelStream, data: bytes, *, end: bool) -> None:
+    async def send_stream_data(self, stream: H2TunnelStream, data: bytes, *, end: bool) -> None:
         """Queue body bytes; waits while the stream has more than SEND_BUFFER_LIMIT unsent."""
         assert isinstance(stream, QuicTunnelStream)
         if stream.error is not None:
@@ -483,7 +537,7 @@ class QuicTunnelConnection(TunnelConnection):
                 raise TunnelStreamError("tunnel connection closed while sending", retryable=False)
             await self._sent_lot.park()
 
-    async def end_stream(self, stream: TunnelStream, trailers: Headers | None) -> None:
+    async def end_stream(self, stream: H2TunnelStream, trailers: Headers | None) -> None:
         """FIN on our side. QUIC data streams carry no trailers: they are dropped (logged)."""
         if stream.local_closed:
             return
@@ -494,7 +548,7 @@ class QuicTunnelConnection(TunnelConnection):
                       self.ident())
         await self.send_stream_data(stream, b"", end=True)
 
-    async def reset_stream(self, stream: TunnelStream, code: int) -> None:
+    async def reset_stream(self, stream: H2TunnelStream, code: int) -> None:
         """Abandon a stream from the edge."""
         self._stop(stream.id, code)
         stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
@@ -503,14 +557,14 @@ class QuicTunnelConnection(TunnelConnection):
     async def acknowledge(self, stream_id: int, length: int) -> None:
         """Nothing to do: qh3 extends its receive windows itself (docs/edge.md, QUIC limits)."""
 
-    async def release_stream(self, stream: TunnelStream) -> None:
+    async def release_stream(self, stream: H2TunnelStream) -> None:
         """Forget a stream: abandon it if still open, send that now."""
         self._forget(stream)
         if not self.closed.is_set():
             self.transmit()
         await trio.lowlevel.checkpoint()
 
-    def _forget(self, stream: TunnelStream) -> None:
+    def _forget(self, stream: H2TunnelStream) -> None:
         self.streams.pop(stream.id, None)
         self.raw_streams.pop(stream.id, None)
         stream._chunks.clear()
@@ -558,10 +612,13 @@ def _fmt(addr: tuple[Any, ...]) -> str:
 class QuicEndpoint:
     """One UDP socket of a data centre: routes datagrams to connections, starts new ones."""
 
-    def __init__(self, edge: Edge, lst: TunnelListener, sock: socket.socket) -> None:
-        self.edge = edge
+    def __init__(self, state: EdgeState[TunnelConnection], pki: LabPKI, lst: DataCentre, sock: socket.socket,
+                 spawn: Callable[..., None]) -> None:
+        self.state = state
+        self.pki = pki
         self.lst = lst
         self.sock = sock
+        self.spawn = spawn  # starts a task in the edge's handler nursery (outlives the listeners)
         self.connections: dict[bytes, QuicTunnelConnection] = {}
         self.live: set[QuicTunnelConnection] = set()
         self.drops = _Drops(f"location={lst.location} address={lst.host}:{lst.port}")
@@ -576,6 +633,7 @@ class QuicEndpoint:
             with self._scope:
                 while True:
                     await trio.lowlevel.wait_readable(sock)
+                    fed: dict[QuicTunnelConnection, None] = {}  # in order, once each
                     for _ in range(RECEIVE_BATCH):
                         try:
                             data, addr = sock.recvfrom(MAX_DATAGRAM)
@@ -584,7 +642,13 @@ class QuicEndpoint:
                         except OSError as exc:  # e.g. an ICMP error reported on the socket
                             log.debug("QUIC recvfrom: %s", exc)
                             continue
-                        self.handle(data, addr)
+                        conn = self.handle(data, addr)
+                        if conn is not None:
+                            fed[conn] = None
+                    # One round of events and sending per connection and batch, not per datagram: a
+                    # download's ACKs and an upload's packets go out together.
+                    for conn in fed:
+                        self._guarded(conn, conn.after_input)
         finally:
             for conn in list(self.live):
                 conn.abort("the QUIC listener closed")
@@ -601,7 +665,7 @@ class QuicEndpoint:
         kind = self.lst.cert_kind
         config = self._configs.get(kind)
         if config is None:
-            pki = self.edge.pki
+            pki = self.pki
             paths = pki.edge_cert_paths() if kind == "valid" else pki.broken_cert_paths(kind, "edge")
             # max_datagram_size: quic-go's packets grow to 1452 bytes; qh3's server stays at 1280 (only
             # its client probes), too small for a DATAGRAM with a full 1280-byte UDP payload (edge/udp.py)
@@ -633,55 +697,59 @@ class QuicEndpoint:
         if not self.accepting and not self.live:
             self._scope.cancel()
 
-    def handle(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """One datagram: to its connection, a new connection, a version negotiation, or dropped."""
+    def handle(self, data: bytes, addr: tuple[Any, ...]) -> QuicTunnelConnection | None:
+        """One datagram: to its connection (returned, to be told `after_input`), a new connection, a
+        version negotiation, or dropped."""
         try:
             header = pull_quic_header(data, 0, 8)
         except ValueError as exc:
             self.drops.drop("garbage", f"not a QUIC packet from {_fmt(addr)} ({exc})")
-            return
+            return None
         version, packet_type, _, dcid, scid = header[0], header[1], header[2], header[3], header[4]
         conn = self.connections.get(dcid)
         if conn is not None:
-            self._feed(conn, data, addr)
-            return
+            return self._guarded(conn, conn.datagram_received, data, addr)
         if version is None or packet_type != QuicPacketType.INITIAL:
             self.drops.drop("unknown-connection", f"a packet for no known connection from {_fmt(addr)}")
-            return
+            return None
         config = self.configuration()
         if version not in config.supported_versions:
             self.send(encode_quic_version_negotiation(source_cid=dcid, destination_cid=scid,
                                                       supported_versions=config.supported_versions), addr)
-            return
+            return None
         if len(data) < MIN_INITIAL_SIZE:
             self.drops.drop("short-initial", f"an Initial of {len(data)} bytes from {_fmt(addr)}")
-            return
+            return None
         if not self.lst.up or not self.accepting:
-            return  # the data centre is down (dc-down) or the edge shuts down: a black hole
+            return None  # the data centre is down (dc-down) or the edge shuts down: a black hole
         if len(self.live) >= MAX_CONNECTIONS:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
-            return
+            return None
         quic = QuicConnection(configuration=config, original_destination_connection_id=dcid)
-        conn = QuicTunnelConnection(self.edge, self, quic, location=self.lst.location, remote=addr)
+        conn = QuicTunnelConnection(self.state, self, quic, location=self.lst.location, remote=addr)
         self.live.add(conn)
         self.route(dcid, conn)
         self.route(quic.host_cid, conn)
-        self.edge.spawn(conn.serve)
-        self._feed(conn, data, addr)
+        self.spawn(conn.run)
+        return self._guarded(conn, conn.datagram_received, data, addr)
 
-    def _feed(self, conn: QuicTunnelConnection, data: bytes, addr: tuple[Any, ...]) -> None:
+    def _guarded(self, conn: QuicTunnelConnection, fn: Callable[..., None],
+                 *args: Any) -> QuicTunnelConnection | None:
+        """Run `fn(*args)` for `conn`; what it raises stays with that connection. Returns `conn`."""
         try:
-            conn.datagram_received(data, addr)
+            fn(*args)
         except (ValueError, AssertionError, KeyError, IndexError) as exc:
             # qh3 rejects some malformed packets by raising: the datagram goes, the connection stays.
-            self.drops.drop("malformed", f"from {_fmt(addr)}: {exc!r} {conn.ident()}")
+            self.drops.drop("malformed", f"{exc!r} {conn.ident()}")
         except Exception as exc:
             # A bug of ours must not end the endpoint (and every other connection on it): only this one.
             log.error("QUIC connection failed on a datagram %s", conn.ident(), exc_info=exc)
             conn.abort(f"internal error: {exc!r}")
+        return conn
 
 
-async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,
+async def serve_quic_endpoint(state: EdgeState[TunnelConnection], pki: LabPKI, lst: DataCentre,
+                              spawn: Callable[..., None],
                               task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen for QUIC on the data centre's TCP address (UDP, same host and port) until cancelled."""
     family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
@@ -699,13 +767,13 @@ async def serve_quic_endpoint(edge: Edge, lst: TunnelListener,
         task_status.started("")
         return
     host, port = sock.getsockname()[:2]
-    endpoint = QuicEndpoint(edge, lst, sock)
+    endpoint = QuicEndpoint(state, pki, lst, sock, spawn)
     bound = _fmt((host, port))
     log.info("QUIC listener location=%s address=%s alpn=%s", lst.location, bound, ALPN)
     # The socket carries the connections too, so it must outlive this listener task (which the edge
     # cancels first on shutdown): the receive loop runs in the handler nursery and ends once the
     # listener stopped and the last connection is gone.
-    edge.spawn(endpoint.serve_datagrams)
+    spawn(endpoint.serve_datagrams)
     try:
         task_status.started(bound)
         await trio.sleep_forever()

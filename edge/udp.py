@@ -34,7 +34,8 @@ from wire.errors import DatagramError, TunnelLabError
 
 if TYPE_CHECKING:
     from edge.quic import QuicTunnelConnection, QuicTunnelStream
-    from edge.server import Edge
+    from edge.state import EdgeState
+    from transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ def _ip_port(text: str) -> tuple[str, int]:
     return str(ipaddress.ip_address(host)), number
 
 
-async def serve_udp_forward(edge: Edge, listen: tuple[str, int], destination: tuple[str, int], *,
+async def serve_udp_forward(edge: EdgeState[TunnelConnection], listen: tuple[str, int],
+                            destination: tuple[str, int], *,
                             idle: float = DEFAULT_IDLE, drop_every: int = 0,
                             task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Forward datagrams from `listen` to `destination` through the tunnel routed to it (never returns).
@@ -389,7 +391,8 @@ async def serve_udp_forward(edge: Edge, listen: tuple[str, int], destination: tu
                     flow.outbox_send.send_nowait(data)
 
 
-async def _serve_flow(edge: Edge, sock: Any, flow: _Flow, destination: tuple[str, int], idle: float,
+async def _serve_flow(edge: EdgeState[TunnelConnection], sock: Any, flow: _Flow,
+                      destination: tuple[str, int], idle: float,
                       flows: dict[tuple[Any, ...], _Flow]) -> None:
     dest = f"{destination[0]}:{destination[1]}"
     try:
@@ -425,7 +428,8 @@ async def _serve_flow(edge: Edge, sock: Any, flow: _Flow, destination: tuple[str
         flow.outbox_send.close()
 
 
-async def _open_session(edge: Edge, destination: tuple[str, int], idle: float) -> UdpSession | None:
+async def _open_session(edge: EdgeState[TunnelConnection], destination: tuple[str, int],
+                        idle: float) -> UdpSession | None:
     from edge.quic import QuicTunnelConnection
 
     dest = f"{destination[0]}:{destination[1]}"

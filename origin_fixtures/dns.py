@@ -12,6 +12,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from wire.errors import ProtocolError
+
 TYPE_A, TYPE_TXT, TYPE_AAAA = 1, 16, 28
 TYPES = {"A": TYPE_A, "TXT": TYPE_TXT, "AAAA": TYPE_AAAA}
 CLASS_IN = 1
@@ -23,7 +25,7 @@ TTL = 60
 MAX_NAME = 255
 
 
-class DNSFormatError(ValueError):
+class DNSFormatError(ProtocolError):
     """The message is not a DNS message this fixture understands."""
 
 

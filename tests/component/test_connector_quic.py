@@ -211,13 +211,13 @@ async def test_late_data_for_a_finished_stream_starts_nothing(tmp_path: Path,
 
 
 def test_a_stream_whose_reader_stalls_is_reset_past_its_buffer_limit(
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        caplog: pytest.LogCaptureFixture) -> None:
     from qh3.quic.configuration import QuicConfiguration
 
     from connector import quic_transport as qt
 
-    monkeypatch.setattr(qt, "STREAM_BUFFER_LIMIT", 64 * 1024)
-    transport = qt.QuicTransport(QuicConfiguration(is_client=True), ("127.0.0.1", 9))
+    transport = qt.QuicTransport(QuicConfiguration(is_client=True), ("127.0.0.1", 9),
+                                 stream_buffer_limit=64 * 1024)
     stream = qt.QuicStream(transport, 1)
     resets: list[bool] = []
     stream.on_reset = lambda: resets.append(True)

@@ -10,19 +10,21 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import trio
 from qh3.quic import events as qevents
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
 from tests.component.test_edge_support import LabTunnel, http_request, make_tunnel, running_edge, split
-from wire import rpc
+from wire import rpc, session_rpc
 from wire.quic_stream import (
     DATA_STREAM_SIGNATURE,
     ConnectionType,
     ConnectRequest,
     ConnectResponse,
     StreamHeadReader,
+    StreamKind,
     connect_response_for_http,
     encode_connect_response,
 )
@@ -46,11 +48,12 @@ async def echo_handler(request: ConnectRequest, body: bytes) -> bytes:
 
 
 class _Incoming:
-    """An edge-opened stream as the scripted connector reads it."""
+    """An edge-opened stream as the scripted connector reads it (a data stream, or an RPC stream)."""
 
     def __init__(self) -> None:
-        self.reader = StreamHeadReader(expect="request")
+        self.reader = StreamHeadReader(expect="request", allow_rpc=True)
         self.request: ConnectRequest | None = None
+        self.rpc: session_rpc.SessionRpcServer | None = None
         self.body = bytearray()
 
 
@@ -75,6 +78,8 @@ class QuicConnector:
         self.terminated: qevents.ConnectionTerminated | None = None
         self.requests: list[ConnectRequest] = []
         self.resets: list[tuple[int, int]] = []
+        self.configs: list[tuple[int, bytes]] = []
+        self.stopped: set[int] = set()
         self._wake = trio.lowlevel.ParkingLot()
         self._streams: dict[int, _Incoming] = {}
         self._nursery: trio.Nursery | None = None
@@ -114,7 +119,14 @@ class QuicConnector:
             nursery.cancel_scope.cancel()
 
     def _events(self) -> None:
+        events = []
         while (event := self.quic.next_event()) is not None:
+            events.append(event)
+            if isinstance(event, qevents.StopSendingReceived):
+                # qh3 resets our side; like quic-go, write nothing more there (data past the final size
+                # would be a connection error at the edge), even for data events of the same batch
+                self.stopped.add(event.stream_id)
+        for event in events:
             if isinstance(event, qevents.HandshakeCompleted):
                 self.connected.set()
             elif isinstance(event, qevents.ConnectionTerminated):
@@ -124,6 +136,7 @@ class QuicConnector:
             elif isinstance(event, qevents.StreamReset):
                 self.resets.append((event.stream_id, event.error_code))
                 self._wake.unpark_all()
+
             elif isinstance(event, qevents.StreamDataReceived):
                 if event.stream_id == 0:
                     self.rpc_events += self.rpc.receive_data(event.data)
@@ -133,8 +146,15 @@ class QuicConnector:
 
     def _data(self, stream_id: int, data: bytes, end: bool) -> None:
         state = self._streams.setdefault(stream_id, _Incoming())
+        if state.rpc is not None:
+            self._rpc_stream(stream_id, state.rpc, data)
+            return
         if state.request is None:
             head = state.reader.feed(data)
+            if head is not None and head.kind is StreamKind.RPC:
+                state.rpc = session_rpc.SessionRpcServer()
+                self._rpc_stream(stream_id, state.rpc, head.rest)
+                return
             if head is not None:
                 assert isinstance(head.message, ConnectRequest)
                 state.request = head.message
@@ -145,8 +165,21 @@ class QuicConnector:
         if end and state.request is not None and self._nursery is not None:
             self._nursery.start_soon(self._answer, stream_id, state.request, bytes(state.body))
 
+    def _rpc_stream(self, stream_id: int, server: session_rpc.SessionRpcServer, data: bytes) -> None:
+        for event in server.receive_data(data):
+            if isinstance(event, session_rpc.UpdateConfigurationCalled):
+                self.configs.append((event.version, event.config))
+                error = "" if b"ingress" in event.config else "no ingress"
+                latest = event.version if not error else -1
+                server.answer_update_configuration(event.question_id, latest, error)
+        out = server.data_to_send()
+        if out and stream_id not in self.stopped:
+            self.quic.send_stream_data(stream_id, out)
+
     async def _answer(self, stream_id: int, request: ConnectRequest, body: bytes) -> None:
         answer = await self.handler(request, body)
+        if stream_id in self.stopped:
+            return
         self.quic.send_stream_data(stream_id, answer, end_stream=True)
         self.transmit()
 
@@ -320,3 +353,35 @@ async def test_a_stream_the_connector_opens_is_refused(tmp_path, caplog):
 async def test_no_quic_means_no_udp_listener(tmp_path):
     async with running_edge(tmp_path, quic=False) as (edge, _):
         assert all(lst.quic_address == "" for lst in edge.listeners.values())
+
+
+async def test_configuration_push_over_an_rpc_stream(tmp_path):
+    import json
+
+    with trio.fail_after(20):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            conn = await quic_connector(nursery, edge)
+            assert isinstance(await conn.register(t), ConnectionDetails)
+            await wait_routable(edge, t)
+            [tunnel_conn] = edge.registry.routable(t.id)
+            config = {"ingress": [{"service": "http_status:404"}]}
+            assert await tunnel_conn.push_configuration(7, json.dumps(config).encode()) == (7, "")
+            assert await tunnel_conn.push_configuration(8, b"{}") == (-1, "no ingress")
+            assert conn.configs == [(7, json.dumps(config).encode()), (8, b"{}")]
+            # the management API does the same
+            from lab.api import management_call
+
+            body = {"version": 9, "config": config}
+            answer = await management_call(edge.bound["api"], edge.api_token, "POST",
+                                           f"/tunnels/{t.id}/configuration", body)
+            assert answer == {"connection": tunnel_conn.id, "lastAppliedVersion": 9, "err": None}
+            assert len(conn.configs) == 3
+            from lab.api import LabError
+
+            other = make_tunnel(edge, "t2", "other.test")
+            with pytest.raises(LabError, match=r"answered 409: .*no registered QUIC connection"):
+                await management_call(edge.bound["api"], edge.api_token, "POST",
+                                      f"/tunnels/{other.id}/configuration", body)
+            assert tunnel_conn.streams == {} and tunnel_conn.raw_streams == {}
+
