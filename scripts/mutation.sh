@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 modules=("$@")
 if [ ${#modules[@]} -eq 0 ]; then
-    modules=(wire.headers wire.eyeball wire.origin wire.capnp wire.rpc)
+    modules=(wire.headers wire.eyeball wire.origin wire.capnp wire.rpc wire.sniff wire.hpack_encoder wire.redact)
 fi
 # Derandomized hypothesis: the same examples for every mutant, so a kill is reproducible.
 export HYPOTHESIS_PROFILE=ci
