@@ -115,21 +115,26 @@ def read_report(path: Path, old_measured: str) -> dict[str, ModuleReport]:
     return modules
 
 
-def run_info(module: str) -> dict[str, str]:
+def run_info(module: str) -> list[dict[str, str]]:
+    """One entry per `scripts/mutation.sh` run of the module or of some of its mutants, oldest first."""
     path = RUNS / f"run-{module}.txt"
     if not path.exists():
-        return {}
-    return dict(part.split("=", 1) for part in path.read_text().split() if "=" in part)
+        return []
+    return [dict(part.split("=", 1) for part in line.split() if "=" in part)
+            for line in path.read_text().splitlines() if line.strip()]
 
 
 def measured(module: str) -> str:
-    info = run_info(module)
-    if info:
-        start = datetime.fromisoformat(info["start"])
-        end = datetime.fromisoformat(info["end"])
-        minutes = (end - start).total_seconds() / 60
-        return (f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC ({minutes:.0f} min, {info.get('jobs', '?')} jobs), "
-                f"{info['commit']}")
+    runs = run_info(module)
+    if runs:
+        start = datetime.fromisoformat(runs[0]["start"])
+        end = datetime.fromisoformat(runs[-1]["end"])
+        minutes = sum((datetime.fromisoformat(r["end"]) - datetime.fromisoformat(r["start"])).total_seconds()
+                      for r in runs) / 60
+        commits = ", ".join(dict.fromkeys(r["commit"] for r in runs))
+        again = f", then {len(runs) - 1} re-run(s) of survivors" if len(runs) > 1 else ""
+        return (f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC ({minutes:.0f} min of runs{again}, "
+                f"{runs[0].get('jobs', '?')} jobs), {commits}")
     meta = ROOT / "mutants" / (module.replace(".", "/") + ".py.meta")
     when = datetime.fromtimestamp(meta.stat().st_mtime, UTC) if meta.exists() else datetime.now(UTC)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
