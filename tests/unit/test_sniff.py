@@ -105,3 +105,18 @@ def test_mp4_needs_an_ftyp_box_with_an_mp4_brand(data: bytes, expected: str) -> 
 ])
 def test_markers_need_a_terminating_byte_and_masks_ignore_masked_bytes(data: bytes, expected: str) -> None:
     assert sniff_content_type(data) == expected
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    # the standard's binary bytes are 00-08, 0B, 0E-1A, 1C-1F; TAB LF FF CR and ESC (1B) are text
+    (b"a\x0bb", "application/octet-stream"),
+    (b"a\x08b", "application/octet-stream"),
+    (b"a\x0eb\x1ac\x1c", "application/octet-stream"),
+    (b"a\x1fb", "application/octet-stream"),
+    (b"a\tb\nc\x0cd\re\x1bf ", "text/plain; charset=utf-8"),
+    # the whitespace skipped before markup is TAB LF FF CR and space
+    (b"\t\n\x0c\r <html>", "text/html; charset=utf-8"),
+    (b"\x0b<html>", "application/octet-stream"),
+])
+def test_binary_bytes_and_leading_whitespace(data: bytes, expected: str) -> None:
+    assert sniff_content_type(data) == expected
