@@ -106,7 +106,8 @@ def read_report(path: Path, old_measured: str) -> dict[str, ModuleReport]:
         while body and not body[-1].strip():
             body.pop()
         if paragraphs:
-            body = ["", *(p.replace("\n", " ") for p in paragraphs), *body]
+            body = ["", *("The note of the run these figures come from: " * (i == 0) + p.replace("\n", " ")
+                          for i, p in enumerate(paragraphs)), *body]
         report.section = body
         if old_format:
             equivalent = sum(1 for line in body if line.strip().startswith("equivalent:"))
@@ -126,13 +127,16 @@ def run_info(module: str) -> list[dict[str, str]]:
 
 def measured(module: str) -> str:
     runs = run_info(module)
+    # the figures come from the last run of all the module's mutants and the partial runs after it
+    full = [i for i, r in enumerate(runs) if r.get("mutants") == f"{module}.*"]
+    runs = runs[full[-1]:] if full else runs
     if runs:
         start = datetime.fromisoformat(runs[0]["start"])
         end = datetime.fromisoformat(runs[-1]["end"])
         minutes = sum((datetime.fromisoformat(r["end"]) - datetime.fromisoformat(r["start"])).total_seconds()
                       for r in runs) / 60
         commits = ", ".join(dict.fromkeys(r["commit"] for r in runs))
-        again = f", then {len(runs) - 1} re-run(s) of survivors" if len(runs) > 1 else ""
+        again = f", {len(runs)} runs" if len(runs) > 1 else ""
         return (f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC ({minutes:.0f} min of runs{again}, "
                 f"{runs[0].get('jobs', '?')} jobs), {commits}")
     meta = ROOT / "mutants" / (module.replace(".", "/") + ".py.meta")
