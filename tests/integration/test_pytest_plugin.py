@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,26 +21,10 @@ pytest_plugins = ["pytester"]
 
 RUN_TIMEOUT = 240  # a whole inner pytest run, on a loaded 2-core machine
 
-# The issue's "Done when": a project's own HTTP server, ten lines of test, a failover in the middle. Two
-# tests so that `-n 2` runs them at the same time, each worker with its own lab (the same hostname in both).
-TEN_LINES = """
-import http.server, threading, pytest
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-
-@pytest.mark.parametrize("n", [1, 2])
-def test_my_server_behind_a_tunnel(tunnel_lab, server, n):
-    site = tunnel_lab.expose(server, hostname="myapp.lab.test")
-    assert site.get("/").status == 200
-    site.failover()
-    assert site.get("/").status == 200
-    assert [r.path for r in site.received()] == ["/", "/"]
-"""
+# The issue's "Done when": a project's own HTTP server, ten lines of test, a failover in the middle. It is
+# docs/pytest.md's first example, as written.
+DOC = Path(__file__).resolve().parents[2] / "docs" / "pytest.md"
+TEN_LINES = re.findall(r"^```python\n(.*?)^```", DOC.read_text(encoding="utf-8"), flags=re.M | re.S)[0]
 
 SERVER_FIXTURE = """
 import http.server, json, threading, pytest
@@ -72,7 +57,9 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 def test_done_when_a_project_tests_its_server_through_a_failover_under_xdist(
     pytester: pytest.Pytester,
 ) -> None:
-    pytester.makepyfile(test_app=TEN_LINES)
+    # Two copies, so that `-n 2` runs them at the same time, each worker with its own lab, the same
+    # hostname in both.
+    pytester.makepyfile(test_app=TEN_LINES, test_app_again=TEN_LINES)
     result = run(pytester, "-n", "2")
     result.assert_outcomes(passed=2)
     assert any("2 workers" in line for line in result.outlines), result.outlines[:10]
@@ -298,8 +285,8 @@ def test_a_real_cloudflared_behind_the_plugin(pytester: pytest.Pytester) -> None
     binary = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
     if not binary:
         pytest.skip("set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared to run the plugin with a real one")
-    pytester.makepyfile(test_app=TEN_LINES)
-    result = run(pytester, "--tunnel-lab-cloudflared", binary, "-s")
+    pytester.makepyfile(test_app=TEN_LINES, test_app_again=TEN_LINES)
+    result = run(pytester, "--tunnel-lab-cloudflared", binary)
     result.assert_outcomes(passed=2)
 
 
