@@ -788,7 +788,15 @@ def start_lab(**options: Any) -> Iterator[SyncLab]:
 
     thread = threading.Thread(target=thread_main, name="tunnel-lab", daemon=True)
     thread.start()
-    got = handed.get()
+    try:
+        got = handed.get()
+    except BaseException:
+        # Interrupted (Ctrl-C) while the lab starts: let the start end, stop what it started, then go on.
+        late = handed.get()
+        if not isinstance(late, BaseException):
+            late._token.run_sync_soon(stop[0].set)
+        thread.join()
+        raise
     if isinstance(got, BaseException):
         thread.join()
         raise got

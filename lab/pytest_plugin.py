@@ -137,20 +137,20 @@ def tunnel_lab_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.
     if cloudflared:
         with _failing("--tunnel-lab-cloudflared: "):
             cloudflared = cloudflared_path(cloudflared)
-    REAPER.start()  # stops the lab's processes and removes its state if pytest is killed hard
-    try:
-        with contextlib.ExitStack() as stack:
-            with _failing("tunnel-lab: the lab did not start: "):
-                lab = stack.enter_context(
-                    start_lab(
-                        datacentres=datacentres,
-                        edge_flags=list(config.getini("tunnel_lab_edge_flags")),
-                        logs=tmp_path_factory.mktemp("tunnel-lab"),
-                    )
+    # The reaper stops the lab's processes and removes its state directory when this process ends without
+    # having done so itself (killed, or interrupted again while it tore the lab down).
+    REAPER.start()
+    with contextlib.ExitStack() as stack:
+        with _failing("tunnel-lab: the lab did not start: "):
+            lab = stack.enter_context(
+                start_lab(
+                    datacentres=datacentres,
+                    edge_flags=list(config.getini("tunnel_lab_edge_flags")),
+                    logs=tmp_path_factory.mktemp("tunnel-lab"),
                 )
-            yield LabSession(lab, cloudflared)
-    finally:
-        REAPER.stop()
+            )
+        yield LabSession(lab, cloudflared)
+    REAPER.stop()  # only after a clean teardown
 
 
 @pytest.fixture

@@ -267,6 +267,7 @@ def test_waits_for_ctrl_c(tunnel_lab, server):
                     break
         assert seen and b"LAB-UP " in seen[-1], b"".join(seen).decode()
         state, *pids = seen[-1].decode().split("LAB-UP ", 1)[1].split()
+        children = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         out = proc.communicate(timeout=60)[0].decode()
     finally:
@@ -275,8 +276,9 @@ def test_waits_for_ctrl_c(tunnel_lab, server):
             proc.wait()
     assert "KeyboardInterrupt" in out, out
     assert not Path(state).exists(), f"{state} was left behind"
-    left = [pid for pid in pids if _alive(int(pid))]
-    left += [p for p in _processes_mentioning(state)]
+    assert set(map(int, pids)) <= children  # the components, the reaper, ...
+    left = [f"{pid}: {_cmdline(pid)}" for pid in sorted(children) if _alive(pid)]
+    left += _processes_mentioning(state)
     assert not left, f"processes left running: {left}\n{out}"
 
 
@@ -313,15 +315,31 @@ def _alive(pid: int) -> bool:
     return "zombie" not in status
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")[:200]
+    except OSError:
+        return ""
+
+
 def _processes_mentioning(text: str) -> list[str]:
-    found = []
+    pids = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    return [f"{pid}: {_cmdline(pid)}" for pid in pids if text in _cmdline(pid) and _alive(pid)]
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process below `root` now (Linux /proc: the parent is the 4th field of /proc/PID/stat)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if text in cmdline and _alive(int(entry.name)):
-            found.append(f"{entry.name}: {cmdline[:200]}")
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
     return found
