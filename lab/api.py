@@ -189,17 +189,15 @@ class Lab:
         timeout: float = START_TIMEOUT,
     ) -> Edge:
         ready = self.state / "edge.ready.json"
-        argv = [*TUNNEL_LAB, "edge", "--state", str(self.state)]
-        for dc in self.datacentres:
-            argv += ["--tunnel-listen", f"{dc.name}={dc.address}:0"]
-        argv += ["--http-listen", "127.0.0.1:0"]
-        if https:
-            argv += ["--https-listen", "127.0.0.1:0"]
-        if warp:
-            argv += ["--warp-listen", "127.0.0.1:0"]
-        argv += ["--api-listen", "127.0.0.1:0", "--ready-file", str(ready), *flags]
-        if self.loglevel != "info":
-            argv += ["--loglevel", self.loglevel]
+        argv = edge_argv(
+            self.state,
+            [(dc.name, f"{dc.address}:0") for dc in self.datacentres],
+            ready=ready,
+            https="127.0.0.1:0" if https else None,
+            warp="127.0.0.1:0" if warp else None,
+            flags=flags,
+            loglevel=self.loglevel,
+        )
         info = await self._start(
             Component("edge", argv, self.logs / "edge.log", env=self._env(), ready_file=ready), timeout
         )
@@ -266,12 +264,14 @@ class Lab:
         if f"origin:{name}" in self.components:
             raise LabError(f"an origin named {name!r} already runs; pass another name=")
         ready = self.state / f"origin-{name}.ready.json"
-        argv = [*TUNNEL_LAB, "origin", kind, "--listen", "127.0.0.1:0", "--state", str(self.state)]
-        argv += ["--ready-file", str(ready), "--history", str(self.logs / f"origin-{name}.history.jsonl")]
-        if tls:
-            argv += ["--tls", tls]
-        if hostname:
-            argv += ["--hostname", hostname]
+        argv = origin_argv(
+            self.state,
+            kind,
+            ready=ready,
+            history=self.logs / f"origin-{name}.history.jsonl",
+            tls=tls,
+            hostname=hostname,
+        )
         comp = Component(
             f"origin:{name}", argv, self.logs / f"origin-{name}.log", env=self._env(), ready_file=ready
         )
@@ -362,24 +362,24 @@ class Lab:
         cfg_path = self.state / f"{name}.yml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         metrics = f"127.0.0.1:{free_port()}"
-        argv = [
-            *exe,
-            "tunnel",
-            "--config",
-            str(cfg_path),
-            "--no-autoupdate",
-            *caps.optional("--no-prechecks"),
-        ]
-        for address in self.edge.datacentres.values():
-            argv += ["--edge", address]
-        argv += ["--ha-connections", str(ha_connections), "--cacert", str(self.edge.ca), "--metrics", metrics]
-        argv += ["--grace-period", f"{grace_period:g}s", "--loglevel", self.loglevel, *flags]
-        argv += ["run", "--protocol", "http2", "--credentials-file", str(tunnel.credentials)]
-        if cloudflared is not None:  # ours has no use for it (docs/connector.md)
-            argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
-        if url is not None:
-            argv += ["--url", url]
-        argv += [*run_flags, tunnel.id]
+        argv = connector_argv(
+            exe,
+            caps,
+            config=cfg_path,
+            edges=list(self.edge.datacentres.values()),
+            ha_connections=ha_connections,
+            ca=self.edge.ca,
+            metrics=metrics,
+            grace_period=grace_period,
+            loglevel=self.loglevel,
+            flags=flags,
+            credentials=tunnel.credentials,
+            # ours has no use for it (docs/connector.md); cloudflared logs one more error without it
+            dns_resolver=cloudflared is not None,
+            url=url,
+            run_flags=run_flags,
+            tunnel_id=tunnel.id,
+        )
         comp = Component(name, argv, self.logs / f"{name}.log", env=self._env())
         self.components[name] = comp
         connector = Connector(name, tunnel, metrics, comp)
@@ -538,6 +538,100 @@ class Lab:
                     await comp.stop(grace=2.0)
                 except OSError:
                     comp.kill_group()
+
+
+# --- the command lines of docs/architecture.md "Processes" (the scenario runner builds its own with them)
+
+
+def edge_argv(
+    state: Path,
+    datacentres: Sequence[tuple[str, str]],
+    *,
+    ready: Path,
+    http: str = "127.0.0.1:0",
+    https: str | None = "127.0.0.1:0",
+    warp: str | None = None,
+    api: str = "127.0.0.1:0",
+    flags: Sequence[str] = (),
+    loglevel: str = "info",
+) -> list[str]:
+    """`tunnel-lab edge` with a tunnel listener per `(location, host:port)` and the eyeball listeners."""
+    argv = [*TUNNEL_LAB, "edge", "--state", str(state)]
+    for location, address in datacentres:
+        argv += ["--tunnel-listen", f"{location}={address}"]
+    argv += ["--http-listen", http]
+    if https:
+        argv += ["--https-listen", https]
+    if warp:
+        argv += ["--warp-listen", warp]
+    argv += ["--api-listen", api, "--ready-file", str(ready), *flags]
+    if loglevel != "info":
+        argv += ["--loglevel", loglevel]
+    return argv
+
+
+def origin_argv(
+    state: Path,
+    kind: str,
+    *,
+    ready: Path,
+    history: Path,
+    listen: str = "127.0.0.1:0",
+    tls: str | None = None,
+    hostname: str | None = None,
+) -> list[str]:
+    """`tunnel-lab origin KIND`, recording what it receives in `history` (one JSON line per request)."""
+    argv = [*TUNNEL_LAB, "origin", kind, "--listen", listen, "--state", str(state)]
+    argv += ["--ready-file", str(ready), "--history", str(history)]
+    if tls:
+        argv += ["--tls", tls]
+    if hostname:
+        argv += ["--hostname", hostname]
+    return argv
+
+
+def connector_argv(
+    exe: Sequence[str],
+    caps: cloudflared.Capabilities,
+    *,
+    config: Path,
+    edges: Sequence[str],
+    ha_connections: int,
+    ca: Path | str,
+    metrics: str,
+    grace_period: float,
+    loglevel: str,
+    flags: Sequence[str] = (),
+    retries: int | None = None,
+    credentials: Path | None = None,
+    token: str | None = None,
+    dns_resolver: bool = False,
+    url: str | None = None,
+    run_flags: Sequence[str] = (),
+    tunnel_id: str | None = None,
+) -> list[str]:
+    """cloudflared's offline command line (`exe`: ours or a binary; `caps`: the flags it has, the ones
+    the lab can do without are left out when it lacks them), with credentials or a token."""
+    argv = [*exe, "tunnel", "--config", str(config), "--no-autoupdate", *caps.optional("--no-prechecks")]
+    for address in edges:
+        argv += ["--edge", address]
+    argv += ["--ha-connections", str(ha_connections), "--cacert", str(ca), "--metrics", metrics]
+    argv += ["--grace-period", f"{grace_period:g}s"]
+    if retries is not None:
+        argv += ["--retries", str(retries)]
+    argv += ["--loglevel", loglevel, *flags, "run", "--protocol", "http2"]
+    if token is not None:
+        argv += ["--token", token]
+    elif credentials is not None:
+        argv += ["--credentials-file", str(credentials)]
+    if dns_resolver:
+        argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
+    if url is not None:
+        argv += ["--url", url]
+    argv += run_flags
+    if tunnel_id is not None and token is None:
+        argv.append(tunnel_id)
+    return argv
 
 
 async def management_call(address: str, token: str, method: str, path: str, body: Any = None) -> Any:
