@@ -290,7 +290,7 @@ class Lab:
     async def start_recorder(self, url: str) -> tuple[str, Recorder]:
         """A relay in front of the HTTP server at `url` (`http://host:port`) recording what it receives
         (`lab.recorder`); returns the URL to give the connector instead, and the recorder (`records`)."""
-        m = re.fullmatch(r"http://(\[[^\]]+\]|[^/:]+):(\d+)/?", url)
+        m = re.fullmatch(r"http://(\[[^\]]+\]|[^/:]+):(\d+)(/.*)?", url)
         if m is None:
             raise LabError(f"cannot record what {url} receives: only http://HOST:PORT servers can be read")
         recorder = Recorder(f"{m.group(1).strip('[]')}:{m.group(2)}")
@@ -308,7 +308,7 @@ class Lab:
         trio.lowlevel.spawn_system_task(run)
         await started.wait()
         self.recorders.append((recorder, scope))
-        return f"http://{recorder.address}", recorder
+        return f"http://{recorder.address}{m.group(3) or ''}", recorder
 
     def stop_recorder(self, recorder: Recorder) -> None:
         """Stop the relay (its records stay readable)."""

@@ -388,7 +388,7 @@ class TunnelLab:
             session.hostnames[hostname] = self.nodeid
             recorder = None
             connector_url = url
-            if record and url.startswith("http://"):
+            if record and re.match(r"http://(\[[^\]]+\]|[^/:]+):\d+(/|$)", url):
                 connector_url, recorder = lab.start_recorder(url)
             site_connector_name = f"connector-{n}"
             self.components.append(site_connector_name)
