@@ -237,21 +237,25 @@ def test_nothing_of_the_lab_was_imported():
     run(pytester).assert_outcomes(passed=1)
 
 
-def test_ctrl_c_leaves_nothing_running(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["plain", "xdist"])
+def test_ctrl_c_leaves_nothing_running(pytester: pytest.Pytester, workers: int) -> None:
     pytester.makeconftest(SERVER_FIXTURE)
     pytester.makepyfile(
         test_wait="""
-import sys, threading
+import os, threading, pytest
 
-def test_waits_for_ctrl_c(tunnel_lab, server):
+@pytest.mark.parametrize("n", [1, 2])
+def test_waits_for_ctrl_c(tunnel_lab, server, n):
     tunnel_lab.expose(server)
     pids = [c.pid for c in tunnel_lab.lab.lab.components.values() if c.running]
-    print("LAB-UP", tunnel_lab.lab.state, *pids, flush=True)
+    # Straight to the inherited stderr (with -s): what xdist workers print does not reach the terminal.
+    os.write(2, f"LAB-UP {tunnel_lab.lab.state} {' '.join(map(str, pids))}\\n".encode())
     threading.Event().wait()
 """
     )
+    xdist = ["-n", str(workers)] if workers else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", str(pytester.path)],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", *xdist, str(pytester.path)],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -259,14 +263,16 @@ def test_waits_for_ctrl_c(tunnel_lab, server):
     )
     assert proc.stdout is not None
     seen: list[bytes] = []
+    up: list[list[str]] = []  # [state, pid...] of each lab that is up
     try:
         with _deadline(RUN_TIMEOUT, proc):
-            for line in proc.stdout:  # the inner test says when its lab is up
+            for line in proc.stdout:  # the inner tests say when their lab is up
                 seen.append(line)
                 if b"LAB-UP " in line:
-                    break
-        assert seen and b"LAB-UP " in seen[-1], b"".join(seen).decode()
-        state, *pids = seen[-1].decode().split("LAB-UP ", 1)[1].split()
+                    up.append(line.decode().split("LAB-UP ", 1)[1].split())
+                    if len(up) == max(workers, 1):
+                        break
+        assert len(up) == max(workers, 1), b"".join(seen).decode()
         children = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         out = proc.communicate(timeout=60)[0].decode()
@@ -274,11 +280,13 @@ def test_waits_for_ctrl_c(tunnel_lab, server):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        proc.stdout.close()
     assert "KeyboardInterrupt" in out, out
-    assert not Path(state).exists(), f"{state} was left behind"
-    assert set(map(int, pids)) <= children  # the components, the reaper, ...
     left = [f"{pid}: {_cmdline(pid)}" for pid in sorted(children) if _alive(pid)]
-    left += _processes_mentioning(state)
+    for state, *pids in up:
+        assert not Path(state).exists(), f"{state} was left behind"
+        assert set(map(int, pids)) <= children  # the components (and the reaper, the workers, ...)
+        left += _processes_mentioning(state)
     assert not left, f"processes left running: {left}\n{out}"
 
 
