@@ -40,6 +40,8 @@ from connector.settings import (
 )
 from connector.state import ConnectorState
 from connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
+from transport.pipe import PipeDone, Way, prepend
+from transport.pipe import pipe as transport_pipe
 from wire import origin as wo
 from wire.errors import ConfigError, OriginError, StreamConversionError, TunnelLabError
 from wire.headers import (
@@ -53,7 +55,7 @@ from wire.headers import (
 )
 
 if TYPE_CHECKING:
-    from connector.edge_conn import TunnelStream
+    from connector.tunnel_stream import IncomingStream
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ class Proxy:
         self._hello_lock = trio.Lock()
 
     # -- entry point
-    async def handle_stream(self, ts: TunnelStream, kind: StreamType) -> None:
+    async def handle_stream(self, ts: IncomingStream, kind: StreamType) -> None:
         bad = wo.forbidden_request_header(ts.headers)
         if bad is not None:
             await self._go_bad_request(ts, bad)
@@ -131,18 +133,18 @@ class Proxy:
                 state.request_finished(ts.status, error=ts.failed)
 
     # -- answers the connector makes itself
-    async def _go_bad_request(self, ts: TunnelStream, text: str) -> None:
+    async def _go_bad_request(self, ts: IncomingStream, text: str) -> None:
         headers, body = wo.bad_request_response(text)
         await ts.send_headers(headers)
         await ts.send_data(body, end_stream=True)
 
-    async def _bad_gateway(self, ts: TunnelStream, cause: str, *, rule: IngressRule | None = None) -> None:
+    async def _bad_gateway(self, ts: IncomingStream, cause: str, *, rule: IngressRule | None = None) -> None:
         """502 with meta cloudflared, logged in cloudflared's words with the cause."""
         self._log_proxy_error(ts, f"{UNREACHABLE}: {cause}", rule)
         await self._answer_502(ts)
 
     @staticmethod
-    def _log_proxy_error(ts: TunnelStream, error: str, rule: IngressRule | None) -> None:
+    def _log_proxy_error(ts: IncomingStream, error: str, rule: IngressRule | None) -> None:
         """cloudflared's two lines for a failed HTTP proxy: the origin logger's, then the handler's."""
         if rule is not None:
             log.error(" error=%s connIndex=%d event=1 ingressRule=%d originService=%s stream=%d", q(error),
@@ -151,17 +153,17 @@ class Proxy:
             log.error(" error=%s connIndex=%d event=1 stream=%d", q(error), ts.conn.conn_index, ts.stream_id)
         log.error("failed to serve incoming request error=%s", q(f"Failed to proxy HTTP: {error}"))
 
-    async def _tcp_unreachable(self, ts: TunnelStream, authority: str, cause: str) -> None:
+    async def _tcp_unreachable(self, ts: IncomingStream, authority: str, cause: str) -> None:
         error = f"unable to dial tcp to origin {authority}: {cause}"
         log.error(" error=%s connIndex=%d destAddr=%s event=2 flowID= originService=warp-routing stream=%d",
                   q(error), ts.conn.conn_index, q(authority), ts.stream_id)
         await self._failed(ts, error)
 
-    async def _failed(self, ts: TunnelStream, error: str) -> None:
+    async def _failed(self, ts: IncomingStream, error: str) -> None:
         log.error("failed to serve incoming request error=%s", q(error))
         await self._answer_502(ts)
 
-    async def _answer_502(self, ts: TunnelStream) -> None:
+    async def _answer_502(self, ts: IncomingStream) -> None:
         ts.failed = True
         if ts.headers_sent:
             await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -169,7 +171,7 @@ class Proxy:
         await ts.send_headers(wo.error_response_headers(), end_stream=True)
 
     # -- HTTP and WebSocket streams
-    async def _http_stream(self, ts: TunnelStream, *, websocket: bool) -> None:
+    async def _http_stream(self, ts: IncomingStream, *, websocket: bool) -> None:
         try:
             req = wo.TunnelRequest.from_h2_headers(ts.headers, ts.end_stream_on_headers)
         except StreamConversionError as exc:
@@ -235,7 +237,7 @@ class Proxy:
                                 disable_chunked_encoding=cfg.disable_chunked_encoding,
                                 tags=self.settings.tags)
 
-    async def _probe(self, ts: TunnelStream) -> bytes | None:
+    async def _probe(self, ts: IncomingStream) -> bytes | None:
         """Go's 1-byte body probe: b"" for EOF at once, the first byte, or None after 200 ms of silence."""
         with trio.move_on_after(wo.PROBE_TIMEOUT):
             data = await ts.receive_some()
@@ -246,7 +248,7 @@ class Proxy:
         return None
 
     @staticmethod
-    async def _whole_body(ts: TunnelStream) -> bytes | None:
+    async def _whole_body(ts: IncomingStream) -> bytes | None:
         """The rest of the request body, or None once it grows past MAX_BUFFERED_BODY (the memory bound)."""
         body = bytearray()
         while data := await ts.receive_some():
@@ -255,7 +257,7 @@ class Proxy:
                 return None
         return bytes(body)
 
-    async def _proxy_http(self, ts: TunnelStream, req: wo.TunnelRequest, rule: IngressRule,
+    async def _proxy_http(self, ts: IncomingStream, req: wo.TunnelRequest, rule: IngressRule,
                           target: OriginTarget, *, websocket: bool) -> None:
         opts = self._origin_options(rule)
         probe: bytes | None = None
@@ -289,7 +291,7 @@ class Proxy:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
-    async def _exchange(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any, conn: OriginConnection,
+    async def _exchange(self, ts: IncomingStream, req: wo.TunnelRequest, oreq: Any, conn: OriginConnection,
                         probe: bytes | None, rule: IngressRule, *, websocket: bool) -> bool:
         """One request/response on `conn`; returns whether the connection may be reused."""
         body_done = trio.Event()
@@ -363,7 +365,7 @@ class Proxy:
             nursery.cancel_scope.cancel()
         return complete and body_finished and reusable_body
 
-    async def _relay_response(self, ts: TunnelStream, req: wo.TunnelRequest, oreq: Any,
+    async def _relay_response(self, ts: IncomingStream, req: wo.TunnelRequest, oreq: Any,
                               conn: OriginConnection, *, websocket: bool) -> bool:
         """Origin response -> tunnel stream. Returns True when the HTTP exchange completed normally."""
         while True:
@@ -434,14 +436,14 @@ class Proxy:
             await ts.end()
         return True
 
-    async def _websocket_pipe(self, ts: TunnelStream, conn: OriginConnection,
+    async def _websocket_pipe(self, ts: IncomingStream, conn: OriginConnection,
                               headers: list[tuple[bytes, bytes]]) -> None:
         await ts.send_headers(wo.tunnel_response_headers(101, headers))
         leftover, _closed = conn.h11.trailing_data
         await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw, write_origin=conn.send_all)
 
     # -- tcp:// ssh:// rdp:// services: terminate the WebSocket here
-    async def _websocket_to_tcp(self, ts: TunnelStream, rule: IngressRule, service: StreamService) -> None:
+    async def _websocket_to_tcp(self, ts: IncomingStream, rule: IngressRule, service: StreamService) -> None:
         try:
             with trio.fail_after(rule.origin_request.connect_timeout):
                 tcp = await trio.open_tcp_stream(service.host, service.port)
@@ -478,12 +480,12 @@ class Proxy:
                         raise OriginError(f"write to {service.host}:{service.port}: {exc}") from exc
                 if closed:
                     closing.set()
-                    raise _PipeDone
+                    raise PipeDone
 
             await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
 
     # -- TCP streams (private network routing)
-    async def _tcp_stream(self, ts: TunnelStream) -> None:
+    async def _tcp_stream(self, ts: IncomingStream) -> None:
         authority = (first_value(ts.headers, b":authority") or b"").decode("latin-1")
         dest = parse_ip_port(authority)
         if dest is None:
@@ -528,7 +530,7 @@ class Proxy:
             await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
 
     # -- update-configuration streams
-    async def _update_configuration(self, ts: TunnelStream) -> None:
+    async def _update_configuration(self, ts: IncomingStream) -> None:
         body = bytearray()
         while True:
             data = await ts.receive_some()
@@ -570,38 +572,12 @@ class Proxy:
         self.state.set_config(version, config if isinstance(config, dict) else {})
 
 
-class _PipeDone(Exception):
-    """Raised by a pipe writer when its side has finished (e.g. a WebSocket close)."""
-
-
-async def pipe(ts: TunnelStream, *, read_origin: Callable[[], Awaitable[bytes]],
+async def pipe(ts: IncomingStream, *, read_origin: Callable[[], Awaitable[bytes]],
                write_origin: Callable[[bytes], Awaitable[None]], initial: bytes = b"") -> None:
     """Copy bytes both ways until either side ends; then end our side of the stream.
 
     The edge's END_STREAM or the origin's EOF finishes the whole exchange, as cloudflared does (A11, A12);
     the stream task's wrap-up then resets an edge side that is still open (NO_ERROR)."""
-    async with trio.open_nursery() as nursery:
-        async def upstream() -> None:
-            try:
-                while True:
-                    data = await ts.receive_some()
-                    if not data:
-                        break
-                    await write_origin(data)
-            except (OriginError, _PipeDone):
-                pass
-            nursery.cancel_scope.cancel()
-
-        async def downstream() -> None:
-            if initial:
-                await ts.send_data(initial)
-            while True:
-                data = await read_origin()
-                if not data:
-                    break
-                await ts.send_data(data)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(upstream)
-        nursery.start_soon(downstream)
+    await transport_pipe(Way(ts.receive_some, write_origin, quiet=(OriginError,)),
+                         Way(prepend(initial, read_origin), ts.send_data))
     await ts.end()
