@@ -23,6 +23,7 @@ from h2.settings import SettingCodes, Settings
 from edge.proxy import EyeballGone, proxy_request
 from wire.errors import StreamConversionError
 from wire.eyeball import EyeballExchange, h2_response_fields
+from wire.guard import ResetFloodGuard
 from wire.hpack_encoder import LongValueEncoder
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class _H2Server:
         self.lock = trio.Lock()
         self.lot = trio.lowlevel.ParkingLot()
         self.exchanges: dict[int, H2Exchange] = {}
-        self._resets: deque[float] = deque()  # times of the eyeball's recent RST_STREAMs
+        self._resets = ResetFloodGuard(edge.config.eyeball_reset_limit, edge.config.eyeball_reset_window)
         self._refused_logged = False
 
     async def flush(self) -> None:
@@ -108,10 +109,7 @@ class _H2Server:
     def _reset_flood(self) -> bool:
         """More RST_STREAMs than `eyeball_reset_limit` within the window (rapid reset): GOAWAY and close."""
         cfg = self.edge.config
-        horizon = trio.current_time() - cfg.eyeball_reset_window
-        while self._resets and self._resets[0] < horizon:
-            self._resets.popleft()
-        if len(self._resets) <= cfg.eyeball_reset_limit:
+        if not self._resets.flooded(trio.current_time()):
             return False
         log.warning("eyeball reset more than %d streams within %gs (rapid reset?): GOAWAY and close "
                     "(limit eyeball_reset_limit) client=%s", cfg.eyeball_reset_limit,
@@ -159,7 +157,7 @@ class _H2Server:
                 ex.lot.unpark_all()
         elif isinstance(event, h2.events.StreamReset):
             if event.remote_reset:
-                self._resets.append(trio.current_time())
+                self._resets.reset(trio.current_time())
             if ex is not None:
                 ex.reset = True
                 ex.lot.unpark_all()
