@@ -837,7 +837,8 @@ def _go_body_error(text: str) -> str:
 
 
 class OriginExchange:
-    """One HTTP request/response between the connector and an origin, without I/O.
+    """One HTTP request/response between the connector and an origin (`origin`: its address, for
+    messages), without I/O.
 
     The request side: `needs_probe`, `start(probe)` (or `buffer_body` / `end_buffered_body` for a
     BUFFERED body), `request_head()`, `request_pending()`, `request_data()` while `wants_request_body`,
@@ -849,8 +850,8 @@ class OriginExchange:
     (the origin's answer is unusable; 502) and `ResponseBodyError` (after the head: reset the stream).
     """
 
-    def __init__(self, request: TunnelRequest, options: OriginOptions, *, websocket: bool = False,
-                 origin: str = "origin") -> None:
+    def __init__(self, request: TunnelRequest, options: OriginOptions, *, origin: str,
+                 websocket: bool = False) -> None:
         self.request = request
         self.options = options
         self.websocket = websocket

@@ -270,3 +270,22 @@ def test_h2_response_fields_drop_connection_specific_ones(status: int,
     assert out[0] == (b":status", str(status).encode())
     dropped = (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te")
     assert out[1:] == [(n.lower(), v) for n, v in fields if n.lower() not in dropped]
+
+
+# --- details pinned for mutation testing (docs/mutation-report.md) ---------------------------------
+
+def test_a_head_of_exactly_the_limit_passes() -> None:
+    headers = [(b"host", b"app.test"), (b"x-a", b"1")]
+    size = len(b"/p") + (4 + 8 + 4) + (3 + 1 + 4)
+    head = {"method": b"GET", "target": b"/p", "http_version": b"1.1", "headers": headers, "scheme": "https",
+            "client_ip": "192.0.2.1"}
+    assert EyeballExchange.from_h1(**head, max_head_size=size).request.host == "app.test"
+    with pytest.raises(RequestRefused, match=f"^request head of {size} bytes over {size - 1}$"):
+        EyeballExchange.from_h1(**head, max_head_size=size - 1)
+
+
+def test_the_first_host_field_names_the_host() -> None:
+    ex = EyeballExchange.from_h1(method=b"GET", target=b"/", http_version=b"1.1",
+                                 headers=[(b"host", b"one.test"), (b"host", b"two.test")], scheme="https",
+                                 client_ip="192.0.2.1", max_head_size=8192)
+    assert ex.request.host == "one.test" and ex.request.headers[0] == (b"host", b"one.test")

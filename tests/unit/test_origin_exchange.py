@@ -82,7 +82,7 @@ def drive_request(case: RequestCase, authority: str, path: str) -> tuple[OriginE
         extra.append(("trailer", "X-Sum"))
     req = TunnelRequest.from_h2_headers(h2_headers(case.method, authority, path, extra), case.end_stream)
     opts = OriginOptions(connector_id="c", disable_chunked_encoding=case.no_chunked)
-    ex = OriginExchange(req, opts)
+    ex = OriginExchange(req, opts, origin="127.0.0.1:8080")
     stream = list(chunks)  # what the tunnel stream still holds
     probe = None
     if ex.needs_probe and not case.probe_times_out:
@@ -205,7 +205,7 @@ def test_a_failed_request_body_keeps_its_cause_and_the_connection_is_not_reused(
 
 def test_a_raw_body_never_leaves_the_connection_reusable() -> None:
     req = TunnelRequest.from_h2_headers([(b":method", b"CONNECT"), (b":authority", b"a.test:1")], False)
-    ex = OriginExchange(req, OPTS)
+    ex = OriginExchange(req, OPTS, origin="127.0.0.1:8080")
     assert ex.start().framing is Framing.RAW
     ex.request_head()
     assert ex.wants_request_body and ex.request_data(b"xyz") == b"xyz"
@@ -445,3 +445,93 @@ def test_any_call_order_raises_only_project_errors(calls: list[str]) -> None:
         except TunnelLabError:
             event("a project error")
     event("reached the end of the calls")
+
+
+# --- details pinned for mutation testing (docs/mutation-report.md) ---------------------------------
+
+def test_before_start_nothing_is_sent_and_nothing_is_reusable() -> None:
+    ex = exchange("POST", end_stream=False)
+    assert not ex.has_request_body and not ex.wants_request_body and not ex.reusable()
+    assert ex.origin_request is None and ex.request_error is None and not ex.headers_sent
+
+
+def test_a_content_length_body_stops_at_its_length() -> None:
+    ex = exchange("POST", end_stream=False, extra=[("content-length", "3")])
+    ex.start()
+    ex.request_head()
+    assert ex.wants_request_body
+    assert ex.request_data(b"ab") == b"ab" and ex.wants_request_body
+    assert ex.request_data(b"cde") == b"c"  # what goes past the declared length is dropped
+    assert not ex.wants_request_body  # the shell reads no further
+    assert ex.request_end() == b""
+
+
+def test_declared_trailers_pass_whatever_their_case() -> None:
+    ex = exchange("POST", end_stream=False, extra=[("trailer", "x-sum")])
+    ex.start()
+    ex.request_head()
+    ex.request_data(b"a")
+    assert ex.request_end([(b"X-Sum", b"1"), (b"x-other", b"2")]) == b"0\r\nX-Sum: 1\r\n\r\n"
+
+
+def test_the_eyeball_s_accept_encoding_means_no_gunzip() -> None:
+    body = gzip.compress(b"hello", mtime=0)
+    ex = exchange("GET", extra=[("accept-encoding", "gzip")])
+    ex.start()
+    ex.request_head()
+    head = ex.response_head(200, [(b"Content-Encoding", b"gzip"), (b"Content-Length", b"%d" % len(body))])
+    assert head == []  # Go's buffer holds a Content-Length response's HEADERS
+    assert ex.response_data(body) == []
+    headers, data = ex.response_end()
+    assert isinstance(headers, SendHeaders) and (b"content-length", b"%d" % len(body)) in headers.fields
+    assert data == SendData(data=body, end_stream=True)
+
+
+def test_a_gunzipped_response_streams_because_go_drops_its_length() -> None:
+    body = gzip.compress(b"hello", mtime=0)
+    ex = exchange("GET")
+    ex.start()
+    ex.request_head()
+    length = b"%d" % len(body)
+    [headers] = ex.response_head(200, [(b"Content-Encoding", b"gzip"), (b"Content-Length", length)])
+    assert isinstance(headers, SendHeaders) and not headers.end_stream
+    assert all(name not in (b"content-length", b"content-type") for name, _ in headers.fields)
+    assert ex.response_data(body) == [SendData(data=b"hello")]
+    assert ex.response_end() == [EndStream()]
+
+
+def test_held_headers_get_the_sniffed_content_type() -> None:
+    for end in (False, True):
+        ex = exchange("GET")
+        ex.start()
+        ex.request_head()
+        ex.response_head(200, [(b"Content-Length", b"5000" if not end else b"6")])
+        if end:
+            assert ex.response_data(b"<html>") == []
+            actions = ex.response_end()
+        else:
+            actions = ex.response_data(b"<html>" + b"x" * 4994)
+        headers = actions[0]
+        assert isinstance(headers, SendHeaders) and not headers.end_stream
+        assert (b"content-type", b"text/html; charset=utf-8") in headers.fields
+
+
+def test_an_http10_response_keeps_its_connection_close() -> None:
+    for http10, kept in ((True, True), (False, False)):
+        ex = exchange("GET")
+        ex.start()
+        ex.request_head()
+        [headers] = ex.response_head(200, [(b"Connection", b"close")], http10=http10)
+        assert isinstance(headers, SendHeaders)
+        serialized = dict(headers.fields)[b"cf-cloudflared-response-headers"]
+        assert (b"Q29ubmVjdGlvbg" in serialized) == kept  # base64 of "Connection"
+
+
+def test_go_s_words_for_a_body_cut_short() -> None:
+    for text in ("origin closed the connection",
+                 "peer closed connection without sending complete message body"):
+        ex = exchange()
+        ex.start()
+        ex.request_head()
+        ex.response_head(200, [])
+        assert str(ex.body_error(OriginError(text))) == "unexpected EOF"
