@@ -328,7 +328,10 @@ class Proxy:
             try:
                 event = await conn.next_event()
             except OriginError as exc:
-                raise ex.body_error(exc) from exc
+                error = ex.body_error(exc)
+                if error is exc:
+                    raise
+                raise error from exc
             if isinstance(event, h11.InformationalResponse):
                 headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
                 await _perform(ts, ex.informational(event.status_code, headers))
