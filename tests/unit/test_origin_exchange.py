@@ -146,7 +146,8 @@ def test_a_buffered_body_over_the_bound_fails_with_the_cause() -> None:
     ex.start()
     assert ex.request_state is RequestState.BUFFERING
     ex.buffer_body(b"x" * MAX_BUFFERED_BODY)
-    with pytest.raises(StreamConversionError, match="over 33554432 bytes: too large"):
+    with pytest.raises(StreamConversionError, match=r"^the request body is over 33554432 bytes: too large to "
+                                                    r"send without chunked encoding or a Content-Length$"):
         ex.buffer_body(b"x")
     assert ex.request_state is RequestState.FAILED
 
@@ -535,3 +536,16 @@ def test_go_s_words_for_a_body_cut_short() -> None:
         ex.request_head()
         ex.response_head(200, [])
         assert str(ex.body_error(OriginError(text))) == "unexpected EOF"
+
+
+def test_a_buffered_body_goes_first_with_its_length() -> None:
+    opts = OriginOptions(connector_id="c", disable_chunked_encoding=True)
+    ex = exchange("POST", end_stream=False, opts=opts)
+    ex.start()
+    ex.buffer_body(b"ab")
+    ex.buffer_body(b"cd")
+    oreq = ex.end_buffered_body()
+    assert oreq.framing is Framing.CONTENT_LENGTH and oreq.content_length == 4 and ex.origin_request is oreq
+    assert b"\r\nContent-Length: 4\r\n" in ex.request_head()
+    assert ex.request_pending() == b"abcd"
+    assert not ex.wants_request_body  # the whole body was read before the head
