@@ -517,15 +517,48 @@ def test_held_headers_get_the_sniffed_content_type() -> None:
         assert (b"content-type", b"text/html; charset=utf-8") in headers.fields
 
 
-def test_an_http10_response_keeps_its_connection_close() -> None:
-    for http10, kept in ((True, True), (False, False)):
-        ex = exchange("GET")
-        ex.start()
-        ex.request_head()
-        [headers] = ex.response_head(200, [(b"Connection", b"close")], http10=http10)
-        assert isinstance(headers, SendHeaders)
-        serialized = dict(headers.fields)[b"cf-cloudflared-response-headers"]
-        assert (b"Q29ubmVjdGlvbg" in serialized) == kept  # base64 of "Connection"
+@pytest.mark.parametrize(("connection", "http10", "kept"), [
+    (b"close", True, True),  # HTTP/1.0: Go keeps the field
+    (b"close", None, False),  # HTTP/1.1 (the default): Go takes it out and records the close
+    (b"keep-alive, close", None, False),
+    (b"close,x", None, False),
+    (b"Xclose", None, True),  # not the close token
+    (b"keep-alive", None, True),
+])
+def test_a_connection_close_is_go_s_not_the_eyeball_s(connection: bytes, http10: bool | None,
+                                                      kept: bool) -> None:
+    ex = exchange("GET")
+    ex.start()
+    ex.request_head()
+    head = [(b"Connection", connection)]
+    actions = ex.response_head(200, head) if http10 is None else ex.response_head(200, head, http10=http10)
+    [headers] = actions
+    assert isinstance(headers, SendHeaders)
+    serialized = dict(headers.fields)[b"cf-cloudflared-response-headers"]
+    assert (b"Q29ubmVjdGlvbg" in serialized) == kept  # base64 of "Connection"
+
+
+def test_a_head_response_keeps_its_length_unchecked() -> None:
+    ex = exchange("HEAD")
+    ex.start()
+    ex.request_head()
+    [headers] = ex.response_head(200, [(b"Content-Length", b"12x"), (b"Content-Encoding", b"gzip")])
+    assert isinstance(headers, SendHeaders) and headers.end_stream
+    assert (b"content-length", b"12x") in headers.fields
+    get = exchange("GET")
+    get.start()
+    get.request_head()
+    with pytest.raises(OriginError, match="bad Content-Length"):
+        get.response_head(200, [(b"Content-Length", b"12x")])
+
+
+def test_a_one_byte_buffered_body_has_a_length() -> None:
+    opts = OriginOptions(connector_id="c", disable_chunked_encoding=True)
+    ex = exchange("POST", end_stream=False, opts=opts)
+    ex.start()
+    ex.buffer_body(b"a")
+    assert ex.end_buffered_body().content_length == 1
+    assert b"\r\nContent-Length: 1\r\n" in ex.request_head()
 
 
 def test_go_s_words_for_a_body_cut_short() -> None:
