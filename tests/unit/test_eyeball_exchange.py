@@ -289,3 +289,11 @@ def test_the_first_host_field_names_the_host() -> None:
                                  headers=[(b"host", b"one.test"), (b"host", b"two.test")], scheme="https",
                                  client_ip="192.0.2.1", max_head_size=8192)
     assert ex.request.host == "one.test" and ex.request.headers[0] == (b"host", b"one.test")
+
+
+def test_stream_failure_defaults_and_a_fresh_exchange() -> None:
+    ex = EyeballExchange(request(), has_body=False)
+    assert (ex.state, ex.tries, ex.ray, ex.websocket) == (EyeballState.ROUTING, 0, "", False)
+    assert ex.stream_failed(retryable=False) == Answer(502, "stream-failed")
+    assert ex.stream_failed(retryable=False, bad_body=True) == Answer(400, "bad-request")
+    assert ex.stream_failed(retryable=True) is Next.RETRY  # tries 0: a bodiless GET may go elsewhere
