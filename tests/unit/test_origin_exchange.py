@@ -30,6 +30,7 @@ from wire.origin import (
     SendTrailers,
     TunnelAction,
     TunnelRequest,
+    tunnel_response_headers,
     tunnel_trailers,
 )
 
@@ -582,3 +583,34 @@ def test_a_buffered_body_goes_first_with_its_length() -> None:
     assert b"\r\nContent-Length: 4\r\n" in ex.request_head()
     assert ex.request_pending() == b"abcd"
     assert not ex.wants_request_body  # the whole body was read before the head
+
+
+def test_a_short_body_fails_go_s_length_check() -> None:
+    ex = exchange("POST", end_stream=False, extra=[("content-length", "5")])
+    ex.start()
+    ex.request_head()
+    ex.request_data(b"ab")
+    with pytest.raises(StreamConversionError, match=r"^http: ContentLength=5 with Body length 2$"):
+        ex.request_end()
+
+
+def test_a_websocket_request_is_never_probed_and_asks_for_the_upgrade() -> None:
+    ex = exchange("GET", end_stream=False, websocket=True)
+    assert not ex.needs_probe
+    ex.start()
+    head = ex.request_head()
+    assert b"\r\nConnection: Upgrade\r\n" in head and b"\r\nUpgrade: websocket\r\n" in head
+    assert ex.request_state is RequestState.DONE and ex.headers_sent is False
+
+
+def test_a_probe_that_read_eof_means_no_body() -> None:
+    ex = exchange("GET", end_stream=False)
+    assert ex.start(b"").framing is Framing.NONE
+    assert not ex.has_request_body
+    timed_out = exchange("GET", end_stream=False)
+    assert timed_out.start(None).framing is Framing.CHUNKED
+
+
+def test_connection_close_default_is_http11() -> None:
+    fields = tunnel_response_headers(200, [(b"Connection", b"close")])
+    assert b"Q29ubmVjdGlvbg" not in dict(fields)[b"cf-cloudflared-response-headers"]
