@@ -18,6 +18,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from wire.errors import TunnelLabError
+
 
 @dataclass
 class LoadResult:
@@ -52,7 +54,7 @@ class LoadResult:
         return ordered[index] * 1000
 
 
-class HTTPClientError(Exception):
+class HTTPClientError(TunnelLabError):
     """The server's answer was not the HTTP/1.1 response the bench expects."""
 
 

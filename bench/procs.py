@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from lab.runner.procs import TUNNEL_LAB, tail
+from wire.errors import TunnelLabError
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class BenchSetupError(Exception):
+class BenchSetupError(TunnelLabError):
     """A component did not start or a workload could not run; the message names it and its log."""
 
 

@@ -38,6 +38,7 @@ from wsproto.events import (
 
 from connector.logging_setup import setup_logging
 from connector.websocket import MESSAGE_SIZE
+from transport.pipe import PipeDone, Way, pipe
 from wire.errors import ConfigError, OriginError, TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class EdgeTarget:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
-async def open_websocket(target: EdgeTarget) -> tuple[trio.abc.Stream, WSConnection]:
+async def connect_websocket(target: EdgeTarget) -> tuple[trio.abc.Stream, WSConnection]:
     """Dial the edge and complete the WebSocket handshake for `target.hostname`.
 
     Raises `OriginError` naming the edge and the reason (refused, rejected with a status, timeout).
@@ -147,58 +148,53 @@ async def pipe_websocket(stream: trio.abc.Stream, ws: WSConnection, local_receiv
         async with send_lock:
             await stream.send_all(data)
 
-    async def local_to_edge(cancel: trio.CancelScope) -> None:
-        try:
-            while True:
-                data = await local_receive.receive_some(MESSAGE_SIZE)  # as the real client sends
-                if not data:
-                    break
-                await ws_send(ws.send(BytesMessage(data=data)))
-            while True:
-                with trio.move_on_after(LINGER) as quiet:
-                    await activity[0].wait()
-                if quiet.cancelled_caught:
-                    break
-                activity[0] = trio.Event()
-            await ws_send(ws.send(CloseConnection(code=1000)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            cancel.cancel()
+    async def read_local() -> bytes:
+        return bytes(await local_receive.receive_some(MESSAGE_SIZE))  # as the real client sends
 
-    async def edge_to_local(cancel: trio.CancelScope) -> None:
-        try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                ws.receive_data(bytes(data))
-                activity[0].set()
-                for event in ws.events():
-                    if isinstance(event, (BytesMessage, TextMessage)):
-                        raw = event.data
-                        payload = raw.encode() if isinstance(raw, str) else bytes(raw)
-                        if payload:
-                            await local_send.send_all(payload)
-                    elif isinstance(event, Ping):
+    async def linger_then_close() -> None:
+        while True:
+            with trio.move_on_after(LINGER) as quiet:
+                await activity[0].wait()
+            if quiet.cancelled_caught:
+                break
+            activity[0] = trio.Event()
+        await ws_send(ws.send(CloseConnection(code=1000)))
+
+    async def read_edge() -> bytes:
+        """The payload of the next messages from the edge (pings answered; a close ends the pipe)."""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return b""
+            ws.receive_data(bytes(data))
+            activity[0].set()
+            payload = bytearray()
+            for event in ws.events():
+                if isinstance(event, BytesMessage | TextMessage):
+                    raw = event.data
+                    payload += raw.encode() if isinstance(raw, str) else raw
+                elif isinstance(event, Ping):
+                    await ws_send(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if payload:
+                        await local_send.send_all(bytes(payload))
+                    with contextlib.suppress(Exception):  # the peer may already be gone
                         await ws_send(ws.send(event.response()))
-                    elif isinstance(event, CloseConnection):
-                        with contextlib.suppress(Exception):  # the peer may already be gone
-                            await ws_send(ws.send(event.response()))
-                        cancel.cancel()
-                        return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        cancel.cancel()
+                    raise PipeDone
+            if payload:
+                return bytes(payload)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(local_to_edge, nursery.cancel_scope)
-        nursery.start_soon(edge_to_local, nursery.cancel_scope)
+    broken = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+    await pipe(Way(read_local, lambda data: ws_send(ws.send(BytesMessage(data=data))),
+                   at_eof=linger_then_close, quiet=broken, ends_pipe=False),
+               Way(read_edge, local_send.send_all, quiet=broken))
 
 
-async def _serve_one(local: trio.SocketStream, target: EdgeTarget) -> None:
+async def _handle_local(local: trio.SocketStream, target: EdgeTarget) -> None:
     peer = local.socket.getpeername()
     who = f"{peer[0]}:{peer[1]}"
     try:
-        stream, ws = await open_websocket(target)
+        stream, ws = await connect_websocket(target)
     except OriginError as exc:
         log.error("failed to connect to origin error=%r hostname=%s client=%s", str(exc), target.hostname,
                   who)
@@ -235,7 +231,7 @@ async def serve_access_tcp(listen: str, target: EdgeTarget, *,
 
     async def handler(local: trio.SocketStream) -> None:
         try:
-            await _serve_one(local, target)
+            await _handle_local(local, target)
         except Exception:  # one connection's failure never stops the listener
             log.exception("access connection failed hostname=%s", target.hostname)
 
@@ -245,7 +241,7 @@ async def serve_access_tcp(listen: str, target: EdgeTarget, *,
 
 async def run_stdio(target: EdgeTarget) -> int:
     """ProxyCommand mode: stdin/stdout <-> one WebSocket."""
-    stream, ws = await open_websocket(target)
+    stream, ws = await connect_websocket(target)
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
     async with stdin, stdout:

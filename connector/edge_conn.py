@@ -1,4 +1,4 @@
-"""One connection to the edge: TLS dial, HTTP/2 (we are the server), the control stream and its RPC.
+"""One connection to the edge: HTTP/2 (we are the server), the control stream and its RPC.
 
 Roles: the connector dials the edge and is the **TLS client**, but on that connection it is the **HTTP/2
 server** (`client_side=False`); the edge sends the preface and opens every stream. On the control stream the
@@ -8,500 +8,67 @@ Tasks per connection: a reader (socket -> h2 -> per-stream inboxes), a writer (h
 `flush`/`push`), the control task (registration, local config, unregister) and one task per eyeball stream. A
 stream's failure becomes a RST_STREAM; only socket errors and protocol violations end the connection, and
 `run` then raises an `EdgeConnectionError` whose class tells the supervisor how to retry.
+
+Beside it: the errors (connector/edge_errors.py), TLS and dialling (connector/edge_dial.py), the stream the
+handlers see (connector/tunnel_stream.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
+import functools
 import logging
 import ssl
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 import trio
 
-from connector.h2conn import ConnectorH2Connection, StreamProtocolError
+from connector.edge_dial import dial_edge, split_host_port
+from connector.edge_errors import (
+    ConnectionLostError,
+    ControlStreamError,
+    DuplicateConnectionError,
+    EdgeConnectionError,
+    RegistrationRefusedError,
+    ServerRefusedError,
+    StreamGone,
+    UnauthorizedError,
+)
 from connector.logging_setup import format_value as q
-from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from connector.settings import TunnelSettings
-from connector.x509_text import go_tls_verify_error
+from connector.state import ConnectorState
+from connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
+from transport.h2 import StreamProtocolError, TunnelH2Connection
 from wire import registration as reg
-from wire.errors import TLSSetupError, TunnelLabError
+from wire.errors import TunnelLabError
 from wire.headers import StreamType, classify_stream
-from wire.hpack_encoder import LongValueEncoder
 from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
-if TYPE_CHECKING:
-    from connector.streams import Proxy
-
+Dial = Callable[[], Awaitable[trio.abc.Stream]]
 log = logging.getLogger(__name__)
 
-EDGE_SNI = "h2.cftunnel.com"
-DIAL_TIMEOUT = 15.0
+
+class StreamHandler(Protocol):
+    """What an edge connection hands its streams to (`connector.streams.Proxy`)."""
+
+    @property
+    def state(self) -> ConnectorState: ...
+    async def handle_stream(self, ts: IncomingStream, kind: StreamType) -> None: ...
+
 PREFACE_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
-TLS_RECEIVE_SIZE = 256 * 1024  # most bytes one socket read of the edge connection takes
-MAX_READ = 256 * 1024  # most request-body bytes one receive_some returns
-WINDOW = 1 << 20  # INITIAL_WINDOW_SIZE and the connection window, as Go's server sets them
-# WINDOW_UPDATEs go out once a quarter of the window was used (cloudflared: about every 32 KiB; 8x fewer
-# frames to write here and to parse at the edge on an upload, and the window never runs dry).
-CREDIT_BATCH = WINDOW // 4
 MAX_FRAME = 1 << 20
 # A stream's writes only wake the writer (HEADERS, DATA and END_STREAM written back to back leave in one TLS
 # write); a stream waits for the socket only once this much is queued (backpressure on bulk bodies).
 PUSH_WAIT = 64 * 1024
 MAX_HEADER_LIST = 1048896
 NO_RFC7540_PRIORITIES = 0x9
-_EDGE_CERTS: dict[tuple[str, str], bytes | None] = {}  # (edge address, verify error) -> the leaf it presented
-
-
-class _LazyRepr:
-    """`repr(obj)`, computed only when a log record is formatted."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: object) -> None:
-        self.obj = obj
-
-    def __str__(self) -> str:
-        return repr(self.obj)
-
-    __repr__ = __str__
-
-
-# h2 passes `repr(frame)` to a trace log call for every frame it receives, also when nothing logs it: for a
-# DATA frame that hex-dumps the whole payload (~10% of the connector's CPU on an upload). h2.connection calls
-# `repr` nowhere else; this makes that one lazy (a logger that does format it gets the same text).
-setattr(h2.connection, "repr", _LazyRepr)  # noqa: B010
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors: the class tells the supervisor what to do next
-
-
-class EdgeConnectionError(TunnelLabError):
-    """A connection to the edge ended badly. `rotate_address`: take another edge address;
-    `retry_initial`: retried even before any connection ever registered (cloudflared's "network" errors)."""
-
-    rotate_address = False
-    retry_initial = False
-    # the supervisor's log line for it, as cloudflared's supervisor/tunnel.go words it per error type
-    log_message = "Serve tunnel error"
-
-
-class EdgeDialError(EdgeConnectionError):
-    """TCP connect or TLS handshake with the edge failed."""
-
-    rotate_address = True
-    retry_initial = True
-
-
-class DuplicateConnectionError(EdgeConnectionError):
-    """The edge said EDUPCONN: this connector already has a connection there."""
-
-    rotate_address = True
-    retry_initial = True
-    log_message = "Unable to establish connection."
-
-
-class UnauthorizedError(EdgeConnectionError):
-    """The edge refused the registration with an `Unauthorized` cause (assumed propagation lag)."""
-
-    retry_initial = True
-    log_message = "Register tunnel error from server side"
-
-
-class ControlStreamError(EdgeConnectionError):
-    """The control stream broke before registration finished."""
-
-    retry_initial = True
-
-
-class RegistrationRefusedError(EdgeConnectionError):
-    """A permanent registration error (any other cause, an RPC exception, a timeout)."""
-
-
-class ServerRefusedError(RegistrationRefusedError):
-    """The edge answered the registration with an error and any cause but EDUPCONN and Unauthorized."""
-
-    log_message = "Register tunnel error from server side"
-
-
-class ConnectionLostError(EdgeConnectionError):
-    """The edge closed the connection, or broke the HTTP/2 protocol."""
-
-
-class ReconnectSignal(EdgeConnectionError):
-    """`--stdin-control`'s `reconnect [DURATION]` dropped this connection.
-
-    The supervisor reconnects it after `delay`, without backoff."""
-
-    retry_initial = True
-
-    def __init__(self, delay: float) -> None:
-        super().__init__(f"reconnect signal (delay {delay:g}s)")
-        self.delay = delay
-
-
-class StreamGone(TunnelLabError):
-    """The stream was reset by the edge or its connection is gone; stop working on it."""
-
-
-# --------------------------------------------------------------------------------------------------
-# TLS
-
-
-def edge_ssl_context(ca_cert: str | None) -> ssl.SSLContext:
-    """The TLS client context for the edge: `ca_cert` as the only roots when given, else the system pool.
-
-    Like cloudflared, a `--cacert` file without any certificate falls back to the system pool (which then
-    fails verification against a lab edge with a clear message)."""
-    if ca_cert is None:
-        return ssl.create_default_context()
-    try:
-        with open(ca_cert, encoding="latin-1") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise TLSSetupError(f"cannot read --cacert file {ca_cert}: {exc.strerror or exc}") from exc
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checks and verification on
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        log.warning("--cacert file %s holds no certificate; using the system certificate pool", ca_cert)
-        return ssl.create_default_context()
-    try:
-        ctx.load_verify_locations(cadata=text)
-    except ssl.SSLError as exc:
-        raise TLSSetupError(f"--cacert file {ca_cert} is not a valid PEM certificate bundle: {exc}") from exc
-    return ctx
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise TLSSetupError(f"edge address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-class EdgeTLSStream:
-    """TLS to the edge over a trio socket, with the ssl module's memory BIOs.
-
-    trio's `SSLStream` returns one TLS record (at most 16 KiB) per `receive_some`, with a scheduler round
-    trip each: here one receive decrypts every complete record the socket had, so h2 parses a whole batch
-    of frames at once. Errors are trio's: `trio.BrokenResourceError` (the `ssl` or `OSError` as its cause),
-    `trio.ClosedResourceError`. Reading and writing may run in different tasks (one of each)."""
-
-    def __init__(self, transport_stream: trio.SocketStream, ctx: ssl.SSLContext,
-                 server_hostname: str) -> None:
-        self.transport_stream = transport_stream
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
-        self._eof = False
-
-    async def _send_pending(self) -> None:
-        data = self._outgoing.read()
-        if data:
-            await self.transport_stream.send_all(data)
-
-    async def _refill(self) -> None:
-        data = await self.transport_stream.receive_some(TLS_RECEIVE_SIZE)
-        if data:
-            self._incoming.write(data)
-        else:
-            self._incoming.write_eof()
-
-    async def do_handshake(self) -> None:
-        while True:
-            try:
-                self._ssl.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            except ssl.SSLError as exc:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._send_pending()  # the alert, as trio's SSLStream sends it
-                raise trio.BrokenResourceError(str(exc)) from exc
-            await self._send_pending()
-            if done:
-                return
-            await self._refill()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Everything decryptable so far (b"" once the edge closed the TLS session)."""
-        while True:
-            parts: list[bytes] = []
-            try:
-                while True:
-                    chunk = self._ssl.read(TLS_RECEIVE_SIZE)
-                    if not chunk:  # the edge's close_notify
-                        self._eof = True
-                        break
-                    parts.append(chunk)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                self._eof = True
-            except ssl.SSLError as exc:
-                if not parts:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-            if parts:
-                return b"".join(parts)
-            if self._eof:
-                await trio.lowlevel.checkpoint()
-                return b""
-            await self._refill()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._ssl.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-        await self._send_pending()
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._ssl.getpeercert(binary_form)
-
-    async def aclose(self) -> None:
-        """Send close_notify (without waiting for the edge's), then close the socket."""
-        try:
-            with contextlib.suppress(ssl.SSLError):
-                self._ssl.unwrap()
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await self._send_pending()
-        finally:
-            await self.transport_stream.aclose()
-
-
-async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | None = None,
-                    timeout: float = DIAL_TIMEOUT) -> EdgeTLSStream:
-    """TCP + TLS to one edge address within `timeout` (raises `EdgeDialError`)."""
-    host, port = split_host_port(address)
-    tcp: trio.SocketStream | None = None
-    done = False
-    try:
-        with trio.fail_after(timeout):
-            tcp = await trio.open_tcp_stream(host, port, local_address=bind_address)
-            stream = EdgeTLSStream(tcp, ctx, server_hostname=EDGE_SNI)
-            await stream.do_handshake()
-            done = True
-            return stream
-    except trio.TooSlowError:
-        raise EdgeDialError(f"DialContext error: dial tcp {address}: i/o timeout") from None
-    except trio.BrokenResourceError as exc:
-        inner = exc.__cause__
-        if isinstance(inner, ssl.SSLCertVerificationError):
-            key = (address, str(inner.verify_message or inner.reason))
-            if key not in _EDGE_CERTS:  # one extra handshake per address and failure, not per retry
-                _EDGE_CERTS[key] = await fetch_peer_certificate(host, port, EDGE_SNI)
-                log.debug("edge %s presented %s: %s", address, describe_certificate(_EDGE_CERTS[key]), key[1])
-            text = go_tls_verify_error(inner, der=_EDGE_CERTS[key], server_name=EDGE_SNI,
-                                       now=datetime.datetime.now().astimezone())
-            raise EdgeDialError(f"TLS handshake with edge error: {text}") from exc
-        raise EdgeDialError(f"TLS handshake with edge error: {inner or exc}") from exc
-    except OSError as exc:
-        raise EdgeDialError(f"DialContext error: dial tcp {address}: {dial_error_text(exc)}") from exc
-    finally:
-        if tcp is not None and not done:  # also when cancelled mid-handshake
-            tcp.socket.close()
-
-
-_DATE: list[tuple[int, bytes]] = [(0, b"")]  # (second, Date header value) of the last response
-
-
-def http_date() -> bytes:
-    now = int(time.time())
-    second, value = _DATE[0]
-    if second != now:  # formatted once per second, not per response
-        value = formatdate(now, usegmt=True).encode()
-        _DATE[0] = (now, value)
-    return value
-
-
-# --------------------------------------------------------------------------------------------------
-# Streams
-
-
-class TunnelStream:
-    """One edge-opened HTTP/2 stream as the stream handlers see it.
-
-    Flow control as Go's server does it: connection-level credit goes back as DATA arrives (each stream's
-    buffer is bounded by its own window, so one slow stream never starves the others); stream-level credit
-    goes back only when the handler comes back for more, i.e. after it handed the previous chunk on:
-    backpressure reaches the edge per stream."""
-
-    def __init__(self, conn: EdgeConnection, stream_id: int, headers: list[tuple[bytes, bytes]],
-                 end_stream: bool) -> None:
-        self.conn = conn
-        self.stream_id = stream_id
-        self.headers = headers
-        self.end_stream_on_headers = end_stream
-        self.remote_ended = end_stream
-        self.reset_received = False
-        self.local_ended = False
-        self.headers_sent = False
-        self.trailers: list[tuple[bytes, bytes]] = []  # request trailers the edge sent, if any
-        self.status: int | None = None  # the :status we answered
-        self.failed = False  # the connector could not serve it (502 of its own, or a reset)
-        self.cancel_scope = trio.CancelScope()
-        self._chunks: deque[tuple[bytes, int]] = deque()
-        self._to_ack = 0  # flow-controlled bytes handed out, not yet acknowledged
-        self._credit = 0  # stream-level credit owed to the edge, sent in batches
-        self._wakeup = trio.Event()
-
-    @property
-    def label(self) -> str:
-        return f"{self.conn.label} stream={self.stream_id}"
-
-    # -- fed by the connection's reader
-    def _push(self, data: bytes, flow_len: int) -> None:
-        self._chunks.append((data, flow_len))
-        self._wakeup.set()
-
-    def _ended(self) -> None:
-        self.remote_ended = True
-        self._wakeup.set()
-
-    def _reset(self) -> None:
-        self.reset_received = True
-        self.remote_ended = True
-        self._wakeup.set()
-        self.cancel_scope.cancel()
-
-    # -- request body
-    async def receive_some(self) -> bytes:
-        """The next chunk of the request body; b"" once the edge ended (or reset) its side."""
-        await self._ack()
-        while True:
-            # Everything already buffered goes out as one piece, like Go's body reads (D07b).
-            parts: list[bytes] = []
-            size = 0
-            while self._chunks and size < MAX_READ:
-                data, flow_len = self._chunks.popleft()
-                self._to_ack += flow_len
-                parts.append(data)
-                size += len(data)
-            if size:
-                return b"".join(parts)
-            if self.remote_ended:
-                await self._ack()
-                return b""
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-
-    def push_back(self, data: bytes) -> None:
-        """Return unconsumed bytes to the front of the inbox (already counted for flow control)."""
-        if data:
-            self._chunks.appendleft((data, 0))
-
-    async def _ack(self) -> None:
-        if self._to_ack:
-            self._credit += self._to_ack
-            self._to_ack = 0
-            if self._credit >= CREDIT_BATCH and not self.remote_ended:
-                n, self._credit = self._credit, 0
-                self.conn.open_window(n, self.stream_id)
-                await self.conn.push()
-
-    def _release_window(self) -> None:
-        """Forget what this stream never consumed (its connection-level credit went back on arrival)."""
-        self._to_ack = 0
-        self._credit = 0
-        self._chunks.clear()
-
-    # -- response
-    async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
-        if not any(name == b"date" for name, _ in headers):
-            headers = [*headers, (b"date", http_date())]
-        self._check()
-        try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            raise StreamGone(f"{self.label}: cannot send headers: {exc}") from exc
-        self.headers_sent = True
-        for name, value in headers:
-            if name == b":status" and value.isdigit():
-                self.status = int(value)
-        if end_stream:
-            self.local_ended = True
-        await self.conn.push()
-
-    async def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self._check()
-        try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=True)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            raise StreamGone(f"{self.label}: cannot send trailers: {exc}") from exc
-        self.local_ended = True
-        await self.conn.push()
-
-    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
-        """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""
-        view = memoryview(data)
-        unflushed = False
-        while True:
-            self._check()
-            h2c = self.conn.h2
-            try:
-                window = h2c.local_flow_control_window(self.stream_id)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                raise StreamGone(f"{self.label}: stream closed: {exc}") from exc
-            size = min(window, h2c.max_outbound_frame_size, len(view))
-            if len(view) and size <= 0:
-                if unflushed:  # what fitted goes out before we wait for credit; then look again
-                    unflushed = False
-                    await self.conn.flush()
-                    continue
-                await self.conn.wait_for_window()  # no checkpoint since the window was read
-                continue
-            chunk, view = view[:size], view[size:]
-            last = end_stream and not len(view)
-            try:
-                h2c.send_data(self.stream_id, bytes(chunk), end_stream=last)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                raise StreamGone(f"{self.label}: cannot send data: {exc}") from exc
-            self.conn.queued += size
-            unflushed = True
-            if last:
-                self.local_ended = True
-            if not len(view):
-                await self.conn.push()  # every write goes out at once: SSE and chunked responses stream
-                return
-
-    async def end(self) -> None:
-        if not self.local_ended:
-            await self.send_data(b"", end_stream=True)
-
-    async def reset(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
-        if self.reset_received:
-            return
-        if code != h2.errors.ErrorCodes.NO_ERROR:
-            self.failed = True
-        self.reset_received = True
-        self.local_ended = True
-        try:
-            self.conn.h2.reset_stream(self.stream_id, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        await self.conn.flush()
-
-    def _check(self) -> None:
-        if self.reset_received:
-            raise StreamGone(f"{self.label}: reset by the edge")
-        if self.conn.dead:
-            raise StreamGone(f"{self.label}: connection with edge closed")
-
-
-# --------------------------------------------------------------------------------------------------
-# The connection
 
 
 def _server_settings() -> dict[h2.settings.SettingCodes | int, int]:
@@ -519,30 +86,35 @@ def _server_settings() -> dict[h2.settings.SettingCodes | int, int]:
 class EdgeConnection:
     """One HA connection (connIndex) over one dialled address, from dial to close."""
 
-    def __init__(self, settings: TunnelSettings, proxy: Proxy, *, conn_index: int, address: str,
-                 ssl_context: ssl.SSLContext, num_previous_attempts: int = 0,
+    def __init__(self, settings: TunnelSettings, proxy: StreamHandler, *, conn_index: int, address: str,
+                 ssl_context: ssl.SSLContext | None = None, dial: Dial | None = None,
+                 num_previous_attempts: int = 0,
                  on_registered: Callable[[EdgeConnection], None] | None = None,
                  on_unregistered: Callable[[EdgeConnection], None] | None = None) -> None:
         self.settings = settings
         self.proxy = proxy
         self.conn_index = conn_index
         self.address = address
-        self.ssl_context = ssl_context
+        # The seam tests use to hand the connection a transport (tests/component/tunnel_pair.py).
+        if dial is None:
+            if ssl_context is None:
+                raise TypeError("EdgeConnection needs an ssl_context or a dial")
+            self._dial: Dial = functools.partial(dial_edge, address, ssl_context,
+                                                 bind_address=settings.edge_bind_address)
+        else:
+            self._dial = dial
         self.num_previous_attempts = num_previous_attempts
         self._on_registered = on_registered
         self._on_unregistered = on_unregistered
         # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=False, normalize_inbound_headers=False)
-        self.h2 = ConnectorH2Connection(config=config)  # a malformed stream costs only that stream
-        self.h2.encoder = LongValueEncoder()  # a huge origin response head must not stall the connection
-        self.h2.local_settings = h2.settings.Settings(
-            client=False, initial_values=_server_settings())  # type: ignore[arg-type]
-        # Settings given as initial values count as in force at once: mirror them where h2 copied defaults.
-        self.h2.max_inbound_frame_size = MAX_FRAME
-        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST
-        self.stream: EdgeTLSStream | None = None
-        self.streams: dict[int, TunnelStream] = {}
+        # A malformed stream costs only that stream; a GOAWAY leaves the open streams (and the control
+        # stream) running, as Go's server does.
+        self.h2 = TunnelH2Connection(config, local_settings=_server_settings(),
+                                     keep_streams_after_goaway=True, body_errors_reset_stream=True)
+        self.stream: trio.abc.Stream | None = None
+        self.streams: dict[int, IncomingStream] = {}
         self.details: reg.ConnectionDetails | None = None
         self.registered = False
         self.dead = False
@@ -563,7 +135,7 @@ class EdgeConnection:
         self._closed_event = trio.Event()
         self._streams_idle = trio.Event()
         self._streams_idle.set()
-        self._control: TunnelStream | None = None
+        self._control: IncomingStream | None = None
         self._rpc = RpcClient()
         self._rpc_results: dict[int, object] = {}
         self._rpc_event = trio.Event()
@@ -632,8 +204,7 @@ class EdgeConnection:
             dialling.start_soon(abandon)
             dial_error: TunnelLabError | None = None
             try:
-                self.stream = await dial_edge(self.address, self.ssl_context,
-                                              bind_address=self.settings.edge_bind_address)
+                self.stream = await self._dial()
             except TunnelLabError as exc:  # raised out of here, not out of the nursery (no group)
                 dial_error = exc
             dialling.cancel_scope.cancel()
@@ -641,8 +212,10 @@ class EdgeConnection:
             raise dial_error
         if self.stream is None:
             return
-        with contextlib.suppress(OSError):
-            self.edge_ip = self.stream.transport_stream.socket.getpeername()[0]
+        sock = _socket_of(self.stream)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                self.edge_ip = sock.getpeername()[0]
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -788,17 +361,16 @@ class EdgeConnection:
             self._wake_window()
         elif isinstance(event, h2.events.ConnectionTerminated):
             # Go answers a GOAWAY with its own and keeps serving the open streams (the control stream
-            # included). h2 refuses to send after a GOAWAY, so its state machine is put back to open.
+            # included).
             log.info("Received GOAWAY from the edge connIndex=%d error_code=%s event=0 ip=%s "
                      "last_stream_id=%s", self.conn_index, event.error_code, self.edge_ip,
                      event.last_stream_id)
-            self.h2.close_connection(last_stream_id=max(self.streams, default=0))
-            self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+            self.h2.send_goaway(0, last_stream_id=max(self.streams, default=0))
 
     def _new_stream(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None
         headers = [(bytes(n), bytes(v)) for n, v in (event.headers or [])]
-        ts = TunnelStream(self, event.stream_id, headers, end_stream=event.stream_ended is not None)
+        ts = IncomingStream(self, event.stream_id, headers, end_stream=event.stream_ended is not None)
         kind = classify_stream(headers)
         if kind is StreamType.CONTROL and self._control is None:
             self._control = ts
@@ -811,7 +383,7 @@ class EdgeConnection:
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_stream, ts, kind)
 
-    async def _serve_stream(self, ts: TunnelStream, kind: StreamType) -> None:
+    async def _serve_stream(self, ts: IncomingStream, kind: StreamType) -> None:
         try:
             with ts.cancel_scope:
                 await self._call_handler(ts, kind)
@@ -831,7 +403,7 @@ class EdgeConnection:
             if not self.dead and self._stash_output():
                 self._wake_writer.set()
 
-    async def _call_handler(self, ts: TunnelStream, kind: StreamType) -> None:
+    async def _call_handler(self, ts: IncomingStream, kind: StreamType) -> None:
         """Run the stream handler; its failures end the stream (RST_STREAM), never the connection."""
         try:
             await self.proxy.handle_stream(ts, kind)
@@ -873,7 +445,7 @@ class EdgeConnection:
                 raise ConnectionLostError(f"control stream ended: {self._rpc_closed}")
         await self._graceful_shutdown(ctrl)
 
-    def _nursery_start(self, fn: Callable[[TunnelStream], Awaitable[None]], arg: TunnelStream) -> None:
+    def _nursery_start(self, fn: Callable[[IncomingStream], Awaitable[None]], arg: IncomingStream) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, arg)
 
@@ -881,7 +453,7 @@ class EdgeConnection:
         while self._rpc_closed is None:
             await self._rpc_event.wait()
 
-    async def _rpc_reader(self, ctrl: TunnelStream) -> None:
+    async def _rpc_reader(self, ctrl: IncomingStream) -> None:
         while True:
             try:
                 data = await ctrl.receive_some()
@@ -911,7 +483,7 @@ class EdgeConnection:
         self._rpc_event.set()
         self._rpc_event = trio.Event()
 
-    async def _send_rpc(self, ctrl: TunnelStream) -> None:
+    async def _send_rpc(self, ctrl: IncomingStream) -> None:
         data = self._rpc.data_to_send()
         if data and not ctrl.local_ended:
             with contextlib.suppress(StreamGone):
@@ -928,7 +500,8 @@ class EdgeConnection:
     async def _register(self) -> None:
         ctrl = self._control
         assert ctrl is not None and self.stream is not None
-        local_ip = self.stream.transport_stream.socket.getsockname()[0]
+        sock = _socket_of(self.stream)
+        local_ip = sock.getsockname()[0] if sock is not None else "127.0.0.1"  # a test's memory stream
         creds = self.settings.credentials
         params = reg.RegisterConnectionParams(
             auth=reg.TunnelAuth(creds.account_tag, creds.tunnel_secret),
@@ -1013,7 +586,7 @@ class EdgeConnection:
                     return error
         return ConnectionLostError("connection with edge closed")
 
-    async def _push_local_config(self, ctrl: TunnelStream) -> None:
+    async def _push_local_config(self, ctrl: IncomingStream) -> None:
         state = self.proxy.state
         state.local_config_pushes += 1
         error: str | None = None
@@ -1034,7 +607,7 @@ class EdgeConnection:
         else:
             log.debug("Sent local configuration to the edge connIndex=%d", self.conn_index)
 
-    async def _abort_rpc(self, ctrl: TunnelStream) -> None:
+    async def _abort_rpc(self, ctrl: IncomingStream) -> None:
         """Abort the RPC session and end the control stream the way Go does (END_STREAM, RST NO_ERROR)."""
         with contextlib.suppress(TunnelLabError):
             self._rpc.abort("rpc: shutdown")
@@ -1047,7 +620,7 @@ class EdgeConnection:
         except StreamGone:
             pass
 
-    async def _graceful_shutdown(self, ctrl: TunnelStream) -> None:
+    async def _graceful_shutdown(self, ctrl: IncomingStream) -> None:
         """Unregister, then keep serving in-flight streams until they end, the edge closes, or the grace
         period expires."""
         deadline = trio.current_time() + self.settings.grace_period
@@ -1086,6 +659,16 @@ class EdgeConnection:
                      self.conn_index)
 
 
+def _socket_of(stream: object) -> Any:
+    """The socket under a (TLS) stream, or None for one without (a test's memory stream)."""
+    while stream is not None:
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            return sock
+        stream = getattr(stream, "transport_stream", None)
+    return None
+
+
 async def first_of(*waits: Callable[[], Awaitable[object]]) -> bool:
     """Run the waits concurrently; return True once the first finishes (the others are cancelled)."""
     done = False
@@ -1099,20 +682,3 @@ async def first_of(*waits: Callable[[], Awaitable[object]]) -> bool:
         for fn in waits:
             nursery.start_soon(one, fn)
     return done
-
-
-__all__ = [
-    "ConnectionLostError",
-    "ControlStreamError",
-    "DuplicateConnectionError",
-    "EdgeConnection",
-    "EdgeConnectionError",
-    "EdgeDialError",
-    "RegistrationRefusedError",
-    "StreamGone",
-    "TunnelStream",
-    "UnauthorizedError",
-    "dial_edge",
-    "edge_ssl_context",
-    "first_of",
-]

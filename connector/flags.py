@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from connector.config import format_go_duration, parse_go_duration
+from wire.errors import TunnelLabError
 
 
-class UsageError(Exception):
+class UsageError(TunnelLabError):
     """A command-line usage error (cloudflared prints `Incorrect Usage.` and the help)."""
 
     def __init__(self, message: str, *, help_for: str | None = None) -> None:

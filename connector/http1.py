@@ -14,14 +14,15 @@ from collections.abc import Sequence
 import h11
 import trio
 
-from connector.edge_conn import http_date
+from connector.tunnel_stream import http_date
+from wire.errors import TunnelLabError
 
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 * 1024
 GO_CHUNKING_BUFFER = 2048  # net/http's bufferBeforeChunkingSize
 
 
-class ClientGone(Exception):
+class ClientGone(TunnelLabError):
     """The client closed the connection or sent something that is not HTTP/1.1."""
 
 

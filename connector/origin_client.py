@@ -18,19 +18,13 @@ import socket
 import ssl
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
 
 import h11
 import trio
 
-try:  # h11's Content-Length body reader: its byte count lets body bytes bypass h11's buffer
-    from h11 import _readers as _h11_readers
-    _ContentLengthReader: Any = _h11_readers.ContentLengthReader
-except (ImportError, AttributeError):  # pragma: no cover - another h11 layout: always the plain path
-    _ContentLengthReader = None
-
 from connector.settings import OriginRequestConfig
 from connector.x509_text import go_tls_verify_error
+from transport.h11body import body_bytes_left, skip_body_bytes
 from wire.errors import OriginError
 
 log = logging.getLogger(__name__)
@@ -120,29 +114,18 @@ class OriginConnection:
                     from exc
             if event is not h11.NEED_DATA:
                 return event
-            left = self._body_bytes_left()
+            left = body_bytes_left(self.h11)
             try:
                 data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise OriginError(f"read from origin {self.target.address}: {_cause(exc)}") from exc
-            if data and len(data) < left:
-                # Around h11's buffer (it copies every byte four times), keeping its count; the body's last
-                # bytes (and anything after them) still go through h11, which then ends the message.
-                self.h11._reader._remaining = left - len(data)  # type: ignore[union-attr]
+            if skip_body_bytes(self.h11, data, left):  # around h11's buffer (transport/h11body.py)
                 return h11.Data(data=data)
             try:
                 self.h11.receive_data(data)
             except h11.RemoteProtocolError as exc:
                 raise OriginError(f"malformed HTTP response from origin {self.target.address}: {exc}") \
                     from exc
-
-    def _body_bytes_left(self) -> int:
-        """Bytes of a Content-Length response body still to come when h11 holds none of them, else 0."""
-        reader: Any = getattr(self.h11, "_reader", None)
-        if (_ContentLengthReader is None or type(reader) is not _ContentLengthReader
-                or self.h11.their_state is not h11.SEND_BODY or self.h11.trailing_data != (b"", False)):
-            return 0
-        return int(reader._remaining)
 
     async def receive_raw(self) -> bytes:
         """Raw bytes after a protocol switch (101); b"" at EOF."""

@@ -121,3 +121,7 @@ class TunnelSettings:
     local_config_json: bytes = b"{}"  # pushed with updateLocalConfiguration on connIndex 0
     post_quantum: bool = False
     stdin_control: bool = False  # --stdin-control: `reconnect [DURATION]` lines on stdin
+    # Timing knobs (docs/connector.md, "Knobs"): no flag sets them; tests pass smaller values here.
+    backoff_base: float = 1.0  # per-connIndex retry backoff: attempt k waits up to 2^k * base
+    supervisor_backoff_base: float = 10.0  # extra wait after a registered connection dropped
+    ha_start_interval: float = 0.0  # between starting connIndex 1..N-1 (cloudflared: 1 s)

@@ -40,6 +40,8 @@ from connector.settings import (
 )
 from connector.state import ConnectorState
 from connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
+from transport.pipe import PipeDone, Way, prepend
+from transport.pipe import pipe as transport_pipe
 from wire import origin as wo
 from wire.errors import ConfigError, OriginError, ResponseBodyError, StreamConversionError, TunnelLabError
 from wire.headers import (
@@ -53,7 +55,7 @@ from wire.headers import (
 )
 
 if TYPE_CHECKING:
-    from connector.edge_conn import TunnelStream
+    from connector.tunnel_stream import IncomingStream
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class Proxy:
         self._hello_lock = trio.Lock()
 
     # -- entry point
-    async def handle_stream(self, ts: TunnelStream, kind: StreamType) -> None:
+    async def handle_stream(self, ts: IncomingStream, kind: StreamType) -> None:
         bad = wo.forbidden_request_header(ts.headers)
         if bad is not None:
             await self._go_bad_request(ts, bad)
@@ -123,18 +125,18 @@ class Proxy:
                 state.request_finished(ts.status, error=ts.failed)
 
     # -- answers the connector makes itself
-    async def _go_bad_request(self, ts: TunnelStream, text: str) -> None:
+    async def _go_bad_request(self, ts: IncomingStream, text: str) -> None:
         headers, body = wo.bad_request_response(text)
         await ts.send_headers(headers)
         await ts.send_data(body, end_stream=True)
 
-    async def _bad_gateway(self, ts: TunnelStream, cause: str, *, rule: IngressRule | None = None) -> None:
+    async def _bad_gateway(self, ts: IncomingStream, cause: str, *, rule: IngressRule | None = None) -> None:
         """502 with meta cloudflared, logged in cloudflared's words with the cause."""
         self._log_proxy_error(ts, f"{UNREACHABLE}: {cause}", rule)
         await self._answer_502(ts)
 
     @staticmethod
-    def _log_proxy_error(ts: TunnelStream, error: str, rule: IngressRule | None) -> None:
+    def _log_proxy_error(ts: IncomingStream, error: str, rule: IngressRule | None) -> None:
         """cloudflared's two lines for a failed HTTP proxy: the origin logger's, then the handler's."""
         if rule is not None:
             log.error(" error=%s connIndex=%d event=1 ingressRule=%d originService=%s stream=%d", q(error),
@@ -143,17 +145,17 @@ class Proxy:
             log.error(" error=%s connIndex=%d event=1 stream=%d", q(error), ts.conn.conn_index, ts.stream_id)
         log.error("failed to serve incoming request error=%s", q(f"Failed to proxy HTTP: {error}"))
 
-    async def _tcp_unreachable(self, ts: TunnelStream, authority: str, cause: str) -> None:
+    async def _tcp_unreachable(self, ts: IncomingStream, authority: str, cause: str) -> None:
         error = f"unable to dial tcp to origin {authority}: {cause}"
         log.error(" error=%s connIndex=%d destAddr=%s event=2 flowID= originService=warp-routing stream=%d",
                   q(error), ts.conn.conn_index, q(authority), ts.stream_id)
         await self._failed(ts, error)
 
-    async def _failed(self, ts: TunnelStream, error: str) -> None:
+    async def _failed(self, ts: IncomingStream, error: str) -> None:
         log.error("failed to serve incoming request error=%s", q(error))
         await self._answer_502(ts)
 
-    async def _answer_502(self, ts: TunnelStream) -> None:
+    async def _answer_502(self, ts: IncomingStream) -> None:
         ts.failed = True
         if ts.headers_sent:
             await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -161,7 +163,7 @@ class Proxy:
         await ts.send_headers(wo.error_response_headers(), end_stream=True)
 
     # -- HTTP and WebSocket streams
-    async def _http_stream(self, ts: TunnelStream, *, websocket: bool) -> None:
+    async def _http_stream(self, ts: IncomingStream, *, websocket: bool) -> None:
         try:
             req = wo.TunnelRequest.from_h2_headers(ts.headers, ts.end_stream_on_headers)
         except StreamConversionError as exc:
@@ -227,7 +229,7 @@ class Proxy:
                                 disable_chunked_encoding=cfg.disable_chunked_encoding,
                                 tags=self.settings.tags)
 
-    async def _probe(self, ts: TunnelStream) -> bytes | None:
+    async def _probe(self, ts: IncomingStream) -> bytes | None:
         """Go's 1-byte body probe: b"" for EOF at once, the first byte, or None after 200 ms of silence."""
         with trio.move_on_after(wo.PROBE_TIMEOUT):
             data = await ts.receive_some()
@@ -237,7 +239,7 @@ class Proxy:
             return b""
         return None
 
-    async def _proxy_http(self, ts: TunnelStream, req: wo.TunnelRequest, rule: IngressRule,
+    async def _proxy_http(self, ts: IncomingStream, req: wo.TunnelRequest, rule: IngressRule,
                           target: OriginTarget, *, websocket: bool) -> None:
         ex = wo.OriginExchange(req, self._origin_options(rule), websocket=websocket, origin=target.address)
         probe = await self._probe(ts) if ex.needs_probe else None
@@ -263,7 +265,7 @@ class Proxy:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
-    async def _exchange(self, ts: TunnelStream, ex: wo.OriginExchange, conn: OriginConnection,
+    async def _exchange(self, ts: IncomingStream, ex: wo.OriginExchange, conn: OriginConnection,
                         rule: IngressRule) -> None:
         """One request/response on `conn`; `ex.reusable()` then says whether `conn` may be reused."""
         body_done = trio.Event()
@@ -322,7 +324,8 @@ class Proxy:
                     await body_done.wait()
             nursery.cancel_scope.cancel()
 
-    async def _relay_response(self, ts: TunnelStream, ex: wo.OriginExchange, conn: OriginConnection) -> None:
+    async def _relay_response(self, ts: IncomingStream, ex: wo.OriginExchange,
+                              conn: OriginConnection) -> None:
         """Origin response -> tunnel stream, each h11 event through the exchange."""
         while ex.response_state in _RESPONSE_OPEN:
             try:
@@ -355,7 +358,7 @@ class Proxy:
                 raise OriginError(f"unexpected answer from origin {conn.target.address}: {event!r}")
 
     # -- tcp:// ssh:// rdp:// services: terminate the WebSocket here
-    async def _websocket_to_tcp(self, ts: TunnelStream, rule: IngressRule, service: StreamService) -> None:
+    async def _websocket_to_tcp(self, ts: IncomingStream, rule: IngressRule, service: StreamService) -> None:
         try:
             with trio.fail_after(rule.origin_request.connect_timeout):
                 tcp = await trio.open_tcp_stream(service.host, service.port)
@@ -392,12 +395,12 @@ class Proxy:
                         raise OriginError(f"write to {service.host}:{service.port}: {exc}") from exc
                 if closed:
                     closing.set()
-                    raise _PipeDone
+                    raise PipeDone
 
             await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
 
     # -- TCP streams (private network routing)
-    async def _tcp_stream(self, ts: TunnelStream) -> None:
+    async def _tcp_stream(self, ts: IncomingStream) -> None:
         authority = (first_value(ts.headers, b":authority") or b"").decode("latin-1")
         dest = parse_ip_port(authority)
         if dest is None:
@@ -442,7 +445,7 @@ class Proxy:
             await pipe(ts, read_origin=read_tcp, write_origin=write_tcp)
 
     # -- update-configuration streams
-    async def _update_configuration(self, ts: TunnelStream) -> None:
+    async def _update_configuration(self, ts: IncomingStream) -> None:
         body = bytearray()
         while True:
             data = await ts.receive_some()
@@ -484,7 +487,7 @@ class Proxy:
         self.state.set_config(version, config if isinstance(config, dict) else {})
 
 
-async def _perform(ts: TunnelStream, actions: list[wo.TunnelAction]) -> None:
+async def _perform(ts: IncomingStream, actions: list[wo.TunnelAction]) -> None:
     """Carry out an origin exchange's tunnel actions, in order."""
     for action in actions:
         if isinstance(action, wo.SendHeaders):
@@ -497,38 +500,12 @@ async def _perform(ts: TunnelStream, actions: list[wo.TunnelAction]) -> None:
             await ts.end()
 
 
-class _PipeDone(Exception):
-    """Raised by a pipe writer when its side has finished (e.g. a WebSocket close)."""
-
-
-async def pipe(ts: TunnelStream, *, read_origin: Callable[[], Awaitable[bytes]],
+async def pipe(ts: IncomingStream, *, read_origin: Callable[[], Awaitable[bytes]],
                write_origin: Callable[[bytes], Awaitable[None]], initial: bytes = b"") -> None:
     """Copy bytes both ways until either side ends; then end our side of the stream.
 
     The edge's END_STREAM or the origin's EOF finishes the whole exchange, as cloudflared does (A11, A12);
     the stream task's wrap-up then resets an edge side that is still open (NO_ERROR)."""
-    async with trio.open_nursery() as nursery:
-        async def upstream() -> None:
-            try:
-                while True:
-                    data = await ts.receive_some()
-                    if not data:
-                        break
-                    await write_origin(data)
-            except (OriginError, _PipeDone):
-                pass
-            nursery.cancel_scope.cancel()
-
-        async def downstream() -> None:
-            if initial:
-                await ts.send_data(initial)
-            while True:
-                data = await read_origin()
-                if not data:
-                    break
-                await ts.send_data(data)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(upstream)
-        nursery.start_soon(downstream)
+    await transport_pipe(Way(ts.receive_some, write_origin, quiet=(OriginError,)),
+                         Way(prepend(initial, read_origin), ts.send_data))
     await ts.end()

@@ -2,7 +2,8 @@
 
 cloudflared's rules (docs/protocol.md §9.1, §9.4-§9.6):
 - connIndex 0 starts first; once it registered, connIndex 1..N-1 start (cloudflared: one per second, the
-  first at once; we start them all at once, `HA_START_INTERVAL` = 0, so that all N are ready within a second);
+  first at once; we start them all at once, `TunnelSettings.ha_start_interval` = 0, so that all N are
+  ready within a second);
 - each connIndex holds its own address; dial/TLS errors and EDUPCONN move it to a free address;
 - per-connIndex backoff: a random wait in [0, 2^k * base) with k = 1..retries, then capped; reset when the
   connection registers;
@@ -14,22 +15,22 @@ Unlike cloudflared, every retry waits: there is no busy loop even with a single 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 
 import trio
 
-from connector.edge_conn import (
+from connector.edge_conn import EdgeConnection, first_of
+from connector.edge_dial import edge_ssl_context
+from connector.edge_errors import (
     ConnectionLostError,
     DuplicateConnectionError,
-    EdgeConnection,
     EdgeConnectionError,
     EdgeDialError,
     ReconnectSignal,
     RegistrationRefusedError,
     UnauthorizedError,
-    edge_ssl_context,
-    first_of,
 )
 from connector.logging_setup import format_value as q
 from connector.settings import TunnelSettings
@@ -39,11 +40,18 @@ from wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE = 1.0  # seconds; tests lower it
-SUPERVISOR_BACKOFF_BASE = 10.0
 MIN_WAIT_FRACTION = 0.1  # never retry sooner than this fraction of the base: no busy loop
-HA_START_INTERVAL = 0.0  # seconds between starting connIndex 1..N-1 (cloudflared: 1.0)
 RegistrationErrors = (DuplicateConnectionError, RegistrationRefusedError, UnauthorizedError)
+KNOBS = ("backoff_base", "supervisor_backoff_base", "ha_start_interval")  # TunnelSettings timing knobs
+
+
+def log_knobs(settings: TunnelSettings) -> None:
+    """Say which timing knob differs from its default (no flag sets them: only a test or an embedder)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TunnelSettings)}
+    for name in KNOBS:
+        value = getattr(settings, name)
+        if value != defaults[name]:
+            log.info("knob %s=%gs (default %gs)", name, value, defaults[name])
 
 
 class Backoff:
@@ -127,6 +135,7 @@ class Supervisor:
         if settings.ha_connections > len(settings.edge_addrs):
             log.warning("You requested %d HA connections but I can give you at most %d.",
                         settings.ha_connections, len(settings.edge_addrs))
+        log_knobs(settings)
         self.addresses = AddressPool(settings.edge_addrs)
         self.shutdown = trio.Event()
         self.connections: dict[int, EdgeConnection] = {}
@@ -135,7 +144,7 @@ class Supervisor:
         self.state = state
         self._ready = 0
         self._exit_code = 0
-        self._supervisor_backoff = Backoff(SUPERVISOR_BACKOFF_BASE, settings.retries)
+        self._supervisor_backoff = Backoff(settings.supervisor_backoff_base, settings.retries)
         self._ssl_context = edge_ssl_context(settings.ca_cert)
         self._nursery: trio.Nursery | None = None
 
@@ -162,7 +171,7 @@ class Supervisor:
     async def run(self) -> int:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._serve_index, 0)
+            nursery.start_soon(self._run_index, 0)
             nursery.start_soon(self._start_others)
         if self._exit_code == 0:
             log.info("no more connections active and exiting")
@@ -178,9 +187,9 @@ class Supervisor:
         for index in range(1, self.ha):
             if self.shutdown.is_set():
                 return
-            self._nursery.start_soon(self._serve_index, index)
+            self._nursery.start_soon(self._run_index, index)
             if index < self.ha - 1:
-                await trio.sleep(HA_START_INTERVAL)
+                await trio.sleep(self.settings.ha_start_interval)
 
     def reconnect(self, delay: float) -> int | None:
         """`--stdin-control`'s `reconnect DURATION`: drop one registered connection (the lowest connIndex);
@@ -198,8 +207,8 @@ class Supervisor:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _serve_index(self, index: int) -> None:
-        backoff = Backoff(BACKOFF_BASE, self.settings.retries)
+    async def _run_index(self, index: int) -> None:
+        backoff = Backoff(self.settings.backoff_base, self.settings.retries)
         address = self.addresses.take(index)
         while not self.shutdown.is_set():
             conn = EdgeConnection(self.settings, self.proxy, conn_index=index, address=address,

@@ -9,24 +9,37 @@ import hmac
 import json
 import logging
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Protocol
 
 import h11
 import trio
 from h2.errors import ErrorCodes
 
-from edge.state import parse_fault
+from edge.state import EdgeState, parse_fault
+from edge.tunnel import TunnelConnection
 from wire.errors import ConfigError, TunnelLabError
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_DEPTH = 32  # a fault body is one object deep; anything far deeper is an attack on the parser
 
 
-class ApiError(Exception):
+class EdgeControl(Protocol):
+    """What the management API may do to the running edge beyond its shared state (`edge.server.Edge`)."""
+
+    @property
+    def api_token(self) -> str: ...
+    @property
+    def ca_pem_path(self) -> Path: ...
+    def locations(self) -> Collection[str]: ...
+    async def dc_down(self, location: str) -> int: ...
+    async def dc_up(self, location: str) -> None: ...
+    def swap_cert(self, location: str, kind: str) -> None: ...
+
+
+class ApiError(TunnelLabError):
     """An API answer other than 200."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -82,7 +95,7 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, f"body is not JSON: {exc}") from None
 
 
-async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
+async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, body: Any) -> dict[str, Any]:
     """Validate and apply a POST /faults body; returns the answer."""
     kind, params = parse_fault(body)
     edge.metrics.faults.inc(kind=kind)
@@ -112,26 +125,26 @@ async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
         return {"id": fault_id, "kind": kind, "connections": [c.id for c in conns], "affected": affected}
     if kind in ("dc-down", "dc-up", "swap-cert"):
         location = params["location"]
-        if location not in edge.listeners:
-            raise ApiError(404, f"no data centre {location!r}; known: {', '.join(edge.listeners)}")
+        if location not in control.locations():
+            raise ApiError(404, f"no data centre {location!r}; known: {', '.join(control.locations())}")
     if kind == "dc-down":
         for old in edge.faults.of_kind("dc-down"):
             if old.params.get("location") == location:
                 return {**old.to_json(), "closed": 0}
-        closed = await edge.dc_down(location)
+        closed = await control.dc_down(location)
         fault = edge.faults.add("dc-down", {"location": location})
         return {**fault.to_json(), "closed": closed}
     if kind == "dc-up":
         for old in edge.faults.of_kind("dc-down"):
             if old.params.get("location") == location:
                 edge.faults.remove(old.id)
-        await edge.dc_up(location)
+        await control.dc_up(location)
         return {"id": edge.faults.new_id(), "kind": kind, "location": location}
     if kind == "swap-cert":
         for old in edge.faults.of_kind("swap-cert"):
             if old.params.get("location") == location:
                 edge.faults.remove(old.id)
-        edge.swap_cert(location, params["cert"])
+        control.swap_cert(location, params["cert"])
         if params["cert"] == "valid":
             log.warning("fault swap-cert: location=%s serves the valid edge certificate again", location)
             return {"id": edge.faults.new_id(), "kind": kind, **params}
@@ -140,7 +153,8 @@ async def apply_fault(edge: Edge, body: Any) -> dict[str, Any]:
     return edge.faults.add(kind, params, remaining=count).to_json()
 
 
-async def clear_fault(edge: Edge, fault_id: str | None) -> list[str]:
+async def clear_fault(edge: EdgeState[TunnelConnection], control: EdgeControl,
+                      fault_id: str | None) -> list[str]:
     """DELETE /faults[/ID]: undo what the faults did (listeners up, valid certificates)."""
     targets = list(edge.faults.active.values()) if fault_id is None else (
         [edge.faults.active[fault_id]] if fault_id in edge.faults.active else [])
@@ -149,13 +163,14 @@ async def clear_fault(edge: Edge, fault_id: str | None) -> list[str]:
     for fault in targets:
         edge.faults.remove(fault.id)
         if fault.kind == "dc-down":
-            await edge.dc_up(fault.params["location"])
+            await control.dc_up(fault.params["location"])
         elif fault.kind == "swap-cert":
-            edge.swap_cert(fault.params["location"], "valid")
+            control.swap_cert(fault.params["location"], "valid")
     return [f.id for f in targets]
 
 
-async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int, str, bytes]:
+async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method: str, target: str,
+                body: bytes) -> tuple[int, str, bytes]:
     """Dispatch one authenticated request: (status, content type, body)."""
     url = urllib.parse.urlsplit(target)
     path = url.path.rstrip("/") or "/"
@@ -166,7 +181,7 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
 
     if method == "GET":
         if path == "/ca":
-            return 200, "application/x-pem-file", edge.pki.ca_pem_path.read_bytes()
+            return 200, "application/x-pem-file", control.ca_pem_path.read_bytes()
         if path == "/tunnels":
             return ok([t.as_dict() for t in edge.tunnels.store.list_tunnels()])
         if path == "/routes":
@@ -190,10 +205,10 @@ async def route(edge: Edge, method: str, target: str, body: bytes) -> tuple[int,
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
     elif method == "POST" and path == "/faults":
-        return ok(await apply_fault(edge, parse_json(body)))
+        return ok(await apply_fault(edge, control, parse_json(body)))
     elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
         fault_id = path[len("/faults/"):] if path.startswith("/faults/") else None
-        return ok({"cleared": await clear_fault(edge, fault_id)})
+        return ok({"cleared": await clear_fault(edge, control, fault_id)})
     raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, f"no route {method} {path}")
 
 
@@ -214,10 +229,11 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, 
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
-async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+async def handle_api_connection(edge: EdgeState[TunnelConnection], control: EdgeControl,
+                                stream: trio.SocketStream, peer: tuple[str, int]) -> None:
     """Serve management API requests on one connection (keep-alive)."""
     conn = h11.Connection(h11.SERVER)
-    expected = f"Bearer {edge.api_token}".encode()
+    expected = f"Bearer {control.api_token}".encode()
     limit = edge.config.api_max_body
     try:
         while True:
@@ -257,7 +273,7 @@ async def serve_api_connection(edge: Edge, stream: trio.SocketStream, peer: tupl
                 elif not hmac.compare_digest(bytes(auth), expected):
                     raise ApiError(401, "missing or wrong bearer token (see STATE/api-token)")
                 else:
-                    status, ctype, payload = await route(edge, method, target, bytes(body))
+                    status, ctype, payload = await route(edge, control, method, target, bytes(body))
             except ApiError as exc:
                 status, ctype = exc.status, "application/json"
                 payload = (json.dumps({"error": exc.message}) + "\n").encode()

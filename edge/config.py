@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from wire.errors import ConfigError
 
@@ -86,3 +87,21 @@ class EdgeConfig:
     max_on_demand_certs: int = 256  # unrouted SNI names that get a certificate of their own (per run)
     api_max_body: int = 1024 * 1024  # management API request bodies; over it: 413
     accept_retry_delay: float = 0.1  # out of file descriptors: accept again after this long
+
+
+# EdgeConfig fields no command-line flag sets (docs/edge.md, "Knobs" and "Limits"): tests and embedders
+# pass them to the constructor; the edge logs every one that differs from its default when it starts.
+KNOBS = (
+    "max_request_headers", "stream_window", "connection_window", "registration_timeout",
+    "refusal_close_delay", "rpc_close_grace", "stream_queue_limit", "stream_queue_timeout",
+    "handshake_timeout", "write_timeout", "eyeball_header_timeout", "eyeball_idle_timeout",
+    "store_check_interval", "eyeball_max_streams", "eyeball_reset_limit", "eyeball_reset_window",
+    "max_on_demand_certs", "api_max_body", "accept_retry_delay",
+)
+
+
+def changed_knobs(config: EdgeConfig) -> list[tuple[str, Any, Any]]:
+    """(name, value, default) of every knob set to something other than its default."""
+    defaults = {f.name: f.default for f in fields(EdgeConfig)}
+    return [(name, getattr(config, name), defaults[name]) for name in KNOBS
+            if getattr(config, name) != defaults[name]]

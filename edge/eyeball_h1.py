@@ -9,24 +9,18 @@ import contextlib
 import http
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
 
-try:  # h11's Content-Length body reader: its byte count lets body bytes bypass h11's buffer
-    from h11 import _readers as _h11_readers
-    _ContentLengthReader: Any = _h11_readers.ContentLengthReader
-except (ImportError, AttributeError):  # pragma: no cover - another h11 layout: always the plain path
-    _ContentLengthReader = None
-
 from edge import pages
 from edge.proxy import BadRequestBody, EyeballGone, proxy_request
-from edge.tunnel import acquire_fast
+from edge.state import EdgeState
+from transport.h11body import body_bytes_left, skip_body_bytes
+from transport.tunnel import TunnelConnection
+from transport.writer import acquire_fast
 from wire.eyeball import EyeballExchange, RequestRefused
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +41,7 @@ def reason(status: int) -> bytes:
 class _Conn:
     """h11 plus the transport, with the read/send plumbing."""
 
-    def __init__(self, edge: Edge, stream: trio.abc.Stream, client: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], stream: trio.abc.Stream, client: str) -> None:
         self.edge = edge
         self.stream = stream
         self.client = client
@@ -76,18 +70,6 @@ class _Conn:
             raise TimeoutError
         self.peer_eof = not data
         return bytes(data)
-
-    def body_bytes_left(self) -> int:
-        """Bytes of a Content-Length request body still to come when h11 holds none of them, else 0.
-
-        Such bytes may go around h11 (its buffer copies every byte four times), as long as h11's count
-        is kept: `read_body` does that for all but the body's last bytes, which h11 itself sees (so it
-        reports the end of the message, and any pipelined bytes after it stay h11's)."""
-        reader: Any = getattr(self.h11, "_reader", None)
-        if (_ContentLengthReader is None or type(reader) is not _ContentLengthReader
-                or self.h11.their_state is not h11.SEND_BODY or self.h11.trailing_data != (b"", False)):
-            return 0
-        return int(reader._remaining)
 
     async def send(self, event: Any, *, defer: bool = False) -> None:
         """Send an h11 event (the upload task's 100 Continue and the response may race: a lock).
@@ -181,11 +163,11 @@ class H1Exchange:
             await self.conn.send(h11.InformationalResponse(status_code=100, headers=[],
                                                            reason=b"Continue"))
         try:
-            left = self.conn.body_bytes_left()
+            # Content-Length body bytes around h11's buffer (transport/h11body.py)
+            left = body_bytes_left(self.conn.h11)
             if left:
                 data = await self.conn.receive(self.conn.edge.config.eyeball_idle_timeout, BODY_READ_SIZE)
-                if data and len(data) < left:
-                    self.conn.h11._reader._remaining = left - len(data)  # type: ignore[union-attr]
+                if skip_body_bytes(self.conn.h11, data, left):
                     return data
                 self.conn.h11.receive_data(data)  # the body's end (or EOF): h11 judges it
             event = await self.conn.next_event(self.conn.edge.config.eyeball_idle_timeout, BODY_READ_SIZE)
@@ -247,8 +229,8 @@ class H1Exchange:
         return _RawChannel(self.conn, bytes(leftover))
 
 
-async def serve_h1_connection(edge: Edge, stream: trio.abc.Stream, *, scheme: str, client: str,
-                              client_ip: str) -> None:
+async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.abc.Stream, *, scheme: str,
+                               client: str, client_ip: str) -> None:
     """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
     conn = _Conn(edge, stream, client)
     cfg = edge.config

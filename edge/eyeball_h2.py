@@ -10,24 +10,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h2.events
 import h2.exceptions
 import trio
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
 from edge.proxy import EyeballGone, proxy_request
+from edge.state import EdgeState
+from transport.h2 import TunnelH2Connection, send_within_window
+from transport.tunnel import TunnelConnection
+from transport.writer import H2Writer, WriteStalled
 from wire.errors import StreamConversionError
 from wire.eyeball import EyeballExchange, h2_response_fields
 from wire.guard import ResetFloodGuard
-from wire.hpack_encoder import LongValueEncoder
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -35,38 +34,34 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class _H2Server:
-    def __init__(self, edge: Edge, transport: trio.abc.Stream, client: str, client_ip: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, client: str,
+                 client_ip: str) -> None:
         self.edge = edge
         self.transport = transport
         self.client = client
         self.client_ip = client_ip
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        self.h2.encoder = LongValueEncoder()  # an origin's huge response head must not stall the eyeball
+        # transport's h2: no eager repr of every frame, the DATA fast path, the long-value HPACK encoder
+        # (an origin's huge response head must not stall the eyeball); h2's own GOAWAY handling.
+        self.h2 = TunnelH2Connection(H2Configuration(client_side=False, header_encoding=None))
         self.h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: edge.config.eyeball_max_streams,
             SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,
             SettingCodes.MAX_HEADER_LIST_SIZE: edge.config.max_request_headers,
         })
-        self.lock = trio.Lock()
+        self.writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
         self.lot = trio.lowlevel.ParkingLot()
         self.exchanges: dict[int, H2Exchange] = {}
         self._resets = ResetFloodGuard(edge.config.eyeball_reset_limit, edge.config.eyeball_reset_window)
         self._refused_logged = False
 
     async def flush(self) -> None:
-        # Shielded like the tunnel side's flush: bytes taken from h2 must go out whole.
-        async with self.lock:
-            data = self.h2.data_to_send()
-            if not data:
-                return
-            try:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(self.edge.config.write_timeout) as stalled:
-                        await self.transport.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise EyeballGone(f"eyeball connection broke: {exc}") from exc
-            if stalled.cancelled_caught:
-                raise EyeballGone("eyeball did not read in time")
+        # Shielded and bounded like the tunnel side's: bytes taken from h2 must go out whole.
+        try:
+            await self.writer.flush()
+        except WriteStalled:
+            raise EyeballGone("eyeball did not read in time") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise EyeballGone(f"eyeball connection broke: {exc}") from exc
 
     async def run(self) -> None:
         self.h2.initiate_connection()
@@ -227,21 +222,17 @@ class H2Exchange:
         await self.server.flush()
 
     async def send_body(self, data: bytes) -> None:
-        view = memoryview(data)
-        h2c = self.server.h2
-        while view:
+        if not data:
+            return
+
+        def check() -> None:
             if self.reset:
                 raise EyeballGone("eyeball reset the stream")
-            try:
-                window = min(h2c.local_flow_control_window(self.stream_id), h2c.max_outbound_frame_size)
-            except h2.exceptions.StreamClosedError as exc:
-                raise EyeballGone("eyeball stream closed") from exc
-            if window <= 0:
-                await self.server.lot.park()
-                continue
-            chunk, view = view[:window], view[window:]
-            h2c.send_data(self.stream_id, bytes(chunk))
-            await self.server.flush()
+
+        await send_within_window(self.server.h2, self.stream_id, data, end_stream=False,
+                                 flush=self.server.flush, wait_for_window=self.server.lot.park, check=check,
+                                 closed=lambda exc: EyeballGone(f"eyeball stream closed: {exc}"))
+        await self.server.flush()
 
     async def finish(self, trailers: Headers | None = None) -> None:
         try:
@@ -268,7 +259,8 @@ class H2Exchange:
         raise EyeballGone("WebSockets over HTTP/2 eyeballs are not supported")
 
 
-async def serve_h2_connection(edge: Edge, transport: trio.abc.Stream, *, client: str, client_ip: str) -> None:
+async def handle_h2_connection(edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, *, client: str,
+                               client_ip: str) -> None:
     """Serve one HTTP/2 eyeball connection until it closes (never raises but Cancelled)."""
     server = _H2Server(edge, transport, client, client_ip)
     try:

@@ -11,62 +11,81 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from edge.eyeball_h1 import handle_h1_connection
+from edge.eyeball_h2 import handle_h2_connection
+from edge.state import EdgeState, TunnelsView
+from edge.tunnel import TunnelConnection
 from lab.store import normalize_hostname
 from wire.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edge.server import Edge
+    from lab.pki import LabPKI
 
 log = logging.getLogger(__name__)
 
 ALPN = ["h2", "http/1.1"]
 
 
-def _context(edge: Edge, name: str) -> ssl.SSLContext:
-    ctx = edge.host_contexts.get(name)
-    if ctx is None:
-        ctx = edge.pki.server_ssl_context(name)
-        ctx.set_alpn_protocols(ALPN)
-        if len(edge.host_contexts) >= 4096:  # many names: contexts are rebuilt from the leaf files
-            edge.host_contexts.clear()
-        edge.host_contexts[name] = ctx
-    return ctx
+class EyeballCertificates:
+    """The listener's certificates: a lab-CA leaf per SNI name, issued on demand and cached."""
 
+    def __init__(self, pki: LabPKI, tunnels: TunnelsView, *, max_on_demand: int) -> None:
+        self._pki = pki
+        self._tunnels = tunnels
+        self._limit = max_on_demand
+        self.host_contexts: dict[str, ssl.SSLContext] = {}
+        self._listener_context: ssl.SSLContext | None = None
 
-def eyeball_ssl_context(edge: Edge) -> ssl.SSLContext:
-    """The listener's context: `localhost` by default, switched by SNI to the requested host's leaf."""
-    base = _context(edge, "localhost")
-    limit = edge.config.max_on_demand_certs
-    on_demand: set[str] = set()  # unrouted names this edge issued a certificate for
+    def _context(self, name: str) -> ssl.SSLContext:
+        ctx = self.host_contexts.get(name)
+        if ctx is None:
+            ctx = self._pki.server_ssl_context(name)
+            ctx.set_alpn_protocols(ALPN)
+            if len(self.host_contexts) >= 4096:  # many names: contexts are rebuilt from the leaf files
+                self.host_contexts.clear()
+            self.host_contexts[name] = ctx
+        return ctx
 
-    def choose(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
-        if not server_name:
-            return None
-        try:
-            name = normalize_hostname(server_name)
-        except ConfigError as exc:
-            log.info("TLS refused for an invalid SNI name: %s", exc)
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        if name not in on_demand and edge.tunnels.resolve_hostname(name) is None:
-            # Every unrouted name costs a key pair and two files: a client inventing names must not
-            # fill the disk. Past the limit, unrouted names get the default (localhost) certificate.
-            if len(on_demand) >= limit:
-                if len(on_demand) == limit:
-                    on_demand.add("")  # logged once
-                    log.warning("issued %d on-demand certificates for unrouted names; further unrouted "
-                                "names get the default certificate (limit max_on_demand_certs)", limit)
+    def listener_context(self) -> ssl.SSLContext:
+        """The listener's context (built on first use): `localhost` by default, switched by SNI to the
+        requested host's leaf."""
+        if self._listener_context is None:
+            self._listener_context = self._build_listener_context()
+        return self._listener_context
+
+    def _build_listener_context(self) -> ssl.SSLContext:
+        base = self._context("localhost")
+        limit = self._limit
+        on_demand: set[str] = set()  # unrouted names this edge issued a certificate for
+
+        def choose(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+            if not server_name:
                 return None
-            on_demand.add(name)
-        try:
-            # Any valid name gets a lab-CA leaf (issued once, then cached), so an unrouted host
-            # reaches the edge's 404 page over verified TLS instead of failing the handshake.
-            sslobj.context = _context(edge, name)
-        except Exception as exc:
-            log.info("no certificate for SNI %r: %s", server_name, exc)
-        return None
+            try:
+                name = normalize_hostname(server_name)
+            except ConfigError as exc:
+                log.info("TLS refused for an invalid SNI name: %s", exc)
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            if name not in on_demand and self._tunnels.resolve_hostname(name) is None:
+                # Every unrouted name costs a key pair and two files: a client inventing names must not
+                # fill the disk. Past the limit, unrouted names get the default (localhost) certificate.
+                if len(on_demand) >= limit:
+                    if len(on_demand) == limit:
+                        on_demand.add("")  # logged once
+                        log.warning("issued %d on-demand certificates for unrouted names; further unrouted "
+                                    "names get the default certificate (limit max_on_demand_certs)", limit)
+                    return None
+                on_demand.add(name)
+            try:
+                # Any valid name gets a lab-CA leaf (issued once, then cached), so an unrouted host
+                # reaches the edge's 404 page over verified TLS instead of failing the handshake.
+                sslobj.context = self._context(name)
+            except Exception as exc:
+                log.info("no certificate for SNI %r: %s", server_name, exc)
+            return None
 
-    base.sni_callback = choose
-    return base
+        base.sni_callback = choose
+        return base
 
 
 async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream], tcp: trio.SocketStream) -> None:
@@ -86,15 +105,10 @@ async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream], tcp: trio.
             await tcp.send_all(pending)
 
 
-async def serve_tls_connection(edge: Edge, tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
+async def handle_tls_connection(edge: EdgeState[TunnelConnection], certs: EyeballCertificates,
+                                tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
     """TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN."""
-    from edge.eyeball_h1 import serve_h1_connection
-    from edge.eyeball_h2 import serve_h2_connection
-
-    ctx = edge.eyeball_ctx
-    if ctx is None:
-        ctx = edge.eyeball_ctx = eyeball_ssl_context(edge)
-    tls = trio.SSLStream(tcp, ctx, server_side=True)
+    tls = trio.SSLStream(tcp, certs.listener_context(), server_side=True)
     client = f"{peer[0]}:{peer[1]}"
     try:
         with trio.fail_after(edge.config.handshake_timeout):
@@ -107,6 +121,6 @@ async def serve_tls_connection(edge: Edge, tcp: trio.SocketStream, peer: tuple[s
         return
     proto: Any = tls.selected_alpn_protocol()
     if proto == "h2":
-        await serve_h2_connection(edge, tls, client=client, client_ip=peer[0])
+        await handle_h2_connection(edge, tls, client=client, client_ip=peer[0])
     else:
-        await serve_h1_connection(edge, tls, scheme="https", client=client, client_ip=peer[0])
+        await handle_h1_connection(edge, tls, scheme="https", client=client, client_ip=peer[0])

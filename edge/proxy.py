@@ -12,13 +12,15 @@ import functools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import trio
 from h2.errors import ErrorCodes
 
 from edge import pages
-from edge.tunnel import (
+from edge.state import EdgeState
+from transport.pipe import Way, pipe, receive_acked
+from transport.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
     TunnelConnection,
@@ -27,9 +29,6 @@ from edge.tunnel import (
 )
 from wire.errors import TunnelLabError
 from wire.eyeball import Answer, EyeballExchange, Next, new_ray_id
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ async def send_page(ex: Exchange, status: int, headers: Headers, body: bytes) ->
 class _Outcome:
     """What happened to one request; recorded in the history exactly once."""
 
-    def __init__(self, edge: Edge, req: Any, host: str, ray: str) -> None:
+    def __init__(self, edge: EdgeState[TunnelConnection], req: Any, host: str, ray: str) -> None:
         self.edge = edge
         self.req = req
         self.host = host
@@ -165,7 +164,7 @@ class _Recording:
         await self._ex.finish(trailers)
 
 
-async def proxy_request(edge: Edge, ex: Exchange) -> None:
+async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None:
     """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
     req = ex.request
     host = _host_only(str(req.host or ""))
@@ -205,8 +204,8 @@ async def proxy_request(edge: Edge, ex: Exchange) -> None:
         result.record()
 
 
-async def _forward(edge: Edge, ex: Exchange, tunnel: Any, conn: TunnelConnection, ray: str,
-                   result: _Outcome) -> None:
+async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any, conn: TunnelConnection,
+                   ray: str, result: _Outcome) -> None:
     core = ex.core
     req = ex.request
     tried: list[TunnelConnection] = []
@@ -283,8 +282,8 @@ async def _upload_body(ex: Exchange, stream: TunnelStream, failed: list[BaseExce
         await stream.reset(ErrorCodes.CANCEL)
 
 
-async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome,
-                      ident: str) -> bool:
+async def _run_stream(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, ray: str,
+                      result: _Outcome, ident: str) -> bool:
     """Drive one tunnel stream. Returns True when the request should be retried elsewhere."""
     upload_failed: list[BaseException] = []
     upload = trio.CancelScope()  # cancelled once the response no longer needs the request body
@@ -304,8 +303,9 @@ async def _run_stream(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, 
     raise gone
 
 
-async def _respond(edge: Edge, ex: Exchange, stream: TunnelStream, ray: str, result: _Outcome, ident: str,
-                   upload: trio.CancelScope, upload_failed: list[BaseException]) -> bool:
+async def _respond(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, ray: str,
+                   result: _Outcome, ident: str, upload: trio.CancelScope,
+                   upload_failed: list[BaseException]) -> bool:
     core = ex.core
     try:
         with trio.move_on_after(edge.config.origin_timeout) as waited:
@@ -393,7 +393,7 @@ async def _drain_quietly(stream: TunnelStream) -> None:
             pass
 
 
-async def _relay_body(edge: Edge, ex: Exchange, stream: TunnelStream, result: _Outcome,
+async def _relay_body(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, result: _Outcome,
                       content_length: int | None) -> None:
     total = 0
     while True:
@@ -417,31 +417,9 @@ async def _websocket(ex: Exchange, stream: TunnelStream, headers: Headers, ident
     raw = await ex.upgrade(101, headers)
     log.info("websocket upgraded %s", ident)
 
-    async def eyeball_to_tunnel() -> None:
-        try:
-            while True:
-                data = await raw.receive_some()
-                if not data:
-                    await stream.end()
-                    return
-                await stream.send(data)
-        except (TunnelStreamError, EyeballGone):
-            pass
-
-    async def tunnel_to_eyeball(done: trio.CancelScope) -> None:
-        try:
-            while True:
-                item = await stream.receive()
-                if item is None:
-                    break
-                if item[0]:
-                    await raw.send_all(item[0])
-                await stream.ack(item[1])
-        except (TunnelStreamError, EyeballGone):
-            pass
-        done.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(eyeball_to_tunnel)
-        nursery.start_soon(tunnel_to_eyeball, nursery.cancel_scope)
+    quiet = (TunnelStreamError, EyeballGone)
+    # The eyeball's EOF ends our side of the stream; the connector's end of the stream ends the relay.
+    await pipe(Way(raw.receive_some, stream.send, at_eof=stream.end, quiet=quiet, ends_pipe=False,
+                   error_ends_pipe=False),
+               Way(receive_acked(stream), raw.send_all, quiet=quiet))
     log.info("websocket closed %s", ident)

@@ -3,6 +3,9 @@
 Structure (hypercorn-style graceful shutdown): every connection handler runs in `handlers`, a nursery
 that outlives the listeners. Shutdown stops the listeners, lets in-flight tunnel streams finish
 within `shutdown_timeout`, sends GOAWAY, closes, then cancels whatever is left.
+
+`Edge` owns the process-wide parts (listeners, PKI, nurseries); the handlers get only what they use:
+the shared `EdgeState`, plus the eyeball certificates (HTTPS) or the `EdgeControl` interface (API).
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ from typing import Any
 
 import trio
 
-from edge.config import Address, EdgeConfig, TunnelListen
-from edge.state import Faults, History, Metrics, Registry, TunnelsView
-from edge.tunnel import TunnelConnection
+from edge import api, warp
+from edge.config import Address, EdgeConfig, TunnelListen, changed_knobs
+from edge.eyeball_h1 import handle_h1_connection
+from edge.eyeball_tls import EyeballCertificates, handle_tls_connection
+from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
+from edge.tunnel import H2TunnelConnection
+from lab import paths
+from lab.pki import LabPKI
+from transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +40,40 @@ log = logging.getLogger(__name__)
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-async def accept_or_wait(listener: trio.SocketListener, what: str, retry_delay: float) -> trio.SocketStream:
-    """The next connection; when the process is out of file descriptors (or memory), log once at WARNING,
-    wait `retry_delay` between tries (connections already open go on being served), and log the recovery."""
-    refused = 0
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                raise
-            if not refused:
-                log.warning("%s listener cannot accept: %s (%s); open connections are served, new ones wait "
-                            "(retrying every %gs)", what, errno.errorcode[exc.errno], os.strerror(exc.errno),
-                            retry_delay)
-            refused += 1
-            await trio.sleep(retry_delay)
-            continue
-        if refused:
-            log.warning("%s listener accepting again after %d failed accepts", what, refused)
-        return stream
+class PatientListener(trio.abc.Listener[trio.SocketStream]):
+    """A socket listener for `trio.serve_listeners` that waits out a lack of descriptors or memory itself.
+
+    serve_listeners would retry too, but logs a traceback at ERROR every 100 ms; this logs once at
+    WARNING, waits `retry_delay` between tries (connections already open go on being served), and logs
+    the recovery.
+    """
+
+    def __init__(self, listener: trio.SocketListener, what: str, retry_delay: float) -> None:
+        self.listener = listener
+        self.what = what
+        self.retry_delay = retry_delay
+
+    async def accept(self) -> trio.SocketStream:
+        refused = 0
+        while True:
+            try:
+                stream = await self.listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                if not refused:
+                    log.warning("%s listener cannot accept: %s (%s); open connections are served, new ones "
+                                "wait (retrying every %gs)", self.what, errno.errorcode[exc.errno],
+                                os.strerror(exc.errno), self.retry_delay)
+                refused += 1
+                await trio.sleep(self.retry_delay)
+                continue
+            if refused:
+                log.warning("%s listener accepting again after %d failed accepts", self.what, refused)
+            return stream
+
+    async def aclose(self) -> None:
+        await self.listener.aclose()
 
 
 class TunnelListener:
@@ -72,38 +95,65 @@ class TunnelListener:
 
 
 class Edge:
-    """The running edge: shared state plus the nurseries everything runs in."""
+    """The running edge: the listeners, the PKI and the nurseries everything runs in; `state` is what the
+    handlers share. Implements `edge.api.EdgeControl` for the management API."""
 
     def __init__(self, config: EdgeConfig) -> None:
-        from lab import paths
-        from lab.pki import LabPKI
-
         self.config = config
         self.state_dir = paths.state_dir(config.state_dir)
         self.pki = LabPKI(self.state_dir)
-        self.tunnels = TunnelsView(self.state_dir)
-        self.registry = Registry()
-        self.faults = Faults()
-        self.history = History()
-        self.metrics = Metrics()
-        self.pushed_configs: dict[str, bytes] = {}
+        self.state: EdgeState[TunnelConnection] = EdgeState(
+            config=config, tunnels=TunnelsView(self.state_dir),
+            default_location=config.tunnel_listens[0].location if config.tunnel_listens else "LAB")
+        self.eyeball_certs = EyeballCertificates(self.pki, self.state.tunnels,
+                                                 max_on_demand=config.max_on_demand_certs)
         self.listeners = {spec.location: TunnelListener(spec) for spec in config.tunnel_listens}
-        self.default_location = config.tunnel_listens[0].location if config.tunnel_listens else "LAB"
-        self.api_token = paths.api_token(self.state_dir)
+        self._api_token = paths.api_token(self.state_dir)
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
         self._handlers: trio.Nursery | None = None
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
-        self.host_contexts: dict[str, ssl.SSLContext] = {}
-        self.eyeball_ctx: ssl.SSLContext | None = None
         self.stopped = trio.Event()
 
-    # ---- helpers -----------------------------------------------------------------------------
-    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Run a task in the handler nursery (outlives listeners)."""
-        assert self._handlers is not None
-        self._handlers.start_soon(fn, *args)
+    # ---- the shared state, for tests and embedders ----------------------------------------------
+    @property
+    def registry(self) -> Registry[TunnelConnection]:
+        return self.state.registry
 
+    @property
+    def tunnels(self) -> TunnelsView:
+        return self.state.tunnels
+
+    @property
+    def faults(self) -> Faults:
+        return self.state.faults
+
+    @property
+    def history(self) -> History:
+        return self.state.history
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.state.metrics
+
+    @property
+    def pushed_configs(self) -> dict[str, bytes]:
+        return self.state.pushed_configs
+
+    # ---- EdgeControl (the management API) --------------------------------------------------------
+    @property
+    def api_token(self) -> str:
+        return self._api_token
+
+    @property
+    def ca_pem_path(self) -> Path:
+        return self.pki.ca_pem_path
+
+    def locations(self) -> list[str]:
+        """The data centres' location names."""
+        return list(self.listeners)
+
+    # ---- helpers -----------------------------------------------------------------------------
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown."""
         self._shutdown.set()
@@ -122,10 +172,8 @@ class Edge:
             self.stopped.set()
 
     async def _serve(self, task_status: trio.TaskStatus[Edge]) -> None:
-        from edge import api, eyeball_tls, warp
-        from edge.eyeball_h1 import serve_h1_connection
-
         cfg = self.config
+        state = self.state
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
             async with trio.open_nursery() as listeners:
@@ -135,20 +183,20 @@ class Edge:
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
-                        lambda s, peer: serve_h1_connection(self, s, scheme="http", client=_fmt(peer),
-                                                            client_ip=peer[0]))
+                        lambda s, peer: handle_h1_connection(state, s, scheme="http", client=_fmt(peer),
+                                                             client_ip=peer[0]))
                 if cfg.https_listen is not None:
                     self.bound["https"] = await listeners.start(
                         self._serve_tcp, cfg.https_listen, "https",
-                        lambda s, peer: eyeball_tls.serve_tls_connection(self, s, peer))
+                        lambda s, peer: handle_tls_connection(state, self.eyeball_certs, s, peer))
                 if cfg.warp_listen is not None:
                     self.bound["warp"] = await listeners.start(
                         self._serve_tcp, cfg.warp_listen, "warp",
-                        lambda s, peer: warp.serve_warp_connection(self, s, peer))
+                        lambda s, peer: warp.handle_warp_connection(state, s, peer))
                 if cfg.api_listen is not None:
                     self.bound["api"] = await listeners.start(
                         self._serve_tcp, cfg.api_listen, "api",
-                        lambda s, peer: api.serve_api_connection(self, s, peer))
+                        lambda s, peer: api.handle_api_connection(state, self, s, peer))
                 listeners.start_soon(self._watch_store)
                 self._write_ready()
                 self._log_startup()
@@ -207,42 +255,52 @@ class Edge:
                                        "edge shutting down")
 
     # ---- listeners ---------------------------------------------------------------------------
+    async def _open(self, host: str, port: int, what: str) -> list[PatientListener]:
+        sockets = await trio.open_tcp_listeners(port, host=host)
+        return [PatientListener(sock, what, self.config.accept_retry_delay) for sock in sockets]
+
+    async def _serve_listeners(self, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                               listeners: list[PatientListener]) -> None:
+        """Accept on every socket until cancelled; handlers run in the handler nursery, which outlives
+        the listeners (graceful shutdown)."""
+        assert self._handlers is not None
+        accepting: list[trio.abc.Listener[trio.SocketStream]] = list(listeners)
+        try:
+            await trio.serve_listeners(handler, accepting, handler_nursery=self._handlers)
+        finally:
+            for lst in listeners:  # already closed unless cancelled before serve_listeners took them
+                with trio.CancelScope(shield=True):
+                    await lst.aclose()
+
     async def _serve_tcp(self, address: Address, what: str,
                          handler: Callable[[trio.SocketStream, Any], Awaitable[None]],
                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-        sock = listeners[0].socket
-        host, port = sock.getsockname()[:2]
-        bound = str(Address(host, port))
-        try:
-            task_status.started(bound)
-            while True:
-                stream = await accept_or_wait(listeners[0], what, self.config.accept_retry_delay)
-                self.spawn(_guard, handler, stream, _peer(stream), what)
-        finally:
-            for lst in listeners:
-                with trio.CancelScope(shield=True):
-                    await lst.aclose()
+        listeners = await self._open(address.host, address.port, what)
+        host, port = listeners[0].listener.socket.getsockname()[:2]
+
+        async def guarded(stream: trio.SocketStream) -> None:
+            await _guard(handler, stream, _peer(stream), what)
+
+        task_status.started(str(Address(host, port)))  # the sockets listen already: connections queue
+        await self._serve_listeners(guarded, listeners)
 
     async def _serve_tunnel_listener(self, lst: TunnelListener,
                                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         lst.ssl_context = self.edge_ssl_context(lst.cert_kind)
-        listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
-        lst.port = listeners[0].socket.getsockname()[1]
+        listeners = await self._open(lst.host, lst.port, f"tunnel {lst.location}")
+        lst.port = listeners[0].listener.socket.getsockname()[1]
         lst.up = True
         lst.closed = trio.Event()
+
+        async def handle(tcp: trio.SocketStream) -> None:
+            await self._handle_tunnel(tcp, lst)
+
         try:
             with trio.CancelScope() as scope:
                 lst.scope = scope
                 task_status.started()
-                while True:
-                    stream = await accept_or_wait(listeners[0], f"tunnel {lst.location}",
-                                                  self.config.accept_retry_delay)
-                    self.spawn(self._handle_tunnel, stream, lst)
+                await self._serve_listeners(handle, listeners)
         finally:
-            for sock_listener in listeners:
-                with trio.CancelScope(shield=True):
-                    await sock_listener.aclose()
             lst.up = False
             lst.closed.set()
 
@@ -266,10 +324,10 @@ class Edge:
             log.info("TLS handshake with a connector failed: %s location=%s remote=%s",
                      cause or type(exc).__name__, lst.location, peer)
             return
-        conn = TunnelConnection(self, tls, location=lst.location, remote=peer)
+        conn = H2TunnelConnection(self.state, tls, location=lst.location, remote=peer)
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
-        await conn.serve()
+        await conn.run()
 
     # ---- faults acting on listeners ---------------------------------------------------------
     async def dc_down(self, location: str) -> int:
@@ -319,8 +377,6 @@ class Edge:
         }
 
     def _write_ready(self) -> None:
-        from lab import paths
-
         info = json.dumps(self.ready_info(), indent=2) + "\n"
         targets = [paths.edge_json_path(self.state_dir)]
         if self.config.ready_file is not None:
@@ -336,6 +392,8 @@ class Edge:
             if self.bound[what]:
                 log.info("%s listener address=%s", what, self.bound[what])
         log.info("lab CA: %s (fingerprint %s)", self.pki.ca_pem_path, self.pki.ca_fingerprint())
+        for name, value, default in changed_knobs(self.config):
+            log.info("knob %s=%s (default %s)", name, value, default)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -366,14 +424,11 @@ def _fmt(peer: tuple[str, int]) -> str:
 
 async def _guard(handler: Callable[[trio.SocketStream, Any], Awaitable[None]], stream: trio.SocketStream,
                  peer: Any, what: str) -> None:
-    """A connection handler's failure never reaches the server; the socket is always closed."""
+    """A connection handler's failure never reaches the server (serve_listeners closes the socket)."""
     try:
         await handler(stream, peer)
     except Exception:
         log.exception("%s connection handler failed remote=%s", what, _fmt(peer))
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
 
 
 async def serve_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED

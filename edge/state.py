@@ -1,6 +1,9 @@
 """The edge's in-memory state: live connections, faults, request history, metrics, store view.
 
 Plain objects with explicit arguments (no globals), so tests can build an edge piece by piece.
+`EdgeState` bundles them; the handlers (tunnel connections, eyeball proxying, the CONNECT proxy, the
+management API) get it instead of the whole server. This module imports no other module of the edge
+but its config: the registry knows a connection only by the `LiveConnection` protocol.
 """
 
 from __future__ import annotations
@@ -15,47 +18,78 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
+from edge.config import EdgeConfig
 from wire.errors import ConfigError
-
-if TYPE_CHECKING:
-    from edge.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 
 
 # ---- live connections ---------------------------------------------------------------------------
-class Registry:
+class RegisteredAs(Protocol):
+    """What the registry reads of a connection's registration."""
+
+    @property
+    def tunnel_id(self) -> uuid.UUID: ...
+    @property
+    def conn_index(self) -> int: ...
+    @property
+    def connector_id(self) -> uuid.UUID: ...
+
+
+class LiveConnection(Protocol):
+    """What the registry, the metrics and the API selectors read of a tunnel connection."""
+
+    @property
+    def serial(self) -> int: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def location(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def registration(self) -> RegisteredAs | None: ...
+    @property
+    def routable(self) -> bool: ...
+    @property
+    def active_streams(self) -> int: ...
+
+
+C = TypeVar("C", bound=LiveConnection)
+
+
+class Registry(Generic[C]):
     """Every live tunnel connection; picks a connection for a tunnel (round robin)."""
 
     def __init__(self) -> None:
-        self._conns: dict[int, TunnelConnection] = {}
+        self._conns: dict[int, C] = {}
         self._rr: dict[uuid.UUID, int] = {}
 
-    def add(self, conn: TunnelConnection) -> None:
+    def add(self, conn: C) -> None:
         """A connection was accepted."""
         self._conns[conn.serial] = conn
 
-    def remove(self, conn: TunnelConnection) -> None:
+    def remove(self, conn: C) -> None:
         """A connection closed."""
         self._conns.pop(conn.serial, None)
 
-    def all(self) -> list[TunnelConnection]:
+    def all(self) -> list[C]:
         """Every live connection, registered or not, oldest first."""
         return list(self._conns.values())
 
-    def listed(self) -> list[TunnelConnection]:
+    def listed(self) -> list[C]:
         """Connections the API lists: registered or draining."""
         return [c for c in self._conns.values()
                 if c.registration is not None and c.state in ("registered", "draining")]
 
-    def routable(self, tunnel_id: uuid.UUID) -> list[TunnelConnection]:
+    def routable(self, tunnel_id: uuid.UUID) -> list[C]:
         """Registered, non-draining connections of a tunnel."""
         return [c for c in self._conns.values()
                 if c.routable and c.registration is not None and c.registration.tunnel_id == tunnel_id]
 
-    def pick(self, tunnel_id: uuid.UUID, exclude: Iterable[TunnelConnection] = ()) -> TunnelConnection | None:
+    def pick(self, tunnel_id: uuid.UUID, exclude: Iterable[C] = ()) -> C | None:
         """Round robin over the tunnel's routable connections (across data centres)."""
         skip = set(id(c) for c in exclude)
         candidates = [c for c in self.routable(tunnel_id) if id(c) not in skip]
@@ -68,7 +102,7 @@ class Registry:
         return candidates[n % len(candidates)]
 
     def find_duplicate(self, tunnel_id: uuid.UUID, connector_id: uuid.UUID, conn_index: int,
-                       location: str) -> TunnelConnection | None:
+                       location: str) -> C | None:
         """EDUPCONN: the same connector's connIndex already registered at this data centre."""
         for c in self._conns.values():
             reg = c.registration
@@ -78,11 +112,11 @@ class Registry:
                 return c
         return None
 
-    def select(self, spec: dict[str, Any]) -> list[TunnelConnection]:
+    def select(self, spec: dict[str, Any]) -> list[C]:
         """Connections chosen by an API selector: `connection`, `tunnel_id`(+`conn_index`), `location`."""
         conns = self.listed()
 
-        def reg(c: TunnelConnection) -> Any:
+        def reg(c: C) -> Any:
             return c.registration
 
         if "connection" in spec:
@@ -299,7 +333,7 @@ class Metrics:
         self.bytes = Counter("tunnel_lab_edge_body_bytes_total", "Body bytes relayed by direction.")
         self.faults = Counter("tunnel_lab_edge_faults_total", "Faults injected through the API.")
 
-    def render(self, registry: Registry) -> str:
+    def render(self, registry: Registry[Any]) -> str:
         """Prometheus exposition text."""
         lines: list[str] = []
         for counter in (self.requests, self.registrations, self.request_seconds, self.bytes, self.faults):
@@ -369,3 +403,21 @@ class TunnelsView:
     def resolve_ip(self, ip: str) -> Any:
         """The tunnel whose `route ip` CIDR holds this address (most specific), or None."""
         return self.store.resolve_ip(ip)
+
+
+# ---- what the handlers share ----------------------------------------------------------------------
+@dataclass(eq=False, kw_only=True)
+class EdgeState(Generic[C]):
+    """The state every handler of one edge shares, passed to each explicitly (built by `edge.server`).
+
+    `default_location` names the edge in ray ids when no connection is involved (the first data centre).
+    """
+
+    config: EdgeConfig
+    tunnels: TunnelsView
+    registry: Registry[C] = field(default_factory=Registry)
+    faults: Faults = field(default_factory=Faults)
+    history: History = field(default_factory=History)
+    metrics: Metrics = field(default_factory=Metrics)
+    pushed_configs: dict[str, bytes] = field(default_factory=dict)  # tunnel id -> last local config
+    default_location: str = "LAB"

@@ -7,8 +7,8 @@ the `RegistrationServer` (wire.rpc.RpcServer does the bytes; this module does th
 decisions: credentials, EDUPCONN, faults).
 
 Concurrency: one reader task feeds h2 and dispatches events synchronously; every task that changes
-h2 state flushes `data_to_send()` under one send lock. A stream id is allocated and its HEADERS
-queued without an await in between, so ids go out strictly increasing.
+h2 state flushes `data_to_send()` through one `transport.writer.H2Writer`. A stream id is allocated and
+its HEADERS queued without an await in between, so ids go out strictly increasing.
 """
 
 from __future__ import annotations
@@ -16,25 +16,30 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import ssl
-import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h2.events
 import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from edge.h2conn import EdgeH2Connection, new_tunnel_h2
+from edge.h2conn import new_tunnel_h2
+from edge.state import EdgeState
+from transport.h2 import TunnelH2Connection, send_within_window
+from transport.tls import take_buffered_tls
+from transport.tunnel import (
+    NoCapacityError,
+    OversizedHeadersError,
+    Registration,
+    TunnelConnection,
+    TunnelStreamError,
+)
+from transport.writer import H2Writer, WriteStalled
 from wire.errors import ProtocolError, TunnelLabError
 from wire.guard import ControlFloodGuard, FrameGuard
-
-if TYPE_CHECKING:
-    from edge.server import Edge
 
 log = logging.getLogger(__name__)
 
@@ -55,46 +60,15 @@ CONTROL_FLOOD_WINDOW = 10.0
 DUPLICATE = "EDUPCONN"
 
 
-class TunnelStreamError(ProtocolError):
-    """A tunnel stream failed. `retryable` is True when the connector cannot have processed it."""
-
-    def __init__(self, message: str, *, retryable: bool = False, reset_code: int | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.reset_code = reset_code
-
-
-class NoCapacityError(TunnelStreamError):
-    """The connection has no free stream slot (SETTINGS_MAX_CONCURRENT_STREAMS) within the wait."""
-
-
-class OversizedHeadersError(TunnelStreamError):
-    """The connector's response header block is over the lab's per-stream limit."""
-
-
-async def acquire_fast(lock: trio.Lock) -> None:
-    """`await lock.acquire()` without its scheduler pass when the lock is free.
-
-    trio's `acquire` always yields once, even uncontended; on the request path that is several
-    extra scheduler passes (each an epoll_wait) per request. Cancellation is still checked first,
-    as `acquire` does; a held lock is waited for as before (FIFO).
-    """
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
-
-
 def header_list_size(headers: Sequence[tuple[bytes, bytes]]) -> int:
     """RFC 9113 §6.5.2 size: name + value + 32 per field."""
     return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
-class TunnelStream:
+class H2TunnelStream:
     """A stream the edge opened on a tunnel connection (request out, response in)."""
 
-    def __init__(self, conn: TunnelConnection, stream_id: int) -> None:
+    def __init__(self, conn: H2TunnelConnection, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
         self.response: Headers | None = None
@@ -187,39 +161,25 @@ class TunnelStream:
         await self.conn.release_stream(self)
 
 
-@dataclass
-class Registration:
-    """What a successful registerConnection told us."""
-
-    tunnel_id: uuid.UUID
-    tunnel_name: str
-    conn_index: int
-    connector_id: uuid.UUID
-    client_version: str
-    arch: str
-    features: tuple[str, ...]
-    conn_uuid: uuid.UUID
-    registered_at: float = field(default_factory=time.time)
-
-
-class TunnelConnection:
+class H2TunnelConnection:
     """The edge side of one tunnel connection, from TLS handshake to close."""
 
     _counter = 0
 
-    def __init__(self, edge: Edge, transport: trio.abc.Stream, *, location: str, remote: str) -> None:
-        TunnelConnection._counter += 1
-        self.serial = TunnelConnection._counter
+    def __init__(self, edge: EdgeState[TunnelConnection], transport: trio.abc.Stream, *, location: str,
+                 remote: str) -> None:
+        H2TunnelConnection._counter += 1
+        self.serial = H2TunnelConnection._counter
         self.edge = edge
         self.transport = transport
         self.location = location
         self.remote = remote
-        self.h2: EdgeH2Connection = new_tunnel_h2(initial_window=edge.config.stream_window)
+        self.h2: TunnelH2Connection = new_tunnel_h2(initial_window=edge.config.stream_window)
         self._guard = FrameGuard(self.h2.max_inbound_frame_size)
         self.registration: Registration | None = None
         self.state = "connecting"  # connecting -> registered -> draining -> closed
-        self.streams: dict[int, TunnelStream] = {}
-        self._send_lock = trio.Lock()
+        self.streams: dict[int, H2TunnelStream] = {}
+        self._writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
         self._window_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
         self._idle_lot = trio.lowlevel.ParkingLot()
@@ -275,7 +235,7 @@ class TunnelConnection:
         return len(self.streams)
 
     # ---- main --------------------------------------------------------------------------------
-    async def serve(self) -> None:
+    async def run(self) -> None:
         """Run the connection until it closes. Never raises except Cancelled."""
         try:
             with trio.CancelScope() as scope:
@@ -338,7 +298,7 @@ class TunnelConnection:
                     log.info("connector closed the tunnel connection %s", self.ident())
                 return
             first = False
-            data = _take_buffered_tls(self.transport, data)
+            data = take_buffered_tls(self.transport, data)
             self._guard.feed(bytes(data))
             try:
                 events = self.h2.receive_data(data)
@@ -610,7 +570,7 @@ class TunnelConnection:
         self._nursery.start_soon(self.drain_and_close, self.edge.config.drain_timeout, "drained")
 
     # ---- stream API (used by the eyeball side) ---------------------------------------------
-    async def open_stream(self, headers: Headers, *, end_stream: bool) -> TunnelStream:
+    async def open_stream(self, headers: Headers, *, end_stream: bool) -> H2TunnelStream:
         """Open a request stream; waits (bounded) for a slot under the connector's stream limit."""
         cfg = self.edge.config
         if not self.routable:
@@ -630,7 +590,7 @@ class TunnelConnection:
             if not self.routable:
                 raise TunnelStreamError("connection stopped accepting streams", retryable=True)
         stream_id = self.h2.get_next_available_stream_id()
-        stream = TunnelStream(self, stream_id)
+        stream = H2TunnelStream(self, stream_id)
         self.streams[stream_id] = stream
         try:
             self.h2.send_headers(stream_id, headers, end_stream=end_stream)
@@ -653,27 +613,17 @@ class TunnelConnection:
         limit = self.h2.remote_settings.max_concurrent_streams
         return self.h2.open_outbound_streams >= limit
 
-    async def send_stream_data(self, stream: TunnelStream, data: bytes, *, end: bool) -> None:
+    async def send_stream_data(self, stream: H2TunnelStream, data: bytes, *, end: bool) -> None:
         """Send DATA on a stream within the peer's windows; waits for WINDOW_UPDATEs."""
-        view = memoryview(data)
-        while view:
-            if stream.error is not None:
-                raise stream.error
-            window = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
-            if window <= 0:
-                if self.h2.has_data_to_send():
-                    # Frames queued so far go out before we wait; the window may grow meanwhile,
-                    # so look again before parking (no await between that look and the park).
-                    await self._stream_flush()
-                    continue
-                await self._window_lot.park()
-                continue
-            chunk = view[:window]
-            view = view[window:]
-            try:
-                self.h2.send_data(stream.id, chunk, end_stream=end and not view)
-            except h2.exceptions.ProtocolError as exc:
-                raise TunnelStreamError(f"stream closed while sending: {exc}") from exc
+        if data:
+            def check() -> None:
+                if stream.error is not None:
+                    raise stream.error
+
+            await send_within_window(
+                self.h2, stream.id, data, end_stream=end, flush=self._stream_flush,
+                wait_for_window=self._window_lot.park, check=check,
+                closed=lambda exc: TunnelStreamError(f"stream closed while sending: {exc}"))
         # Every frame the windows allowed, in one write.
         await self._stream_flush()
         if end:
@@ -681,7 +631,7 @@ class TunnelConnection:
                 await self.end_stream(stream, None)
             stream.local_closed = True
 
-    async def end_stream(self, stream: TunnelStream, trailers: Headers | None) -> None:
+    async def end_stream(self, stream: H2TunnelStream, trailers: Headers | None) -> None:
         """END_STREAM on our side, with trailers when given."""
         if stream.local_closed:
             return
@@ -701,7 +651,7 @@ class TunnelConnection:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed
             self.h2.reset_stream(stream_id, code)
 
-    async def reset_stream(self, stream: TunnelStream, code: int) -> None:
+    async def reset_stream(self, stream: H2TunnelStream, code: int) -> None:
         """RST_STREAM from the edge."""
         self._reset_now(stream.id, code)
         stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
@@ -715,7 +665,7 @@ class TunnelConnection:
         self.h2.acknowledge_received_data(length, stream_id)
         await self._stream_flush()
 
-    async def release_stream(self, stream: TunnelStream) -> None:
+    async def release_stream(self, stream: H2TunnelStream) -> None:
         """Forget a stream: reset it if still open, hand back window of unread data.
 
         Runs to the end even when the handler was cancelled (an eyeball reset): the RST_STREAM and the
@@ -727,7 +677,7 @@ class TunnelConnection:
               contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)):
             await self.flush()  # bounded by write_timeout
 
-    def _forget(self, stream: TunnelStream) -> None:
+    def _forget(self, stream: H2TunnelStream) -> None:
         """The synchronous part of releasing a stream (frames are queued, not sent)."""
         self.streams.pop(stream.id, None)
         if self.closed.is_set():
@@ -745,30 +695,12 @@ class TunnelConnection:
 
     # ---- sending, closing --------------------------------------------------------------------
     async def flush(self) -> None:
-        """Send whatever h2 has queued (one writer at a time).
-
-        Once taken from h2 the bytes must reach the socket whole, or the HTTP/2 framing breaks for
-        every stream; so the write is shielded from the caller's cancellation (a stream handler
-        being cancelled) and bounded by its own timeout instead.
-        """
-        if not self.h2.has_data_to_send():
-            # Nothing queued (e.g. an acknowledgement h2 batched): no lock, no write. Bytes another
-            # task already took are that task's to deliver.
-            return
-        await acquire_fast(self._send_lock)
+        """Send whatever h2 has queued (one writer at a time, shielded, bounded by write_timeout)."""
         try:
-            data = self.h2.data_to_send()
-            if not data:
-                return
-            # One scope: shielded from the caller's cancellation, cancelled by its own deadline.
-            deadline = trio.current_time() + self.edge.config.write_timeout
-            with trio.CancelScope(shield=True, deadline=deadline) as stalled:
-                await self.transport.send_all(data)
-            if stalled.cancelled_caught:
-                self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
-                raise trio.BrokenResourceError("write to the connector timed out")
-        finally:
-            self._send_lock.release()
+            await self._writer.flush()
+        except WriteStalled:
+            self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
+            raise trio.BrokenResourceError("write to the connector timed out") from None
 
     async def _stream_flush(self) -> None:
         """`flush` for stream handlers: a dead transport becomes a TunnelStreamError and ends the
@@ -849,37 +781,6 @@ class TunnelConnection:
             log.info("Unregistered tunnel connection (%s) %s", self.close_reason, self.ident())
         else:
             log.debug("tunnel connection closed (%s) %s", self.close_reason, self.ident())
-
-
-TLS_BATCH = 256 * 1024  # the reader takes up to this much already-received TLS data per pass
-
-
-def _take_buffered_tls(transport: Any, data: bytes | bytearray) -> bytes | bytearray:
-    """`data` plus every further TLS record already received and buffered, decrypted now.
-
-    trio's `SSLStream.receive_some` returns one TLS record (at most 16 KiB) per call, with a
-    scheduler pass in between; a 64 KiB DATA frame then costs four reader passes (h2 buffering,
-    frame guard, flush check each time). Records that are already whole in the stream's incoming
-    buffer are read here without waiting. Anything unusual (an incomplete record, close_notify, a
-    TLS error) is left in place for the next `receive_some`, which handles it as before. Not a trio
-    `SSLStream` (tests' memory streams): `data` unchanged.
-    """
-    ssl_object = getattr(transport, "_ssl_object", None)
-    incoming = getattr(transport, "_incoming", None)
-    if ssl_object is None or incoming is None or not incoming.pending:
-        return data
-    parts = [data]
-    size = len(data)
-    while size < TLS_BATCH and (incoming.pending or ssl_object.pending()):
-        try:
-            more = ssl_object.read(TLS_BATCH - size)
-        except ssl.SSLError:  # incl. SSLWantReadError: a partial record; trio reads the rest
-            break
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _credentials_match(tunnel: Any, auth: Any) -> bool:

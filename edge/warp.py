@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
@@ -21,10 +21,9 @@ from h2.errors import ErrorCodes
 
 from edge import pages
 from edge.eyeball_h1 import reason
-from edge.tunnel import TunnelStream, TunnelStreamError
-
-if TYPE_CHECKING:
-    from edge.server import Edge
+from edge.state import EdgeState
+from transport.pipe import PipeDone, Way, pipe, prepend, receive_acked
+from transport.tunnel import TunnelConnection, TunnelStream, TunnelStreamError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,8 @@ def parse_destination(target: str) -> tuple[str, int]:
     return str(ip), number
 
 
-async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
+                                 peer: tuple[str, int]) -> None:
     """One CONNECT request, then a raw pipe."""
     from wire.eyeball import new_ray_id
 
@@ -179,48 +179,17 @@ async def serve_warp_connection(edge: Edge, stream: trio.SocketStream, peer: tup
 
 async def pipe_tcp(sock: trio.abc.Stream, tstream: TunnelStream, leftover: bytes = b"") -> None:
     """Raw bytes both ways with half-close: each side's EOF becomes the other's end of stream."""
-    up_done = trio.Event()
 
-    async def up() -> None:
+    async def read_client() -> bytes:
         try:
-            await _up()
-        finally:
-            up_done.set()
-
-    async def _up() -> None:
-        try:
-            if leftover:
-                await tstream.send(leftover)
-            while True:
-                data = await sock.receive_some(65536)
-                if not data:
-                    await tstream.end()
-                    return
-                await tstream.send(bytes(data))
+            return bytes(await sock.receive_some(65536))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await tstream.reset(ErrorCodes.CANCEL)
-        except TunnelStreamError:
-            pass
+            raise PipeDone from None
 
-    async def down(scope: trio.CancelScope) -> None:
-        try:
-            while True:
-                item = await tstream.receive()
-                if item is None:
-                    break
-                if item[0]:
-                    await sock.send_all(item[0])
-                await tstream.ack(item[1])
-            send_eof = getattr(sock, "send_eof", None)
-            if send_eof is not None:
-                await send_eof()
-            # Give the client a moment to finish its side, then close.
-            with trio.move_on_after(5):
-                await up_done.wait()
-        except (TunnelStreamError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(up)
-        nursery.start_soon(down, nursery.cancel_scope)
+    send_eof = getattr(sock, "send_eof", None)
+    await pipe(Way(prepend(leftover, read_client), tstream.send, at_eof=tstream.end,
+                   quiet=(TunnelStreamError,), ends_pipe=False, error_ends_pipe=False),
+               # After the connector's end: give the client a moment to finish its side, then close.
+               Way(receive_acked(tstream), sock.send_all, at_eof=send_eof,
+                   quiet=(TunnelStreamError, trio.BrokenResourceError, trio.ClosedResourceError), linger=5))

@@ -27,7 +27,7 @@ PROG = "tunnel-lab"
 _ROUTE_IP_COMMANDS = ("add", "show", "list", "delete", "-h", "--help")
 
 
-class _UsageError(Exception):
+class _UsageError(TunnelLabError):
     def __init__(self, message: str, prog: str) -> None:
         super().__init__(message)
         self.prog = prog

@@ -29,7 +29,7 @@ from wire.errors import ConfigError, TunnelLabError
 log = logging.getLogger(__name__)
 
 
-class _UsageError(Exception):
+class _UsageError(TunnelLabError):
     pass
 
 

@@ -21,6 +21,7 @@ from origin_fixtures.bodies import body_sha256 as generated_sha256
 from origin_fixtures.bodies import generate_body
 from origin_fixtures.conn import BodyInfo, Conn
 from origin_fixtures.http1 import RequestHead
+from wire.errors import TunnelLabError
 
 Handler = Callable[[Conn, RequestHead, BodyInfo], Awaitable[bool]]
 
@@ -57,7 +58,7 @@ async def handle_echo(conn: Conn, head: RequestHead, body: BodyInfo) -> bool:
 # --- parameters ---------------------------------------------------------------------------------
 
 
-class BadParameter(ValueError):
+class BadParameter(TunnelLabError, ValueError):
     """A query parameter the fixture cannot use (answered with 400)."""
 
 

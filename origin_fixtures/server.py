@@ -144,7 +144,7 @@ async def _handle_connection(stream: trio.abc.Stream, kind: str, options: Origin
             return
         handler: Handler = {"echo": handle_echo, "stream": handle_stream, "misbehave": handle_misbehave,
                             "ws-echo": _handle_not_websocket}[kind]
-        await _serve_http(conn, handler, websocket=kind in ("echo", "ws-echo"))
+        await _handle_http(conn, handler, websocket=kind in ("echo", "ws-echo"))
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         cause = exc.__cause__ or exc
         log.debug("origin kind=%s peer=%s connection lost: %s", kind, peer, cause)
@@ -152,7 +152,7 @@ async def _handle_connection(stream: trio.abc.Stream, kind: str, options: Origin
         log.exception("origin kind=%s peer=%s connection failed", kind, peer)
 
 
-async def _serve_http(conn: Conn, handler: Handler, *, websocket: bool) -> None:
+async def _handle_http(conn: Conn, handler: Handler, *, websocket: bool) -> None:
     while True:
         try:
             event = await conn.receive_event()

@@ -25,6 +25,7 @@ import trio
 import wsproto
 import wsproto.events
 
+from wire.errors import TunnelLabError
 from wire.hpack_encoder import LongValueEncoder
 
 KEEP_BYTES = 1 << 20  # body prefix kept for body/json checks
@@ -35,7 +36,7 @@ PAUSE_FLOOR = 0.02
 MAX_PAUSES = 1000
 
 
-class ClientError(Exception):
+class ClientError(TunnelLabError):
     """The exchange failed at the transport or protocol level (refused, reset, closed mid-body, timeout)."""
 
 
@@ -172,7 +173,7 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def open_stream(
+async def connect(
     address: str,
     *,
     tls: bool = False,
@@ -276,7 +277,7 @@ async def _h11_request(
     sent: hashlib._Hash,
     start: float,
 ) -> None:
-    stream = await open_stream(address, tls=tls, server_hostname=host, ca_path=ca_path)
+    stream = await connect(address, tls=tls, server_hostname=host, ca_path=ca_path)
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
     hdrs = [("Host", host), *headers]
     names = {n.lower() for n, _ in headers}
@@ -359,7 +360,7 @@ async def _h2_request(
     sent: hashlib._Hash,
     start: float,
 ) -> None:
-    stream = await open_stream(address, tls=True, server_hostname=host, ca_path=ca_path, alpn=("h2",))
+    stream = await connect(address, tls=True, server_hostname=host, ca_path=ca_path, alpn=("h2",))
     assert isinstance(stream, trio.SSLStream)
     if stream.selected_alpn_protocol() != "h2":
         await stream.aclose()
@@ -503,7 +504,7 @@ async def websocket_exchange(
     echoes bytes, not messages (a tcp:// service), so read until as many bytes came back as were sent."""
     result = WebSocketResult()
     try:
-        stream = await open_stream(address, tls=tls, server_hostname=host, ca_path=ca_path)
+        stream = await connect(address, tls=tls, server_hostname=host, ca_path=ca_path)
         async with stream:
             ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
             await stream.send_all(
@@ -575,7 +576,7 @@ async def _ws_events(
 
 async def connect_via_proxy(proxy: str, target: str) -> tuple[int, trio.abc.Stream | None, str]:
     """HTTP CONNECT through `proxy` to `target`; returns (status, stream or None, reason line)."""
-    stream = await open_stream(proxy)
+    stream = await connect(proxy)
     await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:

@@ -22,6 +22,7 @@ from lab.runner.loader import Scenario, Step, parse_duration
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
 from lab.runner.reaper import REAPER
 from lab.runner.report import Recorder
+from wire.errors import TunnelLabError
 from wire.redact import Redactor
 
 DEFAULT_STEP_TIMEOUT = 10.0
@@ -33,7 +34,7 @@ CONNECTOR_FEATURES: dict[str, set[str]] = {
 }
 
 
-class StepFailure(Exception):
+class StepFailure(TunnelLabError):
     """A step did not do what the scenario expected."""
 
     def __init__(self, step: Step, message: str, mismatches: list[Mismatch] | None = None) -> None:
@@ -417,7 +418,7 @@ class _Runner:
                 stream: trio.abc.Stream | None
                 if spec["via"] == "access":
                     port = await self._access_listener(spec["host"])
-                    stream = await client.open_stream(f"127.0.0.1:{port}")
+                    stream = await client.connect(f"127.0.0.1:{port}")
                     status = 200
                 else:
                     status, maybe, _line = await client.connect_via_proxy(

@@ -21,10 +21,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from wire.errors import TunnelLabError
+
 MARKER = "TUNNEL_LAB_NETNS_INSIDE"
 
 
-class NetnsError(Exception):
+class NetnsError(TunnelLabError):
     """The namespace could not be created or set up."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from lab.runner.reaper import REAPER
+from wire.errors import TunnelLabError
 from wire.redact import redact_argv, redact_text
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 TUNNEL_LAB: tuple[str, ...] = (sys.executable, "-m", "lab.cli")
 
 
-class ComponentError(Exception):
+class ComponentError(TunnelLabError):
     """A component did not start, exited early, or did not become ready."""
 
 

@@ -96,7 +96,7 @@ async def rapid_reset(stream: trio.abc.Stream, authority: str, path: str, pairs:
 async def run_raw(address: str, *, tls: bool, host: str, ca_path: str | None, send: bytes | None,
                   rapid: dict[str, object] | None, timeout: float) -> RawResult:
     """Connect (TLS with SNI `host` when asked) and run one raw exchange."""
-    stream = await client.open_stream(address, tls=tls or rapid is not None, server_hostname=host,
+    stream = await client.connect(address, tls=tls or rapid is not None, server_hostname=host,
                                       ca_path=ca_path, alpn=("h2",) if rapid is not None else ("http/1.1",))
     try:
         if rapid is not None:

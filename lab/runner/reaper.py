@@ -27,11 +27,13 @@ from typing import IO
 
 import trio
 
+from wire.errors import TunnelLabError
+
 GRACE = 2.0  # seconds between SIGTERM and SIGKILL for orphaned components
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
-class Terminated(Exception):
+class Terminated(TunnelLabError):
     """SIGTERM arrived; every component was stopped and every state directory removed, as for Ctrl-C."""
 
 

@@ -1,14 +1,5 @@
-"""Fixtures shared by the component tests."""
+"""Fixtures shared by the component tests (one place for all of them).
 
-from __future__ import annotations
-
-import pytest
-
-from connector import supervisor
-
-
-@pytest.fixture
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The connector's retry backoff shortened to 50 ms, so reconnect paths run in test time."""
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
+The connector's timing knobs are not fixtures: tests pass them to `TunnelSettings` (see `FAST_KNOBS` in
+tests/component/connector_edge.py, which `make_settings` applies by default).
+"""

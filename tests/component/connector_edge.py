@@ -496,10 +496,14 @@ def status_rule(status: int = 503) -> IngressRule:
     return rule(StatusService(status=status), f"http_status:{status}")
 
 
+FAST_KNOBS: dict[str, float] = {"backoff_base": 0.05, "supervisor_backoff_base": 0.05}
+
+
 def make_settings(
     ca_path: Path, edges: list[str], rules: tuple[IngressRule, ...], **kw: Any
 ) -> TunnelSettings:
-    opts: dict[str, Any] = {"grace_period": 2.0, "retries": 3, "rpc_timeout": 2.0}
+    # Retries back off 50 ms instead of seconds, so reconnect paths run in test time.
+    opts: dict[str, Any] = {"grace_period": 2.0, "retries": 3, "rpc_timeout": 2.0, **FAST_KNOBS}
     opts.update(kw)
     return TunnelSettings(
         credentials=CREDS, edge_addrs=tuple(edges), ca_cert=str(ca_path), ingress_rules=rules, **opts
@@ -560,7 +564,7 @@ def make_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
     return ca, path
 
 
-def open_request_streams(side: EdgeSide) -> int:
+def count_request_streams(side: EdgeSide) -> int:
     """Request streams the edge's HTTP/2 state machine still holds open (the control stream not counted)."""
     return sum(1 for sid, st in list(side.h2.streams.items()) if sid != side.control_id and st.open)
 

@@ -17,7 +17,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from connector.access import EdgeTarget, main, open_websocket, pipe_websocket, serve_access_tcp
+from connector.access import EdgeTarget, connect_websocket, main, pipe_websocket, serve_access_tcp
 from wire.errors import ConfigError, OriginError
 
 TIMEOUT = 10
@@ -151,7 +151,7 @@ async def test_open_websocket_errors_name_the_edge() -> None:
         port = listener.socket.getsockname()[1]
         await listener.aclose()  # nothing listens there any more
         with pytest.raises(OriginError, match=f"127.0.0.1:{port}"):
-            await open_websocket(EdgeTarget("a.test", f"127.0.0.1:{port}"))
+            await connect_websocket(EdgeTarget("a.test", f"127.0.0.1:{port}"))
 
 
 async def test_answer_after_local_eof_still_arrives() -> None:
@@ -162,7 +162,7 @@ async def test_answer_after_local_eof_still_arrives() -> None:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             edge_addr = await nursery.start(edge.serve)
-            stream, ws = await open_websocket(EdgeTarget("tcp.example.test", f"127.0.0.1:{edge_addr[1]}"))
+            stream, ws = await connect_websocket(EdgeTarget("tcp.example.test", f"127.0.0.1:{edge_addr[1]}"))
             to_pipe_send, to_pipe_recv = trio.testing.memory_stream_one_way_pair()
             from_pipe_send, from_pipe_recv = trio.testing.memory_stream_one_way_pair()
             await to_pipe_send.send_all(b"abc")

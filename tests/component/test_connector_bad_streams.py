@@ -18,8 +18,7 @@ from tests.component.connector_edge import (
     wait_ready,
 )
 
-pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
-              pytest.mark.usefixtures("fast_backoff")]
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 
 
 

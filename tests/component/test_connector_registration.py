@@ -18,14 +18,8 @@ from tests.component.connector_edge import (
     status_rule,
     wait_ready,
 )
+from tests.frames import FrameFactory
 from wire.registration import ConnectionDetails, RegistrationError
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(supervisor, "HA_START_INTERVAL", 0.05)
 
 
 async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
@@ -212,7 +206,7 @@ async def test_malformed_frame_drops_only_that_connection(tmp_path, caplog):
             first = edge.registered[0]
             # a WINDOW_UPDATE frame with a 3-byte payload: FRAME_SIZE_ERROR, a connection error
             async with first._lock:
-                await first.stream.send_all(b"\x00\x00\x03\x08\x00\x00\x00\x00\x00abc")
+                await first.stream.send_all(FrameFactory.raw(0x8, b"abc"))
             await edge.wait_for(lambda: len(edge.registered) == 2)
             await first.closed.wait()
             assert first.goaway is not None

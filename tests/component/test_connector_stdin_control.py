@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 
-from connector import supervisor
 from connector.runtime import run_tunnel
 from tests.component.connector_edge import FakeEdge, make_ca, make_settings, status_rule
 
-
-@pytest.fixture(autouse=True)
-def slow_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    # any backoff would outlast the test's deadline: the reconnect must not wait for one
-    monkeypatch.setattr(supervisor, "BACKOFF_BASE", 60.0)
-    monkeypatch.setattr(supervisor, "SUPERVISOR_BACKOFF_BASE", 60.0)
+# Any backoff would outlast the test's deadline: the reconnect must not wait for one.
+SLOW_KNOBS = {"backoff_base": 60.0, "supervisor_backoff_base": 60.0}
 
 
 async def _start(nursery: trio.Nursery, settings, stdin) -> tuple[object, list[int], trio.Event]:
@@ -42,7 +36,7 @@ async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, capl
             edge = FakeEdge(ca)
             addr = await nursery.start(edge.serve)
             settings = make_settings(ca_path, [addr], (status_rule(404),), ha_connections=1,
-                                     stdin_control=True)
+                                     stdin_control=True, **SLOW_KNOBS)
             handle, code, done = await _start(nursery, settings, receive)
             await edge.wait_for(lambda: len(edge.registered) == 1)
             first = edge.registered[0]
@@ -76,7 +70,7 @@ async def test_stdin_ignored_without_the_flag(tmp_path):
         async with trio.open_nursery() as nursery:
             edge = FakeEdge(ca)
             addr = await nursery.start(edge.serve)
-            settings = make_settings(ca_path, [addr], (status_rule(404),), ha_connections=1)
+            settings = make_settings(ca_path, [addr], (status_rule(404),), ha_connections=1, **SLOW_KNOBS)
             handle, _code, done = await _start(nursery, settings, receive)
             await edge.wait_for(lambda: len(edge.registered) == 1)
             await send.send_all(b"reconnect 0s\n")

@@ -19,11 +19,11 @@ from origin_fixtures import OriginConfig, serve_origin
 from tests.component.connector_edge import (
     FakeEdge,
     connector_streams,
+    count_request_streams,
     get,
     http_rule,
     make_ca,
     make_settings,
-    open_request_streams,
     rule,
     start_connector,
     status_rule,
@@ -32,8 +32,7 @@ from tests.component.connector_edge import (
 )
 from wire.headers import deserialize_response_headers
 
-pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
-              pytest.mark.usefixtures("fast_backoff")]
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 
 
 
@@ -456,12 +455,12 @@ async def test_edge_reset_cancels_the_origin_request(tmp_path):
                 es = await side.open(get("/endless"), end_stream=True)
                 assert await es.wait_body(5) == b"hello"
                 await origin_sending.wait()
-                assert open_request_streams(side) == 1 and connector_streams(run) == 1
+                assert count_request_streams(side) == 1 and connector_streams(run) == 1
                 side.h2.reset_stream(es.stream_id, 8)
                 await side.flush()
                 await origin_closed.wait()
                 await wait_until(lambda: connector_streams(run) == 0)
-                assert open_request_streams(side) == 0
+                assert count_request_streams(side) == 0
                 assert es.response.reset is None and not es.response.ended  # nothing came after the reset
                 again = await side.request(get("/again"))  # served by a fresh origin request
                 assert again.status == 200 and bytes(again.body) == b"ok"

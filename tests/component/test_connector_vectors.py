@@ -70,7 +70,6 @@ GO_400_VECTORS = [
     )
 ]
 
-pytestmark = pytest.mark.usefixtures("fast_backoff")
 
 
 def _request(vector: dict) -> tuple[list[tuple[bytes, bytes]], bool, list[tuple[float, bytes, bool]]]:

@@ -1,15 +1,10 @@
 """The edge's fast paths keep behaviour: a held-back response head still goes out before the edge
-waits for the connector, and the tunnel reader's batch of buffered TLS records loses nothing."""
+waits for the connector (the TLS read batching is tested in test_transport_tls.py)."""
 
 from __future__ import annotations
 
-import ssl
-
 import trio
-import trio.testing
-import trustme
 
-from edge.tunnel import _take_buffered_tls
 from tests.component.test_edge_support import make_tunnel, registered, running_edge, split
 
 
@@ -40,38 +35,3 @@ async def test_streamed_response_head_arrives_before_any_body(tmp_path):
                 while b"0\r\n\r\n" not in raw:
                     raw += await stream.receive_some(65536)
             assert b"data: 1\n\n" in raw
-
-
-async def _tls_pair() -> tuple[trio.SSLStream, trio.SSLStream]:
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("edge.test").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    left, right = trio.testing.memory_stream_pair()
-    server = trio.SSLStream(left, server_ctx, server_side=True)
-    client = trio.SSLStream(right, client_ctx, server_hostname="edge.test")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.do_handshake)
-        nursery.start_soon(client.do_handshake)
-    return server, client
-
-
-async def test_reader_takes_every_buffered_tls_record_in_one_pass():
-    with trio.fail_after(10):
-        server, client = await _tls_pair()
-        payload = bytes(range(256)) * 256  # 64 KiB: four 16 KiB TLS records
-        await client.send_all(payload)
-        first = await server.receive_some(65536)
-        assert len(first) < len(payload)  # trio hands out one record per call
-        got = _take_buffered_tls(server, first)
-        assert got == payload  # the rest came from the buffer, in order, nothing lost or doubled
-        # Nothing buffered: unchanged; later data still flows through receive_some.
-        assert _take_buffered_tls(server, b"x") == b"x"
-        await client.send_all(b"more")
-        assert await server.receive_some(65536) == b"more"
-
-
-async def test_reader_batching_leaves_other_streams_alone():
-    left, _right = trio.testing.memory_stream_pair()
-    assert _take_buffered_tls(left, b"abc") == b"abc"

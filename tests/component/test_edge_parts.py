@@ -9,16 +9,17 @@ from edge.config import Address, parse_address, parse_tunnel_listen
 from edge.pages import error_page, no_connection_page, no_route_page
 from edge.state import Faults, History, parse_fault
 from edge.warp import parse_destination
+from tests.frames import FrameFactory
 from wire.errors import ConfigError, ProtocolError
 from wire.guard import FrameGuard
 
-SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"
+SETTINGS = FrameFactory().settings({0x3: 100})
 
 
 def test_frame_guard_accepts_settings_then_frames_in_any_pieces():
-    data = SETTINGS + b"\x00\x00\x04\x00\x00\x00\x00\x00\x03" + b"abcd"
+    data = SETTINGS + FrameFactory().data(3, b"abcd")
     # A header claiming 16385 bytes: caught only if the guard kept track of where each frame ends.
-    oversized = b"\x00\x40\x01\x00\x00\x00\x00\x00\x05"
+    oversized = FrameFactory.raw(0x0, stream_id=5, length=16385)
     for step in (1, 2, 5, len(data)):
         guard = FrameGuard(16384)
         for i in range(0, len(data), step):
@@ -34,7 +35,7 @@ def test_frame_guard_rejects_text_and_oversized_frames():
     guard = FrameGuard(16384)
     guard.feed(SETTINGS)
     with pytest.raises(ProtocolError, match="exceeds our MAX_FRAME_SIZE"):
-        guard.feed(b"\x01\x00\x00\x00\x00\x00\x00\x00\x03")
+        guard.feed(FrameFactory.raw(0x0, stream_id=3, length=1 << 16))
 
 
 def test_addresses_and_tunnel_listeners():

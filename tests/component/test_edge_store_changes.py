@@ -59,10 +59,10 @@ async def test_https_unrouted_host_gets_404_over_verified_tls_h2(tmp_path):
                 status, _, body = (await h2_get(tls, "nowhere.test", ["/x"]))["/x"]
             assert status == 404 and b"no tunnel route" in body.lower()
             # the leaf is cached: a second handshake reuses the same context
-            ctx = edge.host_contexts["nowhere.test"]
+            ctx = edge.eyeball_certs.host_contexts["nowhere.test"]
             again = await tls_to(edge, "NoWhere.test", ["http/1.1"])
             await again.aclose()
-            assert edge.host_contexts["nowhere.test"] is ctx
+            assert edge.eyeball_certs.host_contexts["nowhere.test"] is ctx
 
 
 async def test_https_invalid_sni_name_is_refused(tmp_path):
@@ -74,4 +74,4 @@ async def test_https_invalid_sni_name_is_refused(tmp_path):
                 pass
             else:
                 raise AssertionError("an invalid SNI name got a certificate")
-            assert not any("bad" in name for name in edge.host_contexts)
+            assert not any("bad" in name for name in edge.eyeball_certs.host_contexts)

@@ -83,7 +83,7 @@ async def test_websocket_and_tcp(origin: dict[str, str]) -> None:
         )
         assert ws.error is None and ws.status == 101
         assert ws.received == ["one", "ünï", b"\x00" * 70000]
-        stream = await client.open_stream(origin["tcp-echo"])
+        stream = await client.connect(origin["tcp-echo"])
         async with stream:
             payload = bytes(range(256)) * 1000
             assert await client.tcp_echo_roundtrip(stream, payload) == payload

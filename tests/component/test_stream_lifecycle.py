@@ -21,14 +21,15 @@ import trio.testing
 from connector.settings import TunnelSettings
 from edge.config import Address
 from tests.component.connector_edge import (
+    FAST_KNOBS,
     FakeEdge,
     Running,
     connector_streams,
+    count_request_streams,
     get,
     http_rule,
     make_ca,
     make_settings,
-    open_request_streams,
     start_connector,
     wait_ready,
     wait_until,
@@ -36,8 +37,7 @@ from tests.component.connector_edge import (
 from tests.component.test_edge_support import make_tunnel, running_edge, split
 from wire.credentials import Credentials
 
-pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning"),
-              pytest.mark.usefixtures("fast_backoff")]
+pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 
 CHUNK = 64 * 1024
 
@@ -101,7 +101,7 @@ async def lab(tmp_path: Any, origin_port: int) -> Any:
             credentials=Credentials(account_tag=t.account_tag, tunnel_secret=t.secret, tunnel_id=t.id),
             edge_addrs=(f"{lst.host}:{lst.port}",), ca_cert=str(edge.pki.ca_pem_path),
             ingress_rules=(http_rule(origin_port),), ha_connections=1, grace_period=2.0, retries=3,
-            rpc_timeout=2.0)
+            rpc_timeout=2.0, **FAST_KNOBS)
         run = await start_connector(nursery, settings)
         await wait_ready(run)
         await wait_until(lambda: len(edge.registry.listed()) == 1)
@@ -254,7 +254,7 @@ async def test_more_data_than_content_length_resets_the_stream(tmp_path):
             resp = await es.wait(lambda r: r.ended or r.reset is not None or side.closed.is_set())
             assert not side.closed.is_set(), "the connector dropped the whole tunnel connection"
             assert resp.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR, resp
-            await wait_until(lambda: connector_streams(run) == 0 and open_request_streams(side) == 0)
+            await wait_until(lambda: connector_streams(run) == 0 and count_request_streams(side) == 0)
             assert all(len(r.body) <= 5 for r in origin.requests)
             ok = await side.request(get("/after"))
             assert ok.status == 200 and bytes(ok.body) == b"ok"

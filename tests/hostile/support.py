@@ -96,13 +96,13 @@ class Lab:
         assert status == 200, conns
         return list(conns)
 
-    async def open_streams(self) -> int:
+    async def count_open_streams(self) -> int:
         """Eyeball streams open on the tunnel's connections, as the management API counts them."""
         return sum(int(c["streams"]) for c in await self.connections())
 
     async def wait_streams_closed(self) -> None:
         """Until the API counts no open stream (responses end just before their stream is released)."""
-        while await self.open_streams():
+        while await self.count_open_streams():
             await trio.sleep(0.05)
 
     async def assert_healthy(self) -> None:

@@ -11,6 +11,7 @@ import h2.config
 import h2.connection
 import trio
 
+from tests.frames import FrameFactory
 from tests.hostile.support import fd_count, read_all, running_lab, split
 
 
@@ -35,12 +36,12 @@ async def test_garbage_at_the_tunnel_listener(tmp_path):
                     await read_all(stream)
             client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
             client.initiate_connection()
-            flood = client.data_to_send() + b"".join(
-                b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + i.to_bytes(8, "big") for i in range(3000))
+            frames = FrameFactory()
+            flood = client.data_to_send() + b"".join(frames.ping(i.to_bytes(8, "big")) for i in range(3000))
             attacks = [
                 os.urandom(8192),  # TLS, then not HTTP/2
-                b"\x00\x00\x04\x00\x00\x00\x00\x00\x01abcd" * 50,  # DATA frames, no SETTINGS first
-                b"\xff\xff\xff\x04\x00\x00\x00\x00\x00" + b"\x00" * 100,  # an oversized frame
+                frames.data(1, b"abcd") * 50,  # DATA frames, no SETTINGS first
+                FrameFactory.raw(0x4, b"\x00" * 100, length=0xFFFFFF),  # an oversized frame
                 flood,  # SETTINGS, then 3000 PINGs
             ]
             for data in attacks:
