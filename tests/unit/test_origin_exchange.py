@@ -19,6 +19,7 @@ from wire.errors import OriginError, ResponseBodyError, StreamConversionError, T
 from wire.origin import (
     HANDLER_BUFFER_SIZE,
     MAX_BUFFERED_BODY,
+    BodyEncoder,
     EndStream,
     Framing,
     OriginExchange,
@@ -32,6 +33,7 @@ from wire.origin import (
     TunnelRequest,
     tunnel_response_headers,
     tunnel_trailers,
+    with_sniffed_type,
 )
 
 OPTS = OriginOptions(connector_id="7b62af18-9c7a-49b5-aa80-0f6cb2a55d6e")
@@ -614,3 +616,22 @@ def test_a_probe_that_read_eof_means_no_body() -> None:
 def test_connection_close_default_is_http11() -> None:
     fields = tunnel_response_headers(200, [(b"Connection", b"close")])
     assert b"Q29ubmVjdGlvbg" not in dict(fields)[b"cf-cloudflared-response-headers"]
+
+
+def test_connect_stays_raw_under_no_chunked_encoding() -> None:
+    req = TunnelRequest.from_h2_headers([(b":method", b"CONNECT"), (b":authority", b"a.test:1")], False)
+    opts = OriginOptions(connector_id="c", disable_chunked_encoding=True)
+    ex = OriginExchange(req, opts, origin="127.0.0.1:8080")
+    assert ex.start().framing is Framing.RAW
+    assert ex.origin_request is not None and ex.origin_request.target == "a.test:1"
+
+
+def test_a_buffered_request_must_get_its_length_before_encoding() -> None:
+    message = r"^frame a BUFFERED request with OriginRequest\.with_body_length first$"
+    with pytest.raises(ValueError, match=message):
+        BodyEncoder(Framing.BUFFERED)
+
+
+def test_the_sniffed_type_goes_last_without_a_length() -> None:
+    fields = [(b":status", b"200"), (b"x-a", b"1")]
+    assert with_sniffed_type(fields, b"<html>") == [*fields, (b"content-type", b"text/html; charset=utf-8")]
