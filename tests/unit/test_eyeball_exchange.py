@@ -297,3 +297,55 @@ def test_stream_failure_defaults_and_a_fresh_exchange() -> None:
     assert ex.stream_failed(retryable=False) == Answer(502, "stream-failed")
     assert ex.stream_failed(retryable=False, bad_body=True) == Answer(400, "bad-request")
     assert ex.stream_failed(retryable=True) is Next.RETRY  # tries 0: a bodiless GET may go elsewhere
+
+
+def h1(headers: list[tuple[bytes, bytes]], version: bytes = b"1.1") -> EyeballExchange:
+    return EyeballExchange.from_h1(method=b"GET", target=b"/", http_version=version,
+                                   headers=[(b"host", b"app.test"), *headers], scheme="https",
+                                   client_ip="192.0.2.1", max_head_size=8192)
+
+
+def test_the_refusal_messages() -> None:
+    with pytest.raises(RequestRefused, match=r"^The request has both Content-Length and Transfer-Encoding "
+                                             r"\(RFC 9112 section 6\.1\)$"):
+        h1([(b"content-length", b"1"), (b"transfer-encoding", b"chunked")])
+    with pytest.raises(RequestRefused, match=r"^HTTP version '2\.0' is not supported \(HTTP/1\.x only\)$"):
+        h1([], b"2.0")
+    with pytest.raises(StreamConversionError,
+                       match=r"^eyeball HTTP/2 request without :method, or without :authority and host$"):
+        EyeballExchange.from_h2([(b":path", b"/")], ended=True, client_ip="192.0.2.1")
+
+
+def test_which_h1_requests_have_a_body_or_a_websocket() -> None:
+    assert h1([(b"content-length", b"1")]).has_body
+    assert h1([(b"content-length", b"x")]).has_body  # unparsable: h11 would have refused; never lose a body
+    assert not h1([(b"content-length", b"0")]).has_body
+    ws = h1([(b"connection", b"Upgrade"), (b"upgrade", b"websocket")])
+    assert ws.websocket and not ws.end_stream
+    for ended in (True, False):
+        assert EyeballExchange.from_h2([(b":method", b"GET"), (b":authority", b"a")], ended=ended,
+                                       client_ip="192.0.2.1").has_body is (not ended)
+
+
+def test_at_most_two_tries_and_only_bodiless_idempotent_requests_retry() -> None:
+    ex = EyeballExchange(request("GET"), has_body=False)
+    ex.open_stream(RAY)
+    assert ex.tries == 1 and ex.may_retry_open(True) and ex.stream_failed(retryable=True) is Next.RETRY
+    ex.open_stream(RAY)
+    assert ex.tries == 2 and not ex.may_retry_open(True)
+    assert ex.stream_failed(retryable=True) == Answer(502, "stream-failed")
+    upload = EyeballExchange(request("GET"), has_body=True)
+    upload.open_stream(RAY)
+    assert upload.stream_failed(retryable=True) == Answer(502, "stream-failed")
+    post = EyeballExchange(request("POST"), has_body=False)
+    post.open_stream(RAY)
+    assert post.stream_failed(retryable=True) == Answer(502, "stream-failed")
+
+
+def test_204_and_304_are_bodiless_whatever_their_length() -> None:
+    for status in (204, 304):
+        ex = EyeballExchange(request("GET"), has_body=False)
+        ex.open_stream(RAY)
+        resp = ex.response([(b":status", str(status).encode()), (b"cf-cloudflared-response-meta",
+                                                                   b'{"src":"origin"}')])
+        assert resp.bodiless and resp.body_length is None
