@@ -349,3 +349,10 @@ def test_204_and_304_are_bodiless_whatever_their_length() -> None:
         resp = ex.response([(b":status", str(status).encode()), (b"cf-cloudflared-response-meta",
                                                                    b'{"src":"origin"}')])
         assert resp.bodiless and resp.body_length is None
+
+
+def test_a_websocket_stream_carries_the_marker() -> None:
+    ex = EyeballExchange(request("GET"), has_body=False, websocket=True)
+    assert (b"cf-cloudflared-proxy-connection-upgrade", b"websocket") in ex.open_stream(RAY)
+    assert (b"cf-cloudflared-proxy-connection-upgrade", b"websocket") not in \
+        EyeballExchange(request("GET"), has_body=False).open_stream(RAY)

@@ -99,3 +99,11 @@ def test_the_first_frame_must_be_settings() -> None:
     guard.feed(b"\x00\x00\x00\x04\x00\x00\x00\x00")  # 8 bytes: not judged yet
     guard.feed(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # then a DATA frame header is fine
     guard.feed(b"")
+
+
+def test_a_frame_of_exactly_the_limit_passes() -> None:
+    guard = FrameGuard(40)
+    guard.feed(SETTINGS)
+    guard.feed(b"\x00\x00\x28\x00\x00\x00\x00\x00\x01" + b"x" * 40)
+    with pytest.raises(ProtocolError, match="frame of 41 bytes"):
+        guard.feed(b"\x00\x00\x29\x00\x00\x00\x00\x00\x01")
