@@ -43,7 +43,7 @@ from connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
 from transport.pipe import PipeDone, Way, prepend
 from transport.pipe import pipe as transport_pipe
 from wire import origin as wo
-from wire.errors import ConfigError, OriginError, StreamConversionError, TunnelLabError
+from wire.errors import ConfigError, OriginError, ResponseBodyError, StreamConversionError, TunnelLabError
 from wire.headers import (
     META_FLOW_LIMITED,
     META_ORIGIN,
@@ -60,15 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ResponseBodyError(OriginError):
-    """The origin's response body failed after its head was read (cloudflared aborts the stream)."""
-
-
-def _go_body_error(text: str) -> str:
-    """Go's words for a response body cut short (its readers say `unexpected EOF`); other causes as read."""
-    if "without sending complete message body" in text or "closed the connection" in text:
-        return "unexpected EOF"
-    return text
+_RESPONSE_OPEN = (wo.ResponseState.WAITING, wo.ResponseState.HEAD_ONLY, wo.ResponseState.BODY)
 
 BODY_WRITE_GRACE = 0.05  # after the response, Go waits this long for an unfinished request body write
 MAX_CONFIG_BODY = 4 * 1024 * 1024
@@ -247,86 +239,56 @@ class Proxy:
             return b""
         return None
 
-    @staticmethod
-    async def _whole_body(ts: IncomingStream) -> bytes | None:
-        """The rest of the request body, or None once it grows past MAX_BUFFERED_BODY (the memory bound)."""
-        body = bytearray()
-        while data := await ts.receive_some():
-            body += data
-            if len(body) > wo.MAX_BUFFERED_BODY:
-                return None
-        return bytes(body)
-
     async def _proxy_http(self, ts: IncomingStream, req: wo.TunnelRequest, rule: IngressRule,
                           target: OriginTarget, *, websocket: bool) -> None:
-        opts = self._origin_options(rule)
-        probe: bytes | None = None
-        if not websocket and wo.needs_body_probe(req, opts):
-            probe = await self._probe(ts)
+        ex = wo.OriginExchange(req, self._origin_options(rule), websocket=websocket, origin=target.address)
+        probe = await self._probe(ts) if ex.needs_probe else None
         try:
-            oreq = wo.build_origin_request(req, opts, websocket=websocket, probe=probe)
+            ex.start(probe)
+            if ex.request_state is wo.RequestState.BUFFERING:
+                while data := await ts.receive_some():
+                    ex.buffer_body(data)
+                ex.end_buffered_body()
         except StreamConversionError as exc:
             await self._bad_gateway(ts, str(exc), rule=rule)
             return
-        if oreq.framing is wo.Framing.BUFFERED:
-            body = await self._whole_body(ts)
-            if body is None:
-                await self._bad_gateway(ts, f"the request body is over {wo.MAX_BUFFERED_BODY} bytes: too "
-                                        "large to send without chunked encoding or a Content-Length",
-                                        rule=rule)
-                return
-            oreq = oreq.with_body_length(len(body))
-            ts.push_back(body)
         cfg = rule.origin_request
         try:
             conn = await self.pool.acquire(target, cfg)
         except OriginError as exc:
             await self._bad_gateway(ts, str(exc), rule=rule)
             return
-        reusable = False
         try:
-            reusable = await self._exchange(ts, req, oreq, conn, probe, rule, websocket=websocket)
+            await self._exchange(ts, ex, conn, rule)
         finally:
-            if not self.pool.keep(conn, cfg, reusable=reusable):
+            if not self.pool.keep(conn, cfg, reusable=ex.reusable()):
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
-    async def _exchange(self, ts: IncomingStream, req: wo.TunnelRequest, oreq: Any, conn: OriginConnection,
-                        probe: bytes | None, rule: IngressRule, *, websocket: bool) -> bool:
-        """One request/response on `conn`; returns whether the connection may be reused."""
+    async def _exchange(self, ts: IncomingStream, ex: wo.OriginExchange, conn: OriginConnection,
+                        rule: IngressRule) -> None:
+        """One request/response on `conn`; `ex.reusable()` then says whether `conn` may be reused."""
         body_done = trio.Event()
-        body_error: list[str] = []
-        framing = oreq.framing
-        reusable_body = not (framing is wo.Framing.RAW and oreq.content_length is None)
 
         async def send_body() -> None:
             try:
-                remaining = oreq.content_length if framing is wo.Framing.CONTENT_LENGTH else None
-                encoder = wo.BodyEncoder(framing, remaining)
-                if probe:
-                    await conn.send_all(encoder.encode(probe))
-                    if remaining is not None:
-                        remaining -= len(probe)
-                while remaining is None or remaining > 0:
+                if first := ex.request_pending():
+                    await conn.send_all(first)
+                while ex.wants_request_body:
                     data = await ts.receive_some()
                     if not data:
                         break
-                    if remaining is not None:
-                        data = data[:remaining]
-                        remaining -= len(data)
-                    await conn.send_all(encoder.encode(data))
-                # request trailers travel only when the request declared them (Go's Request.Trailer)
-                declared = {name.lower() for name in oreq.trailer_names}
-                trailers = [(k, v) for k, v in ts.trailers if k.lower() in declared]
-                await conn.send_all(encoder.end(trailers))
+                    await conn.send_all(ex.request_data(data))
+                await conn.send_all(ex.request_end(ts.trailers))
+                ex.request_written()
             except (OriginError, StreamConversionError) as exc:
-                body_error.append(str(exc))
+                ex.request_failed(exc)
             finally:
                 body_done.set()
 
-        async def relay() -> bool:
+        async def relay() -> None:
             try:
-                return await self._relay_response(ts, req, oreq, conn, websocket=websocket)
+                await self._relay_response(ts, ex, conn)
             except ResponseBodyError as exc:
                 # cloudflared's handler panics (http.ErrAbortHandler) once the status was written: RST_STREAM,
                 # and whatever Go still buffered, HEADERS included, never leaves, so the edge may see a
@@ -334,7 +296,6 @@ class Proxy:
                 self._log_proxy_error(ts, str(exc), rule)
                 ts.failed = True
                 await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-                return False
             except OriginError as exc:
                 if ts.headers_sent:
                     log.error("Origin response failed after the headers were sent, resetting the stream "
@@ -342,105 +303,59 @@ class Proxy:
                     await ts.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
                 else:
                     cause = str(exc)
-                    if body_error:
-                        cause = f"{cause} (writing the request body: {body_error[0]})"
+                    if ex.request_error is not None:
+                        cause = f"{cause} (writing the request body: {ex.request_error})"
                     await self._bad_gateway(ts, cause, rule=rule)
-                return False
 
         try:
-            conn.start_request(oreq.method, websocket=websocket)
-            await conn.send_all(oreq.head_bytes())
+            conn.start_request(ex.request.method, websocket=ex.websocket)
+            await conn.send_all(ex.request_head())
         except OriginError as exc:
             await self._bad_gateway(ts, str(exc), rule=rule)
-            return False
-        if framing is wo.Framing.NONE or websocket:  # no request body to send: no task for it
-            return await relay() and reusable_body
+            return
+        if not ex.has_request_body:  # no request body to send: no task for it
+            await relay()
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_body)
-            complete = await relay()
-            if complete and not body_done.is_set():
+            await relay()
+            if ex.response_complete and not body_done.is_set():
                 with trio.move_on_after(BODY_WRITE_GRACE):
                     await body_done.wait()
-            body_finished = body_done.is_set() and not body_error
             nursery.cancel_scope.cancel()
-        return complete and body_finished and reusable_body
 
-    async def _relay_response(self, ts: IncomingStream, req: wo.TunnelRequest, oreq: Any,
-                              conn: OriginConnection, *, websocket: bool) -> bool:
-        """Origin response -> tunnel stream. Returns True when the HTTP exchange completed normally."""
-        while True:
-            event = await conn.next_event()
+    async def _relay_response(self, ts: IncomingStream, ex: wo.OriginExchange,
+                              conn: OriginConnection) -> None:
+        """Origin response -> tunnel stream, each h11 event through the exchange."""
+        while ex.response_state in _RESPONSE_OPEN:
+            try:
+                event = await conn.next_event()
+            except OriginError as exc:
+                error = ex.body_error(exc)
+                if error is exc:
+                    raise
+                raise error from exc
             if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101 and websocket:
-                    await self._websocket_pipe(ts, conn, list(event.headers.raw_items()))
-                    return False
-                continue  # 100 Continue, 103 Early Hints: Go's transport swallows them
-            if isinstance(event, h11.ConnectionClosed):
-                raise OriginError(f"origin {conn.target.address} closed the connection before answering")
-            break
-        if not isinstance(event, h11.Response):
-            raise OriginError(f"unexpected answer from origin {conn.target.address}: {event!r}")
-        head = req.method == "HEAD"
-        headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
-        gunzip = None
-        if wo.should_gunzip(oreq.added_accept_encoding, event.status_code, headers, head=head):
-            headers = wo.strip_gzip_headers(headers)
-            gunzip = wo.Gunzipper()
-        h2_headers = wo.tunnel_response_headers(event.status_code, headers, head=head,
-                                                http10=event.http_version == b"1.0")
-        if head:
-            await ts.send_headers(h2_headers, end_stream=True)
-            while True:
-                ev = await conn.next_event()
-                if isinstance(ev, h11.EndOfMessage):
-                    return True
-                if isinstance(ev, h11.ConnectionClosed):
-                    return False
-        buffer = wo.ResponseBuffer(streamed=wo.streams_response(headers))
-        if not buffer.headers_held:
-            await ts.send_headers(h2_headers)
-        try:
-            while True:
-                ev = await conn.next_event()
-                if isinstance(ev, h11.Data):
-                    data = bytes(ev.data)
-                    if gunzip is not None:
-                        data = gunzip.feed(data)
-                    out = buffer.write(data) if data else b""
-                    if out:
-                        if not ts.headers_sent:  # Go sniffs a content-type from what leaves with them
-                            await ts.send_headers(wo.with_sniffed_type(h2_headers, out))
-                        await ts.send_data(out)
-                elif isinstance(ev, h11.EndOfMessage):
-                    if gunzip is not None:
-                        buffer.write(gunzip.finish())
-                    break
-                elif isinstance(ev, h11.ConnectionClosed):
-                    raise ResponseBodyError("unexpected EOF")
-        except ResponseBodyError:
-            raise
-        except OriginError as exc:
-            raise ResponseBodyError(_go_body_error(str(exc))) from exc
-        tail = buffer.finish()
-        trailers = wo.tunnel_trailers([(bytes(n), bytes(v)) for n, v in ev.headers.raw_items()])
-        if not ts.headers_sent:  # like Go's handlerDone: HEADERS end the stream when nothing follows
-            await ts.send_headers(wo.with_sniffed_type(h2_headers, tail),
-                                  end_stream=not tail and not trailers)
-            if not tail and not trailers:
-                return True
-        if tail:
-            await ts.send_data(tail, end_stream=not trailers)
-        if trailers:
-            await ts.send_trailers(trailers)
-        elif not tail:
-            await ts.end()
-        return True
-
-    async def _websocket_pipe(self, ts: IncomingStream, conn: OriginConnection,
-                              headers: list[tuple[bytes, bytes]]) -> None:
-        await ts.send_headers(wo.tunnel_response_headers(101, headers))
-        leftover, _closed = conn.h11.trailing_data
-        await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw, write_origin=conn.send_all)
+                headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
+                await _perform(ts, ex.informational(event.status_code, headers))
+                if ex.response_state is wo.ResponseState.UPGRADED:
+                    leftover, _closed = conn.h11.trailing_data
+                    await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw,
+                               write_origin=conn.send_all)
+                    return
+            elif isinstance(event, h11.Response):
+                headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
+                await _perform(ts, ex.response_head(event.status_code, headers,
+                                                    http10=event.http_version == b"1.0"))
+            elif isinstance(event, h11.Data):
+                await _perform(ts, ex.response_data(bytes(event.data)))
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
+                await _perform(ts, ex.response_end(trailers))
+            elif isinstance(event, h11.ConnectionClosed):
+                await _perform(ts, ex.response_closed())
+            else:
+                raise OriginError(f"unexpected answer from origin {conn.target.address}: {event!r}")
 
     # -- tcp:// ssh:// rdp:// services: terminate the WebSocket here
     async def _websocket_to_tcp(self, ts: IncomingStream, rule: IngressRule, service: StreamService) -> None:
@@ -570,6 +485,19 @@ class Proxy:
 
     def _set_state_config(self, version: int, config: Any) -> None:
         self.state.set_config(version, config if isinstance(config, dict) else {})
+
+
+async def _perform(ts: IncomingStream, actions: list[wo.TunnelAction]) -> None:
+    """Carry out an origin exchange's tunnel actions, in order."""
+    for action in actions:
+        if isinstance(action, wo.SendHeaders):
+            await ts.send_headers(action.fields, end_stream=action.end_stream)
+        elif isinstance(action, wo.SendData):
+            await ts.send_data(action.data, end_stream=action.end_stream)
+        elif isinstance(action, wo.SendTrailers):
+            await ts.send_trailers(action.fields)
+        else:
+            await ts.end()
 
 
 async def pipe(ts: IncomingStream, *, read_origin: Callable[[], Awaitable[bytes]],

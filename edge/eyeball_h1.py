@@ -20,6 +20,7 @@ from edge.state import EdgeState
 from transport.h11body import body_bytes_left, skip_body_bytes
 from transport.tunnel import TunnelConnection
 from transport.writer import acquire_fast
+from wire.eyeball import EyeballExchange, RequestRefused
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +143,17 @@ class _RawChannel:
 class H1Exchange:
     """One HTTP/1.1 request/response for `proxy_request`."""
 
-    def __init__(self, conn: _Conn, request: Any, has_body: bool, websocket: bool) -> None:
+    def __init__(self, conn: _Conn, core: EyeballExchange) -> None:
         self.conn = conn
-        self.request = request
-        self.has_body = has_body
-        self.websocket = websocket
+        self.core = core
+        self.request = core.request
+        self.has_body = core.has_body
+        self.websocket = core.websocket
         self.response_started = False
         self.request_trailers: Headers | None = None
         self.switched = False
         self.aborted = False
-        self.body_done = not has_body
+        self.body_done = not core.has_body
         self.chunked = False
 
     async def read_body(self) -> bytes | None:
@@ -227,23 +229,9 @@ class H1Exchange:
         return _RawChannel(self.conn, bytes(leftover))
 
 
-def _has_body(headers: Headers) -> bool:
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length":
-            try:
-                return int(value) > 0
-            except ValueError:
-                return True
-    return False
-
-
 async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.abc.Stream, *, scheme: str,
                                client: str, client_ip: str) -> None:
     """Serve HTTP/1.1 on one eyeball connection until it closes (never raises but Cancelled)."""
-    from wire.eyeball import EyeballRequest, is_websocket_request, request_head_error
-
     conn = _Conn(edge, stream, client)
     cfg = edge.config
     try:
@@ -283,28 +271,20 @@ async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.a
             if not isinstance(event, h11.Request):
                 return
             headers = [(bytes(n), bytes(v)) for n, v in event.headers]
-            refused = request_head_error(bytes(event.http_version), headers)
-            if refused is not None:
+            try:
+                core = EyeballExchange.from_h1(
+                    method=bytes(event.method), target=bytes(event.target),
+                    http_version=bytes(event.http_version), headers=headers, scheme=scheme,
+                    client_ip=client_ip, max_head_size=cfg.max_request_headers)
+            except RequestRefused as exc:
                 # Before anything is forwarded: a smuggling attempt never reaches a tunnel stream.
-                log.warning("eyeball request refused with %d: %s client=%s", refused[0], refused[1], client)
-                await _simple_error(conn, *refused)
+                if exc.status == 431:
+                    log.warning("eyeball %s; 431 (limit max_request_headers) client=%s", exc, client)
+                else:
+                    log.warning("eyeball request refused with %d: %s client=%s", exc.status, exc, client)
+                await _simple_error(conn, exc.status, exc.detail)
                 return
-            head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
-            if head_size > cfg.max_request_headers:
-                # h11 only bounds a head that arrives in pieces; a complete one is checked here.
-                log.warning("eyeball request head of %d bytes over %d; 431 (limit max_request_headers) "
-                            "client=%s", head_size, cfg.max_request_headers, client)
-                await _simple_error(conn, 431, "The request's header fields are too large.")
-                return
-            host = next((v.decode("latin-1") for n, v in headers if n == b"host"), "")
-            if not host:
-                await _simple_error(conn, 400, "The request has no Host header.")
-                return
-            target = event.target.decode("latin-1")
-            req = EyeballRequest(method=event.method.decode("latin-1"), target=target, headers=tuple(headers),
-                                 scheme=scheme, client_ip=client_ip, host=host)
-            websocket = is_websocket_request(headers)
-            ex = H1Exchange(conn, req, _has_body(headers), websocket)
+            ex = H1Exchange(conn, core)
             try:
                 await proxy_request(edge, ex)
             except EyeballGone:

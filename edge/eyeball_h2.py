@@ -24,11 +24,13 @@ from edge.state import EdgeState
 from transport.h2 import TunnelH2Connection, send_within_window
 from transport.tunnel import TunnelConnection
 from transport.writer import H2Writer, WriteStalled
+from wire.errors import StreamConversionError
+from wire.eyeball import EyeballExchange, h2_response_fields
+from wire.guard import ResetFloodGuard
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
-CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 
 
 class _H2Server:
@@ -49,7 +51,7 @@ class _H2Server:
         self.writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
         self.lot = trio.lowlevel.ParkingLot()
         self.exchanges: dict[int, H2Exchange] = {}
-        self._resets: deque[float] = deque()  # times of the eyeball's recent RST_STREAMs
+        self._resets = ResetFloodGuard(edge.config.eyeball_reset_limit, edge.config.eyeball_reset_window)
         self._refused_logged = False
 
     async def flush(self) -> None:
@@ -102,10 +104,7 @@ class _H2Server:
     def _reset_flood(self) -> bool:
         """More RST_STREAMs than `eyeball_reset_limit` within the window (rapid reset): GOAWAY and close."""
         cfg = self.edge.config
-        horizon = trio.current_time() - cfg.eyeball_reset_window
-        while self._resets and self._resets[0] < horizon:
-            self._resets.popleft()
-        if len(self._resets) <= cfg.eyeball_reset_limit:
+        if not self._resets.flooded(trio.current_time()):
             return False
         log.warning("eyeball reset more than %d streams within %gs (rapid reset?): GOAWAY and close "
                     "(limit eyeball_reset_limit) client=%s", cfg.eyeball_reset_limit,
@@ -127,7 +126,13 @@ class _H2Server:
                 self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         if isinstance(event, h2.events.RequestReceived):
-            new = H2Exchange(self, event.stream_id, list(event.headers), ended=event.stream_ended is not None)
+            try:
+                core = EyeballExchange.from_h2(list(event.headers), ended=event.stream_ended is not None,
+                                               client_ip=self.client_ip)
+            except StreamConversionError:
+                self.h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)  # flushed after dispatch
+                return
+            new = H2Exchange(self, event.stream_id, core)
             self.exchanges[event.stream_id] = new
             nursery.start_soon(self.handle, new)
             return
@@ -147,7 +152,7 @@ class _H2Server:
                 ex.lot.unpark_all()
         elif isinstance(event, h2.events.StreamReset):
             if event.remote_reset:
-                self._resets.append(trio.current_time())
+                self._resets.reset(trio.current_time())
             if ex is not None:
                 ex.reset = True
                 ex.lot.unpark_all()
@@ -158,10 +163,6 @@ class _H2Server:
     async def handle(self, ex: H2Exchange) -> None:
         try:
             with ex.scope:
-                if ex.request is None:
-                    self.h2.reset_stream(ex.stream_id, ErrorCodes.PROTOCOL_ERROR)
-                    await self.flush()
-                    return
                 await proxy_request(self.edge, ex)
         except EyeballGone as exc:
             log.debug("eyeball stream ended: %s stream=%d client=%s", exc, ex.stream_id, self.client)
@@ -181,31 +182,21 @@ class _H2Server:
 class H2Exchange:
     """One HTTP/2 eyeball stream for `proxy_request`."""
 
-    def __init__(self, server: _H2Server, stream_id: int, headers: Headers, *, ended: bool) -> None:
-        from wire.eyeball import EyeballRequest
-
+    def __init__(self, server: _H2Server, stream_id: int, core: EyeballExchange) -> None:
         self.server = server
         self.stream_id = stream_id
-        self.ended = ended
+        self.core = core
+        self.request = core.request
+        self.has_body = core.has_body
+        self.websocket = False
+        self.ended = not core.has_body
         self.reset = False
         self.chunks: deque[tuple[bytes, int]] = deque()
         self.lot = trio.lowlevel.ParkingLot()
         self.scope = trio.CancelScope()
         self.pending_ack = 0
-        self.has_body = not ended
-        self.websocket = False
         self.response_started = False
         self.request_trailers: Headers | None = None
-        pseudo = {n: v for n, v in headers if n.startswith(b":")}
-        regular = [(n, v) for n, v in headers if not n.startswith(b":")]
-        self.request: Any = None
-        if b":method" in pseudo and (b":authority" in pseudo or any(n == b"host" for n, _ in regular)):
-            host = pseudo.get(b":authority") or next(v for n, v in regular if n == b"host")
-            self.request = EyeballRequest(
-                method=pseudo[b":method"].decode("latin-1"),
-                target=pseudo.get(b":path", b"/").decode("latin-1"),
-                headers=tuple(regular), scheme="https", client_ip=server.client_ip,
-                host=host.decode("latin-1"))
 
     async def read_body(self) -> bytes | None:
         if self.pending_ack:
@@ -224,14 +215,8 @@ class H2Exchange:
 
     async def start_response(self, status: int, headers: Headers) -> None:
         self.response_started = True
-        fields = [(b":status", str(status).encode())]
-        for name, value in headers:
-            name = name.lower()
-            if name in CONNECTION_SPECIFIC or name == b"te":
-                continue
-            fields.append((name, value))
         try:
-            self.server.h2.send_headers(self.stream_id, fields)
+            self.server.h2.send_headers(self.stream_id, h2_response_fields(status, headers))
         except h2.exceptions.ProtocolError as exc:
             raise EyeballGone(f"cannot send response headers: {exc}") from exc
         await self.server.flush()

@@ -28,12 +28,12 @@ from transport.tunnel import (
     TunnelStreamError,
 )
 from wire.errors import TunnelLabError
+from wire.eyeball import Answer, EyeballExchange, Next, new_ray_id
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 RELAY_BATCH = 256 * 1024  # response DATA already received is relayed in one write up to this size
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class EyeballGone(TunnelLabError):
@@ -62,6 +62,7 @@ class RawChannel(Protocol):
 class Exchange(Protocol):
     """One eyeball request/response, whatever the eyeball's HTTP version."""
 
+    core: EyeballExchange  # the decisions; the rest moves bytes
     request: Any  # wire.eyeball.EyeballRequest
     has_body: bool
     websocket: bool
@@ -165,8 +166,6 @@ class _Recording:
 
 async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None:
     """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
-    from wire.eyeball import new_ray_id
-
     req = ex.request
     host = _host_only(str(req.host or ""))
     result = _Outcome(edge, req, host, new_ray_id(edge.default_location, os.urandom(8)))
@@ -207,56 +206,58 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
 
 async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any, conn: TunnelConnection,
                    ray: str, result: _Outcome) -> None:
-    from wire.eyeball import tunnel_request_headers
-
+    core = ex.core
     req = ex.request
-    headers = list(tunnel_request_headers(req, ray=ray, websocket=ex.websocket))
-    end_stream = not ex.has_body and not ex.websocket
-    retry_ok = str(req.method).upper() in IDEMPOTENT and not ex.has_body and not ex.websocket
     tried: list[TunnelConnection] = []
     while True:
         result.conn = conn
         tried.append(conn)
         ident = f"{conn.ident()} ray={ray}"
+        headers = core.open_stream(ray)
         try:
-            stream = await conn.open_stream(headers, end_stream=end_stream)
+            stream = await conn.open_stream(headers, end_stream=core.end_stream)
         except TunnelStreamError as exc:
-            if isinstance(exc, NoCapacityError):
+            no_capacity = isinstance(exc, NoCapacityError)
+            if no_capacity:
                 log.warning("no stream slot: %s %s", exc, ident)
-            nxt = edge.registry.pick(tunnel.id, exclude=tried) if (exc.retryable and len(tried) < 2) else None
+            nxt = edge.registry.pick(tunnel.id, exclude=tried) if core.may_retry_open(exc.retryable) else None
             if nxt is not None:
                 log.info("retrying on another connection after %s %s", exc, ident)
                 conn = nxt
                 continue
             # No stream was opened, so nothing reached the connector.
-            if isinstance(exc, NoCapacityError):
-                result.status, result.outcome = 503, "overloaded"
+            answer = core.open_failed(retryable=exc.retryable, no_capacity=no_capacity)
+            if no_capacity:
                 page = pages.error_page(503, f"The tunnel's connections are at their stream limit: {exc}",
                                         ray=ray)
             elif exc.retryable:
-                result.status, result.outcome = 530, "no-connection"
                 page = pages.no_connection_page(req.host, str(tunnel.id), ray)
             else:
-                result.status, result.outcome = 502, "stream-failed"
                 page = pages.error_page(502, f"The edge could not open a stream: {exc}", ray=ray)
-            await send_page(ex, result.status, *page)
+            await _answer(ex, result, answer, page)
             return
+        core.stream_opened()
         log.debug("forwarding %s %s on stream=%d %s", req.method, req.target, stream.id, ident)
         try:
-            retry = await _run_stream(edge, ex, stream, ray, result, ident, retry_ok and len(tried) < 2)
+            retry = await _run_stream(edge, ex, stream, ray, result, ident)
         finally:
             await stream.release()
         if not retry:
             return
         nxt = edge.registry.pick(tunnel.id, exclude=tried)
         if nxt is None:
-            result.status, result.outcome = 502, "connection-lost"
-            await send_page(ex, 502, *pages.error_page(
+            await _answer(ex, result, core.connection_lost(), pages.error_page(
                 502, "The tunnel connection was lost before the connector answered, and no other "
                      "connection could take the request.", ray=ray))
             return
         log.info("connection lost before the response; retrying once on another connection %s", ident)
         conn = nxt
+
+
+async def _answer(ex: Exchange, result: _Outcome, answer: Answer, page: tuple[Headers, bytes]) -> None:
+    """The edge answers the eyeball itself with `page`."""
+    result.status, result.outcome = answer.status, answer.outcome
+    await send_page(ex, answer.status, *page)
 
 
 async def _upload(ex: Exchange, stream: TunnelStream, failed: list[BaseException],
@@ -282,17 +283,17 @@ async def _upload_body(ex: Exchange, stream: TunnelStream, failed: list[BaseExce
 
 
 async def _run_stream(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, ray: str,
-                      result: _Outcome, ident: str, may_retry: bool) -> bool:
+                      result: _Outcome, ident: str) -> bool:
     """Drive one tunnel stream. Returns True when the request should be retried elsewhere."""
     upload_failed: list[BaseException] = []
     upload = trio.CancelScope()  # cancelled once the response no longer needs the request body
     if not ex.has_body:  # nothing to upload: no nursery, no task
-        return await _respond(edge, ex, stream, ray, result, ident, may_retry, upload, upload_failed)
+        return await _respond(edge, ex, stream, ray, result, ident, upload, upload_failed)
     gone: EyeballGone | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_upload, ex, stream, upload_failed, upload)
         try:
-            return await _respond(edge, ex, stream, ray, result, ident, may_retry, upload, upload_failed)
+            return await _respond(edge, ex, stream, ray, result, ident, upload, upload_failed)
         except EyeballGone as exc:
             # Kept out of the nursery's exception group: the caller handles a plain EyeballGone.
             gone = exc
@@ -303,68 +304,64 @@ async def _run_stream(edge: EdgeState[TunnelConnection], ex: Exchange, stream: T
 
 
 async def _respond(edge: EdgeState[TunnelConnection], ex: Exchange, stream: TunnelStream, ray: str,
-                   result: _Outcome, ident: str, may_retry: bool, upload: trio.CancelScope,
+                   result: _Outcome, ident: str, upload: trio.CancelScope,
                    upload_failed: list[BaseException]) -> bool:
-    from wire.eyeball import eyeball_response_headers, tunnel_response
-
+    core = ex.core
     try:
         with trio.move_on_after(edge.config.origin_timeout) as waited:
             raw_headers = await stream.response_headers()
     except OversizedHeadersError as exc:
         upload.cancel()
-        result.status, result.outcome = 502, "oversized-headers"
-        await send_page(ex, 502, *pages.error_page(502, f"The origin's {exc}.", ray=ray))
+        await _answer(ex, result, core.oversized_response(),
+                      pages.error_page(502, f"The origin's {exc}.", ray=ray))
         return False
     except TunnelStreamError as exc:
         upload.cancel()
         bad = next((e for e in upload_failed if isinstance(e, BadRequestBody)), None)
-        if bad is not None and not ex.response_started:
+        decision = core.stream_failed(retryable=exc.retryable, bad_body=bad is not None,
+                                      body_eof=bad is not None and bad.eof, upload_failed=bool(upload_failed),
+                                      response_started=ex.response_started)
+        if decision is Next.GONE:
+            raise EyeballGone("eyeball closed during the upload") from None
+        if decision is Next.RETRY:
+            return True
+        assert isinstance(decision, Answer)
+        if decision.status == 400:
             # The connector's stream was reset; the eyeball gets a 400 where its connection allows.
             log.info("malformed request body (%s); 400 %s", bad, ident)
-            result.status, result.outcome = 400, "eyeball-closed" if bad.eof else "bad-request"
-            await send_page(ex, 400, *pages.error_page(400, f"The request body could not be read: {bad}",
-                                                        ray=ray))
-            return False
-        if upload_failed:
-            raise EyeballGone("eyeball closed during the upload") from None
-        if exc.retryable and may_retry:
-            return True
-        log.info("stream failed before the response: %s %s", exc, ident)
-        result.status, result.outcome = 502, "stream-failed"
-        await send_page(ex, 502, *pages.error_page(
-            502, f"The tunnel stream failed before the connector answered: {exc}", ray=ray))
+            page = pages.error_page(400, f"The request body could not be read: {bad}", ray=ray)
+        else:
+            log.info("stream failed before the response: %s %s", exc, ident)
+            page = pages.error_page(502, f"The tunnel stream failed before the connector answered: {exc}",
+                                    ray=ray)
+        await _answer(ex, result, decision, page)
         return False
     if waited.cancelled_caught:
         upload.cancel()
         await stream.reset(ErrorCodes.CANCEL)
-        result.status, result.outcome = 524, "timeout"
         log.warning("no response within %gs; 524 %s", edge.config.origin_timeout, ident)
-        await send_page(ex, 524, *pages.error_page(
+        await _answer(ex, result, core.timed_out(), pages.error_page(
             524, f"The origin did not answer within {edge.config.origin_timeout:g} seconds.",
             ray=ray, hint="make the origin answer faster or raise the edge's --origin-timeout"))
         return False
     try:
-        resp = tunnel_response(raw_headers, request_was_websocket=ex.websocket)
-        out_headers = list(eyeball_response_headers(resp))
+        resp = core.response(raw_headers)
     except TunnelLabError as exc:
         upload.cancel()
         log.warning("bad response headers from the connector: %s %s", exc, ident)
-        result.status, result.outcome = 502, "bad-response"
-        await send_page(ex, 502, *pages.error_page(502, f"The connector sent a bad response: {exc}",
-                                                    ray=ray))
+        await _answer(ex, result, core.bad_response(), pages.error_page(
+            502, f"The connector sent a bad response: {exc}", ray=ray))
         return False
-    result.status = int(resp.status)
-    if ex.websocket and resp.websocket_upgrade:
-        result.status, result.outcome = 101, "websocket"
-        await _websocket(ex, stream, out_headers, ident)
+    result.status, result.outcome = resp.status, resp.outcome
+    if resp.outcome == "websocket":
+        await _websocket(ex, stream, resp.headers, ident)
         upload.cancel()
         return False
     if ex.websocket:
         # Not an upgrade: an ordinary response; our request side carries no body.
         with contextlib.suppress(TunnelStreamError):
             await stream.end()
-    if resp.src == "cloudflared" and result.status >= 500:
-        result.outcome = "connector-error"
+    if resp.outcome == "connector-error":
         log.info("connector answered %d (src=cloudflared) %s", result.status, ident)
         await _drain_quietly(stream)
         await send_page(ex, result.status, *pages.error_page(
@@ -372,15 +369,11 @@ async def _respond(edge: EdgeState[TunnelConnection], ex: Exchange, stream: Tunn
             f"{result.status} with src=cloudflared); its log names the cause.", ray=ray,
             hint="check that the origin named by the ingress rule is up and reachable"))
         return False
-    # Like Cloudflare's edge: every proxied response names its ray (the same as in the history).
-    out_headers = [(n, v) for n, v in out_headers if n.lower() != b"cf-ray"] + [(b"cf-ray", ray.encode())]
-    bodiless = (str(ex.request.method).upper() == "HEAD" or result.status in (204, 304)
-                or resp.content_length == 0)
-    if bodiless:
+    if resp.bodiless:
         result.record()  # the head is the whole response for the eyeball
-    await ex.start_response(result.status, out_headers)
+    await ex.start_response(result.status, resp.headers)
     try:
-        await _relay_body(edge, ex, stream, result, None if bodiless else resp.content_length)
+        await _relay_body(edge, ex, stream, result, resp.body_length)
     except TunnelStreamError as exc:
         result.outcome = "aborted"
         log.warning("stream failed mid-response; aborting the eyeball response: %s %s", exc, ident)

@@ -26,7 +26,7 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from edge.h2conn import FrameGuard, new_tunnel_h2
+from edge.h2conn import new_tunnel_h2
 from edge.state import EdgeState
 from transport.h2 import TunnelH2Connection, send_within_window
 from transport.tls import take_buffered_tls
@@ -39,6 +39,7 @@ from transport.tunnel import (
 )
 from transport.writer import H2Writer, WriteStalled
 from wire.errors import ProtocolError, TunnelLabError
+from wire.guard import ControlFloodGuard, FrameGuard
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,8 @@ class H2TunnelConnection:
         self._control_backlog = b""
         self._unregistered = False
         self._rpc_over = trio.Event()
-        self._flood_window_start = trio.current_time()
-        self._flood_count = 0  # the connector aborted the RPC or ended the control stream
+        self._control_flood = ControlFloodGuard(CONTROL_FLOOD_LIMIT, CONTROL_FLOOD_WINDOW,
+                                                trio.current_time())
         self._rpc: Any = None
         self._rpc_send, self._rpc_receive = trio.open_memory_channel[Any](32)
         self.goaway_sent = False
@@ -369,13 +370,7 @@ class H2TunnelConnection:
         self._slot_lot.unpark_all()
 
     def _count_control_frame(self) -> None:
-        now = trio.current_time()
-        if now - self._flood_window_start > CONTROL_FLOOD_WINDOW:
-            self._flood_window_start, self._flood_count = now, 0
-        self._flood_count += 1
-        if self._flood_count > CONTROL_FLOOD_LIMIT:
-            raise ProtocolError(f"control-frame flood: more than {CONTROL_FLOOD_LIMIT} PING/SETTINGS "
-                                f"frames within {CONTROL_FLOOD_WINDOW:g}s")
+        self._control_flood.frame(trio.current_time())
 
     def _on_response(self, stream_id: int, headers: Headers) -> None:
         if stream_id == CONTROL_STREAM_ID:

@@ -16,8 +16,9 @@ modules=("$@")
 if [ ${#modules[@]} -eq 0 ]; then
     modules=(wire.headers wire.eyeball wire.origin wire.capnp wire.rpc wire.sniff wire.hpack_encoder wire.redact)
 fi
-# Derandomized hypothesis: the same examples for every mutant, so a kill is reproducible.
-export HYPOTHESIS_PROFILE=ci
+# Derandomized hypothesis: the same examples for every mutant, so a kill is reproducible; failures are not
+# shrunk (tests/conftest.py, profile "mutation").
+export HYPOTHESIS_PROFILE=mutation
 # The project venv (scripts/test.sh makes it), or the active one (tox).
 py=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}
 py=${py:-.venv/bin/python}

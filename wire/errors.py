@@ -38,6 +38,10 @@ class OriginError(TunnelLabError):
     """The origin could not be reached or answered with something that is not HTTP."""
 
 
+class ResponseBodyError(OriginError):
+    """The origin's response body failed after its head was read (cloudflared aborts the stream)."""
+
+
 class TLSSetupError(TunnelLabError):
     """Certificates or keys are missing, unreadable or unusable."""
 

@@ -5,11 +5,14 @@ Go's HTTP/2 server in cloudflared (docs/protocol.md §11.1): no connection-speci
 400), a WebSocket is signalled only by `cf-cloudflared-proxy-connection-upgrade: websocket`. What it adds
 is the lab's choice, modelled on Cloudflare's documented origin headers (docs/protocol.md §11.2).
 
-Pure functions and small value objects; the edge shell does the I/O.
+Pure functions, small value objects and `EyeballExchange`, the state machine of one eyeball request
+through the edge (heads in; tunnel fields, retry decisions and the eyeball's response out); the edge shell
+does the I/O.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,9 +30,16 @@ from wire.headers import (
 )
 
 __all__ = [
+    "Answer",
+    "EyeballExchange",
     "EyeballRequest",
+    "EyeballResponse",
+    "EyeballState",
+    "Next",
+    "RequestRefused",
     "TunnelResponse",
     "eyeball_response_headers",
+    "h2_response_fields",
     "is_websocket_request",
     "new_ray_id",
     "request_head_error",
@@ -234,3 +244,226 @@ def new_ray_id(location: str, rand: bytes) -> str:
     if len(rand) < 8:
         raise ValueError(f"new_ray_id needs 8 random bytes, got {len(rand)}")
     return f"{rand[:8].hex()}-{location}"
+
+
+# --- one eyeball request through the edge, as a state machine -----------------------------------------
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+MAX_TRIES = 2  # a request goes to at most two tunnel connections
+# Connection-specific fields an HTTP/2 response must not carry (RFC 9113 §8.2.2).
+_H2_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                                     b"upgrade", b"te"})
+
+
+class RequestRefused(StreamConversionError):
+    """The edge refuses an eyeball's request head before forwarding anything: answer `status` with a page
+    saying `detail` (the message, when not given, is the detail)."""
+
+    def __init__(self, status: int, detail: str, message: str | None = None) -> None:
+        super().__init__(message or detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The edge answers the eyeball itself (an error page): the status and the history's outcome."""
+
+    status: int
+    outcome: str
+
+
+class Next(enum.Enum):
+    """What to do after a tunnel stream failed, when the edge does not answer itself."""
+
+    RETRY = "retry"  # the connector cannot have seen the request: try another connection
+    GONE = "gone"  # the eyeball went away during its upload: nobody to answer
+
+
+@dataclass(frozen=True, kw_only=True)
+class EyeballResponse:
+    """What the eyeball gets for a tunnel response head."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # for the eyeball: hop-by-hop fields gone, `cf-ray` last
+    outcome: str  # "ok", "websocket" (switch to a byte pipe), "connector-error" (the edge's own page)
+    bodiless: bool  # the head is the whole response (HEAD, 204, 304, content-length 0)
+    body_length: int | None  # the body's announced length; None when bodiless or unknown
+
+
+class EyeballState(enum.Enum):
+    """Where an eyeball exchange is (`EyeballExchange.state`)."""
+
+    ROUTING = "routing"  # no tunnel stream yet
+    OPENING = "opening"  # a stream is being opened on a connection
+    WAITING = "waiting"  # the request is on a stream: its response head is awaited
+    RESPONDING = "responding"  # the eyeball is getting the tunnel's response
+    ANSWERED = "answered"  # the edge answered itself
+
+
+class EyeballExchange:
+    """One eyeball request through the edge, without I/O: the stream to open, when to retry it on
+    another connection, and what the eyeball gets back.
+
+    Build it with `from_h1` / `from_h2` (which refuse bad heads) or directly. Then `open_stream(ray)`
+    for each try (the tunnel fields and `end_stream`), `open_failed` / `stream_failed` / `timed_out`
+    when that goes wrong (an `Answer`, or `Next`), and `response(fields)` for the response head.
+    """
+
+    def __init__(self, request: EyeballRequest, *, has_body: bool, websocket: bool = False) -> None:
+        self.request = request
+        self.has_body = has_body
+        self.websocket = websocket
+        self.method = request.method.upper()
+        self.state = EyeballState.ROUTING
+        self.tries = 0
+        self.ray = ""
+
+    # -- request heads
+
+    @classmethod
+    def from_h1(cls, *, method: bytes, target: bytes, http_version: bytes,
+                headers: Sequence[tuple[bytes, bytes]], scheme: str, client_ip: str,
+                max_head_size: int) -> EyeballExchange:
+        """An HTTP/1.x request head (`headers` as h11 gives them: lower-case names). Raises
+        `RequestRefused` for a head the edge answers itself (505, 400, 431), before forwarding anything."""
+        refused = request_head_error(http_version, headers)
+        if refused is not None:
+            raise RequestRefused(*refused)
+        # h11 only bounds a head that arrives in pieces; a complete one is checked here.
+        head_size = len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
+        if head_size > max_head_size:
+            raise RequestRefused(431, "The request's header fields are too large.",
+                                 f"request head of {head_size} bytes over {max_head_size}")
+        host = next((v.decode("latin-1") for n, v in headers if n == b"host"), "")
+        if not host:
+            raise RequestRefused(400, "The request has no Host header.")
+        req = EyeballRequest(method=method.decode("latin-1"), target=target.decode("latin-1"),
+                             headers=tuple(headers), scheme=scheme, client_ip=client_ip, host=host)
+        return cls(req, has_body=_h1_has_body(headers), websocket=is_websocket_request(headers))
+
+    @classmethod
+    def from_h2(cls, headers: Sequence[tuple[bytes, bytes]], *, ended: bool,
+                client_ip: str) -> EyeballExchange:
+        """An HTTP/2 request stream's HEADERS (`ended`: END_STREAM came with them). Raises
+        `StreamConversionError` without `:method`, or without both `:authority` and `host`."""
+        pseudo = {n: v for n, v in headers if n.startswith(b":")}
+        regular = [(n, v) for n, v in headers if not n.startswith(b":")]
+        host = pseudo.get(b":authority") or next((v for n, v in regular if n == b"host"), None)
+        if b":method" not in pseudo or host is None:
+            raise StreamConversionError("eyeball HTTP/2 request without :method, or without :authority "
+                                        "and host")
+        req = EyeballRequest(method=pseudo[b":method"].decode("latin-1"),
+                             target=pseudo.get(b":path", b"/").decode("latin-1"), headers=tuple(regular),
+                             scheme="https", client_ip=client_ip, host=host.decode("latin-1"))
+        return cls(req, has_body=not ended)
+
+    # -- the tunnel stream
+
+    @property
+    def end_stream(self) -> bool:
+        """END_STREAM goes on the request HEADERS: no body follows (a WebSocket keeps its side open)."""
+        return not self.has_body and not self.websocket
+
+    def open_stream(self, ray: str) -> list[tuple[bytes, bytes]]:
+        """The fields of a new tunnel stream for this request (one more try)."""
+        self.ray = ray
+        self.tries += 1
+        self.state = EyeballState.OPENING
+        return tunnel_request_headers(self.request, ray=ray, websocket=self.websocket)
+
+    def stream_opened(self) -> None:
+        """The stream is open: the request is on its way to the connector."""
+        self.state = EyeballState.WAITING
+
+    def may_retry_open(self, retryable: bool) -> bool:
+        """Opening the stream failed where the connector saw nothing: try another connection?"""
+        return retryable and self.tries < MAX_TRIES
+
+    def open_failed(self, *, retryable: bool, no_capacity: bool) -> Answer:
+        """No stream could be opened (and no retry): 503 at the stream limit, 530 when the connection
+        went away, 502 otherwise."""
+        if no_capacity:
+            return self._answer(503, "overloaded")
+        if retryable:
+            return self._answer(530, "no-connection")
+        return self._answer(502, "stream-failed")
+
+    def stream_failed(self, *, retryable: bool, bad_body: bool = False, body_eof: bool = False,
+                      upload_failed: bool = False, response_started: bool = False) -> Answer | Next:
+        """The stream failed before its response head. `bad_body`: the eyeball's body was malformed
+        (`body_eof`: it ended early); `upload_failed`: the eyeball went away during the upload. Only a
+        bodiless idempotent request is retried, and only where the connector cannot have seen it."""
+        if bad_body and not response_started:
+            return self._answer(400, "eyeball-closed" if body_eof else "bad-request")
+        if upload_failed:
+            return Next.GONE
+        if retryable and self._may_retry():
+            return Next.RETRY
+        return self._answer(502, "stream-failed")
+
+    def _may_retry(self) -> bool:
+        return self.method in IDEMPOTENT and self.end_stream and self.tries < MAX_TRIES
+
+    def connection_lost(self) -> Answer:
+        """A retry found no other connection."""
+        return self._answer(502, "connection-lost")
+
+    def timed_out(self) -> Answer:
+        """No response head within the origin timeout."""
+        return self._answer(524, "timeout")
+
+    def response(self, fields: Sequence[tuple[bytes, bytes]]) -> EyeballResponse:
+        """The eyeball's response for the tunnel's response HEADERS. Raises `StreamConversionError` or
+        `HeaderSerializationError` for a malformed head (the edge answers 502, `bad_response`)."""
+        resp = tunnel_response(fields, request_was_websocket=self.websocket)
+        headers = eyeball_response_headers(resp)
+        self.state = EyeballState.RESPONDING
+        if resp.websocket_upgrade:  # only ever True for a WebSocket request
+            return EyeballResponse(status=101, headers=headers, outcome="websocket", bodiless=False,
+                                   body_length=None)
+        if resp.src == "cloudflared" and resp.status >= 500:
+            self.state = EyeballState.ANSWERED
+            return EyeballResponse(status=resp.status, headers=headers, outcome="connector-error",
+                                   bodiless=False, body_length=None)
+        # Like Cloudflare's edge: every proxied response names its ray (the same as in the history).
+        headers = [(n, v) for n, v in headers if n.lower() != b"cf-ray"] + [(b"cf-ray", self.ray.encode())]
+        bodiless = self.method == "HEAD" or resp.status in (204, 304) or resp.content_length == 0
+        return EyeballResponse(status=resp.status, headers=headers, outcome="ok", bodiless=bodiless,
+                               body_length=None if bodiless else resp.content_length)
+
+    def bad_response(self) -> Answer:
+        """The connector's response head could not be decoded."""
+        return self._answer(502, "bad-response")
+
+    def oversized_response(self) -> Answer:
+        """The connector's response head is over the lab's limit."""
+        return self._answer(502, "oversized-headers")
+
+    def _answer(self, status: int, outcome: str) -> Answer:
+        self.state = EyeballState.ANSWERED
+        return Answer(status, outcome)
+
+
+def _h1_has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """An HTTP/1.1 request has a body: Transfer-Encoding, or a Content-Length other than 0."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            try:
+                return int(value) > 0
+            except ValueError:
+                return True
+    return False
+
+
+def h2_response_fields(status: int, headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An HTTP/2 eyeball's response HEADERS: `:status`, then the fields lower-cased, minus the
+    connection-specific ones HTTP/2 forbids."""
+    fields = [(b":status", str(status).encode())]
+    for name, value in headers:
+        name = name.lower()
+        if name not in _H2_CONNECTION_SPECIFIC:
+            fields.append((name, value))
+    return fields

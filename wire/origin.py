@@ -10,7 +10,8 @@ as captured from the released go1.26 build, docs/protocol.md §5.3):
   when Go's transport adds it (not for HEAD, not with Range);
 - body framing follows Go's `outgoingLength` / `shouldSendChunkedRequestBody` / 1-byte probe rules.
 
-Pure functions and small value objects; the connector shell does the I/O.
+Pure functions, small value objects and `OriginExchange`, the state machine of one request/response with
+the origin (events in, bytes and tunnel actions out); the connector shell does the I/O.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from wire.errors import OriginError, StreamConversionError
+from wire.errors import OriginError, ResponseBodyError, StreamConversionError
 from wire.headers import (
     META_CLOUDFLARED,
     META_ORIGIN,
@@ -40,10 +41,18 @@ from wire.sniff import sniff_content_type
 
 __all__ = [
     "BodyEncoder",
+    "EndStream",
     "Framing",
     "Gunzipper",
+    "OriginExchange",
     "OriginOptions",
     "OriginRequest",
+    "RequestState",
+    "ResponseState",
+    "SendData",
+    "SendHeaders",
+    "SendTrailers",
+    "TunnelAction",
     "TunnelRequest",
     "bad_request_response",
     "build_origin_request",
@@ -762,3 +771,323 @@ class ResponseBuffer:
         out = bytes(self._buf)
         self._buf.clear()
         return out
+
+
+# --- one exchange with the origin, as a state machine ----------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class SendHeaders:
+    """Send these response HEADERS on the tunnel stream."""
+
+    fields: list[tuple[bytes, bytes]]
+    end_stream: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendData:
+    """Send these response body bytes on the tunnel stream."""
+
+    data: bytes
+    end_stream: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendTrailers:
+    """Send these trailers (they end the stream)."""
+
+    fields: list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class EndStream:
+    """End the tunnel stream with an empty DATA frame."""
+
+
+TunnelAction = SendHeaders | SendData | SendTrailers | EndStream
+
+
+class RequestState(enum.Enum):
+    """Where the request to the origin is (`OriginExchange.request_state`)."""
+
+    START = "start"  # before `start`
+    BUFFERING = "buffering"  # Framing.BUFFERED: collecting the whole body before the head
+    HEAD = "head"  # the request head is ready to be written
+    BODY = "body"  # writing the body
+    ENDED = "ended"  # the body's last bytes were produced, not yet written
+    DONE = "done"  # written to the end
+    FAILED = "failed"  # the body could not be written
+
+
+class ResponseState(enum.Enum):
+    """Where the origin's response is (`OriginExchange.response_state`)."""
+
+    WAITING = "waiting"  # no response head yet
+    HEAD_ONLY = "head-only"  # a HEAD request: HEADERS ended the stream, the origin's end is awaited
+    BODY = "body"
+    UPGRADED = "upgraded"  # 101 to a WebSocket request: the stream is now a byte pipe
+    DONE = "done"  # the response ended as HTTP says
+    CLOSED = "closed"  # the origin closed the connection where that ends nothing in error (HEAD)
+
+
+def _go_body_error(text: str) -> str:
+    """Go's words for a response body cut short (its readers say `unexpected EOF`); other causes as read."""
+    if "without sending complete message body" in text or "closed the connection" in text:
+        return "unexpected EOF"
+    return text
+
+
+class OriginExchange:
+    """One HTTP request/response between the connector and an origin (`origin`: its address, for
+    messages), without I/O.
+
+    The request side: `needs_probe`, `start(probe)` (or `buffer_body` / `end_buffered_body` for a
+    BUFFERED body), `request_head()`, `request_pending()`, `request_data()` while `wants_request_body`,
+    `request_end(trailers)`, then `request_written()` once those bytes are out (or `request_failed`).
+    The response side: `informational`, `response_head`, `response_data`, `response_end`,
+    `response_closed` each return the `TunnelAction`s to perform in order; `body_error` turns a failed
+    origin read into the error to report. `reusable()` says whether the origin connection may serve
+    another request. Errors are `StreamConversionError` (the request cannot be written), `OriginError`
+    (the origin's answer is unusable; 502) and `ResponseBodyError` (after the head: reset the stream).
+    """
+
+    def __init__(self, request: TunnelRequest, options: OriginOptions, *, origin: str,
+                 websocket: bool = False) -> None:
+        self.request = request
+        self.options = options
+        self.websocket = websocket
+        self.origin = origin
+        self.head = request.method == "HEAD"
+        self.needs_probe = needs_body_probe(request, options, websocket=websocket)
+        self.origin_request: OriginRequest | None = None
+        self.request_state = RequestState.START
+        self.request_error: str | None = None
+        self.response_state = ResponseState.WAITING
+        self.headers_sent = False
+        self._pending = b""  # the probed byte or the buffered body: the first body bytes to write
+        self._remaining: int | None = None
+        self._encoder: BodyEncoder | None = None
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._gunzip: Gunzipper | None = None
+        self._buffer: ResponseBuffer | None = None
+
+    # -- the request
+
+    def start(self, probe: bytes | None = None) -> OriginRequest:
+        """Build the origin request (`probe`: what the body probe read, see `build_origin_request`)."""
+        self._expect(RequestState.START)
+        oreq = build_origin_request(self.request, self.options, websocket=self.websocket, probe=probe)
+        self.origin_request = oreq
+        if oreq.framing is Framing.BUFFERED:
+            self.request_state = RequestState.BUFFERING
+        else:
+            self._ready(oreq, probe or b"")
+        return oreq
+
+    def buffer_body(self, data: bytes) -> None:
+        """More of a BUFFERED body; `StreamConversionError` once it grows past MAX_BUFFERED_BODY."""
+        self._expect(RequestState.BUFFERING)
+        self._pending += data
+        if len(self._pending) > MAX_BUFFERED_BODY:
+            self.request_state = RequestState.FAILED
+            raise StreamConversionError(
+                f"the request body is over {MAX_BUFFERED_BODY} bytes: too large to send without chunked "
+                "encoding or a Content-Length")
+
+    def end_buffered_body(self) -> OriginRequest:
+        """The whole BUFFERED body is in: the request, now framed by its length."""
+        self._expect(RequestState.BUFFERING)
+        assert self.origin_request is not None
+        oreq = self.origin_request.with_body_length(len(self._pending))
+        self.origin_request = oreq
+        self._ready(oreq, self._pending)
+        return oreq
+
+    def _ready(self, oreq: OriginRequest, pending: bytes) -> None:
+        self.request_state = RequestState.HEAD
+        self._pending = pending
+        self._remaining = oreq.content_length if oreq.framing is Framing.CONTENT_LENGTH else None
+        self._encoder = BodyEncoder(oreq.framing, self._remaining)
+
+    @property
+    def has_request_body(self) -> bool:
+        """False when nothing follows the request head (no body framing, or a WebSocket handshake)."""
+        oreq = self.origin_request
+        return oreq is not None and oreq.framing is not Framing.NONE and not self.websocket
+
+    def request_head(self) -> bytes:
+        """The request head's bytes."""
+        self._expect(RequestState.HEAD)
+        assert self.origin_request is not None
+        self.request_state = RequestState.BODY if self.has_request_body else RequestState.DONE
+        return self.origin_request.head_bytes()
+
+    def request_pending(self) -> bytes:
+        """The first body bytes, already read from the stream (the probed byte, a buffered body)."""
+        self._expect(RequestState.BODY)
+        pending, self._pending = self._pending, b""
+        return self.request_data(pending) if pending else b""
+
+    @property
+    def wants_request_body(self) -> bool:
+        """True while more request body may go to the origin (a Content-Length body stops at its length)."""
+        return self.request_state is RequestState.BODY and (self._remaining is None or self._remaining > 0)
+
+    def request_data(self, data: bytes) -> bytes:
+        """Bytes to write for body `data` from the stream (cut at the declared length, framed)."""
+        self._expect(RequestState.BODY)
+        assert self._encoder is not None
+        if self._remaining is not None:
+            data = data[:self._remaining]
+            self._remaining -= len(data)
+        return self._encoder.encode(data)
+
+    def request_end(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+        """Bytes that end the body. Request trailers travel only when the request declared them (Go's
+        `Request.Trailer`)."""
+        self._expect(RequestState.BODY)
+        assert self._encoder is not None and self.origin_request is not None
+        declared = {name.lower() for name in self.origin_request.trailer_names}
+        out = self._encoder.end([(k, v) for k, v in trailers if k.lower() in declared])
+        self.request_state = RequestState.ENDED
+        return out
+
+    def request_written(self) -> None:
+        """The bytes of `request_end` were written: the request is complete."""
+        self._expect(RequestState.ENDED)
+        self.request_state = RequestState.DONE
+
+    def request_failed(self, error: Exception) -> None:
+        """The body could not be produced or written; `request_error` keeps the cause for the 502."""
+        self.request_state = RequestState.FAILED
+        self.request_error = str(error)
+
+    def _expect(self, state: RequestState) -> None:
+        if self.request_state is not state:
+            raise StreamConversionError(
+                f"origin request is {self.request_state.value}, not {state.value}")
+
+    # -- the response
+
+    def _sent(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False) -> SendHeaders:
+        self.headers_sent = True
+        return SendHeaders(fields=fields, end_stream=end_stream)
+
+    def _expect_response(self, *states: ResponseState) -> None:
+        if self.response_state not in states:
+            raise OriginError(f"origin response event while the response is {self.response_state.value}")
+
+    def informational(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> list[TunnelAction]:
+        """A 1xx head. 101 to a WebSocket request starts the byte pipe (HEADERS with 200); any other is
+        swallowed, as Go's transport does with 100 Continue and 103 Early Hints."""
+        self._expect_response(ResponseState.WAITING)
+        if status == 101 and self.websocket:
+            self.response_state = ResponseState.UPGRADED
+            return [self._sent(tunnel_response_headers(101, headers))]
+        return []
+
+    def response_head(self, status: int, headers: Sequence[tuple[bytes, bytes]], *,
+                      http10: bool = False) -> list[TunnelAction]:
+        """The final response head. HEADERS go now for a HEAD request (ending the stream) and for a
+        streamed response; otherwise they wait for the first bytes to leave Go's buffer."""
+        self._expect_response(ResponseState.WAITING)
+        origin_headers = list(headers)
+        oreq = self.origin_request
+        added_gzip = oreq is not None and oreq.added_accept_encoding
+        if should_gunzip(added_gzip, status, origin_headers, head=self.head):
+            origin_headers = strip_gzip_headers(origin_headers)
+            self._gunzip = Gunzipper()
+        self._fields = tunnel_response_headers(status, origin_headers, head=self.head, http10=http10)
+        if self.head:
+            self.response_state = ResponseState.HEAD_ONLY
+            return [self._sent(self._fields, end_stream=True)]
+        self.response_state = ResponseState.BODY
+        self._buffer = ResponseBuffer(streamed=streams_response(origin_headers))
+        if not self._buffer.headers_held:
+            return [self._sent(self._fields)]
+        return []
+
+    def response_data(self, data: bytes) -> list[TunnelAction]:
+        """Body bytes from the origin (gunzipped when Go would); what leaves now."""
+        if self.response_state is ResponseState.HEAD_ONLY:
+            return []
+        self._expect_response(ResponseState.BODY)
+        assert self._buffer is not None
+        if self._gunzip is not None:
+            data = self._feed_gunzip(data)
+        out = self._buffer.write(data) if data else b""
+        if not out:
+            return []
+        actions: list[TunnelAction] = []
+        if not self.headers_sent:  # Go sniffs a content-type from what leaves with them
+            actions.append(self._sent(with_sniffed_type(self._fields, out)))
+        actions.append(SendData(data=out))
+        return actions
+
+    def _feed_gunzip(self, data: bytes) -> bytes:
+        assert self._gunzip is not None
+        try:
+            return self._gunzip.feed(data)
+        except OriginError as exc:
+            raise self.body_error(exc) from exc
+
+    def response_end(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> list[TunnelAction]:
+        """The origin's response ended (with `trailers`): the rest of the stream."""
+        if self.response_state is ResponseState.HEAD_ONLY:
+            self.response_state = ResponseState.DONE
+            return []
+        self._expect_response(ResponseState.BODY)
+        assert self._buffer is not None
+        if self._gunzip is not None:
+            try:
+                self._buffer.write(self._gunzip.finish())
+            except OriginError as exc:
+                raise self.body_error(exc) from exc
+        self.response_state = ResponseState.DONE
+        tail = self._buffer.finish()
+        h2_trailers = tunnel_trailers(trailers)
+        actions: list[TunnelAction] = []
+        if not self.headers_sent:  # like Go's handlerDone: HEADERS end the stream when nothing follows
+            nothing_follows = not tail and not h2_trailers
+            actions.append(self._sent(with_sniffed_type(self._fields, tail), end_stream=nothing_follows))
+            if nothing_follows:
+                return actions
+        if tail:
+            actions.append(SendData(data=tail, end_stream=not h2_trailers))
+        if h2_trailers:
+            actions.append(SendTrailers(fields=h2_trailers))
+        elif not tail:
+            actions.append(EndStream())
+        return actions
+
+    def response_closed(self) -> list[TunnelAction]:
+        """The origin closed the connection. Before the head that is an `OriginError`, in the body a
+        `ResponseBodyError`; after a HEAD response's head it only makes the connection unusable."""
+        if self.response_state is ResponseState.HEAD_ONLY:
+            self.response_state = ResponseState.CLOSED
+            return []
+        if self.response_state is ResponseState.WAITING:
+            raise OriginError(f"origin {self.origin} closed the connection before answering")
+        self._expect_response(ResponseState.BODY)
+        raise self.body_error(OriginError("unexpected EOF"))
+
+    def body_error(self, error: OriginError) -> OriginError:
+        """The error to report for `error` from the origin: a `ResponseBodyError` (in Go's words) once
+        the body was being read, `error` itself before."""
+        if self.response_state is not ResponseState.BODY or isinstance(error, ResponseBodyError):
+            return error
+        return ResponseBodyError(_go_body_error(str(error)))
+
+    @property
+    def response_complete(self) -> bool:
+        """The response ended as HTTP says (a WebSocket upgrade never does)."""
+        return self.response_state is ResponseState.DONE
+
+    def reusable(self) -> bool:
+        """Whether the origin connection may serve another request: the response ended, the request was
+        written to its end, and its body had a framing that says where it ends (not raw)."""
+        oreq = self.origin_request
+        if oreq is None or not self.response_complete:
+            return False
+        if oreq.framing is Framing.RAW:  # read until the origin closes: nothing can follow it
+            return False
+        return not self.has_request_body or self.request_state is RequestState.DONE

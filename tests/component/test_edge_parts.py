@@ -6,12 +6,12 @@ import pytest
 
 from edge.cli import build_parser, config_from_args
 from edge.config import Address, parse_address, parse_tunnel_listen
-from edge.h2conn import FrameGuard
 from edge.pages import error_page, no_connection_page, no_route_page
 from edge.state import Faults, History, parse_fault
 from edge.warp import parse_destination
 from tests.frames import FrameFactory
 from wire.errors import ConfigError, ProtocolError
+from wire.guard import FrameGuard
 
 SETTINGS = FrameFactory().settings({0x3: 100})
 
