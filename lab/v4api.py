@@ -1,0 +1,466 @@
+"""The lab's Cloudflare v4 API for tunnels: what `cloudflared tunnel create|list|info|route dns|token|
+delete|cleanup` and `run NAME` call, answered from the lab's store (`lab/store.py`).
+
+No I/O here beyond the store: `V4Api.handle(request, live)` takes one request and the edge's live
+connections and returns the answer; `lab/services.py` is the HTTPS shell. Facts from cloudflared's
+`cfapi/` (paths, fields, the envelope): every answer is `application/json` with `success`, `errors`
+(`[{code, message}]`), `messages` and `result` (`result_info` for lists); cloudflared reads the error
+text only when `Content-Type` is exactly `application/json`. Times are RFC 3339 text.
+
+Error codes: 9106 (no Authorization header), 10000 (a token the API does not know), 1013 (duplicate
+tunnel name), 1003 (a hostname another tunnel holds), 7003/7000 (no such route) and 7001 (method) are
+what the real API answers (seen in public reports); the others are marked `lab` below: chosen by us
+where the real code is not known, documented in docs/sandbox.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import urllib.parse
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.store import Store, Tunnel, format_time, normalize_hostname
+from wire.credentials import make_token
+from wire.errors import ConfigError, TunnelLabError
+
+PREFIX = "/client/v4"
+ACCOUNTS_FILE = "v4api.json"
+DEFAULT_PER_PAGE = 20
+MAX_PER_PAGE = 1000
+MIN_SECRET_BYTES = 32
+MAX_BODY = 64 * 1024
+_TOKEN_PREFIX = "lab-"
+
+
+class V4ApiError(TunnelLabError):
+    """An answer other than success: HTTP status and the envelope's errors."""
+
+    def __init__(self, status: int, code: int, message: str,
+                 chain: Sequence[tuple[int, str]] = ()) -> None:
+        super().__init__(f"{status} code {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.chain = tuple(chain)
+
+    def envelope(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.chain:
+            error["error_chain"] = [{"code": c, "message": m} for c, m in self.chain]
+        return {"success": False, "errors": [error], "messages": [], "result": None}
+
+
+def _not_authenticated() -> V4ApiError:
+    return V4ApiError(403, 10000, "Authentication error")
+
+
+# --- accounts and tokens: STATE/v4api.json ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Accounts:
+    """The lab zone's tag and the SHA-256 of every API token issued (tokens themselves are not kept)."""
+
+    zone_tag: str
+    token_hashes: frozenset[str]
+
+    def knows(self, token: str) -> bool:
+        digest = _token_hash(token)
+        # compare_digest for every entry: the answer time says nothing about which hash matched.
+        return any([hmac.compare_digest(digest, known) for known in self.token_hashes])
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@contextmanager
+def _locked(state: Path) -> Iterator[Path]:
+    path = state / ACCOUNTS_FILE
+    with open(state / (ACCOUNTS_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+
+
+def _read_accounts(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the lab's API accounts: {exc}", source=str(path),
+                          hint="delete it to start over (every cert.pem made so far stops working)") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("the lab's API accounts file is not a JSON object", source=str(path))
+    return data
+
+
+def _write_accounts(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_accounts(state: Path) -> Accounts:
+    """The zone tag (created on first use) and the known token hashes of the state directory."""
+    with _locked(state) as path:
+        data = _read_accounts(path)
+        if not isinstance(data.get("zone_tag"), str):
+            data["zone_tag"] = secrets.token_hex(16)
+            data.setdefault("tokens", {})
+            _write_accounts(path, data)
+    tokens = data.get("tokens")
+    return Accounts(zone_tag=data["zone_tag"],
+                    token_hashes=frozenset(tokens) if isinstance(tokens, dict) else frozenset())
+
+
+def mint_token(state: Path) -> str:
+    """A new API token for the lab account (what `tunnel login` puts in cert.pem)."""
+    load_accounts(state)
+    token = _TOKEN_PREFIX + secrets.token_urlsafe(30)
+    with _locked(state) as path:
+        data = _read_accounts(path)
+        tokens = data.setdefault("tokens", {})
+        tokens[_token_hash(token)] = format_time(datetime.datetime.now(datetime.UTC))
+        _write_accounts(path, data)
+    return token
+
+
+# --- requests and the live connections ---------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ApiRequest:
+    method: str
+    target: str  # path and query, as on the request line
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiResponse:
+    status: int
+    body: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveConnection:
+    """One registered connection as the edge lists it (`GET /connections` on the management API)."""
+
+    tunnel_id: str
+    connector_id: str
+    conn_index: int
+    location: str
+    remote: str
+    client_version: str
+    arch: str
+    features: tuple[str, ...]
+    registered_at: float
+
+    @classmethod
+    def from_edge(cls, item: Mapping[str, Any]) -> LiveConnection:
+        return cls(tunnel_id=str(item.get("tunnel_id")), connector_id=str(item.get("connector_id")),
+                   conn_index=int(item.get("conn_index") or 0), location=str(item.get("location") or ""),
+                   remote=str(item.get("remote") or ""), client_version=str(item.get("client_version") or ""),
+                   arch=str(item.get("arch") or ""), features=tuple(item.get("features") or ()),
+                   registered_at=float(item.get("registered_at") or 0.0))
+
+    @property
+    def uuid(self) -> str:
+        # cloudflared decodes a connection id as a UUID: a stable one per connector and index.
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"tunnel-lab:{self.connector_id}/{self.conn_index}"))
+
+    @property
+    def origin_ip(self) -> str:
+        host, _, _ = self.remote.rpartition(":")
+        return host.strip("[]") or self.remote
+
+    @property
+    def opened_at(self) -> str:
+        return format_time(datetime.datetime.fromtimestamp(self.registered_at, datetime.UTC))
+
+    def as_connection(self) -> dict[str, Any]:
+        return {"colo_name": self.location, "id": self.uuid, "is_pending_reconnect": False,
+                "origin_ip": self.origin_ip, "opened_at": self.opened_at,
+                "client_id": self.connector_id, "client_version": self.client_version}
+
+
+# --- the API ------------------------------------------------------------------------------------------------
+
+def _ok(result: Any, info: dict[str, int] | None = None) -> ApiResponse:
+    body: dict[str, Any] = {"success": True, "errors": [], "messages": [], "result": result}
+    if info is not None:
+        body["result_info"] = info
+    return ApiResponse(status=200, body=body)
+
+
+class V4Api:
+    """The tunnel endpoints of the v4 API over one state directory."""
+
+    def __init__(self, state: Path, store: Store) -> None:
+        self.state = state
+        self.store = store
+
+    def handle(self, request: ApiRequest, live: Sequence[LiveConnection] = ()) -> ApiResponse:
+        """Answer one request; every failure is an error envelope, never an exception."""
+        try:
+            return self._dispatch(request, live)
+        except V4ApiError as exc:
+            return ApiResponse(status=exc.status, body=exc.envelope())
+        except ConfigError as exc:  # the store refused the input (a name, a hostname)
+            return ApiResponse(status=400, body=V4ApiError(400, 1001, exc.message).envelope())  # lab
+
+    def _dispatch(self, request: ApiRequest, live: Sequence[LiveConnection]) -> ApiResponse:
+        url = urllib.parse.urlsplit(request.target)
+        path = url.path.rstrip("/")
+        if not path.startswith(PREFIX + "/"):
+            raise V4ApiError(400, 7003, f"Could not route to {url.path}, perhaps your object identifier is "
+                             "invalid?", [(7000, "No route for that URI")])
+        accounts = self._authenticate(request.headers)
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        parts = path[len(PREFIX) + 1:].split("/")
+        method = request.method
+        account = self.store.account_tag
+        if len(parts) >= 3 and parts[0] == "accounts" and parts[2] == "cfd_tunnel":
+            if parts[1] != account:
+                raise _not_authenticated()
+            rest = parts[3:]
+            if not rest:
+                self._allow(method, ("GET", "POST"), url.path)
+                return self._list(query, live) if method == "GET" else self._create(request.body)
+            tunnel = self._tunnel(rest[0])
+            if len(rest) == 1:
+                self._allow(method, ("GET", "DELETE"), url.path)
+                if method == "GET":
+                    return _ok(self._tunnel_json(tunnel, live))
+                return self._delete(tunnel, query, live)
+            if rest[1:] == ["token"]:
+                self._allow(method, ("GET",), url.path)
+                return _ok(make_token(tunnel.credentials()))
+            if rest[1:] == ["connections"]:
+                self._allow(method, ("GET", "DELETE"), url.path)
+                if method == "GET":
+                    return _ok(self._clients(tunnel, live))
+                return self._cleanup(tunnel, query, live)
+        elif len(parts) == 5 and parts[0] == "zones" and parts[2] == "tunnels" and parts[4] == "routes":
+            if parts[1] != accounts.zone_tag:
+                raise _not_authenticated()
+            tunnel = self._tunnel(parts[3])
+            self._allow(method, ("PUT",), url.path)
+            return self._route(tunnel, request.body)
+        raise V4ApiError(400, 7003, f"Could not route to {url.path}, perhaps your object identifier is "
+                         "invalid?", [(7000, "No route for that URI")])
+
+    # -- plumbing
+
+    def _authenticate(self, headers: Mapping[str, str]) -> Accounts:
+        value = headers.get("authorization")
+        if value is None:
+            raise V4ApiError(400, 9106, "Missing X-Auth-Key, X-Auth-Email or Authorization headers")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise V4ApiError(400, 6003, "Invalid request headers",
+                             [(6111, "Invalid format for Authorization header")])
+        accounts = load_accounts(self.state)
+        if not accounts.knows(token.strip()):
+            raise _not_authenticated()
+        return accounts
+
+    @staticmethod
+    def _allow(method: str, allowed: Sequence[str], _path: str) -> None:
+        if method not in allowed:
+            raise V4ApiError(405, 7001, f"Method {method} not available for that URI.")
+
+    def _tunnel(self, text: str) -> Tunnel:
+        try:
+            tunnel_id = uuid.UUID(text)
+        except ValueError:
+            raise V4ApiError(400, 7003, f"Could not route to {text}, perhaps your object identifier is "
+                             "invalid?", [(7000, "No route for that URI")]) from None
+        tunnel = self.store.tunnel_by_id(tunnel_id)
+        if tunnel is None:
+            raise V4ApiError(404, 1002, "Tunnel not found")  # lab
+        return tunnel
+
+    @staticmethod
+    def _json_body(body: bytes) -> dict[str, Any]:
+        if len(body) > MAX_BODY:
+            raise V4ApiError(413, 1004, f"request body over {MAX_BODY} bytes")  # lab
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            where = f" at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise V4ApiError(400, 1001, f"Invalid JSON in the request body{where}") from None  # lab
+        if not isinstance(value, dict):
+            raise V4ApiError(400, 1001, "the request body must be a JSON object")  # lab
+        return value
+
+    def _connections(self, tunnel: Tunnel, live: Sequence[LiveConnection]) -> list[LiveConnection]:
+        return [c for c in live if c.tunnel_id == str(tunnel.id)]
+
+    def _tunnel_json(self, tunnel: Tunnel, live: Sequence[LiveConnection]) -> dict[str, Any]:
+        conns = self._connections(tunnel, live)
+        created = format_time(tunnel.created_at)
+        return {
+            "id": str(tunnel.id), "account_tag": tunnel.account_tag, "created_at": created,
+            "deleted_at": None, "name": tunnel.name,
+            "connections": [c.as_connection() for c in conns],
+            "conns_active_at": min((c.opened_at for c in conns), default=None),
+            "conns_inactive_at": None if conns else created,
+            "tun_type": "cfd_tunnel", "metadata": {}, "remote_config": False,
+            "status": "healthy" if conns else "inactive",
+        }
+
+    # -- endpoints
+
+    def _create(self, body: bytes) -> ApiResponse:
+        data = self._json_body(body)
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise V4ApiError(400, 1001, "name is required and must be a string")  # lab
+        secret_text = data.get("tunnel_secret")
+        if not isinstance(secret_text, str):
+            raise V4ApiError(400, 1001, "tunnel_secret is required: base64 of at least 32 bytes")  # lab
+        try:
+            secret = base64.b64decode(secret_text, validate=True)
+        except (binascii.Error, ValueError):
+            raise V4ApiError(400, 1001, "tunnel_secret is not standard base64") from None  # lab
+        if len(secret) < MIN_SECRET_BYTES:
+            raise V4ApiError(400, 1001, f"tunnel_secret must be at least {MIN_SECRET_BYTES} bytes")  # lab
+        if self.store.get_tunnel(name) is not None:
+            raise V4ApiError(409, 1013, "You already have a tunnel with this name. Delete the existing "
+                             "tunnel, or choose a different name for your new tunnel")
+        try:
+            tunnel = self.store.create_tunnel(name, secret=secret)
+        except ConfigError as exc:
+            if "already exists" in exc.message:  # created by someone else since the check above
+                raise V4ApiError(409, 1013, "You already have a tunnel with this name. Delete the "
+                                 "existing tunnel, or choose a different name for your new tunnel") from exc
+            raise
+        result = self._tunnel_json(tunnel, ())
+        result["credentials_file"] = {"AccountTag": tunnel.account_tag, "TunnelID": str(tunnel.id),
+                                      "TunnelName": tunnel.name, "TunnelSecret": secret_text}
+        result["token"] = make_token(tunnel.credentials())
+        return _ok(result)
+
+    def _list(self, query: Mapping[str, list[str]], live: Sequence[LiveConnection]) -> ApiResponse:
+        def one(key: str) -> str | None:
+            values = query.get(key)
+            return values[-1] if values else None
+
+        def integer(key: str, default: int, high: int) -> int:
+            text = one(key)
+            if text is None:
+                return default
+            if not text.isdigit() or not 1 <= int(text) <= high:
+                raise V4ApiError(400, 1001, f"{key} must be an integer from 1 to {high}")  # lab
+            return int(text)
+
+        page = integer("page", 1, 1 << 30)
+        per_page = integer("per_page", DEFAULT_PER_PAGE, MAX_PER_PAGE)
+        tunnels = self.store.list_tunnels()
+        if one("is_deleted") == "true":
+            tunnels = []  # a deleted tunnel leaves the lab's store at once
+        if (name := one("name")) is not None:
+            tunnels = [t for t in tunnels if t.name == name]
+        if (prefix := one("name_prefix")) is not None:
+            tunnels = [t for t in tunnels if t.name.startswith(prefix)]
+        if (exclude := one("exclude_prefix")) is not None:
+            tunnels = [t for t in tunnels if not t.name.startswith(exclude)]
+        if (wanted := one("uuid")) is not None:
+            tunnels = [t for t in tunnels if str(t.id) == wanted.lower()]
+        if (existed := one("existed_at")) is not None:
+            try:
+                when = datetime.datetime.fromisoformat(existed.replace("Z", "+00:00"))
+            except ValueError:
+                raise V4ApiError(400, 1001, "existed_at must be an RFC 3339 time") from None  # lab
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.UTC)
+            tunnels = [t for t in tunnels if t.created_at <= when]
+        start = (page - 1) * per_page
+        shown = tunnels[start:start + per_page]  # past the end: an empty page, as the real API does
+        return _ok([self._tunnel_json(t, live) for t in shown],
+                   {"page": page, "per_page": per_page, "count": len(shown), "total_count": len(tunnels)})
+
+    def _delete(self, tunnel: Tunnel, query: Mapping[str, list[str]],
+                live: Sequence[LiveConnection]) -> ApiResponse:
+        cascade = query.get("cascade", ["false"])[-1] == "true"
+        if self._connections(tunnel, live) and not cascade:
+            raise V4ApiError(400, 1022, "Cannot delete tunnel because it has active connections. Stop the "
+                             "connectors or delete with cascade.")  # lab
+        result = self._tunnel_json(tunnel, ())
+        self.store.delete_tunnel(tunnel)
+        result["deleted_at"] = format_time(datetime.datetime.now(datetime.UTC))
+        return _ok(result)
+
+    def _clients(self, tunnel: Tunnel, live: Sequence[LiveConnection]) -> list[dict[str, Any]]:
+        clients: dict[str, list[LiveConnection]] = {}
+        for conn in self._connections(tunnel, live):
+            clients.setdefault(conn.connector_id, []).append(conn)
+        return [{"id": cid, "features": list(conns[0].features), "version": conns[0].client_version,
+                 "arch": conns[0].arch, "run_at": min(c.opened_at for c in conns),
+                 "conns": [c.as_connection() for c in conns]} for cid, conns in clients.items()]
+
+    def _cleanup(self, tunnel: Tunnel, query: Mapping[str, list[str]],
+                 live: Sequence[LiveConnection]) -> ApiResponse:
+        client = query.get("client_id", [None])[-1]
+        stale = [c for c in self._connections(tunnel, live) if client is None or c.connector_id == client]
+        if stale:
+            # Disconnecting live connectors needs the edge's help, which the lab does not give yet.
+            raise V4ApiError(501, 1023, f"the lab cannot clean up {len(stale)} live connection(s) yet; "
+                             "stop the connector instead")  # lab
+        return _ok(None)
+
+    def _route(self, tunnel: Tunnel, body: bytes) -> ApiResponse:
+        data = self._json_body(body)
+        kind = data.get("type")
+        if kind == "lb":
+            raise V4ApiError(501, 1023, "the lab does not have load balancers yet")  # lab
+        if kind != "dns":
+            raise V4ApiError(400, 1001, f"unknown route type {kind!r}: use dns or lb")  # lab
+        hostname = data.get("user_hostname")
+        overwrite = data.get("overwrite_existing", False)
+        if not isinstance(hostname, str) or not isinstance(overwrite, bool):
+            raise V4ApiError(400, 1001,  # lab
+                             "user_hostname must be a string and overwrite_existing a boolean")
+        name = normalize_hostname(hostname, allow_wildcard=True)
+        existing = self.store.find_route(name)
+        if existing is not None and existing.tunnel_id == tunnel.id:
+            return _ok({"cname": "unchanged", "name": name})
+        if existing is not None and not overwrite:
+            raise V4ApiError(400, 1003, f"Failed to create record {name} with err An A, AAAA, or CNAME "
+                             "record with that host already exists.")
+        self.store.route_dns(tunnel, name, overwrite=True)
+        return _ok({"cname": "updated" if existing is not None else "new", "name": name})
+
+
+def parse_live(payload: bytes) -> list[LiveConnection]:
+    """The edge management API's `GET /connections` answer as `LiveConnection`s (bad items skipped)."""
+    try:
+        items = json.loads(payload)
+    except ValueError:
+        return []
+    out = []
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict) and item.get("tunnel_id"):
+            try:
+                out.append(LiveConnection.from_edge(item))
+            except (TypeError, ValueError):
+                continue
+    return out
