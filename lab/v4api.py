@@ -277,7 +277,10 @@ class V4Api:
         if scheme.lower() != "bearer" or not token.strip():
             raise V4ApiError(400, 6003, "Invalid request headers",
                              [(6111, "Invalid format for Authorization header")])
-        accounts = load_accounts(self.state)
+        try:
+            accounts = load_accounts(self.state)
+        except ConfigError as exc:  # the lab's own file is broken: not the caller's mistake
+            raise V4ApiError(500, 1000, str(exc)) from exc  # lab
         if not accounts.knows(token.strip()):
             raise _not_authenticated()
         return accounts
