@@ -56,7 +56,11 @@ SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-b
 
 
 class SandboxError(TunnelLabError):
-    """The sandbox could not be set up."""
+    """The sandbox could not be set up, or COMMAND could not be run (`status`: the exit status to use)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,8 @@ async def _run_command(command: list[str], env: dict[str, str], *,
     try:
         process = await trio.lowlevel.open_process(command, env=env, stdin=None)
     except OSError as exc:
-        raise SandboxError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
+        status = 127 if isinstance(exc, FileNotFoundError) else 126  # what a shell answers
+        raise SandboxError(f"cannot run {command[0]!r}: {exc.strerror or exc}", status) from exc
     task_status.started(process)
     await process.wait()
 
@@ -239,10 +244,23 @@ def _inside(argv: Sequence[str]) -> int:
                                             loglevel=args.loglevel, quiet=args.quiet))
     except (TunnelLabError, OSError) as exc:
         print(f"tunnel-lab sandbox: {exc}", file=sys.stderr)
-        return 2
+        return exc.status if isinstance(exc, SandboxError) else 2
+    except BaseExceptionGroup as group:
+        # Raised from inside the nursery: report the cause as for a plain error; anything else is a bug.
+        known, other = group.split((TunnelLabError, OSError))
+        if other is not None or known is None:
+            raise
+        leaf = _first_leaf(known)
+        print(f"tunnel-lab sandbox: {leaf}", file=sys.stderr)
+        return leaf.status if isinstance(leaf, SandboxError) else 2
     finally:
         if not named:
             shutil.rmtree(state, ignore_errors=True)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _parser() -> argparse.ArgumentParser:

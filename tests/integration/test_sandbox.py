@@ -1,0 +1,178 @@
+"""`tunnel-lab sandbox` as a real process: the lab's DNS, API and CA inside, nothing changed outside.
+
+The first test drives the sandbox from Python inside it (names, the API over HTTPS with the system
+trust, our connector on a tunnel the API made). The second runs the documented flow with the real
+cloudflared and no lab flag; it runs when TUNNEL_LAB_CLOUDFLARED names the binary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.runner import netns
+
+TIMEOUT = 240
+OK, WHY = netns.available()
+needs_netns = pytest.mark.skipif(not OK, reason=f"no private network namespaces here: {WHY}")
+WATCHED = ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt")
+
+
+def sandbox(tmp_path: Path, *command: str,
+            cloudflared: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "lab.cli", "sandbox", "--quiet", "--state", str(tmp_path / "state")]
+    if cloudflared:
+        argv += ["--cloudflared", cloudflared]
+    return subprocess.run([*argv, "--", *command], capture_output=True, text=True, timeout=TIMEOUT,
+                          cwd=tmp_path)
+
+
+def fingerprints() -> dict[str, str]:
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in WATCHED if os.path.exists(p)}
+
+
+# Runs inside the sandbox. Polls for the tunnel to come up with a deadline (the connector reports ready
+# on its own schedule); every other step is a single request.
+INSIDE = r'''
+import base64, json, os, socket, ssl, subprocess, sys, time, urllib.request, urllib.error
+from wire import dns
+
+out = {}
+def lookup(name):
+    try:
+        return sorted({ai[4][0] for ai in socket.getaddrinfo(name, 443, socket.AF_INET)})
+    except socket.gaierror as exc:
+        return "nxdomain" if exc.errno == socket.EAI_NONAME else f"error {exc}"
+for name in ("api.cloudflare.com", "login.cloudflareaccess.org", "region1.v2.argotunnel.com", "example.net"):
+    out[name] = lookup(name)
+
+query = dns.Message(id=77, flags=dns.RD, questions=(dns.Question(
+    name="_v2-origintunneld._tcp.argotunnel.com", qtype=dns.SRV),))
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(10)
+    s.sendto(dns.encode_message(query), ("127.0.0.1", 53))
+    reply = dns.decode_message(s.recv(4096))
+out["srv"] = [(r.data.target, r.data.port) for r in reply.answers]
+
+subprocess.run(["tunnel-lab", "login"], check=True, capture_output=True)
+pem = open(os.path.expanduser("~/.cloudflared/cert.pem")).read().splitlines()
+cert = json.loads(base64.b64decode("".join(pem[1:-1])))
+
+def call(method, path, body=None, context=None, token=cert["apiToken"]):
+    req = urllib.request.Request("https://api.cloudflare.com/client/v4" + path, method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=20, context=context) as resp:
+            return resp.status, resp.headers["Content-Type"], json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], json.load(exc)
+
+# The system bundle seen inside trusts the lab CA (the bind mount), not only SSL_CERT_FILE.
+system = ssl.create_default_context(cafile="/etc/ssl/certs/ca-certificates.crt") \
+    if os.path.exists("/etc/ssl/certs/ca-certificates.crt") else None
+secret = base64.b64encode(os.urandom(32)).decode()
+status, ctype, created = call("POST", f"/accounts/{cert['accountID']}/cfd_tunnel",
+                              {"name": "app", "tunnel_secret": secret}, context=system)
+out["create"] = (status, ctype, created["success"])
+out["duplicate"] = call("POST", f"/accounts/{cert['accountID']}/cfd_tunnel",
+                        {"name": "app", "tunnel_secret": secret})[2]["errors"][0]["code"]
+out["bad_token"] = call("GET", f"/accounts/{cert['accountID']}/cfd_tunnel", token="nope")[:1]
+tid = created["result"]["id"]
+route = {"type": "dns", "user_hostname": "app.example.com", "overwrite_existing": False}
+out["route"] = call("PUT", f"/zones/{cert['zoneID']}/tunnels/{tid}/routes", route)[2]["result"]
+out["app.example.com"] = lookup("app.example.com")
+
+creds = os.path.expanduser(f"~/.cloudflared/{tid}.json")
+with open(creds, "w") as f:
+    json.dump({"AccountTag": cert["accountID"], "TunnelSecret": secret, "TunnelID": tid}, f)
+origin = subprocess.Popen([sys.executable, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+edges = [arg for ip in ("127.0.1.1", "127.0.1.2", "127.0.2.1", "127.0.2.2")
+         for arg in ("--edge", f"{ip}:7844")]
+connector = subprocess.Popen(["tunnel-lab", "connector", "tunnel", *edges, "--ha-connections", "2", "run",
+                              "--credentials-file", creds, "--url", "http://127.0.0.1:8000", tid],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+deadline = time.monotonic() + 60
+answer = None
+while time.monotonic() < deadline and answer is None:
+    try:
+        with urllib.request.urlopen("https://app.example.com/", timeout=10) as resp:
+            answer = (resp.status, resp.read().startswith(b"<!DOCTYPE HTML>"))
+    except (urllib.error.URLError, OSError):
+        time.sleep(0.2)
+out["eyeball"] = answer
+status, _, conns = call("GET", f"/accounts/{cert['accountID']}/cfd_tunnel/{tid}/connections")
+out["clients"] = len(conns["result"])
+out["busy_delete"] = call("DELETE", f"/accounts/{cert['accountID']}/cfd_tunnel/{tid}")[2]["errors"][0]["code"]
+connector.terminate(); origin.terminate(); connector.wait(); origin.wait()
+print(json.dumps(out))
+'''
+
+
+@needs_netns
+def test_names_api_trust_and_our_connector_inside(tmp_path: Path) -> None:
+    before = fingerprints()
+    result = sandbox(tmp_path, sys.executable, "-c", INSIDE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["api.cloudflare.com"] == ["127.0.3.1"]
+    assert out["login.cloudflareaccess.org"] == ["127.0.3.1"]
+    assert out["region1.v2.argotunnel.com"] == ["127.0.1.1", "127.0.1.2"]
+    assert out["example.net"] == "nxdomain"
+    assert out["srv"] == [["region1.v2.argotunnel.com", 7844], ["region2.v2.argotunnel.com", 7844]]
+    assert out["create"] == [200, "application/json", True]
+    assert out["duplicate"] == 1013
+    assert out["bad_token"] == [403]
+    assert out["route"] == {"cname": "new", "name": "app.example.com"}
+    assert out["app.example.com"] == ["127.0.0.1"]
+    assert out["eyeball"] == [200, True]
+    assert out["clients"] == 1
+    assert out["busy_delete"] == 1022
+    assert fingerprints() == before  # the host's resolv.conf and CA bundle are untouched
+
+
+@needs_netns
+def test_exit_status_is_the_commands_and_bad_command_is_reported(tmp_path: Path) -> None:
+    assert sandbox(tmp_path, "sh", "-c", "exit 5").returncode == 5
+    missing = sandbox(tmp_path, "no-such-command-here")
+    assert missing.returncode == 127 and "cannot run 'no-such-command-here'" in missing.stderr
+
+
+CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
+
+# The Cloudflare guide's steps as written (login is `tunnel-lab login` until the browser flow exists).
+FLOW = r'''
+set -eu
+tunnel-lab login
+cloudflared tunnel create app
+cloudflared tunnel route dns app app.example.com
+python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
+cloudflared tunnel run --url http://localhost:8000 app >"$HOME/cloudflared.log" 2>&1 &
+for _ in $(seq 1 300); do curl -sf -o /dev/null https://app.example.com/ && break; sleep 0.2; done
+curl -sS https://app.example.com/ | head -1
+cloudflared tunnel list
+cloudflared tunnel info app
+'''
+
+
+@needs_netns
+@pytest.mark.skipif(not CLOUDFLARED,
+                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
+def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
+    assert CLOUDFLARED is not None
+    result = sandbox(tmp_path, "bash", "-c", FLOW, cloudflared=str(Path(CLOUDFLARED).resolve()))
+    log = tmp_path / "state" / "home" / "cloudflared.log"
+    detail = result.stderr[-2000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert result.returncode == 0, detail
+    lines = result.stdout.splitlines()
+    assert "<!DOCTYPE HTML>" in lines, detail
+    assert any(line.split()[1:2] == ["app"] for line in lines if line[:1].isalnum()), result.stdout
+    assert "Registered tunnel connection" in log.read_text()
+    assert "--edge" not in log.read_text() and "cacert" not in log.read_text()
