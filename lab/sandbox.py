@@ -31,10 +31,12 @@ import trio
 
 from lab.api import LabError, management_call
 from lab.dns import LabZone, serve_dns
+from lab.login import issue_origin_cert
+from lab.loginflow import LoginTransfers
 from lab.pki import LabPKI
 from lab.runner import netns
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
-from lab.services import serve_services, services_ssl_context
+from lab.services import Services, serve_services, services_ssl_context
 from lab.store import Store
 from lab.v4api import LiveConnection, V4Api, parse_live
 from wire.errors import TunnelLabError
@@ -185,7 +187,8 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
-            await nursery.start(serve_services, api, live, (SERVICES, 443), services_ssl_context(pki))
+            services = Services(api, live, LoginTransfers(lambda: issue_origin_cert(layout.state)))
+            await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             (layout.state / "sandbox.json").write_text(json.dumps({
                 "dns": f"{DNS_ADDRESS[0]}:{DNS_ADDRESS[1]}", "services": f"{SERVICES}:443",
                 "eyeballs": {"http": f"{EYEBALLS}:80", "https": f"{EYEBALLS}:443"},

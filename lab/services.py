@@ -1,4 +1,5 @@
-"""The HTTPS shell for the Cloudflare services the sandbox answers: the v4 API (`api.cloudflare.com`).
+"""The HTTPS shell for the Cloudflare services the sandbox answers: the v4 API (`api.cloudflare.com`),
+the login approve page (`dash.cloudflare.com`) and the login transfer (`login.cloudflareaccess.org`).
 
 One TLS listener under the lab CA; the certificate is chosen by SNI among `SERVICE_NAMES` (one lab
 leaf per name), HTTP/1.1 by h11 (cloudflared's Go client offers h2 and http/1.1 and takes what the
@@ -7,16 +8,20 @@ server picks). Each connection is handled in its own task, which contains its ow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import h11
 import trio
 
 from lab.dns import SERVICE_NAMES
+from lab.loginflow import APPROVE_PATH, LOGIN_PATH, LoginTransfers, Page
 from lab.pki import LabPKI
 from lab.v4api import PREFIX, ApiRequest, ApiResponse, LiveConnection, V4Api, V4ApiError
+from wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +48,64 @@ def services_ssl_context(pki: LabPKI) -> ssl.SSLContext:
     return base
 
 
-async def _answer(stream: trio.abc.Stream, conn: h11.Connection, response: ApiResponse) -> None:
-    payload = response.encode()
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-    if conn.our_state is h11.SEND_RESPONSE:
-        await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
-        await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
+@dataclass(frozen=True)
+class Services:
+    """What the listener serves: the API (with the edge's live connections) and the login flow."""
+
+    api: V4Api
+    live: LiveSource
+    logins: LoginTransfers
+
+    async def respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Page:
+        """Route one request by Host (as the real names are separate sites) and path."""
+        host = headers.get("host", "").rsplit(":", 1)[0].lower()
+        path, _, query = target.partition("?")
+        if host == "login.cloudflareaccess.org" and method == "GET":
+            return await self.logins.poll(path)
+        if host == "dash.cloudflare.com":
+            if method == "GET" and path == LOGIN_PATH:
+                return self.logins.login_page(query)
+            if method == "POST" and path == APPROVE_PATH:
+                return self.logins.approve(body)
+            return Page(status=404, content_type="text/plain", body=b"the lab dashboard has no such page\n")
+        connections: Sequence[LiveConnection] = ()
+        if "/cfd_tunnel" in path and path.startswith(PREFIX + "/"):
+            try:
+                connections = await self.live()
+            except TunnelLabError as exc:  # without the edge's answer, a listing would lie
+                return _json(ApiResponse(status=503, body=V4ApiError(
+                    503, 1000, f"the lab edge did not list its connections: {exc}").envelope()))  # lab
+        return _json(self.api.handle(ApiRequest(method=method, target=target, headers=headers, body=body),
+                                     connections))
+
+
+def _json(response: ApiResponse) -> Page:
+    return Page(status=response.status, content_type="application/json", body=response.encode())
+
+
+async def _answer(stream: trio.abc.Stream, conn: h11.Connection, page: Page) -> None:
+    headers = [("Content-Type", page.content_type), ("Content-Length", str(len(page.body)))]
+    if conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):  # IDLE: a 400 for an unreadable request
+        await stream.send_all(conn.send(h11.Response(status_code=page.status, headers=headers)) or b"")
+        await stream.send_all(conn.send(h11.Data(data=page.body)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
 
 
-async def handle_services_connection(stream: trio.abc.Stream, api: V4Api, live: LiveSource) -> None:
-    """Serve HTTP/1.1 requests on one (TLS) connection until the client closes or idles out."""
+async def handle_services_connection(stream: trio.abc.Stream, services: Services) -> None:
+    """Serve HTTP/1.1 requests on one (TLS) connection until the client closes or idles out; a request
+    that is not HTTP/1.1 gets a 400 and the connection closes."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    try:
+        await _serve_requests(stream, conn, services)
+    except h11.RemoteProtocolError as exc:
+        log.info("services: bad request: %s", exc)
+        text = f"bad request: {exc}\n".encode()
+        with contextlib.suppress(h11.LocalProtocolError):
+            await _answer(stream, conn,
+                          Page(status=exc.error_status_hint, content_type="text/plain", body=text))
+
+
+async def _serve_requests(stream: trio.abc.Stream, conn: h11.Connection, services: Services) -> None:
     while True:
         request: h11.Request | None = None
         body = bytearray()
@@ -83,17 +134,13 @@ async def handle_services_connection(stream: trio.abc.Stream, api: V4Api, live: 
         target = request.target.decode("latin-1")
         method = request.method.decode("ascii", "replace")
         if too_big:
-            response = ApiResponse(status=413, body=V4ApiError(413, 1004, f"request body over {MAX_BODY} "
-                                                                          "bytes").envelope())
-        elif target.startswith(PREFIX + "/") or target == PREFIX:
-            connections = await live() if "/cfd_tunnel" in target else ()
-            response = api.handle(ApiRequest(method=method, target=target, headers=headers, body=bytes(body)),
-                                  connections)
+            page = _json(ApiResponse(status=413, body=V4ApiError(
+                413, 1004, f"request body over {MAX_BODY} bytes").envelope()))
         else:
-            response = api.handle(ApiRequest(method=method, target=target, headers=headers))
+            page = await services.respond(method, target, headers, bytes(body))
         log.info("services: %s %s host=%s -> %d", method, target.split("?")[0], headers.get("host"),
-                 response.status)
-        await _answer(stream, conn, response)
+                 page.status)
+        await _answer(stream, conn, page)
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
             return
         try:
@@ -102,7 +149,7 @@ async def handle_services_connection(stream: trio.abc.Stream, api: V4Api, live: 
             return
 
 
-async def serve_services(api: V4Api, live: LiveSource, address: tuple[str, int], ctx: ssl.SSLContext, *,
+async def serve_services(services: Services, address: tuple[str, int], ctx: ssl.SSLContext, *,
                          task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
     """Accept TLS connections on `address` until cancelled; reports the bound address."""
     listeners = await trio.open_tcp_listeners(address[1], host=address[0])
@@ -112,7 +159,7 @@ async def serve_services(api: V4Api, live: LiveSource, address: tuple[str, int],
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
-            await handle_services_connection(stream, api, live)
+            await handle_services_connection(stream, services)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError,
                 ssl.SSLError, OSError) as exc:
             log.debug("services: connection ended: %r", exc)
