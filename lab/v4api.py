@@ -450,7 +450,8 @@ class V4Api:
             raise V4ApiError(400, 1003, f"Failed to create record {name} with err An A, AAAA, or CNAME "
                              "record with that host already exists.")
         self.store.route_dns(tunnel, name, overwrite=True)
-        return _ok({"cname": "updated" if existing is not None else "new", "name": name})
+        # An overwrite answers "new" too: cloudflared's cfapi notes that the API does not return "updated".
+        return _ok({"cname": "new", "name": name})
 
 
 def parse_live(payload: bytes) -> list[LiveConnection]:

@@ -147,18 +147,33 @@ def test_exit_status_is_the_commands_and_bad_command_is_reported(tmp_path: Path)
 
 CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
 
-# The Cloudflare guide's steps as written (login is `tunnel-lab login` until the browser flow exists).
+# The Cloudflare guide's steps as written; the browser step of `tunnel login` is done with curl on the
+# page it prints. Then the other admin commands, each with its expected outcome.
 FLOW = r'''
 set -eu
-tunnel-lab login
+cloudflared tunnel login >"$HOME/login.log" 2>&1 &
+LOGIN=$!
+for _ in $(seq 1 300); do grep -q "callback=" "$HOME/login.log" && break; sleep 0.1; done
+URL=$(grep -o "https://dash.cloudflare.com/argotunnel[^ ]*" "$HOME/login.log" | head -1)
+CALLBACK=$(curl -sS "$URL" | grep -o 'name="callback" value="[^"]*"' | sed 's/.*value="//; s/"$//')
+curl -sS -o /dev/null --data-urlencode "callback=$CALLBACK" https://dash.cloudflare.com/argotunnel/approve
+wait $LOGIN
 cloudflared tunnel create app
 cloudflared tunnel route dns app app.example.com
 python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
 cloudflared tunnel run --url http://localhost:8000 app >"$HOME/cloudflared.log" 2>&1 &
+RUN=$!
 for _ in $(seq 1 300); do curl -sf -o /dev/null https://app.example.com/ && break; sleep 0.2; done
 curl -sS https://app.example.com/ | head -1
-cloudflared tunnel list
 cloudflared tunnel info app
+if cloudflared tunnel delete app; then echo "DELETE-LIVE-OK"; else echo "DELETE-LIVE-REFUSED"; fi
+kill $RUN; wait $RUN || true
+cloudflared tunnel create other >/dev/null
+cloudflared tunnel route dns other app.example.com && echo "CONFLICT-OK" || echo "CONFLICT-REFUSED"
+cloudflared tunnel token app >/dev/null && echo "TOKEN-OK"
+cloudflared tunnel cleanup app
+cloudflared tunnel delete app
+cloudflared tunnel list
 '''
 
 
@@ -173,6 +188,10 @@ def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
     assert result.returncode == 0, detail
     lines = result.stdout.splitlines()
     assert "<!DOCTYPE HTML>" in lines, detail
-    assert any(line.split()[1:2] == ["app"] for line in lines if line[:1].isalnum()), result.stdout
-    assert "Registered tunnel connection" in log.read_text()
-    assert "--edge" not in log.read_text() and "cacert" not in log.read_text()
+    assert "DELETE-LIVE-REFUSED" in lines and "CONFLICT-REFUSED" in lines and "TOKEN-OK" in lines, detail
+    assert "code: 1003" in result.stderr and "code: 1022" in result.stderr, detail
+    assert "You have successfully logged in" in (tmp_path / "state" / "home" / "login.log").read_text()
+    listed = lines[lines.index("TOKEN-OK") + 1:]
+    assert any(" other " in line for line in listed) and not any(" app " in line for line in listed), detail
+    text = log.read_text()
+    assert "Registered tunnel connection" in text and "--edge" not in text and "cacert" not in text

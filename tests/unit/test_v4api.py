@@ -146,7 +146,7 @@ def test_cleanup(api: V4Api, token: str, client: Client) -> None:
     assert error(busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=c1")))[:2] == (501, 1023)
 
 
-def test_route_dns_new_unchanged_updated_and_conflict(client: Client, store: Store) -> None:
+def test_route_dns_new_unchanged_overwrite_and_conflict(client: Client, store: Store) -> None:
     one, two = client.create("one")["id"], client.create("two")["id"]
 
     def route(tid: str, host: str, overwrite: bool = False) -> ApiResponse:
@@ -158,7 +158,7 @@ def test_route_dns_new_unchanged_updated_and_conflict(client: Client, store: Sto
     status, code, message = error(route(two, "app.example.com"))
     assert (status, code) == (400, 1003) and "already exists" in message
     assert store.resolve_hostname("app.example.com").name == "one"  # type: ignore[union-attr]
-    assert route(two, "app.example.com", True).body["result"]["cname"] == "updated"
+    assert route(two, "app.example.com", True).body["result"]["cname"] == "new"
     assert store.resolve_hostname("app.example.com").name == "two"  # type: ignore[union-attr]
     assert error(route(one, "not a host"))[:2] == (400, 1001)
     assert error(client.call("PUT", f"/zones/{client.zone}/tunnels/{one}/routes",
