@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,8 +144,12 @@ async def _start_edge(layout: Layout, loglevel: str) -> tuple[Component, dict[st
     try:
         await edge.start()
         info = await edge.wait_ready_file(START_TIMEOUT)
-    except (ComponentError, OSError) as exc:
-        raise LabError(f"the edge did not start: {exc}", {"edge": tail(edge.log_path)}) from exc
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await edge.stop(grace=1.0)
+        if isinstance(exc, ComponentError | OSError):
+            raise LabError(f"the edge did not start: {exc}", {"edge": tail(edge.log_path)}) from exc
+        raise
     return edge, info
 
 
@@ -172,45 +176,65 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     pki = LabPKI(layout.state)
     mounted = _trust_lab_ca(layout, pki.ca_pem_path)
     store = Store(layout.state / "state.db")
-    api = V4Api(layout.state, store)
     env = command_env(layout, cloudflared=cloudflared)
     zone = LabZone(regions={k: list(v) for k, v in REGIONS.items()}, services=SERVICES, eyeballs=EYEBALLS,
                    routed=lambda name: store.resolve_hostname(name) is not None)
-    edge, info = await _start_edge(layout, loglevel)
-    token = str(info.get("api_token") or "") or (layout.state / "api-token").read_text().strip()
+    # Signals are watched from the start: one that arrives while the lab starts aborts the start-up
+    # (PID 1 of a namespace would otherwise ignore it); later ones go to COMMAND.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        return await _serve(command, layout, env, zone, store, pki, mounted, signals, loglevel=loglevel,
+                            quiet=quiet)
 
-    async def live() -> list[LiveConnection]:
-        return parse_live(json.dumps(await management_call(str(info["api"]), token, "GET",
-                                                           "/connections")).encode())
 
-    status = 1
+async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zone: LabZone, store: Store,
+                 pki: LabPKI, mounted: Sequence[str], signals: AsyncIterator[int], *, loglevel: str,
+                 quiet: bool) -> int:
+    status: int | None = None
+    process: trio.Process | None = None
+    edge: Component | None = None
     try:
         async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                nonlocal status
+                async for sig in signals:
+                    if process is None:
+                        status = -sig
+                        nursery.cancel_scope.cancel()
+                        return
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(sig)
+
+            nursery.start_soon(watch_signals)
+            edge, info = await _start_edge(layout, loglevel)
+            token = str(info.get("api_token") or "") or (layout.state / "api-token").read_text().strip()
+
+            async def live() -> list[LiveConnection]:
+                answer = await management_call(str(info["api"]), token, "GET", "/connections")
+                return parse_live(json.dumps(answer).encode())
+
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
-            services = Services(api, live, LoginTransfers(lambda: issue_origin_cert(layout.state)))
+            services = Services(V4Api(layout.state, store), live,
+                                LoginTransfers(lambda: issue_origin_cert(layout.state)))
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
+            if not quiet:
+                print(_banner(layout, info, mounted), file=sys.stderr, flush=True)
+            process = await nursery.start(_run_command, list(command), env)
+            # Written once COMMAND runs: whoever waits for this file may signal the sandbox from then on.
             (layout.state / "sandbox.json").write_text(json.dumps({
                 "dns": f"{DNS_ADDRESS[0]}:{DNS_ADDRESS[1]}", "services": f"{SERVICES}:443",
                 "eyeballs": {"http": f"{EYEBALLS}:80", "https": f"{EYEBALLS}:443"},
                 "regions": {k: list(v) for k, v in REGIONS.items()}, "edge_api": info.get("api"),
-                "ca": str(pki.ca_pem_path), "bundle": str(layout.bundle)}, indent=1) + "\n")
-            if not quiet:
-                print(_banner(layout, info, mounted), file=sys.stderr, flush=True)
-            process: trio.Process = await nursery.start(_run_command, list(command), env)
-
-            async def forward_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-                    async for sig in signals:
-                        with contextlib.suppress(ProcessLookupError):
-                            process.send_signal(sig)
-
-            nursery.start_soon(forward_signals)
+                "ca": str(pki.ca_pem_path), "bundle": str(layout.bundle), "command_pid": process.pid},
+                indent=1) + "\n")
             status = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await edge.stop(grace=5.0)
+            if edge is not None:
+                await edge.stop(grace=5.0)
         store.close()
+    assert status is not None
     return 128 - status if status < 0 else status
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,28 @@ def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
     assert any(" other " in line for line in listed) and not any(" app " in line for line in listed), detail
     text = log.read_text()
     assert "Registered tunnel connection" in text and "--edge" not in text and "cacert" not in text
+
+
+@needs_netns
+def test_sigterm_reaches_the_command_and_everything_stops(tmp_path: Path) -> None:
+    marker = f"sandbox-{os.getpid()}-{tmp_path.name}"
+    argv = [sys.executable, "-m", "lab.cli", "sandbox", "--quiet", "--state", str(tmp_path / "state"), "--",
+            "sh", "-c", f"trap 'exit 9' TERM; : {marker}; while :; do sleep 1; done"]
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as err, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err) as proc:
+        ready = tmp_path / "state" / "sandbox.json"
+        deadline = time.monotonic() + TIMEOUT
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polls for an event: the file appears once COMMAND runs
+        assert ready.exists(), errors.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 9, errors.read_text()
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker.encode() in _cmdline(p)]
+    assert leftovers == []
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""
