@@ -1,5 +1,6 @@
 """The HTTPS shell for the Cloudflare services the sandbox answers: the v4 API (`api.cloudflare.com`),
-the login approve page (`dash.cloudflare.com`) and the login transfer (`login.cloudflareaccess.org`).
+quick tunnels (`api.trycloudflare.com`), the login approve page (`dash.cloudflare.com`) and the login
+transfer (`login.cloudflareaccess.org`).
 
 One TLS listener under the lab CA; the certificate is chosen by SNI among `SERVICE_NAMES` (one lab
 leaf per name), HTTP/1.1 by h11 (cloudflared's Go client offers h2 and http/1.1 and takes what the
@@ -20,6 +21,7 @@ import trio
 from lab.dns import SERVICE_NAMES
 from lab.loginflow import APPROVE_PATH, LOGIN_PATH, LoginTransfers, Page
 from lab.pki import LabPKI
+from lab.quicktunnel import create_quick_tunnel
 from lab.v4api import PREFIX, ApiRequest, ApiResponse, LiveConnection, V4Api, V4ApiError
 from wire.errors import TunnelLabError
 
@@ -62,6 +64,14 @@ class Services:
         path, _, query = target.partition("?")
         if host == "login.cloudflareaccess.org" and method == "GET":
             return await self.logins.poll(path)
+        if host == "api.trycloudflare.com":
+            if method == "POST" and path == "/tunnel":
+                try:
+                    return _json(create_quick_tunnel(self.api.store))
+                except V4ApiError as exc:
+                    return _json(ApiResponse(status=exc.status, body=exc.envelope()))
+            return _json(ApiResponse(status=404, body=V4ApiError(
+                404, 7003, f"no route {method} {path} on api.trycloudflare.com").envelope()))  # lab
         if host == "dash.cloudflare.com":
             if method == "GET" and path == LOGIN_PATH:
                 return self.logins.login_page(query)

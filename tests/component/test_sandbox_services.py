@@ -155,3 +155,12 @@ async def test_junk_gets_a_400_and_the_handler_returns(services: Services) -> No
             while b"\r\n\r\n" not in answer:
                 answer += await client.receive_some()
     assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_quick_tunnel_endpoint(services: Services) -> None:
+    status, headers, body = await request(services, "POST", "api.trycloudflare.com", "/tunnel",
+                                          headers=[("Content-Type", "application/json")])
+    result = json.loads(body)["result"]
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert services.api.store.resolve_hostname(result["hostname"]) is not None
+    assert (await request(services, "GET", "api.trycloudflare.com", "/tunnel"))[0] == 404

@@ -199,6 +199,30 @@ def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
     assert "Registered tunnel connection" in text and "--edge" not in text and "cacert" not in text
 
 
+# A quick tunnel as the guide shows it, but with `--protocol http2`: cloudflared forces QUIC for quick
+# tunnels unless told otherwise, and the lab edge does not speak QUIC yet.
+QUICK = r'''
+set -eu
+python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
+cloudflared tunnel --protocol http2 --url http://localhost:8000 >"$HOME/quick.log" 2>&1 &
+for _ in $(seq 1 300); do grep -q "https://.*trycloudflare.com" "$HOME/quick.log" && break; sleep 0.1; done
+HOST=$(grep -o "https://[a-z0-9-]*[.]trycloudflare[.]com" "$HOME/quick.log" | head -1)
+for _ in $(seq 1 300); do curl -sf -o /dev/null "$HOST/" && break; sleep 0.2; done
+curl -sS "$HOST/" | head -1
+'''
+
+
+@needs_netns
+@pytest.mark.skipif(not CLOUDFLARED,
+                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
+def test_quick_tunnel_with_the_real_cloudflared(tmp_path: Path) -> None:
+    assert CLOUDFLARED is not None
+    result = sandbox(tmp_path, "bash", "-c", QUICK, cloudflared=str(Path(CLOUDFLARED).resolve()))
+    log = tmp_path / "state" / "home" / "quick.log"
+    detail = result.stderr[-2000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert result.returncode == 0 and "<!DOCTYPE HTML>" in result.stdout.splitlines(), detail
+
+
 @needs_netns
 def test_sigterm_reaches_the_command_and_everything_stops(tmp_path: Path) -> None:
     marker = f"sandbox-{os.getpid()}-{tmp_path.name}"

@@ -12,8 +12,18 @@ from typing import Any
 import pytest
 
 from lab.login import origin_cert_pem
+from lab.quicktunnel import create_quick_tunnel
 from lab.store import Store
-from lab.v4api import ApiRequest, ApiResponse, LiveConnection, V4Api, load_accounts, mint_token, parse_live
+from lab.v4api import (
+    ApiRequest,
+    ApiResponse,
+    LiveConnection,
+    V4Api,
+    V4ApiError,
+    load_accounts,
+    mint_token,
+    parse_live,
+)
 from wire.credentials import parse_token
 
 SECRET = base64.b64encode(bytes(range(32))).decode()
@@ -264,3 +274,21 @@ def test_origin_cert_pem_is_what_cloudflared_decodes() -> None:
     assert all(len(line) <= 64 for line in lines[1:-1]) and len(lines[1]) == 64
     assert json.loads(base64.b64decode("".join(lines[1:-1]))) == {
         "zoneID": "z" * 32, "accountID": "a" * 32, "apiToken": "t" * 80}
+
+
+def test_quick_tunnel_is_created_and_routed(store: Store) -> None:
+    resp = create_quick_tunnel(store)
+    result = resp.body["result"]
+    assert resp.status == 200 and resp.body["success"] is True
+    assert result["hostname"].endswith(".trycloudflare.com") and result["name"].startswith("quick-")
+    tunnel = store.resolve_hostname(result["hostname"])
+    assert tunnel is not None and str(tunnel.id) == result["id"]
+    assert base64.b64decode(result["secret"]) == tunnel.secret and result["account_tag"] == tunnel.account_tag
+
+
+def test_quick_tunnels_are_bounded(store: Store) -> None:
+    create_quick_tunnel(store, limit=2)
+    create_quick_tunnel(store, limit=2)
+    with pytest.raises(V4ApiError) as info:
+        create_quick_tunnel(store, limit=2)
+    assert info.value.status == 429 and len(store.list_tunnels()) == 2
