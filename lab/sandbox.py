@@ -213,9 +213,13 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                 answer = await management_call(str(info["api"]), token, "GET", "/connections")
                 return parse_live(json.dumps(answer).encode())
 
+            async def disconnect(edge_id: str) -> None:
+                await management_call(str(info["api"]), token, "POST", "/faults",
+                                      {"kind": "drop-connection", "connection": edge_id})
+
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
             services = Services(V4Api(layout.state, store), live,
-                                LoginTransfers(lambda: issue_origin_cert(layout.state)))
+                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             if not quiet:
                 print(_banner(layout, info, mounted), file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ IDLE_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 10.0
 
 LiveSource = Callable[[], Awaitable[Sequence[LiveConnection]]]
+Disconnect = Callable[[str], Awaitable[None]]  # drop one edge connection by its edge id
 
 
 def services_ssl_context(pki: LabPKI) -> ssl.SSLContext:
@@ -57,6 +58,7 @@ class Services:
     api: V4Api
     live: LiveSource
     logins: LoginTransfers
+    disconnect: Disconnect
 
     async def respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Page:
         """Route one request by Host (as the real names are separate sites) and path."""
@@ -85,8 +87,15 @@ class Services:
             except TunnelLabError as exc:  # without the edge's answer, a listing would lie
                 return _json(ApiResponse(status=503, body=V4ApiError(
                     503, 1000, f"the lab edge did not list its connections: {exc}").envelope()))  # lab
-        return _json(self.api.handle(ApiRequest(method=method, target=target, headers=headers, body=body),
-                                     connections))
+        response = self.api.handle(ApiRequest(method=method, target=target, headers=headers, body=body),
+                                   connections)
+        for edge_id in response.disconnect:
+            try:
+                await self.disconnect(edge_id)
+            except TunnelLabError as exc:
+                return _json(ApiResponse(status=503, body=V4ApiError(
+                    503, 1000, f"the lab edge did not drop connection {edge_id}: {exc}").envelope()))  # lab
+        return _json(response)
 
 
 def _json(response: ApiResponse) -> Page:

@@ -152,8 +152,11 @@ class ApiRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class ApiResponse:
+    """An answer; `disconnect` names edge connections the shell must drop before sending it (cleanup)."""
+
     status: int
     body: dict[str, Any]
+    disconnect: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"
@@ -166,6 +169,7 @@ class LiveConnection:
     tunnel_id: str
     connector_id: str
     conn_index: int
+    edge_id: str = ""  # the edge's own id of the connection (its management API's `id`)
     location: str
     remote: str
     client_version: str
@@ -176,6 +180,7 @@ class LiveConnection:
     @classmethod
     def from_edge(cls, item: Mapping[str, Any]) -> LiveConnection:
         return cls(tunnel_id=str(item.get("tunnel_id")), connector_id=str(item.get("connector_id")),
+                   edge_id=str(item.get("id") or ""),
                    conn_index=int(item.get("conn_index") or 0), location=str(item.get("location") or ""),
                    remote=str(item.get("remote") or ""), client_version=str(item.get("client_version") or ""),
                    arch=str(item.get("arch") or ""), features=tuple(item.get("features") or ()),
@@ -423,12 +428,10 @@ class V4Api:
     def _cleanup(self, tunnel: Tunnel, query: Mapping[str, list[str]],
                  live: Sequence[LiveConnection]) -> ApiResponse:
         client = query.get("client_id", [None])[-1]
-        stale = [c for c in self._connections(tunnel, live) if client is None or c.connector_id == client]
-        if stale:
-            # Disconnecting live connectors needs the edge's help, which the lab does not give yet.
-            raise V4ApiError(501, 1023, f"the lab cannot clean up {len(stale)} live connection(s) yet; "
-                             "stop the connector instead")  # lab
-        return _ok(None)
+        chosen = [c for c in self._connections(tunnel, live) if client is None or c.connector_id == client]
+        # The edge drops them (as the real edge does with connections cleaned up); a connector still
+        # running reconnects, as it would after any lost connection.
+        return ApiResponse(status=200, body=_ok(None).body, disconnect=tuple(c.edge_id for c in chosen))
 
     def _route(self, tunnel: Tunnel, body: bytes) -> ApiResponse:
         data = self._json_body(body)

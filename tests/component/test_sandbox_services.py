@@ -33,6 +33,10 @@ async def broken_live() -> Sequence[LiveConnection]:
     raise LabError("edge gone")
 
 
+async def refuse_disconnect(edge_id: str) -> None:
+    raise LabError(f"cannot drop {edge_id}")
+
+
 @pytest.fixture
 def services(tmp_path: Path) -> Services:
     issued: list[bytes] = []
@@ -41,7 +45,8 @@ def services(tmp_path: Path) -> Services:
         issued.append(PEM)
         return PEM
 
-    return Services(V4Api(tmp_path, Store(tmp_path / "state.db")), no_live, LoginTransfers(issue, hold=40.0))
+    return Services(V4Api(tmp_path, Store(tmp_path / "state.db")), no_live, LoginTransfers(issue, hold=40.0),
+                    refuse_disconnect)
 
 
 async def request(services: Services, method: str, host: str, target: str, body: bytes = b"",
@@ -138,7 +143,7 @@ async def test_api_on_the_wire(services: Services, tmp_path: Path) -> None:
 
 async def test_api_without_the_edge_is_503_not_an_empty_list(services: Services, tmp_path: Path) -> None:
     token = mint_token(tmp_path)
-    broken = Services(services.api, broken_live, services.logins)
+    broken = Services(services.api, broken_live, services.logins, services.disconnect)
     status, _, body = await request(broken, "GET", "api.cloudflare.com",
                                     f"/client/v4/accounts/{services.api.store.account_tag}/cfd_tunnel",
                                     headers=[("Authorization", f"Bearer {token}")])
@@ -164,3 +169,27 @@ async def test_quick_tunnel_endpoint(services: Services) -> None:
     assert status == 200 and headers["content-type"] == "application/json"
     assert services.api.store.resolve_hostname(result["hostname"]) is not None
     assert (await request(services, "GET", "api.trycloudflare.com", "/tunnel"))[0] == 404
+
+
+async def test_cleanup_drops_through_the_edge_or_says_so(services: Services, tmp_path: Path) -> None:
+    token = mint_token(tmp_path)
+    tunnel = services.api.store.create_tunnel("app")
+    live_conn = LiveConnection(tunnel_id=str(tunnel.id), connector_id="c1", conn_index=0, edge_id="e1",
+                               location="LAB1", remote="127.0.0.1:1", client_version="x", arch="y",
+                               features=(), registered_at=0.0)
+    dropped: list[str] = []
+
+    async def one_live() -> Sequence[LiveConnection]:
+        return (live_conn,)
+
+    async def drop(edge_id: str) -> None:
+        dropped.append(edge_id)
+
+    target = f"/client/v4/accounts/{tunnel.account_tag}/cfd_tunnel/{tunnel.id}/connections"
+    auth = [("Authorization", f"Bearer {token}")]
+    working = Services(services.api, one_live, services.logins, drop)
+    assert (await request(working, "DELETE", "api.cloudflare.com", target, headers=auth))[0] == 200
+    assert dropped == ["e1"]
+    failing = Services(services.api, one_live, services.logins, refuse_disconnect)
+    status, _, body = await request(failing, "DELETE", "api.cloudflare.com", target, headers=auth)
+    assert status == 503 and "cannot drop e1" in json.loads(body)["errors"][0]["message"]

@@ -119,8 +119,9 @@ def test_get_token_delete(client: Client, store: Store) -> None:
     assert error(client.call("GET", client.tunnels(f"/{created['id']}")))[:2] == (404, 1002)
 
 
-def live_for(tunnel_id: str, connector: str = "c1", index: int = 0) -> LiveConnection:
-    return LiveConnection(tunnel_id=tunnel_id, connector_id=connector, conn_index=index, location="LAB1",
+def live_for(tunnel_id: str, connector: str = "c1", index: int = 0, edge_id: str = "") -> LiveConnection:
+    return LiveConnection(tunnel_id=tunnel_id, connector_id=connector, conn_index=index, edge_id=edge_id,
+                          location="LAB1",
                           remote="127.0.0.1:40000", client_version="2026.8.2", arch="linux_amd64",
                           features=("serialized_headers",), registered_at=1_800_000_000.0)
 
@@ -148,12 +149,16 @@ def test_delete_with_live_connections_needs_cascade(api: V4Api, token: str, clie
     assert store.get_tunnel("app") is None
 
 
-def test_cleanup(api: V4Api, token: str, client: Client) -> None:
+def test_cleanup_names_the_connections_to_drop(api: V4Api, token: str, client: Client) -> None:
     tid = client.create()["id"]
-    assert client.call("DELETE", client.tunnels(f"/{tid}/connections")).body["success"] is True
-    busy = Client(api, token, (live_for(tid, "c1"),))
-    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=other")).status == 200
-    assert error(busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=c1")))[:2] == (501, 1023)
+    idle = client.call("DELETE", client.tunnels(f"/{tid}/connections"))
+    assert idle.body["success"] is True and idle.disconnect == ()
+    live = (live_for(tid, "c1", 0, "e1"), live_for(tid, "c1", 1, "e2"), live_for(tid, "c2", 0, "e3"),
+            live_for(str(uuid.uuid4()), "c1", 0, "elsewhere"))
+    busy = Client(api, token, live)
+    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=other")).disconnect == ()
+    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=c1")).disconnect == ("e1", "e2")
+    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections")).disconnect == ("e1", "e2", "e3")
 
 
 def test_route_dns_new_unchanged_overwrite_and_conflict(client: Client, store: Store) -> None:
@@ -260,10 +265,10 @@ def test_corrupt_accounts_file_is_a_clear_error(tmp_path: Path, store: Store) ->
 
 def test_parse_live_skips_junk() -> None:
     good = {"tunnel_id": str(uuid.UUID(int=5)), "connector_id": "c", "conn_index": 1, "location": "LAB1",
-            "remote": "[::1]:5", "registered_at": 0}
+            "remote": "[::1]:5", "registered_at": 0, "id": "7"}
     junk = [{"tunnel_id": None}, 7, {"tunnel_id": "t", "conn_index": "x"}]
     lives = parse_live(json.dumps([good, *junk]).encode())
-    assert [c.origin_ip for c in lives] == ["::1"]
+    assert [(c.origin_ip, c.edge_id) for c in lives] == [("::1", "7")]
     assert parse_live(b"not json") == []
 
 
