@@ -415,7 +415,9 @@ class V4Api:
         result = self._tunnel_json(tunnel, ())
         self.store.delete_tunnel(tunnel)
         result["deleted_at"] = format_time(datetime.datetime.now(datetime.UTC))
-        return _ok(result)
+        # With cascade, the tunnel's live connections go too.
+        return ApiResponse(status=200, body=_ok(result).body,
+                           disconnect=tuple(c.edge_id for c in self._connections(tunnel, live)))
 
     def _clients(self, tunnel: Tunnel, live: Sequence[LiveConnection]) -> list[dict[str, Any]]:
         clients: dict[str, list[LiveConnection]] = {}

@@ -142,10 +142,11 @@ def test_connections_are_grouped_by_connector(api: V4Api, token: str, client: Cl
 def test_delete_with_live_connections_needs_cascade(api: V4Api, token: str, client: Client,
                                                      store: Store) -> None:
     tid = client.create()["id"]
-    busy = Client(api, token, (live_for(tid),))
+    busy = Client(api, token, (live_for(tid, edge_id="e1"),))
     assert error(busy.call("DELETE", client.tunnels(f"/{tid}")))[:2] == (400, 1022)
     assert store.get_tunnel("app") is not None  # nothing half-done
-    assert busy.call("DELETE", client.tunnels(f"/{tid}?cascade=true")).status == 200
+    gone = busy.call("DELETE", client.tunnels(f"/{tid}?cascade=true"))
+    assert gone.status == 200 and gone.disconnect == ("e1",)
     assert store.get_tunnel("app") is None
 
 
