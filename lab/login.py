@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lab.paths import db_path, state_dir
 from lab.store import Store
-from lab.v4api import load_accounts, mint_token
+from lab.v4base import load_accounts, mint_token
 from wire.errors import TunnelLabError
 
 PEM_TYPE = "ARGO TUNNEL TOKEN"

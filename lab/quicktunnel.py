@@ -11,7 +11,7 @@ import base64
 import secrets
 
 from lab.store import Store
-from lab.v4api import ApiResponse, V4ApiError
+from lab.v4base import ApiResponse, V4ApiError
 
 DOMAIN = "trycloudflare.com"
 NAME_PREFIX = "quick-"

@@ -22,7 +22,8 @@ from lab.dns import SERVICE_NAMES
 from lab.loginflow import APPROVE_PATH, LOGIN_PATH, LoginTransfers, Page
 from lab.pki import LabPKI
 from lab.quicktunnel import create_quick_tunnel
-from lab.v4api import PREFIX, ApiRequest, ApiResponse, LiveConnection, V4Api, V4ApiError
+from lab.v4api import LiveConnection, V4Api
+from lab.v4base import PREFIX, ApiRequest, ApiResponse, V4ApiError
 from wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)

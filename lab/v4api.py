@@ -1,5 +1,5 @@
-"""The lab's Cloudflare v4 API for tunnels: what `cloudflared tunnel create|list|info|route dns|token|
-delete|cleanup` and `run NAME` call, answered from the lab's store (`lab/store.py`).
+"""The lab's Cloudflare v4 API for tunnels: what `cloudflared tunnel create|list|info|route dns|route ip|
+token|delete|cleanup` and `run NAME` call, answered from the lab's store (`lab/store.py`).
 
 No I/O here beyond the store: `V4Api.handle(request, live)` takes one request and the edge's live
 connections and returns the answer; `lab/services.py` is the HTTPS shell. Facts from cloudflared's
@@ -18,148 +18,33 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import fcntl
-import hashlib
-import hmac
 import json
-import os
-import secrets
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lab.store import Store, Tunnel, format_time, normalize_hostname
+from lab.v4base import (
+    MAX_BODY,
+    MIN_SECRET_BYTES,
+    PREFIX,
+    Accounts,
+    ApiRequest,
+    ApiResponse,
+    V4ApiError,
+    existed_at,
+    load_accounts,
+    not_authenticated,
+    paged,
+    query_value,
+    success,
+)
+from lab.v4teamnet import TeamnetRoutes
 from wire.credentials import make_token
-from wire.errors import ConfigError, TunnelLabError
-
-PREFIX = "/client/v4"
-ACCOUNTS_FILE = "v4api.json"
-DEFAULT_PER_PAGE = 20
-MAX_PER_PAGE = 1000
-MIN_SECRET_BYTES = 32
-MAX_BODY = 64 * 1024
-_TOKEN_PREFIX = "lab-"
-
-
-class V4ApiError(TunnelLabError):
-    """An answer other than success: HTTP status and the envelope's errors."""
-
-    def __init__(self, status: int, code: int, message: str,
-                 chain: Sequence[tuple[int, str]] = ()) -> None:
-        super().__init__(f"{status} code {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.chain = tuple(chain)
-
-    def envelope(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.chain:
-            error["error_chain"] = [{"code": c, "message": m} for c, m in self.chain]
-        return {"success": False, "errors": [error], "messages": [], "result": None}
-
-
-def _not_authenticated() -> V4ApiError:
-    return V4ApiError(403, 10000, "Authentication error")
-
-
-# --- accounts and tokens: STATE/v4api.json ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Accounts:
-    """The lab zone's tag and the SHA-256 of every API token issued (tokens themselves are not kept)."""
-
-    zone_tag: str
-    token_hashes: frozenset[str]
-
-    def knows(self, token: str) -> bool:
-        digest = _token_hash(token)
-        # compare_digest for every entry: the answer time says nothing about which hash matched.
-        return any([hmac.compare_digest(digest, known) for known in self.token_hashes])
-
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-@contextmanager
-def _locked(state: Path) -> Iterator[Path]:
-    path = state / ACCOUNTS_FILE
-    with open(state / (ACCOUNTS_FILE + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield path
-
-
-def _read_accounts(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the lab's API accounts: {exc}", source=str(path),
-                          hint="delete it to start over (every cert.pem made so far stops working)") from exc
-    if not isinstance(data, dict):
-        raise ConfigError("the lab's API accounts file is not a JSON object", source=str(path))
-    return data
-
-
-def _write_accounts(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
-def load_accounts(state: Path) -> Accounts:
-    """The zone tag (created on first use) and the known token hashes of the state directory."""
-    with _locked(state) as path:
-        data = _read_accounts(path)
-        if not isinstance(data.get("zone_tag"), str):
-            data["zone_tag"] = secrets.token_hex(16)
-            data.setdefault("tokens", {})
-            _write_accounts(path, data)
-    tokens = data.get("tokens")
-    return Accounts(zone_tag=data["zone_tag"],
-                    token_hashes=frozenset(tokens) if isinstance(tokens, dict) else frozenset())
-
-
-def mint_token(state: Path) -> str:
-    """A new API token for the lab account (what `tunnel login` puts in cert.pem)."""
-    load_accounts(state)
-    token = _TOKEN_PREFIX + secrets.token_urlsafe(30)
-    with _locked(state) as path:
-        data = _read_accounts(path)
-        tokens = data.setdefault("tokens", {})
-        tokens[_token_hash(token)] = format_time(datetime.datetime.now(datetime.UTC))
-        _write_accounts(path, data)
-    return token
-
-
-# --- requests and the live connections ---------------------------------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class ApiRequest:
-    method: str
-    target: str  # path and query, as on the request line
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
-    body: bytes = b""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ApiResponse:
-    """An answer; `disconnect` names edge connections the shell must drop before sending it (cleanup)."""
-
-    status: int
-    body: dict[str, Any]
-    disconnect: tuple[str, ...] = ()
-
-    def encode(self) -> bytes:
-        return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"
+from wire.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,19 +93,13 @@ class LiveConnection:
 
 # --- the API ------------------------------------------------------------------------------------------------
 
-def _ok(result: Any, info: dict[str, int] | None = None) -> ApiResponse:
-    body: dict[str, Any] = {"success": True, "errors": [], "messages": [], "result": result}
-    if info is not None:
-        body["result_info"] = info
-    return ApiResponse(status=200, body=body)
-
-
 class V4Api:
     """The tunnel endpoints of the v4 API over one state directory."""
 
     def __init__(self, state: Path, store: Store) -> None:
         self.state = state
         self.store = store
+        self.teamnet = TeamnetRoutes(state, store)
 
     def handle(self, request: ApiRequest, live: Sequence[LiveConnection] = ()) -> ApiResponse:
         """Answer one request; every failure is an error envelope, never an exception."""
@@ -244,7 +123,7 @@ class V4Api:
         account = self.store.account_tag
         if len(parts) >= 3 and parts[0] == "accounts" and parts[2] == "cfd_tunnel":
             if parts[1] != account:
-                raise _not_authenticated()
+                raise not_authenticated()
             rest = parts[3:]
             if not rest:
                 self._allow(method, ("GET", "POST"), url.path)
@@ -253,19 +132,23 @@ class V4Api:
             if len(rest) == 1:
                 self._allow(method, ("GET", "DELETE"), url.path)
                 if method == "GET":
-                    return _ok(self._tunnel_json(tunnel, live))
+                    return success(self._tunnel_json(tunnel, live))
                 return self._delete(tunnel, query, live)
             if rest[1:] == ["token"]:
                 self._allow(method, ("GET",), url.path)
-                return _ok(make_token(tunnel.credentials()))
+                return success(make_token(tunnel.credentials()))
             if rest[1:] == ["connections"]:
                 self._allow(method, ("GET", "DELETE"), url.path)
                 if method == "GET":
-                    return _ok(self._clients(tunnel, live))
+                    return success(self._clients(tunnel, live))
                 return self._cleanup(tunnel, query, live)
+        elif len(parts) >= 4 and parts[0] == "accounts" and parts[2:4] == ["teamnet", "routes"]:
+            if parts[1] != account:
+                raise not_authenticated()
+            return self.teamnet.handle(method, parts[4:], query, request.body)
         elif len(parts) == 5 and parts[0] == "zones" and parts[2] == "tunnels" and parts[4] == "routes":
             if parts[1] != accounts.zone_tag:
-                raise _not_authenticated()
+                raise not_authenticated()
             tunnel = self._tunnel(parts[3])
             self._allow(method, ("PUT",), url.path)
             return self._route(tunnel, request.body)
@@ -287,7 +170,7 @@ class V4Api:
         except ConfigError as exc:  # the lab's own file is broken: not the caller's mistake
             raise V4ApiError(500, 1000, str(exc)) from exc  # lab
         if not accounts.knows(token.strip()):
-            raise _not_authenticated()
+            raise not_authenticated()
         return accounts
 
     @staticmethod
@@ -365,23 +248,12 @@ class V4Api:
         result["credentials_file"] = {"AccountTag": tunnel.account_tag, "TunnelID": str(tunnel.id),
                                       "TunnelName": tunnel.name, "TunnelSecret": secret_text}
         result["token"] = make_token(tunnel.credentials())
-        return _ok(result)
+        return success(result)
 
     def _list(self, query: Mapping[str, list[str]], live: Sequence[LiveConnection]) -> ApiResponse:
         def one(key: str) -> str | None:
-            values = query.get(key)
-            return values[-1] if values else None
+            return query_value(query, key)
 
-        def integer(key: str, default: int, high: int) -> int:
-            text = one(key)
-            if text is None:
-                return default
-            if not text.isdigit() or not 1 <= int(text) <= high:
-                raise V4ApiError(400, 1001, f"{key} must be an integer from 1 to {high}")  # lab
-            return int(text)
-
-        page = integer("page", 1, 1 << 30)
-        per_page = integer("per_page", DEFAULT_PER_PAGE, MAX_PER_PAGE)
         tunnels = self.store.list_tunnels()
         if one("is_deleted") == "true":
             tunnels = []  # a deleted tunnel leaves the lab's store at once
@@ -393,18 +265,9 @@ class V4Api:
             tunnels = [t for t in tunnels if not t.name.startswith(exclude)]
         if (wanted := one("uuid")) is not None:
             tunnels = [t for t in tunnels if str(t.id) == wanted.lower()]
-        if (existed := one("existed_at")) is not None:
-            try:
-                when = datetime.datetime.fromisoformat(existed.replace("Z", "+00:00"))
-            except ValueError:
-                raise V4ApiError(400, 1001, "existed_at must be an RFC 3339 time") from None  # lab
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=datetime.UTC)
+        if (when := existed_at(query)) is not None:
             tunnels = [t for t in tunnels if t.created_at <= when]
-        start = (page - 1) * per_page
-        shown = tunnels[start:start + per_page]  # past the end: an empty page, as the real API does
-        return _ok([self._tunnel_json(t, live) for t in shown],
-                   {"page": page, "per_page": per_page, "count": len(shown), "total_count": len(tunnels)})
+        return paged(query, [self._tunnel_json(t, live) for t in tunnels])
 
     def _delete(self, tunnel: Tunnel, query: Mapping[str, list[str]],
                 live: Sequence[LiveConnection]) -> ApiResponse:
@@ -416,7 +279,7 @@ class V4Api:
         self.store.delete_tunnel(tunnel)
         result["deleted_at"] = format_time(datetime.datetime.now(datetime.UTC))
         # With cascade, the tunnel's live connections go too.
-        return ApiResponse(status=200, body=_ok(result).body,
+        return ApiResponse(status=200, body=success(result).body,
                            disconnect=tuple(c.edge_id for c in self._connections(tunnel, live)))
 
     def _clients(self, tunnel: Tunnel, live: Sequence[LiveConnection]) -> list[dict[str, Any]]:
@@ -433,7 +296,7 @@ class V4Api:
         chosen = [c for c in self._connections(tunnel, live) if client is None or c.connector_id == client]
         # The edge drops them (as the real edge does with connections cleaned up); a connector still
         # running reconnects, as it would after any lost connection.
-        return ApiResponse(status=200, body=_ok(None).body, disconnect=tuple(c.edge_id for c in chosen))
+        return ApiResponse(status=200, body=success(None).body, disconnect=tuple(c.edge_id for c in chosen))
 
     def _route(self, tunnel: Tunnel, body: bytes) -> ApiResponse:
         data = self._json_body(body)
@@ -450,13 +313,13 @@ class V4Api:
         name = normalize_hostname(hostname, allow_wildcard=True)
         existing = self.store.find_route(name)
         if existing is not None and existing.tunnel_id == tunnel.id:
-            return _ok({"cname": "unchanged", "name": name})
+            return success({"cname": "unchanged", "name": name})
         if existing is not None and not overwrite:
             raise V4ApiError(400, 1003, f"Failed to create record {name} with err An A, AAAA, or CNAME "
                              "record with that host already exists.")
         self.store.route_dns(tunnel, name, overwrite=True)
         # An overwrite answers "new" too: cloudflared's cfapi notes that the API does not return "updated".
-        return _ok({"cname": "new", "name": name})
+        return success({"cname": "new", "name": name})
 
 
 def parse_live(payload: bytes) -> list[LiveConnection]:

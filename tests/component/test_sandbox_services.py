@@ -18,7 +18,8 @@ from lab.api import LabError
 from lab.loginflow import MAX_PENDING, LoginTransfers
 from lab.services import Services, handle_services_connection
 from lab.store import Store
-from lab.v4api import LiveConnection, V4Api, mint_token
+from lab.v4api import LiveConnection, V4Api
+from lab.v4base import mint_token
 
 KEY = "AbC+/def0123456789="
 CALLBACK = "https://login.cloudflareaccess.org/" + KEY

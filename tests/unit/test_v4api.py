@@ -14,16 +14,8 @@ import pytest
 from lab.login import origin_cert_pem
 from lab.quicktunnel import create_quick_tunnel
 from lab.store import Store
-from lab.v4api import (
-    ApiRequest,
-    ApiResponse,
-    LiveConnection,
-    V4Api,
-    V4ApiError,
-    load_accounts,
-    mint_token,
-    parse_live,
-)
+from lab.v4api import LiveConnection, V4Api, parse_live
+from lab.v4base import ApiRequest, ApiResponse, V4ApiError, load_accounts, mint_token
 from wire.credentials import parse_token
 
 SECRET = base64.b64encode(bytes(range(32))).decode()
