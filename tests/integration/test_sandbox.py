@@ -172,6 +172,10 @@ if cloudflared tunnel delete app; then echo "DELETE-LIVE-OK"; else echo "DELETE-
 kill $RUN; wait $RUN || true
 cloudflared tunnel create other >/dev/null
 cloudflared tunnel route dns other app.example.com && echo "CONFLICT-OK" || echo "CONFLICT-REFUSED"
+cloudflared tunnel route ip add 10.9.0.0/16 other "lab net"
+cloudflared tunnel route ip get 10.9.1.1 | grep -q "10.9.0.0/16" && echo "ROUTE-IP-OK"
+cloudflared tunnel route ip delete 10.9.0.0/16
+cloudflared tunnel route ip get 10.9.1.1 | grep -q "No route matches" && echo "ROUTE-IP-GONE"
 cloudflared tunnel token app >/dev/null && echo "TOKEN-OK"
 cloudflared tunnel cleanup app
 cloudflared tunnel delete app
@@ -191,6 +195,7 @@ def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert "<!DOCTYPE HTML>" in lines, detail
     assert "DELETE-LIVE-REFUSED" in lines and "CONFLICT-REFUSED" in lines and "TOKEN-OK" in lines, detail
+    assert "ROUTE-IP-OK" in lines and "ROUTE-IP-GONE" in lines, detail
     assert "code: 1003" in result.stderr and "code: 1022" in result.stderr, detail
     assert "You have successfully logged in" in (tmp_path / "state" / "home" / "login.log").read_text()
     listed = lines[lines.index("TOKEN-OK") + 1:]
