@@ -26,10 +26,15 @@ MAX_PENDING = 64  # keys nobody approved yet: a client inventing keys must not g
 MAX_KEY_LEN = 256
 
 
+APPROVED_TTL = 600.0  # an approved cert.pem nobody fetched is dropped after this long
+
+
 @dataclass
 class _Transfer:
     ready: trio.Event = field(default_factory=trio.Event)
     pem: bytes | None = None
+    waiters: int = 0
+    approved_at: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +68,19 @@ class LoginTransfers:
     def _slot(self, key: str) -> _Transfer | None:
         slot = self._pending.get(key)
         if slot is None:
+            now = trio.current_time()
+            for old in [k for k, v in self._pending.items()
+                        if v.pem is not None and now - v.approved_at > APPROVED_TTL]:
+                del self._pending[old]
             if len(self._pending) >= MAX_PENDING:
                 return None
             slot = self._pending[key] = _Transfer()
         return slot
+
+    @property
+    def pending(self) -> int:
+        """How many logins are waiting or approved and not fetched yet."""
+        return len(self._pending)
 
     def login_page(self, query: str) -> Page:
         """GET dash.cloudflare.com/argotunnel?callback=...: the page where the user approves."""
@@ -94,6 +108,7 @@ class LoginTransfers:
             return _html(503, "Too many pending logins", "<p>Try again in a minute.</p>")
         if slot.pem is None:
             slot.pem = self._issue()
+            slot.approved_at = trio.current_time()
         slot.ready.set()
         return _html(200, "Success", "<p>cloudflared has the certificate now (or will have at its next "
                      "poll). You can close this window.</p>")
@@ -106,9 +121,15 @@ class LoginTransfers:
         slot = self._slot(key)
         if slot is None:
             return Page(status=429, content_type="text/plain", body=b"too many pending logins\n")
-        with trio.move_on_after(self._hold):
-            await slot.ready.wait()
+        slot.waiters += 1
+        try:
+            with trio.move_on_after(self._hold):
+                await slot.ready.wait()
+        finally:
+            slot.waiters -= 1
         if slot.pem is None:
+            if slot.waiters == 0 and self._pending.get(key) is slot:
+                del self._pending[key]  # nobody approved and nobody waits: forget it (a poll brings it back)
             return Page(status=404, content_type="text/plain", body=b"waiting for login\n")
         self._pending.pop(key, None)
         return Page(status=200, content_type="application/x-pem-file", body=slot.pem)

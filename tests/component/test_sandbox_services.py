@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from lab.api import LabError
-from lab.loginflow import MAX_PENDING, LoginTransfers
+from lab.loginflow import APPROVED_TTL, MAX_PENDING, LoginTransfers
 from lab.services import Services, handle_services_connection
 from lab.store import Store
 from lab.v4api import LiveConnection, V4Api
@@ -110,6 +110,17 @@ async def test_poll_without_approval_is_404_after_the_hold(services: Services,
     status, _, body = await request(services, "GET", "login.cloudflareaccess.org", "/" + KEY)
     assert (status, body) == (404, b"waiting for login\n")
     assert trio.current_time() - start >= 40.0
+    assert services.logins.pending == 0  # an unapproved key is not kept after its poll
+
+
+async def test_unfetched_approvals_expire(services: Services, autojump_clock: trio.abc.Clock) -> None:
+    for n in range(MAX_PENDING):
+        form = urllib.parse.urlencode({"callback": f"{CALLBACK}{n}"}).encode()
+        assert (await request(services, "POST", "dash.cloudflare.com", "/argotunnel/approve", form))[0] == 200
+    await trio.sleep(APPROVED_TTL + 1)
+    form = urllib.parse.urlencode({"callback": CALLBACK + "late"}).encode()
+    assert (await request(services, "POST", "dash.cloudflare.com", "/argotunnel/approve", form))[0] == 200
+    assert services.logins.pending == 1
 
 
 async def test_bad_login_links(services: Services) -> None:
@@ -194,3 +205,13 @@ async def test_cleanup_drops_through_the_edge_or_says_so(services: Services, tmp
     failing = Services(services.api, one_live, services.logins, refuse_disconnect)
     status, _, body = await request(failing, "DELETE", "api.cloudflare.com", target, headers=auth)
     assert status == 503 and "cannot drop e1" in json.loads(body)["errors"][0]["message"]
+
+
+async def test_a_body_over_the_limit_is_413_and_nothing_is_made(services: Services, tmp_path: Path) -> None:
+    token = mint_token(tmp_path)
+    target = f"/client/v4/accounts/{services.api.store.account_tag}/cfd_tunnel"
+    body = json.dumps({"name": "big", "tunnel_secret": "A" * 70_000}).encode()
+    status, _, answer = await request(services, "POST", "api.cloudflare.com", target, body,
+                                      [("Authorization", f"Bearer {token}")])
+    assert status == 413 and json.loads(answer)["errors"][0]["code"] == 1004
+    assert services.api.store.list_tunnels() == []
