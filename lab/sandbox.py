@@ -109,6 +109,13 @@ def _trust_lab_ca(layout: Layout, ca: Path) -> list[str]:
     return mounted
 
 
+def _allow_ping() -> None:
+    """Let every group open ICMP sockets in this network namespace (the sysctl is per namespace, so the
+    host keeps its own): cloudflared's ICMP proxy then starts instead of warning that it cannot."""
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/net/ipv4/ping_group_range").write_text("0 2147483647\n")
+
+
 def command_env(layout: Layout, *, cloudflared: Path | None) -> dict[str, str]:
     """COMMAND's environment: the caller's, with the sandbox's HOME, state and CA bundle."""
     env = {k: v for k, v in os.environ.items() if k != netns.MARKER and not k.startswith("TUNNEL_")}
@@ -175,6 +182,7 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
         d.mkdir(parents=True, exist_ok=True)
     pki = LabPKI(layout.state)
     mounted = _trust_lab_ca(layout, pki.ca_pem_path)
+    _allow_ping()
     store = Store(layout.state / "state.db")
     env = command_env(layout, cloudflared=cloudflared)
     zone = LabZone(regions={k: list(v) for k, v in REGIONS.items()}, services=SERVICES, eyeballs=EYEBALLS,
