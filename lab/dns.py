@@ -6,7 +6,8 @@ naming two regions on port 7844, each with two A records, and the TXT records `p
 tunnels, login, dashboard) and every hostname routed in the store point at the lab; everything
 else is NXDOMAIN. A known name asked for a type it has no record of gets an empty NOERROR answer
 (NODATA), as a real authoritative server gives, so that a resolver asking A and AAAA together
-keeps the A answer. `serve_dns` is the trio shell on a UDP socket.
+keeps the A answer. `serve_dns` and `serve_dns_tcp` are the trio shells (UDP, and TCP with the
+two-byte length prefix of RFC 1035 §4.2.2, for resolvers that retry there).
 """
 
 from __future__ import annotations
@@ -121,3 +122,43 @@ async def serve_dns(zone: LabZone, address: tuple[str, int], *,
                 await sock.sendto(answer, peer)
             except OSError as exc:  # the asker went away: its problem, not the server's
                 log.debug("dns: cannot answer %s: %s", peer, exc)
+
+
+TCP_IDLE_TIMEOUT = 10.0
+
+
+async def _answer_tcp(zone: LabZone, stream: trio.SocketStream) -> None:
+    buffer = bytearray()
+    while True:
+        with trio.move_on_after(TCP_IDLE_TIMEOUT):
+            while len(buffer) < 2 or len(buffer) < 2 + int.from_bytes(buffer[:2], "big"):
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+        if len(buffer) < 2 or len(buffer) < 2 + int.from_bytes(buffer[:2], "big"):
+            return  # idle or cut short: close
+        size = int.from_bytes(buffer[:2], "big")
+        message, buffer = bytes(buffer[2:2 + size]), buffer[2 + size:]
+        answer = zone.respond(message)
+        if answer is None:
+            return
+        await stream.send_all(len(answer).to_bytes(2, "big") + answer)
+
+
+async def serve_dns_tcp(zone: LabZone, address: tuple[str, int], *,
+                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer DNS over TCP on `address` until cancelled; reports the bound address."""
+    listeners = await trio.open_tcp_listeners(address[1], host=address[0])
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _answer_tcp(zone, stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("dns/tcp: connection ended: %r", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    sockname = listeners[0].socket.getsockname()
+    task_status.started((sockname[0], sockname[1]))
+    await trio.serve_listeners(handle, listeners)

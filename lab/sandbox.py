@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from lab.api import LabError, management_call
-from lab.dns import LabZone, serve_dns
+from lab.dns import LabZone, serve_dns, serve_dns_tcp
 from lab.login import issue_origin_cert
 from lab.loginflow import LoginTransfers
 from lab.pki import LabPKI
@@ -226,6 +226,7 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                                       {"kind": "drop-connection", "connection": edge_id})
 
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
+            await nursery.start(serve_dns_tcp, zone, DNS_ADDRESS)
             services = Services(V4Api(layout.state, store), live,
                                 LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
