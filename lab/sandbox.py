@@ -169,8 +169,8 @@ def _banner(layout: Layout, info: dict[str, object], mounted: Sequence[str]) -> 
         "  API       https://api.cloudflare.com/client/v4 (lab CA trusted: SSL_CERT_FILE"
         + (f", {', '.join(mounted)}" if mounted else "") + ")",
         f"  eyeballs  http://{EYEBALLS}:80 and https://{EYEBALLS}:443 (every routed hostname resolves here)",
-        "  try       tunnel-lab login && cloudflared tunnel create app && "
-        "cloudflared tunnel route dns app app.example.com",
+        "  try       cloudflared tunnel login (open the printed link with curl, or run `tunnel-lab login`), "
+        "then cloudflared tunnel create app; docs/sandbox.md",
         "",
     ])
 
@@ -259,6 +259,8 @@ async def _run_command(command: list[str], env: dict[str, str], *,
         status = 127 if isinstance(exc, FileNotFoundError) else 126  # what a shell answers
         raise SandboxError(f"cannot run {command[0]!r}: {exc.strerror or exc}", status) from exc
     task_status.started(process)
+    # If the lab fails first, this wait is cancelled and COMMAND outlives it only until this process,
+    # PID 1 of the namespace, exits: the kernel then ends every process inside.
     await process.wait()
 
 
