@@ -90,6 +90,12 @@ tid = created["result"]["id"]
 route = {"type": "dns", "user_hostname": "app.example.com", "overwrite_existing": False}
 out["route"] = call("PUT", f"/zones/{cert['zoneID']}/tunnels/{tid}/routes", route)[2]["result"]
 out["app.example.com"] = lookup("app.example.com")
+# One store: the lab's own admin commands see the API's tunnel, and the API sees theirs.
+listed = subprocess.run(["tunnel-lab", "tunnel", "list"], capture_output=True, text=True, check=True).stdout
+out["lab_lists_api_tunnel"] = tid in listed
+subprocess.run(["tunnel-lab", "tunnel", "create", "lab-made"], capture_output=True, check=True)
+names = call("GET", f"/accounts/{cert['accountID']}/cfd_tunnel?is_deleted=false")[2]["result"]
+out["api_lists_lab_tunnel"] = sorted(t["name"] for t in names)
 
 creds = os.path.expanduser(f"~/.cloudflared/{tid}.json")
 with open(creds, "w") as f:
@@ -134,6 +140,7 @@ def test_names_api_trust_and_our_connector_inside(tmp_path: Path) -> None:
     assert out["bad_token"] == [403]
     assert out["route"] == {"cname": "new", "name": "app.example.com"}
     assert out["app.example.com"] == ["127.0.0.1"]
+    assert out["lab_lists_api_tunnel"] is True and out["api_lists_lab_tunnel"] == ["app", "lab-made"]
     assert out["eyeball"] == [200, True]
     assert out["clients"] == 1
     assert out["busy_delete"] == 1022
