@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from lab.api import LabError, management_call
+from lab.api import LabError, edge_argv, management_call
 from lab.dns import LabZone, serve_dns, serve_dns_tcp
 from lab.login import issue_origin_cert
 from lab.loginflow import LoginTransfers
@@ -137,14 +137,10 @@ def command_env(layout: Layout, *, cloudflared: Path | None) -> dict[str, str]:
 
 async def _start_edge(layout: Layout, loglevel: str) -> tuple[Component, dict[str, object]]:
     ready = layout.state / "edge.ready.json"
-    argv = [*TUNNEL_LAB, "edge", "--state", str(layout.state)]
-    n = 0
-    for addresses in REGIONS.values():
-        for address in addresses:
-            n += 1
-            argv += ["--tunnel-listen", f"LAB{n}={address}:7844"]
-    argv += ["--http-listen", f"{EYEBALLS}:80", "--https-listen", f"{EYEBALLS}:443",
-             "--api-listen", "127.0.0.1:0", "--ready-file", str(ready), "--loglevel", loglevel]
+    datacentres = [(f"LAB{n}", f"{address}:7844")
+                   for n, address in enumerate((a for pair in REGIONS.values() for a in pair), start=1)]
+    argv = edge_argv(layout.state, datacentres, ready=ready, http=f"{EYEBALLS}:80", https=f"{EYEBALLS}:443",
+                     loglevel=loglevel)
     edge = Component("edge", argv, layout.logs / "edge.log",
                      env=child_env({"TUNNEL_LAB_STATE": str(layout.state)}, home=str(layout.home)),
                      ready_file=ready)
