@@ -32,10 +32,10 @@ SERVICE_NAMES = ("api.cloudflare.com", "api.trycloudflare.com", "login.cloudflar
 TTL = 60
 
 # The protocol percentages cloudflared reads in `--protocol auto` (edgediscovery.ProtocolPercentage):
-# it takes the first of quic, http2 whose percentage is above its per-account threshold. The lab
-# edge speaks http2 only until QUIC lands, so QUIC gets 0 and cloudflared starts on http2 at once
-# instead of failing over from QUIC after its retries.
-DEFAULT_PROTOCOLS = ({"protocol": "quic", "percentage": 0}, {"protocol": "http2", "percentage": 100})
+# it takes the first of quic, http2 whose percentage is above its per-account threshold, so QUIC first,
+# with http2 as its fallback. `HTTP2_ONLY` is for an edge without QUIC listeners (`sandbox --no-quic`).
+DEFAULT_PROTOCOLS = ({"protocol": "quic", "percentage": 100}, {"protocol": "http2", "percentage": 100})
+HTTP2_ONLY = ({"protocol": "quic", "percentage": 0}, {"protocol": "http2", "percentage": 100})
 # features.featuresRecord: datagram v3 off; prechecks as by default.
 DEFAULT_FEATURES = {"dv3_2": 0}
 

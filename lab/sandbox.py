@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from lab.api import LabError, edge_argv, management_call
-from lab.dns import LabZone, serve_dns, serve_dns_tcp
+from lab.dns import DEFAULT_PROTOCOLS, HTTP2_ONLY, LabZone, serve_dns, serve_dns_tcp
 from lab.login import issue_origin_cert
 from lab.loginflow import LoginTransfers
 from lab.pki import LabPKI
@@ -135,12 +135,12 @@ def command_env(layout: Layout, *, cloudflared: Path | None) -> dict[str, str]:
     return env
 
 
-async def _start_edge(layout: Layout, loglevel: str) -> tuple[Component, dict[str, object]]:
+async def _start_edge(layout: Layout, loglevel: str, *, quic: bool) -> tuple[Component, dict[str, object]]:
     ready = layout.state / "edge.ready.json"
     datacentres = [(f"LAB{n}", f"{address}:7844")
                    for n, address in enumerate((a for pair in REGIONS.values() for a in pair), start=1)]
     argv = edge_argv(layout.state, datacentres, ready=ready, http=f"{EYEBALLS}:80", https=f"{EYEBALLS}:443",
-                     loglevel=loglevel)
+                     loglevel=loglevel, flags=() if quic else ("--no-quic",))
     edge = Component("edge", argv, layout.logs / "edge.log",
                      env=child_env({"TUNNEL_LAB_STATE": str(layout.state)}, home=str(layout.home)),
                      ready_file=ready)
@@ -172,7 +172,7 @@ def _banner(layout: Layout, info: dict[str, object], mounted: Sequence[str]) -> 
 
 
 async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Path | None,
-                      loglevel: str, quiet: bool) -> int:
+                      loglevel: str, quiet: bool, quic: bool = True) -> int:
     """Bring the lab up in this (already private) namespace, run COMMAND, tear down; COMMAND's status."""
     for d in (layout.home, layout.logs, layout.bin):
         d.mkdir(parents=True, exist_ok=True)
@@ -182,17 +182,18 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     store = Store(layout.state / "state.db")
     env = command_env(layout, cloudflared=cloudflared)
     zone = LabZone(regions={k: list(v) for k, v in REGIONS.items()}, services=SERVICES, eyeballs=EYEBALLS,
-                   routed=lambda name: store.resolve_hostname(name) is not None)
+                   routed=lambda name: store.resolve_hostname(name) is not None,
+                   protocols=DEFAULT_PROTOCOLS if quic else HTTP2_ONLY)
     # Signals are watched from the start: one that arrives while the lab starts aborts the start-up
     # (PID 1 of a namespace would otherwise ignore it); later ones go to COMMAND.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
         return await _serve(command, layout, env, zone, store, pki, mounted, signals, loglevel=loglevel,
-                            quiet=quiet)
+                            quiet=quiet, quic=quic)
 
 
 async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zone: LabZone, store: Store,
                  pki: LabPKI, mounted: Sequence[str], signals: AsyncIterator[int], *, loglevel: str,
-                 quiet: bool) -> int:
+                 quiet: bool, quic: bool) -> int:
     status: int | None = None
     process: trio.Process | None = None
     edge: Component | None = None
@@ -210,7 +211,7 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                         process.send_signal(sig)
 
             nursery.start_soon(watch_signals)
-            edge, info = await _start_edge(layout, loglevel)
+            edge, info = await _start_edge(layout, loglevel, quic=quic)
             token = str(info.get("api_token") or "") or (layout.state / "api-token").read_text().strip()
 
             async def live() -> list[LiveConnection]:
@@ -279,7 +280,7 @@ def _inside(argv: Sequence[str]) -> int:
         state.mkdir(parents=True, exist_ok=True)
         cloudflared = Path(args.cloudflared).resolve() if args.cloudflared else None
         return trio.run(lambda: run_sandbox(command, Layout(state), cloudflared=cloudflared,
-                                            loglevel=args.loglevel, quiet=args.quiet))
+                                            loglevel=args.loglevel, quiet=args.quiet, quic=not args.no_quic))
     except (TunnelLabError, OSError) as exc:
         print(f"tunnel-lab sandbox: {exc}", file=sys.stderr)
         return exc.status if isinstance(exc, SandboxError) else 2
@@ -304,7 +305,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunnel-lab sandbox",
-        usage="tunnel-lab sandbox [-h] [--state DIR] [--cloudflared PATH] [-- COMMAND [ARGS...]]",
+        usage="tunnel-lab sandbox [-h] [--state DIR] [--cloudflared PATH] [--no-quic] [-- COMMAND [ARGS...]]",
         description="Run COMMAND (default: an interactive shell) in a private network namespace where the "
         "lab answers for Cloudflare: DNS (edge discovery, api.cloudflare.com, login, routed hostnames), the "
         "v4 API, the edge and eyeball listeners on ports 80 and 443, the lab CA trusted. The real "
@@ -314,6 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cloudflared", metavar="PATH", help="put this cloudflared binary on COMMAND's PATH")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"],
                    help="the edge's log level (its log: STATE/logs/edge.log)")
+    p.add_argument("--no-quic", action="store_true", help="an edge without QUIC listeners, and edge "
+                   "discovery that says http2 (cloudflared's `--protocol auto` then starts on http2)")
     p.add_argument("--quiet", action="store_true", help="no banner on stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     return p

@@ -26,9 +26,9 @@ needs_netns = pytest.mark.skipif(not OK, reason=f"no private network namespaces 
 WATCHED = ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt")
 
 
-def sandbox(tmp_path: Path, *command: str,
-            cloudflared: str | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "lab.cli", "sandbox", "--quiet", "--state", str(tmp_path / "state")]
+def sandbox(tmp_path: Path, *command: str, cloudflared: str | None = None,
+            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "lab.cli", "sandbox", "--quiet", "--state", str(tmp_path / "state"), *flags]
     if cloudflared:
         argv += ["--cloudflared", cloudflared]
     return subprocess.run([*argv, "--", *command], capture_output=True, text=True, timeout=TIMEOUT,
@@ -209,6 +209,7 @@ def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
     assert any(" other " in line for line in listed) and not any(" app " in line for line in listed), detail
     text = log.read_text()
     assert "Registered tunnel connection" in text and "--edge" not in text and "cacert" not in text
+    assert "protocol=quic" in text, detail  # `--protocol auto` follows the protocol TXT record
     # The start-up complaints of a plain private namespace (docs/cloudflared.md) are gone: the sandbox
     # answers the lookups and lets ICMP sockets open.
     for complaint in ("Failed to fetch features", "Unable to lookup protocol percentage", "edge discovery:",
@@ -216,12 +217,13 @@ def test_documented_flow_with_the_real_cloudflared(tmp_path: Path) -> None:
         assert complaint not in text, detail
 
 
-# A quick tunnel as the guide shows it, but with `--protocol http2`: cloudflared forces QUIC for quick
-# tunnels unless told otherwise, and the lab edge does not speak QUIC yet.
+# A quick tunnel as the guide shows it. cloudflared forces QUIC for quick tunnels unless `--protocol`
+# says otherwise, so this needs the edge's QUIC listeners; with `--no-quic` the same works over http2
+# when cloudflared is told `--protocol http2`.
 QUICK = r'''
 set -eu
 python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
-cloudflared tunnel --protocol http2 --url http://localhost:8000 >"$HOME/quick.log" 2>&1 &
+cloudflared tunnel $PROTOCOL --url http://localhost:8000 >"$HOME/quick.log" 2>&1 &
 for _ in $(seq 1 300); do grep -q "https://.*trycloudflare.com" "$HOME/quick.log" && break; sleep 0.1; done
 HOST=$(grep -o "https://[a-z0-9-]*[.]trycloudflare[.]com" "$HOME/quick.log" | head -1)
 for _ in $(seq 1 300); do curl -sf -o /dev/null "$HOST/" && break; sleep 0.2; done
@@ -232,12 +234,18 @@ curl -sS "$HOST/" | head -1
 @needs_netns
 @pytest.mark.skipif(not CLOUDFLARED,
                     reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
-def test_quick_tunnel_with_the_real_cloudflared(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flags", "cloudflared_flags", "protocol"), [
+    ((), "", "quic"), (("--no-quic",), "--protocol http2", "http2")])
+def test_quick_tunnel_with_the_real_cloudflared(tmp_path: Path, flags: tuple[str, ...],
+                                                cloudflared_flags: str, protocol: str) -> None:
     assert CLOUDFLARED is not None
-    result = sandbox(tmp_path, "bash", "-c", QUICK, cloudflared=str(Path(CLOUDFLARED).resolve()))
+    script = QUICK.replace("$PROTOCOL", cloudflared_flags)
+    binary = str(Path(CLOUDFLARED).resolve())
+    result = sandbox(tmp_path, "bash", "-c", script, cloudflared=binary, flags=flags)
     log = tmp_path / "state" / "home" / "quick.log"
     detail = result.stderr[-2000:] + (log.read_text()[-3000:] if log.exists() else "")
     assert result.returncode == 0 and "<!DOCTYPE HTML>" in result.stdout.splitlines(), detail
+    assert f"protocol={protocol}" in log.read_text(), detail
 
 
 @needs_netns

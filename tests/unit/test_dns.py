@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.dns import FEATURES_TXT, PROTOCOL_TXT, SRV_NAME, LabZone
+from lab.dns import FEATURES_TXT, HTTP2_ONLY, PROTOCOL_TXT, SRV_NAME, LabZone
 from wire import dns
 
 # A query as Go's resolver sends it: id, RD, one question, an EDNS OPT record in the additionals.
@@ -60,8 +60,12 @@ def test_regions_have_two_addresses_each() -> None:
 def test_txt_records_are_the_json_cloudflared_reads() -> None:
     (protocols,) = ask(PROTOCOL_TXT, dns.TXT).answers
     assert isinstance(protocols.data, tuple)
-    assert json.loads(b"".join(protocols.data)) == [{"protocol": "quic", "percentage": 0},
+    assert json.loads(b"".join(protocols.data)) == [{"protocol": "quic", "percentage": 100},
                                                     {"protocol": "http2", "percentage": 100}]
+    http2_only = LabZone(regions={}, services="127.0.3.1", eyeballs="127.0.0.1", protocols=HTTP2_ONLY)
+    (record,) = ask(PROTOCOL_TXT, dns.TXT, zone=http2_only).answers
+    assert isinstance(record.data, tuple)
+    assert [p["percentage"] for p in json.loads(b"".join(record.data))] == [0, 100]
     (features,) = ask(FEATURES_TXT, dns.TXT).answers
     assert isinstance(features.data, tuple)
     assert json.loads(b"".join(features.data)) == {"dv3_2": 0}
