@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("bench.cli", "main", "benchmark the tunnel against direct-to-origin"),
     "up": ("lab.up", "main", "bring up a lab to play with (edge, tunnel, connector, origin) until Ctrl-C"),
     "netns": ("lab.runner.netns", "main", "run a command in the lab's private network namespace"),
+    "sandbox": ("lab.sandbox", "main", "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
+    "login": ("lab.login", "main", "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }
 
 

@@ -97,8 +97,9 @@ def _terminate_children(pid: int) -> None:
             os.kill(int(child), signal.SIGTERM)
 
 
-def enter_inside() -> None:
-    """Set up the namespace from the inside: lo up, resolv.conf, DNS stub. Idempotent per process."""
+def enter_inside(*, dns_stub: bool = True) -> None:
+    """Set up the namespace from the inside: lo up, resolv.conf, DNS stub (unless the caller serves DNS
+    itself, as `tunnel-lab sandbox` does). Idempotent per process."""
     _lo_up()
     tmp = tempfile.mkdtemp(prefix="tunnel-lab-netns-")
     resolv = os.path.join(tmp, "resolv.conf")
@@ -112,7 +113,8 @@ def enter_inside() -> None:
             raise NetnsError(f"cannot bind-mount resolv.conf: {rc.stderr.strip()}")
     # The mount holds the file's inode; the directory entry is no longer needed.
     shutil.rmtree(tmp, ignore_errors=True)
-    start_dns_stub()
+    if dns_stub:
+        start_dns_stub()
 
 
 def _lo_up() -> None:
@@ -200,18 +202,20 @@ def namespace_pid(unshare_pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-def start_isolated(command: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_isolated(command: Sequence[str], *, env: dict[str, str] | None = None,
+                   module: str = NETNS_MODULE) -> subprocess.Popen[bytes]:
     """Start `command` in a fresh namespace (lo up, DNS stub) and return the `unshare` process.
 
     The first process inside is `python -m lab.runner.netns -- COMMAND`: it sets the namespace up, runs
     COMMAND, passes SIGTERM/SIGHUP on to it and exits with its status; being PID 1 of its own PID
     namespace, its exit ends every process COMMAND left behind. `--kill-child` ends it if unshare dies.
+    `module` replaces `lab.runner.netns` as that first process (`lab.sandbox` uses it).
     """
     cmd = [
         *UNSHARE,
         sys.executable,
         "-m",
-        NETNS_MODULE,
+        module,
         "--",
         *command,
     ]
@@ -225,6 +229,7 @@ def run_isolated(
     *,
     env: dict[str, str] | None = None,
     forward: dict[int, int] | None = None,
+    module: str = NETNS_MODULE,
 ) -> int:
     """Run `command` in a fresh namespace until it exits; return its exit status (128+N for signal N).
 
@@ -233,7 +238,7 @@ def run_isolated(
     foreground group, COMMAND included, and a second copy would look like a second Ctrl-C to it.
     """
     forward = dict(forward or {signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGHUP})
-    child = start_isolated(command, env=env)
+    child = start_isolated(command, env=env, module=module)
 
     def handler(sig: int, _frame: object) -> None:
         _signal_children(child.pid, forward[sig])

@@ -18,6 +18,7 @@ DOCS = [
     ROOT / "docs" / "ci.md",
     ROOT / "docs" / "up.md",
     ROOT / "docs" / "cloudflared.md",
+    ROOT / "docs" / "sandbox.md",
 ]
 
 
@@ -97,6 +98,7 @@ def _netns(argv: list[str]) -> None:
 def parsers() -> dict[str, Callable[[list[str]], None]]:
     from edge.cli import build_parser as edge_parser
     from lab.runner.cli import build_parser as run_parser
+    from lab.sandbox import _parser as sandbox_parser
     from lab.up import build_parser as up_parser
     from origin_fixtures.cli import _parser as origin_parser
 
@@ -109,6 +111,7 @@ def parsers() -> dict[str, Callable[[list[str]], None]]:
         "tunnel": _admin("tunnel"),
         "pki": _admin("pki"),
         "netns": _netns,
+        "sandbox": _argparse(sandbox_parser),
     }
 
 

@@ -1,0 +1,292 @@
+"""lab/v4api.py: the tunnel endpoints of the lab's v4 API, good and bad input (no sockets)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.login import origin_cert_pem
+from lab.quicktunnel import create_quick_tunnel
+from lab.store import Store
+from lab.v4api import LiveConnection, V4Api, parse_live
+from lab.v4base import ApiRequest, ApiResponse, V4ApiError, load_accounts, mint_token
+from wire.credentials import parse_token
+
+SECRET = base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "state.db") as s:
+        yield s
+
+
+@pytest.fixture
+def api(tmp_path: Path, store: Store) -> V4Api:
+    return V4Api(tmp_path, store)
+
+
+@pytest.fixture
+def token(tmp_path: Path) -> str:
+    return mint_token(tmp_path)
+
+
+class Client:
+    def __init__(self, api: V4Api, token: str | None, live: tuple[LiveConnection, ...] = ()) -> None:
+        self.api = api
+        self.token = token
+        self.live = live
+        self.account = api.store.account_tag
+        self.zone = load_accounts(api.state).zone_tag
+
+    def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+             headers: dict[str, str] | None = None) -> ApiResponse:
+        sent = dict(headers or {})
+        if self.token is not None:
+            sent.setdefault("authorization", f"Bearer {self.token}")
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+        return self.api.handle(ApiRequest(method=method, target="/client/v4" + path, headers=sent, body=data),
+                               self.live)
+
+    def tunnels(self, suffix: str = "") -> str:
+        return f"/accounts/{self.account}/cfd_tunnel{suffix}"
+
+    def create(self, name: str = "app") -> dict[str, Any]:
+        resp = self.call("POST", self.tunnels(), {"name": name, "tunnel_secret": SECRET})
+        assert resp.status == 200, resp.body
+        result: dict[str, Any] = resp.body["result"]
+        return result
+
+
+@pytest.fixture
+def client(api: V4Api, token: str) -> Client:
+    return Client(api, token)
+
+
+def error(resp: ApiResponse) -> tuple[int, int, str]:
+    assert resp.body["success"] is False and resp.body["result"] is None
+    (err,) = resp.body["errors"]
+    return resp.status, err["code"], err["message"]
+
+
+def test_create_stores_the_secret_the_connector_will_present(client: Client, store: Store) -> None:
+    result = client.create("app")
+    tunnel = store.require_tunnel("app")
+    assert result["id"] == str(tunnel.id) and result["name"] == "app"
+    assert result["deleted_at"] is None and result["connections"] == []
+    assert result["created_at"].endswith("Z")
+    assert tunnel.secret == bytes(range(32)) and tunnel.account_tag == client.account
+    assert parse_token(result["token"]).tunnel_secret == bytes(range(32))
+
+
+def test_list_filters_and_pages(client: Client) -> None:
+    for name in ("a1", "a2", "b1"):
+        client.create(name)
+    resp = client.call("GET", client.tunnels("?is_deleted=false&name=a2"))
+    assert [t["name"] for t in resp.body["result"]] == ["a2"]
+    resp = client.call("GET", client.tunnels("?name_prefix=a&per_page=1&page=2"))
+    assert [t["name"] for t in resp.body["result"]] == ["a2"]
+    assert resp.body["result_info"] == {"page": 2, "per_page": 1, "count": 1, "total_count": 2}
+    past = client.call("GET", client.tunnels("?per_page=2&page=9"))
+    assert past.status == 200 and past.body["result"] == []
+    assert past.body["result_info"] == {"page": 9, "per_page": 2, "count": 0, "total_count": 3}
+    assert client.call("GET", client.tunnels("?is_deleted=true")).body["result"] == []
+
+
+def test_get_token_delete(client: Client, store: Store) -> None:
+    created = client.create()
+    one = client.call("GET", client.tunnels(f"/{created['id']}"))
+    assert one.body["result"]["name"] == "app"
+    token = client.call("GET", client.tunnels(f"/{created['id']}/token")).body["result"]
+    assert isinstance(token, str) and str(parse_token(token).tunnel_id) == created["id"]
+    gone = client.call("DELETE", client.tunnels(f"/{created['id']}"))
+    assert gone.status == 200 and gone.body["result"]["deleted_at"]
+    assert store.get_tunnel("app") is None
+    assert error(client.call("GET", client.tunnels(f"/{created['id']}")))[:2] == (404, 1002)
+
+
+def live_for(tunnel_id: str, connector: str = "c1", index: int = 0, edge_id: str = "") -> LiveConnection:
+    return LiveConnection(tunnel_id=tunnel_id, connector_id=connector, conn_index=index, edge_id=edge_id,
+                          location="LAB1",
+                          remote="127.0.0.1:40000", client_version="2026.8.2", arch="linux_amd64",
+                          features=("serialized_headers",), registered_at=1_800_000_000.0)
+
+
+def test_connections_are_grouped_by_connector(api: V4Api, token: str, client: Client) -> None:
+    tid = client.create()["id"]
+    live = (live_for(tid, "c1", 0), live_for(tid, "c1", 1), live_for(str(uuid.uuid4()), "c9"))
+    resp = Client(api, token, live).call("GET", client.tunnels(f"/{tid}/connections"))
+    (active,) = resp.body["result"]
+    assert active["id"] == "c1" and active["version"] == "2026.8.2" and len(active["conns"]) == 2
+    conn = active["conns"][0]
+    assert uuid.UUID(conn["id"]) and conn["origin_ip"] == "127.0.0.1" and conn["colo_name"] == "LAB1"
+    assert conn["opened_at"] == "2027-01-15T08:00:00Z"
+    listed = Client(api, token, live).call("GET", client.tunnels()).body["result"][0]
+    assert listed["status"] == "healthy" and len(listed["connections"]) == 2
+
+
+def test_delete_with_live_connections_needs_cascade(api: V4Api, token: str, client: Client,
+                                                     store: Store) -> None:
+    tid = client.create()["id"]
+    busy = Client(api, token, (live_for(tid, edge_id="e1"),))
+    assert error(busy.call("DELETE", client.tunnels(f"/{tid}")))[:2] == (400, 1022)
+    assert store.get_tunnel("app") is not None  # nothing half-done
+    gone = busy.call("DELETE", client.tunnels(f"/{tid}?cascade=true"))
+    assert gone.status == 200 and gone.disconnect == ("e1",)
+    assert store.get_tunnel("app") is None
+
+
+def test_cleanup_names_the_connections_to_drop(api: V4Api, token: str, client: Client) -> None:
+    tid = client.create()["id"]
+    idle = client.call("DELETE", client.tunnels(f"/{tid}/connections"))
+    assert idle.body["success"] is True and idle.disconnect == ()
+    live = (live_for(tid, "c1", 0, "e1"), live_for(tid, "c1", 1, "e2"), live_for(tid, "c2", 0, "e3"),
+            live_for(str(uuid.uuid4()), "c1", 0, "elsewhere"))
+    busy = Client(api, token, live)
+    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=other")).disconnect == ()
+    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections?client_id=c1")).disconnect == ("e1", "e2")
+    assert busy.call("DELETE", client.tunnels(f"/{tid}/connections")).disconnect == ("e1", "e2", "e3")
+
+
+def test_route_dns_new_unchanged_overwrite_and_conflict(client: Client, store: Store) -> None:
+    one, two = client.create("one")["id"], client.create("two")["id"]
+
+    def route(tid: str, host: str, overwrite: bool = False) -> ApiResponse:
+        return client.call("PUT", f"/zones/{client.zone}/tunnels/{tid}/routes",
+                           {"type": "dns", "user_hostname": host, "overwrite_existing": overwrite})
+
+    assert route(one, "App.Example.com").body["result"] == {"cname": "new", "name": "app.example.com"}
+    assert route(one, "app.example.com").body["result"]["cname"] == "unchanged"
+    status, code, message = error(route(two, "app.example.com"))
+    assert (status, code) == (400, 1003) and "already exists" in message
+    assert store.resolve_hostname("app.example.com").name == "one"  # type: ignore[union-attr]
+    assert route(two, "app.example.com", True).body["result"]["cname"] == "new"
+    assert store.resolve_hostname("app.example.com").name == "two"  # type: ignore[union-attr]
+    assert error(route(one, "not a host"))[:2] == (400, 1001)
+    assert error(client.call("PUT", f"/zones/{client.zone}/tunnels/{one}/routes",
+                             {"type": "lb", "lb_name": "x", "lb_pool": "y"}))[:2] == (501, 1023)
+
+
+@pytest.mark.parametrize(("headers", "token", "expected"), [
+    ({}, None, (400, 9106)),
+    ({"authorization": "Basic abc"}, None, (400, 6003)),
+    ({"authorization": "Bearer "}, None, (400, 6003)),
+    ({}, "lab-not-a-token", (403, 10000)),
+])
+def test_authentication(api: V4Api, client: Client, headers: dict[str, str], token: str | None,
+                        expected: tuple[int, int]) -> None:
+    resp = Client(api, token).call("GET", client.tunnels(), headers=headers)
+    assert error(resp)[:2] == expected
+
+
+def test_another_account_or_zone_is_refused(client: Client) -> None:
+    assert error(client.call("GET", "/accounts/" + "0" * 32 + "/cfd_tunnel"))[:2] == (403, 10000)
+    tid = client.create()["id"]
+    assert error(client.call("PUT", f"/zones/{'0' * 32}/tunnels/{tid}/routes",
+                             {"type": "dns", "user_hostname": "a.b"}))[:2] == (403, 10000)
+
+
+@pytest.mark.parametrize(("raw", "what"), [
+    (b"{", "Invalid JSON in the request body at byte 1"),
+    (b"[]", "must be a JSON object"),
+    (b'{"name": 5, "tunnel_secret": "x"}', "name is required"),
+    (b'{"name": "app"}', "tunnel_secret is required"),
+    (b'{"name": "app", "tunnel_secret": "!!"}', "not standard base64"),
+    (b'{"name": "app", "tunnel_secret": "YWJj"}', "at least 32 bytes"),
+    (b'{"name": "a b", "tunnel_secret": "' + SECRET.encode() + b'"}', "invalid tunnel name"),
+    (b'{"name": "' + str(uuid.uuid4()).encode() + b'", "tunnel_secret": "' + SECRET.encode() + b'"}',
+     "a UUID cannot be a tunnel name"),
+])
+def test_create_bad_input_writes_nothing(client: Client, store: Store, raw: bytes, what: str) -> None:
+    status, _code, message = error(client.call("POST", client.tunnels(), raw=raw))
+    assert status == 400 and what in message
+    assert store.list_tunnels() == []
+
+
+def test_create_duplicate_name_is_409_1013(client: Client, store: Store) -> None:
+    client.create("app")
+    again = client.call("POST", client.tunnels(), {"name": "app", "tunnel_secret": SECRET})
+    status, code, message = error(again)
+    assert (status, code) == (409, 1013) and "already have a tunnel with this name" in message
+    assert len(store.list_tunnels()) == 1
+
+
+def test_unknown_fields_are_ignored(client: Client) -> None:
+    resp = client.call("POST", client.tunnels(), {"name": "x", "tunnel_secret": SECRET, "config_src": "local",
+                                                   "surprise": [1]})
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), [
+    ("GET", "/nowhere", (400, 7003)),
+    ("PATCH", "/accounts/{a}/cfd_tunnel", (405, 7001)),
+    ("GET", "/accounts/{a}/cfd_tunnel/not-a-uuid", (400, 7003)),
+    ("GET", "/accounts/{a}/cfd_tunnel/" + str(uuid.UUID(int=1)), (404, 1002)),
+    ("GET", "/accounts/{a}/cfd_tunnel?page=0", (400, 1001)),
+    ("GET", "/accounts/{a}/cfd_tunnel?per_page=5000", (400, 1001)),
+    ("GET", "/accounts/{a}/cfd_tunnel?existed_at=yesterday", (400, 1001)),
+])
+def test_routes_and_parameters(client: Client, method: str, path: str, expected: tuple[int, int]) -> None:
+    assert error(client.call(method, path.replace("{a}", client.account)))[:2] == expected
+
+
+def test_outside_the_prefix(api: V4Api) -> None:
+    resp = api.handle(ApiRequest(method="GET", target="/"))
+    assert error(resp)[:2] == (400, 7003)
+
+
+def test_tokens_are_kept_as_hashes(tmp_path: Path) -> None:
+    token = mint_token(tmp_path)
+    text = (tmp_path / "v4api.json").read_text()
+    assert token not in text and load_accounts(tmp_path).knows(token)
+    assert not load_accounts(tmp_path).knows(token + "x")
+
+
+def test_corrupt_accounts_file_is_a_clear_error(tmp_path: Path, store: Store) -> None:
+    (tmp_path / "v4api.json").write_text("{nope")
+    resp = V4Api(tmp_path, store).handle(ApiRequest(method="GET", target="/client/v4/accounts/x/cfd_tunnel",
+                                                    headers={"authorization": "Bearer t"}))
+    status, _code, message = error(resp)
+    assert status == 500 and "API accounts" in message and "delete it to start over" in message
+
+
+def test_parse_live_skips_junk() -> None:
+    good = {"tunnel_id": str(uuid.UUID(int=5)), "connector_id": "c", "conn_index": 1, "location": "LAB1",
+            "remote": "[::1]:5", "registered_at": 0, "id": "7"}
+    junk = [{"tunnel_id": None}, 7, {"tunnel_id": "t", "conn_index": "x"}]
+    lives = parse_live(json.dumps([good, *junk]).encode())
+    assert [(c.origin_ip, c.edge_id) for c in lives] == [("::1", "7")]
+    assert parse_live(b"not json") == []
+
+
+def test_origin_cert_pem_is_what_cloudflared_decodes() -> None:
+    pem = origin_cert_pem(zone_id="z" * 32, account_id="a" * 32, api_token="t" * 80).decode()
+    lines = pem.splitlines()
+    assert lines[0] == "-----BEGIN ARGO TUNNEL TOKEN-----" and lines[-1] == "-----END ARGO TUNNEL TOKEN-----"
+    assert all(len(line) <= 64 for line in lines[1:-1]) and len(lines[1]) == 64
+    assert json.loads(base64.b64decode("".join(lines[1:-1]))) == {
+        "zoneID": "z" * 32, "accountID": "a" * 32, "apiToken": "t" * 80}
+
+
+def test_quick_tunnel_is_created_and_routed(store: Store) -> None:
+    resp = create_quick_tunnel(store)
+    result = resp.body["result"]
+    assert resp.status == 200 and resp.body["success"] is True
+    assert result["hostname"].endswith(".trycloudflare.com") and result["name"].startswith("quick-")
+    tunnel = store.resolve_hostname(result["hostname"])
+    assert tunnel is not None and str(tunnel.id) == result["id"]
+    assert base64.b64decode(result["secret"]) == tunnel.secret and result["account_tag"] == tunnel.account_tag
+
+
+def test_quick_tunnels_are_bounded(store: Store) -> None:
+    create_quick_tunnel(store, limit=2)
+    create_quick_tunnel(store, limit=2)
+    with pytest.raises(V4ApiError) as info:
+        create_quick_tunnel(store, limit=2)
+    assert info.value.status == 429 and len(store.list_tunnels()) == 2
