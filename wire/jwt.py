@@ -134,7 +134,8 @@ def parse_jwks(body: bytes | str) -> dict[str, rsa.RSAPublicKey]:
     for i, jwk in enumerate(doc["keys"]):
         if not isinstance(jwk, dict):
             raise JwtError(f"key set entry {i} is not an object")
-        if jwk.get("kty") != "RSA" or jwk.get("use", "sig") != "sig" or jwk.get("alg", ALGORITHM) != ALGORITHM:
+        usable = jwk.get("kty") == "RSA" and jwk.get("use", "sig") == "sig"
+        if not usable or jwk.get("alg", ALGORITHM) != ALGORITHM:
             continue
         kid, n, e = jwk.get("kid"), jwk.get("n"), jwk.get("e")
         if not isinstance(kid, str) or not isinstance(n, str) or not isinstance(e, str):

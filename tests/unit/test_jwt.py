@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -78,7 +79,7 @@ def test_alg_none_refused() -> None:
     head = _b64(json.dumps({"alg": "none", "kid": "k1"}).encode())
     body = _b64(json.dumps(claims()).encode())
     for token in (f"{head}.{body}.", f"{head}.{body}.AAAA"):
-        with pytest.raises(JwtError, match="no signature|algorithm 'none'"):
+        with pytest.raises(JwtError, match=r"no signature|algorithm 'none'"):
             jwt.verify(token, keys(KEY))
 
 
@@ -150,10 +151,9 @@ def test_jwks_skips_foreign_keys() -> None:
 
 @given(st.text(max_size=300))
 def test_any_text_is_a_clear_error_or_claims(text: str) -> None:
-    try:
+    """Never a traceback: a JwtError or (for a real token) claims."""
+    with contextlib.suppress(JwtError):
         jwt.verify(text, keys(KEY))
-    except JwtError:
-        pass
 
 
 @given(st.binary(min_size=1, max_size=40), st.integers(min_value=0, max_value=2))
