@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 import trio
 from h2.errors import ErrorCodes
 
-from edge import pages
+from edge import access, pages
 from edge.state import EdgeState
 from transport.pipe import Way, pipe, receive_acked
 from transport.tunnel import (
@@ -175,6 +175,11 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         latency = edge.faults.latency()
         if latency:
             await trio.sleep(latency)
+        result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
+        verdict = await access.gate(edge, ex, host, result.ray)  # Access: the team domain, policies
+        if verdict.answered:
+            result.status, result.outcome = verdict.status, verdict.outcome
+            return
         tunnel = edge.tunnels.resolve_hostname(host) if host else None
         result.tunnel = tunnel
         if tunnel is None:
@@ -189,7 +194,7 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
             await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), result.ray))
             return
         result.ray = new_ray_id(conn.location, os.urandom(8))
-        await _forward(edge, ex, tunnel, conn, result.ray, result)
+        await _forward(edge, ex, tunnel, conn, result.ray, result, verdict)
     except EyeballGone:
         if not result.recorded:
             result.outcome = "eyeball-closed"
@@ -206,11 +211,11 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
 
 
 async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any, conn: TunnelConnection,
-                   ray: str, result: _Outcome) -> None:
+                   ray: str, result: _Outcome, verdict: access.Verdict) -> None:
     from wire.eyeball import tunnel_request_headers
 
     req = ex.request
-    headers = list(tunnel_request_headers(req, ray=ray, websocket=ex.websocket))
+    headers = access.forward_headers(tunnel_request_headers(req, ray=ray, websocket=ex.websocket), verdict)
     end_stream = not ex.has_body and not ex.websocket
     retry_ok = str(req.method).upper() in IDEMPOTENT and not ex.has_body and not ex.websocket
     tried: list[TunnelConnection] = []
