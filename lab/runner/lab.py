@@ -44,6 +44,7 @@ class RunOptions:
     keep_state: bool = False
     loglevel: str = "info"
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
+    protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
 
 
 @dataclass
@@ -302,6 +303,7 @@ class Lab:
             url=self.subst(spec.url) if spec.url else None,
             run_flags=self.subst(list(spec.run_flags)),
             tunnel_id=tunnel_id,
+            protocol=spec.protocol or self.options.protocol,
         )
         env = self.env()
         if self.scenario.access is not None and self.edge_ready.get("https"):
