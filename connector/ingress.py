@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from connector.config import parse_go_duration
 from connector.settings import (
+    AccessConfig,
     HelloWorldService,
     HTTPService,
     IngressRule,
@@ -58,7 +59,7 @@ ORIGIN_REQUEST_KEYS: dict[str, tuple[str, str]] = {
 }
 # Legal in cloudflared, not acted on here: accepted with a warning.
 ORIGIN_REQUEST_IGNORED = ("noHappyEyeballs", "bastionMode", "proxyAddress", "proxyPort", "proxyType",
-                          "ipRules", "access")
+                          "ipRules")
 _JSON_ORDER = ("connectTimeout", "tlsTimeout", "tcpKeepAlive", "keepAliveConnections", "keepAliveTimeout",
                "httpHostHeader", "originServerName", "matchSNItoHost", "caPool", "noTLSVerify",
                "disableChunkedEncoding", "http2Origin")
@@ -98,7 +99,7 @@ def parse_origin_request(raw: Any, base: OriginRequestConfig, *, source: str, wh
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: originRequest must be a mapping", source=source, line=line_of(*keys),
                           hint="e.g. `originRequest: {connectTimeout: 10s}`")
-    known = {k.lower(): k for k in (*ORIGIN_REQUEST_KEYS, *ORIGIN_REQUEST_IGNORED)}
+    known = {k.lower(): k for k in (*ORIGIN_REQUEST_KEYS, *ORIGIN_REQUEST_IGNORED, "access")}
     changes: dict[str, Any] = {}
     for key, value in raw.items():
         name = known.get(str(key).lower()) if json_durations else (str(key) if str(key) in known.values()
@@ -114,11 +115,35 @@ def parse_origin_request(raw: Any, base: OriginRequestConfig, *, source: str, wh
                 warnings.append(_where_text(source, line) + f"{where}: originRequest.{name} is not "
                                 "supported by tunnel-lab's connector and is ignored")
             continue
+        if name == "access":
+            if value is not None:
+                changes["access"] = parse_access(value, f"{where}: originRequest.access", source, line)
+            continue
         attr, kind = ORIGIN_REQUEST_KEYS[name]
         if value is None:
             continue
         changes[attr] = _typed(value, kind, f"{where}: originRequest.{name}", source, line, json_durations)
     return replace(base, **changes) if changes else base
+
+
+def parse_access(raw: Any, what: str, source: str, line: int | None) -> AccessConfig:
+    """`originRequest.access: {required, teamName, audTag}`, checked as cloudflared checks it."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{what} must be a mapping", source=source, line=line,
+                          hint="e.g. `access: {required: true, teamName: myteam, audTag: [AUD]}`")
+    required = raw.get("required", False)
+    team = raw.get("teamName") or ""
+    tags = raw.get("audTag") or []
+    if not isinstance(required, bool):
+        raise ConfigError(f"{what}.required must be true or false, got {required!r}", source=source,
+                          line=line)
+    if not isinstance(team, str):
+        raise ConfigError(f"{what}.teamName must be a string, got {team!r}", source=source, line=line)
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError(f"{what}.audTag must be a list of strings", source=source, line=line)
+    if required and not team and tags:
+        raise ConfigError(f"{what}: teamName cannot be blank when audTag is given", source=source, line=line)
+    return AccessConfig(required=required, team_name=team, aud_tag=tuple(tags))
 
 
 def _where_text(source: str, line: int | None) -> str:
@@ -479,6 +504,9 @@ def origin_request_json(cfg: OriginRequestConfig) -> dict[str, Any]:
         if value == getattr(default, attr) or value in (None, ""):
             continue
         out[by_attr[attr][0]] = _json_number(value) if kind == "duration" else value
+    if cfg.access is not None:
+        out["access"] = {"required": cfg.access.required, "teamName": cfg.access.team_name,
+                         "audTag": list(cfg.access.aud_tag)}
     return out
 
 

@@ -15,6 +15,15 @@ VERSION = "2026.8.2-lab"
 
 
 @dataclass(frozen=True, kw_only=True)
+class AccessConfig:
+    """`originRequest.access`: require a valid `Cf-Access-Jwt-Assertion` (connector/access_jwt.py)."""
+
+    required: bool = False
+    team_name: str = ""
+    aud_tag: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class OriginRequestConfig:
     """cloudflared's `originRequest` block; durations in seconds (defaults: docs/protocol.md §5.8)."""
 
@@ -30,6 +39,7 @@ class OriginRequestConfig:
     no_tls_verify: bool = False
     disable_chunked_encoding: bool = False
     http2_origin: bool = False
+    access: AccessConfig | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ import h11
 import trio
 
 from connector import ingress
+from connector.access_jwt import HANDLER, AccessValidator, Refusal
 from connector.logging_setup import format_value as q
 from connector.origin_client import (
     OriginConnection,
@@ -96,6 +97,7 @@ class Proxy:
         self._nursery = nursery
         self._hello: tuple[str, int, str] | None = None
         self._hello_lock = trio.Lock()
+        self.access = AccessValidator(settings.ca_cert)  # originRequest.access (connector/access_jwt.py)
 
     # -- entry point
     async def handle_stream(self, ts: IncomingStream, kind: StreamType) -> None:
@@ -145,6 +147,16 @@ class Proxy:
             log.error(" error=%s connIndex=%d event=1 stream=%d", q(error), ts.conn.conn_index, ts.stream_id)
         log.error("failed to serve incoming request error=%s", q(f"Failed to proxy HTTP: {error}"))
 
+    async def _refuse(self, ts: IncomingStream, rule: IngressRule, refusal: Refusal) -> None:
+        """originRequest.access said no: 403 with no body, or 502 when the validator itself failed."""
+        if refusal.status == 403:
+            log.error("failed to serve incoming request error=%s ingressRule=%d",
+                      q(f"request filtered by middleware handler ({HANDLER}) due to: {refusal.reason}"),
+                      rule.index)
+            await ts.send_headers(wo.tunnel_response_headers(403, []), end_stream=True)
+            return
+        await self._failed(ts, refusal.reason)
+
     async def _tcp_unreachable(self, ts: IncomingStream, authority: str, cause: str) -> None:
         error = f"unable to dial tcp to origin {authority}: {cause}"
         log.error(" error=%s connIndex=%d destAddr=%s event=2 flowID= originService=warp-routing stream=%d",
@@ -175,6 +187,12 @@ class Proxy:
         service = rule.service
         log.debug("Request %s %s%s matched rule #%d service=%s %s", req.method, req.authority, req.path,
                   rule.index, rule.service_text, ts.label)
+        access = rule.origin_request.access
+        if access is not None and access.required:
+            refusal = await self.access.check(ts.headers, access)
+            if refusal is not None:
+                await self._refuse(ts, rule, refusal)
+                return
         if isinstance(service, StatusService):
             await ts.send_headers(wo.tunnel_response_headers(service.status, []), end_stream=True)
             return

@@ -183,6 +183,8 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
     def ok(value: Any, status: int = 200) -> tuple[int, str, bytes]:
         return status, "application/json", (json.dumps(value, indent=1) + "\n").encode()
 
+    if path.startswith(("/accounts/", "/client/v4/accounts/")):
+        return _access_api(edge, method, path, body)
     if method == "GET":
         if path == "/ca":
             return 200, "application/x-pem-file", control.ca_pem_path.read_bytes()
@@ -219,6 +221,20 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
         fault_id = path[len("/faults/"):] if path.startswith("/faults/") else None
         return ok({"cleared": await clear_fault(edge, control, fault_id)})
     raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, f"no route {method} {path}")
+
+
+def _access_api(edge: EdgeState[TunnelConnection], method: str, path: str,
+                body: bytes) -> tuple[int, str, bytes]:
+    """`/accounts/{account}/access/...` (also under `/client/v4`): lab.access_api in the v4 envelope."""
+    from edge.access import api_login_codes, gate_of
+    from lab.access_api import handle
+
+    parts = path.removeprefix("/client/v4").strip("/").split("/")
+    if len(parts) < 3 or parts[2] != "access":
+        raise ApiError(404, f"no route {method} {path}")
+    status, answer = handle(gate_of(edge).access, parts[1], method, parts[3:], body,
+                            login_codes=lambda: api_login_codes(edge))
+    return status, "application/json", (json.dumps(answer, indent=1) + "\n").encode()
 
 
 def _declared_length(request: h11.Request) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 import trio
 from h2.errors import ErrorCodes
 
-from edge import pages
+from edge import access, pages
 from edge.state import EdgeState
 from transport.pipe import Way, pipe, receive_acked
 from transport.tunnel import (
@@ -174,6 +174,11 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         latency = edge.faults.latency()
         if latency:
             await trio.sleep(latency)
+        result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
+        verdict = await access.gate(edge, ex, host, result.ray)  # Access: the team domain, policies
+        if verdict.answered:
+            result.status, result.outcome = verdict.status, verdict.outcome
+            return
         tunnel = edge.tunnels.resolve_hostname(host) if host else None
         result.tunnel = tunnel
         if tunnel is None:
@@ -188,7 +193,7 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
             await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), result.ray))
             return
         result.ray = new_ray_id(conn.location, os.urandom(8))
-        await _forward(edge, ex, tunnel, conn, result.ray, result)
+        await _forward(edge, ex, tunnel, conn, result.ray, result, verdict)
     except EyeballGone:
         if not result.recorded:
             result.outcome = "eyeball-closed"
@@ -205,7 +210,7 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
 
 
 async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any, conn: TunnelConnection,
-                   ray: str, result: _Outcome) -> None:
+                   ray: str, result: _Outcome, verdict: access.Verdict) -> None:
     core = ex.core
     req = ex.request
     tried: list[TunnelConnection] = []
@@ -213,7 +218,7 @@ async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any,
         result.conn = conn
         tried.append(conn)
         ident = f"{conn.ident()} ray={ray}"
-        headers = core.open_stream(ray)
+        headers = access.forward_headers(core.open_stream(ray), verdict)  # Access: identity fields
         try:
             stream = await conn.open_stream(headers, end_stream=core.end_stream)
         except TunnelStreamError as exc:

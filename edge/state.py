@@ -420,4 +420,5 @@ class EdgeState(Generic[C]):
     history: History = field(default_factory=History)
     metrics: Metrics = field(default_factory=Metrics)
     pushed_configs: dict[str, bytes] = field(default_factory=dict)  # tunnel id -> last local config
+    access: Any = None  # edge.access.AccessGate, made on first use
     default_location: str = "LAB"

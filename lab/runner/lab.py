@@ -68,6 +68,7 @@ class Lab:
     api_token: str = ""
     # Every secret this run creates is registered here; whatever the lab writes goes through it.
     redactor: Redactor = field(default_factory=Redactor)
+    access_vars: dict[str, str] = field(default_factory=dict)  # ${access...} (lab/runner/access.py)
 
     # --- variables ------------------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
@@ -87,6 +88,7 @@ class Lab:
         for t in self.tunnels.values():
             out[f"tunnels.{t.name}.id"] = t.id
             out[f"tunnels.{t.name}.name"] = t.name
+        out.update(self.access_vars)
         for dc in self.scenario.datacentres:
             for lst in self.edge_ready.get("tunnel_listeners", []):
                 if lst.get("location") == dc.name:
@@ -145,6 +147,10 @@ class Lab:
                 await self.start_origin(o.name)
         self._edge_component(fixed_ports=False)
         await self.start_edge()
+        if sc.access is not None:
+            from lab.runner.access import setup_access
+
+            await setup_access(self)
         if sc.connector is not None:
             self.metrics_addr = f"127.0.0.1:{free_port()}"
             self._connector_component()
@@ -299,7 +305,11 @@ class Lab:
             tunnel_id=tunnel_id,
             protocol=spec.protocol or self.options.protocol,
         )
-        comp = Component("connector", argv, self.logs / "connector.log", env=self.env())
+        env = self.env()
+        if self.scenario.access is not None and self.edge_ready.get("https"):
+            # originRequest.access: the team domain's keys come from the edge's HTTPS listener
+            env["TUNNEL_LAB_ACCESS_ADDR"] = str(self.edge_ready["https"])
+        comp = Component("connector", argv, self.logs / "connector.log", env=env)
         old = self.components.get("connector")
         if old is not None:
             comp.starts = old.starts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
 import sys
@@ -30,6 +31,26 @@ def secrets_in(state: Path) -> dict[str, str]:
         for i, line in enumerate(key.read_text().splitlines()):
             if not line.startswith("-----") and len(line) >= 24:
                 found[f"{key.name} line {i}"] = line
+    found.update(_access_keys(state / "state.db"))
+    return found
+
+
+def _access_keys(db: Path) -> dict[str, str]:
+    """The Access signing keys' private lines (docs/access.md), when the store has any."""
+    import sqlite3
+
+    if not db.exists():
+        return {}
+    found: dict[str, str] = {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            rows = conn.execute("SELECT kid, pem FROM access_keys").fetchall()
+    except sqlite3.Error:  # no Access table: nothing of Access was ever made
+        return {}
+    for kid, pem in rows:
+        for i, line in enumerate(bytes(pem).decode().splitlines()):
+            if not line.startswith("-----") and len(line) >= 24:
+                found[f"Access signing key {str(kid)[:8]} line {i}"] = line
     return found
 
 

@@ -43,7 +43,9 @@ ACTIONS = (
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _VAR_FORMS = re.compile(
     r"^(origins\.[A-Za-z0-9_-]+\.(url|address|host|port)|edge\.(http|https|warp|api|ca)"
-    r"|tunnels\.[A-Za-z0-9_-]+\.(id|name)|datacenters\.[A-Za-z0-9_-]+\.address|state)$"
+    r"|tunnels\.[A-Za-z0-9_-]+\.(id|name)|datacenters\.[A-Za-z0-9_-]+\.address|state"
+    r"|access\.(team|apps\.[A-Za-z0-9_-]+\.aud|tokens\.[A-Za-z0-9_-]+\.(id|client_id|client_secret)"
+    r"|users\.[A-Za-z0-9_-]+\.cookie|assertions\.[A-Za-z0-9_-]+\.(good|expired|wrong-aud|no-exp|forged)))$"
 )
 
 
@@ -356,6 +358,7 @@ class Scenario:
     steps: tuple[Step, ...]
     # connector ("builtin" | "cloudflared") -> why it is known to fail this scenario (docs/scenarios.md)
     known_deviations: dict[str, str] = field(default_factory=dict)
+    access: dict[str, Any] | None = None  # topology.access (docs/access.md), checked by _check_access
     http2_only: str = ""  # why the whole scenario holds only over http2 (skipped under --protocol quic)
 
     def origin(self, name: str) -> OriginSpec:
@@ -485,6 +488,7 @@ def _build(doc: Document) -> Scenario:
         connector=connector,
         steps=steps,
         known_deviations={k: v.strip() for k, v in data.get("known_deviations", {}).items()},
+        access=topo.get("access"),
         http2_only=str(data.get("http2_only", "")).strip(),
     )
     _check_semantics(doc, scenario)
@@ -540,6 +544,31 @@ def _walk_strings(value: Any, path: Path_) -> Iterable[tuple[Path_, str]]:
             yield from _walk_strings(v, (*path, i))
 
 
+def _access_names(access: dict[str, Any], kind: str) -> set[str]:
+    """Names `${access.KIND.NAME...}` may use (assertions are signed for applications)."""
+    if kind == "tokens":
+        return set(access.get("service_tokens", []))
+    if kind in ("apps", "assertions"):
+        return set(access.get("apps", {}))
+    return set(access.get("users", {}))
+
+
+def _check_access(doc: Document, access: dict[str, Any]) -> None:
+    """Every application valid as the v4 API would take it; users name an application."""
+    from wire.access_policy import parse_app
+
+    for name, body in access.get("apps", {}).items():
+        try:
+            parse_app({"name": name, **body})
+        except ConfigError as exc:
+            raise doc.error(("topology", "access", "apps", name), exc.message) from None
+    for name, user in access.get("users", {}).items():
+        if user["app"] not in access.get("apps", {}):
+            raise doc.error(("topology", "access", "users", name, "app"),
+                            f"user {name!r} signs in to {user['app']!r}, which is not in "
+                            "topology.access.apps")
+
+
 def _check_semantics(doc: Document, sc: Scenario) -> None:
     origin_names = {o.name for o in sc.origins}
     tunnel_names = {t.name for t in sc.tunnels}
@@ -552,7 +581,8 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                     path,
                     f"unknown variable ${{{expr}}}",
                     "use ${origins.NAME.url|address|host|port}, ${edge.http|https|warp|api|ca}, "
-                    "${tunnels.NAME.id|name}, ${datacenters.NAME.address} or ${state}",
+                    "${tunnels.NAME.id|name}, ${datacenters.NAME.address}, ${state} or ${access...} "
+                    "(docs/access.md)",
                 )
             parts = expr.split(".")
             if parts[0] == "origins" and parts[1] not in origin_names:
@@ -565,6 +595,13 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                 raise doc.error(path, f"${{{expr}}} names an unknown tunnel {parts[1]!r}")
             if parts[0] == "datacenters" and parts[1] not in dc_names:
                 raise doc.error(path, f"${{{expr}}} names an unknown data centre {parts[1]!r}")
+            if parts[0] == "access" and parts[1] != "team":
+                known = _access_names(sc.access or {}, parts[1])
+                if parts[2] not in known:
+                    raise doc.error(path, f"${{{expr}}} names an unknown {parts[1][:-1]} {parts[2]!r}",
+                                    f"topology.access.{parts[1]}: {', '.join(sorted(known)) or 'none'}")
+    if sc.access is not None:
+        _check_access(doc, sc.access)
     for o in sc.origins:
         if o.tls and o.kind in ("tcp-echo",):
             raise doc.error(

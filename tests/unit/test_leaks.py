@@ -39,3 +39,17 @@ def test_main_exit_codes(tmp_path: Path, capsys) -> None:
     assert "leaky.log: tunnel-lab-abc: TunnelSecret of t.json" in capsys.readouterr().err
     assert main([str(tmp_path / "nothing"), str(results)]) == 2  # no state: nothing was checked
     assert main([]) == 2
+
+
+def test_access_signing_keys_are_secrets(tmp_path):  # type: ignore[no-untyped-def]
+    from lab.access_store import AccessStore
+    from lab.runner.leaks import leaks, secrets_in
+    from lab.store import Store
+
+    with Store(tmp_path / "state.db") as store:
+        pem = AccessStore(store).signing_key().to_pem().decode()
+    found = secrets_in(tmp_path)
+    names = [n for n in found if n.startswith("Access signing key")]
+    assert names
+    line = pem.splitlines()[3]
+    assert leaks(f"log: {line}".encode(), found)
