@@ -340,7 +340,9 @@ class QuicEdgeConnection:
             await first_of(transport.handshake_done.wait, transport.terminated.wait, shutdown.wait)
         if shutdown.is_set() and not transport.handshake_done.is_set():
             return
-        if scope.cancelled_caught:
+        # qh3's own idle timer (the same 5 s) may fire first on a busy machine: a silent edge either way.
+        if scope.cancelled_caught or (not transport.handshake_done.is_set()
+                                      and transport.close_reason == "Idle timeout"):
             raise EdgeQuicDialError("failed to dial to edge with quic: timeout: no recent network activity",
                                     quic_broken=True)
         if not transport.handshake_done.is_set():

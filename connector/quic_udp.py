@@ -279,10 +279,12 @@ def _dial_udp(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int)
 
 
 def _go_duration(seconds: float) -> str:
-    """Go's time.Duration text for whole and fractional seconds ("3m30s", "5s", "1.5s")."""
-    if seconds >= 60 and float(seconds).is_integer():
-        minutes, rest = divmod(int(seconds), 60)
-        hours, minutes = divmod(minutes, 60)
-        text = f"{hours}h" if hours else ""
-        return f"{text}{minutes}m{rest}s"
-    return f"{seconds:g}s"
+    """Go's time.Duration.String(): "300ms", "5s", "1.5s", "3m30s", "1h0m0s"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000, 6):g}ms"
+    whole_minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(whole_minutes), 60)
+    text = f"{round(rest, 9):g}s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text

@@ -39,7 +39,8 @@ class EdgeControl(Protocol):
     def swap_cert(self, location: str, kind: str) -> None: ...
     @property
     def udp_forwards(self) -> list[dict[str, str]]: ...
-    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int]) -> dict[str, str]: ...
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
+                                drop_every: int = 0) -> dict[str, str]: ...
 
 
 class ApiError(TunnelLabError):
@@ -320,10 +321,13 @@ async def _udp_forward(edge: EdgeControl, body: Any) -> dict[str, str]:
         bind, dest = parse_forward(f"{listen}={body['destination']}")
     except ValueError as exc:
         raise ApiError(400, f"bad udp forward: {exc}") from None
+    drop_every = body.get("drop_every", 0)
+    if not isinstance(drop_every, int) or isinstance(drop_every, bool) or not 0 <= drop_every <= 1_000_000:
+        raise ApiError(400, "drop_every must be an integer 0..1000000 (0: no loss)")
     if len(edge.udp_forwards) >= MAX_UDP_FORWARDS:
         raise ApiError(409, f"at most {MAX_UDP_FORWARDS} UDP forwards")
     try:
-        return await edge.start_udp_forward(bind, dest)
+        return await edge.start_udp_forward(bind, dest, drop_every=drop_every)
     except OSError as exc:
         raise ApiError(409, f"cannot listen on {listen}: {exc.strerror or exc}") from None
 

@@ -374,12 +374,16 @@ class Edge:
         lst.ssl_context = self.edge_ssl_context(kind)
 
     # ---- ready file and start-up lines --------------------------------------------------------
-    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int]) -> dict[str, str]:
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
+                                drop_every: int = 0) -> dict[str, str]:
         """A UDP port forwarding into the tunnel routed to `dest` (edge/udp.py); lives with the listeners."""
+        from functools import partial
+
         from edge.udp import serve_udp_forward
 
         assert self._listener_nursery is not None
-        bound = await self._listener_nursery.start(serve_udp_forward, self.state, listen, dest)
+        bound = await self._listener_nursery.start(partial(serve_udp_forward, drop_every=drop_every),
+                                                   self.state, listen, dest)
         forward = {"listen": bound, "destination": f"{dest[0]}:{dest[1]}"}
         self.udp_forwards.append(forward)
         return forward

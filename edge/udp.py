@@ -109,6 +109,16 @@ class UdpSessions:
         self.dropped = 0
         conn.datagram_handler = self._datagram
         conn.rpc_stream_handler = self._connector_rpc_stream
+        with contextlib.suppress(TunnelLabError):  # not running (yet): nothing to watch
+            conn.start_soon(self._watch_connection)
+
+    async def _watch_connection(self) -> None:
+        """Lives as long as the connection: when it ends, so do its sessions (their flows start over on
+        another connection with the eyeball's next datagram)."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.close_all("the tunnel connection closed")
 
     @classmethod
     def of(cls, conn: QuicTunnelConnection) -> UdpSessions:
@@ -336,9 +346,11 @@ def _ip_port(text: str) -> tuple[str, int]:
 
 async def serve_udp_forward(edge: EdgeState[TunnelConnection], listen: tuple[str, int],
                             destination: tuple[str, int], *,
-                            idle: float = DEFAULT_IDLE,
+                            idle: float = DEFAULT_IDLE, drop_every: int = 0,
                             task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Forward datagrams from `listen` to `destination` through the tunnel routed to it (never returns)."""
+    """Forward datagrams from `listen` to `destination` through the tunnel routed to it (never returns).
+
+    `drop_every` N > 0 is a test knob (packet loss): every Nth eyeball datagram is dropped, and logged."""
     host, port = listen
     sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
@@ -346,12 +358,19 @@ async def serve_udp_forward(edge: EdgeState[TunnelConnection], listen: tuple[str
         bound = sock.getsockname()
         address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         dest = f"{destination[0]}:{destination[1]}"
-        log.info("udp forward listening address=%s destination=%s", address, dest)
+        log.info("udp forward listening address=%s destination=%s%s", address, dest,
+                 f" drop_every={drop_every}" if drop_every else "")
         flows: dict[tuple[Any, ...], _Flow] = {}
+        received = 0
         async with trio.open_nursery() as nursery:
             task_status.started(address)
             while True:
                 data, peer = await sock.recvfrom(65536)
+                received += 1
+                if drop_every and received % drop_every == 0:
+                    log.info("udp forward %s drops datagram #%d (drop_every=%d)", address, received,
+                             drop_every)
+                    continue
                 if len(data) > dg.MAX_PAYLOAD:
                     log.warning("oversize UDP datagram of %d bytes from %s (the tunnel carries at most %d); "
                                 "dropped", len(data), peer, dg.MAX_PAYLOAD)

@@ -480,7 +480,8 @@ class _Runner:
         """Datagrams through an edge UDP forward port to `target` (edge/udp.py), one at a time."""
         from origin_fixtures import dns
 
-        forward = await self.lab.api("POST", "/udp-forwards", {"destination": spec["target"]})
+        forward = await self.lab.api("POST", "/udp-forwards", {"destination": spec["target"],
+                                                              "drop_every": int(spec.get("drop_every", 0))})
         host, _, port = str(forward["listen"]).rpartition(":")
         query = spec.get("dns")
         if query is not None:
@@ -518,10 +519,12 @@ class _Runner:
                                                  {"rcode": rcode, "answers": records}))
                 elif expect.get("echo", True) and reply != payload:
                     problems.append(Mismatch("udp echo", _short(payload), _short(reply)))
+        if "answered" in expect and answered != expect["answered"]:
+            problems.append(Mismatch("udp answers", f"exactly {expect['answered']} of {count}", answered))
         if expect.get("no_answer"):
             if answered:
                 problems.append(Mismatch("udp", "no answer", f"{answered} answers"))
-        elif answered < int(expect.get("min_answered", count)):
+        elif "answered" not in expect and answered < int(expect.get("min_answered", count)):
             problems.append(Mismatch("udp answers", f"{expect.get('min_answered', count)} of {count}",
                                      f"{answered} (no answer within {timeout:g}s)"))
         if problems:

@@ -230,3 +230,33 @@ def test_a_stream_whose_reader_stalls_is_reset_past_its_buffer_limit(
     stream._push(bytes(1000), False)
     assert not stream._chunks
     assert "more than 65536 unread bytes on stream=1" in caplog.text
+
+
+async def test_an_idle_v2_session_is_unregistered_at_the_edge(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo_port = await nursery.start(udp_echo)
+            peer, running = await _start(nursery, tmp_path)
+            client = srpc.SessionRpcClient()
+            qid = client.register_udp_session(srpc.RegisterUdpSessionParams(
+                session_id=SID, dst_ip=ipaddress.IPv4Address("127.0.0.1"), dst_port=echo_port,
+                close_after_idle_ns=300_000_000))
+            assert await _rpc_call(peer, client, qid) == srpc.UdpSessionRegistered(question_id=qid, error="")
+
+            def unregister_call() -> srpc.UnregisterUdpSessionCalled | None:
+                for stream_id, data in peer.streams.items():
+                    if stream_id % 4 == 0 and data.startswith(qs.rpc_stream_preamble()):
+                        server = srpc.SessionRpcServer(srpc.SESSION_MANAGER_METHODS)
+                        for event in server.receive_data(bytes(data[len(qs.rpc_stream_preamble()):])):
+                            if isinstance(event, srpc.UnregisterUdpSessionCalled):
+                                return event
+                return None
+
+            await peer.wait(lambda: unregister_call() is not None)
+            call = unregister_call()
+            assert call is not None and call.session_id == SID and call.message == "session idle for 300ms"
+            assert "Session terminated" in caplog.text
+            running.handle.shutdown()  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()

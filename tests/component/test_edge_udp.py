@@ -33,8 +33,13 @@ class FakeQuicConnection:
     def send_datagram(self, data: bytes) -> None:
         self.sent.append(data)
 
+    tasks: list[Any] = field(default_factory=list)
+
     def ident(self) -> str:
         return "tunnel=t conn=c connIndex=0 location=LAB1"
+
+    def start_soon(self, fn: Any, *args: Any) -> None:
+        self.tasks.append((fn, args))
 
 
 def v3_sessions() -> tuple[FakeQuicConnection, UdpSessions]:
@@ -112,3 +117,20 @@ async def test_a_session_inbox_is_bounded() -> None:
     for _ in range(INBOX + 10):
         conn.datagram_handler(dg.encode_v2_session(key, b"flood"))  # type: ignore[misc]
     assert receive.statistics().current_buffer_used == INBOX and sessions.dropped == 10
+
+
+async def test_sessions_end_with_their_connection() -> None:
+    conn = FakeQuicConnection(Registration(()))
+    sessions = UdpSessions.of(conn)  # type: ignore[arg-type]
+    ((watch, args),) = conn.tasks
+    send, receive = trio.open_memory_channel[bytes](INBOX)
+    key = uuid.uuid4()
+    session = UdpSession(sessions, key, "10.0.0.1:7", send, receive)
+    sessions.sessions[key] = session
+    with trio.fail_after(5):
+        async with trio.open_nursery() as connection_lifetime:
+            connection_lifetime.start_soon(watch, *args)
+            await trio.testing.wait_all_tasks_blocked()
+            connection_lifetime.cancel_scope.cancel()  # the connection closed
+        assert await session.receive() is None
+    assert session.closed and "tunnel connection closed" in session.closed_by and not sessions.sessions
