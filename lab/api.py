@@ -612,7 +612,8 @@ def connector_argv(
     protocol: str = "http2",
 ) -> list[str]:
     """cloudflared's offline command line (`exe`: ours or a binary; `caps`: the flags it has, the ones
-    the lab can do without are left out when it lacks them), with credentials or a token."""
+    the lab can do without are left out when it lacks them), with credentials or a token, over
+    `protocol` (http2 or quic)."""
     argv = [*exe, "tunnel", "--config", str(config), "--no-autoupdate", *caps.optional("--no-prechecks")]
     for address in edges:
         argv += ["--edge", address]

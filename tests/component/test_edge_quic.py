@@ -124,8 +124,12 @@ class QuicConnector:
             events.append(event)
             if isinstance(event, qevents.StopSendingReceived):
                 # qh3 resets our side; like quic-go, write nothing more there (data past the final size
-                # would be a connection error at the edge), even for data events of the same batch
+                # would be a connection error at the edge), even for data events of the same batch, and
+                # keep qh3 from sending what was written before (edge.quic._hold_unsent says why)
                 self.stopped.add(event.stream_id)
+                state = self.quic._streams.get(event.stream_id)
+                if state is not None:
+                    state.is_blocked = True
         for event in events:
             if isinstance(event, qevents.HandshakeCompleted):
                 self.connected.set()
