@@ -22,6 +22,7 @@ from qh3.quic import events as qe
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
+from transport.qh3 import hold_unsent, stream_state
 from wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class QuicStream:
         with contextlib.suppress(ValueError, AssertionError):  # qh3: already finished that way
             if not self.local_ended:
                 transport.quic.reset_stream(self.stream_id, code)
+                hold_unsent(stream_state(transport.quic, self.stream_id))  # qh3 would send past the reset
             if not self.remote_ended:
                 transport.quic.stop_stream(self.stream_id, code)
         self.local_ended = True
@@ -334,6 +336,7 @@ class QuicTransport:
                     stream._reset(event.error_code)
             elif isinstance(event, qe.StopSendingReceived):
                 stream = self.streams.get(event.stream_id)
+                hold_unsent(stream_state(self.quic, event.stream_id))  # qh3 reset our side on STOP_SENDING
                 if stream is not None:
                     stream.stop_sending_received = event.error_code
                     stream._wakeup.set()

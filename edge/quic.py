@@ -43,6 +43,7 @@ from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 from edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
+from transport.qh3 import hold_unsent, stream_state
 from transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from wire.errors import TunnelLabError
 from wire.quic_stream import (
@@ -241,9 +242,9 @@ class QuicTunnelConnection(H2TunnelConnection):
             elif isinstance(event, qevents.StopSendingReceived):
                 # Only our sending side ends (qh3 resets it): the answer may still come, e.g. an
                 # http_status rule answers without reading the request body.
-                state = self.quic._streams.get(event.stream_id)
+                state = stream_state(self.quic, event.stream_id)
                 if state is not None:
-                    _hold_unsent(state)  # qh3 reset our side on STOP_SENDING
+                    hold_unsent(state)  # qh3 reset our side on STOP_SENDING
                 stream = self.streams.get(event.stream_id) or self.raw_streams.get(event.stream_id)
                 if isinstance(stream, QuicTunnelStream):
                     stream.send_stopped = event.error_code
@@ -460,13 +461,13 @@ class QuicTunnelConnection(H2TunnelConnection):
         create a fresh one and announce a final size of 0, which the peer rightly treats as a
         connection error (FINAL_SIZE_ERROR): so only streams qh3 still holds are touched.
         """
-        state = self.quic._streams.get(stream_id)  # qh3 has no public accessor for a stream's state
+        state = stream_state(self.quic, stream_id)
         if state is None:
             return
         if not state.sender.is_finished:
             with contextlib.suppress(ValueError, AssertionError):
                 self.quic.reset_stream(stream_id, int(code))
-            _hold_unsent(state)
+            hold_unsent(state)
         if not state.receiver.is_finished:
             with contextlib.suppress(ValueError, AssertionError):
                 self.quic.stop_stream(stream_id, int(code))
@@ -510,7 +511,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         return stream
 
     def _unsent(self, stream: QuicTunnelStream) -> int:
-        state = self.quic._streams.get(stream.id)  # qh3 has no public accessor for a stream's sender
+        state = stream_state(self.quic, stream.id)
         if state is None:
             return 0
         return max(0, stream.written - int(state.sender.next_offset))
@@ -606,18 +607,6 @@ class QuicTunnelConnection(H2TunnelConnection):
             count += 1
         await self.flush()
         return count
-
-
-def _hold_unsent(state: Any) -> None:
-    """Keep qh3 from sending a reset stream's unsent data.
-
-    qh3 1.9.4 announces the bytes sent so far as the final size of a RESET_STREAM but goes on sending the
-    data still in the stream's buffer afterwards: data beyond the final size, a FINAL_SIZE_ERROR that
-    makes the peer (cloudflared) close the whole connection. Its packet builder skips a stream marked
-    blocked (the flag is otherwise used only for streams over MAX_STREAMS), so the rest stays unsent.
-    tests/unit/test_qh3_pins.py fails when qh3 fixes this, and this can go.
-    """
-    state.is_blocked = True
 
 
 def _fmt(addr: tuple[Any, ...]) -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from qh3._hazmat import QuicStreamSender
 from qh3.quic.stream import QuicStream
 
-from edge.quic import _hold_unsent
+from transport.qh3 import hold_unsent
 
 
 def test_a_reset_sender_still_offers_data_past_its_final_size() -> None:
-    # edge.quic._hold_unsent: qh3 1.9.4 announces the bytes sent so far as the final size and would
+    # transport.qh3.hold_unsent: qh3 1.9.4 announces the bytes sent so far as the final size and would
     # then send the rest of its buffer.
     sender = QuicStreamSender(stream_id=1, writable=True)
     sender.write(b"x" * 552)
@@ -25,7 +25,7 @@ def test_a_reset_sender_still_offers_data_past_its_final_size() -> None:
 def test_holding_marks_the_stream_blocked_which_the_packet_builder_skips() -> None:
     stream = QuicStream(stream_id=1, max_stream_data_local=1000, max_stream_data_remote=1000)
     assert stream.is_blocked is False
-    _hold_unsent(stream)
+    hold_unsent(stream)
     assert stream.is_blocked is True
 
 

@@ -1,0 +1,26 @@
+"""qh3 internals the QUIC shells (edge/quic.py, connector/quic_transport.py) depend on, in one place.
+
+Pinned by tests/unit/test_qh3_pins.py: a qh3 upgrade that changes one of them fails there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def stream_state(quic: Any, stream_id: int) -> Any:
+    """qh3's own record of a stream (`QuicConnection._streams`), or None once it forgot it."""
+    return quic._streams.get(stream_id)
+
+
+def hold_unsent(state: Any) -> None:
+    """Keep qh3 from sending a reset stream's unsent data.
+
+    qh3 1.9.4 announces the bytes sent so far as the final size of a RESET_STREAM but goes on sending the
+    data still in the stream's buffer afterwards: data beyond the final size, a FINAL_SIZE_ERROR that
+    makes the peer (cloudflared, or our edge) close the whole connection. Its packet builder skips a
+    stream marked blocked (the flag is otherwise used only for streams over MAX_STREAMS), so the rest
+    stays unsent.
+    """
+    if state is not None:
+        state.is_blocked = True
