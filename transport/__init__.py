@@ -8,6 +8,7 @@ library internal (h2, h11, trio's SSLStream), each pinned by a test in tests/uni
 - `transport.tls`: reading every buffered TLS record at once (trio's `SSLStream`, and a memory-BIO
   TLS client stream).
 - `transport.h2`: one h2 connection class with the overrides both sides need.
+- `transport.hpack`: the HPACK encoder that leaves long values uncompressed (hpack's `Encoder.add`).
 - `transport.h11body`: the Content-Length body fast path around h11's buffer.
 - `transport.pipe`: the one byte pipe between a tunnel stream and a byte stream.
 """
