@@ -38,6 +38,7 @@ import trio
 import yaml
 
 from lab.runner import client, cloudflared, netns
+from lab.runner.cloudflared import connector_argv
 from lab.runner.loader import DataCentre
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
 from wire.errors import TunnelLabError
@@ -323,19 +324,11 @@ class Lab:
         cfg_path = self.state / f"{name}.yml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         metrics = f"127.0.0.1:{free_port()}"
-        argv = [
-            *exe,
-            "tunnel",
-            "--config",
-            str(cfg_path),
-            "--no-autoupdate",
-            *caps.optional("--no-prechecks"),
-        ]
-        for address in self.edge.datacentres.values():
-            argv += ["--edge", address]
-        argv += ["--ha-connections", str(ha_connections), "--cacert", str(self.edge.ca), "--metrics", metrics]
-        argv += ["--grace-period", f"{grace_period:g}s", "--loglevel", self.loglevel, *flags]
-        argv += ["run", "--protocol", "http2", "--credentials-file", str(tunnel.credentials)]
+        argv = connector_argv(
+            exe, caps, config=str(cfg_path), edges=self.edge.datacentres.values(),
+            ha_connections=ha_connections, cacert=str(self.edge.ca), metrics=metrics,
+            grace_period=grace_period, loglevel=self.loglevel, flags=flags)
+        argv += ["--credentials-file", str(tunnel.credentials)]
         if cloudflared is not None:  # ours has no use for it (docs/connector.md)
             argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
         if url is not None:

@@ -24,7 +24,7 @@ import trio
 import yaml
 
 from lab.runner import client
-from lab.runner.cloudflared import BUILTIN, Capabilities
+from lab.runner.cloudflared import BUILTIN, Capabilities, connector_argv
 from lab.runner.loader import Scenario
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
 from wire.redact import Redactor
@@ -276,28 +276,12 @@ class Lab:
             else [*TUNNEL_LAB, "connector"]
         )
         caps = self.options.capabilities
-        argv = [*exe, "tunnel", "--config", str(cfg_path), "--no-autoupdate"]
-        argv += caps.optional("--no-prechecks")
-        for lst in self.edge_ready.get("tunnel_listeners", []):
-            argv += ["--edge", str(lst["address"])]
-        argv += [
-            "--ha-connections",
-            str(spec.ha_connections),
-            "--cacert",
-            str(self.edge_ready.get("ca")),
-            "--metrics",
-            self.metrics_addr,
-            "--grace-period",
-            f"{spec.grace_period:g}s",
-            "--retries",
-            str(spec.retries),
-            "--loglevel",
-            self.options.loglevel,
-            *self.subst(list(spec.flags)),
-            "run",
-            "--protocol",
-            "http2",
-        ]
+        argv = connector_argv(
+            exe, caps, config=str(cfg_path),
+            edges=[str(lst["address"]) for lst in self.edge_ready.get("tunnel_listeners", [])],
+            ha_connections=spec.ha_connections, cacert=str(self.edge_ready.get("ca")),
+            metrics=self.metrics_addr, grace_period=spec.grace_period, retries=spec.retries,
+            loglevel=self.options.loglevel, flags=self.subst(list(spec.flags)))
         if spec.token:
             data = json.loads(creds.read_text())
             lower = {k.lower(): v for k, v in data.items()}
