@@ -22,6 +22,8 @@ python my_tests.py`, or `tunnel-lab up --cloudflared`, which re-executes itself 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import queue
 import re
@@ -37,10 +39,11 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 import yaml
 
+from lab.recorder import Recorder
 from lab.runner import client, cloudflared, netns
-from lab.runner.cloudflared import connector_argv
 from lab.runner.loader import DataCentre
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
+from lab.runner.reaper import REAPER
 from wire.errors import TunnelLabError
 
 START_TIMEOUT = 20.0
@@ -147,6 +150,7 @@ class Lab:
         self.tunnels: dict[str, Tunnel] = {}
         self.origins: dict[str, Origin] = {}
         self.connectors: dict[str, Connector] = {}
+        self.recorders: list[tuple[Recorder, trio.CancelScope]] = []
         self._edge: Edge | None = None
 
     @property
@@ -185,17 +189,15 @@ class Lab:
         timeout: float = START_TIMEOUT,
     ) -> Edge:
         ready = self.state / "edge.ready.json"
-        argv = [*TUNNEL_LAB, "edge", "--state", str(self.state)]
-        for dc in self.datacentres:
-            argv += ["--tunnel-listen", f"{dc.name}={dc.address}:0"]
-        argv += ["--http-listen", "127.0.0.1:0"]
-        if https:
-            argv += ["--https-listen", "127.0.0.1:0"]
-        if warp:
-            argv += ["--warp-listen", "127.0.0.1:0"]
-        argv += ["--api-listen", "127.0.0.1:0", "--ready-file", str(ready), *flags]
-        if self.loglevel != "info":
-            argv += ["--loglevel", self.loglevel]
+        argv = edge_argv(
+            self.state,
+            [(dc.name, f"{dc.address}:0") for dc in self.datacentres],
+            ready=ready,
+            https="127.0.0.1:0" if https else None,
+            warp="127.0.0.1:0" if warp else None,
+            flags=flags,
+            loglevel=self.loglevel,
+        )
         info = await self._start(
             Component("edge", argv, self.logs / "edge.log", env=self._env(), ready_file=ready), timeout
         )
@@ -232,6 +234,11 @@ class Lab:
             await self._admin("route", "ip", "add", cidr, tunnel.id)
         return self.tunnels[name]
 
+    async def delete_tunnel(self, tunnel: Tunnel) -> None:
+        """`tunnel delete`: the tunnel, its routes and its credentials file (stop its connector first)."""
+        await self._admin("delete", tunnel.id)
+        self.tunnels.pop(tunnel.name, None)
+
     async def route_dns(self, tunnel: Tunnel, hostname: str) -> Tunnel:
         """Route `hostname` (or `*.suffix`) to `tunnel`; returns the tunnel with the hostname added."""
         await self._admin("route", "dns", tunnel.id, hostname)
@@ -257,12 +264,14 @@ class Lab:
         if f"origin:{name}" in self.components:
             raise LabError(f"an origin named {name!r} already runs; pass another name=")
         ready = self.state / f"origin-{name}.ready.json"
-        argv = [*TUNNEL_LAB, "origin", kind, "--listen", "127.0.0.1:0", "--state", str(self.state)]
-        argv += ["--ready-file", str(ready), "--history", str(self.logs / f"origin-{name}.history.jsonl")]
-        if tls:
-            argv += ["--tls", tls]
-        if hostname:
-            argv += ["--hostname", hostname]
+        argv = origin_argv(
+            self.state,
+            kind,
+            ready=ready,
+            history=self.logs / f"origin-{name}.history.jsonl",
+            tls=tls,
+            hostname=hostname,
+        )
         comp = Component(
             f"origin:{name}", argv, self.logs / f"origin-{name}.log", env=self._env(), ready_file=ready
         )
@@ -277,6 +286,35 @@ class Lab:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    async def start_recorder(self, url: str) -> tuple[str, Recorder]:
+        """A relay in front of the HTTP server at `url` (`http://host:port`) recording what it receives
+        (`lab.recorder`); returns the URL to give the connector instead, and the recorder (`records`)."""
+        m = re.fullmatch(r"http://(\[[^\]]+\]|[^/:]+):(\d+)(/.*)?", url)
+        if m is None:
+            raise LabError(f"cannot record what {url} receives: only http://HOST:PORT servers can be read")
+        recorder = Recorder(f"{m.group(1).strip('[]')}:{m.group(2)}")
+        scope = trio.CancelScope()
+        started = trio.Event()
+
+        async def run() -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(recorder.serve)
+                    started.set()
+
+        # A system task: it must outlive this call (the relay runs until `aclose`), and a nursery held open
+        # across `open_lab`'s yield would wrap the caller's own exceptions in an ExceptionGroup.
+        trio.lowlevel.spawn_system_task(run)
+        await started.wait()
+        self.recorders.append((recorder, scope))
+        return f"http://{recorder.address}{m.group(3) or ''}", recorder
+
+    def stop_recorder(self, recorder: Recorder) -> None:
+        """Stop the relay (its records stay readable)."""
+        for rec, scope in self.recorders:
+            if rec is recorder:
+                scope.cancel()
 
     # --- connectors ---------------------------------------------------------------------------------------
     async def start_connector(
@@ -325,15 +363,23 @@ class Lab:
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         metrics = f"127.0.0.1:{free_port()}"
         argv = connector_argv(
-            exe, caps, config=str(cfg_path), edges=self.edge.datacentres.values(),
-            ha_connections=ha_connections, cacert=str(self.edge.ca), metrics=metrics,
-            grace_period=grace_period, loglevel=self.loglevel, flags=flags)
-        argv += ["--credentials-file", str(tunnel.credentials)]
-        if cloudflared is not None:  # ours has no use for it (docs/connector.md)
-            argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
-        if url is not None:
-            argv += ["--url", url]
-        argv += [*run_flags, tunnel.id]
+            exe,
+            caps,
+            config=cfg_path,
+            edges=list(self.edge.datacentres.values()),
+            ha_connections=ha_connections,
+            ca=self.edge.ca,
+            metrics=metrics,
+            grace_period=grace_period,
+            loglevel=self.loglevel,
+            flags=flags,
+            credentials=tunnel.credentials,
+            # ours has no use for it (docs/connector.md); cloudflared logs one more error without it
+            dns_resolver=cloudflared is not None,
+            url=url,
+            run_flags=run_flags,
+            tunnel_id=tunnel.id,
+        )
         comp = Component(name, argv, self.logs / f"{name}.log", env=self._env())
         self.components[name] = comp
         connector = Connector(name, tunnel, metrics, comp)
@@ -418,6 +464,30 @@ class Lab:
             http2=http2,
         )
 
+    async def websocket(
+        self,
+        hostname: str,
+        path: str = "/",
+        messages: Sequence[str | bytes] = (),
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        https: bool = False,
+    ) -> client.WebSocketResult:
+        """Open a WebSocket to `hostname` through the edge, send each message and read one back after each
+        (`status` 101 when accepted; transport failures in `error`)."""
+        address = self.edge.https if https else self.edge.http
+        if address is None:
+            raise LabError("the edge has no HTTPS listener (open_lab(https=True))")
+        return await client.websocket_exchange(
+            address,
+            host=hostname,
+            path=path,
+            messages=messages,
+            headers=headers,
+            tls=https,
+            ca_path=str(self.edge.ca) if https else None,
+        )
+
     async def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the edge's management API (docs/edge.md); returns the parsed JSON answer."""
         try:
@@ -445,18 +515,123 @@ class Lab:
         return conns
 
     # --- teardown -----------------------------------------------------------------------------------------
+    async def stop(self, name: str) -> int | None:
+        """Stop one component (`connector`, `origin:echo`, ...): SIGTERM, then SIGKILL; its exit code."""
+        comp = self.components.get(name)
+        if comp is None:
+            raise LabError(f"no component {name!r} (have: {', '.join(self.components) or 'none'})")
+        with trio.CancelScope(shield=True):
+            code = await comp.stop(grace=2.0)
+        return code
+
     async def aclose(self) -> None:
         """Stop every component: connectors first (no reconnect storm), the edge last."""
         order = sorted(
             self.components.values(),
             key=lambda c: (c.name not in self.connectors, c.name == "edge"),
         )
+        for _, scope in self.recorders:
+            scope.cancel()
         with trio.CancelScope(shield=True):
             for comp in order:
                 try:
                     await comp.stop(grace=2.0)
                 except OSError:
                     comp.kill_group()
+
+
+# --- the command lines of docs/architecture.md "Processes" (the scenario runner builds its own with them)
+
+
+def edge_argv(
+    state: Path,
+    datacentres: Sequence[tuple[str, str]],
+    *,
+    ready: Path,
+    http: str = "127.0.0.1:0",
+    https: str | None = "127.0.0.1:0",
+    warp: str | None = None,
+    api: str = "127.0.0.1:0",
+    flags: Sequence[str] = (),
+    loglevel: str = "info",
+) -> list[str]:
+    """`tunnel-lab edge` with a tunnel listener per `(location, host:port)` and the eyeball listeners."""
+    argv = [*TUNNEL_LAB, "edge", "--state", str(state)]
+    for location, address in datacentres:
+        argv += ["--tunnel-listen", f"{location}={address}"]
+    argv += ["--http-listen", http]
+    if https:
+        argv += ["--https-listen", https]
+    if warp:
+        argv += ["--warp-listen", warp]
+    argv += ["--api-listen", api, "--ready-file", str(ready), *flags]
+    if loglevel != "info":
+        argv += ["--loglevel", loglevel]
+    return argv
+
+
+def origin_argv(
+    state: Path,
+    kind: str,
+    *,
+    ready: Path,
+    history: Path,
+    listen: str = "127.0.0.1:0",
+    tls: str | None = None,
+    hostname: str | None = None,
+) -> list[str]:
+    """`tunnel-lab origin KIND`, recording what it receives in `history` (one JSON line per request)."""
+    argv = [*TUNNEL_LAB, "origin", kind, "--listen", listen, "--state", str(state)]
+    argv += ["--ready-file", str(ready), "--history", str(history)]
+    if tls:
+        argv += ["--tls", tls]
+    if hostname:
+        argv += ["--hostname", hostname]
+    return argv
+
+
+def connector_argv(
+    exe: Sequence[str],
+    caps: cloudflared.Capabilities,
+    *,
+    config: Path,
+    edges: Sequence[str],
+    ha_connections: int,
+    ca: Path | str,
+    metrics: str,
+    grace_period: float,
+    loglevel: str,
+    flags: Sequence[str] = (),
+    retries: int | None = None,
+    credentials: Path | None = None,
+    token: str | None = None,
+    dns_resolver: bool = False,
+    url: str | None = None,
+    run_flags: Sequence[str] = (),
+    tunnel_id: str | None = None,
+) -> list[str]:
+    """cloudflared's offline command line (`exe`: ours or a binary; `caps`: the flags it has, the ones
+    the lab can do without are left out when it lacks them), with credentials or a token."""
+    argv = [*exe, "tunnel", "--config", str(config), "--no-autoupdate", *caps.optional("--no-prechecks")]
+    for address in edges:
+        argv += ["--edge", address]
+    argv += ["--ha-connections", str(ha_connections), "--cacert", str(ca), "--metrics", metrics]
+    argv += ["--grace-period", f"{grace_period:g}s"]
+    if retries is not None:
+        argv += ["--retries", str(retries)]
+    argv += ["--loglevel", loglevel, *flags, "run", "--protocol", "http2"]
+    if token is not None:
+        argv += ["--token", token]
+    elif credentials is not None:
+        argv += ["--credentials-file", str(credentials)]
+    if dns_resolver:
+        argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
+    if url is not None:
+        argv += ["--url", url]
+    argv += run_flags
+    if tunnel_id is not None and token is None:
+        argv.append(tunnel_id)
+    return argv
 
 
 async def management_call(address: str, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -537,6 +712,8 @@ async def open_lab(
     stopped on the way out. Logs go to `logs` (default STATE/logs)."""
     owned = state is None
     root = Path(tempfile.mkdtemp(prefix="tunnel-lab-")) if state is None else Path(state).absolute()
+    if owned:  # removed by the reaper if this process is killed hard (when its owner started one)
+        REAPER.watch_path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o700)
@@ -552,6 +729,7 @@ async def open_lab(
     finally:
         if owned:
             shutil.rmtree(root, ignore_errors=True)
+            REAPER.forget_path(root)
 
 
 # --- the same from plain Python: a trio loop in a thread ------------------------------------------------
@@ -561,17 +739,36 @@ T = TypeVar("T")
 
 
 class SyncLab:
-    """`Lab` for code without an event loop: the same methods, blocking. Use `start_lab`."""
+    """`Lab` for code without an event loop: the same methods, blocking. Use `start_lab`.
 
-    def __init__(self, lab: Lab, token: trio.lowlevel.TrioToken) -> None:
+    The calls block the calling thread even when it runs an event loop of its own (a trio or asyncio test):
+    the lab runs on its own loop in a helper thread. A server on the caller's loop cannot answer while it
+    blocks, so async code calls these methods from a worker thread (`trio.to_thread.run_sync`,
+    `asyncio.to_thread`)."""
+
+    def __init__(self, lab: Lab, token: trio.lowlevel.TrioToken, jobs: trio.Nursery) -> None:
         self.lab = lab
         self._token = token
+        self._jobs = jobs
 
     def _call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        async def call() -> T:
-            return await fn(*args, **kwargs)
+        # Not trio.from_thread.run: it refuses a thread that runs a trio loop, and tests do.
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-        return trio.from_thread.run(call, trio_token=self._token)
+        async def call() -> None:
+            try:
+                done.set_result(await fn(*args, **kwargs))
+            except trio.Cancelled:
+                done.set_exception(LabError("the lab stopped during the call"))
+                raise
+            except BaseException as exc:  # handed to the caller, whatever it is
+                done.set_exception(exc)
+
+        try:
+            self._token.run_sync_soon(self._jobs.start_soon, call)
+        except trio.RunFinishedError:
+            raise LabError("the lab is not running any more") from None
+        return done.result()
 
     @property
     def state(self) -> Path:
@@ -597,6 +794,25 @@ class SyncLab:
     def route_dns(self, tunnel: Tunnel, hostname: str) -> Tunnel:
         return self._call(self.lab.route_dns, tunnel, hostname)
 
+    def delete_tunnel(self, tunnel: Tunnel) -> None:
+        self._call(self.lab.delete_tunnel, tunnel)
+
+    def start_recorder(self, url: str) -> tuple[str, Recorder]:
+        return self._call(self.lab.start_recorder, url)
+
+    def stop_recorder(self, recorder: Recorder) -> None:
+        async def stop() -> None:
+            self.lab.stop_recorder(recorder)
+
+        self._call(stop)
+
+    def stop(self, name: str) -> int | None:
+        return self._call(self.lab.stop, name)
+
+    def run(self, fn: Callable[[Lab], Awaitable[T]]) -> T:
+        """Run `await fn(lab)` on the lab's loop (for what the blocking methods do not offer)."""
+        return self._call(fn, self.lab)
+
     def start_origin(self, kind: str = "echo", **kwargs: Any) -> Origin:
         return self._call(self.lab.start_origin, kind, **kwargs)
 
@@ -614,6 +830,10 @@ class SyncLab:
 
     def request(self, hostname: str, path: str = "/", **kwargs: Any) -> client.Response:
         return self._call(self.lab.request, hostname, path, **kwargs)
+
+    def websocket(self, hostname: str, path: str = "/", messages: Sequence[str | bytes] = (), **kwargs: Any
+                  ) -> client.WebSocketResult:
+        return self._call(self.lab.websocket, hostname, path, messages, **kwargs)
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         return self._call(self.lab.api, method, path, body)
@@ -643,9 +863,10 @@ def start_lab(**options: Any) -> Iterator[SyncLab]:
     async def host() -> None:
         stop.append(trio.Event())
         try:
-            async with open_lab(**options) as lab:
-                handed.put(SyncLab(lab, trio.lowlevel.current_trio_token()))
+            async with open_lab(**options) as lab, trio.open_nursery() as jobs:
+                handed.put(SyncLab(lab, trio.lowlevel.current_trio_token(), jobs))
                 await stop[0].wait()
+                jobs.cancel_scope.cancel()
         except BaseException as exc:
             if handed.empty():
                 handed.put(exc)
@@ -661,14 +882,23 @@ def start_lab(**options: Any) -> Iterator[SyncLab]:
 
     thread = threading.Thread(target=thread_main, name="tunnel-lab", daemon=True)
     thread.start()
-    got = handed.get()
+    try:
+        got = handed.get()
+    except BaseException:
+        # Interrupted (Ctrl-C) while the lab starts: let the start end, stop what it started, then go on.
+        late = handed.get()
+        if not isinstance(late, BaseException):
+            late._token.run_sync_soon(stop[0].set)
+        thread.join()
+        raise
     if isinstance(got, BaseException):
         thread.join()
         raise got
     try:
         yield got
     finally:
-        trio.from_thread.run_sync(stop[0].set, trio_token=got._token)
+        with contextlib.suppress(trio.RunFinishedError):  # the loop already ended (its error is below)
+            got._token.run_sync_soon(stop[0].set)
         thread.join()
         if failure and not isinstance(failure[0], KeyboardInterrupt):
             raise LabError(f"the lab did not stop cleanly: {failure[0]!r}")

@@ -37,6 +37,15 @@ MUTANTS = [
      "if start < 0 or start + words > self._sizes[seg]:",
      "if start < 0 or start + words > self._sizes[seg] + 1:",
      ["tests/unit/test_capnp_codec.py", "tests/unit/test_capnp_pinned.py"]),
+    ("0x0B out of the sniffer's binary bytes", "wire/sniff.py",
+     "| {0x0B} |", "|",
+     ["tests/unit/test_sniff.py"]),
+    ("form feed out of the sniffer's leading whitespace", "wire/sniff.py",
+     '_WHITESPACE = b"\\t\\n\\x0c\\r "', '_WHITESPACE = b"\\t\\n\\r "',
+     ["tests/unit/test_sniff.py"]),
+    ("`>` out of the sniffer's tag-terminating bytes", "wire/sniff.py",
+     '_TAG_END = b" >"', '_TAG_END = b" "',
+     ["tests/unit/test_sniff.py"]),
 ]
 
 

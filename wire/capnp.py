@@ -132,7 +132,8 @@ def unframe(data: bytes, **limits: int) -> list[bytes]:
 @dataclass(frozen=True, slots=True)
 class _Target:
     """Where a resolved pointer leads: the segment, the first word of the object, the pointer word
-    that describes it (the landing pad's or tag's for far pointers)."""
+    that describes it (the landing pad's or tag's for far pointers). A capability pointer has no
+    object: its `word` is never read."""
 
     seg: int
     word: int
@@ -188,10 +189,7 @@ class Message:
         raw = self._word(seg, idx)
         if raw == 0:
             return None
-        kind = raw & 3
-        if kind == _OTHER:
-            return _Target(seg, -1, raw)
-        if kind != _FAR:
+        if raw & 3 != _FAR:
             return _Target(seg, idx + 1 + _signed_offset(raw), raw)
         double = (raw >> 2) & 1
         pad = (raw & 0xFFFFFFFF) >> 3
@@ -206,8 +204,6 @@ class Message:
                 raise CapnpError(f"capnp pointer {what}: landing pad is another far pointer")
             if pad_raw == 0:
                 return None
-            if pad_raw & 3 == _OTHER:
-                return _Target(pad_seg, -1, pad_raw)
             return _Target(pad_seg, pad + 1 + _signed_offset(pad_raw), pad_raw)
         # Double-far: the pad is a far pointer to the object plus a tag word that describes it.
         if pad_raw & 3 != _FAR or (pad_raw >> 2) & 1:
@@ -284,10 +280,11 @@ def _signed_offset(raw: int) -> int:
 
 
 def _kind_name(raw: int) -> str:
+    """The kind of a resolved pointer word (`_resolve` has followed any far pointer)."""
     kind = raw & 3
     if kind == _OTHER:
         return "a capability pointer" if raw & 0xFFFFFFFF == 3 else "an unknown 'other' pointer"
-    return ("a struct pointer", "a list pointer", "a far pointer")[kind]
+    return "a struct pointer" if kind == _STRUCT else "a list pointer"
 
 
 class StructReader:
@@ -407,16 +404,18 @@ class StructReader:
         return [lst.struct(i, f"{what}[{i}]") for i in range(len(lst))]
 
     def capability(self, index: int, what: str) -> int | None:
-        """The cap-table index of a capability pointer, or None if null."""
+        """The cap-table index of a capability pointer (reached through far pointers, as Go's reader
+        and `pointer_kind` do), or None if null."""
         idx = self._ptr_word(index)
         if idx is None:
             return None
-        raw = self._msg._word(self._seg, idx)
-        if raw == 0:
+        target = self._msg._resolve(self._seg, idx, what)
+        if target is None:
             return None
-        if raw & 0xFFFFFFFF != 3:
-            raise CapnpError(f"capnp pointer {what}: expected a capability pointer, got {_kind_name(raw)}")
-        return raw >> 32
+        if target.raw & 0xFFFFFFFF != 3:
+            raise CapnpError(f"capnp pointer {what}: expected a capability pointer, "
+                             f"got {_kind_name(target.raw)}")
+        return target.raw >> 32
 
     def pointer_kind(self, index: int, what: str) -> str:
         """'null', 'struct', 'list' or 'capability' (after following far pointers)."""
@@ -538,6 +537,14 @@ class MessageBuilder:
         self._struct_pointer(ptr, start, dw, pc)
         return StructBuilder(self, start, dw, start + dw, pc)
 
+    def _init_struct_list_at(self, ptr: int, count: int, dw: int, pc: int) -> list[StructBuilder]:
+        step = dw + pc
+        tag = self.alloc(1 + count * step)
+        self._list_pointer(ptr, tag, COMPOSITE, count * step)
+        self._put_word(tag, ((count << 2) & 0xFFFFFFFF) | (dw << 32) | (pc << 48))
+        firsts = [tag + 1 + i * step for i in range(count)]
+        return [StructBuilder(self, first, dw, first + dw, pc) for first in firsts]
+
     def _bytes_at(self, ptr: int, payload: bytes) -> None:
         start = self.alloc((len(payload) + WORD - 1) // WORD)
         self._buf[start * WORD:start * WORD + len(payload)] = payload
@@ -616,13 +623,7 @@ class StructBuilder:
     def init_struct_list(self, index: int, count: int, data_words: int,
                          pointer_count: int) -> list[StructBuilder]:
         """A composite list: tag word, then `count` elements."""
-        ptr = self._ptr(index)
-        step = data_words + pointer_count
-        tag = self._msg.alloc(1 + count * step)
-        self._msg._list_pointer(ptr, tag, COMPOSITE, count * step)
-        self._msg._put_word(tag, ((count << 2) & 0xFFFFFFFF) | (data_words << 32) | (pointer_count << 48))
-        return [StructBuilder(self._msg, tag + 1 + i * step, data_words, tag + 1 + i * step + data_words,
-                              pointer_count) for i in range(count)]
+        return self._msg._init_struct_list_at(self._ptr(index), count, data_words, pointer_count)
 
     def set_capability(self, index: int, cap_index: int) -> None:
         self._msg._put_word(self._ptr(index), 3 | (cap_index << 32))
@@ -659,8 +660,7 @@ def _copy_pointer(out: MessageBuilder, dst: int, msg: Message, seg: int, idx: in
     lst = msg._list_at(seg, idx, what, depth)
     assert lst is not None
     if lst.element_size == COMPOSITE:
-        sb = StructBuilder(out, 0, 0, dst, 1)
-        elements = sb.init_struct_list(0, lst.count, lst.data_words, lst.pointer_count)
+        elements = out._init_struct_list_at(dst, lst.count, lst.data_words, lst.pointer_count)
         for i, element in enumerate(elements):
             _copy_struct_body(out, element, lst.struct(i, f"{what}[{i}]"), f"{what}[{i}]")
     elif lst.element_size == POINTER:

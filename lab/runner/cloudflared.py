@@ -428,19 +428,3 @@ def _probe_once(path: str, binary: str, _identity: tuple[int, ...], timeout: flo
         why = refused.group(1).strip() or "Incorrect Usage"
         raise BinaryError(path, f"{who} refuses the lab's minimal command line: {why}")
     return caps
-
-
-def connector_argv(exe: Sequence[str], caps: Capabilities, *, config: str, edges: Iterable[str],
-                   ha_connections: int, cacert: str, metrics: str, grace_period: float, loglevel: str,
-                   retries: int | None = None, flags: Sequence[str] = ()) -> list[str]:
-    """`EXE tunnel --config ... [flags] run --protocol http2`: the connector command line the runner and
-    `lab.api` both start (either connector); the caller appends the run subcommand's own arguments."""
-    argv = [*exe, "tunnel", "--config", config, "--no-autoupdate", *caps.optional("--no-prechecks")]
-    for address in edges:
-        argv += ["--edge", address]
-    argv += ["--ha-connections", str(ha_connections), "--cacert", cacert, "--metrics", metrics,
-             "--grace-period", f"{grace_period:g}s"]
-    if retries is not None:
-        argv += ["--retries", str(retries)]
-    argv += ["--loglevel", loglevel, *flags, "run", "--protocol", "http2"]
-    return argv

@@ -23,8 +23,9 @@ from typing import Any
 import trio
 import yaml
 
+from lab.api import connector_argv, edge_argv, origin_argv
 from lab.runner import client
-from lab.runner.cloudflared import BUILTIN, Capabilities, connector_argv
+from lab.runner.cloudflared import BUILTIN, Capabilities
 from lab.runner.loader import Scenario
 from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
 from wire.redact import Redactor
@@ -152,24 +153,16 @@ class Lab:
     def _origin_component(self, name: str, port: int = 0) -> Component:
         spec = self.scenario.origin(name)
         ready = self.state / f"origin-{name}.ready.json"
-        argv = [
-            *TUNNEL_LAB,
-            "origin",
+        # What the origin received goes to the history, one JSON line per request (`run --compare`).
+        argv = origin_argv(
+            self.state,
             spec.kind,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--state",
-            str(self.state),
-            "--ready-file",
-            str(ready),
-            # What the origin received, one JSON line per request (`run --compare` compares them).
-            "--history",
-            str(self.logs / f"origin-{name}.history.jsonl"),
-        ]
-        if spec.tls:
-            argv += ["--tls", spec.tls]
-        if spec.hostname:
-            argv += ["--hostname", spec.hostname]
+            ready=ready,
+            history=self.logs / f"origin-{name}.history.jsonl",
+            listen=f"127.0.0.1:{port}",
+            tls=spec.tls,
+            hostname=spec.hostname,
+        )
         comp = Component(
             f"origin:{name}", argv, self.logs / f"origin-{name}.log", env=self.env(), ready_file=ready
         )
@@ -192,28 +185,31 @@ class Lab:
     def _edge_component(self, *, fixed_ports: bool) -> Component:
         sc = self.scenario
         ready = self.state / "edge.ready.json"
-        argv = [*TUNNEL_LAB, "edge", "--state", str(self.state)]
         listeners = {lst["location"]: lst["address"] for lst in self.edge_ready.get("tunnel_listeners", [])}
-        for dc in sc.datacentres:
-            addr = listeners.get(dc.name, f"{dc.address}:0") if fixed_ports else f"{dc.address}:0"
-            argv += ["--tunnel-listen", f"{dc.name}={addr}"]
+        datacentres = [
+            (dc.name, listeners.get(dc.name, f"{dc.address}:0") if fixed_ports else f"{dc.address}:0")
+            for dc in sc.datacentres
+        ]
 
         def addr_of(key: str) -> str:
             return str(self.edge_ready[key]) if fixed_ports and self.edge_ready.get(key) else "127.0.0.1:0"
 
-        argv += ["--http-listen", addr_of("http")]
-        if sc.edge.get("https", True):
-            argv += ["--https-listen", addr_of("https")]
-        if sc.edge.get("warp", False):
-            argv += ["--warp-listen", addr_of("warp")]
-        argv += ["--api-listen", addr_of("api")]
+        flags: list[str] = []
         if "origin_timeout" in sc.edge:
             from lab.runner.loader import parse_duration
 
-            argv += ["--origin-timeout", f"{parse_duration(sc.edge['origin_timeout']):g}"]
-        argv += ["--ready-file", str(ready), *sc.edge.get("flags", [])]
-        if self.options.loglevel != "info":
-            argv += ["--loglevel", self.options.loglevel]
+            flags += ["--origin-timeout", f"{parse_duration(sc.edge['origin_timeout']):g}"]
+        argv = edge_argv(
+            self.state,
+            datacentres,
+            ready=ready,
+            http=addr_of("http"),
+            https=addr_of("https") if sc.edge.get("https", True) else None,
+            warp=addr_of("warp") if sc.edge.get("warp", False) else None,
+            api=addr_of("api"),
+            flags=[*flags, *sc.edge.get("flags", [])],
+            loglevel=self.options.loglevel,
+        )
         comp = Component("edge", argv, self.logs / "edge.log", env=self.env(), ready_file=ready)
         old = self.components.get("edge")
         if old is not None:
@@ -275,27 +271,32 @@ class Lab:
             if self.options.connector == "cloudflared"
             else [*TUNNEL_LAB, "connector"]
         )
-        caps = self.options.capabilities
-        argv = connector_argv(
-            exe, caps, config=str(cfg_path),
-            edges=[str(lst["address"]) for lst in self.edge_ready.get("tunnel_listeners", [])],
-            ha_connections=spec.ha_connections, cacert=str(self.edge_ready.get("ca")),
-            metrics=self.metrics_addr, grace_period=spec.grace_period, retries=spec.retries,
-            loglevel=self.options.loglevel, flags=self.subst(list(spec.flags)))
+        token = None
         if spec.token:
             data = json.loads(creds.read_text())
             lower = {k.lower(): v for k, v in data.items()}
-            token = {"a": lower["accounttag"], "t": lower["tunnelid"], "s": lower["tunnelsecret"]}
-            argv += ["--token", base64.b64encode(json.dumps(token).encode()).decode()]
-            self.redactor.add(argv[-1])
-        else:
-            argv += ["--credentials-file", str(creds)]
-        argv += caps.optional("--dns-resolver-addrs", "127.0.0.1:53")
-        if spec.url:
-            argv += ["--url", self.subst(spec.url)]
-        argv += self.subst(list(spec.run_flags))
-        if not spec.token:
-            argv.append(tunnel_id)
+            fields = {"a": lower["accounttag"], "t": lower["tunnelid"], "s": lower["tunnelsecret"]}
+            token = base64.b64encode(json.dumps(fields).encode()).decode()
+            self.redactor.add(token)
+        argv = connector_argv(
+            exe,
+            self.options.capabilities,
+            config=cfg_path,
+            edges=[str(lst["address"]) for lst in self.edge_ready.get("tunnel_listeners", [])],
+            ha_connections=spec.ha_connections,
+            ca=str(self.edge_ready.get("ca")),
+            metrics=self.metrics_addr,
+            grace_period=spec.grace_period,
+            retries=spec.retries,
+            loglevel=self.options.loglevel,
+            flags=self.subst(list(spec.flags)),
+            token=token,
+            credentials=creds,
+            dns_resolver=True,
+            url=self.subst(spec.url) if spec.url else None,
+            run_flags=self.subst(list(spec.run_flags)),
+            tunnel_id=tunnel_id,
+        )
         comp = Component("connector", argv, self.logs / "connector.log", env=self.env())
         old = self.components.get("connector")
         if old is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_capnp_codec import list_ptr, struct_ptr, words
+from tests.unit.test_capnp_codec import far_ptr, list_ptr, struct_ptr, words
 from wire.capnp import (
     BIT,
     BYTE,
@@ -120,7 +120,9 @@ def test_bit_list_size_rounds_up_to_whole_words() -> None:
 def test_kind_names_in_errors() -> None:
     with pytest.raises(CapnpError, match=r"expected a struct pointer, got an unknown 'other' pointer$"):
         Message([words(struct_ptr(0, 0, 1), 7)]).root().struct(0, "x")
-    with pytest.raises(CapnpError, match=r"expected a capability pointer, got a far pointer$"):
+    # a far pointer is followed first: here to the root's own struct pointer (segment 0, word 0)
+    with pytest.raises(CapnpError,
+                       match=r"^capnp pointer x: expected a capability pointer, got a struct pointer$"):
         Message([words(struct_ptr(0, 0, 1), 2)]).root().capability(0, "x")
 
 
@@ -278,3 +280,106 @@ def test_copied_data_lists_keep_their_exact_size() -> None:
     bits = copied.list_at(2, "c")
     assert bits is not None and len(bits) == 65
     assert len(out.segments()[0]) == 8 * (1 + 1 + 3 + 1 + 9 + 2)  # root, struct, data: nothing more
+
+
+# --- far pointers: landing pads built by hand, as the encoding spec lays them out ------------------
+# A far pointer (kind 2) names a segment and a word in it, the landing pad. A single pad (B=0) is an
+# ordinary pointer, read as if it stood there; a double pad (B=1) is two words: a single far pointer to
+# the object's first word, then a tag word (a struct or list pointer with offset 0) that describes it.
+
+
+def test_single_far_pad_offsets_count_from_the_pad() -> None:
+    # root -> far(segment 1, word 1); the pad at word 1 is a struct pointer with offset 1: object at word 3
+    seg1 = words(struct_ptr(0, 2, 0), struct_ptr(1, 1, 0), 0xBAD, 42)
+    root = Message([words(far_ptr(1, 1)), seg1]).root()
+    assert (root.data_words, root.pointer_count, root.u64(0)) == (1, 0, 42)
+
+
+def test_a_null_pad_is_a_null_pointer() -> None:
+    root = Message([words(struct_ptr(0, 0, 2), far_ptr(1, 0), far_ptr(1, 0)), words(0)]).root()
+    assert root.pointer_kind(0, "p") == "null"
+    assert root.struct_or_none(0, "p") is None and root.list_at(1, "l") is None
+
+
+def test_far_pointers_lead_to_lists_and_capabilities() -> None:
+    seg0 = words(struct_ptr(0, 0, 3), far_ptr(1, 0), far_ptr(1, 1), far_ptr(1, 2))
+    seg1 = words(list_ptr(0, 0, 0), 3 | (7 << 32), list_ptr(0, BYTE, 3), int.from_bytes(b"hi\0", "little"))
+    root = Message([seg0, seg1]).root()
+    empty = root.list_at(0, "void")
+    assert empty is not None and len(empty) == 0
+    # Go's reader follows far pointers to a capability too (pointer_kind and capability agree)
+    assert root.pointer_kind(1, "cap") == "capability" and root.capability(1, "cap") == 7
+    assert root.text(2, "text") == "hi"
+
+
+def test_far_pointer_segment_bounds_are_exact() -> None:
+    with pytest.raises(CapnpError, match=r"^capnp pointer root: far pointer to segment 1, message has 1$"):
+        Message([words(far_ptr(1, 0))]).root()
+    pad_to_missing = [words(far_ptr(1, 0, double=True)), words(far_ptr(2, 0), struct_ptr(0, 1, 0))]
+    with pytest.raises(CapnpError, match=r"^capnp pointer root: landing pad points to segment 2, "
+                                         r"message has 2$"):
+        Message(pad_to_missing).root()
+
+
+def test_a_double_pad_needs_two_words() -> None:
+    # the pad is the last word of segment 1: its tag word would be outside
+    with pytest.raises(CapnpError, match=r"^capnp pointer root \(landing pad\): points outside segment 1 "
+                                         r"\(words 0\.\.2, segment has 1\)$"):
+        Message([words(far_ptr(1, 0, double=True)), words(far_ptr(2, 0)), words(5)]).root()
+
+
+def test_a_double_pad_is_a_single_far_pointer() -> None:
+    double_in_double = [words(far_ptr(1, 0, double=True)), words(far_ptr(2, 0, double=True),
+                                                                  struct_ptr(0, 1, 0)), words(5)]
+    with pytest.raises(CapnpError, match=r"^capnp pointer root: double-far landing pad is not a single "
+                                         r"far pointer$"):
+        Message(double_in_double).root()
+
+
+def test_double_far_reads_the_tag_after_the_pad_and_the_object_where_the_pad_says() -> None:
+    # pad at segment 1 word 1 (word 0 is a decoy struct pointer), object at segment 2 word 1 (odd offset)
+    seg1 = words(struct_ptr(0, 2, 0), far_ptr(2, 1), struct_ptr(0, 1, 0))
+    root = Message([words(far_ptr(1, 1, double=True)), seg1, words(0xBAD, 42)]).root()
+    assert (root.data_words, root.pointer_count, root.u64(0)) == (1, 0, 42)
+
+
+def test_far_pointer_errors_name_the_field_being_read() -> None:
+    root = Message([words(struct_ptr(0, 0, 2), far_ptr(5, 0), far_ptr(5, 0))]).root()
+    with pytest.raises(CapnpError, match=r"^capnp pointer Call\.target: far pointer to segment 5, "
+                                         r"message has 1$"):
+        root.struct(0, "Call.target")
+    with pytest.raises(CapnpError, match=r"^capnp pointer ClientInfo\.version: far pointer to segment 5"):
+        root.text(1, "ClientInfo.version")
+    with pytest.raises(CapnpError, match=r"^capnp pointer t: far pointer to segment 5, message has 1$"):
+        MessageBuilder().init_root(0, 1).copy_pointer(0, root, 0, "t")
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+def test_default_traversal_limit_is_eight_times_the_message_plus_1024_words() -> None:
+    # 2 words: the budget is 8 * 2 + 1024 = 1040 words; the root charges 1 (its pointer), a void list
+    # charges its element count
+    def read_void_list(count: int) -> None:
+        Message([words(struct_ptr(0, 0, 1), list_ptr(0, 0, count))]).root().list_at(0, "v")
+
+    read_void_list(1039)
+    with pytest.raises(CapnpError, match=r"^capnp message: traversal limit exceeded at v "
+                                         r"\(a pointer loop or amplification\)$"):
+        read_void_list(1040)
+
+
+def test_a_struct_costs_its_data_words_plus_its_pointers() -> None:
+    seg = words(struct_ptr(0, 1, 1), 5, 0)
+    assert Message([seg], traversal_limit_words=2).root().u64(0) == 5
+    with pytest.raises(CapnpError, match=r"^capnp message: traversal limit exceeded at root "):
+        Message([seg], traversal_limit_words=1).root()
+
+
+def test_message_shape_errors_are_exact() -> None:
+    with pytest.raises(CapnpError, match=r"^capnp message has no segments$"):
+        Message([])
+    with pytest.raises(CapnpError, match=r"^capnp message: segment 0 is empty, there is no root pointer$"):
+        Message([b""]).root()
+    with pytest.raises(CapnpError, match=r"^capnp segment 1 is not a whole number of words$"):
+        Message([words(0), b"abc"])

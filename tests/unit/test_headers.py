@@ -107,6 +107,12 @@ def test_exclusion_rules(name: bytes, kept: bool) -> None:
     assert (serialize_response_headers([(name, b"v")]) != b"") is kept
 
 
+def test_an_excluded_field_drops_only_itself() -> None:
+    pairs = [(b":status", b"200"), (b"Cf-Int-Tracing", b"1"), (b"X-A", b"2"), (b"Cf-Proxy-X", b"3"),
+             (b"B", b"4")]
+    assert deserialize_response_headers(serialize_response_headers(pairs)) == [(b"X-A", b"2"), (b"B", b"4")]
+
+
 def test_empty_and_empty_parts() -> None:
     assert serialize_response_headers([]) == b""
     assert deserialize_response_headers(b"") == []

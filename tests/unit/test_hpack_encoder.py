@@ -61,3 +61,23 @@ def test_the_limit_is_inclusive(size: int) -> None:
     (b"a" * (HUFFMAN_LIMIT + 1), b"b", False), (b"a" * HUFFMAN_LIMIT, b"", True)])
 def test_the_decision_looks_at_name_and_value(name: bytes, value: bytes, expected: bool) -> None:
     assert huffman_worthwhile(name, value) is expected
+
+
+@pytest.mark.parametrize("size", [HUFFMAN_LIMIT, HUFFMAN_LIMIT + 1])
+def test_the_limit_applies_to_names_too(size: int) -> None:
+    name = b"x" * size
+    block = LongValueEncoder().encode([(name, b"v")])
+    assert (name in block) is (size > HUFFMAN_LIMIT)
+    assert hpack.Decoder().decode(block, raw=True) == [(name, b"v")]
+
+
+def test_sensitive_fields_stay_never_indexed() -> None:
+    """A sensitive field (RFC 7541 §6.2.3, literal never indexed) is encoded as plain hpack does it."""
+    headers = [(b"authorization", b"Bearer x", True), (b"x-b", b"y", False)]
+    block = LongValueEncoder().encode(headers)
+    assert block == hpack.Encoder().encode(headers)
+    assert block[0] & 0xF0 == 0x10  # never indexed, new name
+
+
+def test_add_keeps_hpacks_default_of_no_huffman() -> None:
+    assert LongValueEncoder().add((b"x-a", b"b"), False) == hpack.Encoder().add((b"x-a", b"b"), False)

@@ -13,7 +13,9 @@ from tests.golden import FOLDERS, VECTORS_ROOT
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL = ROOT / "docs" / "protocol.md"
 TEXT_SUFFIXES = {".py", ".md", ".capnp", ".yml", ".yaml", ".toml", ".ini", ".cfg", ".sh", ".txt", ".json"}
-SKIP_DIRS = {"vectors", "node_modules", "build", "dist", "tunnel-lab-results", "state", "__pycache__"}
+# mutants: the working copy of the tree that mutmut (scripts/mutation.sh) leaves, git-ignored
+SKIP_DIRS = {"vectors", "node_modules", "build", "dist", "tunnel-lab-results", "state", "__pycache__",
+             "mutants"}
 
 SECTION = r"§\d+(?:\.\d+)*"
 JOIN = r"(?:\s|,|;|and|-|\u2013)*"  # "\u2013" is an en dash: "§3\u2013§5"

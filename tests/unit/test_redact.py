@@ -60,3 +60,48 @@ def test_a_registered_secret_never_survives(secret: str, before: str, after: str
 def test_secret_like_words_inside_other_names_are_not_fields() -> None:
     text = "mytoken=abc tokens: 5 nosecret: x"
     assert redact_text(text) == text
+
+
+# A cloudflared token in URL-safe base64 (with "-" and "_"), whose unpadded form needs one "=".
+URL_TOKEN = base64.urlsafe_b64encode(json.dumps({"a": "??cc>e", "s": "c2VjcmV0"}).encode()).decode()
+
+
+def test_tokens_in_every_base64_spelling_are_redacted() -> None:
+    assert "-" in URL_TOKEN and "_" in URL_TOKEN and URL_TOKEN.endswith("=") and not URL_TOKEN.endswith("==")
+    for spelling in (URL_TOKEN, URL_TOKEN.rstrip("="), URL_TOKEN + "=", TOKEN.rstrip("=")):
+        assert redact_text(f"token {spelling} end") == f"token {REDACTED} end", spelling
+
+
+def test_base64_json_without_a_secret_or_not_base64_stays() -> None:
+    plain = base64.b64encode(json.dumps({"a": "0123abcd", "t": "tunnel-id"}).encode()).decode()
+    listed = base64.b64encode(json.dumps(["s", "TunnelSecret", "secret"]).encode()).decode()
+    broken = "eyJ" + "A" * 18  # 21 characters: not base64 of anything
+    not_json = base64.b64encode(b'{"s": unquoted}').decode()
+    for text in (plain, listed, broken, not_json):
+        assert redact_text(f"x {text} y") == f"x {text} y"
+
+
+def test_a_secret_that_is_not_valid_text_is_redacted_in_its_base64_form() -> None:
+    secret = b"\xff\xfe-not-utf8-secret".decode("utf-8", "surrogateescape")  # as os.fsdecode gives it
+    encoded = base64.b64encode(b"\xff\xfe-not-utf8-secret").decode()
+    assert Redactor([secret]).text(f"v={encoded}.") == f"v={REDACTED}."
+
+
+def test_base64_forms_are_exactly_the_secrets() -> None:
+    # "secretkeW" encodes to "c2VjcmV0a2VX" (no padding): the form is all of it, not a prefix
+    redactor = Redactor(["secretkeW"])
+    assert redactor.text("c2VjcmV0a2VX") == REDACTED
+    assert redactor.text("c2VjcmV0a2VY") == "c2VjcmV0a2VY"
+    # unpadded base64 of a secret whose padded form ends in "="
+    bare = base64.b64encode(b"secret-8").decode().rstrip("=")
+    assert Redactor(["secret-8"]).text(bare + "!") == f"{REDACTED}!"
+
+
+def test_the_longest_secret_goes_first() -> None:
+    # the shorter secret sorts after the longer one by text, and is inside it
+    assert redact_text("key aazzzzzzzz.", ["zzzzzzzz", "aazzzzzzzz"]) == f"key {REDACTED}."
+
+
+def test_a_secret_flag_value_may_hold_equals_signs() -> None:
+    assert redact_argv([f"--token={TOKEN}"]) == [f"--token={REDACTED}"]
+    assert redact_argv(["--token=abc=def"]) == [f"--token={REDACTED}"]

@@ -473,3 +473,237 @@ def test_client_and_server_converse(
     assert client.receive_data(server.data_to_send()) == [rpc.CallFailed(q, "unregisterConnection", "nope")]
     client.abort()
     assert to_server() == [rpc.RpcAborted("rpc: shutdown")]
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol's rules, one by one (rpc.capnp: Bootstrap, Call, Return, Finish, Release)
+
+
+def test_server_errors_say_what_was_wrong_exactly() -> None:
+    server = bootstrapped_server()
+    with pytest.raises(RpcError, match=r"^rpc: Bootstrap reuses question 0 before it was finished$"):
+        server.receive_data(rpc.encode_bootstrap(0))
+    server = bootstrapped_server()
+    server.receive_data(empty_call(1, 1))
+    with pytest.raises(RpcError, match=r"^rpc: Call reuses question 1 before it was finished$"):
+        server.receive_data(empty_call(1, 2))
+    server = bootstrapped_server()
+    server.receive_data(register_call(1, rpc.PromisedAnswer(0, (0,))))
+    assert only_exception(server.data_to_send(), 1) == rpc.RpcException(
+        "rpc: the bootstrap answer has no pointer fields to transform")
+    with pytest.raises(TypeError, match=r"^result must be ConnectionDetails or RegistrationError$"):
+        server.answer_registration(1, "details")  # type: ignore[arg-type]
+    assert server.aborted is False
+
+
+@pytest.mark.parametrize(("interface", "method", "reason"), [
+    (reg.REGISTRATION_SERVER_ID, 9, "rpc: unimplemented: method 9"),
+    (0x1234, 0, "rpc: unimplemented: interface 0x0000000000001234 method 0"),
+])
+def test_server_unimplemented_reason_names_interface_and_method(interface: int, method: int,
+                                                                reason: str) -> None:
+    server = bootstrapped_server()
+    server.receive_data(empty_call(1, method, interface=interface))
+    assert only_exception(server.data_to_send(), 1) == rpc.RpcException(
+        reason, rpc.ExceptionType.UNIMPLEMENTED)
+
+
+def test_server_refuses_send_results_elsewhere_exactly() -> None:
+    server = bootstrapped_server()
+    data = bytearray(empty_call(1, 1))
+    data[8 + 8 + 16 + 6] = 1  # Call.sendResultsTo: yourself
+    server.receive_data(bytes(data))
+    assert only_exception(server.data_to_send(), 1) == rpc.RpcException(
+        "rpc: only sendResultsTo.caller is supported", rpc.ExceptionType.UNIMPLEMENTED)
+
+
+def _far_params(method: int) -> bytes:
+    """A call whose params struct is a far pointer to a segment the message does not have."""
+    def params(b: object, i: int) -> None:
+        from wire.capnp import StructBuilder
+
+        assert isinstance(b, StructBuilder)
+        b._msg._put_word(b._ptr(i), 2 | (9 << 32))
+
+    return rpc.encode_call(1, IMPORT0, reg.REGISTRATION_SERVER_ID, method, params)
+
+
+def test_server_bad_params_reason_names_the_method_and_the_field() -> None:
+    server = bootstrapped_server()
+    server.receive_data(_far_params(0))
+    assert only_exception(server.data_to_send(), 1).reason == (
+        "rpc: bad registerConnection params: capnp pointer registerConnection.params: "
+        "far pointer to segment 9, message has 1")
+    server.receive_data(rpc.encode_finish(1))
+    server.receive_data(_far_params(reg.METHOD_UPDATE_LOCAL_CONFIGURATION))
+    assert only_exception(server.data_to_send(), 1).reason == (
+        "rpc: bad updateLocalConfiguration params: capnp pointer updateLocalConfiguration.params: "
+        "far pointer to segment 9, message has 1")
+    server.receive_data(rpc.encode_finish(1))
+
+    def bad_config(b: object, i: int) -> None:
+        from wire.capnp import StructBuilder
+
+        assert isinstance(b, StructBuilder)
+        b.init_struct(i, 0, 1).set_text_list(0, ["not data"])
+
+    server.receive_data(rpc.encode_call(1, IMPORT0, reg.REGISTRATION_SERVER_ID,
+                                        reg.METHOD_UPDATE_LOCAL_CONFIGURATION, bad_config))
+    assert only_exception(server.data_to_send(), 1).reason == (
+        "rpc: bad updateLocalConfiguration params: capnp pointer updateLocalConfiguration.params.config: "
+        "expected a byte list, got a pointer list")
+
+
+def test_server_answers_a_refused_call_once() -> None:
+    """A call the server refused itself has had its Return: a later answer from the shell is dropped."""
+    server = bootstrapped_server()
+    server.receive_data(_far_params(0))
+    only_exception(server.data_to_send(), 1)
+    server.answer_exception(1, "again")
+    server.answer_registration(1, DETAILS)
+    assert server.data_to_send() == b""
+
+
+def test_server_counts_one_reference_per_bootstrap_answer() -> None:
+    """Each Bootstrap answer hands out a reference to export 0; Finish(releaseResultCaps) of that
+    question or Release(0, n) drops them; the export is gone only when none is left."""
+    server = bootstrapped_server()
+    server.receive_data(rpc.encode_bootstrap(1))
+    assert server.data_to_send() == rpc.encode_bootstrap_return(1)
+    server.receive_data(rpc.encode_finish(0, release_result_caps=True))
+    assert server.receive_data(empty_call(2, 1)) == [rpc.UnregisterConnectionCalled(2)]
+    server.receive_data(rpc.encode_finish(2) + rpc.encode_finish(1, release_result_caps=True))
+    server.receive_data(empty_call(2, 1))
+    assert only_exception(server.data_to_send(), 2) == rpc.RpcException("rpc: call on unknown capability 0")
+
+
+def test_server_release_counts_only_for_its_own_export() -> None:
+    server = bootstrapped_server()
+    server.receive_data(rpc.encode_bootstrap(1))
+    server.data_to_send()
+    server.receive_data(rpc.encode_release(5, 2))  # not an export of ours: nothing changes
+    assert server.receive_data(empty_call(2, 1)) == [rpc.UnregisterConnectionCalled(2)]
+    server.receive_data(rpc.encode_finish(2) + rpc.encode_release(0, 1))
+    assert server.receive_data(empty_call(2, 1)) == [rpc.UnregisterConnectionCalled(2)]
+    server.receive_data(rpc.encode_finish(2) + rpc.encode_release(0, 1))
+    server.receive_data(empty_call(2, 1))
+    assert only_exception(server.data_to_send(), 2) == rpc.RpcException("rpc: call on unknown capability 0")
+
+
+def _client_with_pending_bootstrap() -> rpc.RpcClient:
+    client = rpc.RpcClient()
+    assert client.register_connection(PARAMS) == 1
+    client.data_to_send()
+    return client
+
+
+def _bootstrap_answer(index: int, table: tuple[rpc.CapDescriptor, ...]) -> bytes:
+    return rpc.encode_return_results(0, lambda b, i: b.set_capability(i, index), table)
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (rpc.encode_return_results(0, lambda b, i: None), "rpc: the bootstrap answer holds no capability"),
+    (rpc.encode_return_results(0, None), "rpc: malformed answer: capnp pointer Payload.content: "
+     "expected a capability pointer, got a struct pointer"),
+    # capability #1 of a one-entry capTable
+    (_bootstrap_answer(1, (rpc.CapDescriptor("senderHosted", 0),)),
+     "rpc: the bootstrap answer holds no capability"),
+    (_bootstrap_answer(0, (rpc.CapDescriptor("receiverHosted", 4),)),
+     "rpc: bootstrap capability of kind receiverHosted"),
+])
+def test_client_bootstrap_failure_reasons(answer: bytes, reason: str) -> None:
+    client = _client_with_pending_bootstrap()
+    assert client.receive_data(answer) == [rpc.CallFailed(0, "bootstrap", reason)]
+
+
+def test_client_bootstrap_content_errors_fail_the_bootstrap() -> None:
+    client = _client_with_pending_bootstrap()
+
+    def far(b: object, i: int) -> None:
+        from wire.capnp import StructBuilder
+
+        assert isinstance(b, StructBuilder)
+        b._msg._put_word(b._ptr(i), 2 | (9 << 32))
+
+    assert client.receive_data(rpc.encode_return_results(0, far)) == [rpc.CallFailed(
+        0, "bootstrap", "rpc: malformed answer: capnp pointer Payload.content: far pointer to segment 9, "
+        "message has 1")]
+
+
+def test_client_calls_a_sender_promise_like_an_import() -> None:
+    client = _client_with_pending_bootstrap()
+    assert client.receive_data(_bootstrap_answer(0, (rpc.CapDescriptor("senderPromise", 6),))) == []
+    client.data_to_send()
+    q = client.unregister_connection()
+    [call] = decode_all(client.data_to_send())
+    assert isinstance(call, rpc.CallMessage) and (call.question_id, call.target) == (q, rpc.ImportedCap(6))
+
+
+def test_client_asks_for_the_bootstrap_again_after_it_failed() -> None:
+    client = _client_with_pending_bootstrap()
+    client.receive_data(rpc.encode_return_exception(0, "not now"))
+    client.receive_data(rpc.encode_return_exception(1, "not now"))
+    client.data_to_send()
+    q = client.register_connection(PARAMS)
+    boot, call = decode_all(client.data_to_send())
+    assert isinstance(boot, rpc.BootstrapMessage) and isinstance(call, rpc.CallMessage)
+    assert call.target == rpc.PromisedAnswer(boot.question_id) and q != boot.question_id
+
+
+def test_client_keeps_pipelining_on_a_pending_bootstrap_when_a_call_returns_first() -> None:
+    client = _client_with_pending_bootstrap()
+    client.receive_data(rpc.encode_return_exception(1, "refused"))
+    client.data_to_send()
+    q = client.update_local_configuration(b"{}")
+    [call] = decode_all(client.data_to_send())  # no second Bootstrap: question 0 is still pending
+    assert isinstance(call, rpc.CallMessage) and (call.question_id, call.target) == (q, rpc.PromisedAnswer(0))
+
+
+def test_client_refusals_of_the_edges_questions_say_which() -> None:
+    client = registered_client()
+    client.receive_data(rpc.encode_bootstrap(0) + empty_call(1, 1))
+    a, b = decode_all(client.data_to_send())
+    assert isinstance(a, rpc.ReturnMessage) and a.exception == rpc.RpcException("rpc: no bootstrap interface")
+    assert isinstance(b, rpc.ReturnMessage) and b.exception == rpc.RpcException(
+        "rpc: call on a capability the connector never exported")
+
+
+def test_client_finishes_every_return_unless_told_no_finish_is_needed() -> None:
+    client = _client_with_pending_bootstrap()
+    client.receive_data(rpc.encode_bootstrap_return(0))
+    assert client.data_to_send() == rpc.encode_finish(0, release_result_caps=False)
+    # noFinishNeeded (Return bit 33): the edge has already forgotten the question; no Finish goes out
+    msg = MessageBuilder()
+    root = msg.init_root(1, 1)
+    root.set_u16(0, rpc.TAG_RETURN)
+    ret = root.init_struct(0, 2, 1)
+    ret.set_u32(0, 1)
+    ret.set_bool(33, True)
+    ret.set_u16(6, 1)  # exception
+    ret.init_struct(0, 1, 1).set_text(0, "refused")
+    assert client.receive_data(msg.to_bytes()) == [rpc.CallFailed(1, "registerConnection", "refused")]
+    assert client.data_to_send() == b""
+    assert client.update_local_configuration(b"{}") == 1  # the id is free all the same
+
+
+def test_client_malformed_registration_results_name_the_field() -> None:
+    client = _client_with_pending_bootstrap()
+    client.receive_data(rpc.encode_bootstrap_return(0))
+
+    def far(b: object, i: int) -> None:
+        from wire.capnp import StructBuilder
+
+        assert isinstance(b, StructBuilder)
+        b._msg._put_word(b._ptr(i), 2 | (9 << 32))
+
+    assert client.receive_data(rpc.encode_return_results(1, far)) == [rpc.CallFailed(
+        1, "registerConnection", "rpc: malformed answer: capnp pointer registerConnection.results: "
+        "far pointer to segment 9, message has 1")]
+
+
+def test_client_after_abort_says_so() -> None:
+    client = rpc.RpcClient()
+    assert client.aborted is False
+    client.abort()
+    with pytest.raises(RpcError, match=r"^rpc: the RPC connection was aborted$"):
+        client.unregister_connection()

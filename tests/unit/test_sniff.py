@@ -66,3 +66,57 @@ def test_go_takes_connection_close_out_of_an_http11_response_only() -> None:
     assert b"Q29ubmVjdGlvbg" in serialized(True)
     kept = tunnel_response_headers(200, [(b"Connection", b"keep-alive")])
     assert b"Q29ubmVjdGlvbg" in dict(kept)[b"cf-cloudflared-response-headers"]
+
+
+def _ftyp(box: int, *brands: bytes, total: int | None = None) -> bytes:
+    """An ISO media box header: size, `ftyp`, then 4-byte fields (major brand, minor version, brands...)."""
+    data = box.to_bytes(4, "big") + b"ftyp" + b"".join(brands)
+    return data + b"\x20" * ((total or box) - len(data))
+
+
+# the box size starts with a NUL byte, so whatever is not mp4 is binary
+OCTETS = "application/octet-stream"
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (_ftyp(12, b"mp42"), "video/mp4"),  # the smallest box: the major brand alone
+    (_ftyp(24, b"isom", b"\0\0\0\0", b"mp41", b"avc1"), "video/mp4"),  # a compatible brand after the version
+    (_ftyp(24, b"isom", b"\0\0\0\0", b"avc1", b"mp41"), "video/mp4"),
+    (_ftyp(20, b"isom", b"mp41", b"avc1"), OCTETS),  # the minor version is not a brand
+    (_ftyp(24, b"isom", b"\0\0\0\0", b"xmp4", b"avc1"), OCTETS),  # brands are aligned
+    (_ftyp(20, b"isom", b"\0\0\0\0", b"avc1"), OCTETS),  # no mp4 brand
+    (_ftyp(17, b"mp42", total=20), OCTETS),  # a box size that is not a multiple of 4
+    (_ftyp(260, b"mp42", total=20), OCTETS),  # a box longer than the data
+    (b"\x00\x00\x00\x14moovmp42\x00\x00\x00\x00mp42", OCTETS),  # not an ftyp box
+    (_ftyp(12, b"mp42")[:11], OCTETS),  # fewer than 12 bytes
+])
+def test_mp4_needs_an_ftyp_box_with_an_mp4_brand(data: bytes, expected: str) -> None:
+    assert sniff_content_type(data) == expected
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"<p", "text/plain; charset=utf-8"),  # a marker needs a byte after it (Go: len(data) < len(sig)+1)
+    (b"<HTML", "text/plain; charset=utf-8"),
+    (b"<p ", "text/html; charset=utf-8"),
+    # the font signature masks its first 34 bytes out: any bytes there, then "LP"
+    (b"\x01" * 34 + b"LP", "application/vnd.ms-fontobject"),
+    (bytes(34) + b"LP", "application/vnd.ms-fontobject"),
+    (b"\x01" * 34 + b"Lp", "application/octet-stream"),
+])
+def test_markers_need_a_terminating_byte_and_masks_ignore_masked_bytes(data: bytes, expected: str) -> None:
+    assert sniff_content_type(data) == expected
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    # the standard's binary bytes are 00-08, 0B, 0E-1A, 1C-1F; TAB LF FF CR and ESC (1B) are text
+    (b"a\x0bb", "application/octet-stream"),
+    (b"a\x08b", "application/octet-stream"),
+    (b"a\x0eb\x1ac\x1c", "application/octet-stream"),
+    (b"a\x1fb", "application/octet-stream"),
+    (b"a\tb\nc\x0cd\re\x1bf ", "text/plain; charset=utf-8"),
+    # the whitespace skipped before markup is TAB LF FF CR and space
+    (b"\t\n\x0c\r <html>", "text/html; charset=utf-8"),
+    (b"\x0b<html>", "application/octet-stream"),
+])
+def test_binary_bytes_and_leading_whitespace(data: bytes, expected: str) -> None:
+    assert sniff_content_type(data) == expected
