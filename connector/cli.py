@@ -36,6 +36,7 @@ from connector.flags import (
     value_text,
 )
 from connector.logging_setup import setup_logging
+from connector.protocol import choose_protocol
 from connector.settings import VERSION, OriginRequestConfig, TunnelSettings, WarpRoutingConfig
 from wire.errors import ConfigError, TunnelLabError
 
@@ -225,20 +226,17 @@ def _tags(res: Resolved) -> tuple[tuple[str, str], ...]:
     return tuple(tags)
 
 
-def _protocol(res: Resolved, notes: list[str]) -> None:
+def _protocol(res: Resolved, notes: list[str]) -> str:
+    """The validated `--protocol` value (connector/protocol.py decides what it means)."""
     proto = str(res.get("protocol")).lower()
-    if proto == "http2":
-        return
-    if proto in ("auto", "h2mux"):
-        if res.is_set("protocol"):
-            notes.append(f"INFO:--protocol {proto} means http2 in tunnel-lab's connector (only http2 is "
-                         "supported)")
-        return
-    if proto == "quic":
-        raise ConfigError("--protocol quic: only http2 is supported by this connector", source="--protocol",
-                          hint="use --protocol http2 (or leave it unset)")
+    if proto == "h2mux":
+        notes.append("h2mux is no longer a supported protocol: upgrading edge connection to http2. Please "
+                     "remove '--protocol h2mux' from runtime arguments to remove this warning.")
+        return "http2"
+    if proto in ("auto", "http2", "quic"):
+        return proto
     raise ConfigError(f"Unknown protocol {proto}, available protocols: auto, http2, quic",
-                      source="--protocol", hint="use --protocol http2")
+                      source="--protocol", hint="use --protocol http2 or quic")
 
 
 def _credentials(res: Resolved, args: Sequence[str]) -> Any:
@@ -358,8 +356,9 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
         value = res.get(flag.name)
         if flag.support == "warn" and not (flag.kind == "bool" and bool(value) == bool(flag.default)):
             notes.append(f"--{flag.name} {flag.note or _NO_EFFECT}")
-    _protocol(res, notes)
+    protocol_flag = _protocol(res, notes)
     creds = _credentials(res, args)
+    choice = choose_protocol(protocol_flag, token_given=bool(res.get("token") or res.is_set("token-file")))
     edge_addrs = _edge_addrs(res)
     ha = int(res.get("ha-connections"))
     if ha < 1:
@@ -401,6 +400,8 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
         local_config_json=ingress.local_config_json(config_flags(res), rules, warp),
         post_quantum=bool(res.get("post-quantum")),
         stdin_control=bool(res.get("stdin-control")),
+        protocol=choice.initial,
+        protocol_can_fall_back=choice.can_fall_back,
     )
 
 
@@ -764,7 +765,7 @@ def _run_command(command: Command) -> int:
             log.info("%s", note)
         else:
             log.warning("%s", note)
-    log.info("Version %s (tunnel-lab connector, protocol http2)", VERSION)
+    log.info("Version %s (tunnel-lab connector)", VERSION)
     log.info("Settings: %s", _settings_map(res))
     secret_env = {e for name in SECRET_FLAGS for e in BY_NAME[name].env}
     env_echo = {k: ("*****" if k in secret_env else v) for k, v in sorted(os.environ.items())
@@ -772,7 +773,7 @@ def _run_command(command: Command) -> int:
     if env_echo:
         log.info("Environmental variables map[%s]", " ".join(f"{k}:{v}" for k, v in env_echo.items()))
     log.info("Generated Connector ID: %s", settings.connector_id)
-    log.info("Initial protocol http2")
+    log.info("Initial protocol %s", settings.protocol)
     pidfile = res.get("pidfile")
     if pidfile:
         try:

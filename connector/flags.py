@@ -164,8 +164,8 @@ FLAGS: tuple[Flag, ...] = (
        note="has no effect: this connector does not serve management requests",
        usage="Enables the in-depth diagnostic routes over the management service (ignored here)"),
     _f("protocol", "str", "TR", "TUNNEL_TRANSPORT_PROTOCOL", aliases=("p",), default="auto",
-       usage="Protocol implementation to connect with the edge: http2 (auto and h2mux mean http2 here; "
-             "quic is not supported)."),
+       usage="Protocol implementation to connect with the edge: auto (quic with a token, falling back to "
+             "http2; http2 with a credentials file, as offline), quic, http2 (h2mux means http2)."),
     _f("overwrite-dns", "bool", "T", "TUNNEL_FORCE_PROVISIONING_DNS", aliases=("f",), support="noop",
        show=False),
     # --- proxy (origin) flags: both levels (cloudflared's configureProxyFlags)

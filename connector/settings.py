@@ -121,6 +121,8 @@ class TunnelSettings:
     local_config_json: bytes = b"{}"  # pushed with updateLocalConfiguration on connIndex 0
     post_quantum: bool = False
     stdin_control: bool = False  # --stdin-control: `reconnect [DURATION]` lines on stdin
+    protocol: str = "http2"  # the transport to start with: "http2" or "quic" (connector/protocol.py)
+    protocol_can_fall_back: bool = False  # QUIC may fall back to http2 (`--protocol auto` with a token)
     # Timing knobs (docs/connector.md, "Knobs"): no flag sets them; tests pass smaller values here.
     backoff_base: float = 1.0  # per-connIndex retry backoff: attempt k waits up to 2^k * base
     supervisor_backoff_base: float = 10.0  # extra wait after a registered connection dropped

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from typing import Any
 
 import trio
 
@@ -33,6 +34,7 @@ from connector.edge_errors import (
     UnauthorizedError,
 )
 from connector.logging_setup import format_value as q
+from connector.protocol import HTTP2, QUIC, QUIC_BROKEN_WARNING, ProtocolChoice, after_failure
 from connector.settings import TunnelSettings
 from connector.state import ConnectorState
 from connector.streams import Proxy
@@ -140,6 +142,7 @@ class Supervisor:
         self.shutdown = trio.Event()
         self.connections: dict[int, EdgeConnection] = {}
         self.ever_registered = False
+        self.connected_with_quic = False  # some connection registered over QUIC: no fallback any more
         self._first_registered = trio.Event()
         self.state = state
         self._ready = 0
@@ -152,7 +155,27 @@ class Supervisor:
     def ready_connections(self) -> int:
         return self._ready
 
+    def _next_protocol(self, protocol: str, error: EdgeConnectionError, backoff: Backoff, index: int,
+                       may_fall_back: bool, ip: str) -> str:
+        """cloudflared's selectNextProtocol: QUIC falls back to http2 (docs/connector.md, "Protocols")."""
+        from connector.quic_conn import QuicIdleTimeoutError
+
+        decision = after_failure(
+            ProtocolChoice(self.settings.protocol, self.settings.protocol_can_fall_back), protocol,
+            may_fall_back=may_fall_back, attempts=backoff.attempts, retries=backoff.retries,
+            quic_broken=isinstance(error, QuicIdleTimeoutError) or getattr(error, "quic_broken", False),
+            connected_with_quic=self.connected_with_quic)
+        if decision.warn_quic_broken:
+            log.warning("%s connIndex=%d event=0 ip=%s", QUIC_BROKEN_WARNING, index, ip)
+        if not decision.switch:
+            return protocol
+        log.info("Switching to fallback protocol %s connIndex=%d event=0 ip=%s", HTTP2, index, ip)
+        backoff.reset()
+        return HTTP2
+
     def _registered(self, conn: EdgeConnection) -> None:
+        if getattr(conn, "protocol", HTTP2) == QUIC:
+            self.connected_with_quic = True
         self.ever_registered = True
         self._first_registered.set()
         self._ready += 1
@@ -210,8 +233,10 @@ class Supervisor:
     async def _run_index(self, index: int) -> None:
         backoff = Backoff(self.settings.backoff_base, self.settings.retries)
         address = self.addresses.take(index)
+        protocol = self.settings.protocol
+        dial_failures = 0
         while not self.shutdown.is_set():
-            conn = EdgeConnection(self.settings, self.proxy, conn_index=index, address=address,
+            conn = new_connection(protocol, self.settings, self.proxy, conn_index=index, address=address,
                                   ssl_context=self._ssl_context, num_previous_attempts=backoff.attempts,
                                   on_registered=self._registered, on_unregistered=self._unregistered)
             self.connections[index] = conn
@@ -253,6 +278,15 @@ class Supervisor:
                 log.error("initial tunnel connection failed error=%s", q(str(error)))
                 self.fail(1)
                 return
+            may_fall_back = not isinstance(error, DuplicateConnectionError)
+            if isinstance(error, EdgeDialError) or type(error).__name__ == "EdgeQuicDialError":
+                # cloudflared's IpAddrFallback: after --max-edge-addr-retries of them, a connectivity
+                # error that lets the protocol fall back; before, a new address only
+                if dial_failures >= self.settings.max_edge_addr_retries:
+                    dial_failures = 0
+                else:
+                    dial_failures += 1
+                    may_fall_back = False
             if error.rotate_address:
                 new = self.addresses.rotate(index)
                 if new != address:
@@ -263,9 +297,19 @@ class Supervisor:
                      conn.edge_ip)
             with trio.move_on_after(wait):
                 await self.shutdown.wait()
+            protocol = self._next_protocol(protocol, error, backoff, index, may_fall_back, conn.edge_ip)
             if was_registered and not self.shutdown.is_set():
                 wait, _ = self._supervisor_backoff.next_wait()
                 log.error("Connection terminated error=%s connIndex=%d", q(str(error)), index)
                 log.debug("Supervisor backoff: reconnecting in %.1fs connIndex=%d", wait, index)
                 with trio.move_on_after(wait):
                     await self.shutdown.wait()
+
+
+def new_connection(protocol: str, settings: TunnelSettings, proxy: Proxy, **kwargs: Any) -> EdgeConnection:
+    """An edge connection over `protocol` ("http2" or "quic"); both have the same interface."""
+    if protocol == QUIC:
+        from connector.quic_conn import QuicEdgeConnection
+
+        return QuicEdgeConnection(settings, proxy, **kwargs)  # type: ignore[return-value]
+    return EdgeConnection(settings, proxy, **kwargs)

@@ -37,6 +37,10 @@ class EdgeControl(Protocol):
     async def dc_down(self, location: str) -> int: ...
     async def dc_up(self, location: str) -> None: ...
     def swap_cert(self, location: str, kind: str) -> None: ...
+    @property
+    def udp_forwards(self) -> list[dict[str, str]]: ...
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
+                                drop_every: int = 0) -> dict[str, str]: ...
 
 
 class ApiError(TunnelLabError):
@@ -204,6 +208,11 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
             return 200, "text/plain; version=0.0.4", edge.metrics.render(edge.registry).encode()
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
+    elif method == "POST" and path.startswith("/tunnels/") and path.endswith("/configuration"):
+        return ok(await _push_configuration(edge, path[len("/tunnels/"):-len("/configuration")],
+                                            parse_json(body)))
+    elif method == "POST" and path == "/udp-forwards":
+        return ok(await _udp_forward(control, parse_json(body)), 201)
     elif method == "POST" and path == "/faults":
         return ok(await apply_fault(edge, control, parse_json(body)))
     elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
@@ -294,3 +303,56 @@ async def handle_api_connection(edge: EdgeState[TunnelConnection], control: Edge
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+MAX_UDP_FORWARDS = 64
+
+
+async def _udp_forward(edge: EdgeControl, body: Any) -> dict[str, str]:
+    """`POST /udp-forwards {"destination": "IP:PORT", "listen": "127.0.0.1:0"}`: a new UDP port."""
+    from edge.udp import parse_forward
+
+    if not isinstance(body, dict) or not isinstance(body.get("destination"), str):
+        raise ApiError(400, 'body must be {"destination": "IP:PORT"} (and optionally "listen")')
+    listen = body.get("listen", "127.0.0.1:0")
+    if not isinstance(listen, str):
+        raise ApiError(400, "listen must be a string IP:PORT")
+    try:
+        bind, dest = parse_forward(f"{listen}={body['destination']}")
+    except ValueError as exc:
+        raise ApiError(400, f"bad udp forward: {exc}") from None
+    drop_every = body.get("drop_every", 0)
+    if not isinstance(drop_every, int) or isinstance(drop_every, bool) or not 0 <= drop_every <= 1_000_000:
+        raise ApiError(400, "drop_every must be an integer 0..1000000 (0: no loss)")
+    if len(edge.udp_forwards) >= MAX_UDP_FORWARDS:
+        raise ApiError(409, f"at most {MAX_UDP_FORWARDS} UDP forwards")
+    try:
+        return await edge.start_udp_forward(bind, dest, drop_every=drop_every)
+    except OSError as exc:
+        raise ApiError(409, f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+async def _push_configuration(edge: EdgeState[TunnelConnection], tunnel_id: str,
+                              body: Any) -> dict[str, Any]:
+    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: updateConfiguration on one of the
+    tunnel's QUIC connections (connIndex 0 first), as Cloudflare pushes a remotely managed configuration.
+    The lab pushes over QUIC only (docs/edge.md)."""
+    from edge.quic import QuicTunnelConnection
+    from transport.tunnel import TunnelStreamError
+
+    if not isinstance(body, dict) or not isinstance(body.get("version"), int) or "config" not in body:
+        raise ApiError(400, 'body must be {"version": N, "config": {...}}')
+    conns = [c for c in edge.registry.listed()
+             if isinstance(c, QuicTunnelConnection) and c.routable and c.registration is not None
+             and str(c.registration.tunnel_id) == tunnel_id]
+    if not conns:
+        raise ApiError(409, f"tunnel {tunnel_id} has no registered QUIC connection; the lab pushes "
+                            "configuration over QUIC only")
+    conn = min(conns, key=lambda c: c.registration.conn_index if c.registration is not None else 0)
+    try:
+        latest, error = await conn.push_configuration(body["version"],
+                                                      json.dumps(body["config"]).encode())
+    except (TunnelStreamError, trio.TooSlowError) as exc:
+        raise ApiError(502, f"updateConfiguration failed: {exc or 'no answer in time'}") from None
+    return {"connection": conn.id, "lastAppliedVersion": latest, "err": error or None}
+

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTPS eyeball listener (certificate per host by SNI; h2 and http/1.1)")
     p.add_argument("--warp-listen", metavar="ADDR:PORT",
                    help="HTTP CONNECT proxy to private networks (`tunnel route ip`)")
+    p.add_argument("--udp-forward", metavar="ADDR:PORT=DEST:PORT", action="append", default=[],
+                   help="a UDP port whose datagrams go to DEST (an IP in a `tunnel route ip` network) "
+                        "through the tunnel, over QUIC (repeatable; edge/udp.py)")
     p.add_argument("--api-listen", metavar="ADDR:PORT", default="127.0.0.1:0",
                    help="management API listener (default 127.0.0.1:0)")
     p.add_argument("--origin-timeout", metavar="SECONDS", type=float, default=100.0,
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGINT/SIGTERM, how long in-flight streams may finish (default 10)")
     p.add_argument("--drain-timeout", metavar="SECONDS", type=float, default=30.0,
                    help="after unregisterConnection, how long in-flight streams may finish (default 30)")
+    p.add_argument("--no-quic", action="store_true",
+                   help="no QUIC (UDP) listeners beside the tunnel listeners: connectors get http2 only")
     p.add_argument("--ready-file", metavar="PATH", help="write the bound addresses here as JSON")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default info)")
@@ -75,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         max_response_headers=args.max_response_headers,
         shutdown_timeout=args.shutdown_timeout,
         drain_timeout=args.drain_timeout,
+        quic=not args.no_quic,
+        udp_forwards=_udp_forwards(args.udp_forward),
     )
 
 
@@ -136,3 +143,17 @@ def _first_error(exc: BaseException) -> BaseException | None:
             if found is not None:
                 return found
     return None
+
+
+def _udp_forwards(values: list[str]) -> tuple[tuple[tuple[str, int], tuple[str, int]], ...]:
+    from edge.udp import parse_forward
+    from wire.errors import ConfigError
+
+    out = []
+    for value in values:
+        try:
+            out.append(parse_forward(value))
+        except ValueError as exc:
+            raise ConfigError(str(exc), source="--udp-forward",
+                              hint="write LISTEN=DEST, e.g. 127.0.0.1:0=10.0.0.53:53") from None
+    return tuple(out)

@@ -86,6 +86,9 @@ class EdgeConfig:
     eyeball_reset_window: float = 10.0
     max_on_demand_certs: int = 256  # unrouted SNI names that get a certificate of their own (per run)
     api_max_body: int = 1024 * 1024  # management API request bodies; over it: 413
+    # `--udp-forward LISTEN=DEST`: UDP ports that forward into tunnel sessions (edge/udp.py)
+    udp_forwards: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = ()
+    quic: bool = True  # a UDP QUIC listener beside each tunnel listener (same host and port; edge/quic.py)
     accept_retry_delay: float = 0.1  # out of file descriptors: accept again after this long
 
 

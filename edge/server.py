@@ -89,6 +89,7 @@ class TunnelListener:
         self.scope: trio.CancelScope | None = None
         self.up = False
         self.closed = trio.Event()  # set when the listening socket is closed (re-armed on start)
+        self.quic_address = ""  # the UDP QUIC listener beside it ("" when there is none)
 
     @property
     def address(self) -> str:
@@ -110,6 +111,7 @@ class Edge:
                                                  max_on_demand=config.max_on_demand_certs)
         self.listeners = {spec.location: TunnelListener(spec) for spec in config.tunnel_listens}
         self._api_token = paths.api_token(self.state_dir)
+        self.udp_forwards: list[dict[str, str]] = []  # `--udp-forward` and API-made UDP ports
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
         self._handlers: trio.Nursery | None = None
         self._listener_nursery: trio.Nursery | None = None
@@ -181,6 +183,11 @@ class Edge:
                 self._listener_nursery = listeners
                 for lst in self.listeners.values():
                     await listeners.start(self._serve_tunnel_listener, lst)
+                    if cfg.quic:
+                        from edge.quic import serve_quic_endpoint
+
+                        lst.quic_address = await listeners.start(serve_quic_endpoint, state, self.pki, lst,
+                                                                 self._handlers.start_soon)
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
@@ -194,6 +201,8 @@ class Edge:
                     self.bound["warp"] = await listeners.start(
                         self._serve_tcp, cfg.warp_listen, "warp",
                         lambda s, peer: warp.handle_warp_connection(state, s, peer))
+                for listen, dest in cfg.udp_forwards:
+                    await self.start_udp_forward(listen, dest)
                 if cfg.api_listen is not None:
                     self.bound["api"] = await listeners.start(
                         self._serve_tcp, cfg.api_listen, "api",
@@ -366,13 +375,28 @@ class Edge:
         lst.ssl_context = self.edge_ssl_context(kind)
 
     # ---- ready file and start-up lines --------------------------------------------------------
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
+                                drop_every: int = 0) -> dict[str, str]:
+        """A UDP port forwarding into the tunnel routed to `dest` (edge/udp.py); lives with the listeners."""
+        from functools import partial
+
+        from edge.udp import serve_udp_forward
+
+        assert self._listener_nursery is not None
+        bound = await self._listener_nursery.start(partial(serve_udp_forward, drop_every=drop_every),
+                                                   self.state, listen, dest)
+        forward = {"listen": bound, "destination": f"{dest[0]}:{dest[1]}"}
+        self.udp_forwards.append(forward)
+        return forward
+
     def ready_info(self) -> dict[str, Any]:
         """What the ready file and STATE/edge.json hold."""
         return {
             "pid": os.getpid(),
-            "tunnel_listeners": [{"location": lst.location, "address": lst.address}
-                                 for lst in self.listeners.values()],
+            "tunnel_listeners": [{"location": lst.location, "address": lst.address,
+                                  "quic": lst.quic_address} for lst in self.listeners.values()],
             "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
+            "udp_forwards": self.udp_forwards,
             "api": self.bound["api"], "api_token": self.api_token,
             "ca": str(self.pki.ca_pem_path),
         }

@@ -609,6 +609,7 @@ def connector_argv(
     url: str | None = None,
     run_flags: Sequence[str] = (),
     tunnel_id: str | None = None,
+    protocol: str = "http2",
 ) -> list[str]:
     """cloudflared's offline command line (`exe`: ours or a binary; `caps`: the flags it has, the ones
     the lab can do without are left out when it lacks them), with credentials or a token."""
@@ -619,7 +620,7 @@ def connector_argv(
     argv += ["--grace-period", f"{grace_period:g}s"]
     if retries is not None:
         argv += ["--retries", str(retries)]
-    argv += ["--loglevel", loglevel, *flags, "run", "--protocol", "http2"]
+    argv += ["--loglevel", loglevel, *flags, "run", "--protocol", protocol]
     if token is not None:
         argv += ["--token", token]
     elif credentials is not None:

@@ -92,6 +92,8 @@ async def _run(args: argparse.Namespace, host: str, port: int, options: OriginCo
             url = f"{'https' if args.tls else 'http'}://{address}"
             if args.kind == "tcp-echo":
                 url = f"tcp://{address}"
+            elif args.kind in ("udp-echo", "dns"):
+                url = f"udp://{address}"
             if args.ready_file:
                 write_ready_file(args.ready_file, {
                     "pid": os.getpid(), "kind": args.kind, "address": address, "url": url,

@@ -31,7 +31,7 @@ from wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("echo", "hello", "stream", "ws-echo", "tcp-echo", "misbehave")
+KINDS: tuple[str, ...] = ("echo", "hello", "stream", "ws-echo", "tcp-echo", "misbehave", "udp-echo", "dns")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +61,10 @@ async def serve_origin(kind: str, host: str, port: int, options: OriginConfig | 
     if kind == "hello":
         await _serve_hello(host, port, options, task_status=task_status)
         raise AssertionError("unreachable")  # pragma: no cover
+    if kind in ("udp-echo", "dns"):  # UDP (origin_fixtures/udp.py)
+        from origin_fixtures.udp import serve_udp_origin
+
+        await serve_udp_origin(kind, host, port, options.history, task_status=task_status)
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
         # A name like `localhost` gives one listener per address family, each on its own random port;

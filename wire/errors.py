@@ -30,6 +30,10 @@ class StreamConversionError(ProtocolError):
     """A tunnel stream or an HTTP message cannot be converted (bad pseudo-headers, bad framing)."""
 
 
+class DatagramError(ProtocolError):
+    """A QUIC datagram (v2 or v3) cannot be decoded or encoded: size, type or layout."""
+
+
 class OriginError(TunnelLabError):
     """The origin could not be reached or answered with something that is not HTTP."""
 

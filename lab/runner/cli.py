@@ -2,6 +2,7 @@
 
     tunnel-lab run [PATH...] [-k PATTERN] [--jobs N] [--shard I/N] [--list]
                    [--connector builtin|cloudflared] [--cloudflared PATH] [--isolate]
+                   [--protocol http2|quic]
                    [--compare A,B] [--junit FILE] [--json FILE] [--results DIR]
 
 Every scenario file is validated before anything starts; a malformed one is reported with file:line and
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="logs and operation histories go here (default ./tunnel-lab-results)",
     )
     p.add_argument("--keep-state", action="store_true", help="keep each scenario's state directory")
+    p.add_argument(
+        "--protocol",
+        choices=["http2", "quic"],
+        default="http2",
+        help="the tunnel transport every scenario's connector uses (`run --protocol`; default http2)",
+    )
     p.add_argument(
         "--loglevel",
         default="info",

@@ -101,6 +101,8 @@ RELEASE_TABLE: dict[str, Gate] = {
     "--credentials-file": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/subcommands.go (CredFileFlag)"),
     "--token": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/subcommands.go (TunnelTokenFlag)"),
     "--url": Gate(OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/cmd.go (configureProxyFlags)"),
+    "--max-edge-addr-retries": Gate(
+        OLDEST_SUPPORTED, "cmd/cloudflared/tunnel/cmd.go (hidden: not in --help; supervisor IpAddrFallback)"),
     "--dns-resolver-addrs": Gate(
         Release(2025, 7, 0),
         "cmd/cloudflared/flags/flags.go (VirtualDNSServiceResolverAddresses), "

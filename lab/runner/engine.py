@@ -76,6 +76,8 @@ class ScenarioResult:
 
 
 def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
+    if options.protocol != "http2" and sc.http2_only:
+        return f"http2 only: {sc.http2_only}"
     have = CONNECTOR_FEATURES.get(options.connector, set())
     # Features gated by cloudflared's release are judged by the probed binary (lab/runner/cloudflared.py).
     by_release = options.connector == "cloudflared"
@@ -139,7 +141,7 @@ async def run_scenario(
         result.message = redactor.text(result.message)
         result.mismatches = [redactor.text(m) for m in result.mismatches]
         result.duration = time.monotonic() - started
-        apply_known_deviation(sc, options.connector, result)
+        apply_known_deviation(sc, options.connector, result, protocol=options.protocol)
         result.exchanges = runner.exchanges
         if result.status != "passed":
             result.logs = lab.log_tails()
@@ -157,10 +159,14 @@ async def run_scenario(
     return result
 
 
-def apply_known_deviation(sc: Scenario, connector: str, result: ScenarioResult) -> None:
+def apply_known_deviation(sc: Scenario, connector: str, result: ScenarioResult, *,
+                          protocol: str = "http2") -> None:
     """A failure the scenario marks as a known deviation of this connector is reported as such (it does
-    not fail the run); a pass despite the marker gets a note, so stale markers are noticed."""
+    not fail the run); a pass despite the marker gets a note, so stale markers are noticed. Over QUIC a
+    `CONNECTOR-quic` entry, when there is one, replaces the connector's own."""
     reason = sc.known_deviations.get(connector)
+    if protocol != "http2":
+        reason = sc.known_deviations.get(f"{connector}-{protocol}", reason)
     if not reason:
         return
     # A failed step, or a set-up that failed on the components (not an internal error of the runner).
@@ -189,6 +195,11 @@ class _Runner:
             await self.run_step(step)
 
     async def run_step(self, step: Step) -> None:
+        if step.http2_only and self.lab.options.protocol != "http2":
+            self.note(f"{step.title}: not run over {self.lab.options.protocol}")
+            self.lab.recorder.op("step-skipped", step=step.index, line=step.line,
+                                 reason=f"http2 only: {step.http2_only}")
+            return
         if step.after:
             await trio.sleep(step.after)
         self.note(step.title)
@@ -464,6 +475,60 @@ class _Runner:
                 )
         if problems:
             raise StepFailure(step, f"TCP via {spec['via']}", problems)
+
+    async def do_udp(self, step: Step, spec: dict[str, Any]) -> None:
+        """Datagrams through an edge UDP forward port to `target` (edge/udp.py), one at a time."""
+        from origin_fixtures import dns
+
+        forward = await self.lab.api("POST", "/udp-forwards", {"destination": spec["target"],
+                                                              "drop_every": int(spec.get("drop_every", 0))})
+        host, _, port = str(forward["listen"]).rpartition(":")
+        query = spec.get("dns")
+        if query is not None:
+            payload = dns.build_query(query["name"], query.get("type", "A"))
+        elif spec.get("send_bytes") is not None:
+            payload = bytes(i % 251 for i in range(spec["send_bytes"]))
+        else:
+            payload = spec.get("send", "hello over udp").encode()
+        expect = spec.get("expect", {})
+        count = int(spec.get("count", 1))
+        timeout = parse_duration(spec.get("timeout", "3s"))
+        answered, problems = 0, []
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("127.0.0.1", 0))
+            for i in range(count):
+                await sock.sendto(payload, (host.strip("[]"), int(port)))
+                reply: bytes | None = None
+                with trio.move_on_after(timeout):
+                    reply, _ = await sock.recvfrom(65536)
+                self.lab.recorder.op("udp", step=step.index, n=i, target=spec["target"], sent=len(payload),
+                                     received=None if reply is None else len(reply))
+                if reply is None:
+                    continue
+                answered += 1
+                if query is not None:
+                    try:
+                        _id, rcode, records = dns.parse_answer(reply)
+                    except ValueError as exc:
+                        problems.append(Mismatch("dns answer", "a DNS response", f"undecodable: {exc}"))
+                        continue
+                    want = expect.get("answers")
+                    if rcode != 0 or (want is not None and records != want):
+                        problems.append(Mismatch("dns answer", {"rcode": 0, "answers": want},
+                                                 {"rcode": rcode, "answers": records}))
+                elif expect.get("echo", True) and reply != payload:
+                    problems.append(Mismatch("udp echo", _short(payload), _short(reply)))
+        if "answered" in expect and answered != expect["answered"]:
+            problems.append(Mismatch("udp answers", f"exactly {expect['answered']} of {count}", answered))
+        if expect.get("no_answer"):
+            if answered:
+                problems.append(Mismatch("udp", "no answer", f"{answered} answers"))
+        elif "answered" not in expect and answered < int(expect.get("min_answered", count)):
+            problems.append(Mismatch("udp answers", f"{expect.get('min_answered', count)} of {count}",
+                                     f"{answered} (no answer within {timeout:g}s)"))
+        if problems:
+            raise StepFailure(step, f"UDP to {spec['target']} via {forward['listen']}", problems[:5])
 
     async def _access_listener(self, hostname: str) -> int:
         """Start `tunnel-lab access tcp` for `hostname` once; return its local port."""

@@ -44,6 +44,7 @@ class RunOptions:
     keep_state: bool = False
     loglevel: str = "info"
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
+    protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
 
 
 @dataclass
@@ -296,6 +297,7 @@ class Lab:
             url=self.subst(spec.url) if spec.url else None,
             run_flags=self.subst(list(spec.run_flags)),
             tunnel_id=tunnel_id,
+            protocol=spec.protocol or self.options.protocol,
         )
         comp = Component("connector", argv, self.logs / "connector.log", env=self.env())
         old = self.components.get("connector")

@@ -27,6 +27,7 @@ ACTIONS = (
     "request",
     "websocket",
     "tcp",
+    "udp",
     "raw",
     "parallel",
     "wait",
@@ -313,6 +314,7 @@ class ConnectorSpec:
     token: bool = False
     start: bool = True
     wait_ready: int = 1
+    protocol: str | None = None  # the scenario's own transport (UDP needs quic), over `run --protocol`
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ class Step:
     repeat: int = 1
     concurrency: int = 1
     children: tuple[Step, ...] = ()
+    http2_only: str = ""  # why the step holds only over http2 (not run under `run --protocol quic`)
 
     @property
     def title(self) -> str:
@@ -353,6 +356,7 @@ class Scenario:
     steps: tuple[Step, ...]
     # connector ("builtin" | "cloudflared") -> why it is known to fail this scenario (docs/scenarios.md)
     known_deviations: dict[str, str] = field(default_factory=dict)
+    http2_only: str = ""  # why the whole scenario holds only over http2 (skipped under --protocol quic)
 
     def origin(self, name: str) -> OriginSpec:
         return next(o for o in self.origins if o.name == name)
@@ -458,6 +462,7 @@ def _build(doc: Document) -> Scenario:
             ingress=tuple(c["ingress"]) if "ingress" in c else None,
             origin_request=c.get("originRequest"),
             warp_routing=c.get("warp_routing", False),
+            protocol=c.get("protocol"),
             flags=tuple(c.get("flags", [])),
             run_flags=tuple(c.get("run_flags", [])),
             credentials=c.get("credentials", "valid"),
@@ -480,6 +485,7 @@ def _build(doc: Document) -> Scenario:
         connector=connector,
         steps=steps,
         known_deviations={k: v.strip() for k, v in data.get("known_deviations", {}).items()},
+        http2_only=str(data.get("http2_only", "")).strip(),
     )
     _check_semantics(doc, scenario)
     return scenario
@@ -519,6 +525,7 @@ def _build_step(doc: Document, raw: dict[str, Any], path: Path_, index: str) -> 
         repeat=raw.get("repeat", 1),
         concurrency=raw.get("concurrency", 1),
         children=children,
+        http2_only=str(raw.get("http2_only", "")).strip(),
     )
 
 

@@ -43,6 +43,7 @@ def run_all(
         keep_state=args.keep_state,
         loglevel=args.loglevel,
         capabilities=capabilities,
+        protocol=getattr(args, "protocol", "http2"),
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     if netns.inside():

@@ -1,6 +1,6 @@
 """Conformance: a connector started with the lab's offline command line (docs/protocol.md §10.2), in a
 private network namespace, registers its HA connections with our edge, serves HTTP and a large POST, and
-drains on SIGTERM.
+drains on SIGTERM; over http2 and over QUIC (with `--post-quantum`).
 
 The real cloudflared runs when TUNNEL_LAB_CLOUDFLARED names its binary; our connector runs the same
 command line (with `tunnel-lab connector` in place of `cloudflared`) so the harness itself is tested.
@@ -32,6 +32,7 @@ from lab.runner import netns
 netns.enter_inside()  # lo up, resolv.conf naming 127.0.0.1, the NXDOMAIN stub
 
 work = Path(sys.argv[1]); connector = json.loads(sys.argv[2]); py = sys.executable
+run_flags = json.loads(sys.argv[3])  # --protocol ... (and --post-quantum over QUIC)
 state = work / "state"
 env = {**os.environ, "TUNNEL_LAB_STATE": str(state)}
 result = {"steps": []}
@@ -77,7 +78,7 @@ try:
     conn = start([*connector, "tunnel", "--no-autoupdate", "--no-prechecks", "--edge", "127.0.0.1:7844",
                   "--edge", "127.0.0.2:7844", "--edge", "127.0.0.3:7844", "--ha-connections", "2",
                   "--cacert", ready["ca"], "--metrics", "127.0.0.1:0", "--grace-period", "5s",
-                  "run", "--protocol", "http2", "--credentials-file", str(creds),
+                  "run", *run_flags, "--credentials-file", str(creds),
                   "--dns-resolver-addrs", "127.0.0.1:53", "--url", origin["url"], tunnel_id], "connector.log")
     end = time.monotonic() + 30
     while len(api(ready, "/connections")) < 2:
@@ -132,15 +133,19 @@ def _connectors() -> list:
     ]
 
 
+@pytest.mark.parametrize("run_flags", [["--protocol", "http2"], ["--protocol", "quic", "--post-quantum"]],
+                         ids=["http2", "quic"])
 @pytest.mark.parametrize("connector", _connectors())
-def test_connector_in_a_private_namespace_through_our_edge(tmp_path: Path, connector: list[str]) -> None:
+def test_connector_in_a_private_namespace_through_our_edge(tmp_path: Path, connector: list[str],
+                                                           run_flags: list[str]) -> None:
     ok, why = netns.available()
     if not ok:
         pytest.skip(f"cannot create a private network namespace here: {why}")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([*UNSHARE, sys.executable, str(driver), str(tmp_path), json.dumps(connector)],
+    run = subprocess.run([*UNSHARE, sys.executable, str(driver), str(tmp_path), json.dumps(connector),
+                          json.dumps(run_flags)],
                          capture_output=True, text=True, timeout=120, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)})
     logs = {name: (tmp_path / name).read_text()[-3000:] for name in ("edge.log", "connector.log")
@@ -154,3 +159,5 @@ def test_connector_in_a_private_namespace_through_our_edge(tmp_path: Path, conne
     assert steps["config"]["ingress"]
     assert steps["sigterm"]["exit_code"] == 0 and steps["sigterm"]["left"] == 0, logs
     assert "Traceback" not in logs.get("edge.log", "")
+    if "quic" in run_flags:
+        assert "connector connected over QUIC" in (tmp_path / "edge.log").read_text(), logs

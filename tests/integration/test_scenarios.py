@@ -25,7 +25,7 @@ from tests.standin import logged_argvs, write_standin
 ROOT = Path(__file__).resolve().parents[2]
 
 # One or two per family of the library: requests, ingress, websocket, tcp, certificates, failover,
-# registration. Each runs in a few seconds.
+# registration, UDP. Each runs in a few seconds.
 SUBSET = [
     "http-get-echo",
     "http-post-framing",
@@ -37,6 +37,7 @@ SUBSET = [
     "registration-unauthorized",
     "hostile-rapid-reset",
     "hostile-cl-te",
+    "udp-dns-private-resolver",  # QUIC: UDP sessions over RPC streams and datagrams, an edge UDP forward
 ]
 
 

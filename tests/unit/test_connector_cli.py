@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import sys
@@ -437,12 +438,12 @@ def test_run_usage_errors(lab: Path, argv: list[str], expected: str) -> None:
                 "127.0.0.1:1",
                 "run",
                 "--protocol",
-                "quic",
+                "udp",
                 "--credentials-file",
                 "creds.json",
                 TUNNEL_ID,
             ],
-            "only http2 is supported by this connector",
+            "Unknown protocol udp, available protocols: auto, http2, quic",
         ),
         (
             [
@@ -516,13 +517,26 @@ def test_bad_credentials_file_names_file_and_key(lab: Path) -> None:
     assert "bad.json" in str(info.value) and "TunnelSecret" in str(info.value)
 
 
-@pytest.mark.parametrize("proto", ["auto", "h2mux", "http2"])
-def test_protocols_that_mean_http2(lab: Path, proto: str) -> None:
-    settings, notes = settings_for(
-        ["tunnel", "--edge", "127.0.0.1:1", "run", "-p", proto, "--credentials-file", "creds.json", TUNNEL_ID]
-    )
+@pytest.mark.parametrize(("proto", "token", "initial", "fallback"), [
+    ("auto", False, "http2", False),  # cloudflared offline: no TXT answer for a credentials file
+    ("auto", True, "quic", True),
+    ("h2mux", False, "http2", False),
+    ("http2", True, "http2", False),
+    ("quic", False, "quic", False),
+    ("QUIC", True, "quic", False),
+])
+def test_protocol_choice(lab: Path, proto: str, token: bool, initial: str, fallback: bool) -> None:
+    """connection/protocol.go NewProtocolSelector, as it resolves offline."""
+    if token:
+        creds = json.loads((lab / "creds.json").read_text())
+        raw = json.dumps({"a": creds["AccountTag"], "s": creds["TunnelSecret"], "t": creds["TunnelID"]})
+        source = ["--token", base64.b64encode(raw.encode()).decode()]
+    else:
+        source = ["--credentials-file", "creds.json", TUNNEL_ID]
+    settings, notes = settings_for(["tunnel", "--edge", "127.0.0.1:1", "run", "-p", proto, *source])
     assert settings.credentials.tunnel_id == uuid.UUID(TUNNEL_ID)
-    assert any("means http2" in n for n in notes) == (proto != "http2")
+    assert (settings.protocol, settings.protocol_can_fall_back) == (initial, fallback)
+    assert any("h2mux is no longer a supported protocol" in n for n in notes) == (proto == "h2mux")
 
 
 # --- flag levels (urfave/cli wording) ------------------------------------------------------------

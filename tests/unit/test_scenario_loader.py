@@ -275,3 +275,36 @@ def test_cli_cloudflared_needs_a_binary(
     assert "needs --cloudflared PATH" in capsys.readouterr().err
     assert main(["--connector", "cloudflared", "--cloudflared", str(tmp_path / "nope"), str(tmp_path)]) == 2
     assert f"--cloudflared {tmp_path / 'nope'}: no such file" in capsys.readouterr().err
+
+
+UDP = textwrap.dedent("""\
+    name: udp-sample
+    description: UDP through the tunnel
+    topology:
+      origins:
+        dns: {kind: dns}
+      tunnels:
+        main: {ip: [127.0.0.0/8]}
+      connector:
+        tunnel: main
+        protocol: quic
+        warp_routing: true
+    steps:
+      - udp: {target: "${origins.dns.address}", dns: {name: a.test, type: A}, count: 2,
+              expect: {answers: [192.0.2.1]}}
+    """)
+
+
+def test_udp_step_and_connector_protocol() -> None:
+    sc = parse_scenario(UDP, "udp.yaml")
+    assert sc.connector is not None and sc.connector.protocol == "quic"
+    assert sc.steps[0].action == "udp" and sc.steps[0].spec["count"] == 2
+
+
+def test_udp_step_errors_name_the_line() -> None:
+    err = error_of(UDP.replace('target: "${origins.dns.address}", ', ""))
+    assert err.line == 13 and "target" in str(err)
+    err = error_of(UDP.replace("protocol: quic", "protocol: udp"))
+    assert err.line == 10 and "protocol" in str(err) and "'udp'" in str(err)
+    err = error_of(UDP.replace("type: A", "type: MX"))
+    assert err.line == 13 and "AAAA" in str(err)
