@@ -4,10 +4,11 @@ Roles: the connector dials the edge and is the **TLS client**, but on that conne
 server** (`client_side=False`); the edge sends the preface and opens every stream. On the control stream the
 connector is the Cap'n Proto **RPC client** (`wire.rpc.RpcClient`).
 
-Tasks per connection: a reader (socket -> h2 -> per-stream inboxes), a writer (h2 -> socket, woken by
-`flush`/`push`), the control task (registration, local config, unregister) and one task per eyeball stream. A
-stream's failure becomes a RST_STREAM; only socket errors and protocol violations end the connection, and
-`run` then raises an `EdgeConnectionError` whose class tells the supervisor how to retry.
+Tasks per connection: a reader (socket -> h2 -> per-stream inboxes), a writer (`transport.writer.H2Writer`:
+h2 -> socket, woken by `flush`/`push`), the control task (registration, local config, unregister) and one
+task per eyeball stream. A stream's failure becomes a RST_STREAM; only socket errors and protocol
+violations end the connection, and `run` then raises an `EdgeConnectionError` whose class tells the
+supervisor how to retry.
 
 Beside it: the errors (connector/edge_errors.py), TLS and dialling (connector/edge_dial.py), the stream the
 handlers see (connector/tunnel_stream.py).
@@ -45,6 +46,7 @@ from connector.settings import TunnelSettings
 from connector.state import ConnectorState
 from connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
 from transport.h2 import StreamProtocolError, TunnelH2Connection
+from transport.writer import H2Writer
 from wire import registration as reg
 from wire.errors import TunnelLabError
 from wire.headers import StreamType, classify_stream
@@ -64,9 +66,6 @@ class StreamHandler(Protocol):
 PREFACE_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
 MAX_FRAME = 1 << 20
-# A stream's writes only wake the writer (HEADERS, DATA and END_STREAM written back to back leave in one TLS
-# write); a stream waits for the socket only once this much is queued (backpressure on bulk bodies).
-PUSH_WAIT = 64 * 1024
 MAX_HEADER_LIST = 1048896
 NO_RFC7540_PRIORITIES = 0x9
 
@@ -114,6 +113,7 @@ class EdgeConnection:
         self.h2 = TunnelH2Connection(config, local_settings=_server_settings(),
                                      keep_streams_after_goaway=True, body_errors_reset_stream=True)
         self.stream: trio.abc.Stream | None = None
+        self.writer: H2Writer | None = None
         self.streams: dict[int, IncomingStream] = {}
         self.details: reg.ConnectionDetails | None = None
         self.registered = False
@@ -122,13 +122,6 @@ class EdgeConnection:
         self._failure: EdgeConnectionError | None = None
         self._nursery: trio.Nursery | None = None
         self._conn_credit = 0
-        self._want = 0
-        self._written = 0
-        self._writer_ok = True  # False once a write to the edge failed or was cut short
-        self._outbuf = bytearray()  # bytes taken from h2 for the writer (before anything h2 still holds)
-        self.queued = 0  # DATA payload bytes h2 holds that the writer has not taken yet
-        self._wake_writer = trio.Event()
-        self._written_event = trio.Event()
         self._window_event = trio.Event()
         self._settings_seen = trio.Event()
         self._control_arrived = trio.Event()
@@ -163,26 +156,22 @@ class EdgeConnection:
 
     async def flush(self) -> None:
         """Have the writer send everything h2 has queued; returns once it was written."""
-        if self.dead:
+        if self.dead or self.writer is None:
             raise StreamGone(f"{self.label}: connection with edge closed")
-        self._want += 1
-        target = self._want
-        self._wake_writer.set()
-        while self._written < target:
-            if self.dead:
-                raise StreamGone(f"{self.label}: connection with edge closed")
-            await self._written_event.wait()
+        try:
+            await self.writer.flush()
+        except trio.BrokenResourceError:
+            raise StreamGone(f"{self.label}: connection with edge closed") from None
 
-    async def push(self) -> None:
-        """Have the writer send everything h2 has queued at its next wakeup, without waiting for it unless
-        `PUSH_WAIT` bytes are queued. Writes made before the writer runs leave in one TLS write."""
-        if self.queued >= PUSH_WAIT:
-            await self.flush()
-            return
-        if self.dead:
+    async def push(self, queued: int = 0) -> None:
+        """Have the writer send what h2 has queued (`queued` more DATA bytes) at its next pass, without
+        waiting for it below `transport.writer.PUSH_WAIT` queued bytes."""
+        if self.dead or self.writer is None:
             raise StreamGone(f"{self.label}: connection with edge closed")
-        self._wake_writer.set()
-        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await self.writer.push(queued)
+        except trio.BrokenResourceError:
+            raise StreamGone(f"{self.label}: connection with edge closed") from None
 
     async def wait_for_window(self) -> None:
         await self._window_event.wait()
@@ -212,6 +201,8 @@ class EdgeConnection:
             raise dial_error
         if self.stream is None:
             return
+        # No write timeout: cloudflared's HTTP/2 server sets none (http2.Server{} in connection/http2.go).
+        writer = self.writer = H2Writer(self.h2, self.stream)
         sock = _socket_of(self.stream)
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -219,7 +210,7 @@ class EdgeConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self._write)
                 nursery.start_soon(self._reader)
                 try:
                     await self._main(shutdown)
@@ -230,14 +221,13 @@ class EdgeConnection:
                 nursery.cancel_scope.cancel()
         finally:
             self.dead = True
-            self._written_event.set()
             self._wake_window()
             if self.registered:
                 self.registered = False
                 if self._on_unregistered:
                     self._on_unregistered(self)
             with trio.CancelScope(shield=True):
-                pending = self._take_output() if self._writer_ok else b""
+                pending = writer.take_remaining()
                 if pending:  # what streams queued last (their writes do not wait) still goes out
                     with (trio.move_on_after(1),
                           contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
@@ -263,44 +253,17 @@ class EdgeConnection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def _stash_output(self) -> bool:
-        """Move what h2 queued to `_outbuf` (kept in order); True when the writer has something to send."""
-        data = self.h2.data_to_send()
-        if data:
-            self._outbuf += data
-        return bool(self._outbuf)
-
-    def _take_output(self) -> bytes:
-        data = self.h2.data_to_send()
-        if self._outbuf:
-            data = bytes(self._outbuf) + data
-            self._outbuf.clear()
-        return data
-
-    async def _writer(self) -> None:
-        assert self.stream is not None
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer = trio.Event()
-            target = self._want
-            data = self._take_output()
-            self.queued = 0
-            if data:
-                self._writer_ok = False  # until send_all returns (a cancelled send leaves a partial write)
-                try:
-                    await self.stream.send_all(data)
-                    self._writer_ok = True
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.debug("Writing to the edge failed connIndex=%d error=%s", self.conn_index,
-                              q(str(exc.__cause__ or exc)))
-                    self._fail(self._lost())
-                    return
-            self._written = target
-            self._written_event.set()
-            self._written_event = trio.Event()
+    async def _write(self) -> None:
+        assert self.writer is not None
+        try:
+            await self.writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("Writing to the edge failed connIndex=%d error=%s", self.conn_index,
+                      q(str(exc.__cause__ or exc)))
+            self._fail(self._lost())
 
     async def _reader(self) -> None:
-        assert self.stream is not None
+        assert self.stream is not None and self.writer is not None
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -324,8 +287,7 @@ class EdgeConnection:
             for event in events:
                 self._dispatch(event)
             # never wait for the writer here: reading must go on while our writes are blocked
-            if self._stash_output():  # ACKs, WINDOW_UPDATEs, RST_STREAMs h2 queued
-                self._wake_writer.set()
+            self.writer.wake()  # ACKs, WINDOW_UPDATEs, RST_STREAMs h2 queued
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -400,8 +362,8 @@ class EdgeConnection:
             self.streams.pop(ts.stream_id, None)
             if not any(s is not self._control for s in self.streams.values()):
                 self._streams_idle.set()
-            if not self.dead and self._stash_output():
-                self._wake_writer.set()
+            if not self.dead and self.writer is not None:
+                self.writer.wake()
 
     async def _call_handler(self, ts: IncomingStream, kind: StreamType) -> None:
         """Run the stream handler; its failures end the stream (RST_STREAM), never the connection."""

@@ -11,7 +11,7 @@ import trio
 from connector.edge_errors import EdgeDialError
 from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from connector.x509_text import go_tls_verify_error
-from transport.tls import TLSClientStream
+from transport.tls import TLSStream
 from wire.errors import TLSSetupError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | None = None,
-                    timeout: float = DIAL_TIMEOUT) -> TLSClientStream:
+                    timeout: float = DIAL_TIMEOUT) -> TLSStream:
     """TCP + TLS to one edge address within `timeout` (raises `EdgeDialError`)."""
     host, port = split_host_port(address)
     tcp: trio.SocketStream | None = None
@@ -60,7 +60,7 @@ async def dial_edge(address: str, ctx: ssl.SSLContext, *, bind_address: str | No
     try:
         with trio.fail_after(timeout):
             tcp = await trio.open_tcp_stream(host, port, local_address=bind_address)
-            stream = TLSClientStream(tcp, ctx, server_hostname=EDGE_SNI)
+            stream = TLSStream(tcp, ctx, server_hostname=EDGE_SNI)
             await stream.do_handshake()
             done = True
             return stream

@@ -22,13 +22,12 @@ class StreamOwner(Protocol):
     h2: TunnelH2Connection
     conn_index: int
     dead: bool
-    queued: int
 
     @property
     def label(self) -> str: ...
     def open_window(self, n: int, stream_id: int | None = None) -> None: ...
     async def flush(self) -> None: ...
-    async def push(self) -> None: ...
+    async def push(self, queued: int = 0) -> None: ...
     async def wait_for_window(self) -> None: ...
 
 MAX_READ = 256 * 1024  # most request-body bytes one receive_some returns
@@ -163,13 +162,13 @@ class IncomingStream:
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send body bytes within the edge's flow-control windows, flushed at once (SSE, chunked, pipes)."""
-        self.conn.queued += await send_within_window(
+        queued = await send_within_window(
             self.conn.h2, self.stream_id, data, end_stream=end_stream, flush=self.conn.flush,
             wait_for_window=self.conn.wait_for_window, check=self._check,
             closed=lambda exc: StreamGone(f"{self.label}: stream closed: {exc}"))
         if end_stream:
             self.local_ended = True
-        await self.conn.push()  # every write goes out at once: SSE and chunked responses stream
+        await self.conn.push(queued)  # every write goes out at once: SSE and chunked responses stream
 
     async def end(self) -> None:
         if not self.local_ended:

@@ -49,25 +49,35 @@ class _H2Server:
             SettingCodes.MAX_HEADER_LIST_SIZE: edge.config.max_request_headers,
         })
         self.writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
+        self.writer_error = ""  # why the writer stopped, once it did
         self.lot = trio.lowlevel.ParkingLot()
         self.exchanges: dict[int, H2Exchange] = {}
         self._resets = ResetFloodGuard(edge.config.eyeball_reset_limit, edge.config.eyeball_reset_window)
         self._refused_logged = False
 
     async def flush(self) -> None:
-        # Shielded and bounded like the tunnel side's: bytes taken from h2 must go out whole.
+        # Through the writer task, bounded like the tunnel side's: bytes taken from h2 go out whole.
         try:
             await self.writer.flush()
+        except trio.BrokenResourceError as exc:
+            raise EyeballGone(f"eyeball connection broke: {self.writer_error or exc}") from exc
+
+    async def _write(self, nursery: trio.Nursery) -> None:
+        try:
+            await self.writer.run()
         except WriteStalled:
-            raise EyeballGone("eyeball did not read in time") from None
+            self.writer_error = "eyeball did not read in time"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise EyeballGone(f"eyeball connection broke: {exc}") from exc
+            self.writer_error = str(exc)
+        log.debug("eyeball HTTP/2 connection ended: %s client=%s", self.writer_error, self.client)
+        nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
         self.h2.initiate_connection()
-        await self.flush()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write, nursery)
             try:
+                await self.flush()
                 await self._read_loop(nursery)
             except EyeballGone as exc:  # handled here, not inside the nursery's exception group
                 log.debug("eyeball HTTP/2 connection ended: %s client=%s", exc, self.client)

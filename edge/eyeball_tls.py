@@ -4,7 +4,6 @@ an invalid name is refused with `unrecognized_name`); h2 or HTTP/1.1 by ALPN."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from edge.eyeball_h2 import handle_h2_connection
 from edge.state import EdgeState, TunnelsView
 from edge.tunnel import TunnelConnection
 from lab.store import normalize_hostname
+from transport.tls import TLSStream
 from wire.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -88,27 +88,12 @@ class EyeballCertificates:
         return base
 
 
-async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream], tcp: trio.SocketStream) -> None:
-    """Send the TLS alert OpenSSL queued for a failed handshake (`unrecognized_name` from our SNI callback).
-
-    trio's SSLStream marks itself broken on an SSLError without writing what OpenSSL left in its outgoing
-    memory BIO, so the client would see a bare EOF instead of the alert. The BIO is trio's private
-    `_outgoing`; tests/component/test_edge_tls_alerts.py fails if that changes.
-    """
-    outgoing = getattr(tls, "_outgoing", None)
-    if not isinstance(outgoing, ssl.MemoryBIO):
-        return
-    pending = outgoing.read()
-    if pending:
-        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                                        OSError):
-            await tcp.send_all(pending)
-
-
 async def handle_tls_connection(edge: EdgeState[TunnelConnection], certs: EyeballCertificates,
                                 tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
     """TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN."""
-    tls = trio.SSLStream(tcp, certs.listener_context(), server_side=True)
+    # transport's TLS stream sends the alert a refused handshake leaves (`unrecognized_name` from the
+    # SNI callback above), where trio's SSLStream would drop it.
+    tls = TLSStream(tcp, certs.listener_context(), server_side=True)
     client = f"{peer[0]}:{peer[1]}"
     try:
         with trio.fail_after(edge.config.handshake_timeout):
@@ -116,7 +101,6 @@ async def handle_tls_connection(edge: EdgeState[TunnelConnection], certs: Eyebal
     except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError) as exc:
         log.info("eyeball TLS handshake failed: %s client=%s", exc.__cause__ or exc, client)
         with trio.CancelScope(shield=True):
-            await _send_pending_alert(tls, tcp)
             await tcp.aclose()
         return
     proto: Any = tls.selected_alpn_protocol()

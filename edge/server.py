@@ -30,6 +30,7 @@ from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsVie
 from edge.tunnel import H2TunnelConnection
 from lab import paths
 from lab.pki import LabPKI
+from transport.tls import TLSStream
 from transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class Edge:
     async def _tunnel_connection(self, tcp: trio.SocketStream, lst: TunnelListener) -> None:
         peer = _fmt(_peer(tcp))
         assert lst.ssl_context is not None
-        tls = trio.SSLStream(tcp, lst.ssl_context, server_side=True)
+        tls = TLSStream(tcp, lst.ssl_context, server_side=True)
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await tls.do_handshake()

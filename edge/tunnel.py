@@ -7,7 +7,7 @@ the `RegistrationServer` (wire.rpc.RpcServer does the bytes; this module does th
 decisions: credentials, EDUPCONN, faults).
 
 Concurrency: one reader task feeds h2 and dispatches events synchronously; every task that changes
-h2 state flushes `data_to_send()` through one `transport.writer.H2Writer`. A stream id is allocated and
+h2 state has the writer task (`transport.writer.H2Writer`) send it (`flush`). A stream id is allocated and
 its HEADERS queued without an await in between, so ids go out strictly increasing.
 """
 
@@ -29,7 +29,6 @@ from h2.errors import ErrorCodes
 from edge.h2conn import new_tunnel_h2
 from edge.state import EdgeState
 from transport.h2 import TunnelH2Connection, send_within_window
-from transport.tls import take_buffered_tls
 from transport.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
@@ -269,10 +268,11 @@ class H2TunnelConnection:
         if extra > 0:
             self.h2.increment_flow_control_window(extra)
         self.h2.send_headers(CONTROL_STREAM_ID, CONTROL_HEADERS, end_stream=False)
-        await self.flush()
-        log.debug("HTTP/2 preface, SETTINGS and control stream sent %s", self.ident())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._write)
+            await self.flush()
+            log.debug("HTTP/2 preface, SETTINGS and control stream sent %s", self.ident())
             nursery.start_soon(self._control_loop)
             nursery.start_soon(self._registration_deadline)
             await self._reader()
@@ -288,7 +288,7 @@ class H2TunnelConnection:
     async def _reader(self) -> None:
         first = True
         while True:
-            data = await self.transport.receive_some(65536)
+            data = await self.transport.receive_some()  # TLS: every record already received
             if not data:
                 if first:
                     self._note_close("closed right after the TLS handshake (a precheck probe?)")
@@ -298,7 +298,6 @@ class H2TunnelConnection:
                     log.info("connector closed the tunnel connection %s", self.ident())
                 return
             first = False
-            data = take_buffered_tls(self.transport, data)
             self._guard.feed(bytes(data))
             try:
                 events = self.h2.receive_data(data)
@@ -694,13 +693,17 @@ class H2TunnelConnection:
             self._idle_lot.unpark_all()
 
     # ---- sending, closing --------------------------------------------------------------------
-    async def flush(self) -> None:
-        """Send whatever h2 has queued (one writer at a time, shielded, bounded by write_timeout)."""
+    async def _write(self) -> None:
         try:
-            await self._writer.flush()
+            await self._writer.run()
         except WriteStalled:
             self.abort(f"the connector did not read for {self.edge.config.write_timeout:g}s")
-            raise trio.BrokenResourceError("write to the connector timed out") from None
+
+    async def flush(self) -> None:
+        """Send whatever h2 has queued (through the writer task, bounded by write_timeout).
+
+        Raises `trio.BrokenResourceError` once the connection can write no more."""
+        await self._writer.flush()
 
     async def _stream_flush(self) -> None:
         """`flush` for stream handlers: a dead transport becomes a TunnelStreamError and ends the

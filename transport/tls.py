@@ -1,14 +1,12 @@
-"""TLS streams that hand out every TLS record already received in one read.
+"""One TLS stream for both sides: `TLSStream`, over the ssl module's memory BIOs (public `ssl` API only).
 
-trio's `SSLStream.receive_some` returns one TLS record (at most 16 KiB) per call, with a scheduler pass in
-between: a 64 KiB HTTP/2 DATA frame then costs four reader passes. Two ways around it, one per side:
-
-- `take_buffered_tls(stream, data)`: the edge accepts with trio's `SSLStream` (server side, SNI,
-  certificate swaps); after each `receive_some` this decrypts the records already whole in the stream's
-  incoming buffer. It reads `SSLStream._ssl_object` and `SSLStream._incoming` (trio internals, pinned
-  by tests/unit/test_transport_tls.py; pyproject bounds trio).
-- `TLSClientStream`: the connector's client side does its own TLS over memory BIOs (public `ssl` API
-  only), decrypting everything that arrived in one receive.
+trio's `SSLStream` returns one TLS record (at most 16 KiB) per `receive_some`, with a scheduler pass in
+between: a 64 KiB HTTP/2 DATA frame then costs four reader passes. Here one receive decrypts every complete
+record the socket had, so h2 parses a whole batch of frames at once. It also sends the alert OpenSSL queued
+when a handshake fails (trio's `SSLStream` drops it: a client would see a bare EOF instead of, say,
+`unrecognized_name` from the edge's SNI callback). The edge accepts with it (`server_side=True`: the SNI
+callback and certificate swaps are the `SSLContext`'s, as before) and the connector dials with it; nothing
+reads trio internals any more.
 """
 
 from __future__ import annotations
@@ -19,60 +17,41 @@ from typing import Any
 
 import trio
 
-TLS_RECEIVE_SIZE = 256 * 1024  # most bytes one socket read takes
+from transport.writer import acquire_fast
+
+TLS_RECEIVE_SIZE = 256 * 1024  # most bytes one socket read takes, and one receive_some returns
 
 
-TLS_BATCH = 256 * 1024  # the reader takes up to this much already-received TLS data per pass
+class TLSStream(trio.abc.Stream):
+    """TLS over any trio stream (client, or server with `server_side=True`).
 
+    Errors are trio's: `trio.BrokenResourceError` (the `ssl` or `OSError` as its cause),
+    `trio.ClosedResourceError`. Reading and writing may run in different tasks (one of each); the TLS
+    records either produces (a TLS 1.3 session ticket after a read, say) leave through one send lock, in
+    the order OpenSSL made them."""
 
-def take_buffered_tls(transport: Any, data: bytes | bytearray) -> bytes | bytearray:
-    """`data` plus every further TLS record already received and buffered, decrypted now.
-
-    trio's `SSLStream.receive_some` returns one TLS record (at most 16 KiB) per call, with a
-    scheduler pass in between; a 64 KiB DATA frame then costs four reader passes (h2 buffering,
-    frame guard, flush check each time). Records that are already whole in the stream's incoming
-    buffer are read here without waiting. Anything unusual (an incomplete record, close_notify, a
-    TLS error) is left in place for the next `receive_some`, which handles it as before. Not a trio
-    `SSLStream` (tests' memory streams): `data` unchanged.
-    """
-    ssl_object = getattr(transport, "_ssl_object", None)
-    incoming = getattr(transport, "_incoming", None)
-    if ssl_object is None or incoming is None or not incoming.pending:
-        return data
-    parts = [data]
-    size = len(data)
-    while size < TLS_BATCH and (incoming.pending or ssl_object.pending()):
-        try:
-            more = ssl_object.read(TLS_BATCH - size)
-        except ssl.SSLError:  # incl. SSLWantReadError: a partial record; trio reads the rest
-            break
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class TLSClientStream(trio.abc.Stream):
-    """A TLS client over any trio stream, with the ssl module's memory BIOs (the connector's edge connection).
-
-    trio's `SSLStream` returns one TLS record (at most 16 KiB) per `receive_some`, with a scheduler round
-    trip each: here one receive decrypts every complete record the socket had, so h2 parses a whole batch
-    of frames at once. Errors are trio's: `trio.BrokenResourceError` (the `ssl` or `OSError` as its cause),
-    `trio.ClosedResourceError`. Reading and writing may run in different tasks (one of each)."""
-
-    def __init__(self, transport_stream: trio.abc.Stream, ctx: ssl.SSLContext,
-                 server_hostname: str) -> None:
+    def __init__(self, transport_stream: trio.abc.Stream, ctx: ssl.SSLContext, *,
+                 server_side: bool = False, server_hostname: str | None = None) -> None:
         self.transport_stream = transport_stream
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
+        self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                 server_hostname=server_hostname)
         self._eof = False
+        self._send_lock = trio.Lock()
+        self._write_intact = True  # False once a send was cut short (cancelled or failed mid-record)
 
     async def _send_pending(self) -> None:
-        data = self._outgoing.read()
-        if data:
-            await self.transport_stream.send_all(data)
+        if not self._outgoing.pending:
+            return
+        await acquire_fast(self._send_lock)
+        try:
+            while self._outgoing.pending:  # what the other task added meanwhile goes out too, in order
+                self._write_intact = False
+                await self.transport_stream.send_all(self._outgoing.read())
+                self._write_intact = True
+        finally:
+            self._send_lock.release()
 
     async def _refill(self) -> None:
         data = await self.transport_stream.receive_some(TLS_RECEIVE_SIZE)
@@ -90,7 +69,7 @@ class TLSClientStream(trio.abc.Stream):
                 done = False
             except ssl.SSLError as exc:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._send_pending()  # the alert, as trio's SSLStream sends it
+                    await self._send_pending()  # the alert (trio's SSLStream drops it)
                 raise trio.BrokenResourceError(str(exc)) from exc
             await self._send_pending()
             if done:
@@ -98,16 +77,19 @@ class TLSClientStream(trio.abc.Stream):
             await self._refill()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Everything decryptable so far (b"" once the peer closed the TLS session)."""
+        """Everything decryptable so far, up to `max_bytes` (b"" once the peer closed the TLS session)."""
+        limit = TLS_RECEIVE_SIZE if max_bytes is None else max_bytes
         while True:
             parts: list[bytes] = []
+            size = 0
             try:
-                while True:
-                    chunk = self._ssl.read(TLS_RECEIVE_SIZE)
+                while size < limit:
+                    chunk = self._ssl.read(limit - size)
                     if not chunk:  # the peer's close_notify
                         self._eof = True
                         break
                     parts.append(chunk)
+                    size += len(chunk)
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:
@@ -115,8 +97,14 @@ class TLSClientStream(trio.abc.Stream):
             except ssl.SSLError as exc:
                 if not parts:
                     raise trio.BrokenResourceError(str(exc)) from exc
+            if self._outgoing.pending and not self._send_lock.locked():
+                # Records the read made (a ticket, a key update's answer); a send under way takes
+                # them itself, so the reader never waits behind a blocked writer for these.
+                # A broken socket: the writer and the next read see it.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._send_pending()
             if parts:
-                return b"".join(parts)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             if self._eof:
                 await trio.lowlevel.checkpoint()
                 return b""
@@ -135,12 +123,19 @@ class TLSClientStream(trio.abc.Stream):
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._ssl.getpeercert(binary_form)
 
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
     async def aclose(self) -> None:
-        """Send close_notify (without waiting for the peer's), then close the socket."""
+        """Send close_notify (without waiting for the peer's), then close the socket.
+
+        Not after a send was cut short, nor while another task is still sending: a close_notify after
+        part of a record is garbage to the peer, so then the socket just closes."""
         try:
-            with contextlib.suppress(ssl.SSLError):
-                self._ssl.unwrap()
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await self._send_pending()
+            if self._write_intact and not self._send_lock.locked():
+                with contextlib.suppress(ssl.SSLError):
+                    self._ssl.unwrap()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self._send_pending()
         finally:
             await self.transport_stream.aclose()

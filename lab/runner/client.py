@@ -25,8 +25,8 @@ import trio
 import wsproto
 import wsproto.events
 
+from transport.hpack import LongValueEncoder
 from wire.errors import TunnelLabError
-from wire.hpack_encoder import LongValueEncoder
 
 KEEP_BYTES = 1 << 20  # body prefix kept for body/json checks
 CHUNK = 64 * 1024

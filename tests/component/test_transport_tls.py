@@ -1,5 +1,5 @@
-"""transport.tls: the memory-BIO TLS client (the connector's stream to the edge) against trio's own TLS
-server side, and the edge's batching of TLS records already buffered in trio's SSLStream."""
+"""transport.tls.TLSStream: the memory-BIO TLS stream, as a client (the connector's stream to the edge)
+against trio's own TLS server side, and as a server (the edge's listeners) against trio's client side."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import trio.testing
 import trustme
 
 from connector.edge_dial import EDGE_SNI
-from transport.tls import TLSClientStream, take_buffered_tls
+from transport.tls import TLSStream
 
 Handler = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
 
@@ -28,7 +28,7 @@ def _contexts(trusted: bool = True) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 async def _with_server(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, handler: Handler,
-                       body: Callable[[TLSClientStream], Awaitable[None]]) -> None:
+                       body: Callable[[TLSStream], Awaitable[None]]) -> None:
     async def serve(tcp: trio.SocketStream) -> None:
         stream = trio.SSLStream(tcp, server_ctx, server_side=True)
         try:
@@ -41,7 +41,7 @@ async def _with_server(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, h
         listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        client = TLSClientStream(tcp, client_ctx, server_hostname=EDGE_SNI)
+        client = TLSStream(tcp, client_ctx, server_hostname=EDGE_SNI)
         try:
             await body(client)
         finally:
@@ -60,7 +60,7 @@ async def test_one_receive_returns_every_record_that_arrived():
         sent.set()
         await stream.aclose()  # close_notify
 
-    async def body(client: TLSClientStream) -> None:
+    async def body(client: TLSStream) -> None:
         await client.do_handshake()
         await client.send_all(b"ping")
         await sent.wait()
@@ -86,7 +86,7 @@ async def test_eof_without_close_notify_is_a_broken_stream():
         await stream.send_all(b"hello")
         await stream.transport_stream.aclose()  # TCP close, no close_notify
 
-    async def body(client: TLSClientStream) -> None:
+    async def body(client: TLSStream) -> None:
         await client.do_handshake()
         assert await client.receive_some() == b"hello"
         with pytest.raises(trio.BrokenResourceError) as info:
@@ -103,7 +103,7 @@ async def test_untrusted_certificate_fails_the_handshake_with_the_verify_error()
     async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
         await stream.receive_some()
 
-    async def body(client: TLSClientStream) -> None:
+    async def body(client: TLSStream) -> None:
         with pytest.raises(trio.BrokenResourceError) as info:
             await client.do_handshake()
         cause = info.value.__cause__
@@ -114,14 +114,17 @@ async def test_untrusted_certificate_fails_the_handshake_with_the_verify_error()
         await _with_server(server_ctx, client_ctx, handler, body)
 
 
-async def _tls_pair() -> tuple[trio.SSLStream, trio.SSLStream]:
+async def _tls_pair(make_pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+                    = trio.testing.memory_stream_pair) -> tuple[TLSStream, trio.SSLStream[trio.abc.Stream]]:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("edge.test").configure_cert(server_ctx)
+    server_ctx.set_alpn_protocols(["h2"])
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
-    left, right = trio.testing.memory_stream_pair()
-    server = trio.SSLStream(left, server_ctx, server_side=True)
+    client_ctx.set_alpn_protocols(["h2"])
+    left, right = make_pair()
+    server = TLSStream(left, server_ctx, server_side=True)
     client = trio.SSLStream(right, client_ctx, server_hostname="edge.test")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
@@ -129,30 +132,85 @@ async def _tls_pair() -> tuple[trio.SSLStream, trio.SSLStream]:
     return server, client
 
 
-async def test_reader_takes_every_buffered_tls_record_in_one_pass():
+async def test_server_side_reads_every_received_record_in_one_pass():
     with trio.fail_after(10):
         server, client = await _tls_pair()
+        assert server.selected_alpn_protocol() == "h2"
         payload = bytes(range(256)) * 256  # 64 KiB: four 16 KiB TLS records
         await client.send_all(payload)
-        first = await server.receive_some(65536)
-        assert len(first) < len(payload)  # trio hands out one record per call
-        got = take_buffered_tls(server, first)
-        assert got == payload  # the rest came from the buffer, in order, nothing lost or doubled
-        # Nothing buffered: unchanged; later data still flows through receive_some.
-        assert take_buffered_tls(server, b"x") == b"x"
+        assert await server.receive_some() == payload  # one receive, in order, nothing lost or doubled
+        await server.send_all(b"back")
+        assert await client.receive_some(65536) == b"back"
         await client.send_all(b"more")
-        assert await server.receive_some(65536) == b"more"
+        assert await server.receive_some(2) == b"mo"  # max_bytes holds; the rest waits, decrypted
+        assert await server.receive_some() == b"re"
 
 
-async def test_reader_batching_leaves_other_streams_alone():
-    left, _right = trio.testing.memory_stream_pair()
-    assert take_buffered_tls(left, b"abc") == b"abc"
-
-
-async def test_trio_ssl_stream_still_has_the_internals_we_read():
-    """take_buffered_tls reads these trio internals; a trio that renames them would silently make it a
-    no-op (every TLS record a reader pass again): fail here instead."""
+async def test_server_side_sends_the_alert_of_a_refused_handshake():
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("edge.test").configure_cert(server_ctx)
+    server_ctx.sni_callback = lambda *_: ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    left, right = trio.testing.memory_stream_pair()
+    server = TLSStream(left, server_ctx, server_side=True)
+    client = trio.SSLStream(right, client_ctx, server_hostname="edge.test")
     with trio.fail_after(10):
-        server, _client = await _tls_pair()
-    assert isinstance(server._ssl_object, ssl.SSLObject)  # type: ignore[attr-defined]
-    assert isinstance(server._incoming, ssl.MemoryBIO)  # type: ignore[attr-defined]
+        async with trio.open_nursery() as nursery:
+            async def serve() -> None:
+                with pytest.raises(trio.BrokenResourceError):
+                    await server.do_handshake()
+                await left.aclose()
+
+            nursery.start_soon(serve)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await client.do_handshake()
+    assert "UNRECOGNIZED_NAME" in str(info.value.__cause__).upper()  # the alert, not a bare EOF
+
+
+class _Stallable(trio.abc.Stream):
+    """A memory stream whose sends can be made to hang (a peer that stopped reading)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.stalled = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.stalled:
+            await trio.sleep_forever()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _stallable_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    left, right = trio.testing.memory_stream_pair()
+    return _Stallable(left), right
+
+
+async def test_no_close_notify_after_a_write_cut_short():
+    with trio.fail_after(10):
+        server, client = await _tls_pair(_stallable_pair)
+        assert isinstance(server.transport_stream, _Stallable)
+        server.transport_stream.stalled = True
+        cut = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            async def write() -> None:
+                with cut:
+                    await server.send_all(b"x" * (1 << 20))  # nobody reads: cut short
+
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            cut.cancel()
+        await server.aclose()  # no close_notify after half a record: the stream just closes
+        with pytest.raises(trio.BrokenResourceError):  # the client sees a broken stream, not a clean end
+            while await client.receive_some(1 << 20):
+                pass

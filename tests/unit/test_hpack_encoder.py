@@ -1,4 +1,5 @@
-"""wire.hpack_encoder: long values leave as plain literals, short ones Huffman-coded, all decodable."""
+"""wire.hpack_encoder + transport.hpack: long values leave as plain literals, short ones Huffman-coded,
+all decodable; and the override of `hpack.Encoder.add` still takes effect."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.hpack_encoder import HUFFMAN_LIMIT, LongValueEncoder
+from transport.hpack import LongValueEncoder
+from wire.hpack_encoder import HUFFMAN_LIMIT, huffman_worthwhile
 
 
 def test_a_long_value_is_a_plain_literal_and_decodes() -> None:
@@ -52,6 +54,13 @@ def test_every_block_decodes_to_what_was_encoded(headers: list[tuple[bytes, byte
 def test_the_limit_is_inclusive(size: int) -> None:
     block = LongValueEncoder().encode([(b"v", b"a" * size)])
     assert (b"a" * size in block) is (size > HUFFMAN_LIMIT)
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    (b"a", b"b" * HUFFMAN_LIMIT, True), (b"a", b"b" * (HUFFMAN_LIMIT + 1), False),
+    (b"a" * (HUFFMAN_LIMIT + 1), b"b", False), (b"a" * HUFFMAN_LIMIT, b"", True)])
+def test_the_decision_looks_at_name_and_value(name: bytes, value: bytes, expected: bool) -> None:
+    assert huffman_worthwhile(name, value) is expected
 
 
 @pytest.mark.parametrize("size", [HUFFMAN_LIMIT, HUFFMAN_LIMIT + 1])
