@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import load
-from bench import profile as profiling
-from bench.procs import (
+from tunnel_lab.bench import load
+from tunnel_lab.bench import profile as profiling
+from tunnel_lab.bench.procs import (
     BenchSetupError,
     Component,
     lab_command,
@@ -37,8 +37,8 @@ from bench.procs import (
     usage_of,
     wait_ready_file,
 )
-from lab.runner.cloudflared import BUILTIN, BinaryError, Capabilities, check_path, probe
-from lab.runner.procs import child_env, free_port
+from tunnel_lab.lab.runner.cloudflared import BUILTIN, BinaryError, Capabilities, check_path, probe
+from tunnel_lab.lab.runner.procs import child_env, free_port
 
 HOST = "bench.lab.test"
 WS_HOST = "ws.bench.lab.test"
@@ -528,7 +528,7 @@ def _ratio(base: Run | None, other: Run | None) -> str:
 
 def _reexec_in_netns(argv: list[str]) -> int:
     """Run `tunnel-lab bench ARGV` again inside a private network namespace (the runner's set-up)."""
-    from lab.runner import netns
+    from tunnel_lab.lab.runner import netns
 
     ok, why = netns.available()
     if not ok:
@@ -568,7 +568,7 @@ def main(argv: list[str]) -> int:
     load.choose_client(args.client)
     caps: Capabilities | None = None
     if args.cloudflared:
-        from lab.runner import netns
+        from tunnel_lab.lab.runner import netns
 
         try:
             args.cloudflared = check_path(args.cloudflared)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from wire.errors import TunnelLabError
+from tunnel_lab.wire.errors import TunnelLabError
 
 
 @dataclass

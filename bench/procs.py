@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.runner.procs import TUNNEL_LAB, tail
-from wire.errors import TunnelLabError
+from tunnel_lab.lab.runner.procs import TUNNEL_LAB, tail
+from tunnel_lab.wire.errors import TunnelLabError
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from connector.cli import main
+from tunnel_lab.connector.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

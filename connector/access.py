@@ -36,10 +36,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from connector.logging_setup import setup_logging
-from connector.websocket import MESSAGE_SIZE
-from transport.pipe import PipeDone, Way, pipe
-from wire.errors import ConfigError, OriginError, TunnelLabError
+from tunnel_lab.connector.logging_setup import setup_logging
+from tunnel_lab.connector.websocket import MESSAGE_SIZE
+from tunnel_lab.transport.pipe import PipeDone, Way, pipe
+from tunnel_lab.wire.errors import ConfigError, OriginError, TunnelLabError
 
 log = logging.getLogger(__name__)
 

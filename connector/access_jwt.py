@@ -27,8 +27,8 @@ import h11
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from connector.settings import AccessConfig
-from wire import jwt
+from tunnel_lab.connector.settings import AccessConfig
+from tunnel_lab.wire import jwt
 
 log = logging.getLogger(__name__)
 

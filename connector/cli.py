@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from connector import ingress
-from connector.config import ConfigFile, find_default_config, load_config, search_path_text
-from connector.flags import (
+from tunnel_lab.connector import ingress
+from tunnel_lab.connector.config import ConfigFile, find_default_config, load_config, search_path_text
+from tunnel_lab.connector.flags import (
     BY_NAME,
     CONFIG_FLAGS,
     FLAGS,
@@ -35,10 +35,10 @@ from connector.flags import (
     parse_value,
     value_text,
 )
-from connector.logging_setup import setup_logging
-from connector.protocol import choose_protocol
-from connector.settings import VERSION, OriginRequestConfig, TunnelSettings, WarpRoutingConfig
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.connector.logging_setup import setup_logging
+from tunnel_lab.connector.protocol import choose_protocol
+from tunnel_lab.connector.settings import VERSION, OriginRequestConfig, TunnelSettings, WarpRoutingConfig
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _protocol(res: Resolved, notes: list[str]) -> str:
 
 
 def _credentials(res: Resolved, args: Sequence[str]) -> Any:
-    from wire import credentials as wc  # the wire core's parser (credentials file and token)
+    from tunnel_lab.wire import credentials as wc  # the wire core's parser (credentials file and token)
 
     if len(args) > 1:
         late = next((a for a in args[1:] if a.startswith("-")), None)
@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(help_text(which))
         return 0
     if path == ("access",):
-        from connector import access
+        from tunnel_lab.connector import access
         return access.main(command.args)
     try:
         if path == ("tunnel",):
@@ -781,7 +781,7 @@ def _run_command(command: Command) -> int:
         except OSError as exc:
             log.error("Unable to write pid to %s error=%s", pidfile, exc)
     try:
-        from connector import runtime
+        from tunnel_lab.connector import runtime
     except ImportError as exc:
         raise ConfigError(f"the connector runtime (connector/runtime.py) is not available: {exc}") from None
     import trio

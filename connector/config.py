@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 # cloudflared's search path for config.yml / config.yaml when --config is not given (Unix).
 DEFAULT_CONFIG_DIRS = ("~/.cloudflared", "~/.cloudflare-warp", "~/cloudflare-warp", "/etc/cloudflared",

@@ -30,8 +30,8 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from connector.edge_dial import dial_edge, split_host_port
-from connector.edge_errors import (
+from tunnel_lab.connector.edge_dial import dial_edge, split_host_port
+from tunnel_lab.connector.edge_errors import (
     ConnectionLostError,
     ControlStreamError,
     DuplicateConnectionError,
@@ -41,16 +41,16 @@ from connector.edge_errors import (
     StreamGone,
     UnauthorizedError,
 )
-from connector.logging_setup import format_value as q
-from connector.settings import TunnelSettings
-from connector.state import ConnectorState
-from connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
-from transport.h2 import StreamProtocolError, TunnelH2Connection
-from transport.writer import H2Writer
-from wire import registration as reg
-from wire.errors import TunnelLabError
-from wire.headers import StreamType, classify_stream
-from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
+from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.connector.settings import TunnelSettings
+from tunnel_lab.connector.state import ConnectorState
+from tunnel_lab.connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
+from tunnel_lab.transport.h2 import StreamProtocolError, TunnelH2Connection
+from tunnel_lab.transport.writer import H2Writer
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire.errors import TunnelLabError
+from tunnel_lab.wire.headers import StreamType, classify_stream
+from tunnel_lab.wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 Dial = Callable[[], Awaitable[trio.abc.Stream]]
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import ssl
 
 import trio
 
-from connector.edge_errors import EdgeDialError
-from connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
-from connector.x509_text import go_tls_verify_error
-from transport.tls import TLSStream
-from wire.errors import TLSSetupError
+from tunnel_lab.connector.edge_errors import EdgeDialError
+from tunnel_lab.connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
+from tunnel_lab.connector.x509_text import go_tls_verify_error
+from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.wire.errors import TLSSetupError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wire.errors import TunnelLabError
+from tunnel_lab.wire.errors import TunnelLabError
 
 
 class EdgeConnectionError(TunnelLabError):

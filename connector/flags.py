@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from connector.config import format_go_duration, parse_go_duration
-from wire.errors import TunnelLabError
+from tunnel_lab.connector.config import format_go_duration, parse_go_duration
+from tunnel_lab.wire.errors import TunnelLabError
 
 
 class UsageError(TunnelLabError):

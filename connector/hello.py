@@ -24,9 +24,9 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
-from connector.config import format_go_duration, parse_go_duration
-from connector.http1 import ClientGone, ServerConnection
-from connector.websocket import websocket_accept
+from tunnel_lab.connector.config import format_go_duration, parse_go_duration
+from tunnel_lab.connector.http1 import ClientGone, ServerConnection
+from tunnel_lab.connector.websocket import websocket_accept
 
 log = logging.getLogger(__name__)
 

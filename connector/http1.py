@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import h11
 import trio
 
-from connector.tunnel_stream import http_date
-from wire.errors import TunnelLabError
+from tunnel_lab.connector.tunnel_stream import http_date
+from tunnel_lab.wire.errors import TunnelLabError
 
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 * 1024

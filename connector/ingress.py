@@ -21,8 +21,8 @@ from dataclasses import fields, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from connector.config import parse_go_duration
-from connector.settings import (
+from tunnel_lab.connector.config import parse_go_duration
+from tunnel_lab.connector.settings import (
     AccessConfig,
     HelloWorldService,
     HTTPService,
@@ -33,7 +33,7 @@ from connector.settings import (
     StreamService,
     WarpRoutingConfig,
 )
-from wire.errors import ConfigError, StreamConversionError
+from tunnel_lab.wire.errors import ConfigError, StreamConversionError
 
 LineOf = Callable[..., int | None]
 

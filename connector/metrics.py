@@ -14,8 +14,8 @@ from typing import Any
 import h11
 import trio
 
-from connector.http1 import ClientGone, ServerConnection
-from connector.state import ConnectorState
+from tunnel_lab.connector.http1 import ClientGone, ServerConnection
+from tunnel_lab.connector.state import ConnectorState
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from connector.settings import OriginRequestConfig
-from connector.x509_text import go_tls_verify_error
-from transport.h11body import body_bytes_left, skip_body_bytes
-from wire.errors import OriginError
+from tunnel_lab.connector.settings import OriginRequestConfig
+from tunnel_lab.connector.x509_text import go_tls_verify_error
+from tunnel_lab.transport.h11body import body_bytes_left, skip_body_bytes
+from tunnel_lab.wire.errors import OriginError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import trio
 from qh3.quic.configuration import QuicConfiguration
 
-from connector import ingress
-from connector.edge_conn import (
+from tunnel_lab.connector import ingress
+from tunnel_lab.connector.edge_conn import (
     ConnectionLostError,
     ControlStreamError,
     DuplicateConnectionError,
@@ -41,16 +41,16 @@ from connector.edge_conn import (
     first_of,
     split_host_port,
 )
-from connector.logging_setup import format_value as q
-from connector.quic_transport import QuicClosedError, QuicStream, QuicTransport
-from connector.quic_udp import UdpSessionManager
-from connector.settings import TunnelSettings
-from connector.x509_text import TLS_PREFIX, go_verify_error
-from wire import quic_stream as qs
-from wire import registration as reg
-from wire import session_rpc as srpc
-from wire.errors import ConfigError, StreamConversionError, TunnelLabError
-from wire.headers import (
+from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.connector.quic_transport import QuicClosedError, QuicStream, QuicTransport
+from tunnel_lab.connector.quic_udp import UdpSessionManager
+from tunnel_lab.connector.settings import TunnelSettings
+from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
+from tunnel_lab.wire import quic_stream as qs
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire import session_rpc as srpc
+from tunnel_lab.wire.errors import ConfigError, StreamConversionError, TunnelLabError
+from tunnel_lab.wire.headers import (
     META_FLOW_LIMITED,
     PROXY_UPGRADE,
     RESPONSE_HEADERS,
@@ -60,10 +60,10 @@ from wire.headers import (
     first_value,
     parse_meta,
 )
-from wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
+from tunnel_lab.wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 if TYPE_CHECKING:
-    from connector.streams import Proxy
+    from tunnel_lab.connector.streams import Proxy
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from qh3.quic import events as qe
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from transport.qh3 import hold_unsent, stream_state
-from wire.errors import TunnelLabError
+from tunnel_lab.transport.qh3 import hold_unsent, stream_state
+from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 

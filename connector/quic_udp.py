@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from connector.logging_setup import format_value as q
-from wire import datagram as dg
-from wire.errors import DatagramError
-from wire.session_rpc import RegisterUdpSessionParams
+from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.wire import datagram as dg
+from tunnel_lab.wire.errors import DatagramError
+from tunnel_lab.wire.session_rpc import RegisterUdpSessionParams
 
 log = logging.getLogger(__name__)
 

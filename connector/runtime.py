@@ -16,12 +16,12 @@ from typing import Any
 
 import trio
 
-from connector.logging_setup import format_value as q
-from connector.settings import StatusService, TunnelSettings
-from connector.state import ConnectorState
-from connector.streams import Proxy
-from connector.supervisor import Supervisor
-from wire.errors import TunnelLabError
+from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.connector.settings import StatusService, TunnelSettings
+from tunnel_lab.connector.state import ConnectorState
+from tunnel_lab.connector.streams import Proxy
+from tunnel_lab.connector.supervisor import Supervisor
+from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
                 return code
             metrics_address = None
             if settings.metrics:
-                from connector.metrics import serve_metrics
+                from tunnel_lab.connector.metrics import serve_metrics
 
                 try:
                     host, port = await nursery.start(serve_metrics, settings.metrics, state)
@@ -114,7 +114,7 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
             if handle_signals and threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_watch_signals, supervisor)
             if settings.stdin_control:
-                from connector.stdin_control import stdin_control
+                from tunnel_lab.connector.stdin_control import stdin_control
 
                 nursery.start_soon(stdin_control, supervisor, stdin)
             task_status.started(TunnelHandle(supervisor, proxy, state, metrics_address))

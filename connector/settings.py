@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from wire.credentials import Credentials
+from tunnel_lab.wire.credentials import Credentials
 
 VERSION = "2026.8.2-lab"
 

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import trio
 
-from connector.config import parse_go_duration
-from connector.logging_setup import format_value as q
+from tunnel_lab.connector.config import parse_go_duration
+from tunnel_lab.connector.logging_setup import format_value as q
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ import h2.errors
 import h11
 import trio
 
-from connector import ingress
-from connector.access_jwt import HANDLER, AccessValidator, Refusal
-from connector.logging_setup import format_value as q
-from connector.origin_client import (
+from tunnel_lab.connector import ingress
+from tunnel_lab.connector.access_jwt import HANDLER, AccessValidator, Refusal
+from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.connector.origin_client import (
     OriginConnection,
     OriginPool,
     OriginTarget,
     dial_error_text,
     set_keepalive,
 )
-from connector.settings import (
+from tunnel_lab.connector.settings import (
     HelloWorldService,
     HTTPService,
     IngressRule,
@@ -39,13 +39,19 @@ from connector.settings import (
     TunnelSettings,
     WarpRoutingConfig,
 )
-from connector.state import ConnectorState
-from connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
-from transport.pipe import PipeDone, Way, prepend
-from transport.pipe import pipe as transport_pipe
-from wire import origin as wo
-from wire.errors import ConfigError, OriginError, ResponseBodyError, StreamConversionError, TunnelLabError
-from wire.headers import (
+from tunnel_lab.connector.state import ConnectorState
+from tunnel_lab.connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
+from tunnel_lab.transport.pipe import PipeDone, Way, prepend
+from tunnel_lab.transport.pipe import pipe as transport_pipe
+from tunnel_lab.wire import origin as wo
+from tunnel_lab.wire.errors import (
+    ConfigError,
+    OriginError,
+    ResponseBodyError,
+    StreamConversionError,
+    TunnelLabError,
+)
+from tunnel_lab.wire.headers import (
     META_FLOW_LIMITED,
     META_ORIGIN,
     RESPONSE_HEADERS,
@@ -56,7 +62,7 @@ from wire.headers import (
 )
 
 if TYPE_CHECKING:
-    from connector.tunnel_stream import IncomingStream
+    from tunnel_lab.connector.tunnel_stream import IncomingStream
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +237,7 @@ class Proxy:
     async def _hello_world(self) -> tuple[str, int, str]:
         async with self._hello_lock:
             if self._hello is None:
-                from connector import hello
+                from tunnel_lab.connector import hello
 
                 ctx, ca_pem = hello.self_signed_context()
                 _, port = await self._nursery.start(

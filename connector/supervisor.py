@@ -22,9 +22,9 @@ from typing import Any
 
 import trio
 
-from connector.edge_conn import EdgeConnection, first_of
-from connector.edge_dial import edge_ssl_context
-from connector.edge_errors import (
+from tunnel_lab.connector.edge_conn import EdgeConnection, first_of
+from tunnel_lab.connector.edge_dial import edge_ssl_context
+from tunnel_lab.connector.edge_errors import (
     ConnectionLostError,
     DuplicateConnectionError,
     EdgeConnectionError,
@@ -33,12 +33,12 @@ from connector.edge_errors import (
     RegistrationRefusedError,
     UnauthorizedError,
 )
-from connector.logging_setup import format_value as q
-from connector.protocol import HTTP2, QUIC, QUIC_BROKEN_WARNING, ProtocolChoice, after_failure
-from connector.settings import TunnelSettings
-from connector.state import ConnectorState
-from connector.streams import Proxy
-from wire.errors import TunnelLabError
+from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.connector.protocol import HTTP2, QUIC, QUIC_BROKEN_WARNING, ProtocolChoice, after_failure
+from tunnel_lab.connector.settings import TunnelSettings
+from tunnel_lab.connector.state import ConnectorState
+from tunnel_lab.connector.streams import Proxy
+from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Supervisor:
     def _next_protocol(self, protocol: str, error: EdgeConnectionError, backoff: Backoff, index: int,
                        may_fall_back: bool, ip: str) -> str:
         """cloudflared's selectNextProtocol: QUIC falls back to http2 (docs/connector.md, "Protocols")."""
-        from connector.quic_conn import QuicIdleTimeoutError
+        from tunnel_lab.connector.quic_conn import QuicIdleTimeoutError
 
         decision = after_failure(
             ProtocolChoice(self.settings.protocol, self.settings.protocol_can_fall_back), protocol,
@@ -309,7 +309,7 @@ class Supervisor:
 def new_connection(protocol: str, settings: TunnelSettings, proxy: Proxy, **kwargs: Any) -> EdgeConnection:
     """An edge connection over `protocol` ("http2" or "quic"); both have the same interface."""
     if protocol == QUIC:
-        from connector.quic_conn import QuicEdgeConnection
+        from tunnel_lab.connector.quic_conn import QuicEdgeConnection
 
         return QuicEdgeConnection(settings, proxy, **kwargs)  # type: ignore[return-value]
     return EdgeConnection(settings, proxy, **kwargs)

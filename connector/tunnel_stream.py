@@ -11,8 +11,8 @@ import h2.errors
 import h2.exceptions
 import trio
 
-from connector.edge_errors import StreamGone
-from transport.h2 import TunnelH2Connection, send_within_window
+from tunnel_lab.connector.edge_errors import StreamGone
+from tunnel_lab.transport.h2 import TunnelH2Connection, send_within_window
 
 
 class StreamOwner(Protocol):

@@ -2,6 +2,6 @@
 
 import sys
 
-from edge.cli import main
+from tunnel_lab.edge.cli import main
 
 sys.exit(main())

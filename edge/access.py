@@ -30,10 +30,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge import pages
-from lab.access_store import AUTH_DOMAIN_SUFFIX, AccessStore, App
-from wire import jwt
-from wire.access_policy import Identity, decide, parse_duration
+from tunnel_lab.edge import pages
+from tunnel_lab.lab.access_store import AUTH_DOMAIN_SUFFIX, AccessStore, App
+from tunnel_lab.wire import jwt
+from tunnel_lab.wire.access_policy import Identity, decide, parse_duration
 
 log = logging.getLogger(__name__)
 

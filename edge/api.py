@@ -17,9 +17,9 @@ import h11
 import trio
 from h2.errors import ErrorCodes
 
-from edge.state import EdgeState, parse_fault
-from edge.tunnel import TunnelConnection
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.edge.state import EdgeState, parse_fault
+from tunnel_lab.edge.tunnel import TunnelConnection
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
 def _access_api(edge: EdgeState[TunnelConnection], method: str, path: str,
                 body: bytes) -> tuple[int, str, bytes]:
     """`/accounts/{account}/access/...` (also under `/client/v4`): lab.access_api in the v4 envelope."""
-    from edge.access import api_login_codes, gate_of
-    from lab.access_api import handle
+    from tunnel_lab.edge.access import api_login_codes, gate_of
+    from tunnel_lab.lab.access_api import handle
 
     parts = path.removeprefix("/client/v4").strip("/").split("/")
     if len(parts) < 3 or parts[2] != "access":
@@ -326,7 +326,7 @@ MAX_UDP_FORWARDS = 64
 
 async def _udp_forward(edge: EdgeControl, body: Any) -> dict[str, str]:
     """`POST /udp-forwards {"destination": "IP:PORT", "listen": "127.0.0.1:0"}`: a new UDP port."""
-    from edge.udp import parse_forward
+    from tunnel_lab.edge.udp import parse_forward
 
     if not isinstance(body, dict) or not isinstance(body.get("destination"), str):
         raise ApiError(400, 'body must be {"destination": "IP:PORT"} (and optionally "listen")')
@@ -353,8 +353,8 @@ async def _push_configuration(edge: EdgeState[TunnelConnection], tunnel_id: str,
     """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: updateConfiguration on one of the
     tunnel's QUIC connections (connIndex 0 first), as Cloudflare pushes a remotely managed configuration.
     The lab pushes over QUIC only (docs/edge.md)."""
-    from edge.quic import QuicTunnelConnection
-    from transport.tunnel import TunnelStreamError
+    from tunnel_lab.edge.quic import QuicTunnelConnection
+    from tunnel_lab.transport.tunnel import TunnelStreamError
 
     if not isinstance(body, dict) or not isinstance(body.get("version"), int) or "config" not in body:
         raise ApiError(400, 'body must be {"version": N, "config": {...}}')

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import trio
 
-from edge.config import Address, EdgeConfig, parse_address, parse_tunnel_listen
-from wire.errors import TunnelLabError
+from tunnel_lab.edge.config import Address, EdgeConfig, parse_address, parse_tunnel_listen
+from tunnel_lab.wire.errors import TunnelLabError
 
-log = logging.getLogger("edge")
+log = logging.getLogger("tunnel_lab.edge")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     """Turn parsed flags into an EdgeConfig (ConfigError on bad values)."""
-    from lab import paths
+    from tunnel_lab.lab import paths
 
     specs = args.tunnel_listen or ["LAB1=127.0.0.1:7844"]
     tunnel_listens = tuple(parse_tunnel_listen(text, i + 1) for i, text in enumerate(specs))
     locations = [t.location for t in tunnel_listens]
     if len(set(locations)) != len(locations):
-        from wire.errors import ConfigError
+        from tunnel_lab.wire.errors import ConfigError
 
         raise ConfigError("two tunnel listeners share a location name", source="--tunnel-listen")
 
@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
 
 async def run_edge(config: EdgeConfig) -> None:
     """Run until SIGINT/SIGTERM (graceful), a second signal stops at once."""
-    from edge.server import Edge
+    from tunnel_lab.edge.server import Edge
 
     edge = Edge(config)
     async with trio.open_nursery() as nursery:
@@ -146,8 +146,8 @@ def _first_error(exc: BaseException) -> BaseException | None:
 
 
 def _udp_forwards(values: list[str]) -> tuple[tuple[tuple[str, int], tuple[str, int]], ...]:
-    from edge.udp import parse_forward
-    from wire.errors import ConfigError
+    from tunnel_lab.edge.udp import parse_forward
+    from tunnel_lab.wire.errors import ConfigError
 
     out = []
     for value in values:

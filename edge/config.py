@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from typing import Any
 import h11
 import trio
 
-from edge import pages
-from edge.proxy import BadRequestBody, EyeballGone, proxy_request
-from edge.state import EdgeState
-from transport.h11body import body_bytes_left, skip_body_bytes
-from transport.tunnel import TunnelConnection
-from transport.writer import acquire_fast
-from wire.eyeball import EyeballExchange, RequestRefused
+from tunnel_lab.edge import pages
+from tunnel_lab.edge.proxy import BadRequestBody, EyeballGone, proxy_request
+from tunnel_lab.edge.state import EdgeState
+from tunnel_lab.transport.h11body import body_bytes_left, skip_body_bytes
+from tunnel_lab.transport.tunnel import TunnelConnection
+from tunnel_lab.transport.writer import acquire_fast
+from tunnel_lab.wire.eyeball import EyeballExchange, RequestRefused
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
-from edge.proxy import EyeballGone, proxy_request
-from edge.state import EdgeState
-from transport.h2 import TunnelH2Connection, send_within_window
-from transport.tunnel import TunnelConnection
-from transport.writer import H2Writer, WriteStalled
-from wire.errors import StreamConversionError
-from wire.eyeball import EyeballExchange, h2_response_fields
-from wire.guard import ResetFloodGuard
+from tunnel_lab.edge.proxy import EyeballGone, proxy_request
+from tunnel_lab.edge.state import EdgeState
+from tunnel_lab.transport.h2 import TunnelH2Connection, send_within_window
+from tunnel_lab.transport.tunnel import TunnelConnection
+from tunnel_lab.transport.writer import H2Writer, WriteStalled
+from tunnel_lab.wire.errors import StreamConversionError
+from tunnel_lab.wire.eyeball import EyeballExchange, h2_response_fields
+from tunnel_lab.wire.guard import ResetFloodGuard
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from edge.eyeball_h1 import handle_h1_connection
-from edge.eyeball_h2 import handle_h2_connection
-from edge.state import EdgeState, TunnelsView
-from edge.tunnel import TunnelConnection
-from lab.store import normalize_hostname
-from transport.tls import TLSStream
-from wire.errors import ConfigError
+from tunnel_lab.edge.eyeball_h1 import handle_h1_connection
+from tunnel_lab.edge.eyeball_h2 import handle_h2_connection
+from tunnel_lab.edge.state import EdgeState, TunnelsView
+from tunnel_lab.edge.tunnel import TunnelConnection
+from tunnel_lab.lab.store import normalize_hostname
+from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.wire.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lab.pki import LabPKI
+    from tunnel_lab.lab.pki import LabPKI
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from h2.config import H2Configuration
 from h2.settings import SettingCodes
 
-from transport.h2 import TunnelH2Connection
+from tunnel_lab.transport.h2 import TunnelH2Connection
 
 # Our HPACK decoder accepts header blocks this large; the lab's own, smaller, per-stream limit is
 # enforced by the edge afterwards so that an oversized block costs one stream, not the connection.

@@ -17,18 +17,18 @@ from typing import Any, Protocol, cast
 import trio
 from h2.errors import ErrorCodes
 
-from edge import access, pages
-from edge.state import EdgeState
-from transport.pipe import Way, pipe, receive_acked
-from transport.tunnel import (
+from tunnel_lab.edge import access, pages
+from tunnel_lab.edge.state import EdgeState
+from tunnel_lab.transport.pipe import Way, pipe, receive_acked
+from tunnel_lab.transport.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
     TunnelConnection,
     TunnelStream,
     TunnelStreamError,
 )
-from wire.errors import TunnelLabError
-from wire.eyeball import Answer, EyeballExchange, Next, new_ray_id
+from tunnel_lab.wire.errors import TunnelLabError
+from tunnel_lab.wire.eyeball import Answer, EyeballExchange, Next, new_ray_id
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,11 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
-from edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
-from transport.qh3 import hold_unsent, stream_state
-from transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
-from wire.errors import TunnelLabError
-from wire.quic_stream import (
+from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
+from tunnel_lab.transport.qh3 import hold_unsent, stream_state
+from tunnel_lab.transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
+from tunnel_lab.wire.errors import TunnelLabError
+from tunnel_lab.wire.quic_stream import (
     ConnectionType,
     ConnectResponse,
     QuicStreamError,
@@ -58,8 +58,8 @@ from wire.quic_stream import (
 )
 
 if TYPE_CHECKING:
-    from edge.state import EdgeState
-    from lab.pki import LabPKI
+    from tunnel_lab.edge.state import EdgeState
+    from tunnel_lab.lab.pki import LabPKI
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         self._terminated = False
         self._quic_closed = False
         # Datagrams are fed from the first Initial on, before `run` runs: the RPC server exists already.
-        from wire.rpc import RpcServer
+        from tunnel_lab.wire.rpc import RpcServer
 
         self._rpc = RpcServer()
 
@@ -394,7 +394,7 @@ class QuicTunnelConnection(H2TunnelConnection):
     async def push_configuration(self, version: int, config: bytes) -> tuple[int, str]:
         """updateConfiguration on an RPC stream (docs/protocol.md §13.5): the version the connector now
         runs and its error text ("" when it applied or kept it). Raises TunnelStreamError."""
-        from wire import session_rpc
+        from tunnel_lab.wire import session_rpc
 
         client = session_rpc.SessionRpcClient()
         question = client.update_configuration(version, config)

@@ -22,16 +22,16 @@ from typing import Any
 
 import trio
 
-from edge import api, warp
-from edge.config import Address, EdgeConfig, TunnelListen, changed_knobs
-from edge.eyeball_h1 import handle_h1_connection
-from edge.eyeball_tls import EyeballCertificates, handle_tls_connection
-from edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
-from edge.tunnel import H2TunnelConnection
-from lab import paths
-from lab.pki import LabPKI
-from transport.tls import TLSStream
-from transport.tunnel import TunnelConnection
+from tunnel_lab.edge import api, warp
+from tunnel_lab.edge.config import Address, EdgeConfig, TunnelListen, changed_knobs
+from tunnel_lab.edge.eyeball_h1 import handle_h1_connection
+from tunnel_lab.edge.eyeball_tls import EyeballCertificates, handle_tls_connection
+from tunnel_lab.edge.state import EdgeState, Faults, History, Metrics, Registry, TunnelsView
+from tunnel_lab.edge.tunnel import H2TunnelConnection
+from tunnel_lab.lab import paths
+from tunnel_lab.lab.pki import LabPKI
+from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Edge:
                 for lst in self.listeners.values():
                     await listeners.start(self._serve_tunnel_listener, lst)
                     if cfg.quic:
-                        from edge.quic import serve_quic_endpoint
+                        from tunnel_lab.edge.quic import serve_quic_endpoint
 
                         lst.quic_address = await listeners.start(serve_quic_endpoint, state, self.pki, lst,
                                                                  self._handlers.start_soon)
@@ -380,7 +380,7 @@ class Edge:
         """A UDP port forwarding into the tunnel routed to `dest` (edge/udp.py); lives with the listeners."""
         from functools import partial
 
-        from edge.udp import serve_udp_forward
+        from tunnel_lab.edge.udp import serve_udp_forward
 
         assert self._listener_nursery is not None
         bound = await self._listener_nursery.start(partial(serve_udp_forward, drop_every=drop_every),

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from edge.config import EdgeConfig
-from wire.errors import ConfigError
+from tunnel_lab.edge.config import EdgeConfig
+from tunnel_lab.wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -358,8 +358,8 @@ class TunnelsView:
     """
 
     def __init__(self, state_dir: Path) -> None:
-        from lab import paths
-        from lab.store import Store
+        from tunnel_lab.lab import paths
+        from tunnel_lab.lab.store import Store
 
         self.db = paths.db_path(state_dir)
         self.store = Store(self.db)

@@ -26,19 +26,19 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from edge.h2conn import new_tunnel_h2
-from edge.state import EdgeState
-from transport.h2 import TunnelH2Connection, send_within_window
-from transport.tunnel import (
+from tunnel_lab.edge.h2conn import new_tunnel_h2
+from tunnel_lab.edge.state import EdgeState
+from tunnel_lab.transport.h2 import TunnelH2Connection, send_within_window
+from tunnel_lab.transport.tunnel import (
     NoCapacityError,
     OversizedHeadersError,
     Registration,
     TunnelConnection,
     TunnelStreamError,
 )
-from transport.writer import H2Writer, WriteStalled
-from wire.errors import ProtocolError, TunnelLabError
-from wire.guard import ControlFloodGuard, FrameGuard
+from tunnel_lab.transport.writer import H2Writer, WriteStalled
+from tunnel_lab.wire.errors import ProtocolError, TunnelLabError
+from tunnel_lab.wire.guard import ControlFloodGuard, FrameGuard
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class H2TunnelConnection:
             self.close_reason = reason
 
     async def _run(self) -> None:
-        from wire.rpc import RpcServer
+        from tunnel_lab.wire.rpc import RpcServer
 
         self._rpc = RpcServer()
         self.h2.initiate_connection()
@@ -459,7 +459,7 @@ class H2TunnelConnection:
         self._control_backlog = backlog
 
     async def _control_loop(self) -> None:
-        from wire import rpc
+        from tunnel_lab.wire import rpc
 
         async for ev in self._rpc_receive:
             if isinstance(ev, rpc.RegisterConnectionCalled):
@@ -485,7 +485,7 @@ class H2TunnelConnection:
             await self.flush()
 
     async def _on_register(self, question_id: int, params: Any) -> None:
-        from wire.registration import ConnectionDetails, RegistrationError
+        from tunnel_lab.wire.registration import ConnectionDetails, RegistrationError
 
         edge = self.edge
         tunnel_id: uuid.UUID = params.tunnel_id

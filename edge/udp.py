@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from wire import datagram as dg
-from wire import session_rpc as srpc
-from wire.errors import DatagramError, TunnelLabError
+from tunnel_lab.wire import datagram as dg
+from tunnel_lab.wire import session_rpc as srpc
+from tunnel_lab.wire.errors import DatagramError, TunnelLabError
 
 if TYPE_CHECKING:
-    from edge.quic import QuicTunnelConnection, QuicTunnelStream
-    from edge.state import EdgeState
-    from transport.tunnel import TunnelConnection
+    from tunnel_lab.edge.quic import QuicTunnelConnection, QuicTunnelStream
+    from tunnel_lab.edge.state import EdgeState
+    from tunnel_lab.transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ async def _serve_flow(edge: EdgeState[TunnelConnection], sock: Any, flow: _Flow,
 
 async def _open_session(edge: EdgeState[TunnelConnection], destination: tuple[str, int],
                         idle: float) -> UdpSession | None:
-    from edge.quic import QuicTunnelConnection
+    from tunnel_lab.edge.quic import QuicTunnelConnection
 
     dest = f"{destination[0]}:{destination[1]}"
     tunnel = edge.tunnels.resolve_ip(destination[0])

@@ -19,11 +19,11 @@ import h11
 import trio
 from h2.errors import ErrorCodes
 
-from edge import pages
-from edge.eyeball_h1 import reason
-from edge.state import EdgeState
-from transport.pipe import PipeDone, Way, pipe, prepend, receive_acked
-from transport.tunnel import TunnelConnection, TunnelStream, TunnelStreamError
+from tunnel_lab.edge import pages
+from tunnel_lab.edge.eyeball_h1 import reason
+from tunnel_lab.edge.state import EdgeState
+from tunnel_lab.transport.pipe import PipeDone, Way, pipe, prepend, receive_acked
+from tunnel_lab.transport.tunnel import TunnelConnection, TunnelStream, TunnelStreamError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def parse_destination(target: str) -> tuple[str, int]:
 async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
                                  peer: tuple[str, int]) -> None:
     """One CONNECT request, then a raw pipe."""
-    from wire.eyeball import new_ray_id
+    from tunnel_lab.wire.eyeball import new_ray_id
 
     started = time.monotonic()
     client = f"{peer[0]}:{peer[1]}"

@@ -19,8 +19,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from lab.access_store import AccessStore, NotFound
-from wire.errors import ConfigError
+from tunnel_lab.lab.access_store import AccessStore, NotFound
+from tunnel_lab.wire.errors import ConfigError
 
 ERROR_CODE = 12130  # the real API's generic "access.api.error.invalid_request"
 NOT_FOUND_CODE = 12132

@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from lab.store import Store, _now, format_time
-from wire import jwt
-from wire.access_policy import Policy, parse_app, parse_duration, parse_policy
-from wire.errors import ConfigError
+from tunnel_lab.lab.store import Store, _now, format_time
+from tunnel_lab.wire import jwt
+from tunnel_lab.wire.access_policy import Policy, parse_app, parse_duration, parse_policy
+from tunnel_lab.wire.errors import ConfigError
 
 DEFAULT_AUTH_DOMAIN = "lab.cloudflareaccess.com"
 AUTH_DOMAIN_SUFFIX = ".cloudflareaccess.com"

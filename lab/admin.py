@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lab.paths import credentials_dir, credentials_path, db_path, ensure_private_dir, state_dir
-from lab.store import Store, Tunnel, format_time
-from wire.credentials import credentials_json, make_token
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.lab.paths import credentials_dir, credentials_path, db_path, ensure_private_dir, state_dir
+from tunnel_lab.lab.store import Store, Tunnel, format_time
+from tunnel_lab.wire.credentials import credentials_json, make_token
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 PROG = "tunnel-lab"
 _ROUTE_IP_COMMANDS = ("add", "show", "list", "delete", "-h", "--help")
@@ -345,7 +345,7 @@ def _expand_route_ip_shorthand(argv: list[str]) -> list[str]:
 # -- pki subcommands ------------------------------------------------------------------------------
 
 def _cmd_pki_show(args: argparse.Namespace, state: Path) -> int:
-    from lab.pki import LabPKI, describe_cert
+    from tunnel_lab.lab.pki import LabPKI, describe_cert
 
     pki = LabPKI(state)
     ca = describe_cert(pki.ca_pem_path)
@@ -367,7 +367,7 @@ def _cmd_pki_show(args: argparse.Namespace, state: Path) -> int:
 
 
 def _cmd_pki_issue(args: argparse.Namespace, state: Path) -> int:
-    from lab.pki import LabPKI, describe_cert
+    from tunnel_lab.lab.pki import LabPKI, describe_cert
 
     paths = LabPKI(state).cert_paths(args.hostname, args.kind)
     if args.output == "json":
@@ -379,7 +379,7 @@ def _cmd_pki_issue(args: argparse.Namespace, state: Path) -> int:
 
 
 def _pki_parser() -> _Parser:
-    from lab.pki import CERT_KINDS
+    from tunnel_lab.lab.pki import CERT_KINDS
 
     parser = _Parser(prog=f"{PROG} pki", description="Show the lab CA and issue certificates.")
     _add_state(parser, top=True)

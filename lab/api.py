@@ -1,6 +1,6 @@
 """Run a lab from Python: an edge with data centres, tunnels and routes, connectors, origins, faults.
 
-    from lab.api import open_lab                     # trio
+    from tunnel_lab.lab.api import open_lab                     # trio
     async with open_lab(datacentres=2) as lab:
         tunnel = await lab.create_tunnel("app", hostnames=["app.lab.test"])
         origin = await lab.start_origin("echo")
@@ -9,7 +9,7 @@
         await lab.fault("dc-down", location="LAB1")
         print(await lab.history())
 
-    from lab.api import start_lab                    # plain Python: the same methods, without await
+    from tunnel_lab.lab.api import start_lab           # plain Python: the same methods, without await
     with start_lab() as lab:
         ...
 
@@ -39,12 +39,20 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 import yaml
 
-from lab.recorder import Recorder
-from lab.runner import client, cloudflared, netns
-from lab.runner.loader import DataCentre
-from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
-from lab.runner.reaper import REAPER
-from wire.errors import TunnelLabError
+from tunnel_lab.lab.recorder import Recorder
+from tunnel_lab.lab.runner import client, cloudflared, netns
+from tunnel_lab.lab.runner.loader import DataCentre
+from tunnel_lab.lab.runner.procs import (
+    TUNNEL_LAB,
+    Component,
+    ComponentError,
+    child_env,
+    free_port,
+    run_command,
+    tail,
+)
+from tunnel_lab.lab.runner.reaper import REAPER
+from tunnel_lab.wire.errors import TunnelLabError
 
 START_TIMEOUT = 20.0
 

@@ -13,18 +13,22 @@ from collections.abc import Callable, Sequence
 # subcommand -> (module, function, one-line help). Each function takes argv (without the
 # subcommand) and returns the process exit code.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "run": ("lab.runner.cli", "main", "run scenarios end to end (default: the bundled library)"),
-    "edge": ("edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
-    "connector": ("connector.cli", "main", "run our connector (cloudflared's command line)"),
-    "access": ("connector.access", "main", "cloudflared access tcp: a local listener through the tunnel"),
-    "tunnel": ("lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
-    "pki": ("lab.admin", "pki_main", "show the lab CA and issue certificates"),
-    "origin": ("origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),
-    "bench": ("bench.cli", "main", "benchmark the tunnel against direct-to-origin"),
-    "up": ("lab.up", "main", "bring up a lab to play with (edge, tunnel, connector, origin) until Ctrl-C"),
-    "netns": ("lab.runner.netns", "main", "run a command in the lab's private network namespace"),
-    "sandbox": ("lab.sandbox", "main", "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
-    "login": ("lab.login", "main", "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
+    "run": ("tunnel_lab.lab.runner.cli", "main", "run scenarios end to end (default: the bundled library)"),
+    "edge": ("tunnel_lab.edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
+    "connector": ("tunnel_lab.connector.cli", "main", "run our connector (cloudflared's command line)"),
+    "access": ("tunnel_lab.connector.access", "main",
+               "cloudflared access tcp: a local listener through the tunnel"),
+    "tunnel": ("tunnel_lab.lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
+    "pki": ("tunnel_lab.lab.admin", "pki_main", "show the lab CA and issue certificates"),
+    "origin": ("tunnel_lab.origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),
+    "bench": ("tunnel_lab.bench.cli", "main", "benchmark the tunnel against direct-to-origin"),
+    "up": ("tunnel_lab.lab.up", "main",
+           "bring up a lab to play with (edge, tunnel, connector, origin) until Ctrl-C"),
+    "netns": ("tunnel_lab.lab.runner.netns", "main", "run a command in the lab's private network namespace"),
+    "sandbox": ("tunnel_lab.lab.sandbox", "main",
+                "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
+    "login": ("tunnel_lab.lab.login", "main",
+              "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from wire import dns
+from tunnel_lab.wire import dns
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab.paths import db_path, state_dir
-from lab.store import Store
-from lab.v4base import load_accounts, mint_token
-from wire.errors import TunnelLabError
+from tunnel_lab.lab.paths import db_path, state_dir
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4base import load_accounts, mint_token
+from tunnel_lab.wire.errors import TunnelLabError
 
 PEM_TYPE = "ARGO TUNNEL TOKEN"
 

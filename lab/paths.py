@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 ENV_STATE = "TUNNEL_LAB_STATE"
 

@@ -42,9 +42,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lab.paths import ensure_private_dir, pki_dir
-from lab.store import normalize_hostname
-from wire.errors import ConfigError, TLSSetupError
+from tunnel_lab.lab.paths import ensure_private_dir, pki_dir
+from tunnel_lab.lab.store import normalize_hostname
+from tunnel_lab.wire.errors import ConfigError, TLSSetupError
 
 EDGE = "edge"
 EDGE_NAMES: tuple[str, ...] = (

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:  # the plugin must stay cheap to import: lab.api (trio, ...) loads with the first fixture
-    from lab.api import Connector, Origin, SyncLab, Tunnel
-    from lab.recorder import Received, Recorder
-    from lab.runner.client import Response, WebSocketResult
+    from tunnel_lab.lab.api import Connector, Origin, SyncLab, Tunnel
+    from tunnel_lab.lab.recorder import Received, Recorder
+    from tunnel_lab.lab.runner.client import Response, WebSocketResult
 
 DEFAULT_DATACENTRES = 3
 # Set when --tunnel-lab-cloudflared cannot be honoured: every test that asks for the lab fails with it.
@@ -68,8 +68,8 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     path = config.getoption("tunnel_lab_cloudflared")
     if not path or config.option.help or config.option.version or "PYTEST_XDIST_WORKER" in os.environ:
         return None
-    from lab.runner import cloudflared, netns
-    from wire.errors import TunnelLabError
+    from tunnel_lab.lab.runner import cloudflared, netns
+    from tunnel_lab.wire.errors import TunnelLabError
 
     if netns.isolated():
         return None  # already inside one (this is the re-executed session, or a sandbox)
@@ -125,8 +125,8 @@ def tunnel_lab_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.
     problem = config.stash.get(_PROBLEM, None)
     if problem:
         pytest.fail(problem, pytrace=False)
-    from lab.api import cloudflared_path, start_lab
-    from lab.runner.reaper import REAPER
+    from tunnel_lab.lab.api import cloudflared_path, start_lab
+    from tunnel_lab.lab.runner.reaper import REAPER
 
     cloudflared = config.getoption("tunnel_lab_cloudflared")
     try:
@@ -167,7 +167,7 @@ def tunnel_lab(tunnel_lab_session: LabSession, request: pytest.FixtureRequest) -
 def _failing(prefix: str = "") -> Iterator[None]:
     """A `LabError` fails the test with its message (and the logs it names), without a traceback."""
     __tracebackhide__ = True
-    from lab.api import LabError
+    from tunnel_lab.lab.api import LabError
 
     message = None
     try:
@@ -271,7 +271,7 @@ class Site:
         tunnel_id = self.tunnel.id
 
         async def when_received() -> None:
-            from lab.api import Lab
+            from tunnel_lab.lab.api import Lab
 
             lab: Lab = owner.session.lab.lab
             conns = [c for c in await lab.connections() if c.get("tunnel_id") == tunnel_id]
@@ -298,7 +298,7 @@ class Site:
         async def wait(lab: Any) -> None:
             import trio
 
-            from lab.api import LabError
+            from tunnel_lab.lab.api import LabError
 
             last: list[dict[str, Any]] = []
             with trio.move_on_after(timeout):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import secrets
 
-from lab.store import Store
-from lab.v4base import ApiResponse, V4ApiError
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4base import ApiResponse, V4ApiError
 
 DOMAIN = "trycloudflare.com"
 NAME_PREFIX = "quick-"

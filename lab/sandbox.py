@@ -29,21 +29,21 @@ from pathlib import Path
 
 import trio
 
-from lab.api import LabError, edge_argv, management_call
-from lab.dns import DEFAULT_PROTOCOLS, HTTP2_ONLY, LabZone, serve_dns, serve_dns_tcp
-from lab.login import issue_origin_cert
-from lab.loginflow import LoginTransfers
-from lab.pki import LabPKI
-from lab.runner import netns
-from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
-from lab.services import Services, serve_services, services_ssl_context
-from lab.store import Store
-from lab.v4api import LiveConnection, V4Api, parse_live
-from wire.errors import TunnelLabError
+from tunnel_lab.lab.api import LabError, edge_argv, management_call
+from tunnel_lab.lab.dns import DEFAULT_PROTOCOLS, HTTP2_ONLY, LabZone, serve_dns, serve_dns_tcp
+from tunnel_lab.lab.login import issue_origin_cert
+from tunnel_lab.lab.loginflow import LoginTransfers
+from tunnel_lab.lab.pki import LabPKI
+from tunnel_lab.lab.runner import netns
+from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
+from tunnel_lab.lab.services import Services, serve_services, services_ssl_context
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4api import LiveConnection, V4Api, parse_live
+from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
-MODULE = "lab.sandbox"
+MODULE = "tunnel_lab.lab.sandbox"
 START_TIMEOUT = 30.0
 
 # Where things live inside the namespace (any 127/8 address is local there).

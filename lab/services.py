@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from lab.dns import SERVICE_NAMES
-from lab.loginflow import APPROVE_PATH, LOGIN_PATH, LoginTransfers, Page
-from lab.pki import LabPKI
-from lab.quicktunnel import create_quick_tunnel
-from lab.v4api import LiveConnection, V4Api
-from lab.v4base import PREFIX, ApiRequest, ApiResponse, V4ApiError
-from wire.errors import TunnelLabError
+from tunnel_lab.lab.dns import SERVICE_NAMES
+from tunnel_lab.lab.loginflow import APPROVE_PATH, LOGIN_PATH, LoginTransfers, Page
+from tunnel_lab.lab.pki import LabPKI
+from tunnel_lab.lab.quicktunnel import create_quick_tunnel
+from tunnel_lab.lab.v4api import LiveConnection, V4Api
+from tunnel_lab.lab.v4base import PREFIX, ApiRequest, ApiResponse, V4ApiError
+from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 if TYPE_CHECKING:
-    from wire.credentials import Credentials
+    from tunnel_lab.wire.credentials import Credentials
 
 BUSY_TIMEOUT_S = 10.0
 SECRET_BYTES = 32
@@ -192,7 +192,7 @@ class Tunnel:
 
     def credentials(self) -> Credentials:
         """The tunnel's credentials (what `tunnel create` writes and the edge checks)."""
-        from wire.credentials import Credentials
+        from tunnel_lab.wire.credentials import Credentials
 
         return Credentials(account_tag=self.account_tag, tunnel_secret=self.secret, tunnel_id=self.id)
 

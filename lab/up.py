@@ -26,10 +26,10 @@ from typing import Any
 
 import trio
 
-from lab.api import Lab, LabError, cloudflared_path, open_lab
-from lab.runner import cloudflared, netns
-from lab.runner.loader import Scenario, parse_yaml, validate
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.lab.api import Lab, LabError, cloudflared_path, open_lab
+from tunnel_lab.lab.runner import cloudflared, netns
+from tunnel_lab.lab.runner.loader import Scenario, parse_yaml, validate
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 PROG = "tunnel-lab up"
 DEFAULT_HOSTNAME = "app.lab.test"
@@ -91,7 +91,7 @@ def load_topology(path: str) -> Scenario:
     # The scenario loader checks the topology; the rest of a scenario is not needed here.
     doc.data = {"name": "up", "description": "tunnel-lab up", "topology": topology, "steps": [{"sleep": 0}]}
     validate(doc)
-    from lab.runner.loader import _build
+    from tunnel_lab.lab.runner.loader import _build
 
     scenario = _build(doc)
     if scenario.connector is None:
@@ -159,7 +159,7 @@ def _edge_options(sc: Scenario | None, datacentres: int) -> dict[str, Any]:
         return {"datacentres": datacentres}
     flags = list(sc.edge.get("flags", []))
     if "origin_timeout" in sc.edge:
-        from lab.runner.loader import parse_duration
+        from tunnel_lab.lab.runner.loader import parse_duration
 
         flags += ["--origin-timeout", f"{parse_duration(sc.edge['origin_timeout']):g}"]
     return {
@@ -182,7 +182,8 @@ def describe(lab: Lab, extra: dict[str, Any], kept: bool) -> dict[str, Any]:
         "url": extra["url"],
         "origin_note": extra["origin_note"],
         "tunnel": {"name": connector.tunnel.name, "id": connector.tunnel.id},
-        "connector": connector.component.argv[0] if "lab.cli" not in connector.component.argv else "builtin",
+        "connector": (connector.component.argv[0] if "tunnel_lab" not in connector.component.argv
+                      else "builtin"),
         "datacentres": edge.datacentres,
         "http": edge.http,
         "https": edge.https,
@@ -295,7 +296,7 @@ def _run_in_namespace(argv: list[str], args: argparse.Namespace) -> int:
     """Re-execute `up` inside a private namespace; print its banner with the `nsenter` prefix from here."""
     scratch = Path(tempfile.mkdtemp(prefix="tunnel-lab-up-"))
     ready = Path(args.ready_file).absolute() if args.ready_file else scratch / "ready.json"
-    inner = [sys.executable, "-m", "lab.cli", "up", *_absolute(argv, args), _INSIDE_FLAG]
+    inner = [sys.executable, "-m", "tunnel_lab", "up", *_absolute(argv, args), _INSIDE_FLAG]
     if not args.ready_file:
         inner += ["--ready-file", str(ready)]
     # Ctrl-C reaches the lab inside too (same terminal group); a SIGINT sent to this process alone becomes

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.store import Store, Tunnel, format_time, normalize_hostname
-from lab.v4base import (
+from tunnel_lab.lab.store import Store, Tunnel, format_time, normalize_hostname
+from tunnel_lab.lab.v4base import (
     MAX_BODY,
     MIN_SECRET_BYTES,
     PREFIX,
@@ -42,9 +42,9 @@ from lab.v4base import (
     query_value,
     success,
 )
-from lab.v4teamnet import TeamnetRoutes
-from wire.credentials import make_token
-from wire.errors import ConfigError
+from tunnel_lab.lab.v4teamnet import TeamnetRoutes
+from tunnel_lab.wire.credentials import make_token
+from tunnel_lab.wire.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.store import format_time
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.lab.store import format_time
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 PREFIX = "/client/v4"
 ACCOUNTS_FILE = "v4api.json"

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lab.store import Route, Store, format_time, parse_network
-from lab.v4base import (
+from tunnel_lab.lab.store import Route, Store, format_time, parse_network
+from tunnel_lab.lab.v4base import (
     ApiResponse,
     V4ApiError,
     existed_at,
@@ -29,7 +29,7 @@ from lab.v4base import (
     success,
     write_accounts,
 )
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 MAX_COMMENT = 100  # lab: a bound on what is kept
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import trio
 
-from origin_fixtures.history import History
-from origin_fixtures.server import KINDS, OriginConfig, format_address, serve_origin
-from origin_fixtures.tls import CERT_KINDS
-from wire.errors import ConfigError, TunnelLabError
+from tunnel_lab.origin_fixtures.history import History
+from tunnel_lab.origin_fixtures.server import KINDS, OriginConfig, format_address, serve_origin
+from tunnel_lab.origin_fixtures.tls import CERT_KINDS
+from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def main(argv: list[str]) -> int:
         host, port = parse_listen(args.listen)
         ssl_context = None
         if args.tls:
-            from lab.paths import state_dir
-            from origin_fixtures.tls import origin_ssl_context
+            from tunnel_lab.lab.paths import state_dir
+            from tunnel_lab.origin_fixtures.tls import origin_ssl_context
 
             ssl_context = origin_ssl_context(state_dir(args.state), args.tls, args.hostname)
         elif args.hostname:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import trio
 
-from origin_fixtures.history import History, RequestRecord
-from origin_fixtures.http1 import (
+from tunnel_lab.origin_fixtures.history import History, RequestRecord
+from tunnel_lab.origin_fixtures.http1 import (
     BodyData,
     EndOfRequest,
     Event,

@@ -12,7 +12,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from wire.errors import ProtocolError
+from tunnel_lab.wire.errors import ProtocolError
 
 TYPE_A, TYPE_TXT, TYPE_AAAA = 1, 16, 28
 TYPES = {"A": TYPE_A, "TXT": TYPE_TXT, "AAAA": TYPE_AAAA}

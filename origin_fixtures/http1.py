@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from wire.errors import ProtocolError
+from tunnel_lab.wire.errors import ProtocolError
 
 MAX_HEAD_BYTES = 1 << 20
 MAX_CHUNK_LINE = 4096

@@ -17,11 +17,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
-from origin_fixtures.bodies import body_sha256 as generated_sha256
-from origin_fixtures.bodies import generate_body
-from origin_fixtures.conn import BodyInfo, Conn
-from origin_fixtures.http1 import RequestHead
-from wire.errors import TunnelLabError
+from tunnel_lab.origin_fixtures.bodies import body_sha256 as generated_sha256
+from tunnel_lab.origin_fixtures.bodies import generate_body
+from tunnel_lab.origin_fixtures.conn import BodyInfo, Conn
+from tunnel_lab.origin_fixtures.http1 import RequestHead
+from tunnel_lab.wire.errors import TunnelLabError
 
 Handler = Callable[[Conn, RequestHead, BodyInfo], Awaitable[bool]]
 

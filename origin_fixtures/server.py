@@ -23,11 +23,11 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
-from origin_fixtures.conn import RECEIVE_SIZE, Conn
-from origin_fixtures.history import History, RequestRecord
-from origin_fixtures.http1 import MAX_HEAD_BYTES, ConnectionClosed, RequestHead, RequestParseError
-from origin_fixtures.kinds import Handler, handle_echo, handle_misbehave, handle_stream
-from wire.errors import ConfigError
+from tunnel_lab.origin_fixtures.conn import RECEIVE_SIZE, Conn
+from tunnel_lab.origin_fixtures.history import History, RequestRecord
+from tunnel_lab.origin_fixtures.http1 import MAX_HEAD_BYTES, ConnectionClosed, RequestHead, RequestParseError
+from tunnel_lab.origin_fixtures.kinds import Handler, handle_echo, handle_misbehave, handle_stream
+from tunnel_lab.wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ async def serve_origin(kind: str, host: str, port: int, options: OriginConfig | 
         await _serve_hello(host, port, options, task_status=task_status)
         raise AssertionError("unreachable")  # pragma: no cover
     if kind in ("udp-echo", "dns"):  # UDP (origin_fixtures/udp.py)
-        from origin_fixtures.udp import serve_udp_origin
+        from tunnel_lab.origin_fixtures.udp import serve_udp_origin
 
         await serve_udp_origin(kind, host, port, options.history, task_status=task_status)
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -97,7 +97,7 @@ async def serve_origin(kind: str, host: str, port: int, options: OriginConfig | 
 async def _serve_hello(host: str, port: int, options: OriginConfig, *,
                        task_status: trio.TaskStatus[tuple[str, int]]) -> None:
     try:
-        from connector.hello import serve_hello_world  # the connector's own hello world
+        from tunnel_lab.connector.hello import serve_hello_world  # the connector's own hello world
     except ImportError as exc:
         raise ConfigError("origin kind 'hello' needs connector.hello, which is not available",
                           hint="use kind echo or stream") from exc

@@ -6,7 +6,7 @@ import os
 import ssl
 from pathlib import Path
 
-from wire.errors import TLSSetupError
+from tunnel_lab.wire.errors import TLSSetupError
 
 CERT_KINDS: tuple[str, ...] = ("valid", "expired", "not-yet-valid", "wrong-san", "unknown-ca", "self-signed")
 
@@ -26,7 +26,7 @@ def context_from_files(cert: str | os.PathLike[str], key: str | os.PathLike[str]
 def origin_ssl_context(state_dir: Path, cert: str, hostname: str | None = None) -> ssl.SSLContext:
     """The server context for `--tls CERT`: `valid` (a lab-CA leaf for `hostname`, default `localhost`,
     which also names 127.0.0.1 and ::1) or a broken kind (`lab.pki` broken certificates)."""
-    from lab.pki import LabPKI  # imported here: plain-TCP fixtures need no PKI
+    from tunnel_lab.lab.pki import LabPKI  # imported here: plain-TCP fixtures need no PKI
 
     pki = LabPKI(state_dir)
     paths = pki.host_cert_paths(hostname) if cert == "valid" else pki.broken_cert_paths(cert, hostname)

@@ -13,8 +13,8 @@ from typing import NoReturn
 
 import trio
 
-from origin_fixtures import dns
-from origin_fixtures.history import History, RequestRecord
+from tunnel_lab.origin_fixtures import dns
+from tunnel_lab.origin_fixtures.history import History, RequestRecord
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,11 @@ py=${py:-.venv/bin/python}
 jobs=${MUTATION_JOBS:-2}
 mkdir -p mutants
 for target in "${modules[@]}"; do
-    # a module name (all its mutants) or a pattern of mutant names (some of them)
+    # a module name (all its mutants) or a pattern of mutant names (some of them), as wire.X; mutmut
+    # knows them by their import name (tunnel_lab.wire.X)
     case "${target}" in
-        *'*'*|*__mutmut_*) module=${target%%.x*}; pattern=${target} ;;
-        *) module=${target}; pattern="${target}.*" ;;
+        *'*'*|*__mutmut_*) module=${target%%.x*}; pattern=tunnel_lab.${target} ;;
+        *) module=${target}; pattern="tunnel_lab.${target}.*" ;;
     esac
     echo "== mutmut: ${pattern}"
     commit=$(git rev-parse --short HEAD)

@@ -52,7 +52,7 @@ def mutmut(*args: str) -> str:
 
 
 def changed_lines(name: str) -> tuple[str, str]:
-    diff = mutmut("show", name).splitlines()
+    diff = mutmut("show", "tunnel_lab." + name).splitlines()  # mutmut knows the import name
     minus = [line[1:].strip() for line in diff if line.startswith("-") and not line.startswith("---")]
     plus = [line[1:].strip() for line in diff if line.startswith("+") and not line.startswith("+++")]
     return " / ".join(minus), " / ".join(plus)
@@ -128,7 +128,8 @@ def run_info(module: str) -> list[dict[str, str]]:
 def measured(module: str) -> str:
     runs = run_info(module)
     # the figures come from the last run of all the module's mutants and the partial runs after it
-    full = [i for i, r in enumerate(runs) if r.get("mutants") == f"{module}.*"]
+    full = [i for i, r in enumerate(runs)
+            if r.get("mutants", "").removeprefix("tunnel_lab.") == f"{module}.*"]
     runs = runs[full[-1]:] if full else runs
     if runs:
         start = datetime.fromisoformat(runs[0]["start"])
@@ -139,7 +140,7 @@ def measured(module: str) -> str:
         again = f", {len(runs)} runs" if len(runs) > 1 else ""
         return (f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC ({minutes:.0f} min of runs{again}, "
                 f"{runs[0].get('jobs', '?')} jobs), {commits}")
-    meta = ROOT / "mutants" / (module.replace(".", "/") + ".py.meta")
+    meta = ROOT / "mutants" / "tunnel_lab" / (module.replace(".", "/") + ".py.meta")
     when = datetime.fromtimestamp(meta.stat().st_mtime, UTC) if meta.exists() else datetime.now(UTC)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -168,7 +169,7 @@ def main() -> None:
     notes = read_notes()
     statuses: dict[str, Counter[str]] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
-    for name, status in re.findall(r"^\s*(wire\.\S+): (.+)$", text, re.M):
+    for name, status in re.findall(r"^\s*(?:tunnel_lab\.)?(wire\.\S+): (.+)$", text, re.M):
         module = name.split(".x")[0]
         statuses[module][status.strip()] += 1
         if status.strip() == "survived":

@@ -78,7 +78,7 @@ if SPEC["argv_log"]:
     with open(SPEC["argv_log"], "a") as f:
         f.write(json.dumps(args) + "\n")
 if SPEC["connector"]:
-    os.execv(sys.executable, [sys.executable, "-m", "lab.cli", "connector", *args])
+    os.execv(sys.executable, [sys.executable, "-m", "tunnel_lab", "connector", *args])
 print("stand-in cloudflared: not running a tunnel", file=sys.stderr)
 sys.exit(3)
 '''

@@ -40,7 +40,7 @@ from h2.exceptions import InvalidBodyLengthError, ProtocolError, StreamClosedErr
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
-from transport.hpack import LongValueEncoder
+from tunnel_lab.transport.hpack import LongValueEncoder
 
 _FRAME_HEADER = struct.Struct(">HBBBL")  # a frame header: 24-bit length (16 + 8), type, flags, stream id
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hpack
 
-from wire.hpack_encoder import huffman_worthwhile
+from tunnel_lab.wire.hpack_encoder import huffman_worthwhile
 
 
 class LongValueEncoder(hpack.Encoder):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import trio
 
-from transport.tunnel import TunnelStream
-from wire.errors import TunnelLabError
+from tunnel_lab.transport.tunnel import TunnelStream
+from tunnel_lab.wire.errors import TunnelLabError
 
 Receive = Callable[[], Awaitable[bytes]]
 

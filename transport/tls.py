@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from transport.writer import acquire_fast
+from tunnel_lab.transport.writer import acquire_fast
 
 TLS_RECEIVE_SIZE = 256 * 1024  # most bytes one socket read takes, and one receive_some returns
 

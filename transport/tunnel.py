@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from wire.errors import ProtocolError
+from tunnel_lab.wire.errors import ProtocolError
 
 Headers = list[tuple[bytes, bytes]]
 

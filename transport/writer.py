@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import trio
 
-from transport.h2 import TunnelH2Connection
-from wire.errors import TunnelLabError
+from tunnel_lab.transport.h2 import TunnelH2Connection
+from tunnel_lab.wire.errors import TunnelLabError
 
 # `push` waits for the socket only once this many DATA bytes are queued (backpressure on bulk bodies);
 # below that, HEADERS, DATA and END_STREAM written back to back leave in one write.

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 __all__ = ["DECISIONS", "Identity", "Policy", "decide", "parse_app", "parse_policy"]
 

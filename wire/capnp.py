@@ -23,7 +23,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from wire.errors import CapnpError
+from tunnel_lab.wire.errors import CapnpError
 
 WORD = 8
 

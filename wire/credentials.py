@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 #: The nil UUID: what Go leaves in TunnelID when a credentials file has none (the command line's
 #: tunnel UUID then takes its place).

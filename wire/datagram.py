@@ -21,7 +21,7 @@ import ipaddress
 import uuid
 from dataclasses import dataclass
 
-from wire.errors import DatagramError
+from tunnel_lab.wire.errors import DatagramError
 
 #: The largest UDP payload a session datagram carries (quic/param_unix.go maxDatagramPayloadSize).
 MAX_PAYLOAD = 1280

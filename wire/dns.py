@@ -13,7 +13,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from wire.errors import ProtocolError
+from tunnel_lab.wire.errors import ProtocolError
 
 # RR types and classes (RFC 1035 §3.2.2, RFC 3596, RFC 2782, RFC 6891).
 A = 1

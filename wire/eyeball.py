@@ -16,8 +16,8 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from wire.errors import StreamConversionError
-from wire.headers import (
+from tunnel_lab.wire.errors import StreamConversionError
+from tunnel_lab.wire.headers import (
     PROXY_UPGRADE,
     RESPONSE_HEADERS,
     RESPONSE_META,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from wire.errors import ProtocolError
+from tunnel_lab.wire.errors import ProtocolError
 
 __all__ = ["ControlFloodGuard", "FrameGuard", "ResetFloodGuard"]
 

@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from wire.errors import HeaderSerializationError
+from tunnel_lab.wire.errors import HeaderSerializationError
 
 RESPONSE_HEADERS = b"cf-cloudflared-response-headers"
 RESPONSE_META = b"cf-cloudflared-response-meta"

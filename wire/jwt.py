@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from wire.errors import TunnelLabError
+from tunnel_lab.wire.errors import TunnelLabError
 
 __all__ = [
     "ALGORITHM",

@@ -22,8 +22,8 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from wire.errors import OriginError, ResponseBodyError, StreamConversionError
-from wire.headers import (
+from tunnel_lab.wire.errors import OriginError, ResponseBodyError, StreamConversionError
+from tunnel_lab.wire.headers import (
     META_CLOUDFLARED,
     META_ORIGIN,
     PROXY_UPGRADE,
@@ -37,7 +37,7 @@ from wire.headers import (
     is_valid_value,
     serialize_response_headers,
 )
-from wire.sniff import sniff_content_type
+from tunnel_lab.wire.sniff import sniff_content_type
 
 __all__ = [
     "BodyEncoder",

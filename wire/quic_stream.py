@@ -27,10 +27,10 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from wire.capnp import Message as CapnpMessage
-from wire.capnp import MessageBuilder, MessageReader, StructBuilder, StructReader, frame_message
-from wire.errors import CapnpError, ProtocolError
-from wire.headers import (
+from tunnel_lab.wire.capnp import Message as CapnpMessage
+from tunnel_lab.wire.capnp import MessageBuilder, MessageReader, StructBuilder, StructReader, frame_message
+from tunnel_lab.wire.errors import CapnpError, ProtocolError
+from tunnel_lab.wire.headers import (
     META_CLOUDFLARED,
     META_FLOW_LIMITED,
     META_ORIGIN,

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from wire.capnp import Message, MessageBuilder, StructBuilder, StructReader
-from wire.errors import CapnpError
+from tunnel_lab.wire.capnp import Message, MessageBuilder, StructBuilder, StructReader
+from tunnel_lab.wire.errors import CapnpError
 
 #: Interface ids and method ordinals (docs/protocol.md §3.5).
 FILE_ID = 0xDB8274F9144ABC7E

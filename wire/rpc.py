@@ -22,7 +22,7 @@ import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from wire.capnp import (
+from tunnel_lab.wire.capnp import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Message,
     MessageBuilder,
@@ -30,8 +30,8 @@ from wire.capnp import (
     StructBuilder,
     StructReader,
 )
-from wire.errors import CapnpError, RpcError
-from wire.registration import (
+from tunnel_lab.wire.errors import CapnpError, RpcError
+from tunnel_lab.wire.registration import (
     METHOD_NAMES,
     METHOD_REGISTER_CONNECTION,
     METHOD_UNREGISTER_CONNECTION,

@@ -15,9 +15,9 @@ import ipaddress
 import uuid
 from dataclasses import dataclass
 
-from wire.capnp import StructBuilder, StructReader
-from wire.errors import CapnpError
-from wire.rpc import (
+from tunnel_lab.wire.capnp import StructBuilder, StructReader
+from tunnel_lab.wire.errors import CapnpError
+from tunnel_lab.wire.rpc import (
     CallFailed,
     CallMessage,
     CallReturned,

@@ -18,9 +18,9 @@ import time
 import urllib.parse
 from typing import Any
 
-from lab.runner import client
-from lab.runner.procs import ComponentError
-from wire import jwt
+from tunnel_lab.lab.runner import client
+from tunnel_lab.lab.runner.procs import ComponentError
+from tunnel_lab.wire import jwt
 
 API_PREFIX = "/client/v4/accounts"
 
@@ -100,9 +100,9 @@ def _header(resp: client.Response, name: str) -> str:
 
 
 def _assertions(lab: Any, team: str, auds: dict[str, str]) -> dict[str, str]:
-    from lab import paths
-    from lab.access_store import AccessStore
-    from lab.store import Store
+    from tunnel_lab.lab import paths
+    from tunnel_lab.lab.access_store import AccessStore
+    from tunnel_lab.lab.store import Store
 
     with Store(paths.db_path(lab.state)) as store:
         key = AccessStore(store).signing_key()

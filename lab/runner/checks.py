@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lab.runner.client import Response
+from tunnel_lab.lab.runner.client import Response
 
 
 @dataclass(frozen=True)

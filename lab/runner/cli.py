@@ -20,9 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab.runner import cloudflared, netns
-from lab.runner.loader import Scenario, load_scenario, matches, parse_shard, shard
-from wire.errors import ConfigError
+from tunnel_lab.lab.runner import cloudflared, netns
+from tunnel_lab.lab.runner.loader import Scenario, load_scenario, matches, parse_shard, shard
+from tunnel_lab.wire.errors import ConfigError
 
 REPO_LIBRARY = Path(__file__).resolve().parent.parent.parent / "scenarios"
 PACKAGED_LIBRARY = Path(__file__).resolve().parent.parent / "scenarios"
@@ -208,13 +208,13 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         # Inside the namespace now: the binary may run. What it lacks is left out or skipped per scenario.
         capabilities = cloudflared.probe(args.cloudflared)
         print(f"tunnel-lab: {capabilities.summary()}", file=sys.stderr)
-    from lab.runner.runall import run_all
+    from tunnel_lab.lab.runner.runall import run_all
 
     return run_all(selected, args, capabilities)
 
 
 def _compare(selected: list[Scenario], args: argparse.Namespace, argv: list[str]) -> int:
-    from lab.runner import comparerun
+    from tunnel_lab.lab.runner import comparerun
 
     if args.connector != "builtin" or "--cloudflared" in argv:
         raise ConfigError(

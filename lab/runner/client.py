@@ -25,8 +25,8 @@ import trio
 import wsproto
 import wsproto.events
 
-from transport.hpack import LongValueEncoder
-from wire.errors import TunnelLabError
+from tunnel_lab.transport.hpack import LongValueEncoder
+from tunnel_lab.wire.errors import TunnelLabError
 
 KEEP_BYTES = 1 << 20  # body prefix kept for body/json checks
 CHUNK = 64 * 1024

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 PROBE_TIMEOUT = 10.0  # seconds for each of the probe's commands; a cloudflared answers in well under one
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lab.runner.client import Response, WebSocketResult
+    from tunnel_lab.lab.runner.client import Response, WebSocketResult
 
 # --- timing class ---------------------------------------------------------------------------------
 

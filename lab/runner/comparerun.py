@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lab.runner import cloudflared, compare, netns
-from lab.runner.engine import ScenarioResult, run_scenario, skip_reason
-from lab.runner.lab import RunOptions
-from lab.runner.loader import Scenario
-from lab.runner.report import merge_histories
-from lab.runner.runall import run_with_progress
-from wire.errors import ConfigError
+from tunnel_lab.lab.runner import cloudflared, compare, netns
+from tunnel_lab.lab.runner.engine import ScenarioResult, run_scenario, skip_reason
+from tunnel_lab.lab.runner.lab import RunOptions
+from tunnel_lab.lab.runner.loader import Scenario
+from tunnel_lab.lab.runner.report import merge_histories
+from tunnel_lab.lab.runner.runall import run_with_progress
+from tunnel_lab.wire.errors import ConfigError
 
 VALUE_WIDTH = 300  # terminal only; the JSON report has every value whole
 

@@ -14,16 +14,23 @@ from typing import Any
 
 import trio
 
-from lab.runner import client, compare, netns
-from lab.runner.checks import Mismatch, check_history, check_response, count_ok, describe_count, metric_value
-from lab.runner.cloudflared import RELEASE_TABLE
-from lab.runner.lab import Lab, RunOptions, scenario_dirs
-from lab.runner.loader import Scenario, Step, parse_duration
-from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
-from lab.runner.reaper import REAPER
-from lab.runner.report import Recorder
-from wire.errors import TunnelLabError
-from wire.redact import Redactor
+from tunnel_lab.lab.runner import client, compare, netns
+from tunnel_lab.lab.runner.checks import (
+    Mismatch,
+    check_history,
+    check_response,
+    count_ok,
+    describe_count,
+    metric_value,
+)
+from tunnel_lab.lab.runner.cloudflared import RELEASE_TABLE
+from tunnel_lab.lab.runner.lab import Lab, RunOptions, scenario_dirs
+from tunnel_lab.lab.runner.loader import Scenario, Step, parse_duration
+from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
+from tunnel_lab.lab.runner.reaper import REAPER
+from tunnel_lab.lab.runner.report import Recorder
+from tunnel_lab.wire.errors import TunnelLabError
+from tunnel_lab.wire.redact import Redactor
 
 DEFAULT_STEP_TIMEOUT = 10.0
 
@@ -322,7 +329,7 @@ class _Runner:
 
     async def do_raw(self, step: Step, spec: dict[str, Any]) -> None:
         """Bytes no well-behaved client sends (lab/runner/raw.py), to the plain or TLS eyeball listener."""
-        from lab.runner.raw import run_raw
+        from tunnel_lab.lab.runner.raw import run_raw
 
         lab = self.lab
         listener = spec.get("listener", "https" if "h2_rapid_reset" in spec else "http")
@@ -487,7 +494,7 @@ class _Runner:
 
     async def do_udp(self, step: Step, spec: dict[str, Any]) -> None:
         """Datagrams through an edge UDP forward port to `target` (edge/udp.py), one at a time."""
-        from origin_fixtures import dns
+        from tunnel_lab.origin_fixtures import dns
 
         forward = await self.lab.api("POST", "/udp-forwards", {"destination": spec["target"],
                                                               "drop_every": int(spec.get("drop_every", 0))})

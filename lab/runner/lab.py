@@ -23,12 +23,20 @@ from typing import Any
 import trio
 import yaml
 
-from lab.api import connector_argv, edge_argv, origin_argv
-from lab.runner import client
-from lab.runner.cloudflared import BUILTIN, Capabilities
-from lab.runner.loader import Scenario
-from lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, free_port, run_command, tail
-from wire.redact import Redactor
+from tunnel_lab.lab.api import connector_argv, edge_argv, origin_argv
+from tunnel_lab.lab.runner import client
+from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
+from tunnel_lab.lab.runner.loader import Scenario
+from tunnel_lab.lab.runner.procs import (
+    TUNNEL_LAB,
+    Component,
+    ComponentError,
+    child_env,
+    free_port,
+    run_command,
+    tail,
+)
+from tunnel_lab.wire.redact import Redactor
 
 START_TIMEOUT = 20.0
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -148,7 +156,7 @@ class Lab:
         self._edge_component(fixed_ports=False)
         await self.start_edge()
         if sc.access is not None:
-            from lab.runner.access import setup_access
+            from tunnel_lab.lab.runner.access import setup_access
 
             await setup_access(self)
         if sc.connector is not None:
@@ -203,7 +211,7 @@ class Lab:
 
         flags: list[str] = []
         if "origin_timeout" in sc.edge:
-            from lab.runner.loader import parse_duration
+            from tunnel_lab.lab.runner.loader import parse_duration
 
             flags += ["--origin-timeout", f"{parse_duration(sc.edge['origin_timeout']):g}"]
         argv = edge_argv(
@@ -328,7 +336,7 @@ class Lab:
 
     async def wait_ready(self, n: int | dict[str, int], timeout: float) -> int:
         """Wait until the connector's /ready reports `n` connections (an int, or {min, max})."""
-        from lab.runner.checks import count_ok, describe_count
+        from tunnel_lab.lab.runner.checks import count_ok, describe_count
 
         comp = self.components["connector"]
         last: Any = None
@@ -356,7 +364,7 @@ class Lab:
     # --- talking to the edge -------------------------------------------------------------------------------
     async def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the management API; returns parsed JSON (or text for non-JSON answers)."""
-        from lab.api import LabError, management_call
+        from tunnel_lab.lab.api import LabError, management_call
 
         try:
             return await management_call(str(self.edge_ready.get("api")), self.api_token, method, path, body)

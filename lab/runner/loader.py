@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 Path_ = tuple[str | int, ...]
 
@@ -52,7 +52,7 @@ _VAR_FORMS = re.compile(
 @cache
 def schema() -> dict[str, Any]:
     """The scenario JSON schema shipped beside this module."""
-    text = resources.files("lab.runner").joinpath("schema.json").read_text(encoding="utf-8")
+    text = resources.files("tunnel_lab.lab.runner").joinpath("schema.json").read_text(encoding="utf-8")
     result: dict[str, Any] = json.loads(text)
     return result
 
@@ -555,7 +555,7 @@ def _access_names(access: dict[str, Any], kind: str) -> set[str]:
 
 def _check_access(doc: Document, access: dict[str, Any]) -> None:
     """Every application valid as the v4 API would take it; users name an application."""
-    from wire.access_policy import parse_app
+    from tunnel_lab.wire.access_policy import parse_app
 
     for name, body in access.get("apps", {}).items():
         try:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from wire.errors import TunnelLabError
+from tunnel_lab.wire.errors import TunnelLabError
 
 MARKER = "TUNNEL_LAB_NETNS_INSIDE"
 
@@ -66,7 +66,7 @@ def reexec(argv: Sequence[str]) -> int:
         *UNSHARE,
         sys.executable,
         "-m",
-        "lab.runner.cli",
+        "tunnel_lab.lab.runner.cli",
         *argv,
     ]
     child = subprocess.Popen(cmd, env=env)
@@ -164,7 +164,7 @@ def start_dns_stub(address: tuple[str, int] = ("127.0.0.1", 53)) -> socket.socke
 
 # --- `tunnel-lab netns -- COMMAND`: the namespace as a command ---------------------------------------------
 
-NETNS_MODULE = "lab.runner.netns"
+NETNS_MODULE = "tunnel_lab.lab.runner.netns"
 
 
 def isolated() -> bool:

@@ -21,15 +21,15 @@ from typing import Any
 
 import trio
 
-from lab.runner.reaper import REAPER
-from wire.errors import TunnelLabError
-from wire.redact import redact_argv, redact_text
+from tunnel_lab.lab.runner.reaper import REAPER
+from tunnel_lab.wire.errors import TunnelLabError
+from tunnel_lab.wire.redact import redact_argv, redact_text
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 # `tunnel-lab` as this very interpreter runs it: the same venv, the same checkout.
-TUNNEL_LAB: tuple[str, ...] = (sys.executable, "-m", "lab.cli")
+TUNNEL_LAB: tuple[str, ...] = (sys.executable, "-m", "tunnel_lab")
 
 
 class ComponentError(TunnelLabError):

@@ -18,7 +18,7 @@ import h2.events
 import h2.exceptions
 import trio
 
-from lab.runner import client
+from tunnel_lab.lab.runner import client
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import IO
 
 import trio
 
-from wire.errors import TunnelLabError
+from tunnel_lab.wire.errors import TunnelLabError
 
 GRACE = 2.0  # seconds between SIGTERM and SIGKILL for orphaned components
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -70,7 +70,8 @@ class Reaper:
         if self._proc is not None:
             return
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "lab.runner.reaper"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            [sys.executable, "-m",
+             "tunnel_lab.lab.runner.reaper"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         self._pipe = self._proc.stdin
 

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from wire.redact import Redactor
+from tunnel_lab.wire.redact import Redactor
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from lab.runner.engine import ScenarioResult
+    from tunnel_lab.lab.runner.engine import ScenarioResult
 
 
 class Recorder:

@@ -14,12 +14,19 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from lab.runner import netns
-from lab.runner.cloudflared import BUILTIN, Capabilities
-from lab.runner.engine import ScenarioResult, run_scenario
-from lab.runner.lab import RunOptions
-from lab.runner.loader import Scenario
-from lab.runner.report import STATUSES, failure_text, merge_histories, print_failure, write_json, write_junit
+from tunnel_lab.lab.runner import netns
+from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
+from tunnel_lab.lab.runner.engine import ScenarioResult, run_scenario
+from tunnel_lab.lab.runner.lab import RunOptions
+from tunnel_lab.lab.runner.loader import Scenario
+from tunnel_lab.lab.runner.report import (
+    STATUSES,
+    failure_text,
+    merge_histories,
+    print_failure,
+    write_json,
+    write_junit,
+)
 
 _MARK = {
     "passed": "[green]✓ PASS[/green]",
@@ -50,7 +57,7 @@ def run_all(
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
     results: list[ScenarioResult] = []
-    from lab.runner.reaper import EXIT_SIGTERM, REAPER, Terminated, until_sigterm
+    from tunnel_lab.lab.runner.reaper import EXIT_SIGTERM, REAPER, Terminated, until_sigterm
 
     terminated = False
     REAPER.start()  # cleans up should this process be killed hard

@@ -25,7 +25,7 @@ import h11
 import trio
 import trustme
 
-from connector.settings import (
+from tunnel_lab.connector.settings import (
     HTTPService,
     IngressRule,
     OriginRequestConfig,
@@ -33,9 +33,9 @@ from connector.settings import (
     StatusService,
     TunnelSettings,
 )
-from wire.credentials import Credentials
-from wire.registration import ConnectionDetails, RegisterConnectionParams, RegistrationError
-from wire.rpc import (
+from tunnel_lab.wire.credentials import Credentials
+from tunnel_lab.wire.registration import ConnectionDetails, RegisterConnectionParams, RegistrationError
+from tunnel_lab.wire.rpc import (
     RegisterConnectionCalled,
     RpcAborted,
     RpcServer,
@@ -542,7 +542,7 @@ class Running:
 
 async def start_connector(nursery: trio.Nursery, settings: TunnelSettings) -> Running:
     """Start `run_tunnel` (no signal handling) and return its handle and future exit code."""
-    from connector.runtime import run_tunnel
+    from tunnel_lab.connector.runtime import run_tunnel
 
     code: list[int] = []
     done = trio.Event()

@@ -15,8 +15,8 @@ from qh3.quic import events as qe
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from wire.registration import ConnectionDetails
-from wire.rpc import (
+from tunnel_lab.wire.registration import ConnectionDetails
+from tunnel_lab.wire.rpc import (
     RegisterConnectionCalled,
     RpcServer,
     UnregisterConnectionCalled,

@@ -17,8 +17,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from connector.access import EdgeTarget, connect_websocket, main, pipe_websocket, serve_access_tcp
-from wire.errors import ConfigError, OriginError
+from tunnel_lab.connector.access import EdgeTarget, connect_websocket, main, pipe_websocket, serve_access_tcp
+from tunnel_lab.wire.errors import ConfigError, OriginError
 
 TIMEOUT = 10
 

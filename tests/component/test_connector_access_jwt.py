@@ -11,14 +11,14 @@ import time
 import pytest
 import trio
 
-from connector.access_jwt import ADDR_ENV, AccessValidator
-from connector.settings import AccessConfig, IngressRule, OriginRequestConfig, StatusService
-from edge.access import gate_of
-from edge.config import Address
 from tests.component.test_edge_support import running_edge
 from tests.component.tunnel_pair import open_tunnel_pair, request_headers
-from wire import jwt
-from wire.headers import RESPONSE_META, first_value
+from tunnel_lab.connector.access_jwt import ADDR_ENV, AccessValidator
+from tunnel_lab.connector.settings import AccessConfig, IngressRule, OriginRequestConfig, StatusService
+from tunnel_lab.edge.access import gate_of
+from tunnel_lab.edge.config import Address
+from tunnel_lab.wire import jwt
+from tunnel_lab.wire.headers import RESPONSE_META, first_value
 
 ISS = "https://lab.cloudflareaccess.com"
 AUD = "a" * 64

@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from connector.origin_client import OriginConnection, OriginTarget
-from wire.errors import OriginError
+from tunnel_lab.connector.origin_client import OriginConnection, OriginTarget
+from tunnel_lab.wire.errors import OriginError
 
 
 async def _events(conn: OriginConnection) -> tuple[bytes, list[str]]:

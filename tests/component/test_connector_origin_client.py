@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from connector.origin_client import OriginPool, OriginTarget
-from connector.settings import OriginRequestConfig
 from tests.component.connector_edge import RawOrigin
+from tunnel_lab.connector.origin_client import OriginPool, OriginTarget
+from tunnel_lab.connector.settings import OriginRequestConfig
 
 
 async def _get(pool: OriginPool, target: OriginTarget, cfg: OriginRequestConfig, path: str = "/") -> bytes:

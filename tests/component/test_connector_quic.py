@@ -15,9 +15,9 @@ import trio
 
 from tests.component.connector_edge import make_settings, start_connector, status_rule, wait_ready, wait_until
 from tests.component.quic_edge_peer import QuicEdgePeer, quic_edge_cert
-from wire import datagram as dg
-from wire import quic_stream as qs
-from wire import session_rpc as srpc
+from tunnel_lab.wire import datagram as dg
+from tunnel_lab.wire import quic_stream as qs
+from tunnel_lab.wire import session_rpc as srpc
 
 SID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
 
@@ -123,7 +123,7 @@ async def test_udp_session_v2_over_rpc_and_datagrams(tmp_path: Path,
 
 
 async def test_udp_flow_v3_in_datagrams(tmp_path: Path) -> None:
-    from connector.settings import TunnelSettings
+    from tunnel_lab.connector.settings import TunnelSettings
 
     features = (*TunnelSettings.__dataclass_fields__["features"].default, "support_datagram_v3_2")  # type: ignore[misc]
     with trio.fail_after(20):
@@ -215,7 +215,7 @@ def test_a_stream_whose_reader_stalls_is_reset_past_its_buffer_limit(
         caplog: pytest.LogCaptureFixture) -> None:
     from qh3.quic.configuration import QuicConfiguration
 
-    from connector import quic_transport as qt
+    from tunnel_lab.connector import quic_transport as qt
 
     transport = qt.QuicTransport(QuicConfiguration(is_client=True), ("127.0.0.1", 9),
                                  stream_buffer_limit=64 * 1024)

@@ -8,7 +8,6 @@ import uuid
 import pytest
 import trio
 
-from connector import supervisor
 from tests.component.connector_edge import (
     CREDS,
     FakeEdge,
@@ -19,11 +18,12 @@ from tests.component.connector_edge import (
     wait_ready,
 )
 from tests.frames import FrameFactory
-from wire.registration import ConnectionDetails, RegistrationError
+from tunnel_lab.connector import supervisor
+from tunnel_lab.wire.registration import ConnectionDetails, RegistrationError
 
 
 async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
-    caplog.set_level("DEBUG", logger="connector")
+    caplog.set_level("DEBUG", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -74,7 +74,7 @@ async def test_registers_pushes_local_config_and_unregisters(tmp_path, caplog):
 
 @pytest.mark.parametrize("close_delay", [0.05, 0.0])
 async def test_unauthorized_is_retried_with_backoff(tmp_path, caplog, close_delay):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
 
     def decide(params, attempt):
@@ -99,7 +99,7 @@ async def test_unauthorized_is_retried_with_backoff(tmp_path, caplog, close_dela
 
 
 async def test_permanent_error_on_first_connection_exits_1(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -114,7 +114,7 @@ async def test_permanent_error_on_first_connection_exits_1(tmp_path, caplog):
 
 
 async def test_edupconn_moves_to_another_address(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -135,7 +135,7 @@ async def test_edupconn_moves_to_another_address(tmp_path, caplog):
 
 async def test_no_busy_loop_with_one_untrusted_edge(tmp_path, caplog):
     """cloudflared retries TLS failures on a single address ~2300 times a second; we back off."""
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     _ca, ca_path = make_ca(tmp_path)
     other_ca, _ = make_ca(tmp_path / "x") if (tmp_path / "x").mkdir() is None else (None, None)
     with trio.fail_after(10):
@@ -155,7 +155,7 @@ async def test_no_busy_loop_with_one_untrusted_edge(tmp_path, caplog):
 
 
 async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -195,7 +195,7 @@ async def test_ha_connections_use_distinct_addresses_and_reconnect(tmp_path, cap
 
 
 async def test_malformed_frame_drops_only_that_connection(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -250,7 +250,7 @@ def test_backoff_bounds_double_and_cap():
 
 
 def test_local_config_json_is_shown_as_version_minus_one(tmp_path):
-    from connector.runtime import _make_state
+    from tunnel_lab.connector.runtime import _make_state
 
     _ca, ca_path = make_ca(tmp_path)
     settings = make_settings(
@@ -276,8 +276,8 @@ def test_address_pool_rotation_never_shares_an_address():
 
 
 def test_ip_port_destinations_and_websocket_accept():
-    from connector.streams import parse_ip_port
-    from connector.websocket import WebSocketBridge, websocket_accept
+    from tunnel_lab.connector.streams import parse_ip_port
+    from tunnel_lab.connector.websocket import WebSocketBridge, websocket_accept
 
     assert parse_ip_port("127.0.0.1:22") == ("127.0.0.1", 22)
     assert parse_ip_port("[::1]:443") == ("::1", 443)
@@ -293,7 +293,7 @@ def test_ip_port_destinations_and_websocket_accept():
 
 
 async def test_garbage_on_the_control_stream_reconnects(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -338,9 +338,9 @@ async def test_shutdown_during_a_hanging_dial_is_prompt(tmp_path):
 
 
 async def test_metrics_address_in_use_exits_1(tmp_path, caplog):
-    from connector.runtime import run_tunnel
+    from tunnel_lab.connector.runtime import run_tunnel
 
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     _, ca_path = make_ca(tmp_path)
     with trio.fail_after(10):
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

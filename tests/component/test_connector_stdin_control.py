@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from connector.runtime import run_tunnel
 from tests.component.connector_edge import FakeEdge, make_ca, make_settings, status_rule
+from tunnel_lab.connector.runtime import run_tunnel
 
 # Any backoff would outlast the test's deadline: the reconnect must not wait for one.
 SLOW_KNOBS = {"backoff_base": 60.0, "supervisor_backoff_base": 60.0}
@@ -28,7 +28,7 @@ async def _start(nursery: trio.Nursery, settings, stdin) -> tuple[object, list[i
 
 
 async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     send, receive = trio.testing.memory_stream_one_way_pair()
     with trio.fail_after(10):

@@ -14,8 +14,6 @@ import trio.testing
 import trustme
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from connector.settings import HTTPService, StreamService
-from origin_fixtures import OriginConfig, serve_origin
 from tests.component.connector_edge import (
     FakeEdge,
     connector_streams,
@@ -30,7 +28,9 @@ from tests.component.connector_edge import (
     wait_ready,
     wait_until,
 )
-from wire.headers import deserialize_response_headers
+from tunnel_lab.connector.settings import HTTPService, StreamService
+from tunnel_lab.origin_fixtures import OriginConfig, serve_origin
+from tunnel_lab.wire.headers import deserialize_response_headers
 
 pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 
@@ -163,7 +163,7 @@ async def test_sse_flushes_every_event_and_trailers_and_gzip(tmp_path):
 
 
 async def test_origin_errors_give_502_and_spare_other_streams(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     with trio.fail_after(20):
         async with trio.open_nursery() as on:
             bad = await origin(on, "misbehave")
@@ -221,7 +221,7 @@ async def test_origin_errors_give_502_and_spare_other_streams(tmp_path, caplog):
 
 
 async def test_origin_tls_verification(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     origin_ca = trustme.CA()
     cert = origin_ca.issue_cert("origin.test")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -352,7 +352,7 @@ async def test_go_400_for_connection_specific_headers(tmp_path):
 
 
 async def test_update_configuration_streams(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
 
     async def update(side, body: bytes):
         return await side.request(
@@ -469,7 +469,7 @@ async def test_edge_reset_cancels_the_origin_request(tmp_path):
 
 
 async def test_hello_world_service_started_on_demand(tmp_path):
-    from connector.settings import HelloWorldService
+    from tunnel_lab.connector.settings import HelloWorldService
 
     with trio.fail_after(20):
         async with tunnel(tmp_path, [rule(HelloWorldService(), "hello_world")]) as (side, run, _):
@@ -482,7 +482,7 @@ async def test_hello_world_service_started_on_demand(tmp_path):
 
 
 async def test_tcp_flow_limit_and_edge_goaway(tmp_path):
-    from connector.settings import WarpRoutingConfig
+    from tunnel_lab.connector.settings import WarpRoutingConfig
 
     with trio.fail_after(20):
         async with trio.open_nursery() as on:

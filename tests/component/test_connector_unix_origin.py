@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from connector.settings import HTTPService
 from tests.component.connector_edge import (
     FakeEdge,
     RawOrigin,
@@ -20,6 +19,7 @@ from tests.component.connector_edge import (
     start_connector,
     wait_ready,
 )
+from tunnel_lab.connector.settings import HTTPService
 
 
 async def _serve_unix(origin: RawOrigin, path: Path, ctx: ssl.SSLContext | None,
@@ -75,7 +75,7 @@ async def test_request_reaches_a_unix_socket_origin(tmp_path, tls):
 
 
 async def test_missing_socket_is_a_502(tmp_path, caplog):
-    caplog.set_level("INFO", logger="connector")
+    caplog.set_level("INFO", logger="tunnel_lab.connector")
     ca, ca_path = make_ca(tmp_path)
     missing = tmp_path / "nothing.sock"
     service = HTTPService(scheme="http", host="", port=0, unix_path=str(missing))

@@ -29,7 +29,7 @@ from tests.component.connector_edge import (
     wait_ready,
 )
 from tests.golden import VECTORS, VECTORS_GO126
-from wire.headers import deserialize_response_headers
+from tunnel_lab.wire.headers import deserialize_response_headers
 
 ECHO_VECTORS = [
     VECTORS / "A02-get-hello.json",

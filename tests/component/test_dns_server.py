@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from lab.dns import LabZone, serve_dns, serve_dns_tcp
-from wire import dns
+from tunnel_lab.lab.dns import LabZone, serve_dns, serve_dns_tcp
+from tunnel_lab.wire import dns
 
 ZONE = LabZone(regions={"region1.v2.argotunnel.com": ["127.0.1.1", "127.0.1.2"]}, services="127.0.3.1",
                eyeballs="127.0.0.1")

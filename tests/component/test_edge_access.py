@@ -10,7 +10,6 @@ import urllib.parse
 
 import trio
 
-from edge.access import gate_of
 from tests.component.test_edge_api import api
 from tests.component.test_edge_support import (
     echo_handler,
@@ -19,7 +18,8 @@ from tests.component.test_edge_support import (
     registered,
     running_edge,
 )
-from wire import jwt
+from tunnel_lab.edge.access import gate_of
+from tunnel_lab.wire import jwt
 
 HOST = "app.test"
 TEAM = "lab.cloudflareaccess.com"

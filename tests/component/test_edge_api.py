@@ -17,7 +17,7 @@ from tests.component.test_edge_support import (
     running_edge,
     wait_history,
 )
-from wire.registration import ConnectionDetails, RegistrationError
+from tunnel_lab.wire.registration import ConnectionDetails, RegistrationError
 
 
 async def api(edge, method: str, path: str, body=None, *, token: str | None = None):

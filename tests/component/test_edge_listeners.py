@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from edge.server import PatientListener
 from tests.component.test_edge_support import running_edge
+from tunnel_lab.edge.server import PatientListener
 
 
 async def test_every_socket_accepts_and_handlers_outlive_their_listeners(tmp_path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from edge.cli import build_parser, config_from_args
-from edge.config import Address, parse_address, parse_tunnel_listen
-from edge.pages import error_page, no_connection_page, no_route_page
-from edge.state import Faults, History, parse_fault
-from edge.warp import parse_destination
 from tests.frames import FrameFactory
-from wire.errors import ConfigError, ProtocolError
-from wire.guard import FrameGuard
+from tunnel_lab.edge.cli import build_parser, config_from_args
+from tunnel_lab.edge.config import Address, parse_address, parse_tunnel_listen
+from tunnel_lab.edge.pages import error_page, no_connection_page, no_route_page
+from tunnel_lab.edge.state import Faults, History, parse_fault
+from tunnel_lab.edge.warp import parse_destination
+from tunnel_lab.wire.errors import ConfigError, ProtocolError
+from tunnel_lab.wire.guard import FrameGuard
 
 SETTINGS = FrameFactory().settings({0x3: 100})
 

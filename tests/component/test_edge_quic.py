@@ -17,8 +17,8 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
 from tests.component.test_edge_support import LabTunnel, http_request, make_tunnel, running_edge, split
-from wire import rpc, session_rpc
-from wire.quic_stream import (
+from tunnel_lab.wire import rpc, session_rpc
+from tunnel_lab.wire.quic_stream import (
     DATA_STREAM_SIGNATURE,
     ConnectionType,
     ConnectRequest,
@@ -28,7 +28,7 @@ from wire.quic_stream import (
     connect_response_for_http,
     encode_connect_response,
 )
-from wire.registration import (
+from tunnel_lab.wire.registration import (
     ClientInfo,
     ConnectionDetails,
     ConnectionOptions,
@@ -278,7 +278,7 @@ async def test_a_malformed_answer_costs_only_its_request(tmp_path, caplog):
             conn = await quic_connector(nursery, edge, handler)
             assert isinstance(await conn.register(t), ConnectionDetails)
             await wait_routable(edge, t)
-            with caplog.at_level(logging.WARNING, logger="edge.quic"):
+            with caplog.at_level(logging.WARNING, logger="tunnel_lab.edge.quic"):
                 bad = await http_request(edge.bound["http"], "GET", "/bad", host="app.test")
                 noversion = await http_request(edge.bound["http"], "GET", "/noversion", host="app.test")
             assert (bad.status, noversion.status) == (502, 502)
@@ -312,7 +312,7 @@ async def test_garbage_and_wrong_alpn_leave_others_alone(tmp_path, caplog):
         async with running_edge(tmp_path) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             host, port = split(edge.listeners["LAB1"].quic_address)
-            with caplog.at_level(logging.WARNING, logger="edge.quic"):
+            with caplog.at_level(logging.WARNING, logger="tunnel_lab.edge.quic"):
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
                     for payload in (b"", b"\x00", b"\xff" * 40, b"\xc0\x00\x00\x00\x01" + b"\x08" * 30,
                                     b"\x40" + b"\x11" * 1300):
@@ -342,7 +342,7 @@ async def test_a_stream_the_connector_opens_is_refused(tmp_path, caplog):
             t = make_tunnel(edge, "t1", "app.test")
             conn = await quic_connector(nursery, edge)
             assert isinstance(await conn.register(t), ConnectionDetails)
-            with caplog.at_level(logging.WARNING, logger="edge.quic"):
+            with caplog.at_level(logging.WARNING, logger="tunnel_lab.edge.quic"):
                 stream_id = conn.quic.get_next_available_stream_id()
                 conn.quic.send_stream_data(stream_id, b"hello")
                 conn.transmit()
@@ -374,14 +374,14 @@ async def test_configuration_push_over_an_rpc_stream(tmp_path):
             assert await tunnel_conn.push_configuration(8, b"{}") == (-1, "no ingress")
             assert conn.configs == [(7, json.dumps(config).encode()), (8, b"{}")]
             # the management API does the same
-            from lab.api import management_call
+            from tunnel_lab.lab.api import management_call
 
             body = {"version": 9, "config": config}
             answer = await management_call(edge.bound["api"], edge.api_token, "POST",
                                            f"/tunnels/{t.id}/configuration", body)
             assert answer == {"connection": tunnel_conn.id, "lastAppliedVersion": 9, "err": None}
             assert len(conn.configs) == 3
-            from lab.api import LabError
+            from tunnel_lab.lab.api import LabError
 
             other = make_tunnel(edge, "t2", "other.test")
             with pytest.raises(LabError, match=r"answered 409: .*no registered QUIC connection"):

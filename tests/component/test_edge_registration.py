@@ -14,7 +14,7 @@ from tests.component.test_edge_support import (
     registered,
     running_edge,
 )
-from wire.registration import ConnectionDetails, RegistrationError
+from tunnel_lab.wire.registration import ConnectionDetails, RegistrationError
 
 
 async def noop(s):  # pragma: no cover - never called in these tests

@@ -16,11 +16,11 @@ from tests.component.test_edge_support import (
     registered,
     running_edge,
 )
-from wire.registration import ConnectionDetails, RegistrationError
+from tunnel_lab.wire.registration import ConnectionDetails, RegistrationError
 
 
 async def test_deleting_a_tunnel_closes_its_connections_and_refuses_it(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="edge")
+    caplog.set_level(logging.INFO, logger="tunnel_lab.edge")
     with trio.fail_after(10):
         async with running_edge(tmp_path, store_check_interval=0.05) as (edge, nursery):
             gone = make_tunnel(edge, "gone", "gone.test")
@@ -28,7 +28,7 @@ async def test_deleting_a_tunnel_closes_its_connections_and_refuses_it(tmp_path,
             doomed = [await registered(nursery, edge, gone, echo_handler, conn_index=i) for i in range(2)]
             survivor = await registered(nursery, edge, kept, echo_handler)
             # an admin deletes the tunnel through another Store on the same database
-            from lab.store import Store
+            from tunnel_lab.lab.store import Store
 
             with Store(edge.tunnels.db) as other:
                 other.delete_tunnel("gone")

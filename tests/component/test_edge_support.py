@@ -25,17 +25,17 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes, Settings
 
-from edge.config import Address, EdgeConfig, TunnelListen
-from edge.server import Edge, serve_edge
-from wire import rpc
-from wire.headers import (
+from tunnel_lab.edge.config import Address, EdgeConfig, TunnelListen
+from tunnel_lab.edge.server import Edge, serve_edge
+from tunnel_lab.wire import rpc
+from tunnel_lab.wire.headers import (
     META_CLOUDFLARED,
     META_ORIGIN,
     RESPONSE_HEADERS,
     RESPONSE_META,
     serialize_response_headers,
 )
-from wire.registration import ClientInfo, ConnectionOptions, RegisterConnectionParams, TunnelAuth
+from tunnel_lab.wire.registration import ClientInfo, ConnectionOptions, RegisterConnectionParams, TunnelAuth
 
 Headers = list[tuple[bytes, bytes]]
 _OPEN: list[trio.abc.AsyncResource] = []  # transports the helpers opened, closed by running_edge
@@ -372,12 +372,12 @@ class _Errors(logging.Handler):
 @asynccontextmanager
 async def running_edge(tmp_path: Path, **overrides: Any) -> Any:
     errors = _Errors()
-    logging.getLogger("edge").addHandler(errors)
+    logging.getLogger("tunnel_lab.edge").addHandler(errors)
     try:
         async with _running_edge(tmp_path, **overrides) as pair:
             yield pair
     finally:
-        logging.getLogger("edge").removeHandler(errors)
+        logging.getLogger("tunnel_lab.edge").removeHandler(errors)
     assert not errors.records, [r.getMessage() for r in errors.records]
 
 

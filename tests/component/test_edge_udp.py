@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import trio
 
-from edge.udp import INBOX, UdpSession, UdpSessionError, UdpSessions
-from wire import datagram as dg
+from tunnel_lab.edge.udp import INBOX, UdpSession, UdpSessionError, UdpSessions
+from tunnel_lab.wire import datagram as dg
 
 
 @dataclass

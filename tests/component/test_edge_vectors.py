@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge.config import Address, TunnelListen
-from lab import paths
-from lab.store import Store
 from tests.component.test_edge_support import ScriptedConnector, dial_edge, running_edge
 from tests.golden import VECTORS, VECTORS_GO126
-from wire.capnp import MessageReader, frame_message
+from tunnel_lab.edge.config import Address, TunnelListen
+from tunnel_lab.lab import paths
+from tunnel_lab.lab.store import Store
+from tunnel_lab.wire.capnp import MessageReader, frame_message
 
 # (registration capture, shutdown capture on the same connection or None)
 CASES = [(VECTORS / "A01-control-stream-register.json", VECTORS / "A13-sigterm-unregister-answered.json"),

@@ -13,7 +13,7 @@ import trustme
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
-from connector.hello import serve_hello_world, websocket_accept
+from tunnel_lab.connector.hello import serve_hello_world, websocket_accept
 
 TIMEOUT = 10
 
@@ -192,7 +192,7 @@ async def test_ws_without_upgrade_is_400() -> None:
 
 async def test_bodies_over_go_s_2_kib_buffer_are_chunked() -> None:
     """net/http sends a handler's body with Content-Length only when it ended within 2 KiB."""
-    from connector.http1 import ServerConnection
+    from tunnel_lab.connector.http1 import ServerConnection
 
     async def serve(stream: trio.SocketStream) -> None:
         conn = ServerConnection(stream)

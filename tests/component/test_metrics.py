@@ -10,8 +10,8 @@ import h11
 import pytest
 import trio
 
-from connector.metrics import parse_address, prometheus_text, serve_metrics
-from connector.state import ConnectorState
+from tunnel_lab.connector.metrics import parse_address, prometheus_text, serve_metrics
+from tunnel_lab.connector.state import ConnectorState
 
 TIMEOUT = 10
 CONNECTOR_ID = uuid.UUID("8edfe971-f0df-4522-8bc2-4808ff9298f5")
@@ -161,7 +161,7 @@ def test_prometheus_label_escaping() -> None:
 
 
 async def test_tunnel_ready_command_reads_ready() -> None:
-    from connector import cli
+    from tunnel_lab.connector import cli
 
     state = ConnectorState(connector_id=CONNECTOR_ID)
     with trio.fail_after(TIMEOUT):

@@ -24,8 +24,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from origin_fixtures import KINDS, History, OriginConfig, body_sha256, generate_body, serve_origin
-from wire.errors import ConfigError
+from tunnel_lab.origin_fixtures import KINDS, History, OriginConfig, body_sha256, generate_body, serve_origin
+from tunnel_lab.wire.errors import ConfigError
 
 TIMEOUT = 10
 

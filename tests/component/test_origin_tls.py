@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import trio
 
-import lab.pki as pki_module
-from origin_fixtures import OriginConfig, serve_origin
-from origin_fixtures.tls import CERT_KINDS, origin_ssl_context
+import tunnel_lab.lab.pki as pki_module
 from tests.component.test_origin_fixtures import TIMEOUT, Client
+from tunnel_lab.origin_fixtures import OriginConfig, serve_origin
+from tunnel_lab.origin_fixtures.tls import CERT_KINDS, origin_ssl_context
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import functools
 
 import trio
 
-from lab.recorder import Recorder
+from tunnel_lab.lab.recorder import Recorder
 
 REQUESTS = (
     b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"

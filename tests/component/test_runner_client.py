@@ -17,8 +17,8 @@ import pytest
 import trio
 import trustme
 
-from lab.runner import client
-from origin_fixtures.server import serve_origin
+from tunnel_lab.lab.runner import client
+from tunnel_lab.origin_fixtures.server import serve_origin
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from lab.runner.procs import _ephemeral_range, free_port
+from tunnel_lab.lab.runner.procs import _ephemeral_range, free_port
 
 
 def test_free_ports_are_outside_the_ephemeral_range_unique_and_bindable() -> None:

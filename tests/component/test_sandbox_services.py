@@ -14,12 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from lab.api import LabError
-from lab.loginflow import APPROVED_TTL, MAX_PENDING, LoginTransfers
-from lab.services import Services, handle_services_connection
-from lab.store import Store
-from lab.v4api import LiveConnection, V4Api
-from lab.v4base import mint_token
+from tunnel_lab.lab.api import LabError
+from tunnel_lab.lab.loginflow import APPROVED_TTL, MAX_PENDING, LoginTransfers
+from tunnel_lab.lab.services import Services, handle_services_connection
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4api import LiveConnection, V4Api
+from tunnel_lab.lab.v4base import mint_token
 
 KEY = "AbC+/def0123456789="
 CALLBACK = "https://login.cloudflareaccess.org/" + KEY

@@ -18,8 +18,6 @@ import pytest
 import trio
 import trio.testing
 
-from connector.settings import TunnelSettings
-from edge.config import Address
 from tests.component.connector_edge import (
     FAST_KNOBS,
     FakeEdge,
@@ -35,7 +33,9 @@ from tests.component.connector_edge import (
     wait_until,
 )
 from tests.component.test_edge_support import make_tunnel, running_edge, split
-from wire.credentials import Credentials
+from tunnel_lab.connector.settings import TunnelSettings
+from tunnel_lab.edge.config import Address
+from tunnel_lab.wire.credentials import Credentials
 
 pytestmark = [pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")]
 

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from transport.pipe import PipeDone, Way, pipe, prepend, receive_acked
+from tunnel_lab.transport.pipe import PipeDone, Way, pipe, prepend, receive_acked
 
 
 def _source(*chunks: bytes) -> trio.MemoryReceiveChannel[bytes]:

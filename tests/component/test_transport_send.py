@@ -10,7 +10,7 @@ import trio.testing
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 
-from transport.h2 import TunnelH2Connection, send_within_window
+from tunnel_lab.transport.h2 import TunnelH2Connection, send_within_window
 
 REQUEST = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
 

@@ -12,8 +12,8 @@ import trio
 import trio.testing
 import trustme
 
-from connector.edge_dial import EDGE_SNI
-from transport.tls import TLSStream
+from tunnel_lab.connector.edge_dial import EDGE_SNI
+from tunnel_lab.transport.tls import TLSStream
 
 Handler = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
 

@@ -7,8 +7,8 @@ import trio
 import trio.testing
 from h2.config import H2Configuration
 
-from transport.h2 import TunnelH2Connection
-from transport.writer import H2Writer, WriteStalled
+from tunnel_lab.transport.h2 import TunnelH2Connection
+from tunnel_lab.transport.writer import H2Writer, WriteStalled
 
 
 def _queued_conn() -> TunnelH2Connection:

@@ -8,13 +8,13 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from connector.edge_errors import ConnectionLostError
-from connector.settings import StreamService, WarpRoutingConfig
-from connector.websocket import websocket_accept
 from tests.component.connector_edge import RawOrigin, http_rule, rule
 from tests.component.tunnel_pair import open_tunnel_pair, request_headers
-from transport.tunnel import TunnelStream
-from wire.headers import RESPONSE_HEADERS, deserialize_response_headers, first_value
+from tunnel_lab.connector.edge_errors import ConnectionLostError
+from tunnel_lab.connector.settings import StreamService, WarpRoutingConfig
+from tunnel_lab.connector.websocket import websocket_accept
+from tunnel_lab.transport.tunnel import TunnelStream
+from tunnel_lab.wire.headers import RESPONSE_HEADERS, deserialize_response_headers, first_value
 
 UPGRADE = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
            (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"Sec-WebSocket-Version", b"13"))

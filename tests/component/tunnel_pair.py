@@ -20,15 +20,15 @@ from typing import Any
 import trio
 import trio.testing
 
-from connector.edge_conn import EdgeConnection
-from connector.edge_errors import EdgeConnectionError
-from connector.settings import IngressRule, TunnelSettings
-from connector.streams import Proxy
-from edge.server import Edge
-from edge.tunnel import H2TunnelConnection
 from tests.component.test_edge_support import edge_config, make_tunnel
-from wire.credentials import Credentials
-from wire.eyeball import EyeballRequest, tunnel_request_headers
+from tunnel_lab.connector.edge_conn import EdgeConnection
+from tunnel_lab.connector.edge_errors import EdgeConnectionError
+from tunnel_lab.connector.settings import IngressRule, TunnelSettings
+from tunnel_lab.connector.streams import Proxy
+from tunnel_lab.edge.server import Edge
+from tunnel_lab.edge.tunnel import H2TunnelConnection
+from tunnel_lab.wire.credentials import Credentials
+from tunnel_lab.wire.eyeball import EyeballRequest, tunnel_request_headers
 
 HOST = "app.pair.test"
 EDGE_ADDRESS = "127.0.0.1:7844"

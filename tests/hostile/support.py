@@ -21,13 +21,13 @@ from typing import Any
 
 import trio
 
-from origin_fixtures import OriginConfig, serve_origin
+from tunnel_lab.origin_fixtures import OriginConfig, serve_origin
 
 HOST = "app.lab.test"
 
 
 def _lab(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "lab.cli", *args], check=True, capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "tunnel_lab", *args], check=True, capture_output=True, timeout=60)
 
 
 def split(address: str) -> tuple[str, int]:
@@ -163,7 +163,7 @@ async def running_lab(tmp_path: Path, *, edge_nofile: int | None = None,
         try:
             with edge_log.open("wb") as out:
                 edge = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "lab.cli", "edge", "--state", str(state),
+                    [sys.executable, "-m", "tunnel_lab", "edge", "--state", str(state),
                      "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
                      "--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0",
                      "--api-listen", "127.0.0.1:0", "--ready-file", str(ready_file),
@@ -178,7 +178,8 @@ async def running_lab(tmp_path: Path, *, edge_nofile: int | None = None,
             edges = [x["address"] for x in ready["tunnel_listeners"]]
             with connector_log.open("wb") as out:
                 connector = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "connector", "tunnel", "--config", str(config), "--no-autoupdate",
+                    [sys.executable, "-m", "tunnel_lab", "connector", "tunnel", "--config", str(config),
+                     "--no-autoupdate",
                      "--no-prechecks", *[a for e in edges for a in ("--edge", e)],
                      "--ha-connections", str(ha_connections), "--cacert", ready["ca"],
                      "--metrics", "127.0.0.1:0", "--grace-period", "2s", "run", "--protocol", "http2",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from lab.runner.procs import PROJECT_ROOT
+from tunnel_lab.lab.runner.procs import PROJECT_ROOT
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -40,7 +40,7 @@ async def start_run(tmp_path: Path) -> tuple[trio.Process, Path, Path]:
     results = tmp_path / "results"
     env = {**os.environ, "TMPDIR": str(tmp)}
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "lab.cli", "run", "-k", "failover-dc-down", "--results", str(results),
+        [sys.executable, "-m", "tunnel_lab", "run", "-k", "failover-dc-down", "--results", str(results),
          str(PROJECT_ROOT / "scenarios")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = results / "failover-dc-down" / "connector.log"

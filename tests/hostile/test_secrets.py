@@ -8,8 +8,8 @@ import stat
 import subprocess
 import sys
 
-from lab.runner.leaks import leaks, secrets_in
-from lab.runner.procs import PROJECT_ROOT
+from tunnel_lab.lab.runner.leaks import leaks, secrets_in
+from tunnel_lab.lab.runner.procs import PROJECT_ROOT
 
 SCENARIOS = "connector-token or https-eyeball or registration-unauthorized or http-get-echo"
 def test_no_secret_in_any_file_a_run_writes(tmp_path):
@@ -17,7 +17,8 @@ def test_no_secret_in_any_file_a_run_writes(tmp_path):
     tmp.mkdir()
     reports = [tmp_path / "junit.xml", tmp_path / "report.json"]
     run = subprocess.run(
-        [sys.executable, "-m", "lab.cli", "run", "-k", SCENARIOS, "--keep-state", "--results", str(results),
+        [sys.executable, "-m", "tunnel_lab", "run", "-k", SCENARIOS, "--keep-state", "--results",
+         str(results),
          "--junit", str(reports[0]), "--json", str(reports[1]), str(PROJECT_ROOT / "scenarios")],
         env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout.decode()[-2000:] + run.stderr.decode()[-2000:]

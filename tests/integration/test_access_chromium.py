@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import trio
 
-from edge.access import gate_of
 from tests.component.test_edge_api import api
 from tests.component.test_edge_support import echo_handler, make_tunnel, registered, running_edge
-from wire import jwt
+from tunnel_lab.edge.access import gate_of
+from tunnel_lab.wire import jwt
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOST = "app.test"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from lab.api import LabError, open_lab, start_lab
-from lab.runner import netns
+from tunnel_lab.lab.api import LabError, open_lab, start_lab
+from tunnel_lab.lab.runner import netns
 
 TIMEOUT = 60
 

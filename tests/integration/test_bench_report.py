@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import load
-from bench.cli import Run, _without_option, render_table, targets
+from tunnel_lab.bench import load
+from tunnel_lab.bench.cli import Run, _without_option, render_table, targets
 
 
 def _runs(direct_rps: float, lab_rps: float, direct_p50: float, lab_p50: float) -> list[Run]:
@@ -90,7 +90,7 @@ def test_without_option_drops_both_spellings() -> None:
 
 
 def test_profile_summary_self_time_and_project_lines() -> None:
-    from bench.profile import summarize
+    from tunnel_lab.bench.profile import summarize
 
     collapsed = "\n".join([
         "main (/work/x/edge/cli.py:10);_reader (/work/x/edge/tunnel.py:290);"

@@ -26,7 +26,7 @@ CONNECTOR_ONLY: dict[str, set[str]] = {"ready": {"seconds", "first_connection_s"
 
 def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--tiny", "--json", str(out),
+    proc = subprocess.run([sys.executable, "-m", "tunnel_lab", "bench", "--tiny", "--json", str(out),
                            "--workdir", str(tmp_path / "work"), *args],
                           capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
                           check=False)
@@ -69,7 +69,7 @@ def test_tiny_bench_produces_every_figure_for_direct_and_lab(tmp_path: Path) -> 
 
 
 def test_missing_cloudflared_binary_is_a_usage_error(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--tiny", "--cloudflared",
+    proc = subprocess.run([sys.executable, "-m", "tunnel_lab", "bench", "--tiny", "--cloudflared",
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=TIMEOUT,
                           check=False)
     assert proc.returncode == 2
@@ -78,7 +78,7 @@ def test_missing_cloudflared_binary_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def _netns_ok() -> tuple[bool, str]:
-    from lab.runner import netns
+    from tunnel_lab.lab.runner import netns
 
     return netns.available()
 

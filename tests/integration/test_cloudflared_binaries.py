@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import cloudflared, netns
-from lab.runner.cloudflared import BinaryError
 from tests.standin import logged_argvs, write_standin
+from tunnel_lab.lab.runner import cloudflared, netns
+from tunnel_lab.lab.runner.cloudflared import BinaryError
 
 ROOT = Path(__file__).resolve().parents[2]
 NETNS_OK, NETNS_WHY = netns.available()
@@ -128,7 +128,7 @@ def test_the_probe_runs_once_per_binary_until_the_file_changes(tmp_path: Path) -
 
 def _run_lab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lab.cli", *args],
+        [sys.executable, "-m", "tunnel_lab", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

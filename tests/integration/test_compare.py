@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import netns
 from tests.integration.test_scenarios import run_lab
 from tests.standin import write_standin
+from tunnel_lab.lab.runner import netns
 
 SAME = ["http-get-echo", "http-sse-streaming", "websocket-echo"]
 

@@ -12,9 +12,9 @@ import uuid
 
 import trio
 
-from origin_fixtures import OriginConfig, serve_origin
 from tests.component.connector_edge import CREDS, FakeEdge, get, make_ca
-from wire.credentials import credentials_json
+from tunnel_lab.origin_fixtures import OriginConfig, serve_origin
+from tunnel_lab.wire.credentials import credentials_json
 
 TIMEOUT = 20
 
@@ -177,7 +177,7 @@ async def test_second_signal_exits_at_once(tmp_path):
 
 
 async def test_refused_first_registration_exits_1(tmp_path):
-    from wire.registration import RegistrationError
+    from tunnel_lab.wire.registration import RegistrationError
 
     ca, ca_path = make_ca(tmp_path)
     with trio.fail_after(TIMEOUT):

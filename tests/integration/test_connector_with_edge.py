@@ -11,15 +11,15 @@ from pathlib import Path
 
 import trio
 
-from origin_fixtures import OriginConfig, serve_origin
 from tests.integration.test_connector_process import Process, http_get
+from tunnel_lab.origin_fixtures import OriginConfig, serve_origin
 
 TIMEOUT = 30
 
 
 def lab(*args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, "-m", "tunnel_lab", *args], capture_output=True, text=True, timeout=TIMEOUT
     )
     assert out.returncode == 0, out.stderr
     return out.stdout + out.stderr
@@ -44,7 +44,7 @@ async def test_eyeball_request_through_our_edge_and_connector(tmp_path):
         [
             sys.executable,
             "-m",
-            "lab.cli",
+            "tunnel_lab",
             "edge",
             "--state",
             str(state),

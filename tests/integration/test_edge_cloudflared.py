@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import netns
+from tunnel_lab.lab.runner import netns
 
 # The runner's own namespace recipe (lab.runner.netns.reexec); the driver sets it up from the inside.
 UNSHARE = ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child"]
@@ -27,7 +27,7 @@ DRIVER = r'''
 import hashlib, json, os, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
 
-from lab.runner import netns
+from tunnel_lab.lab.runner import netns
 
 netns.enter_inside()  # lo up, resolv.conf naming 127.0.0.1, the NXDOMAIN stub
 
@@ -62,17 +62,18 @@ def api(ready, path):
         return json.loads(r.read())
 
 try:
-    subprocess.run([py, "-m", "lab.cli", "tunnel", "create", "t1"], env=env, check=True, capture_output=True)
-    subprocess.run([py, "-m", "lab.cli", "tunnel", "route", "dns", "t1", "app.test"], env=env, check=True,
+    subprocess.run([py, "-m", "tunnel_lab", "tunnel", "create", "t1"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([py, "-m", "tunnel_lab", "tunnel", "route", "dns", "t1", "app.test"], env=env, check=True,
                    capture_output=True)
     creds = next((state / "credentials").glob("*.json"))
     tunnel_id = json.loads(creds.read_text())["TunnelID"]
-    start([py, "-m", "edge", "--tunnel-listen", "LAB1=127.0.0.1:7844",
+    start([py, "-m", "tunnel_lab", "edge", "--tunnel-listen", "LAB1=127.0.0.1:7844",
            "--tunnel-listen", "LAB2=127.0.0.2:7844", "--tunnel-listen", "LAB3=127.0.0.3:7844",
            "--http-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
            "--ready-file", str(work / "edge.json")], "edge.log")
     ready = wait_file(work / "edge.json")
-    start([py, "-m", "lab.cli", "origin", "echo", "--listen", "127.0.0.1:0", "--ready-file",
+    start([py, "-m", "tunnel_lab", "origin", "echo", "--listen", "127.0.0.1:0", "--ready-file",
            str(work / "origin.json")], "origin.log")
     origin = wait_file(work / "origin.json")
     conn = start([*connector, "tunnel", "--no-autoupdate", "--no-prechecks", "--edge", "127.0.0.1:7844",
@@ -120,7 +121,7 @@ finally:
 
 
 def _connectors() -> list:
-    ours = [sys.executable, "-m", "lab.cli", "connector"]
+    ours = [sys.executable, "-m", "tunnel_lab", "connector"]
     real = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
     return [
         pytest.param(ours, id="builtin"),

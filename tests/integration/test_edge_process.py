@@ -19,7 +19,7 @@ PY = sys.executable
 
 
 def lab(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "lab.cli", *args], capture_output=True, text=True, timeout=30,
+    return subprocess.run([PY, "-m", "tunnel_lab", *args], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "TUNNEL_LAB_STATE": str(state)}, check=True)
 
 
@@ -74,7 +74,8 @@ def test_edge_with_our_connector_end_to_end(tmp_path, procs):
     lab(state, "tunnel", "create", "t1")
     lab(state, "tunnel", "route", "dns", "t1", "app.test")
     creds = next((state / "credentials").glob("*.json"))
-    edge = start(procs, [PY, "-m", "edge", "--state", str(state), "--tunnel-listen", "LAB1=127.0.0.1:0",
+    edge = start(procs, [PY, "-m", "tunnel_lab", "edge", "--state", str(state), "--tunnel-listen",
+                         "LAB1=127.0.0.1:0",
                          "--tunnel-listen", "LAB2=127.0.0.2:0", "--http-listen", "127.0.0.1:0",
                          "--api-listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "edge.json"),
                          "--shutdown-timeout", "2"], state, tmp_path / "edge.log")
@@ -82,14 +83,15 @@ def test_edge_with_our_connector_end_to_end(tmp_path, procs):
     assert [t["location"] for t in ready["tunnel_listeners"]] == ["LAB1", "LAB2"]
     assert ready["pid"] == edge.pid and Path(ready["ca"]).exists()
     assert json.loads((state / "edge.json").read_text()) == ready
-    origin = start(procs, [PY, "-m", "lab.cli", "origin", "echo", "--listen", "127.0.0.1:0", "--ready-file",
+    origin = start(procs, [PY, "-m", "tunnel_lab", "origin", "echo", "--listen", "127.0.0.1:0",
+                           "--ready-file",
                            str(tmp_path / "origin.json")], state, tmp_path / "origin.log")
     origin_url = wait_json(tmp_path / "origin.json", origin)["url"]
     # a route added while the edge runs is honoured; no connector yet: 530
     status, body = get(ready["http"], "/", "app.test")
     assert status == 530 and b"1033" in body
     edges = [a for t in ready["tunnel_listeners"] for a in ("--edge", t["address"])]
-    connector = start(procs, [PY, "-m", "lab.cli", "connector", "tunnel", "--no-autoupdate", *edges,
+    connector = start(procs, [PY, "-m", "tunnel_lab", "connector", "tunnel", "--no-autoupdate", *edges,
                               "--cacert", ready["ca"], "--no-prechecks", "--ha-connections", "2",
                               "--grace-period", "3s", "run", "--protocol", "http2", "--credentials-file",
                               str(creds), "--url", origin_url, "t1"], state, tmp_path / "connector.log")
@@ -121,8 +123,10 @@ def test_edge_with_our_connector_end_to_end(tmp_path, procs):
 
 
 def test_bad_command_lines(tmp_path):
-    run = subprocess.run([PY, "-m", "edge", "--state", str(tmp_path), "--tunnel-listen", "LAB1=nowhere"],
+    run = subprocess.run([PY, "-m", "tunnel_lab", "edge", "--state", str(tmp_path), "--tunnel-listen",
+                          "LAB1=nowhere"],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 1 and "bad address" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([PY, "-m", "edge", "--bogus"], capture_output=True, text=True, timeout=30)
+    run = subprocess.run([PY, "-m", "tunnel_lab", "edge", "--bogus"], capture_output=True, text=True,
+                         timeout=30)
     assert run.returncode == 2

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import netns
 from tests.standin import write_standin
+from tunnel_lab.lab.runner import netns
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "scenarios"
@@ -21,7 +21,7 @@ FIXTURES = ROOT / "tests" / "scenarios"
 
 def run_lab(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "lab.cli", "run", *args, "--results", str(tmp_path / "results"),
+        [sys.executable, "-m", "tunnel_lab", "run", *args, "--results", str(tmp_path / "results"),
          "--json", str(tmp_path / "report.json"), "--junit", str(tmp_path / "junit.xml")],
         cwd=ROOT,
         capture_output=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import netns
+from tunnel_lab.lab.runner import netns
 
 TIMEOUT = 30
 OK, WHY = netns.available()
@@ -20,7 +20,7 @@ needs_netns = pytest.mark.skipif(not OK, reason=f"no private network namespaces 
 
 
 def netns_command(*command: str) -> list[str]:
-    return [sys.executable, "-m", "lab.cli", "netns", "--", *command]
+    return [sys.executable, "-m", "tunnel_lab", "netns", "--", *command]
 
 
 def processes_mentioning(marker: str) -> list[int]:

@@ -19,7 +19,7 @@ TIMEOUT = 15
 
 
 def origin_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lab.cli", "origin", *args]
+    return [sys.executable, "-m", "tunnel_lab", "origin", *args]
 
 
 @contextmanager

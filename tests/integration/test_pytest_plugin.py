@@ -230,8 +230,8 @@ def test_the_plugin_is_inert_unless_its_fixtures_are_used(pytester: pytest.Pytes
 import sys
 
 def test_nothing_of_the_lab_was_imported():
-    assert "lab.pytest_plugin" in sys.modules
-    assert not {"lab.api", "lab.runner.procs"} & set(sys.modules)
+    assert "tunnel_lab.lab.pytest_plugin" in sys.modules
+    assert not {"tunnel_lab.lab.api", "tunnel_lab.lab.runner.procs"} & set(sys.modules)
 """
     )
     run(pytester).assert_outcomes(passed=1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import netns
+from tunnel_lab.lab.runner import netns
 
 TIMEOUT = 240
 OK, WHY = netns.available()
@@ -28,7 +28,8 @@ WATCHED = ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt")
 
 def sandbox(tmp_path: Path, *command: str, cloudflared: str | None = None,
             flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "lab.cli", "sandbox", "--quiet", "--state", str(tmp_path / "state"), *flags]
+    argv = [sys.executable, "-m", "tunnel_lab", "sandbox", "--quiet", "--state", str(tmp_path / "state"),
+            *flags]
     if cloudflared:
         argv += ["--cloudflared", cloudflared]
     return subprocess.run([*argv, "--", *command], capture_output=True, text=True, timeout=TIMEOUT,
@@ -43,7 +44,7 @@ def fingerprints() -> dict[str, str]:
 # on its own schedule); every other step is a single request.
 INSIDE = r'''
 import base64, json, os, socket, ssl, subprocess, sys, time, urllib.request, urllib.error
-from wire import dns
+from tunnel_lab.wire import dns
 
 out = {}
 def lookup(name):
@@ -251,7 +252,8 @@ def test_quick_tunnel_with_the_real_cloudflared(tmp_path: Path, flags: tuple[str
 @needs_netns
 def test_sigterm_reaches_the_command_and_everything_stops(tmp_path: Path) -> None:
     marker = f"sandbox-{os.getpid()}-{tmp_path.name}"
-    argv = [sys.executable, "-m", "lab.cli", "sandbox", "--quiet", "--state", str(tmp_path / "state"), "--",
+    argv = [sys.executable, "-m", "tunnel_lab", "sandbox", "--quiet", "--state", str(tmp_path / "state"),
+            "--",
             "sh", "-c", f"trap 'exit 9' TERM; : {marker}; while :; do sleep 1; done"]
     errors = tmp_path / "stderr.txt"
     with errors.open("w") as err, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err) as proc:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from lab.runner import netns
 from tests.standin import logged_argvs, write_standin
+from tunnel_lab.lab.runner import netns
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ SUBSET = [
 
 def run_lab(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lab.cli", "run", *args],
+        [sys.executable, "-m", "tunnel_lab", "run", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -211,7 +211,7 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "lab.cli",
+            "tunnel_lab",
             "run",
             str(tmp_path / "slow.yaml"),
             "--results",

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import netns
 from tests.integration.test_edge_cloudflared import UNSHARE, _connectors
+from tunnel_lab.lab.runner import netns
 
 DRIVER = r'''
 import json, os, re, signal, socket, ssl, subprocess, sys, time, urllib.request
 from pathlib import Path
 import h2.config, h2.connection, h2.errors, h2.events
 
-from lab.runner import netns
+from tunnel_lab.lab.runner import netns
 
 netns.enter_inside()  # lo up, resolv.conf naming 127.0.0.1, the NXDOMAIN stub
 
@@ -80,17 +80,18 @@ def split(addr):
     return host, int(port)
 
 try:
-    subprocess.run([py, "-m", "lab.cli", "tunnel", "create", "t1"], env=env, check=True, capture_output=True)
-    subprocess.run([py, "-m", "lab.cli", "tunnel", "route", "dns", "t1", "app.test"], env=env, check=True,
+    subprocess.run([py, "-m", "tunnel_lab", "tunnel", "create", "t1"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([py, "-m", "tunnel_lab", "tunnel", "route", "dns", "t1", "app.test"], env=env, check=True,
                    capture_output=True)
     creds = next((state / "credentials").glob("*.json"))
     tunnel_id = json.loads(creds.read_text())["TunnelID"]
-    start([py, "-m", "edge", "--tunnel-listen", "LAB1=127.0.0.1:7844",
+    start([py, "-m", "tunnel_lab", "edge", "--tunnel-listen", "LAB1=127.0.0.1:7844",
            "--tunnel-listen", "LAB2=127.0.0.2:7844", "--http-listen", "127.0.0.1:0",
            "--https-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
            "--ready-file", str(work / "edge.json")], "edge.log")
     ready = wait_file(work / "edge.json")
-    start([py, "-m", "lab.cli", "origin", "stream", "--listen", "127.0.0.1:0", "--ready-file",
+    start([py, "-m", "tunnel_lab", "origin", "stream", "--listen", "127.0.0.1:0", "--ready-file",
            str(work / "origin.json")], "origin.log")
     origin = wait_file(work / "origin.json")
     conn = start([*connector, "tunnel", "--no-autoupdate", "--no-prechecks", "--edge", "127.0.0.1:7844",

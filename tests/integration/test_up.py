@@ -33,7 +33,7 @@ def processes_mentioning(marker: str) -> list[int]:
 @contextmanager
 def up(*args: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     """Start `tunnel-lab up ARGS`, read its banner up to the Ctrl-C line; always end it."""
-    cmd = [sys.executable, "-m", "lab.cli", "up", *args]
+    cmd = [sys.executable, "-m", "tunnel_lab", "up", *args]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0) as proc:
         assert proc.stdout is not None
         out = b""
@@ -88,7 +88,7 @@ def test_up_with_your_own_server_and_a_kept_state_stops_on_sigterm(tmp_path: Pat
     origin_cmd = [
         sys.executable,
         "-m",
-        "lab.cli",
+        "tunnel_lab",
         "origin",
         "hello",
         "--listen",
@@ -131,7 +131,7 @@ def test_up_with_your_own_server_and_a_kept_state_stops_on_sigterm(tmp_path: Pat
 
 
 def test_up_refuses_bad_arguments_before_starting_anything(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "lab.cli", "up"]
+    cmd = [sys.executable, "-m", "tunnel_lab", "up"]
     for args, expected in [
         (["--ha-connections", "2"], "--ha-connections 2 needs at least 3 data centres, there are 2"),
         (["--url", "127.0.0.1:8000"], "is not an origin URL"),
@@ -152,7 +152,7 @@ CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
     not CLOUDFLARED, reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared"
 )
 def test_up_with_cloudflared_runs_in_a_namespace_the_printed_nsenter_line_reaches(tmp_path: Path) -> None:
-    from lab.runner import netns
+    from tunnel_lab.lab.runner import netns
 
     ok, why = netns.available()
     if not ok:

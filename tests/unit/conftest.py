@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wire import headers
+from tunnel_lab.wire import headers
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.access_policy import Identity, decide, parse_app, parse_policy
-from wire.errors import ConfigError
+from tunnel_lab.wire.access_policy import Identity, decide, parse_app, parse_policy
+from tunnel_lab.wire.errors import ConfigError
 
 
 def pol(decision: str, *include: dict, name: str = "p", **extra: object) -> dict:

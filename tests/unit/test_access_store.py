@@ -7,10 +7,10 @@ import datetime
 
 import pytest
 
-from edge.access import MAX_ATTEMPTS, LoginCodes
-from lab.access_store import AccessStore, NotFound
-from lab.store import Store
-from wire.errors import ConfigError
+from tunnel_lab.edge.access import MAX_ATTEMPTS, LoginCodes
+from tunnel_lab.lab.access_store import AccessStore, NotFound
+from tunnel_lab.lab.store import Store
+from tunnel_lab.wire.errors import ConfigError
 
 ALLOW = {"name": "staff", "decision": "allow", "include": [{"everyone": {}}]}
 

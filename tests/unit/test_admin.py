@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import cli
-from lab.admin import pki_main, tunnel_main
-from lab.store import Store
-from wire.credentials import parse_credentials_file, parse_token
+from tunnel_lab.lab import cli
+from tunnel_lab.lab.admin import pki_main, tunnel_main
+from tunnel_lab.lab.store import Store
+from tunnel_lab.wire.credentials import parse_credentials_file, parse_token
 
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.capnp import (
+from tunnel_lab.wire.capnp import (
     COMPOSITE,
     POINTER,
     Message,
@@ -18,7 +18,7 @@ from wire.capnp import (
     frame_message,
     unframe,
 )
-from wire.errors import CapnpError, ProtocolError
+from tunnel_lab.wire.errors import CapnpError, ProtocolError
 
 BOOTSTRAP = bytes.fromhex("000000000500000000000000010001000800000000000000000000000100010000000000"
                           "000000000000000000000000")
@@ -409,7 +409,7 @@ def test_arbitrary_segments_only_raise_capnp_errors(seg0: bytes, seg1: bytes) ->
 
 def _walk(reader: object, depth: int) -> None:
     """Read everything reachable, every way the decoders do."""
-    from wire.capnp import StructReader
+    from tunnel_lab.wire.capnp import StructReader
 
     assert isinstance(reader, StructReader)
     for off in range(0, reader.data_words * 8 + 8):

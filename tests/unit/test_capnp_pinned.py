@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.test_capnp_codec import far_ptr, list_ptr, struct_ptr, words
-from wire.capnp import (
+from tunnel_lab.wire.capnp import (
     BIT,
     BYTE,
     COMPOSITE,
@@ -16,7 +16,7 @@ from wire.capnp import (
     MessageReader,
     frame_message,
 )
-from wire.errors import CapnpError
+from tunnel_lab.wire.errors import CapnpError
 
 # --- framing -------------------------------------------------------------------------------------
 

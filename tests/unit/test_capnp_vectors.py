@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from tests.golden import VECTORS, VECTORS_GO126
-from wire import rpc
-from wire.capnp import Message, MessageReader, StructReader, frame_message, unframe
-from wire.registration import (
+from tunnel_lab.wire import rpc
+from tunnel_lab.wire.capnp import Message, MessageReader, StructReader, frame_message, unframe
+from tunnel_lab.wire.registration import (
     METHOD_NAMES,
     ConnectionDetails,
     RegistrationError,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.runner import cloudflared
-from lab.runner.cloudflared import (
+from tunnel_lab.lab.runner import cloudflared
+from tunnel_lab.lab.runner.cloudflared import (
     BUILTIN,
     OPTIONAL_FLAGS,
     RELEASE_TABLE,
@@ -21,9 +21,9 @@ from lab.runner.cloudflared import (
     parse_help,
     parse_version,
 )
-from lab.runner.engine import skip_reason
-from lab.runner.lab import RunOptions
-from lab.runner.loader import parse_scenario, schema
+from tunnel_lab.lab.runner.engine import skip_reason
+from tunnel_lab.lab.runner.lab import RunOptions
+from tunnel_lab.lab.runner.loader import parse_scenario, schema
 
 # A trimmed `cloudflared tunnel run --help` of 2026.8.2 in urfave/cli's layout: aliases after ", ",
 # placeholders (`--url URL`, `--socks5 --url`) that are not flags, and a wrapped description line.

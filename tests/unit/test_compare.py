@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.runner import compare, comparerun
-from lab.runner.client import Response, WebSocketResult
-from lab.runner.compare import (
+from tunnel_lab.lab.runner import compare, comparerun
+from tunnel_lab.lab.runner.client import Response, WebSocketResult
+from tunnel_lab.lab.runner.compare import (
     Exchange,
     RunObservation,
     attribute,
@@ -32,9 +32,9 @@ from lab.runner.compare import (
     timing_class,
     verdict,
 )
-from lab.runner.engine import ScenarioResult
-from lab.runner.loader import load_scenario
-from wire.errors import ConfigError
+from tunnel_lab.lab.runner.engine import ScenarioResult
+from tunnel_lab.lab.runner.loader import load_scenario
+from tunnel_lab.wire.errors import ConfigError
 
 # One per-run value of each rule, as it appears in the lab; each must become the rule's placeholder.
 EXAMPLES = {
@@ -535,7 +535,7 @@ def test_reading_origin_history_skips_a_cut_line(tmp_path: Path) -> None:
 
 
 def test_compare_refuses_connector_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from lab.runner import cli
+    from tunnel_lab.lab.runner import cli
 
     assert (
         cli.main(["--compare", "builtin,builtin", "--connector", "cloudflared", "-k", "http-get-echo"]) == 2

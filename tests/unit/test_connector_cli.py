@@ -13,13 +13,19 @@ from typing import Any
 
 import pytest
 
-from connector import cli
-from connector.config import format_go_duration, parse_go_duration
-from connector.flags import FLAGS, Flag, UsageError, parse_level
-from connector.settings import HelloWorldService, HTTPService, StatusService, StreamService, TunnelSettings
 from tests.golden import VECTORS, VECTORS_GO126
-from wire.credentials import credentials_json, make_token, parse_credentials_file
-from wire.errors import ConfigError
+from tunnel_lab.connector import cli
+from tunnel_lab.connector.config import format_go_duration, parse_go_duration
+from tunnel_lab.connector.flags import FLAGS, Flag, UsageError, parse_level
+from tunnel_lab.connector.settings import (
+    HelloWorldService,
+    HTTPService,
+    StatusService,
+    StreamService,
+    TunnelSettings,
+)
+from tunnel_lab.wire.credentials import credentials_json, make_token, parse_credentials_file
+from tunnel_lab.wire.errors import ConfigError
 
 TUNNEL_ID = "6ff42ae2-765d-4adf-8112-31c55c1551ef"
 OTHER_ID = "11111111-2222-4333-8444-555555555555"
@@ -824,10 +830,10 @@ def test_run_hands_settings_to_the_runtime(
         seen.append(settings)
         return 0
 
-    fake = types.ModuleType("connector.runtime")
+    fake = types.ModuleType("tunnel_lab.connector.runtime")
     fake.run_tunnel = run_tunnel  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "connector.runtime", fake)
-    monkeypatch.setattr("connector.runtime", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "tunnel_lab.connector.runtime", fake)
+    monkeypatch.setattr("tunnel_lab.connector.runtime", fake, raising=False)
     code = cli.main(
         [
             "tunnel",
@@ -852,7 +858,7 @@ def test_run_hands_settings_to_the_runtime(
 
 
 def test_python_dash_m_connector_is_the_same_entry_point() -> None:
-    import connector.__main__ as entry
+    import tunnel_lab.connector.__main__ as entry
 
     assert entry.main is cli.main
 
@@ -993,10 +999,10 @@ def test_runtime_errors_become_one_line(
     async def run_tunnel(settings: TunnelSettings) -> int:
         raise error
 
-    fake = types.ModuleType("connector.runtime")
+    fake = types.ModuleType("tunnel_lab.connector.runtime")
     fake.run_tunnel = run_tunnel  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "connector.runtime", fake)
-    monkeypatch.setattr("connector.runtime", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "tunnel_lab.connector.runtime", fake)
+    monkeypatch.setattr("tunnel_lab.connector.runtime", fake, raising=False)
     code = cli.main(["tunnel", "--edge", "127.0.0.1:1", "run", "--credentials-file", "creds.json", TUNNEL_ID])
     err = capsys.readouterr().err
     assert code == 1
@@ -1010,10 +1016,10 @@ def test_secrets_are_never_logged(
     async def run_tunnel(settings: TunnelSettings) -> int:
         return 0
 
-    fake = types.ModuleType("connector.runtime")
+    fake = types.ModuleType("tunnel_lab.connector.runtime")
     fake.run_tunnel = run_tunnel  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "connector.runtime", fake)
-    monkeypatch.setattr("connector.runtime", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "tunnel_lab.connector.runtime", fake)
+    monkeypatch.setattr("tunnel_lab.connector.runtime", fake, raising=False)
     creds_text = (lab / "creds.json").read_text()
     token = make_token(parse_credentials_file(creds_text, "creds.json"))
     monkeypatch.setenv("TUNNEL_TOKEN", token)

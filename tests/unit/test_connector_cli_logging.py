@@ -13,7 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector.logging_setup import ConsoleFormatter, JSONFormatter, format_value, setup_logging, split_fields
+from tunnel_lab.connector.logging_setup import (
+    ConsoleFormatter,
+    JSONFormatter,
+    format_value,
+    setup_logging,
+    split_fields,
+)
 
 LINE = (
     "Registered tunnel connection connIndex=0 connection=c0ffee00-1234-4abc-8def-0123456789ab event=0 "
@@ -31,7 +37,7 @@ def _restore_root_logger() -> Iterator[None]:
 
 
 def record(msg: str, level: int = logging.INFO, *args: object, **extra: object) -> logging.LogRecord:
-    rec = logging.LogRecord("connector.edge_conn", level, __file__, 1, msg, args, None)
+    rec = logging.LogRecord("tunnel_lab.connector.edge_conn", level, __file__, 1, msg, args, None)
     rec.created = 1795596600.0  # 2026-11-25T08:50:00Z
     for k, v in extra.items():
         setattr(rec, k, v)
@@ -106,7 +112,7 @@ def test_setup_logging_levels_output_and_logfile(tmp_path: Path) -> None:
     logfile = tmp_path / "cf.log"
     notes = setup_logging("warn", output="json", logfile=str(logfile), stream=stream)
     assert notes == []
-    log = logging.getLogger("connector.test")
+    log = logging.getLogger("tunnel_lab.connector.test")
     log.info("hidden")
     log.warning("Retrying connection in up to %ds connIndex=%d", 4, 0)
     lines = stream.getvalue().splitlines()
@@ -128,5 +134,5 @@ def test_unknown_level_falls_back_to_info_like_cloudflared() -> None:
 
 def test_default_handler_follows_sys_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("info")
-    logging.getLogger("connector.test").info("to stderr")
+    logging.getLogger("tunnel_lab.connector.test").info("to stderr")
     assert "INF to stderr" in capsys.readouterr().err

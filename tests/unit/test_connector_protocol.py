@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from connector.protocol import FallbackDecision, ProtocolChoice, after_failure, choose_protocol
+from tunnel_lab.connector.protocol import FallbackDecision, ProtocolChoice, after_failure, choose_protocol
 
 AUTO_TOKEN = ProtocolChoice("quic", True)
 QUIC_ONLY = ProtocolChoice("quic", False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connector.quic_udp import _go_duration
+from tunnel_lab.connector.quic_udp import _go_duration
 
 
 @pytest.mark.parametrize(("seconds", "text"), [

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from connector.flags import FLAGS
-from connector.stdin_control import BadArgument, Reconnect, Unknown, parse_command
 from tests.unit.test_connector_cli import TUNNEL_ID, settings_for
 from tests.unit.test_connector_cli import lab as lab  # a fixture
+from tunnel_lab.connector.flags import FLAGS
+from tunnel_lab.connector.stdin_control import BadArgument, Reconnect, Unknown, parse_command
 
 
 def test_reconnect_commands() -> None:

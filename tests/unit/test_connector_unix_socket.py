@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from connector import cli, ingress
-from connector.flags import FLAGS
-from connector.settings import HTTPService, OriginRequestConfig
 from tests.unit.test_connector_cli import TUNNEL_ID, settings_for
 from tests.unit.test_connector_cli import lab as lab  # a fixture
-from wire.errors import ConfigError
+from tunnel_lab.connector import cli, ingress
+from tunnel_lab.connector.flags import FLAGS
+from tunnel_lab.connector.settings import HTTPService, OriginRequestConfig
+from tunnel_lab.wire.errors import ConfigError
 
 
 def _rules(raw: list[dict[str, object]]) -> tuple[ingress.IngressRule, ...]:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.golden import VECTORS, VECTORS_GO126
-from wire.credentials import (
+from tunnel_lab.wire.credentials import (
     NIL_UUID,
     Credentials,
     credentials_json,
@@ -21,7 +21,7 @@ from wire.credentials import (
     parse_credentials_file,
     parse_token,
 )
-from wire.errors import ConfigError
+from tunnel_lab.wire.errors import ConfigError
 
 SECRET_B64 = "WSQ+2zDXQRqrBJbySwGBr3k2pMDsoESAn0NG82nH9dA="
 TUNNEL = uuid.UUID("6ff42ae2-765d-4adf-8112-31c55c1551ef")

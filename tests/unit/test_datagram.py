@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire import datagram as dg
-from wire.errors import DatagramError
+from tunnel_lab.wire import datagram as dg
+from tunnel_lab.wire.errors import DatagramError
 
 SID = uuid.UUID("0102030405060708090a0b0c0d0e0f10")
 UUIDS = st.builds(uuid.UUID, bytes=st.binary(min_size=16, max_size=16))

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.dns import FEATURES_TXT, HTTP2_ONLY, PROTOCOL_TXT, SRV_NAME, LabZone
-from wire import dns
+from tunnel_lab.lab.dns import FEATURES_TXT, HTTP2_ONLY, PROTOCOL_TXT, SRV_NAME, LabZone
+from tunnel_lab.wire import dns
 
 # A query as Go's resolver sends it: id, RD, one question, an EDNS OPT record in the additionals.
 GO_QUERY = bytes.fromhex(

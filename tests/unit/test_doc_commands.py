@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.cli import SUBCOMMANDS
+from tunnel_lab.lab.cli import SUBCOMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [
@@ -70,14 +70,14 @@ def _argparse(build: Callable[[], object]) -> Callable[[list[str]], None]:
 
 
 def _connector(argv: list[str]) -> None:
-    from connector import cli
+    from tunnel_lab.connector import cli
 
     cli.parse_command(argv)
 
 
 def _admin(which: str) -> Callable[[list[str]], None]:
     def parse(argv: list[str]) -> None:
-        from lab import admin
+        from tunnel_lab.lab import admin
 
         parser = admin._tunnel_parser() if which == "tunnel" else admin._pki_parser()
         if which == "tunnel":
@@ -96,11 +96,11 @@ def _netns(argv: list[str]) -> None:
 
 
 def parsers() -> dict[str, Callable[[list[str]], None]]:
-    from edge.cli import build_parser as edge_parser
-    from lab.runner.cli import build_parser as run_parser
-    from lab.sandbox import _parser as sandbox_parser
-    from lab.up import build_parser as up_parser
-    from origin_fixtures.cli import _parser as origin_parser
+    from tunnel_lab.edge.cli import build_parser as edge_parser
+    from tunnel_lab.lab.runner.cli import build_parser as run_parser
+    from tunnel_lab.lab.sandbox import _parser as sandbox_parser
+    from tunnel_lab.lab.up import build_parser as up_parser
+    from tunnel_lab.origin_fixtures.cli import _parser as origin_parser
 
     return {
         "run": _argparse(run_parser),

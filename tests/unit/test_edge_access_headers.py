@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.access import STRIPPED, Verdict, for_history, forward_headers
-from wire.eyeball import EyeballRequest
+from tunnel_lab.edge.access import STRIPPED, Verdict, for_history, forward_headers
+from tunnel_lab.wire.eyeball import EyeballRequest
 
 names = st.sampled_from([b"cf-access-jwt-assertion", b"Cf-Access-Client-Secret", b"CF-ACCESS-TOKEN",
                          b"cf-access-client-id", b"cf-access-authenticated-user-email", b"x-other",

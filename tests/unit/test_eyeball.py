@@ -9,8 +9,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from wire.errors import HeaderSerializationError, StreamConversionError, TunnelLabError
-from wire.eyeball import (
+from tunnel_lab.wire.errors import HeaderSerializationError, StreamConversionError, TunnelLabError
+from tunnel_lab.wire.eyeball import (
     EyeballRequest,
     TunnelResponse,
     eyeball_response_headers,
@@ -20,14 +20,14 @@ from wire.eyeball import (
     tunnel_request_headers,
     tunnel_response,
 )
-from wire.headers import (
+from tunnel_lab.wire.headers import (
     StreamType,
     classify_stream,
     is_token,
     is_valid_value,
     serialize_response_headers,
 )
-from wire.origin import (
+from tunnel_lab.wire.origin import (
     OriginOptions,
     TunnelRequest,
     build_origin_request,

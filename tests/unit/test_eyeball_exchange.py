@@ -13,8 +13,8 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from wire.errors import StreamConversionError, TunnelLabError
-from wire.eyeball import (
+from tunnel_lab.wire.errors import StreamConversionError, TunnelLabError
+from tunnel_lab.wire.eyeball import (
     HOP_BY_HOP,
     IDEMPOTENT,
     MAX_TRIES,
@@ -28,8 +28,8 @@ from wire.eyeball import (
     h2_response_fields,
     is_websocket_request,
 )
-from wire.headers import META_CLOUDFLARED
-from wire.origin import error_response_headers, tunnel_response_headers
+from tunnel_lab.wire.headers import META_CLOUDFLARED
+from tunnel_lab.wire.origin import error_response_headers, tunnel_response_headers
 
 RAY = "8f3a00112233c1d4-LAB1"
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "get"]

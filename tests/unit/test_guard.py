@@ -6,8 +6,8 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from wire.errors import ProtocolError
-from wire.guard import ControlFloodGuard, FrameGuard, ResetFloodGuard
+from tunnel_lab.wire.errors import ProtocolError
+from tunnel_lab.wire.guard import ControlFloodGuard, FrameGuard, ResetFloodGuard
 
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.errors import HeaderSerializationError, TunnelLabError
-from wire.headers import (
+from tunnel_lab.wire.errors import HeaderSerializationError, TunnelLabError
+from tunnel_lab.wire.headers import (
     META_CLOUDFLARED,
     META_FLOW_LIMITED,
     META_ORIGIN,

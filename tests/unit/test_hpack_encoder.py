@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transport.hpack import LongValueEncoder
-from wire.hpack_encoder import HUFFMAN_LIMIT, huffman_worthwhile
+from tunnel_lab.transport.hpack import LongValueEncoder
+from tunnel_lab.wire.hpack_encoder import HUFFMAN_LIMIT, huffman_worthwhile
 
 
 def test_a_long_value_is_a_plain_literal_and_decodes() -> None:

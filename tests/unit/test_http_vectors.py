@@ -16,9 +16,9 @@ import h11
 import pytest
 
 from tests.golden import Vector, vector_params
-from wire.eyeball import eyeball_response_headers, tunnel_response
-from wire.headers import StreamType, classify_stream, deserialize_response_headers
-from wire.origin import (
+from tunnel_lab.wire.eyeball import eyeball_response_headers, tunnel_response
+from tunnel_lab.wire.headers import StreamType, classify_stream, deserialize_response_headers
+from tunnel_lab.wire.origin import (
     BodyEncoder,
     Framing,
     Gunzipper,

@@ -18,8 +18,10 @@ EVERYTHING = "*"
 
 
 def project_packages(root: Path = ROOT) -> list[str]:
-    """Top-level import packages of the project (tests/ and scripts are not shipped)."""
-    return sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file() and p.name != "tests")
+    """Top-level folders of the project (tests/ is not shipped; tunnel_lab/ only links the folders under
+    the one import name the distribution installs, docs/architecture.md "Import name")."""
+    return sorted(p.name for p in root.iterdir()
+                  if (p / "__init__.py").is_file() and p.name not in ("tests", "tunnel_lab"))
 
 
 def module_files(root: Path, packages: list[str]) -> dict[str, Path]:
@@ -35,7 +37,9 @@ def module_files(root: Path, packages: list[str]) -> dict[str, Path]:
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
-    """The project module an imported name lives in (`edge.proxy.proxy_request` -> `edge.proxy`)."""
+    """The project module an imported name lives in (`tunnel_lab.edge.proxy.proxy_request` -> `edge.proxy`:
+    the graph names modules by their folders, the code imports them through the `tunnel_lab` package)."""
+    name = name.removeprefix("tunnel_lab.")
     while name:
         if name in modules:
             return name

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector import ingress
-from connector.settings import (
+from tunnel_lab.connector import ingress
+from tunnel_lab.connector.settings import (
     HelloWorldService,
     HTTPService,
     IngressRule,
@@ -19,7 +19,7 @@ from connector.settings import (
     StreamService,
     WarpRoutingConfig,
 )
-from wire.errors import ConfigError, StreamConversionError
+from tunnel_lab.wire.errors import ConfigError, StreamConversionError
 
 DEFAULTS = OriginRequestConfig()
 

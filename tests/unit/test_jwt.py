@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire import jwt
-from wire.jwt import ClaimError, JwtError, SigningKey, UnknownKeyError
+from tunnel_lab.wire import jwt
+from tunnel_lab.wire.jwt import ClaimError, JwtError, SigningKey, UnknownKeyError
 
 KEY = SigningKey.generate("k1")
 OTHER = SigningKey.generate("k2")

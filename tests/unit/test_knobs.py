@@ -11,11 +11,11 @@ import re
 import uuid
 from pathlib import Path
 
-from connector import supervisor
-from connector.settings import StatusService, TunnelSettings
-from edge import cli as edge_cli
-from edge.config import KNOBS, EdgeConfig, changed_knobs
-from wire.credentials import Credentials
+from tunnel_lab.connector import supervisor
+from tunnel_lab.connector.settings import StatusService, TunnelSettings
+from tunnel_lab.edge import cli as edge_cli
+from tunnel_lab.edge.config import KNOBS, EdgeConfig, changed_knobs
+from tunnel_lab.wire.credentials import Credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def test_changed_edge_knobs_are_named_with_their_default(tmp_path):
 
 
 def _settings(**knobs: float) -> TunnelSettings:
-    from connector.settings import IngressRule
+    from tunnel_lab.connector.settings import IngressRule
 
     rule = IngressRule(index=0, hostname=None, path=None, service=StatusService(status=503),
                        service_text="http_status:503")
@@ -55,7 +55,7 @@ def _settings(**knobs: float) -> TunnelSettings:
 def test_connector_knobs_are_documented_and_logged_when_changed(caplog):
     doc = (ROOT / "docs" / "connector.md").read_text()
     assert [k for k in supervisor.KNOBS if f"`{k}`" not in doc] == []
-    caplog.set_level(logging.INFO, logger="connector.supervisor")
+    caplog.set_level(logging.INFO, logger="tunnel_lab.connector.supervisor")
     supervisor.log_knobs(_settings())
     assert caplog.records == []
     supervisor.log_knobs(_settings(backoff_base=0.05, ha_start_interval=1.0))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner.engine import ScenarioResult, apply_known_deviation
-from lab.runner.loader import ConfigError, load_scenario, parse_scenario
-from lab.runner.report import write_json, write_junit
+from tunnel_lab.lab.runner.engine import ScenarioResult, apply_known_deviation
+from tunnel_lab.lab.runner.loader import ConfigError, load_scenario, parse_scenario
+from tunnel_lab.lab.runner.report import write_json, write_junit
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEN = ROOT / "tests" / "scenarios" / "known-deviation-seen.yaml"

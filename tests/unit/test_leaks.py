@@ -6,7 +6,7 @@ import base64
 import json
 from pathlib import Path
 
-from lab.runner.leaks import leaks, main, secrets_in
+from tunnel_lab.lab.runner.leaks import leaks, main, secrets_in
 
 SECRET = base64.b64encode(b"\x01" * 32).decode()
 
@@ -42,9 +42,9 @@ def test_main_exit_codes(tmp_path: Path, capsys) -> None:
 
 
 def test_access_signing_keys_are_secrets(tmp_path):  # type: ignore[no-untyped-def]
-    from lab.access_store import AccessStore
-    from lab.runner.leaks import leaks, secrets_in
-    from lab.store import Store
+    from tunnel_lab.lab.access_store import AccessStore
+    from tunnel_lab.lab.runner.leaks import leaks, secrets_in
+    from tunnel_lab.lab.store import Store
 
     with Store(tmp_path / "state.db") as store:
         pem = AccessStore(store).signing_key().to_pem().decode()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import login
-from lab.store import Store
-from lab.v4base import load_accounts
+from tunnel_lab.lab import login
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4base import load_accounts
 
 
 def decode(path: Path) -> dict[str, str]:

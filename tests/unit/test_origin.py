@@ -6,9 +6,9 @@ import gzip
 
 import pytest
 
-from wire.errors import OriginError, StreamConversionError
-from wire.headers import META_FLOW_LIMITED, deserialize_response_headers
-from wire.origin import (
+from tunnel_lab.wire.errors import OriginError, StreamConversionError
+from tunnel_lab.wire.headers import META_FLOW_LIMITED, deserialize_response_headers
+from tunnel_lab.wire.origin import (
     BodyEncoder,
     Framing,
     Gunzipper,

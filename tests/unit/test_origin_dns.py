@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from origin_fixtures import dns
+from tunnel_lab.origin_fixtures import dns
 
 
 @pytest.mark.parametrize(("qtype", "answers"), [

@@ -15,8 +15,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.unit.test_origin_properties import authorities, h2_headers, parse_with_h11, paths
-from wire.errors import OriginError, ResponseBodyError, StreamConversionError, TunnelLabError
-from wire.origin import (
+from tunnel_lab.wire.errors import OriginError, ResponseBodyError, StreamConversionError, TunnelLabError
+from tunnel_lab.wire.origin import (
     HANDLER_BUFFER_SIZE,
     MAX_BUFFERED_BODY,
     BodyEncoder,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from origin_fixtures.bodies import BLOCK, body_sha256, generate_body
-from origin_fixtures.http1 import (
+from tunnel_lab.origin_fixtures.bodies import BLOCK, body_sha256, generate_body
+from tunnel_lab.origin_fixtures.http1 import (
     NEED_DATA,
     BodyData,
     ConnectionClosed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from origin_fixtures.history import History, RequestRecord
+from tunnel_lab.origin_fixtures.history import History, RequestRecord
 
 
 def _record(history: History) -> RequestRecord:

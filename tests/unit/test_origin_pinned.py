@@ -10,8 +10,8 @@ import zlib
 import pytest
 
 from tests.unit.test_origin import NOCHUNK, OPTS, request
-from wire.errors import OriginError, StreamConversionError
-from wire.origin import (
+from tunnel_lab.wire.errors import OriginError, StreamConversionError
+from tunnel_lab.wire.origin import (
     BodyEncoder,
     Framing,
     Gunzipper,

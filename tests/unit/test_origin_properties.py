@@ -10,9 +10,9 @@ import h11
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from wire.errors import OriginError, StreamConversionError
-from wire.headers import canonical_header_name, deserialize_response_headers, is_token
-from wire.origin import (
+from tunnel_lab.wire.errors import OriginError, StreamConversionError
+from tunnel_lab.wire.headers import canonical_header_name, deserialize_response_headers, is_token
+from tunnel_lab.wire.origin import (
     BodyEncoder,
     Framing,
     Gunzipper,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from lab.pki import BROKEN_KINDS, EDGE_NAMES, LabPKI, cert_sans, describe_cert
-from wire.errors import ConfigError, TLSSetupError
+from tunnel_lab.lab.pki import BROKEN_KINDS, EDGE_NAMES, LabPKI, cert_sans, describe_cert
+from tunnel_lab.wire.errors import ConfigError, TLSSetupError
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_hostname: str) -> None:

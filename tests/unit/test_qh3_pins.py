@@ -6,7 +6,7 @@ from __future__ import annotations
 from qh3._hazmat import QuicStreamSender
 from qh3.quic.stream import QuicStream
 
-from transport.qh3 import hold_unsent
+from tunnel_lab.transport.qh3 import hold_unsent
 
 
 def test_a_reset_sender_still_offers_data_past_its_final_size() -> None:

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import wire.quic_stream as qs
-from wire.capnp import frame_message
-from wire.eyeball import EyeballRequest, tunnel_request_headers, tunnel_response
-from wire.headers import META_CLOUDFLARED, META_FLOW_LIMITED, RESPONSE_META
-from wire.quic_stream import (
+import tunnel_lab.wire.quic_stream as qs
+from tunnel_lab.wire.capnp import frame_message
+from tunnel_lab.wire.eyeball import EyeballRequest, tunnel_request_headers, tunnel_response
+from tunnel_lab.wire.headers import META_CLOUDFLARED, META_FLOW_LIMITED, RESPONSE_META
+from tunnel_lab.wire.quic_stream import (
     DATA_STREAM_SIGNATURE,
     RPC_STREAM_SIGNATURE,
     ConnectionType,
@@ -120,7 +120,7 @@ def _utf8(text: str) -> bool:
 
 
 def capnp_segments(framed: bytes) -> list[bytes]:
-    from wire.capnp import unframe
+    from tunnel_lab.wire.capnp import unframe
 
     return unframe(framed)
 
@@ -160,7 +160,7 @@ def test_oversized_head_is_refused_before_buffering() -> None:
 
 
 def test_unknown_connection_type_and_bad_text() -> None:
-    from wire.capnp import MessageBuilder
+    from tunnel_lab.wire.capnp import MessageBuilder
 
     msg = MessageBuilder()
     root = msg.init_root(1, 2)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from wire.eyeball import tunnel_response
-from wire.quic_stream import (
+from tunnel_lab.wire.eyeball import tunnel_response
+from tunnel_lab.wire.quic_stream import (
     ConnectionType,
     ConnectRequest,
     ConnectResponse,

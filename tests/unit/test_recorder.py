@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.recorder import BODY_KEEP, Received, _Parser
+from tunnel_lab.lab.recorder import BODY_KEEP, Received, _Parser
 
 TWO = (
     b"GET /a?x=1 HTTP/1.1\r\nHost: app.lab.test\r\nCf-Connecting-Ip: 127.0.0.1\r\n"

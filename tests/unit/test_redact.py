@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.redact import REDACTED, Redactor, redact_argv, redact_text
+from tunnel_lab.wire.redact import REDACTED, Redactor, redact_argv, redact_text
 
 SECRET = base64.b64encode(bytes(range(32))).decode()
 TOKEN = base64.b64encode(json.dumps({"a": "0123abcd", "t": "6ff42ae2-765d-4adf-8112-31c55c1551ef",

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire import registration as reg
-from wire.capnp import Message, MessageBuilder
-from wire.errors import CapnpError
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire.capnp import Message, MessageBuilder
+from tunnel_lab.wire.errors import CapnpError
 
 SCHEMA_PATH = Path(reg.__file__).with_name("tunnelrpc.capnp")
 capnp.remove_import_hook()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.origin import HANDLER_BUFFER_SIZE, ResponseBuffer, streams_response
+from tunnel_lab.wire.origin import HANDLER_BUFFER_SIZE, ResponseBuffer, streams_response
 
 
 @pytest.mark.parametrize(

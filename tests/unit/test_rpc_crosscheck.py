@@ -11,8 +11,8 @@ import capnp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire import registration as reg
-from wire import rpc
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire import rpc
 
 capnp.remove_import_hook()
 _CAPNP_DIR = os.path.dirname(capnp.__file__)
@@ -114,7 +114,7 @@ def test_call_register_connection(q: int, target: rpc.Target, p: reg.RegisterCon
 
 
 def capnp_segments(data: bytes) -> list[bytes]:
-    from wire.capnp import unframe
+    from tunnel_lab.wire.capnp import unframe
 
     return unframe(data)
 
@@ -181,7 +181,7 @@ class _Fragmented:
         self.root = self.builder.init_root(rpc_schema.Message)
 
     def to_bytes(self) -> bytes:
-        from wire.capnp import frame_message
+        from tunnel_lab.wire.capnp import frame_message
 
         return frame_message([bytes(s) for s in self.builder.get_segments_for_output()])
 
@@ -285,6 +285,6 @@ def test_pycapnp_returns_into_rpc_client(result: reg.RegistrationResult, fragmen
 
 
 def _frame_segments(segments: list[bytes]) -> list[bytes]:
-    from wire.capnp import frame_message
+    from tunnel_lab.wire.capnp import frame_message
 
     return [frame_message([bytes(s) for s in segments])]

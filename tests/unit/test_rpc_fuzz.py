@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.golden import VECTORS, VECTORS_GO126
-from wire import registration as reg
-from wire import rpc
-from wire.capnp import Message, MessageBuilder, unframe
-from wire.errors import ProtocolError
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire import rpc
+from tunnel_lab.wire.capnp import Message, MessageBuilder, unframe
+from tunnel_lab.wire.errors import ProtocolError
 
 FILES = [
     "A01-control-stream-register.json",

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 
 from tests.unit.test_capnp_codec import far_ptr, list_ptr, struct_ptr, words
-from wire.capnp import Message, MessageBuilder, StructReader, unframe
-from wire.errors import CapnpError
-from wire.rpc import (
+from tunnel_lab.wire.capnp import Message, MessageBuilder, StructReader, unframe
+from tunnel_lab.wire.errors import CapnpError
+from tunnel_lab.wire.rpc import (
     TAG_BOOTSTRAP,
     TAG_CALL,
     TAG_RETURN,

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire import registration as reg
-from wire import rpc
-from wire.capnp import MessageBuilder, MessageReader
-from wire.errors import CapnpError, RpcError
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire import rpc
+from tunnel_lab.wire.capnp import MessageBuilder, MessageReader
+from tunnel_lab.wire.errors import CapnpError, RpcError
 
 PARAMS = reg.RegisterConnectionParams(
     auth=reg.TunnelAuth("0123456789abcdef0123456789abcdef", bytes(range(32))),
@@ -142,7 +142,7 @@ def test_server_bad_params_answer_an_exception_naming_the_field() -> None:
     server = bootstrapped_server()
 
     def short_id(b: object, i: int) -> None:
-        from wire.capnp import StructBuilder
+        from tunnel_lab.wire.capnp import StructBuilder
 
         assert isinstance(b, StructBuilder)
         b.init_struct(i, 1, 3).set_data(1, b"abc")
@@ -310,7 +310,7 @@ def test_client_malformed_details_fail_the_registration() -> None:
     client.receive_data(rpc.encode_bootstrap_return(0))
 
     def bad(b: object, i: int) -> None:
-        from wire.capnp import StructBuilder
+        from tunnel_lab.wire.capnp import StructBuilder
 
         assert isinstance(b, StructBuilder)
         response = b.init_struct(i, 0, 1).init_struct(0, 1, 1)
@@ -378,7 +378,7 @@ def test_client_unimplemented_echo_of_a_call_fails_it() -> None:
     q = client.update_local_configuration(b"{}")
     sent = client.data_to_send()
     # The edge echoes our own Call back as `unimplemented` (it did not understand it).
-    from wire.capnp import Message, unframe
+    from tunnel_lab.wire.capnp import Message, unframe
 
     echo = rpc.encode_unimplemented(Message(unframe(sent)).root())
     assert client.receive_data(echo) == [
@@ -520,7 +520,7 @@ def test_server_refuses_send_results_elsewhere_exactly() -> None:
 def _far_params(method: int) -> bytes:
     """A call whose params struct is a far pointer to a segment the message does not have."""
     def params(b: object, i: int) -> None:
-        from wire.capnp import StructBuilder
+        from tunnel_lab.wire.capnp import StructBuilder
 
         assert isinstance(b, StructBuilder)
         b._msg._put_word(b._ptr(i), 2 | (9 << 32))
@@ -542,7 +542,7 @@ def test_server_bad_params_reason_names_the_method_and_the_field() -> None:
     server.receive_data(rpc.encode_finish(1))
 
     def bad_config(b: object, i: int) -> None:
-        from wire.capnp import StructBuilder
+        from tunnel_lab.wire.capnp import StructBuilder
 
         assert isinstance(b, StructBuilder)
         b.init_struct(i, 0, 1).set_text_list(0, ["not data"])
@@ -620,7 +620,7 @@ def test_client_bootstrap_content_errors_fail_the_bootstrap() -> None:
     client = _client_with_pending_bootstrap()
 
     def far(b: object, i: int) -> None:
-        from wire.capnp import StructBuilder
+        from tunnel_lab.wire.capnp import StructBuilder
 
         assert isinstance(b, StructBuilder)
         b._msg._put_word(b._ptr(i), 2 | (9 << 32))
@@ -691,7 +691,7 @@ def test_client_malformed_registration_results_name_the_field() -> None:
     client.receive_data(rpc.encode_bootstrap_return(0))
 
     def far(b: object, i: int) -> None:
-        from wire.capnp import StructBuilder
+        from tunnel_lab.wire.capnp import StructBuilder
 
         assert isinstance(b, StructBuilder)
         b._msg._put_word(b._ptr(i), 2 | (9 << 32))

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner.cli import build_parser
-from lab.runner.engine import ScenarioResult, apply_known_deviation, skip_reason
-from lab.runner.lab import RunOptions
-from lab.runner.loader import ConfigError, Scenario, load_scenario, parse_scenario
+from tunnel_lab.lab.runner.cli import build_parser
+from tunnel_lab.lab.runner.engine import ScenarioResult, apply_known_deviation, skip_reason
+from tunnel_lab.lab.runner.lab import RunOptions
+from tunnel_lab.lab.runner.loader import ConfigError, Scenario, load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from lab.runner.loader import ConfigError, parse_scenario
+from tunnel_lab.lab.runner.loader import ConfigError, parse_scenario
 
 BASE = textwrap.dedent("""\
     name: sample

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.runner.checks import (
+from tunnel_lab.lab.runner.checks import (
     check_history,
     check_origin_saw,
     check_response,
@@ -19,10 +19,10 @@ from lab.runner.checks import (
     metric_value,
     value_matches,
 )
-from lab.runner.client import Response, _BodySink
-from lab.runner.engine import ScenarioResult
-from lab.runner.netns import nxdomain_answer
-from lab.runner.report import write_json, write_junit
+from tunnel_lab.lab.runner.client import Response, _BodySink
+from tunnel_lab.lab.runner.engine import ScenarioResult
+from tunnel_lab.lab.runner.netns import nxdomain_answer
+from tunnel_lab.lab.runner.report import write_json, write_junit
 
 
 def response(**kw: object) -> Response:

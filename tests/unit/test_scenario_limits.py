@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import loader
-from lab.runner.loader import ConfigError, parse_scenario
 from tests.unit.test_scenario_loader import GOOD, error_of
+from tunnel_lab.lab.runner import loader
+from tunnel_lab.lab.runner.loader import ConfigError, parse_scenario
 
 
 def test_a_scenario_over_the_size_limit_is_refused_before_parsing(tmp_path: Path) -> None:

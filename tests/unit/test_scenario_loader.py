@@ -11,9 +11,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.runner import loader
-from lab.runner.cli import collect, library_dir, main
-from lab.runner.loader import ConfigError, matches, parse_duration, parse_scenario, parse_shard, shard
+from tunnel_lab.lab.runner import loader
+from tunnel_lab.lab.runner.cli import collect, library_dir, main
+from tunnel_lab.lab.runner.loader import (
+    ConfigError,
+    matches,
+    parse_duration,
+    parse_scenario,
+    parse_shard,
+    shard,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire import registration as reg
-from wire import rpc
-from wire import session_rpc as srpc
-from wire.errors import CapnpError, RpcError
+from tunnel_lab.wire import registration as reg
+from tunnel_lab.wire import rpc
+from tunnel_lab.wire import session_rpc as srpc
+from tunnel_lab.wire.errors import CapnpError, RpcError
 
 capnp.remove_import_hook()
 _CAPNP_DIR = os.path.dirname(capnp.__file__)

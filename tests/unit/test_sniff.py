@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.origin import tunnel_response_headers, with_sniffed_type
-from wire.sniff import sniff_content_type
+from tunnel_lab.wire.origin import tunnel_response_headers, with_sniffed_type
+from tunnel_lab.wire.sniff import sniff_content_type
 
 
 @pytest.mark.parametrize(("data", "expected"), [

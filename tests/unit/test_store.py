@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.store import Store, StoreError, normalize_hostname, strip_port
-from wire.credentials import credentials_json, parse_credentials_file
-from wire.errors import ConfigError
+from tunnel_lab.lab.store import Store, StoreError, normalize_hostname, strip_port
+from tunnel_lab.wire.credentials import credentials_json, parse_credentials_file
+from tunnel_lab.wire.errors import ConfigError
 
 
 @pytest.fixture
@@ -312,7 +312,7 @@ def test_unusable_file_is_a_store_error(tmp_path: Path) -> None:
 
 _WRITER = textwrap.dedent("""
     import sys
-    from lab.store import Store
+    from tunnel_lab.lab.store import Store
     s = Store(sys.argv[1])
     for i in range(25):
         t = s.create_tunnel(f"{sys.argv[2]}-{i}")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import paths
-from wire.errors import ConfigError
+from tunnel_lab.lab import paths
+from tunnel_lab.wire.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

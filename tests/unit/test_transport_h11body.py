@@ -10,7 +10,7 @@ from __future__ import annotations
 import h11
 import pytest
 
-from transport.h11body import body_bytes_left, skip_body_bytes
+from tunnel_lab.transport.h11body import body_bytes_left, skip_body_bytes
 
 HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
 

@@ -24,7 +24,7 @@ from hyperframe.frame import DataFrame
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transport.h2 import BAD_CONTENT_LENGTH, StreamProtocolError, TunnelH2Connection
+from tunnel_lab.transport.h2 import BAD_CONTENT_LENGTH, StreamProtocolError, TunnelH2Connection
 
 REQUEST = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
 
@@ -128,8 +128,8 @@ def test_received_frames_are_not_formatted(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_h2_is_not_patched_for_the_whole_process() -> None:
     # the connector used to replace `repr` in h2.connection for every connection of the process
-    import connector.edge_conn  # noqa: F401
-    import edge.tunnel  # noqa: F401
+    import tunnel_lab.connector.edge_conn
+    import tunnel_lab.edge.tunnel  # noqa: F401
 
     assert "repr" not in vars(h2.connection)
 

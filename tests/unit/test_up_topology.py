@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.up import banner, load_topology
-from wire.errors import ConfigError
+from tunnel_lab.lab.up import banner, load_topology
+from tunnel_lab.wire.errors import ConfigError
 
 TOPOLOGY = """\
 datacenters: [LAB1, LAB2, LAB3]

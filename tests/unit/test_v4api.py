@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from lab.login import origin_cert_pem
-from lab.quicktunnel import create_quick_tunnel
-from lab.store import Store
-from lab.v4api import LiveConnection, V4Api, parse_live
-from lab.v4base import ApiRequest, ApiResponse, V4ApiError, load_accounts, mint_token
-from wire.credentials import parse_token
+from tunnel_lab.lab.login import origin_cert_pem
+from tunnel_lab.lab.quicktunnel import create_quick_tunnel
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4api import LiveConnection, V4Api, parse_live
+from tunnel_lab.lab.v4base import ApiRequest, ApiResponse, V4ApiError, load_accounts, mint_token
+from tunnel_lab.wire.credentials import parse_token
 
 SECRET = base64.b64encode(bytes(range(32))).decode()
 

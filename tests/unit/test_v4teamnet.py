@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from lab.store import Store
-from lab.v4api import V4Api
-from lab.v4base import ApiRequest, ApiResponse, mint_token
-from lab.v4teamnet import route_id
+from tunnel_lab.lab.store import Store
+from tunnel_lab.lab.v4api import V4Api
+from tunnel_lab.lab.v4base import ApiRequest, ApiResponse, mint_token
+from tunnel_lab.lab.v4teamnet import route_id
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from connector.x509_text import go_time, go_verify_error
+from tunnel_lab.connector.x509_text import go_time, go_verify_error
 
 NOW = dt.datetime(2026, 12, 4, 14, 56, 55, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
