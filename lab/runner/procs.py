@@ -55,7 +55,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     one twice in this process, so parallel scenarios do not collide either.
     """
     low, high = _ephemeral_range()
-    bottom, top = (20_000, low - 1) if low > 20_000 else (high + 1, 65_535)
+    bottom, top = _worker_slice(*((20_000, low - 1) if low > 20_000 else (high + 1, 65_535)))
     for _ in range(200):
         port = random.randint(bottom, top)
         if port in _HANDED_OUT:
@@ -68,6 +68,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         _HANDED_OUT.add(port)
         return port
     raise ComponentError(f"no free port on {host} between {bottom} and {top}")
+
+
+def _worker_slice(bottom: int, top: int) -> tuple[int, int]:
+    """Under pytest-xdist (the plugin's labs), each worker process picks from its own slice of the range:
+    `_HANDED_OUT` only keeps one process from handing a port out twice."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1):
+        return bottom, top
+    index, n = int(worker[2:]), int(count)
+    size = (top - bottom + 1) // n
+    return bottom + index * size, bottom + (index + 1) * size - 1
 
 
 def child_env(extra: Mapping[str, str] | None = None, *, home: str | None = None) -> dict[str, str]:
