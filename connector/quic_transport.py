@@ -32,6 +32,7 @@ SEND_HIGH_WATER = 256 * 1024
 # qh3 widens a stream's flow-control window as data arrives, not as it is read: a stream whose reader
 # stalls (a slow origin) would buffer without limit, so past this many unread bytes it is reset.
 STREAM_BUFFER_LIMIT = 32 << 20
+KEEPALIVE_PERIOD = 1.0  # cloudflared: quic-go KeepAlivePeriod 1 s against MaxIdleTimeout 5 s
 SOCKET_BUFFER = 4 << 20  # bursts of datagrams from the edge must not overflow the kernel's queue
 MAX_BUFFERED_DATAGRAMS = 1024  # received datagrams not yet taken by the session manager
 
@@ -150,8 +151,10 @@ class QuicTransport:
     def __init__(self, configuration: QuicConfiguration, address: tuple[str, int], *,
                  on_stream: Callable[[QuicStream], None] | None = None,
                  on_datagram: Callable[[bytes], None] | None = None,
-                 bind_address: str | None = None, stream_buffer_limit: int = STREAM_BUFFER_LIMIT) -> None:
+                 bind_address: str | None = None, stream_buffer_limit: int = STREAM_BUFFER_LIMIT,
+                 keepalive: float | None = KEEPALIVE_PERIOD) -> None:
         self.quic = QuicConnection(configuration=configuration)
+        self.keepalive = keepalive  # seconds between PINGs once connected (None: none)
         self.stream_buffer_limit = stream_buffer_limit  # unread bytes per stream before it is reset
         self.address = address
         self.streams: dict[int, QuicStream] = {}
@@ -266,6 +269,8 @@ class QuicTransport:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader, sock)
                     nursery.start_soon(self._timer)
+                    if self.keepalive:
+                        nursery.start_soon(self._keep_alive, self.keepalive)
                     await self.terminated.wait()
                     nursery.cancel_scope.cancel()
             finally:
@@ -309,6 +314,18 @@ class QuicTransport:
             self._handle_events()
             self.transmit()
             self._wake()
+
+    async def _keep_alive(self, period: float) -> None:
+        """A PING every `period` once the handshake is done, as cloudflared's quic-go does (KeepAlivePeriod):
+        qh3 sends none by itself, so an idle tunnel connection would hit the 5 s idle timeout."""
+        await self.handshake_done.wait()
+        uid = 0
+        while not self.closed:
+            await trio.sleep(period)
+            uid += 1
+            self.quic.send_ping(uid)
+            self.transmit()
+            self._timer_changed.set()  # the PING may have moved qh3's timers
 
     def _handle_events(self) -> None:
         while (event := self.quic.next_event()) is not None:

@@ -15,6 +15,7 @@ import trio
 
 from tests.component.connector_edge import make_settings, start_connector, status_rule, wait_ready, wait_until
 from tests.component.quic_edge_peer import QuicEdgePeer, quic_edge_cert
+from tunnel_lab.connector.quic_conn import IDLE_TIMEOUT
 from tunnel_lab.wire import datagram as dg
 from tunnel_lab.wire import quic_stream as qs
 from tunnel_lab.wire import session_rpc as srpc
@@ -80,6 +81,20 @@ async def test_registers_over_quic_and_serves_a_data_stream(tmp_path: Path) -> N
             nursery.cancel_scope.cancel()
             assert await running.exit_code() == 0  # type: ignore[attr-defined]
             assert peer.unregistered
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_connection_outlives_the_idle_timeout(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # qh3 sends no keep-alive of its own: without our PINGs the 5 s idle timeout ends a quiet tunnel
+    # connection (failover-dc-down over QUIC lost both connections while it waited for the backoff)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            _peer, running = await _start(nursery, tmp_path)
+            await trio.sleep(IDLE_TIMEOUT + 1.5)  # nothing to wait on: the point is that nothing happens
+            assert running.handle.ready_connections == 1  # type: ignore[attr-defined]
+            assert "no recent network activity" not in caplog.text
+            running.handle.shutdown()  # type: ignore[attr-defined]
             nursery.cancel_scope.cancel()
 
 
