@@ -146,6 +146,7 @@ class EdgeSide:
         self.window_updates: list[tuple[int, int]] = []
         self._lock = trio.Lock()
         self._window = trio.Event()
+        self._control_backlog = bytearray()
 
     async def flush(self) -> None:
         async with self._lock:
@@ -254,9 +255,7 @@ class EdgeSide:
                 for rpc_ev in self.rpc.receive_data(ev.data or b""):
                     await self._rpc_event(rpc_ev)
                     self.edge._notify()
-                out = self.rpc.data_to_send()
-                if out:
-                    await self.send_data(sid, out)
+                self._queue_control(self.rpc.data_to_send())
                 return
             es = self.streams.get(sid)
             if es is not None:
@@ -292,6 +291,28 @@ class EdgeSide:
     def _wake(self) -> None:
         self._window.set()
         self._window = trio.Event()
+        self._pump_control()
+
+    def _queue_control(self, data: bytes) -> None:
+        """RPC bytes for the control stream, sent as far as the flow-control windows allow now and the rest
+        as WINDOW_UPDATEs arrive. The reader calls this: it must never wait for window itself, since the
+        WINDOW_UPDATE that would open it is behind it in the socket."""
+        self._control_backlog += data
+        self._pump_control()
+
+    def _pump_control(self) -> None:
+        while self._control_backlog:
+            try:
+                window = min(self.h2.local_flow_control_window(self.control_id),
+                             self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    return
+                chunk = bytes(self._control_backlog[:window])
+                self.h2.send_data(self.control_id, chunk)
+            except h2.exceptions.ProtocolError:  # the control stream is gone
+                self._control_backlog.clear()
+                return
+            del self._control_backlog[:len(chunk)]
 
     async def _rpc_event(self, ev: object) -> None:
         if isinstance(ev, RegisterConnectionCalled):
@@ -306,9 +327,8 @@ class EdgeSide:
                 self.edge._notify()
             else:
                 self.edge.refused += 1
-                out = self.rpc.data_to_send()
-                if out:
-                    await self.send_data(self.control_id, out)
+                self._queue_control(self.rpc.data_to_send())
+                await self.flush()
                 # like the real edge: close shortly after a refusal
                 self.edge.nursery.start_soon(self._close_soon)
         elif isinstance(ev, UpdateLocalConfigurationCalled):
