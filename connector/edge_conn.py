@@ -30,16 +30,16 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from tunnel_lab.connector.edge_dial import dial_edge, split_host_port
+from tunnel_lab.connector.edge_dial import dial_edge
 from tunnel_lab.connector.edge_errors import ConnectionLostError, EdgeConnectionError, StreamGone
+from tunnel_lab.connector.ha_connection import HAConnection
 from tunnel_lab.connector.logging_setup import format_value as q
-from tunnel_lab.connector.registration import RegistrationClient, first_of
+from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
 from tunnel_lab.transport.h2 import StreamProtocolError, TunnelH2Connection
 from tunnel_lab.transport.writer import H2Writer
-from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.headers import StreamType, classify_stream
 
@@ -73,18 +73,20 @@ def _server_settings() -> dict[h2.settings.SettingCodes | int, int]:
     }
 
 
-class EdgeConnection:
+class EdgeConnection(HAConnection):
     """One HA connection (connIndex) over one dialled address, from dial to close."""
+
+    protocol = "http2"
 
     def __init__(self, settings: TunnelSettings, proxy: StreamHandler, *, conn_index: int, address: str,
                  ssl_context: ssl.SSLContext | None = None, dial: Dial | None = None,
                  num_previous_attempts: int = 0,
                  on_registered: Callable[[EdgeConnection], None] | None = None,
                  on_unregistered: Callable[[EdgeConnection], None] | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, conn_index=conn_index, address=address,
+                         num_previous_attempts=num_previous_attempts, on_registered=on_registered,
+                         on_unregistered=on_unregistered)
         self.proxy = proxy
-        self.conn_index = conn_index
-        self.address = address
         # The seam tests use to hand the connection a transport (tests/component/tunnel_pair.py).
         if dial is None:
             if ssl_context is None:
@@ -93,9 +95,6 @@ class EdgeConnection:
                                                  bind_address=settings.edge_bind_address)
         else:
             self._dial = dial
-        self.num_previous_attempts = num_previous_attempts
-        self._on_registered = on_registered
-        self._on_unregistered = on_unregistered
         # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=False, normalize_inbound_headers=False)
@@ -106,10 +105,6 @@ class EdgeConnection:
         self.stream: trio.abc.Stream | None = None
         self.writer: H2Writer | None = None
         self.streams: dict[int, IncomingStream] = {}
-        self.dead = False
-        self.edge_ip = split_host_port(address)[0]
-        self._failure: EdgeConnectionError | None = None
-        self._nursery: trio.Nursery | None = None
         self._conn_credit = 0
         self._window_event = trio.Event()
         self._settings_seen = trio.Event()
@@ -118,21 +113,6 @@ class EdgeConnection:
         self._streams_idle = trio.Event()
         self._streams_idle.set()
         self._control: IncomingStream | None = None
-        self.control: RegistrationClient[EdgeConnection] | None = None
-
-    @property
-    def registered(self) -> bool:
-        """Registered at the edge, and not unregistered or gone since."""
-        return self.control is not None and self.control.registered
-
-    @property
-    def details(self) -> reg.ConnectionDetails | None:
-        """What the edge answered to the registration (kept after the connection ended)."""
-        return self.control.details if self.control is not None else None
-
-    @property
-    def label(self) -> str:
-        return f"tunnel={self.settings.credentials.tunnel_id} connIndex={self.conn_index}"
 
     # -- plumbing used by streams
     def open_window(self, n: int, stream_id: int | None = None) -> None:
@@ -214,10 +194,8 @@ class EdgeConnection:
                     self._fail(ConnectionLostError(f"connection with edge closed: {exc}"))
                 nursery.cancel_scope.cancel()
         finally:
-            self.dead = True
+            self._gone()
             self._wake_window()
-            if self.control is not None:
-                self.control.unregistered()
             with trio.CancelScope(shield=True):
                 pending = writer.take_remaining()
                 if pending:  # what streams queued last (their writes do not wait) still goes out
@@ -230,20 +208,8 @@ class EdgeConnection:
         if self._failure is not None:
             raise self._failure
 
-    def drop(self, exc: EdgeConnectionError) -> bool:
-        """End this connection from outside (`run` raises `exc`); False if not serving yet or dead."""
-        if self.dead or self._nursery is None:
-            return False
-        self._fail(exc)
-        return True
-
-    def _fail(self, exc: EdgeConnectionError) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self.dead = True
+    def _closing(self) -> None:
         self._closed_event.set()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     async def _write(self) -> None:
         assert self.writer is not None
@@ -390,17 +356,13 @@ class EdgeConnection:
         ctrl = self._control
         if ctrl is None:
             return  # shut down before the edge opened a control stream
-        assert self._nursery is not None and self.stream is not None
+        assert self.stream is not None
         await ctrl.send_headers([(b":status", b"200"), (b"content-type", b"application/octet-stream")])
-        control = self.control = RegistrationClient(
-            _H2Control(ctrl, self), self.settings, self, conn_index=self.conn_index, edge_ip=self.edge_ip,
-            protocol="http2", on_registered=self._on_registered, on_unregistered=self._on_unregistered)
         sock = _socket_of(self.stream)
-        local_ip = sock.getsockname()[0] if sock is not None else "127.0.0.1"  # a test's memory stream
-        await control.serve(self._nursery, shutdown, local_ip=local_ip,
-                            num_previous_attempts=self.num_previous_attempts, state=self.proxy.state)
-        await control.graceful_shutdown(
-            active_streams=lambda: self.active_streams,
+        await self._serve_control(
+            _H2Control(ctrl, self), shutdown,
+            local_ip=sock.getsockname()[0] if sock is not None else "127.0.0.1",  # a test's memory stream
+            state=self.proxy.state, active_streams=lambda: self.active_streams,
             wait_idle=lambda: first_of(self._streams_idle.wait, self._closed_event.wait))
 
     def _lost(self) -> EdgeConnectionError:

@@ -31,14 +31,14 @@ from qh3.quic.configuration import QuicConfiguration
 from tunnel_lab.connector import ingress
 from tunnel_lab.connector.edge_dial import split_host_port
 from tunnel_lab.connector.edge_errors import ConnectionLostError, EdgeConnectionError, StreamGone
+from tunnel_lab.connector.ha_connection import HAConnection
 from tunnel_lab.connector.logging_setup import format_value as q
 from tunnel_lab.connector.quic_transport import QuicClosedError, QuicStream, QuicTransport
 from tunnel_lab.connector.quic_udp import UdpSessionManager
-from tunnel_lab.connector.registration import RegistrationClient, first_of
+from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
 from tunnel_lab.wire import quic_stream as qs
-from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire import session_rpc as srpc
 from tunnel_lab.wire.errors import ConfigError, StreamConversionError, TunnelLabError
 from tunnel_lab.wire.headers import (
@@ -243,46 +243,25 @@ def request_fields(request: qs.ConnectRequest) -> tuple[StreamType, list[tuple[b
     return StreamType.HTTP, headers, no_body
 
 
-class QuicEdgeConnection:
+class QuicEdgeConnection(HAConnection):
     """One HA connection (connIndex) over QUIC, from dial to close."""
+
+    protocol = "quic"
 
     def __init__(self, settings: TunnelSettings, proxy: Proxy, *, conn_index: int, address: str,
                  ssl_context: ssl.SSLContext | None = None, num_previous_attempts: int = 0,
                  on_registered: Callable[[QuicEdgeConnection], None] | None = None,
                  on_unregistered: Callable[[QuicEdgeConnection], None] | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, conn_index=conn_index, address=address,
+                         num_previous_attempts=num_previous_attempts, on_registered=on_registered,
+                         on_unregistered=on_unregistered)
         self.proxy = proxy
-        self.conn_index = conn_index
-        self.address = address
-        self.num_previous_attempts = num_previous_attempts
-        self._on_registered = on_registered
-        self._on_unregistered = on_unregistered
-        self.edge_ip = split_host_port(address)[0]
-        self.dead = False
-        self.protocol = "quic"
         self.datagram_version = 3 if DATAGRAM_V3_FEATURE in settings.features else 2
         self.transport: QuicTransport | None = None
         self.udp: UdpSessionManager | None = None
-        self._failure: EdgeConnectionError | None = None
-        self._nursery: trio.Nursery | None = None
         self._streams_idle = trio.Event()
         self._streams_idle.set()
         self._active = 0
-        self.control: RegistrationClient[QuicEdgeConnection] | None = None
-
-    @property
-    def registered(self) -> bool:
-        """Registered at the edge, and not unregistered or gone since."""
-        return self.control is not None and self.control.registered
-
-    @property
-    def details(self) -> reg.ConnectionDetails | None:
-        """What the edge answered to the registration (kept after the connection ended)."""
-        return self.control.details if self.control is not None else None
-
-    @property
-    def label(self) -> str:
-        return f"tunnel={self.settings.credentials.tunnel_id} connIndex={self.conn_index}"
 
     @property
     def active_streams(self) -> int:
@@ -323,29 +302,16 @@ class QuicEdgeConnection:
                 transport.close(0, "")  # while the socket is still open
                 nursery.cancel_scope.cancel()
         finally:
-            self.dead = True
+            self._gone()
             if self.udp is not None:
                 self.udp.close_all()
-            if self.control is not None:
-                self.control.unregistered()
             transport.close(0, "")
         if self._failure is not None:
             raise self._failure
 
-    def drop(self, exc: EdgeConnectionError) -> bool:
-        if self.dead or self._nursery is None:
-            return False
-        self._fail(exc)
-        return True
-
-    def _fail(self, exc: EdgeConnectionError) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self.dead = True
+    def _closing(self) -> None:
         if self.transport is not None:
             self.transport.close(0, "")  # CONNECTION_CLOSE while the socket is still open
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     def _lost(self, reason: str) -> EdgeConnectionError:
         if "idle" in reason.lower() or "timeout" in reason.lower():
@@ -370,14 +336,10 @@ class QuicEdgeConnection:
             pass  # qh3 verified the edge against the system roots
         assert self._nursery is not None and transport.local_address is not None
         self._nursery.start_soon(self._watch_transport)
-        channel = _QuicControl(transport.open_stream())
-        control = self.control = RegistrationClient(
-            channel, self.settings, self, conn_index=self.conn_index, edge_ip=self.edge_ip,
-            protocol="quic", on_registered=self._on_registered, on_unregistered=self._on_unregistered)
-        await control.serve(self._nursery, shutdown, local_ip=transport.local_address[0],
-                            num_previous_attempts=self.num_previous_attempts, state=self.proxy.state)
-        await control.graceful_shutdown(active_streams=lambda: self._active,
-                                        wait_idle=lambda: self._streams_idle.wait())
+        await self._serve_control(_QuicControl(transport.open_stream()), shutdown,
+                                  local_ip=transport.local_address[0], state=self.proxy.state,
+                                  active_streams=lambda: self._active,
+                                  wait_idle=lambda: self._streams_idle.wait())
 
     async def _watch_transport(self) -> None:
         assert self.transport is not None

@@ -79,6 +79,10 @@ MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred by
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
 
 
+class RpcAnswerError(TunnelStreamError):
+    """The connector answered a call on an RPC stream badly (no answer, too large, malformed)."""
+
+
 @dataclass
 class _Drops:
     """Rate-limited WARNINGs for datagrams the endpoint drops (counted, logged now and then)."""
@@ -364,7 +368,8 @@ class QuicTunnelConnection(H2TunnelConnection):
     async def rpc_call(self, client: Any, question_id: int, *, max_bytes: int = MAX_RPC_ANSWER) -> Any:
         """One call on a fresh RPC stream: send what `client` (a wire.session_rpc.SessionRpcClient with
         the call queued) has, feed it the answer, return the event for `question_id` (CallFailed for an
-        exception). Raises TunnelStreamError if the stream ends first or the answer is over `max_bytes`."""
+        exception). Raises RpcAnswerError if the stream ends first or the answer is malformed or over
+        `max_bytes`, TunnelStreamError if the connection fails."""
         stream = self.open_rpc_stream()
         try:
             await stream.send(client.data_to_send())
@@ -372,14 +377,14 @@ class QuicTunnelConnection(H2TunnelConnection):
             while True:
                 item = await stream.receive()
                 if item is None:
-                    raise TunnelStreamError("the connector ended the RPC stream without an answer")
+                    raise RpcAnswerError("the connector ended the RPC stream without an answer")
                 received += len(item[0])
                 if received > max_bytes:
-                    raise TunnelStreamError(f"the connector's RPC answer is over {max_bytes} bytes")
+                    raise RpcAnswerError(f"the connector's RPC answer is over {max_bytes} bytes")
                 try:
                     events = client.receive_data(item[0])
                 except TunnelLabError as exc:
-                    raise TunnelStreamError(f"bad Cap'n Proto on an RPC stream: {exc}") from exc
+                    raise RpcAnswerError(f"bad Cap'n Proto on an RPC stream: {exc}") from exc
                 for event in events:
                     if getattr(event, "question_id", None) == question_id:
                         client.abort()
@@ -472,6 +477,10 @@ class QuicTunnelConnection(H2TunnelConnection):
             with contextlib.suppress(ValueError, AssertionError):
                 self.quic.stop_stream(stream_id, int(code))
 
+    def _reset_now(self, stream_id: int, code: int) -> None:
+        # how the inherited reset_stream and reset_all_streams abandon a stream
+        self._stop(stream_id, code)
+
     # ---- the control stream ------------------------------------------------------------------
     def _pump_control(self) -> None:
         backlog, self._control_backlog = self._control_backlog, b""
@@ -553,12 +562,6 @@ class QuicTunnelConnection(H2TunnelConnection):
                       self.ident())
         await self.send_stream_data(stream, b"", end=True)
 
-    async def reset_stream(self, stream: H2TunnelStream, code: int) -> None:
-        """Abandon a stream from the edge."""
-        self._stop(stream.id, code)
-        stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
-        await self.flush()
-
     async def acknowledge(self, stream_id: int, length: int) -> None:
         """Nothing to do: qh3 extends its receive windows itself (docs/edge.md, QUIC limits)."""
 
@@ -597,16 +600,6 @@ class QuicTunnelConnection(H2TunnelConnection):
         ErrorCodes(error_code)  # a bad code raises before anything changed, as over http2
         self.goaway_sent = True
         await trio.lowlevel.checkpoint()
-
-    async def reset_all_streams(self, code: int = ErrorCodes.INTERNAL_ERROR) -> int:
-        """Reset every eyeball stream in flight (fault injection). Returns how many."""
-        count = 0
-        for stream in list(self.streams.values()):
-            self._stop(stream.id, code)
-            stream._fail(TunnelStreamError("stream reset by a fault", reset_code=int(code)))
-            count += 1
-        await self.flush()
-        return count
 
 
 def _fmt(addr: tuple[Any, ...]) -> str:
