@@ -33,6 +33,7 @@ from tunnel_lab.lab.api import LabError, edge_argv, management_call
 from tunnel_lab.lab.dns import DEFAULT_PROTOCOLS, HTTP2_ONLY, LabZone, serve_dns, serve_dns_tcp
 from tunnel_lab.lab.login import issue_origin_cert
 from tunnel_lab.lab.loginflow import LoginTransfers
+from tunnel_lab.lab.paths import without_state
 from tunnel_lab.lab.pki import LabPKI
 from tunnel_lab.lab.runner import netns
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
@@ -349,18 +350,9 @@ def main(argv: Sequence[str]) -> int:
 
 def _drop_state(argv: list[str]) -> list[str]:
     out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--":
+    for i, arg in without_state(argv):
+        if arg == "--":  # what follows is the command's, --state included
             return out + argv[i:]
-        if arg == "--state":
-            skip = True
-            continue
-        if arg.startswith("--state="):
-            continue
         out.append(arg)
     return out
 
