@@ -165,14 +165,12 @@ class QuicTunnelConnection(H2TunnelConnection):
         self._rpc = RpcServer()
 
     # ---- lifetime ----------------------------------------------------------------------------
-    async def _run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._control_loop)
-            nursery.start_soon(self._registration_deadline)
-            nursery.start_soon(self._handshake_deadline)
-            await self._drive()
-            nursery.cancel_scope.cancel()
+    async def _start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._handshake_deadline)
+        await trio.lowlevel.checkpoint()
+
+    async def _serve_transport(self) -> None:
+        await self._drive()
 
     async def _handshake_deadline(self) -> None:
         await trio.sleep(self.edge.config.handshake_timeout)
@@ -511,13 +509,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         stream.written = len(head)
         stream.local_closed = end_stream
         log.debug("opened QUIC stream=%d type=%s %s", stream_id, request.type.name.lower(), self.ident())
-        try:
-            await self._stream_flush()
-        except BaseException:
-            stream.released = True
-            self._forget(stream)
-            raise
-        return stream
+        return await self._hand_over(stream)
 
     def _unsent(self, stream: QuicTunnelStream) -> int:
         state = stream_state(self.quic, stream.id)

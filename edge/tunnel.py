@@ -19,7 +19,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import h2.events
 import h2.exceptions
@@ -160,6 +160,9 @@ class H2TunnelStream:
         await self.conn.release_stream(self)
 
 
+S = TypeVar("S", bound=H2TunnelStream)
+
+
 class H2TunnelConnection:
     """The edge side of one tunnel connection, from TLS handshake to close."""
 
@@ -259,6 +262,16 @@ class H2TunnelConnection:
             self.close_reason = reason
 
     async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._start(nursery)
+            nursery.start_soon(self._control_loop)
+            nursery.start_soon(self._registration_deadline)
+            await self._serve_transport()
+            nursery.cancel_scope.cancel()
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        """The transport's first steps, before the control loop starts (QUIC overrides them)."""
         from tunnel_lab.wire.rpc import RpcServer
 
         self._rpc = RpcServer()
@@ -268,15 +281,13 @@ class H2TunnelConnection:
         if extra > 0:
             self.h2.increment_flow_control_window(extra)
         self.h2.send_headers(CONTROL_STREAM_ID, CONTROL_HEADERS, end_stream=False)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._write)
-            await self.flush()
-            log.debug("HTTP/2 preface, SETTINGS and control stream sent %s", self.ident())
-            nursery.start_soon(self._control_loop)
-            nursery.start_soon(self._registration_deadline)
-            await self._reader()
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(self._write)
+        await self.flush()
+        log.debug("HTTP/2 preface, SETTINGS and control stream sent %s", self.ident())
+
+    async def _serve_transport(self) -> None:
+        """Read until the connection ends (QUIC overrides it)."""
+        await self._reader()
 
     async def _registration_deadline(self) -> None:
         # A connector that never registers must not hold a connection forever.
@@ -598,6 +609,10 @@ class H2TunnelConnection:
             raise TunnelStreamError(f"cannot send request headers: {exc}") from exc
         stream.local_closed = end_stream
         log.debug("opened stream=%d %s", stream_id, self.ident())
+        return await self._hand_over(stream)
+
+    async def _hand_over(self, stream: S) -> S:
+        """Send a new stream's head, then give the stream to the caller."""
         try:
             await self._stream_flush()
         except BaseException:
