@@ -38,6 +38,7 @@ from tunnel_lab.connector.quic_udp import UdpSessionManager
 from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
+from tunnel_lab.transport.qh3 import peer_certificate
 from tunnel_lab.wire import quic_stream as qs
 from tunnel_lab.wire import session_rpc as srpc
 from tunnel_lab.wire.errors import ConfigError, StreamConversionError, TunnelLabError
@@ -525,7 +526,7 @@ def _handshake_failure(transport: QuicTransport) -> str:
     """quic-go's words for a failed handshake: `CRYPTO_ERROR 0x12a (local): tls: failed to verify
     certificate: x509: ...` when the edge's certificate did not verify (Go's x509 text, as over http2)."""
     code = transport.close_code
-    peer = getattr(getattr(transport.quic, "tls", None), "_peer_certificate", None)
+    peer = peer_certificate(transport.quic)
     if code == BAD_CERTIFICATE and peer is not None:
         text = go_verify_error(der=peer.public_bytes(), server_name=EDGE_QUIC_SNI,
                                now=datetime.datetime.now().astimezone(), verify_code=UNKNOWN_AUTHORITY,

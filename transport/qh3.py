@@ -13,6 +13,12 @@ def stream_state(quic: Any, stream_id: int) -> Any:
     return quic._streams.get(stream_id)
 
 
+def peer_certificate(quic: Any) -> Any:
+    """The certificate the peer presented in the handshake (qh3's `tls.Context._peer_certificate`), or
+    None before one arrived."""
+    return getattr(getattr(quic, "tls", None), "_peer_certificate", None)
+
+
 def hold_unsent(state: Any) -> None:
     """Keep qh3 from sending a reset stream's unsent data.
 
