@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from h2.errors import ErrorCodes
-from qh3._hazmat import pull_quic_header
 from qh3.quic import events as qevents
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
-from tunnel_lab.transport.qh3 import hold_unsent, stream_state
+from tunnel_lab.transport.qh3 import hold_unsent, pull_quic_header, stream_state
 from tunnel_lab.transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.quic_stream import (

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# qh3's packet-header parser lives in its private Rust module: `pull_quic_header(data, offset,
+# host_cid_length)` -> (version, packet type, ..., destination cid, source cid, ...), ValueError on garbage.
+from qh3._hazmat import pull_quic_header
+
+__all__ = ["hold_unsent", "peer_certificate", "pull_quic_header", "stream_state"]
+
 
 def stream_state(quic: Any, stream_id: int) -> Any:
     """qh3's own record of a stream (`QuicConnection._streams`), or None once it forgot it."""

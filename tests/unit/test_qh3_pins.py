@@ -67,3 +67,23 @@ def test_a_connection_keeps_its_streams_by_id() -> None:
     quic.send_stream_data(stream_id, b"x")
     state = stream_state(quic, stream_id)
     assert state is not None and state.sender.next_offset == 0 and not state.sender.is_finished
+
+
+def test_the_header_parser_reads_a_client_initial_as_the_edge_expects() -> None:
+    # transport.qh3.pull_quic_header: edge/quic.py routes datagrams by what it returns.
+    import pytest
+    from qh3.quic.configuration import QuicConfiguration
+    from qh3.quic.connection import QuicConnection
+    from qh3.quic.packet import QuicPacketType
+
+    from tunnel_lab.transport.qh3 import pull_quic_header
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, server_name="quic.cftunnel.com"))
+    quic.connect(("127.0.0.1", 7844), now=0.0)
+    (data, _), *_ = quic.datagrams_to_send(now=0.0)
+    header = pull_quic_header(data, 0, 8)
+    assert header[0] == quic._version  # the version it offers
+    assert header[1] == QuicPacketType.INITIAL
+    assert header[3] == quic._peer_cid.cid and header[4] == quic.host_cid
+    with pytest.raises(ValueError):
+        pull_quic_header(b"\x00", 0, 8)
