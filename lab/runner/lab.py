@@ -23,7 +23,7 @@ from typing import Any
 import trio
 import yaml
 
-from tunnel_lab.lab.api import connector_argv, edge_argv, origin_argv
+from tunnel_lab.lab.api import START_TIMEOUT, connector_argv, edge_argv, origin_argv
 from tunnel_lab.lab.runner import client
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.loader import Scenario
@@ -38,7 +38,6 @@ from tunnel_lab.lab.runner.procs import (
 )
 from tunnel_lab.wire.redact import Redactor
 
-START_TIMEOUT = 20.0
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
