@@ -63,7 +63,6 @@ class Response:
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     ended: bool = False
     reset: int | None = None
-    data_frames: list[bytes] = field(default_factory=list)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -139,11 +138,9 @@ class EdgeSide:
         self.local_config: bytes | None = None
         self.control_response: list[tuple[bytes, bytes]] | None = None
         self.control_ended = False
-        self.control_reset: int | None = None
         self.goaway: int | None = None
         self.answer_unregister = True
         self.remote_settings: dict[int, int] = {}
-        self.window_updates: list[tuple[int, int]] = []
         self._lock = trio.Lock()
         self._window = trio.Event()
         self._control_backlog = bytearray()
@@ -233,7 +230,6 @@ class EdgeSide:
                 self.remote_settings[int(code)] = change.new_value
             self._wake()
         elif isinstance(ev, h2.events.WindowUpdated):
-            self.window_updates.append((ev.stream_id or 0, ev.delta or 0))
             self._wake()
         elif isinstance(ev, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
             if ev.stream_id == self.control_id:
@@ -260,7 +256,6 @@ class EdgeSide:
             es = self.streams.get(sid)
             if es is not None:
                 es.response.body += ev.data or b""
-                es.response.data_frames.append(bytes(ev.data or b""))
                 if es.auto_ack:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
                 es._notify()
@@ -277,7 +272,6 @@ class EdgeSide:
                 es._notify()
         elif isinstance(ev, h2.events.StreamReset):
             if ev.stream_id == self.control_id:
-                self.control_reset = int(ev.error_code or 0)
                 return
             es = self.streams.get(ev.stream_id or 0)
             if es is not None:
