@@ -163,6 +163,8 @@ class QuicTransport:
         self.closed = False
         self.close_reason = ""
         self.close_code: int | None = None  # the CONNECTION_CLOSE error code (0x1XX: a TLS alert)
+        self.close_is_transport = False  # a transport error (RFC 9000 §20.1), not an application one
+        self.quic_reason = ""  # the peer's reason phrase, as sent
         self.handshake_done = trio.Event()
         self.terminated = trio.Event()
         self.local_address: tuple[str, int] | None = None
@@ -363,6 +365,8 @@ class QuicTransport:
                 self.handshake_done.set()
             elif isinstance(event, qe.ConnectionTerminated):
                 self.close_code = event.error_code
+                self.close_is_transport = event.frame_type is not None  # CONNECTION_CLOSE 0x1c, not 0x1d
+                self.quic_reason = event.reason_phrase
                 reason = event.reason_phrase or f"error code {event.error_code:#x}"
                 self._mark_closed(reason)
 

@@ -181,6 +181,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         self._fatal: TunnelLabError | None = None
         self._terminated = False
         self._quic_closed = False
+        self.silenced = False  # faults quic-idle / quic-blackhole: nothing in or out, out of routing
         # Datagrams are fed from the first Initial on, before `run` runs: the RPC server exists already.
         from tunnel_lab.wire.rpc import RpcServer
 
@@ -219,8 +220,26 @@ class QuicTunnelConnection(H2TunnelConnection):
                 self.quic.handle_timer(now)
                 self._after_input()
 
+    @property
+    def routable(self) -> bool:
+        """May new eyeball streams go to this connection? Not once a fault silenced it."""
+        return not self.silenced and super().routable
+
+    def silence(self, why: str) -> None:
+        """Go dark (faults quic-idle, quic-blackhole): drop what arrives, send nothing, take no new streams.
+
+        The connector finds out only at its idle timeout (5 s for cloudflared), as on a path that went
+        dark; qh3's idle timer ends this side the same way, without a CONNECTION_CLOSE.
+        """
+        if not self.silenced:
+            self.silenced = True
+            log.warning("QUIC connection silenced by a fault (%s): nothing in or out until its idle "
+                        "timeout %s", why, self.ident())
+
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Feed one datagram (the endpoint calls `after_input` once per batch)."""
+        if self.silenced:
+            return
         self.quic.receive_datagram(data, addr, now=trio.current_time())
 
     def after_input(self, datagrams: int = 1) -> None:
@@ -247,7 +266,9 @@ class QuicTunnelConnection(H2TunnelConnection):
 
     def transmit(self) -> None:
         """Send every datagram qh3 has ready; wake the timer task (the timer may have moved)."""
-        self.endpoint.send_all(self.quic.datagrams_to_send(now=trio.current_time()))
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if not self.silenced:
+            self.endpoint.send_all(datagrams)
         # Building those datagrams may have issued connection ids (NEW_CONNECTION_ID): route them before
         # the peer can use one, or its next packets would find no connection.
         self._handle_events()
@@ -256,7 +277,7 @@ class QuicTunnelConnection(H2TunnelConnection):
     def close_quic(self) -> None:
         """CONNECTION_CLOSE (once) and forget the connection ids."""
         if not self._quic_closed:
-            self._quic_closed = True
+            self._quic_closed = True  # (a silenced connection's CONNECTION_CLOSE is dropped by transmit)
             code = 0 if self.close_reason in ("", "drained") or self.state == "closed" else APPLICATION_ERROR
             self.quic.close(error_code=code, reason_phrase=self.close_reason[:100])
             self.transmit()
@@ -672,6 +693,7 @@ class QuicEndpoint:
             with self._scope:
                 while True:
                     await trio.lowlevel.wait_readable(sock)
+                    dark = self.blackholed()
                     fed: dict[QuicTunnelConnection, int] = {}  # in order, once each: datagrams fed
                     for _ in range(RECEIVE_BATCH):
                         try:
@@ -681,6 +703,8 @@ class QuicEndpoint:
                         except OSError as exc:  # e.g. an ICMP error reported on the socket
                             log.debug("QUIC recvfrom: %s", exc)
                             continue
+                        if dark:
+                            continue  # fault quic-blackhole: read and dropped
                         for data in datagrams:
                             conn = self.handle(data, addr)
                             if conn is not None:
@@ -718,8 +742,15 @@ class QuicEndpoint:
     def send(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.send_all([(data, addr)])
 
+    def blackholed(self) -> bool:
+        """Is a quic-blackhole fault active for this data centre (every datagram in and out dropped)?"""
+        return any(f.params.get("location") == self.lst.location
+                   for f in self.state.faults.of_kind("quic-blackhole"))
+
     def send_all(self, datagrams: list[tuple[bytes, Any]]) -> None:
         """Send qh3's datagrams, runs to one address batched into one system call (transport.udp)."""
+        if datagrams and self.blackholed():
+            return
         i = 0
         while i < len(datagrams):
             addr = datagrams[i][1]
@@ -779,12 +810,32 @@ class QuicEndpoint:
         quic = KeyedResetConnection(configuration=config, original_destination_connection_id=dcid,
                                     reset_key=self.reset_key)
         without_pacing(quic)
+        refusal = self.state.faults.take_quic_handshake_refusal(self.lst.location)
+        if refusal is not None:
+            self._refuse(quic, data, addr, *refusal)
+            return None
         conn = QuicTunnelConnection(self.state, self, quic, location=self.lst.location, remote=addr)
         self.live.add(conn)
         self.route(dcid, conn)
         self.route(quic.host_cid, conn)
         self.spawn(conn.run)
         return self._guarded(conn, conn.datagram_received, data, addr)
+
+    def _refuse(self, quic: QuicConnection, data: bytes, addr: tuple[Any, ...], code: int,
+                reason: str) -> None:
+        """Fault quic-refuse-handshake: answer a new connection's Initial with CONNECTION_CLOSE at once."""
+        now = trio.current_time()
+        try:
+            quic.receive_datagram(data, addr, now=now)
+        except (ValueError, AssertionError, KeyError, IndexError) as exc:
+            self.drops.drop("malformed", f"{exc!r} from {_fmt(addr)}")
+            return
+        # A transport-level close (a frame type given): an application close before the handshake is sent
+        # as APPLICATION_ERROR without its reason (RFC 9000 §10.2.3), hiding the code.
+        quic.close(error_code=code, frame_type=0, reason_phrase=reason)
+        self.send_all(quic.datagrams_to_send(now=now))
+        log.warning("fault quic-refuse-handshake: closed a new QUIC connection from %s with error 0x%x (%s) "
+                    "location=%s", _fmt(addr), code, reason, self.lst.location)
 
     def _stateless_reset(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Answer a short-header packet for no connection we know with a Stateless Reset (RFC 9000 §10.3).
