@@ -44,6 +44,7 @@ from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
 from tunnel_lab.transport import udp
 from tunnel_lab.transport.qh3 import (
+    AlertUnrecognizedName,
     KeyedResetConnection,
     ack_now,
     hold_unsent,
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[bytes, bytes]]
 
 ALPN = "argotunnel"
+SNI = "quic.cftunnel.com"  # what cloudflared (quic-go) sends; anything else is refused
 CONTROL_STREAM_ID = 0  # the connector's first bidirectional stream
 RECEIVE_BATCH = 64  # datagrams read per wake-up of the endpoint
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
@@ -808,7 +810,7 @@ class QuicEndpoint:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
             return None
         quic = KeyedResetConnection(configuration=config, original_destination_connection_id=dcid,
-                                    reset_key=self.reset_key)
+                                    reset_key=self.reset_key, check_server_name=self._check_sni(addr))
         without_pacing(quic)
         refusal = self.state.faults.take_quic_handshake_refusal(self.lst.location)
         if refusal is not None:
@@ -820,6 +822,14 @@ class QuicEndpoint:
         self.route(quic.host_cid, conn)
         self.spawn(conn.run)
         return self._guarded(conn, conn.datagram_received, data, addr)
+
+    def _check_sni(self, addr: tuple[Any, ...]) -> Callable[[str | None], None]:
+        def check(name: str | None) -> None:
+            if name != SNI:
+                log.warning("QUIC handshake from %s with SNI %r, not %r: refused (unrecognized_name) "
+                            "location=%s", _fmt(addr), name, SNI, self.lst.location)
+                raise AlertUnrecognizedName(f"unknown server name {name!r}")
+        return check
 
     def _refuse(self, quic: QuicConnection, data: bytes, addr: tuple[Any, ...], code: int,
                 reason: str) -> None:

@@ -5,6 +5,7 @@ Pinned by tests/unit/test_qh3_pins.py: a qh3 upgrade that changes one of them fa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from qh3 import tls
@@ -42,10 +43,31 @@ class KeyedResetConnection(QuicConnection):
     parameters and NEW_CONNECTION_ID frames are written later, when packets are built).
     """
 
-    def __init__(self, *, reset_key: bytes, **kwargs: Any) -> None:
+    def __init__(self, *, reset_key: bytes, check_server_name: Callable[[str | None], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._reset_key = reset_key
+        self._check_server_name = check_server_name
         self._derive_tokens()
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        # qh3's TLS server parses the ClientHello's server name and drops it (no callback, nothing kept):
+        # `check_server_name` sees it first, and refuses the handshake by raising a tls.Alert (qh3 turns
+        # that into CONNECTION_CLOSE with CRYPTO_ERROR 0x100 + the alert).
+        super()._initialize(peer_cid)
+        check = self._check_server_name
+        if check is None:
+            return
+        handle_hello = self.tls._server_handle_hello
+
+        def server_handle_hello(input_buf: Any, *buffers: Any) -> None:
+            start = input_buf.tell()
+            name = tls.pull_client_hello(input_buf).server_name
+            input_buf.seek(start)
+            check(name)
+            handle_hello(input_buf, *buffers)
+
+        self.tls._server_handle_hello = server_handle_hello  # type: ignore[method-assign,assignment]
 
     def _replenish_connection_ids(self) -> None:
         super()._replenish_connection_ids()
@@ -119,3 +141,9 @@ def without_pacing(quic: QuicConnection) -> None:
     faster and cheaper (A/B in the commit). The congestion window still bounds what is in flight.
     """
     quic._loss._pacer = _NoPacer()  # type: ignore[assignment]  # the same methods, duck-typed
+
+
+class AlertUnrecognizedName(tls.Alert):
+    """TLS unrecognized_name (RFC 6066 §3), which qh3 does not define."""
+
+    description = tls.AlertDescription.unrecognized_name

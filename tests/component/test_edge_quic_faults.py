@@ -4,6 +4,7 @@ the scripted qh3 connector of test_edge_quic."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -120,3 +121,18 @@ async def test_quic_refuse_handshake_closes_new_connections_with_its_code(tmp_pa
             accepted = await quic_connector(nursery, edge)  # the fault is used up
             assert isinstance(await accepted.register(t), ConnectionDetails)
             assert edge.state.faults.of_kind("quic-refuse-handshake") == []
+
+
+async def test_a_handshake_with_another_sni_is_refused(tmp_path, caplog):
+    with trio.fail_after(20):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            with caplog.at_level(logging.WARNING, logger="tunnel_lab.edge.quic"):
+                wrong = await quic_connector(nursery, edge, server_name="h2.cftunnel.com")
+                await wrong.closed.wait()
+            assert wrong.terminated is not None
+            assert wrong.terminated.error_code == 0x100 + 112  # CRYPTO_ERROR unrecognized_name
+            assert any("SNI 'h2.cftunnel.com', not 'quic.cftunnel.com': refused" in r.getMessage()
+                       for r in caplog.records)
+            right = await quic_connector(nursery, edge)
+            assert isinstance(await right.register(t), ConnectionDetails)
