@@ -85,6 +85,7 @@ MAX_CONNECTIONS = 1024  # per endpoint; more Initial packets are dropped (a conn
 WARN_INTERVAL = 5.0  # at most one WARNING per kind of dropped datagram per endpoint per interval
 IDLE_TIMEOUT = 30.0  # ours; cloudflared asks for 5 s and keeps the connection alive every second
 MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred bytes
+MAX_REFUSED = 256  # refused handshakes remembered (their later Initial packets are dropped)
 RESETS_PER_SECOND = 100  # stateless resets an endpoint sends at most, a second
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
 
@@ -674,6 +675,9 @@ class QuicEndpoint:
                  spawn: Callable[..., None], reset_key: bytes) -> None:
         self.state = state
         self.reset_key = reset_key  # stateless reset tokens derive from it (wire.stateless_reset)
+        # Connection ids of handshakes a quic-refuse-handshake fault refused: the client's other Initial
+        # packets of that attempt are dropped, not counted as new connections (bounded, oldest out).
+        self.refused: dict[bytes, None] = {}
         self.resets = _ResetBudget()
         self.pki = pki
         self.lst = lst
@@ -790,6 +794,8 @@ class QuicEndpoint:
         conn = self.connections.get(dcid)
         if conn is not None:
             return self._guarded(conn, conn.datagram_received, data, addr)
+        if dcid in self.refused:
+            return None  # the rest of a refused handshake
         if version is None:
             self._stateless_reset(data, addr)
             return None
@@ -814,6 +820,9 @@ class QuicEndpoint:
         without_pacing(quic)
         refusal = self.state.faults.take_quic_handshake_refusal(self.lst.location)
         if refusal is not None:
+            self.refused[dcid] = None
+            if len(self.refused) > MAX_REFUSED:
+                del self.refused[next(iter(self.refused))]
             self._refuse(quic, data, addr, *refusal)
             return None
         conn = QuicTunnelConnection(self.state, self, quic, location=self.lst.location, remote=addr)
