@@ -85,7 +85,7 @@ MAX_CONNECTIONS = 1024  # per endpoint; more Initial packets are dropped (a conn
 WARN_INTERVAL = 5.0  # at most one WARNING per kind of dropped datagram per endpoint per interval
 IDLE_TIMEOUT = 30.0  # ours; cloudflared asks for 5 s and keeps the connection alive every second
 MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred bytes
-MAX_REFUSED = 256  # refused handshakes remembered (their later Initial packets are dropped)
+MAX_REFUSED = 1024  # connection ids remembered whose packets are dropped unanswered (QuicEndpoint.refused)
 RESETS_PER_SECOND = 100  # stateless resets an endpoint sends at most, a second
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
 
@@ -675,8 +675,9 @@ class QuicEndpoint:
                  spawn: Callable[..., None], reset_key: bytes) -> None:
         self.state = state
         self.reset_key = reset_key  # stateless reset tokens derive from it (wire.stateless_reset)
-        # Connection ids of handshakes a quic-refuse-handshake fault refused: the client's other Initial
-        # packets of that attempt are dropped, not counted as new connections (bounded, oldest out).
+        # Connection ids whose packets are dropped unanswered (bounded, oldest out): handshakes a
+        # quic-refuse-handshake fault refused (the client's other Initial packets of that attempt are not
+        # new connections), and those of connections a fault silenced, after they ended.
         self.refused: dict[bytes, None] = {}
         self.resets = _ResetBudget()
         self.pki = pki
@@ -778,6 +779,12 @@ class QuicEndpoint:
     def forget(self, conn: QuicTunnelConnection) -> None:
         for cid in [c for c, v in self.connections.items() if v is conn]:
             del self.connections[cid]
+            if conn.silenced:
+                # Its path stays dark: the peer's last packets (it may time out after us) get no
+                # Stateless Reset, which would tell it what a dark path cannot.
+                self.refused[cid] = None
+                if len(self.refused) > MAX_REFUSED:
+                    del self.refused[next(iter(self.refused))]
         self.live.discard(conn)
         if not self.accepting and not self.live:
             self._scope.cancel()
@@ -795,7 +802,7 @@ class QuicEndpoint:
         if conn is not None:
             return self._guarded(conn, conn.datagram_received, data, addr)
         if dcid in self.refused:
-            return None  # the rest of a refused handshake
+            return None  # the rest of a refused handshake, or a silenced connection's
         if version is None:
             self._stateless_reset(data, addr)
             return None

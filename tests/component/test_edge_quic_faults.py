@@ -90,6 +90,12 @@ async def test_quic_idle_silences_a_connection_until_both_sides_time_out(tmp_pat
             assert conn.terminated is not None and conn.terminated.reason_phrase == "Idle timeout"  # no CLOSE
             while edge.registry.listed():
                 await trio.sleep(0.01)
+            # Its path stays dark after it ended: the first answer is to the unknown connection's packet.
+            dark_cid = conn.quic._peer_cid.cid
+            key = paths.quic_reset_key(tmp_path / "state")
+            reply = await _udp_exchange(edge.listeners["LAB1"].quic_address,
+                                        [b"\x40" + dark_cid + bytes(60), b"\x41unknown!" + bytes(60)])
+            assert reply[-16:] == reset_token(key, b"unknown!")
 
 
 async def test_quic_blackhole_drops_everything_until_cleared(tmp_path):
