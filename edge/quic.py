@@ -248,9 +248,9 @@ class QuicTunnelConnection(H2TunnelConnection):
     def after_input(self, datagrams: int = 1) -> None:
         """Handle what a batch of datagrams produced: events, then one round of sending."""
         if datagrams > 1:
-            # A run of packets (a transfer): acknowledge it in the round of sending below, as RFC 9000
-            # §13.2.2 suggests after two, rather than at qh3's 1 ms ack timer, which a busy trio loop
-            # serves late; the sender's congestion control is clocked by these ACKs.
+            # A run of packets (a transfer): acknowledge it in the round of sending below (after two, as
+            # RFC 9000 §13.2.2 suggests), not at qh3's 1 ms ack timer, which a busy trio loop serves
+            # late; the sender's congestion control is clocked by these ACKs.
             ack_now(self.quic)
         self._after_input()
 
@@ -857,7 +857,7 @@ class QuicEndpoint:
             self.drops.drop("malformed", f"{exc!r} from {_fmt(addr)}")
             return
         # A transport-level close (a frame type given): an application close before the handshake is sent
-        # as APPLICATION_ERROR without its reason (RFC 9000 §10.2.3), hiding the code.
+        # as APPLICATION_ERROR without its reason (RFC 9000 section 10.2.3), hiding the code.
         quic.close(error_code=code, frame_type=0, reason_phrase=reason)
         self.send_all(quic.datagrams_to_send(now=now))
         log.warning("fault quic-refuse-handshake: closed a new QUIC connection from %s with error 0x%x (%s) "

@@ -13,6 +13,7 @@ from qh3.quic import events as qevents
 from qh3.quic.connection import QuicConnection, QuicConnectionState
 from qh3.quic.packet import QuicErrorCode
 
+from tunnel_lab.wire.errors import ProtocolError
 from tunnel_lab.wire.stateless_reset import MIN_RESET_SIZE, reset_token
 
 
@@ -143,7 +144,7 @@ def without_pacing(quic: QuicConnection) -> None:
     quic._loss._pacer = _NoPacer()  # type: ignore[assignment]  # the same methods, duck-typed
 
 
-class AlertUnrecognizedName(tls.Alert):
-    """TLS unrecognized_name (RFC 6066 §3), which qh3 does not define."""
+class AlertUnrecognizedName(tls.Alert, ProtocolError):
+    """TLS unrecognized_name (RFC 6066 section 3), which qh3 lacks; qh3 catches it as any tls.Alert."""
 
     description = tls.AlertDescription.unrecognized_name

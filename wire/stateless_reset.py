@@ -3,7 +3,7 @@
 An edge that lost a connection's state (it restarted) cannot decrypt that connection's packets. With
 tokens derived from a key it keeps (in the lab's state directory) rather than drawn at random, it can still
 compute the token it once gave the peer for the packet's connection id, and answer with a Stateless Reset
-that ends the connection at once instead of at the peer's idle timeout (§10.3.2 describes this design).
+that ends the connection at once instead of at the peer's idle timeout (the design of RFC 9000 §10.3.2).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 TOKEN_SIZE = 16
 KEY_SIZE = 32
-# §10.3: a reset is at least 5 unpredictable bytes then the token; receivers ignore shorter ones (quic-go
-# checks exactly this, protocol.MinReceivedStatelessResetSize).
+# RFC 9000 §10.3: a reset is at least 5 unpredictable bytes then the token; receivers ignore shorter
+# ones (quic-go checks exactly this, protocol.MinReceivedStatelessResetSize).
 MIN_RESET_SIZE = 5 + TOKEN_SIZE
 # What we send in answer to a long packet: quic-go's size (a short header with a 20-byte connection id).
 RESET_SIZE = 42
@@ -34,8 +34,9 @@ def reset_for(key: bytes, datagram: bytes, cid_length: int,
 
     Only a short-header packet gets one (a long header carries no token-bearing connection id yet), and
     only if the reset can be both valid (>= MIN_RESET_SIZE) and strictly smaller than the packet, so two
-    endpoints that lost state cannot reset each other forever (§10.3.3). As §10.3 recommends, a packet of
-    43 bytes or fewer gets a reset one byte shorter, so the reset looks like any other short packet.
+    endpoints that lost state cannot reset each other forever (RFC 9000 §10.3.3). As RFC 9000 §10.3
+    recommends, a packet of 43 bytes or fewer gets a reset one byte shorter, so the reset looks like any
+    other short packet.
     """
     if not datagram or datagram[0] & 0x80 or not datagram[0] & 0x40:
         return None  # a long header, or not QUIC v1 (the fixed bit is clear)
