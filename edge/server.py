@@ -31,6 +31,7 @@ from tunnel_lab.edge.tunnel import H2TunnelConnection
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
 from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.transport.trace import open_tracer
 from tunnel_lab.transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Edge:
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
+        self.state.trace = open_tracer(config.trace, component="edge")
 
     # ---- the shared state, for tests and embedders ----------------------------------------------
     @property
@@ -172,6 +174,8 @@ class Edge:
         try:
             await self._serve(task_status)
         finally:
+            if self.state.trace is not None:
+                self.state.trace.close()
             self.stopped.set()
 
     async def _serve(self, task_status: trio.TaskStatus[Edge]) -> None:
@@ -335,6 +339,8 @@ class Edge:
                      cause or type(exc).__name__, lst.location, peer)
             return
         conn = H2TunnelConnection(self.state, tls, location=lst.location, remote=peer)
+        if conn.trace is not None:
+            conn.trace.tls(tls.ssl_object, side="server")
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
         await conn.run()

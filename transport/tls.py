@@ -126,6 +126,11 @@ class TLSStream(trio.abc.Stream):
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol()
 
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        """The session's `ssl.SSLObject` (version, cipher, peer certificate: for the protocol trace)."""
+        return self._ssl
+
     async def aclose(self) -> None:
         """Send close_notify (without waiting for the peer's), then close the socket.
 
