@@ -46,6 +46,7 @@ from tunnel_lab.connector.quic_transport import QuicClosedError, QuicStream, Qui
 from tunnel_lab.connector.quic_udp import UdpSessionManager
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
+from tunnel_lab.transport.qh3 import quic_keylog
 from tunnel_lab.wire import quic_stream as qs
 from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire import session_rpc as srpc
@@ -105,7 +106,7 @@ def quic_configuration(settings: TunnelSettings) -> QuicConfiguration:
     # cloudflared's source connection id is empty; qh3's client cannot do that, and the edge must not care
     if settings.ca_cert:
         config.load_verify_locations(cafile=settings.ca_cert)
-    return config
+    return quic_keylog(config)
 
 
 class QuicTunnelStream:

@@ -43,7 +43,7 @@ from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
-from tunnel_lab.transport.qh3 import hold_unsent, stream_state
+from tunnel_lab.transport.qh3 import hold_unsent, quic_keylog, stream_state
 from tunnel_lab.transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.quic_stream import (
@@ -677,7 +677,7 @@ class QuicEndpoint:
             config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT,
                                        max_datagram_frame_size=65535, max_datagram_size=1452)
             config.load_cert_chain(str(paths.cert), str(paths.key))
-            self._configs[kind] = config
+            self._configs[kind] = quic_keylog(config)
         return config
 
     def send(self, data: bytes, addr: tuple[Any, ...]) -> None:

@@ -30,7 +30,7 @@ from tunnel_lab.edge.state import EdgeState, Faults, History, Metrics, Registry,
 from tunnel_lab.edge.tunnel import H2TunnelConnection
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
-from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.transport.tls import TLSStream, honour_keylog
 from tunnel_lab.transport.trace import open_tracer
 from tunnel_lab.transport.tunnel import TunnelConnection
 
@@ -165,7 +165,8 @@ class Edge:
 
     def edge_ssl_context(self, cert_kind: str) -> ssl.SSLContext:
         """The tunnel listeners' context: the edge certificate or a broken one (swap-cert)."""
-        return self.pki.server_ssl_context("edge", broken=None if cert_kind == "valid" else cert_kind)
+        ctx = self.pki.server_ssl_context("edge", broken=None if cert_kind == "valid" else cert_kind)
+        return honour_keylog(ctx)  # $SSLKEYLOGFILE: a capture of the tunnel decrypts (docs/trace.md)
 
     # ---- main --------------------------------------------------------------------------------
     async def serve(self, *, task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED) -> None:

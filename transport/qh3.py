@@ -5,7 +5,22 @@ Pinned by tests/unit/test_qh3_pins.py: a qh3 upgrade that changes one of them fa
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, TextIO
+
+_KEYLOGS: dict[str, TextIO] = {}  # one append handle per key log path, shared by every configuration
+
+
+def quic_keylog(config: Any) -> Any:
+    """Have a qh3 `QuicConfiguration` append its TLS secrets to `$SSLKEYLOGFILE` when that is set
+    (qh3's `secrets_log_file`, NSS key log format: Wireshark decrypts QUIC with it too)."""
+    path = os.environ.get("SSLKEYLOGFILE")
+    if path:
+        handle = _KEYLOGS.get(path)
+        if handle is None:
+            handle = _KEYLOGS[path] = open(path, "a", buffering=1, encoding="ascii")  # noqa: SIM115
+        config.secrets_log_file = handle
+    return config
 
 
 def stream_state(quic: Any, stream_id: int) -> Any:
