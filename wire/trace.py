@@ -399,7 +399,9 @@ class H2FrameDecoder:
         self._hpack = hpack.Decoder()
         self._hpack.max_allowed_table_size = 1 << 20
         self._hpack.max_header_list_size = 1 << 24
-        self._block: tuple[dict[str, Any], bytearray] | None = None  # HEADERS awaiting CONTINUATION
+        # HEADERS awaiting CONTINUATION: its record, the block so far, the records held back until the block
+        # is whole (so the HEADERS record, with its decoded fields and ray, comes out first)
+        self._block: tuple[dict[str, Any], bytearray, list[dict[str, Any]]] | None = None
         self._bodies: dict[int, BodyDigest] = {}
         # stream -> cf-ray, learnt from request headers (shared by both directions of a connection)
         self.rays: dict[int, str] = rays if rays is not None else {}
@@ -459,16 +461,21 @@ class H2FrameDecoder:
             if flags & 0x4:
                 self._decode_block(record, stream, block)
             else:
-                self._block = (record, bytearray(block))
+                self._block = (record, bytearray(block), out)
+                return []
         elif name == "CONTINUATION":
             if self._block is None:
                 raise ValueError("CONTINUATION without HEADERS")
-            first, pending = self._block
+            first, pending, held = self._block
             pending += payload
-            if flags & 0x4:
-                self._block = None
-                self._decode_block(first, stream, bytes(pending))
-                record["completes"] = first["type"]
+            held.append(record)
+            if not flags & 0x4:
+                return []
+            self._block = None
+            self._decode_block(first, stream, bytes(pending))
+            record["completes"] = first["type"]
+            out = held
+            end_stream = "END_STREAM" in first["flags"]
         elif name == "RST_STREAM":
             record["error_code"] = error_name(int.from_bytes(payload[:4], "big"))
             out.extend(self._end_body(stream, reset=True))
