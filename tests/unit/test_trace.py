@@ -36,7 +36,7 @@ RAY = "0123456789abcdef-LAB1"
 def _params(secret: bytes) -> reg.RegisterConnectionParams:
     return reg.RegisterConnectionParams(
         auth=reg.TunnelAuth("acct", secret), tunnel_id=uuid.UUID(int=7), conn_index=1,
-        options=reg.ConnectionOptions(client=reg.ClientInfo(b"\x01" * 16, ("serialized_headers",), "v1", "amd64"),
+        options=reg.ConnectionOptions(client=reg.ClientInfo(b"\x01" * 16, ("serialized_headers",), "v1", "a"),
                                       origin_local_ip=b"\0" * 16))
 
 
@@ -191,7 +191,8 @@ def test_datagram_and_tls_and_head_records() -> None:
     tls = tls_record(version="TLSv1.3", cipher=("TLS_AES_128_GCM_SHA256", "TLSv1.3", 128), alpn="h2",
                      sni="h2.cftunnel.com", peer_cert=peer, side="client")
     assert tls["peer_subject"] == "CN=h2.cftunnel.com" and tls["peer_issuer"] == "O=lab"
-    fields = http1_head_fields(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", TraceRedactor())
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+    fields = http1_head_fields(head, TraceRedactor())
     assert fields["method"] == "POST" and fields["headers"] == [["Host", "a"], ["Content-Length", "3"]]
 
 
@@ -221,8 +222,9 @@ def test_select_and_sequence_and_diagrams() -> None:
     recs = [
         {"v": 1, "t": 1.0, "kind": "eyeball.request", "component": "edge", "ray": RAY, "method": "GET",
          "target": "/a;b#c", "host": "a.test"},
-        {"v": 1, "t": 1.1, "kind": "h2.frame", "component": "edge", "conn": "edge#1", "dir": "out", "stream": 3,
-         "type": "HEADERS", "flags": ["END_STREAM"], "ray": RAY, "headers": [[":method", "GET"], [":path", "/a"]]},
+        {"v": 1, "t": 1.1, "kind": "h2.frame", "component": "edge", "conn": "edge#1", "dir": "out",
+         "stream": 3, "type": "HEADERS", "flags": ["END_STREAM"], "ray": RAY,
+         "headers": [[":method", "GET"], [":path", "/a"]]},
         {"v": 1, "t": 1.15, "kind": "h2.frame", "component": "connector", "dir": "in", "stream": 3,
          "type": "HEADERS", "ray": RAY, "headers": []},
         {"v": 1, "t": 1.2, "kind": "origin.request", "component": "connector", "ray": RAY, "method": "GET",
@@ -241,7 +243,8 @@ def test_select_and_sequence_and_diagrams() -> None:
         ("Eyeball", "Edge"), ("Edge", "Connector"), ("Connector", "Origin"), ("Origin", "Connector"),
         ("Connector", "Edge"), ("Edge", "Eyeball")]  # the connector's copy of the edge's frame is left out
     text = tv.mermaid(steps, RAY)
-    assert text.startswith("sequenceDiagram") and "Edge->>Connector: HEADERS stream 3 GET /a END_STREAM" in text
+    assert text.startswith("sequenceDiagram")
+    assert "Edge->>Connector: HEADERS stream 3 GET /a END_STREAM" in text
     assert ";" not in text.split("\n", 2)[2] and "#" not in text
     ET.fromstring(tv.svg(steps, RAY))  # well-formed
     assert tv.sequence(recs, "unknown") == [] and tv.rays(recs) == [RAY]
