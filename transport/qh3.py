@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any, TextIO
 
+from qh3.quic.connection import QuicConnection
+
 _KEYLOGS: dict[str, TextIO] = {}  # one append handle per key log path, shared by every configuration
 
 
@@ -39,3 +41,27 @@ def hold_unsent(state: Any) -> None:
     """
     if state is not None:
         state.is_blocked = True
+
+
+class TracedQuicConnection(QuicConnection):
+    """A qh3 connection whose sends the protocol trace sees (`trace`: a `transport.trace.ConnTrace`).
+
+    Used instead of `QuicConnection` only when tracing is on (qh3's connection has `__slots__`, so its
+    methods cannot be wrapped per instance); what is received the shells hand to `trace.quic_event`."""
+
+    trace: Any = None
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if self.trace is not None:
+            self.trace.quic_stream("out", stream_id, data, fin=end_stream)
+        super().send_stream_data(stream_id, data, end_stream)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        if self.trace is not None:
+            self.trace.quic_stream("out", stream_id, b"", reset=True)
+        super().reset_stream(stream_id, error_code)
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.datagram("out", data)
+        super().send_datagram_frame(data)

@@ -79,6 +79,21 @@ class ConnTrace:
         """A QUIC datagram received or sent."""
         self.tracer._put((time.monotonic(), "datagram", self, (direction, bytes(data), version), 0))
 
+    def quic_event(self, event: Any) -> None:
+        """A qh3 event the connection received: stream data, a reset, a datagram, the handshake's end."""
+        name = type(event).__name__
+        if name == "StreamDataReceived":
+            self.quic_stream("in", event.stream_id, event.data, fin=event.end_stream)
+        elif name == "StreamReset":
+            self.quic_stream("in", event.stream_id, b"", reset=True)
+        elif name == "DatagramFrameReceived":
+            self.datagram("in", event.data)
+        elif name == "HandshakeCompleted":
+            self.event("tls.handshake", side="quic", version="TLSv1.3", alpn=event.alpn_protocol,
+                       session_resumed=event.session_resumed)
+        elif name == "ConnectionTerminated":
+            self.event("quic.closed", error_code=event.error_code, reason=event.reason_phrase)
+
     def event(self, kind: str, **fields: Any) -> None:
         """A record built on the tunnel's side (already-decoded facts: TLS, heads, classification)."""
         self.tracer._put((time.monotonic(), "event", self, {"kind": kind, **fields}, 0))
