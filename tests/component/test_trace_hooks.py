@@ -102,3 +102,18 @@ def test_a_tracer_that_cannot_keep_up_drops_and_counts(tmp_path: Path) -> None:
     records = _records(path)
     assert records[-1]["kind"] == "trace.end" and records[-1]["dropped"] >= 8
     assert len([r for r in records if r["kind"] == "x"]) + records[-1]["dropped"] == 10
+
+
+def test_dropped_bytes_end_that_connections_decoding_with_a_gap(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(path, component="edge", max_bytes=100)
+    conn = tracer.connection(h2_client_out=True)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # preface + SETTINGS
+    conn.sent(preface)
+    with tracer._cond:  # the writer thread is held back: the next write does not fit in the byte budget
+        conn.sent(b"\0" * 200)
+    conn.sent(bytes.fromhex("000000040100000000"))  # SETTINGS ACK: undecodable after the gap
+    tracer.close()
+    kinds = [r["kind"] for r in _records(path)]
+    assert kinds == ["trace.start", "h2.preface", "h2.frame", "trace.gap", "trace.end"]
+    assert _records(path)[-1]["dropped"] == 1

@@ -103,6 +103,24 @@ def test_run_trace_with_our_connector(tmp_path: Path) -> None:
     assert (tmp_path / "d.svg").read_text().startswith("<svg")
 
 
+def test_run_trace_over_quic(tmp_path: Path) -> None:
+    folder, leaks = _run_traced(tmp_path, "--protocol", "quic")
+    edge = _records(folder / "edge.trace.jsonl")
+    assert any(r.get("method") == "registerConnection" and r["dir"] == "in" and r["transport"] == "quic"
+               for r in edge)
+    [request] = [r for r in edge if r["kind"] == "eyeball.request"]
+    heads = [r for r in edge if r["kind"] == "quic.stream_head" and r.get("ray") == request["ray"]]
+    assert {h["message"] for h in heads} == {"ConnectRequest", "ConnectResponse"}
+    [connect] = [h for h in heads if h["message"] == "ConnectRequest"]
+    assert ["HttpHeader:Cookie", "<redacted>"] in connect["metadata"]
+    conn = _records(folder / "connector.trace.jsonl")
+    assert any(r["kind"] == "origin.request" and r.get("ray") == request["ray"] for r in conn)
+    for name in ("edge.trace.jsonl", "connector.trace.jsonl"):
+        text = (folder / name).read_text()
+        for leak in leaks:
+            assert leak not in text
+
+
 def test_run_trace_with_cloudflared(tmp_path: Path) -> None:
     binary = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
     if not binary or not Path(binary).exists():
