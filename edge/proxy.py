@@ -147,7 +147,8 @@ class _Outcome:
             outcome=self.outcome, duration_ms=round(duration * 1000, 3))
         if self.edge.trace is not None:
             self.edge.trace.event("eyeball.done", ray=self.ray, status=self.status, outcome=self.outcome,
-                                  duration_ms=round(duration * 1000, 3),
+                                  duration_ms=round(duration * 1000, 3), method=str(self.req.method),
+                                  target=str(self.req.target), host=self.host,
                                   conn=conn.id if conn is not None else None)
         self.edge.metrics.requests.inc(status=self.status, outcome=self.outcome)
         self.edge.metrics.request_seconds.inc(duration)

@@ -166,6 +166,8 @@ class Edge:
     def edge_ssl_context(self, cert_kind: str) -> ssl.SSLContext:
         """The tunnel listeners' context: the edge certificate or a broken one (swap-cert)."""
         ctx = self.pki.server_ssl_context("edge", broken=None if cert_kind == "valid" else cert_kind)
+        if self.state.trace is not None:
+            ctx.sni_callback = _note_sni  # the server side of `ssl` shows the SNI only to this callback
         return honour_keylog(ctx)  # $SSLKEYLOGFILE: a capture of the tunnel decrypts (docs/trace.md)
 
     # ---- main --------------------------------------------------------------------------------
@@ -341,7 +343,7 @@ class Edge:
             return
         conn = H2TunnelConnection(self.state, tls, location=lst.location, remote=peer)
         if conn.trace is not None:
-            conn.trace.tls(tls.ssl_object, side="server")
+            conn.trace.tls(tls.ssl_object, side="server", sni=getattr(tls.ssl_object, "traced_sni", None))
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
         await conn.run()
@@ -426,6 +428,12 @@ class Edge:
         log.info("lab CA: %s (fingerprint %s)", self.pki.ca_pem_path, self.pki.ca_fingerprint())
         for name, value, default in changed_knobs(self.config):
             log.info("knob %s=%s (default %s)", name, value, default)
+
+
+def _note_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    """Keep the SNI a connector sent, for its `tls.handshake` trace record (only with --trace; returning
+    None lets the handshake go on unchanged)."""
+    ssl_object.traced_sni = server_name
 
 
 def _write_atomic(path: Path, text: str) -> None:
