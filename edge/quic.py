@@ -46,8 +46,10 @@ from tunnel_lab.transport import udp
 from tunnel_lab.transport.qh3 import (
     AlertUnrecognizedName,
     KeyedResetConnection,
+    TracedKeyedResetConnection,
     ack_now,
     hold_unsent,
+    quic_keylog,
     stream_state,
     without_pacing,
 )
@@ -173,6 +175,10 @@ class QuicTunnelConnection(H2TunnelConnection):
         super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.quic = quic
+        if self.trace is not None:  # made by the http2 base class: this one is QUIC
+            self.trace.ids["transport"] = "quic"
+            self.trace.request_direction = "out"
+            quic.trace = self.trace  # type: ignore[attr-defined]  # a TracedQuicConnection
         self.handshake_done = False
         self._wake = trio.lowlevel.ParkingLot()  # the connection's task: timers, a fatal error, the end
         self._sent_lot = trio.lowlevel.ParkingLot()  # writers waiting for qh3 to send what they queued
@@ -289,6 +295,8 @@ class QuicTunnelConnection(H2TunnelConnection):
     # ---- qh3 events --------------------------------------------------------------------------
     def _process_events(self) -> None:
         while (event := self.quic.next_event()) is not None:
+            if self.trace is not None:
+                self.trace.quic_event(event)
             if isinstance(event, qevents.StreamDataReceived):
                 self._on_stream_data(event.stream_id, event.data, event.end_stream)
             elif isinstance(event, qevents.StreamReset):
@@ -743,7 +751,7 @@ class QuicEndpoint:
             config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT,
                                        max_datagram_frame_size=65535, max_datagram_size=1452)
             config.load_cert_chain(str(paths.cert), str(paths.key))
-            self._configs[kind] = config
+            self._configs[kind] = quic_keylog(config)
         return config
 
     def send(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -822,8 +830,9 @@ class QuicEndpoint:
         if len(self.live) >= MAX_CONNECTIONS:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
             return None
-        quic = KeyedResetConnection(configuration=config, original_destination_connection_id=dcid,
-                                    reset_key=self.reset_key, check_server_name=self._check_sni(addr))
+        quic_class = KeyedResetConnection if self.state.trace is None else TracedKeyedResetConnection
+        quic = quic_class(configuration=config, original_destination_connection_id=dcid,
+                          reset_key=self.reset_key, check_server_name=self._check_sni(addr))
         without_pacing(quic)
         refusal = self.state.faults.take_quic_handshake_refusal(self.lst.location)
         if refusal is not None:

@@ -5,8 +5,9 @@ Pinned by tests/unit/test_qh3_pins.py: a qh3 upgrade that changes one of them fa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from qh3 import tls
 from qh3.quic import events as qevents
@@ -15,6 +16,20 @@ from qh3.quic.packet import QuicErrorCode
 
 from tunnel_lab.wire.errors import ProtocolError
 from tunnel_lab.wire.stateless_reset import MIN_RESET_SIZE, reset_token
+
+_KEYLOGS: dict[str, TextIO] = {}  # one append handle per key log path, shared by every configuration
+
+
+def quic_keylog(config: Any) -> Any:
+    """Have a qh3 `QuicConfiguration` append its TLS secrets to `$SSLKEYLOGFILE` when that is set
+    (qh3's `secrets_log_file`, NSS key log format: Wireshark decrypts QUIC with it too)."""
+    path = os.environ.get("SSLKEYLOGFILE")
+    if path:
+        handle = _KEYLOGS.get(path)
+        if handle is None:
+            handle = _KEYLOGS[path] = open(path, "a", buffering=1, encoding="ascii")  # noqa: SIM115
+        config.secrets_log_file = handle
+    return config
 
 
 def stream_state(quic: Any, stream_id: int) -> Any:
@@ -148,3 +163,35 @@ class AlertUnrecognizedName(tls.Alert, ProtocolError):
     """TLS unrecognized_name (RFC 6066 section 3), which qh3 lacks; qh3 catches it as any tls.Alert."""
 
     description = tls.AlertDescription.unrecognized_name
+
+
+class TracedQuicConnection(QuicConnection):
+    """A qh3 connection whose sends the protocol trace sees (`trace`: a `transport.trace.ConnTrace`).
+
+    Used instead of `QuicConnection` only when tracing is on (qh3's connection has `__slots__`, so its
+    methods cannot be wrapped per instance); what is received the shells hand to `trace.quic_event`."""
+
+    trace: Any = None
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if self.trace is not None:
+            self.trace.quic_stream("out", stream_id, data, fin=end_stream)
+        super().send_stream_data(stream_id, data, end_stream)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        if self.trace is not None:
+            self.trace.quic_stream("out", stream_id, b"", reset=True)
+        super().reset_stream(stream_id, error_code)
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.datagram("out", data)
+        super().send_datagram_frame(data)
+
+
+class TracedKeyedResetConnection(TracedQuicConnection, KeyedResetConnection):
+    """The edge's connection with --trace: traced sends, keyed stateless reset tokens, the SNI check."""
+
+
+class TracedResetAwareConnection(TracedQuicConnection, ResetAwareConnection):
+    """Our connector's connection with --trace: traced sends, and it notices a Stateless Reset."""
