@@ -6,8 +6,8 @@ real OpenSSH server (Debian's openssh-server; the test is skipped, saying so, wi
 applications (users of example.com, and any service token). Then, with no lab flag:
 
 - an anonymous request is sent to the login page; the service token passes;
-- `ssh -o ProxyCommand="cloudflared access ssh --hostname %h --service-token-id ... --service-token-secret ..."`
-  runs a command on the sshd;
+- `ssh -o ProxyCommand="cloudflared access ssh --hostname %h --service-token-id ID
+  --service-token-secret SECRET"` runs a command on the sshd;
 - `cloudflared access login https://web.example.com` prints its `/cdn-cgi/access/cli` link; the test
   signs in there as a browser would (email, the one-time code from the API) and cloudflared receives
   its tokens through the transfer service; `access token` prints the same token; `access curl` reaches
@@ -147,9 +147,9 @@ def collect():
     for line in login.stderr:
         printed.append(line)
 threading.Thread(target=collect, daemon=True).start()
-link = until("the login link", lambda: next((m.group(0) for l in printed
-                                            for m in [re.search(r"https://\S+/cdn-cgi/access/cli\S*", l)] if m),
-                                           None))
+LINK = re.compile(r"https://\S+/cdn-cgi/access/cli\S*")
+link = until("the login link",
+             lambda: next((m.group(0) for l in printed for m in [LINK.search(l)] if m), None))
 jar = http.cookiejar.CookieJar()
 browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
 page = browser.open(link, timeout=30)
@@ -157,16 +157,16 @@ form_url = page.geturl()
 browser.open(form_url, data=urllib.parse.urlencode({"email": "ann@example.com"}).encode(), timeout=30)
 codes = call("GET", f"/accounts/{account}/access/login_codes")["result"]
 code = next(c["code"] for c in codes if c["email"] == "ann@example.com")
-final = browser.open(form_url, data=urllib.parse.urlencode({"email": "ann@example.com", "code": code}).encode(),
-                     timeout=30)
+form = {"email": "ann@example.com", "code": code}
+final = browser.open(form_url, data=urllib.parse.urlencode(form).encode(), timeout=30)
 out["cli_page"] = [final.status, urllib.parse.urlsplit(final.geturl()).path]
 stdout, _ = login.communicate(timeout=120)
 out["login"] = [login.returncode, stdout.strip()[-2000:], "".join(printed)[-800:]]
 token = subprocess.run([*CLIENT, "token", "-app=https://web.example.com"], capture_output=True, text=True,
                        timeout=60)
 out["token"] = [token.returncode, token.stdout.strip(), token.stderr[-500:]]
-curl = subprocess.run([*CLIENT, "curl", "https://web.example.com/hello", "-s"], capture_output=True, text=True,
-                      timeout=60)
+curl = subprocess.run([*CLIENT, "curl", "https://web.example.com/hello", "-s"], capture_output=True,
+                      text=True, timeout=60)
 out["curl"] = [curl.returncode, curl.stdout.strip(), curl.stderr[-500:]]
 done = subprocess.run([*ssh, "-o", f"ProxyCommand={client} ssh --hostname %h", "root@ssh.example.com",
                        "echo", "ssh-as-ann"], capture_output=True, text=True, timeout=120)
@@ -181,7 +181,8 @@ for p in (tunnel, sshd, origin):
 def run_flow(tmp_path: Path, client: str) -> dict[str, object]:
     assert CLOUDFLARED is not None and SSHD is not None
     argv = [sys.executable, "-m", "tunnel_lab", "sandbox", "--quiet", "--state", str(tmp_path / "state"),
-            "--cloudflared", str(Path(CLOUDFLARED).resolve()), "--", sys.executable, "-c", INSIDE, client, SSHD]
+            "--cloudflared", str(Path(CLOUDFLARED).resolve()), "--", sys.executable, "-c", INSIDE, client,
+            SSHD]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     home = tmp_path / "state" / "home"
