@@ -32,8 +32,11 @@ class TransferError(TunnelLabError):
 
 def parse_public_key(text: str) -> bytes:
     """The 32 bytes of a URL-safe base64 public key (as the CLI sends it), else `TransferError`."""
+    body = text.rstrip("=")
+    if not body or len(text) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in body):
+        raise TransferError("the transfer key is not URL-safe base64")
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):
         raise TransferError("the transfer key is not URL-safe base64") from None
     if len(raw) != KEY_SIZE:
