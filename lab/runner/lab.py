@@ -91,6 +91,7 @@ class Lab:
     redactor: Redactor = field(default_factory=Redactor)
     access_vars: dict[str, str] = field(default_factory=dict)  # ${access...} (lab/runner/access.py)
     team_domain: tuple[str, str] | None = None  # (name, address) the namespace's DNS stub answers for us
+    stub_names: list[str] = field(default_factory=list)  # every name registered with that address
 
     # --- variables ------------------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
@@ -267,6 +268,12 @@ class Lab:
                      name)
             return False
         self.team_domain = (name, address)
+        self.stub_names.append(name)
+        # `cloudflared access` dials the application and the token transfer service by name too.
+        others = [h for t in self.scenario.tunnels for h in t.dns if "*" not in h]
+        for other in [*others, "login.cloudflareaccess.org"]:
+            if netns.register_name(other, address):
+                self.stub_names.append(other)
         return True
 
     async def start_edge(self) -> None:
@@ -422,7 +429,8 @@ class Lab:
         """Stop everything: the connector first (so it does not log a storm of reconnects), then the rest."""
         order = sorted(self.components.values(), key=lambda c: (c.name != "connector", c.name == "edge"))
         if self.team_domain is not None:
-            netns.unregister_name(*self.team_domain)
+            for name in self.stub_names:
+                netns.unregister_name(name, self.team_domain[1])
         with trio.CancelScope(shield=True):
             for comp in order:
                 if comp.name.startswith("access"):

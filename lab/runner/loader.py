@@ -38,6 +38,8 @@ ACTIONS = (
     "edge",
     "history",
     "sleep",
+    "access_login",
+    "ssh",
 )
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
