@@ -1,16 +1,21 @@
-"""`tunnel-lab access tcp`: cloudflared's `access tcp` (also `access ssh`) against the lab's edge.
+"""`tunnel-lab access`: cloudflared's `access` commands against the lab's edge (docs/access.md).
 
-Each TCP connection accepted on `--url LISTEN_ADDR` (or stdin/stdout when `--url` is omitted, for
-`ssh -o ProxyCommand="tunnel-lab access tcp --hostname %h"`) opens a WebSocket to the edge's eyeball
-listener with `Host: HOSTNAME`; binary WebSocket messages carry the raw bytes both ways. The edge routes
-the hostname to a tunnel whose ingress rule is `tcp://`, `ssh://` or `rdp://`, and the connector pipes
-the bytes to that service.
+`tcp` (also `ssh`, `rdp`, `smb`): each TCP connection accepted on `--url LISTEN_ADDR` (or stdin/stdout
+when `--url` is omitted, for `ssh -o ProxyCommand="tunnel-lab access ssh --hostname %h"`) opens a
+WebSocket to `wss://HOSTNAME/` (or to `--edge-eyeball`); binary WebSocket messages carry the raw bytes
+both ways. The edge routes the hostname to a tunnel whose ingress rule is `tcp://`, `ssh://` or `rdp://`,
+and the connector pipes the bytes to that service. On a hostname protected by Access, service tokens go
+in `Cf-Access-Client-Id/Secret`; a login redirect is answered as cloudflared does (app discovery, a token
+from `~/.cloudflared` or the browser flow: `connector/access_client.py`) and the dial repeated with
+`Cf-Access-Token`.
+
+`login`, `token`, `curl`: the token commands (`_token_command`, `connector/access_client.py`).
 
     tunnel-lab access tcp --hostname db.example.test --url 127.0.0.1:5432 --edge-eyeball 127.0.0.1:8080
 
-`--edge-eyeball` (env `TUNNEL_LAB_EYEBALL`) names the edge's HTTP listener (`http://` implied; an
+`--edge-eyeball` (env `TUNNEL_LAB_EYEBALL`) names the edge's eyeball listener (`http://` implied; an
 `https://HOST:PORT` value uses TLS verified against `--cacert`); without it the hostname itself is
-dialled on port 80, as a real client would.
+dialled over TLS on port 443, as cloudflared does.
 """
 
 from __future__ import annotations

@@ -27,12 +27,13 @@ from tunnel_lab.lab.runner import client
 from tunnel_lab.lab.runner.access import API_PREFIX, sign_in
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB
 from tunnel_lab.wire import jwt
+from tunnel_lab.wire.errors import TunnelLabError
 
 LINK = re.compile(r"https://\S+/cdn-cgi/access/cli\S*")
 DEFAULT_TIMEOUT = 60.0
 
 
-class AccessStepError(Exception):
+class AccessStepError(TunnelLabError):
     """The step did not do what it expects (the message says what happened)."""
 
 
