@@ -255,10 +255,14 @@ class Lab:
         """For the real cloudflared with `topology.access`: the edge's HTTPS eyeball listener on port 443
         of an address of its own, which the namespace's DNS stub gives as the team domain, so that
         `originRequest.access` can fetch https://TEAM.cloudflareaccess.com/cdn-cgi/access/certs (the lab
-        CA is trusted through SSL_CERT_FILE). Another lab running with the same team keeps the name."""
+        CA is trusted through SSL_CERT_FILE). Only for scenarios that need it (`access-jwks`, or steps that
+        run `cloudflared access`, which also get their hostnames and login.cloudflareaccess.org); another
+        lab running with the same name keeps it."""
         if self.team_domain is not None:
             return True
-        if self.scenario.access is None or self.options.connector != "cloudflared" or not netns.isolated():
+        clients = any(step.action in ("ssh", "access_login") for step in self.scenario.steps)
+        if (self.scenario.access is None or self.options.connector != "cloudflared" or not netns.isolated()
+                or not (clients or "access-jwks" in self.scenario.requires)):
             return False
         team = self.scenario.access.get("team") or "lab"
         name = f"{team}.cloudflareaccess.com"
@@ -270,8 +274,8 @@ class Lab:
         self.team_domain = (name, address)
         self.stub_names.append(name)
         # `cloudflared access` dials the application and the token transfer service by name too.
-        others = [h for t in self.scenario.tunnels for h in t.dns if "*" not in h]
-        for other in [*others, "login.cloudflareaccess.org"]:
+        others = [h for t in self.scenario.tunnels for h in t.dns if "*" not in h] if clients else []
+        for other in [*others, "login.cloudflareaccess.org"] if clients else []:
             if netns.register_name(other, address):
                 self.stub_names.append(other)
         return True
