@@ -185,6 +185,13 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
 
     if path.startswith(("/accounts/", "/client/v4/accounts/")):
         return _access_api(edge, method, path, body)
+    if path.startswith(("/zones/", "/client/v4/zones/")):
+        from tunnel_lab.edge.waf import gate_of
+        from tunnel_lab.lab.waf_store import handle
+
+        parts = path.removeprefix("/client/v4").strip("/").split("/")
+        status, answer = handle(gate_of(edge).store, method, parts[2:], body)
+        return status, "application/json", (json.dumps(answer, indent=1) + "\n").encode()
     if method == "GET" and path.startswith("/access/transfers/"):
         return ok(await _access_transfer(edge, "/transfer/" + path[len("/access/transfers/"):], query))
     if method == "GET":

@@ -174,6 +174,13 @@ class Lab:
             from tunnel_lab.lab.runner.access import setup_access
 
             await setup_access(self)
+        if sc.waf is not None:
+            for key, phase in (("custom", "http_request_firewall_custom"), ("ratelimit", "http_ratelimit")):
+                if key in sc.waf:
+                    answer = await self.api("PUT", f"/zones/lab/rulesets/phases/{phase}/entrypoint",
+                                            {"rules": self.subst(sc.waf[key])})
+                    if not isinstance(answer, dict) or not answer.get("success"):
+                        raise ComponentError(f"topology.waf.{key}: the edge refused the rules: {answer}")
         if sc.connector is not None:
             self.metrics_addr = f"127.0.0.1:{free_port()}"
             self._connector_component()
