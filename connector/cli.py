@@ -460,7 +460,7 @@ def _parse_command(argv: Sequence[str]) -> Command:
         return Command(path=("access",), tunnel=root, args=rest)
     if cmd != "tunnel":
         raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel` (run, ingress) and "
-                         "`access tcp`", help_for="root")
+                         "`access ...`", help_for="root")
     tun = parse_level(rest, "T")
     tun.values = {**root.values, **tun.values}
     if tun.help and not tun.args:
@@ -577,7 +577,7 @@ def help_text(which: str) -> str:
         "VERSION:", f"   {VERSION}", "",
         "COMMANDS:",
         "   tunnel   Run a tunnel (`tunnel run`) and check its ingress rules (`tunnel ingress`)",
-        "   access   access tcp: a local listener whose connections travel through the tunnel",
+        "   access   access login|token|curl|tcp|ssh: Access tokens; TCP/SSH through the tunnel",
         "   version  Print the version", "",
         "GLOBAL OPTIONS:",
         "   --help, -h     show help",

@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 import trio
 from h2.errors import ErrorCodes
 
-from tunnel_lab.edge import access, pages
+from tunnel_lab.edge import access, pages, waf
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.pipe import Way, pipe, receive_acked
 from tunnel_lab.transport.tunnel import (
@@ -130,6 +130,7 @@ class _Outcome:
         self.tunnel: Any = None
         self.conn: TunnelConnection | None = None
         self.recorded = False
+        self.waf: dict[str, Any] | None = None  # WAF rule hits (edge.waf), recorded when there are any
 
     def record(self) -> None:
         """Write the history entry and metrics (before the last byte goes out, so a client that
@@ -144,7 +145,8 @@ class _Outcome:
             status=self.status, tunnel_id=_uuid_text(self.tunnel.id) if self.tunnel is not None else None,
             connection=conn.id if conn is not None else None,
             location=conn.location if conn is not None else None,
-            outcome=self.outcome, duration_ms=round(duration * 1000, 3))
+            outcome=self.outcome, duration_ms=round(duration * 1000, 3),
+            **({"waf": self.waf} if self.waf else {}))
         if self.edge.trace is not None:
             self.edge.trace.event("eyeball.done", ray=self.ray, status=self.status, outcome=self.outcome,
                                   duration_ms=round(duration * 1000, 3), method=str(self.req.method),
@@ -180,6 +182,8 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         if latency:
             await trio.sleep(latency)
         result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
+        if await waf.check(edge, ex, host, result):  # WAF custom rules and rate limits, before Access
+            return
         verdict = await access.gate(edge, ex, host, result.ray)  # Access: the team domain, policies
         if verdict.answered:
             result.status, result.outcome = verdict.status, verdict.outcome
