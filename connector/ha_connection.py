@@ -18,6 +18,7 @@ from tunnel_lab.connector.edge_errors import EdgeConnectionError
 from tunnel_lab.connector.registration import ControlChannel, RegistrationClient
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.state import ConnectorState
+from tunnel_lab.transport.trace import ConnTrace
 from tunnel_lab.wire import registration as reg
 
 
@@ -35,6 +36,7 @@ class HAConnection:
         self.edge_ip = split_host_port(address)[0]
         self.num_previous_attempts = num_previous_attempts
         self.dead = False
+        self.trace: ConnTrace | None = None  # the protocol trace of this connection (docs/trace.md)
         self.control: RegistrationClient[Self] | None = None
         self._on_registered = on_registered
         self._on_unregistered = on_unregistered
@@ -63,10 +65,17 @@ class HAConnection:
         assert self._nursery is not None
         control = self.control = RegistrationClient(
             channel, self.settings, self, conn_index=self.conn_index, edge_ip=self.edge_ip,
-            protocol=self.protocol, on_registered=self._on_registered, on_unregistered=self._on_unregistered)
+            protocol=self.protocol, on_registered=self._registered, on_unregistered=self._on_unregistered)
         await control.serve(self._nursery, shutdown, local_ip=local_ip,
                             num_previous_attempts=self.num_previous_attempts, state=state)
         await control.graceful_shutdown(wait_idle=wait_idle, active_streams=active_streams)
+
+    def _registered(self, conn: Self) -> None:
+        details = self.details
+        if self.trace is not None and details is not None:
+            self.trace.update(conn_uuid=str(details.uuid), dc=details.location_name)
+        if self._on_registered:
+            self._on_registered(conn)
 
     def _gone(self) -> None:
         """The connection ended: it no longer counts as registered."""

@@ -38,7 +38,7 @@ from tunnel_lab.connector.quic_udp import UdpSessionManager
 from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
-from tunnel_lab.transport.qh3 import peer_certificate
+from tunnel_lab.transport.qh3 import peer_certificate, quic_keylog
 from tunnel_lab.wire import quic_stream as qs
 from tunnel_lab.wire import session_rpc as srpc
 from tunnel_lab.wire.errors import ConfigError, StreamConversionError, TunnelLabError
@@ -96,7 +96,7 @@ def quic_configuration(settings: TunnelSettings) -> QuicConfiguration:
     # cloudflared's source connection id is empty; qh3's client cannot do that, and the edge must not care
     if settings.ca_cert:
         config.load_verify_locations(cafile=settings.ca_cert)
-    return config
+    return quic_keylog(config)
 
 
 class QuicTunnelStream:
@@ -276,8 +276,13 @@ class QuicEdgeConnection(HAConnection):
             config = quic_configuration(self.settings)
         except (OSError, ValueError) as exc:
             raise EdgeQuicDialError(f"cannot load --cacert: {exc}") from exc
+        if self.settings.trace is not None:
+            self.trace = self.settings.trace.connection(
+                conn=f"connector#{self.conn_index}.{self.num_previous_attempts}", conn_index=self.conn_index,
+                edge=self.address, transport="quic", tunnel=str(self.settings.credentials.tunnel_id))
         transport = QuicTransport(config, (host, port), on_stream=self._on_stream,
-                                  on_datagram=self._on_datagram, bind_address=self.settings.edge_bind_address)
+                                  on_datagram=self._on_datagram, bind_address=self.settings.edge_bind_address,
+                                  trace=self.trace)
         self.transport = transport
         try:
             async with trio.open_nursery() as nursery:
@@ -413,6 +418,9 @@ class QuicEdgeConnection(HAConnection):
                 await stream.send_all(qs.encode_connect_response(response), end_stream=True)
             return
         ts = QuicTunnelStream(self, stream, request, kind, headers, no_body)
+        if self.trace is not None:
+            self.trace.event("stream.classified", stream=stream.stream_id, stream_kind=kind.value,
+                             ray=request.get("HttpHeader:Cf-Ray"))
         with ts.cancel_scope, contextlib.suppress(StreamGone):
             await self.proxy.handle_stream(ts, kind)  # type: ignore[arg-type]
         if not stream.local_ended and stream.reset_received is None:
@@ -534,4 +542,16 @@ def _handshake_failure(transport: QuicTransport) -> str:
         return f"CRYPTO_ERROR {code:#x} (local): {TLS_PREFIX}{text}"
     if code is not None and 0x100 <= code < 0x200:
         return f"CRYPTO_ERROR {code:#x} (remote): {transport.close_reason}"
+    if code is not None and transport.close_is_transport and code < len(TRANSPORT_ERRORS):
+        # quic-go's TransportError text, e.g. the edge refusing: `CONNECTION_REFUSED (remote): <reason>`
+        name = f"{TRANSPORT_ERRORS[code]} (remote)"
+        return f"{name}: {transport.close_reason}" if transport.quic_reason else name
     return transport.close_reason
+
+
+# RFC 9000 §20.1 transport error codes 0x0-0x10, named as quic-go's qerr.TransportErrorCode.String() does.
+TRANSPORT_ERRORS = ("NO_ERROR", "INTERNAL_ERROR", "CONNECTION_REFUSED", "FLOW_CONTROL_ERROR",
+                    "STREAM_LIMIT_ERROR", "STREAM_STATE_ERROR", "FINAL_SIZE_ERROR", "FRAME_ENCODING_ERROR",
+                    "TRANSPORT_PARAMETER_ERROR", "CONNECTION_ID_LIMIT_ERROR", "PROTOCOL_VIOLATION",
+                    "INVALID_TOKEN", "APPLICATION_ERROR", "CRYPTO_BUFFER_EXCEEDED", "KEY_UPDATE_ERROR",
+                    "AEAD_LIMIT_REACHED", "NO_VIABLE_PATH")
