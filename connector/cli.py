@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tunnel_lab.connector import ingress
+from tunnel_lab.connector.admin import ADMIN_COMMANDS
 from tunnel_lab.connector.config import ConfigFile, find_default_config, load_config, search_path_text
 from tunnel_lab.connector.flags import (
     BY_NAME,
@@ -421,8 +422,7 @@ class Command:
     sub_flags: dict[str, Any] = field(default_factory=dict)
 
 
-TUNNEL_SUBCOMMANDS_ELSEWHERE = ("create", "list", "route", "delete", "login", "token", "info", "cleanup",
-                                "vnet", "diag")
+TUNNEL_SUBCOMMANDS_ELSEWHERE = ("vnet", "diag")
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -505,6 +505,8 @@ def _parse_command(argv: Sequence[str]) -> Command:
             args.append(a)
             i += 1
         return Command(path=("tunnel", "ingress", action), tunnel=tun, args=args, sub_flags=sub_flags)
+    if sub in ADMIN_COMMANDS:
+        return Command(path=("tunnel", "admin"), tunnel=tun, args=[sub, *rest])
     if sub in TUNNEL_SUBCOMMANDS_ELSEWHERE:
         raise UsageError(f"`tunnel {sub}` is not part of the connector: use `tunnel-lab tunnel {sub} ...` "
                          "(the lab's admin commands) instead", help_for="tunnel")
@@ -615,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ingress_command(command)
         if path == ("tunnel", "ready"):
             return _ready_command(command)
+        if path == ("tunnel", "admin"):
+            return _admin_command(command)
         return _run_command(command)
     except UsageError as exc:
         print(f"{exc.message}\nSee '{PROG} tunnel {'run ' if exc.help_for == 'run' else ''}--help'.",
@@ -636,6 +640,34 @@ def _tunnel_without_subcommand(command: Command) -> int:
                          help_for="tunnel")
     raise UsageError("You did not specify any valid additional argument to the tunnel command. "
                      f"Use `{PROG} tunnel [flags] run [flags] TUNNEL`.", help_for="tunnel")
+
+
+def _admin_command(command: Command) -> int:
+    """`tunnel login|create|list|info|delete|cleanup|token|route ...` (connector.admin)."""
+    from tunnel_lab.connector import admin
+
+    notes: list[str] = []
+    res = resolve({}, command.tunnel.values, os.environ, load_config_for(command.tunnel.values, notes))
+    for note in setup_logging(str(res.get("loglevel")), output=str(res.get("output"))):
+        log.error("%s", note)
+    tunnel_values = {name: res.get(name) for name in ("origincert", "api-url", "credentials-file")
+                     if res.is_set(name)}
+    try:
+        inv = admin.parse_invocation(command.args, tunnel_values)
+    except admin.CommandUsageError as exc:
+        print(f"{exc}\nSee '{PROG} tunnel {command.args[0]} --help'.", file=sys.stderr)
+        return admin.USAGE_EXIT
+    except UsageError as exc:
+        print(f"Incorrect Usage. {exc.message}\n", file=sys.stderr)
+        print(admin.help_text(command.args, PROG), file=sys.stderr)
+        return 1
+    except admin.CommandError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if inv is None:
+        print(admin.help_text(command.args, PROG))
+        return 0
+    return admin.run(inv, prog=PROG)
 
 
 def _ready_command(command: Command) -> int:

@@ -11,7 +11,7 @@ Pure data plus a Go-`flag`-style parser. Levels (docs/protocol.md §10.3): `T` =
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,13 +323,14 @@ class ParsedLevel:
 
 
 def parse_level(argv: Sequence[str], level: str, *, stop_at_positional: bool = True,
-                allow_version: bool = False) -> ParsedLevel:
+                allow_version: bool = False, defined: Mapping[str, Flag] | None = None) -> ParsedLevel:
     """Parse flags like Go's `flag` package until the first positional argument.
 
     `-x`, `--x`, `--x=v`, `--x v`; bools take no separate value. Unknown flags raise `UsageError` with
     cloudflared's wording (`flag provided but not defined: -x`).
     """
-    defined = flags_for(level)
+    if defined is None:
+        defined = flags_for(level)
     values: dict[str, Any] = {}
     out = ParsedLevel(values=values, args=[])
     i = 0
