@@ -439,6 +439,9 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str], *,
         protocol=choice.initial,
         protocol_can_fall_back=choice.can_fall_back,
         quick_tunnel_url=quick.hostname if quick is not None else "",
+        management_hostname=str(res.get("management-hostname") or "management.argotunnel.com"),
+        management_diagnostics=bool(res.get("management-diagnostics")),
+        label=str(res.get("label") or ""),
     )
 
 
@@ -458,7 +461,7 @@ class Command:
     sub_flags: dict[str, Any] = field(default_factory=dict)
 
 
-TUNNEL_SUBCOMMANDS_ELSEWHERE = ("vnet", "diag")
+TUNNEL_SUBCOMMANDS_ELSEWHERE = ("vnet", "diag")  # cloudflared commands this connector does not have
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -544,8 +547,8 @@ def _parse_command(argv: Sequence[str]) -> Command:
     if sub in ADMIN_COMMANDS:
         return Command(path=("tunnel", "admin"), tunnel=tun, args=[sub, *rest])
     if sub in TUNNEL_SUBCOMMANDS_ELSEWHERE:
-        raise UsageError(f"`tunnel {sub}` is not part of the connector: use `tunnel-lab tunnel {sub} ...` "
-                         "(the lab's admin commands) instead", help_for="tunnel")
+        raise UsageError(f"`tunnel {sub}` is not implemented by tunnel-lab's connector (virtual networks: "
+                         "only the default one exists in the lab)", help_for="tunnel")
     raise UsageError(f"unknown tunnel command {sub!r}: use `tunnel [flags] run [flags] [TUNNEL]`",
                      help_for="tunnel")
 

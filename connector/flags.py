@@ -138,7 +138,8 @@ FLAGS: tuple[Flag, ...] = (
        support="noop", show=False),
     _f("quic-stream-level-flow-control-limit", "int", "T", "TUNNEL_QUIC_STREAM_LEVEL_FLOW_CONTROL_LIMIT",
        support="noop", show=False),
-    _f("label", "str", "T", support="warn", usage="A meaningful label for this connector (ignored here)."),
+    _f("label", "str", "T", usage="A meaningful label for this connector (the management service's "
+       "host_details)."),
     _f("grace-period", "dur", "T", "TUNNEL_GRACE_PERIOD", default=30.0,
        usage="When the connector receives SIGINT/SIGTERM it will stop accepting new requests, wait for "
              "in-progress requests to terminate, then shutdown. Waiting for in-progress requests will "
@@ -160,9 +161,8 @@ FLAGS: tuple[Flag, ...] = (
        note="(strict post-quantum key agreement) is not available in Python's TLS; the connector uses "
             "its normal TLS groups",
        usage="When given creates an experimental post-quantum secure tunnel"),
-    _f("management-diagnostics", "bool", "T", "TUNNEL_MANAGEMENT_DIAGNOSTICS", default=True, support="warn",
-       note="has no effect: this connector does not serve management requests",
-       usage="Enables the in-depth diagnostic routes over the management service (ignored here)"),
+    _f("management-diagnostics", "bool", "T", "TUNNEL_MANAGEMENT_DIAGNOSTICS", default=True,
+       usage="Enables the in-depth diagnostic routes over the management service (/metrics)"),
     _f("protocol", "str", "TR", "TUNNEL_TRANSPORT_PROTOCOL", aliases=("p",), default="auto",
        usage="Protocol implementation to connect with the edge: auto (quic with a token, falling back to "
              "http2; http2 with a credentials file, as offline), quic, http2 (h2mux means http2)."),
