@@ -222,10 +222,15 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                 await management_call(str(info["api"]), token, "POST", "/faults",
                                       {"kind": "drop-connection", "connection": edge_id})
 
+            async def push(update: dict[str, object]) -> None:
+                await management_call(str(info["api"]), token, "POST",
+                                      f"/tunnels/{update['tunnel_id']}/configuration",
+                                      {"version": update["version"], "config": update["config"]})
+
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
             await nursery.start(serve_dns_tcp, zone, DNS_ADDRESS)
             services = Services(V4Api(layout.state, store), live,
-                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect)
+                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect, push)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             if not quiet:
                 print(_banner(layout, info, mounted), file=sys.stderr, flush=True)
