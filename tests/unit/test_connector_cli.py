@@ -743,7 +743,8 @@ def test_refused_and_warned_flags(lab: Path) -> None:
             TUNNEL_ID,
         ]
     )
-    assert any(n.startswith("--region") for n in notes) and any(n.startswith("--label") for n in notes)
+    # --label is used now (the management service's host_details), so only --region warns
+    assert any(n.startswith("--region") for n in notes) and not any(n.startswith("--label") for n in notes)
 
 
 # --- durations ------------------------------------------------------------------------------------
@@ -809,10 +810,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert "version 2026.8.2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sub", ["create", "route", "list"])
-def test_admin_subcommands_point_elsewhere(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("sub", ["vnet", "diag"])
+def test_missing_subcommands_say_so(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["tunnel", sub, "x"]) == 1
-    assert f"tunnel-lab tunnel {sub}" in capsys.readouterr().err
+    assert f"`tunnel {sub}` is not implemented" in capsys.readouterr().err
 
 
 def test_tunnel_without_run(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
