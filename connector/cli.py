@@ -497,8 +497,10 @@ def _parse_command(argv: Sequence[str]) -> Command:
         return Command(path=("help",), tunnel=root)
     if cmd == "access":
         return Command(path=("access",), tunnel=root, args=rest)
+    if cmd == "tail":
+        return Command(path=("tail",), tunnel=root, args=rest)
     if cmd != "tunnel":
-        raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel` (run, ingress) and "
+        raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel`, `tail` and "
                          "`access tcp`", help_for="root")
     tun = parse_level(rest, "T")
     tun.values = {**root.values, **tun.values}
@@ -649,6 +651,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if path == ("access",):
         from tunnel_lab.connector import access
         return access.main(command.args)
+    if path == ("tail",):
+        from tunnel_lab.connector import tail
+        return tail.main(command.args, prog=PROG)
     try:
         if path == ("tunnel",):
             return _tunnel_without_subcommand(command)

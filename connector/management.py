@@ -226,6 +226,7 @@ class Session:
     send: trio.MemorySendChannel[dict[str, Any]] | None = None
     receive: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
     cancel: trio.CancelScope | None = None
+    replaced: bool = False  # a new session of the same actor took over: close normally
 
     def __post_init__(self) -> None:
         self.send, self.receive = trio.open_memory_channel(LOG_WINDOW)
@@ -437,6 +438,10 @@ class _LogSession:
                 nursery.start_soon(self._pings)
                 await self._read_events()
                 nursery.cancel_scope.cancel()
+            if self.session.replaced:
+                # cloudflared cancels the old request's context, and its handler closes normally
+                with trio.move_on_after(1):
+                    await self._close(1000, "context closed")
         finally:
             self.hub.remove(self.session)
 
@@ -511,6 +516,7 @@ class _LogSession:
         log.info("Another management session request for the same actor was requested; the other session "
                  "will be disconnected to handle the new request.")
         self.hub.remove(existing)
+        existing.replaced = True
         if existing.cancel is not None:
             existing.cancel.cancel()
         return True
