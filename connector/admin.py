@@ -46,7 +46,7 @@ POLL_ATTEMPTS = 10
 USER_AGENT = "cloudflared/2026.8.2"
 USAGE_EXIT = 255  # cli.Exit(msg, -1)
 LIST_SORT = ("name", "id", "createdAt", "deletedAt", "numConnections")
-INFO_SORT = ("id", "createdAt", "numConnections", "version")
+INFO_SORT = ("id", "startedAt", "numConnections", "version")  # as cloudflared words it (the key is createdAt)
 _NAME = re.compile(r"^[*_a-zA-Z0-9][-_.a-zA-Z0-9]*$")
 
 
@@ -314,7 +314,7 @@ def read_origin_cert(path: str | None) -> tuple[OriginCert, Path]:
         if found is None:
             log.error("Cannot determine default origin certificate path. No file cert.pem in [%s]. You need "
                       "to specify the origin certificate path by specifying the origincert option in the "
-                      "configuration file, or set TUNNEL_ORIGIN_CERT environment variable",
+                      "configuration file, or set TUNNEL_ORIGIN_CERT environment variable originCertPath=",
                       " ".join(CONFIG_DIRS))
             raise CommandError("Error locating origin cert: client didn't specify origincert path")
         cert_path = found
@@ -595,7 +595,7 @@ def list_tunnels(ctx: Context) -> int:
         "createdAt": lambda t: int(t.created_at.timestamp()),
         "deletedAt": lambda t: int(t.deleted_at.timestamp()),
         "numConnections": lambda t: len(t.connections)}
-    if sort_by not in keys:
+    if sort_by not in keys and len(tunnels) > 1:  # Go's sort never compares fewer than two
         log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
                   ", ".join(LIST_SORT))
     tunnels.sort(key=keys.get(sort_by, keys["name"]), reverse=bool(inv.get("invert-sort")))
@@ -632,7 +632,7 @@ def info(ctx: Context) -> int:
     keys: dict[str, Callable[[cfapi.ActiveClient], Any]] = {
         "id": lambda c: str(c.id), "createdAt": lambda c: int(c.run_at.timestamp()),
         "numConnections": lambda c: len(c.connections), "version": lambda c: c.version}
-    if sort_by not in keys:
+    if sort_by not in keys and len(clients) > 1:
         log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
                   ", ".join(INFO_SORT))
     clients.sort(key=keys.get(sort_by, keys["createdAt"]), reverse=bool(inv.get("invert-sort")))
@@ -706,6 +706,7 @@ def cleanup(ctx: Context) -> int:
     if not inv.args:
         raise CommandUsageError('"cloudflared tunnel cleanup" requires at least 1 argument, the IDs of the '
                                 "tunnels to cleanup connections.")
+    ids = ctx.find_ids(inv.args)  # cloudflared resolves the tunnels before it reads --connector-id
     client_id = None
     extra = ""
     if inv.get("connector-id"):
@@ -715,7 +716,6 @@ def cleanup(ctx: Context) -> int:
             raise CommandError(f"{inv.get('connector-id')} is not a valid client ID (must be a "
                                "UUID)") from None
         extra = f" for connector-id {client_id}"
-    ids = ctx.find_ids(inv.args)
     api = ctx.api()
     for tunnel_id in ids:
         log.info("Cleanup connection for tunnel %s%s", tunnel_id, extra)
@@ -923,6 +923,12 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
 }
 
 
+def usage_error_text(message: str, prog: str, name: str) -> str:
+    """cliutil.UsageError's text: the message, then where help is (`route dns` is named without `tunnel`)."""
+    full = name if name.startswith("route ") else f"tunnel {name}"
+    return f"{message}\nSee '{prog} {full} --help'."
+
+
 def run(inv: Invocation, *, prog: str, out: TextIO | None = None,
         transport: Transport = https_transport) -> int:
     """Run one admin command; prints errors as cloudflared does and returns the exit code."""
@@ -930,7 +936,7 @@ def run(inv: Invocation, *, prog: str, out: TextIO | None = None,
     try:
         return COMMANDS[inv.name](ctx)
     except CommandUsageError as exc:
-        print(f"{exc}\nSee '{prog} tunnel {inv.name} --help'.", file=sys.stderr)
+        print(usage_error_text(str(exc), prog, inv.name), file=sys.stderr)
         return USAGE_EXIT
     except UsageError as exc:
         print(f"Incorrect Usage. {exc.message}", file=sys.stderr)
@@ -953,16 +959,41 @@ _USAGE = {
               "route [dns TUNNEL HOSTNAME]|[ip add NETWORK TUNNEL [COMMENT]]|[ip show]|[ip delete ID|NETWORK]"
               "|[ip get IP]"),
 }
+_FLAG_HELP = {
+    "output": "Render output using given FORMAT: 'json' or 'yaml'",
+    "credentials-file": "Filepath at which to read/write the tunnel credentials",
+    "secret": "Base64 encoded secret (at least 32 bytes decoded); random when not given",
+    "show-deleted": "Include deleted tunnels in the list",
+    "name": "List tunnels with the given NAME",
+    "name-prefix": "List tunnels whose name starts with the given prefix",
+    "exclude-name-prefix": "List tunnels whose name does not start with the given prefix",
+    "when": "Accepted and ignored, as by cloudflared",
+    "id": "List tunnel by ID",
+    "show-recently-disconnected": "Include connections that have recently disconnected",
+    "sort-by": "Sort by the given field",
+    "invert-sort": "Invert the sort order",
+    "force": "Delete even with live connections (the API's cascade)",
+    "connector-id": "Only the connections of this connector (UUID)",
+    "overwrite-dns": "Overwrite an existing DNS record for this hostname",
+    "vnet": "Virtual network (only the default one exists in the lab)",
+    "loginURL": "The URL used to login",
+    "callbackURL": "The URL used for the callback",
+    "fedramp": "Login with FedRAMP High environment (not in the lab)",
+}
 
 
 def help_text(words: Sequence[str], prog: str) -> str:
-    """Short help for an admin command: its purpose, usage and flags."""
+    """Help for an admin command as urfave/cli lays it out: name, usage, its own flags."""
     usage, form = _USAGE.get(words[0], ("", words[0]))
-    key = " ".join(w for w in words[:3] if not w.startswith("-"))
-    flags = next((v for k, v in SUBCOMMAND_FLAGS.items() if key.startswith(k) and k.startswith(words[0])), ())
-    lines = ["NAME:", f"   {prog} tunnel {words[0]} - {usage}", "", "USAGE:",
-             f"   {prog} tunnel [tunnel command options] {form}", "", "SUBCOMMAND OPTIONS:"]
-    for flag in flags:
-        names = ", ".join(("--" if len(n) > 1 else "-") + n for n in flag.names)
-        lines.append(f"   {names}")
+    positional = [w for w in words[:4] if not w.startswith("-")]
+    key = " ".join(positional[:3])
+    flags = next((v for k, v in sorted(SUBCOMMAND_FLAGS.items(), key=lambda kv: -len(kv[0]))
+                  if key.startswith(k)), ())
+    lines = ["NAME:", f"  {prog} tunnel {words[0]} - {usage}", "", "USAGE:",
+             f"  {prog} tunnel [tunnel command options] {form}", "", "SUBCOMMAND OPTIONS:"]
+    rows = [(", ".join(("--" if len(n) > 1 else "-") + n for n in flag.names), _FLAG_HELP.get(flag.name, ""))
+            for flag in flags]
+    rows.append(("--help, -h", "show help"))
+    width = max(len(r[0]) for r in rows) + 2
+    lines += [f"  {names.ljust(width)}{text}" for names, text in rows]
     return "\n".join(lines) + "\n"

@@ -78,7 +78,7 @@ def parse_time(value: Any) -> datetime:
 def go_rfc3339(t: datetime) -> str:
     """Go's `t.Format(time.RFC3339)`: whole seconds, `Z` for UTC, else the offset."""
     offset = t.utcoffset() or timedelta(0)
-    base = t.strftime("%Y-%m-%dT%H:%M:%S")
+    base = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
     if offset == timedelta(0):
         return base + "Z"
     return base + _offset_text(offset, colon=True)
@@ -86,7 +86,7 @@ def go_rfc3339(t: datetime) -> str:
 
 def go_time_string(t: datetime) -> str:
     """Go's `time.Time.String()` for a time decoded from JSON: `2026-12-04 20:03:40.5 +0000 UTC`."""
-    text = t.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d}:{t.second:02d}"
     if t.microsecond:
         text += ("." + f"{t.microsecond:06d}").rstrip("0")
     offset = t.utcoffset() or timedelta(0)

@@ -746,12 +746,14 @@ def _admin_command(command: Command) -> int:
     try:
         inv = admin.parse_invocation(command.args, tunnel_values)
     except admin.CommandUsageError as exc:
-        print(f"{exc}\nSee '{PROG} tunnel {command.args[0]} --help'.", file=sys.stderr)
+        print(admin.usage_error_text(str(exc), PROG, " ".join(command.args[:2]) if command.args[0] == "route"
+                                     else command.args[0]), file=sys.stderr)
         return admin.USAGE_EXIT
     except UsageError as exc:
-        print(f"Incorrect Usage. {exc.message}\n", file=sys.stderr)
-        print(admin.help_text(command.args, PROG), file=sys.stderr)
-        return 1
+        # urfave/cli for a subcommand's unknown flag: the error and the help on stdout, and exit code 0
+        print(f"Incorrect Usage: {exc.message}\n")
+        print(admin.help_text(command.args, PROG))
+        return 0
     except admin.CommandError as exc:
         print(str(exc), file=sys.stderr)
         return 1
