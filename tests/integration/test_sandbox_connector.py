@@ -25,17 +25,23 @@ needs_netns = pytest.mark.skipif(not OK, reason=f"no private network namespaces 
 CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
 
 
-def sandbox(tmp_path: Path, script: str, *,
-            cloudflared: str | None = None) -> subprocess.CompletedProcess[str]:
+def sandbox(
+    tmp_path: Path, script: str, *, cloudflared: str | None = None
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "helper.py").write_text(HELPER)
     argv = [sys.executable, "-m", "tunnel_lab", "sandbox", "--quiet", "--state", str(tmp_path / "state")]
     if cloudflared:
         argv += ["--cloudflared", cloudflared]
-    return subprocess.run([*argv, "--", "bash", "-c", COMMON + script], capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=tmp_path)
+    return subprocess.run(
+        [*argv, "--", "bash", "-c", COMMON + script],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+    )
 
 
-COMMON = r'''
+COMMON = r"""
 set -u
 wait_for() { for _ in $(seq 1 600); do if eval "$1"; then return 0; fi; sleep 0.1; done; echo "TIMEOUT: $1"; }
 CF="tunnel-lab connector"  # a variable, not a function: `$CF ... &` must be the process itself
@@ -57,9 +63,9 @@ put_until_tailed() {
   done
   echo "TIMEOUT: tail $5"
 }
-'''
+"""
 
-GUIDE = r'''
+GUIDE = r"""
 $CF tunnel login >login.out 2>login.err &
 LOGIN=$!
 wait_for 'grep -q "https://dash.cloudflare.com/argotunnel?" login.err'
@@ -110,9 +116,9 @@ wait_for '[ "$(curl -sf https://managed.example.com/)" = two ]'
 echo "MANAGED-SECOND $(curl -sS https://managed.example.com/)"
 kill $TAIL; wait $TAIL
 kill -TERM $RUN; wait $RUN
-'''
+"""
 
-HELPER = r'''
+HELPER = r"""
 import base64, json, os, sys, urllib.parse
 what = sys.argv[1]
 if what == "tunnel-id":
@@ -128,7 +134,7 @@ elif what == "version":
     print("PUT-VERSION", json.load(sys.stdin)["result"]["version"])
 elif what == "callback":
     print(urllib.parse.parse_qs(urllib.parse.urlsplit(sys.argv[2]).query)["callback"][0])
-'''
+"""
 
 
 @needs_netns
@@ -142,14 +148,25 @@ def test_the_guide_with_our_connector(tmp_path: Path) -> None:
     detail = result.stdout[-3000:] + result.stderr[-2000:] + text("run.log")[-2000:]
     assert result.returncode == 0 and "TIMEOUT" not in result.stdout, detail
     steps = [line for line in result.stdout.splitlines() if line and not line.startswith("PUT-VERSION")]
-    assert steps == ["PAGE-OK", "LOGIN-RC 0", "DUP-RC 1", "CURL one", "DELETE-LIVE-RC 1", "RUN-RC 0",
-                     "DELETED", "QUICK two", "MANAGED-FIRST one", "MANAGED-SECOND two"], detail
+    assert steps == [
+        "PAGE-OK",
+        "LOGIN-RC 0",
+        "DUP-RC 1",
+        "CURL one",
+        "DELETE-LIVE-RC 1",
+        "RUN-RC 0",
+        "DELETED",
+        "QUICK two",
+        "MANAGED-FIRST one",
+        "MANAGED-SECOND two",
+    ], detail
     # Each step printed what cloudflared prints.
     assert "You have successfully logged in." in text("login.err")
     assert (tmp_path / "state" / "home" / ".cloudflared" / "cert.pem").is_file()
     assert "Created tunnel app with id " in text("create.out")
-    assert "failed to create tunnel: Create Tunnel API call failed: tunnel with name already exists" \
-        in text("dup.err")
+    assert "failed to create tunnel: Create Tunnel API call failed: tunnel with name already exists" in text(
+        "dup.err"
+    )
     assert "Added CNAME app.example.com which will route to this tunnel" in text("route.err")
     assert "ID                                   NAME CREATED              CONNECTIONS" in text("list.out")
     info = text("info.out")
@@ -169,11 +186,12 @@ def test_the_guide_with_our_connector(tmp_path: Path) -> None:
     managed = text("token-run.log")
     assert "Updated to new configuration" in managed and "version=1" in managed, managed[-2000:]
     tail = text("tail.log")
-    assert " info cloudflared Updated to new configuration " in tail and "8001" in tail, \
+    assert " info cloudflared Updated to new configuration " in tail and "8001" in tail, (
         tail[-2000:] + text("tail.err")[-2000:]
+    )
 
 
-CROSS = r'''
+CROSS = r"""
 tunnel-lab login >/dev/null
 $CF tunnel create ours >/dev/null
 cloudflared tunnel create theirs >/dev/null
@@ -196,12 +214,13 @@ put_until_tailed theirs.example.com http://localhost:8000 "$THEIRS" 8000 our-tai
 kill $T1 $T2; wait $T1; wait $T2
 kill -TERM $R1 $R2; wait $R1; wait $R2
 echo DONE
-'''
+"""
 
 
 @needs_netns
-@pytest.mark.skipif(not CLOUDFLARED,
-                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
+@pytest.mark.skipif(
+    not CLOUDFLARED, reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared"
+)
 def test_tail_across_the_two_connectors(tmp_path: Path) -> None:
     assert CLOUDFLARED is not None
     result = sandbox(tmp_path, CROSS, cloudflared=str(Path(CLOUDFLARED).resolve()))
