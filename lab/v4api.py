@@ -157,6 +157,10 @@ class V4Api:
             if parts[1] != account:
                 raise not_authenticated()
             return self.teamnet.handle(method, parts[4:], query, request.body)
+        elif len(parts) >= 4 and parts[0] == "accounts" and parts[2:4] == ["teamnet", "virtual_networks"]:
+            if parts[1] != account:
+                raise not_authenticated()
+            return self.teamnet.vnets.handle(method, parts[4:], query, request.body)
         elif len(parts) == 5 and parts[0] == "zones" and parts[2] == "tunnels" and parts[4] == "routes":
             if parts[1] != accounts.zone_tag:
                 raise not_authenticated()

@@ -345,6 +345,47 @@ def test_token_tunnel_configuration_change_and_tail_with_the_real_cloudflared(
     assert "no cloudflared connector available" in text("nobody.log"), text("nobody.log")
 
 
+# Virtual networks as `cloudflared tunnel vnet` and `route ip --vnet` use them.
+VNET_FLOW = r'''
+set -eu
+tunnel-lab login >/dev/null
+cloudflared tunnel create app >/dev/null
+cloudflared tunnel vnet add staging "test net"
+cloudflared tunnel vnet add --default prod
+cloudflared tunnel route ip add --vnet staging 10.5.0.0/16 app
+cloudflared tunnel route ip add 10.6.0.0/16 app
+cloudflared tunnel route ip get --vnet staging 10.5.1.1 | grep -q "10.5.0.0/16" && echo "GET-IN-VNET"
+cloudflared tunnel route ip get 10.5.1.1 | grep -q "No route matches" && echo "NOT-IN-DEFAULT"
+cloudflared tunnel vnet delete staging && echo "DELETE-BUSY-OK" || echo "DELETE-BUSY-REFUSED"
+cloudflared tunnel vnet delete -f staging
+cloudflared tunnel vnet update --name production prod
+cloudflared tunnel vnet delete default
+echo "LIST"
+cloudflared tunnel vnet list
+cloudflared tunnel route ip show
+'''
+
+
+@needs_netns
+@pytest.mark.skipif(not CLOUDFLARED,
+                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
+def test_virtual_networks_with_the_real_cloudflared(tmp_path: Path) -> None:
+    assert CLOUDFLARED is not None
+    result = sandbox(tmp_path, "bash", "-c", VNET_FLOW, cloudflared=str(Path(CLOUDFLARED).resolve()))
+    detail = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, detail
+    lines = result.stdout.splitlines()
+    assert "(as the new default for this account)" in result.stdout, detail
+    assert "GET-IN-VNET" in lines and "NOT-IN-DEFAULT" in lines and "DELETE-BUSY-REFUSED" in lines, detail
+    assert "code: 1017" in result.stderr, detail
+    listed = lines[lines.index("LIST") + 1:]
+    names = [line.split()[1] for line in listed[1:] if line and not line.startswith("ID")]
+    assert names[:1] == ["production"], detail  # the network list, then the routes' table
+    assert "staging" not in names and "default" not in names and "prod" not in names, detail
+    routes = [line for line in listed if "10.6.0.0/16" in line or "10.5.0.0/16" in line]
+    assert len(routes) == 1 and "10.6.0.0/16" in routes[0], detail  # staging's route went with it
+
+
 @needs_netns
 def test_sigterm_reaches_the_command_and_everything_stops(tmp_path: Path) -> None:
     marker = f"sandbox-{os.getpid()}-{tmp_path.name}"
