@@ -461,7 +461,7 @@ class Command:
     sub_flags: dict[str, Any] = field(default_factory=dict)
 
 
-TUNNEL_SUBCOMMANDS_ELSEWHERE = ("vnet", "diag")  # cloudflared commands this connector does not have
+TUNNEL_SUBCOMMANDS_ELSEWHERE = ("diag",)  # cloudflared commands this connector does not have
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -549,8 +549,7 @@ def _parse_command(argv: Sequence[str]) -> Command:
     if sub in ADMIN_COMMANDS:
         return Command(path=("tunnel", "admin"), tunnel=tun, args=[sub, *rest])
     if sub in TUNNEL_SUBCOMMANDS_ELSEWHERE:
-        raise UsageError(f"`tunnel {sub}` is not implemented by tunnel-lab's connector (virtual networks: "
-                         "only the default one exists in the lab)", help_for="tunnel")
+        raise UsageError(f"`tunnel {sub}` is not implemented by tunnel-lab's connector", help_for="tunnel")
     raise UsageError(f"unknown tunnel command {sub!r}: use `tunnel [flags] run [flags] [TUNNEL]`",
                      help_for="tunnel")
 
@@ -745,6 +744,9 @@ def _admin_command(command: Command) -> int:
                      if res.is_set(name)}
     try:
         inv = admin.parse_invocation(command.args, tunnel_values)
+    except admin.NoHelpTopic as exc:
+        print(str(exc), file=sys.stderr)
+        return admin.NoHelpTopic.exit_code
     except admin.CommandUsageError as exc:
         print(admin.usage_error_text(str(exc), PROG, " ".join(command.args[:2]) if command.args[0] == "route"
                                      else command.args[0]), file=sys.stderr)

@@ -464,3 +464,63 @@ def test_unknown_flags_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         admin.parse_invocation(["list", "--bogus"], {}, env={})
     help_text = admin.help_text(["route", "dns"], "p")
     assert "--overwrite-dns, -f" in help_text and "--help, -h" in help_text
+
+
+VNET = uuid.UUID("99999999-8888-4777-8666-555555555555")
+
+
+def vnet_json(name: str = "lan", default: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(VNET),
+        "name": name,
+        "comment": "c",
+        "is_default_network": default,
+        "created_at": "2026-12-04T20:03:40Z",
+        "deleted_at": None,
+    }
+
+
+def test_vnet_commands(home: Path) -> None:
+    api = FakeApi()
+    api.on("POST", "/accounts/ACCT/teamnet/virtual_networks", ok(vnet_json(default=True)))
+    api.on("GET", "/accounts/ACCT/teamnet/virtual_networks", ok([vnet_json()]))
+    api.on("PATCH", f"/accounts/ACCT/teamnet/virtual_networks/{VNET}", ok(vnet_json()))
+    api.on("DELETE", f"/accounts/ACCT/teamnet/virtual_networks/{VNET}", ok(vnet_json()))
+    code, out = run(api, "vnet", "add", "-d", "lan", "c")
+    assert code == 0 and out.startswith(
+        f"Successfully added virtual 'network' lan with ID: {VNET} (as the new default for this account) \n"
+    )
+    assert json.loads(api.sent[-1][0].body or b"") == {
+        "name": "lan",
+        "comment": "c",
+        "is_default_network": True,
+    }
+    table = run(api, "vnet", "list", "--is-default=false")[1].splitlines()
+    assert table[0].split() == ["ID", "NAME", "IS", "DEFAULT", "COMMENT", "CREATED", "DELETED"]
+    assert table[1].split() == [str(VNET), "lan", "false", "c", "2026-12-04T20:03:40Z", "-"]
+    assert api.urls()[-1].endswith("/virtual_networks?is_default=false&is_deleted=false")
+    assert run(api, "vnet", "update", "--comment", "new", "lan") == (
+        0,
+        "Successfully updated virtual network 'lan'\n",
+    )
+    assert json.loads(api.sent[-1][0].body or b"") == {"comment": "new"}
+    assert api.urls()[-2].endswith("/virtual_networks?is_deleted=false&name=lan")
+    assert run(api, "vnet", "delete", "-f", "lan") == (0, "Successfully deleted virtual network 'lan'\n")
+    assert api.urls()[-1].endswith(f"/virtual_networks/{VNET}?force=true")
+
+
+def test_routes_in_a_virtual_network(home: Path) -> None:
+    api = FakeApi()
+    api.on("GET", "/accounts/ACCT/teamnet/virtual_networks", ok([vnet_json()]))
+    api.on("POST", "/accounts/ACCT/teamnet/routes", ok({}))
+    api.on("GET", "/accounts/ACCT/teamnet/routes/ip/10.0.0.1", ok({}))
+    assert run(api, "route", "ip", "add", "--vnet", "lan", "10.0.0.0/8", str(TID))[0] == 0
+    assert json.loads(api.sent[-1][0].body or b"")["virtual_network_id"] == str(VNET)
+    assert run(api, "route", "ip", "get", "--vnet", str(VNET), "10.0.0.1")[0] == 0
+    assert api.urls()[-1].endswith(f"/routes/ip/10.0.0.1?virtual_network_id={VNET}")
+
+
+def test_unknown_subcommands_have_no_help_topic() -> None:
+    for words in (["vnet", "bogus"], ["route", "ip", "bogus"], ["route", "bogus"]):
+        with pytest.raises(admin.NoHelpTopic, match="No help topic for 'bogus'"):
+            admin.parse_invocation(words, {}, env={})
