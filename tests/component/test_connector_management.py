@@ -156,11 +156,15 @@ async def test_logs_stream_with_filters(service: tuple[str, int]) -> None:
             line = await client.lines(skip=("ready",))
             assert line["level"] == "warn" and line["message"] == "Retrying connection"
             assert line["fields"] == {"connIndex": 2} and "event" not in line
-            # stop, then start again: streaming resumes
+            # stop, then start again without filters: streaming resumes, debug lines included (the root
+            # logger goes down to DEBUG only while such a session streams)
             await client.send({"type": "stop_streaming"})
             await client.send({"type": "start_streaming"})
             line = await wait_streaming(client, "again")
-            assert line["message"] == "again"
+            assert line["message"] == "again" and logging.getLogger().level == logging.DEBUG
+            log.debug("a debug line")
+            line = await client.lines(skip=("again",))
+            assert line == {"time": line["time"], "message": "a debug line"}
 
 
 async def test_one_session_at_a_time(service: tuple[str, int]) -> None:

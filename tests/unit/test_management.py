@@ -118,3 +118,24 @@ def test_a_session_keeps_thirty_lines_and_drops_the_rest() -> None:
         except trio.WouldBlock:
             break
     assert [g["message"] for g in got] == [f"line {n}" for n in range(m.LOG_WINDOW)]
+
+
+def test_the_root_logger_goes_down_to_debug_only_while_a_session_wants_it() -> None:
+    root = logging.getLogger()
+    saved_level, saved_handlers = root.level, list(root.handlers)
+    console = logging.NullHandler()
+    root.handlers[:] = [console]
+    root.setLevel(logging.INFO)
+    try:
+        hub = m.ManagementHub()
+        picky = m.Session(actor_id="a", filters=m.Filters(level=1))
+        hub.listen(picky)
+        assert root.level == logging.INFO
+        everything = m.Session(actor_id="b")
+        hub.listen(everything)
+        assert root.level == logging.DEBUG and console.level == logging.INFO  # the console stays at info
+        hub.remove(everything)
+        assert root.level == logging.INFO and console.level == logging.NOTSET
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
