@@ -46,12 +46,18 @@ POLL_ATTEMPTS = 10
 USER_AGENT = "cloudflared/2026.8.2"
 USAGE_EXIT = 255  # cli.Exit(msg, -1)
 LIST_SORT = ("name", "id", "createdAt", "deletedAt", "numConnections")
-INFO_SORT = ("id", "createdAt", "numConnections", "version")
+INFO_SORT = ("id", "startedAt", "numConnections", "version")  # as cloudflared words it (the key is createdAt)
 _NAME = re.compile(r"^[*_a-zA-Z0-9][-_.a-zA-Z0-9]*$")
 
 
 class CommandError(TunnelLabError):
     """A command failed: printed as it is, exit code 1 (cloudflared's cli.Exit(err, 1))."""
+
+
+class NoHelpTopic(TunnelLabError):
+    """urfave/cli for an unknown subcommand of a command with subcommands: `No help topic for 'X'`, exit 3."""
+
+    exit_code = 3
 
 
 class CommandUsageError(TunnelLabError):
@@ -89,8 +95,13 @@ SUBCOMMAND_FLAGS: dict[str, tuple[Flag, ...]] = {
                       _flag("filter-vnet-id", "str")),
     "route ip delete": (_flag("vnet", "str", "vn"),),
     "route ip get": (_flag("vnet", "str", "vn"),),
+    "vnet add": (_flag("default", "bool", "d"),),
+    "vnet list": (_flag("id", "str"), _flag("name", "str"), _flag("is-default", "bool"),
+                  _flag("show-deleted", "bool"), OUTPUT),
+    "vnet delete": (_flag("force", "bool", "f"),),
+    "vnet update": (_flag("name", "str", "n"), _flag("comment", "str", "c"), _flag("default", "bool", "d")),
 }
-ADMIN_COMMANDS = ("login", "create", "list", "info", "delete", "cleanup", "token", "route")
+ADMIN_COMMANDS = ("login", "create", "list", "info", "delete", "cleanup", "token", "route", "vnet")
 
 
 @dataclass
@@ -122,9 +133,11 @@ def parse_invocation(words: Sequence[str], tunnel: Mapping[str, Any],
     """`create --secret S NAME` -> Invocation; None when `--help` was asked for."""
     name, rest = words[0], list(words[1:])
     if name == "route":
-        if not rest or rest[0] not in ("dns", "ip", "lb"):
+        if rest and rest[0] not in ("dns", "ip", "lb"):
+            raise NoHelpTopic(f"No help topic for '{rest[0]}'")
+        if not rest:
             raise CommandUsageError('This command expects the format "cloudflared tunnel route dns <tunnel '
-                                    'name/id> <hostname>"', )
+                                    'name/id> <hostname>"')
         name, rest = f"route {rest[0]}", rest[1:]
         if name == "route lb":
             raise CommandError("load balancer routes are not available in the lab (`route lb`): route a "
@@ -132,9 +145,18 @@ def parse_invocation(words: Sequence[str], tunnel: Mapping[str, Any],
         if name == "route ip":
             action = rest[0] if rest else ""
             action = {"list": "show"}.get(action, action)
-            if action not in ("add", "show", "delete", "get"):
+            if action and action not in ("add", "show", "delete", "get"):
+                raise NoHelpTopic(f"No help topic for '{action}'")
+            if not action:
                 raise CommandUsageError("use `route ip add|show|delete|get`")
             name, rest = f"route ip {action}", rest[1:]
+    if name == "vnet":
+        action = rest[0] if rest else ""
+        if action and action not in ("add", "list", "delete", "update"):
+            raise NoHelpTopic(f"No help topic for '{action}'")
+        if not action:
+            raise CommandUsageError("use `vnet add|list|delete|update`")
+        name, rest = f"vnet {action}", rest[1:]
     defined: dict[str, Flag] = {}
     for flag in SUBCOMMAND_FLAGS[name]:
         for n in flag.names:
@@ -314,7 +336,7 @@ def read_origin_cert(path: str | None) -> tuple[OriginCert, Path]:
         if found is None:
             log.error("Cannot determine default origin certificate path. No file cert.pem in [%s]. You need "
                       "to specify the origin certificate path by specifying the origincert option in the "
-                      "configuration file, or set TUNNEL_ORIGIN_CERT environment variable",
+                      "configuration file, or set TUNNEL_ORIGIN_CERT environment variable originCertPath=",
                       " ".join(CONFIG_DIRS))
             raise CommandError("Error locating origin cert: client didn't specify origincert path")
         cert_path = found
@@ -595,7 +617,7 @@ def list_tunnels(ctx: Context) -> int:
         "createdAt": lambda t: int(t.created_at.timestamp()),
         "deletedAt": lambda t: int(t.deleted_at.timestamp()),
         "numConnections": lambda t: len(t.connections)}
-    if sort_by not in keys:
+    if sort_by not in keys and len(tunnels) > 1:  # Go's sort never compares fewer than two
         log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
                   ", ".join(LIST_SORT))
     tunnels.sort(key=keys.get(sort_by, keys["name"]), reverse=bool(inv.get("invert-sort")))
@@ -632,7 +654,7 @@ def info(ctx: Context) -> int:
     keys: dict[str, Callable[[cfapi.ActiveClient], Any]] = {
         "id": lambda c: str(c.id), "createdAt": lambda c: int(c.run_at.timestamp()),
         "numConnections": lambda c: len(c.connections), "version": lambda c: c.version}
-    if sort_by not in keys:
+    if sort_by not in keys and len(clients) > 1:
         log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
                   ", ".join(INFO_SORT))
     clients.sort(key=keys.get(sort_by, keys["createdAt"]), reverse=bool(inv.get("invert-sort")))
@@ -706,6 +728,7 @@ def cleanup(ctx: Context) -> int:
     if not inv.args:
         raise CommandUsageError('"cloudflared tunnel cleanup" requires at least 1 argument, the IDs of the '
                                 "tunnels to cleanup connections.")
+    ids = ctx.find_ids(inv.args)  # cloudflared resolves the tunnels before it reads --connector-id
     client_id = None
     extra = ""
     if inv.get("connector-id"):
@@ -715,7 +738,6 @@ def cleanup(ctx: Context) -> int:
             raise CommandError(f"{inv.get('connector-id')} is not a valid client ID (must be a "
                                "UUID)") from None
         extra = f" for connector-id {client_id}"
-    ids = ctx.find_ids(inv.args)
     api = ctx.api()
     for tunnel_id in ids:
         log.info("Cleanup connection for tunnel %s%s", tunnel_id, extra)
@@ -792,15 +814,15 @@ def route_ip_add(ctx: Context) -> int:
     network = _cidr(inv.args[0])
     if network is None:
         raise CommandError(f"Invalid network CIDR: invalid CIDR address: {inv.args[0]}")
-    _refuse_vnet(inv)
     try:
         tunnel_id = ctx.find_id(inv.args[1])
     except TunnelLabError as exc:
         raise CommandError(f"Invalid tunnel: {exc}") from None
     comment = inv.args[2] if len(inv.args) >= 3 else ""
+    vnet_id = vnet_of(ctx)
     api = ctx.api()
     try:
-        api.call(api.client.add_route(str(network), tunnel_id, comment), "add route")
+        api.call(api.client.add_route(str(network), tunnel_id, comment, vnet_id), "add route")
     except cfapi.ApiError as exc:
         raise CommandError(f"API error: {exc}") from None
     ctx.out.write(f"Successfully added route for {network} over tunnel {tunnel_id}\n")
@@ -816,10 +838,28 @@ def _cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
         return None
 
 
-def _refuse_vnet(inv: Invocation) -> None:
-    if inv.flags.get("vnet"):
-        raise CommandError("virtual networks (--vnet) are not available in the lab: only the default one "
-                           "exists")
+def vnet_of(ctx: Context) -> uuid.UUID | None:
+    """`--vnet ID|NAME` when given (cloudflared's getVnetId), else None: the account's default."""
+    if "vnet" not in ctx.inv.flags:
+        return None
+    return find_vnet_id(ctx, str(ctx.inv.flags["vnet"]))
+
+
+def find_vnet_id(ctx: Context, ref: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        pass
+    found = list_vnets(ctx, {"is_deleted": "false", "name": ref})
+    if len(found) != 1:
+        raise CommandError(f"there should only be 1 non-deleted virtual network named {ref}")
+    return found[0].id
+
+
+def list_vnets(ctx: Context, params: dict[str, str]) -> list[cfapi.VirtualNetwork]:
+    api = ctx.api()
+    items = _as_list(api.call(api.client.list_vnets(params), "list virtual networks"))
+    return [cfapi.VirtualNetwork.from_json(v) for v in items]
 
 
 def route_ip_show(ctx: Context) -> int:
@@ -878,8 +918,10 @@ def route_ip_delete(ctx: Context) -> int:
         network = _cidr(inv.args[0])
         if network is None:
             raise CommandError(usage) from None
-        _refuse_vnet(inv)
+        vnet_id = vnet_of(ctx)
         params = {"is_deleted": "false", "network_subset": str(network), "network_superset": str(network)}
+        if vnet_id is not None:
+            params["virtual_network_id"] = str(vnet_id)
         found = api.list_all(lambda page: api.client.list_routes(params, page), "list routes")
         if len(found) != 1:
             raise CommandError("unable to find route for provided network and vnet") from None
@@ -901,10 +943,10 @@ def route_ip_get(ctx: Context) -> int:
         ip = ipaddress.ip_address(inv.args[0])
     except ValueError:
         raise CommandError(f"Invalid IP {inv.args[0]}") from None
-    _refuse_vnet(inv)
+    vnet_id = vnet_of(ctx)
     api = ctx.api()
     try:
-        found = api.call(api.client.route_by_ip(str(ip)), "get route by IP")
+        found = api.call(api.client.route_by_ip(str(ip), vnet_id), "get route by IP")
         route = cfapi.DetailedRoute.from_json(found or {})
     except cfapi.ApiError as exc:
         raise CommandError(f"API error: {exc}") from None
@@ -915,12 +957,108 @@ def route_ip_get(ctx: Context) -> int:
     return 0
 
 
+def vnet_add(ctx: Context) -> int:
+    inv = ctx.inv
+    if not inv.args:
+        raise CommandError("You must supply at least 1 argument, the name of the virtual network you wish to "
+                           "add.")
+    name = inv.args[0]
+    comment = inv.args[1] if len(inv.args) >= 2 else ""
+    api = ctx.api()
+    try:
+        req = api.client.create_vnet(name, comment, bool(inv.get("default")))
+        vnet = cfapi.VirtualNetwork.from_json(api.call(req, "add virtual network"))
+    except cfapi.ApiError as exc:
+        raise CommandError(f"Could not add virtual network: {exc}") from None
+    extra = " (as the new default for this account) " if vnet.is_default else ""
+    ctx.out.write(f"Successfully added virtual 'network' {name} with ID: {vnet.id}{extra}\n"
+                  "You can now add IP routes attached to this virtual network. See `cloudflared tunnel route "
+                  "ip add -help`\n")
+    return 0
+
+
+def vnet_list(ctx: Context) -> int:
+    inv = ctx.inv
+    params: dict[str, str] = {}
+    if inv.get("id"):
+        try:
+            params["id"] = str(uuid.UUID(str(inv.get("id"))))
+        except ValueError:
+            raise CommandError(f"invalid flags for filtering virtual networks: {inv.get('id')} is not a "
+                               f"valid virtual network ID: invalid UUID length: {len(str(inv.get('id')))}"
+                               ) from None
+    if inv.get("name"):
+        params["name"] = str(inv.get("name"))
+    if "is-default" in inv.flags:
+        params["is_default"] = "true" if inv.flags["is-default"] else "false"
+    params["is_deleted"] = "true" if inv.get("show-deleted") else "false"
+    vnets = list_vnets(ctx, params)
+    if inv.get("output"):
+        render(str(inv.get("output")), [v.to_json() for v in vnets] or None, ctx.out)
+        return 0
+    if not vnets:
+        ctx.out.write("No virtual networks were found for the given filter flags. You can use 'cloudflared "
+                      "tunnel vnet add' to add a virtual network.\n")
+        return 0
+    lines = ["ID\tNAME\tIS DEFAULT\tCOMMENT\tCREATED\tDELETED\t"]
+    for v in vnets:
+        deleted = "-" if v.deleted_at == cfapi.ZERO_TIME else cfapi.go_rfc3339(v.deleted_at)
+        lines.append(f"{v.id}\t{v.name}\t{'true' if v.is_default else 'false'}\t{v.comment}\t"
+                     f"{cfapi.go_rfc3339(v.created_at)}\t{deleted}\t")
+    ctx.out.write(tabwrite(lines))
+    return 0
+
+
+def vnet_delete(ctx: Context) -> int:
+    inv = ctx.inv
+    if not inv.args:
+        raise CommandError("You must supply exactly one argument, either the ID or name of the virtual "
+                           "network to delete")
+    vnet_id = find_vnet_id(ctx, inv.args[0])
+    api = ctx.api()
+    try:
+        api.call(api.client.delete_vnet(vnet_id, bool(inv.get("force"))), "delete virtual network")
+    except cfapi.ApiError as exc:
+        raise CommandError(f"API error: {exc}") from None
+    ctx.out.write(f"Successfully deleted virtual network '{inv.args[0]}'\n")
+    return 0
+
+
+def vnet_update(ctx: Context) -> int:
+    inv = ctx.inv
+    if len(inv.args) != 1:
+        raise CommandError(" You must supply exactly one argument, either the ID or (current) name of the "
+                           "virtual network to update")
+    vnet_id = find_vnet_id(ctx, inv.args[0])
+    updates: dict[str, Any] = {}
+    if "name" in inv.flags:
+        updates["name"] = str(inv.flags["name"])
+    if "comment" in inv.flags:
+        updates["comment"] = str(inv.flags["comment"])
+    if "default" in inv.flags:
+        updates["is_default_network"] = bool(inv.flags["default"])
+    api = ctx.api()
+    try:
+        api.call(api.client.update_vnet(vnet_id, updates), "update virtual network")
+    except cfapi.ApiError as exc:
+        raise CommandError(f"API error: {exc}") from None
+    ctx.out.write(f"Successfully updated virtual network '{inv.args[0]}'\n")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "login": login, "create": create, "list": list_tunnels, "info": info, "delete": delete,
     "cleanup": cleanup, "token": token, "route dns": route_dns, "route ip add": route_ip_add,
     "route ip show": route_ip_show,
-    "route ip delete": route_ip_delete, "route ip get": route_ip_get,
+    "route ip delete": route_ip_delete, "route ip get": route_ip_get, "vnet add": vnet_add,
+    "vnet list": vnet_list, "vnet delete": vnet_delete, "vnet update": vnet_update,
 }
+
+
+def usage_error_text(message: str, prog: str, name: str) -> str:
+    """cliutil.UsageError's text: the message, then where help is (`route dns` is named without `tunnel`)."""
+    full = name if name.startswith("route ") else f"tunnel {name}"
+    return f"{message}\nSee '{prog} {full} --help'."
 
 
 def run(inv: Invocation, *, prog: str, out: TextIO | None = None,
@@ -930,7 +1068,7 @@ def run(inv: Invocation, *, prog: str, out: TextIO | None = None,
     try:
         return COMMANDS[inv.name](ctx)
     except CommandUsageError as exc:
-        print(f"{exc}\nSee '{prog} tunnel {inv.name} --help'.", file=sys.stderr)
+        print(usage_error_text(str(exc), prog, inv.name), file=sys.stderr)
         return USAGE_EXIT
     except UsageError as exc:
         print(f"Incorrect Usage. {exc.message}", file=sys.stderr)
@@ -949,20 +1087,50 @@ _USAGE = {
     "cleanup": ("Cleanup tunnel connections", "cleanup [subcommand options] TUNNEL"),
     "token": ("Fetch the credentials token for an existing tunnel (by name or UUID) that allows to run it",
               "token [subcommand options] TUNNEL"),
+    "vnet": ("Configure and query virtual networks to manage private IP routes with overlapping IPs.",
+             "vnet add|list|delete|update [subcommand options] [NAME|ID]"),
     "route": ("Define which traffic routed from Cloudflare edge to this tunnel",
               "route [dns TUNNEL HOSTNAME]|[ip add NETWORK TUNNEL [COMMENT]]|[ip show]|[ip delete ID|NETWORK]"
               "|[ip get IP]"),
 }
+_FLAG_HELP = {
+    "output": "Render output using given FORMAT: 'json' or 'yaml'",
+    "credentials-file": "Filepath at which to read/write the tunnel credentials",
+    "secret": "Base64 encoded secret (at least 32 bytes decoded); random when not given",
+    "show-deleted": "Include deleted tunnels in the list",
+    "name": "List tunnels with the given NAME",
+    "name-prefix": "List tunnels whose name starts with the given prefix",
+    "exclude-name-prefix": "List tunnels whose name does not start with the given prefix",
+    "when": "Accepted and ignored, as by cloudflared",
+    "id": "List tunnel by ID",
+    "show-recently-disconnected": "Include connections that have recently disconnected",
+    "sort-by": "Sort by the given field",
+    "invert-sort": "Invert the sort order",
+    "force": "Delete even with live connections (the API's cascade)",
+    "connector-id": "Only the connections of this connector (UUID)",
+    "overwrite-dns": "Overwrite an existing DNS record for this hostname",
+    "vnet": "The ID or name of the virtual network",
+    "default": "Make it the account's default virtual network",
+    "comment": "A new comment",
+    "is-default": "Only the default (true) or the others (false)",
+    "loginURL": "The URL used to login",
+    "callbackURL": "The URL used for the callback",
+    "fedramp": "Login with FedRAMP High environment (not in the lab)",
+}
 
 
 def help_text(words: Sequence[str], prog: str) -> str:
-    """Short help for an admin command: its purpose, usage and flags."""
+    """Help for an admin command as urfave/cli lays it out: name, usage, its own flags."""
     usage, form = _USAGE.get(words[0], ("", words[0]))
-    key = " ".join(w for w in words[:3] if not w.startswith("-"))
-    flags = next((v for k, v in SUBCOMMAND_FLAGS.items() if key.startswith(k) and k.startswith(words[0])), ())
-    lines = ["NAME:", f"   {prog} tunnel {words[0]} - {usage}", "", "USAGE:",
-             f"   {prog} tunnel [tunnel command options] {form}", "", "SUBCOMMAND OPTIONS:"]
-    for flag in flags:
-        names = ", ".join(("--" if len(n) > 1 else "-") + n for n in flag.names)
-        lines.append(f"   {names}")
+    positional = [w for w in words[:4] if not w.startswith("-")]
+    key = " ".join(positional[:3])
+    flags = next((v for k, v in sorted(SUBCOMMAND_FLAGS.items(), key=lambda kv: -len(kv[0]))
+                  if key.startswith(k)), ())
+    lines = ["NAME:", f"  {prog} tunnel {words[0]} - {usage}", "", "USAGE:",
+             f"  {prog} tunnel [tunnel command options] {form}", "", "SUBCOMMAND OPTIONS:"]
+    rows = [(", ".join(("--" if len(n) > 1 else "-") + n for n in flag.names), _FLAG_HELP.get(flag.name, ""))
+            for flag in flags]
+    rows.append(("--help, -h", "show help"))
+    width = max(len(r[0]) for r in rows) + 2
+    lines += [f"  {names.ljust(width)}{text}" for names, text in rows]
     return "\n".join(lines) + "\n"

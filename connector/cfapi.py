@@ -78,7 +78,7 @@ def parse_time(value: Any) -> datetime:
 def go_rfc3339(t: datetime) -> str:
     """Go's `t.Format(time.RFC3339)`: whole seconds, `Z` for UTC, else the offset."""
     offset = t.utcoffset() or timedelta(0)
-    base = t.strftime("%Y-%m-%dT%H:%M:%S")
+    base = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
     if offset == timedelta(0):
         return base + "Z"
     return base + _offset_text(offset, colon=True)
@@ -86,7 +86,7 @@ def go_rfc3339(t: datetime) -> str:
 
 def go_time_string(t: datetime) -> str:
     """Go's `time.Time.String()` for a time decoded from JSON: `2026-12-04 20:03:40.5 +0000 UTC`."""
-    text = t.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d}:{t.second:02d}"
     if t.microsecond:
         text += ("." + f"{t.microsecond:06d}").rstrip("0")
     offset = t.utcoffset() or timedelta(0)
@@ -231,6 +231,28 @@ class DetailedRoute:
         return out
 
 
+@dataclass(frozen=True)
+class VirtualNetwork:
+    id: uuid.UUID
+    name: str
+    comment: str
+    is_default: bool
+    created_at: datetime
+    deleted_at: datetime
+
+    @classmethod
+    def from_json(cls, value: Any) -> VirtualNetwork:
+        doc = _obj(value, "virtual network")
+        return cls(id=_uuid(doc.get("id"), "virtual network id"), name=_str(doc.get("name")),
+                   comment=_str(doc.get("comment")), is_default=doc.get("is_default_network") is True,
+                   created_at=parse_time(doc.get("created_at")), deleted_at=parse_time(doc.get("deleted_at")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": str(self.id), "comment": self.comment, "name": self.name,
+                "is_default_network": self.is_default, "created_at": _json_time(self.created_at),
+                "deleted_at": _json_time(self.deleted_at)}
+
+
 def _json_time(t: datetime) -> str:
     """Go's time.Time JSON (RFC 3339 with nanoseconds, trailing zeros dropped)."""
     text = go_rfc3339(t)
@@ -324,15 +346,37 @@ class ApiClient:
                           quote_via=quote)
         return ApiRequest("GET", f"{self._routes}?{query}")
 
-    def add_route(self, network: str, tunnel_id: uuid.UUID, comment: str) -> ApiRequest:
-        body = {"network": network, "tunnel_id": str(tunnel_id), "comment": comment}
+    def add_route(self, network: str, tunnel_id: uuid.UUID, comment: str,
+                  vnet_id: uuid.UUID | None = None) -> ApiRequest:
+        body: dict[str, Any] = {"network": network, "tunnel_id": str(tunnel_id), "comment": comment}
+        if vnet_id is not None:
+            body["virtual_network_id"] = str(vnet_id)
         return ApiRequest("POST", self._routes, _json(body))
 
     def delete_route(self, route_id: uuid.UUID) -> ApiRequest:
         return ApiRequest("DELETE", f"{self._routes}/{route_id}")
 
-    def route_by_ip(self, ip: str) -> ApiRequest:
-        return ApiRequest("GET", f"{self._routes}/ip/{quote(ip, safe='')}")
+    def route_by_ip(self, ip: str, vnet_id: uuid.UUID | None = None) -> ApiRequest:
+        query = f"?virtual_network_id={vnet_id}" if vnet_id is not None else ""
+        return ApiRequest("GET", f"{self._routes}/ip/{quote(ip, safe='')}{query}")
+
+    @property
+    def _vnets(self) -> str:
+        return f"{self.base_url.rstrip('/')}/accounts/{self.account_tag}/teamnet/virtual_networks"
+
+    def create_vnet(self, name: str, comment: str, is_default: bool) -> ApiRequest:
+        return ApiRequest("POST", self._vnets, _json({"name": name, "comment": comment,
+                                                      "is_default_network": is_default}))
+
+    def list_vnets(self, params: dict[str, str]) -> ApiRequest:
+        query = urlencode(sorted(params.items()), quote_via=quote)
+        return ApiRequest("GET", self._vnets + (f"?{query}" if query else ""))
+
+    def delete_vnet(self, vnet_id: uuid.UUID, force: bool) -> ApiRequest:
+        return ApiRequest("DELETE", f"{self._vnets}/{vnet_id}" + ("?force=true" if force else ""))
+
+    def update_vnet(self, vnet_id: uuid.UUID, updates: dict[str, Any]) -> ApiRequest:
+        return ApiRequest("PATCH", f"{self._vnets}/{vnet_id}", _json(updates))
 
 
 def quick_tunnel_request(quick_service: str) -> ApiRequest:

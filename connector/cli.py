@@ -461,7 +461,7 @@ class Command:
     sub_flags: dict[str, Any] = field(default_factory=dict)
 
 
-TUNNEL_SUBCOMMANDS_ELSEWHERE = ("vnet", "diag")  # cloudflared commands this connector does not have
+TUNNEL_SUBCOMMANDS_ELSEWHERE = ("diag",)  # cloudflared commands this connector does not have
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -497,8 +497,10 @@ def _parse_command(argv: Sequence[str]) -> Command:
         return Command(path=("help",), tunnel=root)
     if cmd == "access":
         return Command(path=("access",), tunnel=root, args=rest)
+    if cmd == "tail":
+        return Command(path=("tail",), tunnel=root, args=rest)
     if cmd != "tunnel":
-        raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel` (run, ingress) and "
+        raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel`, `tail` and "
                          "`access tcp`", help_for="root")
     tun = parse_level(rest, "T")
     tun.values = {**root.values, **tun.values}
@@ -547,8 +549,7 @@ def _parse_command(argv: Sequence[str]) -> Command:
     if sub in ADMIN_COMMANDS:
         return Command(path=("tunnel", "admin"), tunnel=tun, args=[sub, *rest])
     if sub in TUNNEL_SUBCOMMANDS_ELSEWHERE:
-        raise UsageError(f"`tunnel {sub}` is not implemented by tunnel-lab's connector (virtual networks: "
-                         "only the default one exists in the lab)", help_for="tunnel")
+        raise UsageError(f"`tunnel {sub}` is not implemented by tunnel-lab's connector", help_for="tunnel")
     raise UsageError(f"unknown tunnel command {sub!r}: use `tunnel [flags] run [flags] [TUNNEL]`",
                      help_for="tunnel")
 
@@ -602,11 +603,22 @@ def help_text(which: str) -> str:
             "(here: to the lab's edge)", "",
             "USAGE:", f"   {PROG} tunnel [tunnel command options] run [subcommand options] [TUNNEL]", "",
             "COMMANDS:",
+            "   login    Generate a configuration file with your login details",
+            "   create   Create a new tunnel with given name",
+            "   route    Define which traffic routed from Cloudflare edge to this tunnel (dns, ip)",
+            "   vnet     Configure and query virtual networks",
+            "   list     List existing tunnels",
+            "   info     List details about the active connectors for a tunnel",
+            "   delete   Delete existing tunnel by UUID or name",
+            "   cleanup  Cleanup tunnel connections",
+            "   token    Fetch the credentials token for an existing tunnel",
             "   run      Proxy a local web server by running the given tunnel",
             "   ingress  Validate and test the tunnel's ingress configuration", "",
             "DESCRIPTION:",
-            "   tunnel-lab's connector speaks cloudflared's http2 tunnel protocol. Create and route tunnels",
-            "   with `tunnel-lab tunnel create NAME` and `tunnel-lab tunnel route dns NAME HOST`, then:", "",
+            "   tunnel-lab's connector speaks cloudflared's tunnel protocols. In `tunnel-lab sandbox`",
+            "   the admin commands talk to the lab's API as cloudflared's do. Outside it, create and",
+            "   route tunnels with `tunnel-lab tunnel create NAME` and `tunnel-lab tunnel route dns NAME",
+            "   HOST`, then:", "",
             f"      $ {PROG} tunnel --edge 127.0.0.1:7844 --edge 127.0.0.2:7844 --cacert ca.pem \\",
             "          run --credentials-file UUID.json --url http://127.0.0.1:8080 UUID", "",
             "   Flags may also be set with their environment variables or in a YAML --config file.", "",
@@ -617,7 +629,8 @@ def help_text(which: str) -> str:
         "USAGE:", f"   {PROG} [global options] command [command options] [arguments...]", "",
         "VERSION:", f"   {VERSION}", "",
         "COMMANDS:",
-        "   tunnel   Run a tunnel (`tunnel run`) and check its ingress rules (`tunnel ingress`)",
+        "   tunnel   Run a tunnel (`tunnel run`), manage tunnels (`tunnel login|create|...`), check ingress",
+        "   tail     Stream logs from a remote cloudflared (or tunnel-lab connector)",
         "   access   access tcp: a local listener whose connections travel through the tunnel",
         "   version  Print the version", "",
         "GLOBAL OPTIONS:",
@@ -649,6 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if path == ("access",):
         from tunnel_lab.connector import access
         return access.main(command.args)
+    if path == ("tail",):
+        from tunnel_lab.connector import tail
+        return tail.main(command.args, prog=PROG)
     try:
         if path == ("tunnel",):
             return _tunnel_without_subcommand(command)
@@ -740,13 +756,18 @@ def _admin_command(command: Command) -> int:
                      if res.is_set(name)}
     try:
         inv = admin.parse_invocation(command.args, tunnel_values)
+    except admin.NoHelpTopic as exc:
+        print(str(exc), file=sys.stderr)
+        return admin.NoHelpTopic.exit_code
     except admin.CommandUsageError as exc:
-        print(f"{exc}\nSee '{PROG} tunnel {command.args[0]} --help'.", file=sys.stderr)
+        print(admin.usage_error_text(str(exc), PROG, " ".join(command.args[:2]) if command.args[0] == "route"
+                                     else command.args[0]), file=sys.stderr)
         return admin.USAGE_EXIT
     except UsageError as exc:
-        print(f"Incorrect Usage. {exc.message}\n", file=sys.stderr)
-        print(admin.help_text(command.args, PROG), file=sys.stderr)
-        return 1
+        # urfave/cli for a subcommand's unknown flag: the error and the help on stdout, and exit code 0
+        print(f"Incorrect Usage: {exc.message}\n")
+        print(admin.help_text(command.args, PROG))
+        return 0
     except admin.CommandError as exc:
         print(str(exc), file=sys.stderr)
         return 1

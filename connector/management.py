@@ -226,6 +226,7 @@ class Session:
     send: trio.MemorySendChannel[dict[str, Any]] | None = None
     receive: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
     cancel: trio.CancelScope | None = None
+    replaced: bool = False  # a new session of the same actor took over: close normally
 
     def __post_init__(self) -> None:
         self.send, self.receive = trio.open_memory_channel(LOG_WINDOW)
@@ -246,6 +247,8 @@ class ManagementHub(logging.Handler):
         super().__init__(level=logging.DEBUG)
         self.sessions: list[Session] = []
         self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._saved_level: int | None = None  # the root level while a session wants debug lines
+        self._raised: list[logging.Handler] = []
 
     def bind(self) -> None:
         """Call from the trio thread: records from other threads are then handed over to it."""
@@ -261,15 +264,38 @@ class ManagementHub(logging.Handler):
         session.active = True
         if session not in self.sessions:
             self.sessions.append(session)
+        self._follow_levels()
 
     def remove(self, session: Session) -> None:
         session.active = False
         if session in self.sessions:
             self.sessions.remove(session)
+        self._follow_levels()
+
+    def _follow_levels(self) -> None:
+        """cloudflared hands every line to the management logger whatever `--loglevel` says; here the root
+        logger goes down to DEBUG only while a session asks for debug lines (debug records cost CPU), and
+        the other handlers keep the configured level meanwhile."""
+        root = logging.getLogger()
+        wanted = any(s.active and (s.filters.level is None or s.filters.level == 0) for s in self.sessions)
+        if wanted and self._saved_level is None and root.level > logging.DEBUG:
+            self._saved_level = root.level
+            for handler in root.handlers:
+                if handler is not self and handler.level == logging.NOTSET:
+                    handler.setLevel(root.level)
+                    self._raised.append(handler)
+            root.setLevel(logging.DEBUG)
+        elif not wanted and self._saved_level is not None:
+            root.setLevel(self._saved_level)
+            for handler in self._raised:
+                handler.setLevel(logging.NOTSET)
+            self._saved_level, self._raised = None, []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not self.sessions or record.name.startswith(__name__):
-            return  # the service's own lines would feed themselves
+        # Only the connector's own lines (not the libraries'), and not the service's: those would feed
+        # themselves.
+        if not self.sessions or not record.name.startswith("tunnel_lab") or record.name.startswith(__name__):
+            return
         try:
             extra = getattr(record, "fields", None)
             level, event, doc = log_event(created=record.created, levelno=record.levelno,
@@ -437,6 +463,10 @@ class _LogSession:
                 nursery.start_soon(self._pings)
                 await self._read_events()
                 nursery.cancel_scope.cancel()
+            if self.session.replaced:
+                # cloudflared cancels the old request's context, and its handler closes normally
+                with trio.move_on_after(1):
+                    await self._close(1000, "context closed")
         finally:
             self.hub.remove(self.session)
 
@@ -511,6 +541,7 @@ class _LogSession:
         log.info("Another management session request for the same actor was requested; the other session "
                  "will be disconnected to handle the new request.")
         self.hub.remove(existing)
+        existing.replaced = True
         if existing.cancel is not None:
             existing.cancel.cancel()
         return True
@@ -524,4 +555,6 @@ def install(hub: ManagementHub) -> None:
 
 
 def uninstall(hub: ManagementHub) -> None:
+    for session in list(hub.sessions):
+        hub.remove(session)  # puts the root level back
     logging.getLogger().removeHandler(hub)

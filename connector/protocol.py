@@ -3,9 +3,9 @@
 cloudflared's rules (connection/protocol.go NewProtocolSelector, supervisor/tunnel.go selectNextProtocol):
 - `--protocol http2` / `quic`: that protocol only, never a fallback (`h2mux` means http2, with a warning);
 - `--protocol auto` with a token: QUIC, falling back to http2; with a credentials file: the protocol the
-  TXT record `protocol-v2.argotunnel.com` names for the account, and http2 when it cannot be looked up
-  (always, offline: our connector makes no DNS lookups, so it starts with http2 there as cloudflared does
-  without an answer);
+  TXT record `protocol-v2.argotunnel.com` names for the account (read when the edge is discovered through
+  DNS, connector/edge_discovery.py), and http2 when it was not read (with `--edge` our connector makes no
+  DNS lookup, which is what cloudflared gets offline);
 - a connection falls back once its backoff reached `--retries`, or at once when QUIC looks broken (the
   connection went idle: UDP to the edge is dropped), unless some connection already registered over QUIC.
 docs/protocol.md §13.8; docs/connector.md, "Protocols".

@@ -94,11 +94,13 @@ async def _start_management(nursery: trio.Nursery, settings: TunnelSettings, pro
     nursery.start_soon(_uninstall_at_exit, hub)
 
 
-async def _uninstall_at_exit(hub: logging.Handler) -> None:
+async def _uninstall_at_exit(hub: Any) -> None:
+    from tunnel_lab.connector import management
+
     try:
         await trio.sleep_forever()
     finally:
-        logging.getLogger().removeHandler(hub)
+        management.uninstall(hub)
 
 
 async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED,
