@@ -9,7 +9,7 @@ Chromium does not read the system CA bundle the sandbox mounts (it keeps its own
 tool is at hand to add the lab CA there, so it is told to accept the key of the lab's dash.cloudflare.com
 certificate (`--ignore-certificate-errors-spki-list`, which matches the certificates the server sends:
 the leaf); any other certificate is still refused.
-It is driven over its DevTools pipe (tests/integration/test_access_chromium.py's client).
+It is driven over its DevTools pipe (tests/chromium.py's client).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ signal.alarm(150)  # a browser step that never ends fails the run instead of han
 sys.path.insert(0, sys.argv[2])
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from tests.integration.test_access_chromium import DevTools
+from tests.chromium import Browser as DevTools
 
 mode, chromium = sys.argv[1], sys.argv[3]
 home = os.environ["HOME"]
@@ -96,14 +96,14 @@ os.close(from_w)
 tools = DevTools(proc, to_w, from_r)
 try:
     target = tools.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-    session = tools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-    tools.call("Page.enable", session=session)
+    tools.session = tools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+    tools.call("Page.enable")
 
     def evaluate(expression):
-        return tools.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
-                          session=session)["result"].get("value")
+        answer = tools.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        return answer["result"].get("value")
 
-    navigated = tools.call("Page.navigate", {"url": url}, session=session)
+    navigated = tools.call("Page.navigate", {"url": url})
     if navigated.get("errorText"):
         raise SystemExit(f"chromium could not open {url}: {navigated['errorText']}")
     tools.wait_event("Page.loadEventFired")
