@@ -927,6 +927,19 @@ def _run_command(command: Command, quick: QuickTunnel | None = None) -> int:
         raise ConfigError(f"the connector runtime (connector/runtime.py) is not available: {exc}") from None
     import trio
 
+    if res.get("trace"):
+        import base64
+        import dataclasses as dc
+
+        from tunnel_lab.transport.trace import Tracer
+
+        secret = base64.b64encode(settings.credentials.tunnel_secret).decode()
+        try:
+            tracer = Tracer(res.get("trace"), component="connector", secrets=[secret])
+        except OSError as exc:
+            raise ConfigError(f"cannot write the trace file {res.get('trace')}: {exc.strerror or exc}",
+                              source="--trace") from None
+        settings = dc.replace(settings, trace=tracer)
     try:
         return int(trio.run(runtime.run_tunnel, settings))
     except KeyboardInterrupt:
@@ -939,6 +952,9 @@ def _run_command(command: Command, quick: QuickTunnel | None = None) -> int:
         raise _as_lab_error(leaf) from None
     except OSError as exc:
         raise _as_lab_error(exc) from None
+    finally:
+        if settings.trace is not None:
+            settings.trace.close()
 
 
 def _first_leaf(group: BaseExceptionGroup, types_: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -47,6 +47,7 @@ from tunnel_lab.connector.http1 import ClientGone, ServerConnection
 from tunnel_lab.connector.logging_setup import split_fields
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.websocket import websocket_accept
+from tunnel_lab.wire.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ STATUS_UNSUPPORTED_DATA = 1003
 MISSING_TOKEN = {"errors": [{"code": 1001, "message": "missing access_token query parameter"}]}
 
 
-class ManagementError(ValueError):
+class ManagementError(ProtocolError):
     """A management token or a client event that cloudflared would refuse; the text is its words."""
 
 

@@ -16,13 +16,14 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from qh3.quic import events as qe
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from tunnel_lab.transport.qh3 import hold_unsent, stream_state
+from tunnel_lab.transport.qh3 import TracedQuicConnection, hold_unsent, stream_state
 from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,12 @@ class QuicTransport:
                  on_stream: Callable[[QuicStream], None] | None = None,
                  on_datagram: Callable[[bytes], None] | None = None,
                  bind_address: str | None = None, stream_buffer_limit: int = STREAM_BUFFER_LIMIT,
-                 keepalive: float | None = KEEPALIVE_PERIOD) -> None:
-        self.quic = QuicConnection(configuration=configuration)
+                 keepalive: float | None = KEEPALIVE_PERIOD, trace: Any = None) -> None:
+        self.quic = QuicConnection(configuration=configuration) if trace is None else \
+            TracedQuicConnection(configuration=configuration)
+        self.trace = trace  # transport.trace.ConnTrace with --trace (docs/trace.md), else None
+        if trace is not None:
+            self.quic.trace = trace  # type: ignore[attr-defined]
         self.keepalive = keepalive  # seconds between PINGs once connected (None: none)
         self.stream_buffer_limit = stream_buffer_limit  # unread bytes per stream before it is reset
         self.address = address
@@ -329,6 +334,8 @@ class QuicTransport:
 
     def _handle_events(self) -> None:
         while (event := self.quic.next_event()) is not None:
+            if self.trace is not None:
+                self.trace.quic_event(event)
             if isinstance(event, qe.StreamDataReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is None:

@@ -147,6 +147,11 @@ class _Outcome:
             connection=conn.id if conn is not None else None,
             location=conn.location if conn is not None else None,
             outcome=self.outcome, duration_ms=round(duration * 1000, 3))
+        if self.edge.trace is not None:
+            self.edge.trace.event("eyeball.done", ray=self.ray, status=self.status, outcome=self.outcome,
+                                  duration_ms=round(duration * 1000, 3), method=str(self.req.method),
+                                  target=str(self.req.target), host=self.host,
+                                  conn=conn.id if conn is not None else None)
         self.edge.metrics.requests.inc(status=self.status, outcome=self.outcome)
         self.edge.metrics.request_seconds.inc(duration)
 
@@ -198,6 +203,10 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
             await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), result.ray))
             return
         result.ray = new_ray_id(conn.location, os.urandom(8))
+        if edge.trace is not None:
+            edge.trace.event("eyeball.request", ray=result.ray, dc=conn.location, tunnel=str(tunnel.id),
+                             method=str(req.method), target=str(result.req.target), host=host,
+                             scheme=str(req.scheme), client_ip=str(req.client_ip), headers=req.headers)
         await _forward(edge, ex, tunnel, conn, result.ray, result, verdict)
     except EyeballGone:
         if not result.recorded:
@@ -407,6 +416,8 @@ async def _respond(edge: EdgeState[TunnelConnection], ex: Exchange, stream: Tunn
         return False
     if resp.bodiless:
         result.record()  # the head is the whole response for the eyeball
+    if edge.trace is not None:
+        edge.trace.event("eyeball.response", ray=ray, status=result.status, headers=resp.headers)
     await ex.start_response(result.status, resp.headers)
     try:
         await _relay_body(edge, ex, stream, result, resp.body_length)

@@ -43,7 +43,7 @@ from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
-from tunnel_lab.transport.qh3 import hold_unsent, stream_state
+from tunnel_lab.transport.qh3 import TracedQuicConnection, hold_unsent, quic_keylog, stream_state
 from tunnel_lab.transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.quic_stream import (
@@ -144,6 +144,10 @@ class QuicTunnelConnection(H2TunnelConnection):
         super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.quic = quic
+        if self.trace is not None:  # made by the http2 base class: this one is QUIC
+            self.trace.ids["transport"] = "quic"
+            self.trace.request_direction = "out"
+            quic.trace = self.trace  # type: ignore[attr-defined]  # a TracedQuicConnection
         self.handshake_done = False
         self._wake = trio.lowlevel.ParkingLot()  # the connection's task: timers, a fatal error, the end
         self._sent_lot = trio.lowlevel.ParkingLot()  # writers waiting for qh3 to send what they queued
@@ -235,6 +239,8 @@ class QuicTunnelConnection(H2TunnelConnection):
     # ---- qh3 events --------------------------------------------------------------------------
     def _process_events(self) -> None:
         while (event := self.quic.next_event()) is not None:
+            if self.trace is not None:
+                self.trace.quic_event(event)
             if isinstance(event, qevents.StreamDataReceived):
                 self._on_stream_data(event.stream_id, event.data, event.end_stream)
             elif isinstance(event, qevents.StreamReset):
@@ -677,7 +683,7 @@ class QuicEndpoint:
             config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT,
                                        max_datagram_frame_size=65535, max_datagram_size=1452)
             config.load_cert_chain(str(paths.cert), str(paths.key))
-            self._configs[kind] = config
+            self._configs[kind] = quic_keylog(config)
         return config
 
     def send(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -730,7 +736,8 @@ class QuicEndpoint:
         if len(self.live) >= MAX_CONNECTIONS:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
             return None
-        quic = QuicConnection(configuration=config, original_destination_connection_id=dcid)
+        quic_class = QuicConnection if self.state.trace is None else TracedQuicConnection
+        quic = quic_class(configuration=config, original_destination_connection_id=dcid)
         conn = QuicTunnelConnection(self.state, self, quic, location=self.lst.location, remote=addr)
         self.live.add(conn)
         self.route(dcid, conn)

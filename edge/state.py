@@ -453,3 +453,4 @@ class EdgeState(Generic[C]):
     pushed_configs: dict[str, bytes] = field(default_factory=dict)  # tunnel id -> last local config
     access: Any = None  # edge.access.AccessGate, made on first use
     default_location: str = "LAB"
+    trace: Any = None  # transport.trace.Tracer with `--trace`, else None (each hook checks this once)

@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "netns": ("tunnel_lab.lab.runner.netns", "main", "run a command in the lab's private network namespace"),
     "sandbox": ("tunnel_lab.lab.sandbox", "main",
                 "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
+    "trace": ("tunnel_lab.lab.trace_cli", "main",
+              "read protocol traces: `trace show FILE`, `trace diagram FILE --ray ID`"),
     "login": ("tunnel_lab.lab.login", "main",
               "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }

@@ -5,7 +5,24 @@ Pinned by tests/unit/test_qh3_pins.py: a qh3 upgrade that changes one of them fa
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, TextIO
+
+from qh3.quic.connection import QuicConnection
+
+_KEYLOGS: dict[str, TextIO] = {}  # one append handle per key log path, shared by every configuration
+
+
+def quic_keylog(config: Any) -> Any:
+    """Have a qh3 `QuicConfiguration` append its TLS secrets to `$SSLKEYLOGFILE` when that is set
+    (qh3's `secrets_log_file`, NSS key log format: Wireshark decrypts QUIC with it too)."""
+    path = os.environ.get("SSLKEYLOGFILE")
+    if path:
+        handle = _KEYLOGS.get(path)
+        if handle is None:
+            handle = _KEYLOGS[path] = open(path, "a", buffering=1, encoding="ascii")  # noqa: SIM115
+        config.secrets_log_file = handle
+    return config
 
 
 def stream_state(quic: Any, stream_id: int) -> Any:
@@ -24,3 +41,27 @@ def hold_unsent(state: Any) -> None:
     """
     if state is not None:
         state.is_blocked = True
+
+
+class TracedQuicConnection(QuicConnection):
+    """A qh3 connection whose sends the protocol trace sees (`trace`: a `transport.trace.ConnTrace`).
+
+    Used instead of `QuicConnection` only when tracing is on (qh3's connection has `__slots__`, so its
+    methods cannot be wrapped per instance); what is received the shells hand to `trace.quic_event`."""
+
+    trace: Any = None
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if self.trace is not None:
+            self.trace.quic_stream("out", stream_id, data, fin=end_stream)
+        super().send_stream_data(stream_id, data, end_stream)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        if self.trace is not None:
+            self.trace.quic_stream("out", stream_id, b"", reset=True)
+        super().reset_stream(stream_id, error_code)
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        if self.trace is not None:
+            self.trace.datagram("out", data)
+        super().send_datagram_frame(data)

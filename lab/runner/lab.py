@@ -53,6 +53,7 @@ class RunOptions:
     loglevel: str = "info"
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
     protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
+    trace: bool = False  # `run --trace`: each component that can writes a protocol trace (docs/trace.md)
 
 
 @dataclass
@@ -214,6 +215,9 @@ class Lab:
             from tunnel_lab.lab.runner.loader import parse_duration
 
             flags += ["--origin-timeout", f"{parse_duration(sc.edge['origin_timeout']):g}"]
+        old = self.components.get("edge")
+        if self.options.trace:
+            flags += ["--trace", str(self._trace_path("edge", old))]
         argv = edge_argv(
             self.state,
             datacentres,
@@ -226,7 +230,6 @@ class Lab:
             loglevel=self.options.loglevel,
         )
         comp = Component("edge", argv, self.logs / "edge.log", env=self.env(), ready_file=ready)
-        old = self.components.get("edge")
         if old is not None:
             comp.starts = old.starts
         self.components["edge"] = comp
@@ -304,7 +307,7 @@ class Lab:
             grace_period=spec.grace_period,
             retries=spec.retries,
             loglevel=self.options.loglevel,
-            flags=self.subst(list(spec.flags)),
+            flags=[*self.subst(list(spec.flags)), *self._connector_trace_flags()],
             token=token,
             credentials=creds,
             dns_resolver=True,
@@ -323,6 +326,17 @@ class Lab:
             comp.starts = old.starts
         self.components["connector"] = comp
         return comp
+
+    def _trace_path(self, name: str, old: Component | None) -> Path:
+        """`NAME.trace.jsonl` in the scenario's results; a restarted component gets `NAME-N.trace.jsonl`."""
+        starts = old.starts if old is not None else 0
+        return self.logs / (f"{name}.trace.jsonl" if not starts else f"{name}-{starts + 1}.trace.jsonl")
+
+    def _connector_trace_flags(self) -> list[str]:
+        # Only our connector writes a trace; the real cloudflared's session is in the edge's trace.
+        if not self.options.trace or self.options.connector == "cloudflared":
+            return []
+        return ["--trace", str(self._trace_path("connector", self.components.get("connector")))]
 
     async def start_connector(self, *, wait_ready: int) -> None:
         comp = self.components["connector"]
