@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import secrets
 import shutil
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from tunnel_lab.lab.runner.procs import (
     Component,
     ComponentError,
     child_env,
+    concurrently,
     free_port,
     run_command,
     tail,
@@ -132,29 +135,21 @@ class Lab:
                                  redact=self.redactor.text)
 
     async def setup(self) -> None:
+        """Admin steps, origins and the edge at once (none needs another: the edge reads the store and the
+        PKI, both safe to share between processes, when a connector registers); then access, then the
+        connector, which needs the origins' addresses and the edge's listeners."""
         (self.state / "home").mkdir(parents=True, exist_ok=True)
         sc = self.scenario
-        for t in sc.tunnels:
-            out = await self.admin("create", t.name)
-            m = _UUID.search(out)
-            if not m:
-                raise ComponentError(f"`tunnel create {t.name}` printed no tunnel id: {out.strip()[:200]}")
-            creds = self.state / "credentials" / f"{m.group(0)}.json"
-            path_m = re.search(r"(/\S+\.json)", out)
-            if path_m and Path(path_m.group(1)).exists():
-                creds = Path(path_m.group(1))
-            self.tunnels[t.name] = TunnelInfo(t.name, m.group(0), creds)
-            self._register_secret(creds)
-            for host in t.dns:
-                await self.admin("route", "dns", t.name, host)
-            for cidr in t.ip:
-                await self.admin("route", "ip", cidr, t.name)
+        jobs: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self._create_tunnel, t.name, t.dns, t.ip) for t in sc.tunnels
+        ]
         for o in sc.origins:
             self._origin_component(o.name)
             if o.start:
-                await self.start_origin(o.name)
+                jobs.append(functools.partial(self.start_origin, o.name))
         self._edge_component(fixed_ports=False)
-        await self.start_edge()
+        jobs.append(self.start_edge)
+        await concurrently(jobs)
         if sc.access is not None:
             from tunnel_lab.lab.runner.access import setup_access
 
@@ -164,6 +159,21 @@ class Lab:
             self._connector_component()
             if sc.connector.start:
                 await self.start_connector(wait_ready=sc.connector.wait_ready)
+
+    async def _create_tunnel(self, name: str, dns: Sequence[str], ip: Sequence[str]) -> None:
+        out = await self.admin("create", name)
+        m = _UUID.search(out)
+        if not m:
+            raise ComponentError(f"`tunnel create {name}` printed no tunnel id: {out.strip()[:200]}")
+        creds = self.state / "credentials" / f"{m.group(0)}.json"
+        path_m = re.search(r"(/\S+\.json)", out)
+        if path_m and Path(path_m.group(1)).exists():
+            creds = Path(path_m.group(1))
+        self.tunnels[name] = TunnelInfo(name, m.group(0), creds)
+        self._register_secret(creds)
+        # Routes of one tunnel are independent rows of the store (SQLite, safe across processes).
+        routes = [("route", "dns", name, host) for host in dns] + [("route", "ip", cidr, name) for cidr in ip]
+        await concurrently([functools.partial(self.admin, *args) for args in routes])
 
     def _origin_component(self, name: str, port: int = 0) -> Component:
         spec = self.scenario.origin(name)
@@ -192,6 +202,7 @@ class Lab:
         await comp.start()
         self.recorder.op("start", component=comp.name, argv=comp.argv, pid=comp.pid)
         ready = await comp.wait_ready_file(START_TIMEOUT)
+        self.recorder.op("ready", component=comp.name)
         # Restarts reuse the port, so ingress rules and ${...} values stay valid.
         port = str(ready.get("address", "")).rpartition(":")[2]
         if port.isdigit() and "127.0.0.1:0" in comp.argv:
@@ -237,6 +248,7 @@ class Lab:
         await comp.start()
         self.recorder.op("start", component="edge", argv=comp.argv, pid=comp.pid)
         self.edge_ready = await comp.wait_ready_file(START_TIMEOUT)
+        self.recorder.op("ready", component="edge")
         self.api_token = str(self.edge_ready.get("api_token") or "")
         if not self.api_token:
             token_file = self.state / "api-token"
@@ -333,6 +345,7 @@ class Lab:
         self.recorder.op("start", component="connector", argv=shown, pid=comp.pid)
         if wait_ready:
             await self.wait_ready(wait_ready, START_TIMEOUT)
+            self.recorder.op("ready", component="connector")
 
     async def wait_ready(self, n: int | dict[str, int], timeout: float) -> int:
         """Wait until the connector's /ready reports `n` connections (an int, or {min, max})."""
@@ -380,16 +393,21 @@ class Lab:
     # --- teardown and logs ---------------------------------------------------------------------------------
     async def teardown(self) -> None:
         """Stop everything: the connector first (so it does not log a storm of reconnects), then the rest."""
-        order = sorted(self.components.values(), key=lambda c: (c.name != "connector", c.name == "edge"))
         with trio.CancelScope(shield=True):
-            for comp in order:
+            for comp in self.components.values():
                 if comp.name.startswith("access"):
                     comp.kill_group()
-            for comp in order:
-                try:
-                    await comp.stop(grace=1.0)
-                except OSError:
-                    comp.kill_group()
+            connector = self.components.get("connector")
+            if connector is not None:
+                await _stop(connector)
+            # The rest are independent of each other: stop them all at once.
+            async with trio.open_nursery() as nursery:
+                for comp in self.components.values():
+                    if comp is not connector:
+                        nursery.start_soon(_stop, comp)
+            for comp in self.components.values():
+                if comp.starts:
+                    self.recorder.op("cpu", component=comp.name, seconds=round(comp.cpu, 3))
 
     def _register_secret(self, creds: Path) -> None:
         # not a credentials file we can read: nothing to register
@@ -423,6 +441,13 @@ class Lab:
             return ""
         # The runner's own "--- start #N: argv" lines are not the component's output.
         return "\n".join(line for line in text.splitlines() if not line.startswith("--- start #"))
+
+
+async def _stop(comp: Component) -> None:
+    try:
+        await comp.stop(grace=1.0)
+    except OSError:
+        comp.kill_group()
 
 
 def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:
