@@ -37,11 +37,12 @@ def library_dir() -> Path:
 
 
 def default_jobs() -> int:
-    """Scenarios at once when `--jobs` is not given: two per core. A scenario keeps a core busy for less
+    """Scenarios at once when `--jobs` is not given: three per core. A scenario keeps a core busy for less
     than half its wall time (the rest is waiting: for processes to start, for timeouts, for reconnects),
-    so one per core leaves the machine idle; docs/scenarios.md gives the figures."""
+    and the few that wait out a reconnect backoff for 20 s hold their place all that time; docs/scenarios.md
+    ("Speed") gives the figures."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 2 * max(cores, 1)
+    return 3 * max(cores, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs", "-j", type=int, default=default_jobs(), metavar="N",
-        help=f"scenarios to run at once (default {default_jobs()}: two per core)",
+        help=f"scenarios to run at once (default {default_jobs()}: three per core)",
     )
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (scenarios sorted by name)")
     p.add_argument("--list", action="store_true", help="list the selected scenarios and exit")

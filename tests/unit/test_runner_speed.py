@@ -60,10 +60,10 @@ def test_longest_first_keeps_the_order_among_equals() -> None:
     assert [s.name for s in order] == ["b", "d", "a", "c"]
 
 
-def test_jobs_default_to_two_per_core() -> None:
+def test_jobs_default_to_three_per_core() -> None:
     cores = len(os.sched_getaffinity(0))
-    assert default_jobs() == 2 * cores
-    assert build_parser().parse_args([]).jobs == 2 * cores
+    assert default_jobs() == 3 * cores
+    assert build_parser().parse_args([]).jobs == 3 * cores
     assert build_parser().parse_args(["--jobs", "1"]).jobs == 1
 
 
