@@ -392,19 +392,25 @@ class Lab:
 
     # --- teardown and logs ---------------------------------------------------------------------------------
     async def teardown(self) -> None:
-        """Stop everything: the connector first (so it does not log a storm of reconnects), then the rest."""
+        """Stop everything: the connector first and gracefully (so it does not log a storm of reconnects,
+        and its shutdown is what a user sees), then the rest at once with SIGKILL: nothing is checked after
+        the last step, and their graceful shutdown cost about 0.1 CPU-second each (`edge` and `origin`
+        steps still stop them gracefully)."""
         with trio.CancelScope(shield=True):
-            for comp in self.components.values():
-                if comp.name.startswith("access"):
-                    comp.kill_group()
             connector = self.components.get("connector")
-            if connector is not None:
-                await _stop(connector)
-            # The rest are independent of each other: stop them all at once.
+            rest = [c for c in self.components.values() if c is not connector]
             async with trio.open_nursery() as nursery:
-                for comp in self.components.values():
-                    if comp is not connector:
-                        nursery.start_soon(_stop, comp)
+                for comp in rest:
+                    if comp.name.startswith("access"):
+                        nursery.start_soon(comp.kill)
+            if connector is not None:
+                try:
+                    await connector.stop(grace=1.0)
+                except OSError:
+                    connector.kill_group()
+            async with trio.open_nursery() as nursery:
+                for comp in rest:
+                    nursery.start_soon(comp.kill)
             for comp in self.components.values():
                 if comp.starts:
                     self.recorder.op("cpu", component=comp.name, seconds=round(comp.cpu, 3))
@@ -441,13 +447,6 @@ class Lab:
             return ""
         # The runner's own "--- start #N: argv" lines are not the component's output.
         return "\n".join(line for line in text.splitlines() if not line.startswith("--- start #"))
-
-
-async def _stop(comp: Component) -> None:
-    try:
-        await comp.stop(grace=1.0)
-    except OSError:
-        comp.kill_group()
 
 
 def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:

@@ -218,6 +218,16 @@ class Component:
             await self.process.wait()
         return self.process.returncode
 
+    async def kill(self) -> None:
+        """SIGKILL the whole process group at once (no graceful shutdown) and reap it."""
+        if self.process is None:
+            return
+        if self.process.returncode is None:
+            self.cpu += process_cpu(self.process.pid)
+        self.kill_group()
+        with trio.move_on_after(2):
+            await self.process.wait()
+
     def kill_group(self) -> None:
         if self.process is None:
             return
