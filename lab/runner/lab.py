@@ -17,7 +17,7 @@ import secrets
 import shutil
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,20 +135,19 @@ class Lab:
                                  redact=self.redactor.text)
 
     async def setup(self) -> None:
-        """Admin steps, origins and the edge at once (none needs another: the edge reads the store and the
-        PKI, both safe to share between processes, when a connector registers); then access, then the
-        connector, which needs the origins' addresses and the edge's listeners."""
+        """Origins at once with the admin steps and the edge; then access, then the connector, which needs
+        the origins' addresses and the edge's listeners. The edge starts once the first `tunnel create`
+        has made the tunnel store: two processes creating the same SQLite file at once can meet a lock
+        SQLite does not wait for (seen: `database is locked`); after that the store and the PKI are safe to
+        share, and the edge reads the tunnels only when a connector registers."""
         (self.state / "home").mkdir(parents=True, exist_ok=True)
         sc = self.scenario
-        jobs: list[Callable[[], Awaitable[None]]] = [
-            functools.partial(self._create_tunnel, t.name, t.dns, t.ip) for t in sc.tunnels
-        ]
+        jobs: list[Callable[[], Awaitable[None]]] = [self._tunnels_and_edge]
         for o in sc.origins:
             self._origin_component(o.name)
             if o.start:
                 jobs.append(functools.partial(self.start_origin, o.name))
         self._edge_component(fixed_ports=False)
-        jobs.append(self.start_edge)
         await concurrently(jobs)
         if sc.access is not None:
             from tunnel_lab.lab.runner.access import setup_access
@@ -160,7 +159,16 @@ class Lab:
             if sc.connector.start:
                 await self.start_connector(wait_ready=sc.connector.wait_ready)
 
-    async def _create_tunnel(self, name: str, dns: Sequence[str], ip: Sequence[str]) -> None:
+    async def _tunnels_and_edge(self) -> None:
+        routes: list[tuple[str, ...]] = []
+        for t in self.scenario.tunnels:
+            await self._create_tunnel(t.name)
+            routes += [("route", "dns", t.name, host) for host in t.dns]
+            routes += [("route", "ip", cidr, t.name) for cidr in t.ip]
+        # Routes are independent rows of the store (BEGIN IMMEDIATE, a busy timeout): all at once.
+        await concurrently([self.start_edge, *(functools.partial(self.admin, *args) for args in routes)])
+
+    async def _create_tunnel(self, name: str) -> None:
         out = await self.admin("create", name)
         m = _UUID.search(out)
         if not m:
@@ -171,9 +179,6 @@ class Lab:
             creds = Path(path_m.group(1))
         self.tunnels[name] = TunnelInfo(name, m.group(0), creds)
         self._register_secret(creds)
-        # Routes of one tunnel are independent rows of the store (SQLite, safe across processes).
-        routes = [("route", "dns", name, host) for host in dns] + [("route", "ip", cidr, name) for cidr in ip]
-        await concurrently([functools.partial(self.admin, *args) for args in routes])
 
     def _origin_component(self, name: str, port: int = 0) -> Component:
         spec = self.scenario.origin(name)
