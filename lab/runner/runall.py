@@ -51,6 +51,7 @@ def run_all(
         loglevel=args.loglevel,
         capabilities=capabilities,
         protocol=getattr(args, "protocol", "http2"),
+        trace=bool(getattr(args, "trace", False)),
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     bytecode.warm()  # once here rather than in each of the hundreds of processes the run starts
