@@ -476,7 +476,7 @@ class Lab:
         """Stop everything: the connector first and gracefully (so it does not log a storm of reconnects,
         and its shutdown is what a user sees), then the rest at once with SIGKILL: nothing is checked after
         the last step, and their graceful shutdown cost about 0.1 CPU-second each (`edge` and `origin`
-        steps still stop them gracefully)."""
+        steps still stop them gracefully; with `--trace` the edge too, so that its trace is whole)."""
         if self.team_domain is not None:
             for name in self.stub_names:
                 netns.unregister_name(name, self.team_domain[1])
@@ -494,7 +494,10 @@ class Lab:
                     connector.kill_group()
             async with trio.open_nursery() as nursery:
                 for comp in rest:
-                    nursery.start_soon(comp.kill)
+                    if self.options.trace and comp.name == "edge":
+                        nursery.start_soon(comp.stop, 3.0)  # its trace ends with `trace.end`, flushed
+                    else:
+                        nursery.start_soon(comp.kill)
             for comp in self.components.values():
                 if comp.starts:
                     self.recorder.op("cpu", component=comp.name, seconds=round(comp.cpu, 3))
