@@ -17,7 +17,8 @@ import h11
 import trio
 from h2.errors import ErrorCodes
 
-from tunnel_lab.edge.state import EdgeState, parse_fault
+from tunnel_lab.edge.live import serve_live
+from tunnel_lab.edge.state import EdgeState, connection_json, parse_fault
 from tunnel_lab.edge.tunnel import TunnelConnection
 from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
@@ -50,26 +51,6 @@ class ApiError(TunnelLabError):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def connection_json(conn: Any) -> dict[str, Any]:
-    """`GET /connections` entry."""
-    reg = conn.registration
-    return {
-        "id": conn.id,
-        "tunnel_id": str(reg.tunnel_id) if reg else None,
-        "tunnel_name": reg.tunnel_name if reg else None,
-        "location": conn.location,
-        "conn_index": reg.conn_index if reg else None,
-        "connector_id": str(reg.connector_id) if reg else None,
-        "client_version": reg.client_version if reg else None,
-        "arch": reg.arch if reg else None,
-        "features": list(reg.features) if reg else [],
-        "state": conn.state,
-        "remote": conn.remote,
-        "streams": conn.active_streams,
-        "registered_at": reg.registered_at if reg else None,
-    }
 
 
 def parse_json(body: bytes) -> Any:
@@ -216,7 +197,9 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
     elif method == "POST" and path == "/udp-forwards":
         return ok(await _udp_forward(control, parse_json(body)), 201)
     elif method == "POST" and path == "/faults":
-        return ok(await apply_fault(edge, control, parse_json(body)))
+        applied = await apply_fault(edge, control, parse_json(body))
+        edge.faults.note_applied(applied)
+        return ok(applied)
     elif method == "DELETE" and (path == "/faults" or path.startswith("/faults/")):
         fault_id = path[len("/faults/"):] if path.startswith("/faults/") else None
         return ok({"cleared": await clear_fault(edge, control, fault_id)})
@@ -291,6 +274,14 @@ async def handle_api_connection(edge: EdgeState[TunnelConnection], control: Edge
                 return
             method = request.method.decode()
             target = request.target.decode("latin-1")
+            if target == "/live" or target.startswith(("/live?", "/live/")):
+                if not await serve_live(edge, list(control.locations()), control.api_token, request,
+                                        stream, conn):
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+                continue
             auth = dict(request.headers).get(b"authorization", b"")
             try:
                 if target.split("?")[0] == "/healthz" and method == "GET":
@@ -314,7 +305,8 @@ async def handle_api_connection(edge: EdgeState[TunnelConnection], control: Edge
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
-    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, ApiError) as exc:
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+            ApiError) as exc:
         log.debug("api connection ended: %s", exc)
     finally:
         with trio.CancelScope(shield=True):

@@ -164,6 +164,9 @@ class Faults:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self.active: dict[str, Fault] = {}
+        # what POST /faults did, one-shot faults included (the live view's `fault` events)
+        self.applied: deque[dict[str, Any]] = deque(maxlen=200)
+        self._applied_seq = itertools.count(1)
 
     def new_id(self) -> str:
         """A fresh fault id (`f1`, `f2`, ...)."""
@@ -176,6 +179,14 @@ class Faults:
         log.warning("fault active: id=%s kind=%s %s", fault.id, kind,
                     " ".join(f"{k}={v}" for k, v in params.items()))
         return fault
+
+    def note_applied(self, answer: dict[str, Any]) -> None:
+        """Remember the answer of one POST /faults."""
+        self.applied.append({"seq": next(self._applied_seq), "time": time.time(), **answer})
+
+    def applied_since(self, seq: int) -> list[dict[str, Any]]:
+        """Applied faults after `seq`."""
+        return [e for e in self.applied if e["seq"] > seq]
 
     def remove(self, fault_id: str) -> Fault | None:
         """Clear one fault."""
@@ -275,6 +286,26 @@ def parse_fault(body: Any) -> tuple[str, dict[str, Any]]:
                                or params[name] < 1):
             raise ConfigError(f"{name} must be a positive integer", source="POST /faults")
     return kind, params
+
+
+def connection_json(conn: Any) -> dict[str, Any]:
+    """A live connection as JSON (`GET /connections`, the live view)."""
+    reg = conn.registration
+    return {
+        "id": conn.id,
+        "tunnel_id": str(reg.tunnel_id) if reg else None,
+        "tunnel_name": reg.tunnel_name if reg else None,
+        "location": conn.location,
+        "conn_index": reg.conn_index if reg else None,
+        "connector_id": str(reg.connector_id) if reg else None,
+        "client_version": reg.client_version if reg else None,
+        "arch": reg.arch if reg else None,
+        "features": list(reg.features) if reg else [],
+        "state": conn.state,
+        "remote": conn.remote,
+        "streams": conn.active_streams,
+        "registered_at": reg.registered_at if reg else None,
+    }
 
 
 # ---- history and metrics ------------------------------------------------------------------------

@@ -226,6 +226,7 @@ def banner(info: dict[str, Any], enter: str = "") -> str:
         "",
         f"Management API: http://{info['api']}/ (bearer token in {info['api_token_file']}), for example",
         f'  {enter}curl -H "Authorization: Bearer $(cat {q(info["api_token_file"])})" http://{info["api"]}/history',
+        f"Live view: http://{info['api']}/live (paste the same token; docs/live.md)",
         f"Logs: {info['logs']}/",
         "Press Ctrl-C (or send SIGTERM) to stop the lab.",
     ]

@@ -2,127 +2,48 @@
 and the one-time code are typed into the forms, and the browser ends on the application with the
 `CF_Authorization` cookie, the origin seeing the user's email and a valid assertion.
 
-Chromium is driven over its DevTools pipe (`--remote-debugging-pipe`: JSON messages ended by NUL on fds
-3 and 4); its resolver maps the two lab names to the edge and every other name to nothing, so it can
-reach only loopback."""
+Chromium (tests/chromium.py) maps the two lab names to the edge and every other name to nothing."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
+from tests.chromium import chromium, needs_chromium
 from tests.component.test_edge_api import api
 from tests.component.test_edge_support import echo_handler, make_tunnel, registered, running_edge
 from tunnel_lab.edge.access import gate_of
 from tunnel_lab.wire import jwt
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOST = "app.test"
 TEAM = "lab.cloudflareaccess.com"
 STEP_TIMEOUT = 60.0
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                                         "(apt-get install chromium)")
-
-
-class DevTools:
-    """A minimal DevTools client over the pipe: commands in order, events remembered by name."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], to_browser: int, from_browser: int) -> None:
-        self.proc = proc
-        self._out = to_browser
-        self._in = from_browser
-        self._buffer = b""
-        self._next = 0
-        self.events: list[str] = []
-
-    def _read(self) -> dict[str, Any]:
-        while b"\0" not in self._buffer:
-            chunk = os.read(self._in, 65536)
-            if not chunk:
-                raise RuntimeError(f"chromium closed its DevTools pipe (exit {self.proc.poll()})")
-            self._buffer += chunk
-        message, _, self._buffer = self._buffer.partition(b"\0")
-        return dict(json.loads(message))
-
-    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> Any:
-        self._next += 1
-        message: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        os.write(self._out, json.dumps(message).encode() + b"\0")
-        while True:
-            answer = self._read()
-            if answer.get("id") == self._next:
-                if "error" in answer:
-                    raise RuntimeError(f"{method}: {answer['error']}")
-                return answer.get("result", {})
-            if "method" in answer:
-                self.events.append(str(answer["method"]))
-
-    def wait_event(self, name: str) -> None:
-        while name not in self.events:
-            answer = self._read()
-            if "method" in answer:
-                self.events.append(str(answer["method"]))
-        self.events.remove(name)
+pytestmark = needs_chromium
 
 
 def _sign_in_with_chromium(address: str, profile: Path, codes: Any) -> dict[str, Any]:
     """Runs in a thread: the whole browser session; returns what the page showed."""
     port = address.rsplit(":", 1)[1]
-    rules = f"MAP {HOST}:80 127.0.0.1:{port}, MAP {TEAM}:80 127.0.0.1:{port}, MAP * ~NOTFOUND"
-    to_browser_r, to_browser_w = os.pipe()
-    from_browser_r, from_browser_w = os.pipe()
-
-    argv = [str(CHROMIUM), "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-            f"--user-data-dir={profile}", "--no-first-run", "--no-proxy-server",
-            f"--host-resolver-rules={rules}", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-default-apps", "--no-pings", "--disable-extensions", "about:blank"]
-    # chromium reads commands from fd 3 and writes answers to fd 4: bash puts the pipe ends there
-    wrapper = ["bash", "-c", f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}', "chromium", *argv]
-    proc = subprocess.Popen(wrapper, pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    os.close(to_browser_r)
-    os.close(from_browser_w)
-    tools = DevTools(proc, to_browser_w, from_browser_r)
-    try:
-        target = tools.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = tools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        tools.call("Page.enable", session=session)
-
-        def evaluate(expression: str) -> Any:
-            return tools.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
-                              session=session)["result"].get("value")
-
-        tools.call("Page.navigate", {"url": f"http://{HOST}/page?x=1"}, session=session)
-        tools.wait_event("Page.loadEventFired")
-        login_url = evaluate("location.href")
-        evaluate("document.getElementById('email').value = 'alice@example.test';"
-                 "document.getElementById('submit').click()")
-        tools.wait_event("Page.loadEventFired")
-        code_page = evaluate("document.body.innerText")
+    with chromium(profile, {f"{HOST}:80": f"127.0.0.1:{port}", f"{TEAM}:80": f"127.0.0.1:{port}"}) as page:
+        page.navigate(f"http://{HOST}/page?x=1")
+        login_url = page.evaluate("location.href")
+        page.evaluate("document.getElementById('email').value = 'alice@example.test';"
+                      "document.getElementById('submit').click()")
+        page.wait_event("Page.loadEventFired")
+        code_page = page.evaluate("document.body.innerText")
         code = next(c["code"] for c in codes() if c["email"] == "alice@example.test")
-        evaluate(f"document.getElementById('code').value = '{code}';"
-                 "document.getElementById('submit').click()")
-        tools.wait_event("Page.loadEventFired")
-        return {"login_url": login_url, "code_page": code_page, "final_url": evaluate("location.href"),
-                "body": evaluate("document.body.innerText"),
-                "cookies": tools.call("Network.getCookies", {"urls": [f"http://{HOST}/"]},
-                                      session=session)["cookies"]}
-    finally:
-        os.close(to_browser_w)
-        os.close(from_browser_r)
-        proc.kill()
-        proc.wait()
+        page.evaluate(f"document.getElementById('code').value = '{code}';"
+                      "document.getElementById('submit').click()")
+        page.wait_event("Page.loadEventFired")
+        errors = [e for e in page.console_errors if "/favicon.ico" not in e]  # the lab serves no icon
+        assert not errors, errors
+        return {"login_url": login_url, "code_page": code_page, "final_url": page.evaluate("location.href"),
+                "body": page.evaluate("document.body.innerText"), "cookies": page.cookies(f"http://{HOST}/")}
 
 
 async def test_login_page_in_headless_chromium(tmp_path: Path) -> None:

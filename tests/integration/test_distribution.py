@@ -24,6 +24,7 @@ def test_the_wheel_holds_one_import_package_and_its_data(tmp_path: Path) -> None
         assert f"tunnel_lab/{folder}/__init__.py" in names
     assert "tunnel_lab/wire/tunnelrpc.capnp" in names
     assert "tunnel_lab/lab/runner/schema.json" in names
+    assert {"tunnel_lab/edge/live.html", "tunnel_lab/edge/live_signin.html"} <= set(names)
     assert any(n.startswith("tunnel_lab/lab/scenarios/") and n.endswith(".yaml") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"tunnel-lab = tunnel_lab.lab.cli:main" in entry_points
