@@ -460,7 +460,7 @@ def _parse_command(argv: Sequence[str]) -> Command:
         return Command(path=("access",), tunnel=root, args=rest)
     if cmd != "tunnel":
         raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel` (run, ingress) and "
-                         "`access tcp`", help_for="root")
+                         "`access ...`", help_for="root")
     tun = parse_level(rest, "T")
     tun.values = {**root.values, **tun.values}
     if tun.help and not tun.args:
@@ -577,7 +577,7 @@ def help_text(which: str) -> str:
         "VERSION:", f"   {VERSION}", "",
         "COMMANDS:",
         "   tunnel   Run a tunnel (`tunnel run`) and check its ingress rules (`tunnel ingress`)",
-        "   access   access tcp: a local listener whose connections travel through the tunnel",
+        "   access   access login|token|curl|tcp|ssh: Access tokens; TCP/SSH through the tunnel",
         "   version  Print the version", "",
         "GLOBAL OPTIONS:",
         "   --help, -h     show help",
@@ -786,6 +786,19 @@ def _run_command(command: Command) -> int:
         raise ConfigError(f"the connector runtime (connector/runtime.py) is not available: {exc}") from None
     import trio
 
+    if res.get("trace"):
+        import base64
+        import dataclasses as dc
+
+        from tunnel_lab.transport.trace import Tracer
+
+        secret = base64.b64encode(settings.credentials.tunnel_secret).decode()
+        try:
+            tracer = Tracer(res.get("trace"), component="connector", secrets=[secret])
+        except OSError as exc:
+            raise ConfigError(f"cannot write the trace file {res.get('trace')}: {exc.strerror or exc}",
+                              source="--trace") from None
+        settings = dc.replace(settings, trace=tracer)
     try:
         return int(trio.run(runtime.run_tunnel, settings))
     except KeyboardInterrupt:
@@ -798,6 +811,9 @@ def _run_command(command: Command) -> int:
         raise _as_lab_error(leaf) from None
     except OSError as exc:
         raise _as_lab_error(exc) from None
+    finally:
+        if settings.trace is not None:
+            settings.trace.close()
 
 
 def _first_leaf(group: BaseExceptionGroup, types_: tuple[type[BaseException], ...]) -> BaseException | None:

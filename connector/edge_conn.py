@@ -46,10 +46,12 @@ from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
 from tunnel_lab.transport.h2 import StreamProtocolError, TunnelH2Connection
+from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.transport.trace import ConnTrace
 from tunnel_lab.transport.writer import H2Writer
 from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire.errors import TunnelLabError
-from tunnel_lab.wire.headers import StreamType, classify_stream
+from tunnel_lab.wire.headers import StreamType, classify_stream, first_value
 from tunnel_lab.wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 Dial = Callable[[], Awaitable[trio.abc.Stream]]
@@ -138,6 +140,7 @@ class EdgeConnection:
         self._rpc_closed: str | None = None
         self._register_qid: int | None = None
         self._registration_failure: EdgeConnectionError | None = None
+        self.trace: ConnTrace | None = None  # the protocol trace of this connection (docs/trace.md)
 
     @property
     def label(self) -> str:
@@ -206,6 +209,13 @@ class EdgeConnection:
             return
         # No write timeout: cloudflared's HTTP/2 server sets none (http2.Server{} in connection/http2.go).
         writer = self.writer = H2Writer(self.h2, self.stream)
+        if self.settings.trace is not None:
+            self.trace = self.settings.trace.connection(
+                conn=f"connector#{self.conn_index}.{self.num_previous_attempts}", conn_index=self.conn_index,
+                edge=self.address, transport="http2", tunnel=str(self.settings.credentials.tunnel_id))
+            if isinstance(self.stream, TLSStream):
+                self.trace.tls(self.stream.ssl_object, side="client")
+            writer.on_send = self.trace.sent
         sock = _socket_of(self.stream)
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -278,6 +288,8 @@ class EdgeConnection:
             if not data:
                 self._fail(self._lost())
                 return
+            if self.trace is not None:
+                self.trace.received(data)
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
@@ -337,6 +349,10 @@ class EdgeConnection:
         headers = [(bytes(n), bytes(v)) for n, v in (event.headers or [])]
         ts = IncomingStream(self, event.stream_id, headers, end_stream=event.stream_ended is not None)
         kind = classify_stream(headers)
+        if self.trace is not None:
+            ray = first_value(headers, b"cf-ray")
+            self.trace.event("stream.classified", stream=event.stream_id, stream_kind=kind.value,
+                             ray=ray.decode("latin-1") if ray else None)
         if kind is StreamType.CONTROL and self._control is None:
             self._control = ts
             self.streams[ts.stream_id] = ts
@@ -500,6 +516,8 @@ class EdgeConnection:
         assert isinstance(result, reg.ConnectionDetails)
         self.details = result
         self.registered = True
+        if self.trace is not None:
+            self.trace.update(conn_uuid=str(result.uuid), dc=result.location_name)
         log.info("Registered tunnel connection connIndex=%d connection=%s event=0 ip=%s location=%s "
                  "protocol=http2", self.conn_index, result.uuid, self.edge_ip, result.location_name)
         if self._on_registered:

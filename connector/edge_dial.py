@@ -11,7 +11,7 @@ import trio
 from tunnel_lab.connector.edge_errors import EdgeDialError
 from tunnel_lab.connector.origin_client import describe_certificate, dial_error_text, fetch_peer_certificate
 from tunnel_lab.connector.x509_text import go_tls_verify_error
-from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.transport.tls import TLSStream, honour_keylog
 from tunnel_lab.wire.errors import TLSSetupError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def edge_ssl_context(ca_cert: str | None) -> ssl.SSLContext:
         ctx.load_verify_locations(cadata=text)
     except ssl.SSLError as exc:
         raise TLSSetupError(f"--cacert file {ca_cert} is not a valid PEM certificate bundle: {exc}") from exc
-    return ctx
+    return honour_keylog(ctx)
 
 
 def split_host_port(address: str) -> tuple[str, int]:

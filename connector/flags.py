@@ -67,6 +67,9 @@ FLAGS: tuple[Flag, ...] = (
        usage="Listen address for metrics reporting. If no address is passed the connector tries "
              "127.0.0.1:20241-20245, then a random port."),
     _f("pidfile", "str", "T", "TUNNEL_PIDFILE", usage="Write the application's PID to this file."),
+    # tunnel-lab's own (cloudflared has no such flag): the protocol trace, docs/trace.md
+    _f("trace", "str", "TR", "TUNNEL_LAB_TRACE",
+       usage="tunnel-lab only: write a protocol trace (JSON Lines, secrets redacted) to this file."),
     # --- logging
     _f("loglevel", "str", "T", "TUNNEL_LOGLEVEL", default="info",
        usage="Application logging level {debug, info, warn, error, fatal}."),

@@ -46,6 +46,8 @@ from tunnel_lab.connector.quic_transport import QuicClosedError, QuicStream, Qui
 from tunnel_lab.connector.quic_udp import UdpSessionManager
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
+from tunnel_lab.transport.qh3 import quic_keylog
+from tunnel_lab.transport.trace import ConnTrace
 from tunnel_lab.wire import quic_stream as qs
 from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire import session_rpc as srpc
@@ -105,7 +107,7 @@ def quic_configuration(settings: TunnelSettings) -> QuicConfiguration:
     # cloudflared's source connection id is empty; qh3's client cannot do that, and the edge must not care
     if settings.ca_cert:
         config.load_verify_locations(cafile=settings.ca_cert)
-    return config
+    return quic_keylog(config)
 
 
 class QuicTunnelStream:
@@ -242,6 +244,7 @@ class QuicEdgeConnection:
         self._on_unregistered = on_unregistered
         self.edge_ip = split_host_port(address)[0]
         self.details: reg.ConnectionDetails | None = None
+        self.trace: ConnTrace | None = None  # the protocol trace of this connection (docs/trace.md)
         self.registered = False
         self.dead = False
         self.protocol = "quic"
@@ -275,8 +278,13 @@ class QuicEdgeConnection:
             config = quic_configuration(self.settings)
         except (OSError, ValueError) as exc:
             raise EdgeQuicDialError(f"cannot load --cacert: {exc}") from exc
+        if self.settings.trace is not None:
+            self.trace = self.settings.trace.connection(
+                conn=f"connector#{self.conn_index}.{self.num_previous_attempts}", conn_index=self.conn_index,
+                edge=self.address, transport="quic", tunnel=str(self.settings.credentials.tunnel_id))
         transport = QuicTransport(config, (host, port), on_stream=self._on_stream,
-                                  on_datagram=self._on_datagram, bind_address=self.settings.edge_bind_address)
+                                  on_datagram=self._on_datagram, bind_address=self.settings.edge_bind_address,
+                                  trace=self.trace)
         self.transport = transport
         try:
             async with trio.open_nursery() as nursery:
@@ -444,6 +452,8 @@ class QuicEdgeConnection:
         assert isinstance(answer, RegistrationAnswered) and isinstance(answer.result, reg.ConnectionDetails)
         self.details = answer.result
         self.registered = True
+        if self.trace is not None:
+            self.trace.update(conn_uuid=str(answer.result.uuid), dc=answer.result.location_name)
         log.info("Registered tunnel connection connIndex=%d connection=%s event=0 ip=%s location=%s "
                  "protocol=quic", self.conn_index, answer.result.uuid, self.edge_ip,
                  answer.result.location_name)
@@ -575,6 +585,9 @@ class QuicEdgeConnection:
                 await stream.send_all(qs.encode_connect_response(response), end_stream=True)
             return
         ts = QuicTunnelStream(self, stream, request, kind, headers, no_body)
+        if self.trace is not None:
+            self.trace.event("stream.classified", stream=stream.stream_id, stream_kind=kind.value,
+                             ray=request.get("HttpHeader:Cf-Ray"))
         with ts.cancel_scope, contextlib.suppress(StreamGone):
             await self.proxy.handle_stream(ts, kind)  # type: ignore[arg-type]
         if not stream.local_ended and stream.reset_received is None:
@@ -717,4 +730,16 @@ def _handshake_failure(transport: QuicTransport) -> str:
         return f"CRYPTO_ERROR {code:#x} (local): {TLS_PREFIX}{text}"
     if code is not None and 0x100 <= code < 0x200:
         return f"CRYPTO_ERROR {code:#x} (remote): {transport.close_reason}"
+    if code is not None and transport.close_is_transport and code < len(TRANSPORT_ERRORS):
+        # quic-go's TransportError text, e.g. the edge refusing: `CONNECTION_REFUSED (remote): <reason>`
+        name = f"{TRANSPORT_ERRORS[code]} (remote)"
+        return f"{name}: {transport.close_reason}" if transport.quic_reason else name
     return transport.close_reason
+
+
+# RFC 9000 §20.1 transport error codes 0x0-0x10, named as quic-go's qerr.TransportErrorCode.String() does.
+TRANSPORT_ERRORS = ("NO_ERROR", "INTERNAL_ERROR", "CONNECTION_REFUSED", "FLOW_CONTROL_ERROR",
+                    "STREAM_LIMIT_ERROR", "STREAM_STATE_ERROR", "FINAL_SIZE_ERROR", "FRAME_ENCODING_ERROR",
+                    "TRANSPORT_PARAMETER_ERROR", "CONNECTION_ID_LIMIT_ERROR", "PROTOCOL_VIOLATION",
+                    "INVALID_TOKEN", "APPLICATION_ERROR", "CRYPTO_BUFFER_EXCEEDED", "KEY_UPDATE_ERROR",
+                    "AEAD_LIMIT_REACHED", "NO_VIABLE_PATH")

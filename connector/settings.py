@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from tunnel_lab.wire.credentials import Credentials
 
@@ -137,3 +138,5 @@ class TunnelSettings:
     backoff_base: float = 1.0  # per-connIndex retry backoff: attempt k waits up to 2^k * base
     supervisor_backoff_base: float = 10.0  # extra wait after a registered connection dropped
     ha_start_interval: float = 0.0  # between starting connIndex 1..N-1 (cloudflared: 1 s)
+    # `--trace FILE`: the open transport.trace.Tracer (docs/trace.md), None when off; each hook checks it once
+    trace: Any = field(default=None, compare=False, repr=False)

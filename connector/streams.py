@@ -333,7 +333,11 @@ class Proxy:
 
         try:
             conn.start_request(ex.request.method, websocket=ex.websocket)
-            await conn.send_all(ex.request_head())
+            head = ex.request_head()
+            if self.settings.trace is not None:
+                _trace_origin(self.settings.trace, ts, "origin.request", raw_head=head,
+                              origin=conn.target.address)
+            await conn.send_all(head)
         except OriginError as exc:
             await self._bad_gateway(ts, str(exc), rule=rule)
             return
@@ -369,6 +373,10 @@ class Proxy:
                     return
             elif isinstance(event, h11.Response):
                 headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
+                if self.settings.trace is not None:
+                    _trace_origin(self.settings.trace, ts, "origin.response", status=event.status_code,
+                                  http_version=event.http_version.decode(),
+                                  reason=event.reason.decode("latin-1"), headers=headers)
                 await _perform(ts, ex.response_head(event.status_code, headers,
                                                     http10=event.http_version == b"1.0"))
             elif isinstance(event, h11.Data):
@@ -509,6 +517,13 @@ class Proxy:
 
     def _set_state_config(self, version: int, config: Any) -> None:
         self.state.set_config(version, config if isinstance(config, dict) else {})
+
+
+def _trace_origin(tracer: Any, ts: IncomingStream, kind: str, **fields: Any) -> None:
+    """An origin head for the protocol trace, with the stream's ids (its connection's, its ray)."""
+    ray = first_value(ts.headers, b"cf-ray")
+    target = getattr(ts.conn, "trace", None) or tracer
+    target.event(kind, stream=ts.stream_id, ray=ray.decode("latin-1") if ray else None, **fields)
 
 
 async def _perform(ts: IncomingStream, actions: list[wo.TunnelAction]) -> None:

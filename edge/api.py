@@ -86,7 +86,7 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
     edge.metrics.faults.inc(kind=kind)
     selector: dict[str, Any] = {k: params[k] for k in ("connection", "tunnel_id", "conn_index", "location")
                                 if k in params}
-    if kind in ("drop-connection", "goaway", "reset-streams"):
+    if kind in ("drop-connection", "goaway", "reset-streams", "quic-idle"):
         if not selector:
             raise ConfigError(f"fault {kind} needs a selector: connection, tunnel_id (+conn_index) or "
                               "location", source="POST /faults")
@@ -103,12 +103,15 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
                 log.warning("fault goaway: id=%s error_code=%d %s", fault_id, code, conn.ident())
                 await conn.send_goaway(code)
                 affected += 1
+            elif kind == "quic-idle":
+                if _silence(conn, f"quic-idle id={fault_id}"):
+                    affected += 1
             else:
                 n = await conn.reset_all_streams()
                 log.warning("fault reset-streams: id=%s reset %d streams %s", fault_id, n, conn.ident())
                 affected += n
         return {"id": fault_id, "kind": kind, "connections": [c.id for c in conns], "affected": affected}
-    if kind in ("dc-down", "dc-up", "swap-cert"):
+    if kind in ("dc-down", "dc-up", "swap-cert", "quic-blackhole"):
         location = params["location"]
         if location not in control.locations():
             raise ApiError(404, f"no data centre {location!r}; known: {', '.join(control.locations())}")
@@ -119,6 +122,14 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
         closed = await control.dc_down(location)
         fault = edge.faults.add("dc-down", {"location": location})
         return {**fault.to_json(), "closed": closed}
+    if kind == "quic-blackhole":
+        for old in edge.faults.of_kind("quic-blackhole"):
+            if old.params.get("location") == location:
+                return {**old.to_json(), "silenced": 0}
+        fault = edge.faults.add("quic-blackhole", {"location": location})
+        silenced = sum(_silence(c, f"quic-blackhole id={fault.id}") for c in edge.registry.all()
+                       if c.location == location)
+        return {**fault.to_json(), "silenced": silenced}
     if kind == "dc-up":
         for old in edge.faults.of_kind("dc-down"):
             if old.params.get("location") == location:
@@ -136,6 +147,16 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
         return edge.faults.add("swap-cert", params).to_json()
     count = params.pop("count", None)
     return edge.faults.add(kind, params, remaining=count).to_json()
+
+
+def _silence(conn: TunnelConnection, why: str) -> bool:
+    """Silence a QUIC connection (faults quic-idle, quic-blackhole); http2 ones are left alone."""
+    from tunnel_lab.edge.quic import QuicTunnelConnection
+
+    if not isinstance(conn, QuicTunnelConnection):
+        return False
+    conn.silence(why)
+    return True
 
 
 async def clear_fault(edge: EdgeState[TunnelConnection], control: EdgeControl,
@@ -166,6 +187,15 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
 
     if path.startswith(("/accounts/", "/client/v4/accounts/")):
         return _access_api(edge, method, path, body)
+    if path.startswith(("/zones/", "/client/v4/zones/")):
+        from tunnel_lab.edge.waf import gate_of
+        from tunnel_lab.lab.waf_store import handle
+
+        parts = path.removeprefix("/client/v4").strip("/").split("/")
+        status, answer = handle(gate_of(edge).store, method, parts[2:], body)
+        return status, "application/json", (json.dumps(answer, indent=1) + "\n").encode()
+    if method == "GET" and path.startswith("/access/transfers/"):
+        return ok(await _access_transfer(edge, "/transfer/" + path[len("/access/transfers/"):], query))
     if method == "GET":
         if path == "/ca":
             return 200, "application/x-pem-file", control.ca_pem_path.read_bytes()
@@ -218,6 +248,25 @@ def _access_api(edge: EdgeState[TunnelConnection], method: str, path: str,
     status, answer = handle(gate_of(edge).access, parts[1], method, parts[3:], body,
                             login_codes=lambda: api_login_codes(edge))
     return status, "application/json", (json.dumps(answer, indent=1) + "\n").encode()
+
+
+async def _access_transfer(edge: EdgeState[TunnelConnection], path: str,
+                           query: dict[str, list[str]]) -> dict[str, Any]:
+    """`GET /access/transfers/KEY[?wait=S]`: `cloudflared access login`'s sealed tokens, for a transfer
+    service outside the edge (the sandbox's login.cloudflareaccess.org); `{"pending": true}` if none came
+    within S seconds (default 45, at most 55)."""
+    from tunnel_lab.edge import access_cli
+    from tunnel_lab.edge.access import gate_of
+
+    key = access_cli.transfer_key_of_path(path)
+    if key is None:
+        raise ApiError(404, "no such transfer: the key is not a URL-safe base64 public key")
+    try:
+        wait = min(max(float(query.get("wait", ["45"])[0]), 0.0), 55.0)
+    except ValueError:
+        raise ApiError(400, "wait must be a number of seconds") from None
+    answer: dict[str, Any] = await access_cli.api_transfer(gate_of(edge), key, wait)
+    return answer
 
 
 def _declared_length(request: h11.Request) -> int:

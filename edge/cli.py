@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quic", action="store_true",
                    help="no QUIC (UDP) listeners beside the tunnel listeners: connectors get http2 only")
     p.add_argument("--ready-file", metavar="PATH", help="write the bound addresses here as JSON")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write a protocol trace (JSON Lines, secrets redacted; docs/trace.md) to FILE")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default info)")
     return p
@@ -82,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         drain_timeout=args.drain_timeout,
         quic=not args.no_quic,
         udp_forwards=_udp_forwards(args.udp_forward),
+        trace=Path(args.trace).absolute() if args.trace else None,
     )
 
 

@@ -90,6 +90,7 @@ class EdgeConfig:
     udp_forwards: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = ()
     quic: bool = True  # a UDP QUIC listener beside each tunnel listener (same host and port; edge/quic.py)
     accept_retry_delay: float = 0.1  # out of file descriptors: accept again after this long
+    trace: Path | None = None  # `--trace FILE`: the protocol trace (docs/trace.md)
 
 
 # EdgeConfig fields no command-line flag sets (docs/edge.md, "Knobs" and "Limits"): tests and embedders

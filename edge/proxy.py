@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 import trio
 from h2.errors import ErrorCodes
 
-from tunnel_lab.edge import access, pages
+from tunnel_lab.edge import access, pages, waf
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.pipe import Way, pipe, receive_acked
 from tunnel_lab.transport.tunnel import (
@@ -130,6 +130,7 @@ class _Outcome:
         self.tunnel: Any = None
         self.conn: TunnelConnection | None = None
         self.recorded = False
+        self.waf: dict[str, Any] | None = None  # WAF rule hits (edge.waf), recorded when there are any
 
     def record(self) -> None:
         """Write the history entry and metrics (before the last byte goes out, so a client that
@@ -144,7 +145,13 @@ class _Outcome:
             status=self.status, tunnel_id=_uuid_text(self.tunnel.id) if self.tunnel is not None else None,
             connection=conn.id if conn is not None else None,
             location=conn.location if conn is not None else None,
-            outcome=self.outcome, duration_ms=round(duration * 1000, 3))
+            outcome=self.outcome, duration_ms=round(duration * 1000, 3),
+            **({"waf": self.waf} if self.waf else {}))
+        if self.edge.trace is not None:
+            self.edge.trace.event("eyeball.done", ray=self.ray, status=self.status, outcome=self.outcome,
+                                  duration_ms=round(duration * 1000, 3), method=str(self.req.method),
+                                  target=str(self.req.target), host=self.host,
+                                  conn=conn.id if conn is not None else None)
         self.edge.metrics.requests.inc(status=self.status, outcome=self.outcome)
         self.edge.metrics.request_seconds.inc(duration)
 
@@ -175,6 +182,8 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         if latency:
             await trio.sleep(latency)
         result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
+        if await waf.check(edge, ex, host, result):  # WAF custom rules and rate limits, before Access
+            return
         verdict = await access.gate(edge, ex, host, result.ray)  # Access: the team domain, policies
         if verdict.answered:
             result.status, result.outcome = verdict.status, verdict.outcome
@@ -193,6 +202,10 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
             await send_page(ex, 530, *pages.no_connection_page(host, str(tunnel.id), result.ray))
             return
         result.ray = new_ray_id(conn.location, os.urandom(8))
+        if edge.trace is not None:
+            edge.trace.event("eyeball.request", ray=result.ray, dc=conn.location, tunnel=str(tunnel.id),
+                             method=str(req.method), target=str(result.req.target), host=host,
+                             scheme=str(req.scheme), client_ip=str(req.client_ip), headers=req.headers)
         await _forward(edge, ex, tunnel, conn, result.ray, result, verdict)
     except EyeballGone:
         if not result.recorded:
@@ -376,6 +389,8 @@ async def _respond(edge: EdgeState[TunnelConnection], ex: Exchange, stream: Tunn
         return False
     if resp.bodiless:
         result.record()  # the head is the whole response for the eyeball
+    if edge.trace is not None:
+        edge.trace.event("eyeball.response", ray=ray, status=result.status, headers=resp.headers)
     await ex.start_response(result.status, resp.headers)
     try:
         await _relay_body(edge, ex, stream, result, resp.body_length)

@@ -30,7 +30,8 @@ from tunnel_lab.edge.state import EdgeState, Faults, History, Metrics, Registry,
 from tunnel_lab.edge.tunnel import H2TunnelConnection
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
-from tunnel_lab.transport.tls import TLSStream
+from tunnel_lab.transport.tls import TLSStream, honour_keylog
+from tunnel_lab.transport.trace import open_tracer
 from tunnel_lab.transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Edge:
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
+        self.state.trace = open_tracer(config.trace, component="edge")
 
     # ---- the shared state, for tests and embedders ----------------------------------------------
     @property
@@ -163,7 +165,10 @@ class Edge:
 
     def edge_ssl_context(self, cert_kind: str) -> ssl.SSLContext:
         """The tunnel listeners' context: the edge certificate or a broken one (swap-cert)."""
-        return self.pki.server_ssl_context("edge", broken=None if cert_kind == "valid" else cert_kind)
+        ctx = self.pki.server_ssl_context("edge", broken=None if cert_kind == "valid" else cert_kind)
+        if self.state.trace is not None:
+            ctx.sni_callback = _note_sni  # the server side of `ssl` shows the SNI only to this callback
+        return honour_keylog(ctx)  # $SSLKEYLOGFILE: a capture of the tunnel decrypts (docs/trace.md)
 
     # ---- main --------------------------------------------------------------------------------
     async def serve(self, *, task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED) -> None:
@@ -172,6 +177,8 @@ class Edge:
         try:
             await self._serve(task_status)
         finally:
+            if self.state.trace is not None:
+                self.state.trace.close()
             self.stopped.set()
 
     async def _serve(self, task_status: trio.TaskStatus[Edge]) -> None:
@@ -187,7 +194,8 @@ class Edge:
                         from tunnel_lab.edge.quic import serve_quic_endpoint
 
                         lst.quic_address = await listeners.start(serve_quic_endpoint, state, self.pki, lst,
-                                                                 self._handlers.start_soon)
+                                                                 self._handlers.start_soon,
+                                                                 paths.quic_reset_key(self.state_dir))
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",
@@ -335,6 +343,8 @@ class Edge:
                      cause or type(exc).__name__, lst.location, peer)
             return
         conn = H2TunnelConnection(self.state, tls, location=lst.location, remote=peer)
+        if conn.trace is not None:
+            conn.trace.tls(tls.ssl_object, side="server", sni=getattr(tls.ssl_object, "traced_sni", None))
         log.info("connector connected location=%s remote=%s conn=#%d", lst.location, peer, conn.serial)
         self.registry.add(conn)
         await conn.run()
@@ -419,6 +429,12 @@ class Edge:
         log.info("lab CA: %s (fingerprint %s)", self.pki.ca_pem_path, self.pki.ca_fingerprint())
         for name, value, default in changed_knobs(self.config):
             log.info("knob %s=%s (default %s)", name, value, default)
+
+
+def _note_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    """Keep the SNI a connector sent, for its `tls.handshake` trace record (only with --trace; returning
+    None lets the handshake go on unchanged)."""
+    ssl_object.traced_sni = server_name
 
 
 def _write_atomic(path: Path, text: str) -> None:

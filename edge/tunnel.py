@@ -179,6 +179,11 @@ class H2TunnelConnection:
         self.state = "connecting"  # connecting -> registered -> draining -> closed
         self.streams: dict[int, H2TunnelStream] = {}
         self._writer = H2Writer(self.h2, transport, write_timeout=edge.config.write_timeout)
+        # The protocol trace of this connection (docs/trace.md); None when tracing is off.
+        self.trace = None if edge.trace is None else edge.trace.connection(
+            conn=f"edge#{self.serial}", dc=location, remote=remote, transport="http2", h2_client_out=True)
+        if self.trace is not None:
+            self._writer.on_send = self.trace.sent
         self._window_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
         self._idle_lot = trio.lowlevel.ParkingLot()
@@ -298,6 +303,8 @@ class H2TunnelConnection:
                     log.info("connector closed the tunnel connection %s", self.ident())
                 return
             first = False
+            if self.trace is not None:
+                self.trace.received(data)
             self._guard.feed(bytes(data))
             try:
                 events = self.h2.receive_data(data)
@@ -525,6 +532,9 @@ class H2TunnelConnection:
                     client_version=client.version, arch=client.arch,
                     features=tuple(client.features), conn_uuid=conn_uuid)
                 self.state = "registered"
+                if self.trace is not None:
+                    self.trace.update(tunnel=str(tunnel_id), conn_uuid=str(conn_uuid),
+                                      conn_index=params.conn_index)
                 result = ConnectionDetails(uuid=conn_uuid, location_name=self.location,
                                            tunnel_is_remotely_managed=False)
         self._rpc.answer_registration(question_id, result)

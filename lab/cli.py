@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "edge": ("tunnel_lab.edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
     "connector": ("tunnel_lab.connector.cli", "main", "run our connector (cloudflared's command line)"),
     "access": ("tunnel_lab.connector.access", "main",
-               "cloudflared access tcp: a local listener through the tunnel"),
+               "cloudflared access login|token|curl|tcp|ssh: Access clients against the lab edge"),
     "tunnel": ("tunnel_lab.lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
     "pki": ("tunnel_lab.lab.admin", "pki_main", "show the lab CA and issue certificates"),
     "origin": ("tunnel_lab.origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),
@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "netns": ("tunnel_lab.lab.runner.netns", "main", "run a command in the lab's private network namespace"),
     "sandbox": ("tunnel_lab.lab.sandbox", "main",
                 "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
+    "trace": ("tunnel_lab.lab.trace_cli", "main",
+              "read protocol traces: `trace show FILE`, `trace diagram FILE --ray ID`"),
     "login": ("tunnel_lab.lab.login", "main",
               "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }

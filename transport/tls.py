@@ -12,7 +12,9 @@ reads trio internals any more.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -20,6 +22,18 @@ import trio
 from tunnel_lab.transport.writer import acquire_fast
 
 TLS_RECEIVE_SIZE = 256 * 1024  # most bytes one socket read takes, and one receive_some returns
+KEYLOG_ENV = "SSLKEYLOGFILE"
+
+
+def honour_keylog(ctx: ssl.SSLContext, env: Mapping[str, str] = os.environ) -> ssl.SSLContext:
+    """Have `ctx` append its TLS secrets to `$SSLKEYLOGFILE` (NSS key log format) when that is set.
+
+    `ssl.create_default_context` does this by itself; contexts built with `ssl.SSLContext(...)` do not.
+    The key log lets Wireshark decrypt a capture of the tunnel (docs/trace.md, "Key logs")."""
+    path = env.get(KEYLOG_ENV)
+    if path:
+        ctx.keylog_filename = path
+    return ctx
 
 
 class TLSStream(trio.abc.Stream):
@@ -125,6 +139,11 @@ class TLSStream(trio.abc.Stream):
 
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol()
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        """The session's `ssl.SSLObject` (version, cipher, peer certificate: for the protocol trace)."""
+        return self._ssl
 
     async def aclose(self) -> None:
         """Send close_notify (without waiting for the peer's), then close the socket.

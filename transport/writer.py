@@ -10,6 +10,8 @@ every stream. Each write is bounded by the write timeout instead (`WriteStalled`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from tunnel_lab.transport.h2 import TunnelH2Connection
@@ -60,6 +62,8 @@ class H2Writer:
         self._written = 0  # flushes served
         self._wake = trio.Event()
         self._written_event = trio.Event()
+        # The protocol trace's hook (transport.trace.ConnTrace.sent): sees every write, None when off.
+        self.on_send: Callable[[bytes | bytearray], None] | None = None
 
     def _check_open(self) -> None:
         if self.closed:
@@ -109,6 +113,8 @@ class H2Writer:
                 data = self.conn.data_to_send()
                 self.queued = 0
                 if data:
+                    if self.on_send is not None:
+                        self.on_send(data)
                     self.intact = False  # until send_all returns: a cancelled send leaves a partial write
                     with trio.move_on_after(self.write_timeout or float("inf")) as stalled:
                         await self.transport.send_all(data)

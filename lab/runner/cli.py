@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="logs and operation histories go here (default ./tunnel-lab-results)",
     )
     p.add_argument("--keep-state", action="store_true", help="keep each scenario's state directory")
+    p.add_argument("--trace", action="store_true",
+                   help="write a protocol trace of the edge and of our connector into each scenario's "
+                        "results (EDGE/CONNECTOR.trace.jsonl; docs/trace.md)")
     p.add_argument(
         "--protocol",
         choices=["http2", "quic"],

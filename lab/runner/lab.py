@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
+import logging
 import os
 import re
 import secrets
@@ -24,7 +26,7 @@ import trio
 import yaml
 
 from tunnel_lab.lab.api import connector_argv, edge_argv, origin_argv
-from tunnel_lab.lab.runner import client
+from tunnel_lab.lab.runner import client, netns
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.loader import Scenario
 from tunnel_lab.lab.runner.procs import (
@@ -53,6 +55,7 @@ class RunOptions:
     loglevel: str = "info"
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
     protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
+    trace: bool = False  # `run --trace`: each component that can writes a protocol trace (docs/trace.md)
 
 
 @dataclass
@@ -60,6 +63,17 @@ class TunnelInfo:
     name: str
     id: str
     credentials: Path
+
+
+log = logging.getLogger(__name__)
+
+_TEAM_ADDRESSES = itertools.count()
+
+
+def _next_team_address() -> str:
+    """A loopback address no other lab of this process listens on (127.77.0.1, 127.77.0.2, ...)."""
+    n = next(_TEAM_ADDRESSES)
+    return f"127.77.{n // 250 % 250}.{n % 250 + 1}"
 
 
 @dataclass
@@ -77,6 +91,8 @@ class Lab:
     # Every secret this run creates is registered here; whatever the lab writes goes through it.
     redactor: Redactor = field(default_factory=Redactor)
     access_vars: dict[str, str] = field(default_factory=dict)  # ${access...} (lab/runner/access.py)
+    team_domain: tuple[str, str] | None = None  # (name, address) the namespace's DNS stub answers for us
+    stub_names: list[str] = field(default_factory=list)  # every name registered with that address
 
     # --- variables ------------------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
@@ -159,6 +175,13 @@ class Lab:
             from tunnel_lab.lab.runner.access import setup_access
 
             await setup_access(self)
+        if sc.waf is not None:
+            for key, phase in (("custom", "http_request_firewall_custom"), ("ratelimit", "http_ratelimit")):
+                if key in sc.waf:
+                    answer = await self.api("PUT", f"/zones/lab/rulesets/phases/{phase}/entrypoint",
+                                            {"rules": self.subst(sc.waf[key])})
+                    if not isinstance(answer, dict) or not answer.get("success"):
+                        raise ComponentError(f"topology.waf.{key}: the edge refused the rules: {answer}")
         if sc.connector is not None:
             self.metrics_addr = f"127.0.0.1:{free_port()}"
             self._connector_component()
@@ -209,28 +232,63 @@ class Lab:
         def addr_of(key: str) -> str:
             return str(self.edge_ready[key]) if fixed_ports and self.edge_ready.get(key) else "127.0.0.1:0"
 
+        https = addr_of("https") if sc.edge.get("https", True) else None
+        if https is not None and not fixed_ports and self._claim_team_domain():
+            assert self.team_domain is not None
+            https = f"{self.team_domain[1]}:443"
         flags: list[str] = []
         if "origin_timeout" in sc.edge:
             from tunnel_lab.lab.runner.loader import parse_duration
 
             flags += ["--origin-timeout", f"{parse_duration(sc.edge['origin_timeout']):g}"]
+        old = self.components.get("edge")
+        if self.options.trace:
+            flags += ["--trace", str(self._trace_path("edge", old))]
         argv = edge_argv(
             self.state,
             datacentres,
             ready=ready,
             http=addr_of("http"),
-            https=addr_of("https") if sc.edge.get("https", True) else None,
+            https=https,
             warp=addr_of("warp") if sc.edge.get("warp", False) else None,
             api=addr_of("api"),
             flags=[*flags, *sc.edge.get("flags", [])],
             loglevel=self.options.loglevel,
         )
         comp = Component("edge", argv, self.logs / "edge.log", env=self.env(), ready_file=ready)
-        old = self.components.get("edge")
         if old is not None:
             comp.starts = old.starts
         self.components["edge"] = comp
         return comp
+
+    def _claim_team_domain(self) -> bool:
+        """For the real cloudflared with `topology.access`: the edge's HTTPS eyeball listener on port 443
+        of an address of its own, which the namespace's DNS stub gives as the team domain, so that
+        `originRequest.access` can fetch https://TEAM.cloudflareaccess.com/cdn-cgi/access/certs (the lab
+        CA is trusted through SSL_CERT_FILE). Only for scenarios that need it (`access-jwks`, or steps that
+        run `cloudflared access`, which also get their hostnames and login.cloudflareaccess.org); another
+        lab running with the same name keeps it."""
+        if self.team_domain is not None:
+            return True
+        clients = any(step.action in ("ssh", "access_login") for step in self.scenario.steps)
+        if (self.scenario.access is None or self.options.connector != "cloudflared" or not netns.isolated()
+                or not (clients or "access-jwks" in self.scenario.requires)):
+            return False
+        team = self.scenario.access.get("team") or "lab"
+        name = f"{team}.cloudflareaccess.com"
+        address = _next_team_address()
+        if not netns.register_name(name, address):
+            log.info("%s is served by another lab running now; this one's cloudflared cannot fetch its keys",
+                     name)
+            return False
+        self.team_domain = (name, address)
+        self.stub_names.append(name)
+        # `cloudflared access` dials the application and the token transfer service by name too.
+        others = [h for t in self.scenario.tunnels for h in t.dns if "*" not in h] if clients else []
+        for other in [*others, "login.cloudflareaccess.org"] if clients else []:
+            if netns.register_name(other, address):
+                self.stub_names.append(other)
+        return True
 
     async def start_edge(self) -> None:
         comp = self.components["edge"]
@@ -244,8 +302,12 @@ class Lab:
                 self.api_token = token_file.read_text().strip()
         self.redactor.add(self.api_token)
 
-    async def restart_edge(self) -> None:
+    async def restart_edge(self, *, crash: bool = False) -> None:
+        """Stop the edge (SIGTERM, or SIGKILL when `crash`: nothing is closed cleanly) and start it again on
+        the same ports with the same state directory."""
         comp = self.components["edge"]
+        if crash:
+            comp.kill_group()
         await comp.stop()
         self._edge_component(fixed_ports=True)
         await self.start_edge()
@@ -304,7 +366,7 @@ class Lab:
             grace_period=spec.grace_period,
             retries=spec.retries,
             loglevel=self.options.loglevel,
-            flags=self.subst(list(spec.flags)),
+            flags=[*self.subst(list(spec.flags)), *self._connector_trace_flags()],
             token=token,
             credentials=creds,
             dns_resolver=True,
@@ -315,14 +377,28 @@ class Lab:
         )
         env = self.env()
         if self.scenario.access is not None and self.edge_ready.get("https"):
-            # originRequest.access: the team domain's keys come from the edge's HTTPS listener
+            # originRequest.access: the team domain's keys come from the edge's HTTPS listener (our
+            # connector is told where; cloudflared resolves the name, see _claim_team_domain)
             env["TUNNEL_LAB_ACCESS_ADDR"] = str(self.edge_ready["https"])
+            if self.team_domain is not None and self.edge_ready.get("ca"):
+                env["SSL_CERT_FILE"] = str(self.edge_ready["ca"])
         comp = Component("connector", argv, self.logs / "connector.log", env=env)
         old = self.components.get("connector")
         if old is not None:
             comp.starts = old.starts
         self.components["connector"] = comp
         return comp
+
+    def _trace_path(self, name: str, old: Component | None) -> Path:
+        """`NAME.trace.jsonl` in the scenario's results; a restarted component gets `NAME-N.trace.jsonl`."""
+        starts = old.starts if old is not None else 0
+        return self.logs / (f"{name}.trace.jsonl" if not starts else f"{name}-{starts + 1}.trace.jsonl")
+
+    def _connector_trace_flags(self) -> list[str]:
+        # Only our connector writes a trace; the real cloudflared's session is in the edge's trace.
+        if not self.options.trace or self.options.connector == "cloudflared":
+            return []
+        return ["--trace", str(self._trace_path("connector", self.components.get("connector")))]
 
     async def start_connector(self, *, wait_ready: int) -> None:
         comp = self.components["connector"]
@@ -381,6 +457,9 @@ class Lab:
     async def teardown(self) -> None:
         """Stop everything: the connector first (so it does not log a storm of reconnects), then the rest."""
         order = sorted(self.components.values(), key=lambda c: (c.name != "connector", c.name == "edge"))
+        if self.team_domain is not None:
+            for name in self.stub_names:
+                netns.unregister_name(name, self.team_domain[1])
         with trio.CancelScope(shield=True):
             for comp in order:
                 if comp.name.startswith("access"):

@@ -83,7 +83,8 @@ def _worker_slice(bottom: int, top: int) -> tuple[int, int]:
 
 def child_env(extra: Mapping[str, str] | None = None, *, home: str | None = None) -> dict[str, str]:
     """A clean environment: no TUNNEL_* variables (they act as connector flags), no proxies."""
-    keep = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "SYSTEMROOT", "TMPDIR")
+    # SSLKEYLOGFILE: the components write their TLS key log there (docs/trace.md, "Key logs")
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "SYSTEMROOT", "TMPDIR", "SSLKEYLOGFILE")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env["PYTHONPATH"] = str(PROJECT_ROOT)
     env["PYTHONUNBUFFERED"] = "1"

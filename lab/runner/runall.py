@@ -51,6 +51,7 @@ def run_all(
         loglevel=args.loglevel,
         capabilities=capabilities,
         protocol=getattr(args, "protocol", "http2"),
+        trace=bool(getattr(args, "trace", False)),
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     if netns.inside():

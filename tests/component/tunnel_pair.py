@@ -63,10 +63,12 @@ def request_headers(method: str = "GET", target: str = "/", headers: tuple[tuple
 
 
 @asynccontextmanager
-async def open_tunnel_pair(tmp_path: Path, rules: tuple[IngressRule, ...], **settings: Any,
-                           ) -> AsyncIterator[TunnelPair]:
-    """A registered TunnelPair whose connector serves `rules`; torn down on exit."""
+async def open_tunnel_pair(tmp_path: Path, rules: tuple[IngressRule, ...], *, edge_trace: Any = None,
+                           **settings: Any) -> AsyncIterator[TunnelPair]:
+    """A registered TunnelPair whose connector serves `rules`; torn down on exit. `edge_trace`: a
+    `transport.trace.Tracer` for the edge side (the connector's is `trace=` among the settings)."""
     edge = Edge(edge_config(tmp_path / "edge-state", drain_timeout=5.0))
+    edge.state.trace = edge_trace
     tunnel = make_tunnel(edge, "pair", HOST)
     creds = Credentials(account_tag=tunnel.account_tag, tunnel_secret=tunnel.secret, tunnel_id=tunnel.id)
     options: dict[str, Any] = {"grace_period": 5.0, "retries": 0, "rpc_timeout": 5.0}
