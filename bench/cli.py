@@ -666,6 +666,10 @@ def _reexec_in_netns(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of `tunnel-lab bench`."""
+    if argv[:1] == ["library"]:  # the scenario library's wall time (bench/library.py)
+        from tunnel_lab.bench.library import main as library_main
+
+        return library_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tunnel-lab bench", description=(__doc__ or "").splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2 s runs and 64 MiB bulk transfers")

@@ -390,26 +390,16 @@ async def _udp_forward(edge: EdgeControl, body: Any) -> dict[str, str]:
 
 
 async def _push_configuration(edge: EdgeState[TunnelConnection], tunnel_id: str,
-                              body: Any) -> dict[str, Any]:
-    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: updateConfiguration on one of the
-    tunnel's QUIC connections (connIndex 0 first), as Cloudflare pushes a remotely managed configuration.
-    The lab pushes over QUIC only (docs/edge.md)."""
-    from tunnel_lab.edge.quic import QuicTunnelConnection
-    from tunnel_lab.transport.tunnel import TunnelStreamError
+                              body: Any) -> list[dict[str, Any]]:
+    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: push to every running connector
+    of the tunnel (one connection each; over QUIC the updateConfiguration RPC, over http2 an
+    update-configuration stream), as Cloudflare pushes a remotely managed configuration. One result
+    per connector: `connection`, `connector_id`, `lastAppliedVersion`, `err`; [] with none running."""
+    from tunnel_lab.edge.remote_config import push_to_connectors
 
-    if not isinstance(body, dict) or not isinstance(body.get("version"), int) or "config" not in body:
+    if (not isinstance(body, dict) or not isinstance(body.get("version"), int)
+            or isinstance(body.get("version"), bool) or "config" not in body):
         raise ApiError(400, 'body must be {"version": N, "config": {...}}')
-    conns = [c for c in edge.registry.listed()
-             if isinstance(c, QuicTunnelConnection) and c.routable and c.registration is not None
-             and str(c.registration.tunnel_id) == tunnel_id]
-    if not conns:
-        raise ApiError(409, f"tunnel {tunnel_id} has no registered QUIC connection; the lab pushes "
-                            "configuration over QUIC only")
-    conn = min(conns, key=lambda c: c.registration.conn_index if c.registration is not None else 0)
-    try:
-        latest, error = await conn.push_configuration(body["version"],
-                                                      json.dumps(body["config"]).encode())
-    except (TunnelStreamError, trio.TooSlowError) as exc:
-        raise ApiError(502, f"updateConfiguration failed: {exc or 'no answer in time'}") from None
-    return {"connection": conn.id, "lastAppliedVersion": latest, "err": error or None}
-
+    if not -2**31 <= body["version"] < 2**31:
+        raise ApiError(400, "version must fit in a signed 32-bit integer")
+    return await push_to_connectors(edge, tunnel_id, body["version"], body["config"])

@@ -26,6 +26,7 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
+from tunnel_lab.edge import remote_config
 from tunnel_lab.edge.h2conn import new_tunnel_h2
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.h2 import TunnelH2Connection, send_within_window
@@ -510,6 +511,7 @@ class H2TunnelConnection:
             await trio.sleep(delay)
         refusal = edge.faults.take_registration_refusal()
         result: Any
+        remote = None
         if refusal is not None:
             cause, should_retry = refusal
             log.warning("fault refuse-registrations: refusing with cause=%r %s", cause, who)
@@ -532,11 +534,12 @@ class H2TunnelConnection:
                     client_version=client.version, arch=client.arch,
                     features=tuple(client.features), conn_uuid=conn_uuid)
                 self.state = "registered"
+                remote = remote_config.current(edge, str(tunnel_id))  # set through the API: pushed below
                 if self.trace is not None:
                     self.trace.update(tunnel=str(tunnel_id), conn_uuid=str(conn_uuid),
                                       conn_index=params.conn_index)
                 result = ConnectionDetails(uuid=conn_uuid, location_name=self.location,
-                                           tunnel_is_remotely_managed=False)
+                                           tunnel_is_remotely_managed=remote is not None)
         self._rpc.answer_registration(question_id, result)
         self._queue_rpc_output()
         await self.flush()
@@ -544,6 +547,8 @@ class H2TunnelConnection:
             edge.metrics.registrations.inc(result="ok", location=self.location)
             log.info("Registered tunnel connection %s connector=%s version=%s", self.ident(),
                      connector_id, client.version)
+            if remote is not None and self._nursery is not None:
+                self._nursery.start_soon(remote_config.push_after_registration, edge, self, remote)
         else:
             edge.metrics.registrations.inc(result="refused", location=self.location)
             self.state = "refused"

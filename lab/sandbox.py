@@ -236,11 +236,16 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                 return Page(status=200, content_type="text/plain", body=str(answer["body"]).encode(),
                             headers=(("service-public-key", str(answer["service_public_key"])),))
 
+            async def push(update: dict[str, object]) -> None:
+                await management_call(str(info["api"]), token, "POST",
+                                      f"/tunnels/{update['tunnel_id']}/configuration",
+                                      {"version": update["version"], "config": update["config"]})
+
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
             await nursery.start(serve_dns_tcp, zone, DNS_ADDRESS)
             services = Services(V4Api(layout.state, store), live,
                                 LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect,
-                                access_transfer)
+                                access_transfer=access_transfer, push=push)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             if not quiet:
                 print(_banner(layout, info, mounted), file=sys.stderr, flush=True)
