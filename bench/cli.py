@@ -58,14 +58,19 @@ class Profile:
     bulk_bytes: int
     post_bytes: int
     ws_messages: int
+    many_requests: int  # the `many-requests` workload: RSS growth over this many GETs
+    idle_eyeballs: int  # the `idle-eyeballs` workload: edge RSS for this many idle connections
 
     @classmethod
     def named(cls, quick: bool, tiny: bool = False) -> Profile:
         if tiny:
-            return cls("tiny", seconds=0.5, bulk_bytes=4 * MIB, post_bytes=MIB, ws_messages=50)
+            return cls("tiny", seconds=0.5, bulk_bytes=4 * MIB, post_bytes=MIB, ws_messages=50,
+                       many_requests=200, idle_eyeballs=50)
         if quick:
-            return cls("quick", seconds=2.0, bulk_bytes=64 * MIB, post_bytes=MIB, ws_messages=300)
-        return cls("default", seconds=8.0, bulk_bytes=1024 * MIB, post_bytes=MIB, ws_messages=2000)
+            return cls("quick", seconds=2.0, bulk_bytes=64 * MIB, post_bytes=MIB, ws_messages=300,
+                       many_requests=2000, idle_eyeballs=1000)
+        return cls("default", seconds=8.0, bulk_bytes=1024 * MIB, post_bytes=MIB, ws_messages=2000,
+                   many_requests=10_000, idle_eyeballs=1000)
 
 
 @dataclass
@@ -147,11 +152,12 @@ def _rate_figures(result: load.LoadResult) -> dict[str, float]:
 
 
 def _bulk_figures(result: load.LoadResult) -> dict[str, float]:
-    return {"mb_per_s": round(result.mb_per_s, 1), "seconds": round(result.seconds, 3)}
+    return {"bytes": result.bytes, "mb_per_s": round(result.mb_per_s, 1), "seconds": round(result.seconds, 3)}
 
 
 def _ws_figures(result: load.LoadResult) -> dict[str, float]:
-    return {"messages_per_s": round(result.requests_per_s, 1), "p50_ms": round(result.percentile_ms(50), 3),
+    return {"messages": result.requests, "messages_per_s": round(result.requests_per_s, 1),
+            "p50_ms": round(result.percentile_ms(50), 3),
             "p99_ms": round(result.percentile_ms(99), 3)}
 
 
@@ -195,6 +201,40 @@ def traffic_workloads(target: Target, profile: Profile) -> list[Run]:
         "websocket-echo", lambda: load.websocket_echo(target.ws, WS_HOST, "/", messages=profile.ws_messages),
         _ws_figures))
     return runs
+
+
+def memory_workloads(target: Target, edge_comp: Component, profile: Profile, *, idle: bool) -> list[Run]:
+    """`many-requests` (RSS growth of every process over that many GETs) and, when `idle`,
+    `idle-eyeballs` (what that many open, idle eyeball connections cost the edge in RSS)."""
+    runs = [target.measure(
+        "many-requests",
+        lambda: load.run_requests(target.http, load.get_request(HOST, "/status/200"), concurrency=32,
+                                  seconds=600, total=profile.many_requests),
+        _rate_figures)]
+    if idle:
+        runs.append(measure_idle_eyeballs(target.path, edge_comp, target.http, profile.idle_eyeballs))
+    return runs
+
+
+def measure_idle_eyeballs(path: str, edge_comp: Component, address: tuple[str, int], count: int) -> Run:
+    """Edge RSS before opening `count` eyeball connections (one GET each, then idle) and with them open."""
+    run = Run("idle-eyeballs", path)
+    before = edge_comp.usage()
+    try:
+        socks = load.idle_connections(address, HOST, "/status/200", count)
+    except (OSError, load.HTTPClientError) as exc:
+        run.failure, run.errors = f"{type(exc).__name__}: {exc}", 1
+        return run
+    try:
+        after = edge_comp.usage()
+    finally:
+        for sock in socks:
+            sock.close()
+    growth = round(after.rss_mb - before.rss_mb, 1)
+    run.figures = {"connections": count, "edge_rss_growth_mb": growth}
+    run.components = {"edge": {"cpu_s": round(after.cpu_s - before.cpu_s, 3),
+                               "peak_rss_mb": round(after.peak_rss_mb, 1), "rss_growth_mb": growth}}
+    return run
 
 
 class Lab:
@@ -354,6 +394,7 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
         target = Target(path, edge_http, edge_http, {"edge": edge_comp, "connector": connector, **origins},
                         profile_dir)
         runs += traffic_workloads(target, profile)
+        runs += memory_workloads(target, edge_comp, profile, idle=path == "lab")
         failover = Run("failover", path)
         try:
             location, seconds = measure_failover(edge, edge_http)
@@ -415,37 +456,88 @@ def _fig(runs: list[Run], workload: str, path: str, name: str) -> float | None:
     return None
 
 
+def _run(runs: list[Run], workload: str, path: str) -> Run | None:
+    return next((r for r in runs if r.workload == workload and r.path == path and not r.failure), None)
+
+
+def cpu_per_unit_ms(run: Run | None, component: str) -> float | None:
+    """CPU milliseconds `component` spent per request (or WebSocket message) of `run`."""
+    if run is None:
+        return None
+    count = run.figures.get("requests") or run.figures.get("messages")
+    cpu = run.components.get(component, {}).get("cpu_s")
+    if not count or cpu is None:
+        return None
+    return cpu * 1000 / count
+
+
+CPU_WORKLOADS = ("get-c32", "post-1mib-c8", "websocket-echo")
+TUNNEL_PATHS = ("lab", "cloudflared", *quic.QUIC_PATHS)  # targets 3 and 7 for each
+
+
 def targets(runs: list[Run]) -> list[dict[str, Any]]:
-    """The goals of issue #6, checked on this run's figures (reported, never enforced)."""
+    """Issue 16's targets 1, 2, 3 and 7, each a figure of this run (ratios between runs of the same
+    invocation). Reported, never enforced."""
     out: list[dict[str, Any]] = []
-    for path in PATHS[1:]:
+
+    def add(target: int, path: str, goal: str, value: float | None, ok: Callable[[float], bool],
+            unit: str) -> None:
+        out.append({"target": target, "path": path, "goal": goal,
+                    "value": None if value is None else round(value, 3), "unit": unit,
+                    "met": None if value is None else ok(value)})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    cloudflared = any(r.path == "cloudflared" for r in runs)
+    if cloudflared:
+        # 1: the edge's CPU against the real connector's, for the same requests (the same run).
+        for workload in CPU_WORKLOADS:
+            run = _run(runs, workload, "cloudflared")
+            add(1, "cloudflared", f"{workload}: edge CPU per request <= cloudflared's",
+                ratio(cpu_per_unit_ms(run, "edge"), cpu_per_unit_ms(run, "connector")), lambda v: v <= 1.0,
+                "x")
+        # 2: our connector against cloudflared, per request (two runs of the same invocation).
+        for workload in CPU_WORKLOADS:
+            add(2, "lab", f"{workload}: our connector CPU per request <= 1.5x cloudflared's",
+                ratio(cpu_per_unit_ms(_run(runs, workload, "lab"), "connector"),
+                      cpu_per_unit_ms(_run(runs, workload, "cloudflared"), "connector")),
+                lambda v: v <= 1.5, "x")
+    for path in TUNNEL_PATHS:
         if not any(r.path == path for r in runs):
             continue
-
-        def add(goal: str, value: float | None, ok: Callable[[float], bool], unit: str,
-                path: str = path) -> None:
-            out.append({"path": path, "goal": goal, "value": None if value is None else round(value, 3),
-                        "unit": unit, "met": None if value is None else ok(value)})
-
-        direct, tunnel = _fig(runs, "get-c32", "direct", "requests_per_s"), _fig(runs, "get-c32", path,
-                                                                                  "requests_per_s")
-        add("GET c=32 req/s >= 40% of direct", tunnel / direct if direct and tunnel is not None else None,
+        add(3, path, "GET c=32 req/s >= 40% of direct",
+            ratio(_fig(runs, "get-c32", path, "requests_per_s"),
+                  _fig(runs, "get-c32", "direct", "requests_per_s")),
             lambda v: v >= 0.40, "ratio")
         direct, tunnel = _fig(runs, "get-c1", "direct", "p50_ms"), _fig(runs, "get-c1", path, "p50_ms")
-        add("added p50 at c=1 < 1 ms", tunnel - direct if direct is not None and tunnel is not None else None,
-            lambda v: v < 1.0, "ms")
+        add(3, path, "added p50 at c=1 < 1 ms",
+            tunnel - direct if direct is not None and tunnel is not None else None, lambda v: v < 1.0, "ms")
         for workload in ("download", "upload"):
-            direct = _fig(runs, workload, "direct", "mb_per_s")
-            tunnel = _fig(runs, workload, path, "mb_per_s")
-            add(f"bulk {workload} MB/s >= 50% of direct",
-                tunnel / direct if direct and tunnel is not None else None, lambda v: v >= 0.50, "ratio")
-            run = next((r for r in runs if r.workload == workload and r.path == path), None)
+            add(3, path, f"bulk {workload} MB/s >= 60% of direct",
+                ratio(_fig(runs, workload, path, "mb_per_s"), _fig(runs, workload, "direct", "mb_per_s")),
+                lambda v: v >= 0.60, "ratio")
+    for path in TUNNEL_PATHS:
+        for workload, what in (("download", "a {mib} MiB download"), ("upload", "a {mib} MiB upload"),
+                               ("many-requests", "{n} requests")):
+            run = _run(runs, workload, path)
+            if run is None:
+                continue
+            what = what.format(n=int(run.figures.get("requests", 0)),
+                               mib=int(run.figures.get("bytes", 0)) // MIB)
             for comp in ("edge", "connector"):
-                growth = run.components.get(comp, {}).get("rss_growth_mb") if run else None
-                add(f"{comp} RSS growth over the {workload} < 50 MB", growth, lambda v: v < 50, "MB")
-        add("ready with 4 HA connections < 1 s", _fig(runs, "ready", path, "seconds"), lambda v: v < 1.0, "s")
-        first = _fig(runs, "ready", path, "first_connection_s")
-        add("first connection ready < 1 s", first, lambda v: v < 1.0, "s")
+                add(7, path, f"{comp} peak RSS growth over {what} < 20 MB",
+                    run.components.get(comp, {}).get("rss_growth_mb"), lambda v: v < 20, "MB")
+        idle = _run(runs, "idle-eyeballs", path)
+        if idle is not None:
+            add(7, path, f"edge RSS for {int(idle.figures['connections'])} idle eyeball connections < 50 MB",
+                idle.figures["edge_rss_growth_mb"], lambda v: v < 50, "MB")
+    for path in TUNNEL_PATHS:  # issue 6's start-up goal (target 0 here), still worth seeing
+        if any(r.path == path for r in runs):
+            add(0, path, "ready with 4 HA connections < 1 s", _fig(runs, "ready", path, "seconds"),
+                lambda v: v < 1.0, "s")
+            add(0, path, "first connection ready < 1 s", _fig(runs, "ready", path, "first_connection_s"),
+                lambda v: v < 1.0, "s")
     return out
 
 
@@ -480,18 +572,32 @@ def render_table(runs: list[Run], goals: list[dict[str, Any]]) -> str:
         if run.components:
             cost.add_row(run.workload, run.path, *[_cost(run.components.get(n)) for n in names])
 
-    goal_table = Table(title="goals (reported, not enforced)")
-    for column in ("path", "goal", "value", "met"):
+    per_request = Table(title="CPU ms per request (WebSocket: per message), same runs as above")
+    per_request.add_column("workload")
+    for path in paths[1:]:
+        per_request.add_column(f"edge ({path})", justify="right")
+        per_request.add_column(f"connector ({path})", justify="right")
+    for workload in (*CPU_WORKLOADS, "get-c1", "get-c128"):
+        cells = [workload]
+        for path in paths[1:]:
+            for comp in ("edge", "connector"):
+                value = cpu_per_unit_ms(by_key.get((workload, path)), comp)
+                cells.append("-" if value is None else f"{value:.3f}")
+        per_request.add_row(*cells)
+
+    goal_table = Table(title="issue 16 targets, each from this run's figures (reported, not enforced)")
+    for column in ("target", "path", "goal", "value", "met"):
         goal_table.add_column(column)
     for goal in goals:
-        value = "-" if goal["value"] is None else (f"{goal['value']:.0%}" if goal["unit"] == "ratio"
-                                                   else f"{goal['value']:.3f} {goal['unit']}")
+        value = goal["value"]
+        text = ("-" if value is None else f"{value:.0%}" if goal["unit"] == "ratio"
+                else f"{value:.2f}x" if goal["unit"] == "x" else f"{value:.3f} {goal['unit']}")
         met = {True: "yes", False: "NO", None: "-"}[goal["met"]]
-        goal_table.add_row(goal["path"], goal["goal"], value, met)
+        goal_table.add_row(str(goal["target"] or "-"), goal["path"], goal["goal"], text, met)
 
     console = Console(width=170, color_system=None, emoji=False)
     with console.capture() as capture:
-        for table in (figures, cost, goal_table):
+        for table in (figures, cost, per_request, goal_table):
             console.print(table)
     failures = [f"{r.workload} on {r.path}: {r.failure}" for r in runs if r.failure]
     text = capture.get()
@@ -521,6 +627,8 @@ def _describe(run: Run | None) -> str:
         return f"{f['messages_per_s']:.0f} msg/s p50 {f['p50_ms']:.2f} ms{errors}"
     if "first_connection_s" in f:
         return f"{f['seconds']:.3f} s (first connection {f['first_connection_s']:.3f} s)"
+    if "edge_rss_growth_mb" in f:
+        return f"{f['connections']:.0f} open: edge RSS +{f['edge_rss_growth_mb']:.1f} MB"
     return f"{f.get('seconds', 0):.3f} s"
 
 
