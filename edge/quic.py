@@ -44,6 +44,7 @@ from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_li
 from tunnel_lab.transport import udp
 from tunnel_lab.transport.qh3 import (
     AlertUnrecognizedName,
+    CreditConnection,
     KeyedResetConnection,
     TracedKeyedResetConnection,
     ack_now,
@@ -174,7 +175,7 @@ class QuicTunnelConnection(H2TunnelConnection):
     operations and the transport are QUIC's.
     """
 
-    def __init__(self, edge: EdgeState[TunnelConnection], endpoint: QuicEndpoint, quic: QuicConnection, *,
+    def __init__(self, edge: EdgeState[TunnelConnection], endpoint: QuicEndpoint, quic: CreditConnection, *,
                  location: str, remote: tuple[Any, ...]) -> None:
         super().__init__(edge, _QuicCloser(self), location=location, remote=_fmt(remote))  # type: ignore[arg-type]
         self.endpoint = endpoint
@@ -360,27 +361,34 @@ class QuicTunnelConnection(H2TunnelConnection):
                 self._on_incoming(stream_id, data, end)
             return
         assert isinstance(stream, QuicTunnelStream)
+        kept = self._on_tunnel_data(stream, data, end)
+        if kept < len(data):  # the ConnectResponse, or bytes dropped: consumed here, not by the eyeball
+            self.quic.consumed(stream_id, len(data) - kept)
+
+    def _on_tunnel_data(self, stream: QuicTunnelStream, data: bytes, end: bool) -> int:
+        """Queue a data stream's bytes for the eyeball side; returns how many were queued."""
         if stream.released or stream.error is not None:
-            return
+            return 0
         if stream.response is None:
             try:
                 head = stream.head.feed(data)
             except QuicStreamError as exc:
                 self._bad_head(stream, str(exc))
-                return
+                return 0
             if head is None:
                 if end:
                     self._bad_head(stream, "stream ended before its ConnectResponse was whole")
-                return
+                return 0
             assert isinstance(head.message, ConnectResponse)
             if not self._on_response_head(stream, head.message):
-                return
+                return 0
             data = head.rest
         if data:
             stream._chunks.append((data, len(data)))
         if end:
             stream.ended = True
         stream._wake()
+        return len(data)
 
     def _on_incoming(self, stream_id: int, data: bytes, end: bool) -> None:
         """A stream the connector opened (not the control stream): only RPC streams are accepted."""
@@ -566,6 +574,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         stream_id = self.quic.get_next_available_stream_id()
         stream = QuicTunnelStream(self, stream_id, request.type, self.edge.config.max_response_headers)
         self.streams[stream_id] = stream
+        self.quic.hold(stream_id)  # its receive window follows what the eyeball side takes (acknowledge)
         head = encode_connect_request(request)
         self.quic.send_stream_data(stream_id, head, end_stream=end_stream)
         stream.written = len(head)
@@ -617,7 +626,10 @@ class QuicTunnelConnection(H2TunnelConnection):
         await self.send_stream_data(stream, b"", end=True)
 
     async def acknowledge(self, stream_id: int, length: int) -> None:
-        """Nothing to do: qh3 extends its receive windows itself (docs/edge.md, QUIC limits)."""
+        """The eyeball side took `length` bytes: the stream's window (and the connection's) slides."""
+        if self.quic.consumed(stream_id, length) and not self.closed.is_set():
+            self.transmit()
+        await trio.lowlevel.checkpoint()
 
     async def release_stream(self, stream: H2TunnelStream) -> None:
         """Forget a stream: abandon it if still open, send that now."""
@@ -630,6 +642,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         self.streams.pop(stream.id, None)
         self.raw_streams.pop(stream.id, None)
         stream._chunks.clear()
+        self.quic.release(stream.id)  # what it still held (and anything arriving later) is free
         if self.closed.is_set():
             return
         if not (stream.local_closed and stream.ended) or stream.error is not None:

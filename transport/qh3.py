@@ -15,8 +15,9 @@ from qh3 import tls
 # host_cid_length)` -> (version, packet type, ..., destination cid, source cid, ...), ValueError on garbage.
 from qh3._hazmat import pull_quic_header as pull_quic_header
 from qh3.quic import events as qevents
-from qh3.quic.connection import QuicConnection, QuicConnectionState
+from qh3.quic.connection import Limit, QuicConnection, QuicConnectionState
 from qh3.quic.packet import QuicErrorCode
+from qh3.quic.stream import QuicStream
 
 from tunnel_lab.wire.errors import ProtocolError
 from tunnel_lab.wire.stateless_reset import MIN_RESET_SIZE, reset_token
@@ -60,7 +61,162 @@ def hold_unsent(state: Any) -> None:
         state.is_blocked = True
 
 
-class KeyedResetConnection(QuicConnection):
+# qh3's own slot for a stream's receive limit, written directly when credit is granted
+_STREAM_LIMIT: Any = QuicStream.__dict__["max_stream_data_local"]
+
+
+class _CreditStream(QuicStream):
+    """A qh3 stream whose receive limit only `CreditConnection` moves: qh3's own raises are ignored."""
+
+    __slots__ = ()  # the same layout, so a stream qh3 created can take this class
+
+    @property
+    def max_stream_data_local(self) -> int:
+        return int(_STREAM_LIMIT.__get__(self))
+
+    @max_stream_data_local.setter
+    def max_stream_data_local(self, value: int) -> None:
+        pass  # qh3 doubling it (packet writer, STREAM_DATA_BLOCKED): refused
+
+
+class _CreditLimit(Limit):
+    """qh3's connection MAX_DATA record, with a value only `CreditConnection` moves."""
+
+    def __init__(self, limit: Limit) -> None:  # takes over qh3's record, without Limit.__init__
+        self.frame_type, self.name = limit.frame_type, limit.name
+        self.sent, self.used = limit.sent, limit.used
+        self.granted = limit.value
+
+    @property
+    def value(self) -> int:
+        return self.granted
+
+    @value.setter
+    def value(self, value: int) -> None:
+        pass  # qh3 doubling it (packet writer, DATA_BLOCKED): refused
+
+
+class _Held:
+    __slots__ = ("delivered", "freed")
+
+    def __init__(self, delivered: int) -> None:
+        self.delivered = delivered  # bytes qh3 delivered as events
+        self.freed = delivered  # of which the reader consumed (or dropped) these
+
+
+class CreditConnection(QuicConnection):
+    """A QuicConnection whose receive windows follow what the reader consumed, not what qh3 delivered.
+
+    qh3 1.9.4 raises a stream's MAX_STREAM_DATA (doubling it) whenever the highest offset received passes
+    half of it, and the connection's MAX_DATA whenever the bytes received pass half of it (in the packet
+    writer; on STREAM_DATA_BLOCKED / DATA_BLOCKED too): a reader that does not keep up lets the shell's
+    buffer grow without bound. Here both windows are fixed (the configuration's `max_stream_data` and
+    `max_data`, as quic-go's receive windows are in cloudflared) and slide as bytes are freed:
+
+    - a stream the shell `hold`s frees bytes only when it reports them `consumed` (or `release`s it);
+    - any other stream's bytes are free as soon as qh3 delivers them (the control and RPC streams, late
+      data on a stream the shell is done with), and what a RESET_STREAM cut off is free at once.
+
+    qh3 writes the limits in its packet writer; it is kept from raising them by taking over the two
+    records it writes (`_CreditStream`, `_CreditLimit`), so the writer announces only what is granted here.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._stream_window = int(self._configuration.max_stream_data)
+        self._connection_window = int(self._configuration.max_data)
+        self._local_max_data = self._credit = _CreditLimit(self._local_max_data)
+        self._freed = 0  # connection-wide bytes freed
+        self._held: dict[int, _Held] = {}
+
+    # ---- the shell's side
+    def hold(self, stream_id: int) -> None:
+        """Free `stream_id`'s bytes only as they are reported consumed (call before any arrive)."""
+        state = self._streams.get(stream_id)
+        self._held.setdefault(stream_id, _Held(state.receiver.starting_offset() if state else 0))
+
+    def consumed(self, stream_id: int, length: int) -> bool:
+        """The reader took `length` bytes of a held stream; True when a window update is now due."""
+        held = self._held.get(stream_id)
+        if held is None or length <= 0:
+            return False
+        length = min(length, held.delivered - held.freed)
+        held.freed += length
+        return self._free(length) | self._grant_stream(stream_id, held.freed)
+
+    def release(self, stream_id: int) -> bool:
+        """The shell dropped what it held of `stream_id`: all freed; later bytes are free on delivery."""
+        held = self._held.pop(stream_id, None)
+        if held is None:
+            return False
+        return self._free(held.delivered - held.freed)
+
+    # ---- qh3's side
+    def _get_or_create_stream(self, frame_type: int, stream_id: int) -> QuicStream:
+        return _credit_class(super()._get_or_create_stream(frame_type, stream_id))
+
+    def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
+        return _credit_class(super()._get_or_create_stream_for_send(stream_id))
+
+    def _handle_stream_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        events = self._events
+        before = len(events)
+        super()._handle_stream_frame(context, frame_type, buf)
+        if len(events) == before:
+            return
+        event = events[-1]
+        assert isinstance(event, qevents.StreamDataReceived)
+        length = len(event.data)
+        held = self._held.get(event.stream_id)
+        if held is not None:
+            held.delivered += length
+            return
+        self._free(length)
+        state = self._streams.get(event.stream_id)
+        if state is not None:
+            self._grant_stream(event.stream_id, state.receiver.starting_offset())
+
+    def _handle_reset_stream_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        events = self._events
+        before = len(events)
+        super()._handle_reset_stream_frame(context, frame_type, buf)
+        if len(events) == before:
+            return
+        event = events[-1]
+        assert isinstance(event, qevents.StreamReset)
+        state = self._streams.get(event.stream_id)
+        if state is not None:
+            # what the reset cut off (never delivered, out-of-order bytes qh3 held included)
+            self._free(state.receiver.highest_offset - state.receiver.starting_offset())
+
+    def _free(self, length: int) -> bool:
+        self._freed += length
+        credit = self._credit
+        limit = self._freed + self._connection_window
+        if limit - credit.granted < self._connection_window // 4:  # one MAX_DATA per quarter window
+            return False
+        credit.granted = limit
+        return True
+
+    def _grant_stream(self, stream_id: int, freed: int) -> bool:
+        state = self._streams.get(stream_id)
+        if state is None or state.receiver.is_finished:
+            return False
+        limit = freed + self._stream_window
+        if limit - _STREAM_LIMIT.__get__(state) < self._stream_window // 4:
+            return False
+        _STREAM_LIMIT.__set__(state, limit)
+        self._streams_dirty_limits.add(state)
+        return True
+
+
+def _credit_class(stream: QuicStream) -> QuicStream:
+    if type(stream) is QuicStream:
+        stream.__class__ = _CreditStream
+    return stream
+
+
+class KeyedResetConnection(CreditConnection):
     """A server-side QuicConnection whose stateless reset tokens derive from a key (wire.stateless_reset).
 
     qh3 draws each token with os.urandom, in `__init__` for the first connection id and in
@@ -105,7 +261,7 @@ class KeyedResetConnection(QuicConnection):
             host_cid.stateless_reset_token = reset_token(self._reset_key, host_cid.cid)
 
 
-class ResetAwareConnection(QuicConnection):
+class ResetAwareConnection(CreditConnection):
     """A client-side QuicConnection that notices a Stateless Reset (RFC 9000 §10.3.1).
 
     qh3 1.9.4's client drops a datagram whose destination connection id is none of its own before it looks

@@ -3,6 +3,8 @@ workaround (named in each test) must be looked at again."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from qh3._hazmat import QuicStreamSender
 from qh3.quic.stream import QuicStream
 
@@ -87,3 +89,28 @@ def test_the_header_parser_reads_a_client_initial_as_the_edge_expects() -> None:
     assert header[3] == quic._peer_cid.cid and header[4] == quic.host_cid
     with pytest.raises(ValueError):
         pull_quic_header(b"\x00", 0, 8)
+
+
+def test_qh3_credits_a_stream_by_delivery_and_the_override_takes_over_its_records(tmp_path: Any) -> None:
+    # transport.qh3.CreditConnection: a plain qh3 server that never reads still receives everything (its
+    # windows double as data is delivered), through the two records the override replaces: the
+    # connection's `_local_max_data` (a Limit whose `value` the packet writer doubles) and each stream's
+    # `max_stream_data_local` slot; and it sees data and resets through the frame handlers it wraps.
+    import os
+
+    from qh3.quic.connection import Limit, QuicConnection
+    from qh3.quic.stream import QuicStream
+
+    from tests.unit.test_transport_qh3_credit import STREAM_WINDOW, Pair
+
+    assert type(QuicStream.__dict__["max_stream_data_local"]).__name__ == "member_descriptor"
+    for name in ("_get_or_create_stream", "_get_or_create_stream_for_send", "_handle_stream_frame",
+                 "_handle_reset_stream_frame"):
+        assert callable(getattr(QuicConnection, name))
+    pair = Pair(tmp_path, QuicConnection)
+    assert type(pair.server._local_max_data) is Limit
+    assert isinstance(pair.server._streams_dirty_limits, set)
+    pair.client.send_stream_data(0, os.urandom(8 * STREAM_WINDOW), end_stream=True)
+    pair.pump()
+    assert pair.ended and len(pair.received) == 8 * STREAM_WINDOW
+    assert pair.server._streams[0].max_stream_data_local > STREAM_WINDOW  # grown by qh3 itself
