@@ -104,6 +104,7 @@ class QuicStream:
                 data = b"".join(self._chunks)
                 self._chunks.clear()
                 self._buffered = 0
+                self.transport.consumed(self.stream_id, len(data))  # (bytes pushed back stay credited)
                 return data
             if self.remote_ended or self.transport.closed:
                 await trio.lowlevel.checkpoint()
@@ -215,8 +216,15 @@ class QuicTransport:
         self.streams[stream_id] = stream
         return stream
 
+    def consumed(self, stream_id: int, length: int) -> None:
+        """The reader took `length` bytes of a stream the edge opened: its receive window slides."""
+        if self.quic.consumed(stream_id, length) and not self.closed:
+            self.transmit()
+
     def forget(self, stream: QuicStream) -> None:
         self.streams.pop(stream.stream_id, None)
+        if self.quic.release(stream.stream_id) and not self.closed:
+            self.transmit()
         if len(self._ended) > 1024:  # FINs still unacknowledged: bounded by pruning the acknowledged
             self._prune_ended()
 
@@ -356,6 +364,8 @@ class QuicTransport:
                     if event.stream_id % 4 != 1 or event.stream_id <= self._last_peer_stream:
                         continue
                     self._last_peer_stream = event.stream_id
+                    # credit follows what the handler reads from here on (transport.qh3.CreditConnection)
+                    self.quic.hold(event.stream_id)
                     stream = QuicStream(self, event.stream_id)
                     self.streams[event.stream_id] = stream
                     stream._push(event.data, event.end_stream)
