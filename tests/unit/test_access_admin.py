@@ -158,7 +158,8 @@ def test_service_token_secret_shown_once(lab: Lab) -> None:
     assert made["client_secret"] and "expires_at" not in made
 
     listed = lab.json("access", "service-token", "list")
-    assert [t["name"] for t in listed] != [] and all("client_secret" not in t for t in listed)
+    assert sorted(t["name"] for t in listed) == ["ci", "deploy"]
+    assert all("client_secret" not in t for t in listed)
     table = lab.ok("access", "service-token", "list")
     assert "ci" in table and client_id in table and "never" in table
     for text in (table, json.dumps(listed)):
