@@ -3,9 +3,9 @@ commands on the lab's store (`STATE/state.db`), the same store and validation as
 (`lab.access_store`, `lab.waf_store`). See docs/admin.md.
 
 `tunnel-lab access` is shared with the access client (`login|token|curl|tcp|ssh|rdp|smb`,
-`connector.access`): `access_main` sends `app`, `policy` and `service-token` here and everything else
-there. Conventions as `lab.admin`: `--state DIR`, `--output json`, one-line errors, exit 1 (2 for usage).
-A service token's secret is printed once, by `service-token create`, and never again.
+`connector.access`): the dispatcher (`lab.cli.SHARED`) sends `app`, `policy` and `service-token` here
+and everything else there. Conventions as `lab.admin`: `--state DIR`, `--output json`, one-line errors,
+exit 1 (2 for usage). A service token's secret is printed once, by `service-token create`, and never again.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from tunnel_lab.lab.waf_store import PHASES, WafStore
 from tunnel_lab.wire import waf
 from tunnel_lab.wire.errors import ConfigError
 
-ADMIN_COMMANDS = ("app", "policy", "service-token")
 # --phase short names -> the Rulesets API's phase names
 WAF_PHASES = {"custom": "http_request_firewall_custom", "ratelimit": "http_ratelimit"}
 assert set(WAF_PHASES.values()) == set(PHASES)
@@ -398,25 +397,8 @@ def _waf_parser() -> _Parser:
 
 # -- entry points --------------------------------------------------------------------------------
 
-def _first_word(argv: Sequence[str]) -> str | None:
-    from tunnel_lab.lab.paths import without_state
-
-    for _i, arg in without_state(argv):
-        if not arg.startswith("-"):
-            return arg
-    return None
-
-
 def access_main(argv: Sequence[str]) -> int:
-    """`tunnel-lab access ...`: the admin groups here, the client commands to `connector.access`."""
-    argv = list(argv)
-    if _first_word(argv) not in ADMIN_COMMANDS:
-        from tunnel_lab.connector.access import main
-
-        if argv[:1] in (["-h"], ["--help"], ["help"]):
-            print(f"Admin: `{PROG} access app|policy|service-token ...` (see `{PROG} access app --help`).\n")
-        return main(argv)
-
+    """`tunnel-lab access app|policy|service-token ...` (`lab.cli` sends the other words to the client)."""
     def call(args: argparse.Namespace, state: Path) -> int:
         with Store(db_path(state)) as store:
             return int(args.func(args, AccessStore(store)))

@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("tunnel_lab.lab.runner.cli", "main", "run scenarios end to end (default: the bundled library)"),
     "edge": ("tunnel_lab.edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
     "connector": ("tunnel_lab.connector.cli", "main", "run our connector (cloudflared's command line)"),
-    "access": ("tunnel_lab.lab.access_admin", "access_main",
+    "access": ("tunnel_lab.connector.access", "main",
                "Access clients (login|token|curl|tcp|ssh) and admin (app|policy|service-token)"),
     "waf": ("tunnel_lab.lab.access_admin", "waf_main", "set, show and clear the WAF rules (`waf rules ...`)"),
     "tunnel": ("tunnel_lab.lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
@@ -33,6 +33,25 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "login": ("tunnel_lab.lab.login", "main",
               "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }
+
+# subcommand -> (its words owned by another module, that module, its function): `tunnel-lab access app ...`
+# is the lab's admin command, `tunnel-lab access login ...` the access client.
+SHARED: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "access": (("app", "policy", "service-token"), "tunnel_lab.lab.access_admin", "access_main"),
+}
+
+
+def _first_word(args: Sequence[str]) -> str | None:
+    """The first argument that is neither an option nor the value of `--state`."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--state":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def _usage() -> str:
@@ -53,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunnel-lab: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = SUBCOMMANDS[name]
+    if name in SHARED:
+        words, other_module, other_func = SHARED[name]
+        if _first_word(rest) in words:
+            module_name, func_name = other_module, other_func
+        elif rest[:1] in (["-h"], ["--help"], ["help"]):
+            print(f"Admin commands: `tunnel-lab {name} {'|'.join(words)} ...` "
+                  f"(`tunnel-lab {name} {words[0]} --help`).\n")
     func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
     try:
         return func(rest)
