@@ -79,7 +79,9 @@ def _cmd_app_add(args: argparse.Namespace, access: AccessStore) -> int:
         body["session_duration"] = args.session_duration
     if args.policies:
         loaded = _load(args.policies)
-        body["policies"] = loaded.get("policies") if isinstance(loaded, dict) else loaded
+        if isinstance(loaded, dict):  # {policies: [...]}, or one policy as `policy add` takes it
+            loaded = loaded.get("policies", [loaded])
+        body["policies"] = loaded
     app = access.create_app(body)
     if args.output == "json":
         _print_json(app)
@@ -260,7 +262,7 @@ def _access_parser() -> _Parser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("domain", metavar="DOMAIN", help="host or host/path-prefix, e.g. app.example.test")
     p.add_argument("--policies", metavar="FILE",
-                   help="JSON or YAML file (- for stdin): a list of policies, or {policies: [...]}")
+                   help="JSON or YAML file (- for stdin): a policy, a list of them, or {policies: [...]}")
     p.add_argument("--session-duration", metavar="DURATION", help="e.g. 30m, 24h (default 24h)")
     _add_output(p)
     p.set_defaults(func=_cmd_app_add)

@@ -106,7 +106,12 @@ def test_app_add_bad_input_saves_nothing(lab: Lab) -> None:
                                                      lab.file("broken.yaml", "[{"))
     assert "No such file" in lab.fails("access", "app", "add", "web", "app.test", "--policies",
                                        str(lab.dir / "missing.json"))
+    assert "application 'web'.policies: must be a list" in lab.fails(
+        "access", "app", "add", "web", "app.test", "--policies", lab.file("p.yaml", "policies: 3\n"))
     assert lab.json("access", "app", "list") == []
+    one = lab.json("access", "app", "add", "one", "one.test", "--policies", lab.file("one.json", STAFF))
+    assert [p["name"] for p in one["policies"]] == ["staff"]
+    lab.ok("access", "app", "delete", "one")
     lab.ok("access", "app", "add", "web", "app.test")
     assert "already protects 'app.test'" in lab.fails("access", "app", "add", "web2", "app.test")
     assert "no Access application 'nope'" in lab.fails("access", "app", "show", "nope")
