@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,18 +143,18 @@ class _Parser:
         return node
 
     def disjunction(self) -> Node:
-        parts = [self.conjunction()]
-        while (t := self.peek()) is not None and t[1] in ("or", "||"):
-            self.take()
-            parts.append(self.conjunction())
-        return parts[0] if len(parts) == 1 else Bool("or", tuple(parts))
+        return self._chain("or", ("or", "||"), self.conjunction)
 
     def conjunction(self) -> Node:
-        parts = [self.negation()]
-        while (t := self.peek()) is not None and t[1] in ("and", "&&"):
+        return self._chain("and", ("and", "&&"), self.negation)
+
+    def _chain(self, op: str, words: tuple[str, ...], operand: Callable[[], Node]) -> Node:
+        """Operands joined by one of `words`: a single operand stands alone, more make one `Bool(op)`."""
+        parts = [operand()]
+        while (t := self.peek()) is not None and t[1] in words:
             self.take()
-            parts.append(self.negation())
-        return parts[0] if len(parts) == 1 else Bool("and", tuple(parts))
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else Bool(op, tuple(parts))
 
     def negation(self) -> Node:
         t = self.peek()
