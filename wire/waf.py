@@ -293,11 +293,16 @@ def _common(i: int, raw: Any) -> tuple[str, str, Node]:
     return str(raw.get("id") or f"rule{i + 1}"), str(raw.get("description", "")), node
 
 
-def parse_rules(raw: Any) -> list[Rule]:
-    """Custom rules (`{"rules": [...]}` or the list), checked whole."""
+def _rule_list(raw: Any) -> list[Any]:
     items = raw.get("rules") if isinstance(raw, dict) else raw
     if not isinstance(items, list) or len(items) > MAX_RULES:
         raise WafError(f"rules must be a list of at most {MAX_RULES} rules")
+    return items
+
+
+def parse_rules(raw: Any) -> list[Rule]:
+    """Custom rules (`{"rules": [...]}` or the list), checked whole."""
+    items = _rule_list(raw)
     out = []
     for i, item in enumerate(items):
         rid, description, node = _common(i, item)
@@ -317,9 +322,7 @@ def _number(where: str, raw: Mapping[str, Any], name: str, default: float | None
 
 def parse_rate_rules(raw: Any) -> list[RateRule]:
     """Rate-limiting rules (`{"rules": [...]}` or the list), checked whole."""
-    items = raw.get("rules") if isinstance(raw, dict) else raw
-    if not isinstance(items, list) or len(items) > MAX_RULES:
-        raise WafError(f"rules must be a list of at most {MAX_RULES} rules")
+    items = _rule_list(raw)
     out = []
     for i, item in enumerate(items):
         rid, description, node = _common(i, item)
