@@ -618,13 +618,8 @@ def list_tunnels(ctx: Context) -> int:
         "deletedAt": lambda t: int(t.deleted_at.timestamp()),
         "numConnections": lambda t: len(t.connections)}
     _sort(ctx, tunnels, keys, "name", LIST_SORT)
-    if inv.get("output"):
-        # Go renders the nil slice of an empty listing as null.
-        render(str(inv.get("output")), [t.to_json() for t in tunnels] or None, ctx.out)
-        return 0
-    if not tunnels:
-        ctx.out.write("No tunnels were found for the given filter flags. You can use 'cloudflared tunnel "
-                      "create' to create a tunnel.\n")
+    if _rendered_or_empty(ctx, tunnels, "No tunnels were found for the given filter flags. You can use "
+                          "'cloudflared tunnel create' to create a tunnel.\n"):
         return 0
     rd = bool(inv.get("show-recently-disconnected"))
     lines = ["You can obtain more detailed information for each tunnel with `cloudflared tunnel info "
@@ -702,6 +697,18 @@ def _sort(ctx: Context, items: list[T], keys: Mapping[str, Callable[[T], Any]], 
         log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
                   ", ".join(valid))
     items.sort(key=keys.get(sort_by, keys[default]), reverse=bool(ctx.inv.get("invert-sort")))
+
+
+def _rendered_or_empty(ctx: Context, items: Sequence[Any], empty: str) -> bool:
+    """A listing's `--output json|yaml`, or the `empty` line when it found nothing: True if written."""
+    if ctx.inv.get("output"):
+        # Go renders the nil slice of an empty listing as null.
+        render(str(ctx.inv.get("output")), [i.to_json() for i in items] or None, ctx.out)
+        return True
+    if not items:
+        ctx.out.write(empty)
+        return True
+    return False
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -894,12 +901,8 @@ def route_ip_show(ctx: Context) -> int:
     api = ctx.api()
     items = api.list_all(lambda page: api.client.list_routes(params, page), "list routes")
     routes = [cfapi.DetailedRoute.from_json(r) for r in items]
-    if inv.get("output"):
-        render(str(inv.get("output")), [r.to_json() for r in routes] or None, ctx.out)
-        return 0
-    if not routes:
-        ctx.out.write("No routes were found for the given filter flags. You can use 'cloudflared tunnel "
-                      "route ip add' to add a route.\n")
+    if _rendered_or_empty(ctx, routes, "No routes were found for the given filter flags. You can use "
+                          "'cloudflared tunnel route ip add' to add a route.\n"):
         return 0
     ctx.out.write(_route_table(routes))
     return 0
@@ -991,12 +994,8 @@ def vnet_list(ctx: Context) -> int:
         params["is_default"] = "true" if inv.flags["is-default"] else "false"
     params["is_deleted"] = "true" if inv.get("show-deleted") else "false"
     vnets = list_vnets(ctx, params)
-    if inv.get("output"):
-        render(str(inv.get("output")), [v.to_json() for v in vnets] or None, ctx.out)
-        return 0
-    if not vnets:
-        ctx.out.write("No virtual networks were found for the given filter flags. You can use 'cloudflared "
-                      "tunnel vnet add' to add a virtual network.\n")
+    if _rendered_or_empty(ctx, vnets, "No virtual networks were found for the given filter flags. You can "
+                          "use 'cloudflared tunnel vnet add' to add a virtual network.\n"):
         return 0
     lines = ["ID\tNAME\tIS DEFAULT\tCOMMENT\tCREATED\tDELETED\t"]
     for v in vnets:
