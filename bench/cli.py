@@ -20,12 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnel_lab.bench import load, quic
+from tunnel_lab.bench import load, quic, trace_cost
 from tunnel_lab.bench import profile as profiling
 from tunnel_lab.bench.procs import (
     BenchSetupError,
@@ -45,7 +45,7 @@ WS_HOST = "ws.bench.lab.test"
 LOCATIONS = ("LAB1", "LAB2", "LAB3", "LAB4", "LAB5")
 HA_CONNECTIONS = 4
 MIB = 1 << 20
-PATHS = ("direct", "lab", "cloudflared", *quic.QUIC_PATHS)
+PATHS = ("direct", "lab", trace_cost.PATH, "cloudflared", *quic.QUIC_PATHS)
 GET_CONCURRENCY = (1, 32, 128)
 
 
@@ -272,13 +272,14 @@ class Lab:
         comp = self.start(f"origin-{kind}", argv)
         return comp, parse_address(str(wait_ready_file(comp, ready)["address"]))
 
-    def start_edge(self) -> tuple[Component, dict[str, Any]]:
-        ready = self.workdir / "edge.json"
+    def start_edge(self, name: str = "edge", flags: Sequence[str] = ()) -> tuple[Component, dict[str, Any]]:
+        ready = self.workdir / f"{name}.json"
         argv = lab_command("edge", "--state", str(self.state), "--http-listen", "127.0.0.1:0",
-                           "--api-listen", "127.0.0.1:0", "--ready-file", str(ready), "--loglevel", "warning")
+                           "--api-listen", "127.0.0.1:0", "--ready-file", str(ready), "--loglevel", "warning",
+                           *flags)
         for index, location in enumerate(LOCATIONS, start=1):
             argv += ["--tunnel-listen", f"{location}=127.0.0.{index}:0"]
-        comp = self.start("edge", argv)
+        comp = self.start(name, argv)
         return comp, wait_ready_file(comp, ready)
 
     def create_tunnel(self) -> tuple[str, Path]:
@@ -409,9 +410,37 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
         connector.stop()
 
 
+def bench_traced_path(lab: Lab, origins: dict[str, Component], urls: dict[str, str],
+                      tunnel: tuple[str, Path], profile: Profile) -> list[Run]:
+    """The request workloads of `lab` again through an edge and our connector both run with `--trace`."""
+    traces = {"edge": lab.workdir / "edge.trace.jsonl", "connector": lab.workdir / "connector.trace.jsonl"}
+    edge_comp, edge = lab.start_edge("edge-traced", ["--trace", str(traces["edge"])])
+    try:
+        metrics = f"127.0.0.1:{free_port()}"
+        argv = lab.connector_argv(lab_command("connector"), edge, tunnel[0], tunnel[1], metrics, urls)
+        at = argv.index("tunnel") + 1
+        argv[at:at] = ["--trace", str(traces["connector"])]
+        connector = lab.start(f"connector-{trace_cost.PATH}", argv)
+        try:
+            wait_ready(connector, metrics, HA_CONNECTIONS, timeout=60)
+            edge_http = parse_address(edge["http"])
+            target = Target(trace_cost.PATH, edge_http, edge_http,
+                            {"edge": edge_comp, "connector": connector, **origins})
+            runs = traffic_workloads(target, profile)
+            connector.check_alive()
+        finally:
+            connector.stop()  # gracefully: the trace ends with its trace.end record
+    finally:
+        edge_comp.stop()
+    files: dict[str, float] = {}
+    for component, path in traces.items():
+        files.update(trace_cost.trace_figures(component, path))
+    return [*runs, Run("trace-files", trace_cost.PATH, files)]
+
+
 def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
               progress: Callable[[str], None] = lambda _: None, profile_dir: Path | None = None,
-              with_quic: bool = True) -> list[Run]:
+              with_quic: bool = True, with_trace: bool = True) -> list[Run]:
     lab = Lab(workdir)
     try:
         http_origin, http_addr = lab.start_origin("stream")
@@ -425,6 +454,9 @@ def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
         progress("lab")
         runs += bench_connector_path(lab, "lab", lab_command("connector"), edge_comp, edge, origins, urls,
                                      tunnel, profile, profile_dir)
+        if with_trace:
+            progress(trace_cost.PATH)
+            runs += bench_traced_path(lab, origins, urls, tunnel, profile)
         if with_quic:
             # Right after its http2 twin, against the same edge and origins: quic.quic_ratios compares them.
             progress("lab-quic")
@@ -681,6 +713,8 @@ def main(argv: list[str]) -> int:
                         help="also bench a real cloudflared (the bench then runs in a private netns)")
     parser.add_argument("--no-quic", action="store_true", dest="no_quic",
                         help="leave out the QUIC paths (lab-quic, cloudflared-quic) and their ratios")
+    parser.add_argument("--no-trace", action="store_true", dest="no_trace",
+                        help="leave out the lab-traced path (the protocol trace's cost; docs/trace.md)")
     parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
     parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
                         help="sample edge and connector with py-spy during get-c32, download and upload; "
@@ -726,7 +760,7 @@ def main(argv: list[str]) -> int:
         runs = run_bench(profile, workdir, caps,
                          progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True),
                          profile_dir=Path(args.py_spy).absolute() if args.py_spy else None,
-                         with_quic=not args.no_quic)
+                         with_quic=not args.no_quic, with_trace=not args.no_trace)
     except BenchSetupError as exc:
         print(f"tunnel-lab: bench: {exc}\n(logs in {workdir})", file=sys.stderr)
         return 1
@@ -737,6 +771,10 @@ def main(argv: list[str]) -> int:
     print(render_table(runs, goals))
     if quic_goals:
         print(quic.render_quic_table(quic_goals))
+    trace_goals = trace_cost.trace_ratios(runs)
+    if trace_goals:
+        files = next((r.figures for r in runs if r.workload == "trace-files"), {})
+        print(trace_cost.render_trace_table(trace_goals, files))
     load_after = os.getloadavg()[0]
     print(f"load client: {client} for GET c=1/32/128, tunnel-lab for the rest; cores: {os.cpu_count()}; "
           f"load average before/after: {load_before:.2f}/{load_after:.2f}; profile: {profile.name}; "
@@ -745,7 +783,8 @@ def main(argv: list[str]) -> int:
         document = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(),
                     "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
                     "profile": profile.name, "bulk_bytes": profile.bulk_bytes, "client": client,
-                    "runs": [r.as_json() for r in runs], "goals": goals, "quic": quic_goals}
+                    "runs": [r.as_json() for r in runs], "goals": goals, "quic": quic_goals,
+                    "trace": trace_goals}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     return 1 if any(r.failure for r in runs) else 0
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.standin import write_standin
 
-TIMEOUT = 120  # direct, lab and lab-quic; with --cloudflared twice that many connector paths
+TIMEOUT = 180  # direct, lab, lab-traced and lab-quic; with --cloudflared twice that many connector paths
 
 RATE = {"requests", "requests_per_s", "p50_ms", "p90_ms", "p99_ms"}
 BULK = {"mb_per_s", "seconds"}
@@ -72,6 +72,13 @@ def test_tiny_bench_produces_every_figure_for_direct_and_lab(tmp_path: Path) -> 
     assert {q["figure"] for q in doc["quic"] if q["met"] is not None} == {
         "get-c32 edge CPU per request", "get-c32 connector CPU per request", "bulk download", "bulk upload"}
     assert "QUIC against http2" in proc.stdout
+    # The trace's cost: the lab path again with --trace, every ratio there, both traces whole.
+    check_path(doc, "lab-traced", EXPECTED, tunnel)
+    assert all(t["ratio"] is not None for t in doc["trace"]), doc["trace"]
+    files = next(r for r in doc["runs"] if r["workload"] == "trace-files")
+    for component in ("edge", "connector"):
+        assert files[f"{component}_trace_complete"] == 1 and files[f"{component}_trace_records"] > 100, files
+    assert "The protocol trace's cost" in proc.stdout
     # The terminal table names every workload and says which load client ran.
     for workload in [*EXPECTED, *CONNECTOR_ONLY, *IDLE]:
         assert workload in proc.stdout
