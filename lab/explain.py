@@ -102,14 +102,16 @@ def _frame_why(r: dict[str, Any]) -> tuple[str, str]:
                 "§5.1, §11.2")
     if ftype == "HEADERS" and ":status" in headers:
         return ("the connector answers on the same stream: :status is the origin's, and the origin's own "
-                "header fields travel base64-serialized in cf-cloudflared-response-headers (decoded in the last line)",
+                "header fields travel base64-serialized in cf-cloudflared-response-headers (decoded in the "
+                "last line)",
                 "§5.4, §5.5")
     if ftype == "DATA" and stream == 1:
-        return "carries RPC bytes on the control stream (Cap'n Proto framing)", "§3.2"
+        return "END_STREAM on the control stream: the connector's half of the RPC byte stream ends", "§3.9"
     if ftype == "DATA":
         return "the response body; END_STREAM marks its end", "§5.6"
     if ftype == "RST_STREAM":
-        return "the stream is torn down once the RPC conversation is over", "§3.9"
+        return ("the connector tears the control stream down once the RPC conversation is over, then "
+                "closes the connection (the edge may answer with a GOAWAY first)", "§3.9, §9.2")
     if ftype == "GOAWAY":
         return "the edge closes the connection: no new streams after last_stream", "§9.2, §9.3"
     return f"an HTTP/2 {ftype} frame", "§2.4"
@@ -164,14 +166,14 @@ def _rpc_details(r: dict[str, Any]) -> tuple[str, ...]:
                 f"replace_existing {options.get('replace_existing')}, num_previous_attempts "
                 f"{options.get('num_previous_attempts')}"]
     elif params is not None:
-        out.append(f"params: {json.dumps(params, separators=(',', ':'), sort_keys=True)[:200]}")
+        out.append(f"params: {json.dumps(params, separators=(',', ':'), sort_keys=True)}")
     results = r.get("results")
     if isinstance(results, dict):
         details = results.get("connection_details")
         if isinstance(details, dict):
             out += [f"{k} {v}" for k, v in details.items()]
         else:
-            out.append(f"results: {json.dumps(results, separators=(',', ':'), sort_keys=True)[:200]}")
+            out.append(f"results: {json.dumps(results, separators=(',', ':'), sort_keys=True)}")
     if r.get("exception"):
         out.append(f"exception: {r['exception']}")
     return tuple(out)
@@ -184,11 +186,11 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
     sender, receiver = ("Edge", "Connector") if outgoing else ("Connector", "Edge")
     t = r["t"]
     if kind == "tls.handshake":
-        details = [f"SNI {r.get('sni')}, ALPN {r.get('alpn') or 'none'}"]
+        tls = [f"SNI {r.get('sni')}, ALPN {r.get('alpn') or 'none'}"]
         if r.get("peer_subject"):
-            details.append(f"edge certificate: {r.get('peer_subject')}, issued by {r.get('peer_issuer')}")
+            tls.append(f"edge certificate: {r.get('peer_subject')}, issued by {r.get('peer_issuer')}")
         return WalkStep(t, "Connector", "Edge", f"TLS handshake: {r.get('version')} {r.get('cipher')}",
-                        tuple(details),
+                        tuple(tls),
                         "the connector dials the data centre and is the TLS client; it checks the edge's "
                         "certificate against the CA it was given (--cacert)", "§2.1, §2.3")
     if kind == "h2.preface":
@@ -198,12 +200,16 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
     if kind == "h2.frame":
         if r.get("type") == "WINDOW_UPDATE" and r.get("stream") not in (0, None):
             return None  # per-stream credit: timing-dependent, and §2.4 already explains the mechanism
+        if r.get("type") == "DATA" and r.get("stream") == 1 and "END_STREAM" not in (r.get("flags") or []):
+            # how RPC messages are batched into DATA frames depends on timing; each message's own
+            # step gives its size
+            return None
         what = f"{r.get('type')} on stream {r.get('stream')}"
         flags = r.get("flags") or []
         if flags:
             what += f" [{'|'.join(flags)}]"
         details: list[str] = []
-        if "settings" in r:
+        if r.get("settings"):
             details.append(" ".join(f"{k}={v}" for k, v in r["settings"].items()))
         for key in ("increment", "data_length", "error_code", "last_stream"):
             if key in r:
@@ -222,7 +228,8 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
             if key in r:
                 what += f" ({label} {r[key]})"
         why, ref = _rpc_why(r)
-        return WalkStep(t, sender, receiver, what, _rpc_details(r), why, ref)
+        size = (f"{r['size']} bytes, in DATA on stream {r.get('stream')}",) if "size" in r else ()
+        return WalkStep(t, sender, receiver, what, size + _rpc_details(r), why, ref + ", framing §3.2")
     if kind == "h2.body":
         return WalkStep(t, sender, receiver, f"body of stream {r.get('stream')}: {r.get('length')} bytes",
                         (f"sha256 {r.get('sha256')}", f"first bytes {r.get('head', '')!r}"),
@@ -250,7 +257,8 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
                         f"{r.get('reason', '')}".rstrip(), tuple(f"{n}: {v}" for n, v in _headers(r)),
                         "the origin answers the connector over HTTP/1.1", "§5.2, §5.9")
     if kind == "eyeball.response":
-        return WalkStep(t, "Edge", "Eyeball", f"{r.get('status')}", tuple(f"{n}: {v}" for n, v in _headers(r)),
+        return WalkStep(t, "Edge", "Eyeball", f"{r.get('status')}",
+                        tuple(f"{n}: {v}" for n, v in _headers(r)),
                         "the edge gives the eyeball the origin's status and header fields (decoded from "
                         "the serialized field), plus cf-ray", "§5.5")
     if kind == "eyeball.done":
@@ -283,6 +291,11 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
                   or (r.get("component") == "edge" and r.get("conn") == conn
                       and r["kind"] in ("h2.preface", "h2.frame", "rpc.message")
                       and r.get("stream") in (0, 1, None))]
+        # The walkthrough ends with the connector's RST_STREAM of the control stream: whether the edge's
+        # GOAWAY after it still reaches the wire (and the trace) is a race with the connector's close.
+        end = next((i for i, r in enumerate(chosen) if r["kind"] == "h2.frame"
+                    and r.get("type") == "RST_STREAM" and r.get("stream") == 1), None)
+        chosen = chosen if end is None else chosen[:end + 1]
     elif topic == "request":
         ray = next((r["ray"] for r in ordered if r["kind"] == "eyeball.request" and r.get("ray")), None)
         if ray is None:
@@ -292,7 +305,26 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
     else:
         raise ValueError(f"unknown topic {topic!r}")
     start = chosen[0]["t"] if chosen else 0.0
-    return [s for s in (_step(r, start) for r in chosen) if s is not None]
+    steps = [s for s in (_step(r, start) for r in chosen) if s is not None]
+    return sorted(steps, key=_order_key(steps))
+
+
+def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, int]]:
+    """Wire order, except where the order is a race that changes from run to run: the TLS handshake
+    comes first (the connector's record of it may carry a later timestamp than the edge's first frame),
+    and the two SETTINGS acknowledgements, which cross on the wire, are shown together, the edge's
+    first, where the later of them was seen."""
+    acks = [s for s in steps if s.what.startswith("SETTINGS") and "ACK" in s.what]
+    ack_t = max((s.t for s in acks), default=0.0)
+
+    def key(step: WalkStep) -> tuple[float, int]:
+        if step.what.startswith("TLS handshake"):
+            return (float("-inf"), 0)
+        if step in acks:
+            return (ack_t, 1 if step.sender == "Edge" else 2)
+        return (step.t, 0 if step.t != ack_t else 3)
+
+    return key
 
 
 # ---- rendering and normalisation -----------------------------------------------------------------------
@@ -310,7 +342,8 @@ def render(topic: Topic, steps: Sequence[WalkStep], *, markdown: bool) -> str:
                   "shown as `<placeholders>`. Section numbers (§) point into "
                   "[docs/protocol.md](../protocol.md).", ""]
     else:
-        lines += [topic.title, "=" * len(topic.title), "", topic.intro, "", f"What this run did: {topic.action}.",
+        lines += [topic.title, "=" * len(topic.title), "", topic.intro, "",
+                  f"What this run did: {topic.action}.",
                   "Section numbers (§) point into docs/protocol.md.", ""]
     for n, step in enumerate(steps, 1):
         arrow = step.sender if step.sender == step.receiver else f"{step.sender} -> {step.receiver}"
@@ -323,7 +356,7 @@ def render(topic: Topic, steps: Sequence[WalkStep], *, markdown: bool) -> str:
             lines.append(f"{n:>3}. {when:>11}  {arrow}: {step.what}")
             lines += [f"{'':18}{d}" for d in step.details]
             lines.append(f"{'':18}why: {step.why} ({step.ref})")
-        lines.append("" if markdown else "")
+        lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -332,10 +365,12 @@ _NORMALISE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b[0-9a-f]{64}\b"), "<sha256>"),
     (re.compile(r"\b[0-9a-f]{32}\b"), "<hex32>"),
     (re.compile(r"\b[0-9a-f]{16}(?=-[A-Z][A-Z0-9]*\b)"), "<ray>"),
-    (re.compile(r"\b((?:127\.\d+\.\d+\.\d+)|localhost|\[::1\]):\d+\b"), r"\1:<port>"),
+    (re.compile(r"((?:127\.\d+\.\d+\.\d+)|localhost|\[::1\]):\d+\b"), r"\1:<port>"),
     (re.compile(r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT"), "<date>"),
-    (re.compile(r"(Testing cert #)[A-Za-z0-9]+"), r"\1<serial>"),
+    (re.compile(r"(Testing cert #)[A-Za-z0-9_-]+"), r"\1<serial>"),
     (re.compile(r"[+-]?\d+(?:\.\d+)? ms\b"), "<ms>"),
+    # base64 of the origin's fields, its Date among them; the next detail line shows them decoded
+    (re.compile(r"(cf-cloudflared-response-headers: )[A-Za-z0-9+/=_:;-]+"), r"\1<base64>"),
 )
 
 
@@ -384,8 +419,8 @@ async def record(topic: str, workdir: Path) -> list[dict[str, Any]]:
 def _usage() -> str:
     lines = ["usage: tunnel-lab explain TOPIC [--markdown] [--keep DIR]", "", "topics:"]
     lines += [f"  {t.name:<14} {t.title}" for t in TOPICS.values()]
-    lines += ["", "Starts a small lab with tracing on, does one thing and explains, step by step, what crossed "
-              "the wire."]
+    lines += ["", "Starts a small lab with tracing on, does one thing and explains, step by step, what "
+              "crossed the wire."]
     return "\n".join(lines)
 
 
@@ -411,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if args.topic not in TOPICS:
-        print(f"tunnel-lab explain: unknown topic {args.topic!r}; topics: {', '.join(TOPICS)}", file=sys.stderr)
+        print(f"tunnel-lab explain: unknown topic {args.topic!r}; topics: {', '.join(TOPICS)}",
+              file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="tunnel-lab-explain-") as tmp:
         workdir = Path(args.keep).absolute() if args.keep else Path(tmp)
