@@ -30,6 +30,8 @@ __all__ = ["TOPICS", "Topic", "WalkStep", "main", "normalise", "render", "walkth
 
 HOSTNAME = "app.lab.test"
 REQUEST_PATH = "/hello?lang=en"
+WS_PATH = "/chat"
+WS_MESSAGE = "hello through the tunnel"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ TOPICS: dict[str, Topic] = {
               "to the origin, and returns the origin's answer with its headers serialized into one field.",
               f"start the edge, our connector and the `hello` origin, then `GET http://{HOSTNAME}"
               f"{REQUEST_PATH}` once through the edge's HTTP listener"),
+        Topic("websocket", "A WebSocket through the tunnel",
+              "How a WebSocket upgrade crosses the tunnel: the edge opens a stream marked as a WebSocket, "
+              "the connector upgrades its HTTP/1.1 connection to the origin, a 101 comes back as :status "
+              "200 with the origin's fields serialized, and from then on DATA frames carry the WebSocket "
+              "frames untouched in both directions.",
+              f"start the edge, our connector and the `ws-echo` origin, open a WebSocket to "
+              f"`ws://{HOSTNAME}{WS_PATH}` through the edge, send one text message ({WS_MESSAGE!r}) and "
+              "read its echo, then close"),
     )
 }
 
@@ -90,7 +100,13 @@ def _frame_why(r: dict[str, Any]) -> tuple[str, str]:
     if ftype == "WINDOW_UPDATE":
         return ("widens the connection's flow-control window far beyond HTTP/2's 64 KiB default, so bulk "
                 "bodies are not throttled", "§2.4")
-    if ftype == "HEADERS" and headers.get("cf-cloudflared-proxy-connection-upgrade") == "control-stream":
+    upgrade = headers.get("cf-cloudflared-proxy-connection-upgrade")
+    if ftype == "HEADERS" and upgrade == "websocket":
+        return ("the edge opens a new stream marked as a WebSocket (cf-cloudflared-proxy-connection-"
+                "upgrade), "
+                "with the eyeball's sec-websocket-* fields and no END_STREAM: the stream's body will carry "
+                "the eyeball's WebSocket frames", "§6.1")
+    if ftype == "HEADERS" and upgrade == "control-stream":
         return ("the edge (the HTTP/2 client) opens stream 1 as the control stream; no END_STREAM, because "
                 "its body is the edge's half of the RPC byte stream", "§3.1")
     if ftype == "HEADERS" and stream == 1:
@@ -100,6 +116,9 @@ def _frame_why(r: dict[str, Any]) -> tuple[str, str]:
         return ("the edge opens a new stream for the request: the eyeball's method, path and headers, plus "
                 "the headers the edge adds (cf-ray, cf-connecting-ip, x-forwarded-*, cf-visitor, cdn-loop)",
                 "§5.1, §11.2")
+    if ftype == "HEADERS" and ":status" in headers and "Upgrade" in dict(_headers(r, "origin_headers")):
+        return ("the origin's 101 travels as :status 200; the serialized Upgrade, Connection and "
+                "Sec-Websocket-Accept tell the edge the stream is now a WebSocket", "§6.1, §5.5")
     if ftype == "HEADERS" and ":status" in headers:
         return ("the connector answers on the same stream: :status is the origin's, and the origin's own "
                 "header fields travel base64-serialized in cf-cloudflared-response-headers (decoded in the "
@@ -107,11 +126,15 @@ def _frame_why(r: dict[str, Any]) -> tuple[str, str]:
                 "§5.4, §5.5")
     if ftype == "DATA" and stream == 1:
         return "END_STREAM on the control stream: the connector's half of the RPC byte stream ends", "§3.9"
+    if ftype == "DATA" and "END_STREAM" in flags and not r.get("data_length"):
+        return "an empty DATA with END_STREAM: this side of the stream has nothing more to send", "§6.1"
+    if ftype == "DATA" and r.get("_websocket"):
+        return ("raw WebSocket frames, relayed without being parsed (the edge's are masked, being a "
+                "client's)", "§6.1")
     if ftype == "DATA":
         return "the response body; END_STREAM marks its end", "§5.6"
     if ftype == "RST_STREAM":
-        return ("the connector tears the control stream down once the RPC conversation is over, then "
-                "closes the connection (the edge may answer with a GOAWAY first)", "§3.9, §9.2")
+        return f"the stream is reset ({r.get('error_code')}); the other side sends nothing more on it", "§9.2"
     if ftype == "GOAWAY":
         return "the edge closes the connection: no new streams after last_stream", "§9.2, §9.3"
     return f"an HTTP/2 {ftype} frame", "§2.4"
@@ -138,8 +161,22 @@ _METHOD_WHY: dict[tuple[str, str], tuple[str, str]] = {
     ("call", "unregisterConnection"): (
         "the connector is shutting down: it asks the edge to stop sending new requests on this connection "
         "before it closes", "§3.9, §9.2"),
-    ("return", "unregisterConnection"): ("the edge acknowledges the unregistration", "§3.9"),
+    ("return", "unregisterConnection"): (
+        "the edge acknowledges the unregistration. Then the connector Finishes the question, Releases the "
+        "capability, Aborts the RPC conversation, ends stream 1 (END_STREAM, RST_STREAM) and closes; the "
+        "edge sends GOAWAY. How much of that the other side still reads before the socket closes is a "
+        "race, so the walkthrough stops here (`tunnel-lab trace show` shows a whole trace)", "§3.9, §9.2"),
     ("return", "bootstrap"): ("the edge hands out its RegistrationServer capability", "§3.3"),
+}
+
+
+_CLASSIFIED = {
+    "http": "no upgrade field means a plain HTTP request",
+    "websocket": "cf-cloudflared-proxy-connection-upgrade: websocket makes it a WebSocket",
+    "control": "cf-cloudflared-proxy-connection-upgrade: control-stream makes it the control stream",
+    "tcp": "cf-cloudflared-proxy-src makes it a TCP stream (private networks)",
+    "configuration": "cf-cloudflared-proxy-connection-upgrade: update-configuration makes it a "
+                     "configuration push",
 }
 
 
@@ -245,7 +282,7 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
         return WalkStep(t, "Connector", "Connector", f"stream {r.get('stream')} classified as "
                         f"{r.get('stream_kind')}", (),
                         "the connector decides what the stream is from its pseudo-headers and the "
-                        "cf-cloudflared-proxy-* fields: no upgrade field means a plain HTTP request",
+                        "cf-cloudflared-proxy-* fields: " + _CLASSIFIED.get(str(r.get("stream_kind")), ""),
                         "§4.1")
     if kind == "origin.request":
         return WalkStep(t, "Connector", "Origin", f"{r.get('method')} {r.get('target')} "
@@ -291,17 +328,22 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
                   or (r.get("component") == "edge" and r.get("conn") == conn
                       and r["kind"] in ("h2.preface", "h2.frame", "rpc.message")
                       and r.get("stream") in (0, 1, None))]
-        # The walkthrough ends with the connector's RST_STREAM of the control stream: whether the edge's
-        # GOAWAY after it still reaches the wire (and the trace) is a race with the connector's close.
-        end = next((i for i, r in enumerate(chosen) if r["kind"] == "h2.frame"
-                    and r.get("type") == "RST_STREAM" and r.get("stream") == 1), None)
+        # The walkthrough ends with the edge's answer to unregisterConnection: how much of the teardown
+        # after it (Finish, Release, Abort, END_STREAM, RST_STREAM, GOAWAY) each side still reads before
+        # the connector's close is a race, different from run to run.
+        end = next((i for i, r in enumerate(chosen) if r["kind"] == "rpc.message"
+                    and r.get("message") == "return" and r.get("method") == "unregisterConnection"), None)
         chosen = chosen if end is None else chosen[:end + 1]
-    elif topic == "request":
+    elif topic in ("request", "websocket"):
         ray = next((r["ray"] for r in ordered if r["kind"] == "eyeball.request" and r.get("ray")), None)
         if ray is None:
             return []
         chosen = [r for r in ordered if r.get("ray") == ray
                   and ((r.get("component") == "edge") == r["kind"].startswith(("eyeball.", "h2.")))]
+        # a stream opened as a WebSocket carries WebSocket frames in its DATA: mark them for `_frame_why`
+        ws = {r.get("stream") for r in chosen if r["kind"] == "h2.frame" and ["cf-cloudflared-proxy-"
+              "connection-upgrade", "websocket"] in (r.get("headers") or [])}
+        chosen = [{**r, "_websocket": True} if r.get("stream") in ws else r for r in chosen]
     else:
         raise ValueError(f"unknown topic {topic!r}")
     start = chosen[0]["t"] if chosen else 0.0
@@ -331,7 +373,7 @@ def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, i
 
 def render(topic: Topic, steps: Sequence[WalkStep], *, markdown: bool) -> str:
     """The walkthrough as terminal text, or as Markdown (for docs/walkthroughs/)."""
-    start = steps[0].t if steps else 0.0
+    start = min((s.t for s in steps), default=0.0)
     lines: list[str] = []
     if markdown:
         lines += [f"# Walkthrough: {topic.title}", "",
@@ -368,9 +410,13 @@ _NORMALISE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"((?:127\.\d+\.\d+\.\d+)|localhost|\[::1\]):\d+\b"), r"\1:<port>"),
     (re.compile(r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT"), "<date>"),
     (re.compile(r"(Testing cert #)[A-Za-z0-9_-]+"), r"\1<serial>"),
-    (re.compile(r"[+-]?\d+(?:\.\d+)? ms\b"), "<ms>"),
+    (re.compile(r"[+-]*\d+(?:\.\d+)? ms\b"), "<ms>"),
     # base64 of the origin's fields, its Date among them; the next detail line shows them decoded
     (re.compile(r"(cf-cloudflared-response-headers: )[A-Za-z0-9+/=_:;-]+"), r"\1<base64>"),
+    # a fresh random key per WebSocket, and the accept value derived from it
+    (re.compile(r"((?i:sec-websocket-key|sec-websocket-accept): )[A-Za-z0-9+/=]+"), r"\1<base64>"),
+    # a client's WebSocket frame (FIN, opcode; mask bit set): a random mask, so random bytes
+    (re.compile(r"first bytes ['\"](\\\\x8[0-9a-f]\\\\x[89a-f][0-9a-f])[^`\n]*"), r"first bytes \1<masked>"),
 )
 
 
@@ -405,7 +451,16 @@ async def record(topic: str, workdir: Path) -> list[dict[str, Any]]:
         if response.error is not None:
             raise LabError(f"the request through the tunnel failed: {response.error}", lab.log_tails())
 
-    actions = {"registration": registration, "request": request}
+    async def websocket(lab: Any) -> None:
+        tunnel = await lab.create_tunnel("app", hostnames=[HOSTNAME])
+        origin = await lab.start_origin("ws-echo")
+        await lab.start_connector(tunnel, url=origin.url, flags=["--trace", str(connector_trace)])
+        result = await lab.websocket(HOSTNAME, WS_PATH, [WS_MESSAGE])
+        if result.error is not None or result.status != 101:
+            raise LabError(f"the WebSocket through the tunnel failed: status {result.status}, "
+                           f"{result.error}", lab.log_tails())
+
+    actions = {"registration": registration, "request": request, "websocket": websocket}
     async with open_lab(datacentres=2, https=False, state=workdir / "state",
                         edge_flags=["--trace", str(edge_trace)]) as lab:
         await actions[topic](lab)
