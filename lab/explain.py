@@ -30,6 +30,7 @@ __all__ = ["TOPICS", "Topic", "WalkStep", "main", "normalise", "render", "walkth
 
 HOSTNAME = "app.lab.test"
 REQUEST_PATH = "/hello?lang=en"
+RECONNECT_TIMEOUT = 45.0
 WS_PATH = "/chat"
 WS_MESSAGE = "hello through the tunnel"
 
@@ -78,6 +79,15 @@ TOPICS: dict[str, Topic] = {
               f"start the edge, our connector and the `ws-echo` origin, open a WebSocket to "
               f"`ws://{HOSTNAME}{WS_PATH}` through the edge, send one text message ({WS_MESSAGE!r}) and "
               "read its echo, then close"),
+        Topic("failover", "A dropped connection and the reconnect",
+              "What happens when the edge loses a tunnel connection without warning: the connector notices "
+              "the TCP connection is gone, dials again, and registers a new connection, telling the edge "
+              "how many attempts came before.",
+              "start the edge and our connector (one HA connection), drop that connection through the "
+              "management API (`POST /faults {\"kind\": \"drop-connection\"}`: the edge closes TCP, no "
+              "GOAWAY), and wait until the edge lists a new registered connection (our connector, like "
+              "cloudflared, waits a random time of up to 20 s before it dials again after a registered "
+              "connection dropped, §9.4)"),
     )
 }
 
@@ -182,6 +192,10 @@ _CLASSIFIED = {
 
 def _rpc_why(r: dict[str, Any]) -> tuple[str, str]:
     message, method = str(r.get("message")), str(r.get("method") or "")
+    attempts = ((r.get("params") or {}).get("options") or {}).get("num_previous_attempts")
+    if (message, method) == ("call", "registerConnection") and attempts:
+        why, ref = _METHOD_WHY[(message, method)]
+        return f"{why}; num_previous_attempts {attempts} tells the edge this is a reconnect", f"{ref}, §9.4"
     if (message, method) in _METHOD_WHY:
         return _METHOD_WHY[(message, method)]
     return _RPC_WHY.get(message, (f"a Cap'n Proto {message} message", "§3.3"))
@@ -298,6 +312,14 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
                         tuple(f"{n}: {v}" for n, v in _headers(r)),
                         "the edge gives the eyeball the origin's status and header fields (decoded from "
                         "the serialized field), plus cf-ray", "§5.5")
+    if kind == "explain.gap":
+        return WalkStep(t, "Edge", "Connector", f"(nothing on the wire) {r['first']} is closed",
+                        (f"{r['first']}: last record at +{(r['last'] - start) * 1000:.1f} ms (nothing "
+                         "after it)",
+                         f"the connector's next TLS handshake at +{(r['next'] - start) * 1000:.1f} ms"),
+                        "drop-connection closes the TCP connection without a GOAWAY, so no frame says so: "
+                        "the connector learns it when its read fails, and dials again after a random backoff",
+                        "§9.4")
     if kind == "eyeball.done":
         return WalkStep(t, "Edge", "Edge", f"request done: {r.get('status')} {r.get('outcome')} in "
                         f"{r.get('duration_ms')} ms", (),
@@ -313,14 +335,62 @@ def _first_conn(records: Sequence[dict[str, Any]]) -> str | None:
     return None
 
 
+def _tls_in_place(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each of the connector's TLS handshakes timed no later than the edge's record of the
+    same handshake (the Nth of each side's): the connector's is written once its TLS object reports the
+    handshake done, which may be after the edge's first frames."""
+    edge_tls = [r["t"] for r in records if r.get("component") == "edge" and r["kind"] == "tls.handshake"]
+    out, n = [], 0
+    for r in records:
+        if r.get("component") == "connector" and r["kind"] == "tls.handshake":
+            if n < len(edge_tls):
+                r = {**r, "t": min(r["t"], edge_tls[n])}
+            n += 1
+        out.append(r)
+    return sorted(out, key=lambda r: r["t"])
+
+
+def _failover(ordered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    conns = [str(r.get("conn")) for r in ordered
+             if r.get("component") == "edge" and r["kind"] == "tls.handshake"]
+    if len(conns) < 2:
+        return []
+    first, second = conns[0], conns[1]
+
+    def registration(r: dict[str, Any], conn: str) -> bool:
+        return (r.get("component") == "edge" and r.get("conn") == conn and r["kind"] == "rpc.message"
+                and r.get("method") == "registerConnection")
+
+    def setup(r: dict[str, Any]) -> bool:
+        return (r.get("component") == "edge" and r.get("conn") == second
+                and (r["kind"] == "h2.preface" or (r["kind"] == "h2.frame" and r.get("type") == "HEADERS"
+                                                    and r.get("stream") == 1)
+                     or (r["kind"] == "rpc.message" and r.get("message") == "bootstrap")))
+
+    chosen = [r for r in ordered
+              if (r.get("component") == "connector" and r["kind"] == "tls.handshake"
+                  and r.get("conn") in ("connector#0.0", "connector#0.1"))
+              or registration(r, first) or registration(r, second) or setup(r)]
+    # the drop itself sends nothing (no GOAWAY, no RST): what the trace shows is the silence between the
+    # first connection's last record and the second's handshake
+    last_first = max((r["t"] for r in ordered if r.get("conn") in (first, "connector#0.0")), default=None)
+    second_tls = next((r for r in chosen if r.get("conn") == "connector#0.1"), None)
+    if last_first is not None and second_tls is not None:
+        chosen.append({"kind": "explain.gap", "t": second_tls["t"] - 1e-6, "first": first, "second": second,
+                       "last": last_first, "next": second_tls["t"]})
+    return sorted(chosen, key=lambda r: r["t"])
+
+
 def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]:
     """The steps of `topic` in the merged records of the edge's and the connector's traces.
 
     Each frame and RPC message is in both traces; the walkthrough takes them from the edge's (which
     sees both directions) and takes from the connector's what only it knows: its TLS view of the edge's
     certificate, the stream classification and the origin side."""
-    ordered = sorted(records, key=lambda r: r["t"])
-    if topic == "registration":
+    ordered = _tls_in_place(sorted(records, key=lambda r: r["t"]))
+    if topic == "failover":
+        chosen = _failover(ordered)
+    elif topic == "registration":
         conn = _first_conn(ordered)
         chosen = [r for r in ordered
                   if (r.get("component") == "connector" and r["kind"] == "tls.handshake"
@@ -352,16 +422,13 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
 
 
 def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, int]]:
-    """Wire order, except where the order is a race that changes from run to run: the TLS handshake
-    comes first (the connector's record of it may carry a later timestamp than the edge's first frame),
-    and the two SETTINGS acknowledgements, which cross on the wire, are shown together, the edge's
-    first, where the later of them was seen."""
+    """Wire order, except where the order is a race that changes from run to run: the two SETTINGS
+    acknowledgements, which cross on the wire, are shown together, the edge's first, where the later of
+    them was seen."""
     acks = [s for s in steps if s.what.startswith("SETTINGS") and "ACK" in s.what]
     ack_t = max((s.t for s in acks), default=0.0)
 
     def key(step: WalkStep) -> tuple[float, int]:
-        if step.what.startswith("TLS handshake"):
-            return (float("-inf"), 0)
         if step in acks:
             return (ack_t, 1 if step.sender == "Edge" else 2)
         return (step.t, 0 if step.t != ack_t else 3)
@@ -460,7 +527,25 @@ async def record(topic: str, workdir: Path) -> list[dict[str, Any]]:
             raise LabError(f"the WebSocket through the tunnel failed: status {result.status}, "
                            f"{result.error}", lab.log_tails())
 
-    actions = {"registration": registration, "request": request, "websocket": websocket}
+    async def failover(lab: Any) -> None:
+        import trio
+
+        tunnel = await lab.create_tunnel("app", hostnames=[HOSTNAME])
+        origin = await lab.start_origin("hello")
+        await lab.start_connector(tunnel, url=origin.url, flags=["--trace", str(connector_trace)])
+        before = {c["id"] for c in await lab.connections()}
+        await lab.fault("drop-connection", tunnel_id=tunnel.id)
+        # the edge's own list says when the connector has registered a new connection; after a registered
+        # connection drops, the connector waits a random time below 20 s first (docs/connector.md, Knobs)
+        with trio.move_on_after(RECONNECT_TIMEOUT):
+            while not [c for c in await lab.connections() if c["id"] not in before and c["tunnel_id"]]:
+                await trio.sleep(0.05)
+            return
+        raise LabError(f"the connector did not register a new connection within {RECONNECT_TIMEOUT:g}s of "
+                       "the drop", lab.log_tails())
+
+    actions = {"registration": registration, "request": request, "websocket": websocket,
+               "failover": failover}
     async with open_lab(datacentres=2, https=False, state=workdir / "state",
                         edge_flags=["--trace", str(edge_trace)]) as lab:
         await actions[topic](lab)

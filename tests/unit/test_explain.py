@@ -95,8 +95,33 @@ def test_registration_steps_and_their_facts(records: list[dict[str, Any]]) -> No
     assert not any("stream 3" in w for w in whats)
 
 
+def test_failover_shows_the_silent_drop_and_the_second_registration() -> None:
+    files = []
+    for name in ("failover.edge.trace.jsonl", "failover.connector.trace.jsonl"):
+        with (TRACES / name).open(encoding="utf-8") as fh:
+            files.append(tv.read_trace(fh, name))
+    records = tv.merge(files)
+    steps = explain.walkthrough("failover", records)
+    whats = [s.what for s in steps]
+    calls = [r for r in records if r["kind"] == "rpc.message" and r.get("component") == "edge"
+             and r.get("method") == "registerConnection" and r.get("message") == "call"]
+    answers = [r for r in records if r["kind"] == "rpc.message" and r.get("component") == "edge"
+               and r.get("method") == "registerConnection" and r.get("message") == "return"]
+    assert len(calls) == 2 and len(answers) == 2
+    gap = whats.index("(nothing on the wire) edge#1 is closed")
+    assert steps[gap].ref == "§9.4"
+    assert whats[gap + 1].startswith("TLS handshake")  # the reconnect follows the silence
+    register = [i for i, w in enumerate(whats) if w == "Cap'n Proto call registerConnection (question 1)"]
+    assert len(register) == 2 and register[0] < gap < register[1]
+    assert "replace_existing False, num_previous_attempts 1" in steps[register[1]].details
+    assert "this is a reconnect" in steps[register[1]].why and "§9.4" in steps[register[1]].ref
+    uuids = [f"uuid {a['results']['connection_details']['uuid']}" for a in answers]
+    assert uuids[0] != uuids[1]
+    assert uuids[0] in steps[register[0] + 1].details and uuids[1] in steps[-1].details
+
+
 def test_markdown_is_normalised_to_placeholders(records: list[dict[str, Any]]) -> None:
-    for name in explain.TOPICS:
+    for name in ("registration", "request"):
         text = explain.normalise(explain.render(explain.TOPICS[name], explain.walkthrough(name, records),
                                                 markdown=True))
         volatile = {r.get("tunnel") for r in records} | {r.get("conn_uuid") for r in records}
