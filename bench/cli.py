@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnel_lab.bench import load
+from tunnel_lab.bench import load, quic
 from tunnel_lab.bench import profile as profiling
 from tunnel_lab.bench.procs import (
     BenchSetupError,
@@ -45,7 +45,7 @@ WS_HOST = "ws.bench.lab.test"
 LOCATIONS = ("LAB1", "LAB2", "LAB3", "LAB4", "LAB5")
 HA_CONNECTIONS = 4
 MIB = 1 << 20
-PATHS = ("direct", "lab", "cloudflared")
+PATHS = ("direct", "lab", "cloudflared", *quic.QUIC_PATHS)
 GET_CONCURRENCY = (1, 32, 128)
 
 
@@ -249,7 +249,8 @@ class Lab:
         return str(created["id"]), creds
 
     def connector_argv(self, binary: list[str], edge: dict[str, Any], tunnel_id: str, creds: Path,
-                       metrics: str, urls: dict[str, str], caps: Capabilities = BUILTIN) -> list[str]:
+                       metrics: str, urls: dict[str, str], caps: Capabilities = BUILTIN,
+                       protocol: str = "http2") -> list[str]:
         config = self.workdir / "connector.yml"
         config.write_text(json.dumps({"ingress": [{"hostname": WS_HOST, "service": urls["ws"]},
                                                   {"hostname": HOST, "service": urls["http"]},
@@ -261,7 +262,7 @@ class Lab:
         return [*binary, "tunnel", "--config", str(config), "--no-autoupdate",
                 *caps.optional("--no-prechecks"), *edges, "--ha-connections", str(HA_CONNECTIONS),
                 "--cacert", edge["ca"], "--metrics", metrics,
-                "--grace-period", "1s", "--loglevel", "info", "run", "--protocol", "http2",
+                "--grace-period", "1s", "--loglevel", "info", "run", "--protocol", protocol,
                 "--credentials-file", str(creds), *caps.optional("--dns-resolver-addrs", "127.0.0.1:53"),
                 tunnel_id]
 
@@ -339,9 +340,10 @@ def measure_failover(edge: dict[str, Any], address: tuple[str, int], *, streak: 
 def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Component,
                          edge: dict[str, Any], origins: dict[str, Component], urls: dict[str, str],
                          tunnel: tuple[str, Path], profile: Profile,
-                         profile_dir: Path | None = None, caps: Capabilities = BUILTIN) -> list[Run]:
+                         profile_dir: Path | None = None, caps: Capabilities = BUILTIN,
+                         protocol: str = "http2") -> list[Run]:
     metrics = f"127.0.0.1:{free_port()}"
-    argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls, caps)
+    argv = lab.connector_argv(binary, edge, tunnel[0], tunnel[1], metrics, urls, caps, protocol)
     connector = lab.start(f"connector-{path}", argv)
     try:
         first_s, ready_s = wait_ready(connector, metrics, HA_CONNECTIONS, timeout=60)
@@ -367,7 +369,8 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
 
 
 def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
-              progress: Callable[[str], None] = lambda _: None, profile_dir: Path | None = None) -> list[Run]:
+              progress: Callable[[str], None] = lambda _: None, profile_dir: Path | None = None,
+              with_quic: bool = True) -> list[Run]:
     lab = Lab(workdir)
     try:
         http_origin, http_addr = lab.start_origin("stream")
@@ -381,10 +384,20 @@ def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
         progress("lab")
         runs += bench_connector_path(lab, "lab", lab_command("connector"), edge_comp, edge, origins, urls,
                                      tunnel, profile, profile_dir)
+        if with_quic:
+            # Right after its http2 twin, against the same edge and origins: quic.quic_ratios compares them.
+            progress("lab-quic")
+            runs += bench_connector_path(lab, "lab-quic", lab_command("connector"), edge_comp, edge, origins,
+                                         urls, tunnel, profile, profile_dir, protocol="quic")
         if cloudflared:
             progress("cloudflared")
             runs += bench_connector_path(lab, "cloudflared", [cloudflared.binary], edge_comp, edge, origins,
                                          urls, tunnel, profile, profile_dir, cloudflared)
+            if with_quic:
+                progress("cloudflared-quic")
+                runs += bench_connector_path(lab, "cloudflared-quic", [cloudflared.binary], edge_comp, edge,
+                                             origins, urls, tunnel, profile, profile_dir, cloudflared,
+                                             protocol="quic")
         for comp in (http_origin, ws_origin, edge_comp):
             comp.check_alive()
         return runs
@@ -554,6 +567,8 @@ def main(argv: list[str]) -> int:
                         help="load client for the small GETs (auto: wrk when installed, else our own)")
     parser.add_argument("--cloudflared", metavar="PATH",
                         help="also bench a real cloudflared (the bench then runs in a private netns)")
+    parser.add_argument("--no-quic", action="store_true", dest="no_quic",
+                        help="leave out the QUIC paths (lab-quic, cloudflared-quic) and their ratios")
     parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
     parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
                         help="sample edge and connector with py-spy during get-c32, download and upload; "
@@ -598,14 +613,18 @@ def main(argv: list[str]) -> int:
     try:
         runs = run_bench(profile, workdir, caps,
                          progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True),
-                         profile_dir=Path(args.py_spy).absolute() if args.py_spy else None)
+                         profile_dir=Path(args.py_spy).absolute() if args.py_spy else None,
+                         with_quic=not args.no_quic)
     except BenchSetupError as exc:
         print(f"tunnel-lab: bench: {exc}\n(logs in {workdir})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     goals = targets(runs)
+    quic_goals = quic.quic_ratios(runs)
     print(render_table(runs, goals))
+    if quic_goals:
+        print(quic.render_quic_table(quic_goals))
     load_after = os.getloadavg()[0]
     print(f"load client: {client} for GET c=1/32/128, tunnel-lab for the rest; cores: {os.cpu_count()}; "
           f"load average before/after: {load_before:.2f}/{load_after:.2f}; profile: {profile.name}; "
@@ -614,7 +633,7 @@ def main(argv: list[str]) -> int:
         document = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(),
                     "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
                     "profile": profile.name, "bulk_bytes": profile.bulk_bytes, "client": client,
-                    "runs": [r.as_json() for r in runs], "goals": goals}
+                    "runs": [r.as_json() for r in runs], "goals": goals, "quic": quic_goals}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     return 1 if any(r.failure for r in runs) else 0
 

@@ -730,4 +730,16 @@ def _handshake_failure(transport: QuicTransport) -> str:
         return f"CRYPTO_ERROR {code:#x} (local): {TLS_PREFIX}{text}"
     if code is not None and 0x100 <= code < 0x200:
         return f"CRYPTO_ERROR {code:#x} (remote): {transport.close_reason}"
+    if code is not None and transport.close_is_transport and code < len(TRANSPORT_ERRORS):
+        # quic-go's TransportError text, e.g. the edge refusing: `CONNECTION_REFUSED (remote): <reason>`
+        name = f"{TRANSPORT_ERRORS[code]} (remote)"
+        return f"{name}: {transport.close_reason}" if transport.quic_reason else name
     return transport.close_reason
+
+
+# RFC 9000 §20.1 transport error codes 0x0-0x10, named as quic-go's qerr.TransportErrorCode.String() does.
+TRANSPORT_ERRORS = ("NO_ERROR", "INTERNAL_ERROR", "CONNECTION_REFUSED", "FLOW_CONTROL_ERROR",
+                    "STREAM_LIMIT_ERROR", "STREAM_STATE_ERROR", "FINAL_SIZE_ERROR", "FRAME_ENCODING_ERROR",
+                    "TRANSPORT_PARAMETER_ERROR", "CONNECTION_ID_LIMIT_ERROR", "PROTOCOL_VIOLATION",
+                    "INVALID_TOKEN", "APPLICATION_ERROR", "CRYPTO_BUFFER_EXCEEDED", "KEY_UPDATE_ERROR",
+                    "AEAD_LIMIT_REACHED", "NO_VIABLE_PATH")

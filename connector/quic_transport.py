@@ -11,7 +11,6 @@ faster than the edge cannot fill memory.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 from collections import deque
@@ -21,14 +20,20 @@ from typing import Any
 import trio
 from qh3.quic import events as qe
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
 
-from tunnel_lab.transport.qh3 import TracedQuicConnection, hold_unsent, stream_state
+from tunnel_lab.transport import udp
+from tunnel_lab.transport.qh3 import (
+    ResetAwareConnection,
+    TracedResetAwareConnection,
+    ack_now,
+    hold_unsent,
+    stream_state,
+    without_pacing,
+)
 from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 65536
 SEND_HIGH_WATER = 256 * 1024
 # qh3 widens a stream's flow-control window as data arrives, not as it is read: a stream whose reader
 # stalls (a slow origin) would buffer without limit, so past this many unread bytes it is reset.
@@ -154,8 +159,10 @@ class QuicTransport:
                  on_datagram: Callable[[bytes], None] | None = None,
                  bind_address: str | None = None, stream_buffer_limit: int = STREAM_BUFFER_LIMIT,
                  keepalive: float | None = KEEPALIVE_PERIOD, trace: Any = None) -> None:
-        self.quic = QuicConnection(configuration=configuration) if trace is None else \
-            TracedQuicConnection(configuration=configuration)
+        # Both end at a Stateless Reset (transport.qh3.ResetAwareConnection)
+        self.quic = ResetAwareConnection(configuration=configuration) if trace is None else \
+            TracedResetAwareConnection(configuration=configuration)
+        without_pacing(self.quic)
         self.trace = trace  # transport.trace.ConnTrace with --trace (docs/trace.md), else None
         if trace is not None:
             self.quic.trace = trace  # type: ignore[attr-defined]
@@ -169,10 +176,13 @@ class QuicTransport:
         self.closed = False
         self.close_reason = ""
         self.close_code: int | None = None  # the CONNECTION_CLOSE error code (0x1XX: a TLS alert)
+        self.close_is_transport = False  # a transport error (RFC 9000 §20.1), not an application one
+        self.quic_reason = ""  # the peer's reason phrase, as sent
         self.handshake_done = trio.Event()
         self.terminated = trio.Event()
         self.local_address: tuple[str, int] | None = None
         self._sock: socket.socket | None = None
+        self._sender: udp.DatagramSender | None = None
         self._progress = trio.Event()
         self._timer_changed = trio.Event()
         self._ended: set[int] = set()
@@ -242,14 +252,10 @@ class QuicTransport:
         sock = self._sock
         if sock is None:
             return
-        for data, _addr in self.quic.datagrams_to_send(now=trio.current_time()):
-            try:
-                sock.send(data)
-            except BlockingIOError:
-                pass  # a full socket buffer is packet loss; QUIC retransmits
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    raise
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if datagrams and self._sender is not None:
+            # batched (GSO); a full socket buffer is packet loss, which QUIC recovers
+            self._sender.send([data for data, _addr in datagrams])
         self._timer_changed.set()
 
     # -- lifecycle
@@ -267,12 +273,14 @@ class QuicTransport:
             sock.connect((host, port))  # UDP: no packet leaves, only the kernel's route is chosen
             self.local_address = sock.getsockname()[:2]
             self._sock = sock
+            self._sender = udp.DatagramSender(sock)
+            gro = udp.enable_gro(sock)
             self.quic.connect((host, port), now=trio.current_time())
             self.transmit()
             task_status.started()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader, sock)
+                    nursery.start_soon(self._reader, sock, gro)
                     nursery.start_soon(self._timer)
                     if self.keepalive:
                         nursery.start_soon(self._keep_alive, self.keepalive)
@@ -281,8 +289,9 @@ class QuicTransport:
             finally:
                 self._mark_closed(self.close_reason or "closed")
                 self._sock = None
+                self._sender = None
 
-    async def _reader(self, sock: socket.socket) -> None:
+    async def _reader(self, sock: socket.socket, gro: bool) -> None:
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
@@ -290,7 +299,7 @@ class QuicTransport:
             # a burst is taken whole before the events are handled (batched receive)
             while received < 256:
                 try:
-                    data = sock.recv(RECEIVE_SIZE)
+                    datagrams, _addr = udp.receive(sock, gro)
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -298,8 +307,11 @@ class QuicTransport:
                     # the handshake timeout decides, as for a dropped packet
                     log.debug("UDP receive from the edge failed error=%s", exc)
                     break
-                self.quic.receive_datagram(data, self.address, now=now)
-                received += 1
+                for data in datagrams:
+                    self.quic.receive_datagram(data, self.address, now=now)
+                received += len(datagrams)
+            if received > 1:
+                ack_now(self.quic)  # a transfer: acknowledge it now, not at qh3's 1 ms timer (edge/quic.py)
             if received:
                 self._handle_events()
                 self.transmit()
@@ -368,6 +380,8 @@ class QuicTransport:
                 self.handshake_done.set()
             elif isinstance(event, qe.ConnectionTerminated):
                 self.close_code = event.error_code
+                self.close_is_transport = event.frame_type is not None  # CONNECTION_CLOSE 0x1c, not 0x1d
+                self.quic_reason = event.reason_phrase
                 reason = event.reason_phrase or f"error code {event.error_code:#x}"
                 self._mark_closed(reason)
 

@@ -86,7 +86,7 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
     edge.metrics.faults.inc(kind=kind)
     selector: dict[str, Any] = {k: params[k] for k in ("connection", "tunnel_id", "conn_index", "location")
                                 if k in params}
-    if kind in ("drop-connection", "goaway", "reset-streams"):
+    if kind in ("drop-connection", "goaway", "reset-streams", "quic-idle"):
         if not selector:
             raise ConfigError(f"fault {kind} needs a selector: connection, tunnel_id (+conn_index) or "
                               "location", source="POST /faults")
@@ -103,12 +103,15 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
                 log.warning("fault goaway: id=%s error_code=%d %s", fault_id, code, conn.ident())
                 await conn.send_goaway(code)
                 affected += 1
+            elif kind == "quic-idle":
+                if _silence(conn, f"quic-idle id={fault_id}"):
+                    affected += 1
             else:
                 n = await conn.reset_all_streams()
                 log.warning("fault reset-streams: id=%s reset %d streams %s", fault_id, n, conn.ident())
                 affected += n
         return {"id": fault_id, "kind": kind, "connections": [c.id for c in conns], "affected": affected}
-    if kind in ("dc-down", "dc-up", "swap-cert"):
+    if kind in ("dc-down", "dc-up", "swap-cert", "quic-blackhole"):
         location = params["location"]
         if location not in control.locations():
             raise ApiError(404, f"no data centre {location!r}; known: {', '.join(control.locations())}")
@@ -119,6 +122,14 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
         closed = await control.dc_down(location)
         fault = edge.faults.add("dc-down", {"location": location})
         return {**fault.to_json(), "closed": closed}
+    if kind == "quic-blackhole":
+        for old in edge.faults.of_kind("quic-blackhole"):
+            if old.params.get("location") == location:
+                return {**old.to_json(), "silenced": 0}
+        fault = edge.faults.add("quic-blackhole", {"location": location})
+        silenced = sum(_silence(c, f"quic-blackhole id={fault.id}") for c in edge.registry.all()
+                       if c.location == location)
+        return {**fault.to_json(), "silenced": silenced}
     if kind == "dc-up":
         for old in edge.faults.of_kind("dc-down"):
             if old.params.get("location") == location:
@@ -136,6 +147,16 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
         return edge.faults.add("swap-cert", params).to_json()
     count = params.pop("count", None)
     return edge.faults.add(kind, params, remaining=count).to_json()
+
+
+def _silence(conn: TunnelConnection, why: str) -> bool:
+    """Silence a QUIC connection (faults quic-idle, quic-blackhole); http2 ones are left alone."""
+    from tunnel_lab.edge.quic import QuicTunnelConnection
+
+    if not isinstance(conn, QuicTunnelConnection):
+        return False
+    conn.silence(why)
+    return True
 
 
 async def clear_fault(edge: EdgeState[TunnelConnection], control: EdgeControl,

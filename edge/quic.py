@@ -25,7 +25,6 @@ QUIC retransmits).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import socket
@@ -43,7 +42,17 @@ from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 from tunnel_lab.edge.tunnel import H2TunnelConnection, H2TunnelStream, header_list_size
-from tunnel_lab.transport.qh3 import TracedQuicConnection, hold_unsent, quic_keylog, stream_state
+from tunnel_lab.transport import udp
+from tunnel_lab.transport.qh3 import (
+    AlertUnrecognizedName,
+    KeyedResetConnection,
+    TracedKeyedResetConnection,
+    ack_now,
+    hold_unsent,
+    quic_keylog,
+    stream_state,
+    without_pacing,
+)
 from tunnel_lab.transport.tunnel import OversizedHeadersError, TunnelConnection, TunnelStreamError
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.quic_stream import (
@@ -56,6 +65,7 @@ from tunnel_lab.wire.quic_stream import (
     headers_from_connect_response,
     rpc_stream_preamble,
 )
+from tunnel_lab.wire.stateless_reset import reset_for
 
 if TYPE_CHECKING:
     from tunnel_lab.edge.state import EdgeState
@@ -66,6 +76,7 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[bytes, bytes]]
 
 ALPN = "argotunnel"
+SNI = "quic.cftunnel.com"  # what cloudflared (quic-go) sends; anything else is refused
 CONTROL_STREAM_ID = 0  # the connector's first bidirectional stream
 RECEIVE_BATCH = 64  # datagrams read per wake-up of the endpoint
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
@@ -76,7 +87,27 @@ MAX_CONNECTIONS = 1024  # per endpoint; more Initial packets are dropped (a conn
 WARN_INTERVAL = 5.0  # at most one WARNING per kind of dropped datagram per endpoint per interval
 IDLE_TIMEOUT = 30.0  # ours; cloudflared asks for 5 s and keeps the connection alive every second
 MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred bytes
+MAX_REFUSED = 1024  # connection ids remembered whose packets are dropped unanswered (QuicEndpoint.refused)
+RESETS_PER_SECOND = 100  # stateless resets an endpoint sends at most, a second
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
+
+
+@dataclass
+class _ResetBudget:
+    """At most RESETS_PER_SECOND stateless resets a second per endpoint (RFC 9000 §10.3 asks for a limit:
+    a reset answers packets anyone can forge)."""
+
+    window: float = -math.inf
+    used: int = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if now - self.window >= 1.0:
+            self.window, self.used = now, 0
+        if self.used >= RESETS_PER_SECOND:
+            return False
+        self.used += 1
+        return True
 
 
 @dataclass
@@ -159,6 +190,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         self._fatal: TunnelLabError | None = None
         self._terminated = False
         self._quic_closed = False
+        self.silenced = False  # faults quic-idle / quic-blackhole: nothing in or out, out of routing
         # Datagrams are fed from the first Initial on, before `run` runs: the RPC server exists already.
         from tunnel_lab.wire.rpc import RpcServer
 
@@ -197,12 +229,35 @@ class QuicTunnelConnection(H2TunnelConnection):
                 self.quic.handle_timer(now)
                 self._after_input()
 
+    @property
+    def routable(self) -> bool:
+        """May new eyeball streams go to this connection? Not once a fault silenced it."""
+        return not self.silenced and super().routable
+
+    def silence(self, why: str) -> None:
+        """Go dark (faults quic-idle, quic-blackhole): drop what arrives, send nothing, take no new streams.
+
+        The connector finds out only at its idle timeout (5 s for cloudflared), as on a path that went
+        dark; qh3's idle timer ends this side the same way, without a CONNECTION_CLOSE.
+        """
+        if not self.silenced:
+            self.silenced = True
+            log.warning("QUIC connection silenced by a fault (%s): nothing in or out until its idle "
+                        "timeout %s", why, self.ident())
+
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Feed one datagram (the endpoint calls `after_input` once per batch)."""
+        if self.silenced:
+            return
         self.quic.receive_datagram(data, addr, now=trio.current_time())
 
-    def after_input(self) -> None:
+    def after_input(self, datagrams: int = 1) -> None:
         """Handle what a batch of datagrams produced: events, then one round of sending."""
+        if datagrams > 1:
+            # A run of packets (a transfer): acknowledge it in the round of sending below (after two, as
+            # RFC 9000 §13.2.2 suggests), not at qh3's 1 ms ack timer, which a busy trio loop serves
+            # late; the sender's congestion control is clocked by these ACKs.
+            ack_now(self.quic)
         self._after_input()
 
     def _after_input(self) -> None:
@@ -220,8 +275,9 @@ class QuicTunnelConnection(H2TunnelConnection):
 
     def transmit(self) -> None:
         """Send every datagram qh3 has ready; wake the timer task (the timer may have moved)."""
-        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
-            self.endpoint.send(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if not self.silenced:
+            self.endpoint.send_all(datagrams)
         # Building those datagrams may have issued connection ids (NEW_CONNECTION_ID): route them before
         # the peer can use one, or its next packets would find no connection.
         self._handle_events()
@@ -230,7 +286,7 @@ class QuicTunnelConnection(H2TunnelConnection):
     def close_quic(self) -> None:
         """CONNECTION_CLOSE (once) and forget the connection ids."""
         if not self._quic_closed:
-            self._quic_closed = True
+            self._quic_closed = True  # (a silenced connection's CONNECTION_CLOSE is dropped by transmit)
             code = 0 if self.close_reason in ("", "drained") or self.state == "closed" else APPLICATION_ERROR
             self.quic.close(error_code=code, reason_phrase=self.close_reason[:100])
             self.transmit()
@@ -624,11 +680,19 @@ class QuicEndpoint:
     """One UDP socket of a data centre: routes datagrams to connections, starts new ones."""
 
     def __init__(self, state: EdgeState[TunnelConnection], pki: LabPKI, lst: DataCentre, sock: socket.socket,
-                 spawn: Callable[..., None]) -> None:
+                 spawn: Callable[..., None], reset_key: bytes) -> None:
         self.state = state
+        self.reset_key = reset_key  # stateless reset tokens derive from it (wire.stateless_reset)
+        # Connection ids whose packets are dropped unanswered (bounded, oldest out): handshakes a
+        # quic-refuse-handshake fault refused (the client's other Initial packets of that attempt are not
+        # new connections), and those of connections a fault silenced, after they ended.
+        self.refused: dict[bytes, None] = {}
+        self.resets = _ResetBudget()
         self.pki = pki
         self.lst = lst
         self.sock = sock
+        self.sender = udp.DatagramSender(sock)
+        self.gro = udp.enable_gro(sock)
         self.spawn = spawn  # starts a task in the edge's handler nursery (outlives the listeners)
         self.connections: dict[bytes, QuicTunnelConnection] = {}
         self.live: set[QuicTunnelConnection] = set()
@@ -644,22 +708,26 @@ class QuicEndpoint:
             with self._scope:
                 while True:
                     await trio.lowlevel.wait_readable(sock)
-                    fed: dict[QuicTunnelConnection, None] = {}  # in order, once each
+                    dark = self.blackholed()
+                    fed: dict[QuicTunnelConnection, int] = {}  # in order, once each: datagrams fed
                     for _ in range(RECEIVE_BATCH):
                         try:
-                            data, addr = sock.recvfrom(MAX_DATAGRAM)
+                            datagrams, addr = udp.receive(sock, self.gro)
                         except (BlockingIOError, InterruptedError):
                             break
                         except OSError as exc:  # e.g. an ICMP error reported on the socket
                             log.debug("QUIC recvfrom: %s", exc)
                             continue
-                        conn = self.handle(data, addr)
-                        if conn is not None:
-                            fed[conn] = None
+                        if dark:
+                            continue  # fault quic-blackhole: read and dropped
+                        for data in datagrams:
+                            conn = self.handle(data, addr)
+                            if conn is not None:
+                                fed[conn] = fed.get(conn, 0) + 1
                     # One round of events and sending per connection and batch, not per datagram: a
                     # download's ACKs and an upload's packets go out together.
-                    for conn in fed:
-                        self._guarded(conn, conn.after_input)
+                    for conn, count in fed.items():
+                        self._guarded(conn, conn.after_input, count)
         finally:
             for conn in list(self.live):
                 conn.abort("the QUIC listener closed")
@@ -687,13 +755,28 @@ class QuicEndpoint:
         return config
 
     def send(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        try:
-            self.sock.sendto(data, addr)
-        except BlockingIOError:
-            pass  # the socket buffer is full: QUIC's loss recovery sends it again
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+        self.send_all([(data, addr)])
+
+    def blackholed(self) -> bool:
+        """Is a quic-blackhole fault active for this data centre (every datagram in and out dropped)?"""
+        return any(f.params.get("location") == self.lst.location
+                   for f in self.state.faults.of_kind("quic-blackhole"))
+
+    def send_all(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Send qh3's datagrams, runs to one address batched into one system call (transport.udp)."""
+        if datagrams and self.blackholed():
+            return
+        i = 0
+        while i < len(datagrams):
+            addr = datagrams[i][1]
+            j = i + 1
+            while j < len(datagrams) and datagrams[j][1] == addr:
+                j += 1
+            try:
+                self.sender.send([data for data, _ in datagrams[i:j]], addr)
+            except OSError as exc:  # a full buffer or an unreachable peer is no error (QUIC recovers)
                 log.debug("QUIC sendto %s failed: %s", addr, exc)
+            i = j
 
     def route(self, cid: bytes, conn: QuicTunnelConnection) -> None:
         self.connections[cid] = conn
@@ -704,6 +787,12 @@ class QuicEndpoint:
     def forget(self, conn: QuicTunnelConnection) -> None:
         for cid in [c for c, v in self.connections.items() if v is conn]:
             del self.connections[cid]
+            if conn.silenced:
+                # Its path stays dark: the peer's last packets (it may time out after us) get no
+                # Stateless Reset, which would tell it what a dark path cannot.
+                self.refused[cid] = None
+                if len(self.refused) > MAX_REFUSED:
+                    del self.refused[next(iter(self.refused))]
         self.live.discard(conn)
         if not self.accepting and not self.live:
             self._scope.cancel()
@@ -720,7 +809,12 @@ class QuicEndpoint:
         conn = self.connections.get(dcid)
         if conn is not None:
             return self._guarded(conn, conn.datagram_received, data, addr)
-        if version is None or packet_type != QuicPacketType.INITIAL:
+        if dcid in self.refused:
+            return None  # the rest of a refused handshake, or a silenced connection's
+        if version is None:
+            self._stateless_reset(data, addr)
+            return None
+        if packet_type != QuicPacketType.INITIAL:
             self.drops.drop("unknown-connection", f"a packet for no known connection from {_fmt(addr)}")
             return None
         config = self.configuration()
@@ -736,14 +830,66 @@ class QuicEndpoint:
         if len(self.live) >= MAX_CONNECTIONS:
             self.drops.drop("flood", f"{len(self.live)} connections on this endpoint already")
             return None
-        quic_class = QuicConnection if self.state.trace is None else TracedQuicConnection
-        quic = quic_class(configuration=config, original_destination_connection_id=dcid)
+        quic_class = KeyedResetConnection if self.state.trace is None else TracedKeyedResetConnection
+        quic = quic_class(configuration=config, original_destination_connection_id=dcid,
+                          reset_key=self.reset_key, check_server_name=self._check_sni(addr))
+        without_pacing(quic)
+        refusal = self.state.faults.take_quic_handshake_refusal(self.lst.location)
+        if refusal is not None:
+            self.refused[dcid] = None
+            if len(self.refused) > MAX_REFUSED:
+                del self.refused[next(iter(self.refused))]
+            self._refuse(quic, data, addr, *refusal)
+            return None
         conn = QuicTunnelConnection(self.state, self, quic, location=self.lst.location, remote=addr)
         self.live.add(conn)
         self.route(dcid, conn)
         self.route(quic.host_cid, conn)
         self.spawn(conn.run)
         return self._guarded(conn, conn.datagram_received, data, addr)
+
+    def _check_sni(self, addr: tuple[Any, ...]) -> Callable[[str | None], None]:
+        def check(name: str | None) -> None:
+            if name != SNI:
+                log.warning("QUIC handshake from %s with SNI %r, not %r: refused (unrecognized_name) "
+                            "location=%s", _fmt(addr), name, SNI, self.lst.location)
+                raise AlertUnrecognizedName(f"unknown server name {name!r}")
+        return check
+
+    def _refuse(self, quic: QuicConnection, data: bytes, addr: tuple[Any, ...], code: int,
+                reason: str) -> None:
+        """Fault quic-refuse-handshake: answer a new connection's Initial with CONNECTION_CLOSE at once."""
+        now = trio.current_time()
+        try:
+            quic.receive_datagram(data, addr, now=now)
+        except (ValueError, AssertionError, KeyError, IndexError) as exc:
+            self.drops.drop("malformed", f"{exc!r} from {_fmt(addr)}")
+            return
+        # A transport-level close (a frame type given): an application close before the handshake is sent
+        # as APPLICATION_ERROR without its reason (RFC 9000 section 10.2.3), hiding the code.
+        quic.close(error_code=code, frame_type=0, reason_phrase=reason)
+        self.send_all(quic.datagrams_to_send(now=now))
+        log.warning("fault quic-refuse-handshake: closed a new QUIC connection from %s with error 0x%x (%s) "
+                    "location=%s", _fmt(addr), code, reason, self.lst.location)
+
+    def _stateless_reset(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Answer a short-header packet for no connection we know with a Stateless Reset (RFC 9000 §10.3).
+
+        After an edge restart, a connector's packets carry connection ids the old edge issued; their tokens
+        derive from the key in the state directory, so the connector learns at once that its connection is
+        gone instead of at its idle timeout. Rate-limited, and never for a packet too short to answer
+        with a smaller reset (wire.stateless_reset.reset_for).
+        """
+        reset = reset_for(self.reset_key, data, self.configuration().connection_id_length)
+        if reset is None:
+            self.drops.drop("unknown-connection", f"a short packet for no known connection from {_fmt(addr)}")
+            return
+        if not self.resets.take():
+            self.drops.drop("reset-rate", f"over {RESETS_PER_SECOND} stateless resets a second")
+            return
+        self.drops.drop("unknown-connection", f"a packet for no known connection from {_fmt(addr)}; "
+                                              "answered with a Stateless Reset")
+        self.send(reset, addr)
 
     def _guarded(self, conn: QuicTunnelConnection, fn: Callable[..., None],
                  *args: Any) -> QuicTunnelConnection | None:
@@ -761,7 +907,7 @@ class QuicEndpoint:
 
 
 async def serve_quic_endpoint(state: EdgeState[TunnelConnection], pki: LabPKI, lst: DataCentre,
-                              spawn: Callable[..., None],
+                              spawn: Callable[..., None], reset_key: bytes,
                               task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen for QUIC on the data centre's TCP address (UDP, same host and port) until cancelled."""
     family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
@@ -779,7 +925,7 @@ async def serve_quic_endpoint(state: EdgeState[TunnelConnection], pki: LabPKI, l
         task_status.started("")
         return
     host, port = sock.getsockname()[:2]
-    endpoint = QuicEndpoint(state, pki, lst, sock, spawn)
+    endpoint = QuicEndpoint(state, pki, lst, sock, spawn, reset_key)
     bound = _fmt((host, port))
     log.info("QUIC listener location=%s address=%s alpn=%s", lst.location, bound, ALPN)
     # The socket carries the connections too, so it must outlive this listener task (which the edge

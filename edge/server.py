@@ -194,7 +194,8 @@ class Edge:
                         from tunnel_lab.edge.quic import serve_quic_endpoint
 
                         lst.quic_address = await listeners.start(serve_quic_endpoint, state, self.pki, lst,
-                                                                 self._handlers.start_soon)
+                                                                 self._handlers.start_soon,
+                                                                 paths.quic_reset_key(self.state_dir))
                 if cfg.http_listen is not None:
                     self.bound["http"] = await listeners.start(
                         self._serve_tcp, cfg.http_listen, "http",

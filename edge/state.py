@@ -132,7 +132,9 @@ class Registry(Generic[C]):
 
 # ---- faults ------------------------------------------------------------------------------------
 FAULT_KINDS = ("drop-connection", "goaway", "reset-streams", "dc-down", "dc-up", "refuse-registrations",
-               "delay-registrations", "swap-cert", "latency")
+               "delay-registrations", "swap-cert", "latency", "quic-blackhole", "quic-idle",
+               "quic-refuse-handshake")
+QUIC_CONNECTION_REFUSED = 0x2  # RFC 9000 §20.1 CONNECTION_REFUSED: the default quic-refuse-handshake code
 BROKEN_CERT_KINDS = ("expired", "not-yet-valid", "wrong-san", "unknown-ca", "self-signed")
 # Bounds on fault parameters: a value outside them is a 400, never a hung edge or a half-applied fault.
 MAX_LATENCY_MS = 600_000  # ten minutes per request
@@ -224,6 +226,20 @@ class Faults:
         fault = self._take("delay-registrations")
         return float(fault.params.get("seconds", 0)) if fault else 0.0
 
+    def take_quic_handshake_refusal(self, location: str) -> tuple[int, str] | None:
+        """(error code, reason) when the next QUIC handshake at `location` must be refused."""
+        for fault in self.of_kind("quic-refuse-handshake"):
+            if fault.params.get("location", location) != location:
+                continue
+            if fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self.active.pop(fault.id, None)
+                    log.warning("fault used up: id=%s kind=%s", fault.id, fault.kind)
+            return (int(fault.params.get("error_code", QUIC_CONNECTION_REFUSED)),
+                    str(fault.params.get("reason", "refused by a fault")))
+        return None
+
     def latency(self) -> float:
         """Seconds of added latency per eyeball request."""
         return sum(float(f.params.get("ms", 0)) for f in self.of_kind("latency")) / 1000.0
@@ -255,8 +271,12 @@ def parse_fault(body: Any) -> tuple[str, dict[str, Any]]:
             raise ConfigError(f"fault {kind}: {name} must be {what} from {low:g} to {high:g}, got {value!r}",
                               source="POST /faults")
 
-    if kind in ("dc-down", "dc-up"):
+    if kind in ("dc-down", "dc-up", "quic-blackhole"):
         need("location", str)
+    elif kind == "quic-refuse-handshake":
+        number("error_code", 0, 2**62 - 1, integer=True)  # a QUIC varint
+        if not isinstance(params.get("reason", ""), str):
+            raise ConfigError("quic-refuse-handshake: reason must be a string", source="POST /faults")
     elif kind == "swap-cert":
         need("location", str)
         need("cert", str)

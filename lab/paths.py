@@ -84,8 +84,26 @@ def api_token(state: Path) -> str:
 
     Safe when two processes race: the file is created with O_EXCL, the loser reads the winner's.
     """
-    path = api_token_path(state)
-    token = secrets.token_hex(32)
+    return _secret_file(api_token_path(state), secrets.token_hex(32), "management API token")
+
+
+def quic_reset_key(state: Path) -> bytes:
+    """The key the edge derives QUIC stateless reset tokens from (32 random bytes, hex, 0600), created on
+    first use: it outlives an edge restart, so the new edge can reset the connections of the old one."""
+    path = state / "quic-reset-key"
+    text = _secret_file(path, secrets.token_hex(32), "QUIC stateless reset key")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise ConfigError("the QUIC stateless reset key is not 16 or more bytes in hex", source=str(path),
+                          hint="delete it; the edge makes a new one")
+    return key
+
+
+def _secret_file(path: Path, fresh: str, what: str) -> str:
+    """The one-line secret in `path`, written as `fresh` (0600, O_EXCL) if the file does not exist yet."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -93,12 +111,11 @@ def api_token(state: Path) -> str:
     else:
         # Written in one call; a racing reader that sees an empty file retries below.
         with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        return token
+            fh.write(fresh + "\n")
+        return fresh
     for _ in range(100):
         text = path.read_text().strip()
         if text:
             return text
         time.sleep(0.01)
-    raise ConfigError("management API token file is empty", source=str(path),
-                      hint="delete it and retry")
+    raise ConfigError(f"{what} file is empty", source=str(path), hint="delete it and retry")

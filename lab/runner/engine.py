@@ -712,8 +712,8 @@ class _Runner:
         lab = self.lab
         action = spec["action"]
         lab.recorder.op("edge", action=action)
-        if action == "restart":
-            await lab.restart_edge()
+        if action in ("restart", "crash"):
+            await lab.restart_edge(crash=action == "crash")
         elif action == "stop":
             await lab.components["edge"].stop()
         else:

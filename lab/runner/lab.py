@@ -247,8 +247,12 @@ class Lab:
                 self.api_token = token_file.read_text().strip()
         self.redactor.add(self.api_token)
 
-    async def restart_edge(self) -> None:
+    async def restart_edge(self, *, crash: bool = False) -> None:
+        """Stop the edge (SIGTERM, or SIGKILL when `crash`: nothing is closed cleanly) and start it again on
+        the same ports with the same state directory."""
         comp = self.components["edge"]
+        if crash:
+            comp.kill_group()
         await comp.stop()
         self._edge_component(fixed_ports=True)
         await self.start_edge()

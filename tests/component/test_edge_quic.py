@@ -61,10 +61,10 @@ class QuicConnector:
     """One QUIC tunnel connection played by the test: qh3 client, RPC client on stream 0."""
 
     def __init__(self, address: str, cafile: str, handler: Handler = echo_handler, *,
-                 alpn: str = "argotunnel") -> None:
+                 alpn: str = "argotunnel", server_name: str = "quic.cftunnel.com") -> None:
         host, port = split(address)
         self.addr = (host, port)
-        config = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name="quic.cftunnel.com",
+        config = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name=server_name,
                                    max_datagram_frame_size=16383)
         config.load_verify_locations(cafile)
         self.quic = QuicConnection(configuration=config)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.standin import write_standin
 
-TIMEOUT = 60
+TIMEOUT = 120  # direct, lab and lab-quic; with --cloudflared twice that many connector paths
 
 RATE = {"requests", "requests_per_s", "p50_ms", "p90_ms", "p99_ms"}
 BULK = {"mb_per_s", "seconds"}
@@ -58,10 +58,17 @@ def test_tiny_bench_produces_every_figure_for_direct_and_lab(tmp_path: Path) -> 
     assert doc["client"] in ("tunnel-lab", "wrk", "h2load")
     check_path(doc, "direct", EXPECTED, {"origin", "ws-origin"})
     check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, {"edge", "connector", "origin", "ws-origin"})
-    assert not [r for r in doc["runs"] if r["path"] == "cloudflared"]
+    check_path(doc, "lab-quic", {**EXPECTED, **CONNECTOR_ONLY}, {"edge", "connector", "origin", "ws-origin"})
+    assert not [r for r in doc["runs"] if r["path"].startswith("cloudflared")]
     paths_with_goals = {g["path"] for g in doc["goals"]}
-    assert paths_with_goals == {"lab"}
+    assert paths_with_goals == {"lab", "lab-quic"}
     assert all(g["value"] is not None for g in doc["goals"]), doc["goals"]
+    # QUIC against http2 in the same run: every ratio is there, the targeted ones judged.
+    assert {q["path"] for q in doc["quic"]} == {"lab-quic"}
+    assert all(q["ratio"] is not None for q in doc["quic"]), doc["quic"]
+    assert {q["figure"] for q in doc["quic"] if q["met"] is not None} == {
+        "get-c32 edge CPU per request", "get-c32 connector CPU per request", "bulk download", "bulk upload"}
+    assert "QUIC against http2" in proc.stdout
     # The terminal table names every workload and says which load client ran.
     for workload in [*EXPECTED, *CONNECTOR_ONLY]:
         assert workload in proc.stdout
@@ -89,13 +96,14 @@ def test_cloudflared_path_runs_in_a_netns_with_a_stand_in(tmp_path: Path) -> Non
     """The `--cloudflared` path (re-exec inside a private netns) with our connector posing as cloudflared;
     also runs our own load client instead of wrk."""
     fake = write_standin(tmp_path / "cloudflared", "2026.8.2", run_connector=True)
-    _, doc = bench(tmp_path, "--cloudflared", str(fake), "--client", "tunnel-lab")
+    _, doc = bench(tmp_path, "--cloudflared", str(fake), "--client", "tunnel-lab", "--no-quic")
     assert doc["client"] == "tunnel-lab"
     tunnel = {"edge", "connector", "origin", "ws-origin"}
     check_path(doc, "direct", EXPECTED, {"origin", "ws-origin"})
     check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
     check_path(doc, "cloudflared", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
     assert {g["path"] for g in doc["goals"]} == {"lab", "cloudflared"}
+    assert doc["quic"] == []
 
 
 @pytest.mark.cloudflared
@@ -106,3 +114,5 @@ def test_tiny_bench_with_a_real_cloudflared(tmp_path: Path) -> None:
     tunnel = {"edge", "connector", "origin", "ws-origin"}
     check_path(doc, "cloudflared", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
     check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
+    check_path(doc, "cloudflared-quic", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
+    assert {q["path"] for q in doc["quic"]} == {"lab-quic", "cloudflared-quic"}
