@@ -88,6 +88,13 @@ TOPICS: dict[str, Topic] = {
               "GOAWAY), and wait until the edge lists a new registered connection (our connector, like "
               "cloudflared, waits a random time of up to 20 s before it dials again after a registered "
               "connection dropped, §9.4)"),
+        Topic("origin-cert-error", "An origin with an expired certificate",
+              "What the eyeball gets when the connector cannot trust the origin: the request crosses the "
+              "tunnel as usual, the connector's TLS handshake with the origin fails, and the connector "
+              "answers the stream itself with a 502, which the edge passes on.",
+              f"start the edge, the `hello` origin over HTTPS with the lab's expired certificate, our "
+              f"connector trusting the lab CA (originRequest caPool), then `GET http://{HOSTNAME}"
+              f"{REQUEST_PATH}` once"),
     )
 }
 
@@ -129,6 +136,13 @@ def _frame_why(r: dict[str, Any]) -> tuple[str, str]:
     if ftype == "HEADERS" and ":status" in headers and "Upgrade" in dict(_headers(r, "origin_headers")):
         return ("the origin's 101 travels as :status 200; the serialized Upgrade, Connection and "
                 "Sec-Websocket-Accept tell the edge the stream is now a WebSocket", "§6.1, §5.5")
+    if ftype == "HEADERS" and ":status" in headers and '"src":"cloudflared"' in headers.get(
+            "cf-cloudflared-response-meta", ""):
+        return ("the connector answers the stream itself: it got no response from the origin (refused, "
+                "unreachable, a TLS failure, a timeout: the connector's log says which). "
+                "cf-cloudflared-response-meta src cloudflared tells the edge the status is the connector's, "
+                "not the origin's",
+                "§5.7")
     if ftype == "HEADERS" and ":status" in headers:
         return ("the connector answers on the same stream: :status is the origin's, and the origin's own "
                 "header fields travel base64-serialized in cf-cloudflared-response-headers (decoded in the "
@@ -404,7 +418,7 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
         end = next((i for i, r in enumerate(chosen) if r["kind"] == "rpc.message"
                     and r.get("message") == "return" and r.get("method") == "unregisterConnection"), None)
         chosen = chosen if end is None else chosen[:end + 1]
-    elif topic in ("request", "websocket"):
+    elif topic in ("request", "websocket", "origin-cert-error"):
         ray = next((r["ray"] for r in ordered if r["kind"] == "eyeball.request" and r.get("ray")), None)
         if ray is None:
             return []
@@ -544,8 +558,17 @@ async def record(topic: str, workdir: Path) -> list[dict[str, Any]]:
         raise LabError(f"the connector did not register a new connection within {RECONNECT_TIMEOUT:g}s of "
                        "the drop", lab.log_tails())
 
+    async def origin_cert_error(lab: Any) -> None:
+        tunnel = await lab.create_tunnel("app", hostnames=[HOSTNAME])
+        origin = await lab.start_origin("hello", tls="expired")
+        await lab.start_connector(tunnel, url=origin.url, origin_request={"caPool": str(lab.ca)},
+                                  flags=["--trace", str(connector_trace)])
+        response = await lab.request(HOSTNAME, REQUEST_PATH)
+        if response.error is not None:
+            raise LabError(f"the request through the tunnel failed: {response.error}", lab.log_tails())
+
     actions = {"registration": registration, "request": request, "websocket": websocket,
-               "failover": failover}
+               "failover": failover, "origin-cert-error": origin_cert_error}
     async with open_lab(datacentres=2, https=False, state=workdir / "state",
                         edge_flags=["--trace", str(edge_trace)]) as lab:
         await actions[topic](lab)
