@@ -579,16 +579,22 @@ async def record(topic: str, workdir: Path) -> list[dict[str, Any]]:
     return tv.merge(files)
 
 
-def _usage() -> str:
-    lines = ["usage: tunnel-lab explain TOPIC [--markdown] [--keep DIR]", "", "topics:"]
-    lines += [f"  {t.name:<14} {t.title}" for t in TOPICS.values()]
-    lines += ["", "Starts a small lab with tracing on, does one thing and explains, step by step, what "
-              "crossed the wire."]
+USAGE = "tunnel-lab explain [TOPIC] [--markdown] [--keep DIR]"
+
+
+def _topics() -> str:
+    lines = ["topics:"] + [f"  {t.name:<18} {t.title}" for t in TOPICS.values()]
     return "\n".join(lines)
 
 
+def _usage() -> str:
+    return (f"usage: {USAGE}\n\n{_topics()}\n\nStarts a small lab with tracing on, does one thing and "
+            "explains, step by step, what crossed the wire (docs/walkthroughs/README.md).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunnel-lab explain", usage=_usage(), add_help=True,
+    p = argparse.ArgumentParser(prog="tunnel-lab explain", usage=USAGE, epilog=_topics(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="A protocol walkthrough built from a run recorded now.")
     p.add_argument("topic", nargs="?", help="what to explain (without one: the list of topics)")
     p.add_argument("--markdown", action="store_true",
