@@ -31,6 +31,8 @@ __all__ = ["TOPICS", "Topic", "WalkStep", "main", "normalise", "render", "walkth
 HOSTNAME = "app.lab.test"
 REQUEST_PATH = "/hello?lang=en"
 RECONNECT_TIMEOUT = 45.0
+RECONNECT = "docs/protocol.md §9.4 (reconnects)"
+FRAMING = "docs/protocol.md §3.2 (framing)"
 WS_PATH = "/chat"
 WS_MESSAGE = "hello through the tunnel"
 
@@ -61,8 +63,8 @@ TOPICS: dict[str, Topic] = {
     for t in (
         Topic("registration", "Registering a tunnel connection",
               "How our connector dials a data centre, and how the edge and the connector set up HTTP/2, "
-              "open the control stream and register the connection with a Cap'n Proto call; then how the "
-              "connection is unregistered when the connector stops.",
+              "open the control stream, register the connection with a Cap'n Proto call and push the "
+              "connector's configuration.",
               "start the edge and our connector (one HA connection), wait until it is ready, stop the "
               "connector"),
         Topic("request", "One HTTP request through the tunnel",
@@ -87,7 +89,7 @@ TOPICS: dict[str, Topic] = {
               "management API (`POST /faults {\"kind\": \"drop-connection\"}`: the edge closes TCP, no "
               "GOAWAY), and wait until the edge lists a new registered connection (our connector, like "
               "cloudflared, waits a random time of up to 20 s before it dials again after a registered "
-              "connection dropped, §9.4)"),
+              "connection dropped, docs/protocol.md §9.4)"),
         Topic("origin-cert-error", "An origin with an expired certificate",
               "What the eyeball gets when the connector cannot trust the origin: the request crosses the "
               "tunnel as usual, the connector's TLS handshake with the origin fails, and the connector "
@@ -111,86 +113,97 @@ def _frame_why(r: dict[str, Any]) -> tuple[str, str]:
     stream = r.get("stream")
     if ftype == "SETTINGS":
         if "ACK" in flags:
-            return "acknowledges the peer's SETTINGS: from now on the sender applies them", "§2.4"
+            return ("acknowledges the peer's SETTINGS: from now on the sender applies them",
+                    "docs/protocol.md §2.4")
         return ("each side states its HTTP/2 limits (window, frame size, concurrent streams) before any "
-                "stream opens", "§2.4")
+                "stream opens", "docs/protocol.md §2.4")
     if ftype == "WINDOW_UPDATE":
         return ("widens the connection's flow-control window far beyond HTTP/2's 64 KiB default, so bulk "
-                "bodies are not throttled", "§2.4")
+                "bodies are not throttled", "docs/protocol.md §2.4")
     upgrade = headers.get("cf-cloudflared-proxy-connection-upgrade")
     if ftype == "HEADERS" and upgrade == "websocket":
         return ("the edge opens a new stream marked as a WebSocket (cf-cloudflared-proxy-connection-"
                 "upgrade), "
                 "with the eyeball's sec-websocket-* fields and no END_STREAM: the stream's body will carry "
-                "the eyeball's WebSocket frames", "§6.1")
+                "the eyeball's WebSocket frames", "docs/protocol.md §6.1")
     if ftype == "HEADERS" and upgrade == "control-stream":
         return ("the edge (the HTTP/2 client) opens stream 1 as the control stream; no END_STREAM, because "
-                "its body is the edge's half of the RPC byte stream", "§3.1")
+                "its body is the edge's half of the RPC byte stream", "docs/protocol.md §3.1")
     if ftype == "HEADERS" and stream == 1:
         return ("the connector accepts the control stream with :status 200; from here both directions of "
-                "stream 1 carry Cap'n Proto RPC messages", "§3.1")
+                "stream 1 carry Cap'n Proto RPC messages", "docs/protocol.md §3.1")
     if ftype == "HEADERS" and ":method" in headers:
         return ("the edge opens a new stream for the request: the eyeball's method, path and headers, plus "
                 "the headers the edge adds (cf-ray, cf-connecting-ip, x-forwarded-*, cf-visitor, cdn-loop)",
-                "§5.1, §11.2")
+                "docs/protocol.md §5.1, §11.2")
     if ftype == "HEADERS" and ":status" in headers and "Upgrade" in dict(_headers(r, "origin_headers")):
         return ("the origin's 101 travels as :status 200; the serialized Upgrade, Connection and "
-                "Sec-Websocket-Accept tell the edge the stream is now a WebSocket", "§6.1, §5.5")
+                "Sec-Websocket-Accept tell the edge the stream is now a WebSocket",
+                    "docs/protocol.md §6.1, §5.5")
     if ftype == "HEADERS" and ":status" in headers and '"src":"cloudflared"' in headers.get(
             "cf-cloudflared-response-meta", ""):
         return ("the connector answers the stream itself: it got no response from the origin (refused, "
                 "unreachable, a TLS failure, a timeout: the connector's log says which). "
                 "cf-cloudflared-response-meta src cloudflared tells the edge the status is the connector's, "
                 "not the origin's",
-                "§5.7")
+                "docs/protocol.md §5.7")
     if ftype == "HEADERS" and ":status" in headers:
         return ("the connector answers on the same stream: :status is the origin's, and the origin's own "
                 "header fields travel base64-serialized in cf-cloudflared-response-headers (decoded in the "
                 "last line)",
-                "§5.4, §5.5")
+                "docs/protocol.md §5.4, §5.5")
     if ftype == "DATA" and stream == 1:
-        return "END_STREAM on the control stream: the connector's half of the RPC byte stream ends", "§3.9"
+        return ("END_STREAM on the control stream: the connector's half of the RPC byte stream ends",
+                "docs/protocol.md §3.9")
     if ftype == "DATA" and "END_STREAM" in flags and not r.get("data_length"):
-        return "an empty DATA with END_STREAM: this side of the stream has nothing more to send", "§6.1"
+        return ("an empty DATA with END_STREAM: this side of the stream has nothing more to send",
+                "docs/protocol.md §6.1")
     if ftype == "DATA" and r.get("_websocket"):
         return ("raw WebSocket frames, relayed without being parsed (the edge's are masked, being a "
-                "client's)", "§6.1")
+                "client's)", "docs/protocol.md §6.1")
     if ftype == "DATA":
-        return "the response body; END_STREAM marks its end", "§5.6"
+        return "the response body; END_STREAM marks its end", "docs/protocol.md §5.6"
     if ftype == "RST_STREAM":
-        return f"the stream is reset ({r.get('error_code')}); the other side sends nothing more on it", "§9.2"
+        return (f"the stream is reset ({r.get('error_code')}); the other side sends nothing more on it",
+                "docs/protocol.md §9.2")
     if ftype == "GOAWAY":
-        return "the edge closes the connection: no new streams after last_stream", "§9.2, §9.3"
-    return f"an HTTP/2 {ftype} frame", "§2.4"
+        return ("the edge closes the connection: no new streams after last_stream",
+                "docs/protocol.md §9.2, §9.3")
+    return f"an HTTP/2 {ftype} frame", "docs/protocol.md §2.4"
 
 
 _RPC_WHY: dict[str, tuple[str, str]] = {
     "bootstrap": ("asks for the edge's bootstrap capability: the RegistrationServer the next call is "
-                  "addressed to", "§3.3"),
-    "finish": ("tells the other side an answer was received and its question id can be reused", "§3.3"),
-    "release": ("drops the connector's reference to the edge's capability", "§3.9"),
-    "abort": ("ends the RPC conversation before the stream closes", "§3.9"),
+                  "addressed to", "docs/protocol.md §3.3"),
+    "finish": ("tells the other side an answer was received and its question id can be reused",
+        "docs/protocol.md §3.3"),
+    "release": ("drops the connector's reference to the edge's capability", "docs/protocol.md §3.9"),
+    "abort": ("ends the RPC conversation before the stream closes", "docs/protocol.md §3.9"),
 }
 _METHOD_WHY: dict[tuple[str, str], tuple[str, str]] = {
     ("call", "registerConnection"): (
         "registers this connection: the tunnel's credentials (secret redacted in the trace), the HA index "
-        "and the client's identity and features; pipelined on the bootstrap's promised answer", "§3.4, §3.6"),
+        "and the client's identity and features; pipelined on the bootstrap's promised answer",
+            "docs/protocol.md §3.4, §3.6"),
     ("return", "registerConnection"): (
         "the edge accepts: the connection's uuid and the data centre's location; the connector counts "
-        "the connection ready", "§3.7"),
+        "the connection ready", "docs/protocol.md §3.7"),
     ("call", "updateLocalConfiguration"): (
         "the connector pushes its local configuration (ingress rules) as JSON, for the dashboard",
-        "§3.8"),
-    ("return", "updateLocalConfiguration"): ("the edge acknowledges the configuration", "§3.8"),
+        "docs/protocol.md §3.8"),
+    ("return", "updateLocalConfiguration"): ("the edge acknowledges the configuration",
+        "docs/protocol.md §3.8"),
     ("call", "unregisterConnection"): (
         "the connector is shutting down: it asks the edge to stop sending new requests on this connection "
-        "before it closes", "§3.9, §9.2"),
+        "before it closes", "docs/protocol.md §3.9, §9.2"),
     ("return", "unregisterConnection"): (
         "the edge acknowledges the unregistration. Then the connector Finishes the question, Releases the "
         "capability, Aborts the RPC conversation, ends stream 1 (END_STREAM, RST_STREAM) and closes; the "
         "edge sends GOAWAY. How much of that the other side still reads before the socket closes is a "
-        "race, so the walkthrough stops here (`tunnel-lab trace show` shows a whole trace)", "§3.9, §9.2"),
-    ("return", "bootstrap"): ("the edge hands out its RegistrationServer capability", "§3.3"),
+        "race, so the walkthrough stops here (`tunnel-lab trace show` shows a whole trace)",
+            "docs/protocol.md §3.9, §9.2"),
+    ("return", "bootstrap"): ("the edge hands out its RegistrationServer capability",
+        "docs/protocol.md §3.3"),
 }
 
 
@@ -209,10 +222,11 @@ def _rpc_why(r: dict[str, Any]) -> tuple[str, str]:
     attempts = ((r.get("params") or {}).get("options") or {}).get("num_previous_attempts")
     if (message, method) == ("call", "registerConnection") and attempts:
         why, ref = _METHOD_WHY[(message, method)]
-        return f"{why}; num_previous_attempts {attempts} tells the edge this is a reconnect", f"{ref}, §9.4"
+        return (f"{why}; num_previous_attempts {attempts} tells the edge this is a reconnect",
+                f"{ref}; {RECONNECT}")
     if (message, method) in _METHOD_WHY:
         return _METHOD_WHY[(message, method)]
-    return _RPC_WHY.get(message, (f"a Cap'n Proto {message} message", "§3.3"))
+    return _RPC_WHY.get(message, (f"a Cap'n Proto {message} message", "docs/protocol.md §3.3"))
 
 
 def _rpc_details(r: dict[str, Any]) -> tuple[str, ...]:
@@ -257,14 +271,14 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
         return WalkStep(t, "Connector", "Edge", f"TLS handshake: {r.get('version')} {r.get('cipher')}",
                         tuple(tls),
                         "the connector dials the data centre and is the TLS client; it checks the edge's "
-                        "certificate against the CA it was given (--cacert)", "§2.1, §2.3")
+                        "certificate against the CA it was given (--cacert)", "docs/protocol.md §2.1, §2.3")
     if kind == "h2.preface":
         return WalkStep(t, sender, receiver, "HTTP/2 client connection preface", (),
                         "the edge is the HTTP/2 client on this connection, although the connector dialled "
-                        "it: the edge opens streams, the connector serves them", "§2.1")
+                        "it: the edge opens streams, the connector serves them", "docs/protocol.md §2.1")
     if kind == "h2.frame":
         if r.get("type") == "WINDOW_UPDATE" and r.get("stream") not in (0, None):
-            return None  # per-stream credit: timing-dependent, and §2.4 already explains the mechanism
+            return None  # per-stream credit: timing-dependent; docs/protocol.md §2.4 explains the mechanism
         if r.get("type") == "DATA" and r.get("stream") == 1 and "END_STREAM" not in (r.get("flags") or []):
             # how RPC messages are batched into DATA frames depends on timing; each message's own
             # step gives its size
@@ -294,7 +308,7 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
                 what += f" ({label} {r[key]})"
         why, ref = _rpc_why(r)
         size = (f"{r['size']} bytes, in DATA on stream {r.get('stream')}",) if "size" in r else ()
-        return WalkStep(t, sender, receiver, what, size + _rpc_details(r), why, ref + ", framing §3.2")
+        return WalkStep(t, sender, receiver, what, size + _rpc_details(r), why, f"{ref}; {FRAMING}")
     if kind == "h2.body":
         return WalkStep(t, sender, receiver, f"body of stream {r.get('stream')}: {r.get('length')} bytes",
                         (f"sha256 {r.get('sha256')}", f"first bytes {r.get('head', '')!r}"),
@@ -305,27 +319,28 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
                         f"{r.get('scheme')})", tuple(f"{n}: {v}" for n, v in _headers(r)),
                         "a visitor's request reaches the data centre; the edge finds the tunnel routed "
                         "for the hostname and picks one of its connections, and gives the request a ray id",
-                        "§11.2")
+                        "docs/protocol.md §11.2")
     if kind == "stream.classified":
         return WalkStep(t, "Connector", "Connector", f"stream {r.get('stream')} classified as "
                         f"{r.get('stream_kind')}", (),
                         "the connector decides what the stream is from its pseudo-headers and the "
                         "cf-cloudflared-proxy-* fields: " + _CLASSIFIED.get(str(r.get("stream_kind")), ""),
-                        "§4.1")
+                        "docs/protocol.md §4.1")
     if kind == "origin.request":
         return WalkStep(t, "Connector", "Origin", f"{r.get('method')} {r.get('target')} "
                         f"HTTP/{r.get('http_version')}", tuple(f"{n}: {v}" for n, v in _headers(r)),
                         "the connector matches the ingress rules and sends the origin an HTTP/1.1 request "
-                        "built from the stream's headers (the edge's cf-* fields are kept)", "§4.3, §5.2")
+                        "built from the stream's headers (the edge's cf-* fields are kept)",
+                            "docs/protocol.md §4.3, §5.2")
     if kind == "origin.response":
         return WalkStep(t, "Origin", "Connector", f"HTTP/{r.get('http_version')} {r.get('status')} "
                         f"{r.get('reason', '')}".rstrip(), tuple(f"{n}: {v}" for n, v in _headers(r)),
-                        "the origin answers the connector over HTTP/1.1", "§5.2, §5.9")
+                        "the origin answers the connector over HTTP/1.1", "docs/protocol.md §5.2, §5.9")
     if kind == "eyeball.response":
         return WalkStep(t, "Edge", "Eyeball", f"{r.get('status')}",
                         tuple(f"{n}: {v}" for n, v in _headers(r)),
                         "the edge gives the eyeball the origin's status and header fields (decoded from "
-                        "the serialized field), plus cf-ray", "§5.5")
+                        "the serialized field), plus cf-ray", "docs/protocol.md §5.5")
     if kind == "explain.gap":
         return WalkStep(t, "Edge", "Connector", f"(nothing on the wire) {r['first']} is closed",
                         (f"{r['first']}: last record at +{(r['last'] - start) * 1000:.1f} ms (nothing "
@@ -333,7 +348,7 @@ def _step(r: dict[str, Any], start: float) -> WalkStep | None:
                          f"the connector's next TLS handshake at +{(r['next'] - start) * 1000:.1f} ms"),
                         "drop-connection closes the TCP connection without a GOAWAY, so no frame says so: "
                         "the connector learns it when its read fails, and dials again after a random backoff",
-                        "§9.4")
+                        "docs/protocol.md §9.4")
     if kind == "eyeball.done":
         return WalkStep(t, "Edge", "Edge", f"request done: {r.get('status')} {r.get('outcome')} in "
                         f"{r.get('duration_ms')} ms", (),
@@ -412,11 +427,14 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
                   or (r.get("component") == "edge" and r.get("conn") == conn
                       and r["kind"] in ("h2.preface", "h2.frame", "rpc.message")
                       and r.get("stream") in (0, 1, None))]
-        # The walkthrough ends with the edge's answer to unregisterConnection: how much of the teardown
-        # after it (Finish, Release, Abort, END_STREAM, RST_STREAM, GOAWAY) each side still reads before
-        # the connector's close is a race, different from run to run.
+        # The walkthrough ends with the edge's answer to updateLocalConfiguration: whether the connector
+        # Finishes that question before it calls unregisterConnection (and so which question id the call
+        # gets), and how much of the teardown each side still reads before the close, are races.
         end = next((i for i, r in enumerate(chosen) if r["kind"] == "rpc.message"
-                    and r.get("message") == "return" and r.get("method") == "unregisterConnection"), None)
+                    and r.get("message") == "return" and r.get("method") == "updateLocalConfiguration"), None)
+        if end is None:
+            end = next((i for i, r in enumerate(chosen) if r["kind"] == "rpc.message" and r.get("message")
+                        == "return" and r.get("method") == "unregisterConnection"), None)
         chosen = chosen if end is None else chosen[:end + 1]
     elif topic in ("request", "websocket", "origin-cert-error"):
         ray = next((r["ray"] for r in ordered if r["kind"] == "eyeball.request" and r.get("ray")), None)

@@ -41,7 +41,7 @@ def test_explain_request_tells_how_the_request_crossed_the_tunnel() -> None:
     assert -1 not in positions, (order, out)
     assert positions == sorted(positions)
     assert "<uuid>" not in out and "<ray>" not in out  # the terminal shows the real ids
-    assert "cf-ray: " in out and "why: " in out and "(§4.1)" in out
+    assert "cf-ray: " in out and "why: " in out and "(docs/protocol.md §4.1)" in out
 
 
 @pytest.mark.parametrize("topic", sorted(TOPICS))

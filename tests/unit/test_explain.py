@@ -63,8 +63,8 @@ def test_request_steps_follow_the_request_across_the_four_parties(records: list[
                for d in steps[5].details)
     # and every step says why, with a pointer into docs/protocol.md or the page that explains it
     refs = [s.ref for s in steps]
-    assert refs[1] == "§5.1, §11.2" and refs[2] == "§4.1"
-    assert refs[3] == "§4.3, §5.2" and refs[5] == "§5.4, §5.5"
+    assert refs[1] == "docs/protocol.md §5.1, §11.2" and refs[2] == "docs/protocol.md §4.1"
+    assert refs[3] == "docs/protocol.md §4.3, §5.2" and refs[5] == "docs/protocol.md §5.4, §5.5"
     assert all(s.why for s in steps)
 
 
@@ -76,16 +76,17 @@ def test_registration_steps_and_their_facts(records: list[dict[str, Any]]) -> No
     call = _one(records, "rpc.message", component="edge", method="registerConnection", message="call")
     answer = _one(records, "rpc.message", component="edge", method="registerConnection", message="return")
     i = whats.index("Cap'n Proto call registerConnection (question 1)")
-    assert steps[i].sender == "Connector" and steps[i].ref.startswith("§3.4, §3.6")
+    assert steps[i].sender == "Connector" and steps[i].ref.startswith("docs/protocol.md §3.4, §3.6")
     assert f"tunnel_id {call['params']['tunnel_id']}, conn_index 0" in steps[i].details
     assert f"{call['size']} bytes, in DATA on stream 1" in steps[i].details
     assert any("tunnel_secret <redacted>" in d for d in steps[i].details)
     j = whats.index("Cap'n Proto return registerConnection (answer 1)")
     assert f"uuid {answer['results']['connection_details']['uuid']}" in steps[j].details
     assert whats.index("Cap'n Proto bootstrap (question 0)") < i < j
-    assert whats.index("Cap'n Proto call unregisterConnection (question 1)") > j
-    # the teardown after the edge's answer is a race: the walkthrough stops at that answer
-    assert whats[-1] == "Cap'n Proto return unregisterConnection (answer 1)"
+    # what follows the configuration push (Finish or not, the question id of unregisterConnection, the
+    # teardown) is a race: the walkthrough stops at the edge's answer to the push
+    assert whats.index("Cap'n Proto call updateLocalConfiguration (question 1)") > j
+    assert whats[-1] == "Cap'n Proto return updateLocalConfiguration (answer 1)"
     # control-stream DATA frames are folded into the messages they carry (their batching is a race)
     assert not any(w.startswith("DATA on stream 1") and "END_STREAM" not in w for w in whats)
     # the two SETTINGS acknowledgements cross on the wire: shown together, the edge's first
@@ -109,12 +110,13 @@ def test_failover_shows_the_silent_drop_and_the_second_registration() -> None:
                and r.get("method") == "registerConnection" and r.get("message") == "return"]
     assert len(calls) == 2 and len(answers) == 2
     gap = whats.index("(nothing on the wire) edge#1 is closed")
-    assert steps[gap].ref == "§9.4"
+    assert steps[gap].ref == "docs/protocol.md §9.4"
     assert whats[gap + 1].startswith("TLS handshake")  # the reconnect follows the silence
     register = [i for i, w in enumerate(whats) if w == "Cap'n Proto call registerConnection (question 1)"]
     assert len(register) == 2 and register[0] < gap < register[1]
     assert "replace_existing False, num_previous_attempts 1" in steps[register[1]].details
-    assert "this is a reconnect" in steps[register[1]].why and "§9.4" in steps[register[1]].ref
+    assert "this is a reconnect" in steps[register[1]].why
+    assert "docs/protocol.md §9.4" in steps[register[1]].ref
     uuids = [f"uuid {a['results']['connection_details']['uuid']}" for a in answers]
     assert uuids[0] != uuids[1]
     assert uuids[0] in steps[register[0] + 1].details and uuids[1] in steps[-1].details
