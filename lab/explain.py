@@ -80,7 +80,7 @@ TOPICS: dict[str, Topic] = {
               "frames untouched in both directions.",
               f"start the edge, our connector and the `ws-echo` origin, open a WebSocket to "
               f"`ws://{HOSTNAME}{WS_PATH}` through the edge, send one text message ({WS_MESSAGE!r}) and "
-              "read its echo, then close"),
+              "read its echo (the walkthrough stops at the echo: the close races)"),
         Topic("failover", "A dropped connection and the reconnect",
               "What happens when the edge loses a tunnel connection without warning: the connector notices "
               "the TCP connection is gone, dials again, and registers a new connection, telling the edge "
@@ -446,6 +446,13 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]]) -> list[WalkStep]
         ws = {r.get("stream") for r in chosen if r["kind"] == "h2.frame" and ["cf-cloudflared-proxy-"
               "connection-upgrade", "websocket"] in (r.get("headers") or [])}
         chosen = [{**r, "_websocket": True} if r.get("stream") in ws else r for r in chosen]
+        if topic == "websocket":
+            # ends with the echo: how the close handshake and the stream's end interleave (a close frame
+            # back or not, END_STREAM or RST_STREAM first) changes from run to run
+            end = next((i for i, r in enumerate(chosen) if r.get("_websocket") and r["kind"] == "h2.frame"
+                        and r.get("type") == "DATA" and r.get("component") == "edge"
+                        and r.get("dir") == "in"), None)
+            chosen = chosen if end is None else chosen[:end + 1]
     else:
         raise ValueError(f"unknown topic {topic!r}")
     start = chosen[0]["t"] if chosen else 0.0
