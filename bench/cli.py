@@ -20,12 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnel_lab.bench import load, quic
+from tunnel_lab.bench import load, quic, trace_cost
 from tunnel_lab.bench import profile as profiling
 from tunnel_lab.bench.procs import (
     BenchSetupError,
@@ -45,7 +45,7 @@ WS_HOST = "ws.bench.lab.test"
 LOCATIONS = ("LAB1", "LAB2", "LAB3", "LAB4", "LAB5")
 HA_CONNECTIONS = 4
 MIB = 1 << 20
-PATHS = ("direct", "lab", "cloudflared", *quic.QUIC_PATHS)
+PATHS = ("direct", "lab", trace_cost.PATH, "cloudflared", *quic.QUIC_PATHS)
 GET_CONCURRENCY = (1, 32, 128)
 
 
@@ -58,14 +58,19 @@ class Profile:
     bulk_bytes: int
     post_bytes: int
     ws_messages: int
+    many_requests: int  # the `many-requests` workload: RSS growth over this many GETs
+    idle_eyeballs: int  # the `idle-eyeballs` workload: edge RSS for this many idle connections
 
     @classmethod
     def named(cls, quick: bool, tiny: bool = False) -> Profile:
         if tiny:
-            return cls("tiny", seconds=0.5, bulk_bytes=4 * MIB, post_bytes=MIB, ws_messages=50)
+            return cls("tiny", seconds=0.5, bulk_bytes=4 * MIB, post_bytes=MIB, ws_messages=50,
+                       many_requests=200, idle_eyeballs=50)
         if quick:
-            return cls("quick", seconds=2.0, bulk_bytes=64 * MIB, post_bytes=MIB, ws_messages=300)
-        return cls("default", seconds=8.0, bulk_bytes=1024 * MIB, post_bytes=MIB, ws_messages=2000)
+            return cls("quick", seconds=2.0, bulk_bytes=64 * MIB, post_bytes=MIB, ws_messages=300,
+                       many_requests=2000, idle_eyeballs=1000)
+        return cls("default", seconds=8.0, bulk_bytes=1024 * MIB, post_bytes=MIB, ws_messages=2000,
+                   many_requests=10_000, idle_eyeballs=1000)
 
 
 @dataclass
@@ -147,11 +152,12 @@ def _rate_figures(result: load.LoadResult) -> dict[str, float]:
 
 
 def _bulk_figures(result: load.LoadResult) -> dict[str, float]:
-    return {"mb_per_s": round(result.mb_per_s, 1), "seconds": round(result.seconds, 3)}
+    return {"bytes": result.bytes, "mb_per_s": round(result.mb_per_s, 1), "seconds": round(result.seconds, 3)}
 
 
 def _ws_figures(result: load.LoadResult) -> dict[str, float]:
-    return {"messages_per_s": round(result.requests_per_s, 1), "p50_ms": round(result.percentile_ms(50), 3),
+    return {"messages": result.requests, "messages_per_s": round(result.requests_per_s, 1),
+            "p50_ms": round(result.percentile_ms(50), 3),
             "p99_ms": round(result.percentile_ms(99), 3)}
 
 
@@ -197,6 +203,40 @@ def traffic_workloads(target: Target, profile: Profile) -> list[Run]:
     return runs
 
 
+def memory_workloads(target: Target, edge_comp: Component, profile: Profile, *, idle: bool) -> list[Run]:
+    """`many-requests` (RSS growth of every process over that many GETs) and, when `idle`,
+    `idle-eyeballs` (what that many open, idle eyeball connections cost the edge in RSS)."""
+    runs = [target.measure(
+        "many-requests",
+        lambda: load.run_requests(target.http, load.get_request(HOST, "/status/200"), concurrency=32,
+                                  seconds=600, total=profile.many_requests),
+        _rate_figures)]
+    if idle:
+        runs.append(measure_idle_eyeballs(target.path, edge_comp, target.http, profile.idle_eyeballs))
+    return runs
+
+
+def measure_idle_eyeballs(path: str, edge_comp: Component, address: tuple[str, int], count: int) -> Run:
+    """Edge RSS before opening `count` eyeball connections (one GET each, then idle) and with them open."""
+    run = Run("idle-eyeballs", path)
+    before = edge_comp.usage()
+    try:
+        socks = load.idle_connections(address, HOST, "/status/200", count)
+    except (OSError, load.HTTPClientError) as exc:
+        run.failure, run.errors = f"{type(exc).__name__}: {exc}", 1
+        return run
+    try:
+        after = edge_comp.usage()
+    finally:
+        for sock in socks:
+            sock.close()
+    growth = round(after.rss_mb - before.rss_mb, 1)
+    run.figures = {"connections": count, "edge_rss_growth_mb": growth}
+    run.components = {"edge": {"cpu_s": round(after.cpu_s - before.cpu_s, 3),
+                               "peak_rss_mb": round(after.peak_rss_mb, 1), "rss_growth_mb": growth}}
+    return run
+
+
 class Lab:
     """The lab for one bench invocation: a state dir, origins, the edge; connectors come and go."""
 
@@ -232,13 +272,14 @@ class Lab:
         comp = self.start(f"origin-{kind}", argv)
         return comp, parse_address(str(wait_ready_file(comp, ready)["address"]))
 
-    def start_edge(self) -> tuple[Component, dict[str, Any]]:
-        ready = self.workdir / "edge.json"
+    def start_edge(self, name: str = "edge", flags: Sequence[str] = ()) -> tuple[Component, dict[str, Any]]:
+        ready = self.workdir / f"{name}.json"
         argv = lab_command("edge", "--state", str(self.state), "--http-listen", "127.0.0.1:0",
-                           "--api-listen", "127.0.0.1:0", "--ready-file", str(ready), "--loglevel", "warning")
+                           "--api-listen", "127.0.0.1:0", "--ready-file", str(ready), "--loglevel", "warning",
+                           *flags)
         for index, location in enumerate(LOCATIONS, start=1):
             argv += ["--tunnel-listen", f"{location}=127.0.0.{index}:0"]
-        comp = self.start("edge", argv)
+        comp = self.start(name, argv)
         return comp, wait_ready_file(comp, ready)
 
     def create_tunnel(self) -> tuple[str, Path]:
@@ -354,6 +395,7 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
         target = Target(path, edge_http, edge_http, {"edge": edge_comp, "connector": connector, **origins},
                         profile_dir)
         runs += traffic_workloads(target, profile)
+        runs += memory_workloads(target, edge_comp, profile, idle=path == "lab")
         failover = Run("failover", path)
         try:
             location, seconds = measure_failover(edge, edge_http)
@@ -368,9 +410,37 @@ def bench_connector_path(lab: Lab, path: str, binary: list[str], edge_comp: Comp
         connector.stop()
 
 
+def bench_traced_path(lab: Lab, origins: dict[str, Component], urls: dict[str, str],
+                      tunnel: tuple[str, Path], profile: Profile) -> list[Run]:
+    """The request workloads of `lab` again through an edge and our connector both run with `--trace`."""
+    traces = {"edge": lab.workdir / "edge.trace.jsonl", "connector": lab.workdir / "connector.trace.jsonl"}
+    edge_comp, edge = lab.start_edge("edge-traced", ["--trace", str(traces["edge"])])
+    try:
+        metrics = f"127.0.0.1:{free_port()}"
+        argv = lab.connector_argv(lab_command("connector"), edge, tunnel[0], tunnel[1], metrics, urls)
+        at = argv.index("tunnel") + 1
+        argv[at:at] = ["--trace", str(traces["connector"])]
+        connector = lab.start(f"connector-{trace_cost.PATH}", argv)
+        try:
+            wait_ready(connector, metrics, HA_CONNECTIONS, timeout=60)
+            edge_http = parse_address(edge["http"])
+            target = Target(trace_cost.PATH, edge_http, edge_http,
+                            {"edge": edge_comp, "connector": connector, **origins})
+            runs = traffic_workloads(target, profile)
+            connector.check_alive()
+        finally:
+            connector.stop()  # gracefully: the trace ends with its trace.end record
+    finally:
+        edge_comp.stop()
+    files: dict[str, float] = {}
+    for component, path in traces.items():
+        files.update(trace_cost.trace_figures(component, path))
+    return [*runs, Run("trace-files", trace_cost.PATH, files)]
+
+
 def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
               progress: Callable[[str], None] = lambda _: None, profile_dir: Path | None = None,
-              with_quic: bool = True) -> list[Run]:
+              with_quic: bool = True, with_trace: bool = True) -> list[Run]:
     lab = Lab(workdir)
     try:
         http_origin, http_addr = lab.start_origin("stream")
@@ -384,6 +454,9 @@ def run_bench(profile: Profile, workdir: Path, cloudflared: Capabilities | None,
         progress("lab")
         runs += bench_connector_path(lab, "lab", lab_command("connector"), edge_comp, edge, origins, urls,
                                      tunnel, profile, profile_dir)
+        if with_trace:
+            progress(trace_cost.PATH)
+            runs += bench_traced_path(lab, origins, urls, tunnel, profile)
         if with_quic:
             # Right after its http2 twin, against the same edge and origins: quic.quic_ratios compares them.
             progress("lab-quic")
@@ -415,37 +488,88 @@ def _fig(runs: list[Run], workload: str, path: str, name: str) -> float | None:
     return None
 
 
+def _run(runs: list[Run], workload: str, path: str) -> Run | None:
+    return next((r for r in runs if r.workload == workload and r.path == path and not r.failure), None)
+
+
+def cpu_per_unit_ms(run: Run | None, component: str) -> float | None:
+    """CPU milliseconds `component` spent per request (or WebSocket message) of `run`."""
+    if run is None:
+        return None
+    count = run.figures.get("requests") or run.figures.get("messages")
+    cpu = run.components.get(component, {}).get("cpu_s")
+    if not count or cpu is None:
+        return None
+    return cpu * 1000 / count
+
+
+CPU_WORKLOADS = ("get-c32", "post-1mib-c8", "websocket-echo")
+TUNNEL_PATHS = ("lab", "cloudflared", *quic.QUIC_PATHS)  # targets 3 and 7 for each
+
+
 def targets(runs: list[Run]) -> list[dict[str, Any]]:
-    """The goals of issue #6, checked on this run's figures (reported, never enforced)."""
+    """Issue 16's targets 1, 2, 3 and 7, each a figure of this run (ratios between runs of the same
+    invocation). Reported, never enforced."""
     out: list[dict[str, Any]] = []
-    for path in PATHS[1:]:
+
+    def add(target: int, path: str, goal: str, value: float | None, ok: Callable[[float], bool],
+            unit: str) -> None:
+        out.append({"target": target, "path": path, "goal": goal,
+                    "value": None if value is None else round(value, 3), "unit": unit,
+                    "met": None if value is None else ok(value)})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    cloudflared = any(r.path == "cloudflared" for r in runs)
+    if cloudflared:
+        # 1: the edge's CPU against the real connector's, for the same requests (the same run).
+        for workload in CPU_WORKLOADS:
+            run = _run(runs, workload, "cloudflared")
+            add(1, "cloudflared", f"{workload}: edge CPU per request <= cloudflared's",
+                ratio(cpu_per_unit_ms(run, "edge"), cpu_per_unit_ms(run, "connector")), lambda v: v <= 1.0,
+                "x")
+        # 2: our connector against cloudflared, per request (two runs of the same invocation).
+        for workload in CPU_WORKLOADS:
+            add(2, "lab", f"{workload}: our connector CPU per request <= 1.5x cloudflared's",
+                ratio(cpu_per_unit_ms(_run(runs, workload, "lab"), "connector"),
+                      cpu_per_unit_ms(_run(runs, workload, "cloudflared"), "connector")),
+                lambda v: v <= 1.5, "x")
+    for path in TUNNEL_PATHS:
         if not any(r.path == path for r in runs):
             continue
-
-        def add(goal: str, value: float | None, ok: Callable[[float], bool], unit: str,
-                path: str = path) -> None:
-            out.append({"path": path, "goal": goal, "value": None if value is None else round(value, 3),
-                        "unit": unit, "met": None if value is None else ok(value)})
-
-        direct, tunnel = _fig(runs, "get-c32", "direct", "requests_per_s"), _fig(runs, "get-c32", path,
-                                                                                  "requests_per_s")
-        add("GET c=32 req/s >= 40% of direct", tunnel / direct if direct and tunnel is not None else None,
+        add(3, path, "GET c=32 req/s >= 40% of direct",
+            ratio(_fig(runs, "get-c32", path, "requests_per_s"),
+                  _fig(runs, "get-c32", "direct", "requests_per_s")),
             lambda v: v >= 0.40, "ratio")
         direct, tunnel = _fig(runs, "get-c1", "direct", "p50_ms"), _fig(runs, "get-c1", path, "p50_ms")
-        add("added p50 at c=1 < 1 ms", tunnel - direct if direct is not None and tunnel is not None else None,
-            lambda v: v < 1.0, "ms")
+        add(3, path, "added p50 at c=1 < 1 ms",
+            tunnel - direct if direct is not None and tunnel is not None else None, lambda v: v < 1.0, "ms")
         for workload in ("download", "upload"):
-            direct = _fig(runs, workload, "direct", "mb_per_s")
-            tunnel = _fig(runs, workload, path, "mb_per_s")
-            add(f"bulk {workload} MB/s >= 50% of direct",
-                tunnel / direct if direct and tunnel is not None else None, lambda v: v >= 0.50, "ratio")
-            run = next((r for r in runs if r.workload == workload and r.path == path), None)
+            add(3, path, f"bulk {workload} MB/s >= 60% of direct",
+                ratio(_fig(runs, workload, path, "mb_per_s"), _fig(runs, workload, "direct", "mb_per_s")),
+                lambda v: v >= 0.60, "ratio")
+    for path in TUNNEL_PATHS:
+        for workload, what in (("download", "a {mib} MiB download"), ("upload", "a {mib} MiB upload"),
+                               ("many-requests", "{n} requests")):
+            run = _run(runs, workload, path)
+            if run is None:
+                continue
+            what = what.format(n=int(run.figures.get("requests", 0)),
+                               mib=int(run.figures.get("bytes", 0)) // MIB)
             for comp in ("edge", "connector"):
-                growth = run.components.get(comp, {}).get("rss_growth_mb") if run else None
-                add(f"{comp} RSS growth over the {workload} < 50 MB", growth, lambda v: v < 50, "MB")
-        add("ready with 4 HA connections < 1 s", _fig(runs, "ready", path, "seconds"), lambda v: v < 1.0, "s")
-        first = _fig(runs, "ready", path, "first_connection_s")
-        add("first connection ready < 1 s", first, lambda v: v < 1.0, "s")
+                add(7, path, f"{comp} peak RSS growth over {what} < 20 MB",
+                    run.components.get(comp, {}).get("rss_growth_mb"), lambda v: v < 20, "MB")
+        idle = _run(runs, "idle-eyeballs", path)
+        if idle is not None:
+            add(7, path, f"edge RSS for {int(idle.figures['connections'])} idle eyeball connections < 50 MB",
+                idle.figures["edge_rss_growth_mb"], lambda v: v < 50, "MB")
+    for path in TUNNEL_PATHS:  # issue 6's start-up goal (target 0 here), still worth seeing
+        if any(r.path == path for r in runs):
+            add(0, path, "ready with 4 HA connections < 1 s", _fig(runs, "ready", path, "seconds"),
+                lambda v: v < 1.0, "s")
+            add(0, path, "first connection ready < 1 s", _fig(runs, "ready", path, "first_connection_s"),
+                lambda v: v < 1.0, "s")
     return out
 
 
@@ -480,18 +604,32 @@ def render_table(runs: list[Run], goals: list[dict[str, Any]]) -> str:
         if run.components:
             cost.add_row(run.workload, run.path, *[_cost(run.components.get(n)) for n in names])
 
-    goal_table = Table(title="goals (reported, not enforced)")
-    for column in ("path", "goal", "value", "met"):
+    per_request = Table(title="CPU ms per request (WebSocket: per message), same runs as above")
+    per_request.add_column("workload")
+    for path in paths[1:]:
+        per_request.add_column(f"edge ({path})", justify="right")
+        per_request.add_column(f"connector ({path})", justify="right")
+    for workload in (*CPU_WORKLOADS, "get-c1", "get-c128"):
+        cells = [workload]
+        for path in paths[1:]:
+            for comp in ("edge", "connector"):
+                value = cpu_per_unit_ms(by_key.get((workload, path)), comp)
+                cells.append("-" if value is None else f"{value:.3f}")
+        per_request.add_row(*cells)
+
+    goal_table = Table(title="issue 16 targets, each from this run's figures (reported, not enforced)")
+    for column in ("target", "path", "goal", "value", "met"):
         goal_table.add_column(column)
     for goal in goals:
-        value = "-" if goal["value"] is None else (f"{goal['value']:.0%}" if goal["unit"] == "ratio"
-                                                   else f"{goal['value']:.3f} {goal['unit']}")
+        value = goal["value"]
+        text = ("-" if value is None else f"{value:.0%}" if goal["unit"] == "ratio"
+                else f"{value:.2f}x" if goal["unit"] == "x" else f"{value:.3f} {goal['unit']}")
         met = {True: "yes", False: "NO", None: "-"}[goal["met"]]
-        goal_table.add_row(goal["path"], goal["goal"], value, met)
+        goal_table.add_row(str(goal["target"] or "-"), goal["path"], goal["goal"], text, met)
 
     console = Console(width=170, color_system=None, emoji=False)
     with console.capture() as capture:
-        for table in (figures, cost, goal_table):
+        for table in (figures, cost, per_request, goal_table):
             console.print(table)
     failures = [f"{r.workload} on {r.path}: {r.failure}" for r in runs if r.failure]
     text = capture.get()
@@ -521,6 +659,8 @@ def _describe(run: Run | None) -> str:
         return f"{f['messages_per_s']:.0f} msg/s p50 {f['p50_ms']:.2f} ms{errors}"
     if "first_connection_s" in f:
         return f"{f['seconds']:.3f} s (first connection {f['first_connection_s']:.3f} s)"
+    if "edge_rss_growth_mb" in f:
+        return f"{f['connections']:.0f} open: edge RSS +{f['edge_rss_growth_mb']:.1f} MB"
     return f"{f.get('seconds', 0):.3f} s"
 
 
@@ -558,6 +698,10 @@ def _reexec_in_netns(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of `tunnel-lab bench`."""
+    if argv[:1] == ["library"]:  # the scenario library's wall time (bench/library.py)
+        from tunnel_lab.bench.library import main as library_main
+
+        return library_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tunnel-lab bench", description=(__doc__ or "").splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2 s runs and 64 MiB bulk transfers")
@@ -569,6 +713,8 @@ def main(argv: list[str]) -> int:
                         help="also bench a real cloudflared (the bench then runs in a private netns)")
     parser.add_argument("--no-quic", action="store_true", dest="no_quic",
                         help="leave out the QUIC paths (lab-quic, cloudflared-quic) and their ratios")
+    parser.add_argument("--no-trace", action="store_true", dest="no_trace",
+                        help="leave out the lab-traced path (the protocol trace's cost; docs/trace.md)")
     parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
     parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
                         help="sample edge and connector with py-spy during get-c32, download and upload; "
@@ -614,7 +760,7 @@ def main(argv: list[str]) -> int:
         runs = run_bench(profile, workdir, caps,
                          progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True),
                          profile_dir=Path(args.py_spy).absolute() if args.py_spy else None,
-                         with_quic=not args.no_quic)
+                         with_quic=not args.no_quic, with_trace=not args.no_trace)
     except BenchSetupError as exc:
         print(f"tunnel-lab: bench: {exc}\n(logs in {workdir})", file=sys.stderr)
         return 1
@@ -625,6 +771,10 @@ def main(argv: list[str]) -> int:
     print(render_table(runs, goals))
     if quic_goals:
         print(quic.render_quic_table(quic_goals))
+    trace_goals = trace_cost.trace_ratios(runs)
+    if trace_goals:
+        files = next((r.figures for r in runs if r.workload == "trace-files"), {})
+        print(trace_cost.render_trace_table(trace_goals, files))
     load_after = os.getloadavg()[0]
     print(f"load client: {client} for GET c=1/32/128, tunnel-lab for the rest; cores: {os.cpu_count()}; "
           f"load average before/after: {load_before:.2f}/{load_after:.2f}; profile: {profile.name}; "
@@ -633,7 +783,8 @@ def main(argv: list[str]) -> int:
         document = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(),
                     "load_average_before": round(load_before, 2), "load_average_after": round(load_after, 2),
                     "profile": profile.name, "bulk_bytes": profile.bulk_bytes, "client": client,
-                    "runs": [r.as_json() for r in runs], "goals": goals, "quic": quic_goals}
+                    "runs": [r.as_json() for r in runs], "goals": goals, "quic": quic_goals,
+                    "trace": trace_goals}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     return 1 if any(r.failure for r in runs) else 0
 

@@ -101,8 +101,9 @@ def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
 
 
 def _worker(address: tuple[str, int], request: bytes, deadline: float, connections: int,
-            queue: mp.Queue) -> None:
-    """One worker process: `connections` sockets served round-robin, each strictly request/response."""
+            queue: mp.Queue, limit: int | None = None) -> None:
+    """One worker process: `connections` sockets served round-robin, each strictly request/response,
+    until the deadline or (with `limit`) once `limit` requests were sent."""
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -110,13 +111,19 @@ def _worker(address: tuple[str, int], request: bytes, deadline: float, connectio
     errors = 0
     received = 0
     state: dict[socket.socket, tuple[float, bytearray]] = {}
+    sent = 0
+
+    def more() -> bool:
+        return time.perf_counter() < deadline and (limit is None or sent < limit)
 
     def start(sock: socket.socket) -> None:
+        nonlocal sent
+        sent += 1
         sock.sendall(request)
         state[sock] = (time.perf_counter(), bytearray())
         sel.register(sock, selectors.EVENT_READ)
 
-    for _ in range(connections):
+    for _ in range(connections if limit is None else min(connections, limit)):
         start(_connect(address, 10))
     while state:
         for key, _ in sel.select(timeout=1.0):
@@ -147,13 +154,13 @@ def _worker(address: tuple[str, int], request: bytes, deadline: float, connectio
                 sel.unregister(sock)
                 del state[sock]
                 sock.close()
-                if time.perf_counter() < deadline:
+                if more():
                     with contextlib.suppress(OSError):
                         start(_connect(address, 10))
                 continue
             sel.unregister(sock)
             del state[sock]
-            if time.perf_counter() < deadline:
+            if more():
                 start(sock)
             else:
                 sock.close()
@@ -168,17 +175,21 @@ def _own_peak_rss_mb() -> float:
 
 
 def run_requests(address: tuple[str, int], request: bytes, *, concurrency: int, seconds: float,
-                 processes: int | None = None) -> LoadResult:
-    """Closed-loop load: `concurrency` connections, each sending `request` again as soon as answered."""
+                 processes: int | None = None, total: int | None = None) -> LoadResult:
+    """Closed-loop load: `concurrency` connections, each sending `request` again as soon as answered,
+    for `seconds` (or, with `total`, until that many requests were sent; `seconds` is then a bound)."""
     processes = processes or max(1, min(concurrency, os.cpu_count() or 1))
     per_worker = [concurrency // processes + (1 if i < concurrency % processes else 0)
                   for i in range(processes)]
+    limits: list[int | None] = [None] * processes
+    if total is not None:
+        limits = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
     ctx = mp.get_context("fork")
     queue: mp.Queue = ctx.Queue()
     started = time.perf_counter()
     deadline = started + seconds
-    workers = [ctx.Process(target=_worker, args=(address, request, deadline, n, queue))
-               for n in per_worker if n]
+    workers = [ctx.Process(target=_worker, args=(address, request, deadline, n, queue, limit))
+               for n, limit in zip(per_worker, limits, strict=True) if n]
     for worker in workers:
         worker.start()
     result = LoadResult()
@@ -351,3 +362,29 @@ def _wrk_duration(text: str) -> float:
             return float(text[: -len(suffix)]) * scale
     return float(text)
 
+
+
+def idle_connections(address: tuple[str, int], host: str, path: str, count: int, *,
+                     batch: int = 32) -> list[socket.socket]:
+    """`count` keep-alive connections, each left open after one answered GET (what an idle eyeball
+    costs the server). Opened `batch` at a time, so the tunnel is never asked for more streams at once
+    than a small-GET workload asks. The caller closes them."""
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < count:
+            opened = []
+            for _ in range(min(batch, count - len(socks))):
+                sock = _connect(address, 30)
+                sock.settimeout(30)
+                socks.append(sock)
+                opened.append(sock)
+                sock.sendall(get_request(host, path))
+            for sock in opened:
+                status, _, _ = _read_response(sock, bytearray())
+                if status != 200:
+                    raise HTTPClientError(f"idle connection {len(socks)}: status {status}")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks

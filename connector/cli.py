@@ -14,13 +14,15 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tunnel_lab.connector import ingress
+from tunnel_lab.connector.admin import ADMIN_COMMANDS
+from tunnel_lab.connector.cfapi import QuickTunnel
 from tunnel_lab.connector.config import ConfigFile, find_default_config, load_config, search_path_text
 from tunnel_lab.connector.flags import (
     BY_NAME,
@@ -35,12 +37,18 @@ from tunnel_lab.connector.flags import (
     parse_value,
     value_text,
 )
+from tunnel_lab.connector.logging_setup import format_value as q
 from tunnel_lab.connector.logging_setup import setup_logging
 from tunnel_lab.connector.protocol import choose_protocol
 from tunnel_lab.connector.settings import VERSION, OriginRequestConfig, TunnelSettings, WarpRoutingConfig
+from tunnel_lab.wire import credentials as wc
 from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 
+if TYPE_CHECKING:
+    from tunnel_lab.connector.edge_discovery import Discovery
+
 log = logging.getLogger(__name__)
+Discover = Callable[[str], "Discovery"]  # --edge-ip-version -> what DNS said
 
 PROG = "tunnel-lab connector"
 MAX_GRACE_PERIOD = 180.0
@@ -200,19 +208,22 @@ def config_flags(res: Resolved) -> dict[str, str]:
     return out
 
 
-def _edge_addrs(res: Resolved) -> tuple[str, ...]:
+def _edge_addrs(res: Resolved, discover: Discover | None) -> tuple[tuple[str, ...], dict[str, int] | None]:
+    """`--edge`, else the edge found through DNS (`discover`); and the protocol TXT record when read."""
     addrs = [a for a in (res.get("edge") or []) if a]
     if not addrs:
-        raise ConfigError("no edge address: tunnel-lab's connector does not discover Cloudflare's edge "
-                          "through DNS", source="--edge",
-                          hint="pass --edge HOST:PORT (the lab edge's tunnel listeners, see its ready file), "
-                               "twice for two addresses, or set TUNNEL_EDGE")
+        if discover is None:
+            raise ConfigError("no edge address: --edge is needed here", source="--edge",
+                              hint="pass --edge HOST:PORT (the lab edge's tunnel listeners, see its ready "
+                                   "file), twice for two addresses, or set TUNNEL_EDGE")
+        found = discover(str(res.get("edge-ip-version") or "auto"))
+        return found.addresses, found.protocol_percentages
     for addr in addrs:
         m = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})", addr)
         if m is None or not 0 < int(m.group(2)) < 65536:
             raise ConfigError(f"invalid edge address {addr!r}", source="--edge",
                               hint="write HOST:PORT, e.g. 127.0.0.1:7844 or [::1]:7844")
-    return tuple(addrs)
+    return tuple(addrs), None
 
 
 def _tags(res: Resolved) -> tuple[tuple[str, str], ...]:
@@ -240,8 +251,6 @@ def _protocol(res: Resolved, notes: list[str]) -> str:
 
 
 def _credentials(res: Resolved, args: Sequence[str]) -> Any:
-    from tunnel_lab.wire import credentials as wc  # the wire core's parser (credentials file and token)
-
     if len(args) > 1:
         late = next((a for a in args[1:] if a.startswith("-")), None)
         hint = f" (flags such as {late} must come before the tunnel argument)" if late else ""
@@ -275,6 +284,8 @@ def _credentials(res: Resolved, args: Sequence[str]) -> Any:
         tunnel_id = uuid.UUID(ref)
     except ValueError:
         tunnel_id = None
+    if tunnel_id is None and not res.get("credentials-contents") and not res.get("credentials-file"):
+        tunnel_id = _find_id_by_name(ref, res)
     if res.get("credentials-contents"):
         creds = wc.parse_credentials_file(res.get("credentials-contents"), "--credentials-contents")
     else:
@@ -293,6 +304,20 @@ def _credentials(res: Resolved, args: Sequence[str]) -> Any:
     if tunnel_id is not None and tunnel_id != creds.tunnel_id:
         creds = dataclasses.replace(creds, tunnel_id=tunnel_id)
     return creds
+
+
+def _find_id_by_name(name: str, res: Resolved) -> uuid.UUID:
+    """cloudflared's findID for a name: the API (origin certificate's token), non-deleted tunnels."""
+    from tunnel_lab.connector import admin
+
+    tunnel = {n: res.get(n) for n in ("origincert", "api-url") if res.is_set(n)}
+    ctx = admin.Context(inv=admin.Invocation(name="run", flags={}, args=[], tunnel=tunnel))
+    try:
+        return ctx.find_id(name)
+    except TunnelLabError as exc:
+        raise ConfigError(f"error parsing tunnel ID: {exc}",
+                          hint="run `tunnel login` first, or pass the tunnel's UUID or --credentials-file"
+                          ) from None
 
 
 def _find_credentials_file(tunnel_id: uuid.UUID | None, res: Resolved) -> str:
@@ -346,8 +371,13 @@ def _parse_rules(res: Resolved, warnings: list[str]) -> tuple[tuple[Any, ...], W
     return rules, warp
 
 
-def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> TunnelSettings:
-    """Everything `run_tunnel` needs, from the resolved flags (raises ConfigError / UsageError)."""
+def build_settings(res: Resolved, args: Sequence[str], notes: list[str], *,
+                   discover: Discover | None = None, quick: QuickTunnel | None = None) -> TunnelSettings:
+    """Everything `run_tunnel` needs, from the resolved flags (raises ConfigError / UsageError).
+
+    Without `--edge`, `discover` finds the edge (connector.edge_discovery; None: an error). `quick` is a
+    quick tunnel the service just created: its credentials, one HA connection, QUIC unless `--protocol`.
+    """
     for flag in FLAGS:
         if not res.is_set(flag.name):
             continue
@@ -357,10 +387,16 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
         if flag.support == "warn" and not (flag.kind == "bool" and bool(value) == bool(flag.default)):
             notes.append(f"--{flag.name} {flag.note or _NO_EFFECT}")
     protocol_flag = _protocol(res, notes)
-    creds = _credentials(res, args)
-    choice = choose_protocol(protocol_flag, token_given=bool(res.get("token") or res.is_set("token-file")))
-    edge_addrs = _edge_addrs(res)
-    ha = int(res.get("ha-connections"))
+    if quick is not None:
+        creds = wc.Credentials(account_tag=quick.account_tag, tunnel_secret=quick.secret, tunnel_id=quick.id)
+        if not res.is_set("protocol"):
+            protocol_flag = "quic"
+    else:
+        creds = _credentials(res, args)
+    edge_addrs, percentages = _edge_addrs(res, discover)
+    choice = choose_protocol(protocol_flag, token_given=bool(res.get("token") or res.is_set("token-file")),
+                             percentages=percentages, account_tag=creds.account_tag)
+    ha = 1 if quick is not None else int(res.get("ha-connections"))
     if ha < 1:
         raise ConfigError(f"--ha-connections must be at least 1, got {ha}", source="--ha-connections")
     if ha > len(edge_addrs):
@@ -402,6 +438,10 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str]) -> Tunn
         stdin_control=bool(res.get("stdin-control")),
         protocol=choice.initial,
         protocol_can_fall_back=choice.can_fall_back,
+        quick_tunnel_url=quick.hostname if quick is not None else "",
+        management_hostname=str(res.get("management-hostname") or "management.argotunnel.com"),
+        management_diagnostics=bool(res.get("management-diagnostics")),
+        label=str(res.get("label") or ""),
     )
 
 
@@ -421,8 +461,7 @@ class Command:
     sub_flags: dict[str, Any] = field(default_factory=dict)
 
 
-TUNNEL_SUBCOMMANDS_ELSEWHERE = ("create", "list", "route", "delete", "login", "token", "info", "cleanup",
-                                "vnet", "diag")
+TUNNEL_SUBCOMMANDS_ELSEWHERE = ("diag",)  # cloudflared commands this connector does not have
 
 
 def parse_command(argv: Sequence[str]) -> Command:
@@ -458,9 +497,11 @@ def _parse_command(argv: Sequence[str]) -> Command:
         return Command(path=("help",), tunnel=root)
     if cmd == "access":
         return Command(path=("access",), tunnel=root, args=rest)
+    if cmd == "tail":
+        return Command(path=("tail",), tunnel=root, args=rest)
     if cmd != "tunnel":
-        raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel` (run, ingress) and "
-                         "`access tcp`", help_for="root")
+        raise UsageError(f"unknown command {cmd!r}: this connector implements `tunnel`, `tail` and "
+                         "`access ...`", help_for="root")
     tun = parse_level(rest, "T")
     tun.values = {**root.values, **tun.values}
     if tun.help and not tun.args:
@@ -505,9 +546,10 @@ def _parse_command(argv: Sequence[str]) -> Command:
             args.append(a)
             i += 1
         return Command(path=("tunnel", "ingress", action), tunnel=tun, args=args, sub_flags=sub_flags)
+    if sub in ADMIN_COMMANDS:
+        return Command(path=("tunnel", "admin"), tunnel=tun, args=[sub, *rest])
     if sub in TUNNEL_SUBCOMMANDS_ELSEWHERE:
-        raise UsageError(f"`tunnel {sub}` is not part of the connector: use `tunnel-lab tunnel {sub} ...` "
-                         "(the lab's admin commands) instead", help_for="tunnel")
+        raise UsageError(f"`tunnel {sub}` is not implemented by tunnel-lab's connector", help_for="tunnel")
     raise UsageError(f"unknown tunnel command {sub!r}: use `tunnel [flags] run [flags] [TUNNEL]`",
                      help_for="tunnel")
 
@@ -561,11 +603,22 @@ def help_text(which: str) -> str:
             "(here: to the lab's edge)", "",
             "USAGE:", f"   {PROG} tunnel [tunnel command options] run [subcommand options] [TUNNEL]", "",
             "COMMANDS:",
+            "   login    Generate a configuration file with your login details",
+            "   create   Create a new tunnel with given name",
+            "   route    Define which traffic routed from Cloudflare edge to this tunnel (dns, ip)",
+            "   vnet     Configure and query virtual networks",
+            "   list     List existing tunnels",
+            "   info     List details about the active connectors for a tunnel",
+            "   delete   Delete existing tunnel by UUID or name",
+            "   cleanup  Cleanup tunnel connections",
+            "   token    Fetch the credentials token for an existing tunnel",
             "   run      Proxy a local web server by running the given tunnel",
             "   ingress  Validate and test the tunnel's ingress configuration", "",
             "DESCRIPTION:",
-            "   tunnel-lab's connector speaks cloudflared's http2 tunnel protocol. Create and route tunnels",
-            "   with `tunnel-lab tunnel create NAME` and `tunnel-lab tunnel route dns NAME HOST`, then:", "",
+            "   tunnel-lab's connector speaks cloudflared's tunnel protocols. In `tunnel-lab sandbox`",
+            "   the admin commands talk to the lab's API as cloudflared's do. Outside it, create and",
+            "   route tunnels with `tunnel-lab tunnel create NAME` and `tunnel-lab tunnel route dns NAME",
+            "   HOST`, then:", "",
             f"      $ {PROG} tunnel --edge 127.0.0.1:7844 --edge 127.0.0.2:7844 --cacert ca.pem \\",
             "          run --credentials-file UUID.json --url http://127.0.0.1:8080 UUID", "",
             "   Flags may also be set with their environment variables or in a YAML --config file.", "",
@@ -576,8 +629,9 @@ def help_text(which: str) -> str:
         "USAGE:", f"   {PROG} [global options] command [command options] [arguments...]", "",
         "VERSION:", f"   {VERSION}", "",
         "COMMANDS:",
-        "   tunnel   Run a tunnel (`tunnel run`) and check its ingress rules (`tunnel ingress`)",
-        "   access   access tcp: a local listener whose connections travel through the tunnel",
+        "   tunnel   Run a tunnel (`tunnel run`), manage tunnels (`tunnel login|create|...`), check ingress",
+        "   tail     Stream logs from a remote cloudflared (or tunnel-lab connector)",
+        "   access   access login|token|curl|tcp|ssh: Access tokens; TCP/SSH through the tunnel",
         "   version  Print the version", "",
         "GLOBAL OPTIONS:",
         "   --help, -h     show help",
@@ -608,6 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if path == ("access",):
         from tunnel_lab.connector import access
         return access.main(command.args)
+    if path == ("tail",):
+        from tunnel_lab.connector import tail
+        return tail.main(command.args, prog=PROG)
     try:
         if path == ("tunnel",):
             return _tunnel_without_subcommand(command)
@@ -615,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ingress_command(command)
         if path == ("tunnel", "ready"):
             return _ready_command(command)
+        if path == ("tunnel", "admin"):
+            return _admin_command(command)
         return _run_command(command)
     except UsageError as exc:
         print(f"{exc.message}\nSee '{PROG} tunnel {'run ' if exc.help_for == 'run' else ''}--help'.",
@@ -630,12 +689,92 @@ def _tunnel_without_subcommand(command: Command) -> int:
     cfg = load_config_for(command.tunnel.values, notes)
     if cfg is not None and cfg.data.get("tunnel"):
         raise UsageError(f"Use `{PROG} tunnel run` to start tunnel {cfg.data['tunnel']}", help_for="tunnel")
-    if "url" in command.tunnel.values or "hello-world" in command.tunnel.values:
-        raise UsageError("quick tunnels (`tunnel --url` without `run`) need Cloudflare's API and are not "
-                         f"available in the lab: create a tunnel, then `{PROG} tunnel ... run ... UUID`",
-                         help_for="tunnel")
+    res = resolve({}, command.tunnel.values, os.environ, cfg)
+    if (res.is_set("url") or res.is_set("hello-world")) and (res.get("quick-service") or QUICK_SERVICE):
+        return _quick_tunnel(command, res)
     raise UsageError("You did not specify any valid additional argument to the tunnel command. "
                      f"Use `{PROG} tunnel [flags] run [flags] TUNNEL`.", help_for="tunnel")
+
+
+QUICK_SERVICE = "https://api.trycloudflare.com"
+QUICK_DISCLAIMER = (
+    "Thank you for trying Cloudflare Tunnel. Doing so, without a Cloudflare account, is a quick way to "
+    "experiment and try it out. However, be aware that these account-less Tunnels have no uptime guarantee, "
+    "are subject to the Cloudflare Online Services Terms of Use (https://www.cloudflare.com/website-terms/), "
+    "and Cloudflare reserves the right to investigate your use of Tunnels for violations of such terms. If "
+    "you intend to use Tunnels in production you should use a pre-created named tunnel by following: "
+    "https://developers.cloudflare.com/cloudflare-one/connections/connect-apps")
+
+
+def _quick_tunnel(command: Command, res: Resolved) -> int:
+    """`tunnel --url URL` without `run`: ask the quick-tunnel service for a tunnel, then run it."""
+    from tunnel_lab.connector import admin, cfapi
+
+    for note in setup_logging(str(res.get("loglevel")), output=str(res.get("output"))):
+        log.error("%s", note)
+    log.info("%s", QUICK_DISCLAIMER)
+    log.info("Requesting new quick Tunnel on trycloudflare.com...")
+    req = cfapi.quick_tunnel_request(str(res.get("quick-service") or QUICK_SERVICE))
+    try:
+        resp = admin.https_transport(req, {"Content-Type": cfapi.JSON_TYPE, "User-Agent": admin.USER_AGENT},
+                                     admin.API_TIMEOUT)
+    except cfapi.ApiError as exc:
+        print(f"failed to request quick Tunnel: {exc}", file=sys.stderr)
+        return 1
+    try:
+        quick = cfapi.decode_quick_tunnel(resp.body)
+    except cfapi.ApiError as exc:
+        log.error("Error unmarshaling QuickTunnel response: %s status_code=%s",
+                  resp.body.decode("utf-8", "replace"), q(f"{resp.status}"))
+        print(str(exc), file=sys.stderr)
+        return 1
+    url = quick.hostname if quick.hostname.startswith("https://") else "https://" + quick.hostname
+    for line in ascii_box(["Your quick Tunnel has been created! Visit it at (it may take some time to be "
+                           "reachable):", url]):
+        log.info("%s", line)
+    run = ParsedLevel(values={}, args=[])
+    return _run_command(Command(path=("tunnel", "run"), tunnel=command.tunnel, run=run), quick=quick)
+
+
+def ascii_box(lines: Sequence[str], padding: int = 2) -> list[str]:
+    """cloudflared's LogTable: the lines in a `+---+` box."""
+    width = max(len(line) for line in lines)
+    border = "+" + "-" * (width + 2 * padding) + "+"
+    spacer = " " * padding
+    return [border, *("|" + spacer + line.ljust(width) + spacer + "|" for line in lines), border]
+
+
+def _admin_command(command: Command) -> int:
+    """`tunnel login|create|list|info|delete|cleanup|token|route ...` (connector.admin)."""
+    from tunnel_lab.connector import admin
+
+    notes: list[str] = []
+    res = resolve({}, command.tunnel.values, os.environ, load_config_for(command.tunnel.values, notes))
+    for note in setup_logging(str(res.get("loglevel")), output=str(res.get("output"))):
+        log.error("%s", note)
+    tunnel_values = {name: res.get(name) for name in ("origincert", "api-url", "credentials-file")
+                     if res.is_set(name)}
+    try:
+        inv = admin.parse_invocation(command.args, tunnel_values)
+    except admin.NoHelpTopic as exc:
+        print(str(exc), file=sys.stderr)
+        return admin.NoHelpTopic.exit_code
+    except admin.CommandUsageError as exc:
+        print(admin.usage_error_text(str(exc), PROG, " ".join(command.args[:2]) if command.args[0] == "route"
+                                     else command.args[0]), file=sys.stderr)
+        return admin.USAGE_EXIT
+    except UsageError as exc:
+        # urfave/cli for a subcommand's unknown flag: the error and the help on stdout, and exit code 0
+        print(f"Incorrect Usage: {exc.message}\n")
+        print(admin.help_text(command.args, PROG))
+        return 0
+    except admin.CommandError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if inv is None:
+        print(admin.help_text(command.args, PROG))
+        return 0
+    return admin.run(inv, prog=PROG)
 
 
 def _ready_command(command: Command) -> int:
@@ -745,7 +884,7 @@ def prepare_run(command: Command, env: Mapping[str, str]) -> tuple[TunnelSetting
     return settings, res, notes
 
 
-def _run_command(command: Command) -> int:
+def _run_command(command: Command, quick: QuickTunnel | None = None) -> int:
     res, notes = resolve_run(command, os.environ)
     # Logging first, so that every later message has cloudflared's format.
     logfile = res.get("logfile")
@@ -753,7 +892,9 @@ def _run_command(command: Command) -> int:
         logfile = str(Path(res.get("log-directory")) / "cloudflared.log")
     for note in setup_logging(str(res.get("loglevel")), output=str(res.get("output")), logfile=logfile):
         log.error("%s", note)
-    settings = build_settings(res, command.args, notes)
+    from tunnel_lab.connector.edge_discovery import discover_from_system
+
+    settings = build_settings(res, command.args, notes, discover=discover_from_system, quick=quick)
     # "Starting tunnel" and the no-ingress-rules warning are the runtime's lines (connector.runtime).
     for note in notes:
         if note == ingress.NO_RULES_WARNING:

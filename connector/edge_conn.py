@@ -30,29 +30,19 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from tunnel_lab.connector.edge_dial import dial_edge, split_host_port
-from tunnel_lab.connector.edge_errors import (
-    ConnectionLostError,
-    ControlStreamError,
-    DuplicateConnectionError,
-    EdgeConnectionError,
-    RegistrationRefusedError,
-    ServerRefusedError,
-    StreamGone,
-    UnauthorizedError,
-)
+from tunnel_lab.connector.edge_dial import dial_edge
+from tunnel_lab.connector.edge_errors import ConnectionLostError, EdgeConnectionError, StreamGone
+from tunnel_lab.connector.ha_connection import HAConnection
 from tunnel_lab.connector.logging_setup import format_value as q
+from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.tunnel_stream import CREDIT_BATCH, WINDOW, IncomingStream
 from tunnel_lab.transport.h2 import StreamProtocolError, TunnelH2Connection
 from tunnel_lab.transport.tls import TLSStream
-from tunnel_lab.transport.trace import ConnTrace
 from tunnel_lab.transport.writer import H2Writer
-from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.headers import StreamType, classify_stream, first_value
-from tunnel_lab.wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 Dial = Callable[[], Awaitable[trio.abc.Stream]]
 log = logging.getLogger(__name__)
@@ -84,18 +74,20 @@ def _server_settings() -> dict[h2.settings.SettingCodes | int, int]:
     }
 
 
-class EdgeConnection:
+class EdgeConnection(HAConnection):
     """One HA connection (connIndex) over one dialled address, from dial to close."""
+
+    protocol = "http2"
 
     def __init__(self, settings: TunnelSettings, proxy: StreamHandler, *, conn_index: int, address: str,
                  ssl_context: ssl.SSLContext | None = None, dial: Dial | None = None,
                  num_previous_attempts: int = 0,
                  on_registered: Callable[[EdgeConnection], None] | None = None,
                  on_unregistered: Callable[[EdgeConnection], None] | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, conn_index=conn_index, address=address,
+                         num_previous_attempts=num_previous_attempts, on_registered=on_registered,
+                         on_unregistered=on_unregistered)
         self.proxy = proxy
-        self.conn_index = conn_index
-        self.address = address
         # The seam tests use to hand the connection a transport (tests/component/tunnel_pair.py).
         if dial is None:
             if ssl_context is None:
@@ -104,12 +96,12 @@ class EdgeConnection:
                                                  bind_address=settings.edge_bind_address)
         else:
             self._dial = dial
-        self.num_previous_attempts = num_previous_attempts
-        self._on_registered = on_registered
-        self._on_unregistered = on_unregistered
         # Header checks are ours (Go's rules, a 400 or a stream reset): h2's would kill the connection.
+        # The response fields are built by wire.origin to RFC 9113's rules, so h2 does not re-check
+        # them either (a few per cent of the CPU of a small request).
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=False, normalize_inbound_headers=False)
+                                           validate_inbound_headers=False, normalize_inbound_headers=False,
+                                           validate_outbound_headers=False)
         # A malformed stream costs only that stream; a GOAWAY leaves the open streams (and the control
         # stream) running, as Go's server does.
         self.h2 = TunnelH2Connection(config, local_settings=_server_settings(),
@@ -117,12 +109,6 @@ class EdgeConnection:
         self.stream: trio.abc.Stream | None = None
         self.writer: H2Writer | None = None
         self.streams: dict[int, IncomingStream] = {}
-        self.details: reg.ConnectionDetails | None = None
-        self.registered = False
-        self.dead = False
-        self.edge_ip = split_host_port(address)[0]
-        self._failure: EdgeConnectionError | None = None
-        self._nursery: trio.Nursery | None = None
         self._conn_credit = 0
         self._window_event = trio.Event()
         self._settings_seen = trio.Event()
@@ -131,17 +117,6 @@ class EdgeConnection:
         self._streams_idle = trio.Event()
         self._streams_idle.set()
         self._control: IncomingStream | None = None
-        self._rpc = RpcClient()
-        self._rpc_results: dict[int, object] = {}
-        self._rpc_event = trio.Event()
-        self._rpc_closed: str | None = None
-        self._register_qid: int | None = None
-        self._registration_failure: EdgeConnectionError | None = None
-        self.trace: ConnTrace | None = None  # the protocol trace of this connection (docs/trace.md)
-
-    @property
-    def label(self) -> str:
-        return f"tunnel={self.settings.credentials.tunnel_id} connIndex={self.conn_index}"
 
     # -- plumbing used by streams
     def open_window(self, n: int, stream_id: int | None = None) -> None:
@@ -230,12 +205,8 @@ class EdgeConnection:
                     self._fail(ConnectionLostError(f"connection with edge closed: {exc}"))
                 nursery.cancel_scope.cancel()
         finally:
-            self.dead = True
+            self._gone()
             self._wake_window()
-            if self.registered:
-                self.registered = False
-                if self._on_unregistered:
-                    self._on_unregistered(self)
             with trio.CancelScope(shield=True):
                 pending = writer.take_remaining()
                 if pending:  # what streams queued last (their writes do not wait) still goes out
@@ -248,20 +219,8 @@ class EdgeConnection:
         if self._failure is not None:
             raise self._failure
 
-    def drop(self, exc: EdgeConnectionError) -> bool:
-        """End this connection from outside (`run` raises `exc`); False if not serving yet or dead."""
-        if self.dead or self._nursery is None:
-            return False
-        self._fail(exc)
-        return True
-
-    def _fail(self, exc: EdgeConnectionError) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self.dead = True
+    def _closing(self) -> None:
         self._closed_event.set()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     async def _write(self) -> None:
         assert self.writer is not None
@@ -401,7 +360,7 @@ class EdgeConnection:
     def active_streams(self) -> int:
         return sum(1 for s in self.streams.values() if s is not self._control)
 
-    # -- control stream and registration
+    # -- control stream and registration (connector/registration.py)
     async def _main(self, shutdown: trio.Event) -> None:
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(WINDOW - 65535)
@@ -414,229 +373,61 @@ class EdgeConnection:
         ctrl = self._control
         if ctrl is None:
             return  # shut down before the edge opened a control stream
+        assert self.stream is not None
         await ctrl.send_headers([(b":status", b"200"), (b"content-type", b"application/octet-stream")])
-        self._nursery_start(self._rpc_reader, ctrl)
-        await self._register()
-        if not shutdown.is_set():
-            await first_of(shutdown.wait, self._rpc_closed_wait)
-            if not shutdown.is_set():
-                raise ConnectionLostError(f"control stream ended: {self._rpc_closed}")
-        await self._graceful_shutdown(ctrl)
-
-    def _nursery_start(self, fn: Callable[[IncomingStream], Awaitable[None]], arg: IncomingStream) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, arg)
-
-    async def _rpc_closed_wait(self) -> None:
-        while self._rpc_closed is None:
-            await self._rpc_event.wait()
-
-    async def _rpc_reader(self, ctrl: IncomingStream) -> None:
-        while True:
-            try:
-                data = await ctrl.receive_some()
-            except StreamGone:
-                data = b""
-            if not data:
-                self._rpc_closed = "reset by the edge" if ctrl.reset_received else "EOF"
-                self._notify_rpc()
-                return
-            try:
-                events = self._rpc.receive_data(data)
-            except TunnelLabError as exc:
-                log.warning("Malformed RPC message from the edge error=%s connIndex=%d event=0 ip=%s",
-                            q(str(exc)), self.conn_index, self.edge_ip)
-                self._rpc_closed = f"malformed RPC: {exc}"
-                self._notify_rpc()
-                return
-            for ev in events:
-                if isinstance(ev, RegistrationAnswered | CallReturned | CallFailed):
-                    self._rpc_results[ev.question_id] = ev
-                elif isinstance(ev, RpcAborted):
-                    self._rpc_closed = f"rpc aborted by the edge: {ev.reason}"
-            self._notify_rpc()
-            await self._send_rpc(ctrl)
-
-    def _notify_rpc(self) -> None:
-        self._rpc_event.set()
-        self._rpc_event = trio.Event()
-
-    async def _send_rpc(self, ctrl: IncomingStream) -> None:
-        data = self._rpc.data_to_send()
-        if data and not ctrl.local_ended:
-            with contextlib.suppress(StreamGone):
-                await ctrl.send_data(data)
-                await self.flush()  # RPC messages are on the wire before we wait for their answers
-
-    async def _await_answer(self, question_id: int) -> object:
-        while question_id not in self._rpc_results:
-            if self._rpc_closed is not None:
-                raise ControlStreamError(f"control stream ended before the answer: {self._rpc_closed}")
-            await self._rpc_event.wait()
-        return self._rpc_results.pop(question_id)
-
-    async def _register(self) -> None:
-        ctrl = self._control
-        assert ctrl is not None and self.stream is not None
         sock = _socket_of(self.stream)
-        local_ip = sock.getsockname()[0] if sock is not None else "127.0.0.1"  # a test's memory stream
-        creds = self.settings.credentials
-        params = reg.RegisterConnectionParams(
-            auth=reg.TunnelAuth(creds.account_tag, creds.tunnel_secret),
-            tunnel_id=creds.tunnel_id,
-            conn_index=self.conn_index,
-            options=reg.ConnectionOptions(
-                client=reg.ClientInfo(self.settings.connector_id.bytes, tuple(self.settings.features),
-                                      self.settings.version, self.settings.arch),
-                origin_local_ip=reg.origin_local_ip_bytes(local_ip),
-                num_previous_attempts=min(self.num_previous_attempts, 255),
-            ),
-        )
-        log.debug("Registering tunnel connection connIndex=%d event=0 ip=%s", self.conn_index, self.edge_ip)
-        qid = self._rpc.register_connection(params)
-        self._register_qid = qid
-        await self._send_rpc(ctrl)
-        try:
-            with trio.fail_after(self.settings.rpc_timeout):
-                answer = await self._await_answer(qid)
-        except trio.TooSlowError:
-            self._rpc.cancel(qid)  # Finish(releaseResultCaps=true), as Go does for an abandoned call
-            await self._abort_rpc(ctrl)
-            raise RegistrationRefusedError("register tunnel connection: context deadline exceeded") from None
-        error = self._registration_error(answer)
-        if error is not None:
-            self._registration_failure = error  # wins over the close the edge sends right behind it
-            await self._abort_rpc(ctrl)
-            raise error
-        assert isinstance(answer, RegistrationAnswered)
-        result = answer.result
-        assert isinstance(result, reg.ConnectionDetails)
-        self.details = result
-        self.registered = True
-        if self.trace is not None:
-            self.trace.update(conn_uuid=str(result.uuid), dc=result.location_name)
-        log.info("Registered tunnel connection connIndex=%d connection=%s event=0 ip=%s location=%s "
-                 "protocol=http2", self.conn_index, result.uuid, self.edge_ip, result.location_name)
-        if self._on_registered:
-            self._on_registered(self)
-        if self.conn_index == 0 and not result.tunnel_is_remotely_managed:
-            self._nursery_start(self._push_local_config, ctrl)
-
-    def _registration_error(self, answer: object) -> EdgeConnectionError | None:
-        """The error a registration answer means (logged), or None when it registered."""
-        if isinstance(answer, CallFailed):
-            return RegistrationRefusedError(
-                f"tunnelrpc/proto/tunnelrpc.capnp:RegistrationServer.registerConnection: rpc exception: "
-                f"{answer.reason}")
-        if not isinstance(answer, RegistrationAnswered):
-            return RegistrationRefusedError(f"unexpected answer to registerConnection: {answer!r}")
-        result = answer.result
-        if not isinstance(result, reg.RegistrationError):
-            return None
-        error: EdgeConnectionError
-        if "EDUPCONN" in result.cause:
-            error = DuplicateConnectionError("already connected to this server, trying another address")
-        elif "Unauthorized" in result.cause:
-            error = UnauthorizedError(result.cause)
-        else:
-            error = ServerRefusedError(result.cause)
-        # cloudflared's HTTP/2 handler logs the control stream's failure first, without connection fields
-        log.error("failed to serve incoming request error=%s", q(str(error)))
-        return error
+        await self._serve_control(
+            _H2Control(ctrl, self), shutdown,
+            local_ip=sock.getsockname()[0] if sock is not None else "127.0.0.1",  # a test's memory stream
+            state=self.proxy.state, active_streams=lambda: self.active_streams,
+            wait_idle=lambda: first_of(self._streams_idle.wait, self._closed_event.wait))
 
     def _lost(self) -> EdgeConnectionError:
-        """Why the connection ended when the edge closed it. An edge that refuses a registration closes the
-        connection right after its answer: if that answer is still unread, it decides how we retry."""
-        if self._registration_failure is not None:
-            return self._registration_failure
+        """Why the connection ended when the edge closed it: a registration refusal still unread on the
+        control stream decides how we retry."""
         ctrl = self._control
-        qid = self._register_qid
-        if ctrl is not None and qid is not None and not self.registered and qid not in self._rpc_results:
-            try:
-                for data, _ in ctrl._chunks:
-                    for ev in self._rpc.receive_data(data):
-                        if isinstance(ev, RegistrationAnswered | CallReturned | CallFailed):
-                            self._rpc_results[ev.question_id] = ev
-            except TunnelLabError:
-                pass
-            ctrl._chunks.clear()
-            if qid in self._rpc_results:
-                error = self._registration_error(self._rpc_results[qid])
-                if error is not None:
-                    return error
+        if self.control is not None and ctrl is not None:
+            refusal = self.control.refusal(ctrl.take_unread())
+            if refusal is not None:
+                return refusal
         return ConnectionLostError("connection with edge closed")
 
-    async def _push_local_config(self, ctrl: IncomingStream) -> None:
-        state = self.proxy.state
-        state.local_config_pushes += 1
-        error: str | None = None
-        try:
-            qid = self._rpc.update_local_configuration(self.settings.local_config_json)
-            await self._send_rpc(ctrl)
-            with trio.fail_after(self.settings.rpc_timeout):
-                answer = await self._await_answer(qid)
-            if isinstance(answer, CallFailed):
-                error = answer.reason
-        except trio.TooSlowError:
-            error = "context deadline exceeded"
-        except TunnelLabError as exc:
-            error = str(exc)
-        if error is not None:
-            state.local_config_push_errors += 1
-            log.error("unable to send local configuration error=%s connIndex=%d", q(error), self.conn_index)
-        else:
-            log.debug("Sent local configuration to the edge connIndex=%d", self.conn_index)
 
-    async def _abort_rpc(self, ctrl: IncomingStream) -> None:
-        """Abort the RPC session and end the control stream the way Go does (END_STREAM, RST NO_ERROR)."""
-        with contextlib.suppress(TunnelLabError):
-            self._rpc.abort("rpc: shutdown")
-        await self._send_rpc(ctrl)
+class _H2Control:
+    """The control stream of an http2 connection as the registration client uses it."""
+
+    def __init__(self, stream: IncomingStream, conn: EdgeConnection) -> None:
+        self.stream = stream
+        self.conn = conn
+
+    @property
+    def local_ended(self) -> bool:
+        return self.stream.local_ended
+
+    @property
+    def reset_received(self) -> bool:
+        return self.stream.reset_received
+
+    async def receive_some(self) -> bytes:
         try:
-            await ctrl.end()
-            if not ctrl.remote_ended:
-                await ctrl.reset(h2.errors.ErrorCodes.NO_ERROR)
-            await self.flush()
+            return await self.stream.receive_some()
+        except StreamGone:
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        with contextlib.suppress(StreamGone):
+            await self.stream.send_data(data)
+            await self.conn.flush()  # RPC messages are on the wire before we wait for their answers
+
+    async def close(self) -> None:
+        """END_STREAM, then RST_STREAM NO_ERROR if the edge's side is still open, as Go does."""
+        try:
+            await self.stream.end()
+            if not self.stream.remote_ended:
+                await self.stream.reset(h2.errors.ErrorCodes.NO_ERROR)
+            await self.conn.flush()
         except StreamGone:
             pass
-
-    async def _graceful_shutdown(self, ctrl: IncomingStream) -> None:
-        """Unregister, then keep serving in-flight streams until they end, the edge closes, or the grace
-        period expires."""
-        deadline = trio.current_time() + self.settings.grace_period
-        if self.registered and self._rpc_closed is None and not self._rpc.aborted:
-            qid = self._rpc.unregister_connection()
-            answer: object = None
-            # Sending is bounded too: an edge that grants no flow-control window (a wedged tunnel)
-            # must not hold the connector past its grace period.
-            with trio.move_on_at(deadline):
-                await self._send_rpc(ctrl)
-                try:
-                    answer = await self._await_answer(qid)
-                except ControlStreamError as exc:
-                    answer = exc
-            if isinstance(answer, CallReturned):
-                log.info("Unregistered tunnel connection connIndex=%d event=0 ip=%s", self.conn_index,
-                         self.edge_ip)
-            else:
-                if answer is None and not self._rpc.aborted:
-                    self._rpc.cancel(qid)  # gave up: Finish(releaseResultCaps=true), as Go does
-                reason = ("context deadline exceeded" if answer is None
-                          else getattr(answer, "reason", None) or str(answer))
-                log.error("failed to serve incoming request error=%s connIndex=%d",
-                          q(f"Error shutting down control stream: {reason}"), self.conn_index)
-        if self.registered:
-            self.registered = False
-            if self._on_unregistered:
-                self._on_unregistered(self)
-        with trio.move_on_at(deadline):
-            if self._rpc_closed is None and not ctrl.local_ended:
-                await self._abort_rpc(ctrl)
-            await first_of(self._streams_idle.wait, self._closed_event.wait)
-        n = self.active_streams
-        if n:
-            log.info("Grace period over, closing the connection with %d streams in flight connIndex=%d", n,
-                     self.conn_index)
 
 
 def _socket_of(stream: object) -> Any:
@@ -648,17 +439,3 @@ def _socket_of(stream: object) -> Any:
         stream = getattr(stream, "transport_stream", None)
     return None
 
-
-async def first_of(*waits: Callable[[], Awaitable[object]]) -> bool:
-    """Run the waits concurrently; return True once the first finishes (the others are cancelled)."""
-    done = False
-    async with trio.open_nursery() as nursery:
-        async def one(fn: Callable[[], Awaitable[object]]) -> None:
-            nonlocal done
-            await fn()
-            done = True
-            nursery.cancel_scope.cancel()
-
-        for fn in waits:
-            nursery.start_soon(one, fn)
-    return done

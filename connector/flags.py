@@ -11,7 +11,7 @@ Pure data plus a Go-`flag`-style parser. Levels (docs/protocol.md §10.3): `T` =
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,8 @@ FLAGS: tuple[Flag, ...] = (
        support="noop", show=False),
     _f("quic-stream-level-flow-control-limit", "int", "T", "TUNNEL_QUIC_STREAM_LEVEL_FLOW_CONTROL_LIMIT",
        support="noop", show=False),
-    _f("label", "str", "T", support="warn", usage="A meaningful label for this connector (ignored here)."),
+    _f("label", "str", "T", usage="A meaningful label for this connector (the management service's "
+       "host_details)."),
     _f("grace-period", "dur", "T", "TUNNEL_GRACE_PERIOD", default=30.0,
        usage="When the connector receives SIGINT/SIGTERM it will stop accepting new requests, wait for "
              "in-progress requests to terminate, then shutdown. Waiting for in-progress requests will "
@@ -163,9 +164,8 @@ FLAGS: tuple[Flag, ...] = (
        note="(strict post-quantum key agreement) is not available in Python's TLS; the connector uses "
             "its normal TLS groups",
        usage="When given creates an experimental post-quantum secure tunnel"),
-    _f("management-diagnostics", "bool", "T", "TUNNEL_MANAGEMENT_DIAGNOSTICS", default=True, support="warn",
-       note="has no effect: this connector does not serve management requests",
-       usage="Enables the in-depth diagnostic routes over the management service (ignored here)"),
+    _f("management-diagnostics", "bool", "T", "TUNNEL_MANAGEMENT_DIAGNOSTICS", default=True,
+       usage="Enables the in-depth diagnostic routes over the management service (/metrics)"),
     _f("protocol", "str", "TR", "TUNNEL_TRANSPORT_PROTOCOL", aliases=("p",), default="auto",
        usage="Protocol implementation to connect with the edge: auto (quic with a token, falling back to "
              "http2; http2 with a credentials file, as offline), quic, http2 (h2mux means http2)."),
@@ -326,13 +326,14 @@ class ParsedLevel:
 
 
 def parse_level(argv: Sequence[str], level: str, *, stop_at_positional: bool = True,
-                allow_version: bool = False) -> ParsedLevel:
+                allow_version: bool = False, defined: Mapping[str, Flag] | None = None) -> ParsedLevel:
     """Parse flags like Go's `flag` package until the first positional argument.
 
     `-x`, `--x`, `--x=v`, `--x v`; bools take no separate value. Unknown flags raise `UsageError` with
     cloudflared's wording (`flag provided but not defined: -x`).
     """
-    defined = flags_for(level)
+    if defined is None:
+        defined = flags_for(level)
     values: dict[str, Any] = {}
     out = ParsedLevel(values=values, args=[])
     i = 0

@@ -436,6 +436,13 @@ def match_rule(rules: Sequence[IngressRule], host: str, path: str) -> IngressRul
     return rules[-1]
 
 
+def match_internal_rule(rules: Sequence[IngressRule], host: str, path: str) -> IngressRule | None:
+    """The first internal rule (the management service's) matching; None lets the user's rules decide."""
+    bare = strip_port(host)
+    path = unquote(path)
+    return next((rule for rule in rules if rule_matches(rule, bare, path)), None)
+
+
 # --- remote configuration (update-configuration streams) -------------------------------------------
 
 def remote_config_version(body: bytes) -> tuple[int, Any]:

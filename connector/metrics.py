@@ -138,7 +138,8 @@ async def _handle(stream: trio.SocketStream, state: ConnectorState) -> None:
                 await conn.respond(200, JSON, json.dumps(state.versioned_config(),
                                                          separators=(",", ":")).encode())
             elif target == "/quicktunnel":
-                await conn.respond(200, JSON, b'{"hostname":""}')
+                await conn.respond(200, JSON, json.dumps({"hostname": state.quick_tunnel_url},
+                                                         separators=(",", ":")).encode())
             else:
                 await conn.respond(404, TEXT, b"404 page not found\n")
     except (ClientGone, h11.LocalProtocolError):

@@ -3,9 +3,9 @@
 cloudflared's rules (connection/protocol.go NewProtocolSelector, supervisor/tunnel.go selectNextProtocol):
 - `--protocol http2` / `quic`: that protocol only, never a fallback (`h2mux` means http2, with a warning);
 - `--protocol auto` with a token: QUIC, falling back to http2; with a credentials file: the protocol the
-  TXT record `protocol-v2.argotunnel.com` names for the account, and http2 when it cannot be looked up
-  (always, offline: our connector makes no DNS lookups, so it starts with http2 there as cloudflared does
-  without an answer);
+  TXT record `protocol-v2.argotunnel.com` names for the account (read when the edge is discovered through
+  DNS, connector/edge_discovery.py), and http2 when it was not read (with `--edge` our connector makes no
+  DNS lookup, which is what cloudflared gets offline);
 - a connection falls back once its backoff reached `--retries`, or at once when QUIC looks broken (the
   connection went idle: UDP to the edge is dropped), unless some connection already registered over QUIC.
 docs/protocol.md §13.8; docs/connector.md, "Protocols".
@@ -13,6 +13,7 @@ docs/protocol.md §13.8; docs/connector.md, "Protocols".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 HTTP2 = "http2"
@@ -36,14 +37,33 @@ class ProtocolChoice:
     can_fall_back: bool
 
 
-def choose_protocol(flag: str, *, token_given: bool) -> ProtocolChoice:
-    """`--protocol` as cloudflared resolves it offline (`flag` already validated: auto/http2/quic/h2mux)."""
+def choose_protocol(flag: str, *, token_given: bool, percentages: Mapping[str, int] | None = None,
+                    account_tag: str = "") -> ProtocolChoice:
+    """`--protocol` as cloudflared resolves it (`flag` already validated: auto/http2/quic/h2mux).
+
+    `percentages` is the TXT record `protocol-v2.argotunnel.com` when it was read (edge discovery through
+    DNS), else None: then `auto` without a token starts with http2, as cloudflared does without an answer.
+    """
     flag = flag.lower()
     if flag == QUIC:
         return ProtocolChoice(QUIC, False)
     if flag == AUTO and token_given:
         return ProtocolChoice(QUIC, True)
+    if flag == AUTO and percentages is not None:
+        # connection/protocol.go getProtocol: the first of (quic, http2) whose percentage beats the
+        # account's threshold; none does: the first.
+        threshold = switch_threshold(account_tag)
+        chosen = next((p for p in (QUIC, HTTP2) if percentages.get(p, 0) > threshold), QUIC)
+        return ProtocolChoice(chosen, chosen == QUIC)
     return ProtocolChoice(HTTP2, False)
+
+
+def switch_threshold(account_tag: str) -> int:
+    """cloudflared's switchThreshold: FNV-1a (32 bit) of the account tag, modulo 100."""
+    h = 0x811C9DC5
+    for byte in account_tag.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % 100
 
 
 @dataclass(frozen=True)

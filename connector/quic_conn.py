@@ -29,27 +29,17 @@ import trio
 from qh3.quic.configuration import QuicConfiguration
 
 from tunnel_lab.connector import ingress
-from tunnel_lab.connector.edge_conn import (
-    ConnectionLostError,
-    ControlStreamError,
-    DuplicateConnectionError,
-    EdgeConnectionError,
-    RegistrationRefusedError,
-    ServerRefusedError,
-    StreamGone,
-    UnauthorizedError,
-    first_of,
-    split_host_port,
-)
+from tunnel_lab.connector.edge_dial import split_host_port
+from tunnel_lab.connector.edge_errors import ConnectionLostError, EdgeConnectionError, StreamGone
+from tunnel_lab.connector.ha_connection import HAConnection
 from tunnel_lab.connector.logging_setup import format_value as q
 from tunnel_lab.connector.quic_transport import QuicClosedError, QuicStream, QuicTransport
 from tunnel_lab.connector.quic_udp import UdpSessionManager
+from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.x509_text import TLS_PREFIX, go_verify_error
-from tunnel_lab.transport.qh3 import quic_keylog
-from tunnel_lab.transport.trace import ConnTrace
+from tunnel_lab.transport.qh3 import peer_certificate, quic_keylog
 from tunnel_lab.wire import quic_stream as qs
-from tunnel_lab.wire import registration as reg
 from tunnel_lab.wire import session_rpc as srpc
 from tunnel_lab.wire.errors import ConfigError, StreamConversionError, TunnelLabError
 from tunnel_lab.wire.headers import (
@@ -62,7 +52,6 @@ from tunnel_lab.wire.headers import (
     first_value,
     parse_meta,
 )
-from tunnel_lab.wire.rpc import CallFailed, CallReturned, RegistrationAnswered, RpcAborted, RpcClient
 
 if TYPE_CHECKING:
     from tunnel_lab.connector.streams import Proxy
@@ -204,6 +193,33 @@ class QuicTunnelStream:
             raise StreamGone(f"{self.label}: {exc}") from exc
 
 
+class _QuicControl:
+    """The control stream of a QUIC connection as the registration client uses it."""
+
+    def __init__(self, stream: QuicStream) -> None:
+        self.stream = stream
+
+    @property
+    def local_ended(self) -> bool:
+        return self.stream.local_ended
+
+    @property
+    def reset_received(self) -> bool:
+        return self.stream.reset_received is not None
+
+    async def receive_some(self) -> bytes:
+        return await self.stream.receive_some()
+
+    async def send(self, data: bytes) -> None:
+        with contextlib.suppress(QuicClosedError):
+            await self.stream.send_all(data)
+
+    async def close(self) -> None:
+        """FIN (a QUIC stream has no RST_STREAM NO_ERROR to add)."""
+        with contextlib.suppress(QuicClosedError):
+            await self.stream.send_eof()
+
+
 def request_fields(request: qs.ConnectRequest) -> tuple[StreamType, list[tuple[bytes, bytes]], bool]:
     """The http2-style fields (and stream kind) for a ConnectRequest, as the edge would have sent them over
     http2, and whether the request has no body. Raises QuicStreamError for a malformed request."""
@@ -228,43 +244,25 @@ def request_fields(request: qs.ConnectRequest) -> tuple[StreamType, list[tuple[b
     return StreamType.HTTP, headers, no_body
 
 
-class QuicEdgeConnection:
+class QuicEdgeConnection(HAConnection):
     """One HA connection (connIndex) over QUIC, from dial to close."""
+
+    protocol = "quic"
 
     def __init__(self, settings: TunnelSettings, proxy: Proxy, *, conn_index: int, address: str,
                  ssl_context: ssl.SSLContext | None = None, num_previous_attempts: int = 0,
                  on_registered: Callable[[QuicEdgeConnection], None] | None = None,
                  on_unregistered: Callable[[QuicEdgeConnection], None] | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, conn_index=conn_index, address=address,
+                         num_previous_attempts=num_previous_attempts, on_registered=on_registered,
+                         on_unregistered=on_unregistered)
         self.proxy = proxy
-        self.conn_index = conn_index
-        self.address = address
-        self.num_previous_attempts = num_previous_attempts
-        self._on_registered = on_registered
-        self._on_unregistered = on_unregistered
-        self.edge_ip = split_host_port(address)[0]
-        self.details: reg.ConnectionDetails | None = None
-        self.trace: ConnTrace | None = None  # the protocol trace of this connection (docs/trace.md)
-        self.registered = False
-        self.dead = False
-        self.protocol = "quic"
         self.datagram_version = 3 if DATAGRAM_V3_FEATURE in settings.features else 2
         self.transport: QuicTransport | None = None
         self.udp: UdpSessionManager | None = None
-        self._failure: EdgeConnectionError | None = None
-        self._nursery: trio.Nursery | None = None
         self._streams_idle = trio.Event()
         self._streams_idle.set()
         self._active = 0
-        self._rpc = RpcClient()
-        self._rpc_results: dict[int, object] = {}
-        self._rpc_event = trio.Event()
-        self._rpc_closed: str | None = None
-        self._control: QuicStream | None = None
-
-    @property
-    def label(self) -> str:
-        return f"tunnel={self.settings.credentials.tunnel_id} connIndex={self.conn_index}"
 
     @property
     def active_streams(self) -> int:
@@ -310,31 +308,16 @@ class QuicEdgeConnection:
                 transport.close(0, "")  # while the socket is still open
                 nursery.cancel_scope.cancel()
         finally:
-            self.dead = True
+            self._gone()
             if self.udp is not None:
                 self.udp.close_all()
-            if self.registered:
-                self.registered = False
-                if self._on_unregistered:
-                    self._on_unregistered(self)
             transport.close(0, "")
         if self._failure is not None:
             raise self._failure
 
-    def drop(self, exc: EdgeConnectionError) -> bool:
-        if self.dead or self._nursery is None:
-            return False
-        self._fail(exc)
-        return True
-
-    def _fail(self, exc: EdgeConnectionError) -> None:
-        if self._failure is None:
-            self._failure = exc
-        self.dead = True
+    def _closing(self) -> None:
         if self.transport is not None:
             self.transport.close(0, "")  # CONNECTION_CLOSE while the socket is still open
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     def _lost(self, reason: str) -> EdgeConnectionError:
         if "idle" in reason.lower() or "timeout" in reason.lower():
@@ -357,17 +340,12 @@ class QuicEdgeConnection:
             raise EdgeQuicDialError(f"failed to dial to edge with quic: {_handshake_failure(transport)}")
         if self.settings.ca_cert is None:
             pass  # qh3 verified the edge against the system roots
-        assert self._nursery is not None
+        assert self._nursery is not None and transport.local_address is not None
         self._nursery.start_soon(self._watch_transport)
-        ctrl = transport.open_stream()
-        self._control = ctrl
-        self._nursery.start_soon(self._rpc_reader, ctrl)
-        await self._register(ctrl)
-        if not shutdown.is_set():
-            await first_of(shutdown.wait, self._rpc_closed_wait)
-            if not shutdown.is_set():
-                raise ConnectionLostError(f"control stream ended: {self._rpc_closed}")
-        await self._graceful_shutdown(ctrl)
+        await self._serve_control(_QuicControl(transport.open_stream()), shutdown,
+                                  local_ip=transport.local_address[0], state=self.proxy.state,
+                                  active_streams=lambda: self._active,
+                                  wait_idle=lambda: self._streams_idle.wait())
 
     async def _watch_transport(self) -> None:
         assert self.transport is not None
@@ -376,159 +354,14 @@ class QuicEdgeConnection:
         log.debug("QUIC connection closed connIndex=%d reason=%s", self.conn_index, q(reason))
         self._fail(self._lost(reason))
 
-    # -- control stream (the same registration as over http2, docs/protocol.md §3)
-    async def _rpc_closed_wait(self) -> None:
-        while self._rpc_closed is None:
-            await self._rpc_event.wait()
-
-    def _notify_rpc(self) -> None:
-        self._rpc_event.set()
-        self._rpc_event = trio.Event()
-
-    async def _rpc_reader(self, ctrl: QuicStream) -> None:
-        while True:
-            data = await ctrl.receive_some()
-            if not data:
-                self._rpc_closed = "reset by the edge" if ctrl.reset_received is not None else "EOF"
-                self._notify_rpc()
-                return
-            try:
-                events = self._rpc.receive_data(data)
-            except TunnelLabError as exc:
-                log.warning("Malformed RPC message from the edge error=%s connIndex=%d event=0 ip=%s",
-                            q(str(exc)), self.conn_index, self.edge_ip)
-                self._rpc_closed = f"malformed RPC: {exc}"
-                self._notify_rpc()
-                return
-            for ev in events:
-                if isinstance(ev, RegistrationAnswered | CallReturned | CallFailed):
-                    self._rpc_results[ev.question_id] = ev
-                elif isinstance(ev, RpcAborted):
-                    self._rpc_closed = f"rpc aborted by the edge: {ev.reason}"
-            self._notify_rpc()
-            await self._send_rpc(ctrl)
-
-    async def _send_rpc(self, ctrl: QuicStream) -> None:
-        data = self._rpc.data_to_send()
-        if data and not ctrl.local_ended:
-            with contextlib.suppress(QuicClosedError):
-                await ctrl.send_all(data)
-
-    async def _await_answer(self, question_id: int) -> object:
-        while question_id not in self._rpc_results:
-            if self._rpc_closed is not None:
-                raise ControlStreamError(f"control stream ended before the answer: {self._rpc_closed}")
-            await self._rpc_event.wait()
-        return self._rpc_results.pop(question_id)
-
-    async def _register(self, ctrl: QuicStream) -> None:
-        assert self.transport is not None and self.transport.local_address is not None
-        creds = self.settings.credentials
-        params = reg.RegisterConnectionParams(
-            auth=reg.TunnelAuth(creds.account_tag, creds.tunnel_secret),
-            tunnel_id=creds.tunnel_id,
-            conn_index=self.conn_index,
-            options=reg.ConnectionOptions(
-                client=reg.ClientInfo(self.settings.connector_id.bytes, tuple(self.settings.features),
-                                      self.settings.version, self.settings.arch),
-                origin_local_ip=reg.origin_local_ip_bytes(self.transport.local_address[0]),
-                num_previous_attempts=min(self.num_previous_attempts, 255),
-            ),
-        )
-        log.debug("Registering tunnel connection connIndex=%d event=0 ip=%s", self.conn_index, self.edge_ip)
-        qid = self._rpc.register_connection(params)
-        await self._send_rpc(ctrl)
-        try:
-            with trio.fail_after(self.settings.rpc_timeout):
-                answer = await self._await_answer(qid)
-        except trio.TooSlowError:
-            self._rpc.cancel(qid)
-            await self._abort_rpc(ctrl)
-            raise RegistrationRefusedError("register tunnel connection: context deadline exceeded") from None
-        error = _registration_error(answer)
-        if error is not None:
-            await self._abort_rpc(ctrl)
-            raise error
-        assert isinstance(answer, RegistrationAnswered) and isinstance(answer.result, reg.ConnectionDetails)
-        self.details = answer.result
-        self.registered = True
-        if self.trace is not None:
-            self.trace.update(conn_uuid=str(answer.result.uuid), dc=answer.result.location_name)
-        log.info("Registered tunnel connection connIndex=%d connection=%s event=0 ip=%s location=%s "
-                 "protocol=quic", self.conn_index, answer.result.uuid, self.edge_ip,
-                 answer.result.location_name)
-        if self._on_registered:
-            self._on_registered(self)
-        if self.conn_index == 0 and not answer.result.tunnel_is_remotely_managed:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._push_local_config, ctrl)
-
-    async def _push_local_config(self, ctrl: QuicStream) -> None:
-        state = self.proxy.state
-        state.local_config_pushes += 1
-        error: str | None = None
-        try:
-            qid = self._rpc.update_local_configuration(self.settings.local_config_json)
-            await self._send_rpc(ctrl)
-            with trio.fail_after(self.settings.rpc_timeout):
-                answer = await self._await_answer(qid)
-            if isinstance(answer, CallFailed):
-                error = answer.reason
-        except trio.TooSlowError:
-            error = "context deadline exceeded"
-        except TunnelLabError as exc:
-            error = str(exc)
-        if error is not None:
-            state.local_config_push_errors += 1
-            log.error("unable to send local configuration error=%s connIndex=%d", q(error), self.conn_index)
-
-    async def _abort_rpc(self, ctrl: QuicStream) -> None:
-        with contextlib.suppress(TunnelLabError):
-            self._rpc.abort("rpc: shutdown")
-        await self._send_rpc(ctrl)
-        with contextlib.suppress(QuicClosedError):
-            await ctrl.send_eof()
-
-    async def _graceful_shutdown(self, ctrl: QuicStream) -> None:
-        deadline = trio.current_time() + self.settings.grace_period
-        if self.registered and self._rpc_closed is None and not self._rpc.aborted:
-            qid = self._rpc.unregister_connection()
-            answer: object = None
-            with trio.move_on_at(deadline):
-                await self._send_rpc(ctrl)
-                try:
-                    answer = await self._await_answer(qid)
-                except ControlStreamError as exc:
-                    answer = exc
-            if isinstance(answer, CallReturned):
-                log.info("Unregistered tunnel connection connIndex=%d event=0 ip=%s", self.conn_index,
-                         self.edge_ip)
-            else:
-                if answer is None and not self._rpc.aborted:
-                    self._rpc.cancel(qid)
-                reason = ("context deadline exceeded" if answer is None
-                          else getattr(answer, "reason", None) or str(answer))
-                log.error("failed to serve incoming request error=%s connIndex=%d",
-                          q(f"Error shutting down control stream: {reason}"), self.conn_index)
-        if self.registered:
-            self.registered = False
-            if self._on_unregistered:
-                self._on_unregistered(self)
-        with trio.move_on_at(deadline):
-            if self._rpc_closed is None and not ctrl.local_ended:
-                await self._abort_rpc(ctrl)
-            await self._streams_idle.wait()
-        if self._active:
-            log.info("Grace period over, closing the connection with %d streams in flight connIndex=%d",
-                     self._active, self.conn_index)
-
     # -- edge-opened streams
     def _on_stream(self, stream: QuicStream) -> None:
         if self._nursery is None or self.dead:
             stream.reset(STREAM_ERROR)
             return
         self._active += 1
-        self._streams_idle = trio.Event()
+        if self._streams_idle.is_set():  # a waiter holds the unset one: never swap that
+            self._streams_idle = trio.Event()
         self._nursery.start_soon(self._serve_stream, stream)
 
     async def _serve_stream(self, stream: QuicStream) -> None:
@@ -693,27 +526,6 @@ class QuicEdgeConnection:
             self.udp.datagram_received(data)
 
 
-def _registration_error(answer: object) -> EdgeConnectionError | None:
-    if isinstance(answer, CallFailed):
-        return RegistrationRefusedError(
-            f"tunnelrpc/proto/tunnelrpc.capnp:RegistrationServer.registerConnection: rpc exception: "
-            f"{answer.reason}")
-    if not isinstance(answer, RegistrationAnswered):
-        return RegistrationRefusedError(f"unexpected answer to registerConnection: {answer!r}")
-    result = answer.result
-    if not isinstance(result, reg.RegistrationError):
-        return None
-    error: EdgeConnectionError
-    if "EDUPCONN" in result.cause:
-        error = DuplicateConnectionError("already connected to this server, trying another address")
-    elif "Unauthorized" in result.cause:
-        error = UnauthorizedError(result.cause)
-    else:
-        error = ServerRefusedError(result.cause)
-    log.error("failed to serve incoming request error=%s", q(str(error)))
-    return error
-
-
 BAD_CERTIFICATE = 0x100 + 42  # CRYPTO_ERROR carrying TLS alert bad_certificate
 UNKNOWN_AUTHORITY = 20  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: left once validity and name are fine
 
@@ -722,7 +534,7 @@ def _handshake_failure(transport: QuicTransport) -> str:
     """quic-go's words for a failed handshake: `CRYPTO_ERROR 0x12a (local): tls: failed to verify
     certificate: x509: ...` when the edge's certificate did not verify (Go's x509 text, as over http2)."""
     code = transport.close_code
-    peer = getattr(getattr(transport.quic, "tls", None), "_peer_certificate", None)
+    peer = peer_certificate(transport.quic)
     if code == BAD_CERTIFICATE and peer is not None:
         text = go_verify_error(der=peer.public_bytes(), server_name=EDGE_QUIC_SNI,
                                now=datetime.datetime.now().astimezone(), verify_code=UNKNOWN_AUTHORITY,

@@ -194,7 +194,7 @@ class QuicTransport:
             raise QuicClosedError(f"connection with edge closed: {self.close_reason}")
 
     def unsent(self, stream_id: int) -> int:
-        stream = self.quic._streams.get(stream_id)
+        stream = stream_state(self.quic, stream_id)
         if stream is None:
             return 0
         sender = stream.sender
@@ -233,9 +233,9 @@ class QuicTransport:
         return not self._ended
 
     def _prune_ended(self) -> None:
-        streams = self.quic._streams
+        quic = self.quic
         self._ended = {sid for sid in self._ended
-                       if (state := streams.get(sid)) is not None and not state.sender.is_finished}
+                       if (state := stream_state(quic, sid)) is not None and not state.sender.is_finished}
 
     async def drain(self) -> None:
         """Until `delivered()` (callers bound it): closing earlier would lose the responses' last bytes."""

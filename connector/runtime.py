@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from tunnel_lab.connector.logging_setup import format_value as q
-from tunnel_lab.connector.settings import StatusService, TunnelSettings
+from tunnel_lab.connector.settings import HTTPService, IngressRule, StatusService, TunnelSettings
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.streams import Proxy
 from tunnel_lab.connector.supervisor import Supervisor
@@ -31,7 +31,7 @@ _SIGNAL_NAMES: dict[int, str] = {signal.SIGTERM: "terminated", signal.SIGINT: "i
 def _make_state(settings: TunnelSettings) -> ConnectorState:
     """The metrics server's view, with the local configuration installed as version -1."""
     state = ConnectorState(connector_id=settings.connector_id, tunnel_id=settings.credentials.tunnel_id,
-                           version=settings.version)
+                           version=settings.version, quick_tunnel_url=settings.quick_tunnel_url)
     try:
         local = json.loads(settings.local_config_json or b"{}")
     except ValueError:
@@ -77,6 +77,32 @@ async def _watch_signals(supervisor: Supervisor) -> None:
                 return
 
 
+async def _start_management(nursery: trio.Nursery, settings: TunnelSettings, proxy: Proxy,
+                            state: ConnectorState) -> None:
+    """cloudflared's management service behind its internal ingress rule (connector/management.py)."""
+    from tunnel_lab.connector import management
+
+    hub = management.ManagementHub()
+    config = management.ManagementConfig(connector_id=str(settings.connector_id), label=settings.label,
+                                         diagnostics=settings.management_diagnostics,
+                                         service_ip=settings.edge_addrs[0] if settings.edge_addrs else None)
+    host, port = await nursery.start(management.serve_management, hub, config, state)
+    proxy.internal_rules = (IngressRule(index=-1, hostname=settings.management_hostname, path=None,
+                                        service=HTTPService(scheme="http", host=host, port=port),
+                                        service_text="management"),)
+    management.install(hub)
+    nursery.start_soon(_uninstall_at_exit, hub)
+
+
+async def _uninstall_at_exit(hub: Any) -> None:
+    from tunnel_lab.connector import management
+
+    try:
+        await trio.sleep_forever()
+    finally:
+        management.uninstall(hub)
+
+
 async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED,
                      handle_signals: bool = True, stdin: trio.abc.ReceiveStream | None = None) -> int:
     """Run the connector until shutdown; returns the process exit code (0 graceful, 1 fatal error).
@@ -111,6 +137,7 @@ async def run_tunnel(settings: TunnelSettings, *, task_status: Any = trio.TASK_S
                     nursery.cancel_scope.cancel()
                     return 1
                 metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            await _start_management(nursery, settings, proxy, state)
             if handle_signals and threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_watch_signals, supervisor)
             if settings.stdin_control:

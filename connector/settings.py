@@ -134,6 +134,11 @@ class TunnelSettings:
     stdin_control: bool = False  # --stdin-control: `reconnect [DURATION]` lines on stdin
     protocol: str = "http2"  # the transport to start with: "http2" or "quic" (connector/protocol.py)
     protocol_can_fall_back: bool = False  # QUIC may fall back to http2 (`--protocol auto` with a token)
+    quick_tunnel_url: str = ""  # a quick tunnel's hostname (metrics /quicktunnel)
+    # The management service (connector/management.py): requests for this hostname are answered here.
+    management_hostname: str = "management.argotunnel.com"
+    management_diagnostics: bool = True  # /metrics over the management service
+    label: str = ""  # --label: /host_details says `custom:LABEL` instead of the host name
     # Timing knobs (docs/connector.md, "Knobs"): no flag sets them; tests pass smaller values here.
     backoff_base: float = 1.0  # per-connIndex retry backoff: attempt k waits up to 2^k * base
     supervisor_backoff_base: float = 10.0  # extra wait after a registered connection dropped

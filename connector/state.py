@@ -29,6 +29,7 @@ class ConnectorState:
     connector_id: uuid.UUID
     tunnel_id: uuid.UUID | None = None
     version: str = ""
+    quick_tunnel_url: str = ""
     started_at: float = field(default_factory=time.time)
     connections: dict[int, ConnectionInfo] = field(default_factory=dict)
     locations_seen: dict[tuple[int, str], int] = field(default_factory=dict)  # (connIndex, location) -> 0/1

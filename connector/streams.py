@@ -96,6 +96,8 @@ class Proxy:
                  state: ConnectorState | None = None) -> None:
         self.settings = settings
         self.rules: tuple[IngressRule, ...] = settings.ingress_rules
+        # cloudflared's internal rules (the management service), tried before the user's; index -1.
+        self.internal_rules: tuple[IngressRule, ...] = ()
         self.warp: WarpRoutingConfig = settings.warp_routing
         self.config_version = -1
         self.pool = OriginPool()
@@ -189,7 +191,8 @@ class Proxy:
             await ts.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
         path = req.path.split("?", 1)[0]
-        rule = ingress.match_rule(self.rules, req.authority, path)
+        rule = ingress.match_internal_rule(self.internal_rules, req.authority, path) or \
+            ingress.match_rule(self.rules, req.authority, path)
         service = rule.service
         log.debug("Request %s %s%s matched rule #%d service=%s %s", req.method, req.authority, req.path,
                   rule.index, rule.service_text, ts.label)

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from tunnel_lab.connector.edge_conn import EdgeConnection, first_of
+from tunnel_lab.connector.edge_conn import EdgeConnection
 from tunnel_lab.connector.edge_dial import edge_ssl_context
 from tunnel_lab.connector.edge_errors import (
     ConnectionLostError,
@@ -35,6 +35,7 @@ from tunnel_lab.connector.edge_errors import (
 )
 from tunnel_lab.connector.logging_setup import format_value as q
 from tunnel_lab.connector.protocol import HTTP2, QUIC, QUIC_BROKEN_WARNING, ProtocolChoice, after_failure
+from tunnel_lab.connector.registration import first_of
 from tunnel_lab.connector.settings import TunnelSettings
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.streams import Proxy

@@ -130,6 +130,12 @@ class IncomingStream:
                 self.conn.open_window(n, self.stream_id)
                 await self.conn.push()
 
+    def take_unread(self) -> list[bytes]:
+        """Empty the inbox and return what the handler never read (its connection is gone)."""
+        unread = [data for data, _ in self._chunks]
+        self._chunks.clear()
+        return unread
+
     def _release_window(self) -> None:
         """Forget what this stream never consumed (its connection-level credit went back on arrival)."""
         self._to_ack = 0

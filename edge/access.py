@@ -28,9 +28,10 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
-from tunnel_lab.edge import pages
+from tunnel_lab.edge import access_cli, pages
 from tunnel_lab.lab.access_store import AUTH_DOMAIN_SUFFIX, AccessStore, App
 from tunnel_lab.wire import jwt
 from tunnel_lab.wire.access_policy import Identity, decide, parse_duration
@@ -103,6 +104,7 @@ class AccessGate:
     def __init__(self, access: AccessStore) -> None:
         self.access = access
         self.codes = LoginCodes()
+        self.transfers = access_cli.Transfers()
         self._apps: tuple[float, int, list[App]] = (0.0, -1, [])
 
     def app_for(self, host: str, path: str) -> App | None:
@@ -118,6 +120,12 @@ class AccessGate:
             if app.host == host and app.covers(path):
                 return app
         return None
+
+    def app_on_host(self, host: str, aud: str) -> App | None:
+        """For `/cdn-cgi/access/...` on a host whose applications cover paths only: the one named by
+        `aud` (the CLI's `aud=`), else the host's first."""
+        on_host = [a for a in self.access.apps() if a.host == host]
+        return next((a for a in on_host if a.aud == aud), on_host[0] if on_host else None)
 
 
 @dataclass
@@ -181,18 +189,25 @@ def forward_headers(tunnel_headers: Headers, verdict: Verdict) -> Headers:
 
 async def gate(edge: Any, ex: Any, host: str, ray: str) -> Verdict:
     """Decide one eyeball request (see the module docstring)."""
+    if host == access_cli.TRANSFER_HOST:
+        return await _transfer_poll(edge, ex, ray)
     if host.endswith(AUTH_DOMAIN_SUFFIX):
         return await _team_domain(edge, ex, host, ray)
     the_gate = gate_of(edge)
     req = ex.request
     path = _path(req)
-    app = the_gate.app_for(host, path.partition("?")[0])
+    route, _, query_text = path.partition("?")
+    app = the_gate.app_for(host, route)
+    if app is None and route.startswith("/cdn-cgi/access/"):
+        app = the_gate.app_on_host(host, (urllib.parse.parse_qs(query_text).get("aud") or [""])[0])
     if app is None:
         return Verdict()
     access = the_gate.access
+    now = time.time()
+    if (_header(req, access_cli.METADATA_REQUEST) or "").strip().lower() == "true":
+        return await _metadata(ex, access, app, host, now, ray)
     if path.startswith("/cdn-cgi/access/authorized"):
         return await _authorized(ex, app, access, path, ray)
-    now = time.time()
     client_id = _header(req, b"cf-access-client-id")
     who = Identity(ip=str(req.client_ip))
     token: str | None = None
@@ -219,6 +234,12 @@ async def gate(edge: Any, ex: Any, host: str, ray: str) -> Verdict:
     if decision in ("allow", "non_identity"):
         log.info("access: %s policy=%r app=%s who=%s ray=%s", decision, which, app.id,
                  who.email or f"service-token:{who.service_token_id}", ray)
+        if route == access_cli.CLI_PATH:
+            return await _cli(ex, the_gate, app, token, who, query_text, now, ray)
+        if access_cli.TOKEN_CHECK in urllib.parse.parse_qs(query_text):
+            # The CLI asks whether its credentials pass: answered here, the origin is not bothered.
+            await _send(ex, 200, [(b"content-length", b"0")], b"")
+            return Verdict(answered=True, status=200, outcome="access-token-check")
         if token is None:  # a service token: the edge signs an assertion for it
             token = _sign(access, app, now, common_name=client_id or "", sub="")
         headers = [(ASSERTION, token.encode("ascii"))]
@@ -279,6 +300,64 @@ async def _login_redirect(ex: Any, access: AccessStore, app: App, host: str,
     return Verdict(answered=True, status=302, outcome="access-login")
 
 
+async def _metadata(ex: Any, access: AccessStore, app: App, host: str, now: float, ray: str) -> Verdict:
+    """`Cf-Access-Metadata-Request: true`: which application protects this host, signed (access_cli)."""
+    value = access_cli.metadata_token(access, app, host, now)
+    await _send(ex, 200, [(access_cli.METADATA, value.encode("ascii")), (b"content-length", b"0")], b"")
+    log.info("access: metadata for app=%s host=%r ray=%s", app.id, host, ray)
+    return Verdict(answered=True, status=200, outcome="access-metadata")
+
+
+async def _cli(ex: Any, the_gate: AccessGate, app: App, token: str | None, who: Identity, query_text: str,
+               now: float, ray: str) -> Verdict:
+    """`/cdn-cgi/access/cli?token=KEY...` for an admitted user: seal the tokens for the CLI's poll."""
+    key = access_cli.cli_transfer_key(query_text)
+    if key is None or token is None or who.email is None:
+        why = ("This page is opened by `cloudflared access login`; its link carries token=<public key>."
+               if key is None else "Only a signed-in user can hand a token to cloudflared.")
+        headers, body = pages.error_page(400, why, ray=ray)
+        await _send(ex, 400, headers, body)
+        return Verdict(answered=True, status=400, outcome="access-cli")
+    claims = jwt.decode(token).claims
+    org = access_cli.org_token(the_gate.access, who.email, str(claims.get("sub") or ""), now)
+    access_cli.deposit_for_cli(the_gate.transfers, key, token, org)
+    log.info("access: token handed to cloudflared email=%s app=%s key=%s ray=%s", who.email, app.id,
+             access_cli.short(key), ray)
+    status, (headers, body) = 200, _page("cloudflared has your token",
+                                         "You signed in; cloudflared fetches its token now. You can close "
+                                         "this window.", "")
+    await _send(ex, status, headers, body)
+    return Verdict(answered=True, status=status, outcome="access-cli")
+
+
+async def _transfer_poll(edge: Any, ex: Any, ray: str) -> Verdict:
+    """`GET login.cloudflareaccess.org/transfer/KEY`: the sealed tokens, held open until they come."""
+    key = access_cli.transfer_key_of_path(_path(ex.request).partition("?")[0])
+    if key is None or str(ex.request.method).upper() != "GET":
+        headers, body = pages.error_page(404, "No such transfer.", ray=ray)
+        await _send(ex, 404, headers, body)
+        return Verdict(answered=True, status=404, outcome="access-transfer")
+    sealed = await gate_of(edge).transfers.take(key, access_cli.HOLD_SECONDS)
+    if sealed is None:  # the CLI polls again (any status under 500 but 200)
+        await _send(ex, 404, [(b"content-length", b"0")], b"")
+        return Verdict(answered=True, status=404, outcome="access-transfer")
+    log.info("access: transfer fetched key=%s ray=%s", access_cli.short(key), ray)
+    await _send(ex, 200, [(b"content-type", b"text/plain"),
+                          (b"service-public-key", sealed.sender_key.encode()),
+                          (b"content-length", str(len(sealed.body)).encode())], sealed.body)
+    return Verdict(answered=True, status=200, outcome="access-transfer")
+
+
+def _cookie_header(value: str, token: str, *, secure: bool) -> bytes:
+    """`Set-Cookie` for CF_Authorization, expiring with the token (the CLI reads `Expires`)."""
+    exp = jwt.decode(token).claims.get("exp")
+    expires = ""
+    if isinstance(exp, int | float):
+        expires = "; Expires=" + formatdate(float(exp), usegmt=True)
+    return (f"{COOKIE}={value}; Path=/{expires}; HttpOnly; SameSite=Lax"
+            + ("; Secure" if secure else "")).encode()
+
+
 async def _authorized(ex: Any, app: App, access: AccessStore, path: str, ray: str) -> Verdict:
     """`/cdn-cgi/access/authorized?token=...&redirect_url=...` on the app: sets the cookie."""
     query = urllib.parse.parse_qs(path.partition("?")[2])
@@ -291,10 +370,9 @@ async def _authorized(ex: Any, app: App, access: AccessStore, path: str, ray: st
                                               "application.", ray=ray)
         await _send(ex, 403, headers, body)
         return Verdict(answered=True, status=403, outcome="access-denied")
-    secure = "; Secure" if ex.request.scheme == "https" else ""
-    cookie = f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax{secure}"
+    cookie = _cookie_header(token, token, secure=ex.request.scheme == "https")
     headers, body = pages.error_page(302, "Signed in.", ray=ray)
-    headers += [(b"location", target.encode()), (b"set-cookie", cookie.encode())]
+    headers += [(b"location", target.encode()), (b"set-cookie", cookie)]
     await _send(ex, 302, headers, body)
     return Verdict(answered=True, status=302, outcome="access-authorized")
 
@@ -320,7 +398,7 @@ async def _team_domain(edge: Any, ex: Any, host: str, ray: str) -> Verdict:
         await _send(ex, 200, [(b"content-type", b"application/json"),
                                   (b"content-length", str(len(body)).encode())], body)
         return Verdict(answered=True, status=200, outcome="access-team-domain")
-    if route.startswith("/cdn-cgi/access/login/") and method in ("GET", "POST"):
+    if route.startswith("/cdn-cgi/access/login/") and method in ("GET", "HEAD", "POST"):
         app_host = route[len("/cdn-cgi/access/login/"):].lower()
         query = urllib.parse.parse_qs(query_text)
         aud = (query.get("kid") or [""])[0]
@@ -331,7 +409,13 @@ async def _team_domain(edge: Any, ex: Any, host: str, ray: str) -> Verdict:
             await _send(ex, 404, headers, body)
             return Verdict(answered=True, status=404, outcome="access-team-domain")
         form = await _read_form(ex) if method == "POST" else {}
-        status, headers, body = _login_step(the_gate, app, req.scheme, route, query_text, redirect, form, ray)
+        org_cookie = _cookie(req, COOKIE)
+        org = access_cli.org_user(access, org_cookie, time.time()) if org_cookie and not form else None
+        if org is not None:  # signed in to the team already: straight back to the application
+            status, headers, body = _signed_in(access, app, req.scheme, redirect, org[0], ray)
+        else:
+            status, headers, body = _login_step(the_gate, app, req.scheme, route, query_text, redirect, form,
+                                                ray)
         await _send(ex, status, headers, body)
         return Verdict(answered=True, status=status, outcome="access-login")
     headers, body = pages.error_page(404, f"The team domain has no page {route!r}.", ray=ray)
@@ -372,18 +456,30 @@ def _login_step(the_gate: AccessGate, app: App, scheme: str, route: str, query_t
             log.info("access login: wrong or expired code for email=%s app=%s ray=%s", email, app.host, ray)
             return 403, *_page("Wrong code", "That code is wrong or expired; ask for a new one.",
                                _email_form(action))
-        token = _sign(access, app, time.time(), email=email, sub=str(uuid.uuid5(uuid.NAMESPACE_URL, email)),
-                      country="XX")
-        if not redirect.startswith("/") or redirect.startswith("//"):
-            redirect = "/"
-        query = urllib.parse.urlencode({"token": token, "redirect_url": redirect})
-        location = f"{scheme}://{app.host}/cdn-cgi/access/authorized?{query}"
-        log.info("access login: signed in email=%s app=%s ray=%s", email, app.host, ray)
-        headers, body = pages.error_page(302, "Signed in; back to the application.", ray=ray)
-        return 302, [*headers, (b"location", location.encode())], body
+        status, headers, body = _signed_in(access, app, scheme, redirect, email, ray)
+        now_s = time.time()
+        org = access_cli.org_token(access, email, _sub(email), now_s)
+        return status, [*headers, (b"set-cookie", _cookie_header(org, org, secure=scheme == "https"))], body
     return 200, *_page(f"Sign in to {app.body.get('name', app.host)}",
                        "Cloudflare Access (tunnel-lab): sign in with your email; the lab shows the one-time "
                        "code in its log.", _email_form(action))
+
+
+def _sub(email: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, email))
+
+
+def _signed_in(access: AccessStore, app: App, scheme: str, redirect: str, email: str,
+               ray: str) -> tuple[int, Headers, bytes]:
+    """A new application token for `email`: 302 to the application's `/cdn-cgi/access/authorized`."""
+    token = _sign(access, app, time.time(), email=email, sub=_sub(email), country="XX")
+    if not redirect.startswith("/") or redirect.startswith("//"):
+        redirect = "/"
+    query = urllib.parse.urlencode({"token": token, "redirect_url": redirect})
+    location = f"{scheme}://{app.host}/cdn-cgi/access/authorized?{query}"
+    log.info("access login: signed in email=%s app=%s ray=%s", email, app.host, ray)
+    headers, body = pages.error_page(302, "Signed in; back to the application.", ray=ray)
+    return 302, [*headers, (b"location", location.encode())], body
 
 
 def _email_form(action: str) -> str:

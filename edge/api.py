@@ -187,6 +187,15 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
 
     if path.startswith(("/accounts/", "/client/v4/accounts/")):
         return _access_api(edge, method, path, body)
+    if path.startswith(("/zones/", "/client/v4/zones/")):
+        from tunnel_lab.edge.waf import gate_of
+        from tunnel_lab.lab.waf_store import handle
+
+        parts = path.removeprefix("/client/v4").strip("/").split("/")
+        status, answer = handle(gate_of(edge).store, method, parts[2:], body)
+        return status, "application/json", (json.dumps(answer, indent=1) + "\n").encode()
+    if method == "GET" and path.startswith("/access/transfers/"):
+        return ok(await _access_transfer(edge, "/transfer/" + path[len("/access/transfers/"):], query))
     if method == "GET":
         if path == "/ca":
             return 200, "application/x-pem-file", control.ca_pem_path.read_bytes()
@@ -239,6 +248,25 @@ def _access_api(edge: EdgeState[TunnelConnection], method: str, path: str,
     status, answer = handle(gate_of(edge).access, parts[1], method, parts[3:], body,
                             login_codes=lambda: api_login_codes(edge))
     return status, "application/json", (json.dumps(answer, indent=1) + "\n").encode()
+
+
+async def _access_transfer(edge: EdgeState[TunnelConnection], path: str,
+                           query: dict[str, list[str]]) -> dict[str, Any]:
+    """`GET /access/transfers/KEY[?wait=S]`: `cloudflared access login`'s sealed tokens, for a transfer
+    service outside the edge (the sandbox's login.cloudflareaccess.org); `{"pending": true}` if none came
+    within S seconds (default 45, at most 55)."""
+    from tunnel_lab.edge import access_cli
+    from tunnel_lab.edge.access import gate_of
+
+    key = access_cli.transfer_key_of_path(path)
+    if key is None:
+        raise ApiError(404, "no such transfer: the key is not a URL-safe base64 public key")
+    try:
+        wait = min(max(float(query.get("wait", ["45"])[0]), 0.0), 55.0)
+    except ValueError:
+        raise ApiError(400, "wait must be a number of seconds") from None
+    answer: dict[str, Any] = await access_cli.api_transfer(gate_of(edge), key, wait)
+    return answer
 
 
 def _declared_length(request: h11.Request) -> int:
@@ -362,26 +390,16 @@ async def _udp_forward(edge: EdgeControl, body: Any) -> dict[str, str]:
 
 
 async def _push_configuration(edge: EdgeState[TunnelConnection], tunnel_id: str,
-                              body: Any) -> dict[str, Any]:
-    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: updateConfiguration on one of the
-    tunnel's QUIC connections (connIndex 0 first), as Cloudflare pushes a remotely managed configuration.
-    The lab pushes over QUIC only (docs/edge.md)."""
-    from tunnel_lab.edge.quic import QuicTunnelConnection
-    from tunnel_lab.transport.tunnel import TunnelStreamError
+                              body: Any) -> list[dict[str, Any]]:
+    """`POST /tunnels/ID/configuration {"version": N, "config": {...}}`: push to every running connector
+    of the tunnel (one connection each; over QUIC the updateConfiguration RPC, over http2 an
+    update-configuration stream), as Cloudflare pushes a remotely managed configuration. One result
+    per connector: `connection`, `connector_id`, `lastAppliedVersion`, `err`; [] with none running."""
+    from tunnel_lab.edge.remote_config import push_to_connectors
 
-    if not isinstance(body, dict) or not isinstance(body.get("version"), int) or "config" not in body:
+    if (not isinstance(body, dict) or not isinstance(body.get("version"), int)
+            or isinstance(body.get("version"), bool) or "config" not in body):
         raise ApiError(400, 'body must be {"version": N, "config": {...}}')
-    conns = [c for c in edge.registry.listed()
-             if isinstance(c, QuicTunnelConnection) and c.routable and c.registration is not None
-             and str(c.registration.tunnel_id) == tunnel_id]
-    if not conns:
-        raise ApiError(409, f"tunnel {tunnel_id} has no registered QUIC connection; the lab pushes "
-                            "configuration over QUIC only")
-    conn = min(conns, key=lambda c: c.registration.conn_index if c.registration is not None else 0)
-    try:
-        latest, error = await conn.push_configuration(body["version"],
-                                                      json.dumps(body["config"]).encode())
-    except (TunnelStreamError, trio.TooSlowError) as exc:
-        raise ApiError(502, f"updateConfiguration failed: {exc or 'no answer in time'}") from None
-    return {"connection": conn.id, "lastAppliedVersion": latest, "err": error or None}
-
+    if not -2**31 <= body["version"] < 2**31:
+        raise ApiError(400, "version must fit in a signed 32-bit integer")
+    return await push_to_connectors(edge, tunnel_id, body["version"], body["config"])

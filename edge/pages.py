@@ -14,6 +14,7 @@ TITLES = {
     502: "Bad gateway",
     503: "Service unavailable",
     524: "A timeout occurred",
+    429: "Error 1015: You are being rate limited",
     530: "Error 1033: Argo Tunnel error",
 }
 

@@ -8,16 +8,18 @@ it was handed to the eyeball (backpressure), never buffered whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import trio
 from h2.errors import ErrorCodes
 
-from tunnel_lab.edge import access, pages
+from tunnel_lab.edge import access, management, pages, waf
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.pipe import Way, pipe, receive_acked
 from tunnel_lab.transport.tunnel import (
@@ -130,6 +132,7 @@ class _Outcome:
         self.tunnel: Any = None
         self.conn: TunnelConnection | None = None
         self.recorded = False
+        self.waf: dict[str, Any] | None = None  # WAF rule hits (edge.waf), recorded when there are any
 
     def record(self) -> None:
         """Write the history entry and metrics (before the last byte goes out, so a client that
@@ -144,7 +147,8 @@ class _Outcome:
             status=self.status, tunnel_id=_uuid_text(self.tunnel.id) if self.tunnel is not None else None,
             connection=conn.id if conn is not None else None,
             location=conn.location if conn is not None else None,
-            outcome=self.outcome, duration_ms=round(duration * 1000, 3))
+            outcome=self.outcome, duration_ms=round(duration * 1000, 3),
+            **({"waf": self.waf} if self.waf else {}))
         if self.edge.trace is not None:
             self.edge.trace.event("eyeball.done", ray=self.ray, status=self.status, outcome=self.outcome,
                                   duration_ms=round(duration * 1000, 3), method=str(self.req.method),
@@ -180,9 +184,14 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         if latency:
             await trio.sleep(latency)
         result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
+        if await waf.check(edge, ex, host, result):  # WAF custom rules and rate limits, before Access
+            return
         verdict = await access.gate(edge, ex, host, result.ray)  # Access: the team domain, policies
         if verdict.answered:
             result.status, result.outcome = verdict.status, verdict.outcome
+            return
+        if host == management.HOSTNAME:
+            await _management(edge, ex, result, verdict)
             return
         tunnel = edge.tunnels.resolve_hostname(host) if host else None
         result.tunnel = tunnel
@@ -218,11 +227,37 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         result.record()
 
 
+async def _management(edge: EdgeState[TunnelConnection], ex: Exchange, result: _Outcome,
+                      verdict: access.Verdict) -> None:
+    """A request for the management hostname: to a connector of the tunnel its token names."""
+    req = ex.request
+    # The token is a credential: the history and the logs keep the path only.
+    result.req = dataclasses.replace(req, target=str(req.target).partition("?")[0])
+    checked = management.check(edge, str(req.target))
+    if isinstance(checked, management.Target):
+        result.tunnel = edge.tunnels.by_id(checked.tunnel_id)
+        conn = management.pick(edge, checked, []) if result.tunnel is not None else None
+        if conn is not None:
+            result.ray = new_ray_id(conn.location, os.urandom(8))
+            target = checked
+            await _forward(edge, ex, result.tunnel, conn, result.ray, result, verdict,
+                           repick=lambda tried: management.pick(edge, target, tried))
+            return
+        checked = management.no_connector(checked)
+    log.info("management request refused: %s ray=%s", checked.message, result.ray)
+    result.status, result.outcome = checked.status, "management-refused"
+    await send_page(ex, checked.status, *checked.page())
+
+
 async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any, conn: TunnelConnection,
-                   ray: str, result: _Outcome, verdict: access.Verdict) -> None:
+                   ray: str, result: _Outcome, verdict: access.Verdict, *,
+                   repick: Callable[[list[TunnelConnection]], TunnelConnection | None] | None = None) -> None:
     core = ex.core
     req = ex.request
     tried: list[TunnelConnection] = []
+
+    def another() -> TunnelConnection | None:
+        return repick(tried) if repick is not None else edge.registry.pick(tunnel.id, exclude=tried)
     while True:
         result.conn = conn
         tried.append(conn)
@@ -234,7 +269,7 @@ async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any,
             no_capacity = isinstance(exc, NoCapacityError)
             if no_capacity:
                 log.warning("no stream slot: %s %s", exc, ident)
-            nxt = edge.registry.pick(tunnel.id, exclude=tried) if core.may_retry_open(exc.retryable) else None
+            nxt = another() if core.may_retry_open(exc.retryable) else None
             if nxt is not None:
                 log.info("retrying on another connection after %s %s", exc, ident)
                 conn = nxt
@@ -251,14 +286,14 @@ async def _forward(edge: EdgeState[TunnelConnection], ex: Exchange, tunnel: Any,
             await _answer(ex, result, answer, page)
             return
         core.stream_opened()
-        log.debug("forwarding %s %s on stream=%d %s", req.method, req.target, stream.id, ident)
+        log.debug("forwarding %s %s on stream=%d %s", req.method, result.req.target, stream.id, ident)
         try:
             retry = await _run_stream(edge, ex, stream, ray, result, ident)
         finally:
             await stream.release()
         if not retry:
             return
-        nxt = edge.registry.pick(tunnel.id, exclude=tried)
+        nxt = another()
         if nxt is None:
             await _answer(ex, result, core.connection_lost(), pages.error_page(
                 502, "The tunnel connection was lost before the connector answered, and no other "

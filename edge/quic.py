@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from h2.errors import ErrorCodes
-from qh3._hazmat import pull_quic_header
 from qh3.quic import events as qevents
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
@@ -49,6 +48,7 @@ from tunnel_lab.transport.qh3 import (
     TracedKeyedResetConnection,
     ack_now,
     hold_unsent,
+    pull_quic_header,
     quic_keylog,
     stream_state,
     without_pacing,
@@ -90,6 +90,10 @@ MAX_RPC_ANSWER = 64 * 1024  # an RPC answer on an RPC stream is a few hundred by
 MAX_REFUSED = 1024  # connection ids remembered whose packets are dropped unanswered (QuicEndpoint.refused)
 RESETS_PER_SECOND = 100  # stateless resets an endpoint sends at most, a second
 APPLICATION_ERROR = 0x100  # the error code of a connection the edge closes for a protocol violation
+
+
+class RpcAnswerError(TunnelStreamError):
+    """The connector answered a call on an RPC stream badly (no answer, too large, malformed)."""
 
 
 @dataclass
@@ -197,14 +201,12 @@ class QuicTunnelConnection(H2TunnelConnection):
         self._rpc = RpcServer()
 
     # ---- lifetime ----------------------------------------------------------------------------
-    async def _run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._control_loop)
-            nursery.start_soon(self._registration_deadline)
-            nursery.start_soon(self._handshake_deadline)
-            await self._drive()
-            nursery.cancel_scope.cancel()
+    async def _start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._handshake_deadline)
+        await trio.lowlevel.checkpoint()
+
+    async def _serve_transport(self) -> None:
+        await self._drive()
 
     async def _handshake_deadline(self) -> None:
         await trio.sleep(self.edge.config.handshake_timeout)
@@ -426,7 +428,8 @@ class QuicTunnelConnection(H2TunnelConnection):
     async def rpc_call(self, client: Any, question_id: int, *, max_bytes: int = MAX_RPC_ANSWER) -> Any:
         """One call on a fresh RPC stream: send what `client` (a wire.session_rpc.SessionRpcClient with
         the call queued) has, feed it the answer, return the event for `question_id` (CallFailed for an
-        exception). Raises TunnelStreamError if the stream ends first or the answer is over `max_bytes`."""
+        exception). Raises RpcAnswerError if the stream ends first or the answer is malformed or over
+        `max_bytes`, TunnelStreamError if the connection fails."""
         stream = self.open_rpc_stream()
         try:
             await stream.send(client.data_to_send())
@@ -434,14 +437,14 @@ class QuicTunnelConnection(H2TunnelConnection):
             while True:
                 item = await stream.receive()
                 if item is None:
-                    raise TunnelStreamError("the connector ended the RPC stream without an answer")
+                    raise RpcAnswerError("the connector ended the RPC stream without an answer")
                 received += len(item[0])
                 if received > max_bytes:
-                    raise TunnelStreamError(f"the connector's RPC answer is over {max_bytes} bytes")
+                    raise RpcAnswerError(f"the connector's RPC answer is over {max_bytes} bytes")
                 try:
                     events = client.receive_data(item[0])
                 except TunnelLabError as exc:
-                    raise TunnelStreamError(f"bad Cap'n Proto on an RPC stream: {exc}") from exc
+                    raise RpcAnswerError(f"bad Cap'n Proto on an RPC stream: {exc}") from exc
                 for event in events:
                     if getattr(event, "question_id", None) == question_id:
                         client.abort()
@@ -534,6 +537,10 @@ class QuicTunnelConnection(H2TunnelConnection):
             with contextlib.suppress(ValueError, AssertionError):
                 self.quic.stop_stream(stream_id, int(code))
 
+    def _reset_now(self, stream_id: int, code: int) -> None:
+        # how the inherited reset_stream and reset_all_streams abandon a stream
+        self._stop(stream_id, code)
+
     # ---- the control stream ------------------------------------------------------------------
     def _pump_control(self) -> None:
         backlog, self._control_backlog = self._control_backlog, b""
@@ -564,13 +571,7 @@ class QuicTunnelConnection(H2TunnelConnection):
         stream.written = len(head)
         stream.local_closed = end_stream
         log.debug("opened QUIC stream=%d type=%s %s", stream_id, request.type.name.lower(), self.ident())
-        try:
-            await self._stream_flush()
-        except BaseException:
-            stream.released = True
-            self._forget(stream)
-            raise
-        return stream
+        return await self._hand_over(stream)
 
     def _unsent(self, stream: QuicTunnelStream) -> int:
         state = stream_state(self.quic, stream.id)
@@ -615,12 +616,6 @@ class QuicTunnelConnection(H2TunnelConnection):
                       self.ident())
         await self.send_stream_data(stream, b"", end=True)
 
-    async def reset_stream(self, stream: H2TunnelStream, code: int) -> None:
-        """Abandon a stream from the edge."""
-        self._stop(stream.id, code)
-        stream._fail(TunnelStreamError("stream reset by the edge", reset_code=int(code)))
-        await self.flush()
-
     async def acknowledge(self, stream_id: int, length: int) -> None:
         """Nothing to do: qh3 extends its receive windows itself (docs/edge.md, QUIC limits)."""
 
@@ -659,16 +654,6 @@ class QuicTunnelConnection(H2TunnelConnection):
         ErrorCodes(error_code)  # a bad code raises before anything changed, as over http2
         self.goaway_sent = True
         await trio.lowlevel.checkpoint()
-
-    async def reset_all_streams(self, code: int = ErrorCodes.INTERNAL_ERROR) -> int:
-        """Reset every eyeball stream in flight (fault injection). Returns how many."""
-        count = 0
-        for stream in list(self.streams.values()):
-            self._stop(stream.id, code)
-            stream._fail(TunnelStreamError("stream reset by a fault", reset_code=int(code)))
-            count += 1
-        await self.flush()
-        return count
 
 
 def _fmt(addr: tuple[Any, ...]) -> str:

@@ -383,11 +383,13 @@ class Metrics:
                                        "Total time spent on eyeball requests.")
         self.bytes = Counter("tunnel_lab_edge_body_bytes_total", "Body bytes relayed by direction.")
         self.faults = Counter("tunnel_lab_edge_faults_total", "Faults injected through the API.")
+        self.waf_hits = Counter("tunnel_lab_edge_waf_hits_total", "WAF and rate-limiting rule hits.")
 
     def render(self, registry: Registry[Any]) -> str:
         """Prometheus exposition text."""
         lines: list[str] = []
-        for counter in (self.requests, self.registrations, self.request_seconds, self.bytes, self.faults):
+        for counter in (self.requests, self.registrations, self.request_seconds, self.bytes, self.faults,
+                        self.waf_hits):
             lines += counter.render()
         gauge = Counter("tunnel_lab_edge_connections", "Live tunnel connections by state.")
         streams = Counter("tunnel_lab_edge_streams", "Eyeball streams in flight.")
@@ -472,5 +474,6 @@ class EdgeState(Generic[C]):
     metrics: Metrics = field(default_factory=Metrics)
     pushed_configs: dict[str, bytes] = field(default_factory=dict)  # tunnel id -> last local config
     access: Any = None  # edge.access.AccessGate, made on first use
+    waf: Any = None  # edge.waf.WafGate, made on first use
     default_location: str = "LAB"
     trace: Any = None  # transport.trace.Tracer with `--trace`, else None (each hook checks this once)

@@ -19,13 +19,14 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import h2.events
 import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
+from tunnel_lab.edge import remote_config
 from tunnel_lab.edge.h2conn import new_tunnel_h2
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.h2 import TunnelH2Connection, send_within_window
@@ -160,6 +161,9 @@ class H2TunnelStream:
         await self.conn.release_stream(self)
 
 
+S = TypeVar("S", bound=H2TunnelStream)
+
+
 class H2TunnelConnection:
     """The edge side of one tunnel connection, from TLS handshake to close."""
 
@@ -264,6 +268,16 @@ class H2TunnelConnection:
             self.close_reason = reason
 
     async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._start(nursery)
+            nursery.start_soon(self._control_loop)
+            nursery.start_soon(self._registration_deadline)
+            await self._serve_transport()
+            nursery.cancel_scope.cancel()
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        """The transport's first steps, before the control loop starts (QUIC overrides them)."""
         from tunnel_lab.wire.rpc import RpcServer
 
         self._rpc = RpcServer()
@@ -273,15 +287,13 @@ class H2TunnelConnection:
         if extra > 0:
             self.h2.increment_flow_control_window(extra)
         self.h2.send_headers(CONTROL_STREAM_ID, CONTROL_HEADERS, end_stream=False)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._write)
-            await self.flush()
-            log.debug("HTTP/2 preface, SETTINGS and control stream sent %s", self.ident())
-            nursery.start_soon(self._control_loop)
-            nursery.start_soon(self._registration_deadline)
-            await self._reader()
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(self._write)
+        await self.flush()
+        log.debug("HTTP/2 preface, SETTINGS and control stream sent %s", self.ident())
+
+    async def _serve_transport(self) -> None:
+        """Read until the connection ends (QUIC overrides it)."""
+        await self._reader()
 
     async def _registration_deadline(self) -> None:
         # A connector that never registers must not hold a connection forever.
@@ -510,6 +522,7 @@ class H2TunnelConnection:
             await trio.sleep(delay)
         refusal = edge.faults.take_registration_refusal()
         result: Any
+        remote = None
         if refusal is not None:
             cause, should_retry = refusal
             log.warning("fault refuse-registrations: refusing with cause=%r %s", cause, who)
@@ -532,11 +545,12 @@ class H2TunnelConnection:
                     client_version=client.version, arch=client.arch,
                     features=tuple(client.features), conn_uuid=conn_uuid)
                 self.state = "registered"
+                remote = remote_config.current(edge, str(tunnel_id))  # set through the API: pushed below
                 if self.trace is not None:
                     self.trace.update(tunnel=str(tunnel_id), conn_uuid=str(conn_uuid),
                                       conn_index=params.conn_index)
                 result = ConnectionDetails(uuid=conn_uuid, location_name=self.location,
-                                           tunnel_is_remotely_managed=False)
+                                           tunnel_is_remotely_managed=remote is not None)
         self._rpc.answer_registration(question_id, result)
         self._queue_rpc_output()
         await self.flush()
@@ -544,6 +558,8 @@ class H2TunnelConnection:
             edge.metrics.registrations.inc(result="ok", location=self.location)
             log.info("Registered tunnel connection %s connector=%s version=%s", self.ident(),
                      connector_id, client.version)
+            if remote is not None and self._nursery is not None:
+                self._nursery.start_soon(remote_config.push_after_registration, edge, self, remote)
         else:
             edge.metrics.registrations.inc(result="refused", location=self.location)
             self.state = "refused"
@@ -608,6 +624,10 @@ class H2TunnelConnection:
             raise TunnelStreamError(f"cannot send request headers: {exc}") from exc
         stream.local_closed = end_stream
         log.debug("opened stream=%d %s", stream_id, self.ident())
+        return await self._hand_over(stream)
+
+    async def _hand_over(self, stream: S) -> S:
+        """Send a new stream's head, then give the stream to the caller."""
         try:
             await self._stream_flush()
         except BaseException:

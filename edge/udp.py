@@ -202,27 +202,12 @@ class UdpSessions:
 
     async def _call(self, client: srpc.SessionRpcClient, qid: int) -> object:
         """One call on a fresh RPC stream; its answer event (a CallFailed for an exception)."""
-        stream = self.conn.open_rpc_stream()
+        from tunnel_lab.edge.quic import RpcAnswerError
+
         try:
-            await stream.send(client.data_to_send())
-            received = 0
-            while True:
-                item = await stream.receive()
-                if item is None:
-                    raise UdpSessionError("the connector ended the RPC stream without an answer")
-                received += len(item[0])
-                if received > MAX_RPC_BYTES:
-                    raise UdpSessionError("the connector's RPC answer is too large")
-                for event in client.receive_data(item[0]):
-                    if getattr(event, "question_id", None) == qid:
-                        client.abort()
-                        await stream.send(client.data_to_send(), end=True)
-                        return event
-                out = client.data_to_send()
-                if out:
-                    await stream.send(out)
-        finally:
-            await stream.release()
+            return await self.conn.rpc_call(client, qid, max_bytes=MAX_RPC_BYTES)
+        except RpcAnswerError as exc:  # the connector's fault: no other connection is tried
+            raise UdpSessionError(str(exc)) from exc
 
     def _forget(self, session: UdpSession, why: str) -> None:
         if session.closed:

@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tunnel_lab.lab.paths import credentials_dir, credentials_path, db_path, ensure_private_dir, state_dir
+from tunnel_lab.lab.paths import (
+    credentials_dir,
+    credentials_path,
+    db_path,
+    ensure_private_dir,
+    state_dir,
+    without_state,
+)
 from tunnel_lab.lab.store import Store, Tunnel, format_time
 from tunnel_lab.wire.credentials import credentials_json, make_token
 from tunnel_lab.wire.errors import ConfigError, TunnelLabError
@@ -322,14 +329,7 @@ def _tunnel_parser() -> _Parser:
 def _expand_route_ip_shorthand(argv: list[str]) -> list[str]:
     """`route ip CIDR NAME` -> `route ip add CIDR NAME` (cloudflared accepts both)."""
     positional: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--state":
-            skip = True
-            continue
+    for i, arg in without_state(argv):
         if arg.startswith("-"):
             continue
         if positional == ["route", "ip"]:

@@ -456,21 +456,10 @@ class Lab:
         """One eyeball request to the edge for `hostname` (HTTP/1.1, or HTTPS with h2 when `http2`).
         Transport failures are in `Response.error`; statuses never raise."""
         tls = https or http2
-        address = self.edge.https if tls else self.edge.http
-        if address is None:
-            raise LabError("the edge has no HTTPS listener (open_lab(https=True))")
-        return await client.http_request(
-            address,
-            method=method,
-            host=hostname,
-            path=path,
-            headers=headers,
-            body=body,
-            body_length=len(body) if body is not None else None,
-            tls=tls,
-            ca_path=str(self.edge.ca) if tls else None,
-            http2=http2,
-        )
+        address, ca_path = self._eyeball_address(tls)
+        return await client.http_request(address, method=method, host=hostname, path=path, headers=headers,
+                                         body=body, body_length=len(body) if body is not None else None,
+                                         tls=tls, ca_path=ca_path, http2=http2)
 
     async def websocket(
         self,
@@ -483,18 +472,16 @@ class Lab:
     ) -> client.WebSocketResult:
         """Open a WebSocket to `hostname` through the edge, send each message and read one back after each
         (`status` 101 when accepted; transport failures in `error`)."""
-        address = self.edge.https if https else self.edge.http
+        address, ca_path = self._eyeball_address(https)
+        return await client.websocket_exchange(address, host=hostname, path=path, messages=messages,
+                                               headers=headers, tls=https, ca_path=ca_path)
+
+    def _eyeball_address(self, tls: bool) -> tuple[str, str | None]:
+        """The edge's eyeball listener for plain HTTP or TLS, and the CA file to trust for TLS."""
+        address = self.edge.https if tls else self.edge.http
         if address is None:
             raise LabError("the edge has no HTTPS listener (open_lab(https=True))")
-        return await client.websocket_exchange(
-            address,
-            host=hostname,
-            path=path,
-            messages=messages,
-            headers=headers,
-            tls=https,
-            ca_path=str(self.edge.ca) if https else None,
-        )
+        return address, str(self.edge.ca) if tls else None
 
     async def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the edge's management API (docs/edge.md); returns the parsed JSON answer."""

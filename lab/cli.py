@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "edge": ("tunnel_lab.edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
     "connector": ("tunnel_lab.connector.cli", "main", "run our connector (cloudflared's command line)"),
     "access": ("tunnel_lab.connector.access", "main",
-               "cloudflared access tcp: a local listener through the tunnel"),
+               "cloudflared access login|token|curl|tcp|ssh: Access clients against the lab edge"),
     "tunnel": ("tunnel_lab.lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
     "pki": ("tunnel_lab.lab.admin", "pki_main", "show the lab CA and issue certificates"),
     "origin": ("tunnel_lab.origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),

@@ -29,7 +29,10 @@ FEATURES_TXT = "cfd-features.argotunnel.com"
 EDGE_PORT = 7844
 SERVICE_NAMES = ("api.cloudflare.com", "api.trycloudflare.com", "login.cloudflareaccess.org",
                  "dash.cloudflare.com")
+# Served by the edge's eyeball listeners, which forward it to a connector (edge/management.py).
+MANAGEMENT_NAME = "management.argotunnel.com"
 TTL = 60
+ACCESS_SUFFIX = ".cloudflareaccess.com"
 
 # The protocol percentages cloudflared reads in `--protocol auto` (edgediscovery.ProtocolPercentage):
 # it takes the first of quic, http2 whose percentage is above its per-account threshold, so QUIC first,
@@ -65,7 +68,8 @@ class LabZone:
             return [self._txt(name, dict(self.features))]
         if name in SERVICE_NAMES:
             return [dns.Record(name=name, rtype=dns.A, ttl=TTL, data=self.services)]
-        if self.routed(name):
+        if name == MANAGEMENT_NAME or self.routed(name) or name.endswith(ACCESS_SUFFIX):
+            # Access team domains are served by the edge's eyeball listeners (edge/access.py).
             return [dns.Record(name=name, rtype=dns.A, ttl=TTL, data=self.eyeballs)]
         return None
 

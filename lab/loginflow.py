@@ -42,6 +42,7 @@ class Page:
     status: int
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def _html(status: int, title: str, text: str) -> Page:

@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tunnel_lab.wire.errors import ConfigError
@@ -22,6 +23,18 @@ def default_state_dir() -> Path:
     """The state directory used when neither `--state` nor `TUNNEL_LAB_STATE` is given."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "tunnel-lab"
+
+
+def without_state(argv: Sequence[str]) -> Iterator[tuple[int, str]]:
+    """(index, argument) for each command-line argument but a `--state DIR` or `--state=DIR`."""
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--state":
+            skip = True
+        elif not arg.startswith("--state="):
+            yield i, arg
 
 
 def state_dir(arg: str | os.PathLike[str] | None) -> Path:

@@ -32,7 +32,8 @@ import trio
 from tunnel_lab.lab.api import LabError, edge_argv, management_call
 from tunnel_lab.lab.dns import DEFAULT_PROTOCOLS, HTTP2_ONLY, LabZone, serve_dns, serve_dns_tcp
 from tunnel_lab.lab.login import issue_origin_cert
-from tunnel_lab.lab.loginflow import LoginTransfers
+from tunnel_lab.lab.loginflow import LoginTransfers, Page
+from tunnel_lab.lab.paths import without_state
 from tunnel_lab.lab.pki import LabPKI
 from tunnel_lab.lab.runner import netns
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
@@ -222,10 +223,30 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                 await management_call(str(info["api"]), token, "POST", "/faults",
                                       {"kind": "drop-connection", "connection": edge_id})
 
+            async def access_transfer(path: str) -> Page:
+                # `cloudflared access login` polls login.cloudflareaccess.org/transfer/KEY; the edge
+                # holds the sealed tokens (edge/access_cli.py), so the poll waits there.
+                try:
+                    key = path[len("/transfer/"):]
+                    answer = await management_call(str(info["api"]), token, "GET",
+                                                   f"/access/transfers/{key}?wait=45")
+                except LabError:
+                    return Page(status=404, content_type="text/plain", body=b"no such transfer\n")
+                if not isinstance(answer, dict) or "body" not in answer:
+                    return Page(status=404, content_type="text/plain", body=b"not yet\n")
+                return Page(status=200, content_type="text/plain", body=str(answer["body"]).encode(),
+                            headers=(("service-public-key", str(answer["service_public_key"])),))
+
+            async def push(update: dict[str, object]) -> None:
+                await management_call(str(info["api"]), token, "POST",
+                                      f"/tunnels/{update['tunnel_id']}/configuration",
+                                      {"version": update["version"], "config": update["config"]})
+
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
             await nursery.start(serve_dns_tcp, zone, DNS_ADDRESS)
             services = Services(V4Api(layout.state, store), live,
-                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect)
+                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect,
+                                access_transfer=access_transfer, push=push)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             if not quiet:
                 print(_banner(layout, info, mounted), file=sys.stderr, flush=True)
@@ -349,18 +370,9 @@ def main(argv: Sequence[str]) -> int:
 
 def _drop_state(argv: list[str]) -> list[str]:
     out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--":
+    for i, arg in without_state(argv):
+        if arg == "--":  # what follows is the command's, --state included
             return out + argv[i:]
-        if arg == "--state":
-            skip = True
-            continue
-        if arg.startswith("--state="):
-            continue
         out.append(arg)
     return out
 

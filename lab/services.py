@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
@@ -34,6 +35,9 @@ HANDSHAKE_TIMEOUT = 10.0
 
 LiveSource = Callable[[], Awaitable[Sequence[LiveConnection]]]
 Disconnect = Callable[[str], Awaitable[None]]  # drop one edge connection by its edge id
+AccessTransfer = Callable[[str], Awaitable[Page]]  # `cloudflared access login`'s poll, answered by the edge
+# Have the edge push a remote configuration (`{"tunnel_id", "version", "config"}`) to the running connectors.
+PushConfig = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def services_ssl_context(pki: LabPKI) -> ssl.SSLContext:
@@ -60,12 +64,16 @@ class Services:
     live: LiveSource
     logins: LoginTransfers
     disconnect: Disconnect
+    access_transfer: AccessTransfer | None = None
+    push: PushConfig | None = None
 
     async def respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Page:
         """Route one request by Host (as the real names are separate sites) and path."""
         host = headers.get("host", "").rsplit(":", 1)[0].lower()
         path, _, query = target.partition("?")
         if host == "login.cloudflareaccess.org" and method == "GET":
+            if path.startswith("/transfer/") and self.access_transfer is not None:
+                return await self.access_transfer(path)
             return await self.logins.poll(path)
         if host == "api.trycloudflare.com":
             if method == "POST" and path == "/tunnel":
@@ -96,6 +104,13 @@ class Services:
             except TunnelLabError as exc:
                 return _json(ApiResponse(status=503, body=V4ApiError(
                     503, 1000, f"the lab edge did not drop connection {edge_id}: {exc}").envelope()))  # lab
+        if response.push is not None and self.push is not None:
+            try:
+                await self.push(response.push)
+            except TunnelLabError as exc:
+                # The version is stored: connectors that register later get it from the edge at once.
+                log.warning("services: the edge did not push configuration version %s of tunnel %s: %s",
+                            response.push.get("version"), response.push.get("tunnel_id"), exc)
         return _json(response)
 
 
@@ -104,7 +119,7 @@ def _json(response: ApiResponse) -> Page:
 
 
 async def _answer(stream: trio.abc.Stream, conn: h11.Connection, page: Page) -> None:
-    headers = [("Content-Type", page.content_type), ("Content-Length", str(len(page.body)))]
+    headers = [("Content-Type", page.content_type), ("Content-Length", str(len(page.body))), *page.headers]
     if conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):  # IDLE: a 400 for an unreadable request
         await stream.send_all(conn.send(h11.Response(status_code=page.status, headers=headers)) or b"")
         await stream.send_all(conn.send(h11.Data(data=page.body)) or b"")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import hashlib
 import json
+import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunnel_lab.lab.remote_config import RemoteConfigs, check_config, management_key
 from tunnel_lab.lab.store import Store, Tunnel, format_time, normalize_hostname
 from tunnel_lab.lab.v4base import (
     MAX_BODY,
@@ -43,6 +46,7 @@ from tunnel_lab.lab.v4base import (
     success,
 )
 from tunnel_lab.lab.v4teamnet import TeamnetRoutes
+from tunnel_lab.wire import mgmt_token
 from tunnel_lab.wire.credentials import make_token
 from tunnel_lab.wire.errors import ConfigError
 
@@ -100,6 +104,7 @@ class V4Api:
         self.state = state
         self.store = store
         self.teamnet = TeamnetRoutes(state, store)
+        self.configs = RemoteConfigs(state)
 
     def handle(self, request: ApiRequest, live: Sequence[LiveConnection] = ()) -> ApiResponse:
         """Answer one request; every failure is an error envelope, never an exception."""
@@ -142,10 +147,20 @@ class V4Api:
                 if method == "GET":
                     return success(self._clients(tunnel, live))
                 return self._cleanup(tunnel, query, live)
+            if rest[1:] == ["configurations"]:
+                self._allow(method, ("GET", "PUT"), url.path)
+                return self._configuration(tunnel, method, request.body)
+            if len(rest) == 3 and rest[1] == "management" and rest[2] in mgmt_token.RESOURCES:
+                self._allow(method, ("POST",), url.path)
+                return success(self._management_token(tunnel, rest[2], request.headers))
         elif len(parts) >= 4 and parts[0] == "accounts" and parts[2:4] == ["teamnet", "routes"]:
             if parts[1] != account:
                 raise not_authenticated()
             return self.teamnet.handle(method, parts[4:], query, request.body)
+        elif len(parts) >= 4 and parts[0] == "accounts" and parts[2:4] == ["teamnet", "virtual_networks"]:
+            if parts[1] != account:
+                raise not_authenticated()
+            return self.teamnet.vnets.handle(method, parts[4:], query, request.body)
         elif len(parts) == 5 and parts[0] == "zones" and parts[2] == "tunnels" and parts[4] == "routes":
             if parts[1] != accounts.zone_tag:
                 raise not_authenticated()
@@ -214,7 +229,8 @@ class V4Api:
             "connections": [c.as_connection() for c in conns],
             "conns_active_at": min((c.opened_at for c in conns), default=None),
             "conns_inactive_at": None if conns else created,
-            "tun_type": "cfd_tunnel", "metadata": {}, "remote_config": False,
+            "tun_type": "cfd_tunnel", "metadata": {},
+            "remote_config": self.configs.get(str(tunnel.id)) is not None,
             "status": "healthy" if conns else "inactive",
         }
 
@@ -277,6 +293,7 @@ class V4Api:
                              "connectors or delete with cascade.")  # lab
         result = self._tunnel_json(tunnel, ())
         self.store.delete_tunnel(tunnel)
+        self.configs.forget(str(tunnel.id))
         result["deleted_at"] = format_time(datetime.datetime.now(datetime.UTC))
         # With cascade, the tunnel's live connections go too.
         return ApiResponse(status=200, body=success(result).body,
@@ -297,6 +314,34 @@ class V4Api:
         # The edge drops them (as the real edge does with connections cleaned up); a connector still
         # running reconnects, as it would after any lost connection.
         return ApiResponse(status=200, body=success(None).body, disconnect=tuple(c.edge_id for c in chosen))
+
+    def _configuration(self, tunnel: Tunnel, method: str, body: bytes) -> ApiResponse:
+        """GET or PUT the tunnel's remote configuration; a PUT stores the next version and asks the
+        shell to have the edge push it to the running connectors."""
+        account = self.store.account_tag
+        if method == "GET":
+            current = self.configs.get(str(tunnel.id))
+            if current is None:  # the tunnel is locally managed: the real API answers an empty config
+                return success({"tunnel_id": str(tunnel.id), "account_id": account, "version": 0,
+                                "config": None, "source": "local", "created_at": None})
+            return success(current.as_result(account))
+        data = self._json_body(body)
+        try:
+            config = check_config(data.get("config"))
+        except ConfigError as exc:
+            raise V4ApiError(400, 1001, f"{exc.source}: {exc.message}") from None  # lab
+        stored = self.configs.put(str(tunnel.id), config)
+        return ApiResponse(status=200, body=success(stored.as_result(account)).body,
+                           push={"tunnel_id": str(tunnel.id), **stored.push_body()})
+
+    def _management_token(self, tunnel: Tunnel, resource: str, headers: Mapping[str, str]) -> str:
+        """A signed management token (what `cloudflared tail` presents to management.argotunnel.com).
+        The actor is derived from the API token, so one login's new session replaces its old one."""
+        api_token = headers.get("authorization", "").partition(" ")[2].strip()
+        actor = hashlib.sha256(api_token.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return mgmt_token.mint(management_key(self.state), tunnel_id=str(tunnel.id),
+                               account_tag=tunnel.account_tag, actor=actor, resource=resource,
+                               now=time.time())
 
     def _route(self, tunnel: Tunnel, body: bytes) -> ApiResponse:
         data = self._json_body(body)

@@ -138,11 +138,14 @@ class ApiRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class ApiResponse:
-    """An answer; `disconnect` names edge connections the shell must drop before sending it (cleanup)."""
+    """An answer; `disconnect` names edge connections the shell must drop before sending it (cleanup);
+    `push` is a remote configuration the shell has the edge push to the tunnel's connectors
+    (`{"tunnel_id", "version", "config"}`)."""
 
     status: int
     body: dict[str, Any]
     disconnect: tuple[str, ...] = ()
+    push: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"

@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tunnel-lab origin", description="Run an origin fixture on loopback.")
-    p.add_argument("kind", choices=KINDS, help="what the origin does (docs/origins.md)")
+    p.add_argument("kind", choices=(*KINDS, "sshd"), help="what the origin does (docs/origins.md)")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to bind (loopback; port 0: any)")
     p.add_argument("--tls", metavar="CERT", choices=CERT_KINDS,
                    help="serve HTTPS with a lab certificate: valid, or a broken kind")
@@ -125,6 +125,12 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         host, port = parse_listen(args.listen)
+        if args.kind == "sshd":  # a real OpenSSH server, not a trio fixture
+            from tunnel_lab.lab.paths import state_dir
+            from tunnel_lab.origin_fixtures import sshd
+
+            return sshd.run(host, port, state_dir(args.state) / "sshd",
+                            lambda data: write_ready_file(args.ready_file, data) if args.ready_file else None)
         ssl_context = None
         if args.tls:
             from tunnel_lab.lab.paths import state_dir

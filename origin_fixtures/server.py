@@ -27,6 +27,7 @@ from tunnel_lab.origin_fixtures.conn import RECEIVE_SIZE, Conn
 from tunnel_lab.origin_fixtures.history import History, RequestRecord
 from tunnel_lab.origin_fixtures.http1 import MAX_HEAD_BYTES, ConnectionClosed, RequestHead, RequestParseError
 from tunnel_lab.origin_fixtures.kinds import Handler, handle_echo, handle_misbehave, handle_stream
+from tunnel_lab.transport.trio_ssl import ssl_object
 from tunnel_lab.wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ async def _handle_connection(stream: trio.abc.Stream, kind: str, options: Origin
         sni = None
         if isinstance(stream, trio.SSLStream):
             await stream.do_handshake()
-            # trio keeps the SSLObject private; the SNI callback stored the name on it.
-            sni = getattr(getattr(stream, "_ssl_object", None), _SNI_ATTR, None)
+            # the SNI callback stored the name on the SSLObject
+            sni = getattr(ssl_object(stream), _SNI_ATTR, None)
         conn = Conn(stream, kind=kind, history=options.history, peer=peer, tls=tls, sni=sni,
                     max_head_bytes=options.max_head_bytes)
         if kind == "tcp-echo":

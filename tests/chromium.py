@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,8 +122,10 @@ class Browser:
 
 
 @contextmanager
-def chromium(profile: Path, hosts: dict[str, str] | None = None) -> Iterator[Browser]:
-    """A headless Chromium with one blank page; `hosts` maps "name:port" to "127.0.0.1:port"."""
+def chromium(profile: Path, hosts: dict[str, str] | None = None, *,
+             flags: Sequence[str] = ()) -> Iterator[Browser]:
+    """A headless Chromium with one blank page; `hosts` maps "name:port" to "127.0.0.1:port"; `flags`
+    are more command-line switches."""
     assert CHROMIUM is not None, "use @needs_chromium"
     rules = ", ".join([*(f"MAP {name} {addr}" for name, addr in (hosts or {}).items()), "MAP * ~NOTFOUND",
                        "EXCLUDE 127.0.0.1"])
@@ -132,7 +134,8 @@ def chromium(profile: Path, hosts: dict[str, str] | None = None) -> Iterator[Bro
     argv = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
             f"--user-data-dir={profile}", "--no-first-run", "--no-proxy-server", "--disable-quic",
             f"--host-resolver-rules={rules}", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-default-apps", "--no-pings", "--disable-extensions", "about:blank"]
+            "--disable-sync", "--disable-default-apps", "--no-pings", "--disable-extensions", *flags,
+            "about:blank"]
     # chromium reads commands from fd 3 and writes answers to fd 4: bash puts the pipe ends there
     wrapper = ["bash", "-c", f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}', "chromium", *argv]
     proc = subprocess.Popen(wrapper, pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL,

@@ -10,6 +10,10 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from qh3 import tls
+
+# qh3's packet-header parser lives in its private Rust module: `pull_quic_header(data, offset,
+# host_cid_length)` -> (version, packet type, ..., destination cid, source cid, ...), ValueError on garbage.
+from qh3._hazmat import pull_quic_header as pull_quic_header
 from qh3.quic import events as qevents
 from qh3.quic.connection import QuicConnection, QuicConnectionState
 from qh3.quic.packet import QuicErrorCode
@@ -35,6 +39,12 @@ def quic_keylog(config: Any) -> Any:
 def stream_state(quic: Any, stream_id: int) -> Any:
     """qh3's own record of a stream (`QuicConnection._streams`), or None once it forgot it."""
     return quic._streams.get(stream_id)
+
+
+def peer_certificate(quic: Any) -> Any:
+    """The certificate the peer presented in the handshake (qh3's `tls.Context._peer_certificate`), or
+    None before one arrived."""
+    return getattr(getattr(quic, "tls", None), "_peer_certificate", None)
 
 
 def hold_unsent(state: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -46,6 +47,8 @@ _ALWAYS_SERIALIZED = frozenset({b"connection", b"upgrade", b"sec-websocket-accep
 
 def as_bytes(value: bytes | str) -> bytes:
     """h2 hands out bytes, tests and JSON vectors use str: accept both (str as UTF-8)."""
+    if type(value) is bytes:  # the common case, first: called for every field of every request
+        return value
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape")
     return bytes(value)
@@ -76,6 +79,7 @@ def is_valid_value(value: bytes) -> bool:
     return not value.translate(None, _VALUE_BYTES)
 
 
+@functools.lru_cache(maxsize=1024)  # the same few names on every request
 def canonical_header_name(name: bytes) -> bytes:
     """Go's `CanonicalMIMEHeaderKey`: `x-custom` -> `X-Custom`, `cf-connecting-ip` -> `Cf-Connecting-Ip`.
 

@@ -116,6 +116,15 @@ class StreamKind(enum.Enum):
 Metadata = tuple[tuple[str, str], ...]
 
 
+def metadata_value(metadata: Metadata, key: str) -> str | None:
+    """The value of `key` in a stream head's metadata; the last one wins when repeated."""
+    found = None
+    for k, v in metadata:
+        if k == key:
+            found = v
+    return found
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ConnectRequest:
     """The head of a data stream, edge -> connector."""
@@ -130,11 +139,7 @@ class ConnectRequest:
 
     def get(self, key: str) -> str | None:
         """The value of `key`; the last one wins when repeated, as Go's MetadataMap builds it."""
-        found = None
-        for k, v in self.metadata:
-            if k == key:
-                found = v
-        return found
+        return metadata_value(self.metadata, key)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,11 +154,7 @@ class ConnectResponse:
 
     def get(self, key: str) -> str | None:
         """The value of `key` (the last one when repeated)."""
-        found = None
-        for k, v in self.metadata:
-            if k == key:
-                found = v
-        return found
+        return metadata_value(self.metadata, key)
 
 
 # ---- Cap'n Proto -----------------------------------------------------------------------------------

@@ -562,22 +562,29 @@ class RpcServer(_Conversation):
         if question_id in self._answers:
             raise RpcError(f"rpc: {what} reuses question {question_id} before it was finished")
 
-    def _handle_call(self, call: CallMessage) -> ServerEvent | None:
+    def _admit(self, call: CallMessage, method: str, *, implemented: bool) -> bool:
+        """Take a Call's question; answer it at once with an exception, and return False, when it targets an
+        unknown capability, wants its results sent elsewhere, or names a method not `implemented`."""
         q = call.question_id
         self._claim(q, "Call")
-        method = METHOD_NAMES.get(call.method_id, f"method {call.method_id}") \
-            if call.interface_id == REGISTRATION_SERVER_ID else \
-            f"interface 0x{call.interface_id:016x} method {call.method_id}"
         self._answers[q] = _Answer(method)
         problem = self._check_target(call.target)
         if problem is not None:
             self._fail(q, problem)
-            return None
-        if call.send_results_to != 0:
+        elif call.send_results_to != 0:
             self._fail(q, "rpc: only sendResultsTo.caller is supported", ExceptionType.UNIMPLEMENTED)
-            return None
-        if call.interface_id != REGISTRATION_SERVER_ID or call.method_id not in METHOD_NAMES:
+        elif not implemented:
             self._fail(q, f"rpc: unimplemented: {method}", ExceptionType.UNIMPLEMENTED)
+        else:
+            return True
+        return False
+
+    def _handle_call(self, call: CallMessage) -> ServerEvent | None:
+        q = call.question_id
+        ours = call.interface_id == REGISTRATION_SERVER_ID
+        method = METHOD_NAMES.get(call.method_id, f"method {call.method_id}") if ours else \
+            f"interface 0x{call.interface_id:016x} method {call.method_id}"
+        if not self._admit(call, method, implemented=ours and call.method_id in METHOD_NAMES):
             return None
         try:
             if call.method_id == METHOD_REGISTER_CONNECTION:

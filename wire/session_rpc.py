@@ -22,12 +22,10 @@ from tunnel_lab.wire.rpc import (
     CallMessage,
     CallReturned,
     ContentWriter,
-    ExceptionType,
     ReturnMessage,
     RpcAborted,
     RpcClient,
     RpcServer,
-    _Answer,
     encode_call,
     encode_return_exception,
     encode_return_results,
@@ -217,19 +215,9 @@ class SessionRpcServer(RpcServer):
 
     def _handle_call(self, call: CallMessage) -> SessionServerEvent | None:  # type: ignore[override]
         q = call.question_id
-        self._claim(q, "Call")
         method = METHODS.get((call.interface_id, call.method_id),
                              f"interface 0x{call.interface_id:016x} method {call.method_id}")
-        self._answers[q] = _Answer(method)
-        problem = self._check_target(call.target)
-        if problem is not None:
-            self._fail(q, problem)
-            return None
-        if call.send_results_to != 0:
-            self._fail(q, "rpc: only sendResultsTo.caller is supported", ExceptionType.UNIMPLEMENTED)
-            return None
-        if method not in self._methods:
-            self._fail(q, f"rpc: unimplemented: {method}", ExceptionType.UNIMPLEMENTED)
+        if not self._admit(call, method, implemented=method in self._methods):
             return None
         what = f"{method}.params"
         try:

@@ -11,6 +11,8 @@ whitespace, then exact and masked byte signatures, then text versus binary. Pure
 
 from __future__ import annotations
 
+import functools
+
 SNIFF_LEN = 512  # only the first 512 bytes are looked at
 
 _WHITESPACE = b"\t\n\x0c\r "
@@ -60,6 +62,16 @@ _LATE_SIGNATURES: tuple[tuple[bytes, bytes | None, str], ...] = (
 )
 # bytes that make data binary (the standard's "binary data bytes")
 _BINARY = frozenset(range(0x00, 0x09)) | {0x0B} | frozenset(range(0x0E, 0x1B)) | frozenset(range(0x1C, 0x20))
+_NOT_BINARY = bytes(b for b in range(256) if b not in _BINARY)
+
+
+@functools.cache  # one entry per signature of the tables above
+def _as_ints(pattern: bytes, mask: bytes) -> tuple[int, int, int]:
+    """A masked signature as (length, mask, pattern & mask), big-endian integers: one AND and one
+    compare per body instead of a loop over bytes."""
+    n = min(len(pattern), len(mask))
+    mask_int = int.from_bytes(mask[:n], "big")
+    return n, mask_int, int.from_bytes(pattern[:n], "big") & mask_int
 
 
 def _matches(data: bytes, pattern: bytes, mask: bytes | None) -> bool:
@@ -67,7 +79,8 @@ def _matches(data: bytes, pattern: bytes, mask: bytes | None) -> bool:
         return False
     if mask is None:
         return data.startswith(pattern)
-    return all(d & m == p & m for d, p, m in zip(data, pattern, mask, strict=False))
+    n, mask_int, want = _as_ints(pattern, mask)
+    return int.from_bytes(data[:n], "big") & mask_int == want
 
 
 def _is_mp4(data: bytes) -> bool:
@@ -97,13 +110,14 @@ def sniff_content_type(data: bytes) -> str:
     if markup.startswith(b"<?xml"):
         return "text/xml; charset=utf-8"
     for pattern, mask, ctype in _SIGNATURES:
-        if _matches(data, pattern, mask):
+        # exact prefixes inline: this runs on every buffered response's first bytes
+        if data.startswith(pattern) if mask is None else _matches(data, pattern, mask):
             return ctype
     if _is_mp4(data):
         return "video/mp4"
     for pattern, mask, ctype in _LATE_SIGNATURES:
-        if _matches(data, pattern, mask):
+        if data.startswith(pattern) if mask is None else _matches(data, pattern, mask):
             return ctype
-    if not any(byte in _BINARY for byte in data):
+    if not data.translate(None, _NOT_BINARY):  # what is left are binary bytes: none, so text
         return "text/plain; charset=utf-8"
     return "application/octet-stream"

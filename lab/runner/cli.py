@@ -36,6 +36,15 @@ def library_dir() -> Path:
     return PACKAGED_LIBRARY
 
 
+def default_jobs() -> int:
+    """Scenarios at once when `--jobs` is not given: three per core. A scenario keeps a core busy for less
+    than half its wall time (the rest is waiting: for processes to start, for timeouts, for reconnects),
+    and the few that wait out a reconnect backoff for 20 s hold their place all that time; docs/scenarios.md
+    ("Speed") gives the figures."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 3 * max(cores, 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunnel-lab run", description="Run tunnel-lab scenarios end to end.")
     p.add_argument("paths", nargs="*", help="scenario files or directories (default: the bundled library)")
@@ -46,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="select scenarios whose name or tags match (words with and/or/not, like pytest)",
     )
     p.add_argument(
-        "--jobs", "-j", type=int, default=1, metavar="N", help="scenarios to run at once (default 1)"
+        "--jobs", "-j", type=int, default=default_jobs(), metavar="N",
+        help=f"scenarios to run at once (default {default_jobs()}: three per core)",
     )
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (scenarios sorted by name)")
     p.add_argument("--list", action="store_true", help="list the selected scenarios and exit")

@@ -36,17 +36,15 @@ DEFAULT_STEP_TIMEOUT = 10.0
 
 # What each connector can do; a scenario whose `requires` is not covered is skipped with the reason.
 CONNECTOR_FEATURES: dict[str, set[str]] = {
-    "builtin": {"lab-connector", "access-tcp", "warp-routing", "hello-world", "remote-config", "access-jwks"},
-    "cloudflared": {"access-tcp", "warp-routing", "hello-world", "remote-config"},
+    "builtin": {"lab-connector", "access-tcp", "warp-routing", "hello-world", "remote-config", "access-jwks",
+                "openssh"},
+    # access-jwks: the runner's DNS stub names the lab edge as the team domain (lab.runner.lab).
+    "cloudflared": {"access-tcp", "warp-routing", "hello-world", "remote-config", "access-jwks", "openssh"},
 }
 
 
 # Why a feature is missing, where that is not obvious.
-FEATURE_NOTES = {
-    "access-jwks": "originRequest.access makes cloudflared fetch https://TEAM.cloudflareaccess.com/cdn-cgi/"
-                   "access/certs trusting only the system roots; its namespace cannot reach the lab edge "
-                   "under that name with a trusted certificate yet (docs/access.md)",
-}
+FEATURE_NOTES: dict[str, str] = {}
 
 
 class StepFailure(TunnelLabError):
@@ -100,6 +98,12 @@ def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
     if missing:
         notes = "".join(f" ({FEATURE_NOTES[f]})" for f in missing if f in FEATURE_NOTES)
         return f"the {options.connector} connector does not support: {', '.join(missing)}{notes}"
+    if "openssh" in sc.requires:
+        from tunnel_lab.origin_fixtures.sshd import find_sshd
+
+        if find_sshd() is None or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+            return "needs OpenSSH (sshd, ssh, ssh-keygen): not installed here (Debian: apt-get install " \
+                   "openssh-server openssh-client)"
     spec = sc.connector
     gaps = options.capabilities.gaps(sc.requires, [*spec.flags, *spec.run_flags] if spec else [])
     return f"needs {'; '.join(gaps)}" if gaps else None
@@ -491,6 +495,26 @@ class _Runner:
                 )
         if problems:
             raise StepFailure(step, f"TCP via {spec['via']}", problems)
+
+    async def do_access_login(self, step: Step, spec: dict[str, Any]) -> None:
+        from tunnel_lab.lab.runner.access_steps import AccessStepError, access_login
+
+        timeout = parse_duration(spec.get("timeout", 60))
+        try:
+            note = await access_login(self.lab, self.lab.subst(spec), timeout)
+        except AccessStepError as exc:
+            raise StepFailure(step, str(exc)) from None
+        self.lab.recorder.op("access-login", step=step.index, url=spec["url"], result=note)
+
+    async def do_ssh(self, step: Step, spec: dict[str, Any]) -> None:
+        from tunnel_lab.lab.runner.access_steps import AccessStepError, ssh
+
+        timeout = parse_duration(spec.get("timeout", 60))
+        try:
+            out = await ssh(self.lab, self.lab.subst(spec), timeout)
+        except AccessStepError as exc:
+            raise StepFailure(step, str(exc)) from None
+        self.lab.recorder.op("ssh", step=step.index, host=spec["host"], stdout=out[:200])
 
     async def do_udp(self, step: Step, spec: dict[str, Any]) -> None:
         """Datagrams through an edge UDP forward port to `target` (edge/udp.py), one at a time."""

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
+import itertools
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,8 @@ from typing import Any
 import trio
 import yaml
 
-from tunnel_lab.lab.api import connector_argv, edge_argv, origin_argv
-from tunnel_lab.lab.runner import client
+from tunnel_lab.lab.api import START_TIMEOUT, connector_argv, edge_argv, origin_argv
+from tunnel_lab.lab.runner import client, netns
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.loader import Scenario
 from tunnel_lab.lab.runner.procs import (
@@ -32,13 +36,13 @@ from tunnel_lab.lab.runner.procs import (
     Component,
     ComponentError,
     child_env,
+    concurrently,
     free_port,
     run_command,
     tail,
 )
 from tunnel_lab.wire.redact import Redactor
 
-START_TIMEOUT = 20.0
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -63,6 +67,17 @@ class TunnelInfo:
     credentials: Path
 
 
+log = logging.getLogger(__name__)
+
+_TEAM_ADDRESSES = itertools.count()
+
+
+def _next_team_address() -> str:
+    """A loopback address no other lab of this process listens on (127.77.0.1, 127.77.0.2, ...)."""
+    n = next(_TEAM_ADDRESSES)
+    return f"127.77.{n // 250 % 250}.{n % 250 + 1}"
+
+
 @dataclass
 class Lab:
     scenario: Scenario
@@ -78,6 +93,8 @@ class Lab:
     # Every secret this run creates is registered here; whatever the lab writes goes through it.
     redactor: Redactor = field(default_factory=Redactor)
     access_vars: dict[str, str] = field(default_factory=dict)  # ${access...} (lab/runner/access.py)
+    team_domain: tuple[str, str] | None = None  # (name, address) the namespace's DNS stub answers for us
+    stub_names: list[str] = field(default_factory=list)  # every name registered with that address
 
     # --- variables ------------------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
@@ -133,38 +150,57 @@ class Lab:
                                  redact=self.redactor.text)
 
     async def setup(self) -> None:
+        """Origins at once with the admin steps and the edge; then access, then the connector, which needs
+        the origins' addresses and the edge's listeners. The edge starts once the first `tunnel create`
+        has made the tunnel store: two processes creating the same SQLite file at once can meet a lock
+        SQLite does not wait for (seen: `database is locked`); after that the store and the PKI are safe to
+        share, and the edge reads the tunnels only when a connector registers."""
         (self.state / "home").mkdir(parents=True, exist_ok=True)
         sc = self.scenario
-        for t in sc.tunnels:
-            out = await self.admin("create", t.name)
-            m = _UUID.search(out)
-            if not m:
-                raise ComponentError(f"`tunnel create {t.name}` printed no tunnel id: {out.strip()[:200]}")
-            creds = self.state / "credentials" / f"{m.group(0)}.json"
-            path_m = re.search(r"(/\S+\.json)", out)
-            if path_m and Path(path_m.group(1)).exists():
-                creds = Path(path_m.group(1))
-            self.tunnels[t.name] = TunnelInfo(t.name, m.group(0), creds)
-            self._register_secret(creds)
-            for host in t.dns:
-                await self.admin("route", "dns", t.name, host)
-            for cidr in t.ip:
-                await self.admin("route", "ip", cidr, t.name)
+        jobs: list[Callable[[], Awaitable[None]]] = [self._tunnels_and_edge]
         for o in sc.origins:
             self._origin_component(o.name)
             if o.start:
-                await self.start_origin(o.name)
+                jobs.append(functools.partial(self.start_origin, o.name))
         self._edge_component(fixed_ports=False)
-        await self.start_edge()
+        await concurrently(jobs)
         if sc.access is not None:
             from tunnel_lab.lab.runner.access import setup_access
 
             await setup_access(self)
+        if sc.waf is not None:
+            for key, phase in (("custom", "http_request_firewall_custom"), ("ratelimit", "http_ratelimit")):
+                if key in sc.waf:
+                    answer = await self.api("PUT", f"/zones/lab/rulesets/phases/{phase}/entrypoint",
+                                            {"rules": self.subst(sc.waf[key])})
+                    if not isinstance(answer, dict) or not answer.get("success"):
+                        raise ComponentError(f"topology.waf.{key}: the edge refused the rules: {answer}")
         if sc.connector is not None:
             self.metrics_addr = f"127.0.0.1:{free_port()}"
             self._connector_component()
             if sc.connector.start:
                 await self.start_connector(wait_ready=sc.connector.wait_ready)
+
+    async def _tunnels_and_edge(self) -> None:
+        routes: list[tuple[str, ...]] = []
+        for t in self.scenario.tunnels:
+            await self._create_tunnel(t.name)
+            routes += [("route", "dns", t.name, host) for host in t.dns]
+            routes += [("route", "ip", cidr, t.name) for cidr in t.ip]
+        # Routes are independent rows of the store (BEGIN IMMEDIATE, a busy timeout): all at once.
+        await concurrently([self.start_edge, *(functools.partial(self.admin, *args) for args in routes)])
+
+    async def _create_tunnel(self, name: str) -> None:
+        out = await self.admin("create", name)
+        m = _UUID.search(out)
+        if not m:
+            raise ComponentError(f"`tunnel create {name}` printed no tunnel id: {out.strip()[:200]}")
+        creds = self.state / "credentials" / f"{m.group(0)}.json"
+        path_m = re.search(r"(/\S+\.json)", out)
+        if path_m and Path(path_m.group(1)).exists():
+            creds = Path(path_m.group(1))
+        self.tunnels[name] = TunnelInfo(name, m.group(0), creds)
+        self._register_secret(creds)
 
     def _origin_component(self, name: str, port: int = 0) -> Component:
         spec = self.scenario.origin(name)
@@ -193,6 +229,7 @@ class Lab:
         await comp.start()
         self.recorder.op("start", component=comp.name, argv=comp.argv, pid=comp.pid)
         ready = await comp.wait_ready_file(START_TIMEOUT)
+        self.recorder.op("ready", component=comp.name)
         # Restarts reuse the port, so ingress rules and ${...} values stay valid.
         port = str(ready.get("address", "")).rpartition(":")[2]
         if port.isdigit() and "127.0.0.1:0" in comp.argv:
@@ -210,6 +247,10 @@ class Lab:
         def addr_of(key: str) -> str:
             return str(self.edge_ready[key]) if fixed_ports and self.edge_ready.get(key) else "127.0.0.1:0"
 
+        https = addr_of("https") if sc.edge.get("https", True) else None
+        if https is not None and not fixed_ports and self._claim_team_domain():
+            assert self.team_domain is not None
+            https = f"{self.team_domain[1]}:443"
         flags: list[str] = []
         if "origin_timeout" in sc.edge:
             from tunnel_lab.lab.runner.loader import parse_duration
@@ -223,7 +264,7 @@ class Lab:
             datacentres,
             ready=ready,
             http=addr_of("http"),
-            https=addr_of("https") if sc.edge.get("https", True) else None,
+            https=https,
             warp=addr_of("warp") if sc.edge.get("warp", False) else None,
             api=addr_of("api"),
             flags=[*flags, *sc.edge.get("flags", [])],
@@ -235,11 +276,41 @@ class Lab:
         self.components["edge"] = comp
         return comp
 
+    def _claim_team_domain(self) -> bool:
+        """For the real cloudflared with `topology.access`: the edge's HTTPS eyeball listener on port 443
+        of an address of its own, which the namespace's DNS stub gives as the team domain, so that
+        `originRequest.access` can fetch https://TEAM.cloudflareaccess.com/cdn-cgi/access/certs (the lab
+        CA is trusted through SSL_CERT_FILE). Only for scenarios that need it (`access-jwks`, or steps that
+        run `cloudflared access`, which also get their hostnames and login.cloudflareaccess.org); another
+        lab running with the same name keeps it."""
+        if self.team_domain is not None:
+            return True
+        clients = any(step.action in ("ssh", "access_login") for step in self.scenario.steps)
+        if (self.scenario.access is None or self.options.connector != "cloudflared" or not netns.isolated()
+                or not (clients or "access-jwks" in self.scenario.requires)):
+            return False
+        team = self.scenario.access.get("team") or "lab"
+        name = f"{team}.cloudflareaccess.com"
+        address = _next_team_address()
+        if not netns.register_name(name, address):
+            log.info("%s is served by another lab running now; this one's cloudflared cannot fetch its keys",
+                     name)
+            return False
+        self.team_domain = (name, address)
+        self.stub_names.append(name)
+        # `cloudflared access` dials the application and the token transfer service by name too.
+        others = [h for t in self.scenario.tunnels for h in t.dns if "*" not in h] if clients else []
+        for other in [*others, "login.cloudflareaccess.org"] if clients else []:
+            if netns.register_name(other, address):
+                self.stub_names.append(other)
+        return True
+
     async def start_edge(self) -> None:
         comp = self.components["edge"]
         await comp.start()
         self.recorder.op("start", component="edge", argv=comp.argv, pid=comp.pid)
         self.edge_ready = await comp.wait_ready_file(START_TIMEOUT)
+        self.recorder.op("ready", component="edge")
         self.api_token = str(self.edge_ready.get("api_token") or "")
         if not self.api_token:
             token_file = self.state / "api-token"
@@ -322,8 +393,11 @@ class Lab:
         )
         env = self.env()
         if self.scenario.access is not None and self.edge_ready.get("https"):
-            # originRequest.access: the team domain's keys come from the edge's HTTPS listener
+            # originRequest.access: the team domain's keys come from the edge's HTTPS listener (our
+            # connector is told where; cloudflared resolves the name, see _claim_team_domain)
             env["TUNNEL_LAB_ACCESS_ADDR"] = str(self.edge_ready["https"])
+            if self.team_domain is not None and self.edge_ready.get("ca"):
+                env["SSL_CERT_FILE"] = str(self.edge_ready["ca"])
         comp = Component("connector", argv, self.logs / "connector.log", env=env)
         old = self.components.get("connector")
         if old is not None:
@@ -351,6 +425,7 @@ class Lab:
         self.recorder.op("start", component="connector", argv=shown, pid=comp.pid)
         if wait_ready:
             await self.wait_ready(wait_ready, START_TIMEOUT)
+            self.recorder.op("ready", component="connector")
 
     async def wait_ready(self, n: int | dict[str, int], timeout: float) -> int:
         """Wait until the connector's /ready reports `n` connections (an int, or {min, max})."""
@@ -397,17 +472,34 @@ class Lab:
 
     # --- teardown and logs ---------------------------------------------------------------------------------
     async def teardown(self) -> None:
-        """Stop everything: the connector first (so it does not log a storm of reconnects), then the rest."""
-        order = sorted(self.components.values(), key=lambda c: (c.name != "connector", c.name == "edge"))
+        """Stop everything: the connector first and gracefully (so it does not log a storm of reconnects,
+        and its shutdown is what a user sees), then the rest at once with SIGKILL: nothing is checked after
+        the last step, and their graceful shutdown cost about 0.1 CPU-second each (`edge` and `origin`
+        steps still stop them gracefully; with `--trace` the edge too, so that its trace is whole)."""
+        if self.team_domain is not None:
+            for name in self.stub_names:
+                netns.unregister_name(name, self.team_domain[1])
         with trio.CancelScope(shield=True):
-            for comp in order:
-                if comp.name.startswith("access"):
-                    comp.kill_group()
-            for comp in order:
+            connector = self.components.get("connector")
+            rest = [c for c in self.components.values() if c is not connector]
+            async with trio.open_nursery() as nursery:
+                for comp in rest:
+                    if comp.name.startswith("access"):
+                        nursery.start_soon(comp.kill)
+            if connector is not None:
                 try:
-                    await comp.stop(grace=1.0)
+                    await connector.stop(grace=1.0)
                 except OSError:
-                    comp.kill_group()
+                    connector.kill_group()
+            async with trio.open_nursery() as nursery:
+                for comp in rest:
+                    if self.options.trace and comp.name == "edge":
+                        nursery.start_soon(comp.stop, 3.0)  # its trace ends with `trace.end`, flushed
+                    else:
+                        nursery.start_soon(comp.kill)
+            for comp in self.components.values():
+                if comp.starts:
+                    self.recorder.op("cpu", component=comp.name, seconds=round(comp.cpu, 3))
 
     def _register_secret(self, creds: Path) -> None:
         # not a credentials file we can read: nothing to register

@@ -38,6 +38,8 @@ ACTIONS = (
     "edge",
     "history",
     "sleep",
+    "access_login",
+    "ssh",
 )
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
@@ -359,6 +361,7 @@ class Scenario:
     # connector ("builtin" | "cloudflared") -> why it is known to fail this scenario (docs/scenarios.md)
     known_deviations: dict[str, str] = field(default_factory=dict)
     access: dict[str, Any] | None = None  # topology.access (docs/access.md), checked by _check_access
+    waf: dict[str, Any] | None = None  # topology.waf (docs/waf.md): custom and ratelimit rules
     http2_only: str = ""  # why the whole scenario holds only over http2 (skipped under --protocol quic)
 
     def origin(self, name: str) -> OriginSpec:
@@ -489,6 +492,7 @@ def _build(doc: Document) -> Scenario:
         steps=steps,
         known_deviations={k: v.strip() for k, v in data.get("known_deviations", {}).items()},
         access=topo.get("access"),
+        waf=topo.get("waf"),
         http2_only=str(data.get("http2_only", "")).strip(),
     )
     _check_semantics(doc, scenario)
@@ -602,6 +606,14 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                                     f"topology.access.{parts[1]}: {', '.join(sorted(known)) or 'none'}")
     if sc.access is not None:
         _check_access(doc, sc.access)
+    if sc.waf is not None:
+        from tunnel_lab.wire import waf
+
+        for key, parse in (("custom", waf.parse_rules), ("ratelimit", waf.parse_rate_rules)):
+            try:
+                parse(sc.waf.get(key, []))
+            except waf.WafError as exc:
+                raise doc.error(("topology", "waf", key), exc.message) from None
     for o in sc.origins:
         if o.tls and o.kind in ("tcp-echo",):
             raise doc.error(

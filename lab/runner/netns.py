@@ -142,8 +142,50 @@ def nxdomain_answer(query: bytes) -> bytes | None:
     return query[:2] + flags.to_bytes(2, "big") + query[4:6] + bytes(6) + query[12:]
 
 
+# Names the stub answers (name -> IPv4), registered by labs in this process: an Access team domain
+# served by a lab edge, so that the real cloudflared can fetch its signing keys (docs/access.md).
+_NAMES: dict[str, str] = {}
+_NAMES_LOCK = threading.Lock()
+
+
+def register_name(name: str, address: str) -> bool:
+    """Have the stub answer `name` with `address`; False (nothing changed) if another lab holds it."""
+    with _NAMES_LOCK:
+        if _NAMES.get(name.lower(), address) != address:
+            return False
+        _NAMES[name.lower()] = address
+        return True
+
+
+def unregister_name(name: str, address: str) -> None:
+    with _NAMES_LOCK:
+        if _NAMES.get(name.lower()) == address:
+            del _NAMES[name.lower()]
+
+
+def stub_answer(query: bytes) -> bytes | None:
+    """A registered name's A record (an empty answer for other types), else `nxdomain_answer`."""
+    from tunnel_lab.wire import dns
+
+    with _NAMES_LOCK:
+        names = dict(_NAMES)
+    if names:
+        try:
+            message = dns.decode_message(query)
+        except dns.DnsFormatError:
+            return nxdomain_answer(query)
+        if not message.is_response and len(message.questions) == 1:
+            question = message.questions[0]
+            address = names.get(dns.canonical_name(question.name))
+            if address is not None:
+                answers = (dns.Record(name=question.name, rtype=dns.A, ttl=5, data=address),) \
+                    if question.qtype == dns.A else ()
+                return dns.encode_message(dns.reply(message, answers=answers))
+    return nxdomain_answer(query)
+
+
 def start_dns_stub(address: tuple[str, int] = ("127.0.0.1", 53)) -> socket.socket:
-    """Serve `nxdomain_answer` on UDP `address` in a daemon thread; returns the bound socket."""
+    """Serve `stub_answer` on UDP `address` in a daemon thread; returns the bound socket."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(address)
 
@@ -153,7 +195,7 @@ def start_dns_stub(address: tuple[str, int] = ("127.0.0.1", 53)) -> socket.socke
                 query, peer = sock.recvfrom(4096)
             except OSError:
                 return
-            answer = nxdomain_answer(query)
+            answer = stub_answer(query)
             if answer is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(answer, peer)

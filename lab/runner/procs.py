@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,18 @@ def tail(path: Path, lines: int = 20) -> list[str]:
     return text.splitlines()[-lines:]
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a running process so far (0 when it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (proc(5) fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class Component:
     """One process of the lab: `name` (edge, connector, origin:app, access:...), its command line and log."""
 
@@ -129,6 +141,7 @@ class Component:
         self.process: trio.Process | None = None
         self.ready: dict[str, Any] = {}
         self.starts = 0
+        self.cpu = 0.0  # CPU seconds of the processes stopped so far (`stop`), for the operation history
 
     @property
     def pid(self) -> int | None:
@@ -197,6 +210,7 @@ class Component:
         if self.process is None:
             return None
         if self.process.returncode is None:
+            self.cpu += process_cpu(self.process.pid)
             self.send_signal(signal.SIGTERM)
             with trio.move_on_after(grace):
                 await self.process.wait()
@@ -205,12 +219,42 @@ class Component:
             await self.process.wait()
         return self.process.returncode
 
+    async def kill(self) -> None:
+        """SIGKILL the whole process group at once (no graceful shutdown) and reap it."""
+        if self.process is None:
+            return
+        if self.process.returncode is None:
+            self.cpu += process_cpu(self.process.pid)
+        self.kill_group()
+        with trio.move_on_after(2):
+            await self.process.wait()
+
     def kill_group(self) -> None:
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         REAPER.forget_group(self.process.pid)
+
+
+async def concurrently(jobs: Sequence[Callable[[], Awaitable[object]]]) -> None:
+    """Run `jobs` at once; the first to fail cancels the others and its exception is raised as itself
+    (not in an exception group), so callers catch `ComponentError` as they would for one job."""
+    failed: list[Exception] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def one(job: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await job()
+            except Exception as exc:  # handed to the caller below, whatever it is
+                failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+        for job in jobs:
+            nursery.start_soon(one, job)
+    if failed:
+        raise failed[0]
 
 
 async def run_command(

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from tunnel_lab.lab.runner import netns
+from tunnel_lab.lab.runner import bytecode, netns
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.engine import ScenarioResult, run_scenario
 from tunnel_lab.lab.runner.lab import RunOptions
@@ -54,6 +54,7 @@ def run_all(
         trace=bool(getattr(args, "trace", False)),
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
+    bytecode.warm()  # once here rather than in each of the hundreds of processes the run starts
     if netns.inside():
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
@@ -148,6 +149,12 @@ async def _run(
     await run_with_progress(console, render, selected, one)
 
 
+def longest_first(selected: list[Scenario]) -> list[Scenario]:
+    """The run order: scenarios with a longer `timeout` first (their authors expect them to take long:
+    reconnects after a backoff), so that the long ones overlap instead of finishing the run alone."""
+    return sorted(selected, key=lambda sc: -sc.timeout)
+
+
 async def run_with_progress(console: Console, render: Callable[[], Table], selected: list[Scenario],
                             one: Callable[[Scenario, Console], Awaitable[None]]) -> None:
     """`one(scenario, out)` for every scenario at once (each limits itself) under a live progress view
@@ -162,6 +169,7 @@ async def run_with_progress(console: Console, render: Callable[[], Table], selec
 
             nursery.start_soon(refresher)
             async with trio.open_nursery() as workers:
-                for sc in selected:
+                for sc in longest_first(selected):
                     workers.start_soon(one, sc, live.console)
+                    await trio.sleep(0)  # let it queue on the limiter: start order is queue order
             nursery.cancel_scope.cancel()

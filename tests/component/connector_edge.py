@@ -63,7 +63,6 @@ class Response:
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     ended: bool = False
     reset: int | None = None
-    data_frames: list[bytes] = field(default_factory=list)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -139,13 +138,12 @@ class EdgeSide:
         self.local_config: bytes | None = None
         self.control_response: list[tuple[bytes, bytes]] | None = None
         self.control_ended = False
-        self.control_reset: int | None = None
         self.goaway: int | None = None
         self.answer_unregister = True
         self.remote_settings: dict[int, int] = {}
-        self.window_updates: list[tuple[int, int]] = []
         self._lock = trio.Lock()
         self._window = trio.Event()
+        self._control_backlog = bytearray()
 
     async def flush(self) -> None:
         async with self._lock:
@@ -232,7 +230,6 @@ class EdgeSide:
                 self.remote_settings[int(code)] = change.new_value
             self._wake()
         elif isinstance(ev, h2.events.WindowUpdated):
-            self.window_updates.append((ev.stream_id or 0, ev.delta or 0))
             self._wake()
         elif isinstance(ev, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
             if ev.stream_id == self.control_id:
@@ -254,14 +251,11 @@ class EdgeSide:
                 for rpc_ev in self.rpc.receive_data(ev.data or b""):
                     await self._rpc_event(rpc_ev)
                     self.edge._notify()
-                out = self.rpc.data_to_send()
-                if out:
-                    await self.send_data(sid, out)
+                self._queue_control(self.rpc.data_to_send())
                 return
             es = self.streams.get(sid)
             if es is not None:
                 es.response.body += ev.data or b""
-                es.response.data_frames.append(bytes(ev.data or b""))
                 if es.auto_ack:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
                 es._notify()
@@ -278,7 +272,6 @@ class EdgeSide:
                 es._notify()
         elif isinstance(ev, h2.events.StreamReset):
             if ev.stream_id == self.control_id:
-                self.control_reset = int(ev.error_code or 0)
                 return
             es = self.streams.get(ev.stream_id or 0)
             if es is not None:
@@ -292,6 +285,28 @@ class EdgeSide:
     def _wake(self) -> None:
         self._window.set()
         self._window = trio.Event()
+        self._pump_control()
+
+    def _queue_control(self, data: bytes) -> None:
+        """RPC bytes for the control stream, sent as far as the flow-control windows allow now and the rest
+        as WINDOW_UPDATEs arrive. The reader calls this: it must never wait for window itself, since the
+        WINDOW_UPDATE that would open it is behind it in the socket."""
+        self._control_backlog += data
+        self._pump_control()
+
+    def _pump_control(self) -> None:
+        while self._control_backlog:
+            try:
+                window = min(self.h2.local_flow_control_window(self.control_id),
+                             self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    return
+                chunk = bytes(self._control_backlog[:window])
+                self.h2.send_data(self.control_id, chunk)
+            except h2.exceptions.ProtocolError:  # the control stream is gone
+                self._control_backlog.clear()
+                return
+            del self._control_backlog[:len(chunk)]
 
     async def _rpc_event(self, ev: object) -> None:
         if isinstance(ev, RegisterConnectionCalled):
@@ -306,9 +321,8 @@ class EdgeSide:
                 self.edge._notify()
             else:
                 self.edge.refused += 1
-                out = self.rpc.data_to_send()
-                if out:
-                    await self.send_data(self.control_id, out)
+                self._queue_control(self.rpc.data_to_send())
+                await self.flush()
                 # like the real edge: close shortly after a refusal
                 self.edge.nursery.start_soon(self._close_soon)
         elif isinstance(ev, UpdateLocalConfigurationCalled):

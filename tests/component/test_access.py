@@ -176,7 +176,7 @@ async def test_answer_after_local_eof_still_arrives() -> None:
 
 def test_edge_target_parsing() -> None:
     t = EdgeTarget("h.test", None)
-    assert (t.host, t.port, t.tls) == ("h.test", 80, False)
+    assert (t.host, t.port, t.tls) == ("h.test", 443, True)  # wss://HOSTNAME/ as cloudflared
     t = EdgeTarget("h.test", "https://[::1]:8443/")
     assert (t.host, t.port, t.tls) == ("::1", 8443, True)
     with pytest.raises(ConfigError, match="HOST:PORT"):

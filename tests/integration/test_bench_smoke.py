@@ -13,7 +13,7 @@ import pytest
 
 from tests.standin import write_standin
 
-TIMEOUT = 120  # direct, lab and lab-quic; with --cloudflared twice that many connector paths
+TIMEOUT = 180  # direct, lab, lab-traced and lab-quic; with --cloudflared twice that many connector paths
 
 RATE = {"requests", "requests_per_s", "p50_ms", "p90_ms", "p99_ms"}
 BULK = {"mb_per_s", "seconds"}
@@ -21,7 +21,9 @@ EXPECTED: dict[str, set[str]] = {
     "get-c1": RATE, "get-c32": RATE, "get-c128": RATE, "post-1mib-c8": RATE,
     "download": BULK, "upload": BULK, "websocket-echo": {"messages_per_s", "p50_ms", "p99_ms"},
 }
-CONNECTOR_ONLY: dict[str, set[str]] = {"ready": {"seconds", "first_connection_s"}, "failover": {"seconds"}}
+CONNECTOR_ONLY: dict[str, set[str]] = {"ready": {"seconds", "first_connection_s"}, "failover": {"seconds"},
+                                       "many-requests": RATE}
+IDLE = {"idle-eyeballs": {"connections", "edge_rss_growth_mb"}}  # measured once per edge: on `lab`
 
 
 def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
@@ -57,8 +59,9 @@ def test_tiny_bench_produces_every_figure_for_direct_and_lab(tmp_path: Path) -> 
     assert doc["profile"] == "tiny"
     assert doc["client"] in ("tunnel-lab", "wrk", "h2load")
     check_path(doc, "direct", EXPECTED, {"origin", "ws-origin"})
-    check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, {"edge", "connector", "origin", "ws-origin"})
-    check_path(doc, "lab-quic", {**EXPECTED, **CONNECTOR_ONLY}, {"edge", "connector", "origin", "ws-origin"})
+    tunnel = {"edge", "connector", "origin", "ws-origin"}
+    check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY, **IDLE}, tunnel)
+    check_path(doc, "lab-quic", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
     assert not [r for r in doc["runs"] if r["path"].startswith("cloudflared")]
     paths_with_goals = {g["path"] for g in doc["goals"]}
     assert paths_with_goals == {"lab", "lab-quic"}
@@ -69,8 +72,15 @@ def test_tiny_bench_produces_every_figure_for_direct_and_lab(tmp_path: Path) -> 
     assert {q["figure"] for q in doc["quic"] if q["met"] is not None} == {
         "get-c32 edge CPU per request", "get-c32 connector CPU per request", "bulk download", "bulk upload"}
     assert "QUIC against http2" in proc.stdout
+    # The trace's cost: the lab path again with --trace, every ratio there, both traces whole.
+    check_path(doc, "lab-traced", EXPECTED, tunnel)
+    assert all(t["ratio"] is not None for t in doc["trace"]), doc["trace"]
+    files = next(r for r in doc["runs"] if r["workload"] == "trace-files")
+    for component in ("edge", "connector"):
+        assert files[f"{component}_trace_complete"] == 1 and files[f"{component}_trace_records"] > 100, files
+    assert "The protocol trace's cost" in proc.stdout
     # The terminal table names every workload and says which load client ran.
-    for workload in [*EXPECTED, *CONNECTOR_ONLY]:
+    for workload in [*EXPECTED, *CONNECTOR_ONLY, *IDLE]:
         assert workload in proc.stdout
     assert f"load client: {doc['client']}" in proc.stdout
 
@@ -103,6 +113,8 @@ def test_cloudflared_path_runs_in_a_netns_with_a_stand_in(tmp_path: Path) -> Non
     check_path(doc, "lab", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
     check_path(doc, "cloudflared", {**EXPECTED, **CONNECTOR_ONLY}, tunnel)
     assert {g["path"] for g in doc["goals"]} == {"lab", "cloudflared"}
+    # every target of issue 16 this bench reports (1 and 2 need the cloudflared path) has a value
+    assert {g["target"] for g in doc["goals"] if g["value"] is not None} == {0, 1, 2, 3, 7}
     assert doc["quic"] == []
 
 

@@ -249,6 +249,143 @@ def test_quick_tunnel_with_the_real_cloudflared(tmp_path: Path, flags: tuple[str
     assert f"protocol={protocol}" in log.read_text(), detail
 
 
+# A remotely managed tunnel as the dashboard makes one, with `run --token`: its ingress comes from the
+# API (`PUT .../configurations`, with curl as the API docs show it), and a second PUT while it runs
+# moves the hostname to another origin. `cloudflared tail` streams the running connector's logs
+# through management.argotunnel.com; a forged token and an unknown connector id are refused. Every
+# wait polls for the awaited event with a deadline.
+TOKEN_FLOW = r'''
+set -eu
+wait_for() { for _ in $(seq 1 600); do if eval "$1"; then return 0; fi; sleep 0.1; done; echo "TIMEOUT: $1"; }
+tunnel-lab login >/dev/null
+cloudflared tunnel create managed >/dev/null
+cloudflared tunnel route dns managed managed.example.com
+TID=$(cloudflared tunnel list -o json | python3 helper.py tunnel-id managed)
+eval "$(python3 helper.py account)"
+mkdir -p one two; echo one >one/index.html; echo two >two/index.html
+(cd one && exec python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1) &
+(cd two && exec python3 -m http.server 8001 --bind 127.0.0.1 >/dev/null 2>&1) &
+put() {
+  curl -sS -X PUT "https://api.cloudflare.com/client/v4/accounts/$ACCT/cfd_tunnel/$TID/configurations" \
+    -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
+    --data "$(python3 helper.py config managed.example.com "$1")" | python3 helper.py version
+}
+put http://localhost:8000
+cloudflared tunnel $PROTOCOL run --token "$(cloudflared tunnel token managed)" >"$HOME/token.log" 2>&1 &
+wait_for '[ "$(curl -sf https://managed.example.com/)" = one ]'
+echo "FIRST $(curl -sS https://managed.example.com/)"
+cloudflared tail "$TID" >"$HOME/tail.log" 2>&1 &
+TAIL=$!
+wait_for '[ -s "$HOME/tail.log" ]'
+put http://localhost:8001
+wait_for '[ "$(curl -sf https://managed.example.com/)" = two ]'
+echo "SECOND $(curl -sS https://managed.example.com/)"
+wait_for 'grep -q "Updated to new configuration.*8001" "$HOME/tail.log"'
+kill $TAIL; wait $TAIL || true
+cloudflared tail token "$TID" | python3 helper.py token-parts
+cloudflared tail --token "$(python3 helper.py forge "$TID")" "$TID" >"$HOME/forged.log" 2>&1 || true
+cloudflared tail --connector-id 00000000-0000-4000-8000-000000000000 "$TID" >"$HOME/nobody.log" 2>&1 || true
+'''
+
+# Small steps of TOKEN_FLOW in Python (run inside the sandbox from the working directory).
+HELPER = r'''
+import base64, json, os, sys, time
+what = sys.argv[1]
+if what == "tunnel-id":
+    print(next(t["id"] for t in json.load(sys.stdin) if t["name"] == sys.argv[2]))
+elif what == "account":
+    pem = open(os.path.expanduser("~/.cloudflared/cert.pem")).read().splitlines()
+    cert = json.loads(base64.b64decode("".join(pem[1:-1])))
+    print(f"ACCT={cert['accountID']} KEY={cert['apiToken']}")
+elif what == "config":
+    rules = [{"hostname": sys.argv[2], "service": sys.argv[3]}, {"service": "http_status:404"}]
+    print(json.dumps({"config": {"ingress": rules}}))
+elif what == "version":
+    print("PUT-VERSION", json.load(sys.stdin)["result"]["version"])
+elif what == "token-parts":
+    print("TAIL-TOKEN", len(json.load(sys.stdin)["token"].split(".")))
+elif what == "forge":  # well-formed, signed with a key that is not the lab's
+    from tunnel_lab.wire import mgmt_token
+    print(mgmt_token.mint(mgmt_token.new_key(), tunnel_id=sys.argv[2], account_tag="a", actor="b",
+                          resource="logs", now=time.time()))
+'''
+
+
+@needs_netns
+@pytest.mark.skipif(not CLOUDFLARED,
+                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
+@pytest.mark.parametrize(("flags", "cloudflared_flags", "protocol"), [
+    ((), "", "quic"), (("--no-quic",), "--protocol http2", "http2")])
+def test_token_tunnel_configuration_change_and_tail_with_the_real_cloudflared(
+        tmp_path: Path, flags: tuple[str, ...], cloudflared_flags: str, protocol: str) -> None:
+    assert CLOUDFLARED is not None
+    script = TOKEN_FLOW.replace("$PROTOCOL", cloudflared_flags)
+    (tmp_path / "helper.py").write_text(HELPER)
+    binary = str(Path(CLOUDFLARED).resolve())
+    result = sandbox(tmp_path, "bash", "-c", script, cloudflared=binary, flags=flags)
+    home = tmp_path / "state" / "home"
+
+    def text(name: str) -> str:
+        path = home / name
+        return path.read_text() if path.exists() else ""
+
+    detail = result.stdout[-2000:] + result.stderr[-2000:] + text("token.log")[-3000:]
+    assert result.returncode == 0 and "TIMEOUT" not in result.stdout, detail
+    lines = result.stdout.splitlines()
+    steps = [line for line in lines if line.startswith(("PUT-VERSION", "FIRST", "SECOND", "TAIL-TOKEN"))]
+    assert steps == ["PUT-VERSION 1", "FIRST one", "PUT-VERSION 2", "SECOND two", "TAIL-TOKEN 3"], detail
+    run_log = text("token.log")
+    assert f"protocol={protocol}" in run_log, detail
+    assert "version=1" in run_log and "version=2" in run_log, detail  # both pushed, in order
+    # The tail printed the running connector's own log lines, including the live update.
+    tail_log = text("tail.log")
+    assert "Updated to new configuration" in tail_log and "cloudflared" in tail_log, tail_log[-2000:]
+    refused = "management request failed validation: (1002) invalid management token: bad token signature"
+    assert refused in text("forged.log"), text("forged.log")
+    assert "no cloudflared connector available" in text("nobody.log"), text("nobody.log")
+
+
+# Virtual networks as `cloudflared tunnel vnet` and `route ip --vnet` use them.
+VNET_FLOW = r'''
+set -eu
+tunnel-lab login >/dev/null
+cloudflared tunnel create app >/dev/null
+cloudflared tunnel vnet add staging "test net"
+cloudflared tunnel vnet add --default prod
+cloudflared tunnel route ip add --vnet staging 10.5.0.0/16 app
+cloudflared tunnel route ip add 10.6.0.0/16 app
+cloudflared tunnel route ip get --vnet staging 10.5.1.1 | grep -q "10.5.0.0/16" && echo "GET-IN-VNET"
+cloudflared tunnel route ip get 10.5.1.1 | grep -q "No route matches" && echo "NOT-IN-DEFAULT"
+cloudflared tunnel vnet delete staging && echo "DELETE-BUSY-OK" || echo "DELETE-BUSY-REFUSED"
+cloudflared tunnel vnet delete -f staging
+cloudflared tunnel vnet update --name production prod
+cloudflared tunnel vnet delete default
+echo "LIST"
+cloudflared tunnel vnet list
+cloudflared tunnel route ip show
+'''
+
+
+@needs_netns
+@pytest.mark.skipif(not CLOUDFLARED,
+                    reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=/path/to/cloudflared")
+def test_virtual_networks_with_the_real_cloudflared(tmp_path: Path) -> None:
+    assert CLOUDFLARED is not None
+    result = sandbox(tmp_path, "bash", "-c", VNET_FLOW, cloudflared=str(Path(CLOUDFLARED).resolve()))
+    detail = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, detail
+    lines = result.stdout.splitlines()
+    assert "(as the new default for this account)" in result.stdout, detail
+    assert "GET-IN-VNET" in lines and "NOT-IN-DEFAULT" in lines and "DELETE-BUSY-REFUSED" in lines, detail
+    assert "code: 1017" in result.stderr, detail
+    listed = lines[lines.index("LIST") + 1:]
+    names = [line.split()[1] for line in listed[1:] if line and not line.startswith("ID")]
+    assert names[:1] == ["production"], detail  # the network list, then the routes' table
+    assert "staging" not in names and "default" not in names and "prod" not in names, detail
+    routes = [line for line in listed if "10.6.0.0/16" in line or "10.5.0.0/16" in line]
+    assert len(routes) == 1 and "10.6.0.0/16" in routes[0], detail  # staging's route went with it
+
+
 @needs_netns
 def test_sigterm_reaches_the_command_and_everything_stops(tmp_path: Path) -> None:
     marker = f"sandbox-{os.getpid()}-{tmp_path.name}"

@@ -743,7 +743,8 @@ def test_refused_and_warned_flags(lab: Path) -> None:
             TUNNEL_ID,
         ]
     )
-    assert any(n.startswith("--region") for n in notes) and any(n.startswith("--label") for n in notes)
+    # --label is used now (the management service's host_details), so only --region warns
+    assert any(n.startswith("--region") for n in notes) and not any(n.startswith("--label") for n in notes)
 
 
 # --- durations ------------------------------------------------------------------------------------
@@ -809,10 +810,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert "version 2026.8.2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sub", ["create", "route", "list"])
-def test_admin_subcommands_point_elsewhere(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("sub", ["diag"])
+def test_missing_subcommands_say_so(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["tunnel", sub, "x"]) == 1
-    assert f"tunnel-lab tunnel {sub}" in capsys.readouterr().err
+    assert f"`tunnel {sub}` is not implemented" in capsys.readouterr().err
 
 
 def test_tunnel_without_run(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1045,3 +1046,59 @@ def test_secrets_are_never_logged(
         and "WSQ+2zDXQRqrBJbySwGBr3k2pMDsoESAn0NG82nH9dA=" not in err
     )
     assert "TUNNEL_TOKEN:*****" in err and "token:*****" in err
+
+
+# --- issue 18: edge discovery, quick tunnels, admin commands --------------------------------------------
+
+
+def discovered(percentages: dict[str, int] | None) -> Any:
+    from tunnel_lab.connector.edge_discovery import Discovery
+
+    def discover(ip_version: str) -> Discovery:
+        assert ip_version == "auto"
+        return Discovery(addresses=("127.0.1.1:7844", "127.0.2.1:7844"), protocol_percentages=percentages)
+
+    return discover
+
+
+def test_without_edge_the_edge_is_discovered_and_the_protocol_record_followed(lab: Path) -> None:
+    command = cli.parse_command(["tunnel", "run", "--credentials-file", "creds.json", TUNNEL_ID])
+    res, notes = cli.resolve_run(command, {})
+    settings = cli.build_settings(res, command.args, notes, discover=discovered({"quic": 100, "http2": 100}))
+    assert settings.edge_addrs == ("127.0.1.1:7844", "127.0.2.1:7844") and settings.ha_connections == 2
+    assert (settings.protocol, settings.protocol_can_fall_back) == ("quic", True)
+    settings = cli.build_settings(res, command.args, [], discover=discovered(None))
+    assert settings.protocol == "http2"  # no answer: cloudflared starts with http2
+
+
+def test_a_quick_tunnel_runs_its_own_credentials_on_one_connection(lab: Path) -> None:
+    from tunnel_lab.connector.cfapi import QuickTunnel
+
+    quick = QuickTunnel(id=uuid.UUID(OTHER_ID), name="q", hostname="a-b.trycloudflare.com",
+                        account_tag="acct", secret=b"s" * 32)
+    command = cli.parse_command(["tunnel", "--url", "http://127.0.0.1:8000", "run"])
+    res, notes = cli.resolve_run(command, {})
+    settings = cli.build_settings(res, [], notes, discover=discovered(None), quick=quick)
+    assert settings.credentials.tunnel_id == uuid.UUID(OTHER_ID)
+    assert settings.credentials.account_tag == "acct"
+    assert (settings.ha_connections, settings.protocol, settings.quick_tunnel_url) == (
+        1, "quic", "a-b.trycloudflare.com")
+
+
+def test_admin_commands_are_routed_and_unknown_flags_answered_as_urfave(
+    lab: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.parse_command(["tunnel", "--origincert", "c.pem", "route", "dns", "a", "b"]).path == (
+        "tunnel", "admin")
+    assert cli.main(["tunnel", "list", "--bogus"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Incorrect Usage: flag provided but not defined: -bogus\n\nNAME:\n")
+    assert cli.main(["tunnel", "create"]) == 255
+    assert "requires exactly 1 argument" in capsys.readouterr().err
+    assert cli.main(["tunnel", "--origincert", "missing.pem", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "Error locating origin cert: cannot find a valid certificate at the path" in err
+
+
+def test_ascii_box() -> None:
+    assert cli.ascii_box(["ab", "c"]) == ["+------+", "|  ab  |", "|  c   |", "+------+"]

@@ -84,6 +84,11 @@ def test_routed_hostname_points_at_the_eyeballs_and_others_do_not_exist() -> Non
     assert ask("one.one.one.one", dns.A).rcode == dns.NXDOMAIN
 
 
+def test_management_hostname_points_at_the_eyeballs() -> None:
+    # cloudflared tail dials wss://management.argotunnel.com/logs: the edge's eyeball listener answers.
+    assert [r.data for r in ask("management.argotunnel.com", dns.A).answers] == ["127.0.0.1"]
+
+
 def test_known_name_other_type_is_nodata() -> None:
     reply = ask("api.cloudflare.com", dns.AAAA)
     assert reply.rcode == dns.NOERROR and reply.answers == ()

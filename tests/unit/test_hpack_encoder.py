@@ -81,3 +81,57 @@ def test_sensitive_fields_stay_never_indexed() -> None:
 
 def test_add_keeps_hpacks_default_of_no_huffman() -> None:
     assert LongValueEncoder().add((b"x-a", b"b"), False) == hpack.Encoder().add((b"x-a", b"b"), False)
+
+
+def _request(ray: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> list[tuple[bytes, bytes]]:
+    return [(b":method", b"GET"), (b":path", b"/x"), (b"user-agent", b"bench"), *extra, (b"cf-ray", ray)]
+
+
+def test_a_repeated_block_reuses_the_table_and_the_ray_is_never_indexed() -> None:
+    encoder, decoder = LongValueEncoder(), hpack.Decoder()
+    first = encoder.encode(_request(b"0123456789abcdef-LAB1"))
+    entries = list(encoder.header_table.dynamic_entries)
+    assert (b"cf-ray", b"0123456789abcdef-LAB1") not in entries
+    assert decoder.decode(first, raw=True) == _request(b"0123456789abcdef-LAB1")
+    second = encoder.encode(_request(b"fedcba9876543210-LAB1"))
+    assert list(encoder.header_table.dynamic_entries) == entries  # nothing added: the memo stays valid
+    assert decoder.decode(second, raw=True) == _request(b"fedcba9876543210-LAB1")
+    assert second == encoder.encode(_request(b"fedcba9876543210-LAB1"))
+    assert second[-1 - len(b"fedcba9876543210-LAB1"):] != first[-1 - len(b"fedcba9876543210-LAB1"):]
+
+
+def test_a_memoised_field_is_not_reused_after_the_table_changed() -> None:
+    """The same field moves to another index once a new entry is added: the memo must notice."""
+    encoder = LongValueEncoder()
+    before = encoder.encode([(b"x-a", b"1")])
+    again = encoder.encode([(b"x-a", b"1")])  # now indexed: 62
+    encoder.encode([(b"x-b", b"2")])  # x-a moves to 63
+    after = encoder.encode([(b"x-a", b"1")])
+    assert (before[0], again, after) == (0x40, b"\xbe", b"\xbf")
+
+
+blocks = st.lists(st.lists(st.tuples(st.sampled_from([b"x-a", b"x-b", b"cf-ray", b"user-agent"]),
+                                     st.sampled_from([b"1", b"22", b"a" * 40, b""])), max_size=6),
+                  max_size=8)
+
+
+@given(blocks, st.sampled_from([0, 64, 256, 4096]))
+def test_blocks_with_repeats_decode_in_step_whatever_the_table_size(
+        sequence: list[list[tuple[bytes, bytes]]], table_size: int) -> None:
+    encoder, decoder = LongValueEncoder(), hpack.Decoder()
+    encoder.header_table_size = table_size
+    assert decoder.decode(encoder.encode([]), raw=True) == []  # the size update goes out first
+    for headers in sequence * 2:
+        twin = _without_memo(encoder)
+        block = encoder.encode(headers)
+        assert block == twin.encode(headers)
+        assert decoder.decode(block, raw=True) == headers
+
+
+def _without_memo(encoder: LongValueEncoder) -> LongValueEncoder:
+    """A fresh encoder in the same table state: what the block must be without the memo."""
+    twin = LongValueEncoder()
+    table, theirs = twin.header_table, encoder.header_table
+    table.maxsize, table._current_size, table.resized = theirs.maxsize, theirs._current_size, False
+    table.dynamic_entries = type(theirs.dynamic_entries)(theirs.dynamic_entries)
+    return twin

@@ -36,3 +36,54 @@ def test_a_sender_finished_with_fin_resets_with_the_full_size() -> None:
     assert sender.get_frame(2000) is not None
     sender.reset(8)
     assert sender.get_reset_frame() == (8, 552, 1)
+
+
+def test_a_connection_keeps_the_peer_certificate_on_its_tls_context() -> None:
+    # transport.qh3.peer_certificate: connector/quic_conn.py words a failed verification from it.
+    from qh3.quic.configuration import QuicConfiguration
+    from qh3.quic.connection import QuicConnection
+
+    from tunnel_lab.transport.qh3 import peer_certificate
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, server_name="quic.cftunnel.com"))
+    quic.connect(("127.0.0.1", 7844), now=0.0)
+    assert hasattr(quic.tls, "_peer_certificate")
+    assert peer_certificate(quic) is None  # nothing received yet
+    quic.tls._peer_certificate = marker = object()
+    assert peer_certificate(quic) is marker
+
+
+def test_a_connection_keeps_its_streams_by_id() -> None:
+    # transport.qh3.stream_state: both QUIC shells read a stream's sender through it.
+    from qh3.quic.configuration import QuicConfiguration
+    from qh3.quic.connection import QuicConnection
+
+    from tunnel_lab.transport.qh3 import stream_state
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, server_name="quic.cftunnel.com"))
+    quic.connect(("127.0.0.1", 7844), now=0.0)
+    stream_id = quic.get_next_available_stream_id()
+    assert stream_state(quic, stream_id) is None
+    quic.send_stream_data(stream_id, b"x")
+    state = stream_state(quic, stream_id)
+    assert state is not None and state.sender.next_offset == 0 and not state.sender.is_finished
+
+
+def test_the_header_parser_reads_a_client_initial_as_the_edge_expects() -> None:
+    # transport.qh3.pull_quic_header: edge/quic.py routes datagrams by what it returns.
+    import pytest
+    from qh3.quic.configuration import QuicConfiguration
+    from qh3.quic.connection import QuicConnection
+    from qh3.quic.packet import QuicPacketType
+
+    from tunnel_lab.transport.qh3 import pull_quic_header
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, server_name="quic.cftunnel.com"))
+    quic.connect(("127.0.0.1", 7844), now=0.0)
+    (data, _), *_ = quic.datagrams_to_send(now=0.0)
+    header = pull_quic_header(data, 0, 8)
+    assert header[0] == quic._version  # the version it offers
+    assert header[1] == QuicPacketType.INITIAL
+    assert header[3] == quic._peer_cid.cid and header[4] == quic.host_cid
+    with pytest.raises(ValueError):
+        pull_quic_header(b"\x00", 0, 8)

@@ -69,3 +69,17 @@ def test_api_token_created_once(tmp_path: Path) -> None:
     assert len(tokens[0]) == 64
     assert stat.S_IMODE(os.stat(paths.api_token_path(tmp_path)).st_mode) == 0o600
     assert paths.api_token(tmp_path) == tokens[0]
+
+
+def test_without_state_skips_both_spellings_of_the_option() -> None:
+    argv = ["--state", "/s", "route", "--state=/t", "ip", "--", "--state", "x"]
+    assert list(paths.without_state(argv)) == [(2, "route"), (4, "ip"), (5, "--")]
+
+
+def test_sandbox_and_admin_read_argv_without_the_state_option() -> None:
+    from tunnel_lab.lab import admin, sandbox
+
+    assert sandbox._drop_state(["--state", "/s", "-x", "--", "--state", "y"]) == ["-x", "--", "--state", "y"]
+    assert admin._expand_route_ip_shorthand(["--state", "/s", "route", "ip", "10.0.0.0/8", "t"]) == [
+        "--state", "/s", "route", "ip", "add", "10.0.0.0/8", "t"]
+    assert admin._expand_route_ip_shorthand(["route", "ip", "show"]) == ["route", "ip", "show"]

@@ -290,3 +290,90 @@ def test_quick_tunnels_are_bounded(store: Store) -> None:
     with pytest.raises(V4ApiError) as info:
         create_quick_tunnel(store, limit=2)
     assert info.value.status == 429 and len(store.list_tunnels()) == 2
+
+
+# --- remote configurations and management tokens -------------------------------------------------------
+
+CONFIG = {"ingress": [{"hostname": "app.example.com", "service": "http://localhost:8000"},
+                      {"service": "http_status:404"}],
+          "warp-routing": {"enabled": False}}
+
+
+def test_configuration_put_versions_and_asks_for_a_push(client: Client) -> None:
+    tunnel = client.create()
+    path = client.tunnels(f"/{tunnel['id']}/configurations")
+    empty = client.call("GET", path)
+    assert empty.status == 200 and empty.body["result"]["config"] is None
+    assert client.call("GET", client.tunnels(f"/{tunnel['id']}")).body["result"]["remote_config"] is False
+    first = client.call("PUT", path, {"config": CONFIG})
+    assert first.status == 200, first.body
+    assert first.body["result"]["version"] == 1 and first.body["result"]["config"] == CONFIG
+    assert first.body["result"]["tunnel_id"] == tunnel["id"]
+    assert first.body["result"]["source"] == "cloudflare"
+    assert first.push == {"tunnel_id": tunnel["id"], "version": 1, "config": CONFIG}
+    second = client.call("PUT", path, {"config": {"ingress": [{"service": "http_status:503"}]}})
+    assert second.body["result"]["version"] == 2 and second.push is not None and second.push["version"] == 2
+    got = client.call("GET", path).body["result"]
+    assert got["version"] == 2 and got["config"] == {"ingress": [{"service": "http_status:503"}]}
+    assert client.call("GET", client.tunnels(f"/{tunnel['id']}")).body["result"]["remote_config"] is True
+    # deleting the tunnel forgets its configuration
+    assert client.call("DELETE", client.tunnels(f"/{tunnel['id']}")).status == 200
+    assert client.api.configs.get(tunnel["id"]) is None
+
+
+@pytest.mark.parametrize(("config", "where"), [
+    ("text", "config"),
+    ({"ingress": {"service": "x"}}, "config.ingress"),
+    ({"ingress": [{"hostname": "a.example.com"}, {"service": "http_status:404"}]},
+     "config.ingress[0].service"),
+    ({"ingress": [{"hostname": "a.example.com", "service": "http://x"}]}, "config.ingress[0]"),
+    ({"ingress": [{"service": "http://x", "path": "^/api"}]}, "config.ingress[0]"),
+    ({"ingress": [{"service": "http://x"}], "originRequest": []}, "config.originRequest"),
+])
+def test_configuration_bad_input_says_where_and_keeps_the_old_version(client: Client, config: Any,
+                                                                       where: str) -> None:
+    tunnel = client.create()
+    path = client.tunnels(f"/{tunnel['id']}/configurations")
+    assert client.call("PUT", path, {"config": CONFIG}).status == 200
+    resp = client.call("PUT", path, {"config": config})
+    status, code, message = error(resp)
+    assert (status, code) == (400, 1001) and message.startswith(where + ":"), message
+    assert resp.push is None and client.call("GET", path).body["result"]["version"] == 1
+
+
+def test_configuration_of_an_unknown_tunnel_and_bad_json(client: Client) -> None:
+    missing = client.tunnels(f"/{uuid.uuid4()}/configurations")
+    assert error(client.call("PUT", missing, {"config": CONFIG}))[:2] == (404, 1002)
+    tunnel = client.create()
+    assert error(client.call("PUT", client.tunnels(f"/{tunnel['id']}/configurations"), raw=b"{"))[:2] == (
+        400, 1001)
+    wrong = client.call("POST", client.tunnels(f"/{tunnel['id']}/configurations"), {})
+    assert error(wrong)[:2] == (405, 7001)
+
+
+def test_management_token_is_an_es256_jwt_the_edge_accepts(client: Client, tmp_path: Path) -> None:
+    import time
+
+    from tunnel_lab.lab.remote_config import management_key
+    from tunnel_lab.wire import mgmt_token
+
+    tunnel = client.create()
+    resp = client.call("POST", client.tunnels(f"/{tunnel['id']}/management/logs"))
+    assert resp.status == 200, resp.body
+    token = resp.body["result"]
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header["alg"] == "ES256"  # the only algorithm cloudflared's management.ParseToken accepts
+    claims = mgmt_token.verify(token, management_key(tmp_path).public_key(), now=time.time())
+    assert (claims.tunnel_id, claims.account_tag, claims.resource) == (tunnel["id"], client.account, "logs")
+    assert claims.actor
+    # another login is another actor; the same login is the same actor
+    public = management_key(tmp_path).public_key()
+    again = client.call("POST", client.tunnels(f"/{tunnel['id']}/management/logs")).body["result"]
+    assert mgmt_token.verify(again, public, now=time.time()).actor == claims.actor
+    other = Client(client.api, mint_token(tmp_path))
+    theirs = other.call("POST", client.tunnels(f"/{tunnel['id']}/management/logs")).body["result"]
+    assert mgmt_token.verify(theirs, public, now=time.time()).actor != claims.actor
+    assert error(client.call("POST", client.tunnels(f"/{tunnel['id']}/management/shell")))[:2] == (400, 7003)
+    assert error(client.call("GET", client.tunnels(f"/{tunnel['id']}/management/logs")))[:2] == (405, 7001)
+    assert error(Client(client.api, None).call(
+        "POST", client.tunnels(f"/{tunnel['id']}/management/logs")))[:2] == (400, 9106)
