@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                 "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
     "trace": ("tunnel_lab.lab.trace_cli", "main",
               "read protocol traces: `trace show FILE`, `trace diagram FILE --ray ID`"),
+    "explain": ("tunnel_lab.lab.explain", "main",
+                "a protocol walkthrough from a run recorded now: `explain request`, `explain registration`"),
     "login": ("tunnel_lab.lab.login", "main",
               "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }
