@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import urlencode
 
 from tunnel_lab.connector import cfapi
@@ -35,6 +35,7 @@ from tunnel_lab.wire.errors import ConfigError, TunnelLabError
 from tunnel_lab.wire.origin_cert import OriginCert, decode_origin_cert, encode_origin_cert
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONFIG_DIRS = ("~/.cloudflared", "~/.cloudflare-warp", "~/cloudflare-warp", "/etc/cloudflared",
                "/usr/local/etc/cloudflared")
@@ -611,23 +612,14 @@ def list_tunnels(ctx: Context) -> int:
             raise CommandError(f"{inv.get('id')} is not a valid tunnel ID: invalid UUID length: "
                                f"{len(str(inv.get('id')))}") from None
     tunnels = ctx.api().list_tunnels(params)
-    sort_by = str(inv.get("sort-by"))
     keys: dict[str, Callable[[cfapi.Tunnel], Any]] = {
         "name": lambda t: t.name, "id": lambda t: str(t.id),
         "createdAt": lambda t: int(t.created_at.timestamp()),
         "deletedAt": lambda t: int(t.deleted_at.timestamp()),
         "numConnections": lambda t: len(t.connections)}
-    if sort_by not in keys and len(tunnels) > 1:  # Go's sort never compares fewer than two
-        log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
-                  ", ".join(LIST_SORT))
-    tunnels.sort(key=keys.get(sort_by, keys["name"]), reverse=bool(inv.get("invert-sort")))
-    if inv.get("output"):
-        # Go renders the nil slice of an empty listing as null.
-        render(str(inv.get("output")), [t.to_json() for t in tunnels] or None, ctx.out)
-        return 0
-    if not tunnels:
-        ctx.out.write("No tunnels were found for the given filter flags. You can use 'cloudflared tunnel "
-                      "create' to create a tunnel.\n")
+    _sort(ctx, tunnels, keys, "name", LIST_SORT)
+    if _rendered_or_empty(ctx, tunnels, "No tunnels were found for the given filter flags. You can use "
+                          "'cloudflared tunnel create' to create a tunnel.\n"):
         return 0
     rd = bool(inv.get("show-recently-disconnected"))
     lines = ["You can obtain more detailed information for each tunnel with `cloudflared tunnel info "
@@ -640,24 +632,15 @@ def list_tunnels(ctx: Context) -> int:
 
 def info(ctx: Context) -> int:
     inv = ctx.inv
-    if len(inv.args) != 1:
-        raise CommandUsageError('"cloudflared tunnel info" accepts exactly one argument, the ID or name of '
-                                "the tunnel to get info about.")
-    try:
-        tunnel_id = ctx.find_id(inv.args[0])
-    except TunnelLabError as exc:
-        raise CommandError(f"error parsing tunnel ID: {exc}") from None
+    tunnel_id = _one_tunnel(ctx, '"cloudflared tunnel info" accepts exactly one argument, the ID or name of '
+                                 "the tunnel to get info about.")
     api = ctx.api()
     clients = [cfapi.ActiveClient.from_json(c)
                for c in _as_list(api.call(api.client.active_clients(tunnel_id), "list connection details"))]
-    sort_by = str(inv.get("sort-by"))
     keys: dict[str, Callable[[cfapi.ActiveClient], Any]] = {
         "id": lambda c: str(c.id), "createdAt": lambda c: int(c.run_at.timestamp()),
         "numConnections": lambda c: len(c.connections), "version": lambda c: c.version}
-    if sort_by not in keys and len(clients) > 1:
-        log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
-                  ", ".join(INFO_SORT))
-    clients.sort(key=keys.get(sort_by, keys["createdAt"]), reverse=bool(inv.get("invert-sort")))
+    _sort(ctx, clients, keys, "createdAt", INFO_SORT)
     found = api.list_tunnels({"uuid": str(tunnel_id)})
     if len(found) != 1:
         raise CommandError(f"Expected to find a single tunnel with uuid {tunnel_id} but found {len(found)} "
@@ -685,6 +668,47 @@ def info(ctx: Context) -> int:
               for c in rows]
     ctx.out.write(tabwrite(lines))
     return 0
+
+
+def _api_do(ctx: Context, error: str, action: Callable[[Api], T]) -> T:
+    """Runs `action` on the command's API client; an API error becomes `error: <why>`."""
+    api = ctx.api()
+    try:
+        return action(api)
+    except cfapi.ApiError as exc:
+        raise CommandError(f"{error}: {exc}") from None
+
+
+def _one_tunnel(ctx: Context, usage: str) -> uuid.UUID:
+    """The single tunnel argument (ID or name) of `info` and `token`."""
+    if len(ctx.inv.args) != 1:
+        raise CommandUsageError(usage)
+    try:
+        return ctx.find_id(ctx.inv.args[0])
+    except TunnelLabError as exc:
+        raise CommandError(f"error parsing tunnel ID: {exc}") from None
+
+
+def _sort(ctx: Context, items: list[T], keys: Mapping[str, Callable[[T], Any]], default: str,
+          valid: Sequence[str]) -> None:
+    """`--sort-by` and `--invert-sort`; an unknown field is logged and `default` used, as in cloudflared."""
+    sort_by = str(ctx.inv.get("sort-by"))
+    if sort_by not in keys and len(items) > 1:  # Go's sort never compares fewer than two
+        log.error("%s is not a valid sort field. Valid sort fields are %s. Defaulting to 'name'.", sort_by,
+                  ", ".join(valid))
+    items.sort(key=keys.get(sort_by, keys[default]), reverse=bool(ctx.inv.get("invert-sort")))
+
+
+def _rendered_or_empty(ctx: Context, items: Sequence[Any], empty: str) -> bool:
+    """A listing's `--output json|yaml`, or the `empty` line when it found nothing: True if written."""
+    if ctx.inv.get("output"):
+        # Go renders the nil slice of an empty listing as null.
+        render(str(ctx.inv.get("output")), [i.to_json() for i in items] or None, ctx.out)
+        return True
+    if not items:
+        ctx.out.write(empty)
+        return True
+    return False
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -750,13 +774,8 @@ def cleanup(ctx: Context) -> int:
 
 def token(ctx: Context) -> int:
     inv = ctx.inv
-    if len(inv.args) != 1:
-        raise CommandUsageError('"cloudflared tunnel token" requires exactly 1 argument, the name or UUID of '
-                                "tunnel to fetch the credentials token for.")
-    try:
-        tunnel_id = ctx.find_id(inv.args[0])
-    except TunnelLabError as exc:
-        raise CommandError(f"error parsing tunnel ID: {exc}") from None
+    tunnel_id = _one_tunnel(ctx, '"cloudflared tunnel token" requires exactly 1 argument, the name or UUID '
+                                 "of tunnel to fetch the credentials token for.")
     api = ctx.api()
     try:
         text = api.call(api.client.tunnel_token(tunnel_id), "get tunnel token")
@@ -820,11 +839,8 @@ def route_ip_add(ctx: Context) -> int:
         raise CommandError(f"Invalid tunnel: {exc}") from None
     comment = inv.args[2] if len(inv.args) >= 3 else ""
     vnet_id = vnet_of(ctx)
-    api = ctx.api()
-    try:
-        api.call(api.client.add_route(str(network), tunnel_id, comment, vnet_id), "add route")
-    except cfapi.ApiError as exc:
-        raise CommandError(f"API error: {exc}") from None
+    _api_do(ctx, "API error", lambda api: api.call(api.client.add_route(str(network), tunnel_id, comment,
+                                                                         vnet_id), "add route"))
     ctx.out.write(f"Successfully added route for {network} over tunnel {tunnel_id}\n")
     return 0
 
@@ -885,12 +901,8 @@ def route_ip_show(ctx: Context) -> int:
     api = ctx.api()
     items = api.list_all(lambda page: api.client.list_routes(params, page), "list routes")
     routes = [cfapi.DetailedRoute.from_json(r) for r in items]
-    if inv.get("output"):
-        render(str(inv.get("output")), [r.to_json() for r in routes] or None, ctx.out)
-        return 0
-    if not routes:
-        ctx.out.write("No routes were found for the given filter flags. You can use 'cloudflared tunnel "
-                      "route ip add' to add a route.\n")
+    if _rendered_or_empty(ctx, routes, "No routes were found for the given filter flags. You can use "
+                          "'cloudflared tunnel route ip add' to add a route.\n"):
         return 0
     ctx.out.write(_route_table(routes))
     return 0
@@ -926,10 +938,7 @@ def route_ip_delete(ctx: Context) -> int:
         if len(found) != 1:
             raise CommandError("unable to find route for provided network and vnet") from None
         route_id = cfapi.DetailedRoute.from_json(found[0]).id
-    try:
-        api.call(api.client.delete_route(route_id), "delete route")
-    except cfapi.ApiError as exc:
-        raise CommandError(f"API error: {exc}") from None
+    _api_do(ctx, "API error", lambda api: api.call(api.client.delete_route(route_id), "delete route"))
     ctx.out.write(f"Successfully deleted route with ID {route_id}\n")
     return 0
 
@@ -944,12 +953,8 @@ def route_ip_get(ctx: Context) -> int:
     except ValueError:
         raise CommandError(f"Invalid IP {inv.args[0]}") from None
     vnet_id = vnet_of(ctx)
-    api = ctx.api()
-    try:
-        found = api.call(api.client.route_by_ip(str(ip), vnet_id), "get route by IP")
-        route = cfapi.DetailedRoute.from_json(found or {})
-    except cfapi.ApiError as exc:
-        raise CommandError(f"API error: {exc}") from None
+    route = _api_do(ctx, "API error", lambda api: cfapi.DetailedRoute.from_json(
+        api.call(api.client.route_by_ip(str(ip), vnet_id), "get route by IP") or {}))
     if route.is_zero:
         ctx.out.write(f"No route matches the IP {ip}\n")
     else:
@@ -964,12 +969,8 @@ def vnet_add(ctx: Context) -> int:
                            "add.")
     name = inv.args[0]
     comment = inv.args[1] if len(inv.args) >= 2 else ""
-    api = ctx.api()
-    try:
-        req = api.client.create_vnet(name, comment, bool(inv.get("default")))
-        vnet = cfapi.VirtualNetwork.from_json(api.call(req, "add virtual network"))
-    except cfapi.ApiError as exc:
-        raise CommandError(f"Could not add virtual network: {exc}") from None
+    vnet = _api_do(ctx, "Could not add virtual network", lambda api: cfapi.VirtualNetwork.from_json(
+        api.call(api.client.create_vnet(name, comment, bool(inv.get("default"))), "add virtual network")))
     extra = " (as the new default for this account) " if vnet.is_default else ""
     ctx.out.write(f"Successfully added virtual 'network' {name} with ID: {vnet.id}{extra}\n"
                   "You can now add IP routes attached to this virtual network. See `cloudflared tunnel route "
@@ -993,12 +994,8 @@ def vnet_list(ctx: Context) -> int:
         params["is_default"] = "true" if inv.flags["is-default"] else "false"
     params["is_deleted"] = "true" if inv.get("show-deleted") else "false"
     vnets = list_vnets(ctx, params)
-    if inv.get("output"):
-        render(str(inv.get("output")), [v.to_json() for v in vnets] or None, ctx.out)
-        return 0
-    if not vnets:
-        ctx.out.write("No virtual networks were found for the given filter flags. You can use 'cloudflared "
-                      "tunnel vnet add' to add a virtual network.\n")
+    if _rendered_or_empty(ctx, vnets, "No virtual networks were found for the given filter flags. You can "
+                          "use 'cloudflared tunnel vnet add' to add a virtual network.\n"):
         return 0
     lines = ["ID\tNAME\tIS DEFAULT\tCOMMENT\tCREATED\tDELETED\t"]
     for v in vnets:
@@ -1015,11 +1012,8 @@ def vnet_delete(ctx: Context) -> int:
         raise CommandError("You must supply exactly one argument, either the ID or name of the virtual "
                            "network to delete")
     vnet_id = find_vnet_id(ctx, inv.args[0])
-    api = ctx.api()
-    try:
-        api.call(api.client.delete_vnet(vnet_id, bool(inv.get("force"))), "delete virtual network")
-    except cfapi.ApiError as exc:
-        raise CommandError(f"API error: {exc}") from None
+    _api_do(ctx, "API error", lambda api: api.call(api.client.delete_vnet(vnet_id, bool(inv.get("force"))),
+                                                   "delete virtual network"))
     ctx.out.write(f"Successfully deleted virtual network '{inv.args[0]}'\n")
     return 0
 
@@ -1037,11 +1031,8 @@ def vnet_update(ctx: Context) -> int:
         updates["comment"] = str(inv.flags["comment"])
     if "default" in inv.flags:
         updates["is_default_network"] = bool(inv.flags["default"])
-    api = ctx.api()
-    try:
-        api.call(api.client.update_vnet(vnet_id, updates), "update virtual network")
-    except cfapi.ApiError as exc:
-        raise CommandError(f"API error: {exc}") from None
+    _api_do(ctx, "API error", lambda api: api.call(api.client.update_vnet(vnet_id, updates),
+                                                   "update virtual network"))
     ctx.out.write(f"Successfully updated virtual network '{inv.args[0]}'\n")
     return 0
 

@@ -20,13 +20,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
-from wsproto.connection import Connection as WSConnection
-from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from tunnel_lab.connector.config import format_go_duration, parse_go_duration
 from tunnel_lab.connector.http1 import ClientGone, ServerConnection
-from tunnel_lab.connector.websocket import websocket_accept
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +90,8 @@ async def _websocket(conn: ServerConnection, request: h11.Request) -> None:
         await conn.respond(400, [("Content-Type", "text/plain; charset=utf-8")],
                            b"Bad Request: expected a WebSocket upgrade\n")
         return
-    await conn._send(h11.InformationalResponse(status_code=101, headers=[
-        ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Accept", websocket_accept(key).decode())]))
-    ws = WSConnection(ConnectionType.SERVER)
-    pending = conn.detach()
+    ws = await conn.accept_websocket(key)
     stream = conn.stream
-    if pending:
-        ws.receive_data(pending)
     text_parts: list[str] = []
     byte_parts: list[bytes] = []
     while True:

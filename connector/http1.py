@@ -13,8 +13,11 @@ from collections.abc import Sequence
 
 import h11
 import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionType
 
 from tunnel_lab.connector.tunnel_stream import http_date
+from tunnel_lab.connector.websocket import websocket_accept
 from tunnel_lab.wire.errors import TunnelLabError
 
 MAX_BODY = 1 << 20
@@ -106,6 +109,17 @@ class ServerConnection:
         """After a 101 Switching Protocols: the bytes h11 already read beyond the request."""
         data, _closed = self.conn.trailing_data
         return bytes(data)
+
+    async def accept_websocket(self, key: bytes) -> WSConnection:
+        """Answers a WebSocket upgrade with 101; the server-side framing then owns the stream."""
+        await self._send(h11.InformationalResponse(status_code=101, headers=[
+            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", websocket_accept(key).decode())]))
+        ws = WSConnection(ConnectionType.SERVER)
+        pending = self.detach()
+        if pending:
+            ws.receive_data(pending)
+        return ws
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:

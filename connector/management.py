@@ -39,14 +39,13 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 from wsproto.connection import Connection as WSConnection
-from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
 
 from tunnel_lab.connector.http1 import ClientGone, ServerConnection
 from tunnel_lab.connector.logging_setup import split_fields
 from tunnel_lab.connector.state import ConnectorState
-from tunnel_lab.connector.websocket import websocket_accept
 from tunnel_lab.wire.errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -426,13 +425,7 @@ async def _logs(conn: ServerConnection, request: h11.Request, hub: ManagementHub
         await conn.respond(426, [("Content-Type", "text/plain; charset=utf-8")],
                            b"WebSocket protocol violation: Connection header \"\" does not contain Upgrade\n")
         return
-    await conn._send(h11.InformationalResponse(status_code=101, headers=[
-        ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Accept", websocket_accept(key).decode())]))
-    ws = WSConnection(ConnectionType.SERVER)
-    pending = conn.detach()
-    if pending:
-        ws.receive_data(pending)
+    ws = await conn.accept_websocket(key)
     await _LogSession(conn.stream, ws, hub, claims).run()
 
 

@@ -17,7 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "edge": ("tunnel_lab.edge.cli", "main", "run the fake Cloudflare edge in the foreground"),
     "connector": ("tunnel_lab.connector.cli", "main", "run our connector (cloudflared's command line)"),
     "access": ("tunnel_lab.connector.access", "main",
-               "cloudflared access login|token|curl|tcp|ssh: Access clients against the lab edge"),
+               "Access clients (login|token|curl|tcp|ssh) and admin (app|policy|service-token)"),
+    "waf": ("tunnel_lab.lab.access_admin", "waf_main", "set, show and clear the WAF rules (`waf rules ...`)"),
     "tunnel": ("tunnel_lab.lab.admin", "tunnel_main", "create, route, list, token and delete tunnels"),
     "pki": ("tunnel_lab.lab.admin", "pki_main", "show the lab CA and issue certificates"),
     "origin": ("tunnel_lab.origin_fixtures.cli", "main", "run an origin fixture (echo, hello, stream, ...)"),
@@ -29,9 +30,30 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                 "a shell (or COMMAND) where the lab plays Cloudflare for cloudflared"),
     "trace": ("tunnel_lab.lab.trace_cli", "main",
               "read protocol traces: `trace show FILE`, `trace diagram FILE --ray ID`"),
+    "explain": ("tunnel_lab.lab.explain", "main",
+                "a protocol walkthrough from a run recorded now: `explain request`, `explain registration`"),
     "login": ("tunnel_lab.lab.login", "main",
               "write a cert.pem for the lab's API (`cloudflared tunnel login`)"),
 }
+
+# subcommand -> (its words owned by another module, that module, its function): `tunnel-lab access app ...`
+# is the lab's admin command, `tunnel-lab access login ...` the access client.
+SHARED: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "access": (("app", "policy", "service-token"), "tunnel_lab.lab.access_admin", "access_main"),
+}
+
+
+def _first_word(args: Sequence[str]) -> str | None:
+    """The first argument that is neither an option nor the value of `--state`."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--state":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def _usage() -> str:
@@ -52,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunnel-lab: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = SUBCOMMANDS[name]
+    if name in SHARED:
+        words, other_module, other_func = SHARED[name]
+        if _first_word(rest) in words:
+            module_name, func_name = other_module, other_func
+        elif rest[:1] in (["-h"], ["--help"], ["help"]):
+            print(f"Admin commands: `tunnel-lab {name} {'|'.join(words)} ...` "
+                  f"(`tunnel-lab {name} {words[0]} --help`).\n")
     func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
     try:
         return func(rest)

@@ -9,7 +9,7 @@ across eyeball, edge, connector and origin, which `mermaid` and `svg` draw.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
@@ -214,6 +214,20 @@ def _h2_text(r: dict[str, Any]) -> str:
     return text
 
 
+# The records that are one step each: kind -> (from, to, the step's text).
+_EVENT_STEPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], str]]] = {
+    "eyeball.request": ("Eyeball", "Edge",
+                        lambda r: f"{r.get('method')} {r.get('target')} (Host {r.get('host')})"),
+    "eyeball.response": ("Edge", "Eyeball", lambda r: f"{r.get('status')}"),
+    "eyeball.done": ("Edge", "Edge", lambda r: f"done: {r.get('outcome')} in {r.get('duration_ms')} ms"),
+    "origin.request": ("Connector", "Origin",
+                       lambda r: f"{r.get('method')} {r.get('target')} HTTP/{r.get('http_version')}"),
+    "origin.response": ("Origin", "Connector", lambda r: f"HTTP/{r.get('http_version')} {r.get('status')}"),
+    "stream.classified": ("Connector", "Connector",
+                          lambda r: f"stream {r.get('stream')}: {r.get('stream_kind')}"),
+}
+
+
 def sequence(records: Sequence[dict[str, Any]], ray: str) -> list[Step]:
     """The steps of request `ray` across the four parties. The tunnel's frames come from the edge's
     trace when it has them (else the connector's): each frame appears in both when both were traced."""
@@ -223,23 +237,9 @@ def sequence(records: Sequence[dict[str, Any]], ray: str) -> list[Step]:
     steps: list[Step] = []
     for r in mine:
         kind, comp, direction = r["kind"], r.get("component"), r.get("dir")
-        if kind == "eyeball.request":
-            steps.append(Step(r["t"], "Eyeball", "Edge",
-                              f"{r.get('method')} {r.get('target')} (Host {r.get('host')})"))
-        elif kind == "eyeball.response":
-            steps.append(Step(r["t"], "Edge", "Eyeball", f"{r.get('status')}"))
-        elif kind == "eyeball.done":
-            steps.append(Step(r["t"], "Edge", "Edge",
-                              f"done: {r.get('outcome')} in {r.get('duration_ms')} ms"))
-        elif kind == "origin.request":
-            steps.append(Step(r["t"], "Connector", "Origin",
-                              f"{r.get('method')} {r.get('target')} HTTP/{r.get('http_version')}"))
-        elif kind == "origin.response":
-            steps.append(Step(r["t"], "Origin", "Connector",
-                              f"HTTP/{r.get('http_version')} {r.get('status')}"))
-        elif kind == "stream.classified":
-            steps.append(Step(r["t"], "Connector", "Connector",
-                              f"stream {r.get('stream')}: {r.get('stream_kind')}"))
+        if kind in _EVENT_STEPS:
+            source, target, describe = _EVENT_STEPS[kind]
+            steps.append(Step(r["t"], source, target, describe(r)))
         elif kind in ("h2.frame", "quic.stream_head", "h2.body", "quic.body"):
             if edge_frames and comp != "edge":
                 continue

@@ -40,6 +40,7 @@ from tunnel_lab.lab.v4base import (
     V4ApiError,
     existed_at,
     load_accounts,
+    no_route,
     not_authenticated,
     paged,
     query_value,
@@ -119,8 +120,7 @@ class V4Api:
         url = urllib.parse.urlsplit(request.target)
         path = url.path.rstrip("/")
         if not path.startswith(PREFIX + "/"):
-            raise V4ApiError(400, 7003, f"Could not route to {url.path}, perhaps your object identifier is "
-                             "invalid?", [(7000, "No route for that URI")])
+            raise no_route(url.path)
         accounts = self._authenticate(request.headers)
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         parts = path[len(PREFIX) + 1:].split("/")
@@ -167,8 +167,7 @@ class V4Api:
             tunnel = self._tunnel(parts[3])
             self._allow(method, ("PUT",), url.path)
             return self._route(tunnel, request.body)
-        raise V4ApiError(400, 7003, f"Could not route to {url.path}, perhaps your object identifier is "
-                         "invalid?", [(7000, "No route for that URI")])
+        raise no_route(url.path)
 
     # -- plumbing
 
@@ -197,8 +196,7 @@ class V4Api:
         try:
             tunnel_id = uuid.UUID(text)
         except ValueError:
-            raise V4ApiError(400, 7003, f"Could not route to {text}, perhaps your object identifier is "
-                             "invalid?", [(7000, "No route for that URI")]) from None
+            raise no_route(text) from None
         tunnel = self.store.tunnel_by_id(tunnel_id)
         if tunnel is None:
             raise V4ApiError(404, 1002, "Tunnel not found")  # lab

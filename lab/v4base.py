@@ -53,6 +53,12 @@ def not_authenticated() -> V4ApiError:
     return V4ApiError(403, 10000, "Authentication error")
 
 
+def no_route(path: str) -> V4ApiError:
+    """The real API's answer to a path it has no endpoint for (or a malformed identifier in it)."""
+    return V4ApiError(400, 7003, f"Could not route to {path}, perhaps your object identifier is invalid?",
+                      [(7000, "No route for that URI")])
+
+
 # --- accounts and tokens: STATE/v4api.json ------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from tunnel_lab.lab.v4base import (
     V4ApiError,
     existed_at,
     locked_accounts,
+    no_route,
     paged,
     query_value,
     read_accounts,
@@ -105,9 +106,7 @@ class TeamnetRoutes:
         elif len(rest) == 2 and rest[0] == "ip" and method == "GET":
             return self._by_ip(rest[1], query)
         elif not (len(rest) == 1 or (len(rest) == 2 and rest[0] == "ip")):
-            raise V4ApiError(400, 7003, "Could not route to /teamnet/routes/" + "/".join(rest) +
-                             ", perhaps your object identifier is invalid?",
-                             [(7000, "No route for that URI")])
+            raise no_route("/teamnet/routes/" + "/".join(rest))
         raise V4ApiError(405, 7001, f"Method {method} not available for that URI.")
 
     def _list(self, query: Mapping[str, list[str]]) -> ApiResponse:

@@ -26,6 +26,7 @@ from tunnel_lab.lab.v4base import (
     ApiResponse,
     V4ApiError,
     locked_accounts,
+    no_route,
     paged,
     query_value,
     read_accounts,
@@ -102,9 +103,7 @@ class VirtualNetworks:
             if method == "DELETE":
                 return self._delete(rest[0].lower(), query_value(query, "force") == "true")
         else:
-            raise V4ApiError(400, 7003, "Could not route to /teamnet/virtual_networks/" + "/".join(rest) +
-                             ", perhaps your object identifier is invalid?",
-                             [(7000, "No route for that URI")])
+            raise no_route("/teamnet/virtual_networks/" + "/".join(rest))
         raise V4ApiError(405, 7001, f"Method {method} not available for that URI.")
 
     def _list(self, query: Mapping[str, list[str]]) -> ApiResponse:
@@ -145,9 +144,7 @@ class VirtualNetworks:
         with locked_accounts(self.state) as path:
             stored = read_accounts(path)
             nets = self._load(stored)
-            net = nets.get(vnet_id)
-            if net is None:
-                raise V4ApiError(404, 1002, f"Virtual network {vnet_id} not found")  # lab
+            net = _existing(nets, vnet_id)
             if name is not None and any(n.get("name") == name for i, n in nets.items() if i != vnet_id):
                 raise V4ApiError(409, 1015, f"a virtual network named {name!r} already exists")  # lab
             if make_default is False and net.get("is_default_network"):
@@ -168,9 +165,7 @@ class VirtualNetworks:
         with locked_accounts(self.state) as path:
             stored = read_accounts(path)
             nets = self._load(stored)
-            net = nets.get(vnet_id)
-            if net is None:
-                raise V4ApiError(404, 1002, f"Virtual network {vnet_id} not found")  # lab
+            net = _existing(nets, vnet_id)
             if net.get("is_default_network"):
                 raise V4ApiError(400, 1016, "the default virtual network cannot be deleted: make another one "
                                  "the default first")  # lab
@@ -186,6 +181,13 @@ class VirtualNetworks:
         result = self._json(vnet_id, net)
         result["deleted_at"] = format_time(datetime.datetime.now(datetime.UTC))
         return success(result)
+
+
+def _existing(nets: Mapping[str, dict[str, Any]], vnet_id: str) -> dict[str, Any]:
+    net = nets.get(vnet_id)
+    if net is None:
+        raise V4ApiError(404, 1002, f"Virtual network {vnet_id} not found")  # lab
+    return net
 
 
 def _check_fields(name: object, comment: object, make_default: object, *, name_required: bool) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,18 +143,18 @@ class _Parser:
         return node
 
     def disjunction(self) -> Node:
-        parts = [self.conjunction()]
-        while (t := self.peek()) is not None and t[1] in ("or", "||"):
-            self.take()
-            parts.append(self.conjunction())
-        return parts[0] if len(parts) == 1 else Bool("or", tuple(parts))
+        return self._chain("or", ("or", "||"), self.conjunction)
 
     def conjunction(self) -> Node:
-        parts = [self.negation()]
-        while (t := self.peek()) is not None and t[1] in ("and", "&&"):
+        return self._chain("and", ("and", "&&"), self.negation)
+
+    def _chain(self, op: str, words: tuple[str, ...], operand: Callable[[], Node]) -> Node:
+        """Operands joined by one of `words`: a single operand stands alone, more make one `Bool(op)`."""
+        parts = [operand()]
+        while (t := self.peek()) is not None and t[1] in words:
             self.take()
-            parts.append(self.negation())
-        return parts[0] if len(parts) == 1 else Bool("and", tuple(parts))
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else Bool(op, tuple(parts))
 
     def negation(self) -> Node:
         t = self.peek()
@@ -293,11 +293,16 @@ def _common(i: int, raw: Any) -> tuple[str, str, Node]:
     return str(raw.get("id") or f"rule{i + 1}"), str(raw.get("description", "")), node
 
 
-def parse_rules(raw: Any) -> list[Rule]:
-    """Custom rules (`{"rules": [...]}` or the list), checked whole."""
+def _rule_list(raw: Any) -> list[Any]:
     items = raw.get("rules") if isinstance(raw, dict) else raw
     if not isinstance(items, list) or len(items) > MAX_RULES:
         raise WafError(f"rules must be a list of at most {MAX_RULES} rules")
+    return items
+
+
+def parse_rules(raw: Any) -> list[Rule]:
+    """Custom rules (`{"rules": [...]}` or the list), checked whole."""
+    items = _rule_list(raw)
     out = []
     for i, item in enumerate(items):
         rid, description, node = _common(i, item)
@@ -317,9 +322,7 @@ def _number(where: str, raw: Mapping[str, Any], name: str, default: float | None
 
 def parse_rate_rules(raw: Any) -> list[RateRule]:
     """Rate-limiting rules (`{"rules": [...]}` or the list), checked whole."""
-    items = raw.get("rules") if isinstance(raw, dict) else raw
-    if not isinstance(items, list) or len(items) > MAX_RULES:
-        raise WafError(f"rules must be a list of at most {MAX_RULES} rules")
+    items = _rule_list(raw)
     out = []
     for i, item in enumerate(items):
         rid, description, node = _common(i, item)

@@ -13,7 +13,8 @@ import trustme
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
-from tunnel_lab.connector.hello import serve_hello_world, websocket_accept
+from tunnel_lab.connector.hello import serve_hello_world
+from tunnel_lab.connector.websocket import websocket_accept
 
 TIMEOUT = 10
 

@@ -138,6 +138,12 @@ async def _wait_for(stream: trio.abc.ReceiveStream, text: bytes) -> None:
         seen += chunk
 
 
+def _has_fin(capture: Path) -> bool:
+    argv = ["tshark", "-n", "-r", str(capture), "-Y", "tcp.flags.fin == 1", "-T", "fields",
+            "-e", "frame.number"]
+    return bool(subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False).stdout.strip())
+
+
 def _tshark_fields(capture: Path, port: str, *options: str) -> str:
     return subprocess.run(
         # TLS on the tunnel port; HTTP/2 inside is found by tshark's heuristic (the tunnel has no ALPN)
@@ -169,6 +175,11 @@ async def test_a_tunnel_capture_decrypts_with_the_key_log(tmp_path: Path, monkey
                 connector = await lab.start_connector(tunnel, url=origin.url, flags=("--protocol", "http2"))
                 assert (await lab.request("app.lab.test", "/keylog-probe")).status == 200
                 await connector.stop()
+                # dumpcap hands packets over in blocks (up to a second late): stop only once the tunnel's
+                # closing FIN is in the file, or the request's frames may still be in the kernel's buffer
+                with trio.move_on_after(15):
+                    while not await trio.to_thread.run_sync(_has_fin, capture):
+                        await trio.sleep(0.2)
             finally:
                 tshark.send_signal(signal.SIGINT)  # tshark writes out what it captured
                 await tshark.wait()
