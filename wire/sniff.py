@@ -74,11 +74,10 @@ def _as_ints(pattern: bytes, mask: bytes) -> tuple[int, int, int]:
     return n, mask_int, int.from_bytes(pattern[:n], "big") & mask_int
 
 
-def _matches(data: bytes, pattern: bytes, mask: bytes | None) -> bool:
+def _matches(data: bytes, pattern: bytes, mask: bytes) -> bool:
+    """A masked signature (the callers test exact prefixes with `startswith` themselves)."""
     if len(data) < len(pattern):
         return False
-    if mask is None:
-        return data.startswith(pattern)
     n, mask_int, want = _as_ints(pattern, mask)
     return int.from_bytes(data[:n], "big") & mask_int == want
 

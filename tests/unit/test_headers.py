@@ -252,6 +252,12 @@ def test_as_bytes_keeps_undecodable_bytes_of_a_str() -> None:
     assert as_bytes("a\udcff") == b"a\xff"  # h2 decodes with surrogateescape; we must give the byte back
 
 
+def test_as_bytes_copies_other_buffers() -> None:
+    # h2 and hyperframe may hand a field over as a bytearray or a memoryview
+    assert as_bytes(bytearray(b"x-a")) == b"x-a" and type(as_bytes(bytearray(b"x-a"))) is bytes
+    assert as_bytes(memoryview(b"x-b")) == b"x-b"  # type: ignore[arg-type]
+
+
 def test_token_and_value_checks_take_any_bytes_like() -> None:
     assert is_token(memoryview(b"x-a")) and not is_token(memoryview(b"x a"))
     assert not is_token("x-a")  # a str is never token *bytes*
