@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.sandbox_steps import HELPER_STEPS
 from tunnel_lab.lab.runner import netns
 
 TIMEOUT = 240
@@ -288,20 +289,7 @@ cloudflared tail --connector-id 00000000-0000-4000-8000-000000000000 "$TID" >"$H
 '''
 
 # Small steps of TOKEN_FLOW in Python (run inside the sandbox from the working directory).
-HELPER = r'''
-import base64, json, os, sys, time
-what = sys.argv[1]
-if what == "tunnel-id":
-    print(next(t["id"] for t in json.load(sys.stdin) if t["name"] == sys.argv[2]))
-elif what == "account":
-    pem = open(os.path.expanduser("~/.cloudflared/cert.pem")).read().splitlines()
-    cert = json.loads(base64.b64decode("".join(pem[1:-1])))
-    print(f"ACCT={cert['accountID']} KEY={cert['apiToken']}")
-elif what == "config":
-    rules = [{"hostname": sys.argv[2], "service": sys.argv[3]}, {"service": "http_status:404"}]
-    print(json.dumps({"config": {"ingress": rules}}))
-elif what == "version":
-    print("PUT-VERSION", json.load(sys.stdin)["result"]["version"])
+HELPER = HELPER_STEPS + r'''
 elif what == "token-parts":
     print("TAIL-TOKEN", len(json.load(sys.stdin)["token"].split(".")))
 elif what == "forge":  # well-formed, signed with a key that is not the lab's

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.sandbox_steps import HELPER_STEPS
 from tunnel_lab.lab.runner import netns
 
 TIMEOUT = 300
@@ -118,20 +119,7 @@ kill $TAIL; wait $TAIL
 kill -TERM $RUN; wait $RUN
 """
 
-HELPER = r"""
-import base64, json, os, sys, urllib.parse
-what = sys.argv[1]
-if what == "tunnel-id":
-    print(next(t["id"] for t in json.load(sys.stdin) if t["name"] == sys.argv[2]))
-elif what == "account":
-    pem = open(os.path.expanduser("~/.cloudflared/cert.pem")).read().splitlines()
-    cert = json.loads(base64.b64decode("".join(pem[1:-1])))
-    print(f"ACCT={cert['accountID']} KEY={cert['apiToken']}")
-elif what == "config":
-    rules = [{"hostname": sys.argv[2], "service": sys.argv[3]}, {"service": "http_status:404"}]
-    print(json.dumps({"config": {"ingress": rules}}))
-elif what == "version":
-    print("PUT-VERSION", json.load(sys.stdin)["result"]["version"])
+HELPER = HELPER_STEPS + r"""
 elif what == "callback":
     print(urllib.parse.parse_qs(urllib.parse.urlsplit(sys.argv[2]).query)["callback"][0])
 """
