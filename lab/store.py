@@ -17,6 +17,7 @@ Semantics (what the real Cloudflare API does, reduced to one account):
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 import re
@@ -239,22 +240,44 @@ class Store:
         self._snapshot: _Snapshot | None = None
         try:
             # The tunnel secrets live here: create the file private (SQLite copies its mode to
-            # the -wal and -shm files).
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            # the -wal and -shm files). O_EXCL: closing a descriptor of a file this process has
+            # open elsewhere would drop that connection's SQLite (POSIX) locks.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot open the tunnel store: {exc.strerror or exc}") from exc
         try:
-            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"{self.path}: cannot switch the store to WAL mode (got {mode})")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._init_schema()
+            with self._creation_lock():
+                self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self.path}: cannot switch the store to WAL mode (got {mode})")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                self._init_schema()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the tunnel store: {exc}") from exc
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise StoreError(f"{self.path}.lock: cannot lock the tunnel store: {reason}") from exc
+
+    @contextmanager
+    def _creation_lock(self) -> Iterator[None]:
+        """Serialise opening (WAL switch, schema) across processes with a `flock` on `STATE.db.lock`.
+
+        The busy timeout does not cover `PRAGMA journal_mode = WAL`: two connections that both read
+        the header and then want to write it deadlock, and SQLite fails one at once with "database
+        is locked" instead of calling its busy handler.
+        """
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # -- plumbing
 
