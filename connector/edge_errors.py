@@ -57,6 +57,19 @@ class ConnectionLostError(EdgeConnectionError):
     """The edge closed the connection, or broke the HTTP/2 protocol."""
 
 
+class StreamListenerError(ConnectionLostError):
+    """A QUIC connection that had been serving ended (an edge close, a Stateless Reset, the idle timeout).
+
+    cloudflared's connection ends with its stream listener (`connection.StreamListenerError`), one of the
+    errors its `startFirstTunnel` retries at once on connIndex 0; `cause` is quic-go's text for the end."""
+
+    retry_initial = True
+
+    def __init__(self, cause: str) -> None:
+        super().__init__("accept stream listener encountered a failure while serving")
+        self.cause = cause
+
+
 class ReconnectSignal(EdgeConnectionError):
     """`--stdin-control`'s `reconnect [DURATION]` dropped this connection.
 

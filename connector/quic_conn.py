@@ -30,7 +30,12 @@ from qh3.quic.configuration import QuicConfiguration
 
 from tunnel_lab.connector import ingress
 from tunnel_lab.connector.edge_dial import split_host_port
-from tunnel_lab.connector.edge_errors import ConnectionLostError, EdgeConnectionError, StreamGone
+from tunnel_lab.connector.edge_errors import (
+    ConnectionLostError,
+    EdgeConnectionError,
+    StreamGone,
+    StreamListenerError,
+)
 from tunnel_lab.connector.ha_connection import HAConnection
 from tunnel_lab.connector.logging_setup import format_value as q
 from tunnel_lab.connector.quic_transport import QuicClosedError, QuicStream, QuicTransport
@@ -320,9 +325,25 @@ class QuicEdgeConnection(HAConnection):
             self.transport.close(0, "")  # CONNECTION_CLOSE while the socket is still open
 
     def _lost(self, reason: str) -> EdgeConnectionError:
+        transport = self.transport
+        if transport is not None and transport.closed and transport.handshake_done.is_set():
+            return self._listener_failed(transport)
         if "idle" in reason.lower() or "timeout" in reason.lower():
             return QuicIdleTimeoutError("timeout: no recent network activity")
         return ConnectionLostError(f"connection with edge closed: {reason}")
+
+    def _listener_failed(self, transport: QuicTransport) -> StreamListenerError:
+        """The established connection ended: log it as cloudflared's serveQUIC does (its stream listener
+        fails first, then the datagram handler is cancelled, then the connection's Serve returns)."""
+        error = StreamListenerError(_accept_failure(transport))
+        if self._failure is None and not self.dead:  # only the first end of this connection is logged
+            for line, text in (("failed to accept incoming stream requests", f"failed to accept QUIC stream: "
+                                                                             f"{error.cause}"),
+                               ("failed to run the datagram handler", "context canceled"),
+                               ("failed to serve tunnel connection", str(error))):
+                log.error("%s error=%s connIndex=%d event=0 ip=%s", line, q(text), self.conn_index,
+                          self.edge_ip)
+        return error
 
     async def _main(self, shutdown: trio.Event) -> None:
         transport = self.transport
@@ -547,6 +568,19 @@ def _handshake_failure(transport: QuicTransport) -> str:
         name = f"{TRANSPORT_ERRORS[code]} (remote)"
         return f"{name}: {transport.close_reason}" if transport.quic_reason else name
     return transport.close_reason
+
+
+def _accept_failure(transport: QuicTransport) -> str:
+    """quic-go's words for the end of an established connection, as `AcceptStream` returns them."""
+    code = transport.close_code
+    if transport.close_reason == "Stateless reset" and code == 0 and not transport.close_is_transport:
+        return "received a stateless reset"  # quic-go's StatelessResetError
+    if transport.close_reason == "Idle timeout":
+        return "timeout: no recent network activity"  # quic-go's IdleTimeoutError
+    if code is not None and not transport.close_is_transport:
+        text = f"Application error {code:#x} (remote)"  # quic-go's ApplicationError
+        return f"{text}: {transport.quic_reason}" if transport.quic_reason else text
+    return _handshake_failure(transport)
 
 
 # RFC 9000 §20.1 transport error codes 0x0-0x10, named as quic-go's qerr.TransportErrorCode.String() does.

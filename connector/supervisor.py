@@ -7,7 +7,11 @@ cloudflared's rules (docs/protocol.md §9.1, §9.4-§9.6):
 - each connIndex holds its own address; dial/TLS errors and EDUPCONN move it to a free address;
 - per-connIndex backoff: a random wait in [0, 2^k * base) with k = 1..retries, then capped; reset when the
   connection registers;
-- a dropped connection that had registered also waits the supervisor backoff (base 10 s, same doubling);
+- a dropped connection that had registered also waits the supervisor backoff (base 10 s, same doubling),
+  except connIndex 0 while it is still in cloudflared's first-tunnel loop (`startFirstTunnel`): an error
+  that loop retries (`retry_initial`: dial, EDUPCONN, control stream, and over QUIC the end of an
+  established connection, `StreamListenerError`) reconnects after the per-connIndex backoff only; the first
+  other error takes connIndex 0 out of that loop for good;
 - before the very first registration, only "network" errors and `Unauthorized` are retried; anything else
   ends the process with exit code 1 (`initial tunnel connection failed`).
 Unlike cloudflared, every retry waits: there is no busy loop even with a single edge address.
@@ -145,6 +149,7 @@ class Supervisor:
         self.ever_registered = False
         self.connected_with_quic = False  # some connection registered over QUIC: no fallback any more
         self._first_registered = trio.Event()
+        self._first_loop = True  # connIndex 0 is in cloudflared's startFirstTunnel loop
         self.state = state
         self._ready = 0
         self._exit_code = 0
@@ -266,7 +271,8 @@ class Supervisor:
             level = logging.ERROR if index == 0 else logging.WARNING
             if was_registered:
                 backoff.reset()
-                log.info("Lost connection with the edge connIndex=%d", index)
+                if conn.protocol == HTTP2:  # cloudflared's http2 connection logs it; its QUIC one does not
+                    log.info("Lost connection with the edge connIndex=%d", index)
             if isinstance(error, EdgeDialError):  # cloudflared logs the dial failure, then the generic line
                 log.log(level, "Unable to establish connection with Cloudflare edge error=%s connIndex=%d "
                         "event=0 ip=%s", q(str(error)), index, conn.edge_ip)
@@ -299,6 +305,10 @@ class Supervisor:
             with trio.move_on_after(wait):
                 await self.shutdown.wait()
             protocol = self._next_protocol(protocol, error, backoff, index, may_fall_back, conn.edge_ip)
+            if index == 0 and self._first_loop:
+                if error.retry_initial:
+                    continue  # startFirstTunnel serves again at once: no supervisor backoff
+                self._first_loop = False
             if was_registered and not self.shutdown.is_set():
                 wait, _ = self._supervisor_backoff.next_wait()
                 log.error("Connection terminated error=%s connIndex=%d", q(str(error)), index)

@@ -4,6 +4,7 @@ RPC streams, send datagrams and read what the connector sends back."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,7 @@ class QuicEdgePeer:
         self.resets: dict[int, int] = {}
         self.datagrams: list[bytes] = []
         self.terminated: str | None = None
+        self._forgotten: set[tuple[str, int]] = set()  # peers of connections ended by `stateless_reset`
         self._changed = trio.Event()
         self._timer_changed = trio.Event()
 
@@ -77,6 +79,8 @@ class QuicEdgePeer:
                         data, addr = self.sock.recvfrom(65536)
                     except BlockingIOError:
                         break
+                    if addr in self._forgotten:
+                        continue
                     if self.conn is None or addr != self.peer:
                         header = pull_quic_header(data, 0, 8)
                         self.conn = QuicConnection(configuration=self.config,
@@ -84,7 +88,8 @@ class QuicEdgePeer:
                         self.peer = addr
                         self.rpc = RpcServer()
                     self.conn.receive_datagram(data, addr, now=trio.current_time())
-                self._process()
+                if self.conn is not None:
+                    self._process()
 
     async def _timer(self) -> None:
         while True:
@@ -96,7 +101,8 @@ class QuicEdgePeer:
             with trio.move_on_at(deadline):
                 await self._timer_changed.wait()
                 continue
-            assert self.conn is not None
+            if self.conn is None:  # forgotten while waiting
+                continue
             self.conn.handle_timer(now=trio.current_time())
             self._process()
 
@@ -153,6 +159,17 @@ class QuicEdgePeer:
         assert self.conn is not None
         self.conn.send_stream_data(stream_id, data, end_stream=end)
         self.transmit()
+
+    def stateless_reset(self) -> None:
+        """Forget the connection as a restarted edge would; end it with a Stateless Reset (RFC 9000 §10.3)."""
+        assert self.conn is not None and self.peer is not None
+        token = next(c.stateless_reset_token for c in self.conn._host_cids if c.stateless_reset_token)
+        self.sock.sendto(bytes([0x40 | 0x3F & os.urandom(1)[0]]) + os.urandom(24) + token, self.peer)
+        self._forgotten.add(self.peer)
+        self.conn = None
+        self.peer = None
+        self._changed.set()
+        self._changed = trio.Event()
 
     def send_datagram(self, data: bytes) -> None:
         assert self.conn is not None

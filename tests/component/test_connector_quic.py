@@ -98,6 +98,33 @@ async def test_an_idle_connection_outlives_the_idle_timeout(tmp_path: Path,
             nursery.cancel_scope.cancel()
 
 
+async def test_a_stateless_reset_on_conn_index_0_reconnects_without_the_supervisor_backoff(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # cloudflared (observed, failover-edge-crash): quic-go ends the connection at the reset, its stream
+    # listener fails, and startFirstTunnel serves connIndex 0 again after the per-connection backoff only.
+    # The supervisor backoff is set far beyond the guard below: waiting it would fail the test.
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            peer, running = await _start(nursery, tmp_path, supervisor_backoff_base=3600.0)
+            peer.stateless_reset()
+            await peer.wait(lambda: len(peer.registrations) == 2)
+            await wait_ready(running)
+            running.handle.shutdown()  # type: ignore[attr-defined]
+            assert await running.exit_code() == 0  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()
+    text = caplog.text
+    assert ('failed to accept incoming stream requests error="failed to accept QUIC stream: received a '
+            'stateless reset" connIndex=0') in text
+    assert 'failed to run the datagram handler error="context canceled" connIndex=0' in text
+    listener = 'error="accept stream listener encountered a failure while serving" connIndex=0'
+    assert f"failed to serve tunnel connection {listener}" in text
+    assert f"Serve tunnel error {listener}" in text
+    assert "Retrying connection in up to 50ms connIndex=0" in text  # the per-connection backoff (FAST_KNOBS)
+    assert "Connection terminated error" not in text
+    assert "Lost connection with the edge" not in text  # cloudflared's http2 connection says it, not QUIC's
+
+
 async def test_udp_session_v2_over_rpc_and_datagrams(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
