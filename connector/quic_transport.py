@@ -64,6 +64,7 @@ class QuicStream:
         self.overflowed = False
         self.on_reset: Callable[[], None] | None = None  # e.g. cancel the handler of the stream
         self._buffered = 0
+        self.written = 0  # bytes handed to qh3 (its sender's `highest_offset` counts only those sent)
         self._wakeup = trio.Event()
 
     def _push(self, data: bytes, end: bool) -> None:
@@ -122,11 +123,12 @@ class QuicStream:
         if self.local_ended:
             raise QuicClosedError(f"stream {self.stream_id}: already ended")
         transport.quic.send_stream_data(self.stream_id, bytes(data), end_stream=end_stream)
+        self.written += len(data)
         if end_stream:
             self.local_ended = True
             transport._ended.add(self.stream_id)
         transport.transmit()
-        while transport.unsent(self.stream_id) > SEND_HIGH_WATER:
+        while transport.unsent(self) > SEND_HIGH_WATER:
             await transport.wait_progress()
             transport.check_open()
         await trio.lowlevel.checkpoint()
@@ -194,12 +196,13 @@ class QuicTransport:
         if self.closed:
             raise QuicClosedError(f"connection with edge closed: {self.close_reason}")
 
-    def unsent(self, stream_id: int) -> int:
-        stream = stream_state(self.quic, stream_id)
-        if stream is None:
+    def unsent(self, stream: QuicStream) -> int:
+        """Bytes of `stream` qh3 holds and has not sent yet (the peer's credit or the congestion window
+        holds them back; lost ones to send again count too)."""
+        state = stream_state(self.quic, stream.stream_id)
+        if state is None:
             return 0
-        sender = stream.sender
-        return max(0, sender.highest_offset - sender.next_offset)
+        return max(0, stream.written - int(state.sender.next_offset))
 
     async def wait_progress(self) -> None:
         await self._progress.wait()
