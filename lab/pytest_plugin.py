@@ -66,7 +66,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """With --tunnel-lab-cloudflared, run this same session again inside a private network namespace."""
     path = config.getoption("tunnel_lab_cloudflared")
-    if not path or config.option.help or config.option.version or "PYTEST_XDIST_WORKER" in os.environ:
+    # An xdist worker of this session (config.workerinput, set by xdist before this hook): its controller
+    # already decided. Not the PYTEST_XDIST_WORKER variable: a pytest run started from a worker (a test
+    # suite's own subprocess) inherits it and would skip the namespace.
+    if not path or config.option.help or config.option.version or hasattr(config, "workerinput"):
         return None
     from tunnel_lab.lab.runner import cloudflared, netns
     from tunnel_lab.wire.errors import TunnelLabError

@@ -114,3 +114,14 @@ def test_qh3_credits_a_stream_by_delivery_and_the_override_takes_over_its_record
     pair.pump()
     assert pair.ended and len(pair.received) == 8 * STREAM_WINDOW
     assert pair.server._streams[0].max_stream_data_local > STREAM_WINDOW  # grown by qh3 itself
+
+
+def test_a_retransmitted_fin_is_delivered_again() -> None:
+    # A frame that arrives again after the FIN (a retransmission under load) gives a second end_stream
+    # event: a peer must act on a stream's end once (connector/quic_transport.py ignores data for
+    # forgotten streams; the scripted connector of tests/component/test_edge_quic.py answers once).
+    stream = QuicStream(stream_id=1, max_stream_data_local=1000, max_stream_data_remote=1000)
+    first = stream.receiver.handle_frame(0, b"abc", True)
+    again = stream.receiver.handle_frame(3, b"", True)
+    assert first is not None and first.end_stream
+    assert again is not None and again.end_stream and again.data == b""
