@@ -102,7 +102,7 @@ FLAGS: tuple[Flag, ...] = (
        usage="Address of the edge (HOST:PORT or [IPv6]:PORT); repeat for more addresses. Without it the "
              "edge is discovered through DNS (SRV, A and AAAA records), as in `tunnel-lab sandbox`."),
     _f("region", "str", "T", "TUNNEL_REGION", support="warn",
-       note="only selects DNS discovery records, and this connector uses --edge addresses only",
+       note="only selects a regional SRV name for DNS discovery, which this connector does not look up",
        usage="Cloudflare Edge region to connect to (ignored: use --edge)."),
     _f("edge-ip-version", "str", "T", "TUNNEL_EDGE_IP_VERSION", default="auto",
        usage="Cloudflare Edge IP address version to connect with. {4, 6, auto} (discovered addresses "

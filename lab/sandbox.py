@@ -3,11 +3,12 @@
 COMMAND (default: an interactive shell) runs in a private network, mount and PID namespace
 (`lab.runner.netns`) where the lab plays Cloudflare: a DNS server on 127.0.0.1:53 (`lab.dns`: edge
 discovery, the API and login names, every routed hostname), the edge's tunnel listeners at the
-addresses that discovery names (port 7844), eyeball listeners on 127.0.0.1:80 and :443, the v4 API
-at `https://api.cloudflare.com/client/v4` (`lab.v4api` behind `lab.services`), and the lab CA
-trusted through `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE` and a bind mount over the
-system bundle (inside the namespace only). HOME is the sandbox's own directory, so `~/.cloudflared`
-is the sandbox's. Nothing outside the namespace changes; when COMMAND exits, everything stops.
+addresses that discovery names (port 7844; IPv4 and IPv6 per region, `REGIONS6`), eyeball listeners
+on 127.0.0.1:80 and :443, the v4 API at `https://api.cloudflare.com/client/v4` (`lab.v4api` behind
+`lab.services`), and the lab CA trusted through `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE`
+and a bind mount over the system bundle (inside the namespace only). HOME is the sandbox's own
+directory, so `~/.cloudflared` is the sandbox's. Nothing outside the namespace changes; when COMMAND
+exits, everything stops.
 docs/sandbox.md.
 """
 
