@@ -46,7 +46,8 @@ RESOLV_CONF = "/etc/resolv.conf"
 # The mount namespace's first (and only) process: bind the scenario's resolv.conf, then become COMMAND.
 # Mounts over resolv.conf go first: the runner's own namespace binds a file it has since unlinked
 # (lab.runner.netns), and the kernel refuses to mount over an unlinked file (ENOENT).
-_WRAP = 'while umount /etc/resolv.conf 2>/dev/null; do :; done; mount --bind "$0" /etc/resolv.conf && exec "$@"'
+_WRAP = ('while umount /etc/resolv.conf 2>/dev/null; do :; done; '
+         'mount --bind "$0" /etc/resolv.conf && exec "$@"')
 
 
 class InternetError(ComponentError):
