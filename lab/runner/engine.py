@@ -552,6 +552,7 @@ class _Runner:
                 with trio.CancelScope(shield=True):
                     await process.wait()
             REAPER.forget_group(process.pid)
+        lab.register_home_secrets()  # before anything it printed is recorded
         text = output.read_text(errors="replace")
         last = " / ".join(line for line in text.strip().splitlines()[-3:])
         lab.recorder.op("cli", step=step.index, command=shown, exit=code, output=text[-2000:])

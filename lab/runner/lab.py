@@ -526,6 +526,16 @@ class Lab:
                 if comp.starts:
                     self.recorder.op("cpu", component=comp.name, seconds=round(comp.cpu, 3))
 
+    def register_home_secrets(self) -> None:
+        """Redact what the connector's own commands wrote to ~/.cloudflared: tunnel secrets, the API token."""
+        for creds in (self.state / "home" / ".cloudflared").glob("*.json"):
+            self._register_secret(creds)
+        if self.cert_path.exists():
+            from tunnel_lab.lab.runner.internet import InternetError, read_cert
+
+            with contextlib.suppress(InternetError):
+                self.redactor.add(read_cert(self.cert_path)["apiToken"])
+
     def _register_secret(self, creds: Path) -> None:
         # not a credentials file we can read: nothing to register
         with contextlib.suppress(OSError, ValueError, AttributeError):
