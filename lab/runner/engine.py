@@ -569,7 +569,7 @@ class _Runner:
             if found is None:
                 problems.append(Mismatch(f"save {name}", f"re:{regex}", last))
                 continue
-            value = found.group(1) if found.re.groups else found.group(0)
+            value = (found.group(1) if found.re.groups else found.group(0)) or ""
             if spec.get("secret"):
                 lab.redactor.add(value)
             lab.saved[name] = value
@@ -784,7 +784,7 @@ class _Runner:
             ok = count_ok(want, len(found))
             if ok and found and "save" in sel:
                 first = found[0]
-                lab.saved[sel["save"]] = first.group(1) if first.re.groups else first.group(0)
+                lab.saved[sel["save"]] = (first.group(1) if first.re.groups else first.group(0)) or ""
             return ok, f"{len(found)} matching line(s)"
         sel = spec["metric"]
         if sel.get("component", "edge") == "edge":
