@@ -112,9 +112,9 @@ def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
     if options.protocol != "http2" and sc.http2_only:
         return f"http2 only: {sc.http2_only}"
     if sc.internet:
-        ok, why = internet.available()
+        ok, lacking = internet.available()
         if not ok:
-            return f"the connector's own commands need a mount namespace of their own: {why}"
+            return f"the connector's own commands need a mount namespace of their own: {lacking}"
     have = CONNECTOR_FEATURES.get(options.connector, set())
     # Features gated by cloudflared's release are judged by the probed binary (lab/runner/cloudflared.py).
     by_release = options.connector == "cloudflared"

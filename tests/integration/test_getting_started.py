@@ -93,15 +93,17 @@ _NORMAL = [
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(Z| \+0000 UTC)?"), "<time>"),
     (re.compile(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT"), "<date>"),
     (re.compile(r"Python/[0-9.]+"), "Python/<version>"),
-    (re.compile(r"remote=127\.0\.0\.1:\d+"), "remote=127.0.0.1:<port>"),
+    (re.compile(r"remote=\S+"), "remote=<address:port>"),
     (re.compile(r'"time": [0-9.]+'), '"time": <time>'),
     (re.compile(r'"duration_ms": [0-9.]+'), '"duration_ms": <ms>'),
     (re.compile(r"\b\d+xLAB\d(, \d+xLAB\d)*"), "<connections>"),
+    # `tunnel info`'s ORIGIN IP: the connector's side of the connection the API lists first.
+    (re.compile(r"(linux_amd64\s+\S+\s+)(127\.0\.0\.1|2001:db8:[12]::[12])\b"), r"\1<origin ip>"),
     # Which data centre and connIndex answer first is a race.
     (re.compile(r"location=LAB\d"), "location=LAB<n>"),
     (re.compile(r'"location": "LAB\d"'), '"location": "LAB<n>"'),
     (re.compile(r"connIndex=\d"), "connIndex=<n>"),
-    (re.compile(r"ip=127\.0\.[12]\.[12]"), "ip=<edge address>"),
+    (re.compile(r"ip=(127\.0\.[12]\.[12]|2001:db8:[12]::[12])\b"), "ip=<edge address>"),
 ]
 
 
