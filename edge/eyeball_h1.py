@@ -253,10 +253,13 @@ async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.a
                     if not data:
                         return
                     conn.feed(bytes(data))
-                # From the first byte on, the whole head must arrive in time: a trickling client
-                # gets 408.
-                with trio.fail_after(cfg.eyeball_header_timeout):
-                    event = await conn.next_event(math.inf)
+                if conn.events:  # the head came whole in one read (the usual case): no timer
+                    event = conn.events.popleft()
+                else:
+                    # From the first byte on, the whole head must arrive in time: a trickling client
+                    # gets 408.
+                    with trio.fail_after(cfg.eyeball_header_timeout):
+                        event = await conn.next_event(math.inf)
             except (TimeoutError, trio.TooSlowError):
                 log.info("eyeball too slow sending its request head; 408 client=%s", client)
                 await _simple_error(conn, 408, "The request head did not arrive in time.")
