@@ -243,3 +243,18 @@ def test_a_parse_error_after_a_complete_head_comes_after_the_head() -> None:
         == [ResponseHead]
     with pytest.raises(Http1Error, match="chunk size"):
         response.feed_eof()
+
+
+@pytest.mark.parametrize("value", [b"a\x0bb", b"\x0cab", b"ab\x1c", b"a\x7fb"])
+def test_control_bytes_in_a_field_value_are_refused_both_ways(value: bytes) -> None:
+    # wire.eyeball and wire.origin rely on it (docs/mutation-report.md: their strip() survivors)
+    with pytest.raises(Http1Error, match="header value char"):
+        RequestReader(1024).feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + value + b"\r\n\r\n")
+    with pytest.raises(Http1Error, match="header value char"):
+        _response(b"HTTP/1.1 200 OK\r\nX: " + value + b"\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.10", b"HTTP/10.1", b"HTTP/1.1.1"])
+def test_only_one_digit_each_side_of_the_version_dot(version: bytes) -> None:
+    with pytest.raises(Http1Error):
+        RequestReader(1024).feed(b"GET / " + version + b"\r\nHost: a\r\n\r\n")
