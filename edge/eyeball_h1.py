@@ -304,6 +304,7 @@ async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.a
                 ex.body_done = True
             if not ex.body_done or not writer.ended or writer.must_close:
                 return
+            conn.writer = None  # the next request's error page is answered afresh
     except EyeballGone as exc:
         log.debug("eyeball connection ended: %s client=%s", exc, client)
     except Http1Error as exc:
