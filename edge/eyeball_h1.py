@@ -253,6 +253,7 @@ async def handle_h1_connection(edge: EdgeState[TunnelConnection], stream: trio.a
                     if not data:
                         return
                     conn.feed(bytes(data))
+                event: Event | None
                 if conn.events:  # the head came whole in one read (the usual case): no timer
                     event = conn.events.popleft()
                 else:
