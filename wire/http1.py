@@ -6,9 +6,10 @@ and calls back per element (URL, header, body piece); the readers turn those cal
 does: `feed(data)` returns the events the bytes completed, `feed_eof()` those the end of input completes.
 Bad input raises `Http1Error` with the status an answer should carry (400, 431, 505).
 
-llhttp is stricter than h11 in places (no obsolete line folding, no bare LF), and is told to accept two
-things the edge refuses itself with its own words (`wire.eyeball.request_head_error`): both
-Content-Length and Transfer-Encoding (400), and an HTTP version other than 1.x (505).
+llhttp refuses what h11 refused that matters for smuggling (both Content-Length and Transfer-Encoding,
+a Transfer-Encoding other than chunked, two different Content-Lengths: 400), and is stricter in places
+(no obsolete line folding, no bare LF). It is told to accept one thing the edge answers itself
+(`wire.eyeball.request_head_error`): an HTTP version other than 1.x, which gets 505, not 400.
 
 h11 still serves the light paths (the connector's metrics and hello-world servers, the edge's API, WARP and
 live pages, the runner's client): there its validation matters more than its cost.
@@ -206,7 +207,7 @@ class RequestReader(_Reader):
     def __init__(self, max_head: int) -> None:
         super().__init__(max_head, _lower_fields)
         self._parser = httptools.HttpRequestParser(self)
-        self._parser.set_dangerous_leniencies(lenient_chunked_length=True, lenient_version=True)
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self.held: bytes | None = None  # bytes after an upgrade request, not parsed
 
     def on_headers_complete(self) -> None:
@@ -215,6 +216,11 @@ class RequestReader(_Reader):
         version = parser.get_http_version().encode()
         headers = _lower_fields(self._fields)
         self._fields = []
+        codings = [v.lower() for n, v in headers if n == b"transfer-encoding"]
+        if codings and codings != [b"chunked"]:
+            # llhttp refuses most of these only once the head is out: refused here, nothing is forwarded
+            raise Http1Error(f"malformed request: Transfer-Encoding {b', '.join(codings).decode('latin-1')!r}"
+                             " is not chunked")
         expects_continue = version == b"1.1" and any(
             n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
         self.events.append(RequestHead(
@@ -235,6 +241,10 @@ class RequestReader(_Reader):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.held = data[upgrade.args[0]:]
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, Http1Error):
+                raise
+            return self._fail(exc.__context__)
         except httptools.HttpParserError as exc:
             return self._fail(Http1Error(f"malformed request: {exc}"))
         self._bound_head(head_was_open, len(data))
