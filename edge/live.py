@@ -61,7 +61,8 @@ def snapshot(edge: EdgeState[TunnelConnection], locations: list[str], now: float
                         "registered": sum(1 for c in mine if c["state"] == "registered")})
     faults = [f.to_json() for f in edge.faults.active.values()]
     return {"data_centres": dcs, "tunnels": tunnels, "connections": conns, "faults": faults,
-            "streams": sum(c["streams"] for c in conns), "trace": getattr(edge.trace, "ring", None) is not None}
+            "streams": sum(c["streams"] for c in conns),
+            "trace": getattr(edge.trace, "ring", None) is not None}
 
 
 def trace_answer(tracer: Any, ray: str) -> dict[str, Any]:

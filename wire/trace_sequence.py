@@ -9,7 +9,7 @@ of unexpected types, is skipped or shown as far as it can be, never an exception
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,8 @@ class Step:
     kind: str = ""  # the record kind it comes from
 
     def to_json(self) -> dict[str, Any]:
-        return {"t": self.t, "source": self.source, "target": self.target, "text": self.text, "kind": self.kind}
+        return {"t": self.t, "source": self.source, "target": self.target, "text": self.text,
+                "kind": self.kind}
 
 
 def usable(record: Any) -> bool:

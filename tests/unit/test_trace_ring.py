@@ -81,9 +81,9 @@ def test_trace_answer_skips_damaged_records_and_draws_the_rest() -> None:
                                                     "done: ok in 3 ms"]
 
 
-values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                   max_size=3), max_leaves=8)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
 keys = st.sampled_from(["kind", "t", "ray", "dir", "component", "type", "flags", "headers", "metadata",
                         "message", "stream", "data_length"])
 kinds = st.sampled_from(["h2.frame", "quic.stream_head", "h2.body", "eyeball.request", "eyeball.done",
