@@ -636,8 +636,8 @@ def render(topic: Topic, steps: Sequence[WalkStep], *, markdown: bool, protocol:
     quic = protocol == "quic"
     title = f"{topic.title} (over QUIC)" if quic else topic.title
     intro = topic.quic_intro if quic else topic.intro
-    action = (topic.quic_action or topic.action) + (", with our connector over QUIC (`--protocol quic`)"
-                                                     if quic else "")
+    action = ((topic.quic_action or topic.action) + ", with our connector over QUIC (`--protocol quic`)"
+              if quic else topic.action)
     note = [f"Note: {topic.quic_note}", ""] if quic and topic.quic_note else []
     command = f"tunnel-lab explain {topic.name}" + (f" --protocol {protocol}" if quic else "")
     if markdown:
