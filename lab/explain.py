@@ -574,7 +574,14 @@ def walkthrough(topic: str, records: Sequence[dict[str, Any]], protocol: str = "
         if end is None:
             end = next((i for i, r in enumerate(chosen) if r["kind"] == "rpc.message" and r.get("message")
                         == "return" and r.get("method") == "unregisterConnection"), None)
-        chosen = chosen if end is None else chosen[:end + 1]
+        call = next((i for i, r in enumerate(chosen) if r["kind"] == "rpc.message"
+                     and r.get("message") == "call" and r.get("method") == "updateLocalConfiguration"), None)
+        if end is not None and call is not None and call < end:
+            # the connector does not wait for that answer to start its teardown: what it sent meanwhile
+            # (over QUIC an unregisterConnection may overtake the answer) is left out with the rest
+            chosen = [*chosen[:call + 1], chosen[end]]
+        else:
+            chosen = chosen if end is None else chosen[:end + 1]
     elif topic in ("request", "websocket", "origin-cert-error"):
         ray = next((r["ray"] for r in ordered if r["kind"] == "eyeball.request" and r.get("ray")), None)
         if ray is None:
@@ -612,7 +619,13 @@ def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, i
     comes after the response the eyeball got: whether head and body reach the edge in one read is a race,
     and the edge hands the head on before the body ends."""
     acks = [s for s in steps if s.what.startswith("SETTINGS") and "ACK" in s.what]
-    ack_t = max((s.t for s in acks), default=0.0)
+    # placed where the connector's acknowledgement was seen: it answers the edge's SETTINGS before it
+    # answers the control stream, while the edge's own may leave late (after the registration, under load)
+    ack_t = max((s.t for s in acks if s.sender == "Connector"), default=max((s.t for s in acks), default=0.0))
+    # the connector's acknowledgement may share its timestamp (one read) with its SETTINGS before it and
+    # the control stream's HEADERS after it: their order in the trace decides the side
+    position = {id(s): i for i, s in enumerate(steps)}
+    ack_at = max((position[id(s)] for s in acks if s.t == ack_t), default=-1)
     answered = next((s.t for s in steps if s.sender == "Edge" and s.receiver == "Eyeball"), None)
     bodies = [s for s in steps if s.ref.startswith("docs/protocol.md §13.3; docs/trace.md")
               and s.sender == "Connector" and answered is not None and s.t < answered]
@@ -622,7 +635,7 @@ def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, i
             return (ack_t, 1 if step.sender == "Edge" else 2)
         if step in bodies:
             return (answered or step.t, 4)
-        return (step.t, 0 if step.t != ack_t else 3)
+        return (step.t, 0 if step.t != ack_t or position[id(step)] < ack_at else 3)
 
     return key
 

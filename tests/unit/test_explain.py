@@ -237,3 +237,22 @@ def test_quic_pages_are_named_and_titled_apart(quic_records: list[dict[str, Any]
     assert text.startswith("# Walkthrough: One HTTP request through the tunnel (over QUIC)\n")
     assert "`tunnel-lab explain request --protocol quic --markdown`" in text
     assert all(t.quic_intro for t in explain.TOPICS.values())
+
+
+def test_races_do_not_change_the_registration_page(records: list[dict[str, Any]],
+                                                   quic_records: list[dict[str, Any]]) -> None:
+    # the edge's SETTINGS ACK leaving late (after the registration call) does not move the acks
+    call = _one(records, "rpc.message", component="edge", method="registerConnection", message="call")
+    late = [{**r, "t": call["t"] + 1e-4} if r["kind"] == "h2.frame" and r.get("type") == "SETTINGS"
+            and r.get("component") == "edge" and r.get("dir") == "out" and "ACK" in (r.get("flags") or [])
+            else r for r in records]
+    assert ([s.what for s in explain.walkthrough("registration", late)]
+            == [s.what for s in explain.walkthrough("registration", records)])
+    # over QUIC an unregisterConnection overtaking the configuration's answer is left out
+    config = _one(quic_records, "rpc.message", component="edge", method="updateLocalConfiguration",
+                  message="call")
+    unregister = {**config, "t": config["t"] + 1e-6, "question": 0, "method": "unregisterConnection",
+                  "params": None}
+    whats = [s.what for s in explain.walkthrough("registration", [*quic_records, unregister], "quic")]
+    assert whats == [s.what for s in explain.walkthrough("registration", quic_records, "quic")]
+    assert not any("unregisterConnection" in w for w in whats)
