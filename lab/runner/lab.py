@@ -58,6 +58,7 @@ class RunOptions:
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
     protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
     trace: bool = False  # `run --trace`: each component that can writes a protocol trace (docs/trace.md)
+    edge_processes: int = 1  # `run --edge-processes N`: the edge in N processes where the scenario allows
 
 
 @dataclass
@@ -259,6 +260,10 @@ class Lab:
         old = self.components.get("edge")
         if self.options.trace:
             flags += ["--trace", str(self._trace_path("edge", old))]
+        processes = min(self.options.edge_processes, len(datacentres))
+        if processes > 1 and not self.options.trace and not sc.edge.get("warp", False) and not any(
+                f in ("--udp-forward", "--trace") for f in sc.edge.get("flags", [])):
+            flags += ["--processes", str(processes)]  # what a multi-process edge lacks keeps one process
         argv = edge_argv(
             self.state,
             datacentres,
