@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `tunnel-lab edge`."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    who = "[worker pid %(process)d] " if args.worker_control is not None else ""
     logging.basicConfig(level=getattr(logging, args.loglevel.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        format=f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -105,8 +106,15 @@ def _request_head(ex: Any) -> h11.Request:
         headers.append((b"connection", b"close"))
         if ex.has_body and b"content-length" not in names:
             headers.append((b"transfer-encoding", b"chunked"))
-    target = str(req.target) if str(req.target).startswith("/") or req.target == "*" else "/"
-    return h11.Request(method=str(req.method), target=target, headers=headers)
+    return h11.Request(method=str(req.method), target=_origin_form(str(req.target)), headers=headers)
+
+
+def _origin_form(target: str) -> str:
+    """An absolute-form target (`GET http://host/x`) as the origin form the next hop expects."""
+    if target.startswith("/") or target == "*":
+        return target
+    parts = urllib.parse.urlsplit(target)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 async def _relay(ex: Any, link: trio.SocketStream) -> None:

@@ -4,16 +4,25 @@ processes")."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.integration.test_edge_process import PY, api, get, lab, procs, start, wait_json
 
 __all__ = ["procs"]  # the fixture, imported for these tests
+
+
+def request(address: str, method: str, path: str, host: str, body: bytes | None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://{address}{path}", data=body, method=method,
+                                 headers={"Host": host, "X-Test": "yes"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, resp.read()
 
 
 def wait_for(what: str, check: Any, log: Path, timeout: float = 20) -> Any:
@@ -35,8 +44,6 @@ def metric(ready: dict[str, Any], name: str, **labels: str) -> float:
 
 
 def api_text(ready: dict[str, Any], path: str) -> str:
-    import urllib.request
-
     req = urllib.request.Request(f"http://{ready['api']}{path}",
                                  headers={"Authorization": f"Bearer {ready['api_token']}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -82,15 +89,24 @@ def test_request_reaches_a_tunnel_connected_only_to_the_other_process(tmp_path, 
     assert len({w["pid"] for w in workers} | {edge.pid}) == 3
     assert [c["location"] for c in api(ready, "/connections")] == ["LAB2"]
     # Each request on a new connection: the kernel hands it to either worker; worker 0 has no connection of
-    # the tunnel and forwards to worker 1. Stop once a forwarded one was seen (both workers accept).
+    # the tunnel and forwards to worker 1. Go on until a GET and a POST were both forwarded (the metric says
+    # which request was), each checked end to end like every other.
     sent = 0
-    while metric(ready, "tunnel_lab_edge_forwarded_total") == 0:
-        assert sent < 200, "no request was ever accepted by worker 0"
-        status, body = get(ready["http"], f"/echo?n={sent}", "app.test", {"X-Test": "yes"})
-        assert status == 200, body
-        seen = json.loads(body)
+    forwarded: set[str] = set()
+    while forwarded != {"GET", "POST"}:
+        assert sent < 200, f"never forwarded more than {forwarded}: does worker 0 accept?"
+        before = metric(ready, "tunnel_lab_edge_forwarded_total")
+        method = ("GET", "POST")[sent % 2]
+        body = os.urandom(100_000) if method == "POST" else None
+        status, answer = request(ready["http"], method, f"/echo?n={sent}", "app.test", body)
+        assert status == 200, answer
+        seen = json.loads(answer)
         assert seen["target"] == f"/echo?n={sent}" and ["X-Test", "yes"] in seen["headers"]
         assert ["Cf-Connecting-Ip", "127.0.0.1"] in seen["headers"]
+        if body is not None:
+            assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+        if metric(ready, "tunnel_lab_edge_forwarded_total") > before:
+            forwarded.add(method)
         sent += 1
     # The merged history has every request once, served at LAB2 by worker 1, in order.
     history = api(ready, "/history?since=0")
