@@ -162,7 +162,8 @@ def _worker_main(control_fd: int) -> int:
         error = _first_error(exc)
         if error is None:
             raise
-        print(f"tunnel-lab: edge worker: {error}", file=sys.stderr)
+        prefix = "cannot start: " if isinstance(error, OSError) else ""
+        print(f"tunnel-lab: edge worker: {prefix}{error}", file=sys.stderr)
         return 1
     return 0
 

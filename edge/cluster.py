@@ -54,7 +54,7 @@ def split_locations(config: EdgeConfig, processes: int) -> list[list[str]]:
     if processes < 1:
         raise ConfigError("--processes must be at least 1", source="--processes")
     if len(locations) < processes:
-        raise ConfigError(f"--processes {processes} needs at least {processes} data centres "
+        raise ConfigError(f"{processes} processes need at least {processes} data centres "
                           f"(--tunnel-listen); there are {len(locations)}", source="--processes",
                           hint="each worker process owns one or more data centres")
     return [locations[i::processes] for i in range(processes)]
@@ -65,7 +65,7 @@ def check_supported(config: EdgeConfig) -> None:
     for flag, value in (("--warp-listen", config.warp_listen), ("--udp-forward", config.udp_forwards),
                         ("--trace", config.trace)):
         if value:
-            raise ConfigError(f"{flag} is not supported with --processes above 1 yet", source=flag,
+            raise ConfigError("not supported with --processes above 1 yet", source=flag,
                               hint="run the edge in one process for it")
 
 
@@ -348,6 +348,7 @@ class Cluster:
             log.error("worker %d: control channel failed: %s", w.index, exc)
         finally:
             w.fail_calls()
+            w.ready.set()  # a worker that failed to start ends the wait for it at once (alive is False)
 
     async def _on_message(self, w: WorkerProc, msg: dict[str, Any]) -> None:
         op = msg["op"]
@@ -421,9 +422,14 @@ class Cluster:
                          inherited={k: s.fileno() for k, s in inherited.items()})
             with trio.move_on_after(START_TIMEOUT):
                 await w.ready.wait()
-            if not w.ready.is_set():
-                w.process.kill()
-                raise WorkerError(f"worker {w.index} did not start within {START_TIMEOUT:g}s")
+            if not w.alive:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(KILL_GRACE):
+                        await w.process.wait()
+                    w.process.kill()
+                    code = await w.process.wait()
+                raise WorkerError(f"worker {w.index} (data centres {', '.join(w.locations)}) did not start "
+                                  f"(exit code {code}; its error is above)")
             log.info("worker %d pid=%d data centres %s forward=%s", w.index, w.pid, ",".join(w.locations),
                      w.forward)
             task_status.started()

@@ -155,7 +155,8 @@ def test_data_centres_are_dealt_out_in_turn(tmp_path: Path):
     config = EdgeConfig(state_dir=tmp_path, tunnel_listens=listens)
     assert split_locations(config, 2) == [["LAB1", "LAB3", "LAB5"], ["LAB2", "LAB4"]]
     assert split_locations(config, 1) == [["LAB1", "LAB2", "LAB3", "LAB4", "LAB5"]]
-    with pytest.raises(ConfigError, match="needs at least 6 data centres"):
+    with pytest.raises(ConfigError, match="6 processes need at least 6 data centres"):
         split_locations(config, 6)
-    with pytest.raises(ConfigError, match="--warp-listen is not supported"):
+    with pytest.raises(ConfigError, match="not supported with --processes") as refused:
         check_supported(EdgeConfig(state_dir=tmp_path, warp_listen=Address("127.0.0.1", 0)))
+    assert refused.value.source == "--warp-listen"
