@@ -126,7 +126,7 @@ async def _relay(ex: Any, link: trio.SocketStream) -> None:
     async with trio.open_nursery() as nursery:
         if ex.has_body and not ex.websocket:
             nursery.start_soon(_upload, ex, client, link)
-        elif not ex.websocket:
+        else:  # h11 switches protocols only after the request ended
             await link.send_all(client.send(h11.EndOfMessage()))
         try:
             await _respond(ex, client, link)
@@ -169,7 +169,8 @@ async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream) -> 
             event = await _next_event(client, link)
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101 and ex.websocket:
-                    await _websocket(ex, client, link, _response_headers(event.headers))
+                    # The switch's own Connection and Upgrade fields go on to the eyeball.
+                    await _websocket(ex, client, link, [(bytes(n), bytes(v)) for n, v in event.headers])
                     return
                 continue
             break
