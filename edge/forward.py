@@ -96,7 +96,10 @@ def _split(address: str) -> tuple[str, int]:
 
 def _request_head(ex: Any) -> h11.Request:
     req = ex.request
-    headers: Headers = [(n, v) for n, v in req.headers if n.lower() not in HOP_BY_HOP]
+    # Fields the Connection header names belong to this hop too (RFC 9110 §7.6.1).
+    hop = HOP_BY_HOP | {name.strip().lower() for n, v in req.headers if n.lower() == b"connection"
+                        for name in v.split(b",")}
+    headers: Headers = [(n, v) for n, v in req.headers if n.lower() not in hop]
     names = {n.lower() for n, _ in headers}
     if b"host" not in names:
         headers.insert(0, (b"host", str(req.host).encode("latin-1")))

@@ -160,3 +160,35 @@ def test_data_centres_are_dealt_out_in_turn(tmp_path: Path):
     with pytest.raises(ConfigError, match="not supported with --processes") as refused:
         check_supported(EdgeConfig(state_dir=tmp_path, warp_listen=Address("127.0.0.1", 0)))
     assert refused.value.source == "--warp-listen"
+
+
+def _exchange(headers, *, target="/x", has_body=False, websocket=False):
+    from types import SimpleNamespace
+
+    from tunnel_lab.wire.eyeball import EyeballRequest
+
+    req = EyeballRequest(method="POST" if has_body else "GET", target=target, headers=tuple(headers),
+                         scheme="http", client_ip="127.0.0.1", host="app.test")
+    return SimpleNamespace(request=req, has_body=has_body, websocket=websocket)
+
+
+def test_a_forwarded_request_leaves_this_hops_fields_behind():
+    from tunnel_lab.edge.forward import _request_head
+
+    head = _request_head(_exchange([(b"Host", b"app.test"), (b"Connection", b"keep-alive, X-Hop"),
+                                    (b"X-Hop", b"gone"), (b"Keep-Alive", b"timeout=5"), (b"X-Kept", b"1"),
+                                    (b"Transfer-Encoding", b"chunked")], has_body=True))
+    assert [(bytes(n), bytes(v)) for n, v in head.headers] == [
+        (b"host", b"app.test"), (b"x-kept", b"1"), (b"connection", b"close"),
+        (b"transfer-encoding", b"chunked")]
+
+
+def test_a_forwarded_request_gets_a_host_and_the_origin_form():
+    from tunnel_lab.edge.forward import _request_head
+
+    head = _request_head(_exchange([], target="http://app.test/a/b?c=d"))  # an h2 eyeball: no Host field
+    assert head.target == b"/a/b?c=d" and (b"host", b"app.test") in head.headers
+    upgrade = _request_head(_exchange([(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
+                                      websocket=True))
+    assert (b"connection", b"upgrade") in upgrade.headers and (b"upgrade", b"websocket") in upgrade.headers
+    assert (b"connection", b"close") not in upgrade.headers
