@@ -94,6 +94,9 @@ def load_topology(path: str) -> Scenario:
     from tunnel_lab.lab.runner.loader import _build
 
     scenario = _build(doc)
+    if scenario.internet:
+        raise ConfigError("topology.internet is for scenarios (`cli` steps)", source=path,
+                          hint="to run the connector's own commands by hand, use `tunnel-lab sandbox`")
     if scenario.connector is None:
         raise ConfigError(
             "the topology has no connector",
