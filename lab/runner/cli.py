@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tunnel transport every scenario's connector uses (`run --protocol`; default http2)",
     )
     p.add_argument(
+        "--edge-processes",
+        metavar="N",
+        type=int,
+        default=1,
+        help="run each scenario's edge in up to N processes (`tunnel-lab edge --processes`; one per data "
+        "centre at most; scenarios with warp, UDP forwards or --trace keep one process)",
+    )
+    p.add_argument(
         "--loglevel",
         default="info",
         choices=["debug", "info", "warn", "error"],

@@ -52,6 +52,7 @@ def run_all(
         capabilities=capabilities,
         protocol=getattr(args, "protocol", "http2"),
         trace=bool(getattr(args, "trace", False)),
+        edge_processes=int(getattr(args, "edge_processes", 1)),
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     bytecode.warm()  # once here rather than in each of the hundreds of processes the run starts
