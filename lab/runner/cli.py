@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level passed to the components",
     )
     p.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first failure")
+    p.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                   help="start every lab process with exec instead of forking it from a process that has "
+                        "imported the lab already (slower start-up; docs/scenarios.md, \"Speed\")")
     return p
 
 

@@ -17,8 +17,10 @@ from rich.table import Table
 from tunnel_lab.lab.runner import bytecode, netns
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.engine import ScenarioResult, run_scenario
+from tunnel_lab.lab.runner.forkserver import open_launcher
 from tunnel_lab.lab.runner.lab import RunOptions
 from tunnel_lab.lab.runner.loader import Scenario
+from tunnel_lab.lab.runner.procs import child_env
 from tunnel_lab.lab.runner.report import (
     STATUSES,
     failure_text,
@@ -64,7 +66,8 @@ def run_all(
     terminated = False
     REAPER.start()  # cleans up should this process be killed hard
     try:
-        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results)
+        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results,
+                 getattr(args, "fork_server", True))
     except Terminated:
         terminated = True
     finally:
@@ -100,6 +103,19 @@ def run_all(
 
 
 async def _run(
+    selected: list[Scenario],
+    options: RunOptions,
+    jobs: int,
+    exitfirst: bool,
+    console: Console,
+    results: list[ScenarioResult],
+    fork_server: bool,
+) -> None:
+    async with open_launcher(options.results / "forkserver.log", child_env(), enabled=fork_server):
+        await _run_scenarios(selected, options, jobs, exitfirst, console, results)
+
+
+async def _run_scenarios(
     selected: list[Scenario],
     options: RunOptions,
     jobs: int,
