@@ -19,10 +19,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunnel_lab.lab.runner import cloudflared, netns
 from tunnel_lab.lab.runner.loader import Scenario, load_scenario, matches, parse_shard, shard
 from tunnel_lab.wire.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tunnel_lab.lab.runner.forkserver import ForkServer
 
 REPO_LIBRARY = Path(__file__).resolve().parent.parent.parent / "scenarios"
 PACKAGED_LIBRARY = Path(__file__).resolve().parent.parent / "scenarios"
@@ -170,6 +174,31 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    server = _early_fork_server(args)
+    try:
+        return _load_and_run(args, argv, server)
+    finally:
+        if server is not None:
+            server.close()  # run_all has closed it already, unless the run did not get that far
+
+
+def _early_fork_server(args: argparse.Namespace) -> ForkServer | None:
+    """The run's fork server (lab/runner/forkserver.py), started before the scenario files are loaded so
+    that its imports (0.2 CPU-s) overlap with that; not for what starts no lab process here (`--list`,
+    `--check`, `--compare`, a run that moves into a network namespace first)."""
+    moves = (args.connector == "cloudflared" or args.isolate) and not netns.inside()
+    if not args.fork_server or args.list or args.check or args.compare or moves:
+        return None
+    from tunnel_lab.lab.runner import bytecode, forkserver
+    from tunnel_lab.lab.runner.procs import child_env
+
+    bytecode.warm()  # before the server imports the lab: it writes no bytecode itself
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    return forkserver.start_server(results / "forkserver.log", child_env())
+
+
+def _load_and_run(args: argparse.Namespace, argv: list[str], server: ForkServer | None) -> int:
     scenarios, errors = collect(args.paths)
     if errors:
         for err in errors:
@@ -226,7 +255,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"tunnel-lab: {capabilities.summary()}", file=sys.stderr)
     from tunnel_lab.lab.runner.runall import run_all
 
-    return run_all(selected, args, capabilities)
+    return run_all(selected, args, capabilities, server)
 
 
 def _compare(selected: list[Scenario], args: argparse.Namespace, argv: list[str]) -> int:

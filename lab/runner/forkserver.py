@@ -257,34 +257,49 @@ class ForkServerError(OSError):
     """The fork server could not start a process (it is gone, or the fork failed)."""
 
 
-class Launcher:
-    """The runner's end of a fork server: `spawn` starts `tunnel-lab ARGS` as a forked process."""
+class ForkServer:
+    """The server process. Started without trio (`tunnel-lab run` starts it before it loads the scenario
+    files, so that the server's imports overlap with that), closed once the run is over. Raises OSError
+    where it cannot work (no pidfd, no subreaper)."""
 
     def __init__(self, log_path: Path, env: Mapping[str, str]) -> None:
+        if not hasattr(os, "pidfd_open"):
+            raise OSError("os.pidfd_open is missing (Linux 5.3 and Python 3.9 needed)")
+        become_subreaper()
         self.log_path = log_path
-        self.env = dict(env)
+        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs, open(log_path, "ab") as logf:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tunnel_lab.lab.runner.forkserver", str(theirs.fileno()), ROOM],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=dict(env),
+                pass_fds=(theirs.fileno(),), start_new_session=True)
+
+    def close(self) -> None:
+        """Hang up; the server exits on EOF (killed if it has not within a second)."""
+        self.socket.close()
+        try:
+            self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Launcher:
+    """The runner's end of a fork server, in trio: `spawn` starts `tunnel-lab ARGS` as a forked process."""
+
+    def __init__(self, server: ForkServer) -> None:
+        self.server = server
         self.broken: str | None = None
-        self._sock: trio.socket.SocketType | None = None
-        self._server: trio.Process | None = None
+        self._sock = trio.socket.from_stdlib_socket(server.socket)
         self._ready = trio.Event()
         self._lock = trio.Lock()
 
-    async def start(self) -> None:
-        """Start the server and wait for its `ready`; on failure the launcher is `broken`, which makes
-        the runner exec its processes as before."""
+    async def wait_ready(self) -> None:
+        """Wait for the server's `ready`; if it does not come, the launcher is `broken`, which makes the
+        runner exec its processes as before."""
         try:
-            if not hasattr(os, "pidfd_open"):
-                raise OSError("os.pidfd_open is missing (Linux 5.3 and Python 3.9 needed)")
-            become_subreaper()
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with theirs, open(self.log_path, "ab") as logf:
-                self._server = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "tunnel_lab.lab.runner.forkserver", str(theirs.fileno()), ROOM],
-                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
-                    pass_fds=(theirs.fileno(),), start_new_session=True)
-            self._sock = trio.socket.from_stdlib_socket(ours)
             if await self._sock.recv(64) != b"ready":
-                raise OSError(f"it exited before it was ready (see {self.log_path})")
+                raise OSError(f"it exited before it was ready (see {self.server.log_path})")
         except OSError as exc:
             self.broken = f"the fork server did not start: {exc}"
             log.warning("%s; components are started with exec", self.broken)
@@ -294,8 +309,8 @@ class Launcher:
     async def spawn(self, args: Sequence[str], env: Mapping[str, str], fds: Sequence[int]) -> ForkedProcess:
         """Fork `tunnel-lab ARGS` with `fds` as its stdin, stdout and stderr. Raises ForkServerError."""
         await self._ready.wait()
-        if self.broken is not None or self._sock is None:
-            raise ForkServerError(self.broken or "the fork server is not running")
+        if self.broken is not None:
+            raise ForkServerError(self.broken)
         request = json.dumps({"args": list(args), "env": dict(env)}).encode()
         async with self._lock:  # one request at a time: each answer follows its request
             try:
@@ -306,24 +321,13 @@ class Launcher:
                 self.broken = f"the fork server is gone: {exc}"
                 raise ForkServerError(self.broken) from exc
         if not answer:
-            self.broken = f"the fork server exited (see {self.log_path})"
+            self.broken = f"the fork server exited (see {self.server.log_path})"
             raise ForkServerError(self.broken)
         reply = json.loads(answer)
         if "pid" not in reply:
             raise ForkServerError(f"the fork server could not start `tunnel-lab {' '.join(args[:2])}`: "
                                   f"{reply.get('error')}")
         return ForkedProcess(int(reply["pid"]))
-
-    async def aclose(self) -> None:
-        """Hang up; the server exits on EOF (killed if it does not within a second)."""
-        if self._sock is not None:
-            self._sock.close()
-        if self._server is not None:
-            with trio.move_on_after(1):
-                await self._server.wait()
-            if self._server.returncode is None:
-                self._server.kill()
-                await self._server.wait()
 
 
 def become_subreaper() -> None:
@@ -337,23 +341,29 @@ def become_subreaper() -> None:
 LAUNCHER: ContextVar[Launcher | None] = ContextVar("LAUNCHER", default=None)
 
 
+def start_server(log_path: Path, env: Mapping[str, str]) -> ForkServer | None:
+    """A fork server, or None (said once) where it cannot work."""
+    try:
+        return ForkServer(log_path, env)
+    except OSError as exc:
+        log.warning("no fork server (%s): components are started with exec", exc)
+        return None
+
+
 @contextlib.asynccontextmanager
-async def open_launcher(log_path: Path, env: Mapping[str, str], *, enabled: bool = True
-                        ) -> AsyncIterator[Launcher | None]:
-    """A fork server for the tasks this one starts inside the block (`LAUNCHER`); with `enabled` false,
-    or where it cannot start, they exec their processes."""
-    if not enabled:
+async def open_launcher(server: ForkServer | None) -> AsyncIterator[Launcher | None]:
+    """The tasks this one starts inside the block fork their processes from `server` (`LAUNCHER`);
+    without one they exec them."""
+    if server is None:
         yield None
         return
-    launcher = Launcher(log_path, env)
-    await launcher.start()
+    launcher = Launcher(server)
+    await launcher.wait_ready()
     token = LAUNCHER.set(launcher)
     try:
         yield launcher
     finally:
         LAUNCHER.reset(token)
-        with trio.CancelScope(shield=True):
-            await launcher.aclose()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from rich.table import Table
 from tunnel_lab.lab.runner import bytecode, netns
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.engine import ScenarioResult, run_scenario
-from tunnel_lab.lab.runner.forkserver import open_launcher
+from tunnel_lab.lab.runner.forkserver import ForkServer, open_launcher, start_server
 from tunnel_lab.lab.runner.lab import RunOptions
 from tunnel_lab.lab.runner.loader import Scenario
 from tunnel_lab.lab.runner.procs import child_env
@@ -40,9 +40,11 @@ _MARK = {
 
 
 def run_all(
-    selected: list[Scenario], args: argparse.Namespace, capabilities: Capabilities = BUILTIN
+    selected: list[Scenario], args: argparse.Namespace, capabilities: Capabilities = BUILTIN,
+    server: ForkServer | None = None,
 ) -> int:
-    """Run `selected`; print progress, failures and a summary; write reports; return the exit code."""
+    """Run `selected`; print progress, failures and a summary; write reports; return the exit code.
+    Processes are forked from `server`, or from one started here (not with `--no-fork-server`)."""
     results_dir = Path(args.results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     options = RunOptions(
@@ -57,6 +59,8 @@ def run_all(
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     bytecode.warm()  # once here rather than in each of the hundreds of processes the run starts
+    if server is None and getattr(args, "fork_server", True):
+        server = start_server(results_dir / "forkserver.log", child_env())
     if netns.inside():
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
@@ -66,11 +70,12 @@ def run_all(
     terminated = False
     REAPER.start()  # cleans up should this process be killed hard
     try:
-        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results,
-                 getattr(args, "fork_server", True))
+        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results, server)
     except Terminated:
         terminated = True
     finally:
+        if server is not None:
+            server.close()
         REAPER.stop()
         duration = time.monotonic() - started
         order = {s.name: i for i, s in enumerate(selected)}
@@ -109,9 +114,9 @@ async def _run(
     exitfirst: bool,
     console: Console,
     results: list[ScenarioResult],
-    fork_server: bool,
+    server: ForkServer | None,
 ) -> None:
-    async with open_launcher(options.results / "forkserver.log", child_env(), enabled=fork_server):
+    async with open_launcher(server):
         await _run_scenarios(selected, options, jobs, exitfirst, console, results)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tunnel_lab.lab.runner.forkserver import ForkedProcess, open_launcher
+from tunnel_lab.lab.runner.forkserver import ForkedProcess, ForkServer, open_launcher
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, run_command
 
 
@@ -22,8 +22,9 @@ def _parent(pid: int) -> int:
 async def test_a_forked_command_is_what_exec_would_have_started(tmp_path: Path) -> None:
     state = tmp_path / "state"
     env = child_env({"TUNNEL_LAB_STATE": str(state)})
+    server = ForkServer(tmp_path / "forkserver.log", child_env())
     with trio.fail_after(60):
-        async with open_launcher(tmp_path / "forkserver.log", child_env()) as launcher:
+        async with open_launcher(server) as launcher:
             assert launcher is not None and launcher.broken is None
             out = await run_command([*TUNNEL_LAB, "tunnel", "create", "first"], env=env,
                                     log_path=tmp_path / "admin.log")
@@ -52,21 +53,25 @@ async def test_a_forked_command_is_what_exec_would_have_started(tmp_path: Path) 
             origin.send_signal(signal.SIGKILL)
             assert await origin.process.wait() == -signal.SIGKILL
             assert origin.process.returncode == -signal.SIGKILL
-        assert launcher._server is not None and launcher._server.returncode is not None  # gone with the run
+    server.close()
+    assert server.process.returncode == 0  # it ends when the runner hangs up
 
 
 async def test_without_a_server_the_runner_execs(tmp_path: Path) -> None:
     env = child_env({"TUNNEL_LAB_STATE": str(tmp_path / "state")})
+    server = ForkServer(tmp_path / "forkserver.log", child_env())
     with trio.fail_after(60):
-        async with open_launcher(tmp_path / "forkserver.log", child_env()) as launcher:
-            assert launcher is not None and launcher._server is not None
-            launcher._server.kill()
-            await launcher._server.wait()
+        async with open_launcher(server) as launcher:
+            assert launcher is not None
+            server.process.kill()
+            server.process.wait()
             out = await run_command([*TUNNEL_LAB, "tunnel", "create", "first"], env=env,
                                     log_path=tmp_path / "admin.log")
             assert "Created tunnel first" in out
             assert launcher.broken is not None  # said once; every later process is exec'd
-        async with open_launcher(tmp_path / "forkserver.log", child_env(), enabled=False) as none:
+    server.close()
+    with trio.fail_after(60):
+        async with open_launcher(None) as none:
             assert none is None
             out = await run_command([*TUNNEL_LAB, "tunnel", "create", "second"], env=env,
                                     log_path=tmp_path / "admin.log")
