@@ -41,12 +41,12 @@ def library_dir() -> Path:
 
 
 def default_jobs() -> int:
-    """Scenarios at once when `--jobs` is not given: three per core. A scenario keeps a core busy for less
-    than half its wall time (the rest is waiting: for processes to start, for timeouts, for reconnects),
-    and the few that wait out a reconnect backoff for 20 s hold their place all that time; docs/scenarios.md
-    ("Speed") gives the figures."""
+    """Scenarios at once when `--jobs` is not given: six per core. A scenario keeps a core busy for a small
+    part of its wall time (its processes are forked ready-imported; the rest is waiting: for timeouts, for
+    reconnects), and the eight that wait out a reconnect backoff or QUIC timeouts hold their place for
+    10-25 s each; docs/scenarios.md ("Speed") gives the figures."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 3 * max(cores, 1)
+    return 6 * max(cores, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs", "-j", type=int, default=default_jobs(), metavar="N",
-        help=f"scenarios to run at once (default {default_jobs()}: three per core)",
+        help=f"scenarios to run at once (default {default_jobs()}: six per core)",
     )
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (scenarios sorted by name)")
     p.add_argument("--list", action="store_true", help="list the selected scenarios and exit")
