@@ -2,13 +2,15 @@
 
 A scenario starts four to eight `tunnel-lab` processes (origins, the edge, our connector, admin steps),
 and each used to spend most of its start-up importing: 0.11 CPU-second an origin (`import trio` alone is
-0.1), 0.25 the edge, 0.25 our connector, 0.07 an admin step, some 45 CPU-seconds over the bundled library
-on two cores. So `tunnel-lab run` starts this server once (`python -m tunnel_lab.lab.runner.forkserver`,
-in its own session), which imports every module those processes need (`PRELOAD`), then forks a process
-for each `tunnel-lab ARGS` the runner asks for. The child becomes what `python -m tunnel_lab ARGS` would
-have been: its own session, the runner's stdin/stdout/stderr (passed over the socket), the environment
-the runner gives (os.environ replaced whole), `sys.argv` as `-m tunnel_lab` sets it, then the same
-`lab.cli.main`; it leaves the server's loop and exits through the interpreter as usual (atexit, flushes).
+0.1), 0.25 the edge, 0.25 our connector, 0.065 an admin step. Of the 88-92 CPU-seconds the bundled
+library took with our connector, 22-24 are left with this server
+(bench/results/2026-12-04-library-forkserver.md). So `tunnel-lab run` starts it once
+(`python -m tunnel_lab.lab.runner.forkserver`, in its own session); it imports every module those
+processes need (`PRELOAD`), then forks a process for each `tunnel-lab ARGS` the runner asks for. The
+child becomes what `python -m tunnel_lab ARGS` would have been: its own session, the runner's stdin,
+stdout and stderr (passed over the socket), the environment the runner gives (os.environ replaced
+whole), `sys.argv` as `-m tunnel_lab` sets it, then the same `lab.cli.main`; it leaves the server's
+loop, and exits as the interpreter would but for the teardown of every module (`exit_child`).
 
 The child is forked twice, so that it is not the server's child but the runner's: the runner is a child
 subreaper (prctl PR_SET_CHILD_SUBREAPER), the orphan is handed to it, and it waits for it through a pidfd
@@ -51,7 +53,7 @@ import trio
 log = logging.getLogger(__name__)
 
 # What `tunnel-lab edge|connector|origin|tunnel|access` import once running (their command line modules
-# import the rest lazily). Importing them all costs the server about 0.3 CPU-second, once.
+# import the rest lazily). Importing them all costs the server about 0.21 CPU-second, once.
 PRELOAD = (
     "tunnel_lab.lab.cli",
     "tunnel_lab.lab.admin",
