@@ -193,9 +193,7 @@ def _early_fork_server(args: argparse.Namespace) -> ForkServer | None:
     from tunnel_lab.lab.runner.procs import child_env
 
     bytecode.warm()  # before the server imports the lab: it writes no bytecode itself
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    return forkserver.start_server(results / "forkserver.log", child_env())
+    return forkserver.start_server(child_env())
 
 
 def _load_and_run(args: argparse.Namespace, argv: list[str], server: ForkServer | None) -> int:

@@ -50,6 +50,8 @@ from typing import NoReturn
 
 import trio
 
+from tunnel_lab.wire.errors import TunnelLabError
+
 log = logging.getLogger(__name__)
 
 # What `tunnel-lab edge|connector|origin|tunnel|access` import once running (their command line modules
@@ -96,12 +98,16 @@ def serve(sock: socket.socket) -> Launch | None:
         importlib.import_module(name)
     gc.collect()
     gc.freeze()  # the collector leaves the preloaded objects alone: fewer copied pages in each child
+    try:
+        return _answer(sock)
+    except OSError:  # the runner hung up (bad input, Ctrl-C) before or while we answered: nothing to say
+        return None
+
+
+def _answer(sock: socket.socket) -> Launch | None:
     sock.send(b"ready")
     while True:
-        try:
-            message, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 3)
-        except ConnectionError:
-            return None
+        message, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 3)
         if not message:
             return None
         try:
@@ -255,7 +261,7 @@ class ForkedProcess:
             os.close(self._pidfd)
 
 
-class ForkServerError(OSError):
+class ForkServerError(TunnelLabError):
     """The fork server could not start a process (it is gone, or the fork failed)."""
 
 
@@ -264,26 +270,25 @@ class ForkServer:
     files, so that the server's imports overlap with that), closed once the run is over. Raises OSError
     where it cannot work (no pidfd, no subreaper)."""
 
-    def __init__(self, log_path: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str]) -> None:
         if not hasattr(os, "pidfd_open"):
             raise OSError("os.pidfd_open is missing (Linux 5.3 and Python 3.9 needed)")
         become_subreaper()
-        self.log_path = log_path
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs, open(log_path, "ab") as logf:
+        with theirs:
+            # It prints nothing unless it breaks: then on the runner's stderr, where the user looks.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tunnel_lab.lab.runner.forkserver", str(theirs.fileno()), ROOM],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=dict(env),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=dict(env),
                 pass_fds=(theirs.fileno(),), start_new_session=True)
 
     def close(self) -> None:
-        """Hang up; the server exits on EOF (killed if it has not within a second)."""
+        """Hang up and end the server (it holds no state; what it forked belongs to the runner). Without
+        the kill it would end on EOF, but only once it has finished importing."""
         self.socket.close()
-        try:
-            self.process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        self.process.wait()
 
 
 class Launcher:
@@ -301,7 +306,7 @@ class Launcher:
         runner exec its processes as before."""
         try:
             if await self._sock.recv(64) != b"ready":
-                raise OSError(f"it exited before it was ready (see {self.server.log_path})")
+                raise OSError(f"it exited with code {self.server.process.poll()} before it was ready")
         except OSError as exc:
             self.broken = f"the fork server did not start: {exc}"
             log.warning("%s; components are started with exec", self.broken)
@@ -323,7 +328,7 @@ class Launcher:
                 self.broken = f"the fork server is gone: {exc}"
                 raise ForkServerError(self.broken) from exc
         if not answer:
-            self.broken = f"the fork server exited (see {self.server.log_path})"
+            self.broken = f"the fork server exited with code {self.server.process.poll()}"
             raise ForkServerError(self.broken)
         reply = json.loads(answer)
         if "pid" not in reply:
@@ -343,10 +348,10 @@ def become_subreaper() -> None:
 LAUNCHER: ContextVar[Launcher | None] = ContextVar("LAUNCHER", default=None)
 
 
-def start_server(log_path: Path, env: Mapping[str, str]) -> ForkServer | None:
+def start_server(env: Mapping[str, str]) -> ForkServer | None:
     """A fork server, or None (said once) where it cannot work."""
     try:
-        return ForkServer(log_path, env)
+        return ForkServer(env)
     except OSError as exc:
         log.warning("no fork server (%s): components are started with exec", exc)
         return None

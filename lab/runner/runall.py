@@ -60,7 +60,7 @@ def run_all(
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     bytecode.warm()  # once here rather than in each of the hundreds of processes the run starts
     if server is None and getattr(args, "fork_server", True):
-        server = start_server(results_dir / "forkserver.log", child_env())
+        server = start_server(child_env())
     if netns.inside():
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
