@@ -158,6 +158,17 @@ class Edge:
         """The data centres' location names."""
         return list(self.listeners)
 
+    def processes(self) -> list[dict[str, Any]]:
+        """`GET /processes`: this one process (edge/cluster.py lists its workers)."""
+        return [{"worker": 0, "pid": os.getpid(), "alive": True, "exit_code": None,
+                 "locations": self.locations(), "forward": None}]
+
+    async def refresh(self) -> None:
+        """The state the API reads is this process's own: nothing to pull."""
+
+    async def publish(self) -> None:
+        """The faults act here already: nothing to push."""
+
     # ---- helpers -----------------------------------------------------------------------------
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown."""
