@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from tunnel_lab.lab.runner import netns
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
 from tunnel_lab.lab.services import Services, serve_services, services_ssl_context
 from tunnel_lab.lab.store import Store
-from tunnel_lab.lab.v4api import LiveConnection, V4Api, parse_live
+from tunnel_lab.lab.v4api import V4Api
 from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -263,22 +264,14 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
             edge, info = await _start_edge(layout, loglevel, [a for r in zone.regions.values() for a in r],
                                            quic=quic, ipv6=zone.eyeballs6 is not None)
             token = str(info.get("api_token") or "") or (layout.state / "api-token").read_text().strip()
-
-            async def live() -> list[LiveConnection]:
-                answer = await management_call(str(info["api"]), token, "GET", "/connections")
-                return parse_live(json.dumps(answer).encode())
-
-            async def disconnect(edge_id: str) -> None:
-                await management_call(str(info["api"]), token, "POST", "/faults",
-                                      {"kind": "drop-connection", "connection": edge_id})
+            edge_api = functools.partial(management_call, str(info["api"]), token)
 
             async def access_transfer(path: str) -> Page:
                 # `cloudflared access login` polls login.cloudflareaccess.org/transfer/KEY; the edge
                 # holds the sealed tokens (edge/access_cli.py), so the poll waits there.
                 try:
                     key = path[len("/transfer/"):]
-                    answer = await management_call(str(info["api"]), token, "GET",
-                                                   f"/access/transfers/{key}?wait=45")
+                    answer = await edge_api("GET", f"/access/transfers/{key}?wait=45")
                 except LabError:
                     return Page(status=404, content_type="text/plain", body=b"no such transfer\n")
                 if not isinstance(answer, dict) or "body" not in answer:
@@ -286,16 +279,11 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                 return Page(status=200, content_type="text/plain", body=str(answer["body"]).encode(),
                             headers=(("service-public-key", str(answer["service_public_key"])),))
 
-            async def push(update: dict[str, object]) -> None:
-                await management_call(str(info["api"]), token, "POST",
-                                      f"/tunnels/{update['tunnel_id']}/configuration",
-                                      {"version": update["version"], "config": update["config"]})
-
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
             await nursery.start(serve_dns_tcp, zone, DNS_ADDRESS)
-            services = Services(V4Api(layout.state, store), live,
-                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect,
-                                access_transfer=access_transfer, push=push)
+            services = Services.on_edge(V4Api(layout.state, store),
+                                        LoginTransfers(lambda: issue_origin_cert(layout.state)), edge_api,
+                                        access_transfer=access_transfer)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             if not quiet:
                 print(_banner(layout, info, mounted, zone.eyeballs6 is not None), file=sys.stderr, flush=True)
