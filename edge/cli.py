@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after unregisterConnection, how long in-flight streams may finish (default 30)")
     p.add_argument("--no-quic", action="store_true",
                    help="no QUIC (UDP) listeners beside the tunnel listeners: connectors get http2 only")
+    p.add_argument("--processes", metavar="N", type=int, default=1,
+                   help="run the data centres in N worker processes (dealt out in turn), with the management "
+                        "API, faults, history and metrics whole in a parent process (default 1: one process; "
+                        "docs/architecture.md, \"The edge in several processes\")")
+    p.add_argument("--worker-control", metavar="FD", type=int, help=argparse.SUPPRESS)  # edge/worker.py
     p.add_argument("--ready-file", metavar="PATH", help="write the bound addresses here as JSON")
     p.add_argument("--trace", metavar="FILE",
                    help="write a protocol trace (JSON Lines, secrets redacted; docs/trace.md) to FILE")
@@ -89,11 +94,12 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     )
 
 
-async def run_edge(config: EdgeConfig) -> None:
+async def run_edge(config: EdgeConfig, processes: int = 1) -> None:
     """Run until SIGINT/SIGTERM (graceful), a second signal stops at once."""
+    from tunnel_lab.edge.cluster import Cluster
     from tunnel_lab.edge.server import Edge
 
-    edge = Edge(config)
+    edge: Edge | Cluster = Cluster(config, processes) if processes > 1 else Edge(config)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await nursery.start(edge.serve)
@@ -119,20 +125,46 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `tunnel-lab edge`."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    who = "[worker pid %(process)d] " if args.worker_control is not None else ""
     logging.basicConfig(level=getattr(logging, args.loglevel.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        format=f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.worker_control is not None:
+        return _worker_main(args.worker_control)
     try:
         config = config_from_args(args)
-        trio.run(run_edge, config)
+        if args.processes > 1:
+            from tunnel_lab.edge.cluster import check_supported, split_locations
+
+            split_locations(config, args.processes)
+            check_supported(config)
+        trio.run(run_edge, config, args.processes)
     except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
         error = _first_error(exc)
         if error is None:
             raise
         prefix = "cannot start the edge: " if isinstance(error, OSError) else ""
         print(f"tunnel-lab: {prefix}{error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker_main(control_fd: int) -> int:
+    """A worker process of `--processes N` (edge/worker.py): started by the parent, which owns the signals
+    (a Ctrl-C reaches the whole process group; the parent turns it into one orderly shutdown)."""
+    from tunnel_lab.edge.worker import run_worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trio.run(run_worker, control_fd)
+    except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
+        error = _first_error(exc)
+        if error is None:
+            raise
+        prefix = "cannot start: " if isinstance(error, OSError) else ""
+        print(f"tunnel-lab: edge worker: {prefix}{error}", file=sys.stderr)
         return 1
     return 0
 

@@ -119,7 +119,7 @@ class Edge:
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
-        self.state.trace = open_tracer(config.trace, component="edge")
+        self.state.trace = open_tracer(config.trace, component="edge", ring=True)  # ring: the live view
 
     # ---- the shared state, for tests and embedders ----------------------------------------------
     @property
@@ -158,6 +158,17 @@ class Edge:
     def locations(self) -> list[str]:
         """The data centres' location names."""
         return list(self.listeners)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """`GET /processes`: this one process (edge/cluster.py lists its workers)."""
+        return [{"worker": 0, "pid": os.getpid(), "alive": True, "exit_code": None,
+                 "locations": self.locations(), "forward": None}]
+
+    async def refresh(self) -> None:
+        """The state the API reads is this process's own: nothing to pull."""
+
+    async def publish(self) -> None:
+        """The faults act here already: nothing to push."""
 
     # ---- helpers -----------------------------------------------------------------------------
     def request_shutdown(self) -> None:
