@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from tunnel_lab.edge.config import Address, EdgeConfig, parse_address, parse_tunnel_listen
+from tunnel_lab.edge.config import Address, EdgeConfig, parse_address, parse_listens, parse_tunnel_listen
 from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger("tunnel_lab.edge")
@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tunnel-listen", metavar="[LOC=]ADDR:PORT", action="append", default=[],
                    help="a TLS listener for connectors, one per data centre (repeatable; "
                         "default LAB1=127.0.0.1:7844)")
-    p.add_argument("--http-listen", metavar="ADDR:PORT", help="HTTP/1.1 eyeball listener")
-    p.add_argument("--https-listen", metavar="ADDR:PORT",
-                   help="HTTPS eyeball listener (certificate per host by SNI; h2 and http/1.1)")
+    p.add_argument("--http-listen", metavar="ADDR:PORT", action="append", default=[],
+                   help="HTTP/1.1 eyeball listener (repeatable, e.g. 127.0.0.1:80 and [::1]:80)")
+    p.add_argument("--https-listen", metavar="ADDR:PORT", action="append", default=[],
+                   help="HTTPS eyeball listener (certificate per host by SNI; h2 and http/1.1; repeatable)")
     p.add_argument("--warp-listen", metavar="ADDR:PORT",
                    help="HTTP CONNECT proxy to private networks (`tunnel route ip`)")
     p.add_argument("--udp-forward", metavar="ADDR:PORT=DEST:PORT", action="append", default=[],
@@ -78,8 +79,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     return EdgeConfig(
         state_dir=paths.state_dir(args.state),
         tunnel_listens=tunnel_listens,
-        http_listen=addr(args.http_listen, "--http-listen"),
-        https_listen=addr(args.https_listen, "--https-listen"),
+        http_listens=parse_listens(args.http_listen, source="--http-listen"),
+        https_listens=parse_listens(args.https_listen, source="--https-listen"),
         warp_listen=addr(args.warp_listen, "--warp-listen"),
         api_listen=addr(args.api_listen, "--api-listen"),
         ready_file=Path(args.ready_file).absolute() if args.ready_file else None,

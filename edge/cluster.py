@@ -67,6 +67,11 @@ def check_supported(config: EdgeConfig) -> None:
         if value:
             raise ConfigError("not supported with --processes above 1 yet", source=flag,
                               hint="run the edge in one process for it")
+    # The workers find their eyeball sockets by kind ("http"/"https"), one of each (edge/worker.py).
+    for flag, addresses in (("--http-listen", config.http_listens), ("--https-listen", config.https_listens)):
+        if len(addresses) > 1:
+            raise ConfigError("more than one address is not supported with --processes above 1 yet",
+                              source=flag, hint="give one address, or run the edge in one process")
 
 
 @dataclass(frozen=True)
@@ -461,9 +466,9 @@ class Cluster:
         paths.quic_reset_key(self.state_dir)
         inherited: dict[str, socket.socket] = {}
         try:
-            for what, address in (("http", cfg.http_listen), ("https", cfg.https_listen)):
-                if address is not None:
-                    inherited[what] = self._bind(address)
+            for what, addresses in (("http", cfg.http_listens), ("https", cfg.https_listens)):
+                if addresses:  # one at most (check_supported)
+                    inherited[what] = self._bind(addresses[0])
                     self.bound[what] = str(Address(*inherited[what].getsockname()[:2]))
             async with trio.open_nursery() as nursery:
                 for w in self.workers:
@@ -529,6 +534,8 @@ class Cluster:
             "tunnel_listeners": [by_location[t.location] for t in self.config.tunnel_listens
                                  if t.location in by_location],
             "http": self.bound["http"], "https": self.bound["https"], "warp": None, "udp_forwards": [],
+            "http_listeners": [a for a in [self.bound["http"]] if a],
+            "https_listeners": [a for a in [self.bound["https"]] if a],
             "api": self.bound["api"], "api_token": self.api_token, "ca": str(self.pki.ca_pem_path),
             "processes": self.processes(),
         }

@@ -44,6 +44,8 @@ def config_to_json(config: EdgeConfig) -> dict[str, Any]:
             value = [value.host, value.port]
         elif f.name == "tunnel_listens":
             value = [[t.location, t.address.host, t.address.port] for t in value]
+        elif f.name in ("http_listens", "https_listens"):
+            value = [[a.host, a.port] for a in value]
         out[f.name] = value
     return out
 
@@ -58,8 +60,10 @@ def config_from_json(data: dict[str, Any]) -> EdgeConfig:
     for name, value in data.items():
         if name in ("state_dir", "ready_file", "trace"):
             value = Path(value) if value is not None else None
-        elif name in ("http_listen", "https_listen", "warp_listen", "api_listen"):
+        elif name in ("warp_listen", "api_listen"):
             value = Address(value[0], int(value[1])) if value is not None else None
+        elif name in ("http_listens", "https_listens"):
+            value = tuple(Address(host, int(port)) for host, port in value)
         elif name == "tunnel_listens":
             value = tuple(TunnelListen(loc, Address(host, int(port))) for loc, host, port in value)
         elif name == "udp_forwards":

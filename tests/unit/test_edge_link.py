@@ -119,7 +119,8 @@ def test_metrics_merge_adds_series_and_keeps_the_parents():
 def test_config_crosses_the_process_boundary_unchanged(tmp_path: Path):
     config = EdgeConfig(state_dir=tmp_path, tunnel_listens=(TunnelListen("LAB1", Address("127.0.0.1", 0)),
                                                             TunnelListen("LAB2", Address("::1", 7844))),
-                        http_listen=Address("127.0.0.1", 8080), origin_timeout=5.0, quic=False,
+                        http_listens=(Address("127.0.0.1", 8080), Address("::1", 8080)),
+                        https_listens=(Address("127.0.0.1", 0),), origin_timeout=5.0, quic=False,
                         udp_forwards=((("127.0.0.1", 0), ("10.0.0.53", 53)),), trace=tmp_path / "t")
     assert config_from_json(json.loads(json.dumps(config_to_json(config)))) == config
     with pytest.raises(ProtocolError, match="unknown fields"):
@@ -160,6 +161,11 @@ def test_data_centres_are_dealt_out_in_turn(tmp_path: Path):
     with pytest.raises(ConfigError, match="not supported with --processes") as refused:
         check_supported(EdgeConfig(state_dir=tmp_path, warp_listen=Address("127.0.0.1", 0)))
     assert refused.value.source == "--warp-listen"
+    with pytest.raises(ConfigError, match="more than one address") as refused:
+        check_supported(EdgeConfig(state_dir=tmp_path, https_listens=(Address("127.0.0.1", 0),
+                                                                       Address("::1", 0))))
+    assert refused.value.source == "--https-listen"
+    check_supported(EdgeConfig(state_dir=tmp_path, http_listens=(Address("127.0.0.1", 0),)))
 
 
 def _exchange(headers, *, target="/x", has_body=False, websocket=False):
