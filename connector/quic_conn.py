@@ -148,12 +148,13 @@ class QuicTunnelStream:
     def push_back(self, data: bytes) -> None:
         self.quic.push_back(data)
 
-    async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
-        response = self._connect_response(headers)
+    async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False,
+                           upgraded: bool = False) -> None:
+        response = self._connect_response(headers, upgraded)
         self.headers_sent = True
         await self._send(qs.encode_connect_response(response), end_stream)
 
-    def _connect_response(self, headers: list[tuple[bytes, bytes]]) -> qs.ConnectResponse:
+    def _connect_response(self, headers: list[tuple[bytes, bytes]], upgraded: bool) -> qs.ConnectResponse:
         status_raw = first_value(headers, b":status") or b"502"
         status = int(status_raw) if status_raw.isdigit() else 502
         self.status = status
@@ -170,7 +171,9 @@ class QuicTunnelStream:
             return qs.ConnectResponse()
         serialized = first_value(headers, RESPONSE_HEADERS)
         origin = deserialize_response_headers(serialized) if serialized else []
-        return qs.connect_response_for_http(status, origin)
+        # An upgrade's 101 travels as 200 in the HTTP/2-style fields; a ConnectResponse carries the
+        # origin's own 101, as cloudflared's response adapter writes it.
+        return qs.connect_response_for_http(101 if upgraded else status, origin)
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         await self._send(data, end_stream)

@@ -400,7 +400,7 @@ class Proxy:
             return
         async with tcp:
             key = first_value(ts.headers, b"sec-websocket-key")
-            await ts.send_headers(wo.tunnel_response_headers(101, accept_headers(key)))
+            await ts.send_headers(wo.tunnel_response_headers(101, accept_headers(key)), upgraded=True)
             bridge = WebSocketBridge()
             closing = trio.Event()
 
@@ -529,7 +529,7 @@ async def _perform(ts: IncomingStream, actions: list[wo.TunnelAction]) -> None:
     """Carry out an origin exchange's tunnel actions, in order."""
     for action in actions:
         if isinstance(action, wo.SendHeaders):
-            await ts.send_headers(action.fields, end_stream=action.end_stream)
+            await ts.send_headers(action.fields, end_stream=action.end_stream, upgraded=action.upgraded)
         elif isinstance(action, wo.SendData):
             await ts.send_data(action.data, end_stream=action.end_stream)
         elif isinstance(action, wo.SendTrailers):

@@ -143,7 +143,10 @@ class IncomingStream:
         self._chunks.clear()
 
     # -- response
-    async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
+    async def send_headers(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False,
+                           upgraded: bool = False) -> None:
+        # `upgraded` (an origin's 101, see wire.origin.SendHeaders) changes nothing here: over HTTP/2
+        # the 101 travels as the 200 already in `headers`.
         if not any(name == b"date" for name, _ in headers):
             headers = [*headers, (b"date", http_date())]
         self._queue_headers(headers, end_stream, "headers")

@@ -781,6 +781,9 @@ class SendHeaders:
 
     fields: list[tuple[bytes, bytes]]
     end_stream: bool = False
+    # The fields stand for the origin's 101 to a WebSocket request. HTTP/2 carries it as 200 (what
+    # `fields` say); a QUIC ConnectResponse carries the 101 itself, as cloudflared's does.
+    upgraded: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -968,9 +971,10 @@ class OriginExchange:
 
     # -- the response
 
-    def _sent(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False) -> SendHeaders:
+    def _sent(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False, *,
+              upgraded: bool = False) -> SendHeaders:
         self.headers_sent = True
-        return SendHeaders(fields=fields, end_stream=end_stream)
+        return SendHeaders(fields=fields, end_stream=end_stream, upgraded=upgraded)
 
     def _expect_response(self, *states: ResponseState) -> None:
         if self.response_state not in states:
@@ -982,7 +986,7 @@ class OriginExchange:
         self._expect_response(ResponseState.WAITING)
         if status == 101 and self.websocket:
             self.response_state = ResponseState.UPGRADED
-            return [self._sent(tunnel_response_headers(101, headers))]
+            return [self._sent(tunnel_response_headers(101, headers), upgraded=True)]
         return []
 
     def response_head(self, status: int, headers: Sequence[tuple[bytes, bytes]], *,

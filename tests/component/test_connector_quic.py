@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.component.connector_edge import make_settings, start_connector, status_rule, wait_ready, wait_until
+from tests.component.connector_edge import (
+    http_rule,
+    make_settings,
+    start_connector,
+    status_rule,
+    wait_ready,
+    wait_until,
+)
 from tests.component.quic_edge_peer import QuicEdgePeer, quic_edge_cert
 from tunnel_lab.connector.quic_conn import IDLE_TIMEOUT
 from tunnel_lab.wire import datagram as dg
@@ -81,6 +88,56 @@ async def test_registers_over_quic_and_serves_a_data_stream(tmp_path: Path) -> N
             nursery.cancel_scope.cancel()
             assert await running.exit_code() == 0  # type: ignore[attr-defined]
             assert peer.unregistered
+            nursery.cancel_scope.cancel()
+
+
+async def upgrading_origin(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """An origin that answers any request with 101 Switching Protocols, then echoes."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some()
+            await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
+            async for data in stream:
+                await stream.send_all(data)
+
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+async def test_a_websocket_upgrade_answers_with_the_origins_101(tmp_path: Path) -> None:
+    # cloudflared's QUIC response adapter writes the origin's status as it is: 101 for a WebSocket
+    # (only its http2 writer turns it into 200).
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(upgrading_origin)
+            ca, cert, key = quic_edge_cert(tmp_path)
+            peer = QuicEdgePeer(cert, key)
+            nursery.start_soon(peer.serve)
+            settings = make_settings(ca, [peer.address], (http_rule(port),), protocol="quic",
+                                     ha_connections=1)
+            running = await start_connector(nursery, settings)
+            await wait_ready(running)
+            request = qs.ConnectRequest(
+                dest="http://app.example.test/ws", type=qs.ConnectionType.WEBSOCKET,
+                metadata=(("HttpMethod", "GET"), ("HttpHost", "app.example.test"),
+                          ("HttpHeader:Sec-Websocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                          ("HttpHeader:Sec-Websocket-Version", "13")))
+            sid = peer.open_stream(qs.encode_connect_request(request))
+
+            def answered() -> bool:
+                return qs.StreamHeadReader(expect="response").feed(bytes(peer.streams.get(sid, b""))) \
+                    is not None
+
+            await peer.wait(answered)
+            head = qs.StreamHeadReader(expect="response").feed(bytes(peer.streams[sid]))
+            assert head is not None and isinstance(head.message, qs.ConnectResponse)
+            assert head.message.error == ""
+            assert head.message.get("HttpStatus") == "101", head.message
             nursery.cancel_scope.cancel()
 
 
