@@ -475,5 +475,6 @@ class EdgeState(Generic[C]):
     pushed_configs: dict[str, bytes] = field(default_factory=dict)  # tunnel id -> last local config
     access: Any = None  # edge.access.AccessGate, made on first use
     waf: Any = None  # edge.waf.WafGate, made on first use
+    v4api: Any = None  # lab.v4api.V4Api for the v4 API on the management port (edge.v4api), made on first use
     default_location: str = "LAB"
     trace: Any = None  # transport.trace.Tracer with `--trace`, else None (each hook checks this once)
