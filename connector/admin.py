@@ -49,6 +49,7 @@ USAGE_EXIT = 255  # cli.Exit(msg, -1)
 LIST_SORT = ("name", "id", "createdAt", "deletedAt", "numConnections")
 INFO_SORT = ("id", "startedAt", "numConnections", "version")  # as cloudflared words it (the key is createdAt)
 _NAME = re.compile(r"^[*_a-zA-Z0-9][-_.a-zA-Z0-9]*$")
+_POOL = re.compile(r"^[_a-zA-Z0-9][-_.a-zA-Z0-9]*$")  # cloudflared's validateName (no wildcard)
 
 
 class CommandError(TunnelLabError):
@@ -88,6 +89,7 @@ SUBCOMMAND_FLAGS: dict[str, tuple[Flag, ...]] = {
     "cleanup": (_flag("connector-id", "str", "c", env=("TUNNEL_CLEANUP_CONNECTOR",)),),
     "token": (CRED_FILE,),
     "route dns": (_flag("overwrite-dns", "bool", "f", env=("TUNNEL_FORCE_PROVISIONING_DNS",)),),
+    "route lb": (),
     "route ip add": (_flag("vnet", "str", "vn"),),
     "route ip show": (OUTPUT, _flag("filter-is-deleted", "bool"), _flag("filter-tunnel-id", "str"),
                       _flag("filter-network-is-subset-of", "str", "nsub"),
@@ -140,9 +142,6 @@ def parse_invocation(words: Sequence[str], tunnel: Mapping[str, Any],
             raise CommandUsageError('This command expects the format "cloudflared tunnel route dns <tunnel '
                                     'name/id> <hostname>"')
         name, rest = f"route {rest[0]}", rest[1:]
-        if name == "route lb":
-            raise CommandError("load balancer routes are not available in the lab (`route lb`): route a "
-                               "hostname with `route dns`")
         if name == "route ip":
             action = rest[0] if rest else ""
             action = {"list": "show"}.get(action, action)
@@ -825,6 +824,48 @@ def route_dns(ctx: Context) -> int:
     return 0
 
 
+# cfapi's LBRouteResult.SuccessSummary, by "load_balancer,pool" (%s: the load balancer, then the pool).
+_LB_SUMMARY = {
+    "new,new": "Created load balancer {0} and added a new pool {1} with this tunnel as an origin",
+    "new,updated": "Created load balancer {0} with an existing pool {1} which was updated to use this tunnel "
+                   "as an origin",
+    "new,unchanged": "Created load balancer {0} with an existing pool {1} which already has this tunnel as "
+                     "an origin",
+    "updated,new": "Added new pool {1} with this tunnel as an origin to load balancer {0}",
+    "updated,updated": "Updated pool {1} to use this tunnel as an origin and added it to load balancer {0}",
+    "updated,unchanged": "Added pool {1}, which already has this tunnel as an origin, to load balancer {0}",
+    "unchanged,updated": "Added this tunnel as an origin in pool {1} which is already used by load balancer "
+                         "{0}",
+    "unchanged,unchanged": "Load balancer {0} already uses pool {1} which has this tunnel as an origin",
+}
+
+
+def route_lb(ctx: Context) -> int:
+    """`route lb TUNNEL HOSTNAME POOL`: cloudflared's lbRouteFromArg checks, then the zone's routes PUT."""
+    inv = ctx.inv
+    if len(inv.args) != 3:
+        raise CommandUsageError('This command expects the format "cloudflared tunnel route lb <tunnel '
+                                'name/id> <hostname> <load balancer pool>"')
+    tunnel_id = ctx.find_id(inv.args[0])
+    lb_name, pool = inv.args[1], inv.args[2]
+    if not lb_name:
+        raise CommandUsageError("The third argument should be the load balancer name")
+    if not valid_hostname(lb_name):
+        raise CommandError(f"{lb_name} is not a valid load balancer name")
+    if not pool:
+        raise CommandUsageError("The fourth argument should be the pool name")
+    if _POOL.match(pool) is None:
+        raise CommandError(f"{pool} is not a valid pool name")
+    api = ctx.api()
+    result = api.call(api.client.route_lb(tunnel_id, lb_name, pool), "add route")
+    doc = result if isinstance(result, dict) else {}
+    key = f"{doc.get('load_balancer', '')},{doc.get('pool', '')}"
+    text = _LB_SUMMARY.get(key, "Something went wrong: failed to modify load balancer {0} with pool {1}; "
+                                "please check traffic manager configuration in the dashboard")
+    log.info("%s tunnelID=%s", text.format(lb_name, pool), tunnel_id)
+    return 0
+
+
 def route_ip_add(ctx: Context) -> int:
     inv = ctx.inv
     if len(inv.args) < 2:
@@ -1039,8 +1080,8 @@ def vnet_update(ctx: Context) -> int:
 
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "login": login, "create": create, "list": list_tunnels, "info": info, "delete": delete,
-    "cleanup": cleanup, "token": token, "route dns": route_dns, "route ip add": route_ip_add,
-    "route ip show": route_ip_show,
+    "cleanup": cleanup, "token": token, "route dns": route_dns, "route lb": route_lb,
+    "route ip add": route_ip_add, "route ip show": route_ip_show,
     "route ip delete": route_ip_delete, "route ip get": route_ip_get, "vnet add": vnet_add,
     "vnet list": vnet_list, "vnet delete": vnet_delete, "vnet update": vnet_update,
 }
@@ -1081,8 +1122,8 @@ _USAGE = {
     "vnet": ("Configure and query virtual networks to manage private IP routes with overlapping IPs.",
              "vnet add|list|delete|update [subcommand options] [NAME|ID]"),
     "route": ("Define which traffic routed from Cloudflare edge to this tunnel",
-              "route [dns TUNNEL HOSTNAME]|[ip add NETWORK TUNNEL [COMMENT]]|[ip show]|[ip delete ID|NETWORK]"
-              "|[ip get IP]"),
+              "route [dns TUNNEL HOSTNAME]|[lb TUNNEL HOSTNAME LB-POOL]|[ip add NETWORK TUNNEL [COMMENT]]"
+              "|[ip show]|[ip delete ID|NETWORK]|[ip get IP]"),
 }
 _FLAG_HELP = {
     "output": "Render output using given FORMAT: 'json' or 'yaml'",

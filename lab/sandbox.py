@@ -183,7 +183,7 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     store = Store(layout.state / "state.db")
     env = command_env(layout, cloudflared=cloudflared)
     zone = LabZone(regions={k: list(v) for k, v in REGIONS.items()}, services=SERVICES, eyeballs=EYEBALLS,
-                   routed=lambda name: store.resolve_hostname(name) is not None,
+                   routed=store.is_routed,
                    protocols=DEFAULT_PROTOCOLS if quic else HTTP2_ONLY)
     # Signals are watched from the start: one that arrives while the lab starts aborts the start-up
     # (PID 1 of a namespace would otherwise ignore it); later ones go to COMMAND.
