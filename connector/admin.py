@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 from urllib.parse import urlencode
 
-from tunnel_lab.connector import cfapi
+from tunnel_lab.connector import cfapi, diag
 from tunnel_lab.connector.flags import Flag, UsageError, parse_level
 from tunnel_lab.wire import credentials as wc
 from tunnel_lab.wire.errors import ConfigError, TunnelLabError
@@ -98,13 +98,16 @@ SUBCOMMAND_FLAGS: dict[str, tuple[Flag, ...]] = {
                       _flag("filter-vnet-id", "str")),
     "route ip delete": (_flag("vnet", "str", "vn"),),
     "route ip get": (_flag("vnet", "str", "vn"),),
+    "diag": (_flag("metrics", "str"), _flag("diag-container-id", "str"), _flag("diag-pod-id", "str"),
+             _flag("no-diag-logs", "bool"), _flag("no-diag-metrics", "bool"), _flag("no-diag-system", "bool"),
+             _flag("no-diag-runtime", "bool"), _flag("no-diag-network", "bool")),
     "vnet add": (_flag("default", "bool", "d"),),
     "vnet list": (_flag("id", "str"), _flag("name", "str"), _flag("is-default", "bool"),
                   _flag("show-deleted", "bool"), OUTPUT),
     "vnet delete": (_flag("force", "bool", "f"),),
     "vnet update": (_flag("name", "str", "n"), _flag("comment", "str", "c"), _flag("default", "bool", "d")),
 }
-ADMIN_COMMANDS = ("login", "create", "list", "info", "delete", "cleanup", "token", "route", "vnet")
+ADMIN_COMMANDS = ("login", "create", "list", "info", "delete", "cleanup", "token", "route", "vnet", "diag")
 
 
 @dataclass
@@ -1078,12 +1081,20 @@ def vnet_update(ctx: Context) -> int:
     return 0
 
 
+def diag_command(ctx: Context) -> int:
+    """`tunnel diag`: collects from a running connector's metrics server (connector.diag)."""
+    if ctx.inv.get("diag-container-id") or ctx.inv.get("diag-pod-id"):
+        raise CommandError("--diag-container-id and --diag-pod-id are not available in the lab: run `tunnel "
+                           "diag` where the connector runs")
+    return diag.run(ctx.inv)
+
+
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "login": login, "create": create, "list": list_tunnels, "info": info, "delete": delete,
     "cleanup": cleanup, "token": token, "route dns": route_dns, "route lb": route_lb,
     "route ip add": route_ip_add, "route ip show": route_ip_show,
     "route ip delete": route_ip_delete, "route ip get": route_ip_get, "vnet add": vnet_add,
-    "vnet list": vnet_list, "vnet delete": vnet_delete, "vnet update": vnet_update,
+    "vnet list": vnet_list, "vnet delete": vnet_delete, "vnet update": vnet_update, "diag": diag_command,
 }
 
 
@@ -1119,6 +1130,7 @@ _USAGE = {
     "cleanup": ("Cleanup tunnel connections", "cleanup [subcommand options] TUNNEL"),
     "token": ("Fetch the credentials token for an existing tunnel (by name or UUID) that allows to run it",
               "token [subcommand options] TUNNEL"),
+    "diag": ("Creates a diagnostic report from a local cloudflared instance", "diag [subcommand options]"),
     "vnet": ("Configure and query virtual networks to manage private IP routes with overlapping IPs.",
              "vnet add|list|delete|update [subcommand options] [NAME|ID]"),
     "route": ("Define which traffic routed from Cloudflare edge to this tunnel",
@@ -1126,6 +1138,14 @@ _USAGE = {
               "|[ip show]|[ip delete ID|NETWORK]|[ip get IP]"),
 }
 _FLAG_HELP = {
+    "metrics": "The metrics address of the instance (default: search localhost:20241-20245)",
+    "diag-container-id": "Container ID or name (not in the lab)",
+    "diag-pod-id": "Kubernetes pod (not in the lab)",
+    "no-diag-logs": "Log collection will not be performed",
+    "no-diag-metrics": "Metric collection will not be performed",
+    "no-diag-system": "System information collection will not be performed",
+    "no-diag-runtime": "Runtime information collection will not be performed",
+    "no-diag-network": "Network diagnostics will not be performed (not available in the lab)",
     "output": "Render output using given FORMAT: 'json' or 'yaml'",
     "credentials-file": "Filepath at which to read/write the tunnel credentials",
     "secret": "Base64 encoded secret (at least 32 bytes decoded); random when not given",
