@@ -212,13 +212,13 @@ def _find_instance(address: str | None) -> tuple[str, Any] | tuple[None, list[tu
     return None, found
 
 
-def _logs(client: _Client, workdir: Path) -> Path:
+def _logs(client: _Client, workdir: Path, *, managed: Path = Path(MANAGED_LOG)) -> Path:
     conf = client.json("/diag/configuration")
     if not isinstance(conf, dict) or "uid" not in conf:
         raise DiagError("error getting log configuration: key not found")
     if str(conf["uid"]) == "0":
         # Run as root: cloudflared assumes a service and looks where the service writes its log.
-        path = Path(MANAGED_LOG)
+        path = managed
     elif conf.get("logfile"):
         path = Path(conf["logfile"])
     elif conf.get("log-directory"):
