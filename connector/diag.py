@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import trio
 
 from tunnel_lab.connector.state import ConnectorState
+from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger("cloudflared")
 
@@ -187,7 +188,7 @@ class _Client:
             raise DiagError(f"failed to decode body: {exc}") from None
 
 
-class DiagError(Exception):
+class DiagError(TunnelLabError):
     """One job failed (its text goes to task-result.json, as cloudflared's error text does)."""
 
 
