@@ -80,6 +80,12 @@ with start_lab(datacentres=3) as lab:
     found["after_statuses"] = after
     found["after_tunnels"] = sorted({h["tunnel_id"] for h in lab.history() if h["path"].startswith("/after")})
     found["two_id"] = ids["two"]
+    busy = admin("delete", "two", ok=False)
+    found["busy_delete"] = [busy.returncode, busy.stdout + busy.stderr]
+    before = {c["id"] for c in lab.connections() if c["tunnel_id"] == ids["two"]}
+    admin("cleanup", "two")
+    # The edge dropped them before answering (the connector then registers new ones).
+    found["dropped"] = bool(before) and not before & {c["id"] for c in lab.connections()}
     found["delete"] = admin("delete", "-f", "one").returncode
 print(json.dumps(found))
 '''
@@ -112,6 +118,9 @@ def check(found: dict[str, object]) -> None:
     assert found["after_statuses"] == [200] * 4  # the stopped tunnel is skipped
     assert found["after_tunnels"] == [found["two_id"]]
     assert found["delete"] == 0
+    code, text = found["busy_delete"]  # type: ignore[misc]
+    assert code == 1 and "code: 1022" in text
+    assert found["dropped"] is True
 
 
 def test_builtin_connector_on_the_management_port() -> None:
