@@ -46,9 +46,12 @@ class _Shell:
 def _shell(edge: EdgeState[TunnelConnection]) -> _Shell:
     """The edge's shell state, made on first use over its state directory and store."""
     if edge.v4api is None:
+        from tunnel_lab.lab.store import Store
         from tunnel_lab.lab.v4api import V4Api
 
-        edge.v4api = _Shell(V4Api(edge.config.state_dir, edge.tunnels.store))
+        # Its own connection to the store: a write waiting on another process's lock never holds up the
+        # request path's reads (edge.tunnels); it lives as long as the edge.
+        edge.v4api = _Shell(V4Api(edge.config.state_dir, Store(edge.tunnels.db)))
     shell: _Shell = edge.v4api
     return shell
 
@@ -81,7 +84,9 @@ async def answer(edge: EdgeState[TunnelConnection], method: str, target: str, he
 
     live = [LiveConnection.from_edge(connection_json(c)) for c in edge.registry.listed()]
     request = ApiRequest(method=method, target=target, headers=headers, body=body)
-    response = _shell(edge).api.handle(request, live)
+    # The store and STATE/v4api.json are shared with other processes and may wait on their locks: in a
+    # worker thread, so the edge's loop keeps serving meanwhile (the store is safe across threads).
+    response = await trio.to_thread.run_sync(_shell(edge).api.handle, request, live)
     for edge_id in response.disconnect:
         for conn in edge.registry.select({"connection": edge_id}):
             log.info("v4 api: dropping %s (connections cleanup or cascade delete)", conn.ident())
