@@ -24,6 +24,7 @@ from tunnel_lab.connector import ingress
 from tunnel_lab.connector.admin import ADMIN_COMMANDS
 from tunnel_lab.connector.cfapi import QuickTunnel
 from tunnel_lab.connector.config import ConfigFile, find_default_config, load_config, search_path_text
+from tunnel_lab.connector.edge_addrs import EdgeAddresses, adjust_for_bind, parse_ip_version, with_port
 from tunnel_lab.connector.flags import (
     BY_NAME,
     CONFIG_FLAGS,
@@ -224,22 +225,52 @@ def diag_flags(res: Resolved) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _edge_addrs(res: Resolved, discover: Discover | None) -> tuple[tuple[str, ...], dict[str, int] | None]:
+def _edge_addrs(res: Resolved, discover: Discover | None, ip_version: str) -> Discovery:
     """`--edge`, else the edge found through DNS (`discover`); and the protocol TXT record when read."""
+    from tunnel_lab.connector.edge_discovery import Discovery
+
     addrs = [a for a in (res.get("edge") or []) if a]
     if not addrs:
         if discover is None:
             raise ConfigError("no edge address: --edge is needed here", source="--edge",
                               hint="pass --edge HOST:PORT (the lab edge's tunnel listeners, see its ready "
                                    "file), twice for two addresses, or set TUNNEL_EDGE")
-        found = discover(str(res.get("edge-ip-version") or "auto"))
-        return found.addresses, found.protocol_percentages
+        found = discover(ip_version)
+        return found if found.regions else dataclasses.replace(
+            found, regions=(found.addresses[0::2], found.addresses[1::2]))
     for addr in addrs:
         m = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})", addr)
         if m is None or not 0 < int(m.group(2)) < 65536:
             raise ConfigError(f"invalid edge address {addr!r}", source="--edge",
                               hint="write HOST:PORT, e.g. 127.0.0.1:7844 or [::1]:7844")
-    return tuple(addrs), None
+    return Discovery(addresses=tuple(addrs), protocol_percentages=None)
+
+
+def _edge_ip_version(res: Resolved, notes: list[str]) -> tuple[str, str | None]:
+    """`--edge-ip-version` and `--edge-bind-address` checked and combined as cloudflared's
+    prepareTunnelConfig does: a bind address overrides the version with its own family."""
+    import ipaddress
+    import socket
+
+    version = parse_ip_version(str(res.get("edge-ip-version") or "auto"))
+    bind = str(res.get("edge-bind-address") or "") or None
+    if bind is None:
+        return version, None
+    try:
+        ip = ipaddress.ip_address(bind)
+    except ValueError:
+        raise ConfigError(f"invalid value for edge-bind-address: {bind}", source="--edge-bind-address",
+                          hint="an IP address of this machine") from None
+    try:  # testIPBindable
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((bind, 0))
+    except OSError as exc:
+        raise ConfigError(f"invalid edge-bind-address {bind}: listen udp {with_port(bind, 0)}: bind: "
+                          f"{(exc.strerror or str(exc)).lower()}", source="--edge-bind-address") from None
+    adjusted, warning = adjust_for_bind(version, bind)
+    if warning:
+        notes.append(f"Overriding edge-ip-version error={q(warning)} edgeIPVersion={adjusted}")
+    return adjusted, bind
 
 
 def _tags(res: Resolved) -> tuple[tuple[str, str], ...]:
@@ -409,15 +440,20 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str], *,
             protocol_flag = "quic"
     else:
         creds = _credentials(res, args)
-    edge_addrs, percentages = _edge_addrs(res, discover)
+    ip_version, bind = _edge_ip_version(res, notes)
+    found = _edge_addrs(res, discover, ip_version)
+    edge_addrs, percentages = found.addresses, found.protocol_percentages
     choice = choose_protocol(protocol_flag, token_given=bool(res.get("token") or res.is_set("token-file")),
                              percentages=percentages, account_tag=creds.account_tag)
     ha = 1 if quick is not None else int(res.get("ha-connections"))
     if ha < 1:
         raise ConfigError(f"--ha-connections must be at least 1, got {ha}", source="--ha-connections")
-    if ha > len(edge_addrs):
-        notes.append(f"You requested {ha} HA connections but I can give you at most {len(edge_addrs)}.")
-        ha = len(edge_addrs)
+    # Only the active (primary) family's addresses count (supervisor.initialize / AvailableAddrs).
+    available = (EdgeAddresses.discovered(found.regions, ip_version) if found.regions
+                 else EdgeAddresses.static(edge_addrs)).available()
+    if ha > available:
+        notes.append(f"You requested {ha} HA connections but I can give you at most {available}.")
+        ha = available
     grace = float(res.get("grace-period"))
     if grace > MAX_GRACE_PERIOD:
         raise ConfigError("grace-period must be equal or less than 3m0s", source="--grace-period")
@@ -443,7 +479,9 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str], *,
         retries=int(res.get("retries")),
         rpc_timeout=float(res.get("rpc-timeout")),
         max_edge_addr_retries=int(res.get("max-edge-addr-retries")),
-        edge_bind_address=res.get("edge-bind-address") or None,
+        edge_regions=found.regions,
+        edge_ip_version=ip_version,
+        edge_bind_address=bind,
         loglevel=str(res.get("loglevel")),
         ingress_rules=rules,
         warp_routing=warp_effective,

@@ -1,7 +1,9 @@
 """Edge discovery through DNS, for a connector started without `--edge` (cloudflared's allregions).
 
 cloudflared looks up the SRV record `_v2-origintunneld._tcp.argotunnel.com` (one target a region, port
-7844), then the addresses of each target, and reads the TXT record `protocol-v2.argotunnel.com` for
+7844), then the addresses of each target (A and AAAA, whatever `--edge-ip-version` says: the version
+only filters them afterwards, connector.edge_addrs), in the order Go's resolver gives them (RFC 6724,
+`edge_addrs.sort_by_rfc6724`), and reads the TXT record `protocol-v2.argotunnel.com` for
 `--protocol auto`. Here the questions go to the first `nameserver` of /etc/resolv.conf over UDP (TCP
 when the answer is truncated), with the wire codec `wire.dns`; in `tunnel-lab sandbox` that is the
 lab's DNS server. This runs once at start-up, before the trio runtime, so it uses blocking sockets with
@@ -19,6 +21,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tunnel_lab.connector.edge_addrs import sort_by_rfc6724, with_port
 from tunnel_lab.wire import dns
 from tunnel_lab.wire.errors import ConfigError, ProtocolError
 
@@ -31,6 +34,7 @@ TIMEOUT = 2.0  # per exchange; Go's resolver also waits a few seconds, then trie
 ATTEMPTS = 2
 
 Exchange = Callable[[bytes], bytes]
+SourceOf = Callable[[str], "str | None"]  # destination IP -> the local address the kernel would use
 
 
 class DiscoveryError(ConfigError):
@@ -101,13 +105,27 @@ def lookup(exchange: Exchange, name: str, rtype: int) -> list[dns.Record]:
 
 @dataclass(frozen=True)
 class Discovery:
-    """What DNS said: the edge addresses (regions interleaved) and the protocol percentages, if any."""
+    """What DNS said: the edge addresses (regions interleaved), each region's addresses in the resolver's
+    order (empty: split `addresses` alternately) and the protocol percentages, if any."""
 
     addresses: tuple[str, ...]
     protocol_percentages: dict[str, int] | None
+    regions: tuple[tuple[str, ...], ...] = ()
 
 
-def discover(exchange: Exchange, *, ip_version: str = "auto") -> Discovery:
+def source_address(ip: str) -> str | None:
+    """The local address a datagram to `ip` would leave from (None: no route), as Go's resolver asks
+    the kernel before it sorts (a connected UDP socket sends nothing)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((ip, 9))
+            return str(sock.getsockname()[0]).partition("%")[0]
+    except OSError:
+        return None
+
+
+def discover(exchange: Exchange, *, source_of: SourceOf = source_address) -> Discovery:
     """SRV -> each region's addresses; the TXT protocol-v2 record (None when it cannot be read)."""
     log.debug("edge discovery: looking up edge SRV record domain=%s", SRV_NAME)
     try:
@@ -120,13 +138,15 @@ def discover(exchange: Exchange, *, ip_version: str = "auto") -> Discovery:
     if not srvs:
         raise DiscoveryError("Could not lookup srv records on _v2-origintunneld._tcp.argotunnel.com: no such "
                              "host", hint="pass --edge HOST:PORT outside `tunnel-lab sandbox`")
+    if len(srvs) < 2:
+        raise DiscoveryError("expected at least 2 Cloudflare Regions regions, but SRV only returned "
+                             f"{len(srvs)}")
     regions: list[list[str]] = []
-    types = {"4": (dns.A,), "6": (dns.AAAA,)}.get(ip_version, (dns.A, dns.AAAA))
     for srv in srvs:
         data = srv.data
         assert isinstance(data, dns.SrvData)
         ips: list[str] = []
-        for rtype in types:
+        for rtype in (dns.A, dns.AAAA):  # Go asks for both, A first
             try:
                 ips += [str(r.data) for r in lookup(exchange, data.target, rtype)]
             except (OSError, ProtocolError) as exc:
@@ -134,10 +154,12 @@ def discover(exchange: Exchange, *, ip_version: str = "auto") -> Discovery:
                                      f"{exc}") from None
         if not ips:
             raise DiscoveryError(f"SRV record {data.target}:{data.port} had no IPs")
-        regions.append([f"[{ip}]:{data.port}" if ":" in ip else f"{ip}:{data.port}" for ip in ips])
-    addresses = _interleave(regions)
-    log.debug("edge discovery: resolved edge addresses addresses=%s", ",".join(addresses))
-    return Discovery(addresses=tuple(addresses), protocol_percentages=_percentages(exchange))
+        ips = sort_by_rfc6724(ips, source_of)
+        log.debug("edge discovery: resolved edge addresses addresses=%s", ",".join(ips))
+        regions.append([with_port(ip, data.port) for ip in ips])
+    # cloudflared uses the first two regions (regions.go ResolveEdge)
+    return Discovery(addresses=tuple(_interleave(regions[:2])), protocol_percentages=_percentages(exchange),
+                     regions=tuple(tuple(r) for r in regions[:2]))
 
 
 def _interleave(regions: Sequence[Sequence[str]]) -> list[str]:
@@ -171,10 +193,12 @@ def _percentages(exchange: Exchange) -> dict[str, int] | None:
 
 
 def discover_from_system(ip_version: str = "auto") -> Discovery:
-    """`discover` against the first nameserver of /etc/resolv.conf."""
+    """`discover` against the first nameserver of /etc/resolv.conf (`ip_version` filters later, in
+    connector.edge_addrs: cloudflared resolves both families whatever it says)."""
+    del ip_version
     try:
         with open(RESOLV_CONF, encoding="utf-8") as fh:
             text = fh.read()
     except OSError:
         text = ""
-    return discover(udp_exchange(nameservers(text)[0]), ip_version=ip_version)
+    return discover(udp_exchange(nameservers(text)[0]))

@@ -99,14 +99,14 @@ FLAGS: tuple[Flag, ...] = (
        usage="Filepath at which to read the tunnel credentials"),
     _f("is-autoupdated", "bool", "T", support="noop", show=False),
     _f("edge", "slice", "T", "TUNNEL_EDGE",
-       usage="Address of the edge (HOST:PORT); repeat for more addresses. Required: this connector has no "
-             "DNS discovery."),
+       usage="Address of the edge (HOST:PORT or [IPv6]:PORT); repeat for more addresses. Without it the "
+             "edge is discovered through DNS (SRV, A and AAAA records), as in `tunnel-lab sandbox`."),
     _f("region", "str", "T", "TUNNEL_REGION", support="warn",
-       note="only selects DNS discovery records, and this connector uses --edge addresses only",
+       note="only selects a regional SRV name for DNS discovery, which this connector does not look up",
        usage="Cloudflare Edge region to connect to (ignored: use --edge)."),
-    _f("edge-ip-version", "str", "T", "TUNNEL_EDGE_IP_VERSION", default="auto", support="noop",
-       usage="Cloudflare Edge IP address version to connect with. {4, 6, auto} (ignored for --edge "
-             "addresses, as in cloudflared)"),
+    _f("edge-ip-version", "str", "T", "TUNNEL_EDGE_IP_VERSION", default="auto",
+       usage="Cloudflare Edge IP address version to connect with. {4, 6, auto} (discovered addresses "
+             "only: --edge addresses always behave as auto, as in cloudflared)"),
     _f("edge-bind-address", "str", "T", "TUNNEL_EDGE_BIND_ADDRESS",
        usage="Bind to IP address for outgoing connections to the edge."),
     _f("cacert", "str", "T", "TUNNEL_CACERT",

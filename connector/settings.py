@@ -107,6 +107,10 @@ class TunnelSettings:
 
     credentials: Credentials
     edge_addrs: tuple[str, ...]  # "host:port", in the order given
+    # Discovered edges: each region's addresses, and --edge-ip-version (after --edge-bind-address) that
+    # filters them; with --edge (no regions) the addresses alternate between two regions, always "auto"
+    edge_regions: tuple[tuple[str, ...], ...] = ()
+    edge_ip_version: str = "auto"
     ca_cert: str | None = None  # --cacert: the only roots for the edge when set
     ha_connections: int = 4
     metrics: str | None = None  # "host:port"

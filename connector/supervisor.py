@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from tunnel_lab.connector.edge_addrs import EdgeAddresses, NoEdgeAddressesError
 from tunnel_lab.connector.edge_conn import EdgeConnection
 from tunnel_lab.connector.edge_dial import edge_ssl_context
 from tunnel_lab.connector.edge_errors import (
@@ -97,35 +98,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-class AddressPool:
-    """Edge addresses; each connIndex holds one, two connections never share one."""
-
-    def __init__(self, addresses: tuple[str, ...], rng: random.Random | None = None) -> None:
-        self.addresses = list(addresses)
-        self.held: dict[int, str] = {}
-        self._rng = rng or random.Random()
-
-    def _free(self) -> list[str]:
-        used = set(self.held.values())
-        return [a for a in self.addresses if a not in used]
-
-    def take(self, conn_index: int) -> str:
-        if conn_index in self.held:
-            return self.held[conn_index]
-        free = self._free()
-        # connIndex i prefers the i-th address so that a fresh start is predictable
-        choice = self.addresses[conn_index] if self.addresses[conn_index] in free else self._rng.choice(free)
-        self.held[conn_index] = choice
-        return choice
-
-    def rotate(self, conn_index: int) -> str:
-        """Give the held address back and take another free one (the same one if none is free)."""
-        old = self.held.pop(conn_index, None)
-        free = [a for a in self._free() if a != old]
-        new = self._rng.choice(free) if free else old
-        assert new is not None
-        self.held[conn_index] = new
-        return new
+# Kept under its old name for callers and tests (connector/edge_addrs.py holds the model).
+AddressPool = EdgeAddresses.static
 
 
 class Supervisor:
@@ -134,12 +108,14 @@ class Supervisor:
     def __init__(self, settings: TunnelSettings, proxy: Proxy, state: ConnectorState | None = None) -> None:
         self.settings = settings
         self.proxy = proxy
-        self.ha = max(1, min(settings.ha_connections, len(settings.edge_addrs)))
-        if settings.ha_connections > len(settings.edge_addrs):
+        self.addresses = (EdgeAddresses.discovered(settings.edge_regions, settings.edge_ip_version)
+                          if settings.edge_regions else EdgeAddresses.static(settings.edge_addrs))
+        available = self.addresses.available()
+        self.ha = max(1, min(settings.ha_connections, available))
+        if settings.ha_connections > available:
             log.warning("You requested %d HA connections but I can give you at most %d.",
-                        settings.ha_connections, len(settings.edge_addrs))
+                        settings.ha_connections, available)
         log_knobs(settings)
-        self.addresses = AddressPool(settings.edge_addrs)
         self.shutdown = trio.Event()
         self.connections: dict[int, EdgeConnection] = {}
         self.ever_registered = False
@@ -233,7 +209,14 @@ class Supervisor:
 
     async def _run_index(self, index: int) -> None:
         backoff = Backoff(self.settings.backoff_base, self.settings.retries)
-        address = self.addresses.take(index)
+        try:
+            address = self.addresses.take(index)
+        except NoEdgeAddressesError as exc:  # e.g. --edge-ip-version 6 and no AAAA record
+            if not self.ever_registered:
+                log.error("initial tunnel connection failed error=%s", q(str(exc)))
+                log.error("Initiating shutdown error=%s", q(str(exc)))
+                self.fail(1)
+            return
         protocol = self.settings.protocol
         dial_failures = 0
         while not self.shutdown.is_set():

@@ -199,7 +199,7 @@ class Lab:
         ready = self.state / "edge.ready.json"
         argv = edge_argv(
             self.state,
-            [(dc.name, f"{dc.address}:0") for dc in self.datacentres],
+            [(dc.name, dc.listen()) for dc in self.datacentres],
             ready=ready,
             https="127.0.0.1:0" if https else None,
             warp="127.0.0.1:0" if warp else None,

@@ -1,7 +1,8 @@
 """The sandbox's DNS server: the Internet that cloudflared and its users look up, answered by the lab.
 
 `LabZone` decides (no I/O): edge discovery (the SRV record `_v2-origintunneld._tcp.argotunnel.com`
-naming two regions on port 7844, each with two A records, and the TXT records `protocol-v2` and
+naming two regions on port 7844, each with A records and, where the edge listens on IPv6, AAAA
+records, as the real regions have; and the TXT records `protocol-v2` and
 `cfd-features` that cloudflared reads at start-up), the Cloudflare service names (API, quick
 tunnels, login, dashboard) and every hostname routed in the store point at the lab; everything
 else is NXDOMAIN. A known name asked for a type it has no record of gets an empty NOERROR answer
@@ -47,9 +48,10 @@ DEFAULT_FEATURES = {"dv3_2": 0}
 class LabZone:
     """What the sandbox's resolver answers. `routed(name)` says whether a hostname has a route."""
 
-    regions: Mapping[str, Sequence[str]]  # target name -> its IPv4 addresses (edge tunnel listeners)
+    regions: Mapping[str, Sequence[str]]  # target name -> its addresses, IPv4 and IPv6 (tunnel listeners)
     services: str  # the address of the API / login / dashboard server
     eyeballs: str  # the address of the eyeball listeners (ports 80 and 443)
+    eyeballs6: str | None = None  # their IPv6 address, if they listen on one (AAAA for routed names)
     routed: Callable[[str], bool] = field(default=lambda _name: False)
     protocols: Sequence[Mapping[str, object]] = DEFAULT_PROTOCOLS
     features: Mapping[str, object] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
@@ -61,7 +63,7 @@ class LabZone:
             return [dns.Record(name=name, rtype=dns.SRV, ttl=TTL, data=dns.SrvData(
                 priority=1, weight=1, port=EDGE_PORT, target=target)) for target in self.regions]
         if name in self.regions:
-            return [dns.Record(name=name, rtype=dns.A, ttl=TTL, data=ip) for ip in self.regions[name]]
+            return [_address(name, ip) for ip in self.regions[name]]
         if name == PROTOCOL_TXT:
             return [self._txt(name, list(map(dict, self.protocols)))]
         if name == FEATURES_TXT:
@@ -70,7 +72,7 @@ class LabZone:
             return [dns.Record(name=name, rtype=dns.A, ttl=TTL, data=self.services)]
         if name == MANAGEMENT_NAME or self.routed(name) or name.endswith(ACCESS_SUFFIX):
             # Access team domains are served by the edge's eyeball listeners (edge/access.py).
-            return [dns.Record(name=name, rtype=dns.A, ttl=TTL, data=self.eyeballs)]
+            return [_address(name, ip) for ip in (self.eyeballs, self.eyeballs6) if ip]
         return None
 
     @staticmethod
@@ -107,6 +109,11 @@ class LabZone:
                 return None
             return dns.encode_message(dns.reply(header, rcode=dns.FORMERR))
         return dns.encode_message(self.answer(query))
+
+
+def _address(name: str, ip: str) -> dns.Record:
+    """An A record for an IPv4 address, an AAAA record for an IPv6 one."""
+    return dns.Record(name=name, rtype=dns.AAAA if ":" in ip else dns.A, ttl=TTL, data=ip)
 
 
 async def serve_dns(zone: LabZone, address: tuple[str, int], *,

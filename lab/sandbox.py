@@ -3,11 +3,12 @@
 COMMAND (default: an interactive shell) runs in a private network, mount and PID namespace
 (`lab.runner.netns`) where the lab plays Cloudflare: a DNS server on 127.0.0.1:53 (`lab.dns`: edge
 discovery, the API and login names, every routed hostname), the edge's tunnel listeners at the
-addresses that discovery names (port 7844), eyeball listeners on 127.0.0.1:80 and :443, the v4 API
-at `https://api.cloudflare.com/client/v4` (`lab.v4api` behind `lab.services`), and the lab CA
-trusted through `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE` and a bind mount over the
-system bundle (inside the namespace only). HOME is the sandbox's own directory, so `~/.cloudflared`
-is the sandbox's. Nothing outside the namespace changes; when COMMAND exits, everything stops.
+addresses that discovery names (port 7844; IPv4 and IPv6 per region, `REGIONS6`), eyeball listeners
+on 127.0.0.1:80 and :443, the v4 API at `https://api.cloudflare.com/client/v4` (`lab.v4api` behind
+`lab.services`), and the lab CA trusted through `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE`
+and a bind mount over the system bundle (inside the namespace only). HOME is the sandbox's own
+directory, so `~/.cloudflared` is the sandbox's. Nothing outside the namespace changes; when COMMAND
+exits, everything stops.
 docs/sandbox.md.
 """
 
@@ -20,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,13 @@ START_TIMEOUT = 30.0
 # Where things live inside the namespace (any 127/8 address is local there).
 REGIONS = {"region1.v2.argotunnel.com": ("127.0.1.1", "127.0.1.2"),
            "region2.v2.argotunnel.com": ("127.0.2.1", "127.0.2.2")}
+# Each region's IPv6 addresses (AAAA), added to lo inside the namespace only. They are from the
+# documentation prefix 2001:db8::/32 (RFC 3849, never routed) rather than ULA fd00::/8 because address
+# selection (RFC 6724, which Go's resolver applies to cloudflared's lookups) ranks ULA below IPv4 but a
+# global-scope address above it: with these, `--edge-ip-version auto` prefers IPv6 as on a dual-stack
+# host on the real network (docs/sandbox.md, "IPv6").
+REGIONS6 = {"region1.v2.argotunnel.com": ("2001:db8:1::1", "2001:db8:1::2"),
+            "region2.v2.argotunnel.com": ("2001:db8:2::1", "2001:db8:2::2")}
 EYEBALLS = "127.0.0.1"
 SERVICES = "127.0.3.1"
 DNS_ADDRESS = ("127.0.0.1", 53)
@@ -117,6 +126,27 @@ def _allow_ping() -> None:
         Path("/proc/sys/net/ipv4/ping_group_range").write_text("0 2147483647\n")
 
 
+def _add_ipv6_addresses(addresses: Sequence[str]) -> bool:
+    """Add `addresses` to lo (this namespace only); False, with a warning, when IPv6 is not available."""
+    if not socket.has_ipv6 or shutil.which("ip") is None:
+        log.warning("no IPv6 (or no `ip` command): edge discovery answers A records only")
+        return False
+    for address in addresses:
+        # nodad: usable at once (no duplicate address detection on a private loopback)
+        done = subprocess.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo", "nodad"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            log.warning("cannot add %s to lo (%s): edge discovery answers A records only", address,
+                        done.stderr.strip())
+            return False
+    return True
+
+
+def regions(ipv6: bool) -> dict[str, list[str]]:
+    """Each discovery target's addresses: IPv4, then IPv6 when the namespace has it."""
+    return {name: [*REGIONS[name], *(REGIONS6[name] if ipv6 else ())] for name in REGIONS}
+
+
 def command_env(layout: Layout, *, cloudflared: Path | None) -> dict[str, str]:
     """COMMAND's environment: the caller's, with the sandbox's HOME, state and CA bundle."""
     env = {k: v for k, v in os.environ.items() if k != netns.MARKER and not k.startswith("TUNNEL_")}
@@ -136,10 +166,11 @@ def command_env(layout: Layout, *, cloudflared: Path | None) -> dict[str, str]:
     return env
 
 
-async def _start_edge(layout: Layout, loglevel: str, *, quic: bool) -> tuple[Component, dict[str, object]]:
+async def _start_edge(layout: Layout, loglevel: str, addresses: Sequence[str], *,
+                      quic: bool) -> tuple[Component, dict[str, object]]:
     ready = layout.state / "edge.ready.json"
-    datacentres = [(f"LAB{n}", f"{address}:7844")
-                   for n, address in enumerate((a for pair in REGIONS.values() for a in pair), start=1)]
+    datacentres = [(f"LAB{n}", f"[{address}]:7844" if ":" in address else f"{address}:7844")
+                   for n, address in enumerate(addresses, start=1)]
     argv = edge_argv(layout.state, datacentres, ready=ready, http=f"{EYEBALLS}:80", https=f"{EYEBALLS}:443",
                      loglevel=loglevel, flags=() if quic else ("--no-quic",))
     edge = Component("edge", argv, layout.logs / "edge.log",
@@ -173,7 +204,7 @@ def _banner(layout: Layout, info: dict[str, object], mounted: Sequence[str]) -> 
 
 
 async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Path | None,
-                      loglevel: str, quiet: bool, quic: bool = True) -> int:
+                      loglevel: str, quiet: bool, quic: bool = True, ipv6: bool = True) -> int:
     """Bring the lab up in this (already private) namespace, run COMMAND, tear down; COMMAND's status."""
     for d in (layout.home, layout.logs, layout.bin):
         d.mkdir(parents=True, exist_ok=True)
@@ -182,7 +213,9 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     _allow_ping()
     store = Store(layout.state / "state.db")
     env = command_env(layout, cloudflared=cloudflared)
-    zone = LabZone(regions={k: list(v) for k, v in REGIONS.items()}, services=SERVICES, eyeballs=EYEBALLS,
+    ipv6 = ipv6 and _add_ipv6_addresses([a for pair in REGIONS6.values() for a in pair])
+    zone = LabZone(regions=regions(ipv6),
+                   services=SERVICES, eyeballs=EYEBALLS,
                    routed=store.is_routed,
                    protocols=DEFAULT_PROTOCOLS if quic else HTTP2_ONLY)
     # Signals are watched from the start: one that arrives while the lab starts aborts the start-up
@@ -212,7 +245,8 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                         process.send_signal(sig)
 
             nursery.start_soon(watch_signals)
-            edge, info = await _start_edge(layout, loglevel, quic=quic)
+            edge, info = await _start_edge(layout, loglevel, [a for r in zone.regions.values() for a in r],
+                                           quic=quic)
             token = str(info.get("api_token") or "") or (layout.state / "api-token").read_text().strip()
 
             async def live() -> list[LiveConnection]:
@@ -255,7 +289,7 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
             (layout.state / "sandbox.json").write_text(json.dumps({
                 "dns": f"{DNS_ADDRESS[0]}:{DNS_ADDRESS[1]}", "services": f"{SERVICES}:443",
                 "eyeballs": {"http": f"{EYEBALLS}:80", "https": f"{EYEBALLS}:443"},
-                "regions": {k: list(v) for k, v in REGIONS.items()}, "edge_api": info.get("api"),
+                "regions": {k: list(v) for k, v in zone.regions.items()}, "edge_api": info.get("api"),
                 "ca": str(pki.ca_pem_path), "bundle": str(layout.bundle), "command_pid": process.pid},
                 indent=1) + "\n")
             status = await process.wait()
@@ -301,7 +335,8 @@ def _inside(argv: Sequence[str]) -> int:
         state.mkdir(parents=True, exist_ok=True)
         cloudflared = Path(args.cloudflared).resolve() if args.cloudflared else None
         return trio.run(lambda: run_sandbox(command, Layout(state), cloudflared=cloudflared,
-                                            loglevel=args.loglevel, quiet=args.quiet, quic=not args.no_quic))
+                                            loglevel=args.loglevel, quiet=args.quiet, quic=not args.no_quic,
+                                            ipv6=not args.no_ipv6))
     except (TunnelLabError, OSError) as exc:
         print(f"tunnel-lab sandbox: {exc}", file=sys.stderr)
         return exc.status if isinstance(exc, SandboxError) else 2
@@ -326,7 +361,8 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunnel-lab sandbox",
-        usage="tunnel-lab sandbox [-h] [--state DIR] [--cloudflared PATH] [--no-quic] [-- COMMAND [ARGS...]]",
+        usage="tunnel-lab sandbox [-h] [--state DIR] [--cloudflared PATH] [--no-quic] [--no-ipv6] "
+              "[-- COMMAND [ARGS...]]",
         description="Run COMMAND (default: an interactive shell) in a private network namespace where the "
         "lab answers for Cloudflare: DNS (edge discovery, api.cloudflare.com, login, routed hostnames), the "
         "v4 API, the edge and eyeball listeners on ports 80 and 443, the lab CA trusted. The real "
@@ -338,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the edge's log level (its log: STATE/logs/edge.log)")
     p.add_argument("--no-quic", action="store_true", help="an edge without QUIC listeners, and edge "
                    "discovery that says http2 (cloudflared's `--protocol auto` then starts on http2)")
+    p.add_argument("--no-ipv6", action="store_true", help="no IPv6 edge: discovery answers A records only, "
+                   "as for a network whose edge has no IPv6 (default: each region also has two AAAA "
+                   "addresses, 2001:db8:R::1 and ::2, on the namespace's lo)")
     p.add_argument("--quiet", action="store_true", help="no banner on stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     return p

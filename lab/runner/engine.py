@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -88,6 +89,18 @@ class ScenarioResult:
         }
 
 
+def ipv6_loopback_missing() -> str | None:
+    """Why this machine cannot listen on ::1 (None: it can)."""
+    if not socket.has_ipv6:
+        return "this Python was built without IPv6 (socket.has_ipv6 is False)"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        return f"cannot bind [::1]:0: {exc.strerror or exc}"
+    return None
+
+
 def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
     if options.protocol != "http2" and sc.http2_only:
         return f"http2 only: {sc.http2_only}"
@@ -104,6 +117,8 @@ def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
         if find_sshd() is None or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
             return "needs OpenSSH (sshd, ssh, ssh-keygen): not installed here (Debian: apt-get install " \
                    "openssh-server openssh-client)"
+    if any(dc.ipv6 for dc in sc.datacentres) and (why := ipv6_loopback_missing()):
+        return f"needs IPv6 on loopback: {why}"
     spec = sc.connector
     gaps = options.capabilities.gaps(sc.requires, [*spec.flags, *spec.run_flags] if spec else [])
     return f"needs {'; '.join(gaps)}" if gaps else None

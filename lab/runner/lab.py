@@ -240,7 +240,7 @@ class Lab:
         ready = self.state / "edge.ready.json"
         listeners = {lst["location"]: lst["address"] for lst in self.edge_ready.get("tunnel_listeners", [])}
         datacentres = [
-            (dc.name, listeners.get(dc.name, f"{dc.address}:0") if fixed_ports else f"{dc.address}:0")
+            (dc.name, listeners.get(dc.name, dc.listen()) if fixed_ports else dc.listen())
             for dc in sc.datacentres
         ]
 

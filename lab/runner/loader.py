@@ -283,7 +283,15 @@ def _close_match(key: str, options: Iterable[str]) -> str | None:
 @dataclass(frozen=True)
 class DataCentre:
     name: str
-    address: str
+    address: str  # 127.0.0.0/8 or ::1
+
+    def listen(self, port: int | str = 0) -> str:
+        """The tunnel listener's `HOST:PORT` (`[::1]:PORT` for IPv6)."""
+        return f"[{self.address}]:{port}" if ":" in self.address else f"{self.address}:{port}"
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.address
 
 
 @dataclass(frozen=True)
@@ -423,11 +431,12 @@ def _build(doc: Document) -> Scenario:
     for i, dc in enumerate(dcs):
         if names.count(dc.name) > 1:
             raise doc.error(("topology", "datacenters", i), f"data centre {dc.name!r} is listed twice")
-        if not dc.address.startswith("127."):
+        if not dc.address.startswith("127.") and dc.address != "::1":
             raise doc.error(
                 ("topology", "datacenters", i),
                 f"data centre address {dc.address!r} is not loopback",
-                "the lab only uses 127.0.0.0/8",
+                "the lab only uses 127.0.0.0/8 and ::1 (several data centres may share ::1: each "
+                "listens on its own port)",
             )
     origins = tuple(
         OriginSpec(

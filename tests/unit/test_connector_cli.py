@@ -1065,6 +1065,30 @@ def test_without_edge_the_edge_is_discovered_and_the_protocol_record_followed(la
     assert settings.protocol == "http2"  # no answer: cloudflared starts with http2
 
 
+def test_edge_ip_version_filters_discovered_regions_and_a_bind_address_overrides_it(lab: Path) -> None:
+    from tunnel_lab.connector.edge_discovery import Discovery
+
+    regions = (("[2001:db8:1::1]:7844", "127.0.1.1:7844"), ("[2001:db8:2::1]:7844", "127.0.2.1:7844"))
+
+    def settings_for(*flags: str, found: tuple[tuple[str, ...], ...] = regions) -> tuple[Any, list[str]]:
+        command = cli.parse_command(["tunnel", *flags, "run", "--credentials-file", "creds.json", TUNNEL_ID])
+        res, notes = cli.resolve_run(command, {})
+        discovery = Discovery(addresses=(), protocol_percentages=None, regions=found)
+        return cli.build_settings(res, command.args, notes, discover=lambda _v: discovery), notes
+
+    settings, notes = settings_for("--edge-ip-version", "6", "--edge-bind-address", "127.0.0.1")
+    assert (settings.edge_ip_version, settings.edge_regions, settings.ha_connections) == ("4", regions, 2)
+    assert 'Overriding edge-ip-version error="IPv4 bind address is specified, but edge-ip-version is IPv6" ' \
+        "edgeIPVersion=4" in notes
+    settings, notes = settings_for("--edge-ip-version", "6", found=(regions[0][1:], regions[1][1:]))
+    assert settings.ha_connections == 0  # the supervisor then fails as cloudflared does (no free address)
+    assert "You requested 4 HA connections but I can give you at most 0." in notes
+    with pytest.raises(ConfigError, match="invalid value for edge-ip-version: 5"):
+        settings_for("--edge-ip-version", "5")
+    with pytest.raises(ConfigError, match="invalid value for edge-bind-address: nope"):
+        settings_for("--edge-bind-address", "nope")
+
+
 def test_a_quick_tunnel_runs_its_own_credentials_on_one_connection(lab: Path) -> None:
     from tunnel_lab.connector.cfapi import QuickTunnel
 

@@ -115,6 +115,17 @@ def test_ha_connections_need_more_datacentres() -> None:
     assert "needs at least 3 data centres" in str(err)
 
 
+def test_datacentres_on_ipv6_loopback_listen_in_brackets_and_others_are_refused() -> None:
+    ipv6 = GOOD.replace("topology:\n", 'topology:\n  datacenters: [{name: V6A, address: "::1"}, V4]\n')
+    sc = parse_scenario(ipv6, "sample.yaml")
+    assert [dc.listen() for dc in sc.datacentres] == ["[::1]:0", "127.0.0.2:0"]
+    assert [dc.ipv6 for dc in sc.datacentres] == [True, False]
+    for bad in ("::2", "2001:db8::1", "10.0.0.1"):
+        dcs = f'topology:\n  datacenters: [{{name: X, address: "{bad}"}}]\n'
+        err = error_of(GOOD.replace("topology:\n", dcs))
+        assert err.line == 5 and "is not loopback" in str(err) and "::1" in str(err), bad
+
+
 def test_duplicate_key() -> None:
     err = error_of(GOOD.replace("tags: [requests, http1]\n", "tags: [a]\ntags: [b]\n"))
     assert err.line == 4 and "duplicate key 'tags'" in str(err)
