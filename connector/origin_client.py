@@ -1,10 +1,10 @@
 """The connector's HTTP/1.1 origin client: dialling, TLS, and a keep-alive pool per origin.
 
 What goes on the wire (the request head, body framing) is decided by `wire.origin`; this module only moves
-bytes. Responses are parsed with h11. Every failure to reach an origin becomes an `OriginError` whose text
-names the cause the way Go's transport does (`dial tcp 127.0.0.1:8089: connect: connection refused`,
-`tls: failed to verify certificate: x509: ...`, see connector.x509_text), so that the stream handler
-can log it and answer 502.
+bytes. Responses are parsed by `wire.http1` (httptools). Every failure to reach an origin becomes an
+`OriginError` whose text names the cause the way Go's transport does (`dial tcp 127.0.0.1:8089:
+connect: connection refused`, `tls: failed to verify certificate: x509: ...`, see connector.x509_text),
+so that the stream handler can log it and answer 502.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import ssl
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
-import h11
 import trio
 
 from tunnel_lab.connector.settings import OriginRequestConfig
 from tunnel_lab.connector.x509_text import go_tls_verify_error
-from tunnel_lab.transport.h11body import body_bytes_left, skip_body_bytes
 from tunnel_lab.wire.errors import OriginError
+from tunnel_lab.wire.http1 import Event, Http1Error, ResponseReader
 
 log = logging.getLogger(__name__)
 
@@ -61,40 +60,28 @@ class OriginTarget:
         return f"{host}:{self.port}"
 
 
-_STAND_IN: dict[tuple[str, bool], h11.Request] = {}  # h11 events are immutable: shared by every connection
-_END = h11.EndOfMessage()
-
-
 class OriginConnection:
-    """One HTTP/1.1 connection to an origin; h11 parses what the origin answers.
+    """One HTTP/1.1 connection to an origin; `wire.http1.ResponseReader` parses what the origin answers.
 
     The request head and body are written raw (`send_all`) because `wire.origin` already produced Go's
-    exact bytes; h11 is told about a stand-in request only so that its state machine expects a response.
+    exact bytes; the reader is told the method only (a HEAD response has no body).
     """
 
     def __init__(self, stream: trio.abc.Stream, target: OriginTarget, sock_fd: int | None) -> None:
         self.stream = stream
         self.target = target
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ORIGIN_HEAD)
+        self.reader = ResponseReader(MAX_ORIGIN_HEAD)
+        self._events: deque[Event] = deque()
         self.idle_since = 0.0
         self.reused = False
         self._fd = sock_fd
         self.closed = False
 
     def start_request(self, method: str, *, websocket: bool) -> None:
-        try:
-            request = _STAND_IN.get((method, websocket))
-            if request is None:
-                headers: list[tuple[bytes, bytes]] = [(b"host", b"origin")]
-                if websocket:
-                    headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
-                request = h11.Request(method=method.encode("latin-1"), target=b"/", headers=headers)
-                if len(_STAND_IN) < 64:  # built (and validated) once per method
-                    _STAND_IN[(method, websocket)] = request
-            self.h11.send(request)
-            self.h11.send(_END)
-        except h11.LocalProtocolError as exc:
-            raise OriginError(f"cannot send a {method!r} request over HTTP/1.1: {exc}") from exc
+        """A request is about to be written: parse its response next. (`websocket`: kept for callers;
+        a 101 is taken as a switch whatever the request, the exchange judges it.)"""
+        self.reader.expect(method)
+        self._events.clear()
 
     async def send_all(self, data: bytes) -> None:
         if not data:
@@ -104,28 +91,28 @@ class OriginConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise OriginError(f"write to origin {self.target.address}: {_cause(exc)}") from exc
 
-    async def next_event(self) -> object:
-        """The next h11 event from the origin (Response, Data, EndOfMessage, InformationalResponse...)."""
-        while True:
+    async def next_event(self) -> Event:
+        """The next event of the response (Informational, ResponseHead, Body, End, Closed)."""
+        while not self._events:
+            # a parse error deferred behind earlier events is raised at once, without a read
+            data = await self._receive() if self.reader.error is None else b""
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                self._events.extend(self.reader.feed(data) if data else self.reader.feed_eof())
+            except Http1Error as exc:
                 raise OriginError(f"malformed HTTP response from origin {self.target.address}: {exc}") \
                     from exc
-            if event is not h11.NEED_DATA:
-                return event
-            left = body_bytes_left(self.h11)
-            try:
-                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise OriginError(f"read from origin {self.target.address}: {_cause(exc)}") from exc
-            if skip_body_bytes(self.h11, data, left):  # around h11's buffer (transport/h11body.py)
-                return h11.Data(data=data)
-            try:
-                self.h11.receive_data(data)
-            except h11.RemoteProtocolError as exc:
-                raise OriginError(f"malformed HTTP response from origin {self.target.address}: {exc}") \
-                    from exc
+        return self._events.popleft()
+
+    async def _receive(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise OriginError(f"read from origin {self.target.address}: {_cause(exc)}") from exc
+
+    def take_held(self) -> bytes:
+        """After a 101 Switching Protocols: the bytes read beyond its head."""
+        held, self.reader.held = self.reader.held or b"", None
+        return held
 
     async def receive_raw(self) -> bytes:
         """Raw bytes after a protocol switch (101); b"" at EOF."""
@@ -136,7 +123,7 @@ class OriginConnection:
 
     @property
     def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        return self.reader.reusable and not self._events
 
     def stale(self) -> bool:
         """True when an idle connection was closed by the origin (readable while idle means EOF or junk)."""
@@ -250,10 +237,6 @@ class OriginPool:
         """`release` without the close: True when the connection went back to the idle list; otherwise the
         caller closes it."""
         if not reusable or conn.closed or not conn.reusable:
-            return False
-        try:
-            conn.h11.start_next_cycle()
-        except h11.LocalProtocolError:
             return False
         idle = self._idle[conn.target]
         if len(idle) >= max(cfg.keep_alive_connections, 0):

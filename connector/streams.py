@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import h2.errors
-import h11
 import trio
 
 from tunnel_lab.connector import ingress
@@ -43,6 +42,7 @@ from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.connector.websocket import MESSAGE_SIZE, WebSocketBridge, accept_headers
 from tunnel_lab.transport.pipe import PipeDone, Way, prepend
 from tunnel_lab.transport.pipe import pipe as transport_pipe
+from tunnel_lab.wire import http1
 from tunnel_lab.wire import origin as wo
 from tunnel_lab.wire.errors import (
     ConfigError,
@@ -357,7 +357,7 @@ class Proxy:
 
     async def _relay_response(self, ts: IncomingStream, ex: wo.OriginExchange,
                               conn: OriginConnection) -> None:
-        """Origin response -> tunnel stream, each h11 event through the exchange."""
+        """Origin response -> tunnel stream, each parsed event through the exchange."""
         while ex.response_state in _RESPONSE_OPEN:
             try:
                 event = await conn.next_event()
@@ -366,28 +366,24 @@ class Proxy:
                 if error is exc:
                     raise
                 raise error from exc
-            if isinstance(event, h11.InformationalResponse):
-                headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
-                await _perform(ts, ex.informational(event.status_code, headers))
+            if isinstance(event, http1.Body):  # the commonest first
+                await _perform(ts, ex.response_data(event.data))
+            elif isinstance(event, http1.ResponseHead):
+                if self.settings.trace is not None:
+                    _trace_origin(self.settings.trace, ts, "origin.response", status=event.status,
+                                  http_version=event.http_version.decode(),
+                                  reason=event.reason.decode("latin-1"), headers=event.headers)
+                await _perform(ts, ex.response_head(event.status, event.headers,
+                                                    http10=event.http_version == b"1.0"))
+            elif isinstance(event, http1.End):
+                await _perform(ts, ex.response_end(event.trailers))
+            elif isinstance(event, http1.Informational):
+                await _perform(ts, ex.informational(event.status, event.headers))
                 if ex.response_state is wo.ResponseState.UPGRADED:
-                    leftover, _closed = conn.h11.trailing_data
-                    await pipe(ts, initial=bytes(leftover), read_origin=conn.receive_raw,
+                    await pipe(ts, initial=conn.take_held(), read_origin=conn.receive_raw,
                                write_origin=conn.send_all)
                     return
-            elif isinstance(event, h11.Response):
-                headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
-                if self.settings.trace is not None:
-                    _trace_origin(self.settings.trace, ts, "origin.response", status=event.status_code,
-                                  http_version=event.http_version.decode(),
-                                  reason=event.reason.decode("latin-1"), headers=headers)
-                await _perform(ts, ex.response_head(event.status_code, headers,
-                                                    http10=event.http_version == b"1.0"))
-            elif isinstance(event, h11.Data):
-                await _perform(ts, ex.response_data(bytes(event.data)))
-            elif isinstance(event, h11.EndOfMessage):
-                trailers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
-                await _perform(ts, ex.response_end(trailers))
-            elif isinstance(event, h11.ConnectionClosed):
+            elif isinstance(event, http1.Closed):
                 await _perform(ts, ex.response_closed())
             else:
                 raise OriginError(f"unexpected answer from origin {conn.target.address}: {event!r}")

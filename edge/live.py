@@ -8,6 +8,10 @@
 - `request`: one history entry per request that crossed the edge, as `GET /history` gives it;
 - `fault`: one entry per fault applied through the API, one-shot ones included.
 
+`GET /live/trace?ray=ID` gives the trace records the edge kept for one request (when it runs with
+`--trace`: the tracer's `RayRing`) and the steps of its sequence diagram (`wire.trace_sequence`, which
+`tunnel-lab trace diagram` uses too); the page draws them.
+
 Both need the API token, like every other route. A browser cannot put a bearer header on a page
 load or an EventSource, so `GET /live?token=T` (or the sign-in form the page shows without one)
 trades the token for an HttpOnly, SameSite=Strict cookie, valid for GET under `/live` only: it can
@@ -29,6 +33,7 @@ import trio
 
 from tunnel_lab.edge.state import EdgeState, connection_json
 from tunnel_lab.edge.tunnel import TunnelConnection
+from tunnel_lab.wire.trace_sequence import sequence, usable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,46 @@ def snapshot(edge: EdgeState[TunnelConnection], locations: list[str], now: float
                         "registered": sum(1 for c in mine if c["state"] == "registered")})
     faults = [f.to_json() for f in edge.faults.active.values()]
     return {"data_centres": dcs, "tunnels": tunnels, "connections": conns, "faults": faults,
-            "streams": sum(c["streams"] for c in conns)}
+            "streams": sum(c["streams"] for c in conns),
+            "trace": getattr(edge.trace, "ring", None) is not None}
+
+
+def trace_answer(tracer: Any, ray: str) -> dict[str, Any]:
+    """`GET /live/trace?ray=ID`: the records the edge's tracer kept for `ray` and their diagram steps.
+
+    `status` says what the page can show: `ok`, `off` (no `--trace`), `unknown` (no record of that ray),
+    `evicted` (kept once, pushed out of the ring since); `message` says it in words. Records the
+    diagram cannot use (not JSON, no kind or time) are counted in `problems`, never fatal."""
+    ring = getattr(tracer, "ring", None)
+    if ring is None:
+        return {"ray": ray, "status": "off", "message": "the edge runs without --trace: no protocol trace "
+                "to draw from"}
+    kept = ring.get(ray)
+    if kept is None:
+        if ring.evicted(ray):
+            return {"ray": ray, "status": "evicted", "message": f"the trace records of {ray} were evicted: "
+                    f"the edge keeps those of the last {ring.max_rays} requests only (the trace file has "
+                    "them all)"}
+        return {"ray": ray, "status": "unknown", "message": f"the trace holds no record of {ray} (a request "
+                "from before tracing started, or an id the edge never gave)"}
+    lines, omitted = kept
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"record {n}: not JSON ({exc}); skipped")
+            continue
+        if not usable(record):
+            problems.append(f"record {n}: no kind or time; skipped")
+            continue
+        records.append(record)
+    steps = [step.to_json() for step in sequence(records, ray)]
+    dropped = int(getattr(tracer, "dropped", 0))
+    return {"ray": ray, "status": "ok", "steps": steps, "records": records, "omitted": omitted,
+            "problems": problems, "dropped": dropped,
+            "complete": any(r["kind"] == "eyeball.done" for r in records)}
 
 
 def _without_ages(state: dict[str, Any]) -> str:
@@ -161,11 +205,22 @@ async def serve_live(edge: EdgeState[TunnelConnection], locations: list[str], to
     if path == "/live":
         await respond(*answer_page(request, token))
         return True
-    if path != "/live/events":
+    if path not in ("/live/events", "/live/trace"):
         await respond(404, plain, f"no live route {path}\n".encode())
         return True
     if not authorised(request, token):
         await respond(401, plain, b"sign in at /live first\n")
+        return True
+    if path == "/live/trace":
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.target.decode("latin-1")).query)
+        ray = query.get("ray", [""])[0]
+        if not ray:
+            await respond(400, plain, b"which request? GET /live/trace?ray=ID\n")
+            return True
+        # expected answers (tracing off, an unknown or evicted ray) are 200s with a `status`: a 4xx
+        # would be an error in the browser's console for what is a normal state of the lab
+        body = json.dumps(trace_answer(edge.trace, ray), separators=(",", ":"), default=str).encode()
+        await respond(200, [(b"content-type", b"application/json"), (b"cache-control", b"no-store")], body)
         return True
     await send(conn.send(h11.Response(status_code=200, headers=[
         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),

@@ -118,7 +118,7 @@ class Edge:
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
-        self.state.trace = open_tracer(config.trace, component="edge")
+        self.state.trace = open_tracer(config.trace, component="edge", ring=True)  # ring: the live view
 
     # ---- the shared state, for tests and embedders ----------------------------------------------
     @property

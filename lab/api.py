@@ -341,9 +341,11 @@ class Lab:
         grace_period: float = 2.0,
         wait_ready: bool = True,
         timeout: float = START_TIMEOUT,
+        protocol: str = "http2",
     ) -> Connector:
         """Run a connector for `tunnel` against every data centre: ours, or the cloudflared binary at
-        `cloudflared` (only inside a private network namespace). `url` or `ingress` say where requests go.
+        `cloudflared` (only inside a private network namespace). `url` or `ingress` say where requests go;
+        `protocol` is the transport (http2 or quic).
         Waits for `ha_connections` registered connections unless `wait_ready=False`."""
         if name in self.connectors and self.connectors[name].running:
             raise LabError(f"a connector named {name!r} already runs; pass another name=")
@@ -387,6 +389,7 @@ class Lab:
             url=url,
             run_flags=run_flags,
             tunnel_id=tunnel.id,
+            protocol=protocol,
         )
         comp = Component(name, argv, self.logs / f"{name}.log", env=self._env())
         self.components[name] = comp

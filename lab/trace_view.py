@@ -2,21 +2,24 @@
 
 `read_trace(lines, source)` parses JSON Lines into records and says what it could not read (a truncated
 or corrupt line, a record of another format version) instead of failing; `select` filters;
-`event_line` renders one record as one line; `sequence(records, ray)` picks the steps of one request
-across eyeball, edge, connector and origin, which `mermaid` and `svg` draw.
+`event_line` renders one record as one line; `sequence(records, ray)` (from `wire.trace_sequence`, which
+the edge's live view shares) picks the steps of one request across eyeball, edge, connector and origin,
+which `mermaid` and `svg` draw.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
 from tunnel_lab.wire.trace import VERSION
+from tunnel_lab.wire.trace_sequence import PARTICIPANTS, Step, rays, sequence
 
-__all__ = ["Step", "TraceFile", "event_line", "mermaid", "read_trace", "select", "sequence", "svg"]
+__all__ = ["PARTICIPANTS", "Step", "TraceFile", "event_line", "mermaid", "rays", "read_trace", "select",
+           "sequence", "svg"]
 
 
 @dataclass
@@ -183,91 +186,7 @@ def event_line(r: dict[str, Any], *, start: float, colour: bool = False,
     return f"\x1b[{code}m{text}\x1b[0m"
 
 
-# ---- one request as a sequence diagram -------------------------------------------------------------
-
-PARTICIPANTS = ("Eyeball", "Edge", "Connector", "Origin")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One arrow of a sequence diagram."""
-
-    t: float
-    source: str
-    target: str
-    text: str
-
-
-def _h2_text(r: dict[str, Any]) -> str:
-    text = f"{r.get('type')} stream {r.get('stream')}"
-    headers = dict((p[0], p[1]) for p in r.get("headers") or [] if isinstance(p, list) and len(p) == 2)
-    if ":method" in headers:
-        text += f" {headers[':method']} {headers.get(':path', '')}"
-    if ":status" in headers:
-        text += f" :status {headers[':status']}"
-    if "END_STREAM" in (r.get("flags") or []):
-        text += " END_STREAM"
-    if r.get("type") == "DATA":
-        text += f" ({r.get('data_length', r.get('length'))} bytes)"
-    if r.get("type") == "RST_STREAM":
-        text += f" {r.get('error_code')}"
-    return text
-
-
-# The records that are one step each: kind -> (from, to, the step's text).
-_EVENT_STEPS: dict[str, tuple[str, str, Callable[[dict[str, Any]], str]]] = {
-    "eyeball.request": ("Eyeball", "Edge",
-                        lambda r: f"{r.get('method')} {r.get('target')} (Host {r.get('host')})"),
-    "eyeball.response": ("Edge", "Eyeball", lambda r: f"{r.get('status')}"),
-    "eyeball.done": ("Edge", "Edge", lambda r: f"done: {r.get('outcome')} in {r.get('duration_ms')} ms"),
-    "origin.request": ("Connector", "Origin",
-                       lambda r: f"{r.get('method')} {r.get('target')} HTTP/{r.get('http_version')}"),
-    "origin.response": ("Origin", "Connector", lambda r: f"HTTP/{r.get('http_version')} {r.get('status')}"),
-    "stream.classified": ("Connector", "Connector",
-                          lambda r: f"stream {r.get('stream')}: {r.get('stream_kind')}"),
-}
-
-
-def sequence(records: Sequence[dict[str, Any]], ray: str) -> list[Step]:
-    """The steps of request `ray` across the four parties. The tunnel's frames come from the edge's
-    trace when it has them (else the connector's): each frame appears in both when both were traced."""
-    mine = [r for r in records if r.get("ray") == ray]
-    edge_frames = any(r.get("component") == "edge" and r["kind"] in ("h2.frame", "quic.stream_head")
-                      for r in mine)
-    steps: list[Step] = []
-    for r in mine:
-        kind, comp, direction = r["kind"], r.get("component"), r.get("dir")
-        if kind in _EVENT_STEPS:
-            source, target, describe = _EVENT_STEPS[kind]
-            steps.append(Step(r["t"], source, target, describe(r)))
-        elif kind in ("h2.frame", "quic.stream_head", "h2.body", "quic.body"):
-            if edge_frames and comp != "edge":
-                continue
-            from_edge = (comp == "edge") == (direction == "out")
-            source, target = ("Edge", "Connector") if from_edge else ("Connector", "Edge")
-            if kind == "h2.frame":
-                if r.get("type") == "WINDOW_UPDATE":
-                    continue
-                text = _h2_text(r)
-            elif kind == "quic.stream_head":
-                text = f"stream {r.get('stream')} {r.get('message')}"
-                if r.get("message") == "ConnectRequest":
-                    text += f" {r.get('type')} {r.get('dest')}"
-            else:
-                text = f"body stream {r.get('stream')}: {r.get('length')} bytes"
-            steps.append(Step(r["t"], source, target, text))
-    steps.sort(key=lambda s: s.t)
-    return steps
-
-
-def rays(records: Iterable[dict[str, Any]]) -> list[str]:
-    """Every ray id the records mention, in order of appearance."""
-    seen: dict[str, None] = {}
-    for r in records:
-        if isinstance(r.get("ray"), str):
-            seen.setdefault(r["ray"], None)
-    return list(seen)
-
+# ---- one request as a sequence diagram (the steps: wire.trace_sequence, shared with the live view) ---
 
 def _mermaid_text(text: str) -> str:
     # `;` and `#` end or escape a Mermaid message; keep the text readable instead

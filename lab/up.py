@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a scenario file's topology section (or a scenario file) for bigger set-ups (docs/scenarios.md)",
     )
     p.add_argument("--ready-file", metavar="PATH", help="write what is running as JSON here once it is up")
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="the edge writes a protocol trace to FILE (docs/trace.md); the live view draws requests from it",
+    )
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.add_argument(_INSIDE_FLAG, action="store_true", help=argparse.SUPPRESS)
     return p
@@ -94,6 +99,9 @@ def load_topology(path: str) -> Scenario:
     from tunnel_lab.lab.runner.loader import _build
 
     scenario = _build(doc)
+    if scenario.internet:
+        raise ConfigError("topology.internet is for scenarios (`cli` steps)", source=path,
+                          hint="to run the connector's own commands by hand, use `tunnel-lab sandbox`")
     if scenario.connector is None:
         raise ConfigError(
             "the topology has no connector",
@@ -226,7 +234,8 @@ def banner(info: dict[str, Any], enter: str = "") -> str:
         "",
         f"Management API: http://{info['api']}/ (bearer token in {info['api_token_file']}), for example",
         f'  {enter}curl -H "Authorization: Bearer $(cat {q(info["api_token_file"])})" http://{info["api"]}/history',
-        f"Live view: http://{info['api']}/live (paste the same token; docs/live.md)",
+        f"Live view: http://{info['api']}/live (paste the same token; docs/live.md)"
+        + (f"; protocol trace: {info['trace']}" if info.get("trace") else ""),
         f"Cloudflare v4 API: https://{info['api']}/client/v4 (lab CA {info['ca']}; docs/sandbox.md), "
         f"a cert.pem for it: `tunnel-lab login --state {q(str(info['state']))} --path cert.pem`",
         f"Logs: {info['logs']}/",
@@ -256,14 +265,18 @@ async def _up(args: argparse.Namespace, sc: Scenario | None, announce: bool) -> 
                     return
 
             nursery.start_soon(on_signal)
-            async with open_lab(
-                state=args.state, loglevel=args.loglevel, **_edge_options(sc, args.datacentres or 2)
-            ) as lab:
+            options = _edge_options(sc, args.datacentres or 2)
+            if args.trace:
+                trace = ["--trace", os.path.abspath(args.trace)]
+                options["edge_flags"] = [*options.get("edge_flags", []), *trace]
+            async with open_lab(state=args.state, loglevel=args.loglevel, **options) as lab:
                 if sc is None:
                     extra = await _setup_simple(lab, args)
                 else:
                     extra = await _setup_topology(lab, sc, args.cloudflared)
                 info = describe(lab, extra, kept=args.state is not None)
+                if args.trace:
+                    info["trace"] = os.path.abspath(args.trace)
                 if args.ready_file:
                     _write_json(args.ready_file, info)
                 if announce:
@@ -339,7 +352,7 @@ def _run_in_namespace(argv: list[str], args: argparse.Namespace) -> int:
 
 def _absolute(argv: list[str], args: argparse.Namespace) -> list[str]:
     out = list(argv)
-    for opt in ("--state", "--topology", "--ready-file", "--cloudflared"):
+    for opt in ("--state", "--topology", "--ready-file", "--cloudflared", "--trace"):
         value = getattr(args, opt.lstrip("-").replace("-", "_"))
         if value and opt in out:
             out[out.index(opt) + 1] = os.path.abspath(value)

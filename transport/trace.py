@@ -8,6 +8,9 @@ Proto, QUIC stream heads, redaction) and writes one JSON line per record. The qu
 and bytes): when the thread cannot keep up, items are dropped and counted, never waited for, and the
 `trace.end` record says how many. A connection whose bytes were dropped cannot be decoded further (its
 HPACK state is lost): a `trace.gap` record says so and that connection's frames stop there.
+
+The edge's tracer also keeps a `RayRing`: the records it wrote for each of the last requests (by ray), so
+the live view can draw a selected request from the trace without reading the file back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,10 +36,75 @@ from tunnel_lab.wire.trace import (
     tls_record,
 )
 
-__all__ = ["ConnTrace", "Tracer", "open_tracer"]
+__all__ = ["ConnTrace", "RayRing", "Tracer", "open_tracer"]
 
 MAX_ITEMS = 16384  # queued hook calls
 MAX_BYTES = 64 * 1024 * 1024  # queued plaintext bytes
+
+RING_RAYS = 256  # requests whose records the ring keeps (the live page lists the last 50)
+RING_BYTES = 8 * 1024 * 1024  # their records' JSON, in all
+RING_RAY_RECORDS = 400  # per request: the first 200 and the last 200 (a long body or WebSocket has more)
+RING_FORGOTTEN = 4096  # evicted rays remembered by id, so the page can say "evicted" rather than "unknown"
+
+
+class RayRing:
+    """The trace records of the most recent requests, by ray: bounded by requests, bytes and records per
+    request. Written by the tracer's thread, read by the live view (a lock: both sides are short)."""
+
+    def __init__(self, *, max_rays: int = RING_RAYS, max_bytes: int = RING_BYTES,
+                 max_records: int = RING_RAY_RECORDS) -> None:
+        self.max_rays = max_rays
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        # ray -> [first records, last records (bounded deque), records left out between them]
+        self._rays: OrderedDict[str, tuple[list[str], deque[str], list[int]]] = OrderedDict()
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
+        self._bytes = 0
+
+    def add(self, ray: str, line: str) -> None:
+        """Keep one record (its JSON line) of request `ray`."""
+        with self._lock:
+            entry = self._rays.get(ray)
+            if entry is None:
+                entry = self._rays[ray] = ([], deque(), [0])
+                self._forgotten.pop(ray, None)
+            head, tail, omitted = entry
+            if len(head) < self.max_records // 2:
+                head.append(line)
+            else:
+                tail.append(line)
+                if len(tail) > self.max_records - self.max_records // 2:
+                    self._bytes -= len(tail.popleft())
+                    omitted[0] += 1
+            self._bytes += len(line)
+            while len(self._rays) > self.max_rays or (self._bytes > self.max_bytes and len(self._rays) > 1):
+                self._evict()
+
+    def _evict(self) -> None:
+        old, (head, tail, _) = self._rays.popitem(last=False)
+        self._bytes -= sum(map(len, head)) + sum(map(len, tail))
+        self._forgotten[old] = None
+        while len(self._forgotten) > RING_FORGOTTEN:
+            self._forgotten.popitem(last=False)
+
+    def get(self, ray: str) -> tuple[list[str], int] | None:
+        """The JSON lines kept for `ray` and how many were left out in the middle, or None."""
+        with self._lock:
+            entry = self._rays.get(ray)
+            if entry is None:
+                return None
+            head, tail, omitted = entry
+            return [*head, *tail], omitted[0]
+
+    def evicted(self, ray: str) -> bool:
+        """Whether `ray` was kept once and has been evicted since."""
+        with self._lock:
+            return ray in self._forgotten
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rays)
 
 
 class ConnTrace:
@@ -150,9 +218,10 @@ class Tracer:
     """The trace file of one component (`component`: "edge" or "connector")."""
 
     def __init__(self, path: str | os.PathLike[str], *, component: str, secrets: Iterable[str] = (),
-                 max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES) -> None:
+                 max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES, ring: RayRing | None = None) -> None:
         self.path = Path(path)
         self.component = component
+        self.ring = ring  # the records of recent requests, for the live view (the edge's only)
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.dropped = 0
@@ -265,8 +334,11 @@ class Tracer:
             self.records += 1
             full = {"v": VERSION, "t": round(t, 6), "kind": record.pop("kind"), "component": self.component,
                     **ids, **record}
-            lines.append(json.dumps(self._redactor.record(full), separators=(",", ":"),
-                                    ensure_ascii=False, default=str))
+            redacted = self._redactor.record(full)
+            line = json.dumps(redacted, separators=(",", ":"), ensure_ascii=False, default=str)
+            lines.append(line)
+            if self.ring is not None and isinstance(redacted.get("ray"), str):
+                self.ring.add(redacted["ray"], line)
         if lines:
             try:
                 self._file.write("\n".join(lines) + "\n")
@@ -275,8 +347,8 @@ class Tracer:
 
 
 def open_tracer(path: str | os.PathLike[str] | None, *, component: str,
-                secrets: Iterable[str] = ()) -> Tracer | None:
-    """A `Tracer` for `--trace PATH`, or None without one."""
+                secrets: Iterable[str] = (), ring: bool = False) -> Tracer | None:
+    """A `Tracer` for `--trace PATH` (with a `RayRing` when `ring`), or None without one."""
     if not path:
         return None
-    return Tracer(path, component=component, secrets=secrets)
+    return Tracer(path, component=component, secrets=secrets, ring=RayRing() if ring else None)

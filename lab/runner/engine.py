@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import re
+import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -15,14 +20,16 @@ from typing import Any
 
 import trio
 
-from tunnel_lab.lab.runner import client, compare, netns
+from tunnel_lab.lab.runner import client, compare, internet, netns
 from tunnel_lab.lab.runner.checks import (
     Mismatch,
     check_history,
     check_response,
     count_ok,
     describe_count,
+    json_path,
     metric_value,
+    value_matches,
 )
 from tunnel_lab.lab.runner.cloudflared import RELEASE_TABLE
 from tunnel_lab.lab.runner.lab import Lab, RunOptions, scenario_dirs
@@ -104,6 +111,10 @@ def ipv6_loopback_missing() -> str | None:
 def skip_reason(sc: Scenario, options: RunOptions) -> str | None:
     if options.protocol != "http2" and sc.http2_only:
         return f"http2 only: {sc.http2_only}"
+    if sc.internet:
+        ok, lacking = internet.available()
+        if not ok:
+            return f"the connector's own commands need a mount namespace of their own: {lacking}"
     have = CONNECTOR_FEATURES.get(options.connector, set())
     # Features gated by cloudflared's release are judged by the probed binary (lab/runner/cloudflared.py).
     by_release = options.connector == "cloudflared"
@@ -149,7 +160,7 @@ async def run_scenario(
             except (ComponentError, client.ClientError, OSError) as exc:
                 result.status, result.step, result.message = "error", "set-up", str(exc)
             else:
-                await runner.run_steps(sc.steps)
+                await internet.around_steps(lab, functools.partial(runner.run_steps, sc.steps))
         if scope.cancelled_caught:
             result.status = "failed"
             result.step = runner.current
@@ -511,6 +522,100 @@ class _Runner:
         if problems:
             raise StepFailure(step, f"TCP via {spec['via']}", problems)
 
+    # --- the connector's own commands (topology.internet, lab/runner/internet.py) -------------------------
+    async def do_cli(self, step: Step, spec: Any) -> None:
+        """CONNECTOR with the step's arguments, as a user types it: no lab flag, the lab's DNS and API."""
+        lab = self.lab
+        net = lab.internet
+        assert net is not None  # the loader allows cli only with topology.internet
+        spec = spec if isinstance(spec, dict) else {"args": spec}
+        words = shlex.split(spec["args"])
+        argv = [*internet.connector_command(lab), *words]
+        shown = " ".join(["cloudflared" if lab.options.connector == "cloudflared" else "tunnel-lab connector",
+                          *words])
+        env = net.env(lab.state / "home")
+        if spec.get("background"):
+            old = lab.components.get("connector")
+            if old is not None and old.running:
+                raise StepFailure(step, "a connector is already running")
+            comp = Component("connector", net.wrap(argv), lab.logs / "connector.log", env=env)
+            comp.starts = old.starts if old is not None else 0
+            lab.components["connector"] = comp
+            await comp.start()
+            lab.recorder.op("start", component="connector", argv=shown, pid=comp.pid)
+            return
+        timeout = parse_duration(spec.get("timeout", 30))
+        output = lab.logs / f"cli-{step.index}.log"
+        with output.open("wb") as sink:
+            process = await trio.lowlevel.open_process(
+                net.wrap(argv), stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
+        REAPER.watch_group(process.pid)
+        code: int | None = None
+        try:
+            with trio.move_on_after(timeout):
+                if spec.get("approve_login"):
+                    url = await internet.approve_login(lab, output, process, timeout)
+                    lab.recorder.op("login-approved", step=step.index, url=url)
+                code = await process.wait()
+        except internet.InternetError as exc:
+            raise StepFailure(step, f"`{shown}`: {exc}") from None
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+            REAPER.forget_group(process.pid)
+        lab.register_home_secrets()  # before anything it printed is recorded
+        text = output.read_text(errors="replace")
+        last = " / ".join(line for line in text.strip().splitlines()[-3:])
+        lab.recorder.op("cli", step=step.index, command=shown, exit=code, output=text[-2000:])
+        if code is None:
+            raise StepFailure(step, f"`{shown}` did not exit within {timeout:g}s (last output: {last})")
+        expect = spec.get("expect", {})
+        problems: list[Mismatch] = []
+        if code != expect.get("exit", 0):
+            problems.append(Mismatch("exit status", expect.get("exit", 0), code))
+        if "output" in expect and not re.search(expect["output"], text, re.MULTILINE):
+            problems.append(Mismatch("output", f"re:{expect['output']}", last))
+        for name, regex in spec.get("save", {}).items():
+            found = re.search(regex, text, re.MULTILINE)
+            if found is None:
+                problems.append(Mismatch(f"save {name}", f"re:{regex}", last))
+                continue
+            value = (found.group(1) if found.re.groups else found.group(0)) or ""
+            if spec.get("secret"):
+                lab.redactor.add(value)
+            lab.saved[name] = value
+        if problems:
+            raise StepFailure(step, f"`{shown}` (output in {output.name})", problems)
+
+    async def do_v4_api(self, step: Step, spec: dict[str, Any]) -> None:
+        """One call to the lab's v4 API with the cert.pem's token, as the dashboard or a script makes it."""
+        timeout = parse_duration(spec.get("timeout", DEFAULT_STEP_TIMEOUT))
+        status: int | None = None
+        answer: Any = None
+        error = f"no answer within {timeout:g}s"
+        with trio.move_on_after(timeout):
+            try:
+                status, answer, error = await internet.v4_call(self.lab, spec["method"], spec["path"],
+                                                               spec.get("body"))
+            except internet.InternetError as exc:
+                raise StepFailure(step, str(exc)) from None
+        self.lab.recorder.op("v4-api", step=step.index, method=spec["method"], path=spec["path"],
+                             status=status, answer=answer, error=error)
+        expect = spec.get("expect", {})
+        problems: list[Mismatch] = []
+        if status != expect.get("status", 200):
+            problems.append(Mismatch("status", expect.get("status", 200), status or error))
+        for path, want in expect.get("json", {}).items():
+            found, got = json_path(answer, path)
+            if not found or not value_matches(want, got):
+                problems.append(Mismatch(f"json {path}", want, got if found else "<missing>"))
+        if problems:
+            raise StepFailure(step, f"{spec['method']} {spec['path']}: {json.dumps(answer)[:300]}", problems)
+
     async def do_access_login(self, step: Step, spec: dict[str, Any]) -> None:
         from tunnel_lab.lab.runner.access_steps import AccessStepError, access_login
 
@@ -689,9 +794,13 @@ class _Runner:
         if "log" in spec:
             sel = spec["log"]
             text = lab.log_text(sel.get("component", "connector"))
-            n = len(re.findall(sel["regex"], text, re.MULTILINE))
+            found = list(re.finditer(sel["regex"], text, re.MULTILINE))
             want = sel.get("count", {"min": 1})
-            return count_ok(want, n), f"{n} matching line(s)"
+            ok = count_ok(want, len(found))
+            if ok and found and "save" in sel:
+                first = found[0]
+                lab.saved[sel["save"]] = (first.group(1) if first.re.groups else first.group(0)) or ""
+            return ok, f"{len(found)} matching line(s)"
         sel = spec["metric"]
         if sel.get("component", "edge") == "edge":
             text = await lab.api("GET", "/metrics")
@@ -727,11 +836,14 @@ class _Runner:
 
     async def do_connector(self, step: Step, spec: dict[str, Any]) -> None:
         lab = self.lab
-        comp = lab.components["connector"]
+        comp = lab.components.get("connector")
         action = spec["action"]
-        assert lab.scenario.connector is not None
-        ready = spec.get("wait_ready", lab.scenario.connector.wait_ready)
+        if comp is None:
+            raise StepFailure(step, "no connector was started (a cli step with background: true starts one)")
         lab.recorder.op("connector", action=action)
+        if action in ("sigstop", "sigcont"):  # a connector that stops answering: its connections go stale
+            comp.send_signal(signal.SIGSTOP if action == "sigstop" else signal.SIGCONT)
+            return
         if action == "sigterm":
             comp.send_signal(signal.SIGTERM)
         elif action == "sigint":
@@ -739,11 +851,13 @@ class _Runner:
         elif action == "sigkill":
             comp.kill_group()
             await comp.wait_exit(5)
-        elif action == "restart":
-            await comp.stop(grace=lab.scenario.connector.grace_period + 2)
-            await lab.start_connector(wait_ready=ready)
-        elif action == "start":
-            if comp.running:
+        else:  # start and restart: of topology.connector (the loader checks)
+            spec_c = lab.scenario.connector
+            assert spec_c is not None
+            ready = spec.get("wait_ready", spec_c.wait_ready)
+            if action == "restart":
+                await comp.stop(grace=spec_c.grace_period + 2)
+            elif comp.running:
                 raise StepFailure(step, "the connector is already running")
             await lab.start_connector(wait_ready=ready)
 

@@ -95,6 +95,15 @@ class Lab:
     access_vars: dict[str, str] = field(default_factory=dict)  # ${access...} (lab/runner/access.py)
     team_domain: tuple[str, str] | None = None  # (name, address) the namespace's DNS stub answers for us
     stub_names: list[str] = field(default_factory=list)  # every name registered with that address
+    # topology.internet (lab/runner/internet.py): where its DNS, API and edge live, and once served, it
+    internet_addresses: Any = None  # internet.Addresses
+    internet: Any = None  # internet.Internet, while the steps run
+    saved: dict[str, str] = field(default_factory=dict)  # ${vars.NAME}: what `save` took from output
+
+    @property
+    def cert_path(self) -> Path:
+        """The cert.pem that `CONNECTOR tunnel login` writes (HOME is the state's `home`)."""
+        return self.state / "home" / ".cloudflared" / "cert.pem"
 
     # --- variables ------------------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
@@ -115,6 +124,15 @@ class Lab:
             out[f"tunnels.{t.name}.id"] = t.id
             out[f"tunnels.{t.name}.name"] = t.name
         out.update(self.access_vars)
+        out["protocol"] = self.options.protocol
+        out.update({f"vars.{k}": v for k, v in self.saved.items()})
+        if self.internet is not None and self.cert_path.exists():
+            from tunnel_lab.lab.runner.internet import InternetError, read_cert
+
+            with contextlib.suppress(InternetError):
+                cert = read_cert(self.cert_path)
+                self.redactor.add(cert["apiToken"])
+                out.update({"cert.account": cert["accountID"], "cert.zone": cert.get("zoneID", "")})
         for dc in self.scenario.datacentres:
             for lst in self.edge_ready.get("tunnel_listeners", []):
                 if lst.get("location") == dc.name:
@@ -157,6 +175,10 @@ class Lab:
         share, and the edge reads the tunnels only when a connector registers."""
         (self.state / "home").mkdir(parents=True, exist_ok=True)
         sc = self.scenario
+        if sc.internet:
+            from tunnel_lab.lab.runner.internet import allocate
+
+            self.internet_addresses = allocate()
         jobs: list[Callable[[], Awaitable[None]]] = [self._tunnels_and_edge]
         for o in sc.origins:
             self._origin_component(o.name)
@@ -243,6 +265,9 @@ class Lab:
             (dc.name, listeners.get(dc.name, dc.listen()) if fixed_ports else dc.listen())
             for dc in sc.datacentres
         ]
+        if self.internet_addresses is not None:  # where edge discovery's SRV and A records point
+            datacentres = [(dc.name, f"{address}:7844")
+                           for dc, address in zip(sc.datacentres, self.internet_addresses.edges, strict=True)]
 
         def addr_of(key: str) -> str:
             return str(self.edge_ready[key]) if fixed_ports and self.edge_ready.get(key) else "127.0.0.1:0"
@@ -500,6 +525,16 @@ class Lab:
             for comp in self.components.values():
                 if comp.starts:
                     self.recorder.op("cpu", component=comp.name, seconds=round(comp.cpu, 3))
+
+    def register_home_secrets(self) -> None:
+        """Redact what the connector's own commands wrote to ~/.cloudflared: tunnel secrets, the API token."""
+        for creds in (self.state / "home" / ".cloudflared").glob("*.json"):
+            self._register_secret(creds)
+        if self.cert_path.exists():
+            from tunnel_lab.lab.runner.internet import InternetError, read_cert
+
+            with contextlib.suppress(InternetError):
+                self.redactor.add(read_cert(self.cert_path)["apiToken"])
 
     def _register_secret(self, creds: Path) -> None:
         # not a credentials file we can read: nothing to register

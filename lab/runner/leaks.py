@@ -25,8 +25,17 @@ def secrets_in(state: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     if (state / "api-token").exists():
         found["api-token"] = (state / "api-token").read_text().strip()
-    for creds in [*state.glob("credentials/*.json"), *state.glob("credentials-*.json")]:
+    # home/.cloudflared: what a scenario's `cli` steps wrote (`tunnel create`, `tunnel login`)
+    for creds in [*state.glob("credentials/*.json"), *state.glob("credentials-*.json"),
+                  *state.glob("home/.cloudflared/*.json")]:
         found[f"TunnelSecret of {creds.name}"] = json.loads(creds.read_text())["TunnelSecret"]
+    cert = state / "home" / ".cloudflared" / "cert.pem"
+    if cert.exists():
+        with contextlib.suppress(ValueError, AttributeError):
+            body = "".join(line for line in cert.read_text().splitlines() if not line.startswith("-----"))
+            token = json.loads(base64.b64decode(body)).get("apiToken")
+            if isinstance(token, str) and token:
+                found["apiToken of cert.pem"] = token
     for key in state.glob("pki/*.key"):
         for i, line in enumerate(key.read_text().splitlines()):
             if not line.startswith("-----") and len(line) >= 24:

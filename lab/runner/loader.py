@@ -40,12 +40,15 @@ ACTIONS = (
     "sleep",
     "access_login",
     "ssh",
+    "cli",
+    "v4_api",
 )
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _VAR_FORMS = re.compile(
     r"^(origins\.[A-Za-z0-9_-]+\.(url|address|host|port)|edge\.(http|https|warp|api|ca)"
-    r"|tunnels\.[A-Za-z0-9_-]+\.(id|name)|datacenters\.[A-Za-z0-9_-]+\.address|state"
+    r"|tunnels\.[A-Za-z0-9_-]+\.(id|name)|datacenters\.[A-Za-z0-9_-]+\.address|state|protocol"
+    r"|vars\.[A-Za-z0-9_-]+|cert\.(account|zone)"
     r"|access\.(team|apps\.[A-Za-z0-9_-]+\.aud|tokens\.[A-Za-z0-9_-]+\.(id|client_id|client_secret)"
     r"|users\.[A-Za-z0-9_-]+\.cookie|assertions\.[A-Za-z0-9_-]+\.(good|expired|wrong-aud|no-exp|forged)))$"
 )
@@ -371,6 +374,7 @@ class Scenario:
     access: dict[str, Any] | None = None  # topology.access (docs/access.md), checked by _check_access
     waf: dict[str, Any] | None = None  # topology.waf (docs/waf.md): custom and ratelimit rules
     http2_only: str = ""  # why the whole scenario holds only over http2 (skipped under --protocol quic)
+    internet: bool = False  # topology.internet: the lab plays Cloudflare (lab/runner/internet.py)
 
     def origin(self, name: str) -> OriginSpec:
         return next(o for o in self.origins if o.name == name)
@@ -422,7 +426,14 @@ def _build(doc: Document) -> Scenario:
     data = doc.data
     topo = data["topology"]
     dcs: list[DataCentre] = []
-    for i, item in enumerate(topo.get("datacenters", ["LAB1", "LAB2"])):
+    internet = bool(topo.get("internet", False))
+    for key in ("datacenters", "connector") if internet else ():
+        if key in topo:
+            raise doc.error(("topology", key), f"topology.{key} and topology.internet exclude each other",
+                            "with internet the lab makes LAB1-LAB4 (two per region, as edge discovery "
+                            "names them) and a `cli` step with `background: true` runs the connector")
+    default_dcs = ["LAB1", "LAB2", "LAB3", "LAB4"] if internet else ["LAB1", "LAB2"]
+    for i, item in enumerate(topo.get("datacenters", default_dcs)):
         if isinstance(item, str):
             dcs.append(DataCentre(item, f"127.0.0.{i + 1}"))
         else:
@@ -503,6 +514,7 @@ def _build(doc: Document) -> Scenario:
         access=topo.get("access"),
         waf=topo.get("waf"),
         http2_only=str(data.get("http2_only", "")).strip(),
+        internet=internet,
     )
     _check_semantics(doc, scenario)
     return scenario
@@ -582,6 +594,69 @@ def _check_access(doc: Document, access: dict[str, Any]) -> None:
                             "topology.access.apps")
 
 
+def _saves(step: Step) -> list[str]:
+    """The ${vars.NAME} names a step (or its parallel branches) saves."""
+    spec = step.spec
+    if step.action == "cli" and isinstance(spec, dict):
+        return list(spec.get("save", {}))
+    if step.action == "wait" and isinstance(spec.get("log"), dict) and "save" in spec["log"]:
+        return [spec["log"]["save"]]
+    return [name for child in step.children for name in _saves(child)]
+
+
+def _check_vars(doc: Document, sc: Scenario, path: Path_, expr: str) -> None:
+    """`${vars.NAME}` only after a step that saves NAME; `${cert...}` only with topology.internet."""
+    parts = expr.split(".")
+    if parts[0] == "cert" and not sc.internet:
+        raise doc.error(path, f"${{{expr}}} needs topology.internet: true (the cert.pem of `tunnel login`)")
+    if parts[0] != "vars":
+        return
+    if len(path) < 2 or path[0] != "steps" or not isinstance(path[1], int):
+        raise doc.error(path, f"${{{expr}}} can only be used in steps, after the step that saves it")
+    before = {name for step in sc.steps[:path[1]] for name in _saves(step)}
+    if parts[1] not in before:
+        raise doc.error(path, f"${{{expr}}}: no earlier step saves {parts[1]!r}",
+                        "save it with a cli step's `save: {NAME: REGEX}` or a log wait's `save: NAME`")
+
+
+def _check_cli(doc: Document, sc: Scenario, step: Step) -> None:
+    """`cli` and `v4_api` steps: their topology, and options that exclude each other."""
+    import shlex
+
+    def fail(message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{step.title}: {message}", source=sc.source, line=step.line, hint=hint)
+
+    if not sc.internet:
+        raise fail(f"{step.action} needs topology.internet: true",
+                   "the connector's own commands need the lab's DNS and API (docs/scenarios.md)")
+    if step.action != "cli":
+        return
+    spec = step.spec if isinstance(step.spec, dict) else {"args": step.spec}
+    try:
+        words = shlex.split(spec["args"])
+    except ValueError as exc:
+        raise fail(f"cannot split the arguments {spec['args']!r}: {exc}") from None
+    if not words:
+        raise fail("cli needs arguments (what follows CONNECTOR)")
+    if spec.get("background"):
+        extra = [k for k in ("expect", "save", "approve_login") if k in spec]
+        if extra:
+            raise fail(f"a background command has no exit to check: {', '.join(extra)} do not apply",
+                       "wait for its log lines or connections in later steps")
+    for name, regex in spec.get("save", {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise fail(f"save: {name!r} is not a NAME (letters, digits, _ and -)")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise fail(f"save {name}: bad regex: {exc}") from None
+    if "output" in spec.get("expect", {}):
+        try:
+            re.compile(spec["expect"]["output"])
+        except re.error as exc:
+            raise fail(f"expect.output: bad regex: {exc}") from None
+
+
 def _check_semantics(doc: Document, sc: Scenario) -> None:
     origin_names = {o.name for o in sc.origins}
     tunnel_names = {t.name for t in sc.tunnels}
@@ -594,10 +669,11 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                     path,
                     f"unknown variable ${{{expr}}}",
                     "use ${origins.NAME.url|address|host|port}, ${edge.http|https|warp|api|ca}, "
-                    "${tunnels.NAME.id|name}, ${datacenters.NAME.address}, ${state} or ${access...} "
-                    "(docs/access.md)",
+                    "${tunnels.NAME.id|name}, ${datacenters.NAME.address}, ${state}, ${protocol}, "
+                    "${vars.NAME}, ${cert.account|zone} or ${access...} (docs/access.md)",
                 )
             parts = expr.split(".")
+            _check_vars(doc, sc, path, expr)
             if parts[0] == "origins" and parts[1] not in origin_names:
                 raise doc.error(
                     path,
@@ -637,9 +713,14 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                 raise ConfigError(
                     f"{step.title}: unknown origin {spec['name']!r}", source=sc.source, line=step.line
                 )
-            if step.action in ("connector",) and sc.connector is None:
+            if step.action in ("cli", "v4_api"):
+                _check_cli(doc, sc, step)
+            if step.action in ("connector",) and sc.connector is None and (
+                    not sc.internet or spec["action"] in ("start", "restart")):
                 raise ConfigError(
-                    f"{step.title}: the topology has no connector", source=sc.source, line=step.line
+                    f"{step.title}: the topology has no connector"
+                    + (" to start (start it with a background cli step)" if sc.internet else ""),
+                    source=sc.source, line=step.line
                 )
             if step.action == "wait" and not any(
                 k in spec for k in ("ready", "connections", "log", "metric", "exit")

@@ -17,9 +17,9 @@ async def _get(pool: OriginPool, target: OriginTarget, cfg: OriginRequestConfig,
     while True:
         ev = await conn.next_event()
         name = type(ev).__name__
-        if name == "Data":
+        if name == "Body":
             body += bytes(ev.data)  # type: ignore[attr-defined]
-        elif name == "EndOfMessage":
+        elif name == "End":
             break
     await pool.release(conn, cfg, reusable=True)
     return body

@@ -69,3 +69,14 @@ async def test_an_oversized_head_gets_431_and_a_warning_naming_the_limit(tmp_pat
                 assert (await raw_exchange(edge.bound["http"], big)).startswith(b"HTTP/1.1 431")
             assert caplog.text.count("limit max_request_headers") == 2
             assert all(r.levelname == "WARNING" for r in caplog.records if "max_request_headers" in r.message)
+
+
+async def test_a_malformed_request_after_a_good_one_on_the_same_connection_gets_400(tmp_path):
+    with trio.fail_after(15):
+        async with running_edge(tmp_path) as (edge, nursery):
+            t = make_tunnel(edge, "t1", "app.test")
+            await registered(nursery, edge, t, echo_handler)
+            out = await raw_exchange(edge.bound["http"], b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n"
+                                     b"GET /b HTTP/1.1\r\nHost: app.test\r\nBad Name: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ")
+    assert out.count(b"HTTP/1.1 400 ") == 1, out[-300:]

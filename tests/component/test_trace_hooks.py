@@ -12,7 +12,8 @@ import trio
 
 from tests.component.connector_edge import RawOrigin, http_rule
 from tests.component.tunnel_pair import open_tunnel_pair, request_headers
-from tunnel_lab.transport.trace import Tracer
+from tunnel_lab.edge.live import trace_answer
+from tunnel_lab.transport.trace import RayRing, Tracer
 from tunnel_lab.wire.headers import first_value
 from tunnel_lab.wire.trace import VERSION
 
@@ -28,7 +29,7 @@ async def test_both_ends_trace_a_registration_and_a_request(tmp_path: Path) -> N
     origin = RawOrigin(lambda rec: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
                        b"Set-Cookie: id=sekrit-set-cookie\r\nX-Seen: yes\r\n\r\nhello")
     edge_file, conn_file = tmp_path / "edge.jsonl", tmp_path / "connector.jsonl"
-    edge_trace = Tracer(edge_file, component="edge")
+    edge_trace = Tracer(edge_file, component="edge", ring=RayRing())
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(origin.serve)
@@ -90,6 +91,14 @@ async def test_both_ends_trace_a_registration_and_a_request(tmp_path: Path) -> N
     assert ["Authorization", "<redacted>"] in origin_request["headers"]
     [origin_response] = [r for r in conn if r["kind"] == "origin.response"]
     assert origin_response["status"] == 200 and origin_response["ray"] == ray
+    # the edge's ring holds what the file holds for the ray, in order, and the live view draws it
+    assert [json.loads(line) for line in edge_trace.ring.get(ray)[0]] == [  # type: ignore[union-attr]
+        r for r in edge if r.get("ray") == ray]
+    answer = trace_answer(edge_trace, ray)
+    assert answer["status"] == "ok" and answer["problems"] == [] and answer["omitted"] == 0
+    assert [(s["source"], s["target"], s["kind"]) for s in answer["steps"]][:2] == [
+        ("Edge", "Connector", "h2.frame"), ("Edge", "Connector", "h2.frame")]
+    assert answer["steps"][0]["text"] == "HEADERS stream 3 POST /x?y=1"
 
 
 def test_a_tracer_that_cannot_keep_up_drops_and_counts(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.chromium import chromium, needs_chromium
@@ -69,6 +70,8 @@ async def test_the_live_view_follows_a_running_lab(tmp_path: Path) -> None:
                 labels = await in_browser(page.wait_for, "[...document.querySelectorAll('#diagram text')]"
                                           ".map(t => t.textContent).join('|')")
                 assert "GET app.test/seen-live" in labels and "origin" in labels
+                note = await in_browser(page.evaluate, "document.getElementById('diagram-note').textContent")
+                assert "run with --trace for the protocol view" in note
 
                 # a fault: the data centre goes down, its connection goes away, the fault is listed
                 status, fault = await api(edge, "POST", "/faults", {"kind": "dc-down", "location": "LAB1"})
@@ -81,3 +84,56 @@ async def test_the_live_view_follows_a_running_lab(tmp_path: Path) -> None:
                 assert page.console_errors == []
                 status, _ = await api(edge, "DELETE", "/faults")
                 assert status == 200
+
+
+TRACED_STEPS = {
+    "http2": ["GET /traced?x=1 (Host app.lab.test)", "HEADERS stream 3 GET /traced?x=1",
+              "HEADERS stream 3 :status 200", "DATA stream 3", "done: ok"],
+    "quic": ["GET /traced?x=1 (Host app.lab.test)", "stream 1 ConnectRequest http http://app.lab.test/traced?x=1",
+             "stream 1 ConnectResponse HttpStatus 200", "done: ok"],
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(TRACED_STEPS))
+async def test_a_traced_lab_draws_the_request_from_the_protocol_trace(tmp_path: Path, protocol: str) -> None:
+    """With `--trace` the diagram is the edge's trace of the request (our connector, a real lab): the
+    HEADERS frame that opened the stream on the tunnel (over QUIC the stream's ConnectRequest), the
+    answer, the eyeball's outcome."""
+    from tunnel_lab.lab.api import open_lab
+
+    async def in_browser(fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with open_lab(datacentres=2, https=False, state=tmp_path / "state",
+                            edge_flags=["--trace", str(tmp_path / "edge.trace.jsonl")]) as lab:
+            tunnel = await lab.create_tunnel("app", hostnames=["app.lab.test"])
+            origin = await lab.start_origin("hello")
+            await lab.start_connector(tunnel, url=origin.url, protocol=protocol)
+            with chromium(tmp_path / "profile") as page:
+                await in_browser(page.navigate, f"http://{lab.edge.api}/live?token={lab.edge.api_token}")
+                await in_browser(page.wait_for, shows("connections", "registered"))
+                answer = await lab.request("app.lab.test", "/traced?x=1")
+                assert answer.status == 200, answer.error
+                await in_browser(page.wait_for, shows("requests", "/traced?x=1"))
+                await in_browser(page.evaluate, "document.querySelector('#requests tbody tr.req').click()")
+                labels = await in_browser(page.wait_for, "[...document.querySelectorAll('#diagram text')]"
+                                          ".map(t => t.textContent).join('|').includes('done: ok') && "
+                                          "[...document.querySelectorAll('#diagram text')]"
+                                          ".map(t => t.textContent).join('|')")
+                # trace-level steps: the stream the edge opened on the tunnel and its answer, in order
+                order = TRACED_STEPS[protocol]
+                positions = [labels.find(text) for text in order]
+                assert -1 not in positions and positions == sorted(positions), labels
+                note = await in_browser(page.evaluate, "document.getElementById('diagram-note').textContent")
+                assert note.startswith("From the edge's protocol trace"), note
+                assert ("h2.frame" if protocol == "http2" else "quic.stream_head") in await in_browser(
+                    page.evaluate, rows("trace-records"))
+                # a ray the trace never held: a message, the request record's diagram, no error
+                await in_browser(page.evaluate, "requests[0].ray = 'f00f00f00f00f00f-LAB1'; "
+                                 "select('f00f00f00f00f00f-LAB1')")
+                note = await in_browser(page.wait_for, "document.getElementById('diagram-note').textContent"
+                                        ".includes('No protocol trace') && "
+                                        "document.getElementById('diagram-note').textContent")
+                assert "the trace holds no record of f00f00f00f00f00f-LAB1" in note
+                assert page.console_errors == []

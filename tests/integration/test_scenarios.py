@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.standin import logged_argvs, write_standin
-from tunnel_lab.lab.runner import netns
+from tunnel_lab.lab.runner import internet, netns
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -309,3 +309,37 @@ def test_requires_skips_with_the_reason(tmp_path: Path) -> None:
     [result] = report(tmp_path / "report.json")["scenarios"]
     assert result["status"] == "skipped"
     assert result["message"] == "the cloudflared connector does not support: lab-connector"
+
+
+FLOW = ["flow-login-create-run", "flow-quick-tunnel", "flow-token-live-config", "flow-cleanup-stale"]
+CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
+
+
+def _flow_failures(proc: subprocess.CompletedProcess[str], path: Path) -> dict[str, str]:
+    data = report(path)
+    assert sorted(s["name"] for s in data["scenarios"]) == sorted(FLOW), proc.stdout[-3000:] + proc.stderr
+    return {s["name"]: f"{s['step']}: {s['message']} {s['mismatches']}"
+            for s in data["scenarios"] if s["status"] != "passed"}
+
+
+@pytest.mark.skipif(not internet.available()[0], reason=f"no mount namespace: {internet.available()[1]}")
+@pytest.mark.parametrize("protocol", ["http2", "quic"])
+def test_documented_flow_scenarios_with_our_connector(tmp_path: Path, protocol: str) -> None:
+    # The connector's own commands (login approved on the page, create, route dns, run by name, a quick
+    # tunnel, run --token with a configuration PUT while it runs, cleanup), with no lab flag.
+    proc = run_lab("-k", "documented-flow", "--protocol", protocol, "--jobs", "2", "--results",
+                   str(tmp_path / "results"), "--json", str(tmp_path / "report.json"))
+    assert _flow_failures(proc, tmp_path / "report.json") == {}, proc.stdout[-4000:]
+    assert proc.returncode == 0
+
+
+@pytest.mark.skipif(not CLOUDFLARED, reason="needs a real cloudflared: set TUNNEL_LAB_CLOUDFLARED=PATH")
+@pytest.mark.skipif(not netns.available()[0], reason=f"no private network namespace: {netns.available()[1]}")
+@pytest.mark.parametrize("protocol", ["http2", "quic"])
+def test_documented_flow_scenarios_with_the_real_cloudflared(tmp_path: Path, protocol: str) -> None:
+    assert CLOUDFLARED is not None
+    proc = run_lab("-k", "documented-flow", "--protocol", protocol, "--jobs", "2", "--connector",
+                   "cloudflared", "--cloudflared", str(Path(CLOUDFLARED).resolve()), "--results",
+                   str(tmp_path / "results"), "--json", str(tmp_path / "report.json"))
+    assert _flow_failures(proc, tmp_path / "report.json") == {}, proc.stdout[-4000:]
+    assert proc.returncode == 0

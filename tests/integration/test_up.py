@@ -63,8 +63,9 @@ def run_curl(line: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_up_prints_working_curl_lines_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    ready_file = tmp_path / "up.json"
-    with up("--ready-file", str(ready_file)) as (proc, banner):
+    ready_file, trace = tmp_path / "up.json", tmp_path / "edge.trace.jsonl"
+    with up("--ready-file", str(ready_file), "--trace", str(trace)) as (proc, banner):
+        assert any(f"protocol trace: {trace}" in line for line in banner)
         curls = [line.strip() for line in banner if line.strip().startswith("curl ")]
         http_line = next(c for c in curls if "--cacert" not in c and "Authorization" not in c)
         https_line = next(c for c in curls if "--cacert" in c)
@@ -80,6 +81,9 @@ def test_up_prints_working_curl_lines_and_ctrl_c_stops_everything(tmp_path: Path
         assert proc.wait(timeout=TIMEOUT) == 0
     assert not Path(state).exists()
     assert processes_mentioning(state) == []
+    # --trace: the edge traced the requests (the live view draws them from its ring, docs/live.md)
+    kinds = [json.loads(line)["kind"] for line in trace.read_text().splitlines()]
+    assert kinds.count("eyeball.request") == 2 and kinds[-1] == "trace.end"
 
 
 @pytest.mark.slow

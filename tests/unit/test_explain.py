@@ -174,13 +174,85 @@ def test_unknown_topic_is_refused_with_the_list(capsys: pytest.CaptureFixture[st
 
 def test_a_lab_that_fails_says_why_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    async def failing(topic: str, workdir: Path) -> list[dict[str, Any]]:
+    async def failing(topic: str, workdir: Path, protocol: str) -> list[dict[str, Any]]:
         raise LabError("edge did not start: exited with code 1",
                        {"edge": ["edge: cannot listen on 127.0.0.1:1: permission denied"]})
 
     monkeypatch.setattr(explain, "record", failing)
     assert explain.main(["request"]) == 1
     err = capsys.readouterr().err
-    assert "the lab for 'request' failed: edge did not start" in err
+    assert "the lab for 'request' over http2 failed: edge did not start" in err
     assert "--- edge (last lines)\nedge: cannot listen on 127.0.0.1:1: permission denied" in err
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def quic_records() -> list[dict[str, Any]]:
+    files = []
+    for name in ("request-quic.edge.trace.jsonl", "request-quic.connector.trace.jsonl"):
+        with (TRACES / name).open(encoding="utf-8") as fh:
+            trace = tv.read_trace(fh, name)
+        assert trace.problems == []
+        files.append(trace)
+    return tv.merge(files)
+
+
+def test_request_over_quic_is_a_connect_request_and_response(quic_records: list[dict[str, Any]]) -> None:
+    steps = explain.walkthrough("request", quic_records, "quic")
+    whats = [s.what for s in steps]
+    head = _one(quic_records, "quic.stream_head", component="edge", message="ConnectRequest")
+    answer = _one(quic_records, "quic.stream_head", component="edge", message="ConnectResponse")
+    stream = head["stream"]
+    assert whats[1] == f"stream {stream}: ConnectRequest type http"
+    assert steps[1].sender == "Edge" and steps[1].ref == "docs/protocol.md §13.3, §13.4, §11.2"
+    assert f"dest: {head['dest']}" in steps[1].details
+    assert f"HttpHeader:Cf-Ray: {head['ray']}" in steps[1].details
+    assert whats[2] == f"body of stream {stream}: 0 bytes"  # a GET's empty body, ended by FIN
+    i = whats.index("stream 1: ConnectResponse HttpStatus 200")
+    assert steps[i].sender == "Connector" and "each in its own metadata entry" in steps[i].why
+    assert [f"{k}: {v}" for k, v in answer["metadata"]] == list(steps[i].details)
+    # the response body's summary (written at FIN) after what the eyeball got: that order is a race
+    assert [(s.sender, s.receiver) for s in steps[i + 1:]] == [("Edge", "Eyeball"), ("Connector", "Edge"),
+                                                               ("Edge", "Edge")]
+    assert steps[i + 1].ref == "docs/protocol.md §13.4"
+    assert not any("HEADERS" in w or "DATA" in w for w in whats)
+
+
+def test_registration_over_quic_runs_the_rpc_on_stream_0(quic_records: list[dict[str, Any]]) -> None:
+    steps = explain.walkthrough("registration", quic_records, "quic")
+    assert steps[0].what == "QUIC handshake (TLSv1.3 inside)" and steps[0].ref == "docs/protocol.md §13.1"
+    assert "ALPN argotunnel" in steps[0].details
+    call = _one(quic_records, "rpc.message", component="edge", method="registerConnection", message="call")
+    i = [s.what for s in steps].index("Cap'n Proto call registerConnection (question 1)")
+    assert f"{call['size']} bytes, on QUIC stream 0" in steps[i].details
+    assert steps[i].ref.endswith("docs/protocol.md §13.2 (the control stream over QUIC)")
+    assert steps[-1].what == "Cap'n Proto return updateLocalConfiguration (answer 1)"
+
+
+def test_quic_pages_are_named_and_titled_apart(quic_records: list[dict[str, Any]]) -> None:
+    topic = explain.TOPICS["request"]
+    assert topic.page("http2") == "request.md" and topic.page("quic") == "request-quic.md"
+    text = explain.render(topic, explain.walkthrough("request", quic_records, "quic"), markdown=True,
+                          protocol="quic")
+    assert text.startswith("# Walkthrough: One HTTP request through the tunnel (over QUIC)\n")
+    assert "`tunnel-lab explain request --protocol quic --markdown`" in text
+    assert all(t.quic_intro for t in explain.TOPICS.values())
+
+
+def test_races_do_not_change_the_registration_page(records: list[dict[str, Any]],
+                                                   quic_records: list[dict[str, Any]]) -> None:
+    # the edge's SETTINGS ACK leaving late (after the registration call) does not move the acks
+    call = _one(records, "rpc.message", component="edge", method="registerConnection", message="call")
+    late = [{**r, "t": call["t"] + 1e-4} if r["kind"] == "h2.frame" and r.get("type") == "SETTINGS"
+            and r.get("component") == "edge" and r.get("dir") == "out" and "ACK" in (r.get("flags") or [])
+            else r for r in records]
+    assert ([s.what for s in explain.walkthrough("registration", late)]
+            == [s.what for s in explain.walkthrough("registration", records)])
+    # over QUIC an unregisterConnection overtaking the configuration's answer is left out
+    config = _one(quic_records, "rpc.message", component="edge", method="updateLocalConfiguration",
+                  message="call")
+    unregister = {**config, "t": config["t"] + 1e-6, "question": 0, "method": "unregisterConnection",
+                  "params": None}
+    whats = [s.what for s in explain.walkthrough("registration", [*quic_records, unregister], "quic")]
+    assert whats == [s.what for s in explain.walkthrough("registration", quic_records, "quic")]
+    assert not any("unregisterConnection" in w for w in whats)
