@@ -716,6 +716,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-trace", action="store_true", dest="no_trace",
                         help="leave out the lab-traced path (the protocol trace's cost; docs/trace.md)")
     parser.add_argument("--workdir", metavar="DIR", help="keep logs and state here (default: a new temp dir)")
+    parser.add_argument("--processes", metavar="N", type=int,
+                        help="instead of the paths above: the edge-scaling comparison (issue 16 target 4), "
+                             "GET c=32 through an edge in 1 and in N processes, alternating "
+                             "(bench/scaling.py)")
+    parser.add_argument("--rounds", metavar="R", type=int, default=3,
+                        help="with --processes: how many times to run the 1 and N pair (default 3)")
     parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
                         help="sample edge and connector with py-spy during get-c32, download and upload; "
                              "stacks and summaries go to DIR (figures of such a run are not comparable)")
@@ -756,6 +762,8 @@ def main(argv: list[str]) -> int:
     if load_before > 0.5 * (os.cpu_count() or 1):
         print("tunnel-lab bench: warning: the machine is busy; figures will be noisy", file=sys.stderr)
     started = time.perf_counter()
+    if args.processes is not None:
+        return _scaling_main(args, profile, workdir, caps, started)
     try:
         runs = run_bench(profile, workdir, caps,
                          progress=lambda p: print(f"  path {p} ...", file=sys.stderr, flush=True),
@@ -787,6 +795,39 @@ def main(argv: list[str]) -> int:
                     "trace": trace_goals}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     return 1 if any(r.failure for r in runs) else 0
+
+
+def _scaling_main(args: argparse.Namespace, profile: Profile, workdir: Path, caps: Capabilities | None,
+                  started: float) -> int:
+    """`--processes N`: the edge in 1 and N processes, same load, several rounds (bench/scaling.py)."""
+    from tunnel_lab.bench import scaling
+
+    lab = Lab(workdir)
+    try:
+        _http_origin, http_addr = lab.start_origin("stream")
+        _ws_origin, ws_addr = lab.start_origin("ws-echo")
+        urls = {"http": f"http://{http_addr[0]}:{http_addr[1]}", "ws": f"http://{ws_addr[0]}:{ws_addr[1]}"}
+        runs = scaling.bench_scaling(lab, args.processes, args.rounds, scaling.connector_command(caps),
+                                     caps or BUILTIN, urls, lab.create_tunnel(), profile.seconds, HOST,
+                                     HA_CONNECTIONS, wait_ready,
+                                     progress=lambda p: print(f"  {p} ...", file=sys.stderr, flush=True))
+    except BenchSetupError as exc:
+        print(f"tunnel-lab: bench: {exc}\n(logs in {workdir})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        lab.stop_all()
+    summary = scaling.scaling_ratios(runs, args.processes)
+    print(scaling.render_scaling(runs, summary))
+    print(f"connector: {'cloudflared' if caps else 'ours'}; cores: {os.cpu_count()}; load average after: "
+          f"{os.getloadavg()[0]:.2f}; profile: {profile.name}; {time.perf_counter() - started:.0f} s; "
+          f"logs: {workdir}")
+    if args.json:
+        document = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(),
+                    "profile": profile.name, "runs": [r.as_json() for r in runs], "scaling": summary}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

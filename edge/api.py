@@ -43,6 +43,12 @@ class EdgeControl(Protocol):
     def udp_forwards(self) -> list[dict[str, str]]: ...
     async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
                                 drop_every: int = 0) -> dict[str, str]: ...
+    def processes(self) -> list[dict[str, Any]]: ...
+    async def refresh(self) -> None:
+        """Before each request: bring the shared state up to date (a multi-process edge pulls it in)."""
+    async def publish(self) -> None:
+        """After each changing request: hand what changed to whoever acts on it (a multi-process edge's
+        workers)."""
 
 
 class ApiError(TunnelLabError):
@@ -151,12 +157,11 @@ async def apply_fault(edge: EdgeState[TunnelConnection], control: EdgeControl, b
 
 
 def _silence(conn: TunnelConnection, why: str) -> bool:
-    """Silence a QUIC connection (faults quic-idle, quic-blackhole); http2 ones are left alone."""
-    from tunnel_lab.edge.quic import QuicTunnelConnection
-
-    if not isinstance(conn, QuicTunnelConnection):
+    """Silence a QUIC connection (faults quic-idle, quic-blackhole); http2 ones (no `silence`) are left be."""
+    silence = getattr(conn, "silence", None)
+    if silence is None:
         return False
-    conn.silence(why)
+    silence(why)
     return True
 
 
@@ -179,6 +184,16 @@ async def clear_fault(edge: EdgeState[TunnelConnection], control: EdgeControl,
 async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method: str, target: str,
                 body: bytes) -> tuple[int, str, bytes]:
     """Dispatch one authenticated request: (status, content type, body)."""
+    await control.refresh()
+    try:
+        return await _route(edge, control, method, target, body)
+    finally:
+        if method != "GET":
+            await control.publish()
+
+
+async def _route(edge: EdgeState[TunnelConnection], control: EdgeControl, method: str, target: str,
+                 body: bytes) -> tuple[int, str, bytes]:
     url = urllib.parse.urlsplit(target)
     path = url.path.rstrip("/") or "/"
     query = urllib.parse.parse_qs(url.query)
@@ -222,6 +237,8 @@ async def route(edge: EdgeState[TunnelConnection], control: EdgeControl, method:
             return 200, "text/plain; version=0.0.4", edge.metrics.render(edge.registry).encode()
         if path == "/faults":
             return ok([f.to_json() for f in edge.faults.active.values()])
+        if path == "/processes":
+            return ok(control.processes())
     elif method == "POST" and path.startswith("/tunnels/") and path.endswith("/configuration"):
         return ok(await _push_configuration(edge, path[len("/tunnels/"):-len("/configuration")],
                                             parse_json(body)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from tunnel_lab.edge.config import Address, EdgeConfig, parse_address, parse_tunnel_listen
+from tunnel_lab.edge.config import Address, EdgeConfig, parse_address, parse_listens, parse_tunnel_listen
 from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger("tunnel_lab.edge")
@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tunnel-listen", metavar="[LOC=]ADDR:PORT", action="append", default=[],
                    help="a TLS listener for connectors, one per data centre (repeatable; "
                         "default LAB1=127.0.0.1:7844)")
-    p.add_argument("--http-listen", metavar="ADDR:PORT", help="HTTP/1.1 eyeball listener")
-    p.add_argument("--https-listen", metavar="ADDR:PORT",
-                   help="HTTPS eyeball listener (certificate per host by SNI; h2 and http/1.1)")
+    p.add_argument("--http-listen", metavar="ADDR:PORT", action="append", default=[],
+                   help="HTTP/1.1 eyeball listener (repeatable, e.g. 127.0.0.1:80 and [::1]:80)")
+    p.add_argument("--https-listen", metavar="ADDR:PORT", action="append", default=[],
+                   help="HTTPS eyeball listener (certificate per host by SNI; h2 and http/1.1; repeatable)")
     p.add_argument("--warp-listen", metavar="ADDR:PORT",
                    help="HTTP CONNECT proxy to private networks (`tunnel route ip`)")
     p.add_argument("--udp-forward", metavar="ADDR:PORT=DEST:PORT", action="append", default=[],
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after unregisterConnection, how long in-flight streams may finish (default 30)")
     p.add_argument("--no-quic", action="store_true",
                    help="no QUIC (UDP) listeners beside the tunnel listeners: connectors get http2 only")
+    p.add_argument("--processes", metavar="N", type=int, default=1,
+                   help="run the data centres in N worker processes (dealt out in turn), with the management "
+                        "API, faults, history and metrics whole in a parent process (default 1: one process; "
+                        "docs/architecture.md, \"The edge in several processes\")")
+    p.add_argument("--worker-control", metavar="FD", type=int, help=argparse.SUPPRESS)  # edge/worker.py
     p.add_argument("--ready-file", metavar="PATH", help="write the bound addresses here as JSON")
     p.add_argument("--trace", metavar="FILE",
                    help="write a protocol trace (JSON Lines, secrets redacted; docs/trace.md) to FILE")
@@ -73,8 +79,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     return EdgeConfig(
         state_dir=paths.state_dir(args.state),
         tunnel_listens=tunnel_listens,
-        http_listen=addr(args.http_listen, "--http-listen"),
-        https_listen=addr(args.https_listen, "--https-listen"),
+        http_listens=parse_listens(args.http_listen, source="--http-listen"),
+        https_listens=parse_listens(args.https_listen, source="--https-listen"),
         warp_listen=addr(args.warp_listen, "--warp-listen"),
         api_listen=addr(args.api_listen, "--api-listen"),
         ready_file=Path(args.ready_file).absolute() if args.ready_file else None,
@@ -88,11 +94,12 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     )
 
 
-async def run_edge(config: EdgeConfig) -> None:
+async def run_edge(config: EdgeConfig, processes: int = 1) -> None:
     """Run until SIGINT/SIGTERM (graceful), a second signal stops at once."""
+    from tunnel_lab.edge.cluster import Cluster
     from tunnel_lab.edge.server import Edge
 
-    edge = Edge(config)
+    edge: Edge | Cluster = Cluster(config, processes) if processes > 1 else Edge(config)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await nursery.start(edge.serve)
@@ -118,20 +125,46 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `tunnel-lab edge`."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    who = "[worker pid %(process)d] " if args.worker_control is not None else ""
     logging.basicConfig(level=getattr(logging, args.loglevel.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        format=f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.worker_control is not None:
+        return _worker_main(args.worker_control)
     try:
         config = config_from_args(args)
-        trio.run(run_edge, config)
+        if args.processes > 1:
+            from tunnel_lab.edge.cluster import check_supported, split_locations
+
+            split_locations(config, args.processes)
+            check_supported(config)
+        trio.run(run_edge, config, args.processes)
     except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
         error = _first_error(exc)
         if error is None:
             raise
         prefix = "cannot start the edge: " if isinstance(error, OSError) else ""
         print(f"tunnel-lab: {prefix}{error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker_main(control_fd: int) -> int:
+    """A worker process of `--processes N` (edge/worker.py): started by the parent, which owns the signals
+    (a Ctrl-C reaches the whole process group; the parent turns it into one orderly shutdown)."""
+    from tunnel_lab.edge.worker import run_worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trio.run(run_worker, control_fd)
+    except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
+        error = _first_error(exc)
+        if error is None:
+            raise
+        prefix = "cannot start: " if isinstance(error, OSError) else ""
+        print(f"tunnel-lab: edge worker: {prefix}{error}", file=sys.stderr)
         return 1
     return 0
 

@@ -35,9 +35,22 @@ def parse_address(text: str, *, source: str) -> Address:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
+        if ":" in host:  # `2001:db8::1:80` would split anywhere: say so rather than guess
+            raise ConfigError(f"bad address {text!r}: an IPv6 address needs brackets", source=source,
+                              hint="use [V6]:PORT, e.g. [::1]:0")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"bad address {text!r}", source=source, hint="use HOST:PORT, e.g. 127.0.0.1:0")
     return Address(host or "127.0.0.1", int(port))
+
+
+def parse_listens(texts: list[str], *, source: str) -> tuple[Address, ...]:
+    """A repeatable listen flag's addresses, in order (ConfigError on a bad or repeated one)."""
+    addresses = tuple(parse_address(text, source=source) for text in texts)
+    for i, address in enumerate(addresses):
+        if address.port != 0 and address in addresses[:i]:
+            raise ConfigError(f"{address} is given twice", source=source,
+                              hint="name each address once (port 0 may repeat: each gets a free port)")
+    return addresses
 
 
 def parse_tunnel_listen(text: str, index: int) -> TunnelListen:
@@ -58,8 +71,9 @@ class EdgeConfig:
 
     state_dir: Path
     tunnel_listens: tuple[TunnelListen, ...] = ()
-    http_listen: Address | None = None
-    https_listen: Address | None = None
+    # Eyeball listeners (`--http-listen`, `--https-listen`, repeatable: e.g. an IPv4 and an IPv6 address).
+    http_listens: tuple[Address, ...] = ()
+    https_listens: tuple[Address, ...] = ()
     warp_listen: Address | None = None
     api_listen: Address | None = None
     ready_file: Path | None = None

@@ -177,6 +177,8 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
     """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
     req = ex.request
     host = _host_only(str(req.host or ""))
+    if edge.peers is not None and await edge.peers.forward(ex, host):
+        return  # served by the data centre (process) that has the tunnel's connection; it records it
     result = _Outcome(edge, req, host, new_ray_id(edge.default_location, os.urandom(8)))
     ex = cast(Exchange, _Recording(ex, result))
     try:

@@ -114,6 +114,7 @@ class Edge:
         self._api_token = paths.api_token(self.state_dir)
         self.udp_forwards: list[dict[str, str]] = []  # `--udp-forward` and API-made UDP ports
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
+        self.eyeballs: dict[str, list[str]] = {"http": [], "https": []}  # every eyeball listener, in order
         self._handlers: trio.Nursery | None = None
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
@@ -158,6 +159,17 @@ class Edge:
         """The data centres' location names."""
         return list(self.listeners)
 
+    def processes(self) -> list[dict[str, Any]]:
+        """`GET /processes`: this one process (edge/cluster.py lists its workers)."""
+        return [{"worker": 0, "pid": os.getpid(), "alive": True, "exit_code": None,
+                 "locations": self.locations(), "forward": None}]
+
+    async def refresh(self) -> None:
+        """The state the API reads is this process's own: nothing to pull."""
+
+    async def publish(self) -> None:
+        """The faults act here already: nothing to push."""
+
     # ---- helpers -----------------------------------------------------------------------------
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown."""
@@ -196,15 +208,17 @@ class Edge:
                         lst.quic_address = await listeners.start(serve_quic_endpoint, state, self.pki, lst,
                                                                  self._handlers.start_soon,
                                                                  paths.quic_reset_key(self.state_dir))
-                if cfg.http_listen is not None:
-                    self.bound["http"] = await listeners.start(
-                        self._serve_tcp, cfg.http_listen, "http",
+                for address in cfg.http_listens:
+                    self.eyeballs["http"].append(await listeners.start(
+                        self._serve_tcp, address, "http",
                         lambda s, peer: handle_h1_connection(state, s, scheme="http", client=_fmt(peer),
-                                                             client_ip=peer[0]))
-                if cfg.https_listen is not None:
-                    self.bound["https"] = await listeners.start(
-                        self._serve_tcp, cfg.https_listen, "https",
-                        lambda s, peer: handle_tls_connection(state, self.eyeball_certs, s, peer))
+                                                             client_ip=peer[0])))
+                for address in cfg.https_listens:
+                    self.eyeballs["https"].append(await listeners.start(
+                        self._serve_tcp, address, "https",
+                        lambda s, peer: handle_tls_connection(state, self.eyeball_certs, s, peer)))
+                for what, bound in self.eyeballs.items():  # the first under the key readers expect
+                    self.bound[what] = bound[0] if bound else None
                 if cfg.warp_listen is not None:
                     self.bound["warp"] = await listeners.start(
                         self._serve_tcp, cfg.warp_listen, "warp",
@@ -406,6 +420,7 @@ class Edge:
             "tunnel_listeners": [{"location": lst.location, "address": lst.address,
                                   "quic": lst.quic_address} for lst in self.listeners.values()],
             "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
+            "http_listeners": self.eyeballs["http"], "https_listeners": self.eyeballs["https"],
             "udp_forwards": self.udp_forwards,
             "api": self.bound["api"], "api_token": self.api_token,
             "ca": str(self.pki.ca_pem_path),
@@ -424,8 +439,9 @@ class Edge:
             log.info("tunnel listener location=%s address=%s (TLS, SNI h2.cftunnel.com)", lst.location,
                      lst.address)
         for what in ("http", "https", "warp", "api"):
-            if self.bound[what]:
-                log.info("%s listener address=%s", what, self.bound[what])
+            for address in self.eyeballs.get(what, [self.bound[what]]):
+                if address:
+                    log.info("%s listener address=%s", what, address)
         log.info("lab CA: %s (fingerprint %s)", self.pki.ca_pem_path, self.pki.ca_fingerprint())
         for name, value, default in changed_knobs(self.config):
             log.info("knob %s=%s (default %s)", name, value, default)

@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -66,14 +66,29 @@ class Registry(Generic[C]):
     def __init__(self) -> None:
         self._conns: dict[int, C] = {}
         self._rr: dict[uuid.UUID, int] = {}
+        # Called (synchronously) when the set of routable connections may have changed: a worker of a
+        # multi-process edge tells its parent which tunnels it can serve (edge/worker.py).
+        self.on_change: Callable[[], None] | None = None
 
     def add(self, conn: C) -> None:
         """A connection was accepted."""
         self._conns[conn.serial] = conn
+        self.changed()
 
     def remove(self, conn: C) -> None:
         """A connection closed."""
         self._conns.pop(conn.serial, None)
+        self.changed()
+
+    def changed(self) -> None:
+        """A connection registered, started draining or went (the connections call it too)."""
+        if self.on_change is not None:
+            self.on_change()
+
+    def routable_tunnels(self) -> set[str]:
+        """The ids of tunnels with at least one routable connection."""
+        return {str(c.registration.tunnel_id) for c in self._conns.values()
+                if c.routable and c.registration is not None}
 
     def all(self) -> list[C]:
         """Every live connection, registered or not, oldest first."""
@@ -346,6 +361,30 @@ class History:
         """Entries after `seq`."""
         return [e for e in self.entries if e["seq"] > seq]
 
+    def last_seq(self) -> int:
+        """The newest entry's `seq` (0 when empty)."""
+        return self.entries[-1]["seq"] if self.entries else 0
+
+
+class MergedHistory(History):
+    """The history of a multi-process edge: the workers' entries, renumbered in the order the parent
+    collected them, so `since` stays a cursor a client can poll with. Each worker's own `seq` is kept as
+    `worker_seq`, its number as `worker`."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        super().__init__(limit)
+        self.cursors: dict[int, int] = {}  # worker -> the last worker_seq taken
+
+    def absorb(self, worker: int, entries: list[dict[str, Any]]) -> None:
+        """Add a worker's entries newer than what was taken from it before (older ones are ignored)."""
+        cursor = self.cursors.get(worker, 0)
+        for entry in sorted(entries, key=lambda e: e["seq"]):
+            if entry["seq"] <= cursor:
+                continue
+            cursor = entry["seq"]
+            self.entries.append({**entry, "seq": next(self._seq), "worker": worker, "worker_seq": cursor})
+        self.cursors[worker] = cursor
+
 
 class Counter:
     """A labelled Prometheus counter."""
@@ -359,6 +398,16 @@ class Counter:
         """Add to the series named by the labels."""
         key = tuple(sorted((k, str(v)) for k, v in labels.items()))
         self.values[key] = self.values.get(key, 0) + amount
+
+    def snapshot(self) -> list[list[Any]]:
+        """The series as JSON: [[[label, value], ...], amount] each."""
+        return [[[list(pair) for pair in key], value] for key, value in self.values.items()]
+
+    def absorb(self, series: list[list[Any]]) -> None:
+        """Add a snapshot's series to these (the merge of several processes' counters)."""
+        for key, value in series:
+            labels = tuple(sorted((str(k), str(v)) for k, v in key))
+            self.values[labels] = self.values.get(labels, 0) + float(value)
 
     def render(self, kind: str = "counter") -> list[str]:
         """Prometheus text lines."""
@@ -384,12 +433,35 @@ class Metrics:
         self.bytes = Counter("tunnel_lab_edge_body_bytes_total", "Body bytes relayed by direction.")
         self.faults = Counter("tunnel_lab_edge_faults_total", "Faults injected through the API.")
         self.waf_hits = Counter("tunnel_lab_edge_waf_hits_total", "WAF and rate-limiting rule hits.")
+        self.forwarded = Counter("tunnel_lab_edge_forwarded_total",
+                                 "Eyeball requests sent to another process's data centres.")
+        self.extra: list[Counter] = []  # more gauges (a multi-process edge's worker processes)
+
+    def counters(self) -> tuple[Counter, ...]:
+        """The counters (not the gauges, which are read from the registry)."""
+        return (self.requests, self.registrations, self.request_seconds, self.bytes, self.faults,
+                self.waf_hits, self.forwarded)
+
+    def snapshot(self) -> dict[str, list[list[Any]]]:
+        """Every counter's series as JSON, by counter name (what a worker reports)."""
+        return {c.name: c.snapshot() for c in self.counters()}
+
+    def merged(self, snapshots: Iterable[dict[str, list[list[Any]]]]) -> Metrics:
+        """A new Metrics: these counters plus every snapshot's (unknown names are ignored)."""
+        out = Metrics()
+        for mine, theirs in zip(self.counters(), out.counters(), strict=True):
+            theirs.values = dict(mine.values)
+        by_name = {c.name: c for c in out.counters()}
+        for snap in snapshots:
+            for name, series in snap.items():
+                if name in by_name:
+                    by_name[name].absorb(series)
+        return out
 
     def render(self, registry: Registry[Any]) -> str:
         """Prometheus exposition text."""
         lines: list[str] = []
-        for counter in (self.requests, self.registrations, self.request_seconds, self.bytes, self.faults,
-                        self.waf_hits):
+        for counter in self.counters():
             lines += counter.render()
         gauge = Counter("tunnel_lab_edge_connections", "Live tunnel connections by state.")
         streams = Counter("tunnel_lab_edge_streams", "Eyeball streams in flight.")
@@ -397,6 +469,8 @@ class Metrics:
             gauge.inc(location=conn.location, state=conn.state)
             streams.inc(conn.active_streams, location=conn.location)
         lines += gauge.render("gauge") + streams.render("gauge")
+        for extra in self.extra:
+            lines += extra.render("gauge")
         return "\n".join(lines) + "\n"
 
 
@@ -489,3 +563,14 @@ class EdgeState(Generic[C]):
     v4api: Any = None  # lab.v4api.V4Api for the v4 API on the management port (edge.v4api), made on first use
     default_location: str = "LAB"
     trace: Any = None  # transport.trace.Tracer with `--trace`, else None (each hook checks this once)
+    # In a worker of a multi-process edge (edge/forward.py): sends a request for a tunnel with no routable
+    # connection here to the data centre that has one; None in a single-process edge.
+    peers: Forwarder | None = None
+
+
+class Forwarder(Protocol):
+    """What the proxy asks of the forwarding between data centres (edge.forward.Peers)."""
+
+    async def forward(self, ex: Any, host: str) -> bool:
+        """Serve `ex` through another process when this one has no connection for `host`'s tunnel;
+        True when it did (the request is answered), False to go on locally."""

@@ -545,6 +545,7 @@ class H2TunnelConnection:
                     client_version=client.version, arch=client.arch,
                     features=tuple(client.features), conn_uuid=conn_uuid)
                 self.state = "registered"
+                edge.registry.changed()
                 remote = remote_config.current(edge, str(tunnel_id))  # set through the API: pushed below
                 if self.trace is not None:
                     self.trace.update(tunnel=str(tunnel_id), conn_uuid=str(conn_uuid),
@@ -591,6 +592,7 @@ class H2TunnelConnection:
         """registered -> draining (callers check the state): no new streams; in-flight ones finish,
         then GOAWAY and close."""
         self.state = "draining"
+        self.edge.registry.changed()
         assert self._nursery is not None
         self._nursery.start_soon(self.drain_and_close, self.edge.config.drain_timeout, "drained")
 

@@ -4,11 +4,11 @@ COMMAND (default: an interactive shell) runs in a private network, mount and PID
 (`lab.runner.netns`) where the lab plays Cloudflare: a DNS server on 127.0.0.1:53 (`lab.dns`: edge
 discovery, the API and login names, every routed hostname), the edge's tunnel listeners at the
 addresses that discovery names (port 7844; IPv4 and IPv6 per region, `REGIONS6`), eyeball listeners
-on 127.0.0.1:80 and :443, the v4 API at `https://api.cloudflare.com/client/v4` (`lab.v4api` behind
-`lab.services`), and the lab CA trusted through `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE`
-and a bind mount over the system bundle (inside the namespace only). HOME is the sandbox's own
-directory, so `~/.cloudflared` is the sandbox's. Nothing outside the namespace changes; when COMMAND
-exits, everything stops.
+on ports 80 and 443 of 127.0.0.1 and `EYEBALLS6` (routed names have A and AAAA records), the v4 API
+at `https://api.cloudflare.com/client/v4` (`lab.v4api` behind `lab.services`), and the lab CA
+trusted through `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE` and a bind mount over the
+system bundle (inside the namespace only). HOME is the sandbox's own directory, so `~/.cloudflared`
+is the sandbox's. Nothing outside the namespace changes; when COMMAND exits, everything stops.
 docs/sandbox.md.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from tunnel_lab.lab.runner import netns
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, child_env, tail
 from tunnel_lab.lab.services import Services, serve_services, services_ssl_context
 from tunnel_lab.lab.store import Store
-from tunnel_lab.lab.v4api import LiveConnection, V4Api, parse_live
+from tunnel_lab.lab.v4api import V4Api
 from tunnel_lab.wire.errors import TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ REGIONS = {"region1.v2.argotunnel.com": ("127.0.1.1", "127.0.1.2"),
 REGIONS6 = {"region1.v2.argotunnel.com": ("2001:db8:1::1", "2001:db8:1::2"),
             "region2.v2.argotunnel.com": ("2001:db8:2::1", "2001:db8:2::2")}
 EYEBALLS = "127.0.0.1"
+# The eyeball listeners' IPv6 address, global-scope for the same reason as REGIONS6: clients such as curl
+# (getaddrinfo's RFC 6724 order) then try it before 127.0.0.1, as on a dual-stack network.
+EYEBALLS6 = "2001:db8::1"
 SERVICES = "127.0.3.1"
 DNS_ADDRESS = ("127.0.0.1", 53)
 # The system CA bundles that common clients read (Debian/Ubuntu, Fedora/RHEL, Alpine, openSUSE).
@@ -166,13 +170,24 @@ def command_env(layout: Layout, *, cloudflared: Path | None) -> dict[str, str]:
     return env
 
 
+def _eyeballs(ipv6: bool) -> dict[str, list[str]]:
+    """The eyeball listeners' addresses: IPv4 first (the ready file's `http`/`https`), then IPv6."""
+    hosts = [EYEBALLS, *([f"[{EYEBALLS6}]"] if ipv6 else [])]
+    return {"http": [f"{host}:80" for host in hosts], "https": [f"{host}:443" for host in hosts]}
+
+
 async def _start_edge(layout: Layout, loglevel: str, addresses: Sequence[str], *,
-                      quic: bool) -> tuple[Component, dict[str, object]]:
+                      quic: bool, ipv6: bool) -> tuple[Component, dict[str, object]]:
     ready = layout.state / "edge.ready.json"
     datacentres = [(f"LAB{n}", f"[{address}]:7844" if ":" in address else f"{address}:7844")
                    for n, address in enumerate(addresses, start=1)]
-    argv = edge_argv(layout.state, datacentres, ready=ready, http=f"{EYEBALLS}:80", https=f"{EYEBALLS}:443",
-                     loglevel=loglevel, flags=() if quic else ("--no-quic",))
+    eyeballs = _eyeballs(ipv6)
+    flags = [] if quic else ["--no-quic"]
+    for what in ("http", "https"):
+        for address in eyeballs[what][1:]:  # the first is edge_argv's http= / https=
+            flags += [f"--{what}-listen", address]
+    argv = edge_argv(layout.state, datacentres, ready=ready, http=eyeballs["http"][0],
+                     https=eyeballs["https"][0], loglevel=loglevel, flags=flags)
     edge = Component("edge", argv, layout.logs / "edge.log",
                      env=child_env({"TUNNEL_LAB_STATE": str(layout.state)}, home=str(layout.home)),
                      ready_file=ready)
@@ -188,7 +203,8 @@ async def _start_edge(layout: Layout, loglevel: str, addresses: Sequence[str], *
     return edge, info
 
 
-def _banner(layout: Layout, info: dict[str, object], mounted: Sequence[str]) -> str:
+def _banner(layout: Layout, info: dict[str, object], mounted: Sequence[str], ipv6: bool) -> str:
+    hosts = [EYEBALLS, *([EYEBALLS6] if ipv6 else [])]
     return "\n".join([
         "tunnel-lab sandbox: a private network where the lab plays Cloudflare",
         f"  state     {layout.state}   (HOME={layout.home})",
@@ -196,7 +212,7 @@ def _banner(layout: Layout, info: dict[str, object], mounted: Sequence[str]) -> 
         f"management API http://{info.get('api')}",
         "  API       https://api.cloudflare.com/client/v4 (lab CA trusted: SSL_CERT_FILE"
         + (f", {', '.join(mounted)}" if mounted else "") + ")",
-        f"  eyeballs  http://{EYEBALLS}:80 and https://{EYEBALLS}:443 (every routed hostname resolves here)",
+        f"  eyeballs  ports 80 and 443 of {' and '.join(hosts)} (every routed hostname resolves here)",
         "  try       cloudflared tunnel login (open the printed link with curl, or run `tunnel-lab login`), "
         "then cloudflared tunnel create app; docs/sandbox.md",
         "",
@@ -213,9 +229,9 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     _allow_ping()
     store = Store(layout.state / "state.db")
     env = command_env(layout, cloudflared=cloudflared)
-    ipv6 = ipv6 and _add_ipv6_addresses([a for pair in REGIONS6.values() for a in pair])
+    ipv6 = ipv6 and _add_ipv6_addresses([*(a for pair in REGIONS6.values() for a in pair), EYEBALLS6])
     zone = LabZone(regions=regions(ipv6),
-                   services=SERVICES, eyeballs=EYEBALLS,
+                   services=SERVICES, eyeballs=EYEBALLS, eyeballs6=EYEBALLS6 if ipv6 else None,
                    routed=store.is_routed,
                    protocols=DEFAULT_PROTOCOLS if quic else HTTP2_ONLY)
     # Signals are watched from the start: one that arrives while the lab starts aborts the start-up
@@ -246,24 +262,16 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
 
             nursery.start_soon(watch_signals)
             edge, info = await _start_edge(layout, loglevel, [a for r in zone.regions.values() for a in r],
-                                           quic=quic)
+                                           quic=quic, ipv6=zone.eyeballs6 is not None)
             token = str(info.get("api_token") or "") or (layout.state / "api-token").read_text().strip()
-
-            async def live() -> list[LiveConnection]:
-                answer = await management_call(str(info["api"]), token, "GET", "/connections")
-                return parse_live(json.dumps(answer).encode())
-
-            async def disconnect(edge_id: str) -> None:
-                await management_call(str(info["api"]), token, "POST", "/faults",
-                                      {"kind": "drop-connection", "connection": edge_id})
+            edge_api = functools.partial(management_call, str(info["api"]), token)
 
             async def access_transfer(path: str) -> Page:
                 # `cloudflared access login` polls login.cloudflareaccess.org/transfer/KEY; the edge
                 # holds the sealed tokens (edge/access_cli.py), so the poll waits there.
                 try:
                     key = path[len("/transfer/"):]
-                    answer = await management_call(str(info["api"]), token, "GET",
-                                                   f"/access/transfers/{key}?wait=45")
+                    answer = await edge_api("GET", f"/access/transfers/{key}?wait=45")
                 except LabError:
                     return Page(status=404, content_type="text/plain", body=b"no such transfer\n")
                 if not isinstance(answer, dict) or "body" not in answer:
@@ -271,24 +279,20 @@ async def _serve(command: Sequence[str], layout: Layout, env: dict[str, str], zo
                 return Page(status=200, content_type="text/plain", body=str(answer["body"]).encode(),
                             headers=(("service-public-key", str(answer["service_public_key"])),))
 
-            async def push(update: dict[str, object]) -> None:
-                await management_call(str(info["api"]), token, "POST",
-                                      f"/tunnels/{update['tunnel_id']}/configuration",
-                                      {"version": update["version"], "config": update["config"]})
-
             await nursery.start(serve_dns, zone, DNS_ADDRESS)
             await nursery.start(serve_dns_tcp, zone, DNS_ADDRESS)
-            services = Services(V4Api(layout.state, store), live,
-                                LoginTransfers(lambda: issue_origin_cert(layout.state)), disconnect,
-                                access_transfer=access_transfer, push=push)
+            services = Services.on_edge(V4Api(layout.state, store),
+                                        LoginTransfers(lambda: issue_origin_cert(layout.state)), edge_api,
+                                        access_transfer=access_transfer)
             await nursery.start(serve_services, services, (SERVICES, 443), services_ssl_context(pki))
             if not quiet:
-                print(_banner(layout, info, mounted), file=sys.stderr, flush=True)
+                print(_banner(layout, info, mounted, zone.eyeballs6 is not None), file=sys.stderr, flush=True)
             process = await nursery.start(_run_command, list(command), env)
             # Written once COMMAND runs: whoever waits for this file may signal the sandbox from then on.
             (layout.state / "sandbox.json").write_text(json.dumps({
                 "dns": f"{DNS_ADDRESS[0]}:{DNS_ADDRESS[1]}", "services": f"{SERVICES}:443",
-                "eyeballs": {"http": f"{EYEBALLS}:80", "https": f"{EYEBALLS}:443"},
+                "eyeballs": {"http": f"{EYEBALLS}:80", "https": f"{EYEBALLS}:443",
+                             "all": _eyeballs(zone.eyeballs6 is not None)},
                 "regions": {k: list(v) for k, v in zone.regions.items()}, "edge_api": info.get("api"),
                 "ca": str(pki.ca_pem_path), "bundle": str(layout.bundle), "command_pid": process.pid},
                 indent=1) + "\n")
@@ -374,9 +378,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the edge's log level (its log: STATE/logs/edge.log)")
     p.add_argument("--no-quic", action="store_true", help="an edge without QUIC listeners, and edge "
                    "discovery that says http2 (cloudflared's `--protocol auto` then starts on http2)")
-    p.add_argument("--no-ipv6", action="store_true", help="no IPv6 edge: discovery answers A records only, "
-                   "as for a network whose edge has no IPv6 (default: each region also has two AAAA "
-                   "addresses, 2001:db8:R::1 and ::2, on the namespace's lo)")
+    p.add_argument("--no-ipv6", action="store_true", help="no IPv6 edge: discovery and routed hostnames "
+                   "answer A records only, as for a network whose edge has no IPv6 (default: each region "
+                   "also has two AAAA addresses, 2001:db8:R::1 and ::2, and the eyeball listeners "
+                   f"{EYEBALLS6}, on the namespace's lo)")
     p.add_argument("--quiet", action="store_true", help="no banner on stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS...]")
     return p

@@ -10,6 +10,7 @@ server picks). Each connection is handled in its own task, which contains its ow
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,7 +24,7 @@ from tunnel_lab.lab.dns import SERVICE_NAMES
 from tunnel_lab.lab.loginflow import APPROVE_PATH, LOGIN_PATH, LoginTransfers, Page
 from tunnel_lab.lab.pki import LabPKI
 from tunnel_lab.lab.quicktunnel import create_quick_tunnel
-from tunnel_lab.lab.v4api import LiveConnection, V4Api
+from tunnel_lab.lab.v4api import LiveConnection, V4Api, parse_live
 from tunnel_lab.lab.v4base import PREFIX, ApiRequest, ApiResponse, V4ApiError
 from tunnel_lab.wire.errors import TunnelLabError
 
@@ -38,6 +39,10 @@ Disconnect = Callable[[str], Awaitable[None]]  # drop one edge connection by its
 AccessTransfer = Callable[[str], Awaitable[Page]]  # `cloudflared access login`'s poll, answered by the edge
 # Have the edge push a remote configuration (`{"tunnel_id", "version", "config"}`) to the running connectors.
 PushConfig = Callable[[dict[str, Any]], Awaitable[None]]
+# One call to the edge's management API: (method, path, JSON body or None) -> the parsed answer; raises a
+# TunnelLabError on a transport failure or an error status (`lab.api.management_call` with its address
+# and token bound; the runner's `Lab.api`).
+EdgeCall = Callable[[str, str, Any], Awaitable[Any]]
 
 
 def services_ssl_context(pki: LabPKI) -> ssl.SSLContext:
@@ -66,6 +71,24 @@ class Services:
     disconnect: Disconnect
     access_transfer: AccessTransfer | None = None
     push: PushConfig | None = None
+
+    @classmethod
+    def on_edge(cls, api: V4Api, logins: LoginTransfers, edge: EdgeCall, *,
+                access_transfer: AccessTransfer | None = None) -> Services:
+        """Services whose live connections, dropped connections and configuration pushes are the edge's,
+        through its management API (`edge`): what the sandbox and a scenario's public side both serve."""
+
+        async def live() -> list[LiveConnection]:
+            return parse_live(json.dumps(await edge("GET", "/connections", None)).encode())
+
+        async def disconnect(edge_id: str) -> None:
+            await edge("POST", "/faults", {"kind": "drop-connection", "connection": edge_id})
+
+        async def push(update: dict[str, Any]) -> None:
+            await edge("POST", f"/tunnels/{update['tunnel_id']}/configuration",
+                       {"version": update["version"], "config": update["config"]})
+
+        return cls(api, live, logins, disconnect, access_transfer=access_transfer, push=push)
 
     async def respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Page:
         """Route one request by Host (as the real names are separate sites) and path."""

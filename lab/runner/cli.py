@@ -19,10 +19,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunnel_lab.lab.runner import cloudflared, netns
 from tunnel_lab.lab.runner.loader import Scenario, load_scenario, matches, parse_shard, shard
 from tunnel_lab.wire.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tunnel_lab.lab.runner.forkserver import ForkServer
 
 REPO_LIBRARY = Path(__file__).resolve().parent.parent.parent / "scenarios"
 PACKAGED_LIBRARY = Path(__file__).resolve().parent.parent / "scenarios"
@@ -37,12 +41,12 @@ def library_dir() -> Path:
 
 
 def default_jobs() -> int:
-    """Scenarios at once when `--jobs` is not given: three per core. A scenario keeps a core busy for less
-    than half its wall time (the rest is waiting: for processes to start, for timeouts, for reconnects),
-    and the few that wait out a reconnect backoff for 20 s hold their place all that time; docs/scenarios.md
-    ("Speed") gives the figures."""
+    """Scenarios at once when `--jobs` is not given: six per core. A scenario keeps a core busy for a small
+    part of its wall time (its processes are forked ready-imported; the rest is waiting: for timeouts, for
+    reconnects), and the eight that wait out a reconnect backoff or QUIC timeouts hold their place for
+    10-25 s each; docs/scenarios.md ("Speed") gives the figures."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 3 * max(cores, 1)
+    return 6 * max(cores, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs", "-j", type=int, default=default_jobs(), metavar="N",
-        help=f"scenarios to run at once (default {default_jobs()}: three per core)",
+        help=f"scenarios to run at once (default {default_jobs()}: six per core)",
     )
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (scenarios sorted by name)")
     p.add_argument("--list", action="store_true", help="list the selected scenarios and exit")
@@ -105,12 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tunnel transport every scenario's connector uses (`run --protocol`; default http2)",
     )
     p.add_argument(
+        "--edge-processes",
+        metavar="N",
+        type=int,
+        default=1,
+        help="run each scenario's edge in up to N processes (`tunnel-lab edge --processes`; one per data "
+        "centre at most; scenarios with warp, UDP forwards or --trace keep one process)",
+    )
+    p.add_argument(
         "--loglevel",
         default="info",
         choices=["debug", "info", "warn", "error"],
         help="log level passed to the components",
     )
     p.add_argument("-x", "--exitfirst", action="store_true", help="stop after the first failure")
+    p.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                   help="start every lab process with exec instead of forking it from a process that has "
+                        "imported the lab already (slower start-up; docs/scenarios.md, \"Speed\")")
     return p
 
 
@@ -167,6 +182,29 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    server = _early_fork_server(args)
+    try:
+        return _load_and_run(args, argv, server)
+    finally:
+        if server is not None:
+            server.close()  # run_all has closed it already, unless the run did not get that far
+
+
+def _early_fork_server(args: argparse.Namespace) -> ForkServer | None:
+    """The run's fork server (lab/runner/forkserver.py), started before the scenario files are loaded so
+    that its imports (0.2 CPU-s) overlap with that; not for what starts no lab process here (`--list`,
+    `--check`, `--compare`, a run that moves into a network namespace first)."""
+    moves = (args.connector == "cloudflared" or args.isolate) and not netns.inside()
+    if not args.fork_server or args.list or args.check or args.compare or moves:
+        return None
+    from tunnel_lab.lab.runner import bytecode, forkserver
+    from tunnel_lab.lab.runner.procs import child_env
+
+    bytecode.warm()  # before the server imports the lab: it writes no bytecode itself
+    return forkserver.start_server(child_env())
+
+
+def _load_and_run(args: argparse.Namespace, argv: list[str], server: ForkServer | None) -> int:
     scenarios, errors = collect(args.paths)
     if errors:
         for err in errors:
@@ -223,7 +261,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"tunnel-lab: {capabilities.summary()}", file=sys.stderr)
     from tunnel_lab.lab.runner.runall import run_all
 
-    return run_all(selected, args, capabilities)
+    return run_all(selected, args, capabilities, server)
 
 
 def _compare(selected: list[Scenario], args: argparse.Namespace, argv: list[str]) -> int:

@@ -154,7 +154,7 @@ async def serve_internet(lab: Lab, *, task_status: trio.TaskStatus[Internet] = t
     from tunnel_lab.lab.pki import LabPKI
     from tunnel_lab.lab.services import Services, serve_services, services_ssl_context
     from tunnel_lab.lab.store import Store
-    from tunnel_lab.lab.v4api import LiveConnection, V4Api, parse_live
+    from tunnel_lab.lab.v4api import V4Api
 
     addresses = lab.internet_addresses
     assert addresses is not None
@@ -166,19 +166,8 @@ async def serve_internet(lab: Lab, *, task_status: trio.TaskStatus[Internet] = t
                        services=addresses.services, eyeballs=eyeballs,
                        routed=lambda name: store.resolve_hostname(name) is not None,
                        protocols=DEFAULT_PROTOCOLS if lab.options.protocol == "quic" else HTTP2_ONLY)
-
-        async def live() -> list[LiveConnection]:
-            return parse_live(json.dumps(await lab.api("GET", "/connections")).encode())
-
-        async def disconnect(edge_id: str) -> None:
-            await lab.api("POST", "/faults", {"kind": "drop-connection", "connection": edge_id})
-
-        async def push(update: dict[str, Any]) -> None:
-            await lab.api("POST", f"/tunnels/{update['tunnel_id']}/configuration",
-                          {"version": update["version"], "config": update["config"]})
-
         logins = LoginTransfers(lambda: issue_origin_cert(lab.state))
-        services = Services(V4Api(lab.state, store), live, logins, disconnect, push=push)
+        services = Services.on_edge(V4Api(lab.state, store), logins, lab.api)
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(serve_dns, zone, (addresses.dns, 53))

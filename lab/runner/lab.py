@@ -46,6 +46,21 @@ from tunnel_lab.wire.redact import Redactor
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def _multiprocess_edge_serves(sc: Scenario, *, trace: bool) -> bool:
+    """Does the scenario need nothing a multi-process edge lacks (docs/architecture.md, "The edge in
+    several processes"): warp, UDP, the trace, and Access and WAF, whose per-request state (one-time
+    codes, rate-limit counts) lives in each process?"""
+    flags = sc.edge.get("flags", [])
+    return not (trace or sc.edge.get("warp", False) or sc.access or sc.waf
+                or any(f in ("--udp-forward", "--trace") for f in flags)
+                or "udp" in _actions(sc.steps))
+
+
+def _actions(steps: Any) -> set[str]:
+    """Every step's action, inside parallel blocks too."""
+    return {a for step in steps for a in (step.action, *_actions(step.children))}
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How the scenarios run: which connector, where results go."""
@@ -58,6 +73,7 @@ class RunOptions:
     capabilities: Capabilities = BUILTIN  # what the connector binary supports (lab/runner/cloudflared.py)
     protocol: str = "http2"  # the tunnel transport (`run --protocol`): http2 or quic
     trace: bool = False  # `run --trace`: each component that can writes a protocol trace (docs/trace.md)
+    edge_processes: int = 1  # `run --edge-processes N`: the edge in N processes where the scenario allows
 
 
 @dataclass
@@ -284,6 +300,9 @@ class Lab:
         old = self.components.get("edge")
         if self.options.trace:
             flags += ["--trace", str(self._trace_path("edge", old))]
+        if min(self.options.edge_processes, len(datacentres)) > 1 and _multiprocess_edge_serves(
+                sc, trace=self.options.trace):
+            flags += ["--processes", str(min(self.options.edge_processes, len(datacentres)))]
         argv = edge_argv(
             self.state,
             datacentres,

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from tunnel_lab.lab.runner.forkserver import LAUNCHER, ForkedProcess, ForkServerError
 from tunnel_lab.lab.runner.reaper import REAPER
 from tunnel_lab.wire.errors import TunnelLabError
 from tunnel_lab.wire.redact import redact_argv, redact_text
@@ -138,7 +139,7 @@ class Component:
         self.log_path = log_path
         self.env = dict(env)
         self.ready_file = ready_file
-        self.process: trio.Process | None = None
+        self.process: trio.Process | ForkedProcess | None = None
         self.ready: dict[str, Any] = {}
         self.starts = 0
         self.cpu = 0.0  # CPU seconds of the processes stopped so far (`stop`), for the operation history
@@ -162,14 +163,16 @@ class Component:
         with os.fdopen(fd, "ab") as logf:
             logf.write(f"--- start #{self.starts}: {' '.join(redact_argv(self.argv))}\n".encode())
             logf.flush()
-            self.process = await trio.lowlevel.open_process(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
+            self.process = await _forked(self.argv, self.env, stdout=logf.fileno(), stderr=logf.fileno())
+            if self.process is None:
+                self.process = await trio.lowlevel.open_process(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                )
         REAPER.watch_group(self.process.pid)  # its own session: pgid == pid
         log.debug("started component=%s pid=%s", self.name, self.process.pid)
 
@@ -237,6 +240,21 @@ class Component:
         REAPER.forget_group(self.process.pid)
 
 
+async def _forked(argv: Sequence[str], env: Mapping[str, str], *, stdout: int, stderr: int
+                  ) -> ForkedProcess | None:
+    """`tunnel-lab ARGS` forked by the run's fork server (lab/runner/forkserver.py) in its own session,
+    stdin /dev/null; None when there is none or it cannot, and the caller execs instead."""
+    launcher = LAUNCHER.get()
+    if launcher is None or launcher.broken or list(argv[: len(TUNNEL_LAB)]) != list(TUNNEL_LAB):
+        return None
+    with open(os.devnull, "rb") as devnull:
+        try:
+            return await launcher.spawn(argv[len(TUNNEL_LAB):], env, [devnull.fileno(), stdout, stderr])
+        except ForkServerError as exc:
+            log.warning("%s; starting `%s` with exec", exc, " ".join(redact_argv(argv[3:5])))
+            return None
+
+
 async def concurrently(jobs: Sequence[Callable[[], Awaitable[object]]]) -> None:
     """Run `jobs` at once; the first to fail cancels the others and its exception is raised as itself
     (not in an exception group), so callers catch `ComponentError` as they would for one job."""
@@ -263,21 +281,57 @@ async def run_command(
 ) -> str:
     """Run a short command (an admin step), log its output to `log_path`, return stdout; raise on failure."""
     with trio.fail_after(timeout):
-        result = await trio.run_process(
-            list(argv),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-        )
-    out = result.stdout.decode("utf-8", "replace")
-    err = result.stderr.decode("utf-8", "replace")
+        done = await _run_forked(argv, env)
+        if done is None:
+            result = await trio.run_process(
+                list(argv),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+            )
+            done = result.returncode, result.stdout, result.stderr
+    code, out, err = done[0], done[1].decode("utf-8", "replace"), done[2].decode("utf-8", "replace")
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(redact(f"$ {' '.join(redact_argv(argv))}\n{out}{err}[exit {result.returncode}]\n"))
-    if result.returncode != 0:
+        f.write(redact(f"$ {' '.join(redact_argv(argv))}\n{out}{err}[exit {code}]\n"))
+    if code != 0:
         shown = ["tunnel-lab", *argv[3:]] if list(argv[:3]) == list(TUNNEL_LAB) else list(argv)
         last = [line for line in (err or out).strip().splitlines() if line.strip()][-3:]
-        raise ComponentError(f"`{' '.join(shown)}` failed (exit {result.returncode}): {' / '.join(last)}")
+        raise ComponentError(f"`{' '.join(shown)}` failed (exit {code}): {' / '.join(last)}")
     return out
+
+
+async def _run_forked(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, bytes, bytes] | None:
+    """`run_command` through the fork server: (exit code, stdout, stderr), or None to exec instead."""
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    try:
+        process = await _forked(argv, env, stdout=out_write, stderr=err_write)
+    finally:
+        os.close(out_write)  # the child has its own copies: EOF comes when it exits
+        os.close(err_write)
+    if process is None:
+        os.close(out_read)
+        os.close(err_read)
+        return None
+    captured: dict[int, bytearray] = {out_read: bytearray(), err_read: bytearray()}
+
+    async def drain(fd: int) -> None:
+        async with trio.lowlevel.FdStream(fd) as stream:
+            while data := await stream.receive_some():
+                captured[fd] += data
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, out_read)
+            nursery.start_soon(drain, err_read)
+        code = await process.wait()
+    except BaseException:  # cancelled (the timeout, Ctrl-C): as trio.run_process does, kill it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        raise
+    return code, bytes(captured[out_read]), bytes(captured[err_read])

@@ -17,8 +17,10 @@ from rich.table import Table
 from tunnel_lab.lab.runner import bytecode, netns
 from tunnel_lab.lab.runner.cloudflared import BUILTIN, Capabilities
 from tunnel_lab.lab.runner.engine import ScenarioResult, run_scenario
+from tunnel_lab.lab.runner.forkserver import ForkServer, open_launcher, start_server
 from tunnel_lab.lab.runner.lab import RunOptions
 from tunnel_lab.lab.runner.loader import Scenario
+from tunnel_lab.lab.runner.procs import child_env
 from tunnel_lab.lab.runner.report import (
     STATUSES,
     failure_text,
@@ -38,9 +40,11 @@ _MARK = {
 
 
 def run_all(
-    selected: list[Scenario], args: argparse.Namespace, capabilities: Capabilities = BUILTIN
+    selected: list[Scenario], args: argparse.Namespace, capabilities: Capabilities = BUILTIN,
+    server: ForkServer | None = None,
 ) -> int:
-    """Run `selected`; print progress, failures and a summary; write reports; return the exit code."""
+    """Run `selected`; print progress, failures and a summary; write reports; return the exit code.
+    Processes are forked from `server`, or from one started here (not with `--no-fork-server`)."""
     results_dir = Path(args.results).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     options = RunOptions(
@@ -52,9 +56,12 @@ def run_all(
         capabilities=capabilities,
         protocol=getattr(args, "protocol", "http2"),
         trace=bool(getattr(args, "trace", False)),
+        edge_processes=int(getattr(args, "edge_processes", 1)),
     )
     console = Console(highlight=False, emoji=False, soft_wrap=True)
     bytecode.warm()  # once here rather than in each of the hundreds of processes the run starts
+    if server is None and getattr(args, "fork_server", True):
+        server = start_server(child_env())
     if netns.inside():
         console.print("[dim]running inside a private network namespace: only lo, DNS answers NXDOMAIN[/dim]")
     started = time.monotonic()
@@ -64,10 +71,12 @@ def run_all(
     terminated = False
     REAPER.start()  # cleans up should this process be killed hard
     try:
-        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results)
+        trio.run(until_sigterm, _run, selected, options, args.jobs, args.exitfirst, console, results, server)
     except Terminated:
         terminated = True
     finally:
+        if server is not None:
+            server.close()
         REAPER.stop()
         duration = time.monotonic() - started
         order = {s.name: i for i, s in enumerate(selected)}
@@ -100,6 +109,19 @@ def run_all(
 
 
 async def _run(
+    selected: list[Scenario],
+    options: RunOptions,
+    jobs: int,
+    exitfirst: bool,
+    console: Console,
+    results: list[ScenarioResult],
+    server: ForkServer | None,
+) -> None:
+    async with open_launcher(server):
+        await _run_scenarios(selected, options, jobs, exitfirst, console, results)
+
+
+async def _run_scenarios(
     selected: list[Scenario],
     options: RunOptions,
     jobs: int,

@@ -53,7 +53,7 @@ EXPECTED = {"good": None, "wrong-aud": 403, "expired": 502, "no-exp": 502, "wron
 
 async def test_validator_table_and_key_rotation(tmp_path, monkeypatch):
     with trio.fail_after(30):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, _nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, _nursery):
             monkeypatch.setenv(ADDR_ENV, edge.bound["https"])
             access = gate_of(edge.state).access
             validator = AccessValidator(str(edge.ca_pem_path))
@@ -91,7 +91,7 @@ async def test_tunnel_stream_answers(tmp_path, monkeypatch, case):
                        service_text="http_status:204",
                        origin_request=OriginRequestConfig(access=access_cfg))
     with trio.fail_after(30):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, _nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, _nursery):
             monkeypatch.setenv(ADDR_ENV, edge.bound["https"])
             key = gate_of(edge.state).access.signing_key()
             extra = () if case == "missing" else ((b"Cf-Access-Jwt-Assertion", tokens(key)[case].encode()),)

@@ -9,16 +9,21 @@ import json
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 import trio
 
 from tests.component.test_edge_support import (
     Address,
     echo_handler,
+    http_request,
     make_tunnel,
     registered,
     running_edge,
     split,
 )
+from tunnel_lab.lab.runner.engine import ipv6_loopback_missing
+
+NO_IPV6 = ipv6_loopback_missing()
 
 
 async def tls_to(edge, server_name: str, alpn: list[str]) -> trio.SSLStream:
@@ -72,7 +77,7 @@ async def h2_get(tls: trio.SSLStream, authority: str, paths: list[str], body: by
 
 async def test_https_sni_certificate_and_http11(tmp_path):
     with trio.fail_after(10):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, echo_handler)
             tls = await tls_to(edge, "app.test", ["http/1.1"])  # verifies the lab-CA leaf for app.test
@@ -119,7 +124,7 @@ async def test_https_http2_eyeball_concurrent_streams(tmp_path):
             await echo_handler(s)
 
     with trio.fail_after(15):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, handler)
             tls = await tls_to(edge, "app.test", ["h2", "http/1.1"])
@@ -220,7 +225,7 @@ async def test_http2_eyeball_stream_reset_when_the_tunnel_stream_fails(tmp_path)
             await s.send(b"ok", end=True)
 
     with trio.fail_after(10):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, handler)
             tls = await tls_to(edge, "app.test", ["h2"])
@@ -230,3 +235,32 @@ async def test_http2_eyeball_stream_reset_when_the_tunnel_stream_fails(tmp_path)
             assert results["/fail"][0] == 200 and results["/fail"][2] == b"partial"
             outcomes = sorted(e["outcome"] for e in edge.history.since(0))
             assert outcomes == ["aborted", "ok"]
+
+
+@pytest.mark.skipif(NO_IPV6 is not None, reason=f"no IPv6 on this machine: {NO_IPV6}")
+async def test_eyeball_listeners_on_ipv4_and_ipv6_serve_the_same_routes(tmp_path):
+    """Repeated --http-listen / --https-listen: every address serves; the ready file keeps the first
+    under "http"/"https" (what the runner, `up` and the bench read) and lists them all."""
+    both = (Address("127.0.0.1", 0), Address("::1", 0))
+    with trio.fail_after(10):
+        async with running_edge(tmp_path, http_listens=both, https_listens=both) as (edge, nursery):
+            info = edge.ready_info()
+            assert info["http"] == info["http_listeners"][0] and info["https"] == info["https_listeners"][0]
+            assert [a.startswith("[::1]:") for a in info["http_listeners"]] == [False, True]
+            assert [a.startswith("[::1]:") for a in info["https_listeners"]] == [False, True]
+            t = make_tunnel(edge, "t1", "app.test")
+            await registered(nursery, edge, t, echo_handler)
+            clients = []
+            for address in info["http_listeners"]:
+                r = await http_request(address, "GET", "/", host="app.test")
+                assert r.status == 200 and r.header(b"x-origin") == b"echo", address
+                clients.append(dict(json.loads(r.body)["headers"])["cf-connecting-ip"])
+            assert clients == ["127.0.0.1", "::1"]
+            ctx = edge.pki.client_ssl_context()
+            for address in info["https_listeners"]:
+                tcp = await trio.open_tcp_stream(*split(address))
+                tls = trio.SSLStream(tcp, ctx, server_hostname="app.test")
+                async with tls:
+                    await tls.send_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+                    head = await tls.receive_some(65536)
+                assert head.startswith(b"HTTP/1.1 200 "), (address, head[:80])

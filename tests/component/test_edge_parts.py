@@ -57,7 +57,7 @@ def test_command_line_to_config(tmp_path):
                                       "--origin-timeout", "5"])
     cfg = config_from_args(args)
     assert [t.location for t in cfg.tunnel_listens] == ["LAB1", "X"]
-    assert cfg.origin_timeout == 5 and cfg.https_listen is None and cfg.api_listen == Address("127.0.0.1", 0)
+    assert cfg.origin_timeout == 5 and cfg.https_listens == () and cfg.api_listen == Address("127.0.0.1", 0)
     dup = build_parser().parse_args(["--state", str(tmp_path), "--tunnel-listen", "A=127.0.0.1:0",
                                      "--tunnel-listen", "A=127.0.0.2:0"])
     with pytest.raises(ConfigError, match="share a location"):

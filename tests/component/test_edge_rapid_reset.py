@@ -47,7 +47,7 @@ def rapid_reset_bytes(authority: bytes, pairs: int) -> bytes:
 async def test_rapid_reset_leaks_no_tunnel_stream_and_the_tunnel_keeps_serving(tmp_path):
     pairs = 40
     with trio.fail_after(30):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, big_download)
             [conn] = edge.registry.all()
@@ -87,7 +87,7 @@ async def receive_goaway(tls: trio.SSLStream) -> int | None:
 
 async def test_handlers_per_eyeball_connection_are_capped_even_for_reset_streams(tmp_path, caplog):
     with trio.fail_after(30):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0),
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),),
                                 eyeball_max_streams=5) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, big_download)
@@ -103,7 +103,7 @@ async def test_handlers_per_eyeball_connection_are_capped_even_for_reset_streams
 
 async def test_a_reset_flood_gets_goaway_enhance_your_calm(tmp_path, caplog):
     with trio.fail_after(30):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0),
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),),
                                 eyeball_reset_limit=10) as (edge, nursery):
             t = make_tunnel(edge, "t1", "app.test")
             await registered(nursery, edge, t, big_download)

@@ -51,7 +51,7 @@ async def test_deleting_a_tunnel_closes_its_connections_and_refuses_it(tmp_path,
 
 async def test_https_unrouted_host_gets_404_over_verified_tls_h2(tmp_path):
     with trio.fail_after(10):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, _):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, _):
             tls = await tls_to(edge, "nowhere.test", ["h2"])  # verified against the lab CA
             async with tls:
                 assert "nowhere.test" in [v for _, v in tls.getpeercert()["subjectAltName"]]
@@ -67,7 +67,7 @@ async def test_https_unrouted_host_gets_404_over_verified_tls_h2(tmp_path):
 
 async def test_https_invalid_sni_name_is_refused(tmp_path):
     with trio.fail_after(10):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, _):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, _):
             try:
                 await tls_to(edge, "bad_-.-name..test", ["http/1.1"])
             except trio.BrokenResourceError:

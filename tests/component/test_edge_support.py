@@ -47,7 +47,7 @@ def edge_config(state: Path, **overrides: Any) -> EdgeConfig:
         state_dir=state,
         tunnel_listens=(TunnelListen("LAB1", Address("127.0.0.1", 0)),
                         TunnelListen("LAB2", Address("127.0.0.2", 0))),
-        http_listen=Address("127.0.0.1", 0),
+        http_listens=(Address("127.0.0.1", 0),),
         api_listen=Address("127.0.0.1", 0),
         refusal_close_delay=0.05,
         drain_timeout=5.0,

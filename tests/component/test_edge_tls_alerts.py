@@ -28,7 +28,7 @@ async def handshake(edge, server_name: str | None) -> trio.SSLStream:
 @pytest.mark.parametrize("name", ["a..b", "-x.test", "bad!name.test"])
 async def test_an_invalid_sni_name_gets_the_unrecognized_name_alert(tmp_path, name):
     with trio.fail_after(10):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, _nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, _nursery):
             with pytest.raises(trio.BrokenResourceError) as caught:
                 await handshake(edge, name)
             assert isinstance(caught.value.__cause__, ssl.SSLError)
@@ -37,7 +37,7 @@ async def test_an_invalid_sni_name_gets_the_unrecognized_name_alert(tmp_path, na
 
 async def test_no_sni_gets_the_localhost_certificate(tmp_path):
     with trio.fail_after(10):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, _nursery):
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, _nursery):
             tls = await handshake(edge, None)
             async with tls:
                 sans = [v for _, v in tls.getpeercert()["subjectAltName"]]
@@ -46,7 +46,7 @@ async def test_no_sni_gets_the_localhost_certificate(tmp_path):
 
 async def test_on_demand_certificates_are_bounded(tmp_path, caplog):
     with trio.fail_after(30):
-        async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0),
+        async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),),
                                 max_on_demand_certs=3) as (edge, _nursery):
             edge.tunnels.store.create_tunnel("t1")
             edge.tunnels.store.route_dns("t1", "routed.test")

@@ -94,7 +94,7 @@ def edge_streams(edge: Any) -> int:
 @asynccontextmanager
 async def lab(tmp_path: Any, origin_port: int) -> Any:
     """The lab edge (with HTTPS) and our connector registered to it; yields (edge, running connector)."""
-    async with running_edge(tmp_path, https_listen=Address("127.0.0.1", 0)) as (edge, nursery):
+    async with running_edge(tmp_path, https_listens=(Address("127.0.0.1", 0),)) as (edge, nursery):
         t = make_tunnel(edge, "t1", "app.test")
         lst = edge.listeners["LAB1"]
         settings = TunnelSettings(

@@ -1,5 +1,5 @@
 """What keeps the scenario library fast: bytecode compiled once per run (hash-checked), the run order,
-the default number of jobs, and `tunnel-lab bench library`'s verdicts."""
+the default number of jobs, the fork server's switch, and `tunnel-lab bench library`'s verdicts."""
 
 from __future__ import annotations
 
@@ -60,11 +60,16 @@ def test_longest_first_keeps_the_order_among_equals() -> None:
     assert [s.name for s in order] == ["b", "d", "a", "c"]
 
 
-def test_jobs_default_to_three_per_core() -> None:
+def test_jobs_default_to_six_per_core() -> None:
     cores = len(os.sched_getaffinity(0))
-    assert default_jobs() == 3 * cores
-    assert build_parser().parse_args([]).jobs == 3 * cores
+    assert default_jobs() == 6 * cores
+    assert build_parser().parse_args([]).jobs == 6 * cores
     assert build_parser().parse_args(["--jobs", "1"]).jobs == 1
+
+
+def test_processes_are_forked_unless_told_otherwise() -> None:
+    assert build_parser().parse_args([]).fork_server is True
+    assert build_parser().parse_args(["--no-fork-server"]).fork_server is False
 
 
 def test_bench_library_gives_a_verdict_for_the_whole_library_only() -> None:

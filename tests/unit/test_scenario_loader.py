@@ -64,6 +64,22 @@ def test_yaml_syntax_error_names_the_line() -> None:
     assert str(err).startswith("sample.yaml:16: invalid YAML")
 
 
+def test_libyaml_and_the_pure_parser_read_the_library_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    # parse_yaml takes libyaml's node tree (faster); data and line numbers must not depend on it
+    files = sorted((ROOT / "scenarios").glob("*.yaml"))
+    fast = [loader.parse_yaml(f.read_text(), f.name) for f in files]
+    monkeypatch.delattr(loader.yaml, "CSafeLoader", raising=False)
+    pure = [loader.parse_yaml(f.read_text(), f.name) for f in files]
+    assert [(d.data, d.lines) for d in fast] == [(d.data, d.lines) for d in pure]
+
+
+def test_a_syntax_error_is_worded_by_the_pure_parser() -> None:
+    text = GOOD.replace("expect: {status: 200}", "expect: {status: 200")
+    with pytest.raises(loader.yaml.MarkedYAMLError) as pure:
+        loader.yaml.compose(text, Loader=loader.yaml.SafeLoader)
+    assert f"invalid YAML: {pure.value.problem}" in str(error_of(text))
+
+
 def test_unknown_key_names_line_and_suggests() -> None:
     err = error_of(GOOD.replace("expect: {status: 200}", "expect: {stauts: 200}"))
     assert err.line == 15

@@ -1,0 +1,550 @@
+"""The parent of a multi-process edge (`tunnel-lab edge --processes N`; docs/architecture.md, "The edge in
+several processes").
+
+The parent keeps what must be whole: the management API (one port, one token), the faults (applied here,
+mirrored to every worker before the API answers), the merged history and metrics and the connection list
+(pulled from the workers before each API answer), the ready file. The workers (edge/worker.py) own the data
+centres, split between them in turn (LAB1, LAB3, ... to worker 0; LAB2, LAB4, ... to worker 1), and accept
+eyeballs on listening sockets the parent bound and handed down. A worker that dies is logged and shown in
+`GET /processes` and the metrics; the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tunnel_lab.edge import api
+from tunnel_lab.edge.config import Address, EdgeConfig
+from tunnel_lab.edge.server import PatientListener, _guard, _peer, _write_atomic
+from tunnel_lab.edge.state import Counter, EdgeState, MergedHistory, Metrics, Registry, TunnelsView
+from tunnel_lab.edge.worker import config_to_json, fault_to_json
+from tunnel_lab.lab import paths
+from tunnel_lab.lab.pki import LabPKI
+from tunnel_lab.transport.tunnel import TunnelStreamError
+from tunnel_lab.wire.edge_link import WORKER_OPS, LineDecoder, encode_message
+from tunnel_lab.wire.errors import ConfigError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+START_TIMEOUT = 60.0  # a worker imports the edge and binds its listeners (slow on a loaded machine)
+CALL_TIMEOUT = 15.0  # a dc-down waits up to 2 s for the listener; a configuration push up to its own timeout
+KILL_GRACE = 5.0  # after the shutdown deadline, then SIGKILL
+
+
+class WorkerError(ProtocolError):
+    """A worker did not answer a call, answered it with an error, or is gone."""
+
+
+def split_locations(config: EdgeConfig, processes: int) -> list[list[str]]:
+    """The data centres of each worker: dealt out in turn (ConfigError when there are fewer than workers)."""
+    locations = [t.location for t in config.tunnel_listens]
+    if processes < 1:
+        raise ConfigError("--processes must be at least 1", source="--processes")
+    if len(locations) < processes:
+        raise ConfigError(f"{processes} processes need at least {processes} data centres "
+                          f"(--tunnel-listen); there are {len(locations)}", source="--processes",
+                          hint="each worker process owns one or more data centres")
+    return [locations[i::processes] for i in range(processes)]
+
+
+def check_supported(config: EdgeConfig) -> None:
+    """What a multi-process edge does not do yet (ConfigError naming it)."""
+    for flag, value in (("--warp-listen", config.warp_listen), ("--udp-forward", config.udp_forwards),
+                        ("--trace", config.trace)):
+        if value:
+            raise ConfigError("not supported with --processes above 1 yet", source=flag,
+                              hint="run the edge in one process for it")
+    # The workers find their eyeball sockets by kind ("http"/"https"), one of each (edge/worker.py).
+    for flag, addresses in (("--http-listen", config.http_listens), ("--https-listen", config.https_listens)):
+        if len(addresses) > 1:
+            raise ConfigError("more than one address is not supported with --processes above 1 yet",
+                              source=flag, hint="give one address, or run the edge in one process")
+
+
+@dataclass(frozen=True)
+class RemoteRegistration:
+    """A worker's connection's registration, as `connection_json` showed it."""
+
+    tunnel_id: uuid.UUID
+    tunnel_name: str
+    conn_index: int
+    connector_id: uuid.UUID
+    client_version: str
+    arch: str
+    features: tuple[str, ...]
+    registered_at: float
+
+
+class RemoteConnection:
+    """A worker's tunnel connection as the parent's API sees it: read from the last snapshot; what the
+    faults do to it is a call to its worker."""
+
+    def __init__(self, worker: WorkerProc, data: dict[str, Any]) -> None:
+        self.worker = worker
+        self.serial = worker.index * 10**9 + int(data["serial"])
+        self.id = str(data["id"])
+        self.location = str(data["location"])
+        self.remote = str(data["remote"])
+        self.state = str(data["state"])
+        self.routable = bool(data["routable"])
+        self.active_streams = int(data["streams"])
+        self.registration = None if data["tunnel_id"] is None else RemoteRegistration(
+            tunnel_id=uuid.UUID(data["tunnel_id"]), tunnel_name=data["tunnel_name"] or "",
+            conn_index=int(data["conn_index"]), connector_id=uuid.UUID(data["connector_id"]),
+            client_version=data["client_version"] or "", arch=data["arch"] or "",
+            features=tuple(data["features"]), registered_at=float(data["registered_at"] or 0))
+        self.closed = trio.Event()
+        # what edge.api's quic faults look for: only QUIC connections can be silenced
+        self.silence = self._silence if data.get("quic") else None
+
+    def ident(self) -> str:
+        """Identity fields for log lines."""
+        return f"conn={self.id} location={self.location} worker={self.worker.index}"
+
+    def abort(self, why: str) -> None:
+        self.worker.cluster.pending.append((self.worker, "abort", {"connection": self.id, "why": why}))
+
+    def _silence(self, why: str) -> None:
+        self.worker.cluster.pending.append((self.worker, "silence", {"connection": self.id, "why": why}))
+
+    async def send_goaway(self, error_code: int = 0, debug: bytes = b"") -> None:
+        await self.worker.call("goaway", connection=self.id, error_code=error_code)
+
+    async def reset_all_streams(self, code: int = 0) -> int:
+        n: int = await self.worker.call("reset_streams", connection=self.id)
+        return n
+
+    async def push_configuration(self, version: int, config: bytes) -> tuple[int, str]:
+        """edge.remote_config's push, done by the worker that holds the connection."""
+        try:
+            answer = await self.worker.call("push_config", connection=self.id, version=version,
+                                            config=json.loads(config))
+        except WorkerError as exc:
+            raise TunnelStreamError(str(exc)) from None
+        if "push_error" in answer:
+            raise TunnelStreamError(answer["push_error"])
+        return int(answer["latest"]), answer["error"] or ""
+
+
+@dataclass(eq=False)
+class WorkerProc:
+    """One worker process and the parent's end of its control channel."""
+
+    cluster: Cluster
+    index: int
+    locations: list[str]
+    process: trio.Process | None = None
+    stream: trio.SocketStream | None = None
+    alive: bool = False
+    exit_code: int | None = None
+    pid: int = 0
+    forward: str = ""
+    tunnel_listeners: list[dict[str, Any]] = field(default_factory=list)
+    routes: set[str] = field(default_factory=set)
+    ready: trio.Event = field(default_factory=trio.Event)
+    calls: dict[int, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
+    next_id: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def info(self) -> dict[str, Any]:
+        """`GET /processes`: one entry."""
+        return {"worker": self.index, "pid": self.pid, "alive": self.alive, "exit_code": self.exit_code,
+                "locations": self.locations, "forward": self.forward}
+
+    async def send(self, op: str, **fields: Any) -> None:
+        """One message to the worker (WorkerError when it is gone)."""
+        if self.stream is None or self.exit_code is not None:
+            raise WorkerError(f"worker {self.index} is not running")
+        try:
+            async with self.lock:
+                await self.stream.send_all(encode_message(op, **fields))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise WorkerError(f"worker {self.index} is gone: {exc}") from None
+
+    async def call(self, method: str, **args: Any) -> Any:
+        """A request and its reply, within CALL_TIMEOUT (WorkerError otherwise)."""
+        self.next_id += 1
+        call_id = self.next_id
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self.calls[call_id] = send
+        try:
+            await self.send("call", id=call_id, method=method, args=args)
+            with trio.move_on_after(CALL_TIMEOUT):
+                reply = await receive.receive()
+                if "error" in reply:
+                    raise WorkerError(f"worker {self.index}: {method} failed: {reply['error']}")
+                return reply.get("result")
+            raise WorkerError(f"worker {self.index} did not answer {method} within {CALL_TIMEOUT:g}s")
+        except trio.EndOfChannel:
+            raise WorkerError(f"worker {self.index} went away during {method}") from None
+        finally:
+            self.calls.pop(call_id, None)
+
+    def fail_calls(self) -> None:
+        """The worker is gone: every waiting call ends."""
+        for send in self.calls.values():
+            send.close()
+        self.calls.clear()
+
+
+class Cluster:
+    """The parent process: implements `edge.api.EdgeControl` for the whole edge."""
+
+    def __init__(self, config: EdgeConfig, processes: int) -> None:
+        check_supported(config)
+        self.config = config
+        self.state_dir = paths.state_dir(config.state_dir)
+        self.pki = LabPKI(self.state_dir)
+        self.state: EdgeState[Any] = EdgeState(
+            config=config, tunnels=TunnelsView(self.state_dir), history=MergedHistory(),
+            default_location=config.tunnel_listens[0].location if config.tunnel_listens else "LAB")
+        self.own_metrics = Metrics()  # what the parent itself counts (faults); the workers' are added to it
+        self.workers = [WorkerProc(self, i, locs)
+                        for i, locs in enumerate(split_locations(config, processes))]
+        self.owner = {loc: w for w in self.workers for loc in w.locations}
+        self._api_token = paths.api_token(self.state_dir)
+        self.pending: list[tuple[WorkerProc, str, dict[str, Any]]] = []  # sync fault actions, sent by publish
+        self.sent_faults: list[dict[str, Any]] | None = None
+        self.faults_dirty = trio.Event()
+        self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
+        self.udp_forwards: list[dict[str, str]] = []
+        self.shutting_down = False
+        self._shutdown = trio.Event()
+        self.stopped = trio.Event()
+
+    # ---- EdgeControl ---------------------------------------------------------------------------
+    @property
+    def api_token(self) -> str:
+        return self._api_token
+
+    @property
+    def ca_pem_path(self) -> Path:
+        return self.pki.ca_pem_path
+
+    def locations(self) -> Collection[str]:
+        """Every data centre of every worker."""
+        return [t.location for t in self.config.tunnel_listens]
+
+    async def dc_down(self, location: str) -> int:
+        closed: int = await self.owner[location].call("dc_down", location=location)
+        return closed
+
+    async def dc_up(self, location: str) -> None:
+        await self.owner[location].call("dc_up", location=location)
+
+    def swap_cert(self, location: str, kind: str) -> None:
+        self.pending.append((self.owner[location], "swap_cert", {"location": location, "kind": kind}))
+
+    async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
+                                drop_every: int = 0) -> dict[str, str]:
+        raise api.ApiError(501, "UDP forwards are not supported by a multi-process edge yet")
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The worker processes (crashed ones included)."""
+        return [w.info() for w in self.workers]
+
+    async def refresh(self) -> None:
+        """Before an API answer: the workers' connections, history, metrics and pushed configurations."""
+        live = [w for w in self.workers if w.alive]
+        snapshots: dict[int, dict[str, Any]] = {}
+
+        async def pull(w: WorkerProc) -> None:
+            cursors = self.state.history.cursors if isinstance(self.state.history, MergedHistory) else {}
+            try:
+                snapshots[w.index] = await w.call("snapshot", since=cursors.get(w.index, 0))
+            except WorkerError as exc:
+                log.warning("no snapshot from worker %d: %s", w.index, exc)
+
+        async with trio.open_nursery() as nursery:
+            for w in live:
+                nursery.start_soon(pull, w)
+        registry: Registry[Any] = Registry()
+        for w in self.workers:
+            snap = snapshots.get(w.index)
+            if snap is None:
+                continue
+            for data in snap["connections"]:
+                registry.add(RemoteConnection(w, data))
+            assert isinstance(self.state.history, MergedHistory)
+            self.state.history.absorb(w.index, snap["history"])
+            w.routes = set(snap["routes"])
+            for tunnel_id, text in snap["pushed_configs"].items():
+                self.state.pushed_configs[tunnel_id] = text.encode("latin-1")
+        self.state.registry = registry
+        merged = self.own_metrics.merged(s["metrics"] for s in snapshots.values())
+        up = Counter("tunnel_lab_edge_worker_up", "Worker processes of the edge (1 running, 0 gone).")
+        for w in self.workers:
+            up.inc(1 if w.alive else 0, worker=w.index, locations=",".join(w.locations))
+        merged.extra = [up]
+        self.state.metrics = merged
+        await self._send_peers()
+
+    async def publish(self) -> None:
+        """After a changing API call: fault actions to their workers, the active faults to every worker."""
+        # Only the parent counts faults: keep its counts for the next merge.
+        self.own_metrics.faults.values = dict(self.state.metrics.faults.values)
+        pending, self.pending = self.pending, []
+        for w, method, args in pending:
+            try:
+                await w.call(method, **args)
+            except WorkerError as exc:
+                log.warning("fault action %s not done: %s", method, exc)
+        await self._send_faults()
+
+    async def _send_faults(self) -> None:
+        faults = [fault_to_json(f) for f in self.state.faults.active.values()]
+        if faults == self.sent_faults:
+            return
+        self.sent_faults = faults
+
+        async def one(w: WorkerProc) -> None:
+            try:
+                await w.call("set_faults", faults=faults)
+            except WorkerError as exc:
+                log.warning("faults not sent to worker %d: %s", w.index, exc)
+
+        async with trio.open_nursery() as nursery:
+            for w in self.workers:
+                if w.alive:
+                    nursery.start_soon(one, w)
+
+    def _peers_of(self, me: WorkerProc) -> dict[str, list[str]]:
+        routes: dict[str, list[str]] = {}
+        for w in self.workers:
+            if w is me or not w.alive:
+                continue
+            for tunnel_id in w.routes:
+                routes.setdefault(tunnel_id, []).append(w.forward)
+        return routes
+
+    async def _send_peers(self, only: WorkerProc | None = None, **extra: Any) -> None:
+        for w in self.workers:
+            if w.alive and (only is None or w is only):
+                try:
+                    await w.send("peers", routes=self._peers_of(w), **extra)
+                except WorkerError as exc:
+                    log.warning("routes not sent to worker %d: %s", w.index, exc)
+
+    # ---- the workers' messages ------------------------------------------------------------------
+    async def _read_worker(self, w: WorkerProc) -> None:
+        assert w.stream is not None
+        decoder = LineDecoder(WORKER_OPS)
+        try:
+            while True:
+                data = await w.stream.receive_some(READ_SIZE)
+                if not data:
+                    break
+                for msg in decoder.feed(data):
+                    await self._on_message(w, msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError) as exc:
+            log.error("worker %d: control channel failed: %s", w.index, exc)
+        finally:
+            w.fail_calls()
+            w.ready.set()  # a worker that failed to start ends the wait for it at once (alive is False)
+
+    async def _on_message(self, w: WorkerProc, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "reply":
+            send = w.calls.get(msg.get("id", -1))
+            if send is not None:
+                send.send_nowait(msg)
+        elif op == "ready":
+            w.pid, w.forward = int(msg["pid"]), str(msg["forward"])
+            w.tunnel_listeners = list(msg["tunnel_listeners"])
+            w.alive = True
+            w.ready.set()
+        elif op == "routes":
+            w.routes = set(msg["tunnels"])
+            if "ask" in msg:  # a worker with a request and no map entry: ask the others live
+                await self._answer_ask(w, msg)
+            await self._send_peers()
+        elif op == "took":
+            fault = self.state.faults.active.get(str(msg["fault"]))
+            if fault is not None and fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self.state.faults.active.pop(fault.id, None)
+                    log.warning("fault used up: id=%s kind=%s", fault.id, fault.kind)
+                self.faults_dirty.set()
+
+    async def _answer_ask(self, asker: WorkerProc, msg: dict[str, Any]) -> None:
+        async def one(w: WorkerProc) -> None:
+            try:
+                w.routes = set(await w.call("routable"))
+            except WorkerError as exc:
+                log.warning("worker %d did not say its routes: %s", w.index, exc)
+
+        async with trio.open_nursery() as nursery:
+            for w in self.workers:
+                if w.alive and w is not asker:
+                    nursery.start_soon(one, w)
+        await self._send_peers(only=asker, ask=msg["ask"], tunnel=msg.get("tunnel", ""))
+
+    async def _fault_sender(self) -> None:
+        while True:
+            await self.faults_dirty.wait()
+            self.faults_dirty = trio.Event()
+            await self._send_faults()
+
+    # ---- processes ------------------------------------------------------------------------------
+    def _bind(self, address: Address) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.create_server((address.host, address.port), family=family, backlog=1024)
+        sock.set_inheritable(True)
+        return sock
+
+    async def _run_worker(self, w: WorkerProc, inherited: dict[str, socket.socket],
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        parent_end, child_end = socket.socketpair()
+        child_end.set_inheritable(True)
+        level = logging.getLevelName(logging.getLogger("tunnel_lab").getEffectiveLevel()).lower()
+        argv = [sys.executable, "-m", "tunnel_lab", "edge", "--worker-control", str(child_end.fileno()),
+                "--loglevel", level]
+        fds = [child_end.fileno(), *(s.fileno() for s in inherited.values())]
+        try:
+            w.process = await trio.lowlevel.open_process(argv, pass_fds=fds)
+        finally:
+            child_end.close()
+        w.stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
+        listens = tuple(t for t in self.config.tunnel_listens if t.location in w.locations)
+        config = replace(self.config, tunnel_listens=listens, api_listen=None, ready_file=None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_worker, w)
+            await w.send("start", worker=w.index, config=config_to_json(config),
+                         inherited={k: s.fileno() for k, s in inherited.items()})
+            with trio.move_on_after(START_TIMEOUT):
+                await w.ready.wait()
+            if not w.alive:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(KILL_GRACE):
+                        await w.process.wait()
+                    w.process.kill()
+                    code = await w.process.wait()
+                raise WorkerError(f"worker {w.index} (data centres {', '.join(w.locations)}) did not start "
+                                  f"(exit code {code}; its error is above)")
+            log.info("worker %d pid=%d data centres %s forward=%s", w.index, w.pid, ",".join(w.locations),
+                     w.forward)
+            task_status.started()
+            w.exit_code = await w.process.wait()
+            w.alive = False
+            w.fail_calls()
+            if not self.shutting_down:
+                log.error("worker %d (pid %d, data centres %s) exited with code %s: its data centres are "
+                          "down; the other workers go on", w.index, w.pid, ",".join(w.locations), w.exit_code)
+                await self._send_peers()
+            nursery.cancel_scope.cancel()
+
+    # ---- main -----------------------------------------------------------------------------------
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown of every process."""
+        self._shutdown.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers and the API; run until `request_shutdown`; then stop everything."""
+        try:
+            await self._serve(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[Cluster]) -> None:
+        cfg = self.config
+        # Made once here, before the workers start, so they never race to create them.
+        self.pki.server_ssl_context("edge")
+        paths.quic_reset_key(self.state_dir)
+        inherited: dict[str, socket.socket] = {}
+        try:
+            for what, addresses in (("http", cfg.http_listens), ("https", cfg.https_listens)):
+                if addresses:  # one at most (check_supported)
+                    inherited[what] = self._bind(addresses[0])
+                    self.bound[what] = str(Address(*inherited[what].getsockname()[:2]))
+            async with trio.open_nursery() as nursery:
+                for w in self.workers:
+                    await nursery.start(self._run_worker, w, inherited)
+                for sock in inherited.values():
+                    sock.close()  # the workers hold them now
+                inherited.clear()
+                nursery.start_soon(self._fault_sender)
+                await self._send_peers()
+                async with trio.open_nursery() as api_nursery:
+                    if cfg.api_listen is not None:
+                        self.bound["api"] = await api_nursery.start(self._serve_api, cfg.api_listen)
+                    self._write_ready()
+                    log.info("edge in %d processes: api=%s http=%s https=%s", len(self.workers),
+                             self.bound["api"], self.bound["http"], self.bound["https"])
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    api_nursery.cancel_scope.cancel()
+                await self._stop_workers()
+                nursery.cancel_scope.cancel()
+        finally:
+            for sock in inherited.values():
+                sock.close()
+        log.info("edge stopped (all processes)")
+
+    async def _stop_workers(self) -> None:
+        """Shutdown to every worker; each drains within the shutdown timeout; stragglers are killed."""
+        self.shutting_down = True
+        for w in self.workers:
+            if w.alive:
+                with contextlib.suppress(WorkerError):
+                    await w.send("shutdown")
+        with trio.move_on_after(self.config.shutdown_timeout + KILL_GRACE):
+            for w in self.workers:
+                if w.process is not None:
+                    await w.process.wait()
+        for w in self.workers:
+            if w.process is not None and w.process.returncode is None:
+                log.warning("worker %d did not stop in time: killing it", w.index)
+                w.process.kill()
+                with trio.CancelScope(shield=True):
+                    await w.process.wait()
+
+    async def _serve_api(self, address: Address, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        listeners = [PatientListener(s, "api", self.config.accept_retry_delay)
+                     for s in await trio.open_tcp_listeners(address.port, host=address.host)]
+        host, port = listeners[0].listener.socket.getsockname()[:2]
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await _guard(lambda s, peer: api.handle_api_connection(self.state, self, s, peer), stream,
+                         _peer(stream), "api")
+
+        task_status.started(str(Address(host, port)))
+        accepting: list[trio.abc.Listener[trio.SocketStream]] = list(listeners)
+        await trio.serve_listeners(handle, accepting)
+
+    def ready_info(self) -> dict[str, Any]:
+        """The ready file: the single-process edge's shape, plus the processes."""
+        by_location = {lst["location"]: lst for w in self.workers for lst in w.tunnel_listeners}
+        return {
+            "pid": os.getpid(),
+            "tunnel_listeners": [by_location[t.location] for t in self.config.tunnel_listens
+                                 if t.location in by_location],
+            "http": self.bound["http"], "https": self.bound["https"], "warp": None, "udp_forwards": [],
+            "http_listeners": [a for a in [self.bound["http"]] if a],
+            "https_listeners": [a for a in [self.bound["https"]] if a],
+            "api": self.bound["api"], "api_token": self.api_token, "ca": str(self.pki.ca_pem_path),
+            "processes": self.processes(),
+        }
+
+    def _write_ready(self) -> None:
+        info = json.dumps(self.ready_info(), indent=2) + "\n"
+        targets = [paths.edge_json_path(self.state_dir)]
+        if self.config.ready_file is not None:
+            targets.append(Path(self.config.ready_file))
+        for target in targets:
+            _write_atomic(target, info)
+

@@ -1,0 +1,261 @@
+"""Forwarding between the data centres of a multi-process edge (docs/architecture.md, "The edge in several
+processes").
+
+Each worker process serves the eyeballs the kernel hands it. When a request's tunnel has no routable
+connection in this worker's data centres but another worker has one, the request goes to that worker over
+a loopback link, as Cloudflare forwards between its data centres: `Peers.forward` (the sending side) writes a
+preamble line naming the eyeball (`wire.edge_link`) and the request as HTTP/1.1, then relays the answer;
+`serve_forward_listener` (the receiving side) reads the preamble and serves the rest as an ordinary HTTP/1.1
+eyeball connection, except that a request that arrived forwarded is never forwarded again (one hop).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+import trio
+
+from tunnel_lab.edge.eyeball_h1 import handle_h1_connection
+from tunnel_lab.edge.proxy import EyeballGone, send_page
+from tunnel_lab.edge.state import EdgeState
+from tunnel_lab.transport.pipe import Way, pipe
+from tunnel_lab.transport.tunnel import TunnelConnection
+from tunnel_lab.wire.edge_link import MAX_PREAMBLE, forward_preamble, parse_forward_preamble
+from tunnel_lab.wire.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+READ_SIZE = 65536
+CONNECT_TIMEOUT = 5.0  # a worker's forward listener is on loopback: longer means it is gone
+PREAMBLE_TIMEOUT = 5.0
+# Fields that belong to one hop of HTTP/1.1 (RFC 9110 §7.6.1), never copied onto the next one.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+                        b"upgrade"})
+
+# Set in the task serving a forwarded connection: its requests are served here or refused, never sent on.
+ARRIVED_FORWARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("arrived_forwarded", default=False)
+
+
+class Peers:
+    """The other workers' data centres and the tunnels they can serve (`EdgeState.peers` in a worker)."""
+
+    def __init__(self, edge: EdgeState[TunnelConnection], *,
+                 ask: Callable[[str], Awaitable[list[str]]] | None = None) -> None:
+        self.edge = edge
+        self.ask = ask  # asks the parent, live, when the map names no worker (a connection just registered)
+        self.routes: dict[str, list[str]] = {}  # tunnel id -> forward listener addresses of other workers
+        self._turn = 0
+        self.forwarded = 0
+
+    def update(self, routes: dict[str, list[str]]) -> None:
+        """The parent's latest view of which other workers have a routable connection of which tunnel."""
+        self.routes = routes
+
+    async def forward(self, ex: Any, host: str) -> bool:
+        """Serve `ex` through a worker that has a connection of its tunnel, if this one has none."""
+        if ARRIVED_FORWARDED.get() or not host:
+            return False
+        tunnel = self.edge.tunnels.resolve_hostname(host)
+        if tunnel is None or self.edge.registry.routable(tunnel.id):
+            return False
+        targets = self.routes.get(str(tunnel.id))
+        if not targets and self.ask is not None:
+            targets = await self.ask(str(tunnel.id))
+        if not targets:
+            return False
+        self._turn += 1
+        address = targets[self._turn % len(targets)]
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                link = await trio.open_tcp_stream(*_split(address))
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("cannot reach the data centre at %s to forward host=%r: %s; answering here",
+                        address, host, exc)
+            return False
+        self.forwarded += 1
+        self.edge.metrics.forwarded.inc(to=address)
+        log.debug("forwarding host=%r tunnel=%s to %s", host, tunnel.id, address)
+        try:
+            await _relay(ex, link)
+        finally:
+            with trio.CancelScope(shield=True):
+                await link.aclose()
+        return True
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _request_head(ex: Any) -> h11.Request:
+    req = ex.request
+    # Fields the Connection header names belong to this hop too (RFC 9110 §7.6.1).
+    hop = HOP_BY_HOP | {name.strip().lower() for n, v in req.headers if n.lower() == b"connection"
+                        for name in v.split(b",")}
+    headers: Headers = [(n, v) for n, v in req.headers if n.lower() not in hop]
+    names = {n.lower() for n, _ in headers}
+    if b"host" not in names:
+        headers.insert(0, (b"host", str(req.host).encode("latin-1")))
+    if ex.websocket:
+        headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    else:
+        headers.append((b"connection", b"close"))
+        if ex.has_body and b"content-length" not in names:
+            headers.append((b"transfer-encoding", b"chunked"))
+    return h11.Request(method=str(req.method), target=_origin_form(str(req.target)), headers=headers)
+
+
+def _origin_form(target: str) -> str:
+    """An absolute-form target (`GET http://host/x`) as the origin form the next hop expects."""
+    if target.startswith("/") or target == "*":
+        return target
+    parts = urllib.parse.urlsplit(target)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+async def _relay(ex: Any, link: trio.SocketStream) -> None:
+    """Send `ex` to the receiving worker and its answer back to the eyeball."""
+    client = h11.Connection(h11.CLIENT)
+    req = ex.request
+    head = client.send(_request_head(ex))
+    await link.send_all(forward_preamble(str(req.client_ip), str(req.scheme)) + head)
+    async with trio.open_nursery() as nursery:
+        if ex.has_body and not ex.websocket:
+            nursery.start_soon(_upload, ex, client, link)
+        else:  # h11 switches protocols only after the request ended
+            await link.send_all(client.send(h11.EndOfMessage()))
+        try:
+            await _respond(ex, client, link)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _upload(ex: Any, client: h11.Connection, link: trio.SocketStream) -> None:
+    try:
+        while (chunk := await ex.read_body()) is not None:
+            if chunk:
+                await link.send_all(client.send(h11.Data(data=chunk)))
+        await link.send_all(client.send(h11.EndOfMessage(headers=ex.request_trailers or [])))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        return  # the response side reports the failure
+    except EyeballGone:
+        with trio.CancelScope(shield=True):
+            await link.aclose()  # the receiving worker sees the eyeball go away
+
+
+async def _next_event(client: h11.Connection, link: trio.SocketStream) -> Any:
+    while True:
+        event = client.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            data = await link.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        client.receive_data(data)
+
+
+def _response_headers(headers: Any) -> Headers:
+    return [(bytes(n), bytes(v)) for n, v in headers if bytes(n).lower() not in HOP_BY_HOP]
+
+
+async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream) -> None:
+    try:
+        while True:
+            event = await _next_event(client, link)
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101 and ex.websocket:
+                    # The switch's own Connection and Upgrade fields go on to the eyeball.
+                    await _websocket(ex, client, link, [(bytes(n), bytes(v)) for n, v in event.headers])
+                    return
+                continue
+            break
+        if not isinstance(event, h11.Response):
+            raise ProtocolError(f"the receiving data centre closed before answering ({type(event).__name__})")
+    except (h11.RemoteProtocolError, ProtocolError) as exc:
+        log.warning("forwarding failed before the response: %s", exc)
+        await send_page(ex, 502, [(b"content-type", b"text/plain")],
+                        b"The data centre this request was forwarded to did not answer.\n")
+        return
+    await ex.start_response(event.status_code, _response_headers(event.headers))
+    try:
+        while True:
+            event = await _next_event(client, link)
+            if isinstance(event, h11.Data):
+                await ex.send_body(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await ex.finish(_response_headers(event.headers) or None)
+                return
+            else:
+                raise ProtocolError("the forwarded response ended early")
+            await ex.flush()
+    except (h11.RemoteProtocolError, ProtocolError) as exc:
+        log.warning("forwarded response failed mid-way; aborting the eyeball response: %s", exc)
+        await ex.abort()
+
+
+async def _websocket(ex: Any, client: h11.Connection, link: trio.SocketStream, headers: Headers) -> None:
+    raw = await ex.upgrade(101, headers)
+    leftover, _ = client.trailing_data
+
+    async def from_link() -> bytes:
+        nonlocal leftover
+        if leftover:
+            data, leftover = bytes(leftover), b""
+            return data
+        return await link.receive_some(READ_SIZE)
+
+    quiet = (trio.BrokenResourceError, trio.ClosedResourceError, EyeballGone)
+    await pipe(Way(raw.receive_some, link.send_all, at_eof=link.send_eof, quiet=quiet, ends_pipe=False,
+                   error_ends_pipe=False),
+               Way(from_link, raw.send_all, quiet=quiet))
+
+
+class _Replayed(trio.abc.Stream):
+    """A stream whose first bytes were already read (what followed the preamble)."""
+
+    def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
+        self.stream = stream
+        self.first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def handle_forwarded(edge: EdgeState[TunnelConnection], stream: trio.SocketStream) -> None:
+    """One connection from another worker: the preamble, then HTTP/1.1 as from the eyeball it names."""
+    buffered = b""
+    try:
+        with trio.fail_after(PREAMBLE_TIMEOUT):
+            while b"\r\n" not in buffered:
+                data = await stream.receive_some(READ_SIZE)
+                if not data or len(buffered) > MAX_PREAMBLE:
+                    raise ProtocolError("no forwarding preamble")
+                buffered += data
+        line, _, rest = buffered.partition(b"\r\n")
+        client_ip, scheme = parse_forward_preamble(line)
+    except (ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        log.warning("forwarding link refused: %s", exc)
+        return
+    ARRIVED_FORWARDED.set(True)  # this task's context only: the connection's requests stop here
+    await handle_h1_connection(edge, _Replayed(stream, rest), scheme=scheme,
+                               client=f"{client_ip} (forwarded)", client_ip=client_ip)

@@ -1,0 +1,160 @@
+"""The edge in two processes (`tunnel-lab edge --processes 2`): forwarding between data centres, faults,
+history and metrics whole in the API, a killed worker reported (docs/architecture.md, "The edge in several
+processes")."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_edge_process import PY, api, get, lab, procs, start, wait_json
+
+__all__ = ["procs"]  # the fixture, imported for these tests
+
+
+def request(address: str, method: str, path: str, host: str, body: bytes | None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://{address}{path}", data=body, method=method,
+                                 headers={"Host": host, "X-Test": "yes"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, resp.read()
+
+
+def wait_for(what: str, check: Any, log: Path, timeout: float = 20) -> Any:
+    """Poll the API-backed `check` until it returns something true (the edge's log on failure)."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: never happened\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    return value
+
+
+def metric(ready: dict[str, Any], name: str, **labels: str) -> float:
+    req_text = api_text(ready, "/metrics")
+    total = 0.0
+    for line in req_text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def api_text(ready: dict[str, Any], path: str) -> str:
+    req = urllib.request.Request(f"http://{ready['api']}{path}",
+                                 headers={"Authorization": f"Bearer {ready['api_token']}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
+              faults: tuple[dict[str, Any], ...] = ()) -> tuple[dict[str, Any], Any, Path]:
+    """A state with tunnel t1 (app.test), a two-process edge over LAB1 (worker 0) and LAB2 (worker 1),
+    an echo origin, `faults` applied, and one of our connectors at each of `locations` (registered unless
+    a fault is set)."""
+    state = tmp_path / "state"
+    lab(state, "tunnel", "create", "t1")
+    lab(state, "tunnel", "route", "dns", "t1", "app.test")
+    creds = next((state / "credentials").glob("*.json"))
+    edge_log = tmp_path / "edge.log"
+    edge = start(procs, [PY, "-m", "tunnel_lab", "edge", "--state", str(state), "--processes", "2",
+                         "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
+                         "--http-listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "edge.json"),
+                         "--shutdown-timeout", "2"], state, edge_log)
+    ready = wait_json(tmp_path / "edge.json", edge, timeout=60)
+    origin = start(procs, [PY, "-m", "tunnel_lab", "origin", "echo", "--listen", "127.0.0.1:0",
+                           "--ready-file", str(tmp_path / "origin.json")], state, tmp_path / "origin.log")
+    origin_url = wait_json(tmp_path / "origin.json", origin)["url"]
+    for fault in faults:
+        api(ready, "/faults", "POST", fault)
+    for listener in ready["tunnel_listeners"]:  # one connector per data centre: each dials only its own
+        if listener["location"] in locations:
+            start(procs, [PY, "-m", "tunnel_lab", "connector", "tunnel", "--no-autoupdate", "--edge",
+                          listener["address"], "--cacert", ready["ca"], "--no-prechecks",
+                          "--ha-connections", "1", "--grace-period", "1s", "run", "--protocol", "http2",
+                          "--credentials-file", str(creds), "--url", origin_url, "t1"],
+                  state, tmp_path / f"connector-{listener['location']}.log")
+    if not faults:
+        wait_for("connector registered", lambda: len(api(ready, "/connections")) == len(locations), edge_log)
+    return ready, edge, edge_log
+
+
+def test_request_reaches_a_tunnel_connected_only_to_the_other_process(tmp_path, procs):
+    ready, edge, edge_log = start_lab(tmp_path, procs, ("LAB2",))
+    workers = ready["processes"]
+    assert [w["locations"] for w in workers] == [["LAB1"], ["LAB2"]]
+    assert len({w["pid"] for w in workers} | {edge.pid}) == 3
+    assert [c["location"] for c in api(ready, "/connections")] == ["LAB2"]
+    # Each request on a new connection: the kernel hands it to either worker; worker 0 has no connection of
+    # the tunnel and forwards to worker 1. Go on until a GET and a POST were both forwarded (the metric says
+    # which request was), each checked end to end like every other.
+    sent = 0
+    forwarded: set[str] = set()
+    while forwarded != {"GET", "POST"}:
+        assert sent < 200, f"never forwarded more than {forwarded}: does worker 0 accept?"
+        before = metric(ready, "tunnel_lab_edge_forwarded_total")
+        method = ("GET", "POST")[sent % 2]
+        body = os.urandom(100_000) if method == "POST" else None
+        status, answer = request(ready["http"], method, f"/echo?n={sent}", "app.test", body)
+        assert status == 200, answer
+        seen = json.loads(answer)
+        assert seen["target"] == f"/echo?n={sent}" and ["X-Test", "yes"] in seen["headers"]
+        assert ["Cf-Connecting-Ip", "127.0.0.1"] in seen["headers"]
+        if body is not None:
+            assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+        if metric(ready, "tunnel_lab_edge_forwarded_total") > before:
+            forwarded.add(method)
+        sent += 1
+    # The merged history has every request once, served at LAB2 by worker 1, in order.
+    history = api(ready, "/history?since=0")
+    assert [e["path"] for e in history] == [f"/echo?n={i}" for i in range(sent)]
+    assert {(e["location"], e["worker"], e["status"]) for e in history} == {("LAB2", 1, 200)}
+    assert api(ready, f"/history?since={history[-1]['seq']}") == []
+    assert [e["seq"] for e in history] == list(range(1, sent + 1))
+    assert metric(ready, "tunnel_lab_edge_requests_total", status="200") == sent
+    edge.send_signal(signal.SIGTERM)
+    assert edge.wait(timeout=30) == 0
+    assert "edge stopped (all processes)" in edge_log.read_text()
+
+
+def test_faults_act_in_both_processes(tmp_path, procs):
+    refuse = {"kind": "refuse-registrations", "should_retry": True}
+    ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB1", "LAB2"), faults=(refuse,))
+    # The connector's first connections (one per data centre, so one per worker) are both refused: the
+    # fault applied through the parent's API acts in both processes.
+    for location in ("LAB1", "LAB2"):
+        wait_for(f"a refusal at {location}", lambda loc=location: metric(
+            ready, "tunnel_lab_edge_registrations_total", result="refused", location=loc) > 0, edge_log)
+    [fault] = api(ready, "/faults")
+    assert fault["kind"] == "refuse-registrations"
+    api(ready, f"/faults/{fault['id']}", "DELETE")
+    conns = wait_for("registered at both", lambda: (c := api(ready, "/connections")) and len(c) == 2 and c,
+                     edge_log, timeout=60)
+    assert sorted(c["location"] for c in conns) == ["LAB1", "LAB2"]
+    dropped = api(ready, "/faults", "POST", {"kind": "drop-connection", "tunnel_id": conns[0]["tunnel_id"]})
+    assert sorted(dropped["connections"]) == sorted(c["id"] for c in conns) and dropped["affected"] == 2
+    assert metric(ready, "tunnel_lab_edge_faults_total", kind="drop-connection") == 1
+    assert metric(ready, "tunnel_lab_edge_faults_total", kind="refuse-registrations") == 1
+    assert "tunnel_lab_edge_request" in api_text(ready, "/metrics")
+
+
+def test_a_killed_worker_is_reported_and_the_other_goes_on(tmp_path, procs):
+    ready, edge, edge_log = start_lab(tmp_path, procs, ("LAB1",))
+    victim = ready["processes"][1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    processes = wait_for("worker 1 reported dead",
+                         lambda: [p for p in api(ready, "/processes") if not p["alive"]], edge_log)
+    assert processes[0]["worker"] == 1 and processes[0]["exit_code"] == -signal.SIGKILL
+    assert metric(ready, "tunnel_lab_edge_worker_up", worker="1") == 0
+    assert metric(ready, "tunnel_lab_edge_worker_up", worker="0") == 1
+    assert "worker 1 (pid" in edge_log.read_text()
+    # worker 0 holds LAB1 and the tunnel's connection: requests are still served
+    for n in range(5):
+        status, _ = get(ready["http"], f"/echo?n={n}", "app.test")
+        assert status == 200
+    assert edge.poll() is None
+    edge.send_signal(signal.SIGTERM)
+    assert edge.wait(timeout=30) == 0
