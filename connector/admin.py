@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 from urllib.parse import urlencode
 
-from tunnel_lab.connector import cfapi
+from tunnel_lab.connector import cfapi, diag
 from tunnel_lab.connector.flags import Flag, UsageError, parse_level
 from tunnel_lab.wire import credentials as wc
 from tunnel_lab.wire.errors import ConfigError, TunnelLabError
@@ -49,6 +49,7 @@ USAGE_EXIT = 255  # cli.Exit(msg, -1)
 LIST_SORT = ("name", "id", "createdAt", "deletedAt", "numConnections")
 INFO_SORT = ("id", "startedAt", "numConnections", "version")  # as cloudflared words it (the key is createdAt)
 _NAME = re.compile(r"^[*_a-zA-Z0-9][-_.a-zA-Z0-9]*$")
+_POOL = re.compile(r"^[_a-zA-Z0-9][-_.a-zA-Z0-9]*$")  # cloudflared's validateName (no wildcard)
 
 
 class CommandError(TunnelLabError):
@@ -88,6 +89,7 @@ SUBCOMMAND_FLAGS: dict[str, tuple[Flag, ...]] = {
     "cleanup": (_flag("connector-id", "str", "c", env=("TUNNEL_CLEANUP_CONNECTOR",)),),
     "token": (CRED_FILE,),
     "route dns": (_flag("overwrite-dns", "bool", "f", env=("TUNNEL_FORCE_PROVISIONING_DNS",)),),
+    "route lb": (),
     "route ip add": (_flag("vnet", "str", "vn"),),
     "route ip show": (OUTPUT, _flag("filter-is-deleted", "bool"), _flag("filter-tunnel-id", "str"),
                       _flag("filter-network-is-subset-of", "str", "nsub"),
@@ -96,13 +98,16 @@ SUBCOMMAND_FLAGS: dict[str, tuple[Flag, ...]] = {
                       _flag("filter-vnet-id", "str")),
     "route ip delete": (_flag("vnet", "str", "vn"),),
     "route ip get": (_flag("vnet", "str", "vn"),),
+    "diag": (_flag("metrics", "str"), _flag("diag-container-id", "str"), _flag("diag-pod-id", "str"),
+             _flag("no-diag-logs", "bool"), _flag("no-diag-metrics", "bool"), _flag("no-diag-system", "bool"),
+             _flag("no-diag-runtime", "bool"), _flag("no-diag-network", "bool")),
     "vnet add": (_flag("default", "bool", "d"),),
     "vnet list": (_flag("id", "str"), _flag("name", "str"), _flag("is-default", "bool"),
                   _flag("show-deleted", "bool"), OUTPUT),
     "vnet delete": (_flag("force", "bool", "f"),),
     "vnet update": (_flag("name", "str", "n"), _flag("comment", "str", "c"), _flag("default", "bool", "d")),
 }
-ADMIN_COMMANDS = ("login", "create", "list", "info", "delete", "cleanup", "token", "route", "vnet")
+ADMIN_COMMANDS = ("login", "create", "list", "info", "delete", "cleanup", "token", "route", "vnet", "diag")
 
 
 @dataclass
@@ -140,9 +145,6 @@ def parse_invocation(words: Sequence[str], tunnel: Mapping[str, Any],
             raise CommandUsageError('This command expects the format "cloudflared tunnel route dns <tunnel '
                                     'name/id> <hostname>"')
         name, rest = f"route {rest[0]}", rest[1:]
-        if name == "route lb":
-            raise CommandError("load balancer routes are not available in the lab (`route lb`): route a "
-                               "hostname with `route dns`")
         if name == "route ip":
             action = rest[0] if rest else ""
             action = {"list": "show"}.get(action, action)
@@ -825,6 +827,48 @@ def route_dns(ctx: Context) -> int:
     return 0
 
 
+# cfapi's LBRouteResult.SuccessSummary, by "load_balancer,pool" (%s: the load balancer, then the pool).
+_LB_SUMMARY = {
+    "new,new": "Created load balancer {0} and added a new pool {1} with this tunnel as an origin",
+    "new,updated": "Created load balancer {0} with an existing pool {1} which was updated to use this tunnel "
+                   "as an origin",
+    "new,unchanged": "Created load balancer {0} with an existing pool {1} which already has this tunnel as "
+                     "an origin",
+    "updated,new": "Added new pool {1} with this tunnel as an origin to load balancer {0}",
+    "updated,updated": "Updated pool {1} to use this tunnel as an origin and added it to load balancer {0}",
+    "updated,unchanged": "Added pool {1}, which already has this tunnel as an origin, to load balancer {0}",
+    "unchanged,updated": "Added this tunnel as an origin in pool {1} which is already used by load balancer "
+                         "{0}",
+    "unchanged,unchanged": "Load balancer {0} already uses pool {1} which has this tunnel as an origin",
+}
+
+
+def route_lb(ctx: Context) -> int:
+    """`route lb TUNNEL HOSTNAME POOL`: cloudflared's lbRouteFromArg checks, then the zone's routes PUT."""
+    inv = ctx.inv
+    if len(inv.args) != 3:
+        raise CommandUsageError('This command expects the format "cloudflared tunnel route lb <tunnel '
+                                'name/id> <hostname> <load balancer pool>"')
+    tunnel_id = ctx.find_id(inv.args[0])
+    lb_name, pool = inv.args[1], inv.args[2]
+    if not lb_name:
+        raise CommandUsageError("The third argument should be the load balancer name")
+    if not valid_hostname(lb_name):
+        raise CommandError(f"{lb_name} is not a valid load balancer name")
+    if not pool:
+        raise CommandUsageError("The fourth argument should be the pool name")
+    if _POOL.match(pool) is None:
+        raise CommandError(f"{pool} is not a valid pool name")
+    api = ctx.api()
+    result = api.call(api.client.route_lb(tunnel_id, lb_name, pool), "add route")
+    doc = result if isinstance(result, dict) else {}
+    key = f"{doc.get('load_balancer', '')},{doc.get('pool', '')}"
+    text = _LB_SUMMARY.get(key, "Something went wrong: failed to modify load balancer {0} with pool {1}; "
+                                "please check traffic manager configuration in the dashboard")
+    log.info("%s tunnelID=%s", text.format(lb_name, pool), tunnel_id)
+    return 0
+
+
 def route_ip_add(ctx: Context) -> int:
     inv = ctx.inv
     if len(inv.args) < 2:
@@ -1037,12 +1081,20 @@ def vnet_update(ctx: Context) -> int:
     return 0
 
 
+def diag_command(ctx: Context) -> int:
+    """`tunnel diag`: collects from a running connector's metrics server (connector.diag)."""
+    if ctx.inv.get("diag-container-id") or ctx.inv.get("diag-pod-id"):
+        raise CommandError("--diag-container-id and --diag-pod-id are not available in the lab: run `tunnel "
+                           "diag` where the connector runs")
+    return diag.run(ctx.inv)
+
+
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "login": login, "create": create, "list": list_tunnels, "info": info, "delete": delete,
-    "cleanup": cleanup, "token": token, "route dns": route_dns, "route ip add": route_ip_add,
-    "route ip show": route_ip_show,
+    "cleanup": cleanup, "token": token, "route dns": route_dns, "route lb": route_lb,
+    "route ip add": route_ip_add, "route ip show": route_ip_show,
     "route ip delete": route_ip_delete, "route ip get": route_ip_get, "vnet add": vnet_add,
-    "vnet list": vnet_list, "vnet delete": vnet_delete, "vnet update": vnet_update,
+    "vnet list": vnet_list, "vnet delete": vnet_delete, "vnet update": vnet_update, "diag": diag_command,
 }
 
 
@@ -1078,13 +1130,22 @@ _USAGE = {
     "cleanup": ("Cleanup tunnel connections", "cleanup [subcommand options] TUNNEL"),
     "token": ("Fetch the credentials token for an existing tunnel (by name or UUID) that allows to run it",
               "token [subcommand options] TUNNEL"),
+    "diag": ("Creates a diagnostic report from a local cloudflared instance", "diag [subcommand options]"),
     "vnet": ("Configure and query virtual networks to manage private IP routes with overlapping IPs.",
              "vnet add|list|delete|update [subcommand options] [NAME|ID]"),
     "route": ("Define which traffic routed from Cloudflare edge to this tunnel",
-              "route [dns TUNNEL HOSTNAME]|[ip add NETWORK TUNNEL [COMMENT]]|[ip show]|[ip delete ID|NETWORK]"
-              "|[ip get IP]"),
+              "route [dns TUNNEL HOSTNAME]|[lb TUNNEL HOSTNAME LB-POOL]|[ip add NETWORK TUNNEL [COMMENT]]"
+              "|[ip show]|[ip delete ID|NETWORK]|[ip get IP]"),
 }
 _FLAG_HELP = {
+    "metrics": "The metrics address of the instance (default: search localhost:20241-20245)",
+    "diag-container-id": "Container ID or name (not in the lab)",
+    "diag-pod-id": "Kubernetes pod (not in the lab)",
+    "no-diag-logs": "Log collection will not be performed",
+    "no-diag-metrics": "Metric collection will not be performed",
+    "no-diag-system": "System information collection will not be performed",
+    "no-diag-runtime": "Runtime information collection will not be performed",
+    "no-diag-network": "Network diagnostics will not be performed (not available in the lab)",
     "output": "Render output using given FORMAT: 'json' or 'yaml'",
     "credentials-file": "Filepath at which to read/write the tunnel credentials",
     "secret": "Base64 encoded secret (at least 32 bytes decoded); random when not given",

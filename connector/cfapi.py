@@ -341,6 +341,11 @@ class ApiClient:
         url = f"{self.base_url.rstrip('/')}/zones/{self.zone_tag}/tunnels/{tunnel_id}/routes"
         return ApiRequest("PUT", url, _json(body))
 
+    def route_lb(self, tunnel_id: uuid.UUID, lb_name: str, pool: str) -> ApiRequest:
+        body = {"type": "lb", "lb_name": lb_name, "lb_pool": pool}
+        url = f"{self.base_url.rstrip('/')}/zones/{self.zone_tag}/tunnels/{tunnel_id}/routes"
+        return ApiRequest("PUT", url, _json(body))
+
     def list_routes(self, params: dict[str, str], page: int) -> ApiRequest:
         query = urlencode(sorted({"tun_types": "cfd_tunnel", **params, "page": str(page)}.items()),
                           quote_via=quote)

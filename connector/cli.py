@@ -28,6 +28,7 @@ from tunnel_lab.connector.edge_addrs import EdgeAddresses, adjust_for_bind, pars
 from tunnel_lab.connector.flags import (
     BY_NAME,
     CONFIG_FLAGS,
+    DIAG_FLAGS,
     FLAGS,
     SECRET_FLAGS,
     Flag,
@@ -207,6 +208,21 @@ def config_flags(res: Resolved) -> dict[str, str]:
             if text != "":
                 out[name] = text
     return out
+
+
+def diag_flags(res: Resolved) -> tuple[tuple[str, str], ...]:
+    """What `/diag/configuration` lists (cloudflared's nonSecretCliFlags): the set flags of `DIAG_FLAGS` that
+    are not empty, as strings; log paths made absolute."""
+    out = []
+    for name in DIAG_FLAGS:
+        if name not in BY_NAME or not res.is_set(name):
+            continue
+        text = value_text(BY_NAME[name], res.get(name))
+        if text and name in ("logfile", "log-directory"):
+            text = os.path.abspath(text)
+        if text:
+            out.append((name, text))
+    return tuple(out)
 
 
 def _edge_addrs(res: Resolved, discover: Discover | None, ip_version: str) -> Discovery:
@@ -480,6 +496,7 @@ def build_settings(res: Resolved, args: Sequence[str], notes: list[str], *,
         management_hostname=str(res.get("management-hostname") or "management.argotunnel.com"),
         management_diagnostics=bool(res.get("management-diagnostics")),
         label=str(res.get("label") or ""),
+        diag_flags=diag_flags(res),
     )
 
 
@@ -499,7 +516,7 @@ class Command:
     sub_flags: dict[str, Any] = field(default_factory=dict)
 
 
-TUNNEL_SUBCOMMANDS_ELSEWHERE = ("diag",)  # cloudflared commands this connector does not have
+TUNNEL_SUBCOMMANDS_ELSEWHERE: tuple[str, ...] = ()  # cloudflared commands this connector does not have
 
 
 def parse_command(argv: Sequence[str]) -> Command:

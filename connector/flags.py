@@ -262,6 +262,26 @@ for _flag in FLAGS:
 CONFIG_FLAGS = ("autoupdate-freq", "no-autoupdate", "retries", "protocol", "loglevel", "transport-loglevel",
                 "origincert", "metrics", "metrics-update-freq", "edge-ip-version", "edge-bind-address",
                 "max-active-flows")
+# The flags whose values `/diag/configuration` may show (cloudflared's nonSecretFlagsList, cmd.go): never a
+# secret. Names this connector does not define are never set, so they never show.
+DIAG_FLAGS = (
+    "config", "autoupdate-freq", "no-autoupdate", "no-prechecks", "metrics", "pidfile", "url", "hello-world",
+    "socks5", "proxy-connect-timeout", "proxy-tls-timeout", "proxy-tcp-keepalive", "proxy-no-happy-eyeballs",
+    "proxy-keepalive-connections", "proxy-keepalive-timeout", "proxy-connection-timeout",
+    "proxy-expect-continue-timeout", "http-host-header", "origin-server-name", "unix-socket",
+    "origin-ca-pool", "no-tls-verify", "no-chunked-encoding", "http2-origin", "management-hostname",
+    "service-op-ip", "local-ssh-port", "ssh-idle-timeout", "ssh-max-timeout", "bucket-name", "region-name",
+    "s3-url-host", "host-key-path", "ssh-server", "bastion", "proxy-address", "proxy-port", "loglevel",
+    "transport-loglevel",
+    "logfile", "log-directory", "trace-output", "is-autoupdated", "edge", "region", "edge-ip-version",
+    "edge-bind-address", "cacert", "hostname", "id", "lb-pool", "api-url", "metrics-update-freq", "tag",
+    "heartbeat-interval", "heartbeat-count", "max-edge-addr-retries", "retries", "ha-connections",
+    "rpc-timeout", "write-stream-timeout", "quic-disable-pmtu-discovery",
+    "quic-connection-level-flow-control-limit", "quic-stream-level-flow-control-limit", "label",
+    "grace-period", "compression-quality", "use-reconnect-token", "dial-edge-timeout", "stdin-control",
+    "name", "ui", "quick-service", "max-fetch-size", "post-quantum", "management-diagnostics", "protocol",
+    "overwrite-dns", "help", "max-active-flows",
+)
 # Never printed (Settings line, environment echo): values are masked as cloudflared does.
 SECRET_FLAGS = ("credentials-contents", "token", "secret-id", "access-key-id", "session-token", "api-key",
                 "api-ca-key")

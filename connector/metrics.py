@@ -1,4 +1,6 @@
-"""The connector's metrics server (docs/protocol.md §10.5): `/ready`, `/healthcheck`, `/metrics`, `/config`.
+"""The connector's metrics server (docs/protocol.md §10.5): `/ready`, `/healthcheck`, `/metrics`, `/config`,
+and the diagnostic endpoints that `tunnel diag` collects (`/diag/tunnel|system|configuration`,
+`/debug/pprof/goroutine|heap`: connector.diag).
 
 `/ready` is the lab's readiness probe: 200 `{"status":200,"readyConnections":N,"connectorId":"..."}`,
 or 503 with `readyConnections` 0. `/metrics` is Prometheus text with cloudflared's metric names.
@@ -9,11 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import h11
 import trio
 
+from tunnel_lab.connector import diag
 from tunnel_lab.connector.http1 import ClientGone, ServerConnection
 from tunnel_lab.connector.state import ConnectorState
 
@@ -23,6 +27,20 @@ log = logging.getLogger(__name__)
 KNOWN_ADDRESSES = tuple(("127.0.0.1", p) for p in range(20241, 20246))
 JSON = [("Content-Type", "application/json")]
 TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+GO_JSON = TEXT  # cloudflared's diagnostic handlers set no type: Go's sniffing names JSON text/plain
+
+
+def _json_line(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"  # as Go's json.Encoder writes
+
+
+DIAG_ROUTES: dict[str, Callable[[ConnectorState], bytes]] = {
+    "/diag/tunnel": lambda state: _json_line(diag.tunnel_state(state)),
+    "/diag/system": lambda state: _json_line(diag.system_information(state.version)),
+    "/diag/configuration": lambda state: _json_line(diag.configuration(state)),
+    "/debug/pprof/goroutine": lambda _state: diag.task_dump(),
+    "/debug/pprof/heap": lambda _state: diag.heap_dump(),
+}
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -137,6 +155,8 @@ async def _handle(stream: trio.SocketStream, state: ConnectorState) -> None:
             elif target == "/config":
                 await conn.respond(200, JSON, json.dumps(state.versioned_config(),
                                                          separators=(",", ":")).encode())
+            elif target in DIAG_ROUTES:
+                await conn.respond(200, GO_JSON, DIAG_ROUTES[target](state))
             elif target == "/quicktunnel":
                 await conn.respond(200, JSON, json.dumps({"hostname": state.quick_tunnel_url},
                                                          separators=(",", ":")).encode())

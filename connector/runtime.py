@@ -31,7 +31,8 @@ _SIGNAL_NAMES: dict[int, str] = {signal.SIGTERM: "terminated", signal.SIGINT: "i
 def _make_state(settings: TunnelSettings) -> ConnectorState:
     """The metrics server's view, with the local configuration installed as version -1."""
     state = ConnectorState(connector_id=settings.connector_id, tunnel_id=settings.credentials.tunnel_id,
-                           version=settings.version, quick_tunnel_url=settings.quick_tunnel_url)
+                           version=settings.version, quick_tunnel_url=settings.quick_tunnel_url,
+                           cli_flags=dict(settings.diag_flags))
     try:
         local = json.loads(settings.local_config_json or b"{}")
     except ValueError:

@@ -143,6 +143,7 @@ class TunnelSettings:
     management_hostname: str = "management.argotunnel.com"
     management_diagnostics: bool = True  # /metrics over the management service
     label: str = ""  # --label: /host_details says `custom:LABEL` instead of the host name
+    diag_flags: tuple[tuple[str, str], ...] = ()  # /diag/configuration: set flags as strings (connector.diag)
     # Timing knobs (docs/connector.md, "Knobs"): no flag sets them; tests pass smaller values here.
     backoff_base: float = 1.0  # per-connIndex retry backoff: attempt k waits up to 2^k * base
     supervisor_backoff_base: float = 10.0  # extra wait after a registered connection dropped

@@ -20,6 +20,7 @@ class ConnectionInfo:
     location: str
     edge_ip: str
     registered_at: float = field(default_factory=time.time)
+    protocol: str = "http2"
 
 
 @dataclass
@@ -47,14 +48,18 @@ class ConnectorState:
     config_version: int = -1
     # The /config body's "config": {"ingress": [...], "warp-routing": {...}, "originRequest": {...}}
     config: dict[str, Any] = field(default_factory=dict)
+    # /diag/configuration: the set flags that cloudflared lists there (connector.diag), as strings
+    cli_flags: dict[str, str] = field(default_factory=dict)
 
     # --- connections
     @property
     def ready_connections(self) -> int:
         return len(self.connections)
 
-    def connection_registered(self, conn_index: int, connection_id: str, location: str, edge_ip: str) -> None:
-        self.connections[conn_index] = ConnectionInfo(conn_index, str(connection_id), location, edge_ip)
+    def connection_registered(self, conn_index: int, connection_id: str, location: str, edge_ip: str,
+                              protocol: str = "http2") -> None:
+        self.connections[conn_index] = ConnectionInfo(conn_index, str(connection_id), location, edge_ip,
+                                                      protocol=protocol)
         for key in list(self.locations_seen):
             if key[0] == conn_index:
                 self.locations_seen[key] = 0

@@ -166,7 +166,7 @@ class Supervisor:
         if self.state is not None and conn.details is not None:
             details = conn.details
             self.state.connection_registered(conn.conn_index, str(details.uuid), details.location_name,
-                                             conn.edge_ip)
+                                             conn.edge_ip, getattr(conn, "protocol", HTTP2))
 
     def _unregistered(self, conn: EdgeConnection) -> None:
         self._ready = max(0, self._ready - 1)

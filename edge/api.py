@@ -17,6 +17,7 @@ import h11
 import trio
 from h2.errors import ErrorCodes
 
+from tunnel_lab.edge import v4api
 from tunnel_lab.edge.live import serve_live
 from tunnel_lab.edge.state import EdgeState, connection_json, parse_fault
 from tunnel_lab.edge.tunnel import TunnelConnection
@@ -291,7 +292,7 @@ def _declared_length(request: h11.Request) -> int:
     return int(value) if value.isdigit() else 0
 
 
-async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, ctype: str, payload: bytes,
+async def _answer(stream: trio.abc.Stream, conn: h11.Connection, status: int, ctype: str, payload: bytes,
                   *, close: bool = False) -> None:
     headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode())]
     if status == 401:
@@ -304,8 +305,18 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, status: int, 
 
 
 async def handle_api_connection(edge: EdgeState[TunnelConnection], control: EdgeControl,
-                                stream: trio.SocketStream, peer: tuple[str, int]) -> None:
-    """Serve management API requests on one connection (keep-alive)."""
+                                tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
+    """Serve management API requests on one connection (keep-alive), plain HTTP or HTTPS under the lab
+    CA: the first byte tells (a TLS handshake record starts with 0x16), so one port serves both."""
+    stream: trio.abc.Stream = tcp
+    try:
+        with trio.fail_after(30):
+            stream = await v4api.maybe_tls(edge, tcp)
+    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        log.debug("api connection ended before its first request: %r remote=%s:%d", exc, *peer)
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+        return
     conn = h11.Connection(h11.SERVER)
     expected = f"Bearer {control.api_token}".encode()
     limit = edge.config.api_max_body
@@ -318,7 +329,7 @@ async def handle_api_connection(edge: EdgeState[TunnelConnection], control: Edge
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         data = await stream.receive_some(65536)
-                        conn.receive_data(data)
+                        conn.receive_data(bytes(data))
                         continue
                     if isinstance(event, h11.Request):
                         request = event
@@ -350,7 +361,10 @@ async def handle_api_connection(edge: EdgeState[TunnelConnection], control: Edge
                 continue
             auth = dict(request.headers).get(b"authorization", b"")
             try:
-                if target.split("?")[0] == "/healthz" and method == "GET":
+                if v4api.is_v4_target(target):  # cert.pem tokens, not the management token: edge/v4api.py
+                    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+                    status, ctype, payload = await v4api.answer(edge, method, target, headers, bytes(body))
+                elif target.split("?")[0] == "/healthz" and method == "GET":
                     status, ctype, payload = 200, "application/json", b'{"status":"ok"}\n'
                 elif not hmac.compare_digest(bytes(auth), expected):
                     raise ApiError(401, "missing or wrong bearer token (see STATE/api-token)")

@@ -66,7 +66,8 @@ class EyeballCertificates:
             except ConfigError as exc:
                 log.info("TLS refused for an invalid SNI name: %s", exc)
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-            if name not in on_demand and self._tunnels.resolve_hostname(name) is None:
+            if (name not in on_demand and self._tunnels.resolve_hostname(name) is None
+                    and self._tunnels.load_balancer(name) is None):
                 # Every unrouted name costs a key pair and two files: a client inventing names must not
                 # fill the disk. Past the limit, unrouted names get the default (localhost) certificate.
                 if len(on_demand) >= limit:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 import trio
 from h2.errors import ErrorCodes
 
-from tunnel_lab.edge import access, management, pages, waf
+from tunnel_lab.edge import access, lb, management, pages, waf
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.pipe import Way, pipe, receive_acked
 from tunnel_lab.transport.tunnel import (
@@ -196,13 +196,16 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
             await _management(edge, ex, result, verdict)
             return
         tunnel = edge.tunnels.resolve_hostname(host) if host else None
+        conn = None
+        if tunnel is None and host:
+            tunnel, conn = lb.pick(edge, host)  # a load balancer's hostname (`route lb`)
         result.tunnel = tunnel
         if tunnel is None:
             result.status, result.outcome = 404, "no-route"
             log.info("no route for host=%r ray=%s", host, result.ray)
             await send_page(ex, 404, *pages.no_route_page(host, result.ray))
             return
-        conn = edge.registry.pick(tunnel.id)
+        conn = conn or edge.registry.pick(tunnel.id)
         if conn is None:
             result.status, result.outcome = 530, "no-connection"
             log.info("no healthy connection tunnel=%s host=%r ray=%s", tunnel.id, host, result.ray)

@@ -523,6 +523,16 @@ class TunnelsView:
         self._hosts[host] = tunnel
         return tunnel
 
+    def load_balancer(self, host: str) -> Any:
+        """The pools (lists of tunnels) of the load balancer for a Host value, or None (`route lb`)."""
+        self.resolve_hostname(host)  # refreshes the cache when the store changed
+        key = "lb:" + host
+        try:
+            return self._hosts[key]
+        except KeyError:
+            pools = self._hosts[key] = self.store.load_balancer(host)
+            return pools
+
     def by_id(self, tunnel_id: uuid.UUID) -> Any:
         """The tunnel with this id, or None (registration is rare: always asks the store)."""
         return self.store.tunnel_by_id(tunnel_id)
@@ -549,6 +559,8 @@ class EdgeState(Generic[C]):
     pushed_configs: dict[str, bytes] = field(default_factory=dict)  # tunnel id -> last local config
     access: Any = None  # edge.access.AccessGate, made on first use
     waf: Any = None  # edge.waf.WafGate, made on first use
+    lb_turns: dict[str, int] = field(default_factory=dict)  # load balancer hostname -> requests so far
+    v4api: Any = None  # lab.v4api.V4Api for the v4 API on the management port (edge.v4api), made on first use
     default_location: str = "LAB"
     trace: Any = None  # transport.trace.Tracer with `--trace`, else None (each hook checks this once)
     # In a worker of a multi-process edge (edge/forward.py): sends a request for a tunnel with no routable

@@ -229,6 +229,14 @@ def _cmd_route_dns(args: argparse.Namespace, state: Path, store: Store) -> int:
     return 0
 
 
+def _cmd_route_lb(args: argparse.Namespace, state: Path, store: Store) -> int:
+    tunnel = store.require_tunnel(args.tunnel)
+    lb_change, pool_change = store.route_lb(tunnel, args.hostname, args.pool)
+    print(f"Load balancer {args.hostname} ({lb_change}) uses pool {args.pool} ({pool_change}), which has "
+          f"this tunnel as an origin tunnelID={tunnel.id}")
+    return 0
+
+
 def _cmd_route_ip_add(args: argparse.Namespace, state: Path, store: Store) -> int:
     route = store.route_ip(args.cidr, args.tunnel)
     print(f"Successfully added route for {route.target} over tunnel {route.tunnel_id}")
@@ -304,6 +312,15 @@ def _tunnel_parser() -> _Parser:
     p.add_argument("--overwrite-dns", "-f", action="store_true",
                    help="take the hostname over if it routes to another tunnel")
     p.set_defaults(func=_cmd_route_dns)
+
+    p = route_subs.add_parser("lb", help="make a tunnel an origin of a load balancer's pool",
+                              description="The tunnel joins POOL and POOL joins the load balancer HOSTNAME, "
+                              "each created if needed (cloudflared `tunnel route lb`).")
+    _add_state(p)
+    p.add_argument("tunnel", metavar="NAME_OR_UUID")
+    p.add_argument("hostname", metavar="HOSTNAME")
+    p.add_argument("pool", metavar="POOL")
+    p.set_defaults(func=_cmd_route_lb)
 
     ip = route_subs.add_parser("ip", help="route private networks (CIDR) to a tunnel",
                                description=f"`{PROG} tunnel route ip CIDR NAME` is short for `... ip add`.")

@@ -49,8 +49,7 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def main(argv: Sequence[str]) -> int:
-    """`tunnel-lab login [--state DIR] [--path FILE] [--force]`."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunnel-lab login",
         description="Write a cert.pem for the lab account (what `cloudflared tunnel login` saves after the "
@@ -59,7 +58,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--path", metavar="FILE", help="where to write it (default ~/.cloudflared/cert.pem, "
                    "the first place cloudflared looks)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    args = p.parse_args(list(argv))
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    """`tunnel-lab login [--state DIR] [--path FILE] [--force]`."""
+    args = _parser().parse_args(list(argv))
     target = Path(args.path).expanduser() if args.path else Path.home() / ".cloudflared" / "cert.pem"
     try:
         state = state_dir(args.state)

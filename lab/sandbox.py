@@ -232,7 +232,7 @@ async def run_sandbox(command: Sequence[str], layout: Layout, *, cloudflared: Pa
     ipv6 = ipv6 and _add_ipv6_addresses([*(a for pair in REGIONS6.values() for a in pair), EYEBALLS6])
     zone = LabZone(regions=regions(ipv6),
                    services=SERVICES, eyeballs=EYEBALLS, eyeballs6=EYEBALLS6 if ipv6 else None,
-                   routed=lambda name: store.resolve_hostname(name) is not None,
+                   routed=store.is_routed,
                    protocols=DEFAULT_PROTOCOLS if quic else HTTP2_ONLY)
     # Signals are watched from the start: one that arrives while the lab starts aborts the start-up
     # (PID 1 of a namespace would otherwise ignore it); later ones go to COMMAND.

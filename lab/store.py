@@ -11,7 +11,9 @@ Semantics (what the real Cloudflare API does, reduced to one account):
 - a hostname route maps an exact name or a `*.suffix` wildcard (any depth, not the suffix itself)
   to a tunnel; names are compared case-insensitively in their IDNA (punycode) form and a port is
   ignored; an exact route beats a wildcard and the longest wildcard wins;
-- an IP route maps a CIDR (IPv4 or IPv6) to a tunnel; the most specific network wins.
+- an IP route maps a CIDR (IPv4 or IPv6) to a tunnel; the most specific network wins;
+- a load balancer (`route lb`) maps an exact hostname to pools in the order they were added, a pool
+  (named) holds tunnels as origins; a hostname is either a DNS route or a load balancer, never both.
 """
 
 from __future__ import annotations
@@ -227,9 +229,28 @@ class _Snapshot:
     exact: dict[str, uuid.UUID]
     wildcard: dict[str, uuid.UUID]  # suffix without the "*."
     networks: list[tuple[IPNetwork, uuid.UUID]]  # most specific first
+    # load balancer hostname -> its pools in the order they were added, each its tunnels (oldest first)
+    balancers: dict[str, list[tuple[uuid.UUID, ...]]] = field(default_factory=dict)
 
 
 # -- the store ------------------------------------------------------------------------------------
+# Load balancers (`route lb`), created on open also in stores made before they existed.
+_LB_SCHEMA = """
+CREATE TABLE IF NOT EXISTS lb_pool_origins (
+    pool TEXT NOT NULL,
+    tunnel_id TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (pool, tunnel_id)
+);
+CREATE TABLE IF NOT EXISTS load_balancers (
+    hostname TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (hostname, pool)
+)
+"""
+POOL_NAME = re.compile(r"^[_a-zA-Z0-9][-_.a-zA-Z0-9]{0,255}$")  # cloudflared's validateName, bounded
+
 
 class Store:
     """The tunnel store in one SQLite file. Safe to share between threads and processes."""
@@ -258,6 +279,7 @@ class Store:
                     raise StoreError(f"{self.path}: cannot switch the store to WAL mode (got {mode})")
                 self._db.execute("PRAGMA synchronous = NORMAL")
                 self._init_schema()
+                self._init_lb_schema()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the tunnel store: {exc}") from exc
         except OSError as exc:
@@ -314,6 +336,22 @@ class Store:
             raise
         self._db.execute("COMMIT")
 
+    def _init_lb_schema(self) -> None:
+        have = {row[0] for row in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('lb_pool_origins', "
+            "'load_balancers')")}
+        if len(have) == 2:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _LB_SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction that also bumps the version counter."""
@@ -362,6 +400,10 @@ class Store:
                     ).fetchall()
                     h_rows = self._db.execute("SELECT hostname, tunnel_id FROM hostname_routes").fetchall()
                     i_rows = self._db.execute("SELECT network, tunnel_id FROM ip_routes").fetchall()
+                    lb_rows = self._db.execute(
+                        "SELECT b.hostname, b.pool, o.tunnel_id FROM load_balancers b "
+                        "LEFT JOIN lb_pool_origins o ON o.pool = b.pool "
+                        "ORDER BY b.hostname, b.created_at, b.pool, o.created_at, o.tunnel_id").fetchall()
                 finally:
                     self._db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -379,7 +421,13 @@ class Store:
                     exact[hostname] = uuid.UUID(tid)
             networks = [(ipaddress.ip_network(net), uuid.UUID(tid)) for net, tid in i_rows]
             networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
-            self._snapshot = _Snapshot(version, tunnels, exact, wildcard, networks)
+            pools: dict[str, dict[str, list[uuid.UUID]]] = {}
+            for hostname, pool, tid in lb_rows:
+                members = pools.setdefault(hostname, {}).setdefault(pool, [])
+                if tid is not None:
+                    members.append(uuid.UUID(tid))
+            balancers = {h: [tuple(m) for m in by_pool.values()] for h, by_pool in pools.items()}
+            self._snapshot = _Snapshot(version, tunnels, exact, wildcard, networks, balancers)
             return self._snapshot
 
     # -- tunnels
@@ -467,6 +515,8 @@ class Store:
         name = normalize_hostname(hostname, allow_wildcard=True)
         t = self.require_tunnel(tunnel)
         with self._write() as db:
+            if db.execute("SELECT 1 FROM load_balancers WHERE hostname = ?", (name,)).fetchone():
+                raise ConfigError(f"{name} is a load balancer (`route lb`), not a DNS route")
             row = db.execute("SELECT tunnel_id FROM hostname_routes WHERE hostname = ?", (name,)).fetchone()
             if row is not None and row[0] != str(t.id) and not overwrite:
                 other = db.execute("SELECT name FROM tunnels WHERE id = ?", (row[0],)).fetchone()
@@ -479,6 +529,48 @@ class Store:
         route = self.find_route(name)
         assert route is not None
         return route
+
+    def route_lb(self, tunnel: Tunnel | str | uuid.UUID, hostname: str, pool: str) -> tuple[str, str]:
+        """Make `tunnel` an origin of `pool` and `pool` a pool of the load balancer `hostname`, creating
+        either as needed; returns what changed for each (`new`, `updated` or `unchanged`), as the API
+        answers `route lb`. A hostname routed by `route dns` is a `ConfigError`."""
+        name = normalize_hostname(hostname)
+        if not POOL_NAME.match(pool):
+            raise ConfigError(f"{pool!r} is not a valid pool name",
+                              hint="letters, digits, '-', '_' and '.', not starting with '-' or '.'")
+        t = self.require_tunnel(tunnel)
+        now = _now().isoformat()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM hostname_routes WHERE hostname = ?", (name,)).fetchone():
+                raise ConfigError(f"{name} is routed to a tunnel by a DNS route: it cannot also be a load "
+                                  "balancer", hint="delete the DNS route first")
+            origins = {row[0] for row in db.execute("SELECT tunnel_id FROM lb_pool_origins WHERE pool = ?",
+                                                    (pool,))}
+            pool_change = "unchanged" if str(t.id) in origins else "updated" if origins else "new"
+            pools = {row[0] for row in db.execute("SELECT pool FROM load_balancers WHERE hostname = ?",
+                                                  (name,))}
+            lb_change = "unchanged" if pool in pools else "updated" if pools else "new"
+            db.execute("INSERT OR IGNORE INTO lb_pool_origins(pool, tunnel_id, created_at) VALUES (?,?,?)",
+                       (pool, str(t.id), now))
+            db.execute("INSERT OR IGNORE INTO load_balancers(hostname, pool, created_at) VALUES (?,?,?)",
+                       (name, pool, now))
+        return lb_change, pool_change
+
+    def load_balancer(self, host: str) -> list[list[Tunnel]] | None:
+        """The pools of the load balancer serving `host` (a Host value), each its tunnels, or None."""
+        try:
+            name = normalize_hostname(strip_port(host))
+        except ConfigError:
+            return None
+        snap = self._load()
+        pools = snap.balancers.get(name)
+        if pools is None:
+            return None
+        return [[snap.tunnels[tid] for tid in pool if tid in snap.tunnels] for pool in pools]
+
+    def is_routed(self, host: str) -> bool:
+        """Whether a DNS route or a load balancer serves `host` (what the sandbox's DNS answers)."""
+        return self.resolve_hostname(host) is not None or self.load_balancer(host) is not None
 
     def route_ip(self, cidr: str, tunnel: Tunnel | str | uuid.UUID) -> Route:
         """Route the network `cidr` to `tunnel` (`ConfigError` if that exact network is routed)."""

@@ -236,6 +236,8 @@ def banner(info: dict[str, Any], enter: str = "") -> str:
         f'  {enter}curl -H "Authorization: Bearer $(cat {q(info["api_token_file"])})" http://{info["api"]}/history',
         f"Live view: http://{info['api']}/live (paste the same token; docs/live.md)"
         + (f"; protocol trace: {info['trace']}" if info.get("trace") else ""),
+        f"Cloudflare v4 API: https://{info['api']}/client/v4 (lab CA {info['ca']}; docs/sandbox.md), "
+        f"a cert.pem for it: `tunnel-lab login --state {q(str(info['state']))} --path cert.pem`",
         f"Logs: {info['logs']}/",
         "Press Ctrl-C (or send SIGTERM) to stop the lab.",
     ]

@@ -8,9 +8,9 @@ connections and returns the answer; `lab/services.py` is the HTTPS shell. Facts 
 text only when `Content-Type` is exactly `application/json`. Times are RFC 3339 text.
 
 Error codes: 9106 (no Authorization header), 10000 (a token the API does not know), 1013 (duplicate
-tunnel name), 1003 (a hostname another tunnel holds), 7003/7000 (no such route) and 7001 (method) are
-what the real API answers (seen in public reports); the others are marked `lab` below: chosen by us
-where the real code is not known, documented in docs/sandbox.md.
+tunnel name), 1003 (a hostname another tunnel holds; for load balancers the lab's choice), 7003/7000
+(no such route) and 7001 (method) are what the real API answers (seen in public reports); the others
+are marked `lab` below: chosen by us where the real code is not known, documented in docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ class V4Api:
         data = self._json_body(body)
         kind = data.get("type")
         if kind == "lb":
-            raise V4ApiError(501, 1023, "the lab does not have load balancers yet")  # lab
+            return self._route_lb(tunnel, data)
         if kind != "dns":
             raise V4ApiError(400, 1001, f"unknown route type {kind!r}: use dns or lb")  # lab
         hostname = data.get("user_hostname")
@@ -354,6 +354,9 @@ class V4Api:
             raise V4ApiError(400, 1001,  # lab
                              "user_hostname must be a string and overwrite_existing a boolean")
         name = normalize_hostname(hostname, allow_wildcard=True)
+        if self.store.load_balancer(name) is not None:
+            raise V4ApiError(400, 1003, f"Failed to create record {name} with err a load balancer "  # lab
+                             "with that host already exists.")
         existing = self.store.find_route(name)
         if existing is not None and existing.tunnel_id == tunnel.id:
             return success({"cname": "unchanged", "name": name})
@@ -363,6 +366,18 @@ class V4Api:
         self.store.route_dns(tunnel, name, overwrite=True)
         # An overwrite answers "new" too: cloudflared's cfapi notes that the API does not return "updated".
         return success({"cname": "new", "name": name})
+
+    def _route_lb(self, tunnel: Tunnel, data: Mapping[str, Any]) -> ApiResponse:
+        """`route lb`: the tunnel becomes an origin of the pool, the pool a pool of the load balancer."""
+        lb_name, pool = data.get("lb_name"), data.get("lb_pool")
+        if not isinstance(lb_name, str) or not isinstance(pool, str) or not lb_name or not pool:
+            raise V4ApiError(400, 1001, "lb_name and lb_pool are required strings")  # lab
+        name = normalize_hostname(lb_name)
+        if self.store.find_route(name) is not None:
+            raise V4ApiError(400, 1003, f"Failed to create load balancer {name} with err "  # lab
+                             "An A, AAAA, or CNAME record with that host already exists.")
+        lb_change, pool_change = self.store.route_lb(tunnel, name, pool)
+        return success({"load_balancer": lb_change, "pool": pool_change})
 
 
 def parse_live(payload: bytes) -> list[LiveConnection]:

@@ -138,6 +138,21 @@ def test_route_dns(lab: Lab) -> None:
         assert store.resolve_hostname("www.example.com").name == "web"  # type: ignore[union-attr]
 
 
+def test_route_lb(lab: Lab) -> None:
+    lab.ok("create", "web")
+    lab.ok("create", "api")
+    assert "Load balancer lb.example.com (new) uses pool p1 (new)" in lab.ok("route", "lb", "web",
+                                                                             "lb.example.com", "p1")
+    assert "(unchanged) uses pool p1 (updated)" in lab.ok("route", "lb", "api", "lb.example.com", "p1")
+    lab.ok("route", "dns", "web", "app.example.com")
+    assert "cannot also be a load balancer" in lab.fails("route", "lb", "api", "app.example.com", "p1")
+    assert "is a load balancer" in lab.fails("route", "dns", "--overwrite-dns", "api", "lb.example.com")
+    assert "not a valid pool name" in lab.fails("route", "lb", "api", "x.example.com", ".p")
+    with lab.store() as store:
+        pools = store.load_balancer("lb.example.com")
+        assert pools is not None and [[t.name for t in p] for p in pools] == [["web", "api"]]
+
+
 def test_route_ip_forms_and_show(lab: Lab) -> None:
     lab.ok("create", "web")
     lab.ok("create", "vpn")

@@ -810,12 +810,6 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert "version 2026.8.2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sub", ["diag"])
-def test_missing_subcommands_say_so(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["tunnel", sub, "x"]) == 1
-    assert f"`tunnel {sub}` is not implemented" in capsys.readouterr().err
-
-
 def test_tunnel_without_run(lab: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (lab / "t.yml").write_text(f"tunnel: {TUNNEL_ID}\n")
     assert cli.main(["tunnel", "--config", "t.yml"]) == 1

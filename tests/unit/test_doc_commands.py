@@ -97,6 +97,7 @@ def _netns(argv: list[str]) -> None:
 
 def parsers() -> dict[str, Callable[[list[str]], None]]:
     from tunnel_lab.edge.cli import build_parser as edge_parser
+    from tunnel_lab.lab.login import _parser as login_parser
     from tunnel_lab.lab.runner.cli import build_parser as run_parser
     from tunnel_lab.lab.sandbox import _parser as sandbox_parser
     from tunnel_lab.lab.up import build_parser as up_parser
@@ -112,6 +113,7 @@ def parsers() -> dict[str, Callable[[list[str]], None]]:
         "pki": _admin("pki"),
         "netns": _netns,
         "sandbox": _argparse(sandbox_parser),
+        "login": _argparse(login_parser),
     }
 
 

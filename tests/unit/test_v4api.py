@@ -169,8 +169,76 @@ def test_route_dns_new_unchanged_overwrite_and_conflict(client: Client, store: S
     assert route(two, "app.example.com", True).body["result"]["cname"] == "new"
     assert store.resolve_hostname("app.example.com").name == "two"  # type: ignore[union-attr]
     assert error(route(one, "not a host"))[:2] == (400, 1001)
-    assert error(client.call("PUT", f"/zones/{client.zone}/tunnels/{one}/routes",
-                             {"type": "lb", "lb_name": "x", "lb_pool": "y"}))[:2] == (501, 1023)
+
+
+def test_lb_routes_answer_what_changed_as_cfapi_reads_it(client: Client, store: Store) -> None:
+    one, two, three = (client.create(n)["id"] for n in ("one", "two", "three"))
+
+    def lb(tid: str, name: str, pool: str) -> ApiResponse:
+        return client.call("PUT", f"/zones/{client.zone}/tunnels/{tid}/routes",
+                           {"type": "lb", "lb_name": name, "lb_pool": pool})
+
+    def changed(resp: ApiResponse) -> tuple[str, str]:
+        assert resp.status == 200, resp.body
+        return resp.body["result"]["load_balancer"], resp.body["result"]["pool"]
+
+    assert changed(lb(one, "LB.example.com", "pool-a")) == ("new", "new")
+    assert changed(lb(one, "lb.example.com", "pool-a")) == ("unchanged", "unchanged")
+    assert changed(lb(two, "lb.example.com", "pool-a")) == ("unchanged", "updated")
+    assert changed(lb(three, "lb.example.com", "pool-b")) == ("updated", "new")
+    assert changed(lb(one, "lb.example.com", "pool-b")) == ("unchanged", "updated")
+    assert changed(lb(two, "other.example.com", "pool-a")) == ("new", "unchanged")
+    assert changed(lb(three, "third.example.com", "pool-a")) == ("new", "updated")
+    assert changed(lb(one, "fourth.example.com", "pool-c")) == ("new", "new")
+    assert changed(lb(one, "fourth.example.com", "pool-b")) == ("updated", "unchanged")
+    pools = store.load_balancer("lb.example.com:443")
+    assert pools is not None
+    assert [[t.name for t in pool] for pool in pools] == [["one", "two", "three"], ["three", "one"]]
+    assert store.is_routed("lb.example.com") and store.resolve_hostname("lb.example.com") is None
+
+
+def test_lb_route_bad_input_and_conflicts_write_nothing(client: Client, store: Store) -> None:
+    one = client.create("one")["id"]
+    path = f"/zones/{client.zone}/tunnels/{one}/routes"
+    client.call("PUT", path, {"type": "dns", "user_hostname": "app.example.com"})
+    client.call("PUT", path, {"type": "lb", "lb_name": "lb.example.com", "lb_pool": "p"})
+    before = store.version()
+    for body in ({"type": "lb", "lb_name": "lb.example.com"}, {"type": "lb", "lb_pool": "p"},
+                 {"type": "lb", "lb_name": 5, "lb_pool": "p"}, {"type": "lb", "lb_name": "", "lb_pool": "p"},
+                 {"type": "lb", "lb_name": "not a host", "lb_pool": "p"},
+                 {"type": "lb", "lb_name": "*.example.com", "lb_pool": "p"},
+                 {"type": "lb", "lb_name": "x.example.com", "lb_pool": "-bad"},
+                 {"type": "lb", "lb_name": "x.example.com", "lb_pool": "has space"}):
+        assert error(client.call("PUT", path, body))[:2] == (400, 1001), body
+    assert error(client.call("PUT", path, raw=b'{"type": "lb",'))[:2] == (400, 1001)
+    # A hostname is a DNS route or a load balancer, never both, whichever came first.
+    status, code, message = error(client.call("PUT", path, {"type": "lb", "lb_name": "app.example.com",
+                                                             "lb_pool": "p"}))
+    assert (status, code) == (400, 1003) and "already exists" in message
+    for overwrite in (False, True):
+        status, code, message = error(client.call("PUT", path, {
+            "type": "dns", "user_hostname": "lb.example.com", "overwrite_existing": overwrite}))
+        assert (status, code) == (400, 1003) and "load balancer" in message
+    assert store.version() == before
+    other = client.call("PUT", f"/zones/{client.zone}/tunnels/{uuid.uuid4()}/routes",
+                        {"type": "lb", "lb_name": "x.example.com", "lb_pool": "p"})
+    assert error(other)[:2] == (404, 1002)
+    wrong_zone = client.call("PUT", f"/zones/{'0' * 32}/tunnels/{one}/routes",
+                             {"type": "lb", "lb_name": "x.example.com", "lb_pool": "p"})
+    assert error(wrong_zone)[:2] == (403, 10000)
+    assert Client(client.api, "lab-wrong").call("PUT", path, {
+        "type": "lb", "lb_name": "x.example.com", "lb_pool": "p"}).status == 403
+    assert store.version() == before
+
+
+def test_deleting_a_tunnel_takes_it_out_of_its_pools(client: Client, store: Store) -> None:
+    one, two = (client.create(n)["id"] for n in ("one", "two"))
+    for tid in (one, two):
+        client.call("PUT", f"/zones/{client.zone}/tunnels/{tid}/routes",
+                    {"type": "lb", "lb_name": "lb.example.com", "lb_pool": "p"})
+    assert client.call("DELETE", client.tunnels(f"/{one}")).status == 200
+    pools = store.load_balancer("lb.example.com")
+    assert pools is not None and [[t.name for t in p] for p in pools] == [["two"]]
 
 
 @pytest.mark.parametrize(("headers", "token", "expected"), [

@@ -1,0 +1,159 @@
+"""`tunnel diag` and `tunnel info` with both connectors: each diag collects from each connector's metrics
+server, and `info` prints the same connector table (several connectors, connections in several data
+centres) from either binary. The real cloudflared runs only inside a private network namespace, with the
+whole lab (the API on the edge's management port: docs/sandbox.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunnel_lab.lab.runner import netns
+
+TIMEOUT = 240
+CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
+OK, WHY = netns.available()
+needs_real = [
+    pytest.mark.skipif(not OK, reason=f"no private network namespaces here: {WHY}"),
+    pytest.mark.skipif(not CLOUDFLARED, reason="set TUNNEL_LAB_CLOUDFLARED to a cloudflared binary"),
+]
+
+# argv: connector (builtin or a cloudflared path), diag command (same), output directory. Prints JSON.
+DIAG = r'''
+import json, subprocess, sys, zipfile
+from pathlib import Path
+from tunnel_lab.lab.api import start_lab
+
+connector, differ, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+ours = [sys.executable, "-m", "tunnel_lab", "connector"]
+with start_lab(datacentres=3) as lab:
+    tunnel = lab.create_tunnel("app", hostnames=["app.lab.test"])
+    origin = lab.start_origin("echo")
+    c = lab.start_connector(tunnel, url=origin.url, ha_connections=2,
+                            cloudflared=None if connector == "builtin" else connector)
+    command = [*(ours if differ == "builtin" else [differ]), "tunnel", "diag", "--metrics", c.metrics,
+               "--no-diag-network"]
+    done = subprocess.run(command, cwd=out, capture_output=True, text=True, timeout=120)
+    [archive] = out.glob("cloudflared-diag-*.zip")
+    with zipfile.ZipFile(archive) as zf:
+        files = {name: zf.read(name).decode(errors="replace") for name in zf.namelist()}
+    conns = lab.connections()
+    edges = sorted(lab.edge.datacentres[c["location"]] for c in conns)
+    print(json.dumps({"exit": done.returncode, "log": done.stderr, "files": files, "tunnel": tunnel.id,
+                      "edges": edges, "connector": conns[0]["connector_id"]}))
+'''
+
+# argv: cloudflared path or "builtin" for the second connector; prints each binary's `info` outputs.
+INFO = r'''
+import json, os, subprocess, sys
+from tunnel_lab.lab.api import Tunnel, start_lab
+from tunnel_lab.lab.login import issue_origin_cert
+
+second = sys.argv[1]
+ours = [sys.executable, "-m", "tunnel_lab", "connector"]
+with start_lab(datacentres=4) as lab:
+    home = lab.state / "home"
+    (home / ".cloudflared").mkdir(parents=True)
+    cert = home / ".cloudflared" / "cert.pem"
+    cert.write_bytes(issue_origin_cert(lab.state))
+    env = {**os.environ, "HOME": str(home), "SSL_CERT_FILE": str(lab.ca)}
+
+    def admin(base, *args):
+        url = f"https://{lab.edge.api}/client/v4"
+        done = subprocess.run([*base, "tunnel", "--api-url", url, "--origincert", str(cert), *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+        return [done.returncode, done.stdout, done.stderr]
+
+    admin(ours, "create", "app")
+    tid = json.loads(admin(ours, "list", "-o", "json")[1])[0]["id"]
+    origin = lab.start_origin("echo")
+    creds = home / ".cloudflared" / f"{tid}.json"
+    lab.start_connector(Tunnel("app", tid, creds), url=origin.url, ha_connections=3, name="c1")
+    lab.start_connector(Tunnel("app", tid, creds), url=origin.url, ha_connections=2, name="c2",
+                        cloudflared=None if second == "builtin" else second)
+    binaries = {"ours": ours, **({} if second == "builtin" else {"real": [second]})}
+    outputs = {name: [admin(base, *args) for args in (["info", "app"], ["info", "--sort-by", "numConnections",
+                                                                          "--invert-sort", "app"])]
+               for name, base in binaries.items()}
+    print(json.dumps(outputs))
+'''
+
+
+def run(script: str, *args: str, inside_netns: bool) -> dict[str, object]:
+    prefix = [sys.executable, "-m", "tunnel_lab", "netns", "--"] if inside_netns else []
+    done = subprocess.run([*prefix, sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def check_diag(found: dict[str, object]) -> None:
+    log = str(found["log"])
+    assert found["exit"] == 0, log
+    assert "Selected server http://127.0.0.1:" in log and "Diagnostic file written: cloudflared-diag-" in log
+    files: dict[str, str] = found["files"]  # type: ignore[assignment]
+    assert set(files) == {"tunnelstate.json", "systeminformation.json", "goroutine.pprof", "heap.pprof",
+                          "metrics.txt", "cli-configuration.json", "configuration.json", "task-result.json"}
+    state = json.loads(files["tunnelstate.json"])
+    assert (state["tunnelID"], state["connectorID"]) == (found["tunnel"], found["connector"])
+    edges = sorted(f"{c['edgeAddress']}" for c in state["connections"])
+    assert edges == sorted(str(e).rpartition(":")[0] for e in found["edges"])  # type: ignore[union-attr]
+    assert sorted(c.get("index", 0) for c in state["connections"]) == [0, 1]
+    system = json.loads(files["systeminformation.json"])
+    assert system["errors"] == {} and system["info"]["memoryMaximum"] > 0 and system["info"]["disk"]
+    cli = json.loads(files["cli-configuration.json"])
+    assert cli["ha-connections"] == "2" and cli["uid"] == str(os.getuid()) and "metrics" in cli
+    assert "cloudflared_tunnel_ha_connections 2" in files["metrics.txt"]
+    assert json.loads(files["configuration.json"])["config"]["ingress"]
+    tasks = json.loads(files["task-result.json"])
+    assert {k for k, v in tasks.items() if v["result"] == "success"} >= {
+        "tunnel state", "system information", "goroutine profile", "heap profile", "metrics",
+        "cli configuration", "configuration"}
+    assert "log information" in tasks  # as root, both look for the service's log (/var/log/cloudflared.err)
+
+
+def test_our_diag_collects_from_our_connector(tmp_path: Path) -> None:
+    check_diag(run(DIAG, "builtin", "builtin", str(tmp_path), inside_netns=False))
+
+
+@pytest.mark.parametrize(("connector", "differ"), [("builtin", "real"), ("real", "builtin")])
+@needs_real[0]
+@needs_real[1]
+def test_each_diag_collects_from_the_other_connector(tmp_path: Path, connector: str, differ: str) -> None:
+    def pick(which: str) -> str:
+        return str(CLOUDFLARED) if which == "real" else which
+
+    check_diag(run(DIAG, pick(connector), pick(differ), str(tmp_path), inside_netns=True))
+
+
+def check_info_table(output: str) -> None:
+    lines = output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("CONNECTOR ID"))
+    rows = [line.split() for line in lines[header + 1:] if line.strip()]
+    assert len(rows) == 2
+    edges = sorted(" ".join(row[5:]) for row in rows)
+    assert edges == ["1xLAB1, 1xLAB2", "1xLAB1, 1xLAB2, 1xLAB3"], output
+
+
+def test_our_info_lists_connectors_and_data_centres() -> None:
+    outputs = run(INFO, "builtin", inside_netns=False)
+    info, inverted = outputs["ours"]  # type: ignore[misc]
+    assert info[0] == 0 and inverted[0] == 0
+    check_info_table(info[1])
+    rows = [line for line in inverted[1].splitlines() if line[:1].isalnum() and "LAB" in line]
+    assert rows[0].endswith("1xLAB1, 1xLAB2, 1xLAB3 ")  # most connections first
+
+
+@needs_real[0]
+@needs_real[1]
+def test_info_is_the_same_from_both_binaries() -> None:
+    assert CLOUDFLARED is not None
+    outputs = run(INFO, CLOUDFLARED, inside_netns=True)
+    assert outputs["ours"] == outputs["real"]
+    check_info_table(outputs["ours"][0][1])  # type: ignore[index]
