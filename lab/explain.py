@@ -337,9 +337,9 @@ def _quic_head_why(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
                     "edge turns it into a 502 marked as the connector's (cf-cloudflared-response-meta src "
                     "cloudflared)", "docs/protocol.md §13.4")
         if dict(meta).get("HttpHeader:Upgrade", "").lower() == "websocket":
-            differs = ("" if status == "101" else f"; here HttpStatus is {status}: cloudflared sends the "
-                       "origin's 101 over QUIC (only its http2 writer turns 101 into 200), our connector "
-                       "sends 200, which the edge reads the same way")
+            differs = ("" if status == "101" else f"; here HttpStatus is {status} where cloudflared sends "
+                       "the origin's 101 over QUIC (only its http2 writer turns 101 into 200); the edge "
+                       "reads both the same way")
             return (f"{what} HttpStatus {status}", details,
                     "the origin accepted the upgrade: its Upgrade, Connection and Sec-Websocket-Accept "
                     "fields come back as metadata, and from now on the stream's bytes are WebSocket frames"
