@@ -43,6 +43,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
 
+from tunnel_lab.connector import diag
 from tunnel_lab.connector.http1 import ClientGone, ServerConnection
 from tunnel_lab.connector.logging_setup import split_fields
 from tunnel_lab.connector.state import ConnectorState
@@ -60,6 +61,8 @@ STATUS_INVALID_COMMAND = 4001
 STATUS_SESSION_LIMIT = 4002
 STATUS_IDLE_LIMIT = 4003
 STATUS_UNSUPPORTED_DATA = 1003
+# with diagnostics on, the profiles cloudflared's management service serves (heap and goroutine only)
+PROFILES = {"/debug/pprof/goroutine": diag.task_dump, "/debug/pprof/heap": diag.heap_dump}
 MISSING_TOKEN = {"errors": [{"code": 1001, "message": "missing access_token query parameter"}]}
 
 
@@ -409,6 +412,9 @@ async def _handle(conn: ServerConnection, hub: ManagementHub, config: Management
         elif path == "/metrics" and method == b"GET" and config.diagnostics:
             await conn.respond(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                                prometheus_text(state))
+        elif path in PROFILES and method == b"GET" and config.diagnostics:
+            # Go's pprof index at debug=0 answers a binary profile; ours is text (connector.diag)
+            await conn.respond(200, [("Content-Type", "text/plain; charset=utf-8")], PROFILES[path]())
         elif path == "/logs" and method == b"GET":
             await _logs(conn, request, hub, claims)
             return

@@ -87,6 +87,24 @@ async def test_http_routes(service: tuple[str, int]) -> None:
         assert await get(service, f"/nope?access_token={token()}") == (404, b"404 page not found\n")
 
 
+async def test_profiles_only_with_diagnostics(nursery: trio.Nursery) -> None:
+    # cloudflared serves /debug/pprof/{heap,goroutine} on the management service when diagnostics are on
+    # (management/service.go); ours are text: the trio task tree and a heap summary (connector.diag)
+    state = ConnectorState(connector_id=CONNECTOR_ID)
+    with trio.fail_after(TIMEOUT):
+        on = await nursery.start(m.serve_management, m.ManagementHub(), m.ManagementConfig(
+            connector_id=str(CONNECTOR_ID), label="box", service_ip="127.0.0.1:7844"), state)
+        off = await nursery.start(m.serve_management, m.ManagementHub(), m.ManagementConfig(
+            connector_id=str(CONNECTOR_ID), label="box", service_ip="127.0.0.1:7844", diagnostics=False),
+            state)
+        status, body = await get(on, f"/debug/pprof/goroutine?access_token={token()}")
+        assert status == 200 and b"serve_management" in body
+        status, body = await get(on, f"/debug/pprof/heap?access_token={token()}")
+        assert status == 200 and body
+        for path in ("/debug/pprof/goroutine", "/debug/pprof/heap", "/metrics"):
+            assert (await get(off, f"{path}?access_token={token()}"))[0] == 404
+
+
 class Client:
     """A `/logs` WebSocket client (what `tail` does)."""
 
