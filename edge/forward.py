@@ -20,8 +20,9 @@ from typing import Any
 import h11
 import trio
 
+from tunnel_lab.edge import pages
 from tunnel_lab.edge.eyeball_h1 import handle_h1_connection
-from tunnel_lab.edge.proxy import EyeballGone, send_page
+from tunnel_lab.edge.proxy import BadRequestBody, EyeballGone, send_page
 from tunnel_lab.edge.state import EdgeState
 from tunnel_lab.transport.pipe import Way, pipe
 from tunnel_lab.transport.tunnel import TunnelConnection
@@ -126,18 +127,20 @@ async def _relay(ex: Any, link: trio.SocketStream) -> None:
     req = ex.request
     head = client.send(_request_head(ex))
     await link.send_all(forward_preamble(str(req.client_ip), str(req.scheme)) + head)
+    bad_body: list[BadRequestBody] = []
     async with trio.open_nursery() as nursery:
         if ex.has_body and not ex.websocket:
-            nursery.start_soon(_upload, ex, client, link)
+            nursery.start_soon(_upload, ex, client, link, bad_body)
         else:  # h11 switches protocols only after the request ended
             await link.send_all(client.send(h11.EndOfMessage()))
         try:
-            await _respond(ex, client, link)
+            await _respond(ex, client, link, bad_body)
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def _upload(ex: Any, client: h11.Connection, link: trio.SocketStream) -> None:
+async def _upload(ex: Any, client: h11.Connection, link: trio.SocketStream,
+                  bad_body: list[BadRequestBody]) -> None:
     try:
         while (chunk := await ex.read_body()) is not None:
             if chunk:
@@ -145,16 +148,21 @@ async def _upload(ex: Any, client: h11.Connection, link: trio.SocketStream) -> N
         await link.send_all(client.send(h11.EndOfMessage(headers=ex.request_trailers or [])))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         return  # the response side reports the failure
-    except EyeballGone:
+    except EyeballGone as exc:
+        if isinstance(exc, BadRequestBody):
+            bad_body.append(exc)
         with trio.CancelScope(shield=True):
             await link.aclose()  # the receiving worker sees the eyeball go away
 
 
-async def _next_event(client: h11.Connection, link: trio.SocketStream) -> Any:
+async def _next_event(client: h11.Connection, link: trio.SocketStream,
+                      before_wait: Callable[[], Awaitable[None]] | None = None) -> Any:
     while True:
         event = client.next_event()
         if event is not h11.NEED_DATA:
             return event
+        if before_wait is not None:
+            await before_wait()
         try:
             data = await link.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -166,7 +174,8 @@ def _response_headers(headers: Any) -> Headers:
     return [(bytes(n), bytes(v)) for n, v in headers if bytes(n).lower() not in HOP_BY_HOP]
 
 
-async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream) -> None:
+async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream,
+                   bad_body: list[BadRequestBody]) -> None:
     try:
         while True:
             event = await _next_event(client, link)
@@ -180,6 +189,11 @@ async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream) -> 
         if not isinstance(event, h11.Response):
             raise ProtocolError(f"the receiving data centre closed before answering ({type(event).__name__})")
     except (h11.RemoteProtocolError, ProtocolError) as exc:
+        if bad_body:  # the eyeball's body broke the link, as it resets the stream in edge.proxy: 400
+            log.info("malformed request body (%s); 400 before the forwarded answer", bad_body[0])
+            headers, page = pages.error_page(400, f"The request body could not be read: {bad_body[0]}")
+            await send_page(ex, 400, headers, page)
+            return
         log.warning("forwarding failed before the response: %s", exc)
         await send_page(ex, 502, [(b"content-type", b"text/plain")],
                         b"The data centre this request was forwarded to did not answer.\n")
@@ -187,7 +201,9 @@ async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream) -> 
     await ex.start_response(event.status_code, _response_headers(event.headers))
     try:
         while True:
-            event = await _next_event(client, link)
+            # as edge.proxy relays a body: flush only when about to wait for the link, so the eyeball
+            # gets what arrived without one writer round trip per chunk
+            event = await _next_event(client, link, ex.flush)
             if isinstance(event, h11.Data):
                 await ex.send_body(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -195,7 +211,6 @@ async def _respond(ex: Any, client: h11.Connection, link: trio.SocketStream) -> 
                 return
             else:
                 raise ProtocolError("the forwarded response ended early")
-            await ex.flush()
     except (h11.RemoteProtocolError, ProtocolError) as exc:
         log.warning("forwarded response failed mid-way; aborting the eyeball response: %s", exc)
         await ex.abort()

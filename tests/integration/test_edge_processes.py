@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,27 @@ def test_request_reaches_a_tunnel_connected_only_to_the_other_process(tmp_path, 
     edge.send_signal(signal.SIGTERM)
     assert edge.wait(timeout=30) == 0
     assert "edge stopped (all processes)" in edge_log.read_text()
+
+
+def test_a_forwarded_request_with_a_malformed_body_gets_400(tmp_path, procs):
+    # As in one process (scenario hostile-cl-te): the body breaks off after a good head, the eyeball gets
+    # 400 and its connection closes, not the 502 of a data centre that did not answer.
+    ready, _edge, _edge_log = start_lab(tmp_path, procs, ("LAB2",))
+    host, port = ready["http"].rsplit(":", 1)
+    bad = (b"POST /bad-chunk HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"zz\r\nabc\r\n0\r\n\r\n")
+    for _attempt in range(200):
+        before = metric(ready, "tunnel_lab_edge_forwarded_total")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(bad)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        if metric(ready, "tunnel_lab_edge_forwarded_total") > before:
+            break
+    else:
+        raise AssertionError("no request was forwarded in 200: does worker 0 accept?")
 
 
 def test_faults_act_in_both_processes(tmp_path, procs):
