@@ -617,7 +617,8 @@ def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, i
     acknowledgements, which cross on the wire, are shown together, the edge's first, where the later of
     them was seen. Over QUIC, the summary of the response body (written when the stream's FIN arrives)
     comes after the response the eyeball got: whether head and body reach the edge in one read is a race,
-    and the edge hands the head on before the body ends."""
+    and the edge hands the head on before the body ends. The connector's Finish of question 0 crosses the
+    edge's registerConnection answer: it is shown after it."""
     acks = [s for s in steps if s.what.startswith("SETTINGS") and "ACK" in s.what]
     # placed where the connector's acknowledgement was seen: it answers the edge's SETTINGS before it
     # answers the control stream, while the edge's own may leave late (after the registration, under load)
@@ -629,12 +630,19 @@ def _order_key(steps: Sequence[WalkStep]) -> Callable[[WalkStep], tuple[float, i
     answered = next((s.t for s in steps if s.sender == "Edge" and s.receiver == "Eyeball"), None)
     bodies = [s for s in steps if s.ref.startswith("docs/protocol.md §13.3; docs/trace.md")
               and s.sender == "Connector" and answered is not None and s.t < answered]
+    # the connector's Finish of the bootstrap question and the edge's registerConnection answer cross on
+    # the wire: the Finish is shown after the answer
+    returned = next((s.t for s in steps if s.what.startswith("Cap'n Proto return registerConnection")), None)
+    finish0 = [s for s in steps if s.sender == "Connector" and s.what == "Cap'n Proto finish (question 0)"
+               and returned is not None]
 
     def key(step: WalkStep) -> tuple[float, int]:
         if step in acks:
             return (ack_t, 1 if step.sender == "Edge" else 2)
         if step in bodies:
             return (answered or step.t, 4)
+        if step in finish0 and returned is not None and step.t < returned:
+            return (returned, 5)
         return (step.t, 0 if step.t != ack_t or position[id(step)] < ack_at else 3)
 
     return key
