@@ -167,6 +167,11 @@ class H1Exchange:
         self.body_done = False  # the request's End was taken
         self._continue_due = head.expects_continue
 
+    @property
+    def reset(self) -> bool:
+        """A forwarded request whose eyeball reset its stream in the sending data centre (edge.forward)."""
+        return bool(getattr(self.conn.stream, "reset", False))
+
     async def read_body(self) -> bytes | None:
         if self.body_done:
             return None

@@ -7,14 +7,24 @@ a loopback link, as Cloudflare forwards between its data centres: `Peers.forward
 preamble line naming the eyeball (`wire.edge_link`) and the request as HTTP/1.1, then relays the answer;
 `serve_forward_listener` (the receiving side) reads the preamble and serves the rest as an ordinary HTTP/1.1
 eyeball connection, except that a request that arrived forwarded is never forwarded again (one hop).
+
+The link ends as the eyeball's request did: closed in order (FIN) when the eyeball went away or the request
+was done, aborted (RST) when the eyeball reset its HTTP/2 stream. The receiving worker tells the two apart
+by the error its next read or write of the link gets (ECONNRESET only after an abort) and records the
+request's outcome as `eyeball-reset` or `eyeball-closed`, as one process would. Until the request has
+reached the receiving worker, the sending one records it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import errno
 import logging
+import socket
+import struct
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import h11
@@ -58,8 +68,9 @@ class Peers:
         """The parent's latest view of which other workers have a routable connection of which tunnel."""
         self.routes = routes
 
-    async def forward(self, ex: Any, host: str) -> bool:
-        """Serve `ex` through a worker that has a connection of its tunnel, if this one has none."""
+    async def forward(self, ex: Any, host: str, record: Any) -> bool:
+        """Serve `ex` through a worker that has a connection of its tunnel, if this one has none
+        (`record`: see `edge.state.Forwarder`)."""
         if ARRIVED_FORWARDED.get() or not host:
             return False
         tunnel = self.edge.tunnels.resolve_hostname(host)
@@ -82,12 +93,24 @@ class Peers:
         self.forwarded += 1
         self.edge.metrics.forwarded.inc(to=address)
         log.debug("forwarding host=%r tunnel=%s to %s", host, tunnel.id, address)
+        record.tunnel = tunnel
         try:
-            await _relay(ex, link)
+            await _relay(ex, link, record)
         finally:
             with trio.CancelScope(shield=True):
+                _end_link(link, aborted=getattr(ex, "reset", False))
                 await link.aclose()
         return True
+
+
+def _end_link(link: trio.SocketStream, *, aborted: bool) -> None:
+    """Before closing: an abort (RST) when the eyeball reset its stream, else FIN first, so that the close
+    reads as orderly even when answer bytes are left unread (Linux would send RST for those)."""
+    with contextlib.suppress(OSError):
+        if aborted:
+            link.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            link.socket.shutdown(socket.SHUT_WR)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -121,22 +144,28 @@ def _origin_form(target: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-async def _relay(ex: Any, link: trio.SocketStream) -> None:
+async def _relay(ex: Any, link: trio.SocketStream, record: Any) -> None:
     """Send `ex` to the receiving worker and its answer back to the eyeball."""
     client = h11.Connection(h11.CLIENT)
     req = ex.request
     head = client.send(_request_head(ex))
     await link.send_all(forward_preamble(str(req.client_ip), str(req.scheme)) + head)
+    record.recorded = True  # the receiving worker has the request (bytes sent survive an abort): it records
     bad_body: list[BadRequestBody] = []
+    gone: EyeballGone | None = None
     async with trio.open_nursery() as nursery:
         if ex.has_body and not ex.websocket:
-            nursery.start_soon(_upload, ex, client, link, bad_body)
+            nursery.start_soon(_upload, ex, client, link, bad_body)  # never raises
         else:  # h11 switches protocols only after the request ended
             await link.send_all(client.send(h11.EndOfMessage()))
         try:
             await _respond(ex, client, link, bad_body)
+        except EyeballGone as exc:
+            gone = exc  # raised as itself below, not inside the nursery's exception group
         finally:
             nursery.cancel_scope.cancel()
+    if gone is not None:
+        raise gone
 
 
 async def _upload(ex: Any, client: h11.Connection, link: trio.SocketStream,
@@ -152,6 +181,7 @@ async def _upload(ex: Any, client: h11.Connection, link: trio.SocketStream,
         if isinstance(exc, BadRequestBody):
             bad_body.append(exc)
         with trio.CancelScope(shield=True):
+            _end_link(link, aborted=getattr(ex, "reset", False))
             await link.aclose()  # the receiving worker sees the eyeball go away
 
 
@@ -233,21 +263,36 @@ async def _websocket(ex: Any, client: h11.Connection, link: trio.SocketStream, h
                Way(from_link, raw.send_all, quiet=quiet))
 
 
-class _Replayed(trio.abc.Stream):
-    """A stream whose first bytes were already read (what followed the preamble)."""
+class _Link(trio.abc.Stream):
+    """The receiving end of a forwarding link, as the eyeball's stream: its first bytes were already read
+    (what followed the preamble), and `reset` says the sending worker aborted it (its eyeball reset)."""
 
     def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
         self.stream = stream
         self.first = first
+        self.reset = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.first:
             data, self.first = self.first, b""
             return data
-        return await self.stream.receive_some(max_bytes)
+        with self._noting_reset():
+            return await self.stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        with self._noting_reset():
+            await self.stream.send_all(data)
+
+    @contextlib.contextmanager
+    def _noting_reset(self) -> Iterator[None]:
+        # Linux reports an abort as ECONNRESET to the first read or write after it; a peer that closed in
+        # order first (FIN) and then dropped what came after gets EPIPE (RST in CLOSE_WAIT)
+        try:
+            yield
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ECONNRESET:
+                self.reset = True
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -272,5 +317,5 @@ async def handle_forwarded(edge: EdgeState[TunnelConnection], stream: trio.Socke
         log.warning("forwarding link refused: %s", exc)
         return
     ARRIVED_FORWARDED.set(True)  # this task's context only: the connection's requests stop here
-    await handle_h1_connection(edge, _Replayed(stream, rest), scheme=scheme,
+    await handle_h1_connection(edge, _Link(stream, rest), scheme=scheme,
                                client=f"{client_ip} (forwarded)", client_ip=client_ip)

@@ -177,15 +177,15 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
     """Handle one eyeball request end to end (never raises except Cancelled and EyeballGone)."""
     req = ex.request
     host = _host_only(str(req.host or ""))
-    if edge.peers is not None and await edge.peers.forward(ex, host):
-        return  # served by the data centre (process) that has the tunnel's connection; it records it
     result = _Outcome(edge, req, host, new_ray_id(edge.default_location, os.urandom(8)))
-    ex = cast(Exchange, _Recording(ex, result))
+    result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
     try:
+        if edge.peers is not None and await edge.peers.forward(ex, host, result):
+            return  # served by the data centre (process) that has the tunnel's connection; it records it
+        ex = cast(Exchange, _Recording(ex, result))
         latency = edge.faults.latency()
         if latency:
             await trio.sleep(latency)
-        result.req = access.for_history(req)  # an Access sign-in URL carries a token in its query
         if await waf.check(edge, ex, host, result):  # WAF custom rules and rate limits, before Access
             return
         verdict = await access.gate(edge, ex, host, result.ray)  # Access: the team domain, policies
@@ -219,7 +219,8 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         await _forward(edge, ex, tunnel, conn, result.ray, result, verdict)
     except EyeballGone:
         if not result.recorded:
-            result.outcome = "eyeball-closed"
+            # `reset`: a forwarded request whose eyeball reset its stream in the sending data centre
+            result.outcome = "eyeball-reset" if getattr(ex, "reset", False) else "eyeball-closed"
         log.info("eyeball went away host=%r ray=%s", host, result.ray)
         raise
     except trio.Cancelled:

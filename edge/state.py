@@ -571,6 +571,8 @@ class EdgeState(Generic[C]):
 class Forwarder(Protocol):
     """What the proxy asks of the forwarding between data centres (edge.forward.Peers)."""
 
-    async def forward(self, ex: Any, host: str) -> bool:
+    async def forward(self, ex: Any, host: str, record: Any) -> bool:
         """Serve `ex` through another process when this one has no connection for `host`'s tunnel;
-        True when it did (the request is answered), False to go on locally."""
+        True when it did (the request is answered), False to go on locally. `record` is the proxy's history
+        entry for `ex`: its `tunnel` is set when the request is to be forwarded, and its `recorded` once the
+        request has reached the other process, which records it from then on."""

@@ -146,11 +146,20 @@ class ControlLink:
         self.decoder = LineDecoder(PARENT_OPS)
         self.pending: list[dict[str, Any]] = []
         self.lock = trio.Lock()
+        self.broken = False
 
     async def send(self, op: str, **fields: Any) -> None:
-        """Send one message."""
+        """Send one message. When the channel broke, the parent is gone and `Worker.serve` is about to
+        shut the worker down: the message is dropped with a warning, not raised into the sender's task."""
         async with self.lock:
-            await self.stream.send_all(encode_message(op, **fields))
+            if self.broken:
+                return
+            try:
+                await self.stream.send_all(encode_message(op, **fields))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.broken = True
+                log.warning("control channel to the parent broke (%s): %r and later messages not sent; "
+                            "the worker shuts down", exc, op)
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message; None when the parent closed the channel."""

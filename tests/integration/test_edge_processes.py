@@ -14,7 +14,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import trio
+
 from tests.integration.test_edge_process import PY, api, get, lab, procs, start, wait_json
+from tunnel_lab.lab.runner import client
 
 __all__ = ["procs"]  # the fixture, imported for these tests
 
@@ -52,10 +59,11 @@ def api_text(ready: dict[str, Any], path: str) -> str:
 
 
 def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
-              faults: tuple[dict[str, Any], ...] = ()) -> tuple[dict[str, Any], Any, Path]:
-    """A state with tunnel t1 (app.test), a two-process edge over LAB1 (worker 0) and LAB2 (worker 1),
-    an echo origin, `faults` applied, and one of our connectors at each of `locations` (registered unless
-    a fault is set)."""
+              faults: tuple[dict[str, Any], ...] = (), origin_kind: str = "echo",
+              ) -> tuple[dict[str, Any], Any, Path]:
+    """A state with tunnel t1 (app.test), a two-process edge over LAB1 (worker 0) and LAB2 (worker 1)
+    with an HTTP and an HTTPS eyeball listener, an `origin_kind` origin, `faults` applied, and one of our
+    connectors at each of `locations` (registered unless a fault is set)."""
     state = tmp_path / "state"
     lab(state, "tunnel", "create", "t1")
     lab(state, "tunnel", "route", "dns", "t1", "app.test")
@@ -63,10 +71,11 @@ def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
     edge_log = tmp_path / "edge.log"
     edge = start(procs, [PY, "-m", "tunnel_lab", "edge", "--state", str(state), "--processes", "2",
                          "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
-                         "--http-listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "edge.json"),
+                         "--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0",
+                         "--ready-file", str(tmp_path / "edge.json"),
                          "--shutdown-timeout", "2"], state, edge_log)
     ready = wait_json(tmp_path / "edge.json", edge, timeout=60)
-    origin = start(procs, [PY, "-m", "tunnel_lab", "origin", "echo", "--listen", "127.0.0.1:0",
+    origin = start(procs, [PY, "-m", "tunnel_lab", "origin", origin_kind, "--listen", "127.0.0.1:0",
                            "--ready-file", str(tmp_path / "origin.json")], state, tmp_path / "origin.log")
     origin_url = wait_json(tmp_path / "origin.json", origin)["url"]
     for fault in faults:
@@ -140,6 +149,74 @@ def test_a_forwarded_request_with_a_malformed_body_gets_400(tmp_path, procs):
             break
     else:
         raise AssertionError("no request was forwarded in 200: does worker 0 accept?")
+
+
+def forwarded_until(ready: dict[str, Any], attempt: Any) -> str:
+    """Run `attempt(n)` (a request for a path it returns) on new connections until one was forwarded."""
+    for n in range(200):
+        before = metric(ready, "tunnel_lab_edge_forwarded_total")
+        path = attempt(n)
+        if metric(ready, "tunnel_lab_edge_forwarded_total") > before:
+            return path
+    raise AssertionError("no request was forwarded in 200: does worker 0 accept?")
+
+
+def history_entry(ready: dict[str, Any], path: str, edge_log: Path) -> dict[str, Any]:
+    entries = wait_for(f"{path} in the history",
+                       lambda: [e for e in api(ready, "/history?since=0") if e["path"] == path], edge_log)
+    assert len(entries) == 1, entries  # recorded once, by one of the two workers
+    return entries[0]
+
+
+async def reset_after_head(ready: dict[str, Any], path: str) -> None:
+    """HTTP/2 over TLS: GET `path`, and once the response head came, RST_STREAM(CANCEL)."""
+    stream = await client.connect(ready["https"], tls=True, server_hostname="app.test", ca_path=ready["ca"],
+                                  alpn=("h2",))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "app.test"),
+                          (":path", path)], end_stream=True)
+    with trio.fail_after(30):
+        await stream.send_all(conn.data_to_send())
+        while not any(isinstance(ev, h2.events.ResponseReceived)
+                      for ev in conn.receive_data(await stream.receive_some(65536))):
+            pass
+        conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        await stream.send_all(conn.data_to_send())
+        await trio.sleep(0.5)  # the connection stays up: only the stream was reset
+    await stream.aclose()
+
+
+def test_a_forwarded_request_reset_by_its_eyeball_is_recorded_as_a_reset(tmp_path, procs):
+    # In one process an HTTP/2 eyeball's RST_STREAM cancels its request, recorded `eyeball-reset`. Forwarded,
+    # the sending worker aborts the link and the receiving worker, which records it, must say the same.
+    ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB2",), origin_kind="stream")
+
+    def attempt(n: int) -> str:
+        path = f"/trickle?bytes=200&interval=0.05&chunked=1&n={n}"
+        trio.run(reset_after_head, ready, path)
+        return path
+
+    entry = history_entry(ready, forwarded_until(ready, attempt), edge_log)
+    assert (entry["outcome"], entry["location"], entry["worker"]) == ("eyeball-reset", "LAB2", 1), entry
+
+
+def test_a_forwarded_request_whose_eyeball_closes_is_recorded_as_closed(tmp_path, procs):
+    # The other end: an HTTP/1.1 eyeball that closes mid-response went away, it did not reset. The sending
+    # worker has answer bytes unread when it closes the link, which alone would make Linux send RST.
+    ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB2",), origin_kind="stream")
+    host, port = ready["http"].rsplit(":", 1)
+
+    def attempt(n: int) -> str:
+        path = f"/large?bytes=20000000&seed={n}"  # more than the sockets hold: the link has bytes in flight
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.3)
+        return path
+
+    entry = history_entry(ready, forwarded_until(ready, attempt), edge_log)
+    assert (entry["outcome"], entry["location"], entry["worker"]) == ("eyeball-closed", "LAB2", 1), entry
 
 
 def test_faults_act_in_both_processes(tmp_path, procs):
