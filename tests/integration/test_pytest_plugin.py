@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.interrupt import sigint_default
+
 pytest_plugins = ["pytester"]
 
 RUN_TIMEOUT = 240  # a whole inner pytest run, on a loaded 2-core machine
@@ -254,13 +256,14 @@ def test_waits_for_ctrl_c(tunnel_lab, server, n):
 """
     )
     xdist = ["-n", str(workers)] if workers else []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", *xdist, str(pytester.path)],
-        cwd=pytester.path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
+    with sigint_default():  # as from a terminal, even when this suite runs as a background job
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", *xdist, str(pytester.path)],
+            cwd=pytester.path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
     assert proc.stdout is not None
     seen: list[bytes] = []
     up: list[list[str]] = []  # [state, pid...] of each lab that is up

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.interrupt import sigint_default
 from tests.standin import logged_argvs, write_standin
 from tunnel_lab.lab.runner import internet, netns
 
@@ -207,22 +208,23 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     (tmp_path / "slow.yaml").write_text(SLOW)
     ops_file = tmp_path / "results" / "interrupted" / "operations.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tunnel_lab",
-            "run",
-            str(tmp_path / "slow.yaml"),
-            "--results",
-            str(tmp_path / "results"),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-    )
+    with sigint_default():  # as from a terminal, even when this suite runs as a background job
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tunnel_lab",
+                "run",
+                str(tmp_path / "slow.yaml"),
+                "--results",
+                str(tmp_path / "results"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        )
     try:
         deadline = time.monotonic() + 30
         while '"action": "request"' not in (ops_file.read_text() if ops_file.exists() else ""):
