@@ -246,6 +246,10 @@ class _Runner:
             self.lab.recorder.op("step-skipped", step=step.index, line=step.line,
                                  reason=f"http2 only: {step.http2_only}")
             return
+        if step.when is not None:
+            # an event, not a guessed delay: a parallel branch acts once the others got this far
+            self.note(f"{step.title}: waiting for its `when`")
+            await self.do_wait(step, self.lab.subst(step.when))
         if step.after:
             await trio.sleep(step.after)
         self.note(step.title)

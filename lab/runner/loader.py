@@ -355,6 +355,7 @@ class Step:
     line: int | None
     name: str | None = None
     after: float = 0.0
+    when: dict[str, Any] | None = None  # a wait condition that must hold before the step (then `after`)
     repeat: int = 1
     concurrency: int = 1
     children: tuple[Step, ...] = ()
@@ -564,6 +565,7 @@ def _build_step(doc: Document, raw: dict[str, Any], path: Path_, index: str) -> 
         line=doc.line(path),
         name=raw.get("name"),
         after=after,
+        when=raw.get("when"),
         repeat=raw.get("repeat", 1),
         concurrency=raw.get("concurrency", 1),
         children=children,
@@ -612,9 +614,10 @@ def _saves(step: Step) -> list[str]:
     spec = step.spec
     if step.action == "cli" and isinstance(spec, dict):
         return list(spec.get("save", {}))
+    when = [step.when["log"]["save"]] if step.when and "save" in step.when.get("log", {}) else []
     if step.action == "wait" and isinstance(spec.get("log"), dict) and "save" in spec["log"]:
-        return [spec["log"]["save"]]
-    return [name for child in step.children for name in _saves(child)]
+        return [*when, spec["log"]["save"]]
+    return [*when, *(name for child in step.children for name in _saves(child))]
 
 
 def _check_vars(doc: Document, sc: Scenario, path: Path_, expr: str) -> None:
@@ -668,6 +671,18 @@ def _check_cli(doc: Document, sc: Scenario, step: Step) -> None:
             re.compile(spec["expect"]["output"])
         except re.error as exc:
             raise fail(f"expect.output: bad regex: {exc}") from None
+
+
+def _check_wait(sc: Scenario, step: Step, spec: dict[str, Any], key: str) -> None:
+    """A wait condition (a `wait` step, or a step's `when`): one kind, and a regex that compiles."""
+    if not any(k in spec for k in ("ready", "connections", "log", "metric", "exit")):
+        raise ConfigError(f"{step.title}: {key} needs one of ready, connections, log, metric, exit",
+                          source=sc.source, line=step.line)
+    if "log" in spec:
+        try:
+            re.compile(spec["log"]["regex"])
+        except re.error as exc:
+            raise ConfigError(f"{step.title}: bad regex: {exc}", source=sc.source, line=step.line) from exc
 
 
 def _check_semantics(doc: Document, sc: Scenario) -> None:
@@ -735,21 +750,10 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                     + (" to start (start it with a background cli step)" if sc.internet else ""),
                     source=sc.source, line=step.line
                 )
-            if step.action == "wait" and not any(
-                k in spec for k in ("ready", "connections", "log", "metric", "exit")
-            ):
-                raise ConfigError(
-                    f"{step.title}: wait needs one of ready, connections, log, metric, exit",
-                    source=sc.source,
-                    line=step.line,
-                )
-            if step.action == "wait" and "log" in spec:
-                try:
-                    re.compile(spec["log"]["regex"])
-                except re.error as exc:
-                    raise ConfigError(
-                        f"{step.title}: bad regex: {exc}", source=sc.source, line=step.line
-                    ) from exc
+            if step.action == "wait":
+                _check_wait(sc, step, spec, "wait")
+            if step.when is not None:
+                _check_wait(sc, step, step.when, "when")
             if step.action == "tcp":
                 if spec["via"] == "access" and "host" not in spec:
                     raise ConfigError(

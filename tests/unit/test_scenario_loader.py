@@ -177,6 +177,19 @@ def test_parallel_children_get_nested_indexes() -> None:
     assert par.children[1].line == 18
 
 
+def test_when_is_a_wait_condition_checked_like_a_wait_step() -> None:
+    text = GOOD + ("  - parallel:\n      - sleep: 1\n      - {when: {metric: {component: connector, name: m, "
+                   "min: 5}}, after: 0.1, sleep: 0}\n")
+    step = parse_scenario(text, "s.yaml").steps[1].children[1]
+    assert step.when == {"metric": {"component": "connector", "name": "m", "min": 5}} and step.after == 0.1
+    err = error_of(GOOD + "  - {when: {log: {regex: '(unclosed'}}, sleep: 0}\n")
+    assert err.line == 16 and "bad regex" in str(err)
+    err = error_of(GOOD + "  - {when: {timeout: 3}, sleep: 0}\n")
+    assert err.line == 16 and "when needs one of ready, connections, log, metric, exit" in str(err)
+    err = error_of(GOOD + "  - {when: {metrics: {name: m}}, sleep: 0}\n")
+    assert "unknown key 'metrics'" in str(err)
+
+
 def test_duration_forms() -> None:
     assert parse_duration(2) == 2.0
     assert parse_duration("500ms") == 0.5
