@@ -14,9 +14,9 @@ import socket
 import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -54,6 +54,23 @@ CONNECTOR_FEATURES: dict[str, set[str]] = {
 # Why a feature is missing, where that is not obvious.
 FEATURE_NOTES: dict[str, str] = {}
 
+
+
+T = TypeVar("T")
+
+async def _poll(probe: Callable[[], Awaitable[tuple[bool, T]]], timeout: float, interval: float
+                ) -> tuple[bool, T]:
+    """Probe until it says yes or `timeout` has passed: (yes, what the last probe saw).
+
+    The deadline is checked between probes and never cuts one short, so the answer always comes from a
+    finished probe: on a starved machine a first probe slower than the timeout used to leave nothing
+    checked (a history step then failed with "0 records in all" and no mismatch)."""
+    deadline = trio.current_time() + timeout
+    while True:
+        ok, seen = await probe()
+        if ok or trio.current_time() >= deadline:
+            return ok, seen
+        await trio.sleep(interval)
 
 class StepFailure(TunnelLabError):
     """A step did not do what the scenario expected."""
@@ -769,16 +786,15 @@ class _Runner:
             if want is not None and code != want:
                 raise StepFailure(step, "the connector's exit code", [Mismatch("exit code", want, code)])
             return
-        last: Any = None
-        with trio.move_on_after(timeout):
-            while True:
-                try:
-                    ok, last = await self._probe(spec)
-                except ComponentError as exc:  # e.g. the API of an edge that is restarting
-                    ok, last = False, str(exc)
-                if ok:
-                    return
-                await trio.sleep(0.05)
+        async def probe() -> tuple[bool, Any]:
+            try:
+                return await self._probe(spec)
+            except ComponentError as exc:  # e.g. the API of an edge that is restarting
+                return False, str(exc)
+
+        ok, last = await _poll(probe, timeout, 0.05)
+        if ok:
+            return
         what = next(k for k in ("connections", "log", "metric") if k in spec)
         raise StepFailure(
             step,
@@ -881,21 +897,22 @@ class _Runner:
         # The edge writes a record when an exchange ends, which can be a moment after the eyeball saw
         # the response: poll until the assertion holds or `timeout` passes, then report what was there.
         timeout = parse_duration(spec.get("timeout", 3))
-        problems: list[Mismatch] = []
         records: list[Any] = []
-        with trio.move_on_after(timeout):
-            while True:
-                answer = await self.lab.api("GET", "/history")
-                if isinstance(answer, dict):
-                    answer = answer.get("history", answer.get("records", []))
-                if not isinstance(answer, list):
-                    raise StepFailure(step, f"/history did not answer a list: {str(answer)[:200]}")
-                records = answer
-                problems = check_history(spec, records)
-                if not problems:
-                    return
-                await trio.sleep(0.1)
-        raise StepFailure(step, f"history assertion ({len(records)} records in all)", problems)
+
+        async def probe() -> tuple[bool, list[Mismatch]]:
+            nonlocal records
+            answer = await self.lab.api("GET", "/history")
+            if isinstance(answer, dict):
+                answer = answer.get("history", answer.get("records", []))
+            if not isinstance(answer, list):
+                raise StepFailure(step, f"/history did not answer a list: {str(answer)[:200]}")
+            records = answer
+            problems = check_history(spec, records)
+            return not problems, problems
+
+        ok, problems = await _poll(probe, timeout, 0.1)
+        if not ok:
+            raise StepFailure(step, f"history assertion ({len(records)} records in all)", problems)
 
 
 def _header_pairs(raw: Any) -> list[tuple[str, str]]:
