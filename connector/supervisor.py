@@ -14,6 +14,8 @@ cloudflared's rules (docs/protocol.md §9.1, §9.4-§9.6):
   EDUPCONN, control stream, and over QUIC the end of an established connection, `StreamListenerError`)
   reconnects after the per-connIndex backoff only; the first other error takes connIndex 0 out of that
   loop for good;
+- `reconnect DELAY` (`--stdin-control`): the delay, the per-connIndex backoff, `Connection terminated`, then
+  a new connection at once (no supervisor backoff); connIndex 0 leaves its first loop;
 - before the very first registration, only "network" errors and `Unauthorized` are retried; anything else
   ends the process with exit code 1 (`initial tunnel connection failed`).
 Unlike cloudflared, every retry waits: there is no busy loop even with a single edge address.
@@ -273,6 +275,32 @@ class Supervisor:
                 return index
         return None
 
+    async def _reconnect_signalled(self, index: int, signal: ReconnectSignal, conn: EdgeConnection,
+                                   backoff: Backoff) -> None:
+        """After `reconnect DELAY` (docs/protocol.md §9.7): the delay, then the per-connIndex backoff as
+        after any other error (same address; it counts an attempt), then the supervisor's line and an
+        immediate restart, which also takes connIndex 0 out of its first loop."""
+        log.info("Restarting connection due to reconnect signal in %s connIndex=%d event=0 ip=%s",
+                 _duration(signal.delay) if signal.delay else "0s", index, conn.edge_ip)
+        with trio.move_on_after(signal.delay):
+            await self.shutdown.wait()
+        if self.shutdown.is_set():
+            return
+        if conn.details is not None:
+            backoff.reset()
+        wait, shown = backoff.next_wait(after_reset=conn.details is not None)
+        log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(shown), index,
+                 conn.edge_ip)
+        with trio.move_on_after(wait):
+            await self.shutdown.wait()
+        if self.shutdown.is_set():
+            return
+        log.log(self._conn_aware_level(), "Connection terminated error=%s connIndex=%d", q(str(signal)),
+                index)
+        if index == 0:
+            self._first_loop = False
+        self._supervisor_backoff.started(index)
+
     def fail(self, code: int) -> None:
         """End every connection at once (fatal error or a second signal)."""
         self._exit_code = code
@@ -312,14 +340,10 @@ class Supervisor:
                 self.connections.pop(index, None)
             if self.shutdown.is_set():
                 return
-            if isinstance(error, ReconnectSignal):  # no backoff, same address, attempts unchanged
-                log.info("Restarting connection connIndex=%d due to reconnect signal in %s", index,
-                         _duration(error.delay) if error.delay else "0s")
-                with trio.move_on_after(error.delay):
-                    await self.shutdown.wait()
-                self._supervisor_backoff.started(index)
-                continue
             was_registered = conn.details is not None
+            if isinstance(error, ReconnectSignal):
+                await self._reconnect_signalled(index, error, conn, backoff)
+                continue
             level = logging.ERROR if index == 0 else logging.WARNING
             if was_registered:
                 backoff.reset()
