@@ -524,17 +524,15 @@ class Lab:
             for name in self.stub_names:
                 netns.unregister_name(name, self.team_domain[1])
         with trio.CancelScope(shield=True):
-            connector = self.components.get("connector")
-            rest = [c for c in self.components.values() if c is not connector]
+            connectors = [c for c in self.components.values() if is_connector(c)]
+            rest = [c for c in self.components.values() if not is_connector(c)]
             async with trio.open_nursery() as nursery:
                 for comp in rest:
                     if comp.name.startswith("access"):
                         nursery.start_soon(comp.kill)
-            if connector is not None:
-                try:
-                    await connector.stop(grace=1.0)
-                except OSError:
-                    connector.kill_group()
+            async with trio.open_nursery() as nursery:
+                for connector in connectors:
+                    nursery.start_soon(_stop_connector, connector)
             async with trio.open_nursery() as nursery:
                 for comp in rest:
                     if self.options.trace and comp.name == "edge":
@@ -587,6 +585,23 @@ class Lab:
             return ""
         # The runner's own "--- start #N: argv" lines are not the component's output.
         return "\n".join(line for line in text.splitlines() if not line.startswith("--- start #"))
+
+
+async def _stop_connector(connector: Component) -> None:
+    try:
+        await connector.stop(grace=1.0)
+    except OSError:
+        connector.kill_group()
+
+
+def connector_key(name: str | None) -> str:
+    """The component name of a connector: `connector`, or `connector:NAME` for one a background cli step
+    named (several connectors at once, e.g. one per tunnel of a load balancer's pool)."""
+    return f"connector:{name}" if name else "connector"
+
+
+def is_connector(comp: Component) -> bool:
+    return comp.name == "connector" or comp.name.startswith("connector:")
 
 
 def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:
