@@ -48,17 +48,35 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 def _multiprocess_edge_serves(sc: Scenario, *, trace: bool) -> bool:
     """Does the scenario need nothing a multi-process edge lacks (docs/architecture.md, "The edge in
-    several processes"): warp, UDP, the trace, and Access and WAF, whose per-request state (one-time
-    codes, rate-limit counts) lives in each process?"""
+    several processes"): warp, UDP, the trace, and Access, WAF and load balancers, whose per-request state
+    (one-time codes, rate-limit counts, the round-robin turn) lives in each process?"""
     flags = sc.edge.get("flags", [])
     return not (trace or sc.edge.get("warp", False) or sc.access or sc.waf
                 or any(f in ("--udp-forward", "--trace") for f in flags)
-                or "udp" in _actions(sc.steps))
+                or "udp" in _actions(sc.steps) or _routes_load_balancer(sc.steps))
 
 
 def _actions(steps: Any) -> set[str]:
     """Every step's action, inside parallel blocks too."""
     return {a for step in steps for a in (step.action, *_actions(step.children))}
+
+
+def _routes_load_balancer(steps: Any) -> bool:
+    """A `cli` step running `tunnel route lb`, or a `v4_api` step adding an `lb` route, inside parallel
+    blocks too: each edge process would pick a pool's tunnel with its own turn and its own connections
+    (docs/edge.md), so the spread a scenario checks holds in one process only."""
+    for step in steps:
+        spec = step.spec
+        if step.action == "cli":
+            words = (spec["args"] if isinstance(spec, dict) else spec).split()
+            if any(words[i:i + 2] == ["route", "lb"] for i in range(len(words))):
+                return True
+        body = spec.get("body") if step.action == "v4_api" else None
+        if isinstance(body, dict) and body.get("type") == "lb":
+            return True
+        if _routes_load_balancer(step.children):
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,19 @@ def test_connector_name_is_checked_by_the_schema() -> None:
     assert err.line == 9 and "steps[1].cli.connector" in str(err)
     err = error_of(TWO.replace("name: web1}", "nmae: web1}"))
     assert "unknown key 'nmae'" in str(err) and "did you mean 'name'" in str(err)
+
+
+def test_load_balancer_scenarios_keep_one_edge_process() -> None:
+    # The round-robin turn and the connections a load balancer picks from are each edge process's own.
+    from tunnel_lab.lab.runner.lab import _multiprocess_edge_serves
+
+    assert _multiprocess_edge_serves(parse_scenario(FLOW, "flow.yaml"), trace=False)
+    dns = "cli: 'tunnel route dns app app.example.com'"
+    lb = FLOW.replace(dns, "cli: 'tunnel route lb app lb.example.com p'")
+    assert not _multiprocess_edge_serves(parse_scenario(lb, "flow.yaml"), trace=False)
+    nested = FLOW.replace("  - cli: 'tunnel route dns app app.example.com'\n",
+                          "  - parallel:\n      - cli: {args: 'tunnel route lb app lb.example.com p'}\n")
+    assert not _multiprocess_edge_serves(parse_scenario(nested, "flow.yaml"), trace=False)
+    body = "      body: {type: lb, lb_name: lb.example.com, lb_pool: p}\n"
+    api = FLOW.replace("method: GET\n", "method: PUT\n" + body)
+    assert not _multiprocess_edge_serves(parse_scenario(api, "flow.yaml"), trace=False)
