@@ -844,7 +844,8 @@ class _Runner:
         comp = lab.components.get(key)
         action = spec["action"]
         if comp is None:
-            raise StepFailure(step, "no connector was started (a cli step with background: true starts one)")
+            what = f"connector {spec['name']!r}" if "name" in spec else "connector"
+            raise StepFailure(step, f"no {what} was started (a cli step with background: true starts one)")
         lab.recorder.op("connector", action=action, **({"name": spec["name"]} if "name" in spec else {}))
         if action in ("sigstop", "sigcont"):  # a connector that stops answering: its connections go stale
             comp.send_signal(signal.SIGSTOP if action == "sigstop" else signal.SIGCONT)

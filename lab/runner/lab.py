@@ -619,6 +619,7 @@ def connector_key(name: str | None) -> str:
 
 
 def is_connector(comp: Component) -> bool:
+    """The scenario's connector or a named one (`connector_key`)."""
     return comp.name == "connector" or comp.name.startswith("connector:")
 
 
