@@ -30,11 +30,13 @@ skips it. QUIC and TLS probes use the system trust (`SSL_CERT_FILE`) without Clo
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import math
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -51,6 +53,45 @@ from tunnel_lab.connector.quic_transport import QuicTransport
 from tunnel_lab.transport.tls import TLSStream
 from tunnel_lab.wire import dns
 from tunnel_lab.wire.errors import ProtocolError
+
+# --- only this machine -------------------------------------------------------------------------------------
+
+class OutsideError(OSError):
+    """A network job would reach an address outside this machine (the lab never does)."""
+
+
+def is_local(ip: str) -> bool:
+    """Whether packets to `ip` stay on this machine: loopback, or an address of one of its interfaces
+    (in `tunnel-lab sandbox` the regions' 2001:db8:... addresses are on `lo`). Binding sends nothing."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
+def outside_text(name: str, ips: Sequence[str]) -> str:
+    shown = ", ".join(ips)
+    return (f"{name} resolves to {shown}, outside this machine: tunnel-lab's diag reaches only the lab "
+            "(run it in `tunnel-lab sandbox`, or pass --no-diag-network)")
+
+
+def resolve(host: str, family: int) -> list[str]:
+    """The addresses of `host` in `family` (the system resolver; [] when it has none)."""
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
 
 # --- traceroutes -------------------------------------------------------------------------------------------
 
@@ -151,14 +192,20 @@ def _exit_text(returncode: int) -> str:
     return f"signal: {name.lower() or f'signal {-returncode}'}"
 
 
-def run_trace(host: str, v4: bool, deadline: float) -> TraceResult:
-    """One traceroute, killed at `deadline` (time.monotonic) as cloudflared's context kills it."""
+def run_trace(host: str, v4: bool, deadline: float, *,
+              local: Callable[[str], bool] = is_local) -> TraceResult:
+    """One traceroute, killed at `deadline` (time.monotonic) as cloudflared's context kills it. Only to
+    this machine: a host that resolves elsewhere is not traced (a name that does not resolve is left to
+    traceroute, which fails on it)."""
     name = f"{host}-{'v4' if v4 else 'v6'}"
     command = trace_command(host, v4)
     path = shutil.which(command[0])
     if path is None:
         return TraceResult(name, None, b"", f'error starting traceroute: exec: "{command[0]}": executable '
                                             "file not found in $PATH")
+    outside = [ip for ip in resolve(host, socket.AF_INET if v4 else socket.AF_INET6) if not local(ip)]
+    if outside:
+        return TraceResult(name, None, b"", outside_text(host, outside))
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         return TraceResult(name, None, b"", "error starting traceroute: context deadline exceeded")
@@ -275,10 +322,11 @@ def srv_name(region: str) -> str:
     return f"_{region + '-' if region else ''}v2-origintunneld._tcp.argotunnel.com"
 
 
-Groups = list[list[str]]  # the addresses (IPs) of each SRV target, in the SRV answer's order
+Address = tuple[str, int]  # IP, port
+Groups = list[list[Address]]  # the addresses of each SRV target (the SRV port), in the SRV answer's order
 
 
-def dns_rows(region: str, found: Groups | str) -> list[tuple[list[str], CheckResult]]:
+def dns_rows(region: str, found: Groups | str) -> list[tuple[list[Address], CheckResult]]:
     """Each region's addresses and DNS row, from what discovery found (or its error text)."""
     targets = region_targets(region)
     if isinstance(found, str) or not found:
@@ -294,16 +342,17 @@ def dns_rows(region: str, found: Groups | str) -> list[tuple[list[str], CheckRes
     return rows
 
 
-def probe_addresses(group: Sequence[str]) -> list[str]:
-    """One IPv4 and one IPv6 address of a region (`--edge-ip-version auto`), IPv4 first."""
-    v4 = [ip for ip in group if ":" not in ip]
-    v6 = [ip for ip in group if ":" in ip]
+def probe_addresses(group: Sequence[Address]) -> list[Address]:
+    """One IPv4 and one IPv6 address of a region (`--edge-ip-version auto`), IPv4 first (cloudflared
+    takes any one of each family; ours the first)."""
+    v4 = [a for a in group if ":" not in a[0]]
+    v6 = [a for a in group if ":" in a[0]]
     return [*v4[:1], *v6[:1]]
 
 
 def suggested_protocol(quic: Sequence[CheckResult], http2: Sequence[CheckResult]) -> int | None:
-    """QUIC when all its rows passed, else HTTP/2 when all its rows did, else none (a skipped row counts
-    as passed only beside a passed one: the worst status wins, FAIL over PASS over SKIP)."""
+    """QUIC when the worst status of its rows (FAIL over PASS over SKIP) is PASS, else HTTP/2 when its
+    is, else none."""
     def worst(rows: Sequence[CheckResult]) -> int:
         statuses = {r.status for r in rows}
         return FAIL if FAIL in statuses else PASS if PASS in statuses else SKIP
@@ -325,12 +374,14 @@ Probe = Callable[[str, int], Awaitable[bool]]  # (IP, port) -> handshake done
 
 @dataclass(frozen=True)
 class Probes:
-    """The suite's I/O, injectable: DNS discovery (a thread), the two transport probes, the API probe."""
+    """The suite's I/O, injectable: DNS discovery, the two transport probes, the API probe."""
 
-    discover: Callable[[str], Groups]  # SRV name -> groups; raises OSError/ValueError with the error text
+    discover: Callable[[str], Awaitable[Groups]]  # SRV name -> groups; OSError/ValueError: the error text
     quic: Probe
     http2: Probe
-    api: Callable[[], Awaitable[bool]]
+    api: Probe
+    api_addresses: Callable[[], Awaitable[list[str]]]  # api.cloudflare.com's addresses
+    local: Callable[[str], bool] = is_local
 
 
 async def _with_retry(attempt: Callable[[], Awaitable[bool]], deadline: float) -> bool:
@@ -357,17 +408,16 @@ def _attempt(probe: Probe, ip: str, port: int, deadline: float) -> Callable[[], 
     return lambda: _bounded(lambda: probe(ip, port), deadline)
 
 
-async def run_prechecks(region: str, probes: Probes, *, timeout: float = SUITE_TIMEOUT,
-                        port: int = 7844) -> tuple[list[CheckResult], int | None]:
+async def run_prechecks(region: str, probes: Probes, *,
+                        timeout: float = SUITE_TIMEOUT) -> tuple[list[CheckResult], int | None]:
     """The suite: its rows (DNS, then QUIC, HTTP/2, API) and the protocol it suggests."""
     deadline = trio.current_time() + timeout
-    targets: list[tuple[list[str], CheckResult]] = []
+    targets: list[tuple[list[Address], CheckResult]] = []
 
     async def dns_attempt() -> bool:
         nonlocal targets
         try:
-            found: Groups | str = await trio.to_thread.run_sync(probes.discover, srv_name(region),
-                                                                abandon_on_cancel=True)
+            found: Groups | str = await probes.discover(srv_name(region))
         except (OSError, ValueError) as exc:
             found = str(exc)
         targets = dns_rows(region, found)
@@ -378,6 +428,11 @@ async def run_prechecks(region: str, probes: Probes, *, timeout: float = SUITE_T
     if not targets:  # the deadline passed before discovery answered
         targets = dns_rows(region, "context deadline exceeded")
     rows = [row for _, row in targets]
+    api_ips = await probes.api_addresses()
+    for name, ips in [*((row.target, [ip for ip, _ in probe_addresses(group)]) for group, row in targets),
+                      (API_TARGET[0], api_ips)]:
+        if outside := [ip for ip in ips if not probes.local(ip)]:
+            raise OutsideError(outside_text(name, outside))
     results: dict[int, list[CheckResult]] = {}
 
     async def transport(kind: int, probe: Probe) -> None:
@@ -389,14 +444,20 @@ async def run_prechecks(region: str, probes: Probes, *, timeout: float = SUITE_T
                                        "No suitable address found for configured IP version"))
                 continue
             best = False
-            for ip in addresses:  # any address passing passes the region
+            for ip, port in addresses:  # any address passing passes the region
                 if await _with_retry(_attempt(probe, ip, port, deadline), deadline):
                     best = True
             out.append(probe_result(kind, row.target, best))
         results[kind] = out
 
     async def api() -> None:
-        ok = await _with_retry(lambda: _bounded(probes.api, deadline), deadline)
+        async def attempt() -> bool:  # Go's dialer: each address in turn until one answers
+            for ip in api_ips:
+                if await _attempt(probes.api, ip, API_TARGET[1], deadline)():
+                    return True
+            return False
+
+        ok = await _with_retry(attempt, deadline)
         results[MANAGEMENT_API] = [probe_result(MANAGEMENT_API, API_TARGET[0] + ":443", ok)]
 
     async with trio.open_nursery() as nursery:
@@ -432,11 +493,11 @@ def discover_groups(exchange: Callable[[bytes], bytes], server: str, name: str) 
         data = srv.data
         assert isinstance(data, dns.SrvData)
         shown = f"&{{{data.target.rstrip('.')}. {data.port} {data.priority} {data.weight}}}"
-        ips: list[str] = []
+        ips: list[Address] = []
         errors = []
         for rtype in (dns.A, dns.AAAA):
             try:
-                ips += [str(r.data) for r in lookup(exchange, data.target, rtype)]
+                ips += [(str(r.data), data.port) for r in lookup(exchange, data.target, rtype)]
             except (OSError, ProtocolError) as exc:
                 errors.append(str(exc))
         if not ips:
@@ -507,17 +568,26 @@ async def probe_quic(ip: str, port: int) -> bool:
     return ok
 
 
-async def probe_api() -> bool:
-    """A TCP connect to api.cloudflare.com:443 (no TLS)."""
+async def probe_tcp(ip: str, port: int) -> bool:
+    """A TCP connect (the API probe: api.cloudflare.com:443, no TLS)."""
     try:
-        stream = await trio.open_tcp_stream(*API_TARGET)
+        stream = await trio.open_tcp_stream(ip, port)
     except OSError:
         return False
     await stream.aclose()
     return True
 
 
-SYSTEM_PROBES = Probes(discover=system_discover, quic=probe_quic, http2=probe_http2, api=probe_api)
+async def _discover_in_thread(name: str) -> Groups:
+    return await trio.to_thread.run_sync(system_discover, name, abandon_on_cancel=True)
+
+
+async def _api_addresses() -> list[str]:
+    return await trio.to_thread.run_sync(resolve, API_TARGET[0], socket.AF_UNSPEC, abandon_on_cancel=True)
+
+
+SYSTEM_PROBES = Probes(discover=_discover_in_thread, quic=probe_quic, http2=probe_http2, api=probe_tcp,
+                       api_addresses=_api_addresses)
 
 
 def collect_prechecks(region: str, remaining: float, probes: Probes = SYSTEM_PROBES) -> bytes:
@@ -525,5 +595,5 @@ def collect_prechecks(region: str, remaining: float, probes: Probes = SYSTEM_PRO
     async def main() -> tuple[list[CheckResult], int | None]:
         return await run_prechecks(region, probes, timeout=max(0.0, min(SUITE_TIMEOUT, remaining)))
 
-    rows, suggested = trio.run(main)
+    rows, suggested = trio.run(main)  # OutsideError: the job fails, nothing was probed
     return prechecks_json(rows, suggested)
