@@ -131,9 +131,9 @@ def test_network_jobs_write_their_files_and_results(tmp_path: Path, monkeypatch:
 
     def gather(deadline: float) -> list[diag_network.TraceResult]:
         gathered.append(deadline)
+        hop = diag_network.Hop(1, "::1 (::1)", (5,))
         return [diag_network.TraceResult("region1.v2.argotunnel.com-v4", None, b"", missing),
-                diag_network.TraceResult("region1.v2.argotunnel.com-v6", (diag_network.Hop(1, "::1 (::1)", (5,)),),
-                                         b" 1  ::1 (::1)  0.005 ms\n")]
+                diag_network.TraceResult("region1.v2.argotunnel.com-v6", (hop,), b" 1  ::1 (::1)  5 ms\n")]
 
     regions = []
 
@@ -162,7 +162,7 @@ def test_network_jobs_write_their_files_and_results(tmp_path: Path, monkeypatch:
                                                                                 "result": "failure"}
     assert tasks["connectivity pre-checks"] == {"result": "success"}
     assert files["raw-network.txt"] == (b"region1.v2.argotunnel.com-v4\nno content\n"
-                                        b"region1.v2.argotunnel.com-v6\n 1  ::1 (::1)  0.005 ms\n\n")
+                                        b"region1.v2.argotunnel.com-v6\n 1  ::1 (::1)  5 ms\n\n")
     assert json.loads(files["network.json"]) == {"region1.v2.argotunnel.com-v4": None,
                                                  "region1.v2.argotunnel.com-v6": [
                                                      {"hop": 1, "domain": "::1 (::1)", "rtts": [5]}]}
