@@ -131,7 +131,7 @@ def test_network_jobs_write_their_files_and_results(tmp_path: Path, monkeypatch:
 
     def gather(deadline: float) -> list[diag_network.TraceResult]:
         gathered.append(deadline)
-        hop = diag_network.Hop(1, "::1 (::1)", (5,))
+        hop = diag_network.Hop(1, "::1 (::1)", (5000,))
         return [diag_network.TraceResult("region1.v2.argotunnel.com-v4", None, b"", missing),
                 diag_network.TraceResult("region1.v2.argotunnel.com-v6", (hop,), b" 1  ::1 (::1)  5 ms\n")]
 
@@ -165,7 +165,7 @@ def test_network_jobs_write_their_files_and_results(tmp_path: Path, monkeypatch:
                                         b"region1.v2.argotunnel.com-v6\n 1  ::1 (::1)  5 ms\n\n")
     assert json.loads(files["network.json"]) == {"region1.v2.argotunnel.com-v4": None,
                                                  "region1.v2.argotunnel.com-v6": [
-                                                     {"hop": 1, "domain": "::1 (::1)", "rtts": [5]}]}
+                                                     {"hop": 1, "domain": "::1 (::1)", "rtts": [5000]}]}
     assert files["prechecks.json"] == b"{}\n"
 
 
