@@ -1,7 +1,8 @@
 """`tunnel diag` and `tunnel info` with both connectors: each diag collects from each connector's metrics
-server, and `info` prints the same connector table (several connectors, connections in several data
-centres) from either binary. The real cloudflared runs only inside a private network namespace, with the
-whole lab (the API on the edge's management port: docs/sandbox.md)."""
+server, both diags' network jobs (traceroutes, pre-checks) give the same files in the sandbox, and `info`
+prints the same connector table (several connectors, connections in several data centres) from either
+binary. The real cloudflared runs only inside a private network namespace, with the whole lab (the API on
+the edge's management port: docs/sandbox.md)."""
 
 from __future__ import annotations
 
