@@ -22,9 +22,12 @@ History (the connector claims 2026.8.2 and follows it): the traceroutes arrived 
 2024.12.0, where a failed run was left out of both files and never failed the job; 2024.12.2 brought
 `no content`, `null` and the failure; the pre-checks job arrived in 2026.5.0.
 
-Where ours differs: Go writes the runs in its map's random order and fails with whichever failed run
-it meets first; ours keeps the order above. A line of only `*` makes cloudflared's parser panic; ours
-skips it. QUIC and TLS probes use the system trust (`SSL_CERT_FILE`) without Cloudflare's own roots.
+Where ours differs: nothing leaves the machine, so a name resolving to an address that is neither
+loopback nor one of this machine's is neither traced nor probed (the run, or the pre-checks job, fails
+saying so; in `tunnel-lab sandbox` every name resolves to the lab). Go writes the runs in its map's
+random order and fails with whichever failed run it meets first; ours keeps the order above. A line of
+only `*` makes cloudflared's parser panic; ours skips it. QUIC and TLS probes use the system trust
+(`SSL_CERT_FILE`) without Cloudflare's own roots.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ MAX_LINE = 64 * 1024  # Go's bufio.Scanner gives up on a longer line
 # Go's unicode.IsSpace, which strings.Fields splits on
 _GO_SPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 # Go's strconv.ParseFloat, decimal form (what traceroute prints); anything else is part of the domain
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True)

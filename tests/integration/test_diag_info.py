@@ -156,8 +156,8 @@ for pair in "$@"; do
     mkdir -p "$HOME/$NAME$mode"
     if [ -z "$mode" ]; then path=$PATH; else path=/nonexistent; fi
     status=0
-    (cd "$HOME/$NAME$mode" && env PATH="$path" $COMMAND tunnel diag --metrics 127.0.0.1:20241 >diag.log 2>&1) \
-      || status=$?
+    (cd "$HOME/$NAME$mode" && env PATH="$path" $COMMAND tunnel diag --metrics 127.0.0.1:20241 \
+      >diag.log 2>&1) || status=$?
     echo $status >"$HOME/$NAME$mode/exit"
   done
 done

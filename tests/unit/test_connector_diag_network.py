@@ -75,6 +75,7 @@ def test_a_hop_that_never_answered_is_a_star() -> None:
     ("0 host 1 ms", dn.Hop(0, "host", (1000,))),
     ("255 host", dn.Hop(255, "host")),
     ("7 inf nan 1e400 ms", dn.Hop(7, "inf nan 1e400")),  # not finite: kept as words, never an rtt
+    ("8 host \u0663.5 ms", dn.Hop(8, "host \u0663.5")),  # Go's numbers are ASCII (Python's float is not)
 ])
 def test_odd_lines_decode_as_cloudflared_decodes_them(line: str, hop: dn.Hop) -> None:
     assert dn.decode_line(line) == hop
