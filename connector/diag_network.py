@@ -11,7 +11,8 @@ What cloudflared 2026.8.2 does (facts from its `diagnostic/`, `diagnostic/networ
   `error starting traceroute: ...` (the tool is missing), `error finishing traceroute: exit status N` or
   `signal: killed` (the diag's 45 s deadline passed). `decode_output` is the pure parser.
 - **Pre-checks** ("connectivity pre-checks", since 2026.5.0): DNS discovery of the two regions (SRV
-  `_v2-origintunneld._tcp.argotunnel.com`, or `_REGION-v2-...` with `--region`), then at once: a QUIC
+  `_v2-origintunneld._tcp.argotunnel.com`, or `_REGION-v2-...` with `--region`; as for `tunnel run`,
+  without cloudflared's fallback to DNS-over-TLS at 1.1.1.1), then at once: a QUIC
   handshake (SNI `probe.cftunnel.com`, ALPN `argotunnel`) and a TCP + TLS handshake (same SNI) to one
   IPv4 and one IPv6 address of each region, each closed right away, and a TCP connect to
   `api.cloudflare.com:443`. 5 s a probe, a failed probe retried twice after 1 s and 2 s, 15 s for the
@@ -402,6 +403,8 @@ async def _with_retry(attempt: Callable[[], Awaitable[bool]], deadline: float) -
 
 async def _bounded(probe: Callable[[], Awaitable[bool]], deadline: float) -> bool:
     """One probe within its 5 s and the suite's deadline (past either: failed)."""
+    if trio.current_time() >= deadline:
+        return False  # an expired context fails a Go dial at once
     with trio.move_on_at(min(deadline, trio.current_time() + PROBE_TIMEOUT)):
         return await probe()
     return False
@@ -426,10 +429,9 @@ async def run_prechecks(region: str, probes: Probes, *,
         targets = dns_rows(region, found)
         return bool(targets) and all(row.status != FAIL for _, row in targets)
 
-    with trio.move_on_at(deadline):
-        await _with_retry(dns_attempt, deadline)
-    if not targets:  # the deadline passed before discovery answered
-        targets = dns_rows(region, "context deadline exceeded")
+    # cloudflared's discovery takes no deadline (each DNS exchange has its own timeout): only the waits
+    # between attempts end at the suite's
+    await _with_retry(dns_attempt, deadline)
     rows = [row for _, row in targets]
     api_ips = await probes.api_addresses()
     for name, ips in [*((row.target, [ip for ip, _ in probe_addresses(group)]) for group, row in targets),

@@ -19,10 +19,11 @@ class Script:
     """Probes that answer as told and record each call (and when, on the trio clock)."""
 
     def __init__(self, *, quic: bool = True, http2: bool = True, api: bool = True,
-                 groups: dn.Groups | Exception = GROUPS, hang: bool = False) -> None:
+                 groups: dn.Groups | Exception = GROUPS, hang: bool = False, dns_delay: float = 0.0) -> None:
         self.answers = {"quic": quic, "http2": http2, "api": api}
         self.groups = groups
         self.hang = hang
+        self.dns_delay = dns_delay
         self.calls: list[tuple[str, str, float]] = []
         self.lookups: list[str] = []
 
@@ -37,6 +38,7 @@ class Script:
 
         async def discover(name: str) -> dn.Groups:
             self.lookups.append(name)
+            await trio.sleep(self.dns_delay)
             if isinstance(self.groups, Exception):
                 raise self.groups
             return self.groups
@@ -119,3 +121,11 @@ async def test_nothing_outside_this_machine_is_probed(autojump_clock: trio.abc.C
                                               r"2001:db8:1::1, outside this machine"):
         await dn.run_prechecks("", script.probes(local=False))
     assert script.calls == []
+
+
+async def test_a_slow_discovery_is_waited_for_and_the_probes_fail(autojump_clock: trio.abc.Clock) -> None:
+    # as cloudflared's, whose DNS discovery takes no deadline: the rows are there, the probes out of time
+    script = Script(dns_delay=20.0)
+    rows, suggested = await dn.run_prechecks("", script.probes())
+    assert [r.status for r in rows] == [dn.PASS, dn.PASS] + [dn.FAIL] * 5 and suggested is None
+    assert script.calls == [] and len(script.lookups) == 1
