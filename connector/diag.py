@@ -301,7 +301,10 @@ def run(flags: DiagFlags, *, now: Callable[[], datetime.datetime] | None = None)
 
         def prechecks_job() -> Path:
             region = str(flags.get("region") or "")
-            body = diag_network.collect_prechecks(region, deadline - time.monotonic())
+            try:
+                body = diag_network.collect_prechecks(region, deadline - time.monotonic())
+            except diag_network.OutsideError as exc:
+                raise DiagError(str(exc)) from None
             (workdir / "prechecks.json").write_bytes(body)
             return workdir / "prechecks.json"
 

@@ -56,11 +56,11 @@ from tunnel_lab.connector.edge_discovery import RESOLV_CONF, lookup, nameservers
 from tunnel_lab.connector.quic_transport import QuicTransport
 from tunnel_lab.transport.tls import TLSStream
 from tunnel_lab.wire import dns
-from tunnel_lab.wire.errors import ProtocolError
+from tunnel_lab.wire.errors import ProtocolError, TunnelLabError
 
 # --- only this machine -------------------------------------------------------------------------------------
 
-class OutsideError(OSError):
+class OutsideError(TunnelLabError):
     """A network job would reach an address outside this machine (the lab never does)."""
 
 
@@ -131,7 +131,7 @@ class Hop:
         return out
 
 
-class TraceDecodeError(ValueError):
+class TraceDecodeError(TunnelLabError):
     """The output could not be read at all (only a line longer than Go's scanner takes)."""
 
 
