@@ -32,6 +32,7 @@ from tunnel_lab.edge.state import Counter, EdgeState, MergedHistory, Metrics, Re
 from tunnel_lab.edge.worker import config_to_json, fault_to_json
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
+from tunnel_lab.transport.trace import Tracer, part_path
 from tunnel_lab.transport.tunnel import TunnelStreamError
 from tunnel_lab.wire.edge_link import WORKER_OPS, LineDecoder, encode_message
 from tunnel_lab.wire.errors import ConfigError, ProtocolError
@@ -62,8 +63,7 @@ def split_locations(config: EdgeConfig, processes: int) -> list[list[str]]:
 
 def check_supported(config: EdgeConfig) -> None:
     """What a multi-process edge does not do yet (ConfigError naming it)."""
-    for flag, value in (("--warp-listen", config.warp_listen), ("--udp-forward", config.udp_forwards),
-                        ("--trace", config.trace)):
+    for flag, value in (("--warp-listen", config.warp_listen), ("--udp-forward", config.udp_forwards)):
         if value:
             raise ConfigError("not supported with --processes above 1 yet", source=flag,
                               hint="run the edge in one process for it")
@@ -137,6 +137,37 @@ class RemoteConnection:
         if "push_error" in answer:
             raise TunnelStreamError(answer["push_error"])
         return int(answer["latest"]), answer["error"] or ""
+
+
+class RemoteTrace:
+    """The parent's `EdgeState.trace` with `--trace`: the workers write the trace and keep the rings of the
+    requests they served; the live view's `GET /live/trace?ray=` asks them (`answer`)."""
+
+    def __init__(self, workers: list[WorkerProc]) -> None:
+        self.workers = workers
+
+    async def answer(self, ray: str) -> dict[str, Any]:
+        """The answer of the worker that holds `ray`'s records (`ok`), else one that evicted them, else
+        `unknown`. Every live worker is asked: the ray names the data centre, but a request answered before
+        reaching a tunnel has the ray of whichever worker's first data centre took it."""
+        answers: list[dict[str, Any]] = []
+
+        async def one(w: WorkerProc) -> None:
+            try:
+                answers.append(await w.call("trace", ray=ray))
+            except WorkerError as exc:
+                log.warning("no trace answer from worker %d: %s", w.index, exc)
+
+        async with trio.open_nursery() as nursery:
+            for w in self.workers:
+                if w.alive:
+                    nursery.start_soon(one, w)
+        for status in ("ok", "evicted", "unknown"):
+            for answer in answers:
+                if answer.get("status") == status:
+                    return answer
+        return {"ray": ray, "status": "unknown", "message": f"no worker process of the edge answered for "
+                f"{ray} (the edge's log says why); the trace files have every record"}
 
 
 @dataclass(eq=False)
@@ -221,6 +252,8 @@ class Cluster:
         self.faults_dirty = trio.Event()
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
         self.udp_forwards: list[dict[str, str]] = []
+        if config.trace is not None:
+            self.state.trace = RemoteTrace(self.workers)
         self.shutting_down = False
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
@@ -465,6 +498,9 @@ class Cluster:
         self.pki.server_ssl_context("edge")
         paths.quic_reset_key(self.state_dir)
         inherited: dict[str, socket.socket] = {}
+        # `--trace FILE`: each worker writes its own file beside FILE; FILE names them (docs/trace.md)
+        tracer = None if cfg.trace is None else Tracer(
+            cfg.trace, component="edge", parts=[part_path(cfg.trace, w.index).name for w in self.workers])
         try:
             for what, addresses in (("http", cfg.http_listens), ("https", cfg.https_listens)):
                 if addresses:  # one at most (check_supported)
@@ -492,6 +528,8 @@ class Cluster:
         finally:
             for sock in inherited.values():
                 sock.close()
+            if tracer is not None:
+                tracer.close()
         log.info("edge stopped (all processes)")
 
     async def _stop_workers(self) -> None:

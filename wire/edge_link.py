@@ -4,6 +4,8 @@ processes"): bytes only, no I/O.
 - The control channel between the parent and each worker carries JSON Lines: one object per line, each with
   an `op` naming the message; a request carries an `id` its `reply` repeats. `encode_message` makes a line,
   `LineDecoder` turns received bytes into messages and refuses anything malformed or over `MAX_LINE`.
+- A worker's answer to the live view's question about one request's trace (`fit_trace_answer`) is cut to fit
+  one line.
 - The forwarding link between workers (one data centre forwarding an eyeball's request to another that has a
   connection of the tunnel) is HTTP/1.1 after one preamble line naming the eyeball: `forward_preamble` and
   `parse_forward_preamble`.
@@ -71,6 +73,30 @@ class LineDecoder:
             expected = ", ".join(sorted(self.ops))
             raise ProtocolError(f"unknown control message op={op!r}; expected one of {expected}")
         return value
+
+
+TRACE_ANSWER_ROOM = MAX_LINE - 1024  # what a reply's envelope (op, id) leaves for the answer
+
+
+def fit_trace_answer(answer: dict[str, Any], room: int = TRACE_ANSWER_ROOM) -> dict[str, Any]:
+    """A worker's `edge.live.trace_answer` for one request, cut to fit one control line: when its records
+    are too many bytes, they are left out and `problems` says so (the diagram's steps stay; the trace file
+    has the records); when even the steps are, they go too."""
+    if _size(answer) <= room:
+        return answer
+    records = answer.get("records", [])
+    note = (f"the {len(records)} trace records of this request are over {room} bytes, too many to pass "
+            "between the edge's processes: the trace file has them")
+    cut = {**answer, "records": [], "problems": [*answer.get("problems", []), note]}
+    if _size(cut) <= room:
+        return cut
+    steps = len(answer.get("steps", []))
+    note = f"its {steps} diagram steps are too: left out"
+    return {**cut, "steps": [], "problems": [*cut["problems"], note]}
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
 
 
 def forward_preamble(client_ip: str, scheme: str) -> bytes:

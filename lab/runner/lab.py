@@ -46,13 +46,13 @@ from tunnel_lab.wire.redact import Redactor
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _multiprocess_edge_serves(sc: Scenario, *, trace: bool) -> bool:
+def _multiprocess_edge_serves(sc: Scenario) -> bool:
     """Does the scenario need nothing a multi-process edge lacks (docs/architecture.md, "The edge in
-    several processes"): warp, UDP, the trace, and Access and WAF, whose per-request state (one-time
-    codes, rate-limit counts) lives in each process?"""
+    several processes"): warp, UDP, and Access and WAF, whose per-request state (one-time codes,
+    rate-limit counts) lives in each process?"""
     flags = sc.edge.get("flags", [])
-    return not (trace or sc.edge.get("warp", False) or sc.access or sc.waf
-                or any(f in ("--udp-forward", "--trace") for f in flags)
+    return not (sc.edge.get("warp", False) or sc.access or sc.waf
+                or any(f == "--udp-forward" for f in flags)
                 or "udp" in _actions(sc.steps))
 
 
@@ -300,8 +300,7 @@ class Lab:
         old = self.components.get("edge")
         if self.options.trace:
             flags += ["--trace", str(self._trace_path("edge", old))]
-        if min(self.options.edge_processes, len(datacentres)) > 1 and _multiprocess_edge_serves(
-                sc, trace=self.options.trace):
+        if min(self.options.edge_processes, len(datacentres)) > 1 and _multiprocess_edge_serves(sc):
             flags += ["--processes", str(min(self.options.edge_processes, len(datacentres)))]
         argv = edge_argv(
             self.state,

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -60,10 +61,11 @@ def api_text(ready: dict[str, Any], path: str) -> str:
 
 def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
               faults: tuple[dict[str, Any], ...] = (), origin_kind: str = "echo",
+              edge_flags: tuple[str, ...] = (), protocol: str = "http2",
               ) -> tuple[dict[str, Any], Any, Path]:
     """A state with tunnel t1 (app.test), a two-process edge over LAB1 (worker 0) and LAB2 (worker 1)
-    with an HTTP and an HTTPS eyeball listener, an `origin_kind` origin, `faults` applied, and one of our
-    connectors at each of `locations` (registered unless a fault is set)."""
+    with an HTTP and an HTTPS eyeball listener (and `edge_flags`), an `origin_kind` origin, `faults` applied,
+    and one of our connectors over `protocol` at each of `locations` (registered unless a fault is set)."""
     state = tmp_path / "state"
     lab(state, "tunnel", "create", "t1")
     lab(state, "tunnel", "route", "dns", "t1", "app.test")
@@ -73,7 +75,7 @@ def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
                          "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
                          "--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0",
                          "--ready-file", str(tmp_path / "edge.json"),
-                         "--shutdown-timeout", "2"], state, edge_log)
+                         "--shutdown-timeout", "2", *edge_flags], state, edge_log)
     ready = wait_json(tmp_path / "edge.json", edge, timeout=60)
     origin = start(procs, [PY, "-m", "tunnel_lab", "origin", origin_kind, "--listen", "127.0.0.1:0",
                            "--ready-file", str(tmp_path / "origin.json")], state, tmp_path / "origin.log")
@@ -84,7 +86,7 @@ def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
         if listener["location"] in locations:
             start(procs, [PY, "-m", "tunnel_lab", "connector", "tunnel", "--no-autoupdate", "--edge",
                           listener["address"], "--cacert", ready["ca"], "--no-prechecks",
-                          "--ha-connections", "1", "--grace-period", "1s", "run", "--protocol", "http2",
+                          "--ha-connections", "1", "--grace-period", "1s", "run", "--protocol", protocol,
                           "--credentials-file", str(creds), "--url", origin_url, "t1"],
                   state, tmp_path / f"connector-{listener['location']}.log")
     if not faults:
@@ -257,3 +259,48 @@ def test_a_killed_worker_is_reported_and_the_other_goes_on(tmp_path, procs):
     assert edge.poll() is None
     edge.send_signal(signal.SIGTERM)
     assert edge.wait(timeout=30) == 0
+
+
+def test_the_trace_is_whole_across_the_workers(tmp_path, procs):
+    # `--trace FILE`: each worker writes its own file beside FILE and FILE names them; `trace show FILE`
+    # reads them all. A forwarded request's records are the receiving worker's (its ray, its data centre),
+    # and the live view on the parent's API finds them in that worker's ring.
+    trace = tmp_path / "edge.trace.jsonl"
+    ready, edge, edge_log = start_lab(tmp_path, procs, ("LAB2",), edge_flags=("--trace", str(trace)))
+
+    def attempt(n: int) -> str:
+        path = f"/echo?traced={n}"
+        assert get(ready["http"], path, "app.test")[0] == 200
+        return path
+
+    entry = history_entry(ready, forwarded_until(ready, attempt), edge_log)
+    ray = entry["ray"]
+    assert ray.endswith("-LAB2") and entry["worker"] == 1, entry
+    answer = api(ready, f"/live/trace?ray={ray}")
+    assert answer["status"] == "ok" and answer["complete"], answer
+    assert {r["worker"] for r in answer["records"]} == {1}
+    kinds = {r["kind"] for r in answer["records"]}
+    assert {"eyeball.request", "h2.frame", "eyeball.done"} <= kinds, kinds
+    assert [s for s in answer["steps"] if s["kind"] == "eyeball.request"], answer["steps"]
+    assert api(ready, "/live/trace?ray=0000000000000000-LAB1")["status"] == "unknown"
+    edge.send_signal(signal.SIGTERM)
+    assert edge.wait(timeout=30) == 0
+
+    [start] = [json.loads(line) for line in trace.read_text().splitlines()[:1]]
+    assert start["kind"] == "trace.start" and start["parts"] == ["edge.trace.w0.jsonl", "edge.trace.w1.jsonl"]
+    for index, part in enumerate(start["parts"]):
+        records = [json.loads(line) for line in (tmp_path / part).read_text().splitlines()]
+        assert records[-1]["kind"] == "trace.end" and records[-1]["dropped"] == 0  # stopped in order
+        assert {r["worker"] for r in records} == {index}
+        # each worker numbers its connections from 1; only worker 1 (LAB2) has one
+        conns = {r["conn"] for r in records if r["kind"].startswith("h2.")}
+        assert all(c.endswith(f"@w{index}") for c in conns) and bool(conns) == (index == 1), conns
+        # the sending worker never saw the forwarded request's ray: the receiving one traced all of it
+        assert bool([r for r in records if r.get("ray") == ray]) == (index == 1)
+    show = subprocess.run([PY, "-m", "tunnel_lab", "trace", "show", str(trace), "--ray", ray, "--color",
+                           "never"], capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0 and show.stderr == "", show.stderr
+    assert "eyeball.request" in show.stdout and "HEADERS" in show.stdout, show.stdout
+    diagram = subprocess.run([PY, "-m", "tunnel_lab", "trace", "diagram", str(trace), "--ray", ray],
+                             capture_output=True, text=True, timeout=60)
+    assert diagram.returncode == 0 and "sequenceDiagram" in diagram.stdout, diagram.stderr
