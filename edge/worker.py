@@ -286,6 +286,14 @@ class Worker:
                     "pushed_configs": {k: v.decode("latin-1") for k, v in state.pushed_configs.items()}}
         if method == "routable":
             return sorted(state.registry.routable_tunnels())
+        if method == "udp_forward":  # this worker holds the UDP ports (edge.cluster.UDP_OWNER)
+            listen, dest = args["listen"], args["destination"]
+            try:
+                return await self.edge.start_udp_forward((str(listen[0]), int(listen[1])),
+                                                         (str(dest[0]), int(dest[1])),
+                                                         drop_every=int(args.get("drop_every", 0)))
+            except OSError as exc:
+                return {"bind_error": exc.strerror or str(exc), "errno": exc.errno or 0}
         if method == "trace":  # the live view's /live/trace?ray= on the parent: this worker's ring
             return fit_trace_answer(live.trace_answer(state.trace, str(args["ray"])))
         if method == "set_faults":
@@ -348,6 +356,7 @@ async def run_worker(control_fd: int) -> None:
         await nursery.start(edge.serve)
         nursery.start_soon(trio.serve_listeners, on_forwarded, forward_listeners)
         await link.send("ready", worker=index, pid=os.getpid(), forward=forward_address,
+                        udp_forwards=edge.udp_forwards,
                         tunnel_listeners=[{"location": lst.location, "address": lst.address,
                                            "quic": lst.quic_address} for lst in edge.listeners.values()])
         nursery.start_soon(worker.report_routes)

@@ -48,17 +48,9 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 def _multiprocess_edge_serves(sc: Scenario) -> bool:
     """Does the scenario need nothing a multi-process edge lacks (docs/architecture.md, "The edge in
-    several processes"): warp, UDP, and Access and WAF, whose per-request state (one-time codes,
-    rate-limit counts) lives in each process?"""
-    flags = sc.edge.get("flags", [])
-    return not (sc.edge.get("warp", False) or sc.access or sc.waf
-                or any(f == "--udp-forward" for f in flags)
-                or "udp" in _actions(sc.steps))
-
-
-def _actions(steps: Any) -> set[str]:
-    """Every step's action, inside parallel blocks too."""
-    return {a for step in steps for a in (step.action, *_actions(step.children))}
+    several processes"): Access and WAF, whose per-request state (one-time codes, rate-limit counts) lives
+    in each process?"""
+    return not (sc.access or sc.waf)
 
 
 @dataclass(frozen=True)
