@@ -248,6 +248,10 @@ class Tracer:
         if parts:
             start["parts"] = list(parts)
         self._write([start], time.monotonic(), {})
+        # on disk at once: a process killed before its first batch (an idle worker, a multi-process edge's
+        # parent, which writes nothing else) still leaves a readable trace, and the parts it names
+        with contextlib.suppress(OSError):
+            self._file.flush()
         self._thread = threading.Thread(target=self._run, name=f"trace-{component}", daemon=True)
         self._thread.start()
 

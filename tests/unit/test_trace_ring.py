@@ -130,5 +130,7 @@ def test_worker_trace_files_sit_beside_the_named_one(tmp_path: Path) -> None:
     assert not (tmp_path / "edge.trace.jsonl").exists()  # the parent's file is the parent's to write
     with Tracer(tmp_path / "edge.trace.jsonl", component="edge", parts=["edge.trace.w0.jsonl"]) as parent:
         assert parent.worker is None
+        # on disk before anything else happens: a parent killed now still names its workers' files
+        assert json.loads((tmp_path / "edge.trace.jsonl").read_text())["parts"] == ["edge.trace.w0.jsonl"]
     [start, end] = [json.loads(line) for line in (tmp_path / "edge.trace.jsonl").read_text().splitlines()]
     assert start["parts"] == ["edge.trace.w0.jsonl"] and "worker" not in start and end["kind"] == "trace.end"
