@@ -91,7 +91,6 @@ class Peers:
                 await link.aclose()
         return True
 
-
     async def open_link(self, tunnel_id: Any, what: str, *,
                         here: bool | None = None) -> trio.SocketStream | None:
         """A link to a worker with a routable connection of the tunnel, when this one cannot serve `what`
@@ -121,15 +120,17 @@ class Peers:
         return link
 
     async def forward_raw(self, tunnel_id: Any, eyeball: trio.abc.Stream, first: bytes,
-                          client: tuple[str, int], what: str) -> bool:
+                          client: tuple[str, int], what: str, handed_over: Callable[[], None]) -> bool:
         """A `--warp-listen` connection whose tunnel has no connection here: its bytes so far (`first`) and
-        the rest, raw both ways, through a worker that has one, which serves and records it."""
+        the rest, raw both ways, through a worker that has one, which serves and records it (from
+        `handed_over` on: its bytes are on the link)."""
         link = await self.open_link(tunnel_id, what)
         if link is None:
             return False
         quiet = (trio.BrokenResourceError, trio.ClosedResourceError)
         try:
             await link.send_all(forward_preamble(client[0], "warp", client_port=client[1]) + first)
+            handed_over()
             send_eof = getattr(eyeball, "send_eof", None)
 
             async def from_eyeball() -> bytes:

@@ -578,9 +578,9 @@ class Forwarder(Protocol):
         request has reached the other process, which records it from then on."""
 
     async def forward_raw(self, tunnel_id: Any, eyeball: Any, first: bytes, client: tuple[str, int],
-                          what: str) -> bool:
+                          what: str, handed_over: Callable[[], None]) -> bool:
         """The same for a `--warp-listen` connection (its bytes read so far are `first`): True when another
-        process served (and recorded) it."""
+        process served it; it records it once `handed_over` was called."""
 
     async def open_link(self, tunnel_id: Any, what: str, *, here: bool | None = None) -> Any:
         """A link (a stream) to another process with a routable connection of the tunnel, when this one

@@ -127,10 +127,14 @@ async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio
                                             f"`tunnel-lab tunnel route ip CIDR TUNNEL`.", ray)
             return
         record["tunnel_id"] = str(tunnel.id)
-        if edge.peers is not None and await edge.peers.forward_raw(tunnel.id, stream, bytes(received), peer,
-                                                                   f"warp {target!r}"):
-            forwarded = True  # the receiving worker records it, as from this eyeball
-            return
+        if edge.peers is not None:
+            def handed_over() -> None:
+                nonlocal forwarded
+                forwarded = True  # the receiving worker records it, as from this eyeball
+
+            if await edge.peers.forward_raw(tunnel.id, stream, bytes(received), peer, f"warp {target!r}",
+                                            handed_over):
+                return
         tconn = edge.registry.pick(tunnel.id)
         if tconn is None:
             record.update(status=530, outcome="no-connection")
