@@ -73,12 +73,12 @@ class StreamListenerError(ConnectionLostError):
 class ReconnectSignal(EdgeConnectionError):
     """`--stdin-control`'s `reconnect [DURATION]` dropped this connection.
 
-    The supervisor reconnects it after `delay`, without backoff."""
+    The supervisor reconnects it after `delay` and the per-connIndex backoff, without the supervisor's."""
 
     retry_initial = True
 
     def __init__(self, delay: float) -> None:
-        super().__init__(f"reconnect signal (delay {delay:g}s)")
+        super().__init__("reconnect signal")  # cloudflared's text, whatever the delay
         self.delay = delay
 
 

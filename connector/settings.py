@@ -146,7 +146,7 @@ class TunnelSettings:
     diag_flags: tuple[tuple[str, str], ...] = ()  # /diag/configuration: set flags as strings (connector.diag)
     # Timing knobs (docs/connector.md, "Knobs"): no flag sets them; tests pass smaller values here.
     backoff_base: float = 1.0  # per-connIndex retry backoff: attempt k waits up to 2^k * base
-    supervisor_backoff_base: float = 10.0  # extra wait after a registered connection dropped
+    supervisor_backoff_base: float = 10.0  # extra wait after any failed connection (supervisor.py)
     ha_start_interval: float = 0.0  # between starting connIndex 1..N-1 (cloudflared: 1 s)
     # `--trace FILE`: the open transport.trace.Tracer (docs/trace.md), None when off; each hook checks it once
     trace: Any = field(default=None, compare=False, repr=False)

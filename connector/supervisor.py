@@ -7,11 +7,15 @@ cloudflared's rules (docs/protocol.md §9.1, §9.4-§9.6):
 - each connIndex holds its own address; dial/TLS errors and EDUPCONN move it to a free address;
 - per-connIndex backoff: a random wait in [0, 2^k * base) with k = 1..retries, then capped; reset when the
   connection registers;
-- a dropped connection that had registered also waits the supervisor backoff (base 10 s, same doubling),
-  except connIndex 0 while it is still in cloudflared's first-tunnel loop (`startFirstTunnel`): an error
-  that loop retries (`retry_initial`: dial, EDUPCONN, control stream, and over QUIC the end of an
-  established connection, `StreamListenerError`) reconnects after the per-connIndex backoff only; the first
-  other error takes connIndex 0 out of that loop for good;
+- then every failed connection, registered or not (a dial error too), logs `Connection terminated` and
+  waits the supervisor backoff (`SupervisorBackoff`: base 10 s, same doubling, one timer shared by all
+  connIndexes, reset after a grace time once all are back), except connIndex 0 while it is still in
+  cloudflared's first-tunnel loop (`startFirstTunnel`): an error that loop retries (`retry_initial`: dial,
+  EDUPCONN, control stream, and over QUIC the end of an established connection, `StreamListenerError`)
+  reconnects after the per-connIndex backoff only; the first other error takes connIndex 0 out of that
+  loop for good;
+- `reconnect DELAY` (`--stdin-control`): the delay, the per-connIndex backoff, `Connection terminated`, then
+  a new connection at once (no supervisor backoff); connIndex 0 leaves its first loop;
 - before the very first registration, only "network" errors and `Unauthorized` are retried; anything else
   ends the process with exit code 1 (`initial tunnel connection failed`).
 Unlike cloudflared, every retry waits: there is no busy loop even with a single edge address.
@@ -92,6 +96,65 @@ class Backoff:
         self.attempts = 0
 
 
+class SupervisorBackoff:
+    """The supervisor's one backoff, shared by every connIndex, as data (docs/protocol.md §9.4).
+
+    cloudflared's supervisor Run loop (supervisor/supervisor.go) and retry.BackoffHandler: a connection that
+    ends (registered or not) joins the pending timer, or starts one: attempt k (capped at `retries`) waits a
+    random time in [0, 2^k * base). Every connIndex waiting restarts when the timer fires. The count resets
+    only lazily: once every connection the supervisor (re)started has registered and none waits, a grace
+    deadline is drawn in [0, 2^(k+2) * base) from then, and the first draw after that deadline starts from
+    k = 1 again. Times are the caller's clock (`now`); no I/O, no sleeping.
+    """
+
+    def __init__(self, base: float, retries: int, rng: random.Random | None = None) -> None:
+        self.base = base
+        self.retries = max(retries, 0)
+        self.attempts = 0
+        self.timer_at: float | None = None  # when the pending timer fires
+        self.reset_at: float | None = None  # the grace deadline: the next draw after it resets the count
+        self.waiting: set[int] = set()  # connIndexes waiting for the timer
+        self.connecting: set[int] = set()  # (re)started by the supervisor, not registered yet
+        self._rng = rng or random.Random()
+
+    def started(self, index: int) -> None:
+        """connIndex `index` was started outside the timer (connIndex 1..N-1 at first, a reconnect signal)."""
+        self.connecting.add(index)
+
+    def terminated(self, index: int, now: float) -> float:
+        """connIndex `index` ended with an error: the time at which it starts again."""
+        self._fire(now)
+        self.connecting.discard(index)
+        self.waiting.add(index)
+        if self.timer_at is None:
+            if self.reset_at is not None and now > self.reset_at:
+                self.attempts = 0
+                self.reset_at = None
+            if self.attempts < self.retries:
+                self.attempts += 1
+            self.timer_at = now + self._rng.uniform(0, self.base * 2**self.attempts)
+        return self.timer_at
+
+    def registered(self, index: int, now: float) -> float | None:
+        """connIndex `index` registered: the grace deadline drawn if it was the last one outstanding."""
+        self._fire(now)
+        if index not in self.connecting:
+            return None  # connIndex 0 in its first loop: the supervisor does not watch it
+        self.connecting.discard(index)
+        if self.connecting or self.waiting:
+            return None
+        self.reset_at = now + self._rng.uniform(0, self.base * 2 ** (self.attempts + 2))
+        return self.reset_at
+
+    def _fire(self, now: float) -> None:
+        # The timer fires once for all: whoever waited is connecting again, whether or not its own task
+        # has woken up yet.
+        if self.timer_at is not None and now >= self.timer_at:
+            self.connecting |= self.waiting
+            self.waiting.clear()
+            self.timer_at = None
+
+
 def _duration(seconds: float) -> str:
     """Go's Duration.String() for whole seconds and minutes (4s, 1m4s); fractions for tiny test values."""
     if seconds < 1:
@@ -129,7 +192,7 @@ class Supervisor:
         self.state = state
         self._ready = 0
         self._exit_code = 0
-        self._supervisor_backoff = Backoff(settings.supervisor_backoff_base, settings.retries)
+        self._supervisor_backoff = SupervisorBackoff(settings.supervisor_backoff_base, settings.retries)
         self._ssl_context = edge_ssl_context(settings.ca_cert)
         self._nursery: trio.Nursery | None = None
 
@@ -161,12 +224,18 @@ class Supervisor:
         self.ever_registered = True
         self._first_registered.set()
         self._ready += 1
-        if self._ready >= self.ha:
-            self._supervisor_backoff.reset()
+        grace = self._supervisor_backoff.registered(conn.conn_index, trio.current_time())
+        if grace is not None:
+            log.debug("Supervisor backoff: every connection is back, count resets after %.1fs",
+                      grace - trio.current_time())
         if self.state is not None and conn.details is not None:
             details = conn.details
             self.state.connection_registered(conn.conn_index, str(details.uuid), details.location_name,
                                              conn.edge_ip, getattr(conn, "protocol", HTTP2))
+
+    def _conn_aware_level(self) -> int:
+        # cloudflared's ConnAwareLogger: an error while no connection is registered, else a warning
+        return logging.WARNING if self._ready else logging.ERROR
 
     def _unregistered(self, conn: EdgeConnection) -> None:
         self._ready = max(0, self._ready - 1)
@@ -192,6 +261,7 @@ class Supervisor:
         for index in range(1, self.ha):
             if self.shutdown.is_set():
                 return
+            self._supervisor_backoff.started(index)
             self._nursery.start_soon(self._run_index, index)
             if index < self.ha - 1:
                 await trio.sleep(self.settings.ha_start_interval)
@@ -204,6 +274,32 @@ class Supervisor:
             if conn.registered and conn.drop(ReconnectSignal(delay)):
                 return index
         return None
+
+    async def _reconnect_signalled(self, index: int, signal: ReconnectSignal, conn: EdgeConnection,
+                                   backoff: Backoff) -> None:
+        """After `reconnect DELAY` (docs/protocol.md §9.7): the delay, then the per-connIndex backoff as
+        after any other error (same address; it counts an attempt), then the supervisor's line and an
+        immediate restart, which also takes connIndex 0 out of its first loop."""
+        log.info("Restarting connection due to reconnect signal in %s connIndex=%d event=0 ip=%s",
+                 _duration(signal.delay) if signal.delay else "0s", index, conn.edge_ip)
+        with trio.move_on_after(signal.delay):
+            await self.shutdown.wait()
+        if self.shutdown.is_set():
+            return
+        if conn.details is not None:
+            backoff.reset()
+        wait, shown = backoff.next_wait(after_reset=conn.details is not None)
+        log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(shown), index,
+                 conn.edge_ip)
+        with trio.move_on_after(wait):
+            await self.shutdown.wait()
+        if self.shutdown.is_set():
+            return
+        log.log(self._conn_aware_level(), "Connection terminated error=%s connIndex=%d", q(str(signal)),
+                index)
+        if index == 0:
+            self._first_loop = False
+        self._supervisor_backoff.started(index)
 
     def fail(self, code: int) -> None:
         """End every connection at once (fatal error or a second signal)."""
@@ -231,7 +327,7 @@ class Supervisor:
             self.connections[index] = conn
             try:
                 await conn.run(self.shutdown)
-                log.info("Connection terminated connIndex=%d", index)
+                log.log(self._conn_aware_level(), "Connection terminated connIndex=%d", index)
                 return  # graceful shutdown
             except EdgeConnectionError as exc:
                 error = exc
@@ -244,13 +340,10 @@ class Supervisor:
                 self.connections.pop(index, None)
             if self.shutdown.is_set():
                 return
-            if isinstance(error, ReconnectSignal):  # no backoff, same address, attempts unchanged
-                log.info("Restarting connection connIndex=%d due to reconnect signal in %s", index,
-                         _duration(error.delay) if error.delay else "0s")
-                with trio.move_on_after(error.delay):
-                    await self.shutdown.wait()
-                continue
             was_registered = conn.details is not None
+            if isinstance(error, ReconnectSignal):
+                await self._reconnect_signalled(index, error, conn, backoff)
+                continue
             level = logging.ERROR if index == 0 else logging.WARNING
             if was_registered:
                 backoff.reset()
@@ -292,12 +385,17 @@ class Supervisor:
                 if error.retry_initial:
                     continue  # startFirstTunnel serves again at once: no supervisor backoff
                 self._first_loop = False
-            if was_registered and not self.shutdown.is_set():
-                wait, _ = self._supervisor_backoff.next_wait()
-                log.error("Connection terminated error=%s connIndex=%d", q(str(error)), index)
-                log.debug("Supervisor backoff: reconnecting in %.1fs connIndex=%d", wait, index)
-                with trio.move_on_after(wait):
-                    await self.shutdown.wait()
+            if self.shutdown.is_set():
+                return
+            # Everything else, registered or not (a dial error too), goes through the supervisor: its
+            # line, then its backoff, shared with every other connIndex waiting (SupervisorBackoff).
+            log.log(self._conn_aware_level(), "Connection terminated error=%s connIndex=%d", q(str(error)),
+                    index)
+            now = trio.current_time()
+            restart_at = self._supervisor_backoff.terminated(index, now)
+            log.debug("Supervisor backoff: reconnecting in %.1fs connIndex=%d", restart_at - now, index)
+            with trio.move_on_at(restart_at):
+                await self.shutdown.wait()
 
 
 def new_connection(protocol: str, settings: TunnelSettings, proxy: Proxy, **kwargs: Any) -> EdgeConnection:

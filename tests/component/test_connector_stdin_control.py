@@ -1,4 +1,5 @@
-"""`--stdin-control`: `reconnect 0s` on a fake stdin drops one connection; it registers again at once."""
+"""`--stdin-control`: `reconnect 0s` on a fake stdin drops one connection; it registers again after the
+per-connIndex backoff only (docs/protocol.md §9.7)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import trio.testing
 from tests.component.connector_edge import FakeEdge, make_ca, make_settings, status_rule
 from tunnel_lab.connector.runtime import run_tunnel
 
-# Any backoff would outlast the test's deadline: the reconnect must not wait for one.
-SLOW_KNOBS = {"backoff_base": 60.0, "supervisor_backoff_base": 60.0}
+# The supervisor's backoff would outlast the test's deadline: the reconnect must not wait for it.
+SLOW_KNOBS = {"backoff_base": 0.01, "supervisor_backoff_base": 60.0}
 
 
 async def _start(nursery: trio.Nursery, settings, stdin) -> tuple[object, list[int], trio.Event]:
@@ -45,8 +46,11 @@ async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, capl
             second = edge.registered[1]
             assert second is not first
             assert second.params is not None and second.params.conn_index == 0
-            # no backoff: the retry counter is untouched
-            assert second.params.options.num_previous_attempts == 0
+            # the per-connIndex backoff counted one attempt, as cloudflared's does (observed: 1)
+            assert second.params.options.num_previous_attempts == 1
+            supervisor = handle.supervisor  # type: ignore[attr-defined]
+            assert supervisor._supervisor_backoff.attempts == 0  # no supervisor backoff was drawn
+            assert supervisor._first_loop is False  # connIndex 0 went through the supervisor
             while handle.ready_connections != 1:  # type: ignore[attr-defined]
                 await trio.sleep(0.005)
             resp = await second.request(
@@ -59,8 +63,12 @@ async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, capl
             nursery.cancel_scope.cancel()
     text = caplog.text
     assert "Unknown command command=" in text and "bogus command" in text
-    assert "Restarting connection connIndex=0 due to reconnect signal in 0s" in text
-    assert "Retrying connection in up to" not in text
+    assert "Restarting connection due to reconnect signal in 0s connIndex=0 event=0 ip=127.0.0.1" in text
+    assert "Retrying connection in up to 10ms connIndex=0" in text
+    terminated = [r for r in caplog.records if r.getMessage().startswith("Connection terminated error=")]
+    assert [(r.getMessage(), r.levelname) for r in terminated] == [
+        ('Connection terminated error="reconnect signal" connIndex=0', "ERROR")  # no connection left
+    ]
 
 
 async def test_stdin_ignored_without_the_flag(tmp_path):
