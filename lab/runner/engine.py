@@ -32,7 +32,7 @@ from tunnel_lab.lab.runner.checks import (
     value_matches,
 )
 from tunnel_lab.lab.runner.cloudflared import RELEASE_TABLE
-from tunnel_lab.lab.runner.lab import Lab, RunOptions, scenario_dirs
+from tunnel_lab.lab.runner.lab import Lab, RunOptions, connector_key, scenario_dirs
 from tunnel_lab.lab.runner.loader import Scenario, Step, parse_duration
 from tunnel_lab.lab.runner.procs import TUNNEL_LAB, Component, ComponentError, free_port
 from tunnel_lab.lab.runner.reaper import REAPER
@@ -535,14 +535,18 @@ class _Runner:
                           *words])
         env = net.env(lab.state / "home")
         if spec.get("background"):
-            old = lab.components.get("connector")
+            name = spec.get("connector")
+            key = connector_key(name)
+            old = lab.components.get(key)
             if old is not None and old.running:
-                raise StepFailure(step, "a connector is already running")
-            comp = Component("connector", net.wrap(argv), lab.logs / "connector.log", env=env)
+                raise StepFailure(step, f"{'connector ' + repr(name) if name else 'a connector'} is already "
+                                  "running")
+            log = lab.logs / (f"connector-{name}.log" if name else "connector.log")
+            comp = Component(key, net.wrap(argv), log, env=env)
             comp.starts = old.starts if old is not None else 0
-            lab.components["connector"] = comp
+            lab.components[key] = comp
             await comp.start()
-            lab.recorder.op("start", component="connector", argv=shown, pid=comp.pid)
+            lab.recorder.op("start", component=key, argv=shown, pid=comp.pid)
             return
         timeout = parse_duration(spec.get("timeout", 30))
         output = lab.logs / f"cli-{step.index}.log"
@@ -757,7 +761,7 @@ class _Runner:
             await lab.wait_ready(spec["ready"], timeout)
             return
         if "exit" in spec:
-            comp = lab.components["connector"]
+            comp = lab.components[connector_key(spec["exit"].get("connector"))]
             code = await comp.wait_exit(timeout)
             if code is None:
                 raise StepFailure(step, f"the connector was still running after {timeout:g}s")
@@ -836,11 +840,13 @@ class _Runner:
 
     async def do_connector(self, step: Step, spec: dict[str, Any]) -> None:
         lab = self.lab
-        comp = lab.components.get("connector")
+        key = connector_key(spec.get("name"))
+        comp = lab.components.get(key)
         action = spec["action"]
         if comp is None:
-            raise StepFailure(step, "no connector was started (a cli step with background: true starts one)")
-        lab.recorder.op("connector", action=action)
+            what = f"connector {spec['name']!r}" if "name" in spec else "connector"
+            raise StepFailure(step, f"no {what} was started (a cli step with background: true starts one)")
+        lab.recorder.op("connector", action=action, **({"name": spec["name"]} if "name" in spec else {}))
         if action in ("sigstop", "sigcont"):  # a connector that stops answering: its connections go stale
             comp.send_signal(signal.SIGSTOP if action == "sigstop" else signal.SIGCONT)
             return

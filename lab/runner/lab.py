@@ -48,9 +48,27 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 def _multiprocess_edge_serves(sc: Scenario) -> bool:
     """Does the scenario need nothing a multi-process edge lacks (docs/architecture.md, "The edge in
-    several processes"): Access and WAF, whose per-request state (one-time codes, rate-limit counts) lives
-    in each process?"""
-    return not (sc.access or sc.waf)
+    several processes"): Access, WAF and load balancers, whose per-request state (one-time codes, rate-limit
+    counts, the round-robin turn) lives in each process?"""
+    return not (sc.access or sc.waf or _routes_load_balancer(sc.steps))
+
+
+def _routes_load_balancer(steps: Any) -> bool:
+    """A `cli` step running `tunnel route lb`, or a `v4_api` step adding an `lb` route, inside parallel
+    blocks too: each edge process would pick a pool's tunnel with its own turn and its own connections
+    (docs/edge.md), so the spread a scenario checks holds in one process only."""
+    for step in steps:
+        spec = step.spec
+        if step.action == "cli":
+            words = (spec["args"] if isinstance(spec, dict) else spec).split()
+            if any(words[i:i + 2] == ["route", "lb"] for i in range(len(words))):
+                return True
+        body = spec.get("body") if step.action == "v4_api" else None
+        if isinstance(body, dict) and body.get("type") == "lb":
+            return True
+        if _routes_load_balancer(step.children):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -515,17 +533,15 @@ class Lab:
             for name in self.stub_names:
                 netns.unregister_name(name, self.team_domain[1])
         with trio.CancelScope(shield=True):
-            connector = self.components.get("connector")
-            rest = [c for c in self.components.values() if c is not connector]
+            connectors = [c for c in self.components.values() if is_connector(c)]
+            rest = [c for c in self.components.values() if not is_connector(c)]
             async with trio.open_nursery() as nursery:
                 for comp in rest:
                     if comp.name.startswith("access"):
                         nursery.start_soon(comp.kill)
-            if connector is not None:
-                try:
-                    await connector.stop(grace=1.0)
-                except OSError:
-                    connector.kill_group()
+            async with trio.open_nursery() as nursery:
+                for connector in connectors:
+                    nursery.start_soon(_stop_connector, connector)
             async with trio.open_nursery() as nursery:
                 for comp in rest:
                     if self.options.trace and comp.name == "edge":
@@ -578,6 +594,24 @@ class Lab:
             return ""
         # The runner's own "--- start #N: argv" lines are not the component's output.
         return "\n".join(line for line in text.splitlines() if not line.startswith("--- start #"))
+
+
+async def _stop_connector(connector: Component) -> None:
+    try:
+        await connector.stop(grace=1.0)
+    except OSError:
+        connector.kill_group()
+
+
+def connector_key(name: str | None) -> str:
+    """The component name of a connector: `connector`, or `connector:NAME` for one a background cli step
+    named (several connectors at once, e.g. one per tunnel of a load balancer's pool)."""
+    return f"connector:{name}" if name else "connector"
+
+
+def is_connector(comp: Component) -> bool:
+    """The scenario's connector or a named one (`connector_key`)."""
+    return comp.name == "connector" or comp.name.startswith("connector:")
 
 
 def scenario_dirs(results: Path, name: str) -> tuple[Path, Path]:

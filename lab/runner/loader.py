@@ -632,6 +632,46 @@ def _check_vars(doc: Document, sc: Scenario, path: Path_, expr: str) -> None:
                         "save it with a cli step's `save: {NAME: REGEX}` or a log wait's `save: NAME`")
 
 
+def _named_connectors(step: Step) -> list[str]:
+    """The connector names a step (or its parallel branches) starts: background cli steps' `connector`."""
+    spec = step.spec
+    if step.action == "cli" and isinstance(spec, dict) and spec.get("background") and "connector" in spec:
+        return [spec["connector"]]
+    return [name for child in step.children for name in _named_connectors(child)]
+
+
+def _connector_refs(step: Step) -> list[tuple[str, str]]:
+    """(what, name) for every named connector a step acts on or waits for."""
+    spec = step.spec
+    if step.action == "connector" and "name" in spec:
+        return [("connector step", spec["name"])]
+    if step.action == "wait" and "connector" in spec.get("exit", {}):
+        return [("wait exit", spec["exit"]["connector"])]
+    component = spec.get("log", {}).get("component", "") if step.action == "wait" else ""
+    if component.startswith("connector:"):
+        return [("log component", component.removeprefix("connector:"))]
+    return []
+
+
+def _check_connector_names(sc: Scenario, step: Step, started: set[str]) -> None:
+    """A named connector is acted on only after a background cli step started it; only that starts it."""
+    def fail(message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{step.title}: {message}", source=sc.source, line=step.line, hint=hint)
+
+    spec = step.spec
+    if step.action == "cli" and isinstance(spec, dict) and "connector" in spec and not spec.get("background"):
+        raise fail("cli: `connector` names a background command and needs background: true")
+    if step.action == "connector" and "name" in spec and spec["action"] in ("start", "restart"):
+        raise fail(f"connector {spec['name']!r} cannot {spec['action']}: a named connector is started by its "
+                   "background cli step",
+                   "stop it with a signal, then start it with another background cli step")
+    for what, name in _connector_refs(step):
+        if name not in started:
+            raise fail(f"{what}: no earlier step starts a connector named {name!r}",
+                       f"start it with a cli step's `background: true, connector: {name}`"
+                       + (f" (earlier ones: {', '.join(sorted(started))})" if started else ""))
+
+
 def _check_cli(doc: Document, sc: Scenario, step: Step) -> None:
     """`cli` and `v4_api` steps: their topology, and options that exclude each other."""
     import shlex
@@ -718,10 +758,11 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                 ("topology", "origins", o.name, "tls"), f"origin {o.name!r}: kind tcp-echo has no TLS"
             )
 
-    def check(steps: tuple[Step, ...]) -> None:
+    def check(steps: tuple[Step, ...], started: set[str]) -> None:
         for step in steps:
             spec = step.spec
             where = ("steps",)
+            _check_connector_names(sc, step, started)
             if step.action == "origin" and spec["name"] not in origin_names:
                 raise ConfigError(
                     f"{step.title}: unknown origin {spec['name']!r}", source=sc.source, line=step.line
@@ -778,9 +819,11 @@ def _check_semantics(doc: Document, sc: Scenario) -> None:
                     line=step.line,
                 )
             del where
-            check(step.children)
+            check(step.children, started)
 
-    check(sc.steps)
+    for i, step in enumerate(sc.steps):
+        # a connector started in one branch of a parallel block is not "earlier" for another branch
+        check((step,), {name for before in sc.steps[:i] for name in _named_connectors(before)})
 
 
 # --- selection and sharding -----------------------------------------------------------------------

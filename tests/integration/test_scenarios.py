@@ -311,7 +311,8 @@ def test_requires_skips_with_the_reason(tmp_path: Path) -> None:
     assert result["message"] == "the cloudflared connector does not support: lab-connector"
 
 
-FLOW = ["flow-login-create-run", "flow-quick-tunnel", "flow-token-live-config", "flow-cleanup-stale"]
+FLOW = ["flow-login-create-run", "flow-quick-tunnel", "flow-token-live-config", "flow-cleanup-stale",
+        "lb-route-command", "lb-pool-round-robin", "lb-pool-failover"]
 CLOUDFLARED = os.environ.get("TUNNEL_LAB_CLOUDFLARED")
 
 
@@ -326,7 +327,8 @@ def _flow_failures(proc: subprocess.CompletedProcess[str], path: Path) -> dict[s
 @pytest.mark.parametrize("protocol", ["http2", "quic"])
 def test_documented_flow_scenarios_with_our_connector(tmp_path: Path, protocol: str) -> None:
     # The connector's own commands (login approved on the page, create, route dns, run by name, a quick
-    # tunnel, run --token with a configuration PUT while it runs, cleanup), with no lab flag.
+    # tunnel, run --token with a configuration PUT while it runs, cleanup, route lb with two connectors at
+    # once), with no lab flag.
     proc = run_lab("-k", "documented-flow", "--protocol", protocol, "--jobs", "2", "--results",
                    str(tmp_path / "results"), "--json", str(tmp_path / "report.json"))
     assert _flow_failures(proc, tmp_path / "report.json") == {}, proc.stdout[-4000:]

@@ -131,3 +131,72 @@ def test_wrap_binds_the_resolver_then_becomes_the_command(tmp_path: Path) -> Non
     env = net.env(tmp_path)
     assert env["SSL_CERT_FILE"] == "/ca.pem" and env["HOME"] == str(tmp_path)
     assert not any(k.startswith("TUNNEL_") for k in env)
+
+
+# Several connectors at once (one per tunnel of a load balancer's pool): a background cli step names one.
+TWO = textwrap.dedent("""\
+    name: two
+    description: two connectors
+    topology:
+      internet: true
+      origins:
+        app: {kind: echo}
+    steps:
+      - cli: {args: tunnel login, approve_login: true}
+      - cli: {args: 'tunnel run --url ${origins.app.url} web1', background: true, connector: web1}
+      - cli: {args: 'tunnel run --url ${origins.app.url} web2', background: true, connector: web2}
+      - wait: {log: {component: 'connector:web2', regex: Registered}}
+      - connector: {action: sigterm, name: web1}
+      - wait: {exit: {connector: web1}}
+    """)
+
+
+def test_named_background_connectors() -> None:
+    sc = parse_scenario(TWO, "two.yaml")
+    assert [s.spec.get("connector") for s in sc.steps[1:3]] == ["web1", "web2"]
+    assert sc.steps[4].spec == {"action": "sigterm", "name": "web1"}
+
+
+def test_named_connector_must_be_started_earlier() -> None:
+    err = error_of(TWO.replace("{action: sigterm, name: web1}", "{action: sigterm, name: web3}"))
+    assert err.line == 12 and "connector step: no earlier step starts a connector named 'web3'" in str(err)
+    assert "earlier ones: web1, web2" in str(err)
+    err = error_of(TWO.replace("component: 'connector:web2'", "component: 'connector:web9'"))
+    assert err.line == 11 and "log component: no earlier step starts a connector named 'web9'" in str(err)
+    err = error_of(TWO.replace("{exit: {connector: web1}}", "{exit: {connector: later}}"))
+    assert err.line == 13 and "wait exit: no earlier step starts a connector named 'later'" in str(err)
+    # started in the same parallel block is not earlier
+    start = "  - cli: {args: 'tunnel run --url ${origins.app.url} web2', background: true, connector: web2}\n"
+    wait = "  - wait: {log: {component: 'connector:web2', regex: Registered}}\n"
+    text = TWO.replace(start + wait, "  - parallel:\n    " + start + "    " + wait)
+    assert "no earlier step starts a connector named 'web2'" in str(error_of(text))
+
+
+def test_named_connector_is_background_only_and_not_restarted() -> None:
+    err = error_of(TWO.replace("web1', background: true, connector: web1}", "web1', connector: web1}"))
+    assert err.line == 9 and "`connector` names a background command and needs background: true" in str(err)
+    err = error_of(TWO.replace("{action: sigterm, name: web1}", "{action: restart, name: web1}"))
+    assert err.line == 12 and "connector 'web1' cannot restart" in str(err)
+
+
+def test_connector_name_is_checked_by_the_schema() -> None:
+    err = error_of(TWO.replace("connector: web1}", "connector: 'Web 1'}"))
+    assert err.line == 9 and "steps[1].cli.connector" in str(err)
+    err = error_of(TWO.replace("name: web1}", "nmae: web1}"))
+    assert "unknown key 'nmae'" in str(err) and "did you mean 'name'" in str(err)
+
+
+def test_load_balancer_scenarios_keep_one_edge_process() -> None:
+    # The round-robin turn and the connections a load balancer picks from are each edge process's own.
+    from tunnel_lab.lab.runner.lab import _multiprocess_edge_serves
+
+    assert _multiprocess_edge_serves(parse_scenario(FLOW, "flow.yaml"), trace=False)
+    dns = "cli: 'tunnel route dns app app.example.com'"
+    lb = FLOW.replace(dns, "cli: 'tunnel route lb app lb.example.com p'")
+    assert not _multiprocess_edge_serves(parse_scenario(lb, "flow.yaml"), trace=False)
+    nested = FLOW.replace("  - cli: 'tunnel route dns app app.example.com'\n",
+                          "  - parallel:\n      - cli: {args: 'tunnel route lb app lb.example.com p'}\n")
+    assert not _multiprocess_edge_serves(parse_scenario(nested, "flow.yaml"), trace=False)
+    body = "      body: {type: lb, lb_name: lb.example.com, lb_pool: p}\n"
+    api = FLOW.replace("method: GET\n", "method: PUT\n" + body)
+    assert not _multiprocess_edge_serves(parse_scenario(api, "flow.yaml"), trace=False)
