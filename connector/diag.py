@@ -11,8 +11,8 @@ Python heap, both text.
 `tunnel diag` (ours, against either connector) does what cloudflared's does: find the instance (`--metrics`,
 else the known addresses localhost:20241-20245, asking each for `/diag/tunnel`), run the jobs in order,
 write each result to a file, and zip them with `task-result.json` into `cloudflared-diag-TIME.zip` in the
-working directory. The network jobs (traceroutes to the edge regions, connectivity pre-checks) are not
-implemented: they are reported as failed unless `--no-diag-network`.
+working directory, all within cloudflared's 45 s. The network jobs (traceroutes to the edge regions,
+connectivity pre-checks) are in connector.diag_network.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 
 import trio
 
+from tunnel_lab.connector import diag_network
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.wire.errors import TunnelLabError
 
@@ -43,6 +45,7 @@ log = logging.getLogger("cloudflared")
 
 KNOWN_ADDRESSES = tuple(f"localhost:{port}" for port in range(20241, 20246))
 TIMEOUT = 15.0  # cloudflared's diagnostic client timeout
+RUN_TIMEOUT = 45.0  # cloudflared's deadline for all the jobs (it kills a traceroute still running then)
 MANAGED_LOG = "/var/log/cloudflared.err"  # where cloudflared looks for the logs of a service run as root
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386"}
 
@@ -189,7 +192,12 @@ class _Client:
 
 
 class DiagError(TunnelLabError):
-    """One job failed (its text goes to task-result.json, as cloudflared's error text does)."""
+    """One job failed (its text goes to task-result.json, as cloudflared's error text does); `path`: the
+    file it wrote all the same, which goes into the zip (cloudflared zips every job's file)."""
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _pretty(value: Any, *, sort: bool = True) -> bytes:
@@ -260,6 +268,7 @@ def run(flags: DiagFlags, *, now: Callable[[], datetime.datetime] | None = None)
             log.info("To select one instance use the option --metrics")
         return 0
     log.info("Selected server %s starting diagnostic...", base)
+    deadline = time.monotonic() + RUN_TIMEOUT
     client = _Client(base)
     known_state = found
     with tempfile.TemporaryDirectory(prefix="tunnel-lab-diag-") as tmp:
@@ -278,9 +287,26 @@ def run(flags: DiagFlags, *, now: Callable[[], datetime.datetime] | None = None)
             (workdir / "tunnelstate.json").write_bytes(_pretty(state, sort=False))
             return workdir / "tunnelstate.json"
 
-        def network_job() -> Path:
-            raise DiagError("network diagnostics (traceroute to the edge regions) are not available in "
-                            "tunnel-lab's connector")
+        traces: list[diag_network.TraceResult] = []
+
+        def network_job(name: str, write: Callable[[list[diag_network.TraceResult]], tuple[bytes, str | None]]
+                        ) -> Path:
+            if not traces:  # one gathering for both files, as cloudflared's sync.Once
+                traces.extend(diag_network.gather_traces(deadline))
+            body, error = write(traces)
+            (workdir / name).write_bytes(body)
+            if error is not None:
+                raise DiagError(error, path=workdir / name)
+            return workdir / name
+
+        def prechecks_job() -> Path:
+            region = str(flags.get("region") or "")
+            try:
+                body = diag_network.collect_prechecks(region, deadline - time.monotonic())
+            except diag_network.OutsideError as exc:
+                raise DiagError(str(exc)) from None
+            (workdir / "prechecks.json").write_bytes(body)
+            return workdir / "prechecks.json"
 
         jobs: list[tuple[str, Callable[[], Path], bool]] = [
             ("tunnel state", state_job, False),
@@ -292,11 +318,14 @@ def run(flags: DiagFlags, *, now: Callable[[], datetime.datetime] | None = None)
              bool(flags.get("no-diag-runtime"))),
             ("metrics", lambda: fetch_raw("metrics", "metrics.txt"), bool(flags.get("no-diag-metrics"))),
             ("log information", lambda: _logs(client, workdir), bool(flags.get("no-diag-logs"))),
-            ("raw network information", network_job, bool(flags.get("no-diag-network"))),
-            ("network information", network_job, bool(flags.get("no-diag-network"))),
+            ("raw network information",
+             lambda: network_job("raw-network.txt", diag_network.raw_network_text),
+             bool(flags.get("no-diag-network"))),
+            ("network information", lambda: network_job("network.json", diag_network.network_json),
+             bool(flags.get("no-diag-network"))),
             ("cli configuration", lambda: fetch_json("/diag/configuration", "cli-configuration.json"), False),
             ("configuration", lambda: fetch_json("/config", "configuration.json"), False),
-            ("connectivity pre-checks", network_job, bool(flags.get("no-diag-network"))),
+            ("connectivity pre-checks", prechecks_job, bool(flags.get("no-diag-network"))),
         ]
         report: dict[str, dict[str, str]] = {}
         paths: list[Path] = []
@@ -307,6 +336,8 @@ def run(flags: DiagFlags, *, now: Callable[[], datetime.datetime] | None = None)
             try:
                 paths.append(job())
             except (DiagError, OSError) as exc:
+                if isinstance(exc, DiagError) and exc.path is not None:
+                    paths.append(exc.path)
                 report[name] = {"error": str(exc), "result": "failure"}
                 log.error("Job: %s finished with error. error=%s", name, json.dumps(str(exc)))
             else:

@@ -5,7 +5,8 @@ The parent keeps what must be whole: the management API (one port, one token), t
 mirrored to every worker before the API answers), the merged history and metrics and the connection list
 (pulled from the workers before each API answer), the ready file. The workers (edge/worker.py) own the data
 centres, split between them in turn (LAB1, LAB3, ... to worker 0; LAB2, LAB4, ... to worker 1), and accept
-eyeballs on listening sockets the parent bound and handed down. A worker that dies is logged and shown in
+eyeballs (HTTP, HTTPS, `--warp-listen`) on listening sockets the parent bound and handed down; worker 0 holds
+the UDP forwards' ports. A worker that dies is logged and shown in
 `GET /processes` and the metrics; the others go on.
 """
 
@@ -32,6 +33,7 @@ from tunnel_lab.edge.state import Counter, EdgeState, MergedHistory, Metrics, Re
 from tunnel_lab.edge.worker import config_to_json, fault_to_json
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
+from tunnel_lab.transport.trace import Tracer, part_path
 from tunnel_lab.transport.tunnel import TunnelStreamError
 from tunnel_lab.wire.edge_link import WORKER_OPS, LineDecoder, encode_message
 from tunnel_lab.wire.errors import ConfigError, ProtocolError
@@ -42,6 +44,7 @@ READ_SIZE = 65536
 START_TIMEOUT = 60.0  # a worker imports the edge and binds its listeners (slow on a loaded machine)
 CALL_TIMEOUT = 15.0  # a dc-down waits up to 2 s for the listener; a configuration push up to its own timeout
 KILL_GRACE = 5.0  # after the shutdown deadline, then SIGKILL
+UDP_OWNER = 0  # the worker that holds every UDP forward's socket (docs/architecture.md)
 
 
 class WorkerError(ProtocolError):
@@ -62,11 +65,6 @@ def split_locations(config: EdgeConfig, processes: int) -> list[list[str]]:
 
 def check_supported(config: EdgeConfig) -> None:
     """What a multi-process edge does not do yet (ConfigError naming it)."""
-    for flag, value in (("--warp-listen", config.warp_listen), ("--udp-forward", config.udp_forwards),
-                        ("--trace", config.trace)):
-        if value:
-            raise ConfigError("not supported with --processes above 1 yet", source=flag,
-                              hint="run the edge in one process for it")
     # The workers find their eyeball sockets by kind ("http"/"https"), one of each (edge/worker.py).
     for flag, addresses in (("--http-listen", config.http_listens), ("--https-listen", config.https_listens)):
         if len(addresses) > 1:
@@ -137,6 +135,37 @@ class RemoteConnection:
         if "push_error" in answer:
             raise TunnelStreamError(answer["push_error"])
         return int(answer["latest"]), answer["error"] or ""
+
+
+class RemoteTrace:
+    """The parent's `EdgeState.trace` with `--trace`: the workers write the trace and keep the rings of the
+    requests they served; the live view's `GET /live/trace?ray=` asks them (`answer`)."""
+
+    def __init__(self, workers: list[WorkerProc]) -> None:
+        self.workers = workers
+
+    async def answer(self, ray: str) -> dict[str, Any]:
+        """The answer of the worker that holds `ray`'s records (`ok`), else one that evicted them, else
+        `unknown`. Every live worker is asked: the ray names the data centre, but a request answered before
+        reaching a tunnel has the ray of whichever worker's first data centre took it."""
+        answers: list[dict[str, Any]] = []
+
+        async def one(w: WorkerProc) -> None:
+            try:
+                answers.append(await w.call("trace", ray=ray))
+            except WorkerError as exc:
+                log.warning("no trace answer from worker %d: %s", w.index, exc)
+
+        async with trio.open_nursery() as nursery:
+            for w in self.workers:
+                if w.alive:
+                    nursery.start_soon(one, w)
+        for status in ("ok", "evicted", "unknown"):
+            for answer in answers:
+                if answer.get("status") == status:
+                    return answer
+        return {"ray": ray, "status": "unknown", "message": f"no worker process of the edge answered for "
+                f"{ray} (the edge's log says why); the trace files have every record"}
 
 
 @dataclass(eq=False)
@@ -221,6 +250,8 @@ class Cluster:
         self.faults_dirty = trio.Event()
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
         self.udp_forwards: list[dict[str, str]] = []
+        if config.trace is not None:
+            self.state.trace = RemoteTrace(self.workers)
         self.shutting_down = False
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
@@ -250,7 +281,19 @@ class Cluster:
 
     async def start_udp_forward(self, listen: tuple[str, int], dest: tuple[str, int], *,
                                 drop_every: int = 0) -> dict[str, str]:
-        raise api.ApiError(501, "UDP forwards are not supported by a multi-process edge yet")
+        """A new UDP port, in the worker that holds them all (OSError when it cannot bind)."""
+        owner = self.workers[UDP_OWNER]
+        try:
+            answer = await owner.call("udp_forward", listen=list(listen), destination=list(dest),
+                                      drop_every=drop_every)
+        except WorkerError as exc:
+            raise api.ApiError(503, f"worker {owner.index} holds the UDP ports and cannot open one: {exc}"
+                               ) from None
+        if "bind_error" in answer:
+            raise OSError(int(answer["errno"]), str(answer["bind_error"]))
+        forward = {"listen": str(answer["listen"]), "destination": str(answer["destination"])}
+        self.udp_forwards.append(forward)
+        return forward
 
     def processes(self) -> list[dict[str, Any]]:
         """The worker processes (crashed ones included)."""
@@ -364,6 +407,8 @@ class Cluster:
         elif op == "ready":
             w.pid, w.forward = int(msg["pid"]), str(msg["forward"])
             w.tunnel_listeners = list(msg["tunnel_listeners"])
+            self.udp_forwards += [{"listen": str(f["listen"]), "destination": str(f["destination"])}
+                                  for f in msg.get("udp_forwards", [])]
             w.alive = True
             w.ready.set()
         elif op == "routes":
@@ -420,7 +465,8 @@ class Cluster:
             child_end.close()
         w.stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
         listens = tuple(t for t in self.config.tunnel_listens if t.location in w.locations)
-        config = replace(self.config, tunnel_listens=listens, api_listen=None, ready_file=None)
+        config = replace(self.config, tunnel_listens=listens, api_listen=None, ready_file=None,
+                         udp_forwards=self.config.udp_forwards if w.index == UDP_OWNER else ())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_worker, w)
             await w.send("start", worker=w.index, config=config_to_json(config),
@@ -465,8 +511,12 @@ class Cluster:
         self.pki.server_ssl_context("edge")
         paths.quic_reset_key(self.state_dir)
         inherited: dict[str, socket.socket] = {}
+        # `--trace FILE`: each worker writes its own file beside FILE; FILE names them (docs/trace.md)
+        tracer = None if cfg.trace is None else Tracer(
+            cfg.trace, component="edge", parts=[part_path(cfg.trace, w.index).name for w in self.workers])
         try:
-            for what, addresses in (("http", cfg.http_listens), ("https", cfg.https_listens)):
+            warp = (cfg.warp_listen,) if cfg.warp_listen is not None else ()
+            for what, addresses in (("http", cfg.http_listens), ("https", cfg.https_listens), ("warp", warp)):
                 if addresses:  # one at most (check_supported)
                     inherited[what] = self._bind(addresses[0])
                     self.bound[what] = str(Address(*inherited[what].getsockname()[:2]))
@@ -482,8 +532,10 @@ class Cluster:
                     if cfg.api_listen is not None:
                         self.bound["api"] = await api_nursery.start(self._serve_api, cfg.api_listen)
                     self._write_ready()
-                    log.info("edge in %d processes: api=%s http=%s https=%s", len(self.workers),
-                             self.bound["api"], self.bound["http"], self.bound["https"])
+                    log.info("edge in %d processes: api=%s http=%s https=%s warp=%s udp=%s",
+                             len(self.workers), self.bound["api"], self.bound["http"], self.bound["https"],
+                             self.bound["warp"],
+                             ",".join(f["listen"] for f in self.udp_forwards) or None)
                     task_status.started(self)
                     await self._shutdown.wait()
                     api_nursery.cancel_scope.cancel()
@@ -492,6 +544,8 @@ class Cluster:
         finally:
             for sock in inherited.values():
                 sock.close()
+            if tracer is not None:
+                tracer.close()
         log.info("edge stopped (all processes)")
 
     async def _stop_workers(self) -> None:
@@ -533,7 +587,8 @@ class Cluster:
             "pid": os.getpid(),
             "tunnel_listeners": [by_location[t.location] for t in self.config.tunnel_listens
                                  if t.location in by_location],
-            "http": self.bound["http"], "https": self.bound["https"], "warp": None, "udp_forwards": [],
+            "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
+            "udp_forwards": self.udp_forwards,
             "http_listeners": [a for a in [self.bound["http"]] if a],
             "https_listeners": [a for a in [self.bound["https"]] if a],
             "api": self.bound["api"], "api_token": self.api_token, "ca": str(self.pki.ca_pem_path),

@@ -8,6 +8,9 @@ preamble line naming the eyeball (`wire.edge_link`) and the request as HTTP/1.1,
 `serve_forward_listener` (the receiving side) reads the preamble and serves the rest as an ordinary HTTP/1.1
 eyeball connection, except that a request that arrived forwarded is never forwarded again (one hop).
 
+A `--warp-listen` connection is forwarded the same way, its bytes raw (`Peers.forward_raw`), and so is a
+UDP flow of a `--udp-forward` port, its datagrams framed (edge.udp); the preamble says which.
+
 The link ends as the eyeball's request did: closed in order (FIN) when the eyeball went away or the request
 was done, aborted (RST) when the eyeball reset its HTTP/2 stream. The receiving worker tells the two apart
 by the error its next read or write of the link gets (ECONNRESET only after an abort) and records the
@@ -30,7 +33,7 @@ from typing import Any
 import h11
 import trio
 
-from tunnel_lab.edge import pages
+from tunnel_lab.edge import pages, udp, warp
 from tunnel_lab.edge.eyeball_h1 import handle_h1_connection
 from tunnel_lab.edge.proxy import BadRequestBody, EyeballGone, send_page
 from tunnel_lab.edge.state import EdgeState
@@ -71,34 +74,76 @@ class Peers:
     async def forward(self, ex: Any, host: str, record: Any) -> bool:
         """Serve `ex` through a worker that has a connection of its tunnel, if this one has none
         (`record`: see `edge.state.Forwarder`)."""
-        if ARRIVED_FORWARDED.get() or not host:
+        if not host:
             return False
         tunnel = self.edge.tunnels.resolve_hostname(host)
-        if tunnel is None or self.edge.registry.routable(tunnel.id):
+        if tunnel is None:
             return False
-        targets = self.routes.get(str(tunnel.id))
-        if not targets and self.ask is not None:
-            targets = await self.ask(str(tunnel.id))
-        if not targets:
+        link = await self.open_link(tunnel.id, f"host={host!r}")
+        if link is None:
             return False
-        self._turn += 1
-        address = targets[self._turn % len(targets)]
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                link = await trio.open_tcp_stream(*_split(address))
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("cannot reach the data centre at %s to forward host=%r: %s; answering here",
-                        address, host, exc)
-            return False
-        self.forwarded += 1
-        self.edge.metrics.forwarded.inc(to=address)
-        log.debug("forwarding host=%r tunnel=%s to %s", host, tunnel.id, address)
         record.tunnel = tunnel
         try:
             await _relay(ex, link, record)
         finally:
             with trio.CancelScope(shield=True):
                 _end_link(link, aborted=getattr(ex, "reset", False))
+                await link.aclose()
+        return True
+
+    async def open_link(self, tunnel_id: Any, what: str, *,
+                        here: bool | None = None) -> trio.SocketStream | None:
+        """A link to a worker with a routable connection of the tunnel, when this one cannot serve `what`
+        (`here`; by default: it has no routable connection of the tunnel) and it did not arrive forwarded
+        (one hop). None: serve it here."""
+        if here is None:
+            here = bool(self.edge.registry.routable(tunnel_id))
+        if ARRIVED_FORWARDED.get() or here:
+            return None
+        targets = self.routes.get(str(tunnel_id))
+        if not targets and self.ask is not None:
+            targets = await self.ask(str(tunnel_id))
+        if not targets:
+            return None
+        self._turn += 1
+        address = targets[self._turn % len(targets)]
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                link = await trio.open_tcp_stream(*_split(address))
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("cannot reach the data centre at %s to forward %s: %s; answering here", address, what,
+                        exc)
+            return None
+        self.forwarded += 1
+        self.edge.metrics.forwarded.inc(to=address)
+        log.debug("forwarding %s tunnel=%s to %s", what, tunnel_id, address)
+        return link
+
+    async def forward_raw(self, tunnel_id: Any, eyeball: trio.abc.Stream, first: bytes,
+                          client: tuple[str, int], what: str, handed_over: Callable[[], None]) -> bool:
+        """A `--warp-listen` connection whose tunnel has no connection here: its bytes so far (`first`) and
+        the rest, raw both ways, through a worker that has one, which serves and records it (from
+        `handed_over` on: its bytes are on the link)."""
+        link = await self.open_link(tunnel_id, what)
+        if link is None:
+            return False
+        quiet = (trio.BrokenResourceError, trio.ClosedResourceError)
+        try:
+            await link.send_all(forward_preamble(client[0], "warp", client_port=client[1]) + first)
+            handed_over()
+            send_eof = getattr(eyeball, "send_eof", None)
+
+            async def from_eyeball() -> bytes:
+                return bytes(await eyeball.receive_some(READ_SIZE))
+
+            await pipe(Way(from_eyeball, link.send_all, at_eof=link.send_eof, quiet=quiet,
+                           ends_pipe=False, error_ends_pipe=False),
+                       Way(link.receive_some, eyeball.send_all, at_eof=send_eof, quiet=quiet))
+        except quiet:
+            pass  # the other side's end is the receiving worker's to record
+        finally:
+            with trio.CancelScope(shield=True):
+                _end_link(link, aborted=False)
                 await link.aclose()
         return True
 
@@ -297,6 +342,11 @@ class _Link(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
 
+    async def send_eof(self) -> None:
+        """A forwarded warp connection's half-close (edge.warp.pipe_tcp)."""
+        with self._noting_reset():
+            await self.stream.send_eof()
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
@@ -312,10 +362,16 @@ async def handle_forwarded(edge: EdgeState[TunnelConnection], stream: trio.Socke
                     raise ProtocolError("no forwarding preamble")
                 buffered += data
         line, _, rest = buffered.partition(b"\r\n")
-        client_ip, scheme = parse_forward_preamble(line)
+        fwd = parse_forward_preamble(line)
     except (ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         log.warning("forwarding link refused: %s", exc)
         return
     ARRIVED_FORWARDED.set(True)  # this task's context only: the connection's requests stop here
-    await handle_h1_connection(edge, _Link(stream, rest), scheme=scheme,
-                               client=f"{client_ip} (forwarded)", client_ip=client_ip)
+    link = _Link(stream, rest)
+    if fwd.scheme == "warp":
+        await warp.handle_warp_connection(edge, link, (fwd.client_ip, fwd.client_port))
+    elif fwd.destination is not None:  # udp
+        await udp.serve_forwarded_flow(edge, link, (fwd.client_ip, fwd.client_port), fwd.destination)
+    else:
+        await handle_h1_connection(edge, link, scheme=fwd.scheme, client=f"{fwd.client_ip} (forwarded)",
+                                   client_ip=fwd.client_ip)

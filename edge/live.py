@@ -10,7 +10,8 @@
 
 `GET /live/trace?ray=ID` gives the trace records the edge kept for one request (when it runs with
 `--trace`: the tracer's `RayRing`) and the steps of its sequence diagram (`wire.trace_sequence`, which
-`tunnel-lab trace diagram` uses too); the page draws them.
+`tunnel-lab trace diagram` uses too); the page draws them. In a multi-process edge the parent asks its
+workers, each of which keeps the ring of what it served.
 
 Both need the API token, like every other route. A browser cannot put a bearer header on a page
 load or an EventSource, so `GET /live?token=T` (or the sign-in form the page shows without one)
@@ -62,7 +63,7 @@ def snapshot(edge: EdgeState[TunnelConnection], locations: list[str], now: float
     faults = [f.to_json() for f in edge.faults.active.values()]
     return {"data_centres": dcs, "tunnels": tunnels, "connections": conns, "faults": faults,
             "streams": sum(c["streams"] for c in conns),
-            "trace": getattr(edge.trace, "ring", None) is not None}
+            "trace": getattr(edge.trace, "ring", None) is not None or hasattr(edge.trace, "answer")}
 
 
 def trace_answer(tracer: Any, ray: str) -> dict[str, Any]:
@@ -219,7 +220,10 @@ async def serve_live(edge: EdgeState[TunnelConnection], locations: list[str], to
             return True
         # expected answers (tracing off, an unknown or evicted ray) are 200s with a `status`: a 4xx
         # would be an error in the browser's console for what is a normal state of the lab
-        body = json.dumps(trace_answer(edge.trace, ray), separators=(",", ":"), default=str).encode()
+        # a multi-process edge's parent has no ring: it asks its workers (edge.cluster.RemoteTrace)
+        ask = getattr(edge.trace, "answer", None)
+        answer = await ask(ray) if ask is not None else trace_answer(edge.trace, ray)
+        body = json.dumps(answer, separators=(",", ":"), default=str).encode()
         await respond(200, [(b"content-type", b"application/json"), (b"cache-control", b"no-store")], body)
         return True
     await send(conn.send(h11.Response(status_code=200, headers=[

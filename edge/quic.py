@@ -78,6 +78,8 @@ Headers = list[tuple[bytes, bytes]]
 
 ALPN = "argotunnel"
 SNI = "quic.cftunnel.com"  # what cloudflared (quic-go) sends; anything else is refused
+# but the connectivity pre-checks' handshake (connection.ProbeTLSSettings), closed as soon as it is done
+PROBE_SNI = "probe.cftunnel.com"
 CONTROL_STREAM_ID = 0  # the connector's first bidirectional stream
 RECEIVE_BATCH = 64  # datagrams read per wake-up of the endpoint
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
@@ -848,7 +850,7 @@ class QuicEndpoint:
 
     def _check_sni(self, addr: tuple[Any, ...]) -> Callable[[str | None], None]:
         def check(name: str | None) -> None:
-            if name != SNI:
+            if name not in (SNI, PROBE_SNI):
                 log.warning("QUIC handshake from %s with SNI %r, not %r: refused (unrecognized_name) "
                             "location=%s", _fmt(addr), name, SNI, self.lst.location)
                 raise AlertUnrecognizedName(f"unknown server name {name!r}")

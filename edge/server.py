@@ -31,7 +31,7 @@ from tunnel_lab.edge.tunnel import H2TunnelConnection
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
 from tunnel_lab.transport.tls import TLSStream, honour_keylog
-from tunnel_lab.transport.trace import open_tracer
+from tunnel_lab.transport.trace import Tracer, open_tracer
 from tunnel_lab.transport.tunnel import TunnelConnection
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class Edge:
         self._listener_nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
         self.stopped = trio.Event()
-        self.state.trace = open_tracer(config.trace, component="edge", ring=True)  # ring: the live view
+        self.state.trace = self._open_tracer()
 
     # ---- the shared state, for tests and embedders ----------------------------------------------
     @property
@@ -171,6 +171,10 @@ class Edge:
         """The faults act here already: nothing to push."""
 
     # ---- helpers -----------------------------------------------------------------------------
+    def _open_tracer(self) -> Tracer | None:
+        """`--trace`: the edge's tracer, with the ring the live view reads; None without it."""
+        return open_tracer(self.config.trace, component="edge", ring=True)
+
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown."""
         self._shutdown.set()

@@ -576,3 +576,12 @@ class Forwarder(Protocol):
         True when it did (the request is answered), False to go on locally. `record` is the proxy's history
         entry for `ex`: its `tunnel` is set when the request is to be forwarded, and its `recorded` once the
         request has reached the other process, which records it from then on."""
+
+    async def forward_raw(self, tunnel_id: Any, eyeball: Any, first: bytes, client: tuple[str, int],
+                          what: str, handed_over: Callable[[], None]) -> bool:
+        """The same for a `--warp-listen` connection (its bytes read so far are `first`): True when another
+        process served it; it records it once `handed_over` was called."""
+
+    async def open_link(self, tunnel_id: Any, what: str, *, here: bool | None = None) -> Any:
+        """A link (a stream) to another process with a routable connection of the tunnel, when this one
+        cannot serve `what` (`here`); None to serve it here (a UDP flow, edge.udp)."""

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ import trio
 
 from tunnel_lab.wire import datagram as dg
 from tunnel_lab.wire import session_rpc as srpc
+from tunnel_lab.wire.edge_link import FrameDecoder, encode_frame, forward_preamble
 from tunnel_lab.wire.errors import DatagramError, TunnelLabError
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ MAX_SESSIONS_PER_CONNECTION = 1024
 MAX_FLOWS_PER_PORT = 256
 DEFAULT_IDLE = 30.0  # seconds without traffic before a forwarded flow ends (and its session is unregistered)
 REGISTER_TIMEOUT = 5.0
+LINK_READ = 65536
 MAX_RPC_BYTES = 1 << 16  # what one connector-opened RPC stream may send: an unregister is ~200 bytes
 
 
@@ -87,6 +90,10 @@ class UdpSession:
             return await self.inbox.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return None
+
+    async def put(self, payload: bytes) -> None:
+        """`send`, as a forwarded flow's `LinkSession.put` is awaited."""
+        self.send(payload)
 
     async def close(self, message: str) -> None:
         """End the session here and, with v2, tell the connector (`unregisterUdpSession`)."""
@@ -381,13 +388,13 @@ async def _serve_flow(edge: EdgeState[TunnelConnection], sock: Any, flow: _Flow,
                       flows: dict[tuple[Any, ...], _Flow]) -> None:
     dest = f"{destination[0]}:{destination[1]}"
     try:
-        session = await _open_session(edge, destination, idle)
+        session = await _open_session(edge, destination, idle, flow.peer)
         if session is None:
             return
         async with trio.open_nursery() as nursery:
             async def to_tunnel() -> None:
                 async for data in flow.outbox:
-                    session.send(data)
+                    await session.put(data)
 
             async def to_eyeball() -> None:
                 while (data := await session.receive()) is not None:
@@ -414,7 +421,7 @@ async def _serve_flow(edge: EdgeState[TunnelConnection], sock: Any, flow: _Flow,
 
 
 async def _open_session(edge: EdgeState[TunnelConnection], destination: tuple[str, int],
-                        idle: float) -> UdpSession | None:
+                        idle: float, peer: tuple[Any, ...]) -> UdpSession | LinkSession | None:
     from tunnel_lab.edge.quic import QuicTunnelConnection
 
     dest = f"{destination[0]}:{destination[1]}"
@@ -422,6 +429,19 @@ async def _open_session(edge: EdgeState[TunnelConnection], destination: tuple[st
     if tunnel is None:
         log.warning("UDP to %s: no tunnel has a route (tunnel route ip) for it; dropped", dest)
         return None
+    if edge.peers is not None:  # a multi-process edge: a worker with a QUIC connection of the tunnel
+        here = any(isinstance(c, QuicTunnelConnection) for c in edge.registry.routable(tunnel.id))
+        link = await edge.peers.open_link(tunnel.id, f"udp flow peer={peer[0]}:{peer[1]} dest={dest}",
+                                          here=here)
+        if link is not None:
+            try:
+                await link.send_all(forward_preamble(str(peer[0]), "udp", client_port=int(peer[1]),
+                                                     destination=destination))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.warning("UDP to %s: the forwarding link failed at once (%s); dropped", dest, exc)
+                await link.aclose()
+                return None
+            return LinkSession(link, dest)
     tried: list[Any] = []
     while True:
         conn = edge.registry.pick(tunnel.id, exclude=tried)
@@ -439,3 +459,84 @@ async def _open_session(edge: EdgeState[TunnelConnection], destination: tuple[st
             return None
         except TunnelLabError as exc:  # the connection died under us: try another
             log.info("UDP to %s: connection failed (%s), trying another %s", dest, exc, conn.ident())
+
+
+# --------------------------------------------------------------------------------------------------
+# A multi-process edge: a flow served by another worker (docs/architecture.md, "The edge in several
+# processes"). The worker that owns the port relays the flow's datagrams, framed (wire.edge_link), over a
+# forwarding link (edge/forward.py) to a worker with a QUIC connection of the tunnel, which opens the session.
+
+
+class LinkSession:
+    """A flow's session in another worker, through a forwarding link: what `_serve_flow` uses of a
+    `UdpSession`."""
+
+    def __init__(self, link: trio.abc.Stream, destination: str) -> None:
+        self.link = link
+        self.label = f"forwarded dest={destination}"
+        self.closed_by = ""
+        self._decoder = FrameDecoder()
+        self._ready: deque[bytes] = deque()
+
+    async def put(self, payload: bytes) -> None:
+        """One payload to the worker serving the flow (a broken link shows in `receive`)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.link.send_all(encode_frame(payload))
+
+    async def receive(self) -> bytes | None:
+        """The next payload from the destination; None once the serving worker ended the flow."""
+        while not self._ready:
+            try:
+                data = await self.link.receive_some(LINK_READ)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.closed_by = "ended by the worker serving it"
+                return None
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.popleft()
+
+    async def close(self, message: str) -> None:
+        """End the flow: the serving worker sees the link close and ends its session."""
+        self.closed_by = self.closed_by or message
+        await self.link.aclose()
+
+
+async def serve_forwarded_flow(edge: EdgeState[TunnelConnection], link: trio.abc.Stream,
+                               client: tuple[str, int], destination: tuple[str, int]) -> None:
+    """A UDP flow another worker forwarded: its datagrams into a session on a connection of this worker,
+    the answers back, until the link or the session ends."""
+    dest = f"{destination[0]}:{destination[1]}"
+    session = await _open_session(edge, destination, DEFAULT_IDLE, client)
+    if session is None:  # said why; the sending worker sees the link close
+        await link.aclose()
+        return
+    quiet = (trio.BrokenResourceError, trio.ClosedResourceError)
+    ended = "the forwarding worker's flow ended"
+    try:
+        async with trio.open_nursery() as nursery:
+            async def to_tunnel() -> None:
+                decoder = FrameDecoder()
+                with contextlib.suppress(*quiet):
+                    while data := await link.receive_some(LINK_READ):
+                        for payload in decoder.feed(data):
+                            await session.put(payload)
+                nursery.cancel_scope.cancel()
+
+            async def to_link() -> None:
+                nonlocal ended
+                with contextlib.suppress(*quiet):
+                    while (data := await session.receive()) is not None:
+                        await link.send_all(encode_frame(data))
+                    ended = session.closed_by or "the connector ended it"
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(to_tunnel)
+            nursery.start_soon(to_link)
+    finally:
+        with trio.move_on_after(REGISTER_TIMEOUT) as cleanup:
+            cleanup.shield = True
+            await session.close("forwarded flow ended")
+            await link.aclose()
+    log.info("forwarded UDP flow ended peer=%s:%s destination=%s %s (%s)", client[0], client[1], dest,
+             session.label, ended)

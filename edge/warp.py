@@ -67,9 +67,10 @@ def parse_destination(target: str) -> tuple[str, int]:
     return str(ip), number
 
 
-async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.SocketStream,
+async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio.abc.Stream,
                                  peer: tuple[str, int]) -> None:
-    """One CONNECT request, then a raw pipe."""
+    """One CONNECT request, then a raw pipe. In a worker of a multi-process edge, a connection whose
+    tunnel has no connection in this worker goes, raw, to a worker that has one (edge/forward.py)."""
     from tunnel_lab.wire.eyeball import new_ray_id
 
     started = time.monotonic()
@@ -78,13 +79,18 @@ async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio
     ray = new_ray_id(edge.default_location, os.urandom(8))
     record: dict[str, Any] = {"host": "", "method": "CONNECT", "path": "", "status": 0, "tunnel_id": None,
                               "connection": None, "location": None, "outcome": "error"}
+    received = bytearray()  # what the eyeball sent, for a worker this connection is forwarded to
+    forwarded = False
     try:
         try:
             with trio.fail_after(edge.config.eyeball_header_timeout):
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
+                        data = bytes(await stream.receive_some(65536))
+                        if edge.peers is not None:
+                            received += data
+                        conn.receive_data(data)
                         continue
                     break
         except (trio.TooSlowError, h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
@@ -121,6 +127,14 @@ async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio
                                             f"`tunnel-lab tunnel route ip CIDR TUNNEL`.", ray)
             return
         record["tunnel_id"] = str(tunnel.id)
+        if edge.peers is not None:
+            def handed_over() -> None:
+                nonlocal forwarded
+                forwarded = True  # the receiving worker records it, as from this eyeball
+
+            if await edge.peers.forward_raw(tunnel.id, stream, bytes(received), peer, f"warp {target!r}",
+                                            handed_over):
+                return
         tconn = edge.registry.pick(tunnel.id)
         if tconn is None:
             record.update(status=530, outcome="no-connection")
@@ -171,8 +185,9 @@ async def handle_warp_connection(edge: EdgeState[TunnelConnection], stream: trio
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("warp: client went away (%s) client=%s", exc, client)
     finally:
-        edge.history.record(ray=ray, duration_ms=round((time.monotonic() - started) * 1000, 3), **record)
-        edge.metrics.requests.inc(status=record["status"], outcome=record["outcome"])
+        if not forwarded:
+            edge.history.record(ray=ray, duration_ms=round((time.monotonic() - started) * 1000, 3), **record)
+            edge.metrics.requests.inc(status=record["status"], outcome=record["outcome"])
         with trio.CancelScope(shield=True):
             await stream.aclose()
 

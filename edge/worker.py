@@ -19,11 +19,12 @@ from typing import Any
 
 import trio
 
-from tunnel_lab.edge import forward
+from tunnel_lab.edge import forward, live
 from tunnel_lab.edge.config import Address, EdgeConfig, TunnelListen
 from tunnel_lab.edge.server import Edge, PatientListener
 from tunnel_lab.edge.state import Fault, Faults, connection_json
-from tunnel_lab.wire.edge_link import PARENT_OPS, LineDecoder, encode_message
+from tunnel_lab.transport.trace import Tracer, open_tracer
+from tunnel_lab.wire.edge_link import PARENT_OPS, LineDecoder, encode_message, fit_trace_answer
 from tunnel_lab.wire.errors import ProtocolError, TunnelLabError
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ class WorkerEdge(Edge):
     """An Edge whose eyeball listeners are the parent's sockets and which writes no ready file."""
 
     def __init__(self, config: EdgeConfig, *, worker: int, inherited: dict[str, int]) -> None:
+        self.worker = worker  # before Edge.__init__, which opens the tracer
         super().__init__(config)
-        self.worker = worker
         self.inherited = inherited  # "http"/"https" -> the listening socket's descriptor
 
     async def _open(self, host: str, port: int, what: str) -> list[PatientListener]:
@@ -128,6 +129,10 @@ class WorkerEdge(Edge):
             return await super()._open(host, port, what)
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
         return [PatientListener(trio.SocketListener(sock), what, self.config.accept_retry_delay)]
+
+    def _open_tracer(self) -> Tracer | None:
+        # this worker's own file beside the parent's (docs/trace.md, "A multi-process edge")
+        return open_tracer(self.config.trace, component="edge", ring=True, worker=self.worker)
 
     def _write_ready(self) -> None:
         pass  # the parent writes the ready file for the whole edge
@@ -281,6 +286,16 @@ class Worker:
                     "pushed_configs": {k: v.decode("latin-1") for k, v in state.pushed_configs.items()}}
         if method == "routable":
             return sorted(state.registry.routable_tunnels())
+        if method == "udp_forward":  # this worker holds the UDP ports (edge.cluster.UDP_OWNER)
+            listen, dest = args["listen"], args["destination"]
+            try:
+                return await self.edge.start_udp_forward((str(listen[0]), int(listen[1])),
+                                                         (str(dest[0]), int(dest[1])),
+                                                         drop_every=int(args.get("drop_every", 0)))
+            except OSError as exc:
+                return {"bind_error": exc.strerror or str(exc), "errno": exc.errno or 0}
+        if method == "trace":  # the live view's /live/trace?ray= on the parent: this worker's ring
+            return fit_trace_answer(live.trace_answer(state.trace, str(args["ray"])))
         if method == "set_faults":
             self.faults.replace(args["faults"])
             return None
@@ -341,6 +356,7 @@ async def run_worker(control_fd: int) -> None:
         await nursery.start(edge.serve)
         nursery.start_soon(trio.serve_listeners, on_forwarded, forward_listeners)
         await link.send("ready", worker=index, pid=os.getpid(), forward=forward_address,
+                        udp_forwards=edge.udp_forwards,
                         tunnel_listeners=[{"location": lst.location, "address": lst.address,
                                            "quic": lst.quic_address} for lst in edge.listeners.values()])
         nursery.start_soon(worker.report_routes)

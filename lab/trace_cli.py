@@ -2,8 +2,9 @@
 
 `show FILE...` prints one line per event (merged by timestamp, coloured per connection and stream on a
 terminal); `diagram FILE... --ray ID` prints a Mermaid sequence diagram of one request (`--svg OUT` also
-draws it as SVG). A damaged trace is read as far as it goes: each unreadable line is reported on
-stderr with its file and line number, never a traceback.
+draws it as SVG). The trace of a multi-process edge names its workers' files, which are read with it. A
+damaged trace is read as far as it goes: each unreadable line is reported on stderr with its file and line
+number, never a traceback.
 """
 
 from __future__ import annotations
@@ -39,24 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(paths: list[str]) -> tuple[list[tv.TraceFile], list[str]]:
+def load(paths: list[str]) -> tuple[list[tv.TraceFile], list[str]]:
+    """The trace files named, with the worker files a multi-process edge's trace names (each file once),
+    and what could not be read."""
     files, problems = [], []
-    for name in paths:
+    queue: list[tuple[str, str | None]] = [(name, None) for name in paths]
+    seen: set[Path] = set()
+    while queue:
+        name, named_by = queue.pop(0)
+        key = Path(name).resolve()
+        if key in seen:
+            continue
+        seen.add(key)
         try:
             with open(name, encoding="utf-8", errors="replace") as fh:
                 trace = tv.read_trace(fh, name)
         except OSError as exc:
-            problems.append(f"{name}: cannot read: {exc.strerror or exc}")
+            problems.append(f"{name}: cannot read{f' (named by {named_by})' if named_by else ''}: "
+                            f"{exc.strerror or exc}")
             continue
         files.append(trace)
         problems += trace.problems
+        queue += [(str(Path(name).parent / part), name) for part in tv.parts(trace)]
     return files, problems
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `tunnel-lab trace`."""
     args = build_parser().parse_args(argv)
-    files, problems = _load(args.files)
+    files, problems = load(args.files)
     records = tv.merge(files)
     try:
         code = _show(args, records) if args.command == "show" else _diagram(args, records)

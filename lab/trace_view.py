@@ -18,8 +18,8 @@ from typing import Any
 from tunnel_lab.wire.trace import VERSION
 from tunnel_lab.wire.trace_sequence import PARTICIPANTS, Step, rays, sequence
 
-__all__ = ["PARTICIPANTS", "Step", "TraceFile", "event_line", "mermaid", "rays", "read_trace", "select",
-           "sequence", "svg"]
+__all__ = ["PARTICIPANTS", "Step", "TraceFile", "event_line", "mermaid", "parts", "rays", "read_trace",
+           "select", "sequence", "svg"]
 
 
 @dataclass
@@ -68,6 +68,16 @@ def read_trace(lines: Iterable[str], source: str) -> TraceFile:
         out.problems.append(f"{source}: no trace.end record: the trace was cut short (the process was "
                             "killed, or is still running)")
     return out
+
+
+def parts(trace: TraceFile) -> list[str]:
+    """The files a multi-process edge's trace names in its `trace.start` (`parts`: one per worker, relative
+    to the file naming them), which a reader loads with it."""
+    names: list[str] = []
+    for r in trace.records:
+        if r["kind"] == "trace.start" and isinstance(r.get("parts"), list):
+            names += [p for p in r["parts"] if isinstance(p, str) and p not in names]
+    return names
 
 
 def merge(files: Sequence[TraceFile]) -> list[dict[str, Any]]:

@@ -11,6 +11,10 @@ HPACK state is lost): a `trace.gap` record says so and that connection's frames 
 
 The edge's tracer also keeps a `RayRing`: the records it wrote for each of the last requests (by ray), so
 the live view can draw a selected request from the trace without reading the file back.
+
+A multi-process edge (docs/trace.md, "A multi-process edge") writes one file per worker (`part_path`), each
+record marked with its `worker`, and the parent's file names them (`parts` in its `trace.start`); readers
+merge them by time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,7 +40,7 @@ from tunnel_lab.wire.trace import (
     tls_record,
 )
 
-__all__ = ["ConnTrace", "RayRing", "Tracer", "open_tracer"]
+__all__ = ["ConnTrace", "RayRing", "Tracer", "open_tracer", "part_path"]
 
 MAX_ITEMS = 16384  # queued hook calls
 MAX_BYTES = 64 * 1024 * 1024  # queued plaintext bytes
@@ -215,12 +219,18 @@ class ConnTrace:
 
 
 class Tracer:
-    """The trace file of one component (`component`: "edge" or "connector")."""
+    """The trace file of one component (`component`: "edge" or "connector").
+
+    In a multi-process edge, a worker's tracer has its `worker` index (on every record, and in its
+    connections' labels, which each worker numbers from 1), and the parent's names the workers' files in
+    `parts` (relative to its own)."""
 
     def __init__(self, path: str | os.PathLike[str], *, component: str, secrets: Iterable[str] = (),
-                 max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES, ring: RayRing | None = None) -> None:
+                 max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES, ring: RayRing | None = None,
+                 worker: int | None = None, parts: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.component = component
+        self.worker = worker
         self.ring = ring  # the records of recent requests, for the live view (the edge's only)
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -233,8 +243,15 @@ class Tracer:
         self._closing = False
         self._conn_serial = 0
         self._file: TextIO | None = self.path.open("w", encoding="utf-8")
-        self._write([{"kind": "trace.start", "format": "tunnel-lab trace", "pid": os.getpid(),
-                      "clock": "CLOCK_MONOTONIC seconds", "wall": time.time()}], time.monotonic(), {})
+        start: dict[str, Any] = {"kind": "trace.start", "format": "tunnel-lab trace", "pid": os.getpid(),
+                                 "clock": "CLOCK_MONOTONIC seconds", "wall": time.time()}
+        if parts:
+            start["parts"] = list(parts)
+        self._write([start], time.monotonic(), {})
+        # on disk at once: a process killed before its first batch (an idle worker, a multi-process edge's
+        # parent, which writes nothing else) still leaves a readable trace, and the parts it names
+        with contextlib.suppress(OSError):
+            self._file.flush()
         self._thread = threading.Thread(target=self._run, name=f"trace-{component}", daemon=True)
         self._thread.start()
 
@@ -243,6 +260,8 @@ class Tracer:
         """A new connection's trace; `ids` (conn, dc, tunnel, ...) go on each of its records."""
         self._conn_serial += 1
         ids.setdefault("conn", f"{self.component}#{self._conn_serial}")
+        if self.worker is not None:  # each worker numbers its connections from 1: edge#1@w0, edge#1@w1
+            ids["conn"] = f"{ids['conn']}@w{self.worker}"
         return ConnTrace(self, ids, h2_client_out=h2_client_out, request_direction=request_direction)
 
     def event(self, kind: str, **fields: Any) -> None:
@@ -334,6 +353,8 @@ class Tracer:
             self.records += 1
             full = {"v": VERSION, "t": round(t, 6), "kind": record.pop("kind"), "component": self.component,
                     **ids, **record}
+            if self.worker is not None:
+                full["worker"] = self.worker
             redacted = self._redactor.record(full)
             line = json.dumps(redacted, separators=(",", ":"), ensure_ascii=False, default=str)
             lines.append(line)
@@ -347,8 +368,20 @@ class Tracer:
 
 
 def open_tracer(path: str | os.PathLike[str] | None, *, component: str,
-                secrets: Iterable[str] = (), ring: bool = False) -> Tracer | None:
-    """A `Tracer` for `--trace PATH` (with a `RayRing` when `ring`), or None without one."""
+                secrets: Iterable[str] = (), ring: bool = False, worker: int | None = None) -> Tracer | None:
+    """A `Tracer` for `--trace PATH` (with a `RayRing` when `ring`), or None without one. A worker of a
+    multi-process edge writes to its `part_path` of PATH instead."""
     if not path:
         return None
-    return Tracer(path, component=component, secrets=secrets, ring=RayRing() if ring else None)
+    if worker is not None:
+        path = part_path(path, worker)
+    return Tracer(path, component=component, secrets=secrets, ring=RayRing() if ring else None, worker=worker)
+
+
+def part_path(path: str | os.PathLike[str], worker: int) -> Path:
+    """Worker `worker`'s trace file beside `path`: `edge.trace.jsonl` -> `edge.trace.w0.jsonl` (a name
+    without the `.jsonl` suffix gets `.w0` appended)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return path.with_name(f"{path.stem}.w{worker}.jsonl")
+    return path.with_name(f"{path.name}.w{worker}")

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="run each scenario's edge in up to N processes (`tunnel-lab edge --processes`; one per data "
-        "centre at most; scenarios with warp, UDP forwards or --trace keep one process)",
+        "centre at most; scenarios with Access or WAF keep one process)",
     )
     p.add_argument(
         "--loglevel",

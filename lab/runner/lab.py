@@ -46,19 +46,11 @@ from tunnel_lab.wire.redact import Redactor
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _multiprocess_edge_serves(sc: Scenario, *, trace: bool) -> bool:
+def _multiprocess_edge_serves(sc: Scenario) -> bool:
     """Does the scenario need nothing a multi-process edge lacks (docs/architecture.md, "The edge in
-    several processes"): warp, UDP, the trace, and Access, WAF and load balancers, whose per-request state
-    (one-time codes, rate-limit counts, the round-robin turn) lives in each process?"""
-    flags = sc.edge.get("flags", [])
-    return not (trace or sc.edge.get("warp", False) or sc.access or sc.waf
-                or any(f in ("--udp-forward", "--trace") for f in flags)
-                or "udp" in _actions(sc.steps) or _routes_load_balancer(sc.steps))
-
-
-def _actions(steps: Any) -> set[str]:
-    """Every step's action, inside parallel blocks too."""
-    return {a for step in steps for a in (step.action, *_actions(step.children))}
+    several processes"): Access, WAF and load balancers, whose per-request state (one-time codes, rate-limit
+    counts, the round-robin turn) lives in each process?"""
+    return not (sc.access or sc.waf or _routes_load_balancer(sc.steps))
 
 
 def _routes_load_balancer(steps: Any) -> bool:
@@ -318,8 +310,7 @@ class Lab:
         old = self.components.get("edge")
         if self.options.trace:
             flags += ["--trace", str(self._trace_path("edge", old))]
-        if min(self.options.edge_processes, len(datacentres)) > 1 and _multiprocess_edge_serves(
-                sc, trace=self.options.trace):
+        if min(self.options.edge_processes, len(datacentres)) > 1 and _multiprocess_edge_serves(sc):
             flags += ["--processes", str(min(self.options.edge_processes, len(datacentres)))]
         argv = edge_argv(
             self.state,

@@ -142,3 +142,17 @@ async def test_a_handshake_with_another_sni_is_refused(tmp_path, caplog):
                        for r in caplog.records)
             right = await quic_connector(nursery, edge)
             assert isinstance(await right.register(t), ConnectionDetails)
+
+
+async def test_a_precheck_probe_handshake_is_accepted(tmp_path, caplog):
+    # cloudflared's connectivity pre-checks (and `tunnel diag`'s) handshake with SNI probe.cftunnel.com,
+    # then close at once: the real edge lets them through, so must the lab's
+    with trio.fail_after(20):
+        async with running_edge(tmp_path) as (edge, nursery):
+            with caplog.at_level(logging.WARNING, logger="tunnel_lab.edge.quic"):
+                probe = await quic_connector(nursery, edge, server_name="probe.cftunnel.com")
+                await probe.connected.wait()
+            assert not any("refused" in r.getMessage() for r in caplog.records)
+            probe.quic.close(error_code=0, reason_phrase="precheck complete")
+            probe.transmit()
+            await probe.closed.wait()

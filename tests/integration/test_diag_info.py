@@ -1,15 +1,18 @@
 """`tunnel diag` and `tunnel info` with both connectors: each diag collects from each connector's metrics
-server, and `info` prints the same connector table (several connectors, connections in several data
-centres) from either binary. The real cloudflared runs only inside a private network namespace, with the
-whole lab (the API on the edge's management port: docs/sandbox.md)."""
+server, both diags' network jobs (traceroutes, pre-checks) give the same files in the sandbox, and `info`
+prints the same connector table (several connectors, connections in several data centres) from either
+binary. The real cloudflared runs only inside a private network namespace, with the whole lab (the API on
+the edge's management port: docs/sandbox.md)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,151 @@ def test_each_diag_collects_from_the_other_connector(tmp_path: Path, connector: 
         return str(CLOUDFLARED) if which == "real" else which
 
     check_diag(run(DIAG, pick(connector), pick(differ), str(tmp_path), inside_netns=True))
+
+
+# The network jobs, in `tunnel-lab sandbox` (the regions and api.cloudflare.com resolve to the lab's edge
+# there). argv: connector ("ours" or "real"), then the diag commands to run as NAME=COMMAND pairs. Each
+# diag runs twice: with the PATH as it is (`NAME`), and with a PATH holding no traceroute (`NAME-bare`).
+# Prints JSON: per run, the exit status and the zip's files.
+SANDBOX_DIAG = r"""
+set -eu
+CONNECTOR=$1; shift
+tunnel-lab login >/dev/null
+tunnel-lab connector tunnel create app >/dev/null
+python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
+if [ "$CONNECTOR" = real ]; then RUN=cloudflared; else RUN="tunnel-lab connector"; fi
+$RUN tunnel --metrics 127.0.0.1:20241 run --url http://localhost:8000 app >"$HOME/connector.log" 2>&1 &
+for _ in $(seq 1 300); do curl -sf -o /dev/null http://127.0.0.1:20241/ready && break; sleep 0.2; done
+for pair in "$@"; do
+  NAME=${pair%%=*}; COMMAND=${pair#*=}
+  FIRST=${COMMAND%% *}; COMMAND="$(command -v "$FIRST")${COMMAND#"$FIRST"}"  # found before PATH is emptied
+  for mode in "" -bare; do
+    mkdir -p "$HOME/$NAME$mode"
+    if [ -z "$mode" ]; then path=$PATH; else path=/nonexistent; fi
+    status=0
+    (cd "$HOME/$NAME$mode" && env PATH="$path" $COMMAND tunnel diag --metrics 127.0.0.1:20241 \
+      >diag.log 2>&1) || status=$?
+    echo $status >"$HOME/$NAME$mode/exit"
+  done
+done
+python3 - "$HOME" <<'PY'
+import json, sys, zipfile
+from pathlib import Path
+out = {}
+for run in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "exit").exists()):
+    [archive] = run.glob("cloudflared-diag-*.zip")
+    with zipfile.ZipFile(archive) as zf:
+        files = {n: zf.read(n).decode(errors="replace") for n in zf.namelist()}
+    out[run.name] = {"exit": int((run / "exit").read_text()), "log": (run / "diag.log").read_text(),
+                     "files": files}
+print(json.dumps(out))
+PY
+"""
+TRACEROUTE = bool(shutil.which("traceroute") and shutil.which("traceroute6"))
+NO_TRACEROUTE = "traceroute/traceroute6 not installed (Debian package traceroute, scripts/system-deps.sh)"
+NETWORK_FILES = {"raw-network.txt", "network.json", "prechecks.json"}
+NETWORK_JOBS = ("raw network information", "network information", "connectivity pre-checks")
+TRACE_NAMES = [f"region{n}.v2.argotunnel.com-v{v}" for n in (1, 2) for v in (4, 6)]
+MISSING = re.compile(r'error starting traceroute: exec: "traceroute6?": executable file not found in \$PATH')
+
+
+def sandbox_diag(tmp_path: Path, connector: str, **diags: str) -> dict[str, dict[str, object]]:
+    argv = [sys.executable, "-m", "tunnel_lab", "sandbox", "--quiet", "--state", str(tmp_path / "state")]
+    if CLOUDFLARED:
+        argv += ["--cloudflared", str(Path(CLOUDFLARED).resolve())]
+    pairs = [f"{name}={command}" for name, command in diags.items()]
+    done = subprocess.run([*argv, "--", "bash", "-c", SANDBOX_DIAG, "diag", connector, *pairs],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found: dict[str, dict[str, object]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def ordered(text: str) -> object:
+    """JSON with each object as a list of pairs, so that key order is compared too."""
+    return json.loads(text, object_pairs_hook=list)
+
+
+def raw_sections(text: str) -> dict[str, list[str]]:
+    """raw-network.txt: each run's name and its lines (a run's output ends with a blank line)."""
+    sections: dict[str, list[str]] = {}
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines) and lines[i]:
+        name, body = lines[i], []
+        i += 1
+        while i < len(lines) and lines[i] and lines[i] != "no content":
+            body.append(lines[i])
+            i += 1
+        if i < len(lines) and lines[i] == "no content":
+            body.append("no content")
+        i += 1
+        sections[name] = body
+    return sections
+
+
+def network_shape(files: dict[str, str], traced: bool) -> dict[str, object]:
+    """What two binaries' network files must share (no round-trip times, no run id), checked on the way."""
+    raw = raw_sections(files["raw-network.txt"])
+    assert sorted(raw) == TRACE_NAMES, files["raw-network.txt"]
+    network = json.loads(files["network.json"])
+    assert list(network) == TRACE_NAMES  # a Go map: sorted
+    if traced:
+        for name, lines in raw.items():
+            host = name.rpartition("-")[0]
+            assert lines[0].startswith(f"traceroute to {host} ("), lines
+        for hops in network.values():
+            assert hops and all(list(h) == ["hop", "domain", "rtts"] and len(h["rtts"]) == 3 for h in hops)
+    else:
+        assert all(lines == ["no content"] for lines in raw.values()) and set(network.values()) == {None}
+    prechecks = ordered(files["prechecks.json"])
+    assert [k for k, _ in prechecks] == ["RunID", "Results", "SuggestedProtocol"]  # type: ignore[union-attr]
+    report = json.loads(files["prechecks.json"])
+    uuid.UUID(report["RunID"])
+    # in the sandbox every probe reaches the lab's edge: the environment is healthy, QUIC suggested
+    assert {(r["Type"], r["ProbeStatus"]) for r in report["Results"]} == {(0, 0), (1, 0), (2, 0), (3, 0)}
+    return {"raw": {name: lines[0].partition("),")[0] for name, lines in raw.items()},
+            "hops": {name: [(h["hop"], h["domain"]) for h in hops or []] for name, hops in network.items()},
+            "results": ordered(json.dumps(report["Results"])), "suggested": report["SuggestedProtocol"]}
+
+
+def check_network_jobs(run: dict[str, object], traced: bool) -> dict[str, object]:
+    assert run["exit"] == 0, run["log"]
+    files: dict[str, str] = run["files"]  # type: ignore[assignment]
+    assert set(files) >= NETWORK_FILES
+    tasks = json.loads(files["task-result.json"])
+    assert tasks["connectivity pre-checks"] == {"result": "success"}
+    for job in NETWORK_JOBS[:2]:
+        if traced:
+            assert tasks[job] == {"result": "success"}, tasks[job]
+        else:
+            assert tasks[job]["result"] == "failure" and MISSING.fullmatch(tasks[job]["error"]), tasks[job]
+    return {"files": sorted(files), "tasks": {k: v["result"] for k, v in tasks.items()},
+            **network_shape(files, traced)}
+
+
+@needs_real[0]
+def test_our_diag_network_jobs_in_the_sandbox(tmp_path: Path) -> None:
+    """Ours against ours, in the sandbox; with traceroute when it is installed, always without (PATH)."""
+    found = sandbox_diag(tmp_path, "ours", ours=f"{sys.executable} -m tunnel_lab connector")
+    check_network_jobs(found["ours-bare"], traced=False)
+    if not TRACEROUTE:
+        pytest.skip(f"{NO_TRACEROUTE}: only the runs without it were checked")
+    check_network_jobs(found["ours"], traced=True)
+
+
+@pytest.mark.parametrize("connector", ["ours", "real"])
+@needs_real[0]
+@needs_real[1]
+def test_both_diags_network_files_have_the_same_shape(tmp_path: Path, connector: str) -> None:
+    """The real cloudflared's `tunnel diag` and ours, against the same connector in the sandbox: the same
+    files, task results and shapes; the same traceroute targets, hops and pre-check rows."""
+    found = sandbox_diag(tmp_path, connector, real="cloudflared",
+                         ours=f"{sys.executable} -m tunnel_lab connector")
+    assert check_network_jobs(found["ours-bare"], False) == check_network_jobs(found["real-bare"], False)
+    if not TRACEROUTE:
+        pytest.skip(f"{NO_TRACEROUTE}: only the runs without it were compared")
+    assert check_network_jobs(found["ours"], True) == check_network_jobs(found["real"], True)
 
 
 def check_info_table(output: str) -> None:

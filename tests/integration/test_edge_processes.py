@@ -9,7 +9,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -60,21 +62,35 @@ def api_text(ready: dict[str, Any], path: str) -> str:
 
 def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
               faults: tuple[dict[str, Any], ...] = (), origin_kind: str = "echo",
+              edge_flags: tuple[str, ...] = (), private: tuple[str, ...] = (),
               ) -> tuple[dict[str, Any], Any, Path]:
     """A state with tunnel t1 (app.test), a two-process edge over LAB1 (worker 0) and LAB2 (worker 1)
-    with an HTTP and an HTTPS eyeball listener, an `origin_kind` origin, `faults` applied, and one of our
-    connectors at each of `locations` (registered unless a fault is set)."""
+    with an HTTP and an HTTPS eyeball listener (and `edge_flags`), an `origin_kind` origin, `faults` applied,
+    and one of our connectors at each of `locations` (registered unless a fault is set). With `private`
+    origin kinds: each started first (`edge_flags` may name `{kind}`, its address), t1 routes 127.0.0.0/8,
+    and the connectors carry private-network traffic over QUIC."""
     state = tmp_path / "state"
     lab(state, "tunnel", "create", "t1")
     lab(state, "tunnel", "route", "dns", "t1", "app.test")
     creds = next((state / "credentials").glob("*.json"))
+    addresses = {}
+    for kind in private:
+        proc = start(procs, [PY, "-m", "tunnel_lab", "origin", kind, "--listen", "127.0.0.1:0",
+                             "--ready-file", str(tmp_path / f"{kind}.json")], state, tmp_path / f"{kind}.log")
+        addresses[kind] = wait_json(tmp_path / f"{kind}.json", proc)["address"]
+    config, protocol = [], "http2"
+    if private:
+        lab(state, "tunnel", "route", "ip", "add", "127.0.0.0/8", "t1")
+        (tmp_path / "connector.yaml").write_text("warp-routing:\n  enabled: true\n")
+        config, protocol = ["--config", str(tmp_path / "connector.yaml")], "quic"
     edge_log = tmp_path / "edge.log"
     edge = start(procs, [PY, "-m", "tunnel_lab", "edge", "--state", str(state), "--processes", "2",
                          "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
                          "--http-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0",
-                         "--ready-file", str(tmp_path / "edge.json"),
-                         "--shutdown-timeout", "2"], state, edge_log)
+                         "--ready-file", str(tmp_path / "edge.json"), "--shutdown-timeout", "2",
+                         *(f.format(**addresses) for f in edge_flags)], state, edge_log)
     ready = wait_json(tmp_path / "edge.json", edge, timeout=60)
+    ready["private"] = addresses
     origin = start(procs, [PY, "-m", "tunnel_lab", "origin", origin_kind, "--listen", "127.0.0.1:0",
                            "--ready-file", str(tmp_path / "origin.json")], state, tmp_path / "origin.log")
     origin_url = wait_json(tmp_path / "origin.json", origin)["url"]
@@ -84,8 +100,9 @@ def start_lab(tmp_path: Path, procs: list, locations: tuple[str, ...], *,
         if listener["location"] in locations:
             start(procs, [PY, "-m", "tunnel_lab", "connector", "tunnel", "--no-autoupdate", "--edge",
                           listener["address"], "--cacert", ready["ca"], "--no-prechecks",
-                          "--ha-connections", "1", "--grace-period", "1s", "run", "--protocol", "http2",
-                          "--credentials-file", str(creds), "--url", origin_url, "t1"],
+                          "--ha-connections", "1", "--grace-period", "1s", *config, "run",
+                          "--protocol", protocol, "--credentials-file", str(creds), "--url", origin_url,
+                          "t1"],
                   state, tmp_path / f"connector-{listener['location']}.log")
     if not faults:
         wait_for("connector registered", lambda: len(api(ready, "/connections")) == len(locations), edge_log)
@@ -255,5 +272,136 @@ def test_a_killed_worker_is_reported_and_the_other_goes_on(tmp_path, procs):
         status, _ = get(ready["http"], f"/echo?n={n}", "app.test")
         assert status == 200
     assert edge.poll() is None
+    edge.send_signal(signal.SIGTERM)
+    assert edge.wait(timeout=30) == 0
+
+
+def test_the_trace_is_whole_across_the_workers(tmp_path, procs):
+    # `--trace FILE`: each worker writes its own file beside FILE and FILE names them; `trace show FILE`
+    # reads them all. A forwarded request's records are the receiving worker's (its ray, its data centre),
+    # and the live view on the parent's API finds them in that worker's ring.
+    trace = tmp_path / "edge.trace.jsonl"
+    ready, edge, edge_log = start_lab(tmp_path, procs, ("LAB2",), edge_flags=("--trace", str(trace)))
+
+    def attempt(n: int) -> str:
+        path = f"/echo?traced={n}"
+        assert get(ready["http"], path, "app.test")[0] == 200
+        return path
+
+    entry = history_entry(ready, forwarded_until(ready, attempt), edge_log)
+    ray = entry["ray"]
+    assert ray.endswith("-LAB2") and entry["worker"] == 1, entry
+    answer = api(ready, f"/live/trace?ray={ray}")
+    assert answer["status"] == "ok" and answer["complete"], answer
+    assert {r["worker"] for r in answer["records"]} == {1}
+    kinds = {r["kind"] for r in answer["records"]}
+    assert {"eyeball.request", "h2.frame", "eyeball.done"} <= kinds, kinds
+    assert [s for s in answer["steps"] if s["kind"] == "eyeball.request"], answer["steps"]
+    assert api(ready, "/live/trace?ray=0000000000000000-LAB1")["status"] == "unknown"
+    edge.send_signal(signal.SIGTERM)
+    assert edge.wait(timeout=30) == 0
+
+    [start] = [json.loads(line) for line in trace.read_text().splitlines()[:1]]
+    assert start["kind"] == "trace.start" and start["parts"] == ["edge.trace.w0.jsonl", "edge.trace.w1.jsonl"]
+    for index, part in enumerate(start["parts"]):
+        records = [json.loads(line) for line in (tmp_path / part).read_text().splitlines()]
+        assert records[-1]["kind"] == "trace.end" and records[-1]["dropped"] == 0  # stopped in order
+        assert {r["worker"] for r in records} == {index}
+        # each worker numbers its connections from 1; only worker 1 (LAB2) has one
+        conns = {r["conn"] for r in records if r["kind"].startswith("h2.")}
+        assert all(c.endswith(f"@w{index}") for c in conns) and bool(conns) == (index == 1), conns
+        # the sending worker never saw the forwarded request's ray: the receiving one traced all of it
+        assert bool([r for r in records if r.get("ray") == ray]) == (index == 1)
+    show = subprocess.run([PY, "-m", "tunnel_lab", "trace", "show", str(trace), "--ray", ray, "--color",
+                           "never"], capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0 and show.stderr == "", show.stderr
+    assert "eyeball.request" in show.stdout and "HEADERS" in show.stdout, show.stdout
+    diagram = subprocess.run([PY, "-m", "tunnel_lab", "trace", "diagram", str(trace), "--ray", ray],
+                             capture_output=True, text=True, timeout=60)
+    assert diagram.returncode == 0 and "sequenceDiagram" in diagram.stdout, diagram.stderr
+
+
+def warp_connect(warp: str, target: str, payload: bytes) -> bytes:
+    """CONNECT `target` through the warp listener, send `payload`, read as many bytes back (as the runner's
+    `tcp` step does)."""
+    host, port = warp.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            assert chunk, f"the proxy closed before answering: {head!r}"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        sock.sendall(payload)  # the echo's answer fits the sockets' buffers meanwhile
+        answer = b""
+        while len(answer) < len(payload) and (chunk := sock.recv(65536)):
+            answer += chunk
+    return answer
+
+
+def test_warp_connections_reach_a_tunnel_connected_only_to_the_other_process(tmp_path, procs):
+    # Every worker accepts on the parent's --warp-listen socket; worker 0 has no connection of the tunnel
+    # and forwards the connection's bytes, raw, to worker 1, which serves and records it as one process would.
+    ready, edge, edge_log = start_lab(tmp_path, procs, ("LAB2",), private=("tcp-echo",),
+                                      edge_flags=("--warp-listen", "127.0.0.1:0"))
+    target = ready["private"]["tcp-echo"]
+    assert ready["warp"] and ready["warp"] != ready["http"]
+    payload = os.urandom(100_000)
+    sent = 0
+    while not metric(ready, "tunnel_lab_edge_forwarded_total"):
+        assert sent < 200, "never forwarded: does worker 0 accept on the warp socket?"
+        assert warp_connect(ready["warp"], target, payload) == payload
+        sent += 1
+    entries = wait_for("every CONNECT in the history", lambda: (e := [
+        h for h in api(ready, "/history?since=0") if h["method"] == "CONNECT"]) and len(e) >= sent and e,
+        edge_log)
+    # each connection recorded once, by the worker holding the connection, as served
+    assert len(entries) == sent
+    assert {(e["path"], e["status"], e["outcome"], e["location"], e["worker"]) for e in entries} == {
+        (target, 200, "tcp", "LAB2", 1)}
+    edge.send_signal(signal.SIGTERM)
+    assert edge.wait(timeout=30) == 0
+
+
+def udp_echo(address: str, payloads: list[bytes]) -> list[bytes]:
+    """Each payload from one UDP socket (one flow) and its answer, one at a time."""
+    host, port = address.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(30)
+        answers = []
+        for payload in payloads:
+            sock.sendto(payload, (host, int(port)))
+            answers.append(sock.recvfrom(65536)[0])
+    return answers
+
+
+def test_udp_forwards_reach_a_tunnel_connected_only_to_the_other_process(tmp_path, procs):
+    # Worker 0 holds the UDP ports (--udp-forward and POST /udp-forwards); the tunnel's only QUIC connection
+    # is in worker 1, so each flow goes there over a forwarding link, its datagrams framed.
+    ready, edge, _edge_log = start_lab(tmp_path, procs, ("LAB2",), private=("udp-echo",),
+                                      edge_flags=("--udp-forward", "127.0.0.1:0={udp-echo}"))
+    echo = ready["private"]["udp-echo"]
+    [at_start] = ready["udp_forwards"]
+    assert at_start["destination"] == echo
+    payloads = [f"datagram {n} ".encode() * 20 for n in range(5)]
+    assert udp_echo(at_start["listen"], payloads) == payloads
+    assert metric(ready, "tunnel_lab_edge_forwarded_total") == 1  # one flow: one link
+    made = api(ready, "/udp-forwards", "POST", {"destination": echo})
+    assert made["destination"] == echo and made["listen"] != at_start["listen"]
+    assert udp_echo(made["listen"], [b"through the API's port"]) == [b"through the API's port"]
+    assert metric(ready, "tunnel_lab_edge_forwarded_total") == 2
+    # a port that is taken: the worker's bind error, as one process gives it
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        body = json.dumps({"destination": echo, "listen": f"127.0.0.1:{port}"}).encode()
+        req = urllib.request.Request(f"http://{ready['api']}/udp-forwards", method="POST", data=body,
+                                     headers={"Authorization": f"Bearer {ready['api_token']}"})
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("a taken port was accepted")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 409 and b"cannot listen" in exc.read()
     edge.send_signal(signal.SIGTERM)
     assert edge.wait(timeout=30) == 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tunnel_lab.connector import diag
+from tunnel_lab.connector import diag, diag_network
 from tunnel_lab.connector.cli import diag_flags, resolve
 from tunnel_lab.connector.state import ConnectorState
 from tunnel_lab.edge.v4api import is_v4_target
@@ -106,3 +108,81 @@ def test_logs_from_a_directory_and_without_configuration(tmp_path: Path) -> None
 ])
 def test_which_management_paths_are_the_v4_api(target: str, v4: bool) -> None:
     assert is_v4_target(target) is v4
+
+
+class FakeServer:
+    """A metrics server for `diag.run` (every endpoint answers, the configuration names no log)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def get(self, path: str) -> bytes:
+        return b"text\n"
+
+    def json(self, path: str) -> Any:
+        return {"uid": "1000"} if path == "/diag/configuration" else {}
+
+
+@pytest.mark.parametrize("no_network", [False, True])
+def test_network_jobs_write_their_files_and_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    no_network: bool) -> None:
+    gathered = []
+    missing = 'error starting traceroute: exec: "traceroute": executable file not found in $PATH'
+
+    def gather(deadline: float) -> list[diag_network.TraceResult]:
+        gathered.append(deadline)
+        hop = diag_network.Hop(1, "::1 (::1)", (5000,))
+        return [diag_network.TraceResult("region1.v2.argotunnel.com-v4", None, b"", missing),
+                diag_network.TraceResult("region1.v2.argotunnel.com-v6", (hop,), b" 1  ::1 (::1)  5 ms\n")]
+
+    regions = []
+
+    def prechecks(region: str, remaining: float) -> bytes:
+        regions.append(region)
+        assert 0 < remaining <= diag.RUN_TIMEOUT
+        return b"{}\n"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(diag, "_Client", FakeServer)
+    monkeypatch.setattr(diag_network, "gather_traces", gather)
+    monkeypatch.setattr(diag_network, "collect_prechecks", prechecks)
+    flags = {"metrics": "127.0.0.1:1", "region": "us", "no-diag-network": no_network}
+    assert diag.run(flags) == 0
+    [archive] = tmp_path.glob("cloudflared-diag-*.zip")
+    with zipfile.ZipFile(archive) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    tasks = json.loads(files["task-result.json"])
+    network = {"raw-network.txt", "network.json", "prechecks.json"}
+    jobs = {"raw network information", "network information", "connectivity pre-checks"}
+    if no_network:
+        assert not network & set(files) and not jobs & set(tasks) and not gathered and not regions
+        return
+    assert network <= set(files) and len(gathered) == 1 and regions == ["us"]  # one gathering, two files
+    assert tasks["raw network information"] == tasks["network information"] == {"error": missing,
+                                                                                "result": "failure"}
+    assert tasks["connectivity pre-checks"] == {"result": "success"}
+    assert files["raw-network.txt"] == (b"region1.v2.argotunnel.com-v4\nno content\n"
+                                        b"region1.v2.argotunnel.com-v6\n 1  ::1 (::1)  5 ms\n\n")
+    assert json.loads(files["network.json"]) == {"region1.v2.argotunnel.com-v4": None,
+                                                 "region1.v2.argotunnel.com-v6": [
+                                                     {"hop": 1, "domain": "::1 (::1)", "rtts": [5000]}]}
+    assert files["prechecks.json"] == b"{}\n"
+
+
+def test_prechecks_that_would_leave_the_machine_fail_the_job(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def outside(region: str, remaining: float) -> bytes:
+        raise diag_network.OutsideError(diag_network.outside_text("api.cloudflare.com", ["192.0.2.1"]))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(diag, "_Client", FakeServer)
+    monkeypatch.setattr(diag_network, "gather_traces", lambda deadline: [])
+    monkeypatch.setattr(diag_network, "collect_prechecks", outside)
+    diag.run({"metrics": "127.0.0.1:1"})
+    [archive] = tmp_path.glob("cloudflared-diag-*.zip")
+    with zipfile.ZipFile(archive) as zf:
+        assert "prechecks.json" not in zf.namelist()
+        tasks = json.loads(zf.read("task-result.json"))
+    assert tasks["connectivity pre-checks"]["result"] == "failure"
+    assert tasks["connectivity pre-checks"]["error"].startswith(
+        "api.cloudflare.com resolves to 192.0.2.1, outside this machine")

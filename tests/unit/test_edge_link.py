@@ -16,10 +16,15 @@ from tunnel_lab.edge.config import Address, EdgeConfig, TunnelListen
 from tunnel_lab.edge.state import Faults, MergedHistory, Metrics, Registry
 from tunnel_lab.edge.worker import MirroredFaults, config_from_json, config_to_json, fault_to_json
 from tunnel_lab.wire.edge_link import (
+    MAX_FRAME,
     MAX_LINE,
+    MAX_PREAMBLE,
     PARENT_OPS,
     WORKER_OPS,
+    Forwarded,
+    FrameDecoder,
     LineDecoder,
+    encode_frame,
     encode_message,
     forward_preamble,
     parse_forward_preamble,
@@ -69,14 +74,33 @@ def test_lines_are_bounded_both_ways():
 @pytest.mark.parametrize(("ip", "scheme"), [("127.0.0.1", "http"), ("::1", "https"), ("10.1.2.3", "https")])
 def test_forward_preamble_round_trip(ip, scheme):
     line = forward_preamble(ip, scheme)
-    assert line.endswith(b"\r\n") and parse_forward_preamble(line[:-2]) == (ip, scheme)
+    assert line.endswith(b"\r\n")
+    assert parse_forward_preamble(line[:-2]) == Forwarded(client_ip=ip, scheme=scheme)
+    assert line.count(b" ") == 2  # the http(s) preamble as before warp and udp were forwarded
+
+
+@given(st.ip_addresses().map(str), st.integers(0, 65535), st.ip_addresses().map(str), st.integers(1, 65535))
+def test_warp_and_udp_preambles_round_trip(ip, port, dest_ip, dest_port):
+    warp = forward_preamble(ip, "warp", client_port=port)
+    assert parse_forward_preamble(warp[:-2]) == Forwarded(client_ip=ip, scheme="warp", client_port=port)
+    udp = forward_preamble(ip, "udp", client_port=port, destination=(dest_ip, dest_port))
+    assert len(udp) - 2 <= MAX_PREAMBLE
+    assert parse_forward_preamble(udp[:-2]) == Forwarded(client_ip=ip, scheme="udp", client_port=port,
+                                                         destination=(dest_ip, dest_port))
 
 
 @pytest.mark.parametrize(("line", "why"), [
     (b"GET / HTTP/1.1", "not a forwarding preamble"),
     (b"TLFWD1 nonsense http", "bad client address"),
-    (b"TLFWD1 127.0.0.1 ftp", "neither http nor https"),
+    (b"TLFWD1 127.0.0.1 ftp", "none of http, https, warp, udp"),
     (b"TLFWD1 " + b"1" * 200 + b" http", "over"),
+    (b"TLFWD1 127.0.0.1 http 80", "http takes 3 fields, not 4"),
+    (b"TLFWD1 127.0.0.1 warp", "warp takes 4 fields, not 3"),
+    (b"TLFWD1 127.0.0.1 warp -1", "bad client port"),
+    (b"TLFWD1 127.0.0.1 warp 70000", "client port 70000 out of range"),
+    (b"TLFWD1 127.0.0.1 udp 5000 10.0.0.1", "udp takes 6 fields, not 5"),
+    (b"TLFWD1 127.0.0.1 udp 5000 dns.test 53", "bad destination"),
+    (b"TLFWD1 127.0.0.1 udp 5000 10.0.0.1 0", "destination port 0 out of range"),
 ])
 def test_bad_preambles_are_refused(line, why):
     with pytest.raises(ProtocolError, match=why):
@@ -86,8 +110,28 @@ def test_bad_preambles_are_refused(line, why):
 def test_forward_preamble_refuses_bad_input():
     with pytest.raises(ProtocolError):
         forward_preamble("127.0.0.1", "gopher")
+    with pytest.raises(ProtocolError, match="destination comes with udp"):
+        forward_preamble("127.0.0.1", "udp", client_port=1)
+    with pytest.raises(ProtocolError, match="destination comes with udp"):
+        forward_preamble("127.0.0.1", "warp", client_port=1, destination=("10.0.0.1", 53))
     with pytest.raises(ValueError):
         forward_preamble("not-an-ip", "http")
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.integers(1, 40))
+def test_udp_frames_survive_any_split(datagrams, size):
+    wire = b"".join(encode_frame(d) for d in datagrams)
+    decoder = FrameDecoder()
+    out = [d for i in range(0, len(wire), size) for d in decoder.feed(wire[i:i + size])]
+    assert out == datagrams and decoder.pending == 0
+
+
+def test_udp_frames_are_bounded():
+    assert encode_frame(b"x" * MAX_FRAME)[:2] == b"\xff\xff"
+    with pytest.raises(ProtocolError, match="does not fit a frame"):
+        encode_frame(b"x" * (MAX_FRAME + 1))
+    decoder = FrameDecoder()
+    assert decoder.feed(b"\x00\x05abc") == [] and decoder.pending == 5  # a frame cut short: held
 
 
 def test_merged_history_renumbers_and_never_repeats():
@@ -158,9 +202,9 @@ def test_data_centres_are_dealt_out_in_turn(tmp_path: Path):
     assert split_locations(config, 1) == [["LAB1", "LAB2", "LAB3", "LAB4", "LAB5"]]
     with pytest.raises(ConfigError, match="6 processes need at least 6 data centres"):
         split_locations(config, 6)
-    with pytest.raises(ConfigError, match="not supported with --processes") as refused:
-        check_supported(EdgeConfig(state_dir=tmp_path, warp_listen=Address("127.0.0.1", 0)))
-    assert refused.value.source == "--warp-listen"
+    # the trace, warp and UDP forwards work in several processes now (docs/architecture.md)
+    check_supported(EdgeConfig(state_dir=tmp_path, warp_listen=Address("127.0.0.1", 0), trace=tmp_path / "t",
+                               udp_forwards=((("127.0.0.1", 0), ("10.0.0.1", 53)),)))
     with pytest.raises(ConfigError, match="more than one address") as refused:
         check_supported(EdgeConfig(state_dir=tmp_path, https_listens=(Address("127.0.0.1", 0),
                                                                        Address("::1", 0))))

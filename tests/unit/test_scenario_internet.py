@@ -190,13 +190,13 @@ def test_load_balancer_scenarios_keep_one_edge_process() -> None:
     # The round-robin turn and the connections a load balancer picks from are each edge process's own.
     from tunnel_lab.lab.runner.lab import _multiprocess_edge_serves
 
-    assert _multiprocess_edge_serves(parse_scenario(FLOW, "flow.yaml"), trace=False)
+    assert _multiprocess_edge_serves(parse_scenario(FLOW, "flow.yaml"))
     dns = "cli: 'tunnel route dns app app.example.com'"
     lb = FLOW.replace(dns, "cli: 'tunnel route lb app lb.example.com p'")
-    assert not _multiprocess_edge_serves(parse_scenario(lb, "flow.yaml"), trace=False)
+    assert not _multiprocess_edge_serves(parse_scenario(lb, "flow.yaml"))
     nested = FLOW.replace("  - cli: 'tunnel route dns app app.example.com'\n",
                           "  - parallel:\n      - cli: {args: 'tunnel route lb app lb.example.com p'}\n")
-    assert not _multiprocess_edge_serves(parse_scenario(nested, "flow.yaml"), trace=False)
+    assert not _multiprocess_edge_serves(parse_scenario(nested, "flow.yaml"))
     body = "      body: {type: lb, lb_name: lb.example.com, lb_pool: p}\n"
     api = FLOW.replace("method: GET\n", "method: PUT\n" + body)
-    assert not _multiprocess_edge_serves(parse_scenario(api, "flow.yaml"), trace=False)
+    assert not _multiprocess_edge_serves(parse_scenario(api, "flow.yaml"))

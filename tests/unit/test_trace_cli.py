@@ -69,3 +69,27 @@ def test_diagram_of_a_ray_and_of_an_unknown_one(tmp_path: Path, capsys: pytest.C
     assert svg.read_text().startswith("<svg")
     assert main(["diagram", path, "--ray", "other"]) == 1
     assert f"no record of ray 'other' in the trace; rays there: {RAY}" in capsys.readouterr().err
+
+
+def test_a_multi_process_edges_trace_brings_its_workers_files(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # The parent's file names the workers' files (docs/trace.md, "A multi-process edge"); one name reads
+    # them all, merged by time; naming a part again does not repeat it; a missing part is said, by name.
+    parent = _write(tmp_path / "edge.trace.jsonl",
+                    {"kind": "trace.start", "component": "edge",
+                     "parts": ["edge.trace.w0.jsonl", "edge.trace.w1.jsonl", "edge.trace.w2.jsonl"]},
+                    {"kind": "trace.end", "component": "edge", "records": 2, "dropped": 0})
+    _write(tmp_path / "edge.trace.w0.jsonl", {"kind": "trace.start", "component": "edge", "worker": 0},
+           {"kind": "h2.frame", "component": "edge", "conn": "edge#1@w0", "stream": 0, "dir": "in",
+            "type": "PING", "worker": 0},
+           {"kind": "trace.end", "component": "edge", "records": 3, "dropped": 0, "worker": 0})
+    _trace(tmp_path)  # edge.jsonl: the request, at the same times as worker 0's records
+    Path(tmp_path / "edge.jsonl").rename(tmp_path / "edge.trace.w1.jsonl")
+    part = str(tmp_path / "edge.trace.w1.jsonl")
+    assert main(["show", parent, part, "--kind", "h2", "--color", "never"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("PING") == 2 and captured.out.count("HEADERS") == 1, captured.out
+    assert "edge#1@w0" in captured.out
+    assert captured.err.count("edge.trace.w2.jsonl: cannot read (named by") == 1, captured.err
+    assert main(["diagram", parent, "--ray", RAY]) == 0
+    assert "Eyeball->>Edge: GET /x" in capsys.readouterr().out

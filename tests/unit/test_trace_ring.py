@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tunnel_lab.edge.live import trace_answer
-from tunnel_lab.transport.trace import RayRing
+from tunnel_lab.transport.trace import RayRing, Tracer, open_tracer, part_path
+from tunnel_lab.wire.edge_link import MAX_LINE, encode_message, fit_trace_answer
 from tunnel_lab.wire.trace_sequence import sequence
 
 
@@ -95,3 +97,40 @@ kinds = st.sampled_from(["h2.frame", "quic.stream_head", "h2.body", "eyeball.req
 def test_sequence_never_fails_on_unexpected_records(records: list[Any]) -> None:
     steps = sequence(records, "r")
     assert all(isinstance(s.text, str) for s in steps)
+
+
+def test_a_workers_answer_fits_one_control_line() -> None:
+    # The parent asks the worker over the control channel (wire.edge_link): an answer too big for one line
+    # loses its records (the trace file has them), then its steps, and says so.
+    answer = {"ray": "r", "status": "ok", "steps": [{"kind": "x"}] * 3, "records": [{"k": "y" * 100}] * 50,
+              "problems": []}
+    assert fit_trace_answer(answer) is answer
+    cut = fit_trace_answer(answer, room=1000)
+    assert cut["records"] == [] and cut["steps"] == answer["steps"] and cut["status"] == "ok"
+    assert "the 50 trace records of this request are over 1000 bytes" in cut["problems"][0]
+    tiny = fit_trace_answer(answer, room=100)
+    assert tiny["steps"] == [] and "its 3 diagram steps are too" in tiny["problems"][1]
+    assert len(encode_message("reply", id=1, result=fit_trace_answer(
+        {**answer, "records": [{"k": "y" * 1000}] * 5000}))) <= MAX_LINE
+
+
+def test_worker_trace_files_sit_beside_the_named_one(tmp_path: Path) -> None:
+    assert part_path(tmp_path / "edge.trace.jsonl", 1) == tmp_path / "edge.trace.w1.jsonl"
+    assert part_path(tmp_path / "edge-2.trace.jsonl", 0) == tmp_path / "edge-2.trace.w0.jsonl"
+    assert part_path(tmp_path / "trace", 3) == tmp_path / "trace.w3"
+    tracer = open_tracer(tmp_path / "edge.trace.jsonl", component="edge", worker=1)
+    assert tracer is not None
+    conn = tracer.connection(conn="edge#1", dc="LAB2")
+    conn.event("tls.handshake", side="server")
+    tracer.close()
+    written = part_path(tmp_path / "edge.trace.jsonl", 1).read_text()
+    records = [json.loads(line) for line in written.splitlines()]
+    assert [r["kind"] for r in records] == ["trace.start", "tls.handshake", "trace.end"]
+    assert {r["worker"] for r in records} == {1} and records[1]["conn"] == "edge#1@w1"
+    assert not (tmp_path / "edge.trace.jsonl").exists()  # the parent's file is the parent's to write
+    with Tracer(tmp_path / "edge.trace.jsonl", component="edge", parts=["edge.trace.w0.jsonl"]) as parent:
+        assert parent.worker is None
+        # on disk before anything else happens: a parent killed now still names its workers' files
+        assert json.loads((tmp_path / "edge.trace.jsonl").read_text())["parts"] == ["edge.trace.w0.jsonl"]
+    [start, end] = [json.loads(line) for line in (tmp_path / "edge.trace.jsonl").read_text().splitlines()]
+    assert start["parts"] == ["edge.trace.w0.jsonl"] and "worker" not in start and end["kind"] == "trace.end"
