@@ -33,7 +33,7 @@ from typing import Any
 import h11
 import trio
 
-from tunnel_lab.edge import pages, udp, warp
+from tunnel_lab.edge import lb, pages, udp, warp
 from tunnel_lab.edge.eyeball_h1 import handle_h1_connection
 from tunnel_lab.edge.proxy import BadRequestBody, EyeballGone, send_page
 from tunnel_lab.edge.state import EdgeState
@@ -78,7 +78,14 @@ class Peers:
             return False
         tunnel = self.edge.tunnels.resolve_hostname(host)
         if tunnel is None:
-            return False
+            # A load balancer's hostname: its tunnel is chosen over every worker's connections (one
+            # round-robin turn per request, in this worker), then served here or forwarded.
+            if ARRIVED_FORWARDED.get():
+                return False
+            tunnel = lb.choose(self.edge, host, elsewhere=lambda tid: bool(self.routes.get(str(tid))))
+            if tunnel is None:
+                return False
+            record.lb_choice = tunnel
         link = await self.open_link(tunnel.id, f"host={host!r}")
         if link is None:
             return False

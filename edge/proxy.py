@@ -130,6 +130,7 @@ class _Outcome:
         self.status = 0
         self.outcome = "ok"
         self.tunnel: Any = None
+        self.lb_choice: Any = None  # the load balancer's tunnel, when chosen before (edge.forward)
         self.conn: TunnelConnection | None = None
         self.recorded = False
         self.waf: dict[str, Any] | None = None  # WAF rule hits (edge.waf), recorded when there are any
@@ -198,7 +199,7 @@ async def proxy_request(edge: EdgeState[TunnelConnection], ex: Exchange) -> None
         tunnel = edge.tunnels.resolve_hostname(host) if host else None
         conn = None
         if tunnel is None and host:
-            tunnel, conn = lb.pick(edge, host)  # a load balancer's hostname (`route lb`)
+            tunnel, conn = lb.pick(edge, host, chosen=result.lb_choice)  # a load balancer (`route lb`)
         result.tunnel = tunnel
         if tunnel is None:
             result.status, result.outcome = 404, "no-route"

@@ -575,7 +575,8 @@ class Forwarder(Protocol):
         """Serve `ex` through another process when this one has no connection for `host`'s tunnel;
         True when it did (the request is answered), False to go on locally. `record` is the proxy's history
         entry for `ex`: its `tunnel` is set when the request is to be forwarded, and its `recorded` once the
-        request has reached the other process, which records it from then on."""
+        request has reached the other process, which records it from then on; its `lb_choice`, when a load
+        balancer's tunnel was chosen here and is served here."""
 
     async def forward_raw(self, tunnel_id: Any, eyeball: Any, first: bytes, client: tuple[str, int],
                           what: str, handed_over: Callable[[], None]) -> bool:

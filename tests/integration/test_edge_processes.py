@@ -236,6 +236,22 @@ def test_a_forwarded_request_whose_eyeball_closes_is_recorded_as_closed(tmp_path
     assert (entry["outcome"], entry["location"], entry["worker"]) == ("eyeball-closed", "LAB2", 1), entry
 
 
+def test_a_load_balancer_is_served_by_whichever_process_has_its_tunnel(tmp_path, procs):
+    # A load balancer's hostname is chosen over every worker's connections and forwarded like a DNS route:
+    # with the pool's only connection in worker 1, no request answered by worker 0 gets 530.
+    ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB2",))
+    lab(tmp_path / "state", "tunnel", "route", "lb", "t1", "lb.app.test", "pool-a")
+    forwarded = 0.0
+    for n in range(40):
+        before = metric(ready, "tunnel_lab_edge_forwarded_total")
+        status, answer = request(ready["http"], "GET", f"/echo?lb={n}", "lb.app.test", None)
+        assert status == 200, answer
+        forwarded += metric(ready, "tunnel_lab_edge_forwarded_total") - before
+    assert forwarded > 0, "no request was forwarded in 40: does worker 0 accept?"
+    history = [e for e in api(ready, "/history?since=0") if e["host"] == "lb.app.test"]
+    assert len(history) == 40 and {(e["status"], e["location"]) for e in history} == {(200, "LAB2")}
+
+
 def test_faults_act_in_both_processes(tmp_path, procs):
     refuse = {"kind": "refuse-registrations", "should_retry": True}
     ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB1", "LAB2"), faults=(refuse,))
