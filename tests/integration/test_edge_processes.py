@@ -239,7 +239,7 @@ def test_a_forwarded_request_whose_eyeball_closes_is_recorded_as_closed(tmp_path
 def test_a_load_balancer_is_served_by_whichever_process_has_its_tunnel(tmp_path, procs):
     # A load balancer's hostname is chosen over every worker's connections and forwarded like a DNS route:
     # with the pool's only connection in worker 1, no request answered by worker 0 gets 530.
-    ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB2",))
+    ready, _edge, _edge_log = start_lab(tmp_path, procs, ("LAB2",))
     lab(tmp_path / "state", "tunnel", "route", "lb", "t1", "lb.app.test", "pool-a")
     forwarded = 0.0
     for n in range(40):
