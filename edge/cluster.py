@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,24 @@ class RemoteConnection:
         return int(answer["latest"]), answer["error"] or ""
 
 
+async def call_each(workers: list[WorkerProc], method: str, failed: str,
+                    args: Callable[[WorkerProc], dict[str, Any]] = lambda w: {}) -> dict[int, Any]:
+    """`method` on each of `workers` at once: the answers by worker index. A worker that fails is logged
+    ("`failed` worker N: why") and left out: one worker's trouble never stops the parent's answer."""
+    answers: dict[int, Any] = {}
+
+    async def one(w: WorkerProc) -> None:
+        try:
+            answers[w.index] = await w.call(method, **args(w))
+        except WorkerError as exc:
+            log.warning("%s worker %d: %s", failed, w.index, exc)
+
+    async with trio.open_nursery() as nursery:
+        for w in workers:
+            nursery.start_soon(one, w)
+    return answers
+
+
 class RemoteTrace:
     """The parent's `EdgeState.trace` with `--trace`: the workers write the trace and keep the rings of the
     requests they served; the live view's `GET /live/trace?ray=` asks them (`answer`)."""
@@ -148,20 +166,10 @@ class RemoteTrace:
         """The answer of the worker that holds `ray`'s records (`ok`), else one that evicted them, else
         `unknown`. Every live worker is asked: the ray names the data centre, but a request answered before
         reaching a tunnel has the ray of whichever worker's first data centre took it."""
-        answers: list[dict[str, Any]] = []
-
-        async def one(w: WorkerProc) -> None:
-            try:
-                answers.append(await w.call("trace", ray=ray))
-            except WorkerError as exc:
-                log.warning("no trace answer from worker %d: %s", w.index, exc)
-
-        async with trio.open_nursery() as nursery:
-            for w in self.workers:
-                if w.alive:
-                    nursery.start_soon(one, w)
+        answers = await call_each([w for w in self.workers if w.alive], "trace", "no trace answer from",
+                                  lambda w: {"ray": ray})
         for status in ("ok", "evicted", "unknown"):
-            for answer in answers:
+            for answer in answers.values():
                 if answer.get("status") == status:
                     return answer
         return {"ray": ray, "status": "unknown", "message": f"no worker process of the edge answered for "
@@ -301,19 +309,9 @@ class Cluster:
 
     async def refresh(self) -> None:
         """Before an API answer: the workers' connections, history, metrics and pushed configurations."""
-        live = [w for w in self.workers if w.alive]
-        snapshots: dict[int, dict[str, Any]] = {}
-
-        async def pull(w: WorkerProc) -> None:
-            cursors = self.state.history.cursors if isinstance(self.state.history, MergedHistory) else {}
-            try:
-                snapshots[w.index] = await w.call("snapshot", since=cursors.get(w.index, 0))
-            except WorkerError as exc:
-                log.warning("no snapshot from worker %d: %s", w.index, exc)
-
-        async with trio.open_nursery() as nursery:
-            for w in live:
-                nursery.start_soon(pull, w)
+        cursors = self.state.history.cursors if isinstance(self.state.history, MergedHistory) else {}
+        snapshots = await call_each([w for w in self.workers if w.alive], "snapshot", "no snapshot from",
+                                    lambda w: {"since": cursors.get(w.index, 0)})
         registry: Registry[Any] = Registry()
         for w in self.workers:
             snap = snapshots.get(w.index)
@@ -353,16 +351,8 @@ class Cluster:
             return
         self.sent_faults = faults
 
-        async def one(w: WorkerProc) -> None:
-            try:
-                await w.call("set_faults", faults=faults)
-            except WorkerError as exc:
-                log.warning("faults not sent to worker %d: %s", w.index, exc)
-
-        async with trio.open_nursery() as nursery:
-            for w in self.workers:
-                if w.alive:
-                    nursery.start_soon(one, w)
+        await call_each([w for w in self.workers if w.alive], "set_faults", "faults not sent to",
+                        lambda w: {"faults": faults})
 
     def _peers_of(self, me: WorkerProc) -> dict[str, list[str]]:
         routes: dict[str, list[str]] = {}
@@ -426,16 +416,11 @@ class Cluster:
                 self.faults_dirty.set()
 
     async def _answer_ask(self, asker: WorkerProc, msg: dict[str, Any]) -> None:
-        async def one(w: WorkerProc) -> None:
-            try:
-                w.routes = set(await w.call("routable"))
-            except WorkerError as exc:
-                log.warning("worker %d did not say its routes: %s", w.index, exc)
-
-        async with trio.open_nursery() as nursery:
-            for w in self.workers:
-                if w.alive and w is not asker:
-                    nursery.start_soon(one, w)
+        others = [w for w in self.workers if w.alive and w is not asker]
+        answers = await call_each(others, "routable", "no routes from")
+        for w in others:
+            if w.index in answers:
+                w.routes = set(answers[w.index])
         await self._send_peers(only=asker, ask=msg["ask"], tunnel=msg.get("tunnel", ""))
 
     async def _fault_sender(self) -> None:
