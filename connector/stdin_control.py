@@ -1,12 +1,14 @@
 """`--stdin-control` (docs/protocol.md §9.7): commands read line by line from stdin.
 
 `reconnect [DURATION]` drops one edge connection, which reconnects after DURATION (a Go duration, default 0)
-without any backoff; an empty line is ignored; anything else is logged as a warning with the list of
-supported commands. `parse_command` is the sans-I/O part; `stdin_control` the trio loop.
+and the per-connIndex backoff; an empty line is ignored; `help` logs the supported commands, and so does
+anything else after an `Unknown command` line; a bad duration is logged as Go's parse error. The levels and
+words are cloudflared's. `parse_command` is the sans-I/O part; `stdin_control` the trio loop.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -32,6 +34,11 @@ class Reconnect:
 
 
 @dataclass(frozen=True)
+class Help:
+    pass
+
+
+@dataclass(frozen=True)
 class Unknown:
     command: str
 
@@ -42,11 +49,11 @@ class BadArgument:
     error: str
 
 
-Command = Reconnect | Unknown | BadArgument | None
+Command = Reconnect | Help | Unknown | BadArgument | None
 
 
 def parse_command(line: str) -> Command:
-    """One stdin line -> a command (None for an empty line or `help`)."""
+    """One stdin line -> a command (None for an empty line)."""
     text = line.rstrip("\r\n")
     name, _, arg = text.partition(" ")
     if name == "":
@@ -56,11 +63,11 @@ def parse_command(line: str) -> Command:
             return Reconnect(0.0)
         try:
             delay = parse_go_duration(arg)
-        except ValueError as exc:
-            return BadArgument(text, f"time: invalid duration {arg!r}: {exc}")
+        except ValueError:
+            return BadArgument(text, f"time: invalid duration {json.dumps(arg)}")  # Go's words, Go's quotes
         return Reconnect(max(delay, 0.0))
     if name == "help":
-        return None
+        return Help()
     return Unknown(text)
 
 
@@ -93,16 +100,18 @@ async def stdin_control(supervisor: Reconnector, source: trio.abc.ReceiveStream 
 async def _run(supervisor: Reconnector, command: Command) -> None:
     if command is None:
         return
-    if isinstance(command, Unknown):
-        log.warning("Unknown command command=%s", q(command.command))
+    if isinstance(command, Help):
+        log.info("%s", HELP)
+    elif isinstance(command, Unknown):
+        log.info("Unknown command command=%s", q(command.command))
         log.info("%s", HELP)
     elif isinstance(command, BadArgument):
-        log.error("Invalid stdin command command=%s error=%s", q(command.command), q(command.error))
+        log.error("%s", command.error)
     else:
-        log.info("Sending reconnect signal delay=%gs", command.delay)
+        log.info("Sending reconnect signal")
         while not supervisor.shutdown.is_set():  # like cloudflared's unbuffered channel: wait for a taker
             index = supervisor.reconnect(command.delay)
             if index is not None:
-                log.info("Reconnect signal taken connIndex=%d", index)
+                log.debug("Reconnect signal taken connIndex=%d delay=%gs", index, command.delay)
                 return
             await trio.sleep(RETRY_INTERVAL)

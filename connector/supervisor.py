@@ -248,7 +248,7 @@ class Supervisor:
             nursery.start_soon(self._run_index, 0)
             nursery.start_soon(self._start_others)
         if self._exit_code == 0:
-            log.info("no more connections active and exiting")
+            log.error("no more connections active and exiting")  # cloudflared's conn-aware level: none left
         return self._exit_code
 
     async def _start_others(self) -> None:
@@ -372,8 +372,9 @@ class Supervisor:
                     may_fall_back = False
             if error.rotate_address:
                 new = self.addresses.rotate(index)
-                if new != address:
-                    log.info("Switching to another edge address connIndex=%d ip=%s", index, new)
+                if new != address:  # at debug, in cloudflared's words (edge discovery)
+                    log.debug("edge discovery: giving new address to connection connIndex=%d event=0 ip=%s "
+                              "available=%d", index, new, self.addresses.available())
                 address = new
             wait, shown = backoff.next_wait(after_reset=was_registered)
             log.info("Retrying connection in up to %s connIndex=%d event=0 ip=%s", _duration(shown), index,

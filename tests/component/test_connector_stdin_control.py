@@ -41,7 +41,7 @@ async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, capl
             handle, code, done = await _start(nursery, settings, receive)
             await edge.wait_for(lambda: len(edge.registered) == 1)
             first = edge.registered[0]
-            await send.send_all(b"bogus command\n\nreconnect 0s\n")
+            await send.send_all(b"bogus command\n\nhelp\nreconnect soon\nreconnect 0s\n")
             await edge.wait_for(lambda: len(edge.registered) == 2)
             second = edge.registered[1]
             assert second is not first
@@ -62,7 +62,13 @@ async def test_reconnect_drops_one_connection_and_registers_again(tmp_path, capl
             assert code == [0]
             nursery.cancel_scope.cancel()
     text = caplog.text
-    assert "Unknown command command=" in text and "bogus command" in text
+    # cloudflared's levels and words (cmd/cloudflared/tunnel stdinControl): help twice, after the unknown
+    # command and for `help`; Go's parse error; the signal with no fields
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.endswith("stdin_control")]
+    assert ("INFO", 'Unknown command command="bogus command"') in lines
+    assert [level for level, text in lines if text.startswith("Supported command")] == ["INFO", "INFO"]
+    assert ("ERROR", 'time: invalid duration "soon"') in lines
+    assert ("INFO", "Sending reconnect signal") in lines
     assert "Restarting connection due to reconnect signal in 0s connIndex=0 event=0 ip=127.0.0.1" in text
     assert "Retrying connection in up to 10ms connIndex=0" in text
     terminated = [r for r in caplog.records if r.getMessage().startswith("Connection terminated error=")]

@@ -88,3 +88,5 @@ async def test_the_supervisor_backoff_holds_conn_index_1_back(tmp_path, caplog):
     # the graceful end of connIndex 0: an error once no connection is registered, as cloudflared logs it
     graceful = [r for r in caplog.records if r.getMessage() == "Connection terminated connIndex=0"]
     assert [r.levelno for r in graceful] == [logging.ERROR]
+    last = [r for r in caplog.records if r.getMessage() == "no more connections active and exiting"]
+    assert [r.levelno for r in last] == [logging.ERROR]  # as in cloudflared's logs (tests/vectors, A and B)
