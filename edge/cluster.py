@@ -30,7 +30,7 @@ from tunnel_lab.edge import api
 from tunnel_lab.edge.config import Address, EdgeConfig
 from tunnel_lab.edge.server import PatientListener, _guard, _peer, _write_atomic
 from tunnel_lab.edge.state import Counter, EdgeState, MergedHistory, Metrics, Registry, TunnelsView
-from tunnel_lab.edge.worker import config_to_json, fault_to_json
+from tunnel_lab.edge.worker import config_to_json, fault_to_json, listener_key
 from tunnel_lab.lab import paths
 from tunnel_lab.lab.pki import LabPKI
 from tunnel_lab.transport.trace import Tracer, part_path
@@ -64,12 +64,16 @@ def split_locations(config: EdgeConfig, processes: int) -> list[list[str]]:
 
 
 def check_supported(config: EdgeConfig) -> None:
-    """What a multi-process edge does not do yet (ConfigError naming it)."""
-    # The workers find their eyeball sockets by kind ("http"/"https"), one of each (edge/worker.py).
+    """What a multi-process edge cannot do (ConfigError naming it)."""
+    # The workers find each inherited eyeball socket by its kind and configured address (edge/worker.py
+    # `listener_key`): one address given twice would be one socket for two listeners.
     for flag, addresses in (("--http-listen", config.http_listens), ("--https-listen", config.https_listens)):
-        if len(addresses) > 1:
-            raise ConfigError("more than one address is not supported with --processes above 1 yet",
-                              source=flag, hint="give one address, or run the edge in one process")
+        seen: set[tuple[str, int]] = set()
+        for address in addresses:
+            if (address.host, address.port) in seen:
+                raise ConfigError(f"{address} is given twice", source=flag,
+                                  hint="give each address once (port 0 twice: give two different hosts)")
+            seen.add((address.host, address.port))
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,7 @@ class Cluster:
         self.sent_faults: list[dict[str, Any]] | None = None
         self.faults_dirty = trio.Event()
         self.bound: dict[str, str | None] = {"http": None, "https": None, "warp": None, "api": None}
+        self.listening: dict[str, list[str]] = {"http": [], "https": []}  # every eyeball address, bound
         self.udp_forwards: list[dict[str, str]] = []
         if config.trace is not None:
             self.state.trace = RemoteTrace(self.workers)
@@ -502,9 +507,11 @@ class Cluster:
         try:
             warp = (cfg.warp_listen,) if cfg.warp_listen is not None else ()
             for what, addresses in (("http", cfg.http_listens), ("https", cfg.https_listens), ("warp", warp)):
-                if addresses:  # one at most (check_supported)
-                    inherited[what] = self._bind(addresses[0])
-                    self.bound[what] = str(Address(*inherited[what].getsockname()[:2]))
+                for address in addresses:
+                    sock = inherited[listener_key(what, address.host, address.port)] = self._bind(address)
+                    bound = str(Address(*sock.getsockname()[:2]))
+                    self.bound[what] = self.bound[what] or bound  # the first, as in one process
+                    self.listening.setdefault(what, []).append(bound)
             async with trio.open_nursery() as nursery:
                 for w in self.workers:
                     await nursery.start(self._run_worker, w, inherited)
@@ -574,8 +581,8 @@ class Cluster:
                                  if t.location in by_location],
             "http": self.bound["http"], "https": self.bound["https"], "warp": self.bound["warp"],
             "udp_forwards": self.udp_forwards,
-            "http_listeners": [a for a in [self.bound["http"]] if a],
-            "https_listeners": [a for a in [self.bound["https"]] if a],
+            "http_listeners": self.listening["http"],
+            "https_listeners": self.listening["https"],
             "api": self.bound["api"], "api_token": self.api_token, "ca": str(self.pki.ca_pem_path),
             "processes": self.processes(),
         }

@@ -114,6 +114,12 @@ class MirroredFaults(Faults):
         return refusal
 
 
+def listener_key(what: str, host: str, port: int) -> str:
+    """How the parent names an eyeball socket it hands the workers: its kind and configured address (the
+    worker sees the same configuration; a port 0 is still 0 there)."""
+    return f"{what} {host} {port}"
+
+
 # ---- the worker's edge -------------------------------------------------------------------------------
 class WorkerEdge(Edge):
     """An Edge whose eyeball listeners are the parent's sockets and which writes no ready file."""
@@ -121,10 +127,10 @@ class WorkerEdge(Edge):
     def __init__(self, config: EdgeConfig, *, worker: int, inherited: dict[str, int]) -> None:
         self.worker = worker  # before Edge.__init__, which opens the tracer
         super().__init__(config)
-        self.inherited = inherited  # "http"/"https" -> the listening socket's descriptor
+        self.inherited = inherited  # `listener_key` -> the listening socket's descriptor
 
     async def _open(self, host: str, port: int, what: str) -> list[PatientListener]:
-        fd = self.inherited.get(what)
+        fd = self.inherited.get(listener_key(what, host, port))
         if fd is None:
             return await super()._open(host, port, what)
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))

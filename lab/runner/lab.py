@@ -55,8 +55,8 @@ def _multiprocess_edge_serves(sc: Scenario) -> bool:
 
 def _routes_load_balancer(steps: Any) -> bool:
     """A `cli` step running `tunnel route lb`, or a `v4_api` step adding an `lb` route, inside parallel
-    blocks too: each edge process would pick a pool's tunnel with its own turn and its own connections
-    (docs/edge.md), so the spread a scenario checks holds in one process only."""
+    blocks too: each edge process takes its own round-robin turn over a pool's tunnels (docs/edge.md), so
+    the exact spread a scenario checks holds in one process only."""
     for step in steps:
         spec = step.spec
         if step.action == "cli":

@@ -252,6 +252,37 @@ def test_a_load_balancer_is_served_by_whichever_process_has_its_tunnel(tmp_path,
     assert len(history) == 40 and {(e["status"], e["location"]) for e in history} == {(200, "LAB2")}
 
 
+def test_every_eyeball_address_serves_in_every_process(tmp_path, procs):
+    # Two --http-listen addresses (IPv4 and IPv6 loopback) with two processes: each is handed to both
+    # workers, the ready file lists both, and a request on either reaches the tunnel.
+    state = tmp_path / "state"
+    lab(state, "tunnel", "create", "t1")
+    lab(state, "tunnel", "route", "dns", "t1", "app.test")
+    creds = next((state / "credentials").glob("*.json"))
+    edge = start(procs, [PY, "-m", "tunnel_lab", "edge", "--state", str(state), "--processes", "2",
+                         "--tunnel-listen", "LAB1=127.0.0.1:0", "--tunnel-listen", "LAB2=127.0.0.2:0",
+                         "--http-listen", "127.0.0.1:0", "--http-listen", "[::1]:0",
+                         "--ready-file", str(tmp_path / "edge.json"), "--shutdown-timeout", "2"],
+                 state, tmp_path / "edge.log")
+    ready = wait_json(tmp_path / "edge.json", edge, timeout=60)
+    assert len(ready["http_listeners"]) == 2 and ready["http"] == ready["http_listeners"][0]
+    assert ready["http_listeners"][1].startswith("[::1]:")
+    origin = start(procs, [PY, "-m", "tunnel_lab", "origin", "echo", "--listen", "127.0.0.1:0",
+                           "--ready-file", str(tmp_path / "origin.json")], state, tmp_path / "origin.log")
+    origin_url = wait_json(tmp_path / "origin.json", origin)["url"]
+    start(procs, [PY, "-m", "tunnel_lab", "connector", "tunnel", "--no-autoupdate", "--edge",
+                  ready["tunnel_listeners"][1]["address"], "--cacert", ready["ca"], "--no-prechecks",
+                  "--ha-connections", "1", "run", "--protocol", "http2", "--credentials-file", str(creds),
+                  "--url", origin_url, "t1"], state, tmp_path / "connector.log")
+    wait_for("connector registered", lambda: len(api(ready, "/connections")) == 1, tmp_path / "edge.log")
+    for address in ready["http_listeners"]:
+        for n in range(6):  # new connections: both workers take some
+            status, answer = request(address, "GET", f"/echo?n={n}", "app.test", None)
+            assert status == 200 and json.loads(answer)["target"] == f"/echo?n={n}", answer
+    workers = {e["worker"] for e in api(ready, "/history?since=0")}
+    assert workers == {1}  # served where the connection is, forwarded from worker 0 when it accepted
+
+
 def test_faults_act_in_both_processes(tmp_path, procs):
     refuse = {"kind": "refuse-registrations", "should_retry": True}
     ready, _edge, edge_log = start_lab(tmp_path, procs, ("LAB1", "LAB2"), faults=(refuse,))
