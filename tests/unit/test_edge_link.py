@@ -206,7 +206,8 @@ def test_data_centres_are_dealt_out_in_turn(tmp_path: Path):
     check_supported(EdgeConfig(state_dir=tmp_path, warp_listen=Address("127.0.0.1", 0), trace=tmp_path / "t",
                                udp_forwards=((("127.0.0.1", 0), ("10.0.0.1", 53)),)))
     # several addresses of one kind too; only one address given twice is refused (one socket, two listeners)
-    check_supported(EdgeConfig(state_dir=tmp_path, https_listens=(Address("127.0.0.1", 0), Address("::1", 0))))
+    check_supported(EdgeConfig(state_dir=tmp_path, https_listens=(Address("127.0.0.1", 0),
+                                                                   Address("::1", 0))))
     with pytest.raises(ConfigError, match="given twice") as refused:
         check_supported(EdgeConfig(state_dir=tmp_path, http_listens=(Address("127.0.0.2", 0),
                                                                       Address("127.0.0.2", 0))))
