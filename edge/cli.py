@@ -142,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             check_supported(config)
         trio.run(run_edge, config, args.processes)
     except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
-        error = _first_error(exc)
-        if error is None:
-            raise
-        prefix = "cannot start the edge: " if isinstance(error, OSError) else ""
-        print(f"tunnel-lab: {prefix}{error}", file=sys.stderr)
-        return 1
+        return _report(exc, "tunnel-lab: ", "cannot start the edge: ")
     return 0
 
 
@@ -160,13 +155,18 @@ def _worker_main(control_fd: int) -> int:
     try:
         trio.run(run_worker, control_fd)
     except (TunnelLabError, OSError, BaseExceptionGroup) as exc:
-        error = _first_error(exc)
-        if error is None:
-            raise
-        prefix = "cannot start: " if isinstance(error, OSError) else ""
-        print(f"tunnel-lab: edge worker: {prefix}{error}", file=sys.stderr)
-        return 1
+        return _report(exc, "tunnel-lab: edge worker: ", "cannot start: ")
     return 0
+
+
+def _report(exc: BaseException, who: str, os_prefix: str) -> int:
+    """The user-facing error in `exc` on stderr, exit code 1; anything else is re-raised (a bug)."""
+    error = _first_error(exc)
+    if error is None:
+        raise exc
+    prefix = os_prefix if isinstance(error, OSError) else ""
+    print(f"{who}{prefix}{error}", file=sys.stderr)
+    return 1
 
 
 def _first_error(exc: BaseException) -> BaseException | None:
